@@ -1,0 +1,467 @@
+"""`Cascade`: the packed runner that chains model A and model B.
+
+Pure TensorFlow: no I/O, no progress, no tapes. It runs eagerly, inside
+`tf.function` and inside a caller's `tf.GradientTape` with the same values.
+
+How it stays fast (DESIGN section 3): A is called once; every inner sequence
+that runs (a `(n, t)` pair in `reset` mode, a whole sample in `carry` mode) is a
+*row*. Rows are sorted longest first, so at inner step `j` the rows still
+running are a prefix and B is called once on that prefix. Rows with nothing to
+emit never enter the loop, and B processes exactly `sum(steps)` rows. With a
+run-time stopping rule the rows that stop are dropped with a boolean mask
+instead. Each emitted row is tagged with its pair id; one stable sort by pair
+id puts the step-major outputs into value order at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from cascade_cli.errors import CascadeError, DataError, ModelError
+from cascade_cli.models import check_pair
+
+STATE_MODES = ("reset", "carry")
+STATE_INITS = ("zeros", "ir")
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When a generated inner sequence stops.
+
+    A sequence stops after the first inner step whose output `y` meets the rule.
+
+    Attributes:
+        kind: `"norm"` (L2 norm of `y` >= `value`) or `"token"` (`argmax(y) == value`).
+        value: the threshold or the token id.
+    """
+
+    kind: str
+    value: float
+
+    @classmethod
+    def norm(cls, threshold):
+        """Stops once `||y||_2 >= threshold`."""
+        return cls("norm", float(threshold))
+
+    @classmethod
+    def token(cls, token_id):
+        """Stops once `argmax(y) == token_id`."""
+        if int(token_id) != token_id or token_id < 0:
+            raise CascadeError(f"a stop token must be a non-negative integer; received {token_id!r}.")
+        return cls("token", int(token_id))
+
+    def __post_init__(self):
+        if self.kind not in ("norm", "token"):
+            raise CascadeError(f"a stop rule is 'norm' or 'token'; received {self.kind!r}.")
+
+    def hits(self, y):
+        """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the rule."""
+        if self.kind == "norm":
+            return tf.norm(y, axis=-1) >= tf.cast(self.value, y.dtype)
+        return tf.argmax(y, axis=-1, output_type=tf.int32) == int(self.value)
+
+
+class Cascade:
+    """Chains model A and model B into a generator of ragged sequences.
+
+    `IR = A(inputs)`; for every sample `n` and outer step `t`, B runs
+    `steps[n, t]` inner steps fed `IR[n, t]` and emits `(steps[n, t], O)`.
+
+    Args:
+        model_a: a `keras.Model` mapping `(batch, Ta, F)` to `(batch, Ta, H)`.
+        model_b: a `keras.Model` in step form `[x, *states] -> [y, *states]` or
+            causal sequence form `(batch, T, H) -> (batch, T, O)`.
+        state: `"reset"` (every inner sequence starts from the initial state) or
+            `"carry"` (one state per sample flows across outer steps).
+        state_init: `"zeros"` or `"ir"` (each state set to `IR[n, t]`; needs
+            every state size == H; `reset` and step form only).
+        max_steps: the most inner steps a pair may run; required when no
+            steps are given, and an upper bound for given steps.
+        stop_rule: a `StopRule`; needs `max_steps`.
+        exclude_stop_step: leave the step that met the stop rule out (for end tokens).
+
+    Example:
+
+    >>> cascade = Cascade(model_a, model_b)
+    >>> out = cascade(inputs, [3, 0, 2])   # tf.RaggedTensor (N, 3, None, O)
+    """
+
+    def __init__(
+        self,
+        model_a,
+        model_b,
+        *,
+        state="reset",
+        state_init="zeros",
+        max_steps=None,
+        stop_rule=None,
+        exclude_stop_step=False,
+    ):
+        if state not in STATE_MODES:
+            raise CascadeError(f"state must be one of {STATE_MODES}; received {state!r}.")
+        if state_init not in STATE_INITS:
+            raise CascadeError(f"state_init must be one of {STATE_INITS}; received {state_init!r}.")
+        self.model_a = model_a
+        self.model_b = model_b
+        self.a_spec, self.b_spec = check_pair(model_a, model_b)
+        self.state = state
+        self.state_init = state_init
+        if state_init == "ir":
+            if self.b_spec.form != "step" or state != "reset":
+                raise CascadeError(
+                    "state_init='ir' needs a step-form B and state='reset'; received "
+                    f"a {self.b_spec.form}-form B and state={state!r}."
+                )
+            sizes = self.b_spec.state_sizes
+            if not sizes or any(size != self.a_spec.ir_size for size in sizes):
+                raise ModelError(
+                    f"state_init='ir' sets every state of B to the IR vector, so every state size "
+                    f"must equal H={self.a_spec.ir_size}; B's state sizes are {list(sizes)}."
+                )
+        if max_steps is not None and (int(max_steps) != max_steps or max_steps <= 0):
+            raise CascadeError(f"max_steps must be a positive integer; received {max_steps!r}.")
+        if stop_rule is not None:
+            if max_steps is None:
+                raise CascadeError("a stop rule needs max_steps, the most inner steps a pair may run.")
+            if stop_rule.kind == "token" and stop_rule.value >= self.b_spec.output_size:
+                raise CascadeError(
+                    f"stop token {stop_rule.value} is outside B's outputs: expected an id in "
+                    f"[0, {self.b_spec.output_size})."
+                )
+            if self.b_spec.form == "sequence" and state == "carry":
+                raise CascadeError(
+                    "a stop rule with state='carry' needs a step-form B: a sequence-form B cannot "
+                    "know where the next outer step starts before the previous one has stopped."
+                )
+        self.max_steps = None if max_steps is None else int(max_steps)
+        self.stop_rule = stop_rule
+        self.exclude_stop_step = bool(exclude_stop_step)
+        self._cells = [
+            layer for layer in model_b._flatten_layers(include_self=False) if hasattr(layer, "reset_dropout_mask")
+        ]
+
+    # ------------------------------------------------------------------ public
+
+    def __call__(self, inputs, steps=None, *, training=False):
+        """Runs the cascade.
+
+        Args:
+            inputs: `(N, Ta, F)` float.
+            steps: `(Ta,)` or `(N, Ta)` non-negative integers, or None when
+                `max_steps` is set.
+            training: passed to both models (dropout and the like).
+
+        Returns:
+            A `tf.RaggedTensor` `(N, Ta, None, O)`.
+        """
+        values, lengths = self.run(inputs, steps, training=training)
+        outer = lengths.shape[1] if lengths.shape[1] is not None else tf.shape(lengths, out_type=tf.int64)[1]
+        inner = tf.RaggedTensor.from_row_lengths(
+            values, tf.reshape(tf.cast(lengths, tf.int64), [-1]), validate=False
+        )
+        return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), validate=False)
+
+    def run(self, inputs, steps=None, *, training=False):
+        """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.
+
+        `values` are in value order: sample, then outer step, then inner step.
+        """
+        inputs = self._check_inputs(inputs)
+        caps = self._check_steps(steps, inputs)
+        ir = self.model_a(inputs, training=training)
+        if ir.shape.rank != 3:
+            raise ModelError(f"model A returned shape {tuple(ir.shape)}; expected (N, Ta, H).")
+        ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
+        if self.b_spec.form == "sequence":
+            return self._run_sequence(ir_flat, caps, training)
+        if self.state == "reset":
+            return self._run_reset(ir_flat, caps, training)
+        return self._run_carry(ir_flat, caps, training)
+
+    # ------------------------------------------------------------ validation
+
+    def _check_inputs(self, inputs):
+        inputs = tf.convert_to_tensor(inputs)
+        if not inputs.dtype.is_floating:
+            inputs = tf.cast(inputs, tf.float32)
+        shape = tuple(inputs.shape)
+        if len(shape) != 3:
+            raise DataError(f"inputs must have shape (N, Ta, F); received shape {shape}.")
+        features, outer = self.a_spec.features, self.a_spec.outer_steps
+        if features is not None and shape[2] is not None and shape[2] != features:
+            raise DataError(
+                f"inputs have F={shape[2]} features per step but model A expects F={features}; "
+                f"received inputs of shape {shape}."
+            )
+        if outer is not None and shape[1] is not None and shape[1] != outer:
+            raise DataError(
+                f"model A was saved with a fixed Ta={outer} but the inputs have Ta={shape[1]} "
+                f"(shape {shape}); give inputs with Ta={outer} or re-save A with Input(shape=(None, F))."
+            )
+        return inputs
+
+    def _check_steps(self, steps, inputs):
+        """Returns the per-pair caps `(N, Ta)` int32: the steps, or `max_steps` where none are given."""
+        n, ta = tf.shape(inputs)[0], tf.shape(inputs)[1]
+        if steps is None:
+            if self.max_steps is None:
+                raise CascadeError("steps are required unless max_steps is set.")
+            return tf.fill([n, ta], tf.constant(self.max_steps, tf.int32))
+        static_ta = inputs.shape[1]
+        if tf.is_tensor(steps) and not hasattr(steps, "numpy"):
+            steps = self._check_symbolic_steps(steps)
+        else:
+            steps = tf.constant(check_steps_array(steps, n_samples=inputs.shape[0], outer_steps=static_ta,
+                                                  max_steps=self.max_steps))
+        if steps.shape.rank == 1:
+            steps = tf.broadcast_to(steps[None, :], [n, ta])
+        return tf.ensure_shape(steps, [inputs.shape[0], static_ta])
+
+    def _check_symbolic_steps(self, steps):
+        if not steps.dtype.is_integer:
+            raise DataError(f"steps must be integers; received a tensor of dtype {steps.dtype.name}.")
+        if steps.shape.rank not in (1, 2):
+            raise DataError(f"steps must have shape (Ta,) or (N, Ta); received shape {tuple(steps.shape)}.")
+        steps = tf.cast(steps, tf.int32)
+        checks = [tf.debugging.assert_non_negative(steps, message="steps must be >= 0")]
+        if self.max_steps is not None:
+            checks.append(tf.debugging.assert_less_equal(steps, self.max_steps, message="steps above max_steps"))
+        with tf.control_dependencies(checks):
+            return tf.identity(steps)
+
+    # --------------------------------------------------------------- the loop
+
+    def _call_b(self, x, states, training):
+        """One inner step of a step-form B: `(y, new_states)`."""
+        for cell in self._cells:  # a cell outside keras.layers.RNN caches masks sized for one batch
+            cell.reset_dropout_mask()
+            if hasattr(cell, "reset_recurrent_dropout_mask"):
+                cell.reset_recurrent_dropout_mask()
+        if states:
+            outputs = self.model_b([x, *states], training=training)
+            return outputs[0], list(outputs[1:])
+        outputs = self.model_b(x, training=training)
+        if isinstance(outputs, (list, tuple)):
+            outputs = outputs[0]
+        return outputs, []
+
+    def _initial_states(self, x):
+        if self.state_init == "ir":
+            return [tf.identity(x) for _ in self.b_spec.state_sizes]
+        rows = tf.shape(x)[0]
+        return [tf.zeros([rows, size], x.dtype) for size in self.b_spec.state_sizes]
+
+    def _stop(self, y):
+        """`(hit, emit)` for the rows of `y`; both None without a stop rule."""
+        if self.stop_rule is None:
+            return None, None
+        hit = self.stop_rule.hits(y)
+        return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
+
+    def _loop(self, rows, states, body, n_rows_at, training):
+        """Runs `body` until no row is left and returns the outputs in value order.
+
+        Args:
+            rows: tuple of per-row tensors (leading dim = rows still running).
+            states: B's states for those rows.
+            body: `(j, rows) -> (x, finish)` where `x (rows, H)` is B's input and
+                `finish(y, hit) -> (pair_ids, keep, rows)` names the pair each output
+                belongs to, which rows go on, and the rows' next values.
+            n_rows_at: `j -> rows still running after step j-1` when the
+                running rows are always a prefix (given steps), else None.
+        """
+        output_size = self.b_spec.output_size
+        dtype = self.model_b.outputs[0].dtype
+
+        def step(j, rows, states, ys, pairs):
+            x, finish = body(j, rows)
+            y, states = self._call_b(x, states, training)
+            hit, emit = self._stop(y)
+            pair_ids, keep, rows = finish(y, hit)
+            if emit is None:
+                ys, pairs = ys.write(j, y), pairs.write(j, pair_ids)
+            else:
+                ys = ys.write(j, tf.boolean_mask(y, emit))
+                pairs = pairs.write(j, tf.boolean_mask(pair_ids, emit))
+            if n_rows_at is not None:
+                count = n_rows_at(j + 1)
+                rows = tuple(r[:count] for r in rows)
+                states = [s[:count] for s in states]
+            else:
+                rows = tuple(tf.boolean_mask(r, keep) for r in rows)
+                states = [tf.boolean_mask(s, keep) for s in states]
+            return j + 1, rows, states, ys, pairs
+
+        ys = tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
+                            element_shape=tf.TensorShape([None, output_size]))
+        pairs = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False,
+                               element_shape=tf.TensorShape([None]))
+        invariants = (
+            tf.TensorShape([]),
+            tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
+            [tf.TensorShape([None, size]) for size in self.b_spec.state_sizes],
+            tf.TensorShape(None),
+            tf.TensorShape(None),
+        )
+        j, _, _, ys, pairs = tf.while_loop(
+            lambda j, rows, *_: tf.shape(rows[0])[0] > 0,
+            step,
+            (tf.constant(0), rows, states, ys, pairs),
+            shape_invariants=invariants,
+        )
+        # A sentinel keeps concat() defined when nothing ran.
+        ys = ys.write(j, tf.zeros([0, output_size], dtype)).concat()
+        pairs = pairs.write(j, tf.zeros([0], tf.int32)).concat()
+        values = tf.gather(ys, tf.argsort(pairs, stable=True))
+        return values, pairs
+
+    def _lengths(self, caps, pairs):
+        if self.stop_rule is None:
+            return caps
+        counts = tf.math.bincount(pairs, minlength=tf.size(caps), maxlength=tf.size(caps), dtype=tf.int32)
+        return tf.reshape(counts, tf.shape(caps))
+
+    def _run_reset(self, ir_flat, caps, training):
+        """Rows are `(n, t)` pairs, each fed its own IR vector from a fresh state."""
+        caps_flat = tf.reshape(caps, [-1])
+        order = tf.argsort(caps_flat, direction="DESCENDING", stable=True)
+        sorted_caps = tf.gather(caps_flat, order)
+        running = tf.math.count_nonzero(sorted_caps, dtype=tf.int32)
+        pair_ids, row_caps = order[:running], sorted_caps[:running]
+        x = tf.gather(ir_flat, pair_ids)
+        n_rows_at = None if self.stop_rule else _prefix_counts(sorted_caps)
+
+        def body(j, rows):
+            pair_ids, x, row_caps = rows
+
+            def finish(y, hit):
+                keep = j + 1 < row_caps
+                if hit is not None:
+                    keep = tf.logical_and(keep, tf.logical_not(hit))
+                return pair_ids, keep, rows
+
+            return x, finish
+
+        values, pairs = self._loop((pair_ids, x, row_caps), self._initial_states(x), body, n_rows_at, training)
+        return values, self._lengths(caps, pairs)
+
+    def _run_carry(self, ir_flat, caps, training):
+        """Rows are samples; each walks its pairs in order, carrying B's state across them."""
+        outer = tf.shape(caps)[1]
+        caps_flat = tf.reshape(caps, [-1])
+        nonzero = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending pair ids that run
+
+        def next_pair(pair_ids, samples):
+            """First pair >= `pair_ids` with steps > 0 in the same sample; -1 when none."""
+            found = tf.searchsorted(nonzero, pair_ids, side="left")
+            candidate = tf.gather(tf.concat([nonzero, [-1]], 0), found)
+            same = tf.logical_and(candidate >= 0, tf.math.floordiv(candidate, outer) == samples)
+            return tf.where(same, candidate, -1)
+
+        totals = tf.reduce_sum(caps, axis=1)
+        order = tf.argsort(totals, direction="DESCENDING", stable=True)
+        sorted_totals = tf.gather(totals, order)
+        running = tf.math.count_nonzero(sorted_totals, dtype=tf.int32)
+        samples = order[:running]
+        first = next_pair(samples * outer, samples)
+        n_rows_at = None if self.stop_rule else _prefix_counts(sorted_totals)
+
+        def body(j, rows):
+            samples, pair_ids, inner = rows
+            x = tf.gather(ir_flat, pair_ids)
+
+            def finish(y, hit):
+                done = inner + 1 >= tf.gather(caps_flat, pair_ids)
+                if hit is not None:
+                    done = tf.logical_or(done, hit)
+                following = next_pair(pair_ids + 1, samples)
+                keep = tf.logical_or(tf.logical_not(done), following >= 0)
+                return pair_ids, keep, (samples, tf.where(done, following, pair_ids), tf.where(done, 0, inner + 1))
+
+            return x, finish
+
+        rows = (samples, first, tf.zeros_like(samples))
+        states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
+        values, pairs = self._loop(rows, states, body, n_rows_at, training)
+        return values, self._lengths(caps, pairs)
+
+    def _run_sequence(self, ir_flat, caps, training):
+        """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
+        caps_flat = tf.reshape(caps, [-1])
+        if self.state == "reset":
+            pair_ids = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)
+            row_caps = tf.gather(caps_flat, pair_ids)
+            length = tf.maximum(tf.reduce_max(tf.concat([row_caps, [0]], 0)), 1)
+            x = tf.tile(tf.gather(ir_flat, pair_ids)[:, None, :], [1, length, 1])
+            y = self.model_b(x, training=training)
+            valid = tf.range(length)[None, :] < row_caps[:, None]
+            if self.stop_rule is not None:
+                hit = tf.logical_and(tf.reshape(self.stop_rule.hits(tf.reshape(y, [-1, y.shape[-1]])),
+                                                tf.shape(valid)), valid)
+                first_hit = tf.where(tf.reduce_any(hit, axis=1), tf.argmax(tf.cast(hit, tf.int32), axis=1,
+                                                                          output_type=tf.int32), length)
+                emitted = tf.minimum(row_caps, first_hit + (0 if self.exclude_stop_step else 1))
+                valid = tf.range(length)[None, :] < emitted[:, None]
+                lengths = tf.scatter_nd(pair_ids[:, None], emitted, tf.shape(caps_flat))
+                return tf.boolean_mask(y, valid), tf.reshape(lengths, tf.shape(caps))
+            return tf.boolean_mask(y, valid), caps
+        # carry: each sample's inner steps flattened into one sequence
+        n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
+        total = tf.reduce_sum(caps_flat)
+        value_pairs = tf.repeat(tf.range(n * outer), caps_flat)
+        samples = tf.math.floordiv(value_pairs, outer)
+        totals = tf.reduce_sum(caps, axis=1)
+        starts = tf.cumsum(totals, exclusive=True)
+        positions = tf.range(total) - tf.gather(starts, samples)
+        index = tf.stack([samples, positions], axis=1)
+        length = tf.maximum(tf.reduce_max(tf.concat([totals, [0]], 0)), 1)
+        x = tf.scatter_nd(index, tf.gather(ir_flat, value_pairs), [n, length, self.a_spec.ir_size])
+        y = self.model_b(x, training=training)
+        return tf.gather_nd(y, index), caps
+
+
+def _prefix_counts(sorted_lengths):
+    """Returns `j -> count(sorted_lengths > j)`: how many rows still run at inner step `j`."""
+    longest = tf.reduce_max(tf.concat([sorted_lengths, [0]], 0))
+    histogram = tf.math.bincount(sorted_lengths, minlength=longest + 1, dtype=tf.int32)
+    counts = tf.size(sorted_lengths) - tf.cumsum(histogram)
+    return lambda j: counts[j]
+
+
+def check_steps_array(steps, *, n_samples=None, outer_steps=None, max_steps=None, source="steps"):
+    """Checks concrete steps and returns them as an int32 `(Ta,)` or `(N, Ta)` array.
+
+    Raises:
+        DataError: the steps are not integers, negative, above `max_steps`, or
+            of a shape other than `(Ta,)` or `(N, Ta)`.
+    """
+    if hasattr(steps, "numpy"):
+        steps = steps.numpy()
+    array = np.asarray(steps)
+    if array.dtype == object or array.dtype.kind in "USb":
+        raise DataError(f"{source} must be integers; received an array of dtype {array.dtype}.")
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{source} must be integers; received {array[where]!r} at index {where}.")
+    elif array.dtype.kind not in "iu":
+        raise DataError(f"{source} must be integers; received an array of dtype {array.dtype}.")
+    if array.ndim not in (1, 2):
+        raise DataError(f"{source} must have shape (Ta,) or (N, Ta); received shape {array.shape}.")
+    expected_ta = array.shape[-1] if outer_steps is None else outer_steps
+    if array.shape[-1] != expected_ta or (array.ndim == 2 and n_samples is not None and array.shape[0] != n_samples):
+        wanted = f"(Ta,)=({expected_ta},) or (N, Ta)=({n_samples}, {expected_ta})"
+        raise DataError(f"{source} have shape {array.shape}; expected {wanted} to match the inputs.")
+    if array.size and array.min() < 0:
+        where = tuple(int(i) for i in np.argwhere(array < 0)[0])
+        raise DataError(f"{source} must be >= 0; received {array[where]} at index {where}.")
+    if max_steps is not None and array.size and array.max() > max_steps:
+        where = tuple(int(i) for i in np.argwhere(array > max_steps)[0])
+        raise DataError(f"{source} must be <= max_steps={max_steps}; received {array[where]} at index {where}.")
+    if array.size and array.max() > np.iinfo(np.int32).max:
+        raise DataError(f"{source} must fit in int32; received {array.max()}.")
+    return array.astype(np.int32)
