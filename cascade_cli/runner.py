@@ -447,7 +447,7 @@ def check_steps_array(steps, *, n_samples=None, outer_steps=None, max_steps=None
         bad = ~np.isfinite(array) | (array != np.round(array))
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise DataError(f"{source} must be integers; received {array[where]!r} at index {where}.")
+            raise DataError(f"{source} must be integers; received {array[where].item()!r} at index {where}.")
     elif array.dtype.kind not in "iu":
         raise DataError(f"{source} must be integers; received an array of dtype {array.dtype}.")
     if array.ndim not in (1, 2):
@@ -458,10 +458,10 @@ def check_steps_array(steps, *, n_samples=None, outer_steps=None, max_steps=None
         raise DataError(f"{source} have shape {array.shape}; expected {wanted} to match the inputs.")
     if array.size and array.min() < 0:
         where = tuple(int(i) for i in np.argwhere(array < 0)[0])
-        raise DataError(f"{source} must be >= 0; received {array[where]} at index {where}.")
+        raise DataError(f"{source} must be >= 0; received {array[where].item()} at index {where}.")
     if max_steps is not None and array.size and array.max() > max_steps:
         where = tuple(int(i) for i in np.argwhere(array > max_steps)[0])
-        raise DataError(f"{source} must be <= max_steps={max_steps}; received {array[where]} at index {where}.")
+        raise DataError(f"{source} must be <= max_steps={max_steps}; received {array[where].item()} at index {where}.")
     if array.size and array.max() > np.iinfo(np.int32).max:
         raise DataError(f"{source} must fit in int32; received {array.max()}.")
     return array.astype(np.int32)

@@ -9,28 +9,33 @@ def init(seed):
     return keras.initializers.RandomNormal(stddev=0.5, seed=seed)
 
 
-def model_a(kind="gru", *, features=3, ir_size=4, outer_steps=None, seed=0):
+def model_a(kind="gru", *, features=3, ir_size=4, outer_steps=None, seed=0, dtype="float32"):
     """A: `(batch, Ta, F) -> (batch, Ta, H)` with a SimpleRNN, GRU or LSTM."""
     layer = {"simple": keras.layers.SimpleRNN, "gru": keras.layers.GRU, "lstm": keras.layers.LSTM}[kind]
-    inputs = keras.Input(shape=(outer_steps, features))
-    outputs = layer(ir_size, return_sequences=True, kernel_initializer=init(seed),
+    inputs = keras.Input(shape=(outer_steps, features), dtype=dtype)
+    outputs = layer(ir_size, return_sequences=True, kernel_initializer=init(seed), dtype=dtype,
                     recurrent_initializer=init(seed + 1), bias_initializer=init(seed + 2))(inputs)
     return keras.Model(inputs, outputs, name=f"a_{kind}")
 
 
-def step_b(kind="gru", *, ir_size=4, units=5, output_size=2, seed=10, batch_size=None, dropout=0.0):
+def step_b(kind="gru", *, ir_size=4, units=5, output_size=2, seed=10, batch_size=None, dropout=0.0,
+           dtype="float32"):
     """Step-form B: `[x, *states] -> [y, *states]` around a Keras cell, then Dense."""
     cell_type = {"simple": keras.layers.SimpleRNNCell, "gru": keras.layers.GRUCell,
                  "lstm": keras.layers.LSTMCell}[kind]
     cell = cell_type(units, kernel_initializer=init(seed), recurrent_initializer=init(seed + 1),
-                     bias_initializer=init(seed + 2), dropout=dropout)
-    x = keras.Input(batch_shape=(batch_size, ir_size))
+                     bias_initializer=init(seed + 2), dropout=dropout, dtype=dtype)
+    x = keras.Input(batch_shape=(batch_size, ir_size), dtype=dtype)
     n_states = 2 if kind == "lstm" else 1
-    states = [keras.Input(batch_shape=(batch_size, units)) for _ in range(n_states)]
+    states = [keras.Input(batch_shape=(batch_size, units), dtype=dtype) for _ in range(n_states)]
     h, new_states = cell(x, states if n_states > 1 else states[0])
     if not isinstance(new_states, (list, tuple)):
         new_states = [new_states]
-    y = keras.layers.Dense(output_size, kernel_initializer=init(seed + 3), bias_initializer=init(seed + 4))(h)
+    if output_size is None:  # emit the cell's output itself
+        y = h
+    else:
+        y = keras.layers.Dense(output_size, kernel_initializer=init(seed + 3), bias_initializer=init(seed + 4),
+                               dtype=dtype)(h)
     return keras.Model([x, *states], [y, *new_states], name=f"b_{kind}")
 
 
@@ -54,7 +59,7 @@ def reference(model_a, model_b, x, steps, *, state="reset", state_init="zeros",
     Returns `(values (total, O) tf.Tensor, lengths (N, Ta) np.ndarray)` in value order.
     `stop(y) -> bool` is a Python predicate on one output vector (numpy).
     """
-    ir = model_a(tf.constant(x))
+    ir = model_a(tf.convert_to_tensor(x))
     n_samples, outer = x.shape[0], x.shape[1]
     steps = np.broadcast_to(np.asarray(steps if steps is not None else max_steps), (n_samples, outer))
     sequence_form = len(model_b.inputs) == 1 and len(model_b.inputs[0].shape) == 3
@@ -83,7 +88,7 @@ def reference(model_a, model_b, x, steps, *, state="reset", state_init="zeros",
                 lengths[n, t] = emitted
             continue
         sizes = [int(s.shape[-1]) for s in model_b.inputs[1:]]
-        carried = [tf.zeros([1, size]) for size in sizes]
+        carried = [tf.zeros([1, size], ir.dtype) for size in sizes]
         for t in range(outer):
             cap = int(steps[n, t])
             if cap == 0:
@@ -93,7 +98,7 @@ def reference(model_a, model_b, x, steps, *, state="reset", state_init="zeros",
             elif state_init == "ir":
                 states = [ir[n, t][None] for _ in sizes]
             else:
-                states = [tf.zeros([1, size]) for size in sizes]
+                states = [tf.zeros([1, size], ir.dtype) for size in sizes]
             emitted = 0
             for j in range(cap):
                 out = model_b([ir[n, t][None], *states]) if sizes else [model_b(ir[n, t][None])]
@@ -106,5 +111,5 @@ def reference(model_a, model_b, x, steps, *, state="reset", state_init="zeros",
             lengths[n, t] = emitted
             carried = states
     output_size = model_b.outputs[0].shape[-1]
-    values = tf.stack(values) if values else tf.zeros([0, output_size])
+    values = tf.stack(values) if values else tf.zeros([0, output_size], ir.dtype)
     return values, lengths

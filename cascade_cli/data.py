@@ -1,0 +1,980 @@
+"""Read and check inputs, steps files and HDF5 training datasets; stream batches.
+
+The file layouts are those of DESIGN section 4:
+
+- inputs: `.h5` (a dataset, `inputs` by default), `.npy` or `.npz` (key
+  `inputs`), numeric, shaped `(N, Ta, F)`;
+- steps: `.txt`/`.csv`, `.npy`, `.json` or `.h5` (dataset `steps`), shaped
+  `(Ta,)` (the same for every sample) or `(N, Ta)`, every entry >= 0;
+- training data (HDF5): `inputs (N, Ta, F)`, `steps (N, Ta)` and `targets`,
+  either flat `(sum(steps), O)` in value order or padded `(N, Ta, L, O)`.
+
+Every problem is raised as a `DataError` naming the file, the key and what was
+expected. HDF5 files are opened read-only and refused when any part of them
+lives in another file: nothing outside the file is read. Large arrays are read
+in chunks, never whole.
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import zipfile
+from typing import Iterator, NamedTuple
+
+import h5py
+import numpy as np
+
+from cascade_cli.errors import DataError
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+INPUT_SUFFIXES = HDF5_SUFFIXES + (".npy", ".npz")
+STEPS_SUFFIXES = (".txt", ".csv", ".npy", ".json") + HDF5_SUFFIXES
+
+# Bytes read at a time when scanning a large array (about 64 MiB).
+_CHUNK_BYTES = 1 << 26
+
+_DTYPE_KINDS = {
+    "float": ("f", "floating-point numbers"),
+    "int": ("iu", "integers"),
+    "numeric": ("iuf", "integers or floating-point numbers"),
+}
+
+_INT_TOKEN = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TOKEN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_SEPARATOR = re.compile(r"\s*,\s*|\s+")
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+# ---------------------------------------------------------------------------
+# HDF5
+
+
+def _display(path) -> str:
+    return os.fspath(path)
+
+
+def _check_file(path, *, expected: str) -> None:
+    """Raises `DataError` unless `path` is an existing regular file."""
+    name = _display(path)
+    if not os.path.exists(name):
+        raise DataError(f"'{name}' does not exist: expected {expected}")
+    if os.path.isdir(name):
+        raise DataError(f"'{name}' is a directory: expected {expected}")
+
+
+def _refuse_outside_storage(f: h5py.File, *, path) -> None:
+    """Raises `DataError` if any link or dataset of `f` reaches outside the file."""
+    name = _display(path)
+    problems = []
+
+    def visit(link_name, link):
+        if problems:
+            return None
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(
+                f"'{name}' links '{link_name}' to another file "
+                f"('{link.filename}:{link.path}')"
+            )
+        elif isinstance(link, h5py.HardLink):
+            obj = f[link_name]
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    problems.append(f"dataset '{link_name}' in '{name}' is a virtual dataset")
+                elif obj.external:
+                    files = ", ".join(repr(entry[0]) for entry in obj.external)
+                    problems.append(
+                        f"dataset '{link_name}' in '{name}' keeps its data in external "
+                        f"files ({files})"
+                    )
+        elif not isinstance(link, h5py.SoftLink):
+            problems.append(f"'{name}' has a user-defined link '{link_name}'")
+        return None
+
+    f.visititems_links(visit)
+    if problems:
+        raise DataError(
+            f"{problems[0]}: expected a self-contained HDF5 file; nothing outside the "
+            "file is read"
+        )
+
+
+@contextlib.contextmanager
+def open_h5(path) -> Iterator[h5py.File]:
+    """Opens an HDF5 file read-only, refusing anything stored outside it.
+
+    Args:
+        path: the file.
+
+    Yields:
+        The open `h5py.File`; it is closed when the block ends.
+
+    Raises:
+        DataError: the file is missing, a directory, not HDF5 or truncated, or
+            it holds an external link, a dataset with external storage or a
+            virtual dataset.
+    """
+    name = _display(path)
+    _check_file(path, expected="an HDF5 file")
+    try:
+        f = h5py.File(name, "r")
+    except OSError as exc:
+        raise DataError(f"'{name}' is not a readable HDF5 file: {exc}") from exc
+    with f:
+        _refuse_outside_storage(f, path=path)
+        yield f
+
+
+def h5_dataset(
+    f: h5py.File, key: str, *, path, ndim: int | None = None, kind: str | None = None
+) -> h5py.Dataset:
+    """Returns dataset `key` of an open file, checking its rank and dtype.
+
+    Args:
+        f: an open HDF5 file or group.
+        key: the dataset's name, e.g. `"inputs"` or `"group/inputs"`.
+        path: the file's path, for messages.
+        ndim: the rank it must have, or None for any.
+        kind: `"float"`, `"int"` (signed or unsigned), `"numeric"` (either) or
+            None for any dtype.
+
+    Returns:
+        The `h5py.Dataset`.
+
+    Raises:
+        DataError: naming file and key, when the key is missing, not a dataset,
+            or the rank or dtype kind is wrong.
+    """
+    name = _display(path)
+    if kind is not None and kind not in _DTYPE_KINDS:
+        raise ValueError(f"kind must be one of {sorted(_DTYPE_KINDS)} or None, received {kind!r}")
+    try:
+        obj = f[key]
+    except (KeyError, ValueError) as exc:
+        keys = sorted(f.keys())
+        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
+        raise DataError(
+            f"'{name}' has no dataset '{key}': expected a dataset '{key}', "
+            f"received keys [{shown}]"
+        ) from exc
+    if not isinstance(obj, h5py.Dataset):
+        raise DataError(f"'{key}' in '{name}' is a group: expected a dataset")
+    if ndim is not None and obj.ndim != ndim:
+        raise DataError(
+            f"dataset '{key}' in '{name}' has {obj.ndim} dimensions: expected {ndim}, "
+            f"received shape {tuple(obj.shape)}"
+        )
+    if kind is not None:
+        kinds, words = _DTYPE_KINDS[kind]
+        if obj.dtype.kind not in kinds:
+            raise DataError(
+                f"dataset '{key}' in '{name}' has dtype {obj.dtype}: expected {words}"
+            )
+    return obj
+
+
+def _h5_read(dset: h5py.Dataset, selection, *, path):
+    """Reads `dset[selection]`, naming file and key if HDF5 fails."""
+    try:
+        return dset[selection]
+    except OSError as exc:
+        raise DataError(
+            f"could not read dataset '{dset.name.lstrip('/')}' from '{_display(path)}': {exc}"
+        ) from exc
+
+
+def _read_ranges(array, starts: np.ndarray, stops: np.ndarray, *, path, tail=()) -> np.ndarray:
+    """Reads rows `[starts[i], stops[i])` of `array`, in order, concatenated.
+
+    Ranges must be sorted and must not overlap; touching ranges are merged into
+    one read, so neighbouring rows cost one HDF5 call.
+
+    Args:
+        array: an `h5py.Dataset` or numpy array (a memory map is fine).
+        starts: `(k,)` first rows.
+        stops: `(k,)` rows past the end.
+        path: the file, for messages.
+        tail: index of the remaining axes, e.g. `(slice(None), slice(0, 3))`.
+
+    Returns:
+        The rows read, `(sum(stops - starts), ...)`.
+    """
+    selections = [(slice(0, 0),) + tuple(tail)]
+    if len(starts):
+        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+        run_starts = starts[np.concatenate([[0], breaks])].tolist()
+        run_stops = stops[np.concatenate([breaks - 1, [len(stops) - 1]])].tolist()
+        runs = [(slice(a, b),) + tuple(tail) for a, b in zip(run_starts, run_stops) if b > a]
+        selections = runs or selections
+    if isinstance(array, h5py.Dataset):
+        pieces = [_h5_read(array, selection, path=path) for selection in selections]
+    else:
+        pieces = [np.asarray(array[selection]) for selection in selections]
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Returns `concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])`."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros((0,), dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(starts - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def _chunk_rows(row_shape, itemsize: int, chunk: int | None) -> int:
+    """Rows per chunk: `chunk`, or as many as fit in about 64 MiB."""
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, received {chunk}")
+        return int(chunk)
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+    return max(1, _CHUNK_BYTES // row_bytes)
+
+
+def _as_float32(values) -> np.ndarray:
+    """A `float32` copy; values too large become inf (and `check_finite` says so)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.array(values, dtype=np.float32)
+
+
+def _first_bad_value(values: np.ndarray) -> str:
+    bad = values[~np.isfinite(values)]
+    return str(bad.flat[0]) if bad.size else "?"
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def _numeric_or_raise(dtype: np.dtype, *, what: str) -> None:
+    if dtype.kind not in "iuf":
+        raise DataError(
+            f"{what} has dtype {dtype}: expected integers or floating-point numbers"
+        )
+
+
+def _np_load(path, *, mmap_mode=None, expected: str):
+    """`np.load` with `allow_pickle=False`, turning every failure into `DataError`."""
+    name = _display(path)
+    _check_file(path, expected=expected)
+    try:
+        return np.load(name, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as exc:
+        if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+            raise DataError(
+                f"'{name}' holds Python objects or pickled data: expected {expected} "
+                "of numbers (pickles are never loaded)"
+            ) from exc
+        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
+
+
+class InputSource:
+    """Model inputs `(N, Ta, F)` read from `.h5`, `.npy` or `.npz`, a chunk at a time.
+
+    `.h5` datasets stay on disk and `.npy` files are memory-mapped; `.npz`
+    archives cannot be mapped, so their array is loaded once. Use it as a
+    context manager, or call `close()`.
+
+    Attributes:
+        path: the file.
+        key: the dataset or array name (None for `.npy`).
+        shape: `(N, Ta, F)`.
+        n_samples: `N`.
+        outer_steps: `Ta`.
+        features: `F`.
+    """
+
+    def __init__(self, path, *, key: str = "inputs"):
+        """Opens and checks an inputs file; see `open_inputs`."""
+        self.path = path
+        name = _display(path)
+        suffix = os.path.splitext(name)[1].lower()
+        self.key = key
+        self._stack = contextlib.ExitStack()
+        self._array = None
+        try:
+            if suffix in HDF5_SUFFIXES:
+                f = self._stack.enter_context(open_h5(path))
+                self._array = h5_dataset(f, key, path=path, ndim=3, kind="numeric")
+            elif suffix == ".npy":
+                self.key = None
+                array = _np_load(path, mmap_mode="r", expected="a .npy array")
+                if not isinstance(array, np.ndarray):
+                    array.close()
+                    raise DataError(f"'{name}' is a .npz archive: expected a .npy array")
+                self._array = array
+            elif suffix == ".npz":
+                self._array = _load_npz_array(path, key=key)
+            else:
+                raise DataError(
+                    f"inputs file '{name}' has suffix '{suffix}': expected one of "
+                    f"{', '.join(INPUT_SUFFIXES)}"
+                )
+            if self._array.ndim != 3:
+                raise DataError(
+                    f"inputs in {self.name} have {self._array.ndim} dimensions: expected 3 "
+                    f"(N, Ta, F), received shape {tuple(self._array.shape)}"
+                )
+            _numeric_or_raise(self._array.dtype, what=f"inputs in {self.name}")
+        except BaseException:
+            self.close()
+            raise
+        self.shape = tuple(int(n) for n in self._array.shape)
+        self.n_samples, self.outer_steps, self.features = self.shape
+
+    @property
+    def name(self) -> str:
+        """The file and key, quoted, for messages."""
+        if self.key is None:
+            return f"'{_display(self.path)}'"
+        return f"'{_display(self.path)}' (key '{self.key}')"
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored dtype (reads are always `float32`)."""
+        return self._array.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Reads samples `[start, stop)`.
+
+        Args:
+            start: first sample.
+            stop: sample past the last; `start <= stop <= N`.
+
+        Returns:
+            `(stop - start, Ta, F)` `float32`.
+        """
+        if self._array is None:
+            raise DataError(f"inputs {self.name} are closed")
+        if not 0 <= start <= stop <= self.n_samples:
+            raise DataError(
+                f"inputs {self.name}: expected 0 <= start <= stop <= {self.n_samples}, "
+                f"received start={start}, stop={stop}"
+            )
+        if isinstance(self._array, h5py.Dataset):
+            values = _h5_read(self._array, slice(start, stop), path=self.path)
+        else:
+            values = self._array[start:stop]
+        return _as_float32(values)
+
+    def check_finite(self, *, chunk: int | None = None) -> None:
+        """Scans every sample, a chunk at a time, for NaN or infinity.
+
+        Values are checked as the `float32` that `read` returns, so a float64
+        too large for `float32` counts as infinite.
+
+        Args:
+            chunk: samples per read; None reads about 64 MiB at a time.
+
+        Raises:
+            DataError: naming file, key and the first bad sample.
+        """
+        rows = _chunk_rows(self.shape[1:], 4, chunk)
+        for start in range(0, self.n_samples, rows):
+            values = self.read(start, min(start + rows, self.n_samples))
+            good = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+            if not good.all():
+                first = int(np.argmin(good))
+                raise DataError(
+                    f"inputs in {self.name} sample {start + first}: expected finite "
+                    f"values, received {_first_bad_value(values[first])}"
+                )
+
+    def close(self) -> None:
+        """Closes the file; further reads fail."""
+        self._array = None
+        self._stack.close()
+
+    def __enter__(self) -> "InputSource":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"InputSource({self.name}, shape={getattr(self, 'shape', None)})"
+
+
+def _load_npz_array(path, *, key: str) -> np.ndarray:
+    """Loads one array of a `.npz` archive (without pickles)."""
+    name = _display(path)
+    archive = _np_load(path, expected="a .npz archive")
+    if isinstance(archive, np.ndarray):
+        raise DataError(f"'{name}' is a .npy array: expected a .npz archive")
+    with archive:
+        if key not in archive.files:
+            raise DataError(
+                f"'{name}' has no array '{key}': expected an array '{key}', "
+                f"received arrays {archive.files}"
+            )
+        try:
+            return archive[key]
+        except ValueError as exc:
+            raise DataError(
+                f"array '{key}' in '{name}' holds Python objects: expected numbers "
+                "(pickles are never loaded)"
+            ) from exc
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"could not read array '{key}' from '{name}': {exc}") from exc
+
+
+def open_inputs(path, *, key: str = "inputs") -> InputSource:
+    """Opens a model inputs file `(N, Ta, F)`.
+
+    Args:
+        path: `.h5`/`.hdf5`, `.npy` or `.npz`.
+        key: dataset (`.h5`) or array (`.npz`) name; unused for `.npy`.
+
+    Returns:
+        An `InputSource`; close it, or use it in a `with` block.
+
+    Raises:
+        DataError: unknown suffix, unreadable file, missing key, rank other
+            than 3, non-numeric dtype or object array.
+    """
+    return InputSource(path, key=key)
+
+
+# ---------------------------------------------------------------------------
+# Steps
+
+
+def _steps_value(value, *, where: str) -> int:
+    """One step count from a parsed JSON value, or `DataError` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: expected a non-negative integer, received {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise DataError(f"{where}: expected a non-negative integer, received {value!r}")
+        value = int(value)
+    if value < 0:
+        raise DataError(f"{where}: expected a non-negative integer, received {value}")
+    if value > _INT64_MAX:
+        raise DataError(f"{where}: expected an integer below 2**63, received {value}")
+    return value
+
+
+def _token_value(token: str, *, where: str) -> int:
+    """One step count from a text token, or `DataError` naming `where` and the token."""
+    value = None
+    if _INT_TOKEN.fullmatch(token):
+        value = int(token)
+    elif _FLOAT_TOKEN.fullmatch(token):
+        number = float(token)
+        value = int(number) if number.is_integer() else None
+    if value is None or value < 0:
+        raise DataError(f"{where}: expected a non-negative integer, received {token!r}")
+    if value > _INT64_MAX:
+        raise DataError(f"{where}: expected an integer below 2**63, received {token!r}")
+    return value
+
+
+def _split_tokens(line: str) -> list[str]:
+    stripped = line.strip()
+    return _SEPARATOR.split(stripped) if stripped else []
+
+
+def _steps_from_array(array: np.ndarray, *, source: str) -> np.ndarray:
+    """Checks a numeric steps array (`(Ta,)` or `(N, Ta)`) and returns it as int64."""
+    array = np.asarray(array)
+    if array.ndim not in (1, 2):
+        raise DataError(
+            f"steps from {source} have shape {tuple(array.shape)}: expected (Ta,) or (N, Ta)"
+        )
+    if array.dtype.kind not in "iuf":
+        raise DataError(f"steps from {source} have dtype {array.dtype}: expected integers")
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | (array != np.round(array)) | (array < 0) | (array >= 2.0**63)
+    elif array.dtype.kind == "u":
+        bad = array > _INT64_MAX
+    else:
+        bad = array < 0
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        shown = index[0] if len(index) == 1 else index
+        raise DataError(
+            f"steps from {source} at index {shown}: expected a non-negative integer, "
+            f"received {array[index].item()!r}"
+        )
+    return array.astype(np.int64)
+
+
+def _read_steps_text(path) -> np.ndarray:
+    name = _display(path)
+    try:
+        with open(name, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"steps file '{name}' is not a readable text file: {exc}") from exc
+    rows, numbers = [], []
+    for number, line in enumerate(lines, start=1):
+        tokens = _split_tokens(line.split("#", 1)[0])
+        if not tokens:
+            continue
+        rows.append(
+            [
+                _token_value(token, where=f"steps file '{name}' line {number}, value {position}")
+                for position, token in enumerate(tokens, start=1)
+            ]
+        )
+        numbers.append(number)
+    if not rows:
+        raise DataError(
+            f"steps file '{name}' has no steps: expected one line of integers "
+            "(the same for every sample) or one line per sample"
+        )
+    for row, number in zip(rows[1:], numbers[1:]):
+        if len(row) != len(rows[0]):
+            raise DataError(
+                f"steps file '{name}' line {number} has {len(row)} values: expected "
+                f"{len(rows[0])} like line {numbers[0]}"
+            )
+    if len(rows) == 1:
+        return np.array(rows[0], dtype=np.int64)
+    return np.array(rows, dtype=np.int64)
+
+
+def _read_steps_json(path) -> np.ndarray:
+    name = _display(path)
+    try:
+        with open(name, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"steps file '{name}' line {exc.lineno}, column {exc.colno}: "
+            f"expected JSON, {exc.msg}"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"steps file '{name}' is not a readable text file: {exc}") from exc
+    expected = "a list of integers or a list of lists of integers"
+    if not isinstance(value, list):
+        raise DataError(
+            f"steps file '{name}': expected {expected}, received {type(value).__name__}"
+        )
+    nested = bool(value) and isinstance(value[0], list)
+    for p, item in enumerate(value):
+        if isinstance(item, list) != nested:
+            raise DataError(
+                f"steps file '{name}' position {p}: expected {expected}, received a "
+                "mix of numbers and lists"
+            )
+    if nested:
+        rows = []
+        for r, row in enumerate(value):
+            if len(row) != len(value[0]):
+                raise DataError(
+                    f"steps file '{name}' row {r} has {len(row)} values: expected "
+                    f"{len(value[0])} like row 0"
+                )
+            rows.append(
+                [
+                    _steps_value(item, where=f"steps file '{name}' row {r}, position {p}")
+                    for p, item in enumerate(row)
+                ]
+            )
+        return np.array(rows, dtype=np.int64).reshape(len(rows), len(value[0]))
+    values = [
+        _steps_value(item, where=f"steps file '{name}' position {p}")
+        for p, item in enumerate(value)
+    ]
+    return np.array(values, dtype=np.int64)
+
+
+def read_steps(path, *, key: str = "steps") -> np.ndarray:
+    """Reads a steps file.
+
+    Formats: `.txt`/`.csv` (integers split by commas and/or white space; blank
+    lines and `#` comments ignored; one line gives `(Ta,)`, several lines
+    `(N, Ta)`), `.npy`, `.json` (a list or a list of lists) and `.h5`/`.hdf5`
+    (dataset `key`). Integer-valued floats such as `2.0` are accepted.
+
+    Args:
+        path: the file.
+        key: dataset name in an HDF5 file.
+
+    Returns:
+        `(Ta,)` or `(N, Ta)` `int64`, every entry >= 0.
+
+    Raises:
+        DataError: naming file, line or position and value, for an unknown
+            suffix, a negative, fractional or non-numeric value, or rows of
+            different lengths.
+    """
+    name = _display(path)
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in STEPS_SUFFIXES:
+        raise DataError(
+            f"steps file '{name}' has suffix '{suffix}': expected one of "
+            f"{', '.join(STEPS_SUFFIXES)}"
+        )
+    _check_file(path, expected="a steps file")
+    if suffix in (".txt", ".csv"):
+        return _read_steps_text(path)
+    if suffix == ".json":
+        return _read_steps_json(path)
+    if suffix == ".npy":
+        array = _np_load(path, expected="a .npy array")
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise DataError(f"'{name}' is a .npz archive: expected a .npy array")
+        return _steps_from_array(array, source=f"'{name}'")
+    with open_h5(path) as f:
+        dset = h5_dataset(f, key, path=path)
+        return _steps_from_array(_h5_read(dset, (), path=path), source=f"'{name}' (key '{key}')")
+
+
+def parse_steps(text: str, *, flag: str = "--steps") -> np.ndarray:
+    """Parses steps given on the command line, e.g. `"3,4,2"`.
+
+    Args:
+        text: integers split by commas and/or white space.
+        flag: the option's name, for messages.
+
+    Returns:
+        `(Ta,)` `int64`.
+
+    Raises:
+        DataError: naming the flag, for an empty list or a bad value.
+    """
+    tokens = _split_tokens(text)
+    if not tokens:
+        raise DataError(
+            f"{flag}: expected comma-separated non-negative integers, received {text!r}"
+        )
+    return np.array(
+        [_token_value(token, where=f"{flag} value {p}") for p, token in enumerate(tokens, start=1)],
+        dtype=np.int64,
+    )
+
+
+def _shape_text(shape) -> str:
+    return str(tuple(int(n) for n in shape))
+
+
+def broadcast_steps(steps, *, n_samples: int, outer_steps: int, source: str) -> np.ndarray:
+    """Gives every sample its row of steps.
+
+    Args:
+        steps: `(Ta,)` (shared by all samples) or `(N, Ta)`.
+        n_samples: `N`.
+        outer_steps: `Ta`.
+        source: where the steps came from, e.g. `"'steps.txt'"` or `"--steps"`.
+
+    Returns:
+        `(N, Ta)` `int64`, a new array.
+
+    Raises:
+        DataError: the shape fits neither form, or a value is not a
+            non-negative integer.
+    """
+    array = np.asarray(steps)
+    if array.shape not in ((outer_steps,), (n_samples, outer_steps)):
+        raise DataError(
+            f"steps from {source} have shape {_shape_text(array.shape)}, expected "
+            f"(Ta,)={_shape_text((outer_steps,))} or "
+            f"(N, Ta)={_shape_text((n_samples, outer_steps))}"
+        )
+    array = _steps_from_array(array, source=source)
+    if array.ndim == 1:
+        return np.tile(array, (n_samples, 1)).reshape(n_samples, outer_steps)
+    return array.copy()
+
+
+# ---------------------------------------------------------------------------
+# Training data
+
+
+class Batch(NamedTuple):
+    """One training batch.
+
+    Attributes:
+        inputs: `(b, Ta, F)` `float32`.
+        steps: `(b, Ta)` `int64`.
+        targets: `(sum(steps), O)` `float32`, in value order (sample, then
+            outer step, then inner step).
+    """
+
+    inputs: np.ndarray
+    steps: np.ndarray
+    targets: np.ndarray
+
+
+class TrainingData:
+    """An HDF5 training set: `inputs (N, Ta, F)`, `steps (N, Ta)` and `targets`.
+
+    `targets` is flat `(sum(steps), O)` in value order, or padded
+    `(N, Ta, L, O)` with `L >= max(steps)` (entries past `steps` are ignored).
+    The file stays open until `close()` (or the end of a `with` block); shapes,
+    dtypes and steps are checked on opening, finiteness by `check_finite()`,
+    which reads the whole file a chunk at a time.
+
+    Attributes:
+        path: the file.
+        n_samples: `N`.
+        outer_steps: `Ta`.
+        features: `F`.
+        output_size: `O`.
+        targets_layout: `"flat"` or `"padded"`.
+        steps: `(N, Ta)` `int64`, held in memory.
+    """
+
+    def __init__(self, path):
+        """Opens and checks a training file.
+
+        Args:
+            path: the HDF5 file.
+
+        Raises:
+            DataError: the file is unreadable or any dataset is missing or has
+                the wrong shape, dtype or (for steps) values.
+        """
+        self.path = path
+        name = _display(path)
+        self._stack = contextlib.ExitStack()
+        try:
+            f = self._stack.enter_context(open_h5(path))
+            self._inputs = h5_dataset(f, "inputs", path=path, ndim=3, kind="numeric")
+            self.n_samples, self.outer_steps, self.features = (int(n) for n in self._inputs.shape)
+            steps = h5_dataset(f, "steps", path=path, ndim=2)
+            self.steps = _steps_from_array(
+                _h5_read(steps, (), path=path), source=f"'{name}' (key 'steps')"
+            )
+            if self.steps.shape != (self.n_samples, self.outer_steps):
+                raise DataError(
+                    f"steps in '{name}' have shape {_shape_text(self.steps.shape)}: expected "
+                    f"(N, Ta)={_shape_text((self.n_samples, self.outer_steps))} like inputs"
+                )
+            self._targets = h5_dataset(f, "targets", path=path, kind="numeric")
+            self._check_targets()
+        except BaseException:
+            self.close()
+            raise
+        totals = self.steps.sum(axis=1)
+        self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
+
+    def _check_targets(self) -> None:
+        name = _display(self.path)
+        shape = tuple(int(n) for n in self._targets.shape)
+        total = int(self.steps.sum())
+        if len(shape) == 2:
+            self.targets_layout = "flat"
+            if shape[0] != total:
+                raise DataError(
+                    f"targets in '{name}' have {shape[0]} rows, expected sum(steps) = {total}"
+                )
+        elif len(shape) == 4:
+            self.targets_layout = "padded"
+            if shape[:2] != (self.n_samples, self.outer_steps):
+                raise DataError(
+                    f"padded targets in '{name}' have shape {_shape_text(shape)}: expected "
+                    f"(N, Ta, L, O) with (N, Ta)={_shape_text((self.n_samples, self.outer_steps))}"
+                )
+            longest = int(self.steps.max(initial=0))
+            if shape[2] < longest:
+                raise DataError(
+                    f"padded targets in '{name}' have L = {shape[2]} inner steps, "
+                    f"expected L >= max(steps) = {longest}"
+                )
+        else:
+            raise DataError(
+                f"targets in '{name}' have shape {_shape_text(shape)}: expected flat "
+                "(sum(steps), O) or padded (N, Ta, L, O)"
+            )
+        self.output_size = shape[-1]
+
+    @property
+    def total_steps(self) -> int:
+        """`sum(steps)`: the number of target rows."""
+        return int(self._offsets[-1])
+
+    def _check_open(self) -> None:
+        if getattr(self, "_inputs", None) is None:
+            raise DataError(f"training data '{_display(self.path)}' is closed")
+
+    def check_finite(self, *, chunk: int | None = None) -> None:
+        """Scans inputs and the valid targets, a chunk at a time, for NaN or infinity.
+
+        Padded targets are checked only where `inner step < steps`, so any pad
+        value (NaN included) is fine.
+
+        Args:
+            chunk: samples (or flat target rows) per read; None reads about
+                64 MiB at a time.
+
+        Raises:
+            DataError: naming file, key and the first bad sample.
+        """
+        self._check_open()
+        name = _display(self.path)
+        rows = _chunk_rows(self._inputs.shape[1:], 4, chunk)
+        for start in range(0, self.n_samples, rows):
+            stop = min(start + rows, self.n_samples)
+            values = _as_float32(_h5_read(self._inputs, slice(start, stop), path=self.path))
+            good = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+            if not good.all():
+                first = int(np.argmin(good))
+                raise DataError(
+                    f"inputs in '{name}' (key 'inputs') sample {start + first}: expected "
+                    f"finite values, received {_first_bad_value(values[first])}"
+                )
+        rows = _chunk_rows(self._targets.shape[1:], 4, chunk)
+        length = self.total_steps if self.targets_layout == "flat" else self.n_samples
+        for start in range(0, length, rows):
+            stop = min(start + rows, length)
+            values = _as_float32(_h5_read(self._targets, slice(start, stop), path=self.path))
+            if self.targets_layout == "flat":
+                good = np.isfinite(values).all(axis=1)
+                if not good.all():
+                    row = start + int(np.argmin(good))
+                    sample = int(np.searchsorted(self._offsets, row, side="right") - 1)
+                    raise DataError(
+                        f"targets in '{name}' (key 'targets') row {row} (sample {sample}): "
+                        f"expected finite values, received {_first_bad_value(values[row - start])}"
+                    )
+            else:
+                valid = np.arange(values.shape[2]) < self.steps[start:stop, :, None]
+                good = np.isfinite(values).all(axis=3) | ~valid
+                good = good.reshape(len(values), -1).all(axis=1)
+                if not good.all():
+                    first = int(np.argmin(good))
+                    bad = values[first][valid[first]]
+                    raise DataError(
+                        f"targets in '{name}' (key 'targets') sample {start + first}: "
+                        f"expected finite values, received {_first_bad_value(bad)}"
+                    )
+
+    def batches(self, indices, *, batch_size: int) -> Iterator[Batch]:
+        """Streams batches of the given samples, in the given order.
+
+        Only the rows a batch needs are read: its samples are sorted (and
+        duplicates read once), neighbouring rows are read together, then the
+        requested order is restored.
+
+        Args:
+            indices: `(k,)` sample indices in `[0, N)`, in the order wanted.
+            batch_size: samples per batch (the last batch may be smaller).
+
+        Yields:
+            `Batch(inputs, steps, targets)`.
+
+        Raises:
+            DataError: an index is out of range, or the file cannot be read.
+        """
+        self._check_open()
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, received {batch_size!r}")
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+            raise DataError(
+                f"sample indices for '{_display(self.path)}': expected a 1-D array of "
+                f"integers, received shape {indices.shape} dtype {indices.dtype}"
+            )
+        indices = indices.astype(np.int64)
+        outside = (indices < 0) | (indices >= self.n_samples)
+        if outside.any():
+            raise DataError(
+                f"sample index {int(indices[outside][0])} for '{_display(self.path)}': "
+                f"expected 0 <= index < {self.n_samples}"
+            )
+        for start in range(0, len(indices), int(batch_size)):
+            yield self._batch(indices[start : start + int(batch_size)])
+
+    def _batch(self, wanted: np.ndarray) -> Batch:
+        self._check_open()
+        samples, order = np.unique(wanted, return_inverse=True)
+        inputs = _read_ranges(self._inputs, samples, samples + 1, path=self.path)
+        inputs = _as_float32(inputs)[order]
+        steps = self.steps[wanted]
+        if self.targets_layout == "flat":
+            starts, stops = self._offsets[samples], self._offsets[samples + 1]
+            rows = _as_float32(_read_ranges(self._targets, starts, stops, path=self.path))
+            lengths = stops - starts
+            read_at = np.cumsum(lengths) - lengths
+            targets = rows[_segments(read_at[order], lengths[order])]
+        else:
+            longest = int(steps.max(initial=0))
+            tail = (slice(None), slice(0, longest), slice(None))
+            padded = _read_ranges(self._targets, samples, samples + 1, path=self.path, tail=tail)
+            padded = _as_float32(padded)[order]
+            valid = np.arange(longest) < steps[:, :, None]
+            targets = padded[valid]
+        return Batch(inputs=inputs, steps=steps, targets=np.ascontiguousarray(targets))
+
+    def close(self) -> None:
+        """Closes the file; further reads fail."""
+        self._inputs = None
+        self._targets = None
+        self._stack.close()
+
+    def __enter__(self) -> "TrainingData":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainingData('{_display(self.path)}', n_samples={getattr(self, 'n_samples', None)}, "
+            f"targets_layout={getattr(self, 'targets_layout', None)!r})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Splits and order
+
+
+def split_indices(n_samples: int, *, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits `range(n_samples)` into training and validation samples.
+
+    The validation set has `round(n_samples * val_split)` samples chosen by
+    `np.random.default_rng(seed)`; both sets come back sorted.
+
+    Args:
+        n_samples: `N`.
+        val_split: fraction in `[0, 1)` kept for validation.
+        seed: random seed.
+
+    Returns:
+        `(train, val)`, `int64` index arrays.
+
+    Raises:
+        DataError: `val_split` outside `[0, 1)`, or it leaves no training sample.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise DataError(f"validation split: expected a fraction in [0, 1), received {val_split}")
+    n_val = int(round(n_samples * val_split))
+    if n_samples > 0 and n_val >= n_samples:
+        raise DataError(
+            f"validation split {val_split} of {n_samples} samples keeps {n_val} for "
+            "validation: expected at least one training sample"
+        )
+    order = np.random.default_rng(seed).permutation(n_samples)
+    val = np.sort(order[:n_val]).astype(np.int64)
+    train = np.sort(order[n_val:]).astype(np.int64)
+    return train, val
+
+
+def epoch_order(indices, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Returns the order in which one epoch visits `indices`.
+
+    Args:
+        indices: `(k,)` sample indices.
+        seed: non-negative random seed.
+        epoch: non-negative epoch number.
+        shuffle: False keeps the given order.
+
+    Returns:
+        `(k,)` `int64`: a permutation drawn from `np.random.default_rng([seed,
+        epoch])`, the same for the same seed and epoch.
+    """
+    indices = np.array(indices, dtype=np.int64)
+    if not shuffle:
+        return indices
+    return np.random.default_rng([seed, epoch]).permutation(indices)

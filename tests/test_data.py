@@ -1,0 +1,661 @@
+"""Tests for `cascade_cli.data`: inputs, steps files, training data and batches."""
+
+import json
+import os
+import tempfile
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cascade_cli import data
+from cascade_cli.data import (
+    TrainingData,
+    broadcast_steps,
+    epoch_order,
+    h5_dataset,
+    open_h5,
+    open_inputs,
+    parse_steps,
+    read_steps,
+    split_indices,
+)
+from cascade_cli.errors import DataError
+
+
+def write_text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_h5(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            f.create_dataset(key, data=value)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Steps files
+
+
+def test_steps_txt_one_line_is_shared(tmp_path):
+    path = write_text(tmp_path / "s.txt", "3, 4 2\n")
+    steps = read_steps(path)
+    assert steps.dtype == np.int64
+    np.testing.assert_array_equal(steps, [3, 4, 2])
+    assert steps.shape == (3,)
+
+
+def test_steps_txt_lines_per_sample_with_comments_and_blank_lines(tmp_path):
+    text = "# steps per sample\n\n1,2 ,3\n  0\t0,0   # all empty\n\n5 6 7\n"
+    steps = read_steps(write_text(tmp_path / "s.txt", text))
+    np.testing.assert_array_equal(steps, [[1, 2, 3], [0, 0, 0], [5, 6, 7]])
+    assert steps.shape == (3, 3)
+
+
+def test_steps_csv_and_integer_valued_floats(tmp_path):
+    steps = read_steps(write_text(tmp_path / "s.csv", "2.0,1\n0,3e0\n"))
+    np.testing.assert_array_equal(steps, [[2, 1], [0, 3]])
+
+
+def test_steps_npy_one_and_two_dimensions(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([4, 0, 1], dtype=np.int32))
+    np.save(tmp_path / "b.npy", np.array([[1.0, 2.0], [0.0, 5.0]]))
+    np.testing.assert_array_equal(read_steps(tmp_path / "a.npy"), [4, 0, 1])
+    b = read_steps(tmp_path / "b.npy")
+    assert b.dtype == np.int64
+    np.testing.assert_array_equal(b, [[1, 2], [0, 5]])
+
+
+def test_steps_json_list_and_list_of_lists(tmp_path):
+    np.testing.assert_array_equal(read_steps(write_text(tmp_path / "a.json", "[3, 0, 2.0]")), [3, 0, 2])
+    steps = read_steps(write_text(tmp_path / "b.json", "[[1, 2], [3, 4], [0, 0]]"))
+    np.testing.assert_array_equal(steps, [[1, 2], [3, 4], [0, 0]])
+
+
+def test_steps_json_empty_cases(tmp_path):
+    assert read_steps(write_text(tmp_path / "a.json", "[]")).shape == (0,)
+    assert read_steps(write_text(tmp_path / "b.json", "[[], []]")).shape == (2, 0)
+
+
+def test_steps_h5_default_and_custom_key(tmp_path):
+    path = write_h5(tmp_path / "s.h5", steps=np.array([[1, 2], [3, 0]]), other=np.array([7, 8, 9], dtype=np.uint8))
+    np.testing.assert_array_equal(read_steps(path), [[1, 2], [3, 0]])
+    np.testing.assert_array_equal(read_steps(path, key="other"), [7, 8, 9])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "words"),
+    [
+        ("neg.txt", "1 2 3\n4 5 -1\n", "line 2, value 3: expected a non-negative integer, received '-1'"),
+        ("frac.txt", "1.5,2\n", "line 1, value 1: expected a non-negative integer, received '1.5'"),
+        ("text.csv", "1,x,2\n", "line 1, value 2: expected a non-negative integer, received 'x'"),
+        ("empty_field.csv", "1,,2\n", "line 1, value 2: expected a non-negative integer, received ''"),
+        ("inf.txt", "1e999\n", "received '1e999'"),
+        ("ragged.txt", "1 2 3\n# note\n4 5\n", "line 3 has 2 values: expected 3 like line 1"),
+        ("empty.txt", "# nothing\n\n", "has no steps"),
+        ("neg.json", "[1, -2]", "position 1: expected a non-negative integer, received -2"),
+        ("frac.json", "[[1, 2], [0.5, 1]]", "row 1, position 0: expected a non-negative integer, received 0.5"),
+        ("bool.json", "[1, true]", "position 1: expected a non-negative integer, received True"),
+        ("str.json", '["3"]', "position 0: expected a non-negative integer, received '3'"),
+        ("ragged.json", "[[1, 2], [3]]", "row 1 has 1 values: expected 2 like row 0"),
+        ("mixed.json", "[[1, 2], 3]", "position 1: expected a list of integers"),
+        ("dict.json", '{"steps": [1]}', "expected a list of integers or a list of lists of integers, received dict"),
+        ("bad.json", "[1, 2", "line 1, column 6: expected JSON"),
+    ],
+)
+def test_steps_file_errors_name_file_position_and_value(tmp_path, name, text, words):
+    path = write_text(tmp_path / name, text)
+    with pytest.raises(DataError) as info:
+        read_steps(path)
+    message = str(info.value)
+    assert f"'{path}'" in message
+    assert words in message
+
+
+def test_steps_npy_and_h5_errors_name_index_and_value(tmp_path):
+    np.save(tmp_path / "neg.npy", np.array([[1, 2], [3, -4]]))
+    with pytest.raises(DataError, match=r"at index \(1, 1\): expected a non-negative integer, received -4"):
+        read_steps(tmp_path / "neg.npy")
+    np.save(tmp_path / "frac.npy", np.array([1.0, 2.5]))
+    with pytest.raises(DataError, match=r"at index 1: expected a non-negative integer, received 2.5"):
+        read_steps(tmp_path / "frac.npy")
+    np.save(tmp_path / "bool.npy", np.array([True, False]))
+    with pytest.raises(DataError, match="dtype bool: expected integers"):
+        read_steps(tmp_path / "bool.npy")
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2), dtype=np.int64))
+    with pytest.raises(DataError, match=r"shape \(2, 2, 2\): expected \(Ta,\) or \(N, Ta\)"):
+        read_steps(tmp_path / "cube.npy")
+    path = write_h5(tmp_path / "s.h5", steps=np.array([1, -1]))
+    with pytest.raises(DataError, match=r"'.*s\.h5' \(key 'steps'\) at index 1: .* received -1"):
+        read_steps(path)
+    with pytest.raises(DataError, match=r"has no dataset 'nope': expected a dataset 'nope', received keys \['steps'\]"):
+        read_steps(path, key="nope")
+
+
+def test_steps_unknown_suffix_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"suffix '\.yaml': expected one of \.txt, \.csv, \.npy, \.json, \.h5"):
+        read_steps(write_text(tmp_path / "s.yaml", "[1]"))
+    with pytest.raises(DataError, match=r"'.*missing\.txt' does not exist"):
+        read_steps(tmp_path / "missing.txt")
+
+
+def test_steps_npy_object_array_refused(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([1, "a", None], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="Python objects"):
+        read_steps(tmp_path / "o.npy")
+
+
+def _write_steps(directory, array, fmt, separator):
+    if fmt == "json":
+        path = os.path.join(directory, "s.json")
+        with open(path, "w") as handle:
+            json.dump(array.tolist(), handle)
+        return path
+    rows = array.reshape(1, -1) if array.ndim == 1 else array
+    path = os.path.join(directory, f"s.{fmt}")
+    with open(path, "w") as handle:
+        handle.write("\n".join(separator.join(str(v) for v in row) for row in rows) + "\n")
+    return path
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.one_of(
+        st.tuples(st.integers(1, 6)),
+        st.tuples(st.integers(1, 5), st.integers(1, 6)),
+    ),
+    values=st.lists(st.one_of(st.just(0), st.integers(0, 2**40)), min_size=30, max_size=30),
+    fmt=st.sampled_from(["txt", "csv", "json"]),
+    separator=st.sampled_from([",", " ", ", ", "\t", " ,  "]),
+)
+def test_steps_round_trip_property(shape, values, fmt, separator):
+    array = np.array(values[: int(np.prod(shape))], dtype=np.int64).reshape(shape)
+    with tempfile.TemporaryDirectory() as directory:
+        steps = read_steps(_write_steps(directory, array, fmt, separator))
+    expected = array
+    if fmt != "json" and array.ndim == 2 and array.shape[0] == 1:
+        expected = array[0]  # one text line means the same steps for every sample
+    assert steps.dtype == np.int64
+    np.testing.assert_array_equal(steps, expected)
+    assert steps.shape == expected.shape
+
+
+def test_parse_steps():
+    np.testing.assert_array_equal(parse_steps("3,4,2"), [3, 4, 2])
+    np.testing.assert_array_equal(parse_steps(" 3 4, 0 "), [3, 4, 0])
+    assert parse_steps("5").dtype == np.int64
+    with pytest.raises(DataError, match=r"^--steps value 2: expected a non-negative integer, received 'x'$"):
+        parse_steps("3,x")
+    with pytest.raises(DataError, match=r"^--lengths value 1: expected a non-negative integer, received '-3'$"):
+        parse_steps("-3,1", flag="--lengths")
+    with pytest.raises(DataError, match=r"^--steps: expected comma-separated non-negative integers, received ''$"):
+        parse_steps("")
+
+
+def test_broadcast_steps():
+    shared = broadcast_steps(np.array([1, 0, 2]), n_samples=2, outer_steps=3, source="--steps")
+    np.testing.assert_array_equal(shared, [[1, 0, 2], [1, 0, 2]])
+    assert shared.dtype == np.int64
+    shared[0, 0] = 9  # a real array, not a read-only broadcast view
+    per_sample = np.array([[1, 2], [3, 4]], dtype=np.int32)
+    out = broadcast_steps(per_sample, n_samples=2, outer_steps=2, source="'s.txt'")
+    np.testing.assert_array_equal(out, per_sample)
+    assert out.dtype == np.int64
+    empty = broadcast_steps(np.array([2, 3]), n_samples=0, outer_steps=2, source="--steps")
+    assert empty.shape == (0, 2)
+
+
+def test_broadcast_steps_wrong_shape_message():
+    with pytest.raises(DataError) as info:
+        broadcast_steps(np.array([1, 2, 3, 4, 5]), n_samples=3, outer_steps=4, source="'s.txt'")
+    assert str(info.value) == (
+        "steps from 's.txt' have shape (5,), expected (Ta,)=(4,) or (N, Ta)=(3, 4)"
+    )
+    with pytest.raises(DataError, match=r"have shape \(2, 4\), expected \(Ta,\)=\(4,\) or \(N, Ta\)=\(3, 4\)"):
+        broadcast_steps(np.ones((2, 4), dtype=int), n_samples=3, outer_steps=4, source="--steps")
+    with pytest.raises(DataError, match="at index 1: expected a non-negative integer, received -1"):
+        broadcast_steps(np.array([1, -1]), n_samples=3, outer_steps=2, source="--steps")
+
+
+# ---------------------------------------------------------------------------
+# HDF5 safety
+
+
+def test_open_h5_reads_a_plain_file(tmp_path):
+    path = write_h5(tmp_path / "ok.h5", x=np.arange(3.0))
+    with h5py.File(path, "a") as f:
+        f["alias"] = h5py.SoftLink("/x")  # links inside the file are fine
+    with open_h5(path) as f:
+        np.testing.assert_array_equal(f["alias"][()], [0.0, 1.0, 2.0])
+        assert f.mode == "r"
+
+
+def test_open_h5_refuses_external_link(tmp_path):
+    write_h5(tmp_path / "other.h5", data=np.arange(3.0))
+    path = tmp_path / "linked.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("group")["inputs"] = h5py.ExternalLink("other.h5", "/data")
+    with pytest.raises(DataError) as info:
+        with open_h5(path):
+            pass
+    message = str(info.value)
+    assert f"'{path}' links 'group/inputs' to another file ('other.h5:/data')" in message
+    assert "nothing outside the file is read" in message
+
+
+def test_open_h5_refuses_external_storage(tmp_path):
+    (tmp_path / "raw.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    path = tmp_path / "external.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("inputs", shape=(4,), dtype="f4", external=[("raw.bin", 0, 16)])
+    with pytest.raises(DataError, match=r"dataset 'inputs' in '.*external\.h5' keeps its data in external files \('raw\.bin'\).*nothing outside the file is read"):
+        with open_h5(path):
+            pass
+
+
+def test_open_h5_refuses_virtual_dataset(tmp_path):
+    source = write_h5(tmp_path / "source.h5", data=np.arange(6.0))
+    path = tmp_path / "virtual.h5"
+    layout = h5py.VirtualLayout(shape=(6,), dtype="f8")
+    layout[:] = h5py.VirtualSource(str(source), "data", shape=(6,))
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("inputs", layout)
+    with pytest.raises(DataError, match=r"dataset 'inputs' in '.*virtual\.h5' is a virtual dataset.*nothing outside the file is read"):
+        with open_h5(path):
+            pass
+
+
+def test_open_h5_truncated_random_missing_and_directory(tmp_path):
+    good = write_h5(tmp_path / "good.h5", x=np.arange(5000.0))
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[:3000])
+    one_short = tmp_path / "one_short.h5"
+    one_short.write_bytes(good.read_bytes()[:-1])
+    noise = tmp_path / "noise.h5"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    for path in (truncated, one_short, noise, empty):
+        with pytest.raises(DataError, match=f"^'{path}' is not a readable HDF5 file: "):
+            with open_h5(path):
+                pass
+    with pytest.raises(DataError, match=r"'.*missing\.h5' does not exist: expected an HDF5 file"):
+        with open_h5(tmp_path / "missing.h5"):
+            pass
+    with pytest.raises(DataError, match=r"is a directory: expected an HDF5 file"):
+        with open_h5(tmp_path):
+            pass
+
+
+def test_h5_dataset_checks(tmp_path):
+    path = write_h5(tmp_path / "d.h5", floats=np.zeros((2, 3)), ints=np.zeros(3, dtype=np.int16))
+    with h5py.File(path, "a") as f:
+        f.create_group("group")
+        f.create_dataset("names", data=np.array([b"a", b"b"]))
+    with open_h5(path) as f:
+        assert h5_dataset(f, "floats", path=path, ndim=2, kind="float").shape == (2, 3)
+        assert h5_dataset(f, "ints", path=path, ndim=1, kind="int").dtype == np.int16
+        assert h5_dataset(f, "ints", path=path, kind="numeric").shape == (3,)
+        with pytest.raises(DataError, match=r"'.*d\.h5' has no dataset 'inputs': expected a dataset 'inputs', received keys \['floats', 'group', 'ints', 'names'\]"):
+            h5_dataset(f, "inputs", path=path)
+        with pytest.raises(DataError, match=r"'group' in '.*d\.h5' is a group: expected a dataset"):
+            h5_dataset(f, "group", path=path)
+        with pytest.raises(DataError, match=r"dataset 'floats' in '.*d\.h5' has 2 dimensions: expected 3, received shape \(2, 3\)"):
+            h5_dataset(f, "floats", path=path, ndim=3)
+        with pytest.raises(DataError, match=r"dataset 'floats' in '.*d\.h5' has dtype float64: expected integers"):
+            h5_dataset(f, "floats", path=path, kind="int")
+        with pytest.raises(DataError, match=r"dataset 'names' .* expected integers or floating-point numbers"):
+            h5_dataset(f, "names", path=path, kind="numeric")
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+INPUTS = np.arange(5 * 2 * 3, dtype=np.float64).reshape(5, 2, 3) / 4.0
+
+
+@pytest.mark.parametrize("fmt", ["h5", "npy", "npz"])
+def test_open_inputs_formats(tmp_path, fmt):
+    path = tmp_path / f"x.{fmt}"
+    if fmt == "h5":
+        write_h5(path, features=INPUTS)
+        source = open_inputs(path, key="features")
+    elif fmt == "npy":
+        np.save(path, INPUTS)
+        source = open_inputs(path)
+    else:
+        np.savez(path, inputs=INPUTS, other=np.zeros(2))
+        source = open_inputs(path)
+    with source:
+        assert source.shape == (5, 2, 3)
+        assert (source.n_samples, source.outer_steps, source.features) == (5, 2, 3)
+        chunk = source.read(1, 3)
+        assert chunk.dtype == np.float32
+        np.testing.assert_array_equal(chunk, INPUTS[1:3].astype(np.float32))
+        assert source.read(5, 5).shape == (0, 2, 3)
+        source.check_finite(chunk=2)
+        with pytest.raises(DataError, match=r"expected 0 <= start <= stop <= 5, received start=3, stop=6"):
+            source.read(3, 6)
+    with pytest.raises(DataError, match="closed"):
+        source.read(0, 1)
+
+
+def test_open_inputs_zero_samples_and_integer_inputs(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4, 2), dtype=np.float32))
+    with open_inputs(tmp_path / "empty.npy") as source:
+        assert source.shape == (0, 4, 2)
+        assert source.read(0, 0).shape == (0, 4, 2)
+        source.check_finite()
+    write_h5(tmp_path / "ints.h5", inputs=np.arange(6, dtype=np.int32).reshape(1, 3, 2))
+    with open_inputs(tmp_path / "ints.h5") as source:
+        np.testing.assert_array_equal(source.read(0, 1), [[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]])
+
+
+def test_open_inputs_errors(tmp_path):
+    with pytest.raises(DataError, match=r"suffix '\.csv': expected one of \.h5, \.hdf5, \.npy, \.npz"):
+        open_inputs(write_text(tmp_path / "x.csv", "1,2"))
+    np.save(tmp_path / "flat.npy", np.zeros((4, 3)))
+    with pytest.raises(DataError, match=r"inputs in '.*flat\.npy' have 2 dimensions: expected 3 \(N, Ta, F\), received shape \(4, 3\)"):
+        open_inputs(tmp_path / "flat.npy")
+    np.save(tmp_path / "objects.npy", np.empty((1, 1, 1), dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"'.*objects\.npy' holds Python objects"):
+        open_inputs(tmp_path / "objects.npy")
+    np.save(tmp_path / "text.npy", np.array([[["a"]]]))
+    with pytest.raises(DataError, match=r"dtype <U1: expected integers or floating-point numbers"):
+        open_inputs(tmp_path / "text.npy")
+    np.savez(tmp_path / "x.npz", features=np.zeros((1, 1, 1)))
+    with pytest.raises(DataError, match=r"'.*x\.npz' has no array 'inputs': expected an array 'inputs', received arrays \['features'\]"):
+        open_inputs(tmp_path / "x.npz")
+    np.savez(tmp_path / "o.npz", inputs=np.empty((1, 1, 1), dtype=object))
+    with pytest.raises(DataError, match="Python objects"):
+        open_inputs(tmp_path / "o.npz")
+    write_h5(tmp_path / "x.h5", inputs=np.zeros((2, 3)))
+    with pytest.raises(DataError, match=r"dataset 'inputs' in '.*x\.h5' has 2 dimensions: expected 3"):
+        open_inputs(tmp_path / "x.h5")
+    with pytest.raises(DataError, match=r"'.*x\.h5' has no dataset 'feats'"):
+        open_inputs(tmp_path / "x.h5", key="feats")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "flat.npy").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"'.*cut\.npy' is not readable as a \.npy array"):
+        open_inputs(tmp_path / "cut.npy")
+
+
+def test_inputs_check_finite_names_key_and_sample(tmp_path):
+    values = np.zeros((7, 2, 2), dtype=np.float32)
+    values[5, 1, 0] = np.nan
+    values[6, 0, 0] = np.inf
+    write_h5(tmp_path / "x.h5", inputs=values)
+    with open_inputs(tmp_path / "x.h5") as source:
+        with pytest.raises(DataError, match=r"^inputs in '.*x\.h5' \(key 'inputs'\) sample 5: expected finite values, received nan$"):
+            source.check_finite(chunk=2)
+    big = np.zeros((3, 1, 1))
+    big[2, 0, 0] = 1e300  # finite in float64, infinite as the float32 read returns
+    np.save(tmp_path / "big.npy", big)
+    with open_inputs(tmp_path / "big.npy") as source:
+        with pytest.raises(DataError, match=r"^inputs in '.*big\.npy' sample 2: expected finite values, received inf$"):
+            source.check_finite()
+
+
+# ---------------------------------------------------------------------------
+# Training data
+
+STEPS = np.array([[2, 0, 1], [0, 0, 0], [1, 3, 0], [0, 2, 2]], dtype=np.int64)
+N, TA, F, O, L = 4, 3, 2, 2, 4
+
+
+def target_value(n, t, j, o):
+    return 100.0 * n + 10.0 * t + j + 0.5 * o
+
+
+def flat_targets(steps):
+    """Value order by plain loops: sample, then outer step, then inner step."""
+    rows = [
+        [target_value(n, t, j, o) for o in range(O)]
+        for n in range(steps.shape[0])
+        for t in range(steps.shape[1])
+        for j in range(steps[n, t])
+    ]
+    return np.array(rows, dtype=np.float32).reshape(-1, O)
+
+
+def padded_targets(steps, *, pad=np.nan):
+    values = np.full((steps.shape[0], steps.shape[1], L, O), pad, dtype=np.float64)
+    for n in range(steps.shape[0]):
+        for t in range(steps.shape[1]):
+            for j in range(steps[n, t]):
+                values[n, t, j] = [target_value(n, t, j, o) for o in range(O)]
+    return values
+
+
+def inputs_array():
+    return np.arange(N * TA * F, dtype=np.float64).reshape(N, TA, F)
+
+
+def write_training(path, *, targets, steps=STEPS, inputs=None):
+    return write_h5(path, inputs=inputs_array() if inputs is None else inputs, steps=steps, targets=targets)
+
+
+@pytest.fixture
+def flat_file(tmp_path):
+    return write_training(tmp_path / "flat.h5", targets=flat_targets(STEPS))
+
+
+@pytest.fixture
+def padded_file(tmp_path):
+    return write_training(tmp_path / "padded.h5", targets=padded_targets(STEPS))
+
+
+def test_hand_built_value_order():
+    # sample 2 has steps [1, 3, 0]: rows (t=0, j=0), (t=1, j=0..2), by hand.
+    expected = [[200.0, 200.5], [210.0, 210.5], [211.0, 211.5], [212.0, 212.5]]
+    rows = flat_targets(STEPS)
+    np.testing.assert_array_equal(rows[3:7], expected)
+    assert rows.shape == (STEPS.sum(), O)
+
+
+def test_training_data_attributes(flat_file, padded_file):
+    with TrainingData(flat_file) as flat, TrainingData(padded_file) as padded:
+        for dataset in (flat, padded):
+            assert (dataset.n_samples, dataset.outer_steps, dataset.features, dataset.output_size) == (N, TA, F, O)
+            np.testing.assert_array_equal(dataset.steps, STEPS)
+            assert dataset.steps.dtype == np.int64
+            assert dataset.total_steps == 11
+            dataset.check_finite(chunk=3)  # NaN padding is past the steps: fine
+        assert flat.targets_layout == "flat"
+        assert padded.targets_layout == "padded"
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2, 3], [3, 0, 2, 1], [2, 2, 0], [1], []])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 10])
+def test_flat_and_padded_batches_match_hand_built(flat_file, padded_file, indices, batch_size):
+    with TrainingData(flat_file) as flat, TrainingData(padded_file) as padded:
+        flat_batches = list(flat.batches(np.array(indices, dtype=np.int64), batch_size=batch_size))
+        padded_batches = list(padded.batches(indices, batch_size=batch_size))
+    expected_count = -(-len(indices) // batch_size)
+    assert len(flat_batches) == len(padded_batches) == expected_count
+    for k, (a, b) in enumerate(zip(flat_batches, padded_batches)):
+        wanted = indices[k * batch_size : (k + 1) * batch_size]
+        # Value order by plain loops over the requested samples, in their order.
+        expected_targets = np.array(
+            [
+                [target_value(n, t, j, o) for o in range(O)]
+                for n in wanted
+                for t in range(TA)
+                for j in range(STEPS[n, t])
+            ],
+            dtype=np.float32,
+        ).reshape(-1, O)
+        for batch in (a, b):
+            assert batch.inputs.dtype == np.float32 and batch.targets.dtype == np.float32
+            assert batch.steps.dtype == np.int64
+            np.testing.assert_array_equal(batch.inputs, inputs_array()[wanted].astype(np.float32).reshape(-1, TA, F))
+            np.testing.assert_array_equal(batch.steps, STEPS[wanted].reshape(-1, TA))
+            np.testing.assert_array_equal(batch.targets, expected_targets)
+        np.testing.assert_array_equal(a.targets, b.targets)
+
+
+def test_batches_in_requested_order_by_hand(flat_file):
+    with TrainingData(flat_file) as dataset:
+        (batch,) = dataset.batches([3, 1, 0], batch_size=3)
+    np.testing.assert_array_equal(batch.steps, [[0, 2, 2], [0, 0, 0], [2, 0, 1]])
+    np.testing.assert_array_equal(batch.inputs[:, 0, 0], [18.0, 6.0, 0.0])
+    expected = [
+        [310.0, 310.5], [311.0, 311.5], [320.0, 320.5], [321.0, 321.5],  # sample 3
+        [0.0, 0.5], [1.0, 1.5], [20.0, 20.5],  # sample 0; sample 1 has none
+    ]
+    np.testing.assert_array_equal(batch.targets, expected)
+
+
+def test_batches_read_only_needed_rows(flat_file, monkeypatch):
+    reads = []
+    original = data._h5_read
+
+    def recording(dset, selection, *, path):
+        reads.append((dset.name, selection))
+        return original(dset, selection, path=path)
+
+    with TrainingData(flat_file) as dataset:
+        monkeypatch.setattr(data, "_h5_read", recording)
+        list(dataset.batches([3, 2], batch_size=2))
+    assert ("/inputs", (slice(2, 4),)) in reads  # neighbours read together
+    # samples 2 and 3 own flat rows 3..10 (after 2 + 0 + 1 rows of sample 0 and 1 + 0 of sample 1).
+    assert ("/targets", (slice(3, 11),)) in reads
+    assert len(reads) == 2
+
+
+def test_batches_with_zero_steps_and_bad_indices(flat_file):
+    with TrainingData(flat_file) as dataset:
+        (batch,) = dataset.batches([1, 1], batch_size=4)
+        assert batch.targets.shape == (0, O)
+        with pytest.raises(DataError, match=r"sample index 4 for '.*flat\.h5': expected 0 <= index < 4"):
+            next(dataset.batches([0, 4], batch_size=2))
+        with pytest.raises(DataError, match="expected a 1-D array of integers"):
+            next(dataset.batches([0.5], batch_size=2))
+        with pytest.raises(ValueError, match="batch_size"):
+            next(dataset.batches([0], batch_size=0))
+    with pytest.raises(DataError, match="closed"):
+        next(dataset.batches([0], batch_size=1))
+
+
+def test_training_data_zero_samples(tmp_path):
+    path = write_h5(
+        tmp_path / "empty.h5",
+        inputs=np.zeros((0, 3, 2)),
+        steps=np.zeros((0, 3), dtype=np.int64),
+        targets=np.zeros((0, 5)),
+    )
+    with TrainingData(path) as dataset:
+        assert (dataset.n_samples, dataset.output_size, dataset.targets_layout) == (0, 5, "flat")
+        assert list(dataset.batches([], batch_size=2)) == []
+        dataset.check_finite()
+
+
+def test_flat_targets_wrong_row_count(tmp_path):
+    path = write_training(tmp_path / "short.h5", targets=np.zeros((10, O)))
+    with pytest.raises(DataError) as info:
+        TrainingData(path)
+    assert str(info.value) == f"targets in '{path}' have 10 rows, expected sum(steps) = 11"
+
+
+def test_training_data_shape_and_steps_errors(tmp_path):
+    short = padded_targets(STEPS)[:, :, :2]
+    with pytest.raises(DataError, match=r"have L = 2 inner steps, expected L >= max\(steps\) = 3"):
+        TrainingData(write_training(tmp_path / "a.h5", targets=short))
+    with pytest.raises(DataError, match=r"padded targets .* have shape \(3, 3, 4, 2\): expected \(N, Ta, L, O\) with \(N, Ta\)=\(4, 3\)"):
+        TrainingData(write_training(tmp_path / "b.h5", targets=padded_targets(STEPS)[:3]))
+    with pytest.raises(DataError, match=r"shape \(11,\): expected flat \(sum\(steps\), O\) or padded \(N, Ta, L, O\)"):
+        TrainingData(write_training(tmp_path / "c.h5", targets=np.zeros(11)))
+    negative = STEPS.copy()
+    negative[2, 1] = -3
+    with pytest.raises(DataError, match=r"\(key 'steps'\) at index \(2, 1\): expected a non-negative integer, received -3"):
+        TrainingData(write_training(tmp_path / "d.h5", targets=np.zeros((5, O)), steps=negative))
+    with pytest.raises(DataError, match=r"steps in '.*e\.h5' have shape \(4, 2\): expected \(N, Ta\)=\(4, 3\) like inputs"):
+        TrainingData(write_training(tmp_path / "e.h5", targets=np.zeros((0, O)), steps=np.zeros((4, 2), dtype=int)))
+    with pytest.raises(DataError, match=r"'.*f\.h5' has no dataset 'targets'"):
+        TrainingData(write_h5(tmp_path / "f.h5", inputs=inputs_array(), steps=STEPS))
+    with pytest.raises(DataError, match=r"dataset 'inputs' .* has dtype \|S1"):
+        TrainingData(write_training(tmp_path / "g.h5", targets=np.zeros((11, O)), inputs=np.full((N, TA, F), b"a")))
+
+
+def test_nan_in_inputs_names_key_and_sample(tmp_path):
+    inputs = inputs_array()
+    inputs[2, 1, 1] = np.nan
+    with TrainingData(write_training(tmp_path / "x.h5", targets=flat_targets(STEPS), inputs=inputs)) as dataset:
+        with pytest.raises(DataError, match=r"^inputs in '.*x\.h5' \(key 'inputs'\) sample 2: expected finite values, received nan$"):
+            dataset.check_finite(chunk=1)
+
+
+def test_nan_in_targets_names_row_and_sample(tmp_path):
+    flat = flat_targets(STEPS)
+    flat[7, 1] = np.inf  # row 7 is the first row of sample 3
+    with TrainingData(write_training(tmp_path / "flat.h5", targets=flat)) as dataset:
+        with pytest.raises(DataError, match=r"targets in '.*flat\.h5' \(key 'targets'\) row 7 \(sample 3\): expected finite values, received inf"):
+            dataset.check_finite(chunk=2)
+    padded = padded_targets(STEPS, pad=0.0)
+    padded[2, 1, 2, 0] = np.nan  # inner step 2 < steps[2, 1] = 3: a real value
+    with TrainingData(write_training(tmp_path / "padded.h5", targets=padded)) as dataset:
+        with pytest.raises(DataError, match=r"targets in '.*padded\.h5' \(key 'targets'\) sample 2: expected finite values, received nan"):
+            dataset.check_finite(chunk=3)
+
+
+def test_training_data_refuses_external_link(tmp_path):
+    write_training(tmp_path / "real.h5", targets=flat_targets(STEPS))
+    path = tmp_path / "link.h5"
+    with h5py.File(path, "w") as f:
+        f["inputs"] = h5py.ExternalLink("real.h5", "/inputs")
+        f["steps"] = STEPS
+        f["targets"] = flat_targets(STEPS)
+    with pytest.raises(DataError, match="nothing outside the file is read"):
+        TrainingData(path)
+
+
+# ---------------------------------------------------------------------------
+# Splits and epoch order
+
+
+def test_split_indices_deterministic_and_sized():
+    train, val = split_indices(10, val_split=0.25, seed=7)
+    again_train, again_val = split_indices(10, val_split=0.25, seed=7)
+    np.testing.assert_array_equal(train, again_train)
+    np.testing.assert_array_equal(val, again_val)
+    assert len(val) == 2  # round(2.5) == 2
+    assert len(split_indices(10, val_split=0.26, seed=7)[1]) == 3
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(10))
+    np.testing.assert_array_equal(val, np.sort(np.random.default_rng(7).permutation(10)[:2]))
+    assert train.dtype == val.dtype == np.int64
+    others = {tuple(split_indices(10, val_split=0.25, seed=s)[1]) for s in range(20)}
+    assert len(others) > 1
+
+
+def test_split_indices_edges():
+    train, val = split_indices(5, val_split=0.0, seed=0)
+    np.testing.assert_array_equal(train, np.arange(5))
+    assert val.shape == (0,)
+    train, val = split_indices(0, val_split=0.5, seed=0)
+    assert train.shape == val.shape == (0,)
+    with pytest.raises(DataError, match=r"expected a fraction in \[0, 1\), received 1.0"):
+        split_indices(5, val_split=1.0, seed=0)
+    with pytest.raises(DataError, match="received -0.1"):
+        split_indices(5, val_split=-0.1, seed=0)
+    with pytest.raises(DataError, match="expected at least one training sample"):
+        split_indices(1, val_split=0.6, seed=0)
+
+
+def test_epoch_order():
+    indices = np.array([4, 8, 15, 16, 23, 42, 7, 9])
+    first = epoch_order(indices, seed=3, epoch=0)
+    np.testing.assert_array_equal(first, epoch_order(indices, seed=3, epoch=0))
+    np.testing.assert_array_equal(np.sort(first), np.sort(indices))
+    np.testing.assert_array_equal(first, np.random.default_rng([3, 0]).permutation(indices))
+    orders = {tuple(epoch_order(indices, seed=3, epoch=e)) for e in range(5)}
+    assert len(orders) == 5
+    assert not np.array_equal(epoch_order(indices, seed=4, epoch=0), first)
+    unchanged = epoch_order(indices, seed=3, epoch=1, shuffle=False)
+    np.testing.assert_array_equal(unchanged, indices)
+    unchanged[0] = -1
+    assert indices[0] == 4  # a copy, not a view
+    assert epoch_order([], seed=0, epoch=0).shape == (0,)

@@ -1,0 +1,319 @@
+"""The packed runner against an independent eager reference (tests/builders.py)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+from cascade_cli.errors import CascadeError, DataError, ModelError
+from cascade_cli.runner import Cascade
+
+PER_SAMPLE = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros and a whole zero row
+SHARED = np.array([2, 0, 3, 1])
+ALL_ZERO = np.zeros((3, 4), np.int64)
+
+
+def make_b(kind, **kwargs):
+    return builders.sequence_b(**kwargs) if kind == "sequence" else builders.step_b(kind, **kwargs)
+
+
+def assert_matches_reference(cascade, x, steps, **reference_kwargs):
+    out = cascade(x, steps)
+    expected, lengths = builders.reference(cascade.model_a, cascade.model_b, x, steps,
+                                           state=cascade.state, state_init=cascade.state_init,
+                                           **reference_kwargs)
+    assert isinstance(out, tf.RaggedTensor)
+    assert out.shape[0] == x.shape[0] and out.shape[1] == x.shape[1]
+    assert out.shape[-1] == cascade.b_spec.output_size
+    np.testing.assert_array_equal(out.row_lengths(axis=2).numpy().reshape(lengths.shape), lengths)
+    np.testing.assert_allclose(out.flat_values.numpy(), expected.numpy(), atol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("a_kind", ["simple", "gru", "lstm"])
+@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_values_equal_reference(a_kind, b_kind, state):
+    cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state)
+    x = builders.inputs(3, 4)
+    assert_matches_reference(cascade, x, PER_SAMPLE)
+    assert_matches_reference(cascade, x, SHARED)
+
+
+@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_all_zero_batch_gives_empty_result_of_the_right_shape(b_kind, state):
+    cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
+    out = assert_matches_reference(cascade, builders.inputs(3, 4), ALL_ZERO)
+    assert out.flat_values.shape == (0, 2)
+    assert out.bounding_shape().numpy().tolist() == [3, 4, 0, 2]
+
+
+@pytest.mark.parametrize("b_kind", ["gru", "lstm"])
+def test_state_init_ir(b_kind):
+    b = builders.step_b(b_kind, units=4)  # state size == H == 4
+    cascade = Cascade(builders.model_a(), b, state_init="ir")
+    out = assert_matches_reference(cascade, builders.inputs(3, 4), PER_SAMPLE)
+    zeros_out = Cascade(builders.model_a(), b)(builders.inputs(3, 4), PER_SAMPLE)
+    assert not np.allclose(out.flat_values.numpy(), zeros_out.flat_values.numpy())  # the init matters
+
+
+def test_state_init_ir_needs_state_size_h():
+    with pytest.raises(ModelError, match=r"H=4.*\[5\]"):
+        Cascade(builders.model_a(), builders.step_b("gru", units=5), state_init="ir")
+    with pytest.raises(CascadeError, match="state='reset'"):
+        Cascade(builders.model_a(), builders.step_b("gru", units=4), state="carry", state_init="ir")
+
+
+def test_classic_small_case_carry():
+    """Batch 2, Ta 3, 4 features, SimpleRNN(4) A, SimpleRNNCell(4) B, steps [3, 4, 2], carry."""
+    a = builders.model_a("simple", features=4, ir_size=4)
+    b = builders.step_b("simple", ir_size=4, units=4, output_size=None)
+    x = builders.inputs(2, 3, features=4)
+    out = assert_matches_reference(Cascade(a, b, state="carry"), x, np.array([3, 4, 2]))
+    assert out.row_lengths(axis=2).numpy().tolist() == [[3, 4, 2], [3, 4, 2]]
+    # carry differs from reset from the second outer step on
+    reset = Cascade(a, b)(x, np.array([3, 4, 2]))
+    np.testing.assert_allclose(out[:, 0].flat_values, reset[:, 0].flat_values, atol=1e-6)
+    assert not np.allclose(out[:, 1].flat_values, reset[:, 1].flat_values)
+
+
+def test_hand_worked_values():
+    """Ones everywhere, SimpleRNNCell(1, linear) B: y_j = (j + 1) * ir, worked out by hand."""
+    inputs = keras.Input(shape=(None, 1))
+    a = keras.Model(inputs, keras.layers.Identity()(inputs))
+    x_in, s_in = keras.Input(shape=(1,)), keras.Input(shape=(1,))
+    cell = keras.layers.SimpleRNNCell(1, activation=None, kernel_initializer="ones",
+                                      recurrent_initializer="ones", bias_initializer="zeros")
+    h, [s_out] = cell(x_in, [s_in])
+    b = keras.Model([x_in, s_in], [h, s_out])
+    x = np.array([[[2.0], [5.0]]], np.float32)
+    reset = Cascade(a, b)(x, [3, 2])
+    assert reset.flat_values.numpy().ravel().tolist() == [2, 4, 6, 5, 10]
+    carry = Cascade(a, b, state="carry")(x, [3, 2])  # state 6 carries into the second outer step
+    assert carry.flat_values.numpy().ravel().tolist() == [2, 4, 6, 11, 16]
+
+
+@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_eager_and_tf_function_agree(b_kind, state):
+    cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
+    x = builders.inputs(3, 4)
+    eager = cascade(x, PER_SAMPLE)
+    compiled = tf.function(lambda x, steps: cascade(x, steps))
+    for steps in (PER_SAMPLE, np.array([[1, 0, 0, 5], [2, 2, 2, 2], [0, 0, 0, 0]])):
+        got = compiled(tf.constant(x), tf.constant(steps))
+        want = cascade(x, steps)
+        np.testing.assert_allclose(got.flat_values.numpy(), want.flat_values.numpy(), atol=1e-6)
+        np.testing.assert_array_equal(got.row_lengths(axis=2).numpy(), want.row_lengths(axis=2).numpy())
+    np.testing.assert_allclose(compiled(tf.constant(x), tf.constant(PER_SAMPLE)).flat_values.numpy(),
+                               eager.flat_values.numpy(), atol=1e-6)
+
+
+def gradients(cascade, x, steps, compute):
+    weights = cascade.model_a.trainable_weights + cascade.model_b.trainable_weights
+    with tf.GradientTape() as tape:
+        values = compute()
+        probe = tf.cast(tf.reshape(tf.range(tf.size(values)) % 7 - 3, tf.shape(values)), values.dtype)
+        loss = tf.reduce_sum(values * probe) + tf.reduce_sum(values**2)
+    return tape.gradient(loss, weights), weights
+
+
+@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradients_equal_reference(b_kind, state, compiled):
+    cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state)
+    x = builders.inputs(3, 4)
+
+    def run():
+        return cascade(x, PER_SAMPLE, training=True).flat_values
+
+    got, weights = gradients(cascade, x, PER_SAMPLE, tf.function(run) if compiled else run)
+    want, _ = gradients(cascade, x, PER_SAMPLE,
+                        lambda: builders.reference(cascade.model_a, cascade.model_b, x, PER_SAMPLE, state=state)[0])
+    assert len(got) == len(weights) > 0
+    for weight, g, w in zip(weights, got, want):
+        assert g is not None, weight.path
+        np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=weight.path)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_finite_differences(state):
+    """Central differences in float64 on a tiny cascade agree with the tape."""
+    a = builders.model_a("simple", features=2, ir_size=2, dtype="float64")
+    b = builders.step_b("gru", ir_size=2, units=2, output_size=1, dtype="float64")
+    cascade = Cascade(a, b, state=state)
+    x = builders.inputs(2, 3, features=2).astype("float64")
+    steps = np.array([[2, 0, 3], [1, 2, 0]])
+
+    def loss():
+        values = cascade(x, steps).flat_values
+        return tf.reduce_sum(tf.sin(values * 3.0))
+
+    weights = a.trainable_weights + b.trainable_weights
+    with tf.GradientTape() as tape:
+        value = loss()
+    analytic = tape.gradient(value, weights)
+    eps = 1e-6
+    for weight, grad in zip(weights, analytic):
+        flat = weight.numpy().ravel()
+        for index in range(0, flat.size, max(1, flat.size // 3)):
+            original = flat.copy()
+            plus, minus = original.copy(), original.copy()
+            plus[index] += eps
+            minus[index] -= eps
+            weight.assign(plus.reshape(weight.shape))
+            up = loss().numpy()
+            weight.assign(minus.reshape(weight.shape))
+            down = loss().numpy()
+            weight.assign(original.reshape(weight.shape))
+            numeric = (up - down) / (2 * eps)
+            assert numeric == pytest.approx(np.ravel(grad)[index], rel=1e-5, abs=1e-8), weight.path
+
+
+def identity_a(ir_size):
+    inputs = keras.Input(shape=(None, ir_size))
+    return keras.Model(inputs, keras.layers.Identity()(inputs))
+
+
+@pytest.mark.parametrize("b_kind", ["gru", "sequence"])
+def test_gradient_isolation(b_kind):
+    """reset: d Out[n, t] / d IR[n, k] == 0 exactly for k != t; carry: non-zero for some k < t."""
+    steps = np.array([[2, 0, 3, 1]])
+    ir = tf.constant(builders.inputs(1, 4, features=4))
+    for state in ("reset", "carry"):
+        cascade = Cascade(identity_a(4), make_b(b_kind), state=state)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(ir)
+            out = cascade(ir, steps)
+            sums = [tf.reduce_sum(out[0, t]) for t in range(4)]
+        for t in (0, 2, 3):
+            grad = tape.gradient(sums[t], ir).numpy()[0]
+            others = np.delete(grad, t, axis=0)
+            if state == "reset":
+                assert np.all(others == 0.0), (t, grad)
+                assert np.any(grad[t] != 0.0)
+            elif t == 3:
+                assert np.any(grad[:3] != 0.0), grad  # earlier outer steps reach it through the state
+                assert np.all(grad[1] == 0.0)  # outer step 1 runs no inner step
+        del tape
+
+
+def test_fixed_batch_b_runs_at_any_batch(tmp_path):
+    b = builders.step_b("gru", batch_size=2)
+    path = tmp_path / "b.keras"
+    b.save(path)
+    loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
+    cascade = Cascade(builders.model_a(), loaded)
+    x = builders.inputs(7, 4)
+    steps = np.random.default_rng(1).integers(0, 4, size=(7, 4))
+    assert_matches_reference(cascade, x, steps)
+    assert_matches_reference(Cascade(builders.model_a(), loaded, state="carry"), x, steps)
+
+
+def test_fixed_ta_a_refuses_other_ta():
+    cascade = Cascade(builders.model_a(outer_steps=5), builders.step_b())
+    with pytest.raises(DataError, match=r"fixed Ta=5.*Ta=4"):
+        cascade(builders.inputs(2, 4), [1, 1, 1, 1])
+    assert cascade(builders.inputs(2, 5), [1, 0, 1, 0, 2]).shape[:2] == (2, 5)
+
+
+def test_dropout_b_runs_twice_under_tf_function_in_training():
+    cascade = Cascade(builders.model_a(), builders.step_b("gru", dropout=0.5))
+    run = tf.function(lambda x, steps: cascade(x, steps, training=True).flat_values)
+    x, steps = tf.constant(builders.inputs(3, 4)), tf.constant(PER_SAMPLE)
+    first, second = run(x, steps), run(x, steps)
+    assert first.shape == second.shape == (int(PER_SAMPLE.sum()), 2)
+    assert not np.allclose(first.numpy(), second.numpy())  # fresh masks each run
+    inference = cascade(x, PER_SAMPLE, training=False)  # and the cell still works outside
+    assert_matches_reference(cascade, builders.inputs(3, 4), PER_SAMPLE)
+    assert inference.flat_values.shape[0] == PER_SAMPLE.sum()
+
+
+class RowCounter(keras.layers.Layer):
+    """Adds the number of rows it sees to a counter."""
+
+    def build(self, input_shape):
+        self.rows = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False)
+
+    def call(self, x):
+        self.rows.assign_add(tf.cast(tf.shape(x)[0], "int64"))
+        return x
+
+
+def counting_b(ir_size=4, units=5):
+    x, s = keras.Input(shape=(ir_size,)), keras.Input(shape=(units,))
+    counter = RowCounter()
+    h, [s2] = keras.layers.GRUCell(units)(counter(x), [s])
+    return keras.Model([x, s], [keras.layers.Dense(2)(h), s2]), counter
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rows_processed_equal_sum_of_steps(state, compiled):
+    b, counter = counting_b()
+    cascade = Cascade(builders.model_a(), b, state=state)
+    steps = np.array([[0, 7, 0, 1], [0, 0, 0, 0], [3, 0, 0, 0]])
+    run = tf.function(lambda x: cascade(x, steps)) if compiled else (lambda x: cascade(x, steps))
+    x = builders.inputs(3, 4)
+    run(x)  # traces once under tf.function: counted rows are those the graph runs
+    counter.rows.assign(0)
+    run(x)
+    assert int(counter.rows.numpy()) == steps.sum() == 11
+
+
+@pytest.mark.parametrize(
+    "steps, words",
+    [
+        (np.array([1, -2, 0, 1]), r"must be >= 0; received -2 at index \(1,\)"),
+        (np.array([1.5, 2, 0, 1]), r"must be integers; received 1.5"),
+        (np.array([[1, 2, 3]]), r"shape \(1, 3\); expected \(Ta,\)=\(4,\) or \(N, Ta\)=\(3, 4\)"),
+        (np.ones((3, 4, 1), int), r"shape \(Ta,\) or \(N, Ta\); received shape \(3, 4, 1\)"),
+        (np.array(["a", "b", "c", "d"]), r"must be integers; received an array of dtype <U1"),
+        (np.ones((2, 4), int), r"shape \(2, 4\); expected"),
+    ],
+)
+def test_bad_steps(steps, words):
+    cascade = Cascade(builders.model_a(), builders.step_b())
+    with pytest.raises(DataError, match=words):
+        cascade(builders.inputs(3, 4), steps)
+
+
+def test_integer_valued_float_steps_are_accepted():
+    cascade = Cascade(builders.model_a(), builders.step_b())
+    out = cascade(builders.inputs(3, 4), np.array([1.0, 0.0, 2.0, 1.0]))
+    assert out.flat_values.shape[0] == 12
+
+
+@pytest.mark.parametrize(
+    "x, words",
+    [
+        (np.zeros((3, 4), np.float32), r"shape \(N, Ta, F\); received shape \(3, 4\)"),
+        (np.zeros((3, 4, 2), np.float32), r"F=2 features per step but model A expects F=3"),
+    ],
+)
+def test_bad_inputs(x, words):
+    cascade = Cascade(builders.model_a(), builders.step_b())
+    with pytest.raises(DataError, match=words):
+        cascade(x, [1, 1, 1, 1])
+
+
+def test_symbolic_steps_are_checked_under_tf_function():
+    cascade = Cascade(builders.model_a(), builders.step_b())
+    with pytest.raises(DataError, match="integers; received a tensor of dtype float32"):
+        tf.function(lambda s: cascade(builders.inputs(3, 4), s))(tf.constant([1.0, 1, 1, 1]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="steps must be >= 0"):
+        tf.function(lambda s: cascade(builders.inputs(3, 4), s).flat_values)(tf.constant([1, -1, 1, 1]))
+
+
+def test_bad_settings():
+    a, b = builders.model_a(), builders.step_b()
+    with pytest.raises(CascadeError, match=r"state must be one of \('reset', 'carry'\); received 'keep'"):
+        Cascade(a, b, state="keep")
+    with pytest.raises(CascadeError, match=r"state_init must be one of"):
+        Cascade(a, b, state_init="ones")
+    with pytest.raises(ModelError, match=r"size 4 but model B expects inputs of size 6"):
+        Cascade(a, builders.step_b(ir_size=6))
