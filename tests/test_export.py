@@ -1,0 +1,532 @@
+"""Tests of `cascade_cli.export`: result layouts on disk and atomic writing."""
+
+import os
+import re
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from cascade_cli.errors import DataError
+from cascade_cli.export import (
+    FORMAT_VERSION,
+    LAYOUTS,
+    RaggedH5Writer,
+    atomic_output,
+    check_output_path,
+    read_result,
+    read_result_attrs,
+    write_result,
+)
+from cascade_cli.ragged import CascadeResult
+
+LENGTHS = [[3, 0], [1, 2]]
+
+
+def hand_result():
+    return CascadeResult(np.arange(12, dtype=np.float32).reshape(6, 2), LENGTHS)
+
+
+def no_samples():
+    return CascadeResult(np.zeros((0, 2), np.float32), np.zeros((0, 3), np.int64))
+
+
+def all_zero():
+    return CascadeResult(np.zeros((0, 2), np.float32), np.zeros((2, 3), np.int64))
+
+
+def assert_same(result, expected):
+    assert result.lengths.shape == expected.lengths.shape
+    np.testing.assert_array_equal(result.lengths, expected.lengths)
+    assert result.values.dtype == expected.values.dtype
+    assert result.values.shape == expected.values.shape
+    np.testing.assert_array_equal(result.values, expected.values)
+
+
+def quoted(path):
+    """Returns `'path'` escaped for `pytest.raises(match=...)`."""
+    return re.escape(f"'{path}'")
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_constants():
+    assert FORMAT_VERSION == 1
+    assert LAYOUTS == ("ragged", "padded")
+
+
+# --- round trips -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+@pytest.mark.parametrize(
+    ("layout", "time_major"), [("ragged", False), ("padded", False), ("padded", True)]
+)
+@pytest.mark.parametrize("make", [hand_result, no_samples, all_zero])
+def test_write_read_round_trip(tmp_path, suffix, layout, time_major, make):
+    path = tmp_path / f"out{suffix}"
+    write_result(path, make(), layout=layout, time_major=time_major, pad_value=-1.0)
+    assert_same(read_result(path), make())
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+    attrs = read_result_attrs(path)
+    assert attrs["layout"] == layout and attrs["format_version"] == 1
+    if layout == "padded":
+        assert attrs["pad_value"] == -1.0 and attrs["time_major"] is time_major
+
+
+def test_npz_ragged_loads_with_numpy_alone(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    path = tmp_path / "out.npz"
+    write_result(path, hand_result(), attrs={"state": "carry"})
+    with np.load(path, allow_pickle=False) as archive:
+        assert sorted(archive.files) == [
+            "flat_values", "format_version", "layout", "lengths",
+            "row_splits_0", "row_splits_1", "state",
+        ]  # fmt: skip
+        assert archive["layout"].shape == () and str(archive["layout"]) == "ragged"
+        assert int(archive["format_version"]) == 1
+        assert str(archive["state"]) == "carry"
+        assert archive["row_splits_0"].dtype == np.int64
+        assert archive["row_splits_1"].dtype == np.int64
+        assert archive["row_splits_0"].tolist() == [0, 2, 4]
+        assert archive["row_splits_1"].tolist() == [0, 3, 3, 4, 6]
+        assert archive["lengths"].tolist() == LENGTHS
+        ragged = tf.RaggedTensor.from_nested_row_splits(
+            archive["flat_values"], [archive["row_splits_0"], archive["row_splits_1"]]
+        )
+    assert ragged.to_list() == [
+        [[[0, 1], [2, 3], [4, 5]], []],
+        [[[6, 7]], [[8, 9], [10, 11]]],
+    ]
+    np.testing.assert_array_equal(ragged.flat_values.numpy(), hand_result().values)
+
+
+def test_npz_padded_time_major_on_disk(tmp_path):
+    path = tmp_path / "out.npz"
+    write_result(path, hand_result(), layout="padded", pad_value=-1.0, time_major=True)
+    with np.load(path, allow_pickle=False) as archive:
+        values, mask = archive["values"], archive["mask"]
+        assert values.shape == (2, 3, 2, 2)  # (Ta, L, N, O)
+        assert mask.shape == (2, 3, 2) and mask.dtype == bool
+        assert archive["lengths"].tolist() == LENGTHS
+        assert float(archive["pad_value"]) == -1.0 and bool(archive["time_major"])
+    # Sample 1, outer step 1, inner steps 0 and 1: [8, 9] and [10, 11].
+    assert values[1, :, 1].tolist() == [[8, 9], [10, 11], [-1, -1]]
+    assert mask[:, :, 0].tolist() == [[True, True, True], [False, False, False]]
+
+
+def test_h5_padded_on_disk(tmp_path):
+    path = tmp_path / "out.h5"
+    write_result(path, hand_result(), layout="padded", pad_value=9.0, attrs={"seed": 3})
+    with h5py.File(path, "r") as file:
+        assert sorted(file) == ["lengths", "mask", "values"]
+        assert dict(file.attrs) == {
+            "layout": "padded",
+            "format_version": 1,
+            "pad_value": 9.0,
+            "time_major": False,
+            "seed": 3,
+        }
+        values = file["values"][()]
+        assert values.shape == (2, 2, 3, 2)
+        assert values[1, 0].tolist() == [[6, 7], [9, 9], [9, 9]]
+        assert file["mask"].dtype == bool
+
+
+def test_h5_ragged_on_disk(tmp_path):
+    path = tmp_path / "out.hdf5"
+    write_result(path, hand_result())
+    assert h5py.is_hdf5(path)
+    with h5py.File(path, "r") as file:
+        assert sorted(file) == ["flat_values", "lengths", "row_splits_0", "row_splits_1"]
+        assert file.attrs["layout"] == "ragged" and file.attrs["format_version"] == 1
+        assert file["row_splits_1"][()].tolist() == [0, 3, 3, 4, 6]
+        assert file["row_splits_1"].dtype == np.int64
+        assert file["flat_values"].dtype == np.float32
+
+
+def test_csv_long_form(tmp_path):
+    path = tmp_path / "out.csv"
+    write_result(path, hand_result(), layout="padded", attrs={"ignored": 1})
+    assert path.read_text() == (
+        "sample,outer,inner,y0,y1\n"
+        "0,0,0,0,1\n0,0,1,2,3\n0,0,2,4,5\n"
+        "1,0,0,6,7\n1,1,0,8,9\n1,1,1,10,11\n"
+    )
+
+
+def test_csv_values_round_trip_and_empty(tmp_path):
+    values = np.array([[0.1], [-1e-30], [3.0e38]], np.float32)
+    result = CascadeResult(values, [[0, 2], [1, 0]])
+    write_result(tmp_path / "a.csv", result)
+    lines = (tmp_path / "a.csv").read_text().splitlines()
+    assert lines[0] == "sample,outer,inner,y0"
+    assert [line.split(",")[:3] for line in lines[1:]] == [
+        ["0", "1", "0"], ["0", "1", "1"], ["1", "0", "0"],
+    ]  # fmt: skip
+    parsed = np.array([float(line.split(",")[3]) for line in lines[1:]], np.float32)
+    np.testing.assert_array_equal(parsed, values[:, 0])
+    write_result(tmp_path / "b.csv", all_zero())
+    assert (tmp_path / "b.csv").read_text() == "sample,outer,inner,y0,y1\n"
+
+
+def test_explicit_format_and_content_sniffing(tmp_path):
+    write_result(tmp_path / "out.dat", hand_result(), format="npz")
+    write_result(tmp_path / "out.bin", hand_result(), format="h5", layout="padded")
+    assert_same(read_result(tmp_path / "out.dat"), hand_result())
+    assert_same(read_result(tmp_path / "out.bin"), hand_result())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("out.txt", {}, r"cannot tell the format from the suffix '\.txt'.*--format"),
+        ("out.h5", {"format": "parquet"}, "format: expected one of h5, npz, csv, received 'parquet'"),
+        ("out.h5", {"layout": "dense"}, "layout: expected one of ragged, padded, received 'dense'"),
+        ("out.h5", {"attrs": {"layout": "x"}}, "attrs: 'layout' is reserved"),
+        ("out.npz", {"attrs": {"lengths": 1}}, "attrs: 'lengths' is reserved"),
+        ("out.h5", {"attrs": {"a": [1, 2]}}, "attrs: 'a' expected a string or a number"),
+    ],
+)
+def test_write_result_errors(tmp_path, name, kwargs, message):
+    with pytest.raises(DataError, match=message):
+        write_result(tmp_path / name, hand_result(), **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_attrs_round_trip(tmp_path):
+    attrs = {"state": "reset", "model_a": "/m/a.keras", "seed": np.int64(4), "ok": True, "x": 0.5}
+    for name in ("out.h5", "out.npz"):
+        write_result(tmp_path / name, hand_result(), attrs=attrs)
+        read = read_result_attrs(tmp_path / name)
+        assert read == {"layout": "ragged", "format_version": 1, **attrs}
+        assert type(read["seed"]) is int and type(read["state"]) is str
+
+
+# --- atomic output ---------------------------------------------------------------------
+
+
+def test_atomic_output_success_renames(tmp_path):
+    target = tmp_path / "out.bin"
+    with atomic_output(target) as temp:
+        assert temp.parent == tmp_path
+        assert temp.name.startswith(f".out.bin.cascade-tmp-{os.getpid()}-")
+        temp.write_bytes(b"data")
+        assert not target.exists()
+    assert target.read_bytes() == b"data"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_atomic_output_removes_temp_when_body_raises(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output(target) as temp:
+            temp.write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_output_keeps_old_file_when_body_raises(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(target, overwrite=True) as temp:
+            temp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_atomic_output_refuses_existing_path(tmp_path):
+    target = tmp_path / "out.h5"
+    target.write_bytes(b"old")
+    message = f"output '{target}' already exists; pass --overwrite to replace it"
+    with pytest.raises(DataError) as error:
+        with atomic_output(target):
+            pytest.fail("the body must not run")
+    assert str(error.value) == message
+    with pytest.raises(DataError, match="already exists"):
+        write_result(target, hand_result())
+    assert target.read_bytes() == b"old"
+    write_result(target, hand_result(), overwrite=True)
+    assert_same(read_result(target), hand_result())
+    assert os.listdir(tmp_path) == ["out.h5"]
+
+
+def test_atomic_output_refuses_path_created_meanwhile(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(DataError, match="already exists"):
+        with atomic_output(target) as temp:
+            temp.write_bytes(b"new")
+            target.write_bytes(b"other")
+    assert target.read_bytes() == b"other"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_check_output_path(tmp_path):
+    assert check_output_path(tmp_path / "new.h5") == tmp_path / "new.h5"
+    with pytest.raises(DataError, match=f"output folder {quoted(tmp_path / 'missing')} does not exist"):
+        check_output_path(tmp_path / "missing" / "out.h5")
+    with pytest.raises(DataError, match="is a folder"):
+        check_output_path(tmp_path, overwrite=True)
+    with pytest.raises(DataError, match="does not exist"):
+        write_result(tmp_path / "missing" / "out.npz", hand_result())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to any folder")
+def test_check_output_path_read_only_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(DataError, match=f"output folder {quoted(folder)} is not writable"):
+            check_output_path(folder / "out.h5")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    target = tmp_path / "out.npz"
+    stale = tmp_path / f".out.npz.cascade-tmp-{dead_pid()}-0badf00d"
+    live = tmp_path / f".out.npz.cascade-tmp-{os.getpid()}-12345678"
+    other_target = tmp_path / f".other.npz.cascade-tmp-{dead_pid()}-0badf00d"
+    for path in (stale, live, other_target):
+        path.write_bytes(b"half")
+    write_result(target, hand_result())
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, live.name, other_target.name])
+
+
+def test_killed_run_leaves_no_stray_file_after_next_run(tmp_path):
+    target = tmp_path / "out.h5"
+    code = (
+        "import os, sys\n"
+        "from cascade_cli.export import atomic_output\n"
+        "with atomic_output(sys.argv[1]) as temp:\n"
+        "    temp.write_bytes(b'half')\n"
+        "    os._exit(9)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code, str(target)])
+    assert completed.returncode == 9
+    leftovers = os.listdir(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.h5.cascade-tmp-")
+    write_result(target, hand_result())
+    assert os.listdir(tmp_path) == ["out.h5"]
+
+
+# --- incremental HDF5 writer -----------------------------------------------------------
+
+
+def test_ragged_h5_writer_matches_write_result(tmp_path):
+    full = CascadeResult(np.arange(30, dtype=np.float32).reshape(10, 3), [[2, 0], [1, 3], [0, 4]])
+    batches = [full.slice_samples(0, 2), all_zero_batch(2, 3), full.slice_samples(2, 3)]
+    expected = CascadeResult.concatenate(batches)
+    attrs = {"state": "reset", "batch_size": 2}
+    with RaggedH5Writer(
+        tmp_path / "inc.h5", outer_steps=2, output_size=3, attrs=attrs
+    ) as writer:
+        for batch in batches:
+            writer.append(batch)
+        assert not (tmp_path / "inc.h5").exists()
+    write_result(tmp_path / "whole.h5", expected, attrs=attrs)
+    assert sorted(os.listdir(tmp_path)) == ["inc.h5", "whole.h5"]
+    assert_same(read_result(tmp_path / "inc.h5"), expected)
+    with h5py.File(tmp_path / "inc.h5", "r") as inc, h5py.File(tmp_path / "whole.h5", "r") as whole:
+        assert sorted(inc) == sorted(whole)
+        for key in whole:
+            assert inc[key].dtype == whole[key].dtype, key
+            np.testing.assert_array_equal(inc[key][()], whole[key][()], err_msg=key)
+        assert dict(inc.attrs) == dict(whole.attrs)
+    assert read_result(tmp_path / "inc.h5").lengths.tolist() == [
+        [2, 0], [1, 3], [0, 0], [0, 0], [0, 4],
+    ]  # fmt: skip
+
+
+def all_zero_batch(n_samples, output_size):
+    return CascadeResult(
+        np.zeros((0, output_size), np.float32), np.zeros((n_samples, 2), np.int64)
+    )
+
+
+def test_ragged_h5_writer_without_batches(tmp_path):
+    with RaggedH5Writer(tmp_path / "empty.h5", outer_steps=4, output_size=2):
+        pass
+    result = read_result(tmp_path / "empty.h5")
+    assert (result.n_samples, result.outer_steps, result.output_size) == (0, 4, 2)
+    assert result.values.dtype == np.float32
+
+
+def test_ragged_h5_writer_removes_temp_on_error(tmp_path):
+    with pytest.raises(DataError, match="expected batches with 2 outer steps and output size 2"):
+        with RaggedH5Writer(tmp_path / "out.h5", outer_steps=2, output_size=2) as writer:
+            writer.append(hand_result())
+            writer.append(no_samples())
+    assert os.listdir(tmp_path) == []
+
+
+def test_ragged_h5_writer_refuses_existing_path_before_work(tmp_path):
+    (tmp_path / "out.h5").write_bytes(b"old")
+    with pytest.raises(DataError, match="already exists; pass --overwrite"):
+        RaggedH5Writer(tmp_path / "out.h5", outer_steps=2, output_size=2)
+    with RaggedH5Writer(tmp_path / "out.h5", outer_steps=2, output_size=2, overwrite=True) as w:
+        w.append(hand_result())
+    assert_same(read_result(tmp_path / "out.h5"), hand_result())
+
+
+# --- reading errors --------------------------------------------------------------------
+
+
+def rewrite_npz(path, **changes):
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays.update(changes)
+    arrays = {key: value for key, value in arrays.items() if value is not None}
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def test_read_not_a_cascade_file(tmp_path):
+    path = tmp_path / "train.h5"
+    with h5py.File(path, "w") as file:
+        file["inputs"] = np.zeros((2, 3, 4))
+    with pytest.raises(DataError) as error:
+        read_result(path)
+    assert str(error.value) == (
+        f"'{path}' is not a cascade result: key 'layout' is missing "
+        "(expected one of ragged, padded)"
+    )
+    with pytest.raises(DataError, match="key 'layout' is missing"):
+        read_result_attrs(path)
+    np.savez(tmp_path / "x.npz", inputs=np.zeros(3))
+    with pytest.raises(DataError, match=f"{quoted(tmp_path / 'x.npz')} is not a cascade result"):
+        read_result(tmp_path / "x.npz")
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+@pytest.mark.parametrize("key", ["flat_values", "row_splits_0", "row_splits_1", "lengths"])
+def test_read_missing_key(tmp_path, suffix, key):
+    path = tmp_path / f"out{suffix}"
+    write_result(path, hand_result())
+    if suffix == ".h5":
+        with h5py.File(path, "a") as file:
+            del file[key]
+    else:
+        rewrite_npz(path, **{key: None})
+    with pytest.raises(DataError) as error:
+        read_result(path)
+    assert str(error.value) == (
+        f"'{path}' is not a complete cascade result: key '{key}' is missing"
+    )
+
+
+def test_read_wrong_format_version(tmp_path):
+    path = tmp_path / "out.h5"
+    write_result(path, hand_result())
+    with h5py.File(path, "a") as file:
+        file.attrs["format_version"] = 2
+    with pytest.raises(DataError, match=r"key 'format_version': expected 1, received 2"):
+        read_result(path)
+    write_result(tmp_path / "out.npz", hand_result())
+    rewrite_npz(tmp_path / "out.npz", format_version=None)
+    with pytest.raises(DataError, match="key 'format_version' is missing"):
+        read_result(tmp_path / "out.npz")
+    rewrite_npz(tmp_path / "out.npz", format_version=np.array(1), layout=np.array("jagged"))
+    with pytest.raises(DataError, match="key 'layout': expected one of ragged, padded"):
+        read_result(tmp_path / "out.npz")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"row_splits_1": np.array([0, 3, 2, 4, 6])}, "key 'row_splits_1': expected non-decreasing"),
+        ({"row_splits_1": np.array([0, 3, 3, 4, 5])}, "key 'row_splits_1': expected to end at 6"),
+        ({"row_splits_0": np.array([0, 1, 4])}, "key 'row_splits_0': expected uniform steps"),
+        ({"lengths": np.array([[3, 0], [2, 1]])}, "key 'lengths': expected .* differences of row_splits_1"),
+        ({"lengths": np.array([[3, 0, 1, 2]])}, "key 'row_splits_0': expected steps of 4"),
+        ({"flat_values": np.zeros((6, 2), np.int32)}, "key 'flat_values': expected floats"),
+    ],
+)
+def test_read_inconsistent_ragged(tmp_path, changes, message):
+    path = tmp_path / "out.npz"
+    write_result(path, hand_result())
+    rewrite_npz(path, **changes)
+    with pytest.raises(DataError, match=f"^{quoted(path)} {message}"):
+        read_result(path)
+
+
+def test_read_inconsistent_padded(tmp_path):
+    path = tmp_path / "out.h5"
+    write_result(path, hand_result(), layout="padded")
+    with h5py.File(path, "a") as file:
+        mask = file["mask"][()]
+        mask[0, 1, 0] = True
+        file["mask"][...] = mask
+    with pytest.raises(DataError, match=f"^{quoted(path)} key 'mask': expected shape"):
+        read_result(path)
+    write_result(path, hand_result(), layout="padded", overwrite=True)
+    with h5py.File(path, "a") as file:
+        file["lengths"][0, 0] = 4
+    with pytest.raises(DataError, match=f"^{quoted(path)} key 'lengths': expected at most the padded"):
+        read_result(path)
+
+
+def test_read_refuses_object_arrays(tmp_path):
+    path = tmp_path / "out.npz"
+    write_result(path, hand_result())
+    rewrite_npz(path, flat_values=np.array([object(), 1], dtype=object))
+    with pytest.raises(DataError, match=f"{quoted(path)} key 'flat_values' cannot be read without pickle"):
+        read_result(path)
+
+
+def test_read_refuses_external_and_virtual_datasets(tmp_path):
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(np.arange(12.0).tobytes())
+    external = tmp_path / "external.h5"
+    write_result(external, CascadeResult(np.arange(12.0).reshape(6, 2), LENGTHS))
+    with h5py.File(external, "a") as file:
+        del file["flat_values"]
+        file.create_dataset(
+            "flat_values", shape=(6, 2), dtype="f8", external=[(str(raw), 0, h5py.h5f.UNLIMITED)]
+        )
+    with pytest.raises(DataError, match=f"{quoted(external)} key 'flat_values': refusing a dataset stored"):
+        read_result(external)
+
+    source = tmp_path / "source.h5"
+    with h5py.File(source, "w") as file:
+        file["x"] = np.arange(12.0).reshape(6, 2)
+    virtual = tmp_path / "virtual.h5"
+    write_result(virtual, CascadeResult(np.arange(12.0).reshape(6, 2), LENGTHS))
+    with h5py.File(virtual, "a") as file:
+        del file["flat_values"]
+        layout = h5py.VirtualLayout(shape=(6, 2), dtype="f8")
+        layout[:] = h5py.VirtualSource(str(source), "x", shape=(6, 2))
+        file.create_virtual_dataset("flat_values", layout)
+    with pytest.raises(DataError, match=f"{quoted(virtual)} key 'flat_values': refusing a dataset stored"):
+        read_result(virtual)
+
+
+def test_read_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match=f"result file {quoted(tmp_path / 'nope.h5')} does not exist"):
+        read_result(tmp_path / "nope.h5")
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match=f"{quoted(tmp_path / 'bad.h5')} is not a readable HDF5 file"):
+        read_result(tmp_path / "bad.h5")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=f"{quoted(tmp_path / 'bad.npz')} is not a readable .npz file"):
+        read_result(tmp_path / "bad.npz")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(DataError, match="holds a single array; expected an .npz archive"):
+        read_result_attrs(tmp_path / "one.npy")
+    write_result(tmp_path / "out.csv", hand_result())
+    with pytest.raises(DataError, match="is csv, which cannot be read back"):
+        read_result(tmp_path / "out.csv")
+    (tmp_path / "out.dat").write_bytes(b"plain")
+    with pytest.raises(DataError, match="is neither HDF5 nor .npz"):
+        read_result(tmp_path / "out.dat")
+    with pytest.raises(DataError, match="is a folder"):
+        read_result(tmp_path)
