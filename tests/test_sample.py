@@ -1,0 +1,204 @@
+"""Tests of `cascade_cli.sample`: the deterministic `sample_data/` builder."""
+
+import math
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from cascade_cli import sample
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Builds the sample data twice with seed 0 and once with seed 1."""
+    first = sample.build_sample_data(tmp_path_factory.mktemp("first"), seed=0)
+    second = sample.build_sample_data(tmp_path_factory.mktemp("second"), seed=0)
+    other = sample.build_sample_data(tmp_path_factory.mktemp("other"), seed=1)
+    return first, second, other
+
+
+def read_h5(path):
+    """Returns every dataset and attribute of a flat HDF5 file."""
+    with h5py.File(path, "r") as file:
+        datasets = {key: file[key][...] for key in file}
+        attrs = {key: file.attrs[key] for key in file.attrs}
+    return datasets, attrs
+
+
+def load(path):
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+def weights(path):
+    return [np.asarray(weight) for weight in load(path).get_weights()]
+
+
+def reference_targets(inputs, steps):
+    """Recomputes the flat targets with plain loops, in value order."""
+    rows = []
+    for n in range(steps.shape[0]):
+        for t in range(steps.shape[1]):
+            freq, amp, phase = (float(value) for value in inputs[n, t])
+            for j in range(int(steps[n, t])):
+                rows.append([amp * math.sin(freq * (j + 1) + phase)])
+    return np.array(rows, dtype=np.float64).reshape(-1, 1)
+
+
+def test_returns_every_file(built):
+    paths = built[0]
+    assert sorted(paths) == ["inputs", "model_a", "model_b", "steps", "train"]
+    assert {path.name for path in paths.values()} == {
+        "model_a.keras",
+        "model_b.keras",
+        "train.h5",
+        "inputs.h5",
+        "steps.txt",
+    }
+    folder = paths["train"].parent
+    # Nothing else (no temporary files) is left behind.
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in paths.values())
+    assert sum(path.stat().st_size for path in paths.values()) < 2_000_000
+
+
+def test_same_seed_gives_identical_files(built):
+    first, second, _ = built
+    for key in ("train", "inputs"):
+        data_1, attrs_1 = read_h5(first[key])
+        data_2, attrs_2 = read_h5(second[key])
+        assert data_1.keys() == data_2.keys()
+        for name in data_1:
+            np.testing.assert_array_equal(data_1[name], data_2[name])
+            assert data_1[name].dtype == data_2[name].dtype
+        assert attrs_1.keys() == attrs_2.keys()
+    assert first["train"].read_bytes() == second["train"].read_bytes()
+    assert first["steps"].read_text() == second["steps"].read_text()
+    for key in ("model_a", "model_b"):
+        weights_1, weights_2 = weights(first[key]), weights(second[key])
+        assert len(weights_1) == len(weights_2) > 0
+        for weight_1, weight_2 in zip(weights_1, weights_2):
+            np.testing.assert_array_equal(weight_1, weight_2)
+
+
+def test_other_seed_gives_other_data_and_weights(built):
+    first, _, other = built
+    inputs_0 = read_h5(first["train"])[0]["inputs"]
+    inputs_1 = read_h5(other["train"])[0]["inputs"]
+    assert not np.array_equal(inputs_0, inputs_1)
+    kernel_0 = weights(first["model_b"])[0]
+    kernel_1 = weights(other["model_b"])[0]
+    assert not np.array_equal(kernel_0, kernel_1)
+
+
+def test_train_file_shapes_and_dtypes(built):
+    data, attrs = read_h5(built[0]["train"])
+    assert sorted(data) == ["inputs", "steps", "targets"]
+    assert data["inputs"].shape == (512, 12, 3)
+    assert data["inputs"].dtype == np.float32
+    assert data["steps"].shape == (512, 12)
+    assert data["steps"].dtype == np.int64
+    assert data["targets"].dtype == np.float32
+    assert data["targets"].shape == (int(data["steps"].sum()), 1)
+    assert attrs["task"] == "sine"
+    assert attrs["state_mode"] == "reset"
+    assert attrs["state_init"] == "zeros"
+    assert attrs["targets_layout"] == "flat"
+
+
+def test_steps_range_and_zero_fraction(built):
+    steps = read_h5(built[0]["train"])[0]["steps"]
+    assert steps.min() == 0
+    assert steps.max() == 8
+    zero_fraction = float(np.mean(steps == 0))
+    assert 0.15 < zero_fraction < 0.25
+    # Every count 1..8 occurs.
+    assert set(np.unique(steps).tolist()) == set(range(9))
+
+
+def test_inputs_within_ranges(built):
+    inputs = read_h5(built[0]["train"])[0]["inputs"]
+    freq, amp, phase = inputs[..., 0], inputs[..., 1], inputs[..., 2]
+    assert 0.5 <= freq.min() and freq.max() <= 1.5
+    assert 0.5 <= amp.min() and amp.max() <= 1.5
+    assert -math.pi / 2 <= phase.min() and phase.max() <= math.pi / 2
+
+
+def test_targets_are_the_sine_formula(built):
+    data, _ = read_h5(built[0]["train"])
+    expected = reference_targets(data["inputs"], data["steps"])
+    np.testing.assert_allclose(data["targets"], expected, rtol=0, atol=1e-6)
+
+
+def test_sine_targets_by_hand():
+    inputs = np.array([[[1.0, 2.0, 0.0], [0.5, 1.0, math.pi / 2]]], dtype=np.float32)
+    steps = np.array([[2, 1]])
+    expected = [[2 * math.sin(1.0)], [2 * math.sin(2.0)], [math.sin(0.5 + math.pi / 2)]]
+    np.testing.assert_allclose(sample.sine_targets(inputs, steps), expected, atol=1e-6)
+
+
+def test_sine_targets_zero_steps_and_empty():
+    inputs = np.ones((2, 3, 3), dtype=np.float32)
+    empty = sample.sine_targets(inputs, np.zeros((2, 3), dtype=np.int64))
+    assert empty.shape == (0, 1)
+    assert empty.dtype == np.float32
+    no_samples = sample.sine_targets(np.ones((0, 3, 3)), np.zeros((0, 3), dtype=np.int64))
+    assert no_samples.shape == (0, 1)
+    # A zero-step pair in the middle is skipped, the others keep their order.
+    inputs = np.array([[[1.0, 1.0, 0.0], [9.0, 9.0, 9.0], [2.0, 1.0, 0.0]]])
+    values = sample.sine_targets(inputs, np.array([[1, 0, 1]]))
+    np.testing.assert_allclose(values[:, 0], [math.sin(1.0), math.sin(2.0)], atol=1e-6)
+
+
+def test_heldout_inputs_and_steps_file(built):
+    paths = built[0]
+    data, _ = read_h5(paths["inputs"])
+    assert sorted(data) == ["inputs"]
+    assert data["inputs"].shape == (8, 12, 3)
+    assert data["inputs"].dtype == np.float32
+    lines = paths["steps"].read_text().splitlines()
+    assert len(lines) == 8
+    steps = np.array([[int(word) for word in line.split()] for line in lines])
+    assert steps.shape == (8, 12)
+    assert steps.min() >= 0 and steps.max() <= 8
+    # Held-out samples are not copies of training samples.
+    train_inputs = read_h5(paths["train"])[0]["inputs"]
+    assert not any(np.array_equal(row, data["inputs"][0]) for row in train_inputs)
+
+
+def test_model_a_shapes(built):
+    model_a = load(built[0]["model_a"])
+    assert tuple(model_a.inputs[0].shape) == (None, None, 3)
+    assert tuple(model_a.outputs[0].shape) == (None, None, 16)
+    for batch, outer in ((2, 5), (1, 12), (3, 1)):
+        ir = model_a(np.zeros((batch, outer, 3), dtype=np.float32))
+        assert tuple(ir.shape) == (batch, outer, 16)
+
+
+def test_model_b_step_form(built):
+    model_b = load(built[0]["model_b"])
+    assert len(model_b.inputs) == 2
+    assert len(model_b.outputs) == 2
+    x_spec, state_spec = (tuple(tensor.shape) for tensor in model_b.inputs)
+    y_spec, new_state_spec = (tuple(tensor.shape) for tensor in model_b.outputs)
+    assert x_spec == (None, 16)
+    assert state_spec == new_state_spec == (None, 32)
+    assert y_spec == (None, 1)
+    ir = np.ones((4, 16), dtype=np.float32)
+    y, state = model_b([ir, np.zeros((4, 32), dtype=np.float32)])
+    assert tuple(y.shape) == (4, 1)
+    assert tuple(state.shape) == (4, 32)
+    # The state really carries: a second step from it differs from a fresh one.
+    y_again, _ = model_b([ir, np.asarray(state)])
+    assert not np.allclose(np.asarray(y), np.asarray(y_again))
+
+
+def test_main_usage_error(capsys):
+    assert sample.main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_main_builds_into_folder(tmp_path, capsys):
+    assert sample.main([str(tmp_path / "made")]) == 0
+    assert (tmp_path / "made" / "train.h5").is_file()
+    assert "train.h5" in capsys.readouterr().err
