@@ -162,7 +162,8 @@ class Cascade:
         inner = tf.RaggedTensor.from_row_lengths(
             values, tf.reshape(tf.cast(lengths, tf.int64), [-1]), validate=False
         )
-        return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), validate=False)
+        samples = tf.shape(lengths, out_type=tf.int64)[0]
+        return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), nrows=samples, validate=False)
 
     def run(self, inputs, steps=None, *, training=False):
         """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.
@@ -171,7 +172,10 @@ class Cascade:
         """
         inputs = self._check_inputs(inputs)
         caps = self._check_steps(steps, inputs)
-        ir = self.model_a(inputs, training=training)
+        if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
+            ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
+        else:
+            ir = self.model_a(inputs, training=training)
         if ir.shape.rank != 3:
             raise ModelError(f"model A returned shape {tuple(ir.shape)}; expected (N, Ta, H).")
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])

@@ -50,6 +50,13 @@ def test_all_zero_batch_gives_empty_result_of_the_right_shape(b_kind, state):
     assert out.bounding_shape().numpy().tolist() == [3, 4, 0, 2]
 
 
+@pytest.mark.parametrize("b_kind", ["gru", "sequence"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_zero_outer_steps(b_kind, state):
+    out = Cascade(builders.model_a(), make_b(b_kind), state=state)(np.zeros((2, 0, 3), np.float32), np.zeros(0, int))
+    assert out.bounding_shape().numpy().tolist() == [2, 0, 0, 2]
+
+
 @pytest.mark.parametrize("b_kind", ["gru", "lstm"])
 def test_state_init_ir(b_kind):
     b = builders.step_b(b_kind, units=4)  # state size == H == 4
