@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from cascade_cli.cells import split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError
 from cascade_cli.models import check_pair
 
@@ -82,6 +83,9 @@ class Cascade:
             steps are given, and an upper bound for given steps.
         stop_rule: a `StopRule`; needs `max_steps`.
         exclude_stop_step: leave the step that met the stop rule out (for end tokens).
+        fast_cells: when B is a Keras SimpleRNN/GRU/LSTM cell plus a head, compute
+            the cell's input projection once per pair and the head once after the
+            loop (`cascade_cli.cells`); False always calls B itself.
 
     Example:
 
@@ -99,6 +103,7 @@ class Cascade:
         max_steps=None,
         stop_rule=None,
         exclude_stop_step=False,
+        fast_cells=True,
     ):
         if state not in STATE_MODES:
             raise CascadeError(f"state must be one of {STATE_MODES}; received {state!r}.")
@@ -142,6 +147,7 @@ class Cascade:
         self._cells = [
             layer for layer in model_b._flatten_layers(include_self=False) if hasattr(layer, "reset_dropout_mask")
         ]
+        self._split = split_b(model_b) if fast_cells and self.b_spec.form == "step" else None
 
     # ------------------------------------------------------------------ public
 
@@ -181,9 +187,18 @@ class Cascade:
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
         if self.b_spec.form == "sequence":
             return self._run_sequence(ir_flat, caps, training)
-        if self.state == "reset":
-            return self._run_reset(ir_flat, caps, training)
-        return self._run_carry(ir_flat, caps, training)
+        split = self._split
+        if split is not None and (self.stop_rule is not None or (training is not False and split.has_dropout)):
+            split = None  # the rule needs y at every step; dropout needs the cell's own masks
+        if split is None:
+            step = _Step(lambda x: x, lambda x, states: self._call_b(x, states, training), self.b_spec.output_size)
+        else:
+            step = _Step(split.project, split.step, split.cell.units)
+        run = self._run_reset if self.state == "reset" else self._run_carry
+        values, lengths = run(ir_flat, caps, step)
+        if split is not None and split.head is not None:
+            values = split.head(values, training=training)
+        return values, lengths
 
     # ------------------------------------------------------------ validation
 
@@ -265,24 +280,24 @@ class Cascade:
         hit = self.stop_rule.hits(y)
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
-    def _loop(self, rows, states, body, n_rows_at, training):
+    def _loop(self, rows, states, body, n_rows_at, step):
         """Runs `body` until no row is left and returns the outputs in value order.
 
         Args:
             rows: tuple of per-row tensors (leading dim = rows still running).
             states: B's states for those rows.
-            body: `(j, rows) -> (x, finish)` where `x (rows, H)` is B's input and
+            body: `(j, rows) -> (x, finish)` where `x` is the input of `step.call` and
                 `finish(y, hit) -> (pair_ids, keep, rows)` names the pair each output
                 belongs to, which rows go on, and the rows' next values.
             n_rows_at: `j -> rows still running after step j-1` when the
                 running rows are always a prefix (given steps), else None.
         """
-        output_size = self.b_spec.output_size
+        output_size = step.width
         dtype = self.model_b.outputs[0].dtype
 
-        def step(j, rows, states, ys, pairs):
+        def iterate(j, rows, states, ys, pairs):
             x, finish = body(j, rows)
-            y, states = self._call_b(x, states, training)
+            y, states = step.call(x, states)
             hit, emit = self._stop(y)
             pair_ids, keep, rows = finish(y, hit)
             if emit is None:
@@ -312,7 +327,7 @@ class Cascade:
         )
         j, _, _, ys, pairs = tf.while_loop(
             lambda j, rows, *_: tf.shape(rows[0])[0] > 0,
-            step,
+            iterate,
             (tf.constant(0), rows, states, ys, pairs),
             shape_invariants=invariants,
         )
@@ -328,7 +343,7 @@ class Cascade:
         counts = tf.math.bincount(pairs, minlength=tf.size(caps), maxlength=tf.size(caps), dtype=tf.int32)
         return tf.reshape(counts, tf.shape(caps))
 
-    def _run_reset(self, ir_flat, caps, training):
+    def _run_reset(self, ir_flat, caps, step):
         """Rows are `(n, t)` pairs, each fed its own IR vector from a fresh state."""
         caps_flat = tf.reshape(caps, [-1])
         order = tf.argsort(caps_flat, direction="DESCENDING", stable=True)
@@ -336,6 +351,8 @@ class Cascade:
         running = tf.math.count_nonzero(sorted_caps, dtype=tf.int32)
         pair_ids, row_caps = order[:running], sorted_caps[:running]
         x = tf.gather(ir_flat, pair_ids)
+        states = self._initial_states(x)
+        x = step.project(x)
         n_rows_at = None if self.stop_rule else _prefix_counts(sorted_caps)
 
         def body(j, rows):
@@ -349,14 +366,15 @@ class Cascade:
 
             return x, finish
 
-        values, pairs = self._loop((pair_ids, x, row_caps), self._initial_states(x), body, n_rows_at, training)
+        values, pairs = self._loop((pair_ids, x, row_caps), states, body, n_rows_at, step)
         return values, self._lengths(caps, pairs)
 
-    def _run_carry(self, ir_flat, caps, training):
+    def _run_carry(self, ir_flat, caps, step):
         """Rows are samples; each walks its pairs in order, carrying B's state across them."""
         outer = tf.shape(caps)[1]
         caps_flat = tf.reshape(caps, [-1])
         nonzero = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending pair ids that run
+        features = step.project(ir_flat)
 
         def next_pair(pair_ids, samples):
             """First pair >= `pair_ids` with steps > 0 in the same sample; -1 when none."""
@@ -375,7 +393,7 @@ class Cascade:
 
         def body(j, rows):
             samples, pair_ids, inner = rows
-            x = tf.gather(ir_flat, pair_ids)
+            x = tf.gather(features, pair_ids)
 
             def finish(y, hit):
                 done = inner + 1 >= tf.gather(caps_flat, pair_ids)
@@ -389,7 +407,7 @@ class Cascade:
 
         rows = (samples, first, tf.zeros_like(samples))
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
-        values, pairs = self._loop(rows, states, body, n_rows_at, training)
+        values, pairs = self._loop(rows, states, body, n_rows_at, step)
         return values, self._lengths(caps, pairs)
 
     def _run_sequence(self, ir_flat, caps, training):
@@ -425,6 +443,15 @@ class Cascade:
         x = tf.scatter_nd(index, tf.gather(ir_flat, value_pairs), [n, length, self.a_spec.ir_size])
         y = self.model_b(x, training=training)
         return tf.gather_nd(y, index), caps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One inner step: `project(x)` once per row, then `call(projected, states) -> (out, states)`."""
+
+    project: object
+    call: object
+    width: int  # the size of `out`
 
 
 def _prefix_counts(sorted_lengths):
