@@ -1,0 +1,1 @@
+"""Benchmarks: the packed runner against hand-written nested loops and the compute limit."""

@@ -1,0 +1,301 @@
+"""Checks the benchmark yardsticks against a plain eager reference, and the harness.
+
+The nested loops are the well-known answer the runner must match value for
+value, so they are checked first against the simplest possible reference: one
+sample, one outer step, one inner step at a time, in eager Python.
+"""
+
+import importlib.util
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmarks import bench
+from benchmarks.nested import limit, make_limit, make_nested_loops, nested_loops
+
+FEATURES, HIDDEN, UNITS, OUTPUTS = 3, 4, 5, 2
+HAS_RUNNER = importlib.util.find_spec("cascade_cli.runner") is not None
+needs_runner = pytest.mark.skipif(not HAS_RUNNER, reason="cascade_cli.runner is not written yet")
+
+# Zero steps at the start, in the middle, at the end, and a whole zero row.
+STEPS = np.array(
+    [
+        [0, 2, 0, 3],
+        [1, 0, 0, 2],
+        [0, 0, 0, 0],
+        [3, 1, 2, 0],
+    ],
+    dtype=np.int32,
+)
+
+
+def build_model_a(seed):
+    """Returns a tiny `(N, Ta, F) -> (N, Ta, H)` GRU model A."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(None, FEATURES))
+    return keras.Model(inputs, keras.layers.GRU(HIDDEN, return_sequences=True)(inputs))
+
+
+def build_model_b(seed, *, cell="gru"):
+    """Returns a tiny step-form model B: a GRU cell (one state) or an LSTM cell (two)."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input(shape=(HIDDEN,))
+    states = [keras.Input(shape=(UNITS,)) for _ in range(1 if cell == "gru" else 2)]
+    layer = keras.layers.GRUCell(UNITS) if cell == "gru" else keras.layers.LSTMCell(UNITS)
+    h, new_states = layer(x, states)
+    y = keras.layers.Dense(OUTPUTS)(h)
+    return keras.Model([x, *states], [y, *new_states])
+
+
+def reference(model_a, model_b, inputs, steps, *, state):
+    """One sample, one outer step, one inner step at a time, eagerly.
+
+    Returns:
+        A nested list `[n][t]` of numpy arrays `(steps[n, t], O)`.
+    """
+    result = []
+    for n in range(inputs.shape[0]):
+        ir = model_a(inputs[n : n + 1]).numpy()[0]  # (Ta, H)
+        states = [np.zeros((1, spec.shape[-1]), np.float32) for spec in model_b.inputs[1:]]
+        row = []
+        for t in range(inputs.shape[1]):
+            if state == "reset":
+                states = [np.zeros_like(s) for s in states]
+            values = []
+            for _ in range(steps[n, t]):
+                y, *states = [v.numpy() for v in model_b([ir[t : t + 1], *states])]
+                values.append(y[0])
+            row.append(np.array(values, np.float32).reshape(-1, OUTPUTS))
+        result.append(row)
+    return result
+
+
+def nested_to_lists(outputs, mask, steps):
+    """Cuts time-major padded `(Ta, L, N, O)` outputs into the reference's nested lists."""
+    outputs, mask = np.asarray(outputs), np.asarray(mask)
+    for t in range(steps.shape[1]):
+        for n in range(steps.shape[0]):
+            np.testing.assert_array_equal(mask[t, :, n], np.arange(mask.shape[1]) < steps[n, t])
+            np.testing.assert_array_equal(outputs[t, steps[n, t] :, n], 0.0)
+    return [[outputs[t, : steps[n, t], n] for t in range(steps.shape[1])] for n in range(steps.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_model_a(1), build_model_b(2)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return np.random.default_rng(0).normal(size=(*STEPS.shape, FEATURES)).astype(np.float32)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_nested_loops_match_eager_reference(models, inputs, state):
+    model_a, model_b = models
+    expected = reference(model_a, model_b, inputs, STEPS, state=state)
+    outputs, mask = make_nested_loops(model_a, model_b, state=state)(inputs, STEPS)
+    assert outputs.shape == (4, 3, 4, OUTPUTS)
+    assert mask.shape == (4, 3, 4)
+    got = nested_to_lists(outputs, mask, STEPS)
+    for n in range(STEPS.shape[0]):
+        for t in range(STEPS.shape[1]):
+            np.testing.assert_allclose(got[n][t], expected[n][t], rtol=1e-5, atol=1e-6)
+
+
+def test_carry_differs_from_reset(models, inputs):
+    """Guards the reference itself: with carried state, later outer steps change."""
+    model_a, model_b = models
+    reset = reference(model_a, model_b, inputs, STEPS, state="reset")
+    carry = reference(model_a, model_b, inputs, STEPS, state="carry")
+    np.testing.assert_allclose(carry[0][1], reset[0][1], rtol=1e-6)  # first outer step that runs
+    assert not np.allclose(carry[0][3], reset[0][3])  # state flowed from outer step 1, over step 2
+
+
+def test_nested_loops_eager_equals_tf_function(models, inputs):
+    model_a, model_b = models
+    eager, _ = nested_loops(model_a, model_b, inputs, STEPS, state="carry")
+    graph, _ = make_nested_loops(model_a, model_b, state="carry")(inputs, STEPS)
+    np.testing.assert_allclose(eager, graph, rtol=1e-5, atol=1e-6)
+
+
+def test_nested_loops_two_states(inputs):
+    model_a, model_b = build_model_a(3), build_model_b(4, cell="lstm")
+    expected = reference(model_a, model_b, inputs, STEPS, state="carry")
+    outputs, mask = make_nested_loops(model_a, model_b, state="carry")(inputs, STEPS)
+    got = nested_to_lists(outputs, mask, STEPS)
+    for n in range(STEPS.shape[0]):
+        for t in range(STEPS.shape[1]):
+            np.testing.assert_allclose(got[n][t], expected[n][t], rtol=1e-5, atol=1e-6)
+
+
+def test_nested_loops_all_zero_steps(models, inputs):
+    model_a, model_b = models
+    outputs, mask = make_nested_loops(model_a, model_b, state="carry")(inputs, np.zeros_like(STEPS))
+    assert outputs.shape == (4, 0, 4, OUTPUTS)
+    assert mask.shape == (4, 0, 4)
+
+
+def test_limit_is_first_inner_step_of_every_row(models, inputs):
+    """With zero states, every row of the limit equals the first inner step of its pair."""
+    model_a, model_b = models
+    expected = reference(model_a, model_b, inputs, STEPS, state="reset")
+    first_steps = [
+        np.repeat(expected[n][t][:1], STEPS[n, t], axis=0) for n in range(STEPS.shape[0]) for t in range(STEPS.shape[1])
+    ]
+    got = make_limit(model_a, model_b)(inputs, STEPS)
+    assert got.shape == (STEPS.sum(), OUTPUTS)
+    np.testing.assert_allclose(got, np.concatenate(first_steps), rtol=1e-5, atol=1e-6)
+    assert limit(model_a, model_b, inputs, np.zeros_like(STEPS)).shape == (0, OUTPUTS)
+
+
+@needs_runner
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_nested_loops_equal_cascade(models, inputs, state):
+    """The strongest check of the runner's semantics: the nested-loop answer, value for value."""
+    from cascade_cli.runner import Cascade
+
+    model_a, model_b = models
+    outputs, mask = make_nested_loops(model_a, model_b, state=state)(inputs, STEPS)
+    expected = np.transpose(np.asarray(outputs), (2, 0, 1, 3))[np.transpose(np.asarray(mask), (2, 0, 1))]
+    cascade = Cascade(model_a, model_b, state=state)
+    for run in (cascade, tf.function(cascade)):
+        result = run(inputs, STEPS)
+        np.testing.assert_array_equal(result.nested_row_lengths()[-1].numpy(), STEPS.reshape(-1))
+        np.testing.assert_allclose(result.flat_values, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_runner
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_nested_loops_gradients_equal_cascade(models, inputs, state):
+    from cascade_cli.runner import Cascade
+
+    model_a, model_b = models
+    weights = model_a.trainable_variables + model_b.trainable_variables
+    cascade = Cascade(model_a, model_b, state=state)
+    with tf.GradientTape(persistent=True) as tape:
+        nested_total = tf.reduce_sum(nested_loops(model_a, model_b, inputs, STEPS, state=state)[0])
+        cascade_total = tf.reduce_sum(cascade(inputs, STEPS).flat_values)
+    for got, expected in zip(tape.gradient(cascade_total, weights), tape.gradient(nested_total, weights)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_fraction_steps_keep_max_length():
+    rng = np.random.default_rng(0)
+    for fraction in (0.0, 0.5, 0.9):
+        steps = bench.make_steps(rng, 20, 10, max_steps=8, zero_fraction=fraction)
+        assert steps.shape == (20, 10)
+        assert steps.max() == 8
+        assert (steps == 0).sum() == round(fraction * 200)
+    assert bench.make_steps(rng, 0, 10, max_steps=8).shape == (0, 10)
+
+
+@pytest.mark.slow
+@needs_runner
+def test_quick_benchmark_writes_every_case(tmp_path):
+    bench.main(["--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    (run,) = report["runs"]
+    timed = {(case["name"], case["direction"], case["state"], case["method"]) for case in run["timings"]}
+    assert timed == set(bench.planned_timings(bench.plan(quick=True)))
+    assert all(case["median_s"] > 0 and len(case["times_s"]) >= 1 for case in run["timings"])
+    assert run["machine"]["cpu_count"] == __import__("os").cpu_count()
+    assert {target["name"] for target in run["targets"]} >= {"skipping is free"}
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# Benchmark results")
+
+
+def test_peak_rss_sees_the_child_alone():
+    import sys
+
+    small, _ = bench.peak_rss([sys.executable, "-c", "pass"])
+    large, _ = bench.peak_rss([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
+    assert 290 <= large - small < 400  # the 300 MiB it touched, give or take the interpreter
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        bench.peak_rss([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+# Stands in for `cascade generate`: checks its arguments and holds the whole input.
+FAKE_GENERATE = """
+import sys, h5py
+args = sys.argv[1:]
+assert args[0] == "generate", args
+options = dict(zip(args[1::2], args[2::2]))
+assert options["--batch-size"] == "256"
+with h5py.File(options["--inputs"], "r") as file:
+    inputs = file["inputs"][...]
+steps = [line.split() for line in open(options["--steps-file"])]
+assert len(steps) == len(inputs) and len(steps[0]) == inputs.shape[1]
+open(options["-o"], "w").close()
+"""
+
+
+def test_memory_check_runs_the_command_on_both_sizes(tmp_path):
+    import sys
+
+    lines = []
+    memory = bench.memory_check(
+        small=10, large=40_000, outer=10, features=64, workdir=tmp_path, command=[sys.executable, "-c", FAKE_GENERATE], log=lines.append
+    )
+    assert (memory["small"]["samples"], memory["large"]["samples"]) == (10, 40_000)
+    # 40,000 x 10 x 64 float32 = 98 MiB held by the stand-in: not streaming, so it must fail.
+    assert memory["large"]["peak_rss_mib"] - memory["small"]["peak_rss_mib"] > 90
+    assert memory["ratio"] > 1.15 and memory["passed"] is False
+    assert len(lines) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def fake_run(device, *, quick, value):
+    run_plan = bench.plan(quick=True)
+    return {
+        "device": device,
+        "machine": {"date": "d", "cpu_model": "c", "cpu_count": 2, "memory_gib": 1.0, "gpus": [], "python": "p",
+                    "tensorflow": "t", "keras": "k", "numpy": "n"},
+        "plan": {**__import__("dataclasses").asdict(run_plan), "quick": quick},
+        "timings": [
+            {"name": name, "direction": direction, "state": state, "method": method, "median_s": value, "times_s": [value]}
+            for name, direction, state, method in bench.planned_timings(run_plan)
+        ],
+        "targets": bench.evaluate_targets(run_plan, []),
+    }  # fmt: skip
+
+
+def test_write_report_keeps_other_devices_and_notes(tmp_path):
+    bench.write_report(tmp_path, run=fake_run("cpu", quick=False, value=1.0))
+    markdown = tmp_path / "RESULTS.md"
+    markdown.write_text(markdown.read_text() + "We tried XLA: 1.3x.\n")
+    bench.write_report(tmp_path, run=fake_run("gpu: H200", quick=False, value=2.0))
+    report = bench.write_report(tmp_path, run=fake_run("cpu", quick=False, value=3.0))
+    assert [(run["device"], run["timings"][0]["median_s"]) for run in report["runs"]] == [("gpu: H200", 2.0), ("cpu", 3.0)]
+    text = markdown.read_text()
+    assert "## gpu: H200" in text and "## cpu" in text
+    assert text.endswith("We tried XLA: 1.3x.\n")
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(report))
+    assert all(target["passed"] is None for target in report["runs"][0]["targets"])  # missing timings: n/a
+
+
+def test_targets_are_judged_from_medians():
+    run_plan = bench.plan(quick=True)
+    timings = [
+        {"name": name, "direction": direction, "state": state, "method": method, "median_s": time}
+        for name, direction, state, method in bench.planned_timings(run_plan)
+        for time in [{"cascade": 1.0, "nested": 4.0, "limit": 0.9, "model_a": 0.5}[method]]
+    ]
+    # 90% zeros: cascade 0.55 -> (0.55 - 0.5) / (1.0 - 0.5) = 0.1
+    for timing in timings:
+        if timing["name"] == run_plan.zero_cases[2].name and timing["method"] == "cascade":
+            timing["median_s"] = 0.55
+    targets = bench.evaluate_targets(run_plan, timings)
+    verdicts = [(t["name"], t["threshold"], round(t["measured"], 3), t["passed"]) for t in targets]
+    assert verdicts[:5] == [
+        ("faster than nested loops", 10.0, 4.0, False),
+        ("faster than nested loops", 5.0, 4.0, False),
+        ("faster than nested loops", 3.0, 4.0, True),
+        ("faster than nested loops", 4.0, 4.0, True),
+        ("faster than nested loops", 4.0, 4.0, True),
+    ]
+    assert ("close to the limit", 1.2, round(1 / 0.9, 3), True) in verdicts
+    assert ("close to the limit", 1.2, round(0.55 / 0.9, 3), True) in verdicts
+    assert verdicts[-4:] == [("skipping is free", 0.2, 0.1, True)] * 4
