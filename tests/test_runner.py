@@ -324,3 +324,19 @@ def test_bad_settings():
         Cascade(a, b, state_init="ones")
     with pytest.raises(ModelError, match=r"size 4 but model B expects inputs of size 6"):
         Cascade(a, builders.step_b(ir_size=6))
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_jit_compiled_a_gives_the_same_values_and_gradients(state):
+    a, b = builders.model_a("gru"), builders.step_b("lstm")
+    x = builders.inputs(3, 4)
+    results = []
+    for jit in (False, True):
+        cascade = Cascade(a, b, state=state, jit_compile=jit)
+        with tf.GradientTape() as tape:
+            values = tf.function(lambda: cascade(x, PER_SAMPLE).flat_values)()
+            loss = tf.reduce_sum(values**2)
+        results.append((values.numpy(), tape.gradient(loss, a.trainable_weights)))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
+    for g_plain, g_jit in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(g_plain, g_jit, rtol=1e-4, atol=1e-6)
