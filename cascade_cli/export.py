@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cascade_cli.data import open_h5
 from cascade_cli.errors import DataError
 from cascade_cli.ragged import CascadeResult
 
@@ -340,17 +341,12 @@ def _h5_attrs(path, file):
 
 
 def _h5_dataset(path, file, key):
-    """Reads dataset `key`, refusing external and virtual storage."""
+    """Reads dataset `key` (`open_h5` has already refused storage outside the file)."""
     if key not in file:
         raise DataError(f"'{path}' is not a complete cascade result: key '{key}' is missing")
     dataset = file[key]
     if not isinstance(dataset, h5py.Dataset):
         raise DataError(f"'{path}' key '{key}': expected a dataset, received a group")
-    if dataset.external or dataset.is_virtual:
-        raise DataError(
-            f"'{path}' key '{key}': refusing a dataset stored outside the file "
-            "(external or virtual); expected data inside the file"
-        )
     if dataset.shape is None or dataset.dtype.kind not in "biuf":
         raise DataError(
             f"'{path}' key '{key}': expected a numeric array, received dtype {dataset.dtype}"
@@ -359,14 +355,6 @@ def _h5_dataset(path, file, key):
         return dataset[()]
     except (OSError, TypeError, ValueError) as error:
         raise DataError(f"'{path}' key '{key}' cannot be read: {error}") from error
-
-
-def _open_h5(path):
-    """Opens `path` for reading, turning `OSError` into `DataError`."""
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"'{path}' is not a readable HDF5 file: {error}") from error
 
 
 def _open_npz(path):
@@ -409,7 +397,7 @@ def _npz_attrs(path, archive):
 def _read_raw(path):
     """Returns `(attrs, arrays)` of a result file, with the header checked."""
     if _read_kind(path) == "h5":
-        with _open_h5(path) as file:
+        with open_h5(path) as file:
             attrs = _h5_attrs(path, file)
             layout = _check_header(path, attrs)
             arrays = {key: _h5_dataset(path, file, key) for key in _LAYOUT_KEYS[layout]}
@@ -431,7 +419,7 @@ def read_result_attrs(path):
         DataError: when `path` is not a readable cascade result.
     """
     if _read_kind(path) == "h5":
-        with _open_h5(path) as file:
+        with open_h5(path) as file:
             attrs = _h5_attrs(path, file)
     else:
         with _open_npz(path) as archive:

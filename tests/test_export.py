@@ -493,7 +493,7 @@ def test_read_refuses_external_and_virtual_datasets(tmp_path):
         file.create_dataset(
             "flat_values", shape=(6, 2), dtype="f8", external=[(str(raw), 0, h5py.h5f.UNLIMITED)]
         )
-    with pytest.raises(DataError, match=f"{quoted(external)} key 'flat_values': refusing a dataset stored"):
+    with pytest.raises(DataError, match="keeps its data in external files.*nothing outside the file is read"):
         read_result(external)
 
     source = tmp_path / "source.h5"
@@ -506,7 +506,7 @@ def test_read_refuses_external_and_virtual_datasets(tmp_path):
         layout = h5py.VirtualLayout(shape=(6, 2), dtype="f8")
         layout[:] = h5py.VirtualSource(str(source), "x", shape=(6, 2))
         file.create_virtual_dataset("flat_values", layout)
-    with pytest.raises(DataError, match=f"{quoted(virtual)} key 'flat_values': refusing a dataset stored"):
+    with pytest.raises(DataError, match="'flat_values'.*is a virtual dataset.*nothing outside the file is read"):
         read_result(virtual)
 
 
