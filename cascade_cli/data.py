@@ -658,6 +658,41 @@ def _shape_text(shape) -> str:
     return str(tuple(int(n) for n in shape))
 
 
+def check_steps(steps, *, n_samples=None, outer_steps=None, max_steps=None, source: str = "the call"):
+    """Checks steps of the form `(Ta,)` or `(N, Ta)` without broadcasting them.
+
+    Args:
+        steps: array-like (or an eager tensor) of non-negative integers.
+        n_samples: `N`, or None when not known.
+        outer_steps: `Ta`, or None when not known.
+        max_steps: the largest value allowed, or None.
+        source: where the steps came from, e.g. `"'steps.txt'"` or `"--steps"`.
+
+    Returns:
+        `(Ta,)` or `(N, Ta)` `int64`.
+
+    Raises:
+        DataError: the shape fits neither form, a value is not a non-negative
+            integer, or a value is above `max_steps`.
+    """
+    array = np.asarray(steps.numpy() if hasattr(steps, "numpy") else steps)
+    ta = outer_steps if outer_steps is not None else (array.shape[-1] if array.ndim else None)
+    n = n_samples if n_samples is not None else (array.shape[0] if array.ndim == 2 else None)
+    if array.ndim not in (1, 2) or array.shape not in ((ta,), (n, ta)):
+        wanted = "(Ta,) or (N, Ta)"
+        if outer_steps is not None:
+            wanted = f"(Ta,)=({ta},) or (N, Ta)=({n if n is not None else 'N'}, {ta})"
+        raise DataError(f"steps from {source} have shape {_shape_text(array.shape)}, expected {wanted}")
+    array = _steps_from_array(array, source=source)
+    if max_steps is not None and array.size and array.max() > max_steps:
+        index = tuple(int(i) for i in np.argwhere(array > max_steps)[0])
+        raise DataError(
+            f"steps from {source} at index {index[0] if len(index) == 1 else index}: expected at most "
+            f"max_steps={max_steps}, received {array[index].item()}"
+        )
+    return array
+
+
 def broadcast_steps(steps, *, n_samples: int, outer_steps: int, source: str) -> np.ndarray:
     """Gives every sample its row of steps.
 
@@ -674,14 +709,7 @@ def broadcast_steps(steps, *, n_samples: int, outer_steps: int, source: str) -> 
         DataError: the shape fits neither form, or a value is not a
             non-negative integer.
     """
-    array = np.asarray(steps)
-    if array.shape not in ((outer_steps,), (n_samples, outer_steps)):
-        raise DataError(
-            f"steps from {source} have shape {_shape_text(array.shape)}, expected "
-            f"(Ta,)={_shape_text((outer_steps,))} or "
-            f"(N, Ta)={_shape_text((n_samples, outer_steps))}"
-        )
-    array = _steps_from_array(array, source=source)
+    array = check_steps(steps, n_samples=n_samples, outer_steps=outer_steps, source=source)
     if array.ndim == 1:
         return np.tile(array, (n_samples, 1)).reshape(n_samples, outer_steps)
     return array.copy()

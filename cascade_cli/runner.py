@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_cli.cells import split_b
+from cascade_cli.data import check_steps
 from cascade_cli.errors import CascadeError, DataError, ModelError
 from cascade_cli.models import check_pair
 
@@ -239,8 +240,10 @@ class Cascade:
         if tf.is_tensor(steps) and not hasattr(steps, "numpy"):
             steps = self._check_symbolic_steps(steps)
         else:
-            steps = tf.constant(check_steps_array(steps, n_samples=inputs.shape[0], outer_steps=static_ta,
-                                                  max_steps=self.max_steps))
+            steps = check_steps(steps, n_samples=inputs.shape[0], outer_steps=static_ta, max_steps=self.max_steps)
+            if steps.size and steps.max() > np.iinfo(np.int32).max:
+                raise DataError(f"steps must fit in int32; received {steps.max()}.")
+            steps = tf.constant(steps.astype(np.int32))
         if steps.shape.rank == 1:
             steps = tf.broadcast_to(steps[None, :], [n, ta])
         return tf.ensure_shape(steps, [inputs.shape[0], static_ta])
@@ -501,39 +504,3 @@ def _prefix_counts(sorted_lengths):
     histogram = tf.math.bincount(sorted_lengths, minlength=longest + 1, dtype=tf.int32)
     counts = tf.size(sorted_lengths) - tf.cumsum(histogram)
     return lambda j: counts[j]
-
-
-def check_steps_array(steps, *, n_samples=None, outer_steps=None, max_steps=None, source="steps"):
-    """Checks concrete steps and returns them as an int32 `(Ta,)` or `(N, Ta)` array.
-
-    Raises:
-        DataError: the steps are not integers, negative, above `max_steps`, or
-            of a shape other than `(Ta,)` or `(N, Ta)`.
-    """
-    if hasattr(steps, "numpy"):
-        steps = steps.numpy()
-    array = np.asarray(steps)
-    if array.dtype == object or array.dtype.kind in "USb":
-        raise DataError(f"{source} must be integers; received an array of dtype {array.dtype}.")
-    if array.dtype.kind == "f":
-        bad = ~np.isfinite(array) | (array != np.round(array))
-        if bad.any():
-            where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise DataError(f"{source} must be integers; received {array[where].item()!r} at index {where}.")
-    elif array.dtype.kind not in "iu":
-        raise DataError(f"{source} must be integers; received an array of dtype {array.dtype}.")
-    if array.ndim not in (1, 2):
-        raise DataError(f"{source} must have shape (Ta,) or (N, Ta); received shape {array.shape}.")
-    expected_ta = array.shape[-1] if outer_steps is None else outer_steps
-    if array.shape[-1] != expected_ta or (array.ndim == 2 and n_samples is not None and array.shape[0] != n_samples):
-        wanted = f"(Ta,)=({expected_ta},) or (N, Ta)=({n_samples}, {expected_ta})"
-        raise DataError(f"{source} have shape {array.shape}; expected {wanted} to match the inputs.")
-    if array.size and array.min() < 0:
-        where = tuple(int(i) for i in np.argwhere(array < 0)[0])
-        raise DataError(f"{source} must be >= 0; received {array[where].item()} at index {where}.")
-    if max_steps is not None and array.size and array.max() > max_steps:
-        where = tuple(int(i) for i in np.argwhere(array > max_steps)[0])
-        raise DataError(f"{source} must be <= max_steps={max_steps}; received {array[where].item()} at index {where}.")
-    if array.size and array.max() > np.iinfo(np.int32).max:
-        raise DataError(f"{source} must fit in int32; received {array.max()}.")
-    return array.astype(np.int32)

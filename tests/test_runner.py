@@ -275,12 +275,12 @@ def test_rows_processed_equal_sum_of_steps(state, compiled):
 @pytest.mark.parametrize(
     "steps, words",
     [
-        (np.array([1, -2, 0, 1]), r"must be >= 0; received -2 at index \(1,\)"),
-        (np.array([1.5, 2, 0, 1]), r"must be integers; received 1.5"),
-        (np.array([[1, 2, 3]]), r"shape \(1, 3\); expected \(Ta,\)=\(4,\) or \(N, Ta\)=\(3, 4\)"),
-        (np.ones((3, 4, 1), int), r"shape \(Ta,\) or \(N, Ta\); received shape \(3, 4, 1\)"),
-        (np.array(["a", "b", "c", "d"]), r"must be integers; received an array of dtype <U1"),
-        (np.ones((2, 4), int), r"shape \(2, 4\); expected"),
+        (np.array([1, -2, 0, 1]), r"at index 1: expected a non-negative integer, received -2"),
+        (np.array([1.5, 2, 0, 1]), r"at index 0: expected a non-negative integer, received 1.5"),
+        (np.array([[1, 2, 3]]), r"shape \(1, 3\), expected \(Ta,\)=\(4,\) or \(N, Ta\)=\(3, 4\)"),
+        (np.ones((3, 4, 1), int), r"shape \(3, 4, 1\), expected \(Ta,\)=\(4,\) or \(N, Ta\)=\(3, 4\)"),
+        (np.array(["a", "b", "c", "d"]), r"have dtype <U1: expected integers"),
+        (np.ones((2, 4), int), r"shape \(2, 4\), expected"),
     ],
 )
 def test_bad_steps(steps, words):

@@ -115,7 +115,7 @@ def test_bad_stop_settings():
         Cascade(a, b, max_steps=0)
     with pytest.raises(CascadeError, match="non-negative integer"):
         StopRule.token(-1)
-    with pytest.raises(DataError, match=r"must be <= max_steps=6; received 7 at index \(0, 1\)"):
+    with pytest.raises(DataError, match=r"at index \(0, 1\): expected at most max_steps=6, received 7"):
         Cascade(a, b, max_steps=MAX_STEPS)(builders.inputs(1, 3), np.array([[1, 7, 0]]))
     with pytest.raises(CascadeError, match="steps are required unless max_steps is set"):
         Cascade(a, b)(builders.inputs(1, 3))
