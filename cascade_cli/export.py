@@ -64,7 +64,7 @@ def _pid_alive(pid):
 def _remove_stale_temps(path):
     """Removes temporary files of `path` left by processes that are no longer alive."""
     prefix = _temp_prefix(path)
-    pattern = re.compile(r"(\d+)-[0-9a-f]+")
+    pattern = re.compile(r"(\d+)-[0-9a-f]+(\.\w+)?")
     with contextlib.suppress(OSError):
         for entry in os.scandir(path.parent):
             if not entry.name.startswith(prefix):
@@ -105,16 +105,18 @@ def check_output_path(path, *, overwrite=False):
 
 
 @contextlib.contextmanager
-def atomic_output(path, *, overwrite=False):
+def atomic_output(path, *, overwrite=False, suffix=""):
     """Yields a temporary path in the target's folder and renames it onto `path` on success.
 
-    The temporary name is `.{name}.cascade-tmp-{pid}-{random}`. When the body
+    The temporary name is `.{name}.cascade-tmp-{pid}-{random}{suffix}`. When the body
     raises, the temporary file is removed and `path` is left untouched.
     Temporary files of the same target left by dead processes are removed.
 
     Args:
         path: the output file.
         overwrite: whether an existing file may be replaced.
+        suffix: ends the temporary name, for writers that insist on one
+            (Keras saves only to names ending in `.keras`).
 
     Yields:
         The temporary `Path` the body must write.
@@ -125,7 +127,7 @@ def atomic_output(path, *, overwrite=False):
     """
     path = check_output_path(path, overwrite=overwrite)
     _remove_stale_temps(path)
-    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
+    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
     try:
         yield temp
         if not temp.exists():

@@ -530,3 +530,16 @@ def test_read_unreadable_files(tmp_path):
         read_result(tmp_path / "out.dat")
     with pytest.raises(DataError, match="is a folder"):
         read_result(tmp_path)
+
+
+def test_atomic_output_suffix_and_its_stale_temps(tmp_path):
+    target = tmp_path / "model.keras"
+    with atomic_output(target, suffix=".keras") as temp:
+        assert temp.name.endswith(".keras") and temp.name.startswith(".model.keras.cascade-tmp-")
+        temp.write_bytes(b"first")
+    stale = tmp_path / ".model.keras.cascade-tmp-999999999-abcd1234.keras"  # no such pid
+    stale.write_bytes(b"half")
+    with atomic_output(target, overwrite=True, suffix=".keras") as temp:
+        temp.write_bytes(b"second")
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
