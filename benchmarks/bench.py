@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 1
-METHODS = ("cascade", "nested", "limit", "model_a")
-STATEFUL_METHODS = ("cascade", "nested")
+METHODS = ("cascade", "cascade_xla", "nested", "limit", "limit_xla", "model_a", "model_a_xla")
+STATEFUL_METHODS = ("cascade", "cascade_xla", "nested")
+# The two variants of the runner the targets judge, each with the A alone it is measured beyond.
+VARIANTS = ("cascade", "cascade_xla")
+A_OF_VARIANT = {"cascade": "model_a", "cascade_xla": "model_a_xla"}
 STATES = ("reset", "carry")
 DIRECTIONS = ("forward", "forward+backward")
 NO_STATE = "-"
@@ -161,24 +164,56 @@ def build_models(*, features, hidden, outputs, seed=0):
     return model_a, model_b
 
 
-def make_function(method, model_a, model_b, *, state, direction):
+def xla_model(model):
+    """Returns `model` run under XLA as the runner's `jit_compile=True` runs A.
+
+    The same compiled call `Cascade(..., jit_compile=True)` uses for A (forward
+    under XLA, gradient recomputed under XLA), so `model_a_xla` and `limit_xla`
+    measure exactly what `cascade_xla` does with A. Inference only: the
+    returned `call(inputs, training=False)` refuses `training=True`.
+    """
+    from cascade_cli.runner import xla_inference  # the runner's own; no public name for it yet
+
+    compiled = xla_inference(model)
+
+    def call(inputs, training=False):
+        if training is not False:
+            raise ValueError(f"{model.name} under XLA runs in inference only. Received: training={training!r}")
+        return compiled(inputs)
+
+    return call
+
+
+def make_function(method, model_a, model_b, *, state, direction, shared=None):
     """Returns the `tf.function(inputs, steps)` to time for one method.
 
     Every function is traced once, for inputs `(None, None, F)` float32 and
-    steps `(None, None)` int32, so the cases share one graph per method.
+    steps `(None, None)` int32, so the cases share one graph per method (the
+    XLA parts compile once per input shape, during the warm-up).
+
+    Every method runs both models with `training=False` in both directions:
+    the comparison is like for like, and XLA (inference only) is really used.
 
     `forward` returns the method's outputs; `forward+backward` returns the
     gradient of the sum of its outputs with respect to every trainable weight
-    of A and B (A's only, for `model_a`).
+    of A and B (A's only, for `model_a` and `model_a_xla`).
+
+    `shared`, a dict kept across calls for the same models, lets functions
+    reuse one runner per method and state and one XLA-compiled A: each XLA
+    instance compiles again for every input shape, which is slow to warm up.
     """
     import tensorflow as tf
 
     from benchmarks.nested import limit, nested_loops
 
-    if method == "cascade":
+    shared = {} if shared is None else shared
+    if method in ("cascade", "cascade_xla"):
         from cascade_cli.runner import Cascade
 
-        cascade = Cascade(model_a, model_b, state=state)
+        key = (method, state)
+        if key not in shared:
+            shared[key] = Cascade(model_a, model_b, state=state, jit_compile=method == "cascade_xla")
+        cascade = shared[key]
 
         def run(inputs, steps, training):
             return cascade(inputs, steps, training=training)
@@ -202,10 +237,32 @@ def make_function(method, model_a, model_b, *, state, direction):
         def flat(result):
             return result
 
+    elif method == "limit_xla":
+        if "model_a_xla" not in shared:
+            shared["model_a_xla"] = xla_model(model_a)
+        model_a_xla = shared["model_a_xla"]
+
+        def run(inputs, steps, training):
+            return limit(model_a_xla, model_b, inputs, steps, training=training)
+
+        def flat(result):
+            return result
+
     elif method == "model_a":
 
         def run(inputs, steps, training):
             return model_a(inputs, training=training)
+
+        def flat(result):
+            return result
+
+    elif method == "model_a_xla":
+        if "model_a_xla" not in shared:
+            shared["model_a_xla"] = xla_model(model_a)
+        model_a_xla = shared["model_a_xla"]
+
+        def run(inputs, steps, training):
+            return model_a_xla(inputs, training=training)
 
         def flat(result):
             return result
@@ -222,11 +279,11 @@ def make_function(method, model_a, model_b, *, state, direction):
         return tf.function(
             lambda inputs, steps: run(inputs, steps, False), input_signature=signature, reduce_retracing=True
         )
-    weights = model_a.trainable_variables + ([] if method == "model_a" else model_b.trainable_variables)
+    weights = model_a.trainable_variables + ([] if method.startswith("model_a") else model_b.trainable_variables)
 
     def forward_backward(inputs, steps):
         with tf.GradientTape() as tape:
-            total = tf.reduce_sum(flat(run(inputs, steps, True)))
+            total = tf.reduce_sum(flat(run(inputs, steps, False)))
         return tape.gradient(total, weights)
 
     return tf.function(forward_backward, input_signature=signature, reduce_retracing=True)
@@ -329,6 +386,7 @@ def run_benchmark(run_plan, *, log=print):
     rng = np.random.default_rng(0)
     models = {}
     functions = {}
+    shared = {}  # per H: the runners and XLA-compiled A the functions share
     timings = []
     for case in run_plan.speed_cases + run_plan.zero_cases:
         if case.hidden not in models:
@@ -348,7 +406,12 @@ def run_benchmark(run_plan, *, log=print):
                 if key not in functions:
                     try:
                         functions[key] = make_function(
-                            method, model_a, model_b, state=state if state != NO_STATE else "reset", direction=direction
+                            method,
+                            model_a,
+                            model_b,
+                            state=state if state != NO_STATE else "reset",
+                            direction=direction,
+                            shared=shared.setdefault(case.hidden, {}),
                         )
                     except Exception as error:  # e.g. the runner is missing: time the others
                         functions[key] = _raiser(error)
@@ -389,7 +452,7 @@ def _median(timings, name, direction, state, method):
     return None
 
 
-def _target(name, case, direction, state, measured, threshold, comparison, detail):
+def _target(name, method, case, direction, state, measured, threshold, comparison, detail):
     """Builds one target record; `measured` is `None` when a timing is missing."""
     if measured is None:
         passed = None
@@ -397,6 +460,7 @@ def _target(name, case, direction, state, measured, threshold, comparison, detai
         passed = measured >= threshold if comparison == ">=" else measured <= threshold
     return {
         "name": name,
+        "method": method,
         "case": case,
         "direction": direction,
         "state": state,
@@ -417,57 +481,85 @@ def _ratio(numerator, denominator):
 def evaluate_targets(run_plan, timings):
     """Returns the targets of issue 7, each measured and marked passed or not.
 
-    - forward, reset: nested / cascade >= 10 at N=1, 5 at N=8, 3 at N=64;
-    - forward+backward at N=64: nested / cascade >= 4 (judged for both states);
-    - reset: cascade / limit <= 1.2 at every case and direction;
-    - skipping is free: (cascade - A) at 90% zeros / (cascade - A) at 0% zeros <= 0.2,
-      for each state and direction.
+    Every target is judged for each variant of the runner, `cascade` (the
+    default) and `cascade_xla` (`jit_compile=True`), one record each, named in
+    its `method`:
+
+    - forward, reset: nested / variant >= 10 at N=1, 5 at N=8, 3 at N=64;
+    - forward+backward at N=64: nested / variant >= 4 (judged for both states);
+    - reset: variant / limit <= 1.2 at every case and direction, `limit` being
+      the issue's (A's plain call + one B call); for `cascade_xla` also
+      cascade_xla / limit_xla (A under XLA + the same B call), the runner's own
+      overhead when A gets XLA too, as "close to the XLA limit";
+    - skipping is free: (variant - its A) at 90% zeros / (variant - its A) at
+      0% zeros <= 0.2, for each state and direction; "its A" is `model_a` for
+      `cascade` and `model_a_xla` for `cascade_xla`.
     """
     targets = []
     for case, threshold in zip(run_plan.speed_cases[:3], (10.0, 5.0, 3.0)):
-        speedup = _ratio(
-            _median(timings, case.name, "forward", "reset", "nested"),
-            _median(timings, case.name, "forward", "reset", "cascade"),
-        )
-        targets.append(_target("faster than nested loops", case.name, "forward", "reset", speedup, threshold, ">=", "nested / cascade"))
+        for method in VARIANTS:
+            speedup = _ratio(
+                _median(timings, case.name, "forward", "reset", "nested"),
+                _median(timings, case.name, "forward", "reset", method),
+            )
+            targets.append(
+                _target(
+                    "faster than nested loops", method, case.name, "forward", "reset", speedup, threshold, ">=", f"nested / {method}"
+                )
+            )
     case = run_plan.speed_cases[2]
     for state in STATES:
-        speedup = _ratio(
-            _median(timings, case.name, "forward+backward", state, "nested"),
-            _median(timings, case.name, "forward+backward", state, "cascade"),
-        )
-        targets.append(
-            _target("faster than nested loops", case.name, "forward+backward", state, speedup, 4.0, ">=", "nested / cascade")
-        )
+        for method in VARIANTS:
+            speedup = _ratio(
+                _median(timings, case.name, "forward+backward", state, "nested"),
+                _median(timings, case.name, "forward+backward", state, method),
+            )
+            targets.append(
+                _target(
+                    "faster than nested loops", method, case.name, "forward+backward", state, speedup, 4.0, ">=", f"nested / {method}"
+                )
+            )
     for case in run_plan.speed_cases + run_plan.zero_cases:
         for direction in DIRECTIONS:
+            limit = _median(timings, case.name, direction, NO_STATE, "limit")
+            for method in VARIANTS:
+                ratio = _ratio(_median(timings, case.name, direction, "reset", method), limit)
+                targets.append(
+                    _target("close to the limit", method, case.name, direction, "reset", ratio, 1.2, "<=", f"{method} / limit")
+                )
             ratio = _ratio(
-                _median(timings, case.name, direction, "reset", "cascade"),
-                _median(timings, case.name, direction, NO_STATE, "limit"),
+                _median(timings, case.name, direction, "reset", "cascade_xla"),
+                _median(timings, case.name, direction, NO_STATE, "limit_xla"),
             )
-            targets.append(_target("close to the limit", case.name, direction, "reset", ratio, 1.2, "<=", "cascade / limit"))
+            targets.append(
+                _target(
+                    "close to the XLA limit", "cascade_xla", case.name, direction, "reset", ratio, 1.2, "<=", "cascade_xla / limit_xla"
+                )
+            )
     none_zero, _, most_zero = run_plan.zero_cases
     for direction in DIRECTIONS:
         for state in STATES:
+            for method in VARIANTS:
 
-            def beyond_a(case):
-                cascade = _median(timings, case.name, direction, state, "cascade")
-                model_a = _median(timings, case.name, direction, NO_STATE, "model_a")
-                return None if cascade is None or model_a is None else cascade - model_a
+                def beyond_a(case):
+                    variant = _median(timings, case.name, direction, state, method)
+                    model_a = _median(timings, case.name, direction, NO_STATE, A_OF_VARIANT[method])
+                    return None if variant is None or model_a is None else variant - model_a
 
-            ratio = _ratio(beyond_a(most_zero), beyond_a(none_zero))
-            targets.append(
-                _target(
-                    "skipping is free",
-                    f"N={most_zero.batch} Ta={most_zero.outer} H={most_zero.hidden} zeros=90% vs 0%",
-                    direction,
-                    state,
-                    ratio,
-                    0.2,
-                    "<=",
-                    "(cascade - A) at 90% zeros / (cascade - A) at 0% zeros",
+                ratio = _ratio(beyond_a(most_zero), beyond_a(none_zero))
+                targets.append(
+                    _target(
+                        "skipping is free",
+                        method,
+                        f"N={most_zero.batch} Ta={most_zero.outer} H={most_zero.hidden} zeros=90% vs 0%",
+                        direction,
+                        state,
+                        ratio,
+                        0.2,
+                        "<=",
+                        f"({method} - {A_OF_VARIANT[method]}) at 90% zeros / ({method} - {A_OF_VARIANT[method]}) at 0% zeros",
+                    )
                 )
-            )
     return targets
 
 
@@ -488,35 +580,44 @@ def timing_rows(run_plan, timings):
     rows = []
     for case in run_plan.speed_cases + run_plan.zero_cases:
         for direction in DIRECTIONS:
-            limit = _median(timings, case.name, direction, NO_STATE, "limit")
-            model_a = _median(timings, case.name, direction, NO_STATE, "model_a")
+            shared = {
+                method: _median(timings, case.name, direction, NO_STATE, method)
+                for method in ("limit", "limit_xla", "model_a", "model_a_xla")
+            }
             for state in STATES:
-                cascade = _median(timings, case.name, direction, state, "cascade")
-                nested = _median(timings, case.name, direction, state, "nested")
+                cascade, cascade_xla, nested = (
+                    _median(timings, case.name, direction, state, method) for method in STATEFUL_METHODS
+                )
                 rows.append(
                     [
                         case.name,
                         direction,
                         state,
-                        _format_seconds(cascade),
-                        _format_seconds(nested),
-                        _format_seconds(limit),
-                        _format_seconds(model_a),
+                        *(_format_seconds(value) for value in (cascade, cascade_xla, nested)),
+                        *(_format_seconds(shared[method]) for method in ("limit", "limit_xla", "model_a", "model_a_xla")),
                         _format_ratio(_ratio(nested, cascade)),
-                        _format_ratio(_ratio(cascade, limit)),
+                        _format_ratio(_ratio(nested, cascade_xla)),
+                        _format_ratio(_ratio(cascade, shared["limit"])),
+                        _format_ratio(_ratio(cascade_xla, shared["limit"])),
+                        _format_ratio(_ratio(cascade_xla, shared["limit_xla"])),
                     ]
                 )
     return rows
 
 
-TIMING_HEADER = ["case", "direction", "state", "cascade ms", "nested ms", "limit ms", "A ms", "nested / cascade", "cascade / limit"]
-TARGET_HEADER = ["target", "case", "direction", "state", "measured", "needs", "verdict"]
+TIMING_HEADER = [
+    "case", "direction", "state",
+    "cascade ms", "cascade_xla ms", "nested ms", "limit ms", "limit_xla ms", "A ms", "A_xla ms",
+    "nested / cascade", "nested / cascade_xla", "cascade / limit", "cascade_xla / limit", "cascade_xla / limit_xla",
+]  # fmt: skip
+TARGET_HEADER = ["target", "variant", "case", "direction", "state", "measured", "needs", "verdict"]
 
 
 def target_rows(targets):
     return [
         [
             target["name"],
+            target.get("method", "cascade"),  # runs from before cascade_xla judged the default runner only
             target["case"],
             target["direction"],
             target["state"],
@@ -529,9 +630,9 @@ def target_rows(targets):
 
 
 def target_legend(targets):
-    """Returns one line per kind of target: what its measured number is."""
-    details = dict((target["name"], target["detail"]) for target in targets)
-    return [f"{name}: {detail}" for name, detail in details.items()]
+    """Returns one line per kind of target and variant: what its measured number is."""
+    details = dict(((target["name"], target.get("method", "cascade")), target["detail"]) for target in targets)
+    return [f"{name} ({method}): {detail}" for (name, method), detail in details.items()]
 
 
 def errors_of(timings):
@@ -545,7 +646,7 @@ def print_tables(run_plan, timings, targets):
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=160)  # a pipe or a log: do not squeeze the tables into 80 columns
+        console = Console(width=220)  # a pipe or a log: do not squeeze the tables into 80 columns
     table = Table(title="median times (ms)")
     for column in TIMING_HEADER:
         table.add_column(column, justify="left" if column in ("case", "direction", "state") else "right")
@@ -577,8 +678,23 @@ def render_markdown(report, notes=""):
         "",
         "Written by `python -m benchmarks.bench` (see `benchmarks/README.md`); medians of the",
         "timed runs after a warm-up, all methods in one process on the same models, inputs",
-        "and steps. `limit` and `A` do not depend on the state mode. Ratios, not times, are",
-        "what the targets of issue 7 judge.",
+        "and steps, every one with `training=False` in both directions. `limit`, `limit_xla`,",
+        "`A` and `A_xla` do not depend on the state mode. Ratios, not times, are what the",
+        "targets of issue 7 judge.",
+        "",
+        "Which is which:",
+        "",
+        "- `cascade`: the packed runner as it comes, `Cascade(model_a, model_b, state=...)`.",
+        "- `cascade_xla`: the same with `jit_compile=True`: model A runs under XLA (the packed",
+        "  loop over B stays outside XLA). Every target is judged for both, one row each.",
+        "- `limit`: the issue's limit, the work no runner can avoid with A as it is: A's plain",
+        "  Keras call plus one non-recurrent call of B on every useful `(pair, step)` row.",
+        "  \"close to the limit\" divides each variant by this one.",
+        "- `limit_xla`: A under XLA (the runner's own compiled call) plus the same single B",
+        "  call. With XLA on A the fair limit has XLA on A too, so \"close to the XLA limit\"",
+        "  (`cascade_xla / limit_xla`) is the runner's own overhead beyond that work.",
+        "- `A`, `A_xla`: model A alone, plain and under XLA; \"skipping is free\" measures each",
+        "  variant beyond its own A (`cascade - A`, `cascade_xla - A_xla`).",
     ]
     for run in report.get("runs", []):
         machine = run["machine"]

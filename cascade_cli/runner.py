@@ -154,7 +154,7 @@ class Cascade:
             layer for layer in model_b._flatten_layers(include_self=False) if hasattr(layer, "reset_dropout_mask")
         ]
         self._split = split_b(model_b) if fast_cells and self.b_spec.form == "step" else None
-        self._xla_a = _xla_inference(model_a) if jit_compile else None
+        self._xla_a = xla_inference(model_a) if jit_compile else None
 
     # ------------------------------------------------------------------ public
 
@@ -454,7 +454,7 @@ class Cascade:
         return tf.gather_nd(y, index), caps
 
 
-def _xla_inference(model):
+def xla_inference(model):
     """`model(x, training=False)` compiled by XLA, with a gradient that recomputes it under XLA.
 
     XLA cannot hand the loop intermediates of a compiled RNN to TensorFlow's own

@@ -203,8 +203,13 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert timed == set(bench.planned_timings(bench.plan(quick=True)))
     assert all(case["median_s"] > 0 and len(case["times_s"]) >= 1 for case in run["timings"])
     assert run["machine"]["cpu_count"] == __import__("os").cpu_count()
-    assert {target["name"] for target in run["targets"]} >= {"skipping is free"}
-    assert (tmp_path / "RESULTS.md").read_text().startswith("# Benchmark results")
+    assert {(target["name"], target["method"]) for target in run["targets"]} == {
+        (name, method) for name in ("faster than nested loops", "close to the limit", "skipping is free") for method in bench.VARIANTS
+    } | {("close to the XLA limit", "cascade_xla")}
+    assert not [case for case in run["timings"] if "error" in case]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("# Benchmark results")
+    assert "| cascade_xla / limit_xla |" in text and "`limit_xla`: A under XLA" in text
 
 
 def test_peak_rss_sees_the_child_alone():
@@ -278,24 +283,87 @@ def test_write_report_keeps_other_devices_and_notes(tmp_path):
 
 def test_targets_are_judged_from_medians():
     run_plan = bench.plan(quick=True)
+    medians = {
+        "cascade": 1.0, "cascade_xla": 0.8, "nested": 4.0, "limit": 0.9, "limit_xla": 0.5, "model_a": 0.5, "model_a_xla": 0.1
+    }  # fmt: skip
     timings = [
-        {"name": name, "direction": direction, "state": state, "method": method, "median_s": time}
+        {"name": name, "direction": direction, "state": state, "method": method, "median_s": medians[method]}
         for name, direction, state, method in bench.planned_timings(run_plan)
-        for time in [{"cascade": 1.0, "nested": 4.0, "limit": 0.9, "model_a": 0.5}[method]]
     ]
-    # 90% zeros: cascade 0.55 -> (0.55 - 0.5) / (1.0 - 0.5) = 0.1
+    # 90% zeros: cascade 0.55 -> (0.55 - 0.5) / (1.0 - 0.5) = 0.1; cascade_xla 0.3 -> (0.3 - 0.1) / (0.8 - 0.1)
     for timing in timings:
-        if timing["name"] == run_plan.zero_cases[2].name and timing["method"] == "cascade":
-            timing["median_s"] = 0.55
+        if timing["name"] == run_plan.zero_cases[2].name and timing["method"] in bench.VARIANTS:
+            timing["median_s"] = {"cascade": 0.55, "cascade_xla": 0.3}[timing["method"]]
     targets = bench.evaluate_targets(run_plan, timings)
-    verdicts = [(t["name"], t["threshold"], round(t["measured"], 3), t["passed"]) for t in targets]
-    assert verdicts[:5] == [
-        ("faster than nested loops", 10.0, 4.0, False),
-        ("faster than nested loops", 5.0, 4.0, False),
-        ("faster than nested loops", 3.0, 4.0, True),
-        ("faster than nested loops", 4.0, 4.0, True),
-        ("faster than nested loops", 4.0, 4.0, True),
+    verdicts = [(t["name"], t["method"], t["threshold"], round(t["measured"], 3), t["passed"]) for t in targets]
+    assert verdicts[:10] == [
+        ("faster than nested loops", "cascade", 10.0, 4.0, False),
+        ("faster than nested loops", "cascade_xla", 10.0, 5.0, False),
+        ("faster than nested loops", "cascade", 5.0, 4.0, False),
+        ("faster than nested loops", "cascade_xla", 5.0, 5.0, True),
+        ("faster than nested loops", "cascade", 3.0, 4.0, True),
+        ("faster than nested loops", "cascade_xla", 3.0, 5.0, True),
+        ("faster than nested loops", "cascade", 4.0, 4.0, True),
+        ("faster than nested loops", "cascade_xla", 4.0, 5.0, True),
+        ("faster than nested loops", "cascade", 4.0, 4.0, True),
+        ("faster than nested loops", "cascade_xla", 4.0, 5.0, True),
     ]
-    assert ("close to the limit", 1.2, round(1 / 0.9, 3), True) in verdicts
-    assert ("close to the limit", 1.2, round(0.55 / 0.9, 3), True) in verdicts
-    assert verdicts[-4:] == [("skipping is free", 0.2, 0.1, True)] * 4
+    # Every case and direction: each variant against the issue's limit, then cascade_xla against limit_xla.
+    first_case = verdicts[10:13]
+    assert first_case == [
+        ("close to the limit", "cascade", 1.2, round(1 / 0.9, 3), True),
+        ("close to the limit", "cascade_xla", 1.2, round(0.8 / 0.9, 3), True),
+        ("close to the XLA limit", "cascade_xla", 1.2, 1.6, False),
+    ]
+    close = [v for v in verdicts if v[0].startswith("close to the")]
+    assert len(close) == 3 * 2 * len(run_plan.speed_cases + run_plan.zero_cases)
+    assert ("close to the limit", "cascade", 1.2, round(0.55 / 0.9, 3), True) in close
+    assert ("close to the XLA limit", "cascade_xla", 1.2, round(0.3 / 0.5, 3), True) in close
+    assert verdicts[-8:] == [
+        ("skipping is free", "cascade", 0.2, 0.1, True),
+        ("skipping is free", "cascade_xla", 0.2, round(0.2 / 0.7, 3), False),
+    ] * 4
+    assert len({(t["name"], t["method"], t["case"], t["direction"], t["state"]) for t in targets}) == len(targets)
+
+
+def test_target_rows_name_the_variant_and_read_old_runs():
+    run_plan = bench.plan(quick=True)
+    targets = bench.evaluate_targets(run_plan, [])
+    rows = bench.target_rows(targets)
+    assert [row[:2] for row in rows[:2]] == [["faster than nested loops", "cascade"], ["faster than nested loops", "cascade_xla"]]
+    assert all(row[-1] == "n/a" for row in rows)
+    old = {key: value for key, value in targets[0].items() if key != "method"}  # results.json before cascade_xla
+    assert bench.target_rows([old])[0][1] == "cascade"
+    assert "close to the XLA limit (cascade_xla): cascade_xla / limit_xla" in bench.target_legend(targets)
+    assert len(bench.timing_rows(run_plan, [])[0]) == len(bench.TIMING_HEADER)
+
+
+@needs_runner
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m.endswith("_xla") else m for m in bench.METHODS]
+)
+def test_every_method_runs_the_models_in_inference_both_ways(method):
+    """A with a Dropout(0.5) at its end gives the same gradients as A without it.
+
+    Only with `training=False` is the Dropout the identity: with `training=True`
+    it would drop half the IR, and its gradients, at random. (Forward alone
+    always ran in inference; forward+backward is the direction to guard.)
+    """
+    keras.utils.set_random_seed(5)
+    sequence = keras.Input(shape=(None, FEATURES))
+    gru = keras.layers.GRU(HIDDEN, return_sequences=True)
+    plain_a = keras.Model(sequence, gru(sequence))
+    dropout_a = keras.Model(sequence, keras.layers.Dropout(0.5)(gru(sequence)))
+    model_b = build_model_b(6)
+    inputs = tf.constant(np.random.default_rng(1).normal(size=(*STEPS.shape, FEATURES)).astype(np.float32))
+    steps = tf.constant(STEPS)
+    state = "carry" if method in bench.STATEFUL_METHODS else "reset"
+    expected = bench.make_function(method, plain_a, model_b, state=state, direction="forward+backward")(inputs, steps)
+    got = bench.make_function(method, dropout_a, model_b, state=state, direction="forward+backward")(inputs, steps)
+    weights = plain_a.trainable_variables + ([] if method.startswith("model_a") else model_b.trainable_variables)
+    assert len(got) == len(expected) == len(weights)
+    for value, reference_value in zip(got, expected):
+        np.testing.assert_allclose(value, reference_value, rtol=1e-5, atol=1e-6)
+    if method.endswith("_xla"):  # really the XLA call: it refuses training mode
+        with pytest.raises(ValueError, match="inference only"):
+            bench.xla_model(plain_a)(inputs, training=True)
