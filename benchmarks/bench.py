@@ -172,7 +172,7 @@ def xla_model(model):
     measure exactly what `cascade_xla` does with A. Inference only: the
     returned `call(inputs, training=False)` refuses `training=True`.
     """
-    from cascade_cli.runner import xla_inference  # the runner's own; no public name for it yet
+    from cascade_cli.runner import xla_inference
 
     compiled = xla_inference(model)
 
