@@ -1,0 +1,1058 @@
+"""The `cascade` command line: parse, build a config, call the library, render.
+
+Commands: `generate`, `export`, `train`, `inspect` and `demo` (DESIGN section
+5). Each is a thin skin over the Python API. This is the only place where
+errors become exit codes: a `CascadeError` from the library becomes one
+`Error: ...` line and exit code 1, a bad combination of flags is a click usage
+error (exit code 2), and no traceback reaches a user for either.
+
+TensorFlow is imported inside the commands that need it, quietly (its C++ start-up
+chatter is dropped, `TF_CPP_MIN_LOG_LEVEL` defaults to 3), so `cascade --help`
+and the inspection of a data file stay fast. Progress and summaries go to
+stderr, so stdout stays clean for pipes; `inspect` and `demo` print their
+report on stdout.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import click  # noqa: E402 (after the environment TensorFlow reads)
+
+from cascade_cli import __version__  # noqa: E402
+from cascade_cli.errors import CascadeError, DataError  # noqa: E402
+
+STATE_MODES = ("reset", "carry")
+STATE_INITS = ("zeros", "ir")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+LOSSES = ("mse", "mae", "categorical-crossentropy")
+RESULT_SUFFIXES = {".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"}
+DEMO_EPOCHS = 20
+DEMO_LEARNING_RATE = 0.01
+DEMO_FILES = {
+    "trained": "trained",
+    "result": "generated.h5",
+    "padded": "generated_padded.npz",
+    "csv": "generated.csv",
+}
+HISTOGRAM_ROWS = 16
+HISTOGRAM_WIDTH = 40
+
+
+# ----------------------------------------------------------------- the edge
+
+
+def _one_line(text):
+    """Joins a message's lines so it prints as one `Error: ...` line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "unknown error"
+
+
+def _os_error_message(error):
+    """Describes an `OSError` the way the library describes its errors."""
+    name = getattr(error, "filename", None)
+    reason = error.strerror or str(error)
+    if name:
+        return f"'{name}': {reason}."
+    return f"{reason}."
+
+
+class CascadeGroup(click.Group):
+    """A click group that turns library errors into one `Error: ...` line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CascadeError as error:
+            raise click.ClickException(_one_line(error)) from None
+        except MemoryError:
+            raise click.ClickException("ran out of memory; try a smaller --batch-size.") from None
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise click.ClickException(_one_line(_os_error_message(error))) from None
+        except Exception as error:
+            if type(error).__name__ == "ResourceExhaustedError":  # TensorFlow out of memory
+                raise click.ClickException(
+                    f"ran out of memory: {_one_line(getattr(error, 'message', error))[:200]}; "
+                    "try a smaller --batch-size."
+                ) from None
+            raise
+
+
+@contextlib.contextmanager
+def _quiet_fd(fd):
+    """Sends what is written to file descriptor `fd` to the null device while the block runs."""
+    saved = os.dup(fd)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(null)
+
+
+def _load_tensorflow():
+    """Imports TensorFlow and Keras once, without their start-up log lines.
+
+    TensorFlow's C++ side logs (oneDNN, CUDA stubs) while it loads, before
+    `TF_CPP_MIN_LOG_LEVEL` is honoured; those lines go to the null device.
+    A failing import still raises its Python error, so real problems show.
+    """
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    with _quiet_fd(2):
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    import logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def _say(console, text, **style):
+    """Prints plain text (no markup, no wrapping) on a rich console."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True, **style)
+
+
+def _consoles():
+    from cascade_cli.progress import stderr_console, stdout_console
+
+    return stderr_console(), stdout_console()
+
+
+# ------------------------------------------------------------ shared options
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """The two model files and how to load them (`--model-a`, `--model-b`, `--unsafe`, `--allow-legacy-h5`)."""
+
+    model_a: str
+    model_b: str
+    unsafe: bool = False
+    allow_legacy_h5: bool = False
+
+    def load(self, console):
+        """Loads `(model_a, model_b)`; warns loudly on `console` when safe mode is off."""
+        return load_models([self.model_a, self.model_b], ["model A", "model B"], console=console,
+                           unsafe=self.unsafe, allow_legacy_h5=self.allow_legacy_h5)
+
+
+def load_models(paths, roles, *, console, unsafe, allow_legacy_h5):
+    """Loads model files with `models.load_model`, warning on `console` when `unsafe`."""
+    if unsafe:
+        names = ", ".join(f"'{path}'" for path in paths)
+        _say(
+            console,
+            f"WARNING: --unsafe turns Keras safe mode off: code stored in {names} (Lambda layers) "
+            "will run on this machine. Use it only for files you trust.",
+            style="bold red",
+        )
+    _load_tensorflow()
+    from cascade_cli.models import load_model
+
+    return [
+        load_model(path, role=role, safe_mode=not unsafe, allow_legacy_h5=allow_legacy_h5)
+        for path, role in zip(paths, roles)
+    ]
+
+
+_LOAD_OPTIONS = (
+    click.option("--unsafe", is_flag=True,
+                 help="Load models with Keras safe mode off, running code stored in them (Lambda "
+                      "layers). Only for files you trust."),
+    click.option("--allow-legacy-h5", is_flag=True, help="Also load legacy Keras .h5 model files."),
+)
+
+_MODEL_OPTIONS = (
+    click.option("--model-a", "model_a", required=True, metavar="A.keras",
+                 help="Model A, (batch, Ta, F) -> (batch, Ta, H): a local .keras file."),
+    click.option("--model-b", "model_b", required=True, metavar="B.keras",
+                 help="Model B, step form [x, *states] -> [y, *states] or causal sequence form "
+                      "(batch, T, H) -> (batch, T, O): a local .keras file."),
+) + _LOAD_OPTIONS
+
+
+def _apply(options, function):
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def load_options(command):
+    """Adds `--unsafe` and `--allow-legacy-h5` to a command."""
+    return _apply(_LOAD_OPTIONS, command)
+
+
+def model_options(command):
+    """Adds `--model-a`, `--model-b`, `--unsafe` and `--allow-legacy-h5`, passed on as `models: ModelFiles`."""
+
+    @functools.wraps(command)
+    def wrapper(*args, model_a, model_b, unsafe, allow_legacy_h5, **kwargs):
+        files = ModelFiles(model_a, model_b, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
+        return command(*args, models=files, **kwargs)
+
+    return _apply(_MODEL_OPTIONS, wrapper)
+
+
+def _check_output(path, *, overwrite):
+    from cascade_cli.export import check_output_path
+
+    return check_output_path(path, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------ the group
+
+
+@click.group("cascade", cls=CascadeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cascade")
+def main():
+    """Chain two Keras recurrent models into a generator of ragged sequences.
+
+    Model A reads (N, Ta, F) inputs and emits one IR vector per outer step;
+    model B runs steps[n, t] inner steps from each and emits (N, Ta, None, O).
+
+    \b
+    Example:
+      cascade demo
+      cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --steps 3,4,2 -o out.h5
+    """
+
+
+# ------------------------------------------------------------------ generate
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSummary:
+    """What `generate` did: samples, emitted inner steps, pairs that reached their cap, seconds."""
+
+    output: Path
+    samples: int
+    emitted: int
+    pairs: int
+    at_cap: int
+    seconds: float
+
+
+def _stop_rule(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step):
+    """Checks the run-time stopping flags and returns `(kind, value)` or None."""
+    if stop_norm is not None and stop_token is not None:
+        raise click.UsageError("--stop-norm and --stop-token are two stop rules; use one of them.", ctx)
+    if (stop_norm is not None or stop_token is not None) and max_steps is None:
+        flag = "--stop-norm" if stop_norm is not None else "--stop-token"
+        raise click.UsageError(f"{flag} needs --max-steps M, the most inner steps a pair may run.", ctx)
+    if exclude_stop_step and stop_norm is None and stop_token is None:
+        raise click.UsageError("--exclude-stop-step needs a stop rule: --stop-norm T or --stop-token ID.", ctx)
+    if stop_norm is not None:
+        if not math.isfinite(stop_norm):
+            raise click.BadParameter(f"expected a finite threshold, received {stop_norm}.", ctx,
+                                     param_hint="'--stop-norm'")
+        return ("norm", float(stop_norm))
+    if stop_token is not None:
+        return ("token", int(stop_token))
+    return None
+
+
+def _read_steps_option(*, steps_file, steps_text, source, max_steps):
+    """Reads the steps given on the command line and checks them against the inputs.
+
+    Returns:
+        `(steps, description)`: `(Ta,)` or `(N, Ta)` int64 (None when only
+        `--max-steps` is given) and where they came from.
+    """
+    import numpy as np
+
+    from cascade_cli.data import broadcast_steps, parse_steps, read_steps
+
+    if steps_file is None and steps_text is None:
+        return None, "none"
+    if steps_file is not None:
+        steps, where = read_steps(steps_file), f"'{steps_file}'"
+        description = str(steps_file)
+    else:
+        steps, where = parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
+        description = f"--steps {steps_text}"
+    n, outer = source.n_samples, source.outer_steps
+    if steps.shape != (outer,):
+        steps = broadcast_steps(steps, n_samples=n, outer_steps=outer, source=where)
+    limit = np.iinfo(np.int32).max if max_steps is None else max_steps
+    if steps.size and steps.max() > limit:
+        index = tuple(int(i) for i in np.argwhere(steps > limit)[0])
+        shown = index[0] if len(index) == 1 else index
+        expected = f"at most --max-steps {max_steps}" if max_steps is not None else f"at most {limit}"
+        raise DataError(f"steps from {where} at index {shown}: expected {expected}, received {int(steps[index])}.")
+    return steps, description
+
+
+def _check_inputs_fit(cascade, source):
+    """Raises `DataError` when the inputs' F or Ta differ from what model A expects."""
+    spec = cascade.a_spec
+    if spec.features is not None and source.features != spec.features:
+        raise DataError(
+            f"inputs in {source.name} have F={source.features} features per step but model A expects "
+            f"F={spec.features}; received shape {source.shape}."
+        )
+    if spec.outer_steps is not None and source.outer_steps != spec.outer_steps:
+        raise DataError(
+            f"model A was saved with a fixed Ta={spec.outer_steps} but the inputs in {source.name} have "
+            f"Ta={source.outer_steps} (shape {source.shape}); expected inputs with Ta={spec.outer_steps}."
+        )
+
+
+def run_generation(console, cascade, source, steps, *, batch_size, output, overwrite, attrs):
+    """Runs the cascade over every sample of `source`, batch by batch, into a ragged HDF5 result.
+
+    The batches go through one `tf.function`; the result is written by
+    `RaggedH5Writer` to a temporary file renamed onto `output` at the end.
+
+    Args:
+        console: where the progress bar goes.
+        cascade: a `Cascade`.
+        source: an open `InputSource` `(N, Ta, F)`.
+        steps: `(Ta,)` or `(N, Ta)` integers, or None to run `cascade.max_steps` everywhere.
+        batch_size: samples per call.
+        output: the `.h5` file to write.
+        overwrite: whether `output` may be replaced.
+        attrs: extra attributes recorded in the file.
+
+    Returns:
+        A `GenerateSummary`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from cascade_cli.export import RaggedH5Writer
+    from cascade_cli.progress import track
+    from cascade_cli.ragged import CascadeResult
+
+    n, outer, features = source.shape
+    dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
+    run = tf.function(
+        lambda inputs, caps: cascade.run(inputs, caps),
+        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32)],
+        reduce_retracing=True,
+    )
+
+    def caps_of(start, stop):
+        if steps is None:
+            return np.full((stop - start, outer), cascade.max_steps, np.int32)
+        if steps.ndim == 1:
+            return np.broadcast_to(steps.astype(np.int32), (stop - start, outer))
+        return steps[start:stop].astype(np.int32)
+
+    emitted = at_cap = pairs = 0
+    started = time.perf_counter()
+    with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
+                        overwrite=overwrite, attrs=attrs) as writer:
+        starts = track(range(0, n, batch_size), total=n, description="generating", console=console,
+                       unit="samples", weight=lambda first: min(batch_size, n - first))
+        with contextlib.closing(starts) if hasattr(starts, "close") else contextlib.nullcontext():
+            for start in starts:  # closing() stops a live bar at once when a batch fails
+                stop = min(start + batch_size, n)
+                caps = caps_of(start, stop)
+                values, lengths = run(source.read(start, stop).astype(dtype.as_numpy_dtype), caps)
+                lengths = lengths.numpy()
+                writer.append(CascadeResult(values.numpy(), lengths))
+                emitted += int(lengths.sum())
+                running = caps > 0
+                pairs += int(running.sum())
+                at_cap += int((running & (lengths == caps)).sum())
+    return GenerateSummary(Path(output), n, emitted, pairs, at_cap, time.perf_counter() - started)
+
+
+def _print_generation(console, summary, *, stop_rule):
+    seconds = max(summary.seconds, 1e-9)
+    _say(
+        console,
+        f"Wrote '{summary.output}': {summary.samples:,} samples, {summary.emitted:,} inner steps in "
+        f"{summary.seconds:.2f} s ({summary.samples / seconds:,.1f} samples/s, "
+        f"{summary.emitted / seconds:,.1f} inner steps/s).",
+    )
+    if stop_rule is not None:
+        stopped = summary.pairs - summary.at_cap
+        _say(
+            console,
+            f"Stop rule {_rule_text(stop_rule)}: {summary.at_cap:,} of {summary.pairs:,} pairs reached their cap; "
+            f"the rule ended the other {stopped:,} earlier.",
+        )
+
+
+def _rule_text(rule):
+    kind, value = rule
+    return f"norm >= {value:g}" if kind == "norm" else f"token == {value}"
+
+
+@main.command()
+@model_options
+@click.option("--inputs", "inputs_path", required=True, metavar="X.h5",
+              help="Inputs (N, Ta, F): .h5 (dataset --inputs-key), .npy or .npz (key --inputs-key).")
+@click.option("--inputs-key", default="inputs", show_default=True, help="Dataset or array name in --inputs.")
+@click.option("--steps-file", metavar="S",
+              help="Inner steps: .txt/.csv (one line for all samples or one per sample), .npy, .json or .h5.")
+@click.option("--steps", "steps_text", metavar="3,4,2", help="Inner steps per outer step, the same for every sample.")
+@click.option("--max-steps", type=click.IntRange(min=1), metavar="M",
+              help="Run up to M inner steps per pair (given steps then cap each pair).")
+@click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T.")
+@click.option("--stop-token", type=click.IntRange(min=0), metavar="ID",
+              help="Stop a pair after the first output whose argmax is ID.")
+@click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens).")
+@click.option("--state", type=click.Choice(STATE_MODES), default="reset", show_default=True,
+              help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
+@click.option("--state-init", type=click.Choice(STATE_INITS), default="zeros", show_default=True,
+              help="B's initial state: zeros, or the IR vector itself (needs state size == H).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per call.")
+@click.option("-o", "--output", required=True, metavar="RESULT.h5", help="The ragged HDF5 result to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
+@click.pass_context
+def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_steps, stop_norm, stop_token,
+             exclude_stop_step, state, state_init, batch_size, output, overwrite, seed):
+    """Run the cascade on inputs and write a ragged HDF5 result.
+
+    \b
+    Example:
+      cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 \\
+          --steps-file steps.txt -o results.h5
+      cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 \\
+          --max-steps 50 --stop-token 0 --exclude-stop-step -o results.h5
+    """
+    if steps_file is not None and steps_text is not None:
+        raise click.UsageError("--steps and --steps-file both give the inner steps; use one of them.", ctx)
+    rule = _stop_rule(ctx, max_steps=max_steps, stop_norm=stop_norm, stop_token=stop_token,
+                      exclude_stop_step=exclude_stop_step)
+    if steps_file is None and steps_text is None and max_steps is None:
+        raise click.UsageError(
+            "no inner steps given: use --steps-file S or --steps 3,4,2, or --max-steps M "
+            "(with a stop rule, --stop-norm T or --stop-token ID).", ctx)
+    if state_init == "ir" and state == "carry":
+        raise click.UsageError("--state-init ir needs --state reset: a carried state starts at zeros.", ctx)
+    if Path(output).suffix.lower() not in (".h5", ".hdf5"):
+        raise click.BadParameter(
+            f"generate writes a ragged HDF5 result, expected a .h5 name, received '{output}'; "
+            "convert it afterwards with cascade export.", ctx, param_hint="'-o' / '--output'")
+    _check_output(output, overwrite=overwrite)
+    console, _ = _consoles()
+    from cascade_cli.data import open_inputs
+
+    with open_inputs(inputs_path, key=inputs_key) as source:
+        steps, steps_source = _read_steps_option(steps_file=steps_file, steps_text=steps_text, source=source,
+                                                 max_steps=max_steps)
+        model_a, model_b = models.load(console)
+        output_size = model_b.outputs[0].shape[-1]
+        if rule is not None and rule[0] == "token" and output_size is not None and rule[1] >= output_size:
+            raise click.BadParameter(
+                f"{rule[1]} is outside model B's outputs: expected an id in [0, {output_size}).", ctx,
+                param_hint="'--stop-token'")
+        from cascade_cli.runner import Cascade, StopRule
+
+        stop_rule = None if rule is None else getattr(StopRule, rule[0])(rule[1])
+        cascade = Cascade(model_a, model_b, state=state, state_init=state_init, max_steps=max_steps,
+                          stop_rule=stop_rule, exclude_stop_step=exclude_stop_step)
+        _check_inputs_fit(cascade, source)
+        source.check_finite()
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        attrs = {
+            "model_a": str(models.model_a),
+            "model_b": str(models.model_b),
+            "inputs": str(inputs_path),
+            "inputs_key": str(inputs_key),
+            "steps": steps_source,
+            "state": state,
+            "state_init": state_init,
+            "stop_rule": "none" if rule is None else rule[0],
+            "exclude_stop_step": bool(exclude_stop_step),
+            "seed": int(seed),
+            "cascade_version": __version__,
+        }
+        if rule is not None:
+            attrs["stop_value"] = rule[1]
+        if max_steps is not None:
+            attrs["max_steps"] = int(max_steps)
+        summary = run_generation(console, cascade, source, steps, batch_size=batch_size, output=output,
+                                 overwrite=overwrite, attrs=attrs)
+    _print_generation(console, summary, stop_rule=rule)
+
+
+# -------------------------------------------------------------------- export
+
+_LAYOUT_ATTRS = frozenset({"layout", "format_version", "pad_value", "time_major"})
+
+
+def _kept_attrs(attrs):
+    """The attributes of a result worth carrying into an export: scalars that describe the run."""
+    return {
+        key: value for key, value in attrs.items()
+        if key not in _LAYOUT_ATTRS and isinstance(value, (str, bool, int, float))
+    }
+
+
+@main.command()
+@click.argument("result", metavar="RESULT")
+@click.option("--format", "format_", type=click.Choice(("npz", "h5", "csv")),
+              help="Output format; taken from the suffix of --output when not given.")
+@click.option("--layout", type=click.Choice(("ragged", "padded")),
+              help="ragged (flat_values + row splits, the default) or padded (values + mask).")
+@click.option("--pad-value", type=float, metavar="V", help="Value past each sequence's end (padded; default 0).")
+@click.option("--time-major", is_flag=True, help="Padded values as (Ta, L, N, O) and mask as (Ta, L, N).")
+@click.option("-o", "--output", required=True, metavar="OUT", help="The file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.pass_context
+def export(ctx, result, format_, layout, pad_value, time_major, output, overwrite):
+    """Export a result to npz, h5 or csv (ragged or padded layout).
+
+    \b
+    Example:
+      cascade export results.h5 --format npz --layout padded --pad-value -1 -o results.npz
+      cascade export results.h5 -o results.csv
+    """
+    suffix = Path(output).suffix.lower()
+    fmt = format_ or RESULT_SUFFIXES.get(suffix)
+    if fmt is None:
+        raise click.UsageError(
+            f"cannot tell the format of '{output}' from its suffix: pass --format npz, h5 or csv, "
+            "or name the file .npz, .h5 or .csv.", ctx)
+    if format_ is not None and suffix in RESULT_SUFFIXES and RESULT_SUFFIXES[suffix] != format_:
+        raise click.UsageError(f"--format {format_} does not match the suffix of --output '{output}'.", ctx)
+    if fmt == "csv" and (layout is not None or pad_value is not None or time_major):
+        raise click.UsageError(
+            "csv is written in long form (sample, outer, inner, y0, ...): --layout, --pad-value and "
+            "--time-major do not apply.", ctx)
+    layout = layout or "ragged"
+    if layout == "ragged" and (pad_value is not None or time_major):
+        raise click.UsageError("--pad-value and --time-major need --layout padded.", ctx)
+    from cascade_cli.export import read_result, read_result_attrs, write_result
+
+    _check_output(output, overwrite=overwrite)
+    console, _ = _consoles()
+    data = read_result(result)
+    attrs = _kept_attrs(read_result_attrs(result)) if fmt != "csv" else None
+    write_result(output, data, format=fmt, layout=layout, pad_value=0.0 if pad_value is None else pad_value,
+                 time_major=time_major, overwrite=overwrite, attrs=attrs)
+    shape = f"{layout} layout" if fmt != "csv" else "long form"
+    _say(console, f"Wrote '{output}' ({fmt}, {shape}): {data.n_samples:,} samples, {data.outer_steps} outer "
+                  f"steps, {data.total:,} inner steps of size {data.output_size}.")
+
+
+# --------------------------------------------------------------------- train
+
+
+def _check_out_dir(out_dir):
+    """Raises `DataError` when `--out-dir` is a file or cannot be written, before any work starts."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--out-dir '{path}' is a file: expected a folder.")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: '{existing}' is not writable"
+        raise DataError(f"--out-dir '{path}' {what}.")
+    return path
+
+
+def _print_training(console, history, out_dir):
+    from cascade_cli.progress import epochs_table
+
+    console.print(epochs_table(history))
+    out_dir = Path(out_dir)
+    for what, name in (("model A", "model_a.keras"), ("model B", "model_b.keras"), ("history", "history.csv"),
+                       ("checkpoints", "checkpoints")):
+        _say(console, f"{what:>11}: {out_dir / name}")
+
+
+@main.command()
+@model_options
+@click.option("--data", "data_path", required=True, metavar="TRAIN.h5",
+              help="HDF5 with inputs (N, Ta, F), steps (N, Ta) and targets, flat (sum(steps), O) or padded.")
+@click.option("--out-dir", required=True, metavar="DIR",
+              help="Where model_a.keras, model_b.keras, history.csv and checkpoints/ go.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs to train up to.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per step.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              metavar="LR", help="The optimizer's step size.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default="mse", show_default=True,
+              help="Averaged over valid elements only; categorical-crossentropy reads B's outputs as logits.")
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              metavar="F", help="Fraction of the samples held out for validation.")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True, help="A new seeded order every epoch.")
+@click.option("--freeze-a", is_flag=True, help="Train model B only.")
+@click.option("--state", type=click.Choice(STATE_MODES), default="reset", show_default=True,
+              help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the split, the order and every random op.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
+@click.option("--patience", type=click.IntRange(min=1), metavar="P",
+              help="Stop after P epochs without a better val_loss and keep the best weights.")
+@click.pass_context
+def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, val_split, shuffle,
+          freeze_a, state, seed, resume, patience):
+    """Train model A and model B jointly on an HDF5 training file.
+
+    \b
+    Example:
+      cascade train --model-a A.keras --model-b B.keras --data train.h5 --out-dir run1 \\
+          --epochs 20 --learning-rate 0.01
+    """
+    if patience is not None and val_split == 0:
+        raise click.UsageError("--patience needs a validation set to watch: use --val-split > 0.", ctx)
+    _check_out_dir(out_dir)
+    console, _ = _consoles()
+    _load_tensorflow()
+    from cascade_cli.data import TrainingData
+    from cascade_cli.progress import train_callbacks
+    from cascade_cli.training import TrainConfig, fit
+
+    try:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                             optimizer=optimizer, loss=loss, val_split=val_split, shuffle=shuffle,
+                             freeze_a=freeze_a, state=state, seed=seed, patience=patience, resume=resume)
+    except CascadeError as error:
+        raise click.UsageError(_one_line(error), ctx) from None
+    with TrainingData(data_path) as data:
+        model_a, model_b = models.load(console)
+        with train_callbacks(console) as callbacks:
+            history = fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks)
+    _print_training(console, history, out_dir)
+
+
+# ------------------------------------------------------------------- inspect
+
+
+def _print_rows(console, rows):
+    """Prints `(name, value)` rows as aligned plain lines, never wrapped, so pipes and greps see whole values."""
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, value in rows:
+        _say(console, f"{name:<{width}}  {value}")
+
+
+def histogram_rows(values, *, max_rows=HISTOGRAM_ROWS):
+    """Counts non-negative integers in at most `max_rows` equal bins.
+
+    Returns:
+        A list of `(label, count)`: one row per value `0 .. max` when they
+        fit, else bins `"a-b"` of equal width; empty for no values.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.int64).ravel()
+    if values.size == 0:
+        return []
+    top = int(values.max())
+    width = max(1, math.ceil((top + 1) / max_rows))
+    counts = np.bincount(values // width, minlength=top // width + 1)
+    rows = []
+    for index, count in enumerate(counts):
+        low, high = index * width, min((index + 1) * width - 1, top)
+        rows.append((str(low) if low == high else f"{low}-{high}", int(count)))
+    return rows
+
+
+def _histogram(values, *, title, unit, label="length"):
+    from rich.table import Table
+
+    rows = histogram_rows(values)
+    most = max((count for _, count in rows), default=0)
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1))
+    table.add_column(label, justify="right")
+    table.add_column(unit, justify="right")
+    table.add_column("")
+    for label, count in rows:
+        bar = "█" * (round(HISTOGRAM_WIDTH * count / most) if most else 0)
+        table.add_row(label, f"{count:,}", bar or ("▏" if count else ""))
+    return table
+
+
+def _steps_rows(steps):
+    """Statistics of a steps array `(Ta,)` or `(N, Ta)` as `(name, value)` rows."""
+    import numpy as np
+
+    steps = np.asarray(steps)
+    pairs = int(steps.size)
+    zero = int((steps == 0).sum())
+    rows = [
+        ("pairs (n, t)", f"{pairs:,}"),
+        ("inner steps", f"{int(steps.sum()):,}"),
+        ("per pair", "-" if not pairs else
+         f"min {int(steps.min())}, mean {float(steps.mean()):.2f}, max {int(steps.max())}"),
+        ("zero-step pairs", f"{zero:,}" + (f" ({100 * zero / pairs:.1f} %)" if pairs else "")),
+    ]
+    if steps.ndim == 2 and steps.shape[0]:
+        totals = steps.sum(axis=1)
+        rows.append(("per sample", f"min {int(totals.min())}, mean {float(totals.mean()):.2f}, "
+                                   f"max {int(totals.max())}"))
+    return rows
+
+
+def _shape_text(shape):
+    text = ", ".join("None" if d is None else str(d) for d in shape)
+    return f"({text},)" if len(shape) == 1 else f"({text})"
+
+
+def _tensor_list(tensors):
+    return "; ".join(f"{getattr(t, 'name', '?')} {_shape_text(tuple(t.shape))}" for t in tensors)
+
+
+def _model_report(model, path):
+    """Inspects one loaded model: `(rows, a_spec or None, b_spec or None)`."""
+    from cascade_cli.errors import ModelError
+    from cascade_cli.models import inspect_a, inspect_b
+
+    trainable = sum(int(math.prod(w.shape)) for w in model.trainable_weights)
+    total = sum(int(math.prod(w.shape)) for w in model.weights)
+    rows = [
+        ("model", f"'{path}' ({model.name})"),
+        ("inputs", _tensor_list(model.inputs)),
+        ("outputs", _tensor_list(model.outputs)),
+        ("parameters", f"{total:,} ({trainable:,} trainable)"),
+        ("layers", ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in model.layers
+                             if type(layer).__name__ != "InputLayer")),
+    ]
+    try:
+        a_spec = inspect_a(model)
+        ta = "any Ta" if a_spec.outer_steps is None else f"fixed Ta={a_spec.outer_steps}"
+        rows.append(("as model A", f"yes: F={a_spec.features}, H={a_spec.ir_size}, {ta}"))
+    except ModelError as error:
+        a_spec = None
+        rows.append(("as model A", f"no: {_one_line(error)}"))
+    try:
+        b_spec = inspect_b(model)
+        states = ", ".join(str(size) for size in b_spec.state_sizes) or "none"
+        detail = f"H={b_spec.input_size}, O={b_spec.output_size}"
+        detail += f", states [{states}]" if b_spec.form == "step" else ", causal"
+        rows.append(("as model B", f"yes: {b_spec.form} form, {detail}"))
+    except ModelError as error:
+        b_spec = None
+        rows.append(("as model B", f"no: {_one_line(error)}"))
+    return rows, a_spec, b_spec
+
+
+def _inspect_models(report, console, path, partner, *, unsafe, allow_legacy_h5):
+    paths = [path] + ([partner] if partner is not None else [])
+    roles = ["model"] + (["partner"] if partner is not None else [])
+    loaded = load_models(paths, roles, console=console, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
+    reports = [_model_report(model, name) for model, name in zip(loaded, paths)]
+    for rows, _, _ in reports:
+        _print_rows(report, rows)
+    if partner is None:
+        return
+    (_, a_first, b_first), (_, a_second, b_second) = reports
+    # PATH is B when only it can be B and the partner can be A; otherwise PATH is A.
+    if b_first is not None and a_first is None and a_second is not None:
+        model_a, model_b, names = loaded[1], loaded[0], (partner, path)
+    else:
+        model_a, model_b, names = loaded[0], loaded[1], (path, partner)
+    from cascade_cli.models import check_pair
+
+    a_spec, b_spec = check_pair(model_a, model_b)
+    fit = (f"A='{names[0]}' and B='{names[1]}' fit: IR size H={a_spec.ir_size}, B emits O={b_spec.output_size} "
+           f"({b_spec.form} form)")
+    _print_rows(report, [("pair", fit)])
+
+
+def _inspect_result(report, path):
+    from cascade_cli.export import read_result, read_result_attrs
+
+    attrs = read_result_attrs(path)
+    result = read_result(path)
+    rows = [
+        ("result", f"'{path}'"),
+        ("layout", f"{attrs['layout']} (format_version {attrs['format_version']})"),
+        ("samples N", f"{result.n_samples:,}"),
+        ("outer steps Ta", result.outer_steps),
+        ("output size O", result.output_size),
+        ("inner steps", f"{result.total:,} emitted, longest {result.max_length}"),
+    ]
+    if attrs["layout"] == "padded":
+        rows.append(("padding", f"pad_value {attrs.get('pad_value')}, time_major {attrs.get('time_major')}"))
+    rows += [(key, value) for key, value in sorted(_kept_attrs(attrs).items())]
+    _print_rows(report, rows)
+    rule = attrs.get("stop_rule")
+    max_steps = attrs.get("max_steps")
+    if rule not in (None, "none") and max_steps is not None:
+        reached = int((result.lengths == int(max_steps)).sum())
+        pairs = result.lengths.size
+        text = (f"{_rule_text((rule, attrs.get('stop_value')))}: {reached:,} of {pairs:,} pairs reached "
+                f"--max-steps {max_steps} (the rule did not end them sooner); the other {pairs - reached:,} "
+                "stopped earlier, by the rule or by a smaller steps cap")
+        _print_rows(report, [("stop rule", text)])
+    report.print(_histogram(result.lengths, title="inner lengths per (n, t) pair", unit="pairs"))
+
+
+def _inspect_training(report, path):
+    from cascade_cli.data import TrainingData
+
+    with TrainingData(path) as data:
+        rows = [
+            ("training data", f"'{path}'"),
+            ("samples N", f"{data.n_samples:,}"),
+            ("outer steps Ta", data.outer_steps),
+            ("features F", data.features),
+            ("output size O", data.output_size),
+            ("targets", f"{data.targets_layout} ({data.total_steps:,} valid rows)"),
+        ]
+        steps = data.steps
+    _print_rows(report, rows + _steps_rows(steps))
+    report.print(_histogram(steps, title="steps per (n, t) pair", unit="pairs", label="steps"))
+
+
+def _inspect_inputs(report, path, *, key):
+    from cascade_cli.data import open_inputs
+
+    with open_inputs(path, key=key) as source:
+        rows = [("inputs", source.name), ("shape (N, Ta, F)", _shape_text(source.shape)),
+                ("dtype", str(source.dtype))]
+    _print_rows(report, rows)
+
+
+def _inspect_steps(report, path):
+    from cascade_cli.data import read_steps
+
+    steps = read_steps(path)
+    form = "(Ta,), the same for every sample" if steps.ndim == 1 else "(N, Ta), one row per sample"
+    _print_rows(report, [("steps", f"'{path}'"), ("shape", f"{_shape_text(steps.shape)}: {form}")]
+                + _steps_rows(steps))
+    unit = "outer steps" if steps.ndim == 1 else "pairs"
+    report.print(_histogram(steps, title=f"steps per {unit[:-1]}", unit=unit, label="steps"))
+
+
+def _inspect_csv_export(report, path):
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        header = handle.readline().strip()
+        rows = sum(1 for _ in handle)
+    _print_rows(report, [("csv export", f"'{path}'"), ("columns", header), ("emitted steps", f"{rows:,}")])
+
+
+_WHAT = ("expected a model (.keras), training data, inputs or a result (.h5, .npz, .npy) "
+         "or a steps file (.txt, .csv, .json)")
+
+
+def _kind_of(path):
+    """What `path` holds: `model`, `result`, `training`, `inputs`, `steps` or `csv`."""
+    import numpy as np
+
+    from cascade_cli.data import open_h5
+
+    text = str(path)
+    if "://" in text:
+        return "model"
+    path = Path(text)
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return "model"
+        raise DataError(f"'{path}' is a folder: {_WHAT}.")
+    if not path.exists():
+        raise DataError(f"'{path}' does not exist: {_WHAT}.")
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        return "model"
+    if suffix in (".txt", ".json"):
+        return "steps"
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+        return "csv" if first.startswith("sample,outer,inner") else "steps"
+    if suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise DataError(f"'{path}' is not readable as a .npy array: {_one_line(error)}") from error
+        return "inputs" if getattr(array, "ndim", 0) == 3 else "steps"
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                files = list(getattr(archive, "files", []))
+        except (OSError, ValueError, EOFError) as error:
+            raise DataError(f"'{path}' is not readable as a .npz archive: {_one_line(error)}") from error
+        return "result" if "layout" in files else "inputs"
+    if suffix in (".h5", ".hdf5"):
+        with open_h5(path) as file:
+            if "layout" in file.attrs:
+                return "result"
+            if "model_config" in file.attrs or "keras_version" in file.attrs:
+                return "model"
+            keys = sorted(file.keys())
+        if "targets" in keys:
+            return "training"
+        if "inputs" in keys:
+            return "inputs"
+        if "steps" in keys:
+            return "steps"
+        raise DataError(
+            f"'{path}' holds keys {keys}: expected a result (attribute 'layout'), training data "
+            "('inputs', 'steps', 'targets'), inputs ('inputs') or steps ('steps')."
+        )
+    raise DataError(f"'{path}' has suffix '{suffix}': {_WHAT}.")
+
+
+@main.command()
+@click.argument("path", metavar="PATH")
+@click.option("--partner", metavar="OTHER.keras", help="With a model: the other model, to check that A and B fit.")
+@click.option("--inputs-key", default="inputs", show_default=True, help="Dataset or array name of an inputs file.")
+@load_options
+def inspect(path, partner, inputs_key, unsafe, allow_legacy_h5):
+    """Describe a model, a dataset, a steps file or a result.
+
+    \b
+    Example:
+      cascade inspect model_b.keras --partner model_a.keras
+      cascade inspect results.h5        # layout, sizes and a histogram of inner lengths
+    """
+    console, report = _consoles()
+    kind = _kind_of(path)
+    if partner is not None and kind != "model":
+        raise click.UsageError(f"--partner needs PATH to be a model; '{path}' holds {kind}.")
+    if kind == "model":
+        _inspect_models(report, console, path, partner, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
+    elif kind == "result":
+        _inspect_result(report, path)
+    elif kind == "training":
+        _inspect_training(report, path)
+    elif kind == "inputs":
+        _inspect_inputs(report, path, key=inputs_key)
+    elif kind == "csv":
+        _inspect_csv_export(report, path)
+    else:
+        _inspect_steps(report, path)
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def _sample_data_dir():
+    """The `sample_data/` folder next to the package source, or None when it is incomplete or missing."""
+    from cascade_cli.sample import FILE_NAMES
+
+    folder = Path(__file__).resolve().parent.parent / "sample_data"
+    return folder if all((folder / name).is_file() for name in FILE_NAMES.values()) else None
+
+
+def _demo_paths(out_dir, *, overwrite):
+    """Checks the demo's folder before any work and returns where each of its files goes."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out-dir '{out_dir}' is a file: expected a folder.")
+    paths = {key: out_dir / name for key, name in DEMO_FILES.items()}
+    earlier = [name for key, name in DEMO_FILES.items() if paths[key].exists()]
+    if earlier and not overwrite:
+        raise DataError(
+            f"--out-dir '{out_dir}' holds an earlier demo ({', '.join(earlier)}); pass --overwrite to "
+            "replace it, or choose another --out-dir."
+        )
+    _check_out_dir(out_dir)
+    return paths
+
+
+def _vector_text(row):
+    return ", ".join(f"{value:+.3f}" for value in row)
+
+
+def _sequences_table(result, targets, *, pairs):
+    from rich.table import Table
+
+    table = Table(title="Generated beside the targets (held-out inputs)", title_justify="left")
+    for name in ("sample", "outer", "inner", "generated", "target"):
+        table.add_column(name, justify="right")
+    for n, t in pairs:
+        generated, wanted = result.sequence(n, t), targets.sequence(n, t)
+        for j in range(len(generated)):
+            table.add_row(str(n), str(t), str(j), _vector_text(generated[j]), _vector_text(wanted[j]))
+        table.add_section()
+    return table
+
+
+@main.command()
+@click.option("--out-dir", default="cascade-demo", show_default=True, metavar="DIR",
+              help="Where the trained models, the result and its exports go.")
+@click.option("--epochs", type=click.IntRange(min=1), default=DEMO_EPOCHS, show_default=True,
+              help="Training epochs.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier demo in --out-dir.")
+def demo(out_dir, epochs, overwrite):
+    """Train, generate and export on sample_data/ in under a minute.
+
+    \b
+    Example:
+      cascade demo --out-dir /tmp/cascade-demo --epochs 10
+    """
+    import numpy as np
+
+    paths = _demo_paths(out_dir, overwrite=overwrite)
+    console, report = _consoles()
+    started = time.perf_counter()
+    _load_tensorflow()
+    from cascade_cli import sample
+    from cascade_cli.data import TrainingData, open_inputs
+    from cascade_cli.export import read_result, write_result
+    from cascade_cli.models import load_model
+    from cascade_cli.progress import epochs_table, train_callbacks
+    from cascade_cli.ragged import CascadeResult
+    from cascade_cli.runner import Cascade
+    from cascade_cli.training import TrainConfig, fit
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if overwrite and paths["trained"].is_dir():
+        shutil.rmtree(paths["trained"])
+    data_dir = _sample_data_dir()
+    if data_dir is None:
+        data_dir = Path(out_dir) / "sample_data"
+        _say(console, f"sample_data/ is not next to the package; building it in '{data_dir}'.")
+        sample.build_sample_data(data_dir, seed=0)
+    files = {key: data_dir / name for key, name in sample.FILE_NAMES.items()}
+    model_a = load_model(files["model_a"], role="model A")
+    model_b = load_model(files["model_b"], role="model B")
+
+    _say(console, f"Training on '{files['train']}' for {epochs} epochs.")
+    config = TrainConfig(epochs=epochs, batch_size=32, learning_rate=DEMO_LEARNING_RATE, val_split=0.1, seed=0)
+    with TrainingData(files["train"]) as data:
+        with train_callbacks(console) as callbacks:
+            history = fit(model_a, model_b, data, out_dir=paths["trained"], config=config, callbacks=callbacks)
+    console.print(epochs_table(history))
+
+    cascade = Cascade(model_a, model_b)
+    with open_inputs(files["inputs"]) as source:
+        steps, _ = _read_steps_option(steps_file=files["steps"], steps_text=None, source=source, max_steps=None)
+        inputs = source.read(0, source.n_samples)
+        attrs = {"model_a": str(paths["trained"] / "model_a.keras"), "model_b": str(paths["trained"] / "model_b.keras"),
+                 "inputs": str(files["inputs"]), "steps": str(files["steps"]), "state": "reset",
+                 "state_init": "zeros", "stop_rule": "none", "cascade_version": __version__}
+        summary = run_generation(console, cascade, source, steps, batch_size=256, output=paths["result"],
+                                 overwrite=overwrite, attrs=attrs)
+    _print_generation(console, summary, stop_rule=None)
+    result = read_result(paths["result"])
+    write_result(paths["padded"], result, format="npz", layout="padded", overwrite=overwrite)
+    write_result(paths["csv"], result, format="csv", overwrite=overwrite)
+
+    steps = np.broadcast_to(steps, result.lengths.shape)
+    targets = CascadeResult(sample.sine_targets(inputs, steps), steps)
+    shown = [(0, t) for t in range(result.outer_steps) if result.lengths[0, t]][:3]
+    report.print(_sequences_table(result, targets, pairs=shown))
+    mse = float(np.mean((result.values - targets.values) ** 2)) if result.total else 0.0
+    baseline = float(np.var(targets.values)) if result.total else 0.0
+    _say(report, f"Held-out mse {mse:.4g} (predicting the mean of the targets gives {baseline:.4g}).")
+    rows = [
+        ("trained model A", paths["trained"] / "model_a.keras"),
+        ("trained model B", paths["trained"] / "model_b.keras"),
+        ("training history", paths["trained"] / "history.csv"),
+        ("ragged result", paths["result"]),
+        ("padded export", paths["padded"]),
+        ("csv export", paths["csv"]),
+    ]
+    _print_rows(report, rows)
+    _say(report, f"Done in {time.perf_counter() - started:.1f} s. Next: cascade inspect {paths['result']}")
