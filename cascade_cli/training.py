@@ -14,16 +14,28 @@ one.
 Layout of `out_dir`: `checkpoints/` (the last few epochs), `history.csv`
 (`epoch,loss,val_loss,seconds`, rewritten after every epoch) and, at the end,
 `model_a.keras` and `model_b.keras`. Every file is written atomically.
+
+Past one device, `TrainConfig.strategy` picks a `tf.distribute` strategy
+(`make_strategy`): `mirrored` (every local GPU, else every logical CPU device)
+or `multi-worker` (the cluster in `TF_CONFIG`). Each global batch is the one
+the `default` strategy takes, split into contiguous per-replica slices, and
+each replica's loss is its sum of errors over the *global* count of valid
+elements, so the summed gradient, and the step, do not depend on the number
+of replicas. Only the chief writes `out_dir`; the other workers checkpoint into
+a temporary folder they remove.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +43,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.data import epoch_order, split_indices
-from cascade_cli.errors import CascadeError, DataError
+from cascade_cli.data import Batch, epoch_order, split_indices
+from cascade_cli.errors import CascadeError, DataError, ModelError
 from cascade_cli.export import atomic_output
 from cascade_cli.runner import STATE_MODES, Cascade
 
 LOSSES = ("mse", "mae", "categorical-crossentropy")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+STRATEGIES = ("default", "mirrored", "multi-worker")
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds")
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
@@ -60,6 +73,7 @@ _FLAGS = {
     "state": "--state",
     "seed": "--seed",
     "patience": "--patience",
+    "strategy": "--strategy",
 }
 
 
@@ -85,6 +99,10 @@ class TrainConfig:
         patience: stop after this many epochs without a better validation loss
             and keep the best weights; None trains every epoch.
         resume: continue from the last checkpoint in `out_dir`.
+        strategy: one of `STRATEGIES`: `"default"` (one device), `"mirrored"`
+            (every local GPU, else every logical CPU device) or
+            `"multi-worker"` (the cluster in `TF_CONFIG`; build it with
+            `make_strategy` before any other TensorFlow work).
     """
 
     epochs: int = 10
@@ -99,6 +117,7 @@ class TrainConfig:
     seed: int = 0
     patience: int | None = None
     resume: bool = False
+    strategy: str = "default"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -121,6 +140,10 @@ class TrainConfig:
             raise CascadeError(f"--state: expected one of {', '.join(STATE_MODES)}, received {self.state!r}.")
         if not _is_int(self.seed) or self.seed < 0:
             raise CascadeError(f"--seed: expected a non-negative integer, received {self.seed!r}.")
+        if self.strategy not in STRATEGIES:
+            raise CascadeError(
+                f"--strategy: expected one of {', '.join(STRATEGIES)}, received {self.strategy!r}."
+            )
         if self.patience is not None and (not _is_int(self.patience) or self.patience < 1):
             raise CascadeError(f"--patience: expected a positive integer, received {self.patience!r}.")
         if self.patience is not None and self.val_split == 0:
@@ -294,6 +317,213 @@ def evaluate(model_a, model_b, data, indices=None, *, loss="mse", state="reset",
     indices = np.arange(data.n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
     step = _evaluation_step(cascade, _loss_terms(loss), data)
     return _loss_over(step, data, indices, batch_size=batch_size)
+
+
+# ------------------------------------------------------------- strategies
+
+_TF_CONFIG_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}'
+)
+
+
+def _check_tf_config(raw):
+    """Raises `CascadeError` unless `raw` (the `TF_CONFIG` variable) names a cluster and a task."""
+    if not raw:
+        raise CascadeError(
+            "--strategy multi-worker reads the cluster from the TF_CONFIG environment variable: expected "
+            f"JSON such as {_TF_CONFIG_EXAMPLE}, received no TF_CONFIG."
+        )
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict) or not isinstance(
+        value.get("task"), dict
+    ):
+        raise CascadeError(
+            f"TF_CONFIG: expected JSON with a 'cluster' and a 'task' such as {_TF_CONFIG_EXAMPLE}, "
+            f"received {raw!r}."
+        )
+
+
+def make_strategy(name):
+    """Returns the `tf.distribute.Strategy` `name`, one of `STRATEGIES`.
+
+    `default` is TensorFlow's one-device strategy; `mirrored` replicates over
+    every local GPU, or over every logical CPU device when there is no GPU
+    (`tf.config.set_logical_device_configuration` makes several);
+    `multi-worker` reads the cluster and this process's task from `TF_CONFIG`.
+    TensorFlow sets up a multi-worker strategy only before any other
+    TensorFlow work, so make it first in the process, before loading the
+    models, and pass it to `fit`.
+
+    Raises:
+        CascadeError: an unknown name, a missing or malformed `TF_CONFIG`, or
+            a multi-worker strategy asked for after TensorFlow started.
+    """
+    if name not in STRATEGIES:
+        raise CascadeError(f"--strategy: expected one of {', '.join(STRATEGIES)}, received {name!r}.")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
+    _check_tf_config(os.environ.get("TF_CONFIG"))
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:
+        raise CascadeError(
+            f"--strategy multi-worker: TensorFlow was already running ({exc}); expected the strategy to "
+            "be made first in the process: call make_strategy('multi-worker') before loading the models "
+            "and pass it to fit(strategy=...)."
+        ) from exc
+
+
+def _strategy_for(config, strategy):
+    """The strategy `fit` trains under: `strategy`, checked against `config.strategy`, or a new one."""
+    if strategy is None:
+        return make_strategy(config.strategy)
+    kinds = {"mirrored": tf.distribute.MirroredStrategy, "multi-worker": tf.distribute.MultiWorkerMirroredStrategy}
+    if config.strategy in kinds:
+        fits = isinstance(strategy, kinds[config.strategy])
+    else:
+        fits = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    if not fits:
+        raise CascadeError(
+            f"--strategy {config.strategy}: expected a strategy made by make_strategy({config.strategy!r}), "
+            f"received {type(strategy).__name__}."
+        )
+    return strategy
+
+
+def _replicate(model, *, name):
+    """Returns a copy of `model` built in the current strategy scope, holding `model`'s weights.
+
+    Variables belong to the strategy they are created under, and `fit`
+    receives models that are already built, so each is cloned from its config
+    inside `strategy.scope()` (mirrored variables) and given the same weights.
+    """
+    try:
+        copy = keras.models.clone_model(model)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise ModelError(
+            f"model {name} cannot be rebuilt from its config for a distribution strategy: expected a "
+            f"functional or Sequential model (or one with get_config), received {type(model).__name__}: {exc}"
+        ) from exc
+    weights = model.get_weights()
+    if len(copy.weights) != len(weights):
+        raise ModelError(
+            f"model {name} rebuilt from its config has {len(copy.weights)} weights: expected "
+            f"{len(weights)} like the model given."
+        )
+    copy.set_weights(weights)
+    return copy
+
+
+def _distributed_train_steps(strategy, cascade, terms, *, spec, variables, optimizer):
+    """Returns `(gradients, apply)` like `_train_steps`, run on every replica of `strategy`.
+
+    Each replica runs the cascade on its slice of the global batch; its loss is
+    its sum of errors over the *global* count of valid elements (all-reduced),
+    so the replicas' gradients add up to the gradient of the global batch's
+    mean loss. `gradients(inputs, steps, targets)` takes per-replica values and
+    returns `(global sum, global count, per-replica grads, finite)`, `finite`
+    judged on the summed gradients, so every worker decides alike;
+    `apply(grads)` lets the optimizer sum the replicas' gradients and step.
+    `spec` is the per-replica batch's `element_spec`: with it the step is
+    traced once, whatever each replica's batch shape.
+    """
+    add = tf.distribute.ReduceOp.SUM
+
+    def replica_gradients(inputs, steps, targets):
+        context = tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            values, _ = cascade.run(inputs, steps, training=True)
+            total, count = terms(values, tf.cast(targets, values.dtype))
+            count = tf.stop_gradient(context.all_reduce(add, count))
+            loss = tf.math.divide_no_nan(total, count)
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        total, *summed = context.all_reduce(add, [total, *grads])
+        finite = tf.math.is_finite(tf.math.divide_no_nan(total, count))
+        for grad in summed:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
+        return total, count, grads, finite
+
+    @tf.function(input_signature=spec)
+    def gradients(inputs, steps, targets):
+        total, count, grads, finite = strategy.run(replica_gradients, args=(inputs, steps, targets))
+        local = strategy.experimental_local_results
+        return local(total)[0], local(count)[0], grads, local(finite)[0]
+
+    def replica_apply(grads):
+        # Arguments of a tf.function carry no device, and a multi-worker all-reduce needs one:
+        # tf.identity places each gradient on this replica's device again.
+        optimizer.apply([tf.identity(grad) for grad in grads], variables)
+
+    @tf.function(reduce_retracing=True)
+    def apply(grads):
+        strategy.run(replica_apply, args=(grads,))
+
+    return gradients, apply
+
+
+def _default_batches(data, order, *, batch_size):
+    """Yields `(emits, (inputs, steps, targets))` for each batch of `order`, read on the host."""
+    for batch in data.batches(order, batch_size=batch_size):
+        yield len(batch.targets) > 0, (batch.inputs, batch.steps.astype(np.int64), batch.targets)
+
+
+def _read_slice(data, indices):
+    """The `Batch` of `indices`, empty (0 samples) when there are none."""
+    if len(indices) == 0:
+        return Batch(
+            inputs=np.zeros((0, data.outer_steps, data.features), np.float32),
+            steps=np.zeros((0, data.outer_steps), np.int64),
+            targets=np.zeros((0, data.output_size), np.float32),
+        )
+    return next(data.batches(indices, batch_size=len(indices)))
+
+
+def _distributed_batches(strategy, data, *, batch_size):
+    """Returns `(spec, batches)`: `batches(order)` yields per-replica batches; `spec` is their `element_spec`.
+
+    `batches(order)` yields `(emits, (inputs, steps, targets))` for every
+    global batch of `order`, as per-replica values.
+
+    Global batch `k` is `order[k * batch_size:(k + 1) * batch_size]`, the very
+    batch the default strategy takes; it is split into one contiguous slice per
+    replica (`np.array_split`: any batch size works, and a replica may get 0
+    samples). Each input pipeline (one per worker, from
+    `distribute_datasets_from_function`) reads only the slices of its own
+    replicas, as dense `(b, Ta, F)`, `(b, Ta)` and flat `(rows, O)` tensors, so
+    the ragged targets need no padding. `emits` (whether the global batch has
+    any target row) comes from the steps every worker holds, so all workers
+    skip the same batches.
+    """
+    signature = _batch_signature(data)
+
+    def dataset(order, context):
+        replicas = context.num_replicas_in_sync
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def slices():
+            for start in range(0, len(order), batch_size):
+                parts = np.array_split(order[start : start + batch_size], replicas)
+                for part in parts[first : first + local]:
+                    yield tuple(_read_slice(data, part))
+
+        return tf.data.Dataset.from_generator(slices, output_signature=signature)
+
+    def distribute(order):
+        return strategy.distribute_datasets_from_function(functools.partial(dataset, order))
+
+    def batches(order):
+        for start, batch in zip(range(0, len(order), batch_size), distribute(order)):
+            yield bool(data.steps[order[start : start + batch_size]].any()), tuple(batch)
+
+    return tuple(distribute(np.zeros(0, np.int64)).element_spec), batches
 
 
 # ------------------------------------------------------------ checks, seeds
@@ -495,7 +725,7 @@ def _not_finite(what, value, *, epoch, batch, checkpoints, done):
     )
 
 
-def fit(model_a, model_b, data, *, out_dir, config, callbacks=None):
+def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=None):
     """Trains A and B jointly on a training file and writes the results into `out_dir`.
 
     Each batch runs the cascade under one `tf.GradientTape`, takes the masked
@@ -506,6 +736,15 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None):
     the best weights are the ones kept and saved. The models passed in end with
     the final weights.
 
+    With a `mirrored` or `multi-worker` strategy the models are cloned inside
+    `strategy.scope()` (their variables must belong to the strategy), trained
+    there, and their weights copied back at the end. Every global batch is the
+    one the default strategy takes, split across the replicas, and a step
+    means the same on any number of replicas. Every worker checkpoints each
+    epoch (the chief into `out_dir`, the others into a temporary folder they
+    remove); only the chief writes `history.csv` and the models. Validation
+    runs whole on every worker.
+
     Args:
         model_a: a `keras.Model`, `(batch, Ta, F) -> (batch, Ta, H)`; trained in place.
         model_b: a step- or sequence-form `keras.Model`; trained in place.
@@ -514,6 +753,9 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None):
             and `model_b.keras`; created if missing.
         config: a `TrainConfig`.
         callbacks: a `TrainCallbacks` (progress), or None.
+        strategy: the strategy `make_strategy(config.strategy)` returned, or
+            None to make it here (too late for `multi-worker`, which must be
+            made before any other TensorFlow work).
 
     Returns:
         The history, one dict per epoch (earlier epochs of a resumed run
@@ -524,10 +766,11 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None):
         CascadeError: bad settings; `out_dir` holds an earlier run (without
             `resume`) or no checkpoint (with it); a checkpoint made with other
             settings or models; a loss that is not finite (nothing of that
-            epoch is saved).
+            epoch is saved); a strategy that does not match `config.strategy`.
         DataError: the training file does not fit the models or holds
             non-finite values.
-        ModelError: the two models do not fit together.
+        ModelError: the two models do not fit together, or cannot be cloned
+            for a distribution strategy.
     """
     callbacks = callbacks or TrainCallbacks()
     cascade = Cascade(model_a, model_b, state=config.state)
@@ -540,90 +783,116 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None):
             f"--patience needs a validation set, but --val-split {config.val_split} of {data.n_samples} "
             "samples keeps none: raise --val-split."
         )
-    variables = list(model_b.trainable_variables if config.freeze_a else
-                     model_a.trainable_variables + model_b.trainable_variables)
-    if not variables:
+    if not (model_b.trainable_variables if config.freeze_a else
+            model_a.trainable_variables + model_b.trainable_variables):
         raise CascadeError("there is nothing to train: the models have no trainable weights.")
-    out_dir = _prepare_out_dir(out_dir, resume=config.resume)
+    strategy = _strategy_for(config, strategy)
+    chief = strategy.extended.should_checkpoint  # False only on the non-chief workers of a multi-worker run
+    out_dir = _prepare_out_dir(out_dir, resume=config.resume) if chief or config.resume else Path(out_dir)
     data.check_finite()
 
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate)
-    optimizer.build(variables)
+    distributed = config.strategy != "default"
+    given = (model_a, model_b)
+    with strategy.scope():
+        if distributed:
+            model_a, model_b = _replicate(model_a, name="A"), _replicate(model_b, name="B")
+            cascade = Cascade(model_a, model_b, state=config.state)
+        variables = list(model_b.trainable_variables if config.freeze_a else
+                         model_a.trainable_variables + model_b.trainable_variables)
+        optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate)
+        optimizer.build(variables)  # before the first step: a lazily built Adam fails inside strategy.run
+    terms = _loss_terms(config.loss)
+    if distributed:
+        spec, epoch_batches = _distributed_batches(strategy, data, batch_size=config.batch_size)
+        gradients, apply = _distributed_train_steps(strategy, cascade, terms, spec=spec, variables=variables,
+                                                    optimizer=optimizer)
+    else:
+        gradients, apply = _train_steps(cascade, terms, data, variables=variables, optimizer=optimizer)
+        epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
+
     weights = list(model_a.weights) + list(model_b.weights)
     progress = _Progress(weights, keep_best=len(val_indices) > 0)
     checkpoint = tf.train.Checkpoint(model_a=model_a, model_b=model_b, optimizer=optimizer, progress=progress)
     checkpoints = out_dir / CHECKPOINT_DIR
-    manager = tf.train.CheckpointManager(checkpoint, str(checkpoints), max_to_keep=KEEP_CHECKPOINTS)
-    settings = _settings(config, data)
-    history = []
-    if config.resume:
-        history = _restore(checkpoint, progress, checkpoints, wanted=settings)
-        optimizer.learning_rate = float(config.learning_rate)
-        callbacks.resumed(epoch=int(progress.epoch.numpy()))
-    progress.settings.assign(json.dumps(settings, sort_keys=True))
+    # Every worker saves (a save may need all of them); only the chief's checkpoints are kept.
+    scratch = None if chief else Path(tempfile.mkdtemp(prefix="cascade-worker-checkpoints-"))
+    try:
+        manager = tf.train.CheckpointManager(checkpoint, str(checkpoints if chief else scratch),
+                                             max_to_keep=KEEP_CHECKPOINTS)
+        settings = _settings(config, data)
+        history = []
+        if config.resume:
+            history = _restore(checkpoint, progress, checkpoints, wanted=settings)
+            optimizer.learning_rate = float(config.learning_rate)
+            callbacks.resumed(epoch=int(progress.epoch.numpy()))
+        progress.settings.assign(json.dumps(settings, sort_keys=True))
 
-    terms = _loss_terms(config.loss)
-    gradients, apply = _train_steps(cascade, terms, data, variables=variables, optimizer=optimizer)
-    evaluation = _evaluation_step(cascade, terms, data)
-    batches = math.ceil(len(train_indices) / config.batch_size)
-    models = (model_a, model_b)
+        evaluation = _evaluation_step(cascade, terms, data)
+        batches = math.ceil(len(train_indices) / config.batch_size)
+        models = (model_a, model_b)
 
-    def patience_spent():
-        return config.patience is not None and int(progress.wait.numpy()) >= config.patience
+        def patience_spent():
+            return config.patience is not None and int(progress.wait.numpy()) >= config.patience
 
-    stopped = patience_spent()
-    for epoch in range(int(progress.epoch.numpy()), config.epochs if not stopped else 0):
-        number = epoch + 1
-        _reseed(models, seed=config.seed, epoch=epoch)
-        order = epoch_order(train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
-        callbacks.epoch_started(number, epochs=config.epochs, batches=batches)
-        started = time.perf_counter()
-        total, count = 0.0, 0.0
-        for batch_number, batch in enumerate(data.batches(order, batch_size=config.batch_size), start=1):
-            if len(batch.targets):  # a batch that emits nothing has nothing to learn from
-                batch_total, batch_count, grads, finite = gradients(
-                    batch.inputs, batch.steps.astype(np.int64), batch.targets
-                )
-                if not bool(finite):
-                    loss = float(batch_total) / float(batch_count)
-                    what = "training loss" if not math.isfinite(loss) else "gradient"
-                    value = loss if not math.isfinite(loss) else "non-finite"
-                    raise _not_finite(what, value, epoch=number, batch=batch_number, checkpoints=checkpoints,
-                                      done=epoch)
-                apply(grads)
-                total += float(batch_total)
-                count += float(batch_count)
-            callbacks.batch_done(total / count if count else 0.0)
-        val_loss = _loss_over(evaluation, data, val_indices, batch_size=config.batch_size)
-        if val_loss is not None and not math.isfinite(val_loss):
-            raise _not_finite("validation loss", val_loss, epoch=number, batch=None, checkpoints=checkpoints,
-                              done=epoch)
-        row = {"epoch": number, "loss": total / count if count else 0.0, "val_loss": val_loss,
-               "seconds": time.perf_counter() - started}
-        if val_loss is not None:
-            if val_loss < float(progress.best_val.numpy()):
-                progress.best_val.assign(val_loss)
-                progress.best_epoch.assign(number)
-                progress.wait.assign(0)
-                progress.keep_best(weights)
-            else:
-                progress.wait.assign_add(1)
-        history.append(row)
-        progress.epoch.assign(number)
-        progress.history.assign(json.dumps(history))
-        manager.save(checkpoint_number=number)
-        write_history(out_dir / HISTORY_FILE, history)
-        callbacks.epoch_done(dict(row))
-        if patience_spent():
-            stopped = True
-            break
+        stopped = patience_spent()
+        for epoch in range(int(progress.epoch.numpy()), config.epochs if not stopped else 0):
+            number = epoch + 1
+            _reseed(models, seed=config.seed, epoch=epoch)
+            order = epoch_order(train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
+            callbacks.epoch_started(number, epochs=config.epochs, batches=batches)
+            started = time.perf_counter()
+            total, count = 0.0, 0.0
+            for batch_number, (emits, batch) in enumerate(epoch_batches(order), start=1):
+                if emits:  # a batch that emits nothing has nothing to learn from
+                    batch_total, batch_count, grads, finite = gradients(*batch)
+                    if not bool(finite):
+                        loss = float(batch_total) / float(batch_count)
+                        what = "training loss" if not math.isfinite(loss) else "gradient"
+                        value = loss if not math.isfinite(loss) else "non-finite"
+                        raise _not_finite(what, value, epoch=number, batch=batch_number, checkpoints=checkpoints,
+                                          done=epoch)
+                    apply(grads)
+                    total += float(batch_total)
+                    count += float(batch_count)
+                callbacks.batch_done(total / count if count else 0.0)
+            val_loss = _loss_over(evaluation, data, val_indices, batch_size=config.batch_size)
+            if val_loss is not None and not math.isfinite(val_loss):
+                raise _not_finite("validation loss", val_loss, epoch=number, batch=None, checkpoints=checkpoints,
+                                  done=epoch)
+            row = {"epoch": number, "loss": total / count if count else 0.0, "val_loss": val_loss,
+                   "seconds": time.perf_counter() - started}
+            if val_loss is not None:
+                if val_loss < float(progress.best_val.numpy()):
+                    progress.best_val.assign(val_loss)
+                    progress.best_epoch.assign(number)
+                    progress.wait.assign(0)
+                    progress.keep_best(weights)
+                else:
+                    progress.wait.assign_add(1)
+            history.append(row)
+            progress.epoch.assign(number)
+            progress.history.assign(json.dumps(history))
+            manager.save(checkpoint_number=number)
+            if chief:
+                write_history(out_dir / HISTORY_FILE, history)
+            callbacks.epoch_done(dict(row))
+            if patience_spent():
+                stopped = True
+                break
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if stopped:
         callbacks.stopped_early(epoch=int(progress.epoch.numpy()), best_epoch=int(progress.best_epoch.numpy()))
     if config.patience is not None and int(progress.best_epoch.numpy()) > 0:
         progress.restore_best(weights)
-    write_history(out_dir / HISTORY_FILE, history)
-    for model, name in zip(models, MODEL_FILES):
-        _save_model(model, out_dir / name)
+    if distributed:
+        for trained, model in zip(models, given):
+            model.set_weights(trained.get_weights())
+    if chief:
+        write_history(out_dir / HISTORY_FILE, history)
+        for model, name in zip(given, MODEL_FILES):
+            _save_model(model, out_dir / name)
     return history
