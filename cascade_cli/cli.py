@@ -34,6 +34,7 @@ STATE_MODES = ("reset", "carry")
 STATE_INITS = ("zeros", "ir")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("mse", "mae", "categorical-crossentropy")
+STRATEGIES = ("default", "mirrored", "multi-worker")
 RESULT_SUFFIXES = {".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"}
 DEMO_EPOCHS = 20
 DEMO_LEARNING_RATE = 0.01
@@ -601,9 +602,11 @@ def _print_training(console, history, out_dir):
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
 @click.option("--patience", type=click.IntRange(min=1), metavar="P",
               help="Stop after P epochs without a better val_loss and keep the best weights.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="default", show_default=True,
+              help="tf.distribute strategy: mirrored uses every local GPU; multi-worker reads TF_CONFIG.")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, val_split, shuffle,
-          freeze_a, state, seed, resume, patience):
+          freeze_a, state, seed, resume, patience, strategy):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -618,18 +621,21 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     _load_tensorflow()
     from cascade_cli.data import TrainingData
     from cascade_cli.progress import train_callbacks
-    from cascade_cli.training import TrainConfig, fit
+    from cascade_cli.training import TrainConfig, fit, make_strategy
 
     try:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              optimizer=optimizer, loss=loss, val_split=val_split, shuffle=shuffle,
-                             freeze_a=freeze_a, state=state, seed=seed, patience=patience, resume=resume)
+                             freeze_a=freeze_a, state=state, seed=seed, patience=patience, resume=resume,
+                             strategy=strategy)
     except CascadeError as error:
         raise click.UsageError(_one_line(error), ctx) from None
+    distribution = make_strategy(strategy)  # multi-worker must be set up before TensorFlow runs anything
     with TrainingData(data_path) as data:
         model_a, model_b = models.load(console)
         with train_callbacks(console) as callbacks:
-            history = fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks)
+            history = fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks,
+                          strategy=distribution)
     _print_training(console, history, out_dir)
 
 

@@ -125,8 +125,17 @@ def test_cli_defaults_are_those_of_train_config():
     options = main.commands["train"].make_context("train", required).params
     config = TrainConfig()
     for name in ("epochs", "batch_size", "learning_rate", "optimizer", "loss", "val_split", "shuffle",
-                 "freeze_a", "state", "seed", "patience", "resume"):
+                 "freeze_a", "state", "seed", "patience", "resume", "strategy"):
         assert options[name] == getattr(config, name), name
+
+
+def test_cli_choices_are_the_library_s():
+    """cli.py repeats a few names so that `--help` does not import TensorFlow; they must agree."""
+    from cascade_cli import cli, runner, training
+
+    assert (cli.STATE_MODES, cli.STATE_INITS) == (runner.STATE_MODES, runner.STATE_INITS)
+    assert (cli.OPTIMIZERS, cli.LOSSES, cli.STRATEGIES) == (training.OPTIMIZERS, training.LOSSES,
+                                                            training.STRATEGIES)
 
 
 # ------------------------------------------------ generate, export, inspect

@@ -37,3 +37,13 @@ def test_training_on_sample_data_beats_predicting_the_mean(tmp_path):
     assert 0.3 < baseline < 1.0  # amplitudes in [0.5, 1.5]: the sine's spread
     assert last < 0.1 * baseline, (last, baseline)
     assert last < first
+
+
+def test_train_with_the_mirrored_strategy_runs_from_the_command_line(tmp_path):
+    result = CliRunner().invoke(main, [
+        "train", "--model-a", str(SAMPLE / "model_a.keras"), "--model-b", str(SAMPLE / "model_b.keras"),
+        "--data", str(SAMPLE / "train.h5"), "--out-dir", str(tmp_path / "run"), "--epochs", "1",
+        "--strategy", "mirrored"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model_b.keras").is_file()
+    assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 2
