@@ -202,10 +202,11 @@ class Cascade:
         else:
             step = _Step(split.project, split.step, split.cell.units)
         run = self._run_reset if self.state == "reset" else self._run_carry
-        values, lengths = run(ir_flat, caps, step)
+        outputs, pairs = run(ir_flat, caps, step)  # step-major, each row tagged with its pair
         if split is not None and split.head is not None:
-            values = split.head(values, training=training)
-        return values, lengths
+            outputs = split.head(outputs, training=training)
+        values = _permute(outputs, tf.argsort(pairs, stable=True))  # value order: by pair, then step
+        return values, self._lengths(caps, pairs)
 
     # ------------------------------------------------------------ validation
 
@@ -290,7 +291,11 @@ class Cascade:
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
     def _loop(self, rows, states, body, n_rows_at, step):
-        """Runs `body` until no row is left and returns the outputs in value order.
+        """Runs `body` until no row is left.
+
+        Returns:
+            `(outputs, pairs)`: every step's outputs, step after step, and the
+            pair id of each output row.
 
         Args:
             rows: tuple of per-row tensors (leading dim = rows still running).
@@ -342,9 +347,7 @@ class Cascade:
         )
         # A sentinel keeps concat() defined when nothing ran.
         ys = ys.write(j, tf.zeros([0, output_size], dtype)).concat()
-        pairs = pairs.write(j, tf.zeros([0], tf.int32)).concat()
-        values = tf.gather(ys, tf.argsort(pairs, stable=True))
-        return values, pairs
+        return ys, pairs.write(j, tf.zeros([0], tf.int32)).concat()
 
     def _lengths(self, caps, pairs):
         if self.stop_rule is None:
@@ -375,8 +378,7 @@ class Cascade:
 
             return x, finish
 
-        values, pairs = self._loop((pair_ids, x, row_caps), states, body, n_rows_at, step)
-        return values, self._lengths(caps, pairs)
+        return self._loop((pair_ids, x, row_caps), states, body, n_rows_at, step)
 
     def _run_carry(self, ir_flat, caps, step):
         """Rows are samples; each walks its pairs in order, carrying B's state across them."""
@@ -416,8 +418,7 @@ class Cascade:
 
         rows = (samples, first, tf.zeros_like(samples))
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
-        values, pairs = self._loop(rows, states, body, n_rows_at, step)
-        return values, self._lengths(caps, pairs)
+        return self._loop(rows, states, body, n_rows_at, step)
 
     def _run_sequence(self, ir_flat, caps, training):
         """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
@@ -452,6 +453,16 @@ class Cascade:
         x = tf.scatter_nd(index, tf.gather(ir_flat, value_pairs), [n, length, self.a_spec.ir_size])
         y = self.model_b(x, training=training)
         return tf.gather_nd(y, index), caps
+
+
+@tf.custom_gradient
+def _permute(values, permutation):
+    """`tf.gather(values, permutation)` whose gradient is a gather too, not a scatter-add."""
+
+    def gradient(upstream):
+        return tf.gather(upstream, tf.math.invert_permutation(permutation)), None
+
+    return tf.gather(values, permutation), gradient
 
 
 def xla_inference(model):
