@@ -290,7 +290,7 @@ class Cascade:
         hit = self.stop_rule.hits(y)
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
-    def _loop(self, rows, states, body, n_rows_at, step):
+    def _loop(self, rows, states, body, counts, step):
         """Runs `body` until no row is left.
 
         Returns:
@@ -303,8 +303,8 @@ class Cascade:
             body: `(j, rows) -> (x, finish)` where `x` is the input of `step.call` and
                 `finish(y, hit) -> (pair_ids, keep, rows)` names the pair each output
                 belongs to, which rows go on, and the rows' next values.
-            n_rows_at: `j -> rows still running after step j-1` when the
-                running rows are always a prefix (given steps), else None.
+            counts: `counts[j]` rows run at step `j`, when the running rows are
+                always a prefix (given steps), else None.
         """
         output_size = step.width
         dtype = self.model_b.outputs[0].dtype
@@ -319,8 +319,8 @@ class Cascade:
             else:
                 ys = ys.write(j, tf.boolean_mask(y, emit))
                 pairs = pairs.write(j, tf.boolean_mask(pair_ids, emit))
-            if n_rows_at is not None:
-                count = n_rows_at(j + 1)
+            if counts is not None:
+                count = counts[j + 1]
                 rows = tuple(r[:count] for r in rows)
                 states = [s[:count] for s in states]
             else:
@@ -365,7 +365,7 @@ class Cascade:
         x = tf.gather(ir_flat, pair_ids)
         states = self._initial_states(x)
         x = step.project(x)
-        n_rows_at = None if self.stop_rule else _prefix_counts(sorted_caps)
+        counts = None if self.stop_rule else _prefix_counts(sorted_caps)
 
         def body(j, rows):
             pair_ids, x, row_caps = rows
@@ -378,10 +378,12 @@ class Cascade:
 
             return x, finish
 
-        return self._loop((pair_ids, x, row_caps), states, body, n_rows_at, step)
+        return self._loop((pair_ids, x, row_caps), states, body, counts, step)
 
     def _run_carry(self, ir_flat, caps, step):
         """Rows are samples; each walks its pairs in order, carrying B's state across them."""
+        if self.stop_rule is None:
+            return self._run_carry_given(ir_flat, caps, step)
         outer = tf.shape(caps)[1]
         caps_flat = tf.reshape(caps, [-1])
         nonzero = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending pair ids that run
@@ -400,7 +402,6 @@ class Cascade:
         running = tf.math.count_nonzero(sorted_totals, dtype=tf.int32)
         samples = order[:running]
         first = next_pair(samples * outer, samples)
-        n_rows_at = None if self.stop_rule else _prefix_counts(sorted_totals)
 
         def body(j, rows):
             samples, pair_ids, inner = rows
@@ -418,7 +419,44 @@ class Cascade:
 
         rows = (samples, first, tf.zeros_like(samples))
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
-        return self._loop(rows, states, body, n_rows_at, step)
+        return self._loop(rows, states, body, None, step)
+
+    def _run_carry_given(self, ir_flat, caps, step):
+        """`carry` with given steps: every row's input at every step is known before the loop.
+
+        The inputs are laid out step-major once (step `j` holds the `counts[j]`
+        samples still running, longest first) and read from a `TensorArray`; a
+        gather from a captured tensor inside the loop would make its gradient
+        dense at every step.
+        """
+        outer = tf.shape(caps)[1]
+        caps_flat = tf.reshape(caps, [-1])
+        totals = tf.reduce_sum(caps, axis=1)
+        order = tf.argsort(totals, direction="DESCENDING", stable=True)
+        sorted_totals = tf.gather(totals, order)
+        counts = _prefix_counts(sorted_totals)
+        longest = tf.size(counts) - 1
+        # Each value's pair, sample and position in its sample's flattened sequence.
+        value_pairs = tf.repeat(tf.range(tf.size(caps_flat)), caps_flat)
+        value_samples = tf.math.floordiv(value_pairs, outer)
+        positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), value_samples)
+        step_major = tf.gather(tf.cumsum(counts, exclusive=True), positions) + tf.gather(
+            tf.math.invert_permutation(order), value_samples)
+        pairs = tf.gather(value_pairs, tf.math.invert_permutation(step_major))
+        blocks = counts  # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
+        features = tf.gather(step.project(ir_flat), pairs)
+        inputs = tf.TensorArray(features.dtype, size=longest + 1, infer_shape=False,
+                                element_shape=tf.TensorShape([None]).concatenate(features.shape[1:]))
+        inputs = inputs.split(features, blocks)
+        pair_blocks = tf.TensorArray(tf.int32, size=longest + 1, infer_shape=False,
+                                     element_shape=tf.TensorShape([None])).split(pairs, blocks)
+
+        def body(j, rows):
+            return inputs.read(j), lambda y, hit: (pair_blocks.read(j), None, rows)
+
+        running = counts[0]
+        states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
+        return self._loop((order[:running],), states, body, counts, step)
 
     def _run_sequence(self, ir_flat, caps, training):
         """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
@@ -510,8 +548,7 @@ class _Step:
 
 
 def _prefix_counts(sorted_lengths):
-    """Returns `j -> count(sorted_lengths > j)`: how many rows still run at inner step `j`."""
+    """Returns `counts (longest + 1,)`: `counts[j] = count(sorted_lengths > j)`, the rows running at step `j`."""
     longest = tf.reduce_max(tf.concat([sorted_lengths, [0]], 0))
     histogram = tf.math.bincount(sorted_lengths, minlength=longest + 1, dtype=tf.int32)
-    counts = tf.size(sorted_lengths) - tf.cumsum(histogram)
-    return lambda j: counts[j]
+    return tf.size(sorted_lengths) - tf.cumsum(histogram)
