@@ -1,7 +1,7 @@
 """The `cascade` command line: parse, build a config, call the library, render.
 
-Commands: `generate`, `export`, `train`, `inspect` and `demo` (DESIGN section
-5). Each is a thin skin over the Python API. This is the only place where
+Commands: `generate`, `merge`, `export`, `train`, `inspect` and `demo` (DESIGN
+section 5). Each is a thin skin over the Python API. This is the only place where
 errors become exit codes: a `CascadeError` from the library becomes one
 `Error: ...` line and exit code 1, a bad combination of flags is a click usage
 error (exit code 2), and no traceback reaches a user for either.
@@ -315,11 +315,15 @@ def _check_inputs_fit(cascade, source):
         )
 
 
-def run_generation(console, cascade, source, steps, *, batch_size, output, overwrite, attrs):
-    """Runs the cascade over every sample of `source`, batch by batch, into a ragged HDF5 result.
+def run_generation(console, cascade, source, steps, *, batch_size, output, overwrite, attrs, samples=None):
+    """Runs the cascade over the samples of `source`, batch by batch, into a ragged HDF5 result.
 
     The batches go through one `tf.function`; the result is written by
     `RaggedH5Writer` to a temporary file renamed onto `output` at the end.
+    Batches always start at multiples of `batch_size`, also for a shard,
+    which runs the whole batches its samples fall in and keeps its own: a
+    value can change in its last bits with the other rows of its batch, so
+    this is what makes K merged shards bit-identical to an unsharded run.
 
     Args:
         console: where the progress bar goes.
@@ -330,6 +334,7 @@ def run_generation(console, cascade, source, steps, *, batch_size, output, overw
         output: the `.h5` file to write.
         overwrite: whether `output` may be replaced.
         attrs: extra attributes recorded in the file.
+        samples: `(start, stop)`, the samples to write (a shard); None writes them all.
 
     Returns:
         A `GenerateSummary`.
@@ -341,7 +346,9 @@ def run_generation(console, cascade, source, steps, *, batch_size, output, overw
     from cascade_cli.progress import track
     from cascade_cli.ragged import CascadeResult
 
-    n, outer, features = source.shape
+    _, outer, features = source.shape
+    first, last = (0, source.n_samples) if samples is None else samples
+    n = last - first
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     run = tf.function(
         lambda inputs, caps: cascade.run(inputs, caps),
@@ -360,15 +367,18 @@ def run_generation(console, cascade, source, steps, *, batch_size, output, overw
     started = time.perf_counter()
     with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
                         overwrite=overwrite, attrs=attrs) as writer:
-        starts = track(range(0, n, batch_size), total=n, description="generating", console=console,
-                       unit="samples", weight=lambda first: min(batch_size, n - first))
+        aligned = range(first - first % batch_size, last, batch_size) if n else range(0)
+        starts = track(aligned, total=n, description="generating", console=console, unit="samples",
+                       weight=lambda start: min(start + batch_size, last) - max(start, first))
         with contextlib.closing(starts) if hasattr(starts, "close") else contextlib.nullcontext():
             for start in starts:  # closing() stops a live bar at once when a batch fails
-                stop = min(start + batch_size, n)
+                stop = min(start + batch_size, source.n_samples)
                 caps = caps_of(start, stop)
                 values, lengths = run(source.read(start, stop).astype(dtype.as_numpy_dtype), caps)
-                lengths = lengths.numpy()
-                writer.append(CascadeResult(values.numpy(), lengths))
+                keep = slice(max(start, first) - start, min(stop, last) - start)
+                part = CascadeResult(values.numpy(), lengths.numpy()).slice_samples(keep.start, keep.stop)
+                writer.append(part)
+                lengths, caps = part.lengths, caps[keep]
                 emitted += int(lengths.sum())
                 running = caps > 0
                 pairs += int(running.sum())
@@ -398,6 +408,40 @@ def _rule_text(rule):
     return f"norm >= {value:g}" if kind == "norm" else f"token == {value}"
 
 
+def _shard_option(ctx, param, value):
+    """Parses `--shard I/K` into `(index, count)`; a malformed value is a usage error."""
+    if value is None:
+        return None
+    from cascade_cli.shards import parse_shard
+
+    try:
+        return parse_shard(value)
+    except CascadeError as error:
+        raise click.BadParameter(_one_line(error), ctx, param) from None
+
+
+def _run_attrs(attrs, *, models, source, steps, batch_size, shard):
+    """Adds `run_id` (a hash of what defines the run) and, for a shard, the shard attributes to `attrs`.
+
+    `batch_size` is part of the run: a value can change in its last bits with
+    the other rows of its batch, and shards of one run must merge into exactly
+    the result of an unsharded run.
+    """
+    from cascade_cli.shards import array_digest, file_digest, run_id, shard_attrs, shard_range
+
+    description = {**attrs, "model_a": file_digest(models.model_a), "model_b": file_digest(models.model_b),
+                   "inputs_key": source.key, "inputs_shape": list(source.shape), "inputs_dtype": str(source.dtype),
+                   "steps": None if steps is None else array_digest(steps), "batch_size": int(batch_size)}
+    attrs = {**attrs, "run_id": run_id(description)}
+    if shard is None:
+        return attrs, None
+    index, count = shard
+    start, stop = shard_range(source.n_samples, index=index, count=count)
+    attrs.update(shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=source.n_samples,
+                             run=attrs["run_id"]))
+    return attrs, (start, stop)
+
+
 @main.command()
 @model_options
 @click.option("--inputs", "inputs_path", required=True, metavar="X.h5",
@@ -420,9 +464,12 @@ def _rule_text(rule):
 @click.option("-o", "--output", required=True, metavar="RESULT.h5", help="The ragged HDF5 result to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
+@click.option("--shard", metavar="I/K", callback=_shard_option,
+              help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
+                   "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
 @click.pass_context
 def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_steps, stop_norm, stop_token,
-             exclude_stop_step, state, state_init, batch_size, output, overwrite, seed):
+             exclude_stop_step, state, state_init, batch_size, output, overwrite, seed, shard):
     """Run the cascade on inputs and write a ragged HDF5 result.
 
     \b
@@ -431,6 +478,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
           --steps-file steps.txt -o results.h5
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 \\
           --max-steps 50 --stop-token 0 --exclude-stop-step -o results.h5
+      cascade generate ... --shard 0/4 -o part0.h5   # then part1..part3, and cascade merge
     """
     if steps_file is not None and steps_text is not None:
         raise click.UsageError("--steps and --steps-file both give the inner steps; use one of them.", ctx)
@@ -486,9 +534,38 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
             attrs["stop_value"] = rule[1]
         if max_steps is not None:
             attrs["max_steps"] = int(max_steps)
+        attrs, samples = _run_attrs(attrs, models=models, source=source, steps=steps, batch_size=batch_size,
+                                    shard=shard)
         summary = run_generation(console, cascade, source, steps, batch_size=batch_size, output=output,
-                                 overwrite=overwrite, attrs=attrs)
+                                 overwrite=overwrite, attrs=attrs, samples=samples)
     _print_generation(console, summary, stop_rule=rule)
+    if shard is not None:
+        _say(console, f"Shard {shard[0]}/{shard[1]} of run {attrs['run_id']}: samples {samples[0]}:{samples[1]} "
+                      f"of {attrs['total_samples']:,}; join the {shard[1]} shards with cascade merge.")
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True, metavar="PART...")
+@click.option("-o", "--output", required=True, metavar="ALL.h5", help="The ragged HDF5 result to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.pass_context
+def merge(ctx, parts, output, overwrite):
+    """Join the K shards of one generate --shard I/K run into one result, in shard order.
+
+    \b
+    Example:
+      cascade merge part*.h5 -o results.h5
+    """
+    if Path(output).suffix.lower() not in (".h5", ".hdf5"):
+        raise click.BadParameter(f"merge writes a ragged HDF5 result, expected a .h5 name, received '{output}'.",
+                                 ctx, param_hint="'-o' / '--output'")
+    _check_output(output, overwrite=overwrite)
+    from cascade_cli.shards import merge_shards
+
+    console, _ = _consoles()
+    summary = merge_shards(parts, output, overwrite=overwrite)
+    _say(console, f"Wrote '{summary.output}': {summary.shards} shards of run {summary.run_id}, "
+                  f"{summary.samples:,} samples, {summary.emitted:,} inner steps.")
 
 
 # -------------------------------------------------------------------- export

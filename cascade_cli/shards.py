@@ -1,0 +1,265 @@
+"""Sharded generation: which samples a shard runs, the id of a run, and the merge of its shards.
+
+`cascade generate --shard I/K` runs the I-th (0-based) of K contiguous slices
+of the samples, sized like `np.array_split` (sizes differ by at most one, an
+empty slice is valid), and records `SHARD_ATTRS` and a `run_id` in its result.
+The `run_id` is a hash of what defines the run (model file contents, inputs
+path, key and shape, steps, state, stop rule, seed...), so K processes on a
+cluster agree on it without talking to each other. `merge_shards` checks that
+its files are the K distinct shards of one run and streams them, in order,
+into one ragged result.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from cascade_cli.errors import DataError
+from cascade_cli.export import RaggedH5Writer, read_result, read_result_attrs
+
+SHARD_ATTRS = ("shard_index", "shard_count", "sample_start", "sample_stop", "total_samples")
+RUN_ID_LENGTH = 16
+_SHARD_PATTERN = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+_HASH_CHUNK = 1 << 20
+
+
+def parse_shard(text):
+    """Parses `"I/K"` (0-based: `0 <= I < K`) into `(index, count)`.
+
+    Raises:
+        DataError: when `text` is not two integers `I/K` with `0 <= I < K`.
+    """
+    match = _SHARD_PATTERN.fullmatch(str(text))
+    if match is None:
+        raise DataError(f"expected I/K, two integers such as 0/4, received '{text}'")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise DataError(f"expected at least one shard (K >= 1), received '{text}'")
+    if index >= count:
+        raise DataError(
+            f"expected a 0-based shard index 0 <= I < K = {count}, received I = {index} in '{text}'"
+        )
+    return index, count
+
+
+def shard_range(n_samples, *, index, count):
+    """Returns `(start, stop)`: the samples of shard `index` of `count`, as `np.array_split` cuts them.
+
+    The first `n_samples % count` shards get one sample more; with
+    `count > n_samples` the last shards are empty (`start == stop`).
+    """
+    if not 0 <= index < count:
+        raise DataError(f"shard index: expected 0 <= I < {count}, received {index}")
+    size, extra = divmod(int(n_samples), int(count))
+    start = index * size + min(index, extra)
+    return start, start + size + (1 if index < extra else 0)
+
+
+def file_digest(path):
+    """Returns the sha256 hex digest of a file's bytes, read a chunk at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def array_digest(array):
+    """Returns the sha256 hex digest of an array's dtype, shape and C-order bytes."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def run_id(description):
+    """Returns the id of a run: a sha256 hex prefix of its canonical JSON description.
+
+    Args:
+        description: a JSON-serialisable dict of everything that defines the
+            run's values (file digests, shapes, settings); key order does not
+            matter.
+
+    Returns:
+        `RUN_ID_LENGTH` hex characters, the same for the same description.
+    """
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:RUN_ID_LENGTH]
+
+
+def shard_attrs(*, index, count, start, stop, total_samples, run):
+    """Returns the attributes a shard records: `SHARD_ATTRS` and `run_id`."""
+    return {"shard_index": int(index), "shard_count": int(count), "sample_start": int(start),
+            "sample_stop": int(stop), "total_samples": int(total_samples), "run_id": str(run)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSummary:
+    """What `merge_shards` wrote: the file, the run, shards, samples and emitted inner steps."""
+
+    output: Path
+    run_id: str
+    shards: int
+    samples: int
+    emitted: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    path: str
+    attrs: dict
+
+    @property
+    def index(self):
+        return self.attrs["shard_index"]
+
+    @property
+    def count(self):
+        return self.attrs["shard_count"]
+
+    @property
+    def label(self):
+        return f"shard {self.index}/{self.count}"
+
+
+def _read_shard(path):
+    """Reads and checks the shard attributes of one result file (not its arrays)."""
+    attrs = read_result_attrs(path)
+    missing = [key for key in (*SHARD_ATTRS, "run_id") if key not in attrs]
+    if missing:
+        raise DataError(
+            f"'{path}' is not a shard: attribute {', '.join(repr(key) for key in missing)} is missing; "
+            "expected a result written by cascade generate --shard I/K"
+        )
+    for key in SHARD_ATTRS:
+        value = attrs[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"'{path}' attribute '{key}': expected a non-negative integer, received {value!r}")
+    shard = _Shard(str(path), attrs)
+    if not shard.index < shard.count:
+        raise DataError(f"'{path}' attribute 'shard_index': expected 0 <= I < {shard.count}, received {shard.index}")
+    if not attrs["sample_start"] <= attrs["sample_stop"] <= attrs["total_samples"]:
+        raise DataError(
+            f"'{path}' samples {attrs['sample_start']}:{attrs['sample_stop']}: expected a range within "
+            f"0:{attrs['total_samples']}"
+        )
+    return shard
+
+
+def check_shards(paths):
+    """Checks that `paths` are the K distinct shards of one run and returns them sorted by index.
+
+    Args:
+        paths: result files written by `cascade generate --shard I/K`, in any order.
+
+    Returns:
+        The shards' `(path, attrs)` pairs, sorted by `shard_index`.
+
+    Raises:
+        DataError: naming the files, when one is not a shard, when they come
+            from different runs or splits, or when a shard is duplicated or
+            missing, or the sample ranges do not join up.
+    """
+    paths = list(paths)
+    if not paths:
+        raise DataError("no shards given: expected the K result files of one cascade generate --shard run")
+    shards = [_read_shard(path) for path in paths]
+    first = shards[0]
+    for shard in shards[1:]:
+        if shard.attrs["run_id"] != first.attrs["run_id"]:
+            raise DataError(
+                f"'{shard.path}' is from another run than '{first.path}': run_id {shard.attrs['run_id']} "
+                f"!= {first.attrs['run_id']}; expected every shard of one run"
+            )
+        for key in ("shard_count", "total_samples"):
+            if shard.attrs[key] != first.attrs[key]:
+                raise DataError(
+                    f"'{shard.path}' has {key} {shard.attrs[key]} but '{first.path}' has {first.attrs[key]}: "
+                    "expected shards of one split of the run"
+                )
+    by_index = {}
+    for shard in shards:
+        if shard.index in by_index:
+            raise DataError(
+                f"'{by_index[shard.index].path}' and '{shard.path}' are both {shard.label}: "
+                "expected each shard once"
+            )
+        by_index[shard.index] = shard
+    count = first.count
+    missing = [index for index in range(count) if index not in by_index]
+    if missing:
+        names = ", ".join(f"{index}/{count}" for index in missing)
+        plural = "s" if len(missing) > 1 else ""
+        raise DataError(
+            f"shard{plural} {names} {'are' if plural else 'is'} missing: expected all {count} shards of run "
+            f"{first.attrs['run_id']}, received {len(shards)}"
+        )
+    ordered = [by_index[index] for index in range(count)]
+    stop = 0
+    for shard in ordered:
+        start = shard.attrs["sample_start"]
+        if start != stop:
+            raise DataError(
+                f"'{shard.path}' ({shard.label}) starts at sample {start}: expected {stop}, where the shard "
+                "before it ends"
+            )
+        stop = shard.attrs["sample_stop"]
+    if stop != first.attrs["total_samples"]:
+        raise DataError(
+            f"the shards end at sample {stop}: expected {first.attrs['total_samples']}, the run's total_samples"
+        )
+    return [(shard.path, shard.attrs) for shard in ordered]
+
+
+def merge_shards(paths, output, *, overwrite=False):
+    """Joins the K shards of one run into one ragged HDF5 result, one shard in memory at a time.
+
+    The shards are checked first (`check_shards`), then read and appended in
+    `shard_index` order through `RaggedH5Writer`, so `output` appears only
+    when every shard fitted. Its attributes are the run's, without
+    `SHARD_ATTRS`.
+
+    Args:
+        paths: the shard result files, in any order.
+        output: the `.h5` file to write.
+        overwrite: whether `output` may be replaced.
+
+    Returns:
+        A `MergeSummary`.
+
+    Raises:
+        DataError: see `check_shards`; also when a shard's arrays disagree
+            with its attributes or with the other shards (Ta, O).
+    """
+    shards = check_shards(paths)
+    first_path, first_attrs = shards[0]
+    attrs = {key: value for key, value in first_attrs.items()
+             if key not in SHARD_ATTRS and key not in ("layout", "format_version", "pad_value", "time_major")}
+    results = map(read_result, [path for path, _ in shards])
+    first = next(results)
+    shape = (first.outer_steps, first.output_size)
+    samples = emitted = 0
+    with RaggedH5Writer(output, outer_steps=shape[0], output_size=shape[1], overwrite=overwrite,
+                        attrs=attrs, dtype=first.values.dtype) as writer:
+        for (path, shard), result in zip(shards, itertools.chain([first], results)):
+            if (result.outer_steps, result.output_size) != shape:
+                raise DataError(
+                    f"'{path}' has Ta={result.outer_steps} outer steps and output size O={result.output_size}: "
+                    f"expected Ta={shape[0]} and O={shape[1]} like '{first_path}'"
+                )
+            expected = shard["sample_stop"] - shard["sample_start"]
+            if result.n_samples != expected:
+                raise DataError(
+                    f"'{path}' holds {result.n_samples} samples: expected {expected}, its samples "
+                    f"{shard['sample_start']}:{shard['sample_stop']}"
+                )
+            writer.append(result)
+            samples += result.n_samples
+            emitted += result.total
+    return MergeSummary(Path(output), str(first_attrs["run_id"]), len(shards), samples, emitted)
+
