@@ -106,7 +106,7 @@ def direct(files, steps, *, model_b="b.keras", **settings):
 # ---------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["export"], ["train"], ["inspect"], ["demo"]])
+@pytest.mark.parametrize("command", [[]] + [[name] for name in sorted(main.commands)])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(*command, "--help")
     assert_ok(result)
