@@ -1139,3 +1139,7 @@ def demo(out_dir, epochs, overwrite):
     ]
     _print_rows(report, rows)
     _say(report, f"Done in {time.perf_counter() - started:.1f} s. Next: cascade inspect {paths['result']}")
+
+
+if __name__ == "__main__":  # python -m cascade_cli.cli
+    main()

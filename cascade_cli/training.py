@@ -788,8 +788,8 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
         raise CascadeError("there is nothing to train: the models have no trainable weights.")
     strategy = _strategy_for(config, strategy)
     chief = strategy.extended.should_checkpoint  # False only on the non-chief workers of a multi-worker run
+    data.check_finite()  # before the out dir exists: bad data leaves nothing behind
     out_dir = _prepare_out_dir(out_dir, resume=config.resume) if chief or config.resume else Path(out_dir)
-    data.check_finite()
 
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
