@@ -20,10 +20,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
 import builders
-from cascade_cli.cli import main
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke, write_h5
 from cascade_cli.export import read_result, write_result
 from cascade_cli.ragged import CascadeResult
 
@@ -31,13 +30,6 @@ N, TA, F = 5, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])
 CASCADE = [sys.executable, "-c", "from cascade_cli.cli import main; main()"]  # the `cascade` entry point
 PROCESS_TIMEOUT = 300
-
-
-def write_h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f.create_dataset(key, data=value)
-    return path
 
 
 def train_arrays(n=4, seed=3):
@@ -62,31 +54,6 @@ def files(tmp_path_factory):
     inputs, steps, targets = train_arrays()
     write_h5(paths["train.h5"], inputs=inputs, steps=steps, targets=targets)
     return paths
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_ok(result):
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-
-
-def assert_error(result, code, *words):
-    """Exit `code`, exactly one `Error: ...` line holding every one of `words`, no traceback."""
-    assert result.exit_code == code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert result.stdout == ""
-
-
-def assert_nothing_in(folder):
-    assert sorted(os.listdir(folder)) == [], "an output or temporary file was left behind"
 
 
 def generate(files, out, *extra, model_a=None, model_b=None, inputs=None):

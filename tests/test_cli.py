@@ -19,10 +19,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 from rich.console import Console
 
 import builders
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke, write_h5
 from cascade_cli import cli
 from cascade_cli.cli import histogram_rows, main
 from cascade_cli.export import read_result
@@ -32,13 +32,6 @@ from cascade_cli.training import TrainConfig
 
 N, TA, F = 5, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])  # sample 1 emits nothing
-
-
-def write_h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f.create_dataset(key, data=value)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -61,31 +54,6 @@ def files(tmp_path_factory):
     write_h5(paths["train.h5"], inputs=builders.inputs(4, TA, seed=1), steps=STEPS[:4],
              targets=rng.normal(size=(int(STEPS[:4].sum()), 2)).astype("float32"))
     return paths
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_ok(result):
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-
-
-def assert_error(result, code, *words):
-    """Exit `code`, exactly one `Error: ...` line holding every one of `words`, no traceback."""
-    assert result.exit_code == code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert result.stdout == ""
-
-
-def assert_nothing_in(folder):
-    assert sorted(os.listdir(folder)) == [], "an output or temporary file was left behind"
 
 
 def generate(files, out, *extra, model_b="b.keras", inputs="x.h5"):

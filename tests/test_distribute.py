@@ -22,7 +22,7 @@ import builders
 import cascade_cli
 from cascade_cli.data import TrainingData
 from cascade_cli.errors import CascadeError
-from cascade_cli.training import TrainCallbacks, TrainConfig, fit, make_strategy
+from cascade_cli.training import TrainConfig, fit, make_strategy
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(cascade_cli.__file__).resolve().parent.parent  # subprocesses import this very package

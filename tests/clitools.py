@@ -1,0 +1,40 @@
+"""Shared helpers of the command-line tests: run a command, check its exit and its one error line."""
+
+import os
+
+import h5py
+from click.testing import CliRunner
+
+from cascade_cli.cli import main
+
+
+def write_h5(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            f.create_dataset(key, data=value)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def assert_ok(result):
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+
+
+def assert_error(result, code, *words):
+    """Exit `code`, exactly one `Error: ...` line holding every one of `words`, no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+def assert_nothing_in(folder):
+    assert sorted(os.listdir(folder)) == [], "an output or temporary file was left behind"
