@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click  # noqa: E402 (after the environment TensorFlow reads)
 
 from cascade_cli import __version__  # noqa: E402
-from cascade_cli.errors import CascadeError, DataError  # noqa: E402
+from cascade_cli.errors import CascadeError, DataError, one_line as _one_line  # noqa: E402
 
 STATE_MODES = ("reset", "carry")
 STATE_INITS = ("zeros", "ir")
@@ -44,16 +44,10 @@ DEMO_FILES = {
     "padded": "generated_padded.npz",
     "csv": "generated.csv",
 }
-HISTOGRAM_ROWS = 16
 HISTOGRAM_WIDTH = 40
 
 
 # ----------------------------------------------------------------- the edge
-
-
-def _one_line(text):
-    """Joins a message's lines so it prints as one `Error: ...` line."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "unknown error"
 
 
 def _os_error_message(error):
@@ -395,17 +389,14 @@ def _print_generation(console, summary, *, stop_rule):
         f"{summary.emitted / seconds:,.1f} inner steps/s).",
     )
     if stop_rule is not None:
+        from cascade_cli.inspection import rule_text
+
         stopped = summary.pairs - summary.at_cap
         _say(
             console,
-            f"Stop rule {_rule_text(stop_rule)}: {summary.at_cap:,} of {summary.pairs:,} pairs reached their cap; "
+            f"Stop rule {rule_text(stop_rule)}: {summary.at_cap:,} of {summary.pairs:,} pairs reached their cap; "
             f"the rule ended the other {stopped:,} earlier.",
         )
-
-
-def _rule_text(rule):
-    kind, value = rule
-    return f"norm >= {value:g}" if kind == "norm" else f"token == {value}"
 
 
 def _shard_option(ctx, param, value):
@@ -570,16 +561,6 @@ def merge(ctx, parts, output, overwrite):
 
 # -------------------------------------------------------------------- export
 
-_LAYOUT_ATTRS = frozenset({"layout", "format_version", "pad_value", "time_major"})
-
-
-def _kept_attrs(attrs):
-    """The attributes of a result worth carrying into an export: scalars that describe the run."""
-    return {
-        key: value for key, value in attrs.items()
-        if key not in _LAYOUT_ATTRS and isinstance(value, (str, bool, int, float))
-    }
-
 
 @main.command()
 @click.argument("result", metavar="RESULT")
@@ -620,7 +601,9 @@ def export(ctx, result, format_, layout, pad_value, time_major, output, overwrit
     _check_output(output, overwrite=overwrite)
     console, _ = _consoles()
     data = read_result(result)
-    attrs = _kept_attrs(read_result_attrs(result)) if fmt != "csv" else None
+    from cascade_cli.inspection import run_attrs
+
+    attrs = run_attrs(read_result_attrs(result)) if fmt != "csv" else None
     write_result(output, data, format=fmt, layout=layout, pad_value=0.0 if pad_value is None else pad_value,
                  time_major=time_major, overwrite=overwrite, attrs=attrs)
     shape = f"{layout} layout" if fmt != "csv" else "long form"
@@ -726,36 +709,16 @@ def _print_rows(console, rows):
         _say(console, f"{name:<{width}}  {value}")
 
 
-def histogram_rows(values, *, max_rows=HISTOGRAM_ROWS):
-    """Counts non-negative integers in at most `max_rows` equal bins.
-
-    Returns:
-        A list of `(label, count)`: one row per value `0 .. max` when they
-        fit, else bins `"a-b"` of equal width; empty for no values.
-    """
-    import numpy as np
-
-    values = np.asarray(values, dtype=np.int64).ravel()
-    if values.size == 0:
-        return []
-    top = int(values.max())
-    width = max(1, math.ceil((top + 1) / max_rows))
-    counts = np.bincount(values // width, minlength=top // width + 1)
-    rows = []
-    for index, count in enumerate(counts):
-        low, high = index * width, min((index + 1) * width - 1, top)
-        rows.append((str(low) if low == high else f"{low}-{high}", int(count)))
-    return rows
-
-
-def _histogram(values, *, title, unit, label="length"):
+def _histogram(report):
     from rich.table import Table
 
-    rows = histogram_rows(values)
+    from cascade_cli.inspection import histogram_rows
+
+    rows = histogram_rows(report.lengths)
     most = max((count for _, count in rows), default=0)
-    table = Table(title=title, title_justify="left", box=None, padding=(0, 1))
-    table.add_column(label, justify="right")
-    table.add_column(unit, justify="right")
+    table = Table(title=report.title, title_justify="left", box=None, padding=(0, 1))
+    table.add_column(report.label, justify="right")
+    table.add_column(report.unit, justify="right")
     table.add_column("")
     for label, count in rows:
         bar = "█" * (round(HISTOGRAM_WIDTH * count / most) if most else 0)
@@ -763,226 +726,17 @@ def _histogram(values, *, title, unit, label="length"):
     return table
 
 
-def _steps_rows(steps):
-    """Statistics of a steps array `(Ta,)` or `(N, Ta)` as `(name, value)` rows."""
-    import numpy as np
-
-    steps = np.asarray(steps)
-    pairs = int(steps.size)
-    zero = int((steps == 0).sum())
-    rows = [
-        ("pairs (n, t)", f"{pairs:,}"),
-        ("inner steps", f"{int(steps.sum()):,}"),
-        ("per pair", "-" if not pairs else
-         f"min {int(steps.min())}, mean {float(steps.mean()):.2f}, max {int(steps.max())}"),
-        ("zero-step pairs", f"{zero:,}" + (f" ({100 * zero / pairs:.1f} %)" if pairs else "")),
-    ]
-    if steps.ndim == 2 and steps.shape[0]:
-        totals = steps.sum(axis=1)
-        rows.append(("per sample", f"min {int(totals.min())}, mean {float(totals.mean()):.2f}, "
-                                   f"max {int(totals.max())}"))
-    return rows
-
-
-def _shape_text(shape):
-    text = ", ".join("None" if d is None else str(d) for d in shape)
-    return f"({text},)" if len(shape) == 1 else f"({text})"
-
-
-def _tensor_list(tensors):
-    return "; ".join(f"{getattr(t, 'name', '?')} {_shape_text(tuple(t.shape))}" for t in tensors)
-
-
-def _model_report(model, path):
-    """Inspects one loaded model: `(rows, a_spec or None, b_spec or None)`."""
-    from cascade_cli.errors import ModelError
-    from cascade_cli.models import inspect_a, inspect_b
-
-    trainable = sum(int(math.prod(w.shape)) for w in model.trainable_weights)
-    total = sum(int(math.prod(w.shape)) for w in model.weights)
-    rows = [
-        ("model", f"'{path}' ({model.name})"),
-        ("inputs", _tensor_list(model.inputs)),
-        ("outputs", _tensor_list(model.outputs)),
-        ("parameters", f"{total:,} ({trainable:,} trainable)"),
-        ("layers", ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in model.layers
-                             if type(layer).__name__ != "InputLayer")),
-    ]
-    try:
-        a_spec = inspect_a(model)
-        ta = "any Ta" if a_spec.outer_steps is None else f"fixed Ta={a_spec.outer_steps}"
-        rows.append(("as model A", f"yes: F={a_spec.features}, H={a_spec.ir_size}, {ta}"))
-    except ModelError as error:
-        a_spec = None
-        rows.append(("as model A", f"no: {_one_line(error)}"))
-    try:
-        b_spec = inspect_b(model)
-        states = ", ".join(str(size) for size in b_spec.state_sizes) or "none"
-        detail = f"H={b_spec.input_size}, O={b_spec.output_size}"
-        detail += f", states [{states}]" if b_spec.form == "step" else ", causal"
-        rows.append(("as model B", f"yes: {b_spec.form} form, {detail}"))
-    except ModelError as error:
-        b_spec = None
-        rows.append(("as model B", f"no: {_one_line(error)}"))
-    return rows, a_spec, b_spec
-
-
 def _inspect_models(report, console, path, partner, *, unsafe, allow_legacy_h5):
+    from cascade_cli.inspection import describe_model, describe_pair
+
     paths = [path] + ([partner] if partner is not None else [])
     roles = ["model"] + (["partner"] if partner is not None else [])
     loaded = load_models(paths, roles, console=console, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
-    reports = [_model_report(model, name) for model, name in zip(loaded, paths)]
-    for rows, _, _ in reports:
+    described = [describe_model(model, name) for model, name in zip(loaded, paths)]
+    for rows, _, _ in described:
         _print_rows(report, rows)
-    if partner is None:
-        return
-    (_, a_first, b_first), (_, a_second, b_second) = reports
-    # PATH is B when only it can be B and the partner can be A; otherwise PATH is A.
-    if b_first is not None and a_first is None and a_second is not None:
-        model_a, model_b, names = loaded[1], loaded[0], (partner, path)
-    else:
-        model_a, model_b, names = loaded[0], loaded[1], (path, partner)
-    from cascade_cli.models import check_pair
-
-    a_spec, b_spec = check_pair(model_a, model_b)
-    fit = (f"A='{names[0]}' and B='{names[1]}' fit: IR size H={a_spec.ir_size}, B emits O={b_spec.output_size} "
-           f"({b_spec.form} form)")
-    _print_rows(report, [("pair", fit)])
-
-
-def _inspect_result(report, path):
-    from cascade_cli.export import read_result, read_result_attrs
-
-    attrs = read_result_attrs(path)
-    result = read_result(path)
-    rows = [
-        ("result", f"'{path}'"),
-        ("layout", f"{attrs['layout']} (format_version {attrs['format_version']})"),
-        ("samples N", f"{result.n_samples:,}"),
-        ("outer steps Ta", result.outer_steps),
-        ("output size O", result.output_size),
-        ("inner steps", f"{result.total:,} emitted, longest {result.max_length}"),
-    ]
-    if attrs["layout"] == "padded":
-        rows.append(("padding", f"pad_value {attrs.get('pad_value')}, time_major {attrs.get('time_major')}"))
-    rows += [(key, value) for key, value in sorted(_kept_attrs(attrs).items())]
-    _print_rows(report, rows)
-    rule = attrs.get("stop_rule")
-    max_steps = attrs.get("max_steps")
-    if rule not in (None, "none") and max_steps is not None:
-        reached = int((result.lengths == int(max_steps)).sum())
-        pairs = result.lengths.size
-        text = (f"{_rule_text((rule, attrs.get('stop_value')))}: {reached:,} of {pairs:,} pairs reached "
-                f"--max-steps {max_steps} (the rule did not end them sooner); the other {pairs - reached:,} "
-                "stopped earlier, by the rule or by a smaller steps cap")
-        _print_rows(report, [("stop rule", text)])
-    report.print(_histogram(result.lengths, title="inner lengths per (n, t) pair", unit="pairs"))
-
-
-def _inspect_training(report, path):
-    from cascade_cli.data import TrainingData
-
-    with TrainingData(path) as data:
-        rows = [
-            ("training data", f"'{path}'"),
-            ("samples N", f"{data.n_samples:,}"),
-            ("outer steps Ta", data.outer_steps),
-            ("features F", data.features),
-            ("output size O", data.output_size),
-            ("targets", f"{data.targets_layout} ({data.total_steps:,} valid rows)"),
-        ]
-        steps = data.steps
-    _print_rows(report, rows + _steps_rows(steps))
-    report.print(_histogram(steps, title="steps per (n, t) pair", unit="pairs", label="steps"))
-
-
-def _inspect_inputs(report, path, *, key):
-    from cascade_cli.data import open_inputs
-
-    with open_inputs(path, key=key) as source:
-        rows = [("inputs", source.name), ("shape (N, Ta, F)", _shape_text(source.shape)),
-                ("dtype", str(source.dtype))]
-    _print_rows(report, rows)
-
-
-def _inspect_steps(report, path):
-    from cascade_cli.data import read_steps
-
-    steps = read_steps(path)
-    form = "(Ta,), the same for every sample" if steps.ndim == 1 else "(N, Ta), one row per sample"
-    _print_rows(report, [("steps", f"'{path}'"), ("shape", f"{_shape_text(steps.shape)}: {form}")]
-                + _steps_rows(steps))
-    unit = "outer steps" if steps.ndim == 1 else "pairs"
-    report.print(_histogram(steps, title=f"steps per {unit[:-1]}", unit=unit, label="steps"))
-
-
-def _inspect_csv_export(report, path):
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        header = handle.readline().strip()
-        rows = sum(1 for _ in handle)
-    _print_rows(report, [("csv export", f"'{path}'"), ("columns", header), ("emitted steps", f"{rows:,}")])
-
-
-_WHAT = ("expected a model (.keras), training data, inputs or a result (.h5, .npz, .npy) "
-         "or a steps file (.txt, .csv, .json)")
-
-
-def _kind_of(path):
-    """What `path` holds: `model`, `result`, `training`, `inputs`, `steps` or `csv`."""
-    import numpy as np
-
-    from cascade_cli.data import open_h5
-
-    text = str(path)
-    if "://" in text:
-        return "model"
-    path = Path(text)
-    if path.is_dir():
-        if (path / "saved_model.pb").exists():
-            return "model"
-        raise DataError(f"'{path}' is a folder: {_WHAT}.")
-    if not path.exists():
-        raise DataError(f"'{path}' does not exist: {_WHAT}.")
-    suffix = path.suffix.lower()
-    if suffix == ".keras":
-        return "model"
-    if suffix in (".txt", ".json"):
-        return "steps"
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            first = handle.readline()
-        return "csv" if first.startswith("sample,outer,inner") else "steps"
-    if suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise DataError(f"'{path}' is not readable as a .npy array: {_one_line(error)}") from error
-        return "inputs" if getattr(array, "ndim", 0) == 3 else "steps"
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                files = list(getattr(archive, "files", []))
-        except (OSError, ValueError, EOFError) as error:
-            raise DataError(f"'{path}' is not readable as a .npz archive: {_one_line(error)}") from error
-        return "result" if "layout" in files else "inputs"
-    if suffix in (".h5", ".hdf5"):
-        with open_h5(path) as file:
-            if "layout" in file.attrs:
-                return "result"
-            if "model_config" in file.attrs or "keras_version" in file.attrs:
-                return "model"
-            keys = sorted(file.keys())
-        if "targets" in keys:
-            return "training"
-        if "inputs" in keys:
-            return "inputs"
-        if "steps" in keys:
-            return "steps"
-        raise DataError(
-            f"'{path}' holds keys {keys}: expected a result (attribute 'layout'), training data "
-            "('inputs', 'steps', 'targets'), inputs ('inputs') or steps ('steps')."
-        )
-    raise DataError(f"'{path}' has suffix '{suffix}': {_WHAT}.")
+    if partner is not None:
+        _print_rows(report, describe_pair(loaded, paths, [specs for _, *specs in described]))
 
 
 @main.command()
@@ -998,22 +752,26 @@ def inspect(path, partner, inputs_key, unsafe, allow_legacy_h5):
       cascade inspect model_b.keras --partner model_a.keras
       cascade inspect results.h5        # layout, sizes and a histogram of inner lengths
     """
+    from cascade_cli import inspection
+
     console, report = _consoles()
-    kind = _kind_of(path)
+    kind = inspection.kind_of(path)
     if partner is not None and kind != "model":
         raise click.UsageError(f"--partner needs PATH to be a model; '{path}' holds {kind}.")
     if kind == "model":
         _inspect_models(report, console, path, partner, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
-    elif kind == "result":
-        _inspect_result(report, path)
-    elif kind == "training":
-        _inspect_training(report, path)
-    elif kind == "inputs":
-        _inspect_inputs(report, path, key=inputs_key)
-    elif kind == "csv":
-        _inspect_csv_export(report, path)
-    else:
-        _inspect_steps(report, path)
+        return
+    describe = {
+        "result": inspection.describe_result,
+        "training": inspection.describe_training,
+        "inputs": functools.partial(inspection.describe_inputs, key=inputs_key),
+        "csv": inspection.describe_csv,
+        "steps": inspection.describe_steps,
+    }[kind]
+    described = describe(path)
+    _print_rows(report, described.rows)
+    if described.lengths is not None:
+        report.print(_histogram(described))
 
 
 # ---------------------------------------------------------------------- demo

@@ -15,3 +15,8 @@ class ModelError(CascadeError):
 
 class DataError(CascadeError):
     """Inputs, steps, targets or a result file are missing, malformed or inconsistent."""
+
+
+def one_line(text):
+    """Joins a message's lines so it prints as one `Error: ...` line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "unknown error"

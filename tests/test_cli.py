@@ -23,8 +23,9 @@ from rich.console import Console
 
 import builders
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke, write_h5
-from cascade_cli import cli
-from cascade_cli.cli import histogram_rows, main
+from cascade_cli import cli, inspection
+from cascade_cli.cli import main
+from cascade_cli.inspection import histogram_rows
 from cascade_cli.export import read_result
 from cascade_cli.progress import epochs_table, track, train_callbacks
 from cascade_cli.runner import Cascade, StopRule
@@ -623,5 +624,5 @@ def test_library_errors_become_one_line(monkeypatch):
     def broken(*args, **kwargs):
         raise cli.DataError("first line\nsecond line")
 
-    monkeypatch.setattr(cli, "_kind_of", broken)
+    monkeypatch.setattr(inspection, "kind_of", broken)
     assert_error(invoke("inspect", "x"), 1, "first line second line")
