@@ -184,6 +184,13 @@ def xla_model(model):
     return call
 
 
+def _shared_xla_a(shared, model_a):
+    """The XLA-compiled A the functions in `shared` use, compiled once."""
+    if "model_a_xla" not in shared:
+        shared["model_a_xla"] = xla_model(model_a)
+    return shared["model_a_xla"]
+
+
 def make_function(method, model_a, model_b, *, state, direction, shared=None):
     """Returns the `tf.function(inputs, steps)` to time for one method.
 
@@ -238,9 +245,7 @@ def make_function(method, model_a, model_b, *, state, direction, shared=None):
             return result
 
     elif method == "limit_xla":
-        if "model_a_xla" not in shared:
-            shared["model_a_xla"] = xla_model(model_a)
-        model_a_xla = shared["model_a_xla"]
+        model_a_xla = _shared_xla_a(shared, model_a)
 
         def run(inputs, steps, training):
             return limit(model_a_xla, model_b, inputs, steps, training=training)
@@ -257,9 +262,7 @@ def make_function(method, model_a, model_b, *, state, direction, shared=None):
             return result
 
     elif method == "model_a_xla":
-        if "model_a_xla" not in shared:
-            shared["model_a_xla"] = xla_model(model_a)
-        model_a_xla = shared["model_a_xla"]
+        model_a_xla = _shared_xla_a(shared, model_a)
 
         def run(inputs, steps, training):
             return model_a_xla(inputs, training=training)

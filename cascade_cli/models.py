@@ -19,9 +19,6 @@ import numpy as np
 
 from cascade_cli.errors import ModelError
 
-REMOTE_PREFIXES = ("hf://", "gs://", "s3://", "http://", "https://", "ftp://")
-
-
 @dataclasses.dataclass(frozen=True)
 class ASpec:
     """What cascade needs to know about model A.
@@ -71,7 +68,7 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
             archive, or Keras cannot rebuild the model from it.
     """
     text = str(path)
-    if text.startswith(REMOTE_PREFIXES) or "://" in text:
+    if "://" in text:  # hf://, gs://, s3://, https://, ...
         raise ModelError(
             f"{role} '{text}' is a remote path; only local .keras files are loaded. "
             "Download it first."
