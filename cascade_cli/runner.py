@@ -24,6 +24,7 @@ from cascade_cli.cells import split_b
 from cascade_cli.data import check_steps
 from cascade_cli.errors import CascadeError, DataError, ModelError
 from cascade_cli.models import check_pair
+from cascade_cli.recurrence import packed_recurrence
 
 STATE_MODES = ("reset", "carry")
 STATE_INITS = ("zeros", "ir")
@@ -200,7 +201,7 @@ class Cascade:
         if split is None:
             step = _Step(lambda x: x, lambda x, states: self._call_b(x, states, training), self.b_spec.output_size)
         else:
-            step = _Step(split.project, split.step, split.cell.units)
+            step = _Step(split.project, split.step, split.cell.units, split.backward)
         run = self._run_reset if self.state == "reset" else self._run_carry
         outputs, pairs = run(ir_flat, caps, step)  # step-major, each row tagged with its pair
         if split is not None and split.head is not None:
@@ -366,6 +367,10 @@ class Cascade:
         states = self._initial_states(x)
         x = step.project(x)
         counts = None if self.stop_rule else _prefix_counts(sorted_caps)
+        if counts is not None and step.backward is not None:
+            rows = tf.ragged.range(counts[:-1]).flat_values  # step-major: step j runs rows 0..counts[j]-1
+            outputs = packed_recurrence(step.backward, tf.gather(x, rows), counts, states)[0]
+            return outputs, tf.gather(pair_ids, rows)
 
         def body(j, rows):
             pair_ids, x, row_caps = rows
@@ -445,6 +450,10 @@ class Cascade:
         pairs = tf.gather(value_pairs, tf.math.invert_permutation(step_major))
         blocks = counts  # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
         features = tf.gather(step.project(ir_flat), pairs)
+        running = counts[0]
+        states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
+        if step.backward is not None:
+            return packed_recurrence(step.backward, features, counts, states)[0], pairs
         inputs = tf.TensorArray(features.dtype, size=longest + 1, infer_shape=False,
                                 element_shape=tf.TensorShape([None]).concatenate(features.shape[1:]))
         inputs = inputs.split(features, blocks)
@@ -454,8 +463,6 @@ class Cascade:
         def body(j, rows):
             return inputs.read(j), lambda y, hit: (pair_blocks.read(j), None, rows)
 
-        running = counts[0]
-        states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
         return self._loop((order[:running],), states, body, counts, step)
 
     def _run_sequence(self, ir_flat, caps, training):
@@ -545,6 +552,7 @@ class _Step:
     project: object
     call: object
     width: int  # the size of `out`
+    backward: object = None  # a known cell's `cells.Backward`: given steps run `packed_recurrence`
 
 
 def _prefix_counts(sorted_lengths):

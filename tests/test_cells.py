@@ -28,6 +28,7 @@ def seeded(cell_type, **kwargs):
 CELLS = {
     "simple": lambda: seeded(keras.layers.SimpleRNNCell),
     "simple-linear-nobias": lambda: seeded(keras.layers.SimpleRNNCell, activation=None, use_bias=False),
+    "simple-relu": lambda: seeded(keras.layers.SimpleRNNCell, activation="relu"),  # TensorFlow's own gradient
     "gru": lambda: seeded(keras.layers.GRUCell),
     "gru-reset-before": lambda: seeded(keras.layers.GRUCell, reset_after=False),
     "gru-nobias": lambda: seeded(keras.layers.GRUCell, use_bias=False),
