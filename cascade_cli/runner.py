@@ -203,10 +203,10 @@ class Cascade:
         else:
             step = _Step(split.project, split.step, split.cell.units, split.backward)
         run = self._run_reset if self.state == "reset" else self._run_carry
-        outputs, pairs = run(ir_flat, caps, step)  # step-major, each row tagged with its pair
+        outputs, pairs, order = run(ir_flat, caps, step)  # step-major, each row tagged with its pair
         if split is not None and split.head is not None:
             outputs = split.head(outputs, training=training)
-        values = _permute(outputs, tf.argsort(pairs, stable=True))  # value order: by pair, then step
+        values = _permute(outputs, order)  # value order: by pair, then step
         return values, self._lengths(caps, pairs)
 
     # ------------------------------------------------------------ validation
@@ -367,10 +367,6 @@ class Cascade:
         states = self._initial_states(x)
         x = step.project(x)
         counts = None if self.stop_rule else _prefix_counts(sorted_caps)
-        if counts is not None and step.backward is not None:
-            rows = tf.ragged.range(counts[:-1]).flat_values  # step-major: step j runs rows 0..counts[j]-1
-            outputs = packed_recurrence(step.backward, tf.gather(x, rows), counts, states)[0]
-            return outputs, tf.gather(pair_ids, rows)
 
         def body(j, rows):
             pair_ids, x, row_caps = rows
@@ -383,7 +379,19 @@ class Cascade:
 
             return x, finish
 
-        return self._loop((pair_ids, x, row_caps), states, body, counts, step)
+        if counts is None:
+            outputs, pairs = self._loop((pair_ids, x, row_caps), states, body, None, step)
+            return outputs, pairs, tf.argsort(pairs, stable=True)
+        # Step j runs rows 0..counts[j]-1, so every output row's pair and step are known up front.
+        rows = tf.ragged.range(counts[:-1], row_splits_dtype=tf.int32)
+        row_ids, row_steps = rows.flat_values, rows.value_rowids()
+        pairs = tf.gather(pair_ids, row_ids)
+        value_order = tf.math.invert_permutation(tf.gather(tf.cumsum(caps_flat, exclusive=True), pairs) + row_steps)
+        if step.backward is not None:
+            outputs = packed_recurrence(step.backward, tf.gather(x, row_ids), counts, states)[0]
+        else:
+            outputs, _ = self._loop((pair_ids, x, row_caps), states, body, counts, step)
+        return outputs, pairs, value_order
 
     def _run_carry(self, ir_flat, caps, step):
         """Rows are samples; each walks its pairs in order, carrying B's state across them."""
@@ -424,7 +432,8 @@ class Cascade:
 
         rows = (samples, first, tf.zeros_like(samples))
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
-        return self._loop(rows, states, body, None, step)
+        outputs, pairs = self._loop(rows, states, body, None, step)
+        return outputs, pairs, tf.argsort(pairs, stable=True)
 
     def _run_carry_given(self, ir_flat, caps, step):
         """`carry` with given steps: every row's input at every step is known before the loop.
@@ -453,7 +462,7 @@ class Cascade:
         running = counts[0]
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
         if step.backward is not None:
-            return packed_recurrence(step.backward, features, counts, states)[0], pairs
+            return packed_recurrence(step.backward, features, counts, states)[0], pairs, step_major
         inputs = tf.TensorArray(features.dtype, size=longest + 1, infer_shape=False,
                                 element_shape=tf.TensorShape([None]).concatenate(features.shape[1:]))
         inputs = inputs.split(features, blocks)
@@ -463,7 +472,8 @@ class Cascade:
         def body(j, rows):
             return inputs.read(j), lambda y, hit: (pair_blocks.read(j), None, rows)
 
-        return self._loop((order[:running],), states, body, counts, step)
+        outputs, _ = self._loop((order[:running],), states, body, counts, step)
+        return outputs, pairs, step_major
 
     def _run_sequence(self, ir_flat, caps, training):
         """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
