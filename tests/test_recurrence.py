@@ -129,3 +129,18 @@ def test_no_rows_gives_zero_gradients(state):
         loss = tf.reduce_sum(Cascade(a, b, state=state)(builders.inputs(2, 3), np.zeros((2, 3), int)).flat_values)
     for weight, grad in zip(weights, tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)):
         np.testing.assert_array_equal(tf.convert_to_tensor(grad), np.zeros(weight.shape), err_msg=weight.path)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_a_persistent_tape_can_take_the_gradient_twice(state):
+    """The backward pass reads the forward pass's TensorArrays; a second gradient must find them intact."""
+    a, b = builders.model_a(), builders.step_b("lstm")
+    weights = a.trainable_weights + b.trainable_weights
+    with tf.GradientTape(persistent=True) as tape:
+        values = Cascade(a, b, state=state)(builders.inputs(3, 4), np.array([[3, 0, 2, 1]] * 3)).flat_values
+        first_loss, second_loss = tf.reduce_sum(values), tf.reduce_sum(values * values)
+    first, again = tape.gradient(first_loss, weights), tape.gradient(first_loss, weights)
+    second = tape.gradient(second_loss, weights)
+    for weight, g1, g2, g3 in zip(weights, first, again, second):
+        np.testing.assert_array_equal(tf.convert_to_tensor(g1), tf.convert_to_tensor(g2), err_msg=weight.path)
+        assert not np.allclose(tf.convert_to_tensor(g1), tf.convert_to_tensor(g3)), weight.path
