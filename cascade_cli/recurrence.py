@@ -6,10 +6,10 @@ before the loop (given steps, no stopping rule): step `j` runs the first
 out step-major. Its gradient is not TensorFlow's generic while-loop gradient
 (which stacks every intermediate of every step and adds shape bookkeeping to
 every elementwise op) but a second loop, backwards over the steps, that
-recomputes each step's gates from the saved states and applies the cell's
-hand-written vector-Jacobian product (`cells.Backward`). The recurrent
-weights' gradients are not summed step by step: one matmul over every row
-after the loop gives them.
+recomputes each step's gates from its saved entering states and `h @ U`
+(elementwise work only) and applies the cell's hand-written vector-Jacobian
+product (`cells.Backward`). The recurrent weights' gradients are not summed
+step by step: one matmul over every row after the loop gives them.
 """
 
 from __future__ import annotations

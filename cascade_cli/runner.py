@@ -87,7 +87,10 @@ class Cascade:
         exclude_stop_step: leave the step that met the stop rule out (for end tokens).
         fast_cells: when B is a Keras SimpleRNN/GRU/LSTM cell plus a head, compute
             the cell's input projection once per pair and the head once after the
-            loop (`cascade_cli.cells`); False always calls B itself.
+            loop (`cascade_cli.cells`), and, with given steps and the usual
+            activations, take the loop's gradient by hand
+            (`cascade_cli.recurrence`); False always calls B itself and leaves
+            the gradient to TensorFlow.
         jit_compile: run model A under XLA when `training=False` (opt-in; often
             several times faster on CPU, compiled once per input shape). Its
             gradient recomputes A under XLA. The packed loop has shapes that
