@@ -35,25 +35,42 @@ import tensorflow as tf
 
 @dataclasses.dataclass(frozen=True)
 class Backward:
-    """The hand-written gradient of one known cell's step.
+    """A known cell's step gate by gate, with its gradient written out.
+
+    Every per-row tensor comes as a list with one `(rows, units)` tensor per
+    gate (GRU: update, reset, candidate; LSTM: input, forget, cell, output;
+    SimpleRNN: one), so that no step has to split a wide tensor.
 
     Attributes:
-        weights: `() -> [U, *extra]`: the recurrent kernel `U`, then any weight
-            `inner` adds (GRU's recurrent bias), as tensors read now.
-        inner: `(h, weights) -> inner`: `h @ U`, plus the recurrent bias if any.
-        new_states: `(projected, inner, states) -> new_states`: the rest of the step.
+        project: `x -> [projected gates]`: the input projection.
+        gates: how many gates, G.
+        weights: `() -> [U_1, ..., U_G, *biases]`: the recurrent kernel's
+            columns for each gate, then the recurrent bias's if any, read now.
+        new_states: `(projected, inner, states) -> new_states`: the step given
+            `inner = inner(states[0], weights)`.
         vjp: `(projected, inner, states, d_new_states) -> (d_projected, d_inner,
-            d_states)`: the gradient of `gates` given the gradients of its new
-            states; `d_states` holds the direct part only (None where there is
-            none); the part through `inner` is `d_inner @ U^T`, added by the caller.
-        extra_grads: `(d_inner_all) -> [grads of weights[1:]]`, summed over rows.
+            d_states)`: the gradient of `new_states`; `d_states` holds the
+            direct part only (None where there is none).
     """
 
+    gates: int
+    project: object
     weights: object
-    inner: object
     new_states: object
     vjp: object
-    extra_grads: object
+
+    def inner(self, h, weights):
+        """`h @ U_g (+ bias_g)` for each gate: the only matmuls on the recurrent path."""
+        return _gate_products(h, weights, self.gates)
+
+    def through_inner(self, d_inner, weights):
+        """The gradient reaching `h` through `inner`."""
+        return tf.add_n([tf.matmul(d, kernel, transpose_b=True) for d, kernel in zip(d_inner, weights)])
+
+    def weight_grads(self, h, d_inner, weights):
+        """The gradients of `weights`, given every step's `h` and `d_inner` at once (one matmul per gate)."""
+        grads = [tf.matmul(h, d, transpose_a=True) for d in d_inner]
+        return grads + [tf.reduce_sum(d, axis=0) for d in d_inner] if len(weights) > self.gates else grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,75 +137,100 @@ def _apply(activation, x):
     return x if activation is None else activation(x)
 
 
-def _kernel_inner(cell):
-    def weights():
-        return [tf.convert_to_tensor(cell.recurrent_kernel)]
+def _by_gate(matrix, gates):
+    """Keras keeps a cell's gates side by side in a weight's last axis: one tensor per gate."""
+    return tf.split(tf.convert_to_tensor(matrix), gates, axis=-1)
+
+
+def _weights(kernel, gates, bias):
+    """A reader of `[kernel_1, ..., kernel_G, *biases]` from a Keras kernel and bias reader."""
+
+    def read():
+        kernels = _by_gate(kernel, gates)
+        return kernels if bias is None else kernels + _by_gate(bias(), gates)
+
+    return read
+
+
+def _kit(cell, gates, input_bias, recurrent_bias=None):
+    """`project` (by gate), `weights` and `inner` of a cell."""
+    input_weights, weights = _weights(cell.kernel, gates, input_bias), _weights(cell.recurrent_kernel, gates, recurrent_bias)
+
+    def project(x):
+        return _gate_products(x, input_weights(), gates)
 
     def inner(h, weights):
-        return tf.matmul(h, weights[0])
+        return _gate_products(h, weights, gates)
 
-    return weights, inner
+    return project, weights, inner
+
+
+def _gate_products(x, weights, gates):
+    """`[x @ kernel_g (+ bias_g)]` for each gate, from `weights = [kernel_1, ..., kernel_G, *biases]`."""
+    products = [tf.matmul(x, kernel) for kernel in weights[:gates]]
+    biases = weights[gates:]
+    return [p + b for p, b in zip(products, biases)] if biases else products
+
+
+def _bias(cell, part=None):
+    """A reader of the cell's bias (or of one row of it), or None when the cell has none."""
+    if not cell.use_bias:
+        return None
+
+    def read():
+        return cell.bias if part is None else cell.bias[part]
+
+    return read
 
 
 def _simple_rnn(cell):
-    weights, inner = _kernel_inner(cell)
+    bias = _bias(cell)
+    project, weights, inner = _kit(cell, 1, bias)
 
-    def project(x):
-        projected = tf.matmul(x, cell.kernel)
-        return projected + cell.bias if cell.use_bias else projected
-
-    def gates(projected, inner_h):
-        return _apply(cell.activation, projected + inner_h)
+    def new_states(projected, inner, states):
+        return [_apply(cell.activation, projected[0] + inner[0])]
 
     def step(projected, states):
-        h = gates(projected, inner(states[0], weights()))
+        [h] = new_states([projected], inner(states[0], weights()), states)
         return h, [h]
 
     derivative = _derivative(cell.activation)
-    if derivative is None:
-        return project, step, None
+    backward = None
+    if derivative is not None:
 
-    def vjp(projected, inner_h, states, d_new):
-        h = gates(projected, inner_h)
-        d_pre = _times(d_new[0], derivative(h))
-        return d_pre, d_pre, [None]
+        def vjp(projected, inner, states, d_new):
+            d_pre = _times(d_new[0], derivative(new_states(projected, inner, states)[0]))
+            return [d_pre], [d_pre], [None]
 
-    return project, step, Backward(weights, inner, lambda p, i, states: [gates(p, i)], vjp, lambda d_inner: [])
+        backward = Backward(1, project, weights, new_states, vjp)
+    return _joined(cell, bias), step, backward
 
 
 def _gru(cell):
     units = cell.units
-    has_recurrent_bias = cell.use_bias and cell.reset_after
+    if cell.use_bias and cell.reset_after:
+        input_bias, recurrent_bias = _bias(cell, 0), _bias(cell, 1)
+    else:
+        input_bias, recurrent_bias = _bias(cell), None
+    project, weights, inner = _kit(cell, 3, input_bias, recurrent_bias)
 
-    def project(x):
-        projected = tf.matmul(x, cell.kernel)
-        if not cell.use_bias:
-            return projected
-        return projected + (cell.bias[0] if cell.reset_after else cell.bias)
-
-    def weights():
-        kernel = [tf.convert_to_tensor(cell.recurrent_kernel)]
-        return kernel + [cell.bias[1]] if has_recurrent_bias else kernel
-
-    def inner(h, weights):
-        product = tf.matmul(h, weights[0])
-        return product + weights[1] if has_recurrent_bias else product
-
-    def gates(projected, inner_h, h_prev):
+    def gates(projected, inner, h_prev):
         """`(z, r, candidate, h)` of the reset-after GRU."""
-        x_z, x_r, x_h = tf.split(projected, 3, axis=1)
-        i_z, i_r, i_h = tf.split(inner_h, 3, axis=1)
+        (x_z, x_r, x_h), (i_z, i_r, i_h) = projected, inner
         z = cell.recurrent_activation(x_z + i_z)
         r = cell.recurrent_activation(x_r + i_r)
         candidate = cell.activation(x_h + r * i_h)
         return z, r, candidate, z * h_prev + (1 - z) * candidate
 
+    def new_states(projected, inner, states):
+        return [gates(projected, inner, states[0])[3]]
+
     def step(projected, states):
         h_prev = states[0]
-        if cell.reset_after:
-            h = gates(projected, inner(h_prev, weights()), h_prev)[3]
-            return h, [h]
         x_z, x_r, x_h = tf.split(projected, 3, axis=1)
+        if cell.reset_after:
+            [h] = new_states([x_z, x_r, x_h], inner(h_prev, weights()), states)
+            return h, [h]
         inner_zr = tf.matmul(h_prev, cell.recurrent_kernel[:, : 2 * units])
         z = cell.recurrent_activation(x_z + inner_zr[:, :units])
         r = cell.recurrent_activation(x_r + inner_zr[:, units:])
@@ -197,39 +239,28 @@ def _gru(cell):
         return h, [h]
 
     gate_derivative, derivative = _derivative(cell.recurrent_activation), _derivative(cell.activation)
-    if not cell.reset_after or gate_derivative is None or derivative is None:
-        return project, step, None
+    backward = None
+    if cell.reset_after and gate_derivative is not None and derivative is not None:
 
-    def vjp(projected, inner_h, states, d_new):
-        h_prev, d_h = states[0], d_new[0]
-        z, r, candidate, _ = gates(projected, inner_h, h_prev)
-        i_h = tf.split(inner_h, 3, axis=1)[2]
-        d_candidate = _times(d_h * (1 - z), derivative(candidate))
-        d_z = _times(d_h * (h_prev - candidate), gate_derivative(z))
-        d_r = _times(d_candidate * i_h, gate_derivative(r))
-        d_projected = tf.concat([d_z, d_r, d_candidate], axis=1)
-        d_inner = tf.concat([d_z, d_r, d_candidate * r], axis=1)
-        return d_projected, d_inner, [d_h * z]
+        def vjp(projected, inner, states, d_new):
+            h_prev, d_h = states[0], d_new[0]
+            z, r, candidate, _ = gates(projected, inner, h_prev)
+            d_candidate = _times(d_h * (1 - z), derivative(candidate))
+            d_z = _times(d_h * (h_prev - candidate), gate_derivative(z))
+            d_r = _times(d_candidate * inner[2], gate_derivative(r))
+            return [d_z, d_r, d_candidate], [d_z, d_r, d_candidate * r], [d_h * z]
 
-    def extra_grads(d_inner):
-        return [tf.reduce_sum(d_inner, axis=0)] if has_recurrent_bias else []
-
-    def new_states(projected, inner_h, states):
-        return [gates(projected, inner_h, states[0])[3]]
-
-    return project, step, Backward(weights, inner, new_states, vjp, extra_grads)
+        backward = Backward(3, project, weights, new_states, vjp)
+    return _joined(cell, input_bias), step, backward
 
 
 def _lstm(cell):
-    weights, inner = _kernel_inner(cell)
+    bias = _bias(cell)
+    project, weights, inner = _kit(cell, 4, bias)
 
-    def project(x):
-        projected = tf.matmul(x, cell.kernel)
-        return projected + cell.bias if cell.use_bias else projected
-
-    def gates(projected, inner_h, c_prev):
+    def gates(projected, inner, c_prev):
         """`(i, f, g, o, c, activation(c))` of the LSTM."""
-        z_i, z_f, z_g, z_o = tf.split(projected + inner_h, 4, axis=1)
+        z_i, z_f, z_g, z_o = [x + h for x, h in zip(projected, inner)]
         i = cell.recurrent_activation(z_i)
         f = cell.recurrent_activation(z_f)
         g = _apply(cell.activation, z_g)
@@ -237,32 +268,43 @@ def _lstm(cell):
         c = f * c_prev + i * g
         return i, f, g, o, c, _apply(cell.activation, c)
 
-    def new_states(projected, inner_h, states):
-        *_, o, c, activated = gates(projected, inner_h, states[1])
+    def new_states(projected, inner, states):
+        *_, o, c, activated = gates(projected, inner, states[1])
         return [o * activated, c]
 
     def step(projected, states):
-        h, c = new_states(projected, inner(states[0], weights()), states)
+        h, c = new_states(tf.split(projected, 4, axis=1), inner(states[0], weights()), states)
         return h, [h, c]
 
     gate_derivative, derivative = _derivative(cell.recurrent_activation), _derivative(cell.activation)
-    if gate_derivative is None or derivative is None:
-        return project, step, None
+    backward = None
+    if gate_derivative is not None and derivative is not None:
 
-    def vjp(projected, inner_h, states, d_new):
-        c_prev = states[1]
-        d_h, d_c = d_new
-        i, f, g, o, _, activated = gates(projected, inner_h, c_prev)
-        d_c = _times(d_h * o, derivative(activated)) + (0 if d_c is None else d_c)
-        d_pre = tf.concat([
-            _times(d_c * g, gate_derivative(i)),
-            _times(d_c * c_prev, gate_derivative(f)),
-            _times(d_c * i, derivative(g)),
-            _times(d_h * activated, gate_derivative(o)),
-        ], axis=1)
-        return d_pre, d_pre, [None, d_c * f]
+        def vjp(projected, inner, states, d_new):
+            c_prev = states[1]
+            d_h, d_c = d_new
+            i, f, g, o, _, activated = gates(projected, inner, c_prev)
+            d_c = _times(d_h * o, derivative(activated)) + d_c
+            d_pre = [
+                _times(d_c * g, gate_derivative(i)),
+                _times(d_c * c_prev, gate_derivative(f)),
+                _times(d_c * i, derivative(g)),
+                _times(d_h * activated, gate_derivative(o)),
+            ]
+            return d_pre, d_pre, [None, d_c * f]
 
-    return project, step, Backward(weights, inner, new_states, vjp, lambda d_inner: [])
+        backward = Backward(4, project, weights, new_states, vjp)
+    return _joined(cell, bias), step, backward
+
+
+def _joined(cell, bias):
+    """The one-tensor projection `SplitB.project` gives: every gate side by side, as Keras computes it."""
+
+    def project(x):
+        projected = tf.matmul(x, cell.kernel)
+        return projected if bias is None else projected + bias()
+
+    return project
 
 
 _KITS = {

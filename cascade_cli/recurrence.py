@@ -2,8 +2,12 @@
 
 `packed_recurrence` runs the inner loop when every row's inputs are known
 before the loop (given steps, no stopping rule): step `j` runs the first
-`counts[j]` rows (rows are sorted longest first), fed row-by-row inputs laid
-out step-major. Its gradient is not TensorFlow's generic while-loop gradient
+`counts[j]` rows (rows are sorted longest first). In `carry` mode their inputs
+are laid out step-major; in `reset` mode each row's one input serves all its
+steps, and step `j` reads the first `counts[j]` of them. Every per-row tensor
+is kept gate by gate (`cells.Backward`), so no step splits a wide tensor.
+
+Its gradient is not TensorFlow's generic while-loop gradient
 (which stacks every intermediate of every step and adds shape bookkeeping to
 every elementwise op) but a second loop, backwards over the steps, that
 recomputes each step's gates from its saved entering states and `h @ U`
@@ -17,22 +21,26 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def packed_recurrence(backward, inputs, counts, initial_states):
+@tf.autograph.experimental.do_not_convert  # plain graph code: AutoGraph would rewrite the loops' Python
+def packed_recurrence(backward, inputs, counts, initial_states, *, prefix=False):
     """Runs a known cell over packed rows.
 
     Args:
         backward: the cell's `cells.Backward`.
-        inputs: `(sum(counts), P)`: step `j`'s projected inputs for its
-            `counts[j]` rows, one step after the other.
+        inputs: its projected gates (`backward.project`). Step-major, each
+            `(sum(counts), units)`: step `j`'s `counts[j]` rows, one step after
+            the other; or, with `prefix=True`, each `(counts[0], units)`, every
+            row's one input for all its steps (step `j` reads the first `counts[j]`).
         counts: `(T + 1,)` int32, non-increasing, `counts[T] == 0`: rows at each step.
         initial_states: B's states for the `counts[0]` rows of step 0.
 
     Returns:
-        Every state of every row at every step, step-major like `inputs`
-        (`[h_all, ...]`; `h_all` is the cell's output).
+        Every state of every row at every step, step-major (`[h_all, ...]`;
+        `h_all` is the cell's output).
     """
     weights = backward.weights()
-    return _run(backward, len(initial_states), inputs, counts, *initial_states, *weights)
+    sizes = (len(inputs), len(initial_states))
+    return _run(backward, sizes, prefix, counts, *inputs, *initial_states, *weights)
 
 
 def _split(values, counts):
@@ -51,61 +59,83 @@ def _concat(array, last, like):
     return array.write(last, like[:0]).concat()
 
 
-def _run(backward, n_states, inputs, counts, *tensors):
+def _run(backward, sizes, prefix, counts, *tensors):
+    n_inputs, n_states = sizes
+
     @tf.custom_gradient
-    def run(inputs, *tensors):
-        initial, weights = list(tensors[:n_states]), list(tensors[n_states:])
+    def run(*tensors):
+        inputs = list(tensors[:n_inputs])
+        initial = list(tensors[n_inputs : n_inputs + n_states])
+        weights = list(tensors[n_inputs + n_states :])
         longest = tf.size(counts) - 1
-        blocks = _split(inputs, counts)
+        if prefix:
+
+            def read(j):
+                return [x[: counts[j]] for x in inputs]
+
+        else:
+            blocks = [_split(x, counts) for x in inputs]
+
+            def read(j):
+                return [block.read(j) for block in blocks]
+
         row_shapes = [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in initial]
-        inner_shape = backward.inner(initial[0][:0], weights).shape[1:]
+        gate_like = inputs[0][:0]  # zero rows: the shape and dtype of every gate
+
+        def arrays(like):
+            return [_empty_like(t.shape[1:], t.dtype, longest + 1) for t in like]
 
         def forward(j, states, entering, leaving, inners):
             inner = backward.inner(states[0], weights)
-            new_states = backward.new_states(blocks.read(j), inner, states)
+            new_states = backward.new_states(read(j), inner, states)
             entering = [array.write(j, s) for array, s in zip(entering, states)]
             leaving = [array.write(j, s) for array, s in zip(leaving, new_states)]
-            return j + 1, [s[: counts[j + 1]] for s in new_states], entering, leaving, inners.write(j, inner)
-
-        def arrays():
-            return [_empty_like(s.shape[1:], s.dtype, longest + 1) for s in initial]
+            inners = [array.write(j, part) for array, part in zip(inners, inner)]
+            return j + 1, [s[: counts[j + 1]] for s in new_states], entering, leaving, inners
 
         # Each state entering and leaving every step, and `inner` (kept for the gradient: no matmul again).
         _, _, entering, leaving, inners = tf.while_loop(
             lambda j, *_: j < longest, forward,
-            (tf.constant(0), initial, arrays(), arrays(), _empty_like(inner_shape, inputs.dtype, longest + 1)),
+            (tf.constant(0), initial, arrays(initial), arrays(initial), arrays([gate_like] * n_inputs)),
             shape_invariants=(tf.TensorShape([]), row_shapes, [tf.TensorShape(None)] * n_states,
-                              [tf.TensorShape(None)] * n_states, tf.TensorShape(None)),
+                              [tf.TensorShape(None)] * n_states, [tf.TensorShape(None)] * n_inputs),
         )
         leaving_all = [_concat(array, longest, s) for array, s in zip(leaving, initial)]
 
         def gradient(*upstream):
             upstream = [_split(tf.zeros_like(s) if g is None else g, counts) for g, s in zip(upstream, leaving_all)]
-            d_projected_blocks = _empty_like(inputs.shape[1:], inputs.dtype, longest + 1)
-            d_inner_blocks = _empty_like(inner_shape, inputs.dtype, longest + 1)
 
-            def step_back(j, carried, d_projected_blocks, d_inner_blocks):
+            def grow(values, rows):
+                """`values` (the rows of step j + 1) padded with zero rows to step j's `rows`."""
+                return tf.pad(values, [[0, rows - tf.shape(values)[0]], [0, 0]])
+
+            def step_back(j, carried, d_inputs, d_inner):
                 rows = counts[j]
-                d_new = [up.read(j) + tf.pad(c, [[0, rows - tf.shape(c)[0]], [0, 0]]) for up, c in zip(upstream, carried)]
+                d_new = [up.read(j) + grow(c, rows) for up, c in zip(upstream, carried)]
                 states = [array.read(j) for array in entering]
-                d_projected, d_inner, d_direct = backward.vjp(blocks.read(j), inners.read(j), states, d_new)
-                through_inner = tf.matmul(d_inner, weights[0], transpose_b=True)
+                d_x, d_i, d_direct = backward.vjp(read(j), [array.read(j) for array in inners], states, d_new)
+                through_inner = backward.through_inner(d_i, weights)
                 carried = [through_inner if d_direct[0] is None else through_inner + d_direct[0]]
                 carried += [tf.zeros_like(s) if d is None else d for s, d in zip(states[1:], d_direct[1:])]
-                return j - 1, carried, d_projected_blocks.write(j, d_projected), d_inner_blocks.write(j, d_inner)
+                d_inputs = [array.write(j, d) for array, d in zip(d_inputs, d_x)]
+                return j - 1, carried, d_inputs, [array.write(j, d) for array, d in zip(d_inner, d_i)]
 
             # Backwards over the steps; after step 0, `carried` is the gradient of the initial states.
-            _, carried, d_projected_blocks, d_inner_blocks = tf.while_loop(
+            gate_arrays = [tf.TensorShape(None)] * n_inputs
+            _, carried, d_inputs, d_inner = tf.while_loop(
                 lambda j, *_: j >= 0, step_back,
-                (longest - 1, [s[:0] for s in initial], d_projected_blocks, d_inner_blocks),
-                shape_invariants=(tf.TensorShape([]), row_shapes, tf.TensorShape(None), tf.TensorShape(None)),
+                (longest - 1, [s[:0] for s in initial], arrays([gate_like] * n_inputs), arrays([gate_like] * n_inputs)),
+                shape_invariants=(tf.TensorShape([]), row_shapes, gate_arrays, gate_arrays),
             )
-            d_inputs = _concat(d_projected_blocks, longest, inputs)
-            d_inner = d_inner_blocks.write(longest, tf.zeros([0, *inner_shape], inputs.dtype)).concat()
-            h_entering = _concat(entering[0], longest, initial[0])
-            d_kernel = tf.matmul(h_entering, d_inner, transpose_a=True)  # every step's h @ U at once
-            return (d_inputs, *carried, d_kernel, *backward.extra_grads(d_inner))
+            d_inputs = [_concat(array, longest, gate_like) for array in d_inputs]
+            if prefix:  # each row's input fed all its steps: sum its step-major gradients
+                rows = tf.ragged.range(counts[:-1]).flat_values
+                d_inputs = [tf.math.unsorted_segment_sum(d, rows, counts[0]) for d in d_inputs]
+            d_inner = [_concat(array, longest, gate_like) for array in d_inner]
+            # Every step's h @ U at once.
+            d_weights = backward.weight_grads(_concat(entering[0], longest, initial[0]), d_inner, weights)
+            return (*d_inputs, *carried, *d_weights)
 
         return leaving_all, gradient
 
-    return run(inputs, *tensors)
+    return run(*tensors)

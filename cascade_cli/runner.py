@@ -366,9 +366,8 @@ class Cascade:
         sorted_caps = tf.gather(caps_flat, order)
         running = tf.math.count_nonzero(sorted_caps, dtype=tf.int32)
         pair_ids, row_caps = order[:running], sorted_caps[:running]
-        x = tf.gather(ir_flat, pair_ids)
-        states = self._initial_states(x)
-        x = step.project(x)
+        ir_rows = tf.gather(ir_flat, pair_ids)
+        states = self._initial_states(ir_rows)
         counts = None if self.stop_rule else _prefix_counts(sorted_caps)
 
         def body(j, rows):
@@ -383,17 +382,17 @@ class Cascade:
             return x, finish
 
         if counts is None:
-            outputs, pairs = self._loop((pair_ids, x, row_caps), states, body, None, step)
+            outputs, pairs = self._loop((pair_ids, step.project(ir_rows), row_caps), states, body, None, step)
             return outputs, pairs, tf.argsort(pairs, stable=True)
         # Step j runs rows 0..counts[j]-1, so every output row's pair and step are known up front.
         rows = tf.ragged.range(counts[:-1], row_splits_dtype=tf.int32)
         row_ids, row_steps = rows.flat_values, rows.value_rowids()
         pairs = tf.gather(pair_ids, row_ids)
         value_order = tf.math.invert_permutation(tf.gather(tf.cumsum(caps_flat, exclusive=True), pairs) + row_steps)
-        if step.backward is not None:
-            outputs = packed_recurrence(step.backward, tf.gather(x, row_ids), counts, states)[0]
+        if step.backward is not None:  # each row's input is the same at every step: read a prefix of it
+            outputs = packed_recurrence(step.backward, step.backward.project(ir_rows), counts, states, prefix=True)[0]
         else:
-            outputs, _ = self._loop((pair_ids, x, row_caps), states, body, counts, step)
+            outputs, _ = self._loop((pair_ids, step.project(ir_rows), row_caps), states, body, counts, step)
         return outputs, pairs, value_order
 
     def _run_carry(self, ir_flat, caps, step):
@@ -460,12 +459,13 @@ class Cascade:
         step_major = tf.gather(tf.cumsum(counts, exclusive=True), positions) + tf.gather(
             tf.math.invert_permutation(order), value_samples)
         pairs = tf.gather(value_pairs, tf.math.invert_permutation(step_major))
-        blocks = counts  # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
-        features = tf.gather(step.project(ir_flat), pairs)
         running = counts[0]
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
         if step.backward is not None:
-            return packed_recurrence(step.backward, features, counts, states)[0], pairs, step_major
+            inputs = [tf.gather(gate, pairs) for gate in step.backward.project(ir_flat)]
+            return packed_recurrence(step.backward, inputs, counts, states)[0], pairs, step_major
+        blocks = counts  # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
+        features = tf.gather(step.project(ir_flat), pairs)
         inputs = tf.TensorArray(features.dtype, size=longest + 1, infer_shape=False,
                                 element_shape=tf.TensorShape([None]).concatenate(features.shape[1:]))
         inputs = inputs.split(features, blocks)

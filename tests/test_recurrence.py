@@ -60,18 +60,22 @@ def oracle(cell, raw, counts, initial):
     return [tf.stack(out) if out else tf.zeros([0, UNITS], raw.dtype) for out in leaving]
 
 
-def run_both(cell, counts, dtype, seed=0):
+def run_both(cell, counts, dtype, *, prefix=False, seed=0):
+    """`packed_recurrence` and the oracle on the same inputs: step-major, or one per row with `prefix`."""
     split = split_b(cell_b(cell))
     assert split is not None and split.backward is not None
     rng = np.random.default_rng(seed)
-    raw = tf.constant(rng.normal(size=(sum(counts), FEATURES)), dtype)
+    raw = tf.constant(rng.normal(size=(counts[0] if prefix else sum(counts), FEATURES)), dtype)
+    # With `prefix`, step j feeds rows 0..counts[j]-1 their own input again.
+    rows = tf.ragged.range(tf.constant(counts[:-1], tf.int32)).flat_values if prefix else tf.range(sum(counts))
     initial = [tf.constant(rng.normal(size=(counts[0], UNITS)), dtype) for _ in np.atleast_1d(cell.state_size)]
     mix = [tf.constant(rng.normal(size=(sum(counts), UNITS)), dtype) for _ in initial]
     sources = [raw, *initial, *cell.trainable_weights]
     results = []
     for run in (
-        lambda: packed_recurrence(split.backward, split.project(raw), tf.constant(counts, tf.int32), initial),
-        lambda: oracle(cell, raw, counts, initial),
+        lambda: packed_recurrence(split.backward, split.backward.project(raw), tf.constant(counts, tf.int32), initial,
+                                  prefix=prefix),
+        lambda: oracle(cell, tf.gather(raw, rows), counts, initial),
     ):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch([raw, *initial])
@@ -83,19 +87,21 @@ def run_both(cell, counts, dtype, seed=0):
     return results, sources
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["step-major", "prefix"])
 @pytest.mark.parametrize("counts", sorted(COUNTS))
 @pytest.mark.parametrize("name", sorted(CELLS))
-def test_values_and_gradients_equal_an_eager_loop(name, counts):
-    (fast, slow), sources = run_both(CELLS[name]("float32"), COUNTS[counts], "float32")
+def test_values_and_gradients_equal_an_eager_loop(name, counts, prefix):
+    (fast, slow), sources = run_both(CELLS[name]("float32"), COUNTS[counts], "float32", prefix=prefix)
     for got, want in zip(fast[0], slow[0]):
         np.testing.assert_allclose(got, want, atol=1e-6)
     for source, got, want in zip(sources, fast[1], slow[1]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=getattr(source, "path", "input"))
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["step-major", "prefix"])
 @pytest.mark.parametrize("name", ["gru", "lstm", "simple"])
-def test_gradients_equal_an_eager_loop_in_float64(name):
-    (fast, slow), sources = run_both(CELLS[name]("float64"), COUNTS["ragged"], "float64", seed=1)
+def test_gradients_equal_an_eager_loop_in_float64(name, prefix):
+    (fast, slow), sources = run_both(CELLS[name]("float64"), COUNTS["ragged"], "float64", prefix=prefix, seed=1)
     for source, got, want in zip(sources, fast[1], slow[1]):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12, err_msg=getattr(source, "path", "input"))
 
