@@ -569,7 +569,9 @@ class _Step:
 
 
 def _prefix_counts(sorted_lengths):
-    """Returns `counts (longest + 1,)`: `counts[j] = count(sorted_lengths > j)`, the rows running at step `j`."""
+    """Returns `counts (longest + 1,)`: `counts[j] = count(sorted_lengths > j)`, the rows running at step `j`.
+
+    `sorted_lengths` is in descending order, so the count is a binary search.
+    """
     longest = tf.reduce_max(tf.concat([sorted_lengths, [0]], 0))
-    histogram = tf.math.bincount(sorted_lengths, minlength=longest + 1, dtype=tf.int32)
-    return tf.size(sorted_lengths) - tf.cumsum(histogram)
+    return tf.searchsorted(-sorted_lengths, -tf.range(longest + 1), side="left", out_type=tf.int32)
