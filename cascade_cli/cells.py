@@ -15,13 +15,13 @@ of two additions differs, so results agree with calling B to float rounding.
 Any other B (extra layers before the cell, several cells, a head that reads
 the states or `x`) gets `None` and runs through B itself.
 
-A step is `gates(projected, inner(h), states)`, where `inner` is the only
-matmul on the recurrent path. For the usual activations (tanh, sigmoid,
-linear) a cell also gets a hand-written `Backward`: the vector-Jacobian
-product of `gates` written out, so that `cascade_cli.recurrence` can run the
-backward pass with a few fused-size ops per step instead of TensorFlow's
-generic while-loop gradient, and take the recurrent weights' gradients in one
-matmul after the loop. GRU with `reset_after=False` (its reset gate acts before
+For the usual activations (tanh, sigmoid, linear) a cell also gets a
+`Backward`: its step written gate by gate, `new_states(projected, inner(h),
+states)` with `inner` holding the only matmuls (one per gate), and the
+vector-Jacobian product of `new_states` written out, so that
+`cascade_cli.recurrence` can run the backward pass with a few ops per step
+instead of TensorFlow's generic while-loop gradient, and take the recurrent
+weights' gradients in one matmul per gate after the loop. GRU with `reset_after=False` (its reset gate acts before
 the recurrent matmul) and other activations keep the generic gradient.
 """
 
@@ -42,8 +42,8 @@ class Backward:
     SimpleRNN: one), so that no step has to split a wide tensor.
 
     Attributes:
-        project: `x -> [projected gates]`: the input projection.
         gates: how many gates, G.
+        project: `x -> [projected gates]`: the input projection.
         weights: `() -> [U_1, ..., U_G, *biases]`: the recurrent kernel's
             columns for each gate, then the recurrent bias's if any, read now.
         new_states: `(projected, inner, states) -> new_states`: the step given
@@ -153,16 +153,13 @@ def _weights(kernel, gates, bias):
 
 
 def _kit(cell, gates, input_bias, recurrent_bias=None):
-    """`project` (by gate), `weights` and `inner` of a cell."""
-    input_weights, weights = _weights(cell.kernel, gates, input_bias), _weights(cell.recurrent_kernel, gates, recurrent_bias)
+    """`project(x)` by gate, and the reader of the recurrent `weights`, of a cell."""
+    input_weights = _weights(cell.kernel, gates, input_bias)
 
     def project(x):
         return _gate_products(x, input_weights(), gates)
 
-    def inner(h, weights):
-        return _gate_products(h, weights, gates)
-
-    return project, weights, inner
+    return project, _weights(cell.recurrent_kernel, gates, recurrent_bias)
 
 
 def _gate_products(x, weights, gates):
@@ -185,13 +182,13 @@ def _bias(cell, part=None):
 
 def _simple_rnn(cell):
     bias = _bias(cell)
-    project, weights, inner = _kit(cell, 1, bias)
+    project, weights = _kit(cell, 1, bias)
 
     def new_states(projected, inner, states):
         return [_apply(cell.activation, projected[0] + inner[0])]
 
     def step(projected, states):
-        [h] = new_states([projected], inner(states[0], weights()), states)
+        [h] = new_states([projected], _gate_products(states[0], weights(), 1), states)
         return h, [h]
 
     derivative = _derivative(cell.activation)
@@ -212,7 +209,7 @@ def _gru(cell):
         input_bias, recurrent_bias = _bias(cell, 0), _bias(cell, 1)
     else:
         input_bias, recurrent_bias = _bias(cell), None
-    project, weights, inner = _kit(cell, 3, input_bias, recurrent_bias)
+    project, weights = _kit(cell, 3, input_bias, recurrent_bias)
 
     def gates(projected, inner, h_prev):
         """`(z, r, candidate, h)` of the reset-after GRU."""
@@ -229,7 +226,7 @@ def _gru(cell):
         h_prev = states[0]
         x_z, x_r, x_h = tf.split(projected, 3, axis=1)
         if cell.reset_after:
-            [h] = new_states([x_z, x_r, x_h], inner(h_prev, weights()), states)
+            [h] = new_states([x_z, x_r, x_h], _gate_products(h_prev, weights(), 3), states)
             return h, [h]
         inner_zr = tf.matmul(h_prev, cell.recurrent_kernel[:, : 2 * units])
         z = cell.recurrent_activation(x_z + inner_zr[:, :units])
@@ -256,7 +253,7 @@ def _gru(cell):
 
 def _lstm(cell):
     bias = _bias(cell)
-    project, weights, inner = _kit(cell, 4, bias)
+    project, weights = _kit(cell, 4, bias)
 
     def gates(projected, inner, c_prev):
         """`(i, f, g, o, c, activation(c))` of the LSTM."""
@@ -273,7 +270,7 @@ def _lstm(cell):
         return [o * activated, c]
 
     def step(projected, states):
-        h, c = new_states(tf.split(projected, 4, axis=1), inner(states[0], weights()), states)
+        h, c = new_states(tf.split(projected, 4, axis=1), _gate_products(states[0], weights(), 4), states)
         return h, [h, c]
 
     gate_derivative, derivative = _derivative(cell.recurrent_activation), _derivative(cell.activation)
