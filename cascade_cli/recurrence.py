@@ -59,6 +59,21 @@ def _concat(array, last, like):
     return array.write(last, like[:0]).concat()
 
 
+def _sum_by_row(step_major, counts):
+    """Sums, for each of the `counts[0]` rows, its blocks' rows in step-major tensors.
+
+    Row `r` of step `j` sits at `start_j + r`. Gathering each row's steps next
+    to each other first makes it a sorted segment sum (about twice as fast on
+    CPU as an unsorted one).
+    """
+    rows = tf.range(counts[0])
+    lengths = tf.searchsorted(-counts[:-1], -rows, side="left", out_type=counts.dtype)  # count(counts[j] > r)
+    starts = tf.cumsum(counts, exclusive=True)[:-1]
+    row_of_each = tf.repeat(rows, lengths)
+    by_row = tf.gather(starts, tf.ragged.range(lengths).flat_values) + row_of_each
+    return [tf.math.segment_sum(tf.gather(values, by_row), row_of_each) for values in step_major]
+
+
 def _run(backward, sizes, prefix, counts, *tensors):
     n_inputs, n_states = sizes
 
@@ -128,9 +143,8 @@ def _run(backward, sizes, prefix, counts, *tensors):
                 shape_invariants=(tf.TensorShape([]), row_shapes, gate_arrays, gate_arrays),
             )
             d_inputs = [_concat(array, longest, gate_like) for array in d_inputs]
-            if prefix:  # each row's input fed all its steps: sum its step-major gradients
-                rows = tf.ragged.range(counts[:-1]).flat_values
-                d_inputs = [tf.math.unsorted_segment_sum(d, rows, counts[0]) for d in d_inputs]
+            if prefix:  # each row's one input fed all its steps: sum its step-major gradients
+                d_inputs = _sum_by_row(d_inputs, counts)
             d_inner = [_concat(array, longest, gate_like) for array in d_inner]
             # Every step's h @ U at once.
             d_weights = backward.weight_grads(_concat(entering[0], longest, initial[0]), d_inner, weights)
