@@ -462,7 +462,8 @@ class Cascade:
         running = counts[0]
         states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
         if step.backward is not None:
-            inputs = [tf.gather(gate, pairs) for gate in step.backward.project(ir_flat)]
+            inputs = [_gather_sorted_gradient(gate, pairs, step_major, value_pairs)
+                      for gate in step.backward.project(ir_flat)]
             return packed_recurrence(step.backward, inputs, counts, states)[0], pairs, step_major
         blocks = counts  # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
         features = tf.gather(step.project(ir_flat), pairs)
@@ -521,6 +522,23 @@ def _permute(values, permutation):
         return tf.gather(upstream, tf.math.invert_permutation(permutation)), None
 
     return tf.gather(values, permutation), gradient
+
+
+def _gather_sorted_gradient(params, indices, order, sorted_indices):
+    """`tf.gather(params, indices)` whose gradient is a sorted segment sum, not an unsorted one.
+
+    `order` sorts `indices`: `tf.gather(indices, order) == sorted_indices`, ascending.
+    """
+
+    @tf.custom_gradient
+    def gather(params):
+        def gradient(upstream):
+            summed = tf.math.segment_sum(tf.gather(upstream, order), sorted_indices)
+            return tf.pad(summed, [[0, tf.shape(params)[0] - tf.shape(summed)[0]], [0, 0]])  # unused last rows
+
+        return tf.gather(params, indices), gradient
+
+    return gather(params)
 
 
 def xla_inference(model):

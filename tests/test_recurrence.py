@@ -150,3 +150,17 @@ def test_a_persistent_tape_can_take_the_gradient_twice(state):
     for weight, g1, g2, g3 in zip(weights, first, again, second):
         np.testing.assert_array_equal(tf.convert_to_tensor(g1), tf.convert_to_tensor(g2), err_msg=weight.path)
         assert not np.allclose(tf.convert_to_tensor(g1), tf.convert_to_tensor(g3)), weight.path
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_gradients_with_trailing_zero_pairs_equal_calling_b(state):
+    """Pairs with no steps at the end of the batch get no rows; their inputs' gradient is zero, not missing."""
+    a, b = builders.model_a(), builders.step_b("gru")
+    x, steps = builders.inputs(3, 4), np.array([[2, 0, 3, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    grads = []
+    for cascade in (Cascade(a, b, state=state), Cascade(a, b, state=state, fast_cells=False)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(cascade(x, steps).flat_values))
+        grads.append(tape.gradient(loss, a.trainable_weights + b.trainable_weights))
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
