@@ -32,6 +32,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from cascade_cli.keras_internals import flatten_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class Backward:
@@ -90,7 +92,7 @@ class SplitB:
 
 def split_b(model_b):
     """Returns a `SplitB` when B is a known cell plus a head, else None."""
-    cells = [layer for layer in model_b._flatten_layers(include_self=False) if type(layer) in _KITS]
+    cells = [layer for layer in flatten_layers(model_b) if type(layer) in _KITS]
     if len(cells) != 1 or len(cells[0]._inbound_nodes) != 1:
         return None
     cell = cells[0]

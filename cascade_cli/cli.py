@@ -29,13 +29,9 @@ import click  # noqa: E402 (after the environment TensorFlow reads)
 
 from cascade_cli import __version__  # noqa: E402
 from cascade_cli.errors import CascadeError, DataError, one_line as _one_line  # noqa: E402
+from cascade_cli.options import LOSSES, OPTIMIZERS, STATE_INITS, STATE_MODES, STRATEGIES  # noqa: E402
+from cascade_cli.results_io import SUFFIX_FORMATS as RESULT_SUFFIXES  # noqa: E402
 
-STATE_MODES = ("reset", "carry")
-STATE_INITS = ("zeros", "ir")
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-LOSSES = ("mse", "mae", "categorical-crossentropy")
-STRATEGIES = ("default", "mirrored", "multi-worker")
-RESULT_SUFFIXES = {".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"}
 DEMO_EPOCHS = 20
 DEMO_LEARNING_RATE = 0.01
 DEMO_FILES = {
@@ -206,7 +202,7 @@ def model_options(command):
 
 
 def _check_output(path, *, overwrite):
-    from cascade_cli.export import check_output_path
+    from cascade_cli.atomic import check_output_path
 
     return check_output_path(path, overwrite=overwrite)
 
@@ -272,7 +268,7 @@ def _read_steps_option(*, steps_file, steps_text, source, max_steps):
     """
     import numpy as np
 
-    from cascade_cli.data import broadcast_steps, parse_steps, read_steps
+    from cascade_cli.steps import broadcast_steps, parse_steps, read_steps
 
     if steps_file is None and steps_text is None:
         return None, "none"
@@ -292,21 +288,6 @@ def _read_steps_option(*, steps_file, steps_text, source, max_steps):
         expected = f"at most --max-steps {max_steps}" if max_steps is not None else f"at most {limit}"
         raise DataError(f"steps from {where} at index {shown}: expected {expected}, received {int(steps[index])}.")
     return steps, description
-
-
-def _check_inputs_fit(cascade, source):
-    """Raises `DataError` when the inputs' F or Ta differ from what model A expects."""
-    spec = cascade.a_spec
-    if spec.features is not None and source.features != spec.features:
-        raise DataError(
-            f"inputs in {source.name} have F={source.features} features per step but model A expects "
-            f"F={spec.features}; received shape {source.shape}."
-        )
-    if spec.outer_steps is not None and source.outer_steps != spec.outer_steps:
-        raise DataError(
-            f"model A was saved with a fixed Ta={spec.outer_steps} but the inputs in {source.name} have "
-            f"Ta={source.outer_steps} (shape {source.shape}); expected inputs with Ta={spec.outer_steps}."
-        )
 
 
 def run_generation(console, cascade, source, steps, *, batch_size, output, overwrite, attrs, samples=None):
@@ -336,9 +317,9 @@ def run_generation(console, cascade, source, steps, *, batch_size, output, overw
     import numpy as np
     import tensorflow as tf
 
-    from cascade_cli.export import RaggedH5Writer
+    from cascade_cli.results_io import RaggedH5Writer
     from cascade_cli.progress import track
-    from cascade_cli.ragged import CascadeResult
+    from cascade_cli.result import CascadeResult
 
     _, outer, features = source.shape
     first, last = (0, source.n_samples) if samples is None else samples
@@ -498,12 +479,15 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
             raise click.BadParameter(
                 f"{rule[1]} is outside model B's outputs: expected an id in [0, {output_size}).", ctx,
                 param_hint="'--stop-token'")
-        from cascade_cli.runner import Cascade, StopRule
+        from cascade_cli.options import StopRule
+        from cascade_cli.runner import Cascade
 
         stop_rule = None if rule is None else getattr(StopRule, rule[0])(rule[1])
         cascade = Cascade(model_a, model_b, state=state, state_init=state_init, max_steps=max_steps,
                           stop_rule=stop_rule, exclude_stop_step=exclude_stop_step)
-        _check_inputs_fit(cascade, source)
+        from cascade_cli.models import check_inputs_fit
+
+        check_inputs_fit(cascade.a_spec, source.shape, where=f"inputs in {source.name}")
         source.check_finite()
         import keras
 
@@ -596,7 +580,7 @@ def export(ctx, result, format_, layout, pad_value, time_major, output, overwrit
     layout = layout or "ragged"
     if layout == "ragged" and (pad_value is not None or time_major):
         raise click.UsageError("--pad-value and --time-major need --layout padded.", ctx)
-    from cascade_cli.export import read_result, read_result_attrs, write_result
+    from cascade_cli.results_io import read_result, read_result_attrs, write_result
 
     _check_output(output, overwrite=overwrite)
     console, _ = _consoles()
@@ -840,10 +824,10 @@ def demo(out_dir, epochs, overwrite):
     _load_tensorflow()
     from cascade_cli import sample
     from cascade_cli.data import TrainingData, open_inputs
-    from cascade_cli.export import read_result, write_result
+    from cascade_cli.results_io import read_result, write_result
     from cascade_cli.models import load_model
     from cascade_cli.progress import epochs_table, train_callbacks
-    from cascade_cli.ragged import CascadeResult
+    from cascade_cli.result import CascadeResult
     from cascade_cli.runner import Cascade
     from cascade_cli.training import TrainConfig, fit
 

@@ -16,10 +16,7 @@ in chunks, never whole.
 """
 
 import contextlib
-import json
-import math
 import os
-import re
 import zipfile
 from typing import Iterator, NamedTuple
 
@@ -27,161 +24,13 @@ import h5py
 import numpy as np
 
 from cascade_cli.errors import DataError
+from cascade_cli.h5 import HDF5_SUFFIXES, display, h5_dataset, np_load, open_h5, read_dataset
+from cascade_cli.steps import shape_text, steps_from_array
 
-HDF5_SUFFIXES = (".h5", ".hdf5")
 INPUT_SUFFIXES = HDF5_SUFFIXES + (".npy", ".npz")
-STEPS_SUFFIXES = (".txt", ".csv", ".npy", ".json") + HDF5_SUFFIXES
 
 # Bytes read at a time when scanning a large array (about 64 MiB).
 _CHUNK_BYTES = 1 << 26
-
-_DTYPE_KINDS = {
-    "float": ("f", "floating-point numbers"),
-    "int": ("iu", "integers"),
-    "numeric": ("iuf", "integers or floating-point numbers"),
-}
-
-_INT_TOKEN = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TOKEN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_SEPARATOR = re.compile(r"\s*,\s*|\s+")
-_INT64_MAX = np.iinfo(np.int64).max
-
-
-# ---------------------------------------------------------------------------
-# HDF5
-
-
-def _display(path) -> str:
-    return os.fspath(path)
-
-
-def _check_file(path, *, expected: str) -> None:
-    """Raises `DataError` unless `path` is an existing regular file."""
-    name = _display(path)
-    if not os.path.exists(name):
-        raise DataError(f"'{name}' does not exist: expected {expected}")
-    if os.path.isdir(name):
-        raise DataError(f"'{name}' is a directory: expected {expected}")
-
-
-def _refuse_outside_storage(f: h5py.File, *, path) -> None:
-    """Raises `DataError` if any link or dataset of `f` reaches outside the file."""
-    name = _display(path)
-    problems = []
-
-    def visit(link_name, link):
-        if problems:
-            return None
-        if isinstance(link, h5py.ExternalLink):
-            problems.append(
-                f"'{name}' links '{link_name}' to another file "
-                f"('{link.filename}:{link.path}')"
-            )
-        elif isinstance(link, h5py.HardLink):
-            obj = f[link_name]
-            if isinstance(obj, h5py.Dataset):
-                if obj.is_virtual:
-                    problems.append(f"dataset '{link_name}' in '{name}' is a virtual dataset")
-                elif obj.external:
-                    files = ", ".join(repr(entry[0]) for entry in obj.external)
-                    problems.append(
-                        f"dataset '{link_name}' in '{name}' keeps its data in external "
-                        f"files ({files})"
-                    )
-        elif not isinstance(link, h5py.SoftLink):
-            problems.append(f"'{name}' has a user-defined link '{link_name}'")
-        return None
-
-    f.visititems_links(visit)
-    if problems:
-        raise DataError(
-            f"{problems[0]}: expected a self-contained HDF5 file; nothing outside the "
-            "file is read"
-        )
-
-
-@contextlib.contextmanager
-def open_h5(path) -> Iterator[h5py.File]:
-    """Opens an HDF5 file read-only, refusing anything stored outside it.
-
-    Args:
-        path: the file.
-
-    Yields:
-        The open `h5py.File`; it is closed when the block ends.
-
-    Raises:
-        DataError: the file is missing, a directory, not HDF5 or truncated, or
-            it holds an external link, a dataset with external storage or a
-            virtual dataset.
-    """
-    name = _display(path)
-    _check_file(path, expected="an HDF5 file")
-    try:
-        f = h5py.File(name, "r")
-    except OSError as exc:
-        raise DataError(f"'{name}' is not a readable HDF5 file: {exc}") from exc
-    with f:
-        _refuse_outside_storage(f, path=path)
-        yield f
-
-
-def h5_dataset(
-    f: h5py.File, key: str, *, path, ndim: int | None = None, kind: str | None = None
-) -> h5py.Dataset:
-    """Returns dataset `key` of an open file, checking its rank and dtype.
-
-    Args:
-        f: an open HDF5 file or group.
-        key: the dataset's name, e.g. `"inputs"` or `"group/inputs"`.
-        path: the file's path, for messages.
-        ndim: the rank it must have, or None for any.
-        kind: `"float"`, `"int"` (signed or unsigned), `"numeric"` (either) or
-            None for any dtype.
-
-    Returns:
-        The `h5py.Dataset`.
-
-    Raises:
-        DataError: naming file and key, when the key is missing, not a dataset,
-            or the rank or dtype kind is wrong.
-    """
-    name = _display(path)
-    if kind is not None and kind not in _DTYPE_KINDS:
-        raise ValueError(f"kind must be one of {sorted(_DTYPE_KINDS)} or None, received {kind!r}")
-    try:
-        obj = f[key]
-    except (KeyError, ValueError) as exc:
-        keys = sorted(f.keys())
-        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
-        raise DataError(
-            f"'{name}' has no dataset '{key}': expected a dataset '{key}', "
-            f"received keys [{shown}]"
-        ) from exc
-    if not isinstance(obj, h5py.Dataset):
-        raise DataError(f"'{key}' in '{name}' is a group: expected a dataset")
-    if ndim is not None and obj.ndim != ndim:
-        raise DataError(
-            f"dataset '{key}' in '{name}' has {obj.ndim} dimensions: expected {ndim}, "
-            f"received shape {tuple(obj.shape)}"
-        )
-    if kind is not None:
-        kinds, words = _DTYPE_KINDS[kind]
-        if obj.dtype.kind not in kinds:
-            raise DataError(
-                f"dataset '{key}' in '{name}' has dtype {obj.dtype}: expected {words}"
-            )
-    return obj
-
-
-def _h5_read(dset: h5py.Dataset, selection, *, path):
-    """Reads `dset[selection]`, naming file and key if HDF5 fails."""
-    try:
-        return dset[selection]
-    except OSError as exc:
-        raise DataError(
-            f"could not read dataset '{dset.name.lstrip('/')}' from '{_display(path)}': {exc}"
-        ) from exc
 
 
 def _read_ranges(array, starts: np.ndarray, stops: np.ndarray, *, path, tail=()) -> np.ndarray:
@@ -208,7 +57,7 @@ def _read_ranges(array, starts: np.ndarray, stops: np.ndarray, *, path, tail=())
         runs = [(slice(a, b),) + tuple(tail) for a, b in zip(run_starts, run_stops) if b > a]
         selections = runs or selections
     if isinstance(array, h5py.Dataset):
-        pieces = [_h5_read(array, selection, path=path) for selection in selections]
+        pieces = [read_dataset(array, selection, path=path) for selection in selections]
     else:
         pieces = [np.asarray(array[selection]) for selection in selections]
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -258,23 +107,6 @@ def _numeric_or_raise(dtype: np.dtype, *, what: str) -> None:
         )
 
 
-def _np_load(path, *, mmap_mode=None, expected: str):
-    """`np.load` with `allow_pickle=False`, turning every failure into `DataError`."""
-    name = _display(path)
-    _check_file(path, expected=expected)
-    try:
-        return np.load(name, mmap_mode=mmap_mode, allow_pickle=False)
-    except ValueError as exc:
-        if "object" in str(exc).lower() or "pickle" in str(exc).lower():
-            raise DataError(
-                f"'{name}' holds Python objects or pickled data: expected {expected} "
-                "of numbers (pickles are never loaded)"
-            ) from exc
-        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
-
-
 class InputSource:
     """Model inputs `(N, Ta, F)` read from `.h5`, `.npy` or `.npz`, a chunk at a time.
 
@@ -294,7 +126,7 @@ class InputSource:
     def __init__(self, path, *, key: str = "inputs"):
         """Opens and checks an inputs file; see `open_inputs`."""
         self.path = path
-        name = _display(path)
+        name = display(path)
         suffix = os.path.splitext(name)[1].lower()
         self.key = key
         self._stack = contextlib.ExitStack()
@@ -305,7 +137,7 @@ class InputSource:
                 self._array = h5_dataset(f, key, path=path, ndim=3, kind="numeric")
             elif suffix == ".npy":
                 self.key = None
-                array = _np_load(path, mmap_mode="r", expected="a .npy array")
+                array = np_load(path, mmap_mode="r", expected="a .npy array")
                 if not isinstance(array, np.ndarray):
                     array.close()
                     raise DataError(f"'{name}' is a .npz archive: expected a .npy array")
@@ -333,8 +165,8 @@ class InputSource:
     def name(self) -> str:
         """The file and key, quoted, for messages."""
         if self.key is None:
-            return f"'{_display(self.path)}'"
-        return f"'{_display(self.path)}' (key '{self.key}')"
+            return f"'{display(self.path)}'"
+        return f"'{display(self.path)}' (key '{self.key}')"
 
     @property
     def dtype(self) -> np.dtype:
@@ -359,7 +191,7 @@ class InputSource:
                 f"received start={start}, stop={stop}"
             )
         if isinstance(self._array, h5py.Dataset):
-            values = _h5_read(self._array, slice(start, stop), path=self.path)
+            values = read_dataset(self._array, slice(start, stop), path=self.path)
         else:
             values = self._array[start:stop]
         return _as_float32(values)
@@ -404,8 +236,8 @@ class InputSource:
 
 def _load_npz_array(path, *, key: str) -> np.ndarray:
     """Loads one array of a `.npz` archive (without pickles)."""
-    name = _display(path)
-    archive = _np_load(path, expected="a .npz archive")
+    name = display(path)
+    archive = np_load(path, expected="a .npz archive")
     if isinstance(archive, np.ndarray):
         raise DataError(f"'{name}' is a .npy array: expected a .npz archive")
     with archive:
@@ -440,279 +272,6 @@ def open_inputs(path, *, key: str = "inputs") -> InputSource:
             than 3, non-numeric dtype or object array.
     """
     return InputSource(path, key=key)
-
-
-# ---------------------------------------------------------------------------
-# Steps
-
-
-def _steps_value(value, *, where: str) -> int:
-    """One step count from a parsed JSON value, or `DataError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{where}: expected a non-negative integer, received {value!r}")
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise DataError(f"{where}: expected a non-negative integer, received {value!r}")
-        value = int(value)
-    if value < 0:
-        raise DataError(f"{where}: expected a non-negative integer, received {value}")
-    if value > _INT64_MAX:
-        raise DataError(f"{where}: expected an integer below 2**63, received {value}")
-    return value
-
-
-def _token_value(token: str, *, where: str) -> int:
-    """One step count from a text token, or `DataError` naming `where` and the token."""
-    value = None
-    if _INT_TOKEN.fullmatch(token):
-        value = int(token)
-    elif _FLOAT_TOKEN.fullmatch(token):
-        number = float(token)
-        value = int(number) if number.is_integer() else None
-    if value is None or value < 0:
-        raise DataError(f"{where}: expected a non-negative integer, received {token!r}")
-    if value > _INT64_MAX:
-        raise DataError(f"{where}: expected an integer below 2**63, received {token!r}")
-    return value
-
-
-def _split_tokens(line: str) -> list[str]:
-    stripped = line.strip()
-    return _SEPARATOR.split(stripped) if stripped else []
-
-
-def _steps_from_array(array: np.ndarray, *, source: str) -> np.ndarray:
-    """Checks a numeric steps array (`(Ta,)` or `(N, Ta)`) and returns it as int64."""
-    array = np.asarray(array)
-    if array.ndim not in (1, 2):
-        raise DataError(
-            f"steps from {source} have shape {tuple(array.shape)}: expected (Ta,) or (N, Ta)"
-        )
-    if array.dtype.kind not in "iuf":
-        raise DataError(f"steps from {source} have dtype {array.dtype}: expected integers")
-    if array.dtype.kind == "f":
-        bad = ~np.isfinite(array) | (array != np.round(array)) | (array < 0) | (array >= 2.0**63)
-    elif array.dtype.kind == "u":
-        bad = array > _INT64_MAX
-    else:
-        bad = array < 0
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        shown = index[0] if len(index) == 1 else index
-        raise DataError(
-            f"steps from {source} at index {shown}: expected a non-negative integer, "
-            f"received {array[index].item()!r}"
-        )
-    return array.astype(np.int64)
-
-
-def _read_steps_text(path) -> np.ndarray:
-    name = _display(path)
-    try:
-        with open(name, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"steps file '{name}' is not a readable text file: {exc}") from exc
-    rows, numbers = [], []
-    for number, line in enumerate(lines, start=1):
-        tokens = _split_tokens(line.split("#", 1)[0])
-        if not tokens:
-            continue
-        rows.append(
-            [
-                _token_value(token, where=f"steps file '{name}' line {number}, value {position}")
-                for position, token in enumerate(tokens, start=1)
-            ]
-        )
-        numbers.append(number)
-    if not rows:
-        raise DataError(
-            f"steps file '{name}' has no steps: expected one line of integers "
-            "(the same for every sample) or one line per sample"
-        )
-    for row, number in zip(rows[1:], numbers[1:]):
-        if len(row) != len(rows[0]):
-            raise DataError(
-                f"steps file '{name}' line {number} has {len(row)} values: expected "
-                f"{len(rows[0])} like line {numbers[0]}"
-            )
-    if len(rows) == 1:
-        return np.array(rows[0], dtype=np.int64)
-    return np.array(rows, dtype=np.int64)
-
-
-def _read_steps_json(path) -> np.ndarray:
-    name = _display(path)
-    try:
-        with open(name, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"steps file '{name}' line {exc.lineno}, column {exc.colno}: "
-            f"expected JSON, {exc.msg}"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"steps file '{name}' is not a readable text file: {exc}") from exc
-    expected = "a list of integers or a list of lists of integers"
-    if not isinstance(value, list):
-        raise DataError(
-            f"steps file '{name}': expected {expected}, received {type(value).__name__}"
-        )
-    nested = bool(value) and isinstance(value[0], list)
-    for p, item in enumerate(value):
-        if isinstance(item, list) != nested:
-            raise DataError(
-                f"steps file '{name}' position {p}: expected {expected}, received a "
-                "mix of numbers and lists"
-            )
-    if nested:
-        rows = []
-        for r, row in enumerate(value):
-            if len(row) != len(value[0]):
-                raise DataError(
-                    f"steps file '{name}' row {r} has {len(row)} values: expected "
-                    f"{len(value[0])} like row 0"
-                )
-            rows.append(
-                [
-                    _steps_value(item, where=f"steps file '{name}' row {r}, position {p}")
-                    for p, item in enumerate(row)
-                ]
-            )
-        return np.array(rows, dtype=np.int64).reshape(len(rows), len(value[0]))
-    values = [
-        _steps_value(item, where=f"steps file '{name}' position {p}")
-        for p, item in enumerate(value)
-    ]
-    return np.array(values, dtype=np.int64)
-
-
-def read_steps(path, *, key: str = "steps") -> np.ndarray:
-    """Reads a steps file.
-
-    Formats: `.txt`/`.csv` (integers split by commas and/or white space; blank
-    lines and `#` comments ignored; one line gives `(Ta,)`, several lines
-    `(N, Ta)`), `.npy`, `.json` (a list or a list of lists) and `.h5`/`.hdf5`
-    (dataset `key`). Integer-valued floats such as `2.0` are accepted.
-
-    Args:
-        path: the file.
-        key: dataset name in an HDF5 file.
-
-    Returns:
-        `(Ta,)` or `(N, Ta)` `int64`, every entry >= 0.
-
-    Raises:
-        DataError: naming file, line or position and value, for an unknown
-            suffix, a negative, fractional or non-numeric value, or rows of
-            different lengths.
-    """
-    name = _display(path)
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix not in STEPS_SUFFIXES:
-        raise DataError(
-            f"steps file '{name}' has suffix '{suffix}': expected one of "
-            f"{', '.join(STEPS_SUFFIXES)}"
-        )
-    _check_file(path, expected="a steps file")
-    if suffix in (".txt", ".csv"):
-        return _read_steps_text(path)
-    if suffix == ".json":
-        return _read_steps_json(path)
-    if suffix == ".npy":
-        array = _np_load(path, expected="a .npy array")
-        if not isinstance(array, np.ndarray):
-            array.close()
-            raise DataError(f"'{name}' is a .npz archive: expected a .npy array")
-        return _steps_from_array(array, source=f"'{name}'")
-    with open_h5(path) as f:
-        dset = h5_dataset(f, key, path=path)
-        return _steps_from_array(_h5_read(dset, (), path=path), source=f"'{name}' (key '{key}')")
-
-
-def parse_steps(text: str, *, flag: str = "--steps") -> np.ndarray:
-    """Parses steps given on the command line, e.g. `"3,4,2"`.
-
-    Args:
-        text: integers split by commas and/or white space.
-        flag: the option's name, for messages.
-
-    Returns:
-        `(Ta,)` `int64`.
-
-    Raises:
-        DataError: naming the flag, for an empty list or a bad value.
-    """
-    tokens = _split_tokens(text)
-    if not tokens:
-        raise DataError(
-            f"{flag}: expected comma-separated non-negative integers, received {text!r}"
-        )
-    return np.array(
-        [_token_value(token, where=f"{flag} value {p}") for p, token in enumerate(tokens, start=1)],
-        dtype=np.int64,
-    )
-
-
-def _shape_text(shape) -> str:
-    return str(tuple(int(n) for n in shape))
-
-
-def check_steps(steps, *, n_samples=None, outer_steps=None, max_steps=None, source: str = "the call"):
-    """Checks steps of the form `(Ta,)` or `(N, Ta)` without broadcasting them.
-
-    Args:
-        steps: array-like (or an eager tensor) of non-negative integers.
-        n_samples: `N`, or None when not known.
-        outer_steps: `Ta`, or None when not known.
-        max_steps: the largest value allowed, or None.
-        source: where the steps came from, e.g. `"'steps.txt'"` or `"--steps"`.
-
-    Returns:
-        `(Ta,)` or `(N, Ta)` `int64`.
-
-    Raises:
-        DataError: the shape fits neither form, a value is not a non-negative
-            integer, or a value is above `max_steps`.
-    """
-    array = np.asarray(steps.numpy() if hasattr(steps, "numpy") else steps)
-    ta = outer_steps if outer_steps is not None else (array.shape[-1] if array.ndim else None)
-    n = n_samples if n_samples is not None else (array.shape[0] if array.ndim == 2 else None)
-    if array.ndim not in (1, 2) or array.shape not in ((ta,), (n, ta)):
-        wanted = "(Ta,) or (N, Ta)"
-        if outer_steps is not None:
-            wanted = f"(Ta,)=({ta},) or (N, Ta)=({n if n is not None else 'N'}, {ta})"
-        raise DataError(f"steps from {source} have shape {_shape_text(array.shape)}, expected {wanted}")
-    array = _steps_from_array(array, source=source)
-    if max_steps is not None and array.size and array.max() > max_steps:
-        index = tuple(int(i) for i in np.argwhere(array > max_steps)[0])
-        raise DataError(
-            f"steps from {source} at index {index[0] if len(index) == 1 else index}: expected at most "
-            f"max_steps={max_steps}, received {array[index].item()}"
-        )
-    return array
-
-
-def broadcast_steps(steps, *, n_samples: int, outer_steps: int, source: str) -> np.ndarray:
-    """Gives every sample its row of steps.
-
-    Args:
-        steps: `(Ta,)` (shared by all samples) or `(N, Ta)`.
-        n_samples: `N`.
-        outer_steps: `Ta`.
-        source: where the steps came from, e.g. `"'steps.txt'"` or `"--steps"`.
-
-    Returns:
-        `(N, Ta)` `int64`, a new array.
-
-    Raises:
-        DataError: the shape fits neither form, or a value is not a
-            non-negative integer.
-    """
-    array = check_steps(steps, n_samples=n_samples, outer_steps=outer_steps, source=source)
-    if array.ndim == 1:
-        return np.tile(array, (n_samples, 1)).reshape(n_samples, outer_steps)
-    return array.copy()
 
 
 # ---------------------------------------------------------------------------
@@ -764,20 +323,20 @@ class TrainingData:
                 the wrong shape, dtype or (for steps) values.
         """
         self.path = path
-        name = _display(path)
+        name = display(path)
         self._stack = contextlib.ExitStack()
         try:
             f = self._stack.enter_context(open_h5(path))
             self._inputs = h5_dataset(f, "inputs", path=path, ndim=3, kind="numeric")
             self.n_samples, self.outer_steps, self.features = (int(n) for n in self._inputs.shape)
             steps = h5_dataset(f, "steps", path=path, ndim=2)
-            self.steps = _steps_from_array(
-                _h5_read(steps, (), path=path), source=f"'{name}' (key 'steps')"
+            self.steps = steps_from_array(
+                read_dataset(steps, (), path=path), source=f"'{name}' (key 'steps')"
             )
             if self.steps.shape != (self.n_samples, self.outer_steps):
                 raise DataError(
-                    f"steps in '{name}' have shape {_shape_text(self.steps.shape)}: expected "
-                    f"(N, Ta)={_shape_text((self.n_samples, self.outer_steps))} like inputs"
+                    f"steps in '{name}' have shape {shape_text(self.steps.shape)}: expected "
+                    f"(N, Ta)={shape_text((self.n_samples, self.outer_steps))} like inputs"
                 )
             self._targets = h5_dataset(f, "targets", path=path, kind="numeric")
             self._check_targets()
@@ -788,7 +347,7 @@ class TrainingData:
         self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
 
     def _check_targets(self) -> None:
-        name = _display(self.path)
+        name = display(self.path)
         shape = tuple(int(n) for n in self._targets.shape)
         total = int(self.steps.sum())
         if len(shape) == 2:
@@ -801,8 +360,8 @@ class TrainingData:
             self.targets_layout = "padded"
             if shape[:2] != (self.n_samples, self.outer_steps):
                 raise DataError(
-                    f"padded targets in '{name}' have shape {_shape_text(shape)}: expected "
-                    f"(N, Ta, L, O) with (N, Ta)={_shape_text((self.n_samples, self.outer_steps))}"
+                    f"padded targets in '{name}' have shape {shape_text(shape)}: expected "
+                    f"(N, Ta, L, O) with (N, Ta)={shape_text((self.n_samples, self.outer_steps))}"
                 )
             longest = int(self.steps.max(initial=0))
             if shape[2] < longest:
@@ -812,7 +371,7 @@ class TrainingData:
                 )
         else:
             raise DataError(
-                f"targets in '{name}' have shape {_shape_text(shape)}: expected flat "
+                f"targets in '{name}' have shape {shape_text(shape)}: expected flat "
                 "(sum(steps), O) or padded (N, Ta, L, O)"
             )
         self.output_size = shape[-1]
@@ -824,7 +383,7 @@ class TrainingData:
 
     def _check_open(self) -> None:
         if getattr(self, "_inputs", None) is None:
-            raise DataError(f"training data '{_display(self.path)}' is closed")
+            raise DataError(f"training data '{display(self.path)}' is closed")
 
     def check_finite(self, *, chunk: int | None = None) -> None:
         """Scans inputs and the valid targets, a chunk at a time, for NaN or infinity.
@@ -840,11 +399,11 @@ class TrainingData:
             DataError: naming file, key and the first bad sample.
         """
         self._check_open()
-        name = _display(self.path)
+        name = display(self.path)
         rows = _chunk_rows(self._inputs.shape[1:], 4, chunk)
         for start in range(0, self.n_samples, rows):
             stop = min(start + rows, self.n_samples)
-            values = _as_float32(_h5_read(self._inputs, slice(start, stop), path=self.path))
+            values = _as_float32(read_dataset(self._inputs, slice(start, stop), path=self.path))
             good = np.isfinite(values).reshape(len(values), -1).all(axis=1)
             if not good.all():
                 first = int(np.argmin(good))
@@ -856,7 +415,7 @@ class TrainingData:
         length = self.total_steps if self.targets_layout == "flat" else self.n_samples
         for start in range(0, length, rows):
             stop = min(start + rows, length)
-            values = _as_float32(_h5_read(self._targets, slice(start, stop), path=self.path))
+            values = _as_float32(read_dataset(self._targets, slice(start, stop), path=self.path))
             if self.targets_layout == "flat":
                 good = np.isfinite(values).all(axis=1)
                 if not good.all():
@@ -901,14 +460,14 @@ class TrainingData:
         indices = np.asarray(indices)
         if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
             raise DataError(
-                f"sample indices for '{_display(self.path)}': expected a 1-D array of "
+                f"sample indices for '{display(self.path)}': expected a 1-D array of "
                 f"integers, received shape {indices.shape} dtype {indices.dtype}"
             )
         indices = indices.astype(np.int64)
         outside = (indices < 0) | (indices >= self.n_samples)
         if outside.any():
             raise DataError(
-                f"sample index {int(indices[outside][0])} for '{_display(self.path)}': "
+                f"sample index {int(indices[outside][0])} for '{display(self.path)}': "
                 f"expected 0 <= index < {self.n_samples}"
             )
         for start in range(0, len(indices), int(batch_size)):
@@ -949,7 +508,7 @@ class TrainingData:
 
     def __repr__(self) -> str:
         return (
-            f"TrainingData('{_display(self.path)}', n_samples={getattr(self, 'n_samples', None)}, "
+            f"TrainingData('{display(self.path)}', n_samples={getattr(self, 'n_samples', None)}, "
             f"targets_layout={getattr(self, 'targets_layout', None)!r})"
         )
 

@@ -149,7 +149,7 @@ def describe_pair(models, paths, specs):
 
 
 def describe_result(path):
-    from cascade_cli.export import read_result, read_result_attrs
+    from cascade_cli.results_io import read_result, read_result_attrs
 
     attrs = read_result_attrs(path)
     result = read_result(path)
@@ -201,7 +201,7 @@ def describe_inputs(path, *, key):
 
 
 def describe_steps(path):
-    from cascade_cli.data import read_steps
+    from cascade_cli.steps import read_steps
 
     steps = read_steps(path)
     form = "(Ta,), the same for every sample" if steps.ndim == 1 else "(N, Ta), one row per sample"
@@ -219,7 +219,7 @@ def describe_csv(path):
 
 def kind_of(path):
     """What `path` holds: `model`, `result`, `training`, `inputs`, `steps` or `csv`."""
-    from cascade_cli.data import open_h5
+    from cascade_cli.h5 import open_h5
 
     text = str(path)
     if "://" in text:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade_cli.errors import ModelError
+from cascade_cli.errors import DataError, ModelError
 
 @dataclasses.dataclass(frozen=True)
 class ASpec:
@@ -49,6 +49,32 @@ class BSpec:
     input_size: int
     output_size: int
     state_sizes: tuple[int, ...] = ()
+
+
+def check_inputs_fit(a_spec, shape, *, where="the inputs"):
+    """Raises `DataError` when inputs of `shape` `(N, Ta, F)` do not fit model A.
+
+    The one check of inputs against A, for the runner, generation and training.
+
+    Args:
+        a_spec: model A's `ASpec`.
+        shape: the inputs' shape; unknown (None) sizes pass.
+        where: names the inputs in messages, e.g. `"inputs in 'x.h5' (key 'inputs')"`.
+    """
+    shape = tuple(shape)
+    if len(shape) != 3:
+        raise DataError(f"{where} have shape {shape}: expected (N, Ta, F).")
+    features, outer = a_spec.features, a_spec.outer_steps
+    if features is not None and shape[2] is not None and shape[2] != features:
+        raise DataError(
+            f"{where} have F={shape[2]} features per step but model A expects F={features}; "
+            f"received shape {shape}."
+        )
+    if outer is not None and shape[1] is not None and shape[1] != outer:
+        raise DataError(
+            f"model A was saved with a fixed Ta={outer} but {where} have Ta={shape[1]} (shape {shape}); "
+            f"give inputs with Ta={outer} or re-save A with Input(shape=(None, F))."
+        )
 
 
 def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):

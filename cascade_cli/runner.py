@@ -21,50 +21,19 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_cli.cells import split_b
-from cascade_cli.data import check_steps
+from cascade_cli.steps import check_steps
 from cascade_cli.errors import CascadeError, DataError, ModelError
-from cascade_cli.models import check_pair
+from cascade_cli.keras_internals import flatten_layers, stop_recording
+from cascade_cli.models import check_inputs_fit, check_pair
+from cascade_cli.options import STATE_INITS, STATE_MODES, StopRule  # noqa: F401 (StopRule: the runner's API)
 from cascade_cli.recurrence import packed_recurrence
 
-STATE_MODES = ("reset", "carry")
-STATE_INITS = ("zeros", "ir")
 
-
-@dataclasses.dataclass(frozen=True)
-class StopRule:
-    """When a generated inner sequence stops.
-
-    A sequence stops after the first inner step whose output `y` meets the rule.
-
-    Attributes:
-        kind: `"norm"` (L2 norm of `y` >= `value`) or `"token"` (`argmax(y) == value`).
-        value: the threshold or the token id.
-    """
-
-    kind: str
-    value: float
-
-    @classmethod
-    def norm(cls, threshold):
-        """Stops once `||y||_2 >= threshold`."""
-        return cls("norm", float(threshold))
-
-    @classmethod
-    def token(cls, token_id):
-        """Stops once `argmax(y) == token_id`."""
-        if int(token_id) != token_id or token_id < 0:
-            raise CascadeError(f"a stop token must be a non-negative integer; received {token_id!r}.")
-        return cls("token", int(token_id))
-
-    def __post_init__(self):
-        if self.kind not in ("norm", "token"):
-            raise CascadeError(f"a stop rule is 'norm' or 'token'; received {self.kind!r}.")
-
-    def hits(self, y):
-        """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the rule."""
-        if self.kind == "norm":
-            return tf.norm(y, axis=-1) >= tf.cast(self.value, y.dtype)
-        return tf.argmax(y, axis=-1, output_type=tf.int32) == int(self.value)
+def stop_hits(rule, y):
+    """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the `StopRule`."""
+    if rule.kind == "norm":
+        return tf.norm(y, axis=-1) >= tf.cast(rule.value, y.dtype)
+    return tf.argmax(y, axis=-1, output_type=tf.int32) == int(rule.value)
 
 
 class Cascade:
@@ -155,7 +124,7 @@ class Cascade:
         self.stop_rule = stop_rule
         self.exclude_stop_step = bool(exclude_stop_step)
         self._cells = [
-            layer for layer in model_b._flatten_layers(include_self=False) if hasattr(layer, "reset_dropout_mask")
+            layer for layer in flatten_layers(model_b) if hasattr(layer, "reset_dropout_mask")
         ]
         self._split = split_b(model_b) if fast_cells and self.b_spec.form == "step" else None
         self._xla_a = xla_inference(model_a) if jit_compile else None
@@ -218,20 +187,7 @@ class Cascade:
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, tf.float32)
-        shape = tuple(inputs.shape)
-        if len(shape) != 3:
-            raise DataError(f"inputs must have shape (N, Ta, F); received shape {shape}.")
-        features, outer = self.a_spec.features, self.a_spec.outer_steps
-        if features is not None and shape[2] is not None and shape[2] != features:
-            raise DataError(
-                f"inputs have F={shape[2]} features per step but model A expects F={features}; "
-                f"received inputs of shape {shape}."
-            )
-        if outer is not None and shape[1] is not None and shape[1] != outer:
-            raise DataError(
-                f"model A was saved with a fixed Ta={outer} but the inputs have Ta={shape[1]} "
-                f"(shape {shape}); give inputs with Ta={outer} or re-save A with Input(shape=(None, F))."
-            )
+        check_inputs_fit(self.a_spec, inputs.shape)
         return inputs
 
     def _check_steps(self, steps, inputs):
@@ -291,7 +247,7 @@ class Cascade:
         """`(hit, emit)` for the rows of `y`; both None without a stop rule."""
         if self.stop_rule is None:
             return None, None
-        hit = self.stop_rule.hits(y)
+        hit = stop_hits(self.stop_rule, y)
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
     def _loop(self, rows, states, body, counts, step):
@@ -490,7 +446,7 @@ class Cascade:
             y = self.model_b(x, training=training)
             valid = tf.range(length)[None, :] < row_caps[:, None]
             if self.stop_rule is not None:
-                hit = tf.logical_and(tf.reshape(self.stop_rule.hits(tf.reshape(y, [-1, y.shape[-1]])),
+                hit = tf.logical_and(tf.reshape(stop_hits(self.stop_rule, tf.reshape(y, [-1, y.shape[-1]])),
                                                 tf.shape(valid)), valid)
                 first_hit = tf.where(tf.reduce_any(hit, axis=1), tf.argmax(tf.cast(hit, tf.int32), axis=1,
                                                                           output_type=tf.int32), length)
@@ -549,8 +505,6 @@ def xla_inference(model):
     made without recording and the backward pass runs the model again inside
     its own compiled function (exact: inference mode has no randomness).
     """
-    from tensorflow.python.eager import record  # no public way to call a function unrecorded
-
     forward = tf.function(lambda x: model(x, training=False), jit_compile=True)
 
     def vjp(x, upstream):
@@ -563,7 +517,7 @@ def xla_inference(model):
 
     @tf.custom_gradient
     def call(x):
-        with record.stop_recording():
+        with stop_recording():
             y = forward(x)
 
         def gradient(upstream, variables=None):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade_cli.errors import DataError
-from cascade_cli.export import RaggedH5Writer, read_result, read_result_attrs
+from cascade_cli.results_io import RaggedH5Writer, read_result, read_result_attrs
 
 SHARD_ATTRS = ("shard_index", "shard_count", "sample_start", "sample_stop", "total_samples")
 RUN_ID_LENGTH = 16

@@ -28,7 +28,6 @@ a temporary folder they remove.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import json
 import math
@@ -44,23 +43,19 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_cli.data import Batch, epoch_order, split_indices
+from cascade_cli.keras_internals import seed_generators
 from cascade_cli.errors import CascadeError, DataError, ModelError
-from cascade_cli.export import atomic_output
-from cascade_cli.runner import STATE_MODES, Cascade
+from cascade_cli.atomic import atomic_output
+from cascade_cli.models import check_inputs_fit
+from cascade_cli.options import LOSSES, OPTIMIZERS, STRATEGIES, TrainCallbacks, TrainConfig
+from cascade_cli.runner import Cascade
 
-LOSSES = ("mse", "mae", "categorical-crossentropy")
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-STRATEGIES = ("default", "mirrored", "multi-worker")
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds")
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
 MODEL_FILES = ("model_a.keras", "model_b.keras")
 HISTORY_FILE = "history.csv"
-
-# Settings a resumed run must share with the checkpoint it continues: they fix
-# the data split and order, the optimizer's slots and what each step computes.
-# `epochs`, `learning_rate` and `patience` may change on resume.
-_RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "freeze_a", "state")
+_RESUME_SETTINGS = TrainConfig.RESUME_SETTINGS
 _FLAGS = {
     "epochs": "--epochs",
     "batch_size": "--batch-size",
@@ -75,81 +70,6 @@ _FLAGS = {
     "patience": "--patience",
     "strategy": "--strategy",
 }
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The settings of one training run; each maps to a `cascade train` flag.
-
-    Attributes:
-        epochs: the epoch to train up to (a resumed run continues to it).
-        batch_size: samples per step.
-        learning_rate: the optimizer's step size.
-        optimizer: one of `OPTIMIZERS`.
-        loss: one of `LOSSES`; `categorical-crossentropy` reads B's outputs as logits.
-        val_split: fraction of the samples held out for validation, in `[0, 1)`.
-        shuffle: visit the training samples in a new seeded order every epoch.
-        freeze_a: train B only; A's weights stay as they are.
-        state: the runner's state mode, `"reset"` or `"carry"`.
-        seed: seeds the split, the order and every random op (e.g. dropout).
-        patience: stop after this many epochs without a better validation loss
-            and keep the best weights; None trains every epoch.
-        resume: continue from the last checkpoint in `out_dir`.
-        strategy: one of `STRATEGIES`: `"default"` (one device), `"mirrored"`
-            (every local GPU, else every logical CPU device) or
-            `"multi-worker"` (the cluster in `TF_CONFIG`; build it with
-            `make_strategy` before any other TensorFlow work).
-    """
-
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    loss: str = "mse"
-    val_split: float = 0.1
-    shuffle: bool = True
-    freeze_a: bool = False
-    state: str = "reset"
-    seed: int = 0
-    patience: int | None = None
-    resume: bool = False
-    strategy: str = "default"
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise CascadeError(f"{_FLAGS[name]}: expected a positive integer, received {value!r}.")
-        rate = self.learning_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not (
-            math.isfinite(rate) and rate > 0
-        ):
-            raise CascadeError(f"--learning-rate: expected a finite number > 0, received {rate!r}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise CascadeError(f"--optimizer: expected one of {', '.join(OPTIMIZERS)}, received {self.optimizer!r}.")
-        if self.loss not in LOSSES:
-            raise CascadeError(f"--loss: expected one of {', '.join(LOSSES)}, received {self.loss!r}.")
-        split = self.val_split
-        if isinstance(split, bool) or not isinstance(split, (int, float, np.floating)) or not 0 <= split < 1:
-            raise CascadeError(f"--val-split: expected a fraction in [0, 1), received {split!r}.")
-        if self.state not in STATE_MODES:
-            raise CascadeError(f"--state: expected one of {', '.join(STATE_MODES)}, received {self.state!r}.")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise CascadeError(f"--seed: expected a non-negative integer, received {self.seed!r}.")
-        if self.strategy not in STRATEGIES:
-            raise CascadeError(
-                f"--strategy: expected one of {', '.join(STRATEGIES)}, received {self.strategy!r}."
-            )
-        if self.patience is not None and (not _is_int(self.patience) or self.patience < 1):
-            raise CascadeError(f"--patience: expected a positive integer, received {self.patience!r}.")
-        if self.patience is not None and self.val_split == 0:
-            raise CascadeError(
-                "--patience needs a validation set to watch: expected --val-split > 0, received --val-split 0."
-            )
 
 
 # --------------------------------------------------------------------- loss
@@ -201,28 +121,6 @@ def masked_loss(name):
         return tf.math.divide_no_nan(total, count)
 
     return loss
-
-
-# ---------------------------------------------------------------- callbacks
-
-
-class TrainCallbacks:
-    """Hooks `fit` calls as it goes; every hook does nothing here. Subclass to show progress."""
-
-    def resumed(self, *, epoch):
-        """Called once when a run continues after `epoch` completed epochs."""
-
-    def epoch_started(self, epoch, *, epochs, batches):
-        """Called before epoch `epoch` (1-based) of `epochs`, which has `batches` batches."""
-
-    def batch_done(self, loss):
-        """Called after each batch with the epoch's running training loss (a float)."""
-
-    def epoch_done(self, logs):
-        """Called after each epoch with `{"epoch", "loss", "val_loss" (or None), "seconds"}`."""
-
-    def stopped_early(self, *, epoch, best_epoch):
-        """Called when `--patience` stops the run after `epoch`; the weights of `best_epoch` are kept."""
 
 
 # ---------------------------------------------------------------- the steps
@@ -532,34 +430,13 @@ def _distributed_batches(strategy, data, *, batch_size):
 def _check_fits(cascade, data):
     """Raises `DataError` when the training file does not fit the two models."""
     name = f"'{os.fspath(data.path)}'"
-    features, outer = cascade.a_spec.features, cascade.a_spec.outer_steps
-    if features is not None and data.features != features:
-        raise DataError(
-            f"inputs in {name} (key 'inputs') have F={data.features} features per step but model A "
-            f"expects F={features}."
-        )
-    if outer is not None and data.outer_steps != outer:
-        raise DataError(
-            f"inputs in {name} (key 'inputs') have Ta={data.outer_steps} outer steps but model A was "
-            f"saved with a fixed Ta={outer}."
-        )
+    check_inputs_fit(cascade.a_spec, (data.n_samples, data.outer_steps, data.features),
+                     where=f"inputs in {name} (key 'inputs')")
     if data.output_size != cascade.b_spec.output_size:
         raise DataError(
             f"targets in {name} (key 'targets') have O={data.output_size} values per step but model B "
             f"emits O={cascade.b_spec.output_size}."
         )
-
-
-def _seed_generators(models):
-    """Every `keras.random.SeedGenerator` the layers of `models` draw from (e.g. dropout)."""
-    found, seen = [], set()
-    for model in models:
-        for layer in model._flatten_layers(include_self=True):
-            for generator in getattr(layer, "_seed_generators", ()):
-                if id(generator) not in seen:
-                    seen.add(id(generator))
-                    found.append(generator)
-    return found
 
 
 def _reseed(models, *, seed, epoch):
@@ -572,7 +449,7 @@ def _reseed(models, *, seed, epoch):
     TensorFlow's kernel cache and re-optimise every function each epoch.
     """
     entropy = np.random.SeedSequence([seed, epoch])
-    generators = _seed_generators(models)
+    generators = seed_generators(models)
     values = entropy.generate_state(1 + len(generators)) & 0x7FFFFFFF
     random.seed(int(values[0]))
     np.random.seed(int(values[0]))

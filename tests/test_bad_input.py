@@ -23,8 +23,8 @@ import tensorflow as tf
 
 import builders
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke, write_h5
-from cascade_cli.export import read_result, write_result
-from cascade_cli.ragged import CascadeResult
+from cascade_cli.results_io import read_result, write_result
+from cascade_cli.result import CascadeResult
 
 N, TA, F = 5, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])

@@ -26,7 +26,7 @@ from clitools import assert_error, assert_nothing_in, assert_ok, invoke, write_h
 from cascade_cli import cli, inspection
 from cascade_cli.cli import main
 from cascade_cli.inspection import histogram_rows
-from cascade_cli.export import read_result
+from cascade_cli.results_io import read_result
 from cascade_cli.progress import epochs_table, track, train_callbacks
 from cascade_cli.runner import Cascade, StopRule
 from cascade_cli.training import TrainConfig

@@ -11,17 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade_cli import data
-from cascade_cli.data import (
-    TrainingData,
-    broadcast_steps,
-    epoch_order,
-    h5_dataset,
-    open_h5,
-    open_inputs,
-    parse_steps,
-    read_steps,
-    split_indices,
-)
+from cascade_cli.data import TrainingData, epoch_order, open_inputs, split_indices
+from cascade_cli.h5 import h5_dataset, open_h5
+from cascade_cli.steps import broadcast_steps, parse_steps, read_steps
 from cascade_cli.errors import DataError
 
 
@@ -512,14 +504,14 @@ def test_batches_in_requested_order_by_hand(flat_file):
 
 def test_batches_read_only_needed_rows(flat_file, monkeypatch):
     reads = []
-    original = data._h5_read
+    original = data.read_dataset
 
     def recording(dset, selection, *, path):
         reads.append((dset.name, selection))
         return original(dset, selection, path=path)
 
     with TrainingData(flat_file) as dataset:
-        monkeypatch.setattr(data, "_h5_read", recording)
+        monkeypatch.setattr(data, "read_dataset", recording)
         list(dataset.batches([3, 2], batch_size=2))
     assert ("/inputs", (slice(2, 4),)) in reads  # neighbours read together
     # samples 2 and 3 own flat rows 3..10 (after 2 + 0 + 1 rows of sample 0 and 1 + 0 of sample 1).

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 import builders
 from cascade_cli.cli import main
 from cascade_cli.errors import DataError
-from cascade_cli.export import read_result, read_result_attrs, write_result
-from cascade_cli.ragged import CascadeResult
+from cascade_cli.results_io import read_result, read_result_attrs, write_result
+from cascade_cli.result import CascadeResult
 from cascade_cli.shards import SHARD_ATTRS, check_shards, parse_shard, run_id, shard_attrs, shard_range
 
 N, TA, F = 5, 3, 3

@@ -1,4 +1,4 @@
-"""Tests of `cascade_cli.ragged.CascadeResult`."""
+"""Tests of `cascade_cli.result.CascadeResult`."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cascade_cli.errors import DataError
-from cascade_cli.ragged import CascadeResult
+from cascade_cli.result import CascadeResult
 
 # The hand-worked example: lengths [[3, 0], [1, 2]], O = 2, values np.arange.
 LENGTHS = [[3, 0], [1, 2]]
@@ -44,7 +44,7 @@ def reference_sequences(values, lengths):
 
 
 def test_import_does_not_load_tensorflow():
-    code = "import sys, cascade_cli.ragged; assert 'tensorflow' not in sys.modules"
+    code = "import sys, cascade_cli.result; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

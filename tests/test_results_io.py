@@ -1,4 +1,4 @@
-"""Tests of `cascade_cli.export`: result layouts on disk and atomic writing."""
+"""Tests of `cascade_cli.results_io`: result layouts on disk and atomic writing."""
 
 import os
 import re
@@ -9,18 +9,17 @@ import h5py
 import numpy as np
 import pytest
 
+from cascade_cli.atomic import atomic_output, check_output_path
 from cascade_cli.errors import DataError
-from cascade_cli.export import (
+from cascade_cli.results_io import (
     FORMAT_VERSION,
     LAYOUTS,
     RaggedH5Writer,
-    atomic_output,
-    check_output_path,
     read_result,
     read_result_attrs,
     write_result,
 )
-from cascade_cli.ragged import CascadeResult
+from cascade_cli.result import CascadeResult
 
 LENGTHS = [[3, 0], [1, 2]]
 
@@ -306,7 +305,7 @@ def test_killed_run_leaves_no_stray_file_after_next_run(tmp_path):
     target = tmp_path / "out.h5"
     code = (
         "import os, sys\n"
-        "from cascade_cli.export import atomic_output\n"
+        "from cascade_cli.atomic import atomic_output\n"
         "with atomic_output(sys.argv[1]) as temp:\n"
         "    temp.write_bytes(b'half')\n"
         "    os._exit(9)\n"

@@ -13,9 +13,6 @@ written under a temporary name in the target folder and renamed into place.
 """
 
 import contextlib
-import os
-import re
-import secrets
 import sys
 import zipfile
 from pathlib import Path
@@ -23,15 +20,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cascade_cli.data import open_h5
+from cascade_cli.h5 import open_h5
+from cascade_cli.atomic import atomic_output, check_output_path
 from cascade_cli.errors import DataError
-from cascade_cli.ragged import CascadeResult
+from cascade_cli.result import CascadeResult
 
 FORMAT_VERSION = 1
 LAYOUTS = ("ragged", "padded")
 FORMATS = ("h5", "npz", "csv")
 
-_SUFFIX_FORMATS = {".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"}
+SUFFIX_FORMATS = {".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"}
 _LAYOUT_KEYS = {
     "ragged": ("flat_values", "row_splits_0", "row_splits_1", "lengths"),
     "padded": ("values", "lengths", "mask"),
@@ -40,112 +38,6 @@ _RESERVED_ATTRS = frozenset(
     {"layout", "format_version", "pad_value", "time_major"}
     | {key for keys in _LAYOUT_KEYS.values() for key in keys}
 )
-_TMP_MARK = ".cascade-tmp-"
-
-
-def _temp_prefix(path):
-    """Returns the prefix of the temporary names used while writing `path`."""
-    return f".{path.name}{_TMP_MARK}"
-
-
-def _pid_alive(pid):
-    """Returns whether a process with id `pid` exists."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _remove_stale_temps(path):
-    """Removes temporary files of `path` left by processes that are no longer alive."""
-    prefix = _temp_prefix(path)
-    pattern = re.compile(r"(\d+)-[0-9a-f]+(\.\w+)?")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            if not entry.name.startswith(prefix):
-                continue
-            match = pattern.fullmatch(entry.name[len(prefix) :])
-            if match is None or _pid_alive(int(match.group(1))):
-                continue
-            if entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-
-def check_output_path(path, *, overwrite=False):
-    """Checks that `path` can be written, before any work starts.
-
-    Args:
-        path: the output file.
-        overwrite: whether an existing file may be replaced.
-
-    Returns:
-        `path` as a `Path`.
-
-    Raises:
-        DataError: when `path` exists (and `overwrite` is false) or is a folder,
-            or when its folder is missing or not writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"output '{path}' is a folder; expected a file name")
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise DataError(f"output '{path}' already exists; pass --overwrite to replace it")
-    folder = path.parent
-    if not folder.is_dir():
-        raise DataError(f"output folder '{folder}' does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DataError(f"output folder '{folder}' is not writable")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path, *, overwrite=False, suffix=""):
-    """Yields a temporary path in the target's folder and renames it onto `path` on success.
-
-    The temporary name is `.{name}.cascade-tmp-{pid}-{random}{suffix}`. When the body
-    raises, the temporary file is removed and `path` is left untouched.
-    Temporary files of the same target left by dead processes are removed.
-
-    Args:
-        path: the output file.
-        overwrite: whether an existing file may be replaced.
-        suffix: ends the temporary name, for writers that insist on one
-            (Keras saves only to names ending in `.keras`).
-
-    Yields:
-        The temporary `Path` the body must write.
-
-    Raises:
-        DataError: see `check_output_path`; also when `path` appeared while
-            the body ran and `overwrite` is false.
-    """
-    path = check_output_path(path, overwrite=overwrite)
-    _remove_stale_temps(path)
-    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-    try:
-        yield temp
-        if not temp.exists():
-            raise DataError(f"output '{path}': nothing was written")
-        if not overwrite and (path.exists() or path.is_symlink()):
-            raise DataError(f"output '{path}' already exists; pass --overwrite to replace it")
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
 def _format_of(path, format):
     """Returns the format to write `path` in, from `format` or the suffix."""
     if format is not None:
@@ -153,12 +45,12 @@ def _format_of(path, format):
             raise DataError(f"format: expected one of {', '.join(FORMATS)}, received '{format}'")
         return format
     suffix = Path(path).suffix.lower()
-    if suffix not in _SUFFIX_FORMATS:
+    if suffix not in SUFFIX_FORMATS:
         raise DataError(
             f"output '{path}': cannot tell the format from the suffix '{suffix}'; "
             "expected .h5, .hdf5, .npz or .csv, or pass --format"
         )
-    return _SUFFIX_FORMATS[suffix]
+    return SUFFIX_FORMATS[suffix]
 
 
 def _checked_attrs(attrs):

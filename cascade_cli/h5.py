@@ -1,0 +1,174 @@
+"""Safe reads of HDF5 and numpy files: one home for opening, keyed reads and their errors.
+
+HDF5 files are opened read-only and refused when any part of them lives in
+another file; a failed read names the file and the key. `.npy` / `.npz` files
+are loaded with `allow_pickle=False` only. Every problem is a `DataError`.
+"""
+
+import contextlib
+import os
+import zipfile
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from cascade_cli.errors import DataError
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+_DTYPE_KINDS = {
+    "float": ("f", "floating-point numbers"),
+    "int": ("iu", "integers"),
+    "numeric": ("iuf", "integers or floating-point numbers"),
+}
+
+
+def display(path) -> str:
+    return os.fspath(path)
+
+
+def check_file(path, *, expected: str) -> None:
+    """Raises `DataError` unless `path` is an existing regular file."""
+    name = display(path)
+    if not os.path.exists(name):
+        raise DataError(f"'{name}' does not exist: expected {expected}")
+    if os.path.isdir(name):
+        raise DataError(f"'{name}' is a directory: expected {expected}")
+
+
+def _refuse_outside_storage(f: h5py.File, *, path) -> None:
+    """Raises `DataError` if any link or dataset of `f` reaches outside the file."""
+    name = display(path)
+    problems = []
+
+    def visit(link_name, link):
+        if problems:
+            return None
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(
+                f"'{name}' links '{link_name}' to another file "
+                f"('{link.filename}:{link.path}')"
+            )
+        elif isinstance(link, h5py.HardLink):
+            obj = f[link_name]
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    problems.append(f"dataset '{link_name}' in '{name}' is a virtual dataset")
+                elif obj.external:
+                    files = ", ".join(repr(entry[0]) for entry in obj.external)
+                    problems.append(
+                        f"dataset '{link_name}' in '{name}' keeps its data in external "
+                        f"files ({files})"
+                    )
+        elif not isinstance(link, h5py.SoftLink):
+            problems.append(f"'{name}' has a user-defined link '{link_name}'")
+        return None
+
+    f.visititems_links(visit)
+    if problems:
+        raise DataError(
+            f"{problems[0]}: expected a self-contained HDF5 file; nothing outside the "
+            "file is read"
+        )
+
+
+@contextlib.contextmanager
+def open_h5(path) -> Iterator[h5py.File]:
+    """Opens an HDF5 file read-only, refusing anything stored outside it.
+
+    Args:
+        path: the file.
+
+    Yields:
+        The open `h5py.File`; it is closed when the block ends.
+
+    Raises:
+        DataError: the file is missing, a directory, not HDF5 or truncated, or
+            it holds an external link, a dataset with external storage or a
+            virtual dataset.
+    """
+    name = display(path)
+    check_file(path, expected="an HDF5 file")
+    try:
+        f = h5py.File(name, "r")
+    except OSError as exc:
+        raise DataError(f"'{name}' is not a readable HDF5 file: {exc}") from exc
+    with f:
+        _refuse_outside_storage(f, path=path)
+        yield f
+
+
+def h5_dataset(
+    f: h5py.File, key: str, *, path, ndim: int | None = None, kind: str | None = None
+) -> h5py.Dataset:
+    """Returns dataset `key` of an open file, checking its rank and dtype.
+
+    Args:
+        f: an open HDF5 file or group.
+        key: the dataset's name, e.g. `"inputs"` or `"group/inputs"`.
+        path: the file's path, for messages.
+        ndim: the rank it must have, or None for any.
+        kind: `"float"`, `"int"` (signed or unsigned), `"numeric"` (either) or
+            None for any dtype.
+
+    Returns:
+        The `h5py.Dataset`.
+
+    Raises:
+        DataError: naming file and key, when the key is missing, not a dataset,
+            or the rank or dtype kind is wrong.
+    """
+    name = display(path)
+    if kind is not None and kind not in _DTYPE_KINDS:
+        raise ValueError(f"kind must be one of {sorted(_DTYPE_KINDS)} or None, received {kind!r}")
+    try:
+        obj = f[key]
+    except (KeyError, ValueError) as exc:
+        keys = sorted(f.keys())
+        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
+        raise DataError(
+            f"'{name}' has no dataset '{key}': expected a dataset '{key}', "
+            f"received keys [{shown}]"
+        ) from exc
+    if not isinstance(obj, h5py.Dataset):
+        raise DataError(f"'{key}' in '{name}' is a group: expected a dataset")
+    if ndim is not None and obj.ndim != ndim:
+        raise DataError(
+            f"dataset '{key}' in '{name}' has {obj.ndim} dimensions: expected {ndim}, "
+            f"received shape {tuple(obj.shape)}"
+        )
+    if kind is not None:
+        kinds, words = _DTYPE_KINDS[kind]
+        if obj.dtype.kind not in kinds:
+            raise DataError(
+                f"dataset '{key}' in '{name}' has dtype {obj.dtype}: expected {words}"
+            )
+    return obj
+
+
+def read_dataset(dset: h5py.Dataset, selection, *, path):
+    """Reads `dset[selection]`, naming file and key if HDF5 fails."""
+    try:
+        return dset[selection]
+    except OSError as exc:
+        raise DataError(
+            f"could not read dataset '{dset.name.lstrip('/')}' from '{display(path)}': {exc}"
+        ) from exc
+
+
+def np_load(path, *, mmap_mode=None, expected: str):
+    """`np.load` with `allow_pickle=False`, turning every failure into `DataError`."""
+    name = display(path)
+    check_file(path, expected=expected)
+    try:
+        return np.load(name, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as exc:
+        if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+            raise DataError(
+                f"'{name}' holds Python objects or pickled data: expected {expected} "
+                "of numbers (pickles are never loaded)"
+            ) from exc
+        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
