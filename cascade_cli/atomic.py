@@ -67,7 +67,7 @@ def check_output_path(path, *, overwrite=False):
     if path.is_dir():
         raise DataError(f"output '{path}' is a folder; expected a file name")
     if (path.exists() or path.is_symlink()) and not overwrite:
-        raise DataError(f"output '{path}' already exists; pass --overwrite to replace it")
+        raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
     folder = path.parent
     if not folder.is_dir():
         raise DataError(f"output folder '{folder}' does not exist; create it first")
@@ -105,7 +105,7 @@ def atomic_output(path, *, overwrite=False, suffix=""):
         if not temp.exists():
             raise DataError(f"output '{path}': nothing was written")
         if not overwrite and (path.exists() or path.is_symlink()):
-            raise DataError(f"output '{path}' already exists; pass --overwrite to replace it")
+            raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
         fd = os.open(temp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -29,14 +29,14 @@ Run it as `python -m cascade_cli.sample sample_data/`.
 """
 
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from types import MappingProxyType
 
 import h5py
 import numpy as np
+
+from cascade_cli.atomic import atomic_output
 
 FEATURES = 3
 """Features per outer step: frequency, amplitude, phase."""
@@ -230,19 +230,10 @@ def _write_steps(path, steps):
 
 
 def _write_atomic(path, write):
-    """Calls `write(temporary_path)` in `path`'s folder, then renames it to `path`."""
+    """Calls `write(temporary_path)` in `path`'s folder, then renames it onto `path`."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
-    )
-    os.close(handle)
-    os.unlink(temporary)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    with atomic_output(path, overwrite=True, suffix=path.suffix) as temporary:
+        write(str(temporary))
 
 
 def main(argv=None):

@@ -202,3 +202,24 @@ def test_main_builds_into_folder(tmp_path, capsys):
     assert sample.main([str(tmp_path / "made")]) == 0
     assert (tmp_path / "made" / "train.h5").is_file()
     assert "train.h5" in capsys.readouterr().err
+
+
+def test_files_are_written_through_atomic_output(tmp_path, monkeypatch):
+    from cascade_cli import atomic
+
+    seen = []
+    real = atomic.atomic_output
+
+    def recording(path, **kwargs):
+        seen.append((path.name, kwargs))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(sample, "atomic_output", recording)
+    (tmp_path / "steps.txt").write_text("old\n")
+    stale = tmp_path / ".train.h5.cascade-tmp-999999999-abcd1234.h5"  # no such pid
+    stale.write_bytes(b"half")
+    paths = sample.build_sample_data(tmp_path, seed=0)
+    assert [name for name, _ in seen] == ["model_a.keras", "model_b.keras", "train.h5", "inputs.h5", "steps.txt"]
+    assert all(kwargs == {"overwrite": True, "suffix": f".{name.split('.')[-1]}"} for name, kwargs in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    assert (tmp_path / "steps.txt").read_text() != "old\n"

@@ -1,0 +1,107 @@
+"""Tests for `cascade_cli.h5`: safe HDF5 opens and keyed reads."""
+
+import h5py
+import numpy as np
+import pytest
+
+from cascade_cli.errors import DataError
+from cascade_cli.h5 import h5_dataset, open_h5
+
+
+def write_text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_h5(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            f.create_dataset(key, data=value)
+    return path
+
+
+def test_open_h5_reads_a_plain_file(tmp_path):
+    path = write_h5(tmp_path / "ok.h5", x=np.arange(3.0))
+    with h5py.File(path, "a") as f:
+        f["alias"] = h5py.SoftLink("/x")  # links inside the file are fine
+    with open_h5(path) as f:
+        np.testing.assert_array_equal(f["alias"][()], [0.0, 1.0, 2.0])
+        assert f.mode == "r"
+
+
+def test_open_h5_refuses_external_link(tmp_path):
+    write_h5(tmp_path / "other.h5", data=np.arange(3.0))
+    path = tmp_path / "linked.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("group")["inputs"] = h5py.ExternalLink("other.h5", "/data")
+    with pytest.raises(DataError) as info:
+        with open_h5(path):
+            pass
+    message = str(info.value)
+    assert f"'{path}' links 'group/inputs' to another file ('other.h5:/data')" in message
+    assert "nothing outside the file is read" in message
+
+
+def test_open_h5_refuses_external_storage(tmp_path):
+    (tmp_path / "raw.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    path = tmp_path / "external.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("inputs", shape=(4,), dtype="f4", external=[("raw.bin", 0, 16)])
+    with pytest.raises(DataError, match=r"dataset 'inputs' in '.*external\.h5' keeps its data in external files \('raw\.bin'\).*nothing outside the file is read"):
+        with open_h5(path):
+            pass
+
+
+def test_open_h5_refuses_virtual_dataset(tmp_path):
+    source = write_h5(tmp_path / "source.h5", data=np.arange(6.0))
+    path = tmp_path / "virtual.h5"
+    layout = h5py.VirtualLayout(shape=(6,), dtype="f8")
+    layout[:] = h5py.VirtualSource(str(source), "data", shape=(6,))
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("inputs", layout)
+    with pytest.raises(DataError, match=r"dataset 'inputs' in '.*virtual\.h5' is a virtual dataset.*nothing outside the file is read"):
+        with open_h5(path):
+            pass
+
+
+def test_open_h5_truncated_random_missing_and_directory(tmp_path):
+    good = write_h5(tmp_path / "good.h5", x=np.arange(5000.0))
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[:3000])
+    one_short = tmp_path / "one_short.h5"
+    one_short.write_bytes(good.read_bytes()[:-1])
+    noise = tmp_path / "noise.h5"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    for path in (truncated, one_short, noise, empty):
+        with pytest.raises(DataError, match=f"^'{path}' is not a readable HDF5 file: "):
+            with open_h5(path):
+                pass
+    with pytest.raises(DataError, match=r"'.*missing\.h5' does not exist: expected an HDF5 file"):
+        with open_h5(tmp_path / "missing.h5"):
+            pass
+    with pytest.raises(DataError, match=r"is a directory: expected an HDF5 file"):
+        with open_h5(tmp_path):
+            pass
+
+
+def test_h5_dataset_checks(tmp_path):
+    path = write_h5(tmp_path / "d.h5", floats=np.zeros((2, 3)), ints=np.zeros(3, dtype=np.int16))
+    with h5py.File(path, "a") as f:
+        f.create_group("group")
+        f.create_dataset("names", data=np.array([b"a", b"b"]))
+    with open_h5(path) as f:
+        assert h5_dataset(f, "floats", path=path, ndim=2, kind="float").shape == (2, 3)
+        assert h5_dataset(f, "ints", path=path, ndim=1, kind="int").dtype == np.int16
+        assert h5_dataset(f, "ints", path=path, kind="numeric").shape == (3,)
+        with pytest.raises(DataError, match=r"'.*d\.h5' has no dataset 'inputs': expected a dataset 'inputs', received keys \['floats', 'group', 'ints', 'names'\]"):
+            h5_dataset(f, "inputs", path=path)
+        with pytest.raises(DataError, match=r"'group' in '.*d\.h5' is a group: expected a dataset"):
+            h5_dataset(f, "group", path=path)
+        with pytest.raises(DataError, match=r"dataset 'floats' in '.*d\.h5' has 2 dimensions: expected 3, received shape \(2, 3\)"):
+            h5_dataset(f, "floats", path=path, ndim=3)
+        with pytest.raises(DataError, match=r"dataset 'floats' in '.*d\.h5' has dtype float64: expected integers"):
+            h5_dataset(f, "floats", path=path, kind="int")
+        with pytest.raises(DataError, match=r"dataset 'names' .* expected integers or floating-point numbers"):
+            h5_dataset(f, "names", path=path, kind="numeric")
