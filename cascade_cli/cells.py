@@ -13,7 +13,10 @@ apart into
 The arithmetic is the cell's own (its weights and activations); only the order
 of two additions differs, so results agree with calling B to float rounding.
 Any other B (extra layers before the cell, several cells, a head that reads
-the states or `x`) gets `None` and runs through B itself.
+the states or `x`) gets `None` and runs through B itself. Whether the path
+applies to a run is one predicate, `fast_path_problem` (the cell, its dtype
+policy, the stop rule, dropout in training), behind the runner's
+`fast_cells="auto"|True|False`.
 
 For the usual activations (tanh, sigmoid, linear) a cell also gets a
 `Backward`: its step written gate by gate, `new_states(projected, inner(h),
@@ -21,8 +24,9 @@ states)` with `inner` holding the only matmuls (one per gate), and the
 vector-Jacobian product of `new_states` written out, so that
 `cascade_cli.recurrence` can run the backward pass with a few ops per step
 instead of TensorFlow's generic while-loop gradient, and take the recurrent
-weights' gradients in one matmul per gate after the loop. GRU with `reset_after=False` (its reset gate acts before
-the recurrent matmul) and other activations keep the generic gradient.
+weights' gradients in one matmul per gate after the loop. GRU with
+`reset_after=False` (its reset gate acts before the recurrent matmul) and
+other activations keep the generic gradient (`backward_problem` says why).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from cascade_cli.keras_internals import flatten_layers
+from cascade_cli.keras_internals import flatten_layers, inbound_calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,7 @@ class SplitB:
     step: object
     head: object  # a keras.Model from the cell output to y, or None when y is the cell output
     backward: Backward | None = None  # None: only TensorFlow's own gradient applies
+    backward_problem: str | None = None  # why `backward` is None (`backward_problem(cell)`)
 
     @property
     def has_dropout(self):
@@ -93,11 +98,13 @@ class SplitB:
 def split_b(model_b):
     """Returns a `SplitB` when B is a known cell plus a head, else None."""
     cells = [layer for layer in flatten_layers(model_b) if type(layer) in _KITS]
-    if len(cells) != 1 or len(cells[0]._inbound_nodes) != 1:
+    if len(cells) != 1:
         return None
     cell = cells[0]
-    node = cell._inbound_nodes[0]
-    args, kwargs = node.arguments.args, node.arguments.kwargs
+    calls = inbound_calls(cell)
+    if len(calls) != 1:
+        return None
+    args, kwargs, cell_outputs = calls[0].args, calls[0].kwargs, calls[0].outputs
     if not args or set(kwargs) - {"states", "training"}:
         return None
     states = args[1] if len(args) > 1 else kwargs.get("states")
@@ -107,7 +114,6 @@ def split_b(model_b):
         return None
     if any(given is not expected for given, expected in zip(states, inputs[1:])):
         return None
-    cell_outputs = list(node.outputs)
     if any(given is not expected for given, expected in zip(outputs[1:], cell_outputs[1:])):
         return None
     head = None
@@ -116,8 +122,55 @@ def split_b(model_b):
             head = keras.Model(cell_outputs[0], outputs[0])
         except Exception:  # the head reads more than the cell output: not splittable
             return None
-    project, step, backward = _KITS[type(cell)](cell)
-    return SplitB(cell, project, step, head, backward)
+    problem = backward_problem(cell)
+    project, step, backward = _KITS[type(cell)](cell, with_backward=problem is None)
+    return SplitB(cell, project, step, head, backward, problem)
+
+
+def fast_path_problem(split, *, form, ir_dtype, stop_rule, training):
+    """Why the known-cell path cannot run B, or None when it can: the one predicate behind `fast_cells`.
+
+    Like Keras' `_do_gru_arguments_support_cudnn`: every condition the path
+    needs, checked in one place. Whether its gradient is written by hand is
+    `SplitB.backward_problem`; TensorFlow's own gradient serves otherwise.
+
+    Args:
+        split: `split_b(model_b)`, or None.
+        form: B's form, `"step"` or `"sequence"`.
+        ir_dtype: the dtype of model A's output, the cell's input.
+        stop_rule: the runner's `StopRule`, or None.
+        training: the run's `training` flag.
+    """
+    if form != "step":
+        return "B is in sequence form; the known-cell path runs a step-form B"
+    if split is None:
+        return ("B is not one SimpleRNNCell, GRUCell or LSTMCell called on [x, *states] with a head that "
+                "reads only the cell's output")
+    cell = split.cell
+    if cell.compute_dtype != cell.variable_dtype:
+        return (f"the cell's dtype policy {cell.dtype_policy.name} computes in {cell.compute_dtype} from "
+                f"{cell.variable_dtype} weights, which only calling B casts")
+    if tf.as_dtype(ir_dtype) != tf.as_dtype(cell.compute_dtype):
+        return f"model A emits {tf.as_dtype(ir_dtype).name} but the cell computes in {cell.compute_dtype}"
+    if stop_rule is not None:
+        return "a stop rule reads B's output at every inner step"
+    if training is not False and split.has_dropout:
+        return "the cell's dropout draws its own masks in training"
+    return None
+
+
+def backward_problem(cell):
+    """Why a known cell's gradient cannot be written by hand (`Backward`), or None when it can."""
+    activations = [("activation", cell.activation)]
+    if not isinstance(cell, keras.layers.SimpleRNNCell):
+        activations.append(("recurrent_activation", cell.recurrent_activation))
+    for name, activation in activations:
+        if _derivative(activation) is None:
+            return (f"its {name} {getattr(activation, '__name__', activation)!s} has no hand-written "
+                    "derivative (tanh, sigmoid and linear do)")
+    if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
+        return "GRUCell(reset_after=False) applies its reset gate before the recurrent matmul"
+    return None
 
 
 def _derivative(activation):
@@ -182,7 +235,7 @@ def _bias(cell, part=None):
     return read
 
 
-def _simple_rnn(cell):
+def _simple_rnn(cell, *, with_backward):
     bias = _bias(cell)
     project, weights = _kit(cell, 1, bias)
 
@@ -195,7 +248,7 @@ def _simple_rnn(cell):
 
     derivative = _derivative(cell.activation)
     backward = None
-    if derivative is not None:
+    if with_backward:
 
         def vjp(projected, inner, states, d_new):
             d_pre = _times(d_new[0], derivative(new_states(projected, inner, states)[0]))
@@ -205,7 +258,7 @@ def _simple_rnn(cell):
     return _joined(cell, bias), step, backward
 
 
-def _gru(cell):
+def _gru(cell, *, with_backward):
     units = cell.units
     if cell.use_bias and cell.reset_after:
         input_bias, recurrent_bias = _bias(cell, 0), _bias(cell, 1)
@@ -239,7 +292,7 @@ def _gru(cell):
 
     gate_derivative, derivative = _derivative(cell.recurrent_activation), _derivative(cell.activation)
     backward = None
-    if cell.reset_after and gate_derivative is not None and derivative is not None:
+    if with_backward:
 
         def vjp(projected, inner, states, d_new):
             h_prev, d_h = states[0], d_new[0]
@@ -253,7 +306,7 @@ def _gru(cell):
     return _joined(cell, input_bias), step, backward
 
 
-def _lstm(cell):
+def _lstm(cell, *, with_backward):
     bias = _bias(cell)
     project, weights = _kit(cell, 4, bias)
 
@@ -277,7 +330,7 @@ def _lstm(cell):
 
     gate_derivative, derivative = _derivative(cell.recurrent_activation), _derivative(cell.activation)
     backward = None
-    if gate_derivative is not None and derivative is not None:
+    if with_backward:
 
         def vjp(projected, inner, states, d_new):
             c_prev = states[1]

@@ -7,6 +7,8 @@ private attribute; `tests/test_keras_internals.py` checks every assumption, so
 a Keras or TensorFlow upgrade that breaks one fails loudly there first.
 """
 
+import dataclasses
+
 
 def flatten_layers(model, *, include_self=False):
     """Every layer nested in `model` (depth first), via `Layer._flatten_layers`."""
@@ -25,9 +27,29 @@ def seed_generators(models):
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """How a layer was called once in a functional graph.
+
+    Attributes:
+        args: the positional arguments (symbolic tensors, or lists of them).
+        kwargs: the keyword arguments.
+        outputs: the flat list of symbolic tensors the call returned.
+    """
+
+    args: tuple
+    kwargs: dict
+    outputs: list
+
+
 def inbound_calls(layer):
-    """`[(args, kwargs)]`: how `layer` was called in the functional graphs it belongs to (`_inbound_nodes`)."""
-    return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
+    """`[LayerCall]`: how `layer` was called in the functional graphs it belongs to.
+
+    Reads `layer._inbound_nodes` and each node's `arguments.args`,
+    `arguments.kwargs` and `outputs`.
+    """
+    return [LayerCall(tuple(node.arguments.args), dict(node.arguments.kwargs), list(node.outputs))
+            for node in layer._inbound_nodes]
 
 
 def stop_recording():

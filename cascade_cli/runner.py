@@ -9,8 +9,13 @@ that runs (a `(n, t)` pair in `reset` mode, a whole sample in `carry` mode) is a
 running are a prefix and B is called once on that prefix. Rows with nothing to
 emit never enter the loop, and B processes exactly `sum(steps)` rows. With a
 run-time stopping rule the rows that stop are dropped with a boolean mask
-instead. Each emitted row is tagged with its pair id; one stable sort by pair
-id puts the step-major outputs into value order at the end.
+instead. Each emitted row is tagged with its pair id; the value order puts the
+step-major outputs in order at the end.
+
+The work is split the way Keras splits its `RNN` layer from `backend.rnn`:
+`cascade_cli.packing` turns the caps into a plan (pure functions),
+`packed_loop` runs a plain `step(x, states) -> (y, states)` over the plan's
+rows, and `Cascade` validates its settings and chooses the path.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.cells import split_b
-from cascade_cli.steps import check_steps
-from cascade_cli.errors import CascadeError, DataError, ModelError
+from cascade_cli import packing
+from cascade_cli.cells import fast_path_problem, split_b
+from cascade_cli.errors import DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import flatten_layers, stop_recording
 from cascade_cli.models import check_inputs_fit, check_pair
-from cascade_cli.options import STATE_INITS, STATE_MODES, StopRule  # noqa: F401 (StopRule: the runner's API)
+from cascade_cli.options import FAST_CELLS, STATE_INITS, STATE_MODES, StopRule, check_choice, check_int
 from cascade_cli.recurrence import packed_recurrence
+from cascade_cli.steps import check_steps
+
+__all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "StopRule", "packed_loop", "stop_hits", "xla_inference"]
 
 
 def stop_hits(rule, y):
@@ -34,6 +42,73 @@ def stop_hits(rule, y):
     if rule.kind == "norm":
         return tf.norm(y, axis=-1) >= tf.cast(rule.value, y.dtype)
     return tf.argmax(y, axis=-1, output_type=tf.int32) == int(rule.value)
+
+
+def packed_loop(step, body, rows, states, *, output_size, dtype, counts=None, stop=None):
+    """Runs `step` over packed rows until no row is left.
+
+    At inner step `j`, `body(j, rows)` gives the step's input `x` and a
+    `finish(y, hit) -> (pair_ids, keep, rows)` that names the pair each output
+    row belongs to, which rows go on and their next values. The rows that go
+    on are the first `counts[j + 1]` when `counts` is given (rows sorted
+    longest first, no stopping), else those where `keep` is True.
+
+    Args:
+        step: `(x, states) -> (y, new_states)`: one inner step of every running row.
+        body: `(j, rows) -> (x, finish)`, as above.
+        rows: a tuple of per-row tensors, each `(rows, ...)`.
+        states: the step's states for those rows, each `(rows, size)`.
+        output_size: the size of `y`, `O`.
+        dtype: the dtype of `y`.
+        counts: `(longest + 1,)` int32, the rows running at each step, or None.
+        stop: `y -> (hit, emit)`: `(rows,)` bools, the rows that met the stop
+            rule and (or None for all) the rows whose `y` is emitted; None
+            without a stop rule.
+
+    Returns:
+        `(outputs (total, O), pairs (total,))`: every step's emitted outputs,
+        step after step, and the pair id of each.
+    """
+
+    def iterate(j, rows, states, ys, pairs):
+        x, finish = body(j, rows)
+        y, states = step(x, states)
+        hit, emit = (None, None) if stop is None else stop(y)
+        pair_ids, keep, rows = finish(y, hit)
+        if emit is None:
+            ys, pairs = ys.write(j, y), pairs.write(j, pair_ids)
+        else:
+            ys = ys.write(j, tf.boolean_mask(y, emit))
+            pairs = pairs.write(j, tf.boolean_mask(pair_ids, emit))
+        if counts is not None:
+            count = counts[j + 1]
+            rows = tuple(r[:count] for r in rows)
+            states = [s[:count] for s in states]
+        else:
+            rows = tuple(tf.boolean_mask(r, keep) for r in rows)
+            states = [tf.boolean_mask(s, keep) for s in states]
+        return j + 1, rows, states, ys, pairs
+
+    ys = tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
+                        element_shape=tf.TensorShape([None, output_size]))
+    pairs = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False,
+                           element_shape=tf.TensorShape([None]))
+    invariants = (
+        tf.TensorShape([]),
+        tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
+        [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in states],
+        tf.TensorShape(None),
+        tf.TensorShape(None),
+    )
+    j, _, _, ys, pairs = tf.while_loop(
+        lambda j, rows, *_: tf.shape(rows[0])[0] > 0,
+        iterate,
+        (tf.constant(0), tuple(rows), list(states), ys, pairs),
+        shape_invariants=invariants,
+    )
+    # A sentinel keeps concat() defined when nothing ran.
+    ys = ys.write(j, tf.zeros([0, output_size], dtype)).concat()
+    return ys, pairs.write(j, tf.zeros([0], tf.int32)).concat()
 
 
 class Cascade:
@@ -54,16 +129,25 @@ class Cascade:
             steps are given, and an upper bound for given steps.
         stop_rule: a `StopRule`; needs `max_steps`.
         exclude_stop_step: leave the step that met the stop rule out (for end tokens).
-        fast_cells: when B is a Keras SimpleRNN/GRU/LSTM cell plus a head, compute
-            the cell's input projection once per pair and the head once after the
-            loop (`cascade_cli.cells`), and, with given steps and the usual
-            activations, take the loop's gradient by hand
-            (`cascade_cli.recurrence`); False always calls B itself and leaves
-            the gradient to TensorFlow.
+        fast_cells: `"auto"` (default), True or False. When B is a Keras
+            SimpleRNN/GRU/LSTM cell plus a head, the known-cell path computes
+            the cell's input projection once per pair and the head once after
+            the loop (`cascade_cli.cells`), and, with given steps and the usual
+            activations, takes the loop's gradient by hand
+            (`cascade_cli.recurrence`). One predicate
+            (`cells.fast_path_problem`) says when it applies; `"auto"` uses it
+            where it applies and calls B elsewhere, True raises a
+            `ParameterError` saying why where it cannot apply, False always
+            calls B itself and leaves the gradient to TensorFlow.
         jit_compile: run model A under XLA when `training=False` (opt-in; often
             several times faster on CPU, compiled once per input shape). Its
             gradient recomputes A under XLA. The packed loop has shapes that
             change every step, so it stays outside XLA.
+
+    Raises:
+        ParameterError: a setting has a value it cannot take.
+        ModelError: the models do not fit together, or `state_init="ir"` with
+            a state size other than H.
 
     Example:
 
@@ -81,13 +165,15 @@ class Cascade:
         max_steps=None,
         stop_rule=None,
         exclude_stop_step=False,
-        fast_cells=True,
+        fast_cells="auto",
         jit_compile=False,
     ):
-        if state not in STATE_MODES:
-            raise CascadeError(f"state must be one of {STATE_MODES}; received {state!r}.")
-        if state_init not in STATE_INITS:
-            raise CascadeError(f"state_init must be one of {STATE_INITS}; received {state_init!r}.")
+        check_choice("state", state, STATE_MODES)
+        check_choice("state_init", state_init, STATE_INITS)
+        check_choice("fast_cells", fast_cells, FAST_CELLS)
+        max_steps = check_int("max_steps", max_steps, minimum=1, allow_none=True)
+        if stop_rule is not None and not isinstance(stop_rule, StopRule):
+            raise ParameterError("stop_rule", f"expected a StopRule or None, received {stop_rule!r}.")
         self.model_a = model_a
         self.model_b = model_b
         self.a_spec, self.b_spec = check_pair(model_a, model_b)
@@ -95,9 +181,10 @@ class Cascade:
         self.state_init = state_init
         if state_init == "ir":
             if self.b_spec.form != "step" or state != "reset":
-                raise CascadeError(
-                    "state_init='ir' needs a step-form B and state='reset'; received "
-                    f"a {self.b_spec.form}-form B and state={state!r}."
+                raise ParameterError(
+                    "state_init",
+                    f"'ir' needs a step-form B and state='reset', received a {self.b_spec.form}-form B and "
+                    f"state={state!r}.",
                 )
             sizes = self.b_spec.state_sizes
             if not sizes or any(size != self.a_spec.ir_size for size in sizes):
@@ -105,28 +192,32 @@ class Cascade:
                     f"state_init='ir' sets every state of B to the IR vector, so every state size "
                     f"must equal H={self.a_spec.ir_size}; B's state sizes are {list(sizes)}."
                 )
-        if max_steps is not None and (int(max_steps) != max_steps or max_steps <= 0):
-            raise CascadeError(f"max_steps must be a positive integer; received {max_steps!r}.")
         if stop_rule is not None:
             if max_steps is None:
-                raise CascadeError("a stop rule needs max_steps, the most inner steps a pair may run.")
+                raise ParameterError(
+                    "stop_rule", "needs max_steps, the most inner steps a pair may run; received max_steps=None.")
             if stop_rule.kind == "token" and stop_rule.value >= self.b_spec.output_size:
-                raise CascadeError(
-                    f"stop token {stop_rule.value} is outside B's outputs: expected an id in "
-                    f"[0, {self.b_spec.output_size})."
+                raise ParameterError(
+                    "stop_rule",
+                    f"stop token {int(stop_rule.value)} is outside B's outputs: expected an id in "
+                    f"[0, {self.b_spec.output_size}), received {int(stop_rule.value)}.",
                 )
             if self.b_spec.form == "sequence" and state == "carry":
-                raise CascadeError(
-                    "a stop rule with state='carry' needs a step-form B: a sequence-form B cannot "
-                    "know where the next outer step starts before the previous one has stopped."
+                raise ParameterError(
+                    "stop_rule",
+                    "with state='carry' needs a step-form B: a sequence-form B cannot know where the next "
+                    "outer step starts before the previous one has stopped.",
                 )
-        self.max_steps = None if max_steps is None else int(max_steps)
+        self.max_steps = max_steps
         self.stop_rule = stop_rule
         self.exclude_stop_step = bool(exclude_stop_step)
+        self.fast_cells = fast_cells
         self._cells = [
             layer for layer in flatten_layers(model_b) if hasattr(layer, "reset_dropout_mask")
         ]
-        self._split = split_b(model_b) if fast_cells and self.b_spec.form == "step" else None
+        self._split = split_b(model_b) if fast_cells is not False and self.b_spec.form == "step" else None
+        if fast_cells is True:
+            self._known_cell(training=False)  # raises now where it cannot apply whatever `training` is
         self._xla_a = xla_inference(model_a) if jit_compile else None
 
     # ------------------------------------------------------------------ public
@@ -167,9 +258,7 @@ class Cascade:
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
         if self.b_spec.form == "sequence":
             return self._run_sequence(ir_flat, caps, training)
-        split = self._split
-        if split is not None and (self.stop_rule is not None or (training is not False and split.has_dropout)):
-            split = None  # the rule needs y at every step; dropout needs the cell's own masks
+        split = self._known_cell(training=training)
         if split is None:
             step = _Step(lambda x: x, lambda x, states: self._call_b(x, states, training), self.b_spec.output_size)
         else:
@@ -183,6 +272,18 @@ class Cascade:
 
     # ------------------------------------------------------------ validation
 
+    def _known_cell(self, *, training):
+        """B taken apart (`cells.SplitB`) where the known-cell path applies, else None."""
+        if self.fast_cells is False:
+            return None
+        problem = fast_path_problem(self._split, form=self.b_spec.form, ir_dtype=self.model_a.outputs[0].dtype,
+                                    stop_rule=self.stop_rule, training=training)
+        if problem is None:
+            return self._split
+        if self.fast_cells is True:
+            raise ParameterError("fast_cells", f"True, but the known-cell path cannot apply: {problem}.")
+        return None
+
     def _check_inputs(self, inputs):
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
@@ -195,7 +296,7 @@ class Cascade:
         n, ta = tf.shape(inputs)[0], tf.shape(inputs)[1]
         if steps is None:
             if self.max_steps is None:
-                raise CascadeError("steps are required unless max_steps is set.")
+                raise ParameterError("steps", "required unless max_steps is set; received steps=None.")
             return tf.fill([n, ta], tf.constant(self.max_steps, tf.int32))
         static_ta = inputs.shape[1]
         if tf.is_tensor(steps) and not hasattr(steps, "numpy"):
@@ -221,7 +322,7 @@ class Cascade:
         with tf.control_dependencies(checks):
             return tf.identity(steps)
 
-    # --------------------------------------------------------------- the loop
+    # ------------------------------------------------------- steps and rows
 
     def _call_b(self, x, states, training):
         """One inner step of a step-form B: `(y, new_states)`."""
@@ -244,70 +345,14 @@ class Cascade:
         return [tf.zeros([rows, size], x.dtype) for size in self.b_spec.state_sizes]
 
     def _stop(self, y):
-        """`(hit, emit)` for the rows of `y`; both None without a stop rule."""
-        if self.stop_rule is None:
-            return None, None
+        """`(hit, emit)` for the rows of `y`."""
         hit = stop_hits(self.stop_rule, y)
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
-    def _loop(self, rows, states, body, counts, step):
-        """Runs `body` until no row is left.
-
-        Returns:
-            `(outputs, pairs)`: every step's outputs, step after step, and the
-            pair id of each output row.
-
-        Args:
-            rows: tuple of per-row tensors (leading dim = rows still running).
-            states: B's states for those rows.
-            body: `(j, rows) -> (x, finish)` where `x` is the input of `step.call` and
-                `finish(y, hit) -> (pair_ids, keep, rows)` names the pair each output
-                belongs to, which rows go on, and the rows' next values.
-            counts: `counts[j]` rows run at step `j`, when the running rows are
-                always a prefix (given steps), else None.
-        """
-        output_size = step.width
-        dtype = self.model_b.outputs[0].dtype
-
-        def iterate(j, rows, states, ys, pairs):
-            x, finish = body(j, rows)
-            y, states = step.call(x, states)
-            hit, emit = self._stop(y)
-            pair_ids, keep, rows = finish(y, hit)
-            if emit is None:
-                ys, pairs = ys.write(j, y), pairs.write(j, pair_ids)
-            else:
-                ys = ys.write(j, tf.boolean_mask(y, emit))
-                pairs = pairs.write(j, tf.boolean_mask(pair_ids, emit))
-            if counts is not None:
-                count = counts[j + 1]
-                rows = tuple(r[:count] for r in rows)
-                states = [s[:count] for s in states]
-            else:
-                rows = tuple(tf.boolean_mask(r, keep) for r in rows)
-                states = [tf.boolean_mask(s, keep) for s in states]
-            return j + 1, rows, states, ys, pairs
-
-        ys = tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
-                            element_shape=tf.TensorShape([None, output_size]))
-        pairs = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False,
-                               element_shape=tf.TensorShape([None]))
-        invariants = (
-            tf.TensorShape([]),
-            tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
-            [tf.TensorShape([None, size]) for size in self.b_spec.state_sizes],
-            tf.TensorShape(None),
-            tf.TensorShape(None),
-        )
-        j, _, _, ys, pairs = tf.while_loop(
-            lambda j, rows, *_: tf.shape(rows[0])[0] > 0,
-            iterate,
-            (tf.constant(0), rows, states, ys, pairs),
-            shape_invariants=invariants,
-        )
-        # A sentinel keeps concat() defined when nothing ran.
-        ys = ys.write(j, tf.zeros([0, output_size], dtype)).concat()
-        return ys, pairs.write(j, tf.zeros([0], tf.int32)).concat()
+    def _loop(self, step, body, rows, states, *, counts=None):
+        return packed_loop(step.call, body, rows, states, output_size=step.width,
+                           dtype=self.model_b.outputs[0].dtype, counts=counts,
+                           stop=None if self.stop_rule is None else self._stop)
 
     def _lengths(self, caps, pairs):
         if self.stop_rule is None:
@@ -315,16 +360,10 @@ class Cascade:
         counts = tf.math.bincount(pairs, minlength=tf.size(caps), maxlength=tf.size(caps), dtype=tf.int32)
         return tf.reshape(counts, tf.shape(caps))
 
+    # ------------------------------------------------------------- the paths
+
     def _run_reset(self, ir_flat, caps, step):
         """Rows are `(n, t)` pairs, each fed its own IR vector from a fresh state."""
-        caps_flat = tf.reshape(caps, [-1])
-        order = tf.argsort(caps_flat, direction="DESCENDING", stable=True)
-        sorted_caps = tf.gather(caps_flat, order)
-        running = tf.math.count_nonzero(sorted_caps, dtype=tf.int32)
-        pair_ids, row_caps = order[:running], sorted_caps[:running]
-        ir_rows = tf.gather(ir_flat, pair_ids)
-        states = self._initial_states(ir_rows)
-        counts = None if self.stop_rule else _prefix_counts(sorted_caps)
 
         def body(j, rows):
             pair_ids, x, row_caps = rows
@@ -337,19 +376,22 @@ class Cascade:
 
             return x, finish
 
-        if counts is None:
-            outputs, pairs = self._loop((pair_ids, step.project(ir_rows), row_caps), states, body, None, step)
+        if self.stop_rule is not None:
+            pair_ids, row_caps = packing.reset_rows(caps)
+            ir_rows = tf.gather(ir_flat, pair_ids)
+            rows = (pair_ids, step.project(ir_rows), row_caps)
+            outputs, pairs = self._loop(step, body, rows, self._initial_states(ir_rows))
             return outputs, pairs, tf.argsort(pairs, stable=True)
-        # Step j runs rows 0..counts[j]-1, so every output row's pair and step are known up front.
-        rows = tf.ragged.range(counts[:-1], row_splits_dtype=tf.int32)
-        row_ids, row_steps = rows.flat_values, rows.value_rowids()
-        pairs = tf.gather(pair_ids, row_ids)
-        value_order = tf.math.invert_permutation(tf.gather(tf.cumsum(caps_flat, exclusive=True), pairs) + row_steps)
+        plan = packing.reset_plan(caps)
+        ir_rows = tf.gather(ir_flat, plan.pair_ids)
+        states = self._initial_states(ir_rows)
         if step.backward is not None:  # each row's input is the same at every step: read a prefix of it
-            outputs = packed_recurrence(step.backward, step.backward.project(ir_rows), counts, states, prefix=True)[0]
+            outputs = packed_recurrence(step.backward, step.backward.project(ir_rows), plan.counts, states,
+                                        prefix=True)[0]
         else:
-            outputs, _ = self._loop((pair_ids, step.project(ir_rows), row_caps), states, body, counts, step)
-        return outputs, pairs, value_order
+            rows = (plan.pair_ids, step.project(ir_rows), plan.row_caps)
+            outputs, _ = self._loop(step, body, rows, states, counts=plan.counts)
+        return outputs, plan.step_pairs, plan.value_order
 
     def _run_carry(self, ir_flat, caps, step):
         """Rows are samples; each walks its pairs in order, carrying B's state across them."""
@@ -357,40 +399,26 @@ class Cascade:
             return self._run_carry_given(ir_flat, caps, step)
         outer = tf.shape(caps)[1]
         caps_flat = tf.reshape(caps, [-1])
-        nonzero = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending pair ids that run
+        running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
         features = step.project(ir_flat)
-
-        def next_pair(pair_ids, samples):
-            """First pair >= `pair_ids` with steps > 0 in the same sample; -1 when none."""
-            found = tf.searchsorted(nonzero, pair_ids, side="left")
-            candidate = tf.gather(tf.concat([nonzero, [-1]], 0), found)
-            same = tf.logical_and(candidate >= 0, tf.math.floordiv(candidate, outer) == samples)
-            return tf.where(same, candidate, -1)
-
-        totals = tf.reduce_sum(caps, axis=1)
-        order = tf.argsort(totals, direction="DESCENDING", stable=True)
-        sorted_totals = tf.gather(totals, order)
-        running = tf.math.count_nonzero(sorted_totals, dtype=tf.int32)
-        samples = order[:running]
-        first = next_pair(samples * outer, samples)
+        samples = packing.carry_rows(caps)
 
         def body(j, rows):
             samples, pair_ids, inner = rows
             x = tf.gather(features, pair_ids)
 
             def finish(y, hit):
-                done = inner + 1 >= tf.gather(caps_flat, pair_ids)
-                if hit is not None:
-                    done = tf.logical_or(done, hit)
-                following = next_pair(pair_ids + 1, samples)
+                done = tf.logical_or(inner + 1 >= tf.gather(caps_flat, pair_ids), hit)
+                following = packing.next_running_pair(running_pairs, pair_ids + 1, samples, outer=outer)
                 keep = tf.logical_or(tf.logical_not(done), following >= 0)
                 return pair_ids, keep, (samples, tf.where(done, following, pair_ids), tf.where(done, 0, inner + 1))
 
             return x, finish
 
-        rows = (samples, first, tf.zeros_like(samples))
-        states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
-        outputs, pairs = self._loop(rows, states, body, None, step)
+        rows = (samples, packing.next_running_pair(running_pairs, samples * outer, samples, outer=outer),
+                tf.zeros_like(samples))
+        states = [tf.zeros([tf.size(samples), size], ir_flat.dtype) for size in self.b_spec.state_sizes]
+        outputs, pairs = self._loop(step, body, rows, states)
         return outputs, pairs, tf.argsort(pairs, stable=True)
 
     def _run_carry_given(self, ir_flat, caps, step):
@@ -401,39 +429,27 @@ class Cascade:
         gather from a captured tensor inside the loop would make its gradient
         dense at every step.
         """
-        outer = tf.shape(caps)[1]
-        caps_flat = tf.reshape(caps, [-1])
-        totals = tf.reduce_sum(caps, axis=1)
-        order = tf.argsort(totals, direction="DESCENDING", stable=True)
-        sorted_totals = tf.gather(totals, order)
-        counts = _prefix_counts(sorted_totals)
-        longest = tf.size(counts) - 1
-        # Each value's pair, sample and position in its sample's flattened sequence.
-        value_pairs = tf.repeat(tf.range(tf.size(caps_flat)), caps_flat)
-        value_samples = tf.math.floordiv(value_pairs, outer)
-        positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), value_samples)
-        step_major = tf.gather(tf.cumsum(counts, exclusive=True), positions) + tf.gather(
-            tf.math.invert_permutation(order), value_samples)
-        pairs = tf.gather(value_pairs, tf.math.invert_permutation(step_major))
-        running = counts[0]
-        states = [tf.zeros([running, size], ir_flat.dtype) for size in self.b_spec.state_sizes]
+        plan = packing.carry_plan(caps)
+        counts, pairs = plan.counts, plan.step_pairs
+        states = [tf.zeros([counts[0], size], ir_flat.dtype) for size in self.b_spec.state_sizes]
         if step.backward is not None:
-            inputs = [_gather_sorted_gradient(gate, pairs, step_major, value_pairs)
+            inputs = [_gather_sorted_gradient(gate, pairs, plan.value_order, plan.value_pairs)
                       for gate in step.backward.project(ir_flat)]
-            return packed_recurrence(step.backward, inputs, counts, states)[0], pairs, step_major
-        blocks = counts  # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
+            return packed_recurrence(step.backward, inputs, counts, states)[0], pairs, plan.value_order
+        longest = tf.size(counts) - 1
+        # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
         features = tf.gather(step.project(ir_flat), pairs)
         inputs = tf.TensorArray(features.dtype, size=longest + 1, infer_shape=False,
                                 element_shape=tf.TensorShape([None]).concatenate(features.shape[1:]))
-        inputs = inputs.split(features, blocks)
+        inputs = inputs.split(features, counts)
         pair_blocks = tf.TensorArray(tf.int32, size=longest + 1, infer_shape=False,
-                                     element_shape=tf.TensorShape([None])).split(pairs, blocks)
+                                     element_shape=tf.TensorShape([None])).split(pairs, counts)
 
         def body(j, rows):
             return inputs.read(j), lambda y, hit: (pair_blocks.read(j), None, rows)
 
-        outputs, _ = self._loop((order[:running],), states, body, counts, step)
-        return outputs, pairs, step_major
+        outputs, _ = self._loop(step, body, (plan.samples,), states, counts=counts)
+        return outputs, pairs, plan.value_order
 
     def _run_sequence(self, ir_flat, caps, training):
         """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
@@ -538,12 +554,3 @@ class _Step:
     call: object
     width: int  # the size of `out`
     backward: object = None  # a known cell's `cells.Backward`: given steps run `packed_recurrence`
-
-
-def _prefix_counts(sorted_lengths):
-    """Returns `counts (longest + 1,)`: `counts[j] = count(sorted_lengths > j)`, the rows running at step `j`.
-
-    `sorted_lengths` is in descending order, so the count is a binary search.
-    """
-    longest = tf.reduce_max(tf.concat([sorted_lengths, [0]], 0))
-    return tf.searchsorted(-sorted_lengths, -tf.range(longest + 1), side="left", out_type=tf.int32)

@@ -1,12 +1,15 @@
 """The packed runner against an independent eager reference (tests/builders.py)."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.errors import CascadeError, DataError, ModelError
+from cascade_cli.errors import DataError, ModelError, ParameterError
 from cascade_cli.runner import Cascade
 
 PER_SAMPLE = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros and a whole zero row
@@ -69,7 +72,8 @@ def test_state_init_ir(b_kind):
 def test_state_init_ir_needs_state_size_h():
     with pytest.raises(ModelError, match=r"H=4.*\[5\]"):
         Cascade(builders.model_a(), builders.step_b("gru", units=5), state_init="ir")
-    with pytest.raises(CascadeError, match="state='reset'"):
+    with pytest.raises(ParameterError, match=r"^state_init: 'ir' needs a step-form B and state='reset', received a "
+                       r"step-form B and state='carry'\.$"):
         Cascade(builders.model_a(), builders.step_b("gru", units=4), state="carry", state_init="ir")
 
 
@@ -298,7 +302,7 @@ def test_integer_valued_float_steps_are_accepted():
 @pytest.mark.parametrize(
     "x, words",
     [
-        (np.zeros((3, 4), np.float32), r"shape \(N, Ta, F\); received shape \(3, 4\)"),
+        (np.zeros((3, 4), np.float32), r"the inputs have shape \(3, 4\): expected \(N, Ta, F\)\."),
         (np.zeros((3, 4, 2), np.float32), r"F=2 features per step but model A expects F=3"),
     ],
 )
@@ -318,10 +322,17 @@ def test_symbolic_steps_are_checked_under_tf_function():
 
 def test_bad_settings():
     a, b = builders.model_a(), builders.step_b()
-    with pytest.raises(CascadeError, match=r"state must be one of \('reset', 'carry'\); received 'keep'"):
+    with pytest.raises(ParameterError, match=r"^state: expected one of reset, carry, received 'keep'\.$") as caught:
         Cascade(a, b, state="keep")
-    with pytest.raises(CascadeError, match=r"state_init must be one of"):
+    assert caught.value.parameter == "state"
+    with pytest.raises(ParameterError, match=r"^state_init: expected one of zeros, ir, received 'ones'\.$"):
         Cascade(a, b, state_init="ones")
+    with pytest.raises(ParameterError, match=r"^max_steps: expected a positive integer, received 2\.5\.$"):
+        Cascade(a, b, max_steps=2.5)
+    with pytest.raises(ParameterError, match=r"^fast_cells: expected one of auto, True, False, received 'yes'\.$"):
+        Cascade(a, b, fast_cells="yes")
+    with pytest.raises(ParameterError, match=r"^stop_rule: expected a StopRule or None, received 'norm'\.$"):
+        Cascade(a, b, max_steps=3, stop_rule="norm")
     with pytest.raises(ModelError, match=r"size 4 but model B expects inputs of size 6"):
         Cascade(a, builders.step_b(ir_size=6))
 
@@ -340,3 +351,15 @@ def test_jit_compiled_a_gives_the_same_values_and_gradients(state):
     np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
     for g_plain, g_jit in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(g_plain, g_jit, rtol=1e-4, atol=1e-6)
+
+
+def test_the_runner_imports_no_file_reading_module():
+    """The runner is pure TensorFlow: steps come through `cascade_cli.steps` (numpy only), never h5 or data.
+
+    (`'h5py' not in sys.modules` cannot hold: TensorFlow itself imports h5py.)
+    """
+    code = ("import sys, cascade_cli.runner; "
+            "print(sorted(m for m in ('cascade_cli.h5', 'cascade_cli.data', 'cascade_cli.cli', 'click') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

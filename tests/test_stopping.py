@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.errors import CascadeError, DataError
+from cascade_cli.errors import DataError, ParameterError
 from cascade_cli.runner import Cascade, StopRule
 from test_runner import counting_b, make_b
 
@@ -107,22 +107,24 @@ def test_eager_and_tf_function_agree(state):
 
 def test_bad_stop_settings():
     a, b = builders.model_a(), builders.step_b("gru", output_size=3)
-    with pytest.raises(CascadeError, match="needs max_steps"):
+    with pytest.raises(ParameterError, match=r"^stop_rule: needs max_steps, the most inner steps a pair may run; "
+                       r"received max_steps=None\.$"):
         Cascade(a, b, stop_rule=StopRule.norm(1.0))
-    with pytest.raises(CascadeError, match=r"stop token 3 is outside B's outputs: expected an id in \[0, 3\)"):
+    with pytest.raises(ParameterError, match=r"^stop_rule: stop token 3 is outside B's outputs: expected an id in "
+                       r"\[0, 3\), received 3\.$"):
         Cascade(a, b, max_steps=3, stop_rule=StopRule.token(3))
-    with pytest.raises(CascadeError, match="max_steps must be a positive integer; received 0"):
+    with pytest.raises(ParameterError, match=r"^max_steps: expected a positive integer, received 0\.$"):
         Cascade(a, b, max_steps=0)
-    with pytest.raises(CascadeError, match="non-negative integer"):
+    with pytest.raises(ParameterError, match="non-negative integer"):
         StopRule.token(-1)
     with pytest.raises(DataError, match=r"at index \(0, 1\): expected at most max_steps=6, received 7"):
         Cascade(a, b, max_steps=MAX_STEPS)(builders.inputs(1, 3), np.array([[1, 7, 0]]))
-    with pytest.raises(CascadeError, match="steps are required unless max_steps is set"):
+    with pytest.raises(ParameterError, match=r"^steps: required unless max_steps is set; received steps=None\.$"):
         Cascade(a, b)(builders.inputs(1, 3))
 
 
 def test_sequence_form_carry_with_a_stop_rule_is_refused():
-    with pytest.raises(CascadeError, match="needs a step-form B"):
+    with pytest.raises(ParameterError, match=r"^stop_rule: with state='carry' needs a step-form B"):
         Cascade(builders.model_a(), builders.sequence_b(), state="carry", max_steps=3,
                 stop_rule=StopRule.norm(1.0))
 

@@ -1,0 +1,136 @@
+"""Packing plans: which rows run at each inner step, in which order, and the value order.
+
+Pure TensorFlow ops on the caps `(N, Ta)` int32 (the steps, or `max_steps`
+where none are given): no model, no I/O. The runner (`cascade_cli.runner`)
+turns a plan into a loop, the way Keras' `RNN` layer hands `backend.rnn` a
+step function.
+
+Every inner sequence that runs is a *row*: a `(n, t)` pair in `reset` mode, a
+whole sample in `carry` mode. Pair ids are flat indices `n * Ta + t`. Rows are
+sorted longest first (stable), so at inner step `j` the rows still running
+are a prefix, `counts[j]` long; `counts` ends with a 0. Outputs come out
+*step-major* (step 0's rows, then step 1's, ...); `value_order` is the
+permutation that puts them in value order (sample, then outer step, then
+inner step): `values = tf.gather(step_major, value_order)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class ResetPlan:
+    """The packing of `reset` mode with given steps: rows are `(n, t)` pairs.
+
+    Attributes:
+        pair_ids: `(rows,)` the pairs with steps > 0, longest first.
+        row_caps: `(rows,)` their steps.
+        counts: `(longest + 1,)` rows running at each step, ending with 0.
+        step_pairs: `(total,)` the pair of each step-major output row.
+        value_order: `(total,)` the step-major row of each value, in value order.
+    """
+
+    pair_ids: tf.Tensor
+    row_caps: tf.Tensor
+    counts: tf.Tensor
+    step_pairs: tf.Tensor
+    value_order: tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class CarryPlan:
+    """The packing of `carry` mode with given steps: rows are samples.
+
+    Each sample's inner steps, outer step after outer step, form one sequence.
+
+    Attributes:
+        samples: `(rows,)` the samples with any step, longest total first.
+        counts: `(longest + 1,)` rows running at each step, ending with 0.
+        step_pairs: `(total,)` the pair each step-major row's input comes from.
+        value_order: `(total,)` the step-major row of each value, in value order.
+        value_pairs: `(total,)` the pair of each value, in value order (ascending).
+    """
+
+    samples: tf.Tensor
+    counts: tf.Tensor
+    step_pairs: tf.Tensor
+    value_order: tf.Tensor
+    value_pairs: tf.Tensor
+
+
+def prefix_counts(sorted_lengths):
+    """Returns `counts (longest + 1,)`: `counts[j] = count(sorted_lengths > j)`, the rows running at step `j`.
+
+    Args:
+        sorted_lengths: `(rows,)` int32 in descending order, so the count is a
+            binary search.
+    """
+    longest = tf.reduce_max(tf.concat([sorted_lengths, [0]], 0))
+    return tf.searchsorted(-sorted_lengths, -tf.range(longest + 1), side="left", out_type=tf.int32)
+
+
+def longest_first(lengths):
+    """Returns `(order, sorted_lengths, running)`: a stable descending sort and how many lengths are > 0."""
+    order = tf.argsort(lengths, direction="DESCENDING", stable=True)
+    sorted_lengths = tf.gather(lengths, order)
+    return order, sorted_lengths, tf.math.count_nonzero(sorted_lengths, dtype=tf.int32)
+
+
+def reset_rows(caps):
+    """Returns `(pair_ids, row_caps)`: the pairs with caps > 0, longest first, and their caps."""
+    order, sorted_caps, running = longest_first(tf.reshape(caps, [-1]))
+    return order[:running], sorted_caps[:running]
+
+
+def reset_plan(caps):
+    """Returns the `ResetPlan` of caps `(N, Ta)` int32."""
+    caps_flat = tf.reshape(caps, [-1])
+    order, sorted_caps, running = longest_first(caps_flat)
+    pair_ids = order[:running]
+    counts = prefix_counts(sorted_caps)
+    # Step j runs rows 0..counts[j]-1, so every output row's pair and step are known up front.
+    rows = tf.ragged.range(counts[:-1], row_splits_dtype=tf.int32)
+    step_pairs = tf.gather(pair_ids, rows.flat_values)
+    positions = tf.gather(tf.cumsum(caps_flat, exclusive=True), step_pairs) + rows.value_rowids()
+    return ResetPlan(pair_ids, sorted_caps[:running], counts, step_pairs, tf.math.invert_permutation(positions))
+
+
+def carry_rows(caps):
+    """Returns `samples`: the samples with any step, longest total first."""
+    order, _, running = longest_first(tf.reduce_sum(caps, axis=1))
+    return order[:running]
+
+
+def carry_plan(caps):
+    """Returns the `CarryPlan` of caps `(N, Ta)` int32."""
+    outer = tf.shape(caps)[1]
+    caps_flat = tf.reshape(caps, [-1])
+    totals = tf.reduce_sum(caps, axis=1)
+    order, sorted_totals, running = longest_first(totals)
+    counts = prefix_counts(sorted_totals)
+    # Each value's pair, sample and position in its sample's flattened sequence.
+    value_pairs = tf.repeat(tf.range(tf.size(caps_flat)), caps_flat)
+    value_samples = tf.math.floordiv(value_pairs, outer)
+    positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), value_samples)
+    value_order = tf.gather(tf.cumsum(counts, exclusive=True), positions) + tf.gather(
+        tf.math.invert_permutation(order), value_samples)
+    step_pairs = tf.gather(value_pairs, tf.math.invert_permutation(value_order))
+    return CarryPlan(order[:running], counts, step_pairs, value_order, value_pairs)
+
+
+def next_running_pair(running_pairs, pair_ids, samples, *, outer):
+    """The first pair `>= pair_ids` with steps > 0 in the same sample; -1 where there is none.
+
+    Args:
+        running_pairs: `(P,)` int32 ascending: the pairs with steps > 0.
+        pair_ids: `(rows,)` int32 where to start looking.
+        samples: `(rows,)` int32 the sample of each row.
+        outer: `Ta`, the outer steps per sample.
+    """
+    found = tf.searchsorted(running_pairs, pair_ids, side="left")
+    candidate = tf.gather(tf.concat([running_pairs, [-1]], 0), found)
+    same = tf.logical_and(candidate >= 0, tf.math.floordiv(candidate, outer) == samples)
+    return tf.where(same, candidate, -1)
