@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -28,8 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click  # noqa: E402 (after the environment TensorFlow reads)
 
 from cascade_cli import __version__  # noqa: E402
-from cascade_cli.errors import CascadeError, DataError, one_line as _one_line  # noqa: E402
-from cascade_cli.options import LOSSES, OPTIMIZERS, STATE_INITS, STATE_MODES, STRATEGIES  # noqa: E402
+from cascade_cli.errors import CascadeError, DataError, ParameterError, one_line as _one_line  # noqa: E402
+from cascade_cli.options import (  # noqa: E402
+    GENERATE_BATCH_SIZE, LOSSES, OPTIMIZERS, STATE_INITS, STATE_MODES, STRATEGIES, TrainConfig,
+)
 from cascade_cli.results_io import SUFFIX_FORMATS as RESULT_SUFFIXES  # noqa: E402
 
 DEMO_EPOCHS = 20
@@ -46,6 +49,67 @@ HISTOGRAM_WIDTH = 40
 # ----------------------------------------------------------------- the edge
 
 
+# Each library parameter and the flag a user types for it. Library messages
+# name parameters (`batch_size`, `overwrite=True`); `flag_text` shows flags.
+FLAGS = {
+    "batch_size": "--batch-size", "epochs": "--epochs", "learning_rate": "--learning-rate",
+    "optimizer": "--optimizer", "loss": "--loss", "val_split": "--val-split", "freeze_a": "--freeze-a",
+    "state": "--state", "state_init": "--state-init", "seed": "--seed", "patience": "--patience",
+    "strategy": "--strategy", "resume": "--resume", "out_dir": "--out-dir", "overwrite": "--overwrite",
+    "max_steps": "--max-steps", "exclude_stop_step": "--exclude-stop-step", "shard": "--shard",
+    "threshold": "--stop-norm", "token_id": "--stop-token", "inputs_key": "--inputs-key",
+    "pad_value": "--pad-value", "time_major": "--time-major", "layout": "--layout", "format": "--format",
+}
+_BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "no --freeze-a")}
+# `name=value` (the value quoted or up to a space, comma, semicolon, bracket or final stop), or quoted text.
+_TOKENS = re.compile(r"(?P<name>\b[a-z][a-z0-9_]*)=(?P<value>'[^']*'|[^\s,;)']+?)(?=[\s,;)]|\.?$|\.\s)"
+                     r"|(?P<quoted>'[^']*')")
+
+
+def flag_text(message, *, parameter=None, flags=None):
+    """Turns a library message's parameter names into the flags of the command line.
+
+    `batch_size: expected ...` becomes `--batch-size: expected ...`,
+    `overwrite=True` becomes `--overwrite`, `batch_size=16` `--batch-size 16`,
+    and a bare `max_steps` `--max-steps`; quoted text (file names) is left alone.
+
+    Args:
+        message: the library's message.
+        parameter: the `ParameterError`'s parameter, when there is one.
+        flags: this command's own names for some parameters, over `FLAGS`.
+    """
+    flags = {**FLAGS, **(flags or {})}
+    message = _one_line(message)
+    if parameter is not None and message.startswith(f"{parameter}:"):
+        message = f"{flags.get(parameter, parameter)}:" + message[len(parameter) + 1:]
+
+    def token(match):
+        if match.group("quoted"):
+            return match.group("quoted")
+        name, value = match.group("name"), match.group("value").strip("'")
+        if name in _BOOLEAN_FLAGS and value in ("True", "False"):
+            return _BOOLEAN_FLAGS[name][value == "False"]
+        if name not in flags:
+            return match.group(0)
+        return flags[name] if value == "True" else f"{flags[name]} {value}"
+
+    def bare(text):
+        for name, flag in flags.items():
+            if "_" in name:
+                text = re.sub(rf"(?<![\w-]){name}(?![\w=])", flag, text)
+        return text
+
+    pieces, done = [], 0
+    for match in _TOKENS.finditer(message):
+        pieces += [bare(message[done:match.start()]), token(match)]
+        done = match.end()
+    return "".join(pieces + [bare(message[done:])])
+
+def _error_text(error, flags=None):
+    """One line for a library error, in the command line's words."""
+    return flag_text(str(error), parameter=getattr(error, "parameter", None), flags=flags)
+
+
 def _os_error_message(error):
     """Describes an `OSError` the way the library describes its errors."""
     name = getattr(error, "filename", None)
@@ -56,26 +120,48 @@ def _os_error_message(error):
 
 
 class CascadeGroup(click.Group):
-    """A click group that turns library errors into one `Error: ...` line and exit code 1."""
+    """A click group that turns every error into one `Error: ...` line and exit code 1.
+
+    Library errors (`CascadeError`), files (`OSError`), memory and TensorFlow
+    errors get a sentence each; anything else is a bug in cascade, shown as one
+    line that asks for `--debug`, which shows the traceback instead.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except CascadeError as error:
-            raise click.ClickException(_one_line(error)) from None
-        except MemoryError:
-            raise click.ClickException("ran out of memory; try a smaller --batch-size.") from None
-        except BrokenPipeError:
+        except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
             raise
-        except OSError as error:
-            raise click.ClickException(_one_line(_os_error_message(error))) from None
         except Exception as error:
-            if type(error).__name__ == "ResourceExhaustedError":  # TensorFlow out of memory
-                raise click.ClickException(
-                    f"ran out of memory: {_one_line(getattr(error, 'message', error))[:200]}; "
-                    "try a smaller --batch-size."
-                ) from None
-            raise
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(_describe_failure(error)) from None
+
+
+def _describe_failure(error):
+    """The one line a failure shows without `--debug`."""
+    if isinstance(error, CascadeError):
+        return _error_text(error)
+    if isinstance(error, MemoryError):
+        return "ran out of memory; try a smaller --batch-size."
+    if isinstance(error, OSError):
+        return _one_line(_os_error_message(error))
+    name = type(error).__name__
+    message = _one_line(getattr(error, "message", error))[:300]
+    if name == "ResourceExhaustedError":  # TensorFlow out of memory
+        return f"ran out of memory: {message}; try a smaller --batch-size."
+    if type(error).__module__.startswith("tensorflow"):
+        return f"TensorFlow failed while running the models ({name}): {message}"
+    return f"internal error ({name}: {message}); run again with cascade --debug for the traceback and report it."
+
+
+@contextlib.contextmanager
+def _usage(ctx, **flags):
+    """Turns a `ParameterError` raised in the block into a usage error (exit 2) naming the flag."""
+    try:
+        yield
+    except ParameterError as error:
+        raise click.UsageError(_error_text(error, flags), ctx) from None
 
 
 @contextlib.contextmanager
@@ -212,7 +298,8 @@ def _check_output(path, *, overwrite):
 
 @click.group("cascade", cls=CascadeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cascade")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
+def main(debug):
     """Chain two Keras recurrent models into a generator of ragged sequences.
 
     Model A reads (N, Ta, F) inputs and emits one IR vector per outer step;
@@ -226,18 +313,6 @@ def main():
 
 
 # ------------------------------------------------------------------ generate
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateSummary:
-    """What `generate` did: samples, emitted inner steps, pairs that reached their cap, seconds."""
-
-    output: Path
-    samples: int
-    emitted: int
-    pairs: int
-    at_cap: int
-    seconds: float
 
 
 def _stop_rule(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step):
@@ -259,106 +334,26 @@ def _stop_rule(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step):
     return None
 
 
-def _read_steps_option(*, steps_file, steps_text, source, max_steps):
-    """Reads the steps given on the command line and checks them against the inputs.
+def _read_steps_option(*, steps_file, steps_text):
+    """Reads `--steps-file` or `--steps`: `(steps, where)`, or `(None, "none")` when neither is given."""
+    from cascade_cli.steps import parse_steps, read_steps
 
-    Returns:
-        `(steps, description)`: `(Ta,)` or `(N, Ta)` int64 (None when only
-        `--max-steps` is given) and where they came from.
-    """
-    import numpy as np
-
-    from cascade_cli.steps import broadcast_steps, parse_steps, read_steps
-
-    if steps_file is None and steps_text is None:
-        return None, "none"
     if steps_file is not None:
-        steps, where = read_steps(steps_file), f"'{steps_file}'"
-        description = str(steps_file)
-    else:
-        steps, where = parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
-        description = f"--steps {steps_text}"
-    n, outer = source.n_samples, source.outer_steps
-    if steps.shape != (outer,):
-        steps = broadcast_steps(steps, n_samples=n, outer_steps=outer, source=where)
-    limit = np.iinfo(np.int32).max if max_steps is None else max_steps
-    if steps.size and steps.max() > limit:
-        index = tuple(int(i) for i in np.argwhere(steps > limit)[0])
-        shown = index[0] if len(index) == 1 else index
-        expected = f"at most --max-steps {max_steps}" if max_steps is not None else f"at most {limit}"
-        raise DataError(f"steps from {where} at index {shown}: expected {expected}, received {int(steps[index])}.")
-    return steps, description
+        return read_steps(steps_file), f"'{steps_file}'"
+    if steps_text is not None:
+        return parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
+    return None, "none"
 
 
-def run_generation(console, cascade, source, steps, *, batch_size, output, overwrite, attrs, samples=None):
-    """Runs the cascade over the samples of `source`, batch by batch, into a ragged HDF5 result.
-
-    The batches go through one `tf.function`; the result is written by
-    `RaggedH5Writer` to a temporary file renamed onto `output` at the end.
-    Batches always start at multiples of `batch_size`, also for a shard,
-    which runs the whole batches its samples fall in and keeps its own: a
-    value can change in its last bits with the other rows of its batch, so
-    this is what makes K merged shards bit-identical to an unsharded run.
-
-    Args:
-        console: where the progress bar goes.
-        cascade: a `Cascade`.
-        source: an open `InputSource` `(N, Ta, F)`.
-        steps: `(Ta,)` or `(N, Ta)` integers, or None to run `cascade.max_steps` everywhere.
-        batch_size: samples per call.
-        output: the `.h5` file to write.
-        overwrite: whether `output` may be replaced.
-        attrs: extra attributes recorded in the file.
-        samples: `(start, stop)`, the samples to write (a shard); None writes them all.
-
-    Returns:
-        A `GenerateSummary`.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    from cascade_cli.results_io import RaggedH5Writer
+def _progress(console, description):
+    """A progress bar over `generation.BatchRange`s, weighted by the samples each writes."""
     from cascade_cli.progress import track
-    from cascade_cli.result import CascadeResult
 
-    _, outer, features = source.shape
-    first, last = (0, source.n_samples) if samples is None else samples
-    n = last - first
-    dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
-    run = tf.function(
-        lambda inputs, caps: cascade.run(inputs, caps),
-        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32)],
-        reduce_retracing=True,
-    )
+    def wrap(batches):
+        return track(batches, total=sum(batch.samples for batch in batches), description=description,
+                     console=console, unit="samples", weight=lambda batch: batch.samples)
 
-    def caps_of(start, stop):
-        if steps is None:
-            return np.full((stop - start, outer), cascade.max_steps, np.int32)
-        if steps.ndim == 1:
-            return np.broadcast_to(steps.astype(np.int32), (stop - start, outer))
-        return steps[start:stop].astype(np.int32)
-
-    emitted = at_cap = pairs = 0
-    started = time.perf_counter()
-    with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
-                        overwrite=overwrite, attrs=attrs) as writer:
-        aligned = range(first - first % batch_size, last, batch_size) if n else range(0)
-        starts = track(aligned, total=n, description="generating", console=console, unit="samples",
-                       weight=lambda start: min(start + batch_size, last) - max(start, first))
-        with contextlib.closing(starts) if hasattr(starts, "close") else contextlib.nullcontext():
-            for start in starts:  # closing() stops a live bar at once when a batch fails
-                stop = min(start + batch_size, source.n_samples)
-                caps = caps_of(start, stop)
-                values, lengths = run(source.read(start, stop).astype(dtype.as_numpy_dtype), caps)
-                keep = slice(max(start, first) - start, min(stop, last) - start)
-                part = CascadeResult(values.numpy(), lengths.numpy()).slice_samples(keep.start, keep.stop)
-                writer.append(part)
-                lengths, caps = part.lengths, caps[keep]
-                emitted += int(lengths.sum())
-                running = caps > 0
-                pairs += int(running.sum())
-                at_cap += int((running & (lengths == caps)).sum())
-    return GenerateSummary(Path(output), n, emitted, pairs, at_cap, time.perf_counter() - started)
+    return wrap
 
 
 def _print_generation(console, summary, *, stop_rule):
@@ -392,28 +387,6 @@ def _shard_option(ctx, param, value):
         raise click.BadParameter(_one_line(error), ctx, param) from None
 
 
-def _run_attrs(attrs, *, models, source, steps, batch_size, shard):
-    """Adds `run_id` (a hash of what defines the run) and, for a shard, the shard attributes to `attrs`.
-
-    `batch_size` is part of the run: a value can change in its last bits with
-    the other rows of its batch, and shards of one run must merge into exactly
-    the result of an unsharded run.
-    """
-    from cascade_cli.shards import array_digest, file_digest, run_id, shard_attrs, shard_range
-
-    description = {**attrs, "model_a": file_digest(models.model_a), "model_b": file_digest(models.model_b),
-                   "inputs_key": source.key, "inputs_shape": list(source.shape), "inputs_dtype": str(source.dtype),
-                   "steps": None if steps is None else array_digest(steps), "batch_size": int(batch_size)}
-    attrs = {**attrs, "run_id": run_id(description)}
-    if shard is None:
-        return attrs, None
-    index, count = shard
-    start, stop = shard_range(source.n_samples, index=index, count=count)
-    attrs.update(shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=source.n_samples,
-                             run=attrs["run_id"]))
-    return attrs, (start, stop)
-
-
 @main.command()
 @model_options
 @click.option("--inputs", "inputs_path", required=True, metavar="X.h5",
@@ -432,7 +405,8 @@ def _run_attrs(attrs, *, models, source, steps, batch_size, shard):
               help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
 @click.option("--state-init", type=click.Choice(STATE_INITS), default="zeros", show_default=True,
               help="B's initial state: zeros, or the IR vector itself (needs state size == H).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=GENERATE_BATCH_SIZE, show_default=True,
+              help="Samples per call.")
 @click.option("-o", "--output", required=True, metavar="RESULT.h5", help="The ragged HDF5 result to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
@@ -468,55 +442,40 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
             "convert it afterwards with cascade export.", ctx, param_hint="'-o' / '--output'")
     _check_output(output, overwrite=overwrite)
     console, _ = _consoles()
+    steps, where = _read_steps_option(steps_file=steps_file, steps_text=steps_text)
     from cascade_cli.data import open_inputs
 
     with open_inputs(inputs_path, key=inputs_key) as source:
-        steps, steps_source = _read_steps_option(steps_file=steps_file, steps_text=steps_text, source=source,
-                                                 max_steps=max_steps)
         model_a, model_b = models.load(console)
-        output_size = model_b.outputs[0].shape[-1]
-        if rule is not None and rule[0] == "token" and output_size is not None and rule[1] >= output_size:
-            raise click.BadParameter(
-                f"{rule[1]} is outside model B's outputs: expected an id in [0, {output_size}).", ctx,
-                param_hint="'--stop-token'")
+        from cascade_cli.generation import generate_to_file, resolve_steps, run_attrs
         from cascade_cli.options import StopRule
         from cascade_cli.runner import Cascade
 
+        steps = resolve_steps(steps, source, max_steps=max_steps, where=where)
         stop_rule = None if rule is None else getattr(StopRule, rule[0])(rule[1])
-        cascade = Cascade(model_a, model_b, state=state, state_init=state_init, max_steps=max_steps,
-                          stop_rule=stop_rule, exclude_stop_step=exclude_stop_step)
-        from cascade_cli.models import check_inputs_fit
-
-        check_inputs_fit(cascade.a_spec, source.shape, where=f"inputs in {source.name}")
-        source.check_finite()
+        with _usage(ctx, stop_rule="--stop-token" if stop_token is not None else "--stop-norm"):
+            cascade = Cascade(model_a, model_b, state=state, state_init=state_init, max_steps=max_steps,
+                              stop_rule=stop_rule, exclude_stop_step=exclude_stop_step)
         import keras
 
         keras.utils.set_random_seed(seed)
         attrs = {
-            "model_a": str(models.model_a),
-            "model_b": str(models.model_b),
-            "inputs": str(inputs_path),
-            "inputs_key": str(inputs_key),
-            "steps": steps_source,
-            "state": state,
-            "state_init": state_init,
-            "stop_rule": "none" if rule is None else rule[0],
-            "exclude_stop_step": bool(exclude_stop_step),
-            "seed": int(seed),
-            "cascade_version": __version__,
+            "model_a": str(models.model_a), "model_b": str(models.model_b), "inputs": str(inputs_path),
+            "inputs_key": str(inputs_key), "steps": where.strip("'"), "state": state, "state_init": state_init,
+            "stop_rule": "none" if rule is None else rule[0], "exclude_stop_step": bool(exclude_stop_step),
+            "seed": int(seed), "cascade_version": __version__,
+            **({} if rule is None else {"stop_value": rule[1]}),
+            **({} if max_steps is None else {"max_steps": int(max_steps)}),
         }
-        if rule is not None:
-            attrs["stop_value"] = rule[1]
-        if max_steps is not None:
-            attrs["max_steps"] = int(max_steps)
-        attrs, samples = _run_attrs(attrs, models=models, source=source, steps=steps, batch_size=batch_size,
-                                    shard=shard)
-        summary = run_generation(console, cascade, source, steps, batch_size=batch_size, output=output,
-                                 overwrite=overwrite, attrs=attrs, samples=samples)
+        attrs = run_attrs(attrs, model_files=(models.model_a, models.model_b), source=source, steps=steps,
+                          batch_size=batch_size, shard=shard)
+        summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
+                                   shard=shard, overwrite=overwrite, progress=_progress(console, "generating"))
     _print_generation(console, summary, stop_rule=rule)
     if shard is not None:
-        _say(console, f"Shard {shard[0]}/{shard[1]} of run {attrs['run_id']}: samples {samples[0]}:{samples[1]} "
-                      f"of {attrs['total_samples']:,}; join the {shard[1]} shards with cascade merge.")
+        _say(console, f"Shard {shard[0]}/{shard[1]} of run {attrs['run_id']}: samples "
+                      f"{attrs['sample_start']}:{attrs['sample_stop']} of {attrs['total_samples']:,}; "
+                      f"join the {shard[1]} shards with cascade merge.")
 
 
 @main.command()
@@ -628,25 +587,27 @@ def _print_training(console, history, out_dir):
               help="HDF5 with inputs (N, Ta, F), steps (N, Ta) and targets, flat (sum(steps), O) or padded.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where model_a.keras, model_b.keras, history.csv and checkpoints/ go.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs to train up to.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per step.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True,
+              help="Epochs to train up to.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True,
+              help="Samples per step.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.learning_rate, show_default=True,
               metavar="LR", help="The optimizer's step size.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--loss", type=click.Choice(LOSSES), default="mse", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TrainConfig.optimizer, show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default=TrainConfig.loss, show_default=True,
               help="Averaged over valid elements only; categorical-crossentropy reads B's outputs as logits.")
-@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.val_split, show_default=True,
               metavar="F", help="Fraction of the samples held out for validation.")
-@click.option("--shuffle/--no-shuffle", default=True, show_default=True, help="A new seeded order every epoch.")
+@click.option("--shuffle/--no-shuffle", default=TrainConfig.shuffle, show_default=True, help="A new seeded order every epoch.")
 @click.option("--freeze-a", is_flag=True, help="Train model B only.")
-@click.option("--state", type=click.Choice(STATE_MODES), default="reset", show_default=True,
+@click.option("--state", type=click.Choice(STATE_MODES), default=TrainConfig.state, show_default=True,
               help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
               help="Seeds the split, the order and every random op.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
 @click.option("--patience", type=click.IntRange(min=1), metavar="P",
               help="Stop after P epochs without a better val_loss and keep the best weights.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="default", show_default=True,
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=TrainConfig.strategy, show_default=True,
               help="tf.distribute strategy: mirrored uses every local GPU; multi-worker reads TF_CONFIG.")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, val_split, shuffle,
@@ -665,15 +626,13 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     _load_tensorflow()
     from cascade_cli.data import TrainingData
     from cascade_cli.progress import train_callbacks
-    from cascade_cli.training import TrainConfig, fit, make_strategy
+    from cascade_cli.training import fit, make_strategy
 
-    try:
+    with _usage(ctx):
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              optimizer=optimizer, loss=loss, val_split=val_split, shuffle=shuffle,
                              freeze_a=freeze_a, state=state, seed=seed, patience=patience, resume=resume,
                              strategy=strategy)
-    except CascadeError as error:
-        raise click.UsageError(_one_line(error), ctx) from None
     distribution = make_strategy(strategy)  # multi-worker must be set up before TensorFlow runs anything
     with TrainingData(data_path) as data:
         model_a, model_b = models.load(console)
@@ -824,12 +783,14 @@ def demo(out_dir, epochs, overwrite):
     _load_tensorflow()
     from cascade_cli import sample
     from cascade_cli.data import TrainingData, open_inputs
+    from cascade_cli.generation import generate_to_file, resolve_steps
     from cascade_cli.results_io import read_result, write_result
+    from cascade_cli.steps import read_steps
     from cascade_cli.models import load_model
     from cascade_cli.progress import epochs_table, train_callbacks
     from cascade_cli.result import CascadeResult
     from cascade_cli.runner import Cascade
-    from cascade_cli.training import TrainConfig, fit
+    from cascade_cli.training import fit
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if overwrite and paths["trained"].is_dir():
@@ -852,13 +813,13 @@ def demo(out_dir, epochs, overwrite):
 
     cascade = Cascade(model_a, model_b)
     with open_inputs(files["inputs"]) as source:
-        steps, _ = _read_steps_option(steps_file=files["steps"], steps_text=None, source=source, max_steps=None)
+        steps = resolve_steps(read_steps(files["steps"]), source, where=f"'{files['steps']}'")
         inputs = source.read(0, source.n_samples)
         attrs = {"model_a": str(paths["trained"] / "model_a.keras"), "model_b": str(paths["trained"] / "model_b.keras"),
                  "inputs": str(files["inputs"]), "steps": str(files["steps"]), "state": "reset",
                  "state_init": "zeros", "stop_rule": "none", "cascade_version": __version__}
-        summary = run_generation(console, cascade, source, steps, batch_size=256, output=paths["result"],
-                                 overwrite=overwrite, attrs=attrs)
+        summary = generate_to_file(cascade, source, steps, output=paths["result"], attrs=attrs, overwrite=overwrite,
+                                   progress=_progress(console, "generating"))
     _print_generation(console, summary, stop_rule=None)
     result = read_result(paths["result"])
     write_result(paths["padded"], result, format="npz", layout="padded", overwrite=overwrite)

@@ -22,6 +22,7 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 STOP_RULES = ("norm", "token")
 FAST_CELLS = ("auto", True, False)
+GENERATE_BATCH_SIZE = 256  # samples per runner call when generating into a file
 
 
 # ------------------------------------------------------------------ checks

@@ -38,3 +38,14 @@ def assert_error(result, code, *words):
 
 def assert_nothing_in(folder):
     assert sorted(os.listdir(folder)) == [], "an output or temporary file was left behind"
+
+
+def pretend_read_only(monkeypatch, folder):
+    """Makes `os.access` report `folder` as read-only, as a read-only mount would, even to root (as CI runs).
+
+    The folder is also `chmod 0o500`, so a non-root run sees the real refusal.
+    """
+    folder.chmod(0o500)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == os.fspath(folder)
+                        else real(path, mode, **kw))

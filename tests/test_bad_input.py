@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from clitools import assert_error, assert_nothing_in, assert_ok, invoke, write_h5
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only, write_h5
 from cascade_cli.results_io import read_result, write_result
 from cascade_cli.result import CascadeResult
 
@@ -371,11 +371,7 @@ def test_an_output_folder_that_does_not_exist_or_cannot_be_written(files, tmp_pa
     assert not missing.exists()
 
     locked = out_folder(tmp_path)
-    locked.chmod(0o500)
-    if os.access(locked, os.W_OK):  # root writes anywhere: report the folder as a read-only mount would
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == os.fspath(locked)
-                            else real(path, mode, **kw))
+    pretend_read_only(monkeypatch, locked)  # root (as CI runs) writes anywhere
     try:
         # the models do not exist either: the folder is refused before any work
         assert_error(generate(files, locked / "r.h5", "--steps", "1,2,3", model_a=tmp_path / "nope.keras"), 1,
@@ -437,6 +433,9 @@ def test_two_trainings_with_the_same_seed_give_the_same_weights(files, tmp_path)
 # ----------------------------------------------------------- killed runs
 
 
+KILL_SEED = 20261202  # the kill tests' delays: seeded and printed, so a failure can be reproduced
+
+
 def start(args, cwd):
     return subprocess.Popen(CASCADE + [str(arg) for arg in args], cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -460,6 +459,7 @@ def kill_when(process, ready, *, timeout=PROCESS_TIMEOUT, delay=0.0):
         while not ready() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         assert ready(), "the run ended or timed out before it could be killed"
+        print(f"killing {process.args[1:3]} {delay:.3f} s after it was ready (seed {KILL_SEED})")
         time.sleep(delay)
         os.kill(process.pid, signal.SIGKILL)
     finally:
@@ -476,7 +476,7 @@ def test_a_killed_export_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
     lengths = rng.integers(0, 9, size=(20_000, 10))
     write_result(tmp_path / "r.h5", CascadeResult(rng.normal(size=(int(lengths.sum()), 4)).astype("float32"), lengths))
     out = out_folder(tmp_path)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(KILL_SEED)
     # writing takes about 2 s for the csv and 0.3 s for the padded npz: kill at a random moment inside
     runs = (("r.csv", rng.uniform(0, 1.0), []), ("r.npz", rng.uniform(0, 0.05), ["--layout", "padded"]))
     for name, delay, extra in runs:
@@ -508,7 +508,7 @@ def test_train_killed_mid_epoch_then_resumed_ends_with_the_weights_of_an_unbroke
         checkpoints = tmp_path / "broken" / "checkpoints"
         # `checkpoint` (the index of checkpoints) is written after the checkpoint's own files
         kill_when(broken, lambda: (checkpoints / "checkpoint").exists(),
-                  delay=np.random.default_rng().uniform(0.02, 0.3))  # an epoch takes ~0.4 s
+                  delay=np.random.default_rng(KILL_SEED).uniform(0.02, 0.3))  # an epoch takes ~0.4 s
     finally:
         finish(unbroken)
     assert not (tmp_path / "broken" / "model_a.keras").exists()

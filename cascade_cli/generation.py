@@ -1,0 +1,237 @@
+"""Generation into a file: stream inputs through the runner, batch by batch, into a ragged result.
+
+`generate_to_file` is what `cascade generate` and `cascade demo` run, and what a
+Python user calls to write a result file without the command line:
+
+>>> with open_inputs("inputs.h5") as source:
+...     summary = generate_to_file(cascade, source, steps, output="results.h5")
+
+The result is written by `results_io.RaggedH5Writer` under a temporary name and
+renamed into place at the end, so a killed run leaves nothing half-written.
+Batches start at multiples of `batch_size` (`shards.batch_ranges`), also for a
+shard, which is what makes K merged shards bit-identical to one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from cascade_cli.errors import CascadeError, DataError
+from cascade_cli.models import check_inputs_fit
+from cascade_cli.options import GENERATE_BATCH_SIZE, check_int
+from cascade_cli.result import CascadeResult
+from cascade_cli.results_io import RaggedH5Writer
+from cascade_cli.shards import shard_range
+from cascade_cli.steps import check_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSummary:
+    """What a generation wrote.
+
+    Attributes:
+        output: the result file.
+        samples: samples written.
+        emitted: inner steps emitted, all pairs together.
+        pairs: `(n, t)` pairs that could run (cap > 0).
+        at_cap: pairs that ran to their cap (given steps or `max_steps`); with
+            a stop rule, the others were ended by the rule.
+        seconds: wall time of the generation.
+    """
+
+    output: Path
+    samples: int
+    emitted: int
+    pairs: int
+    at_cap: int
+    seconds: float
+
+
+def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
+    """Checks `steps` against the inputs of `source` and the runner's `max_steps`.
+
+    Args:
+        steps: `(Ta,)` (shared by every sample) or `(N, Ta)` integers, or None
+            (every pair runs to `max_steps`, ended by a stop rule).
+        source: the `InputSource` the steps go with.
+        max_steps: the runner's cap, or None.
+        where: names the steps in messages, e.g. `"'steps.txt'"`.
+
+    Returns:
+        `(Ta,)` or `(N, Ta)` int64, or None.
+
+    Raises:
+        DataError: the shape fits neither form, or a value is negative, not an
+            integer, above `max_steps` or above what int32 holds.
+    """
+    if steps is None:
+        return None
+    steps = check_steps(steps, n_samples=source.n_samples, outer_steps=source.outer_steps, max_steps=max_steps,
+                        source=where)
+    limit = np.iinfo(np.int32).max
+    if steps.size and steps.max() > limit:
+        index = tuple(int(i) for i in np.argwhere(steps > limit)[0])
+        raise DataError(f"steps from {where} at index {index[0] if len(index) == 1 else index}: expected at most "
+                        f"{limit}, received {int(steps[index])}.")
+    return steps
+
+
+def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE_BATCH_SIZE, attrs=None,
+                     shard=None, overwrite=False, progress=iter):
+    """Runs `cascade` over the samples of `source` and writes a ragged HDF5 result.
+
+    Args:
+        cascade: a `runner.Cascade`.
+        source: an open `data.InputSource` `(N, Ta, F)`.
+        steps: `(Ta,)` or `(N, Ta)` integers (see `resolve_steps`), or None to
+            run `cascade.max_steps` everywhere (with its stop rule).
+        output: the `.h5` file to write.
+        batch_size: samples per runner call.
+        attrs: attributes recorded in the file (see `shards.run_attrs`).
+        shard: `(index, count)` to write only the index-th of `count`
+            contiguous slices of the samples (`shards.shard_range`), or None.
+        overwrite: whether `output` may be replaced.
+        progress: wraps the list of `BatchRange`s as they run, e.g. a progress
+            bar weighted by `BatchRange.samples`; `iter` shows nothing.
+
+    Returns:
+        A `GenerateSummary`.
+
+    Raises:
+        CascadeError: bad steps, an output that cannot be written, or a model
+            that fails on a batch (naming the samples).
+    """
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    steps = resolve_steps(steps, source, max_steps=cascade.max_steps)
+    if steps is None and cascade.max_steps is None:
+        raise CascadeError("steps are required unless the cascade has max_steps.")
+    check_inputs_fit(cascade.a_spec, source.shape, where=f"inputs in {source.name}")
+    source.check_finite()
+    n_samples, outer, features = source.shape
+    first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
+    dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
+    run = tf.function(
+        lambda inputs, caps: cascade.run(inputs, caps),
+        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32)],
+        reduce_retracing=True,
+    )
+
+    emitted = at_cap = pairs = 0
+    started = time.perf_counter()
+    with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
+                        overwrite=overwrite, attrs=attrs) as writer:
+        batches = progress(batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples))
+        with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+            for batch in batches:  # closing() stops a live bar at once when a batch fails
+                caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer)
+                inputs = source.read(batch.start, batch.stop).astype(dtype.as_numpy_dtype)
+                values, lengths = _run_batch(run, cascade, inputs, caps, batch)
+                part = CascadeResult(values, lengths).slice_samples(*batch.keep)
+                writer.append(part)
+                caps = caps[slice(*batch.keep)]
+                emitted += int(part.lengths.sum())
+                running = caps > 0
+                pairs += int(running.sum())
+                at_cap += int((running & (part.lengths == caps)).sum())
+    return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRange:
+    """One runner call: samples `start:stop`, of which `keep` (relative to `start`) are written."""
+
+    start: int
+    stop: int
+    keep: tuple[int, int]
+
+    @property
+    def samples(self):
+        """How many samples of this batch are written."""
+        return self.keep[1] - self.keep[0]
+
+
+def batch_ranges(first, last, *, batch_size, n_samples):
+    """The batches that write samples `first:last` of `n_samples`.
+
+    Batches start at multiples of `batch_size` whatever `first` is, so a shard
+    runs the very batches an unsharded run does and keeps its own samples: a
+    value can change in its last bits with the other rows of its batch, and
+    this is what makes K merged shards bit-identical to one run.
+
+    Returns:
+        A list of `BatchRange`.
+    """
+    if last <= first:
+        return []
+    ranges = []
+    for start in range(first - first % batch_size, last, batch_size):
+        stop = min(start + batch_size, n_samples)
+        ranges.append(BatchRange(start, stop, (max(start, first) - start, min(stop, last) - start)))
+    return ranges
+
+
+def _caps(steps, max_steps, start, stop, outer):
+    """The caps `(stop - start, Ta)` int32 of a batch: its steps, or `max_steps` everywhere."""
+    if steps is None:
+        return np.full((stop - start, outer), max_steps, np.int32)
+    if steps.ndim == 1:
+        return np.broadcast_to(steps.astype(np.int32), (stop - start, outer))
+    return steps[start:stop].astype(np.int32)
+
+
+def _run_batch(run, cascade, inputs, caps, batch):
+    """Runs one batch, turning a TensorFlow failure inside a model into a `CascadeError` that names it."""
+    try:
+        values, lengths = run(inputs, caps)
+    except tf.errors.OpError as error:
+        raise CascadeError(
+            f"{_failing_model(cascade, error)} failed on samples {batch.start}:{batch.stop}: "
+            f"{str(error.message).strip().splitlines()[0] if error.message else type(error).__name__}"
+        ) from error
+    return values.numpy(), lengths.numpy()
+
+
+def _failing_model(cascade, error):
+    """`"model A"`, `"model B"` or `"the cascade"`, from the node names TensorFlow's message quotes."""
+    text = str(error)
+    for role, model in (("model B", cascade.model_b), ("model A", cascade.model_a)):
+        if f"{model.name}/" in text or f"'{model.name}'" in text:
+            return f"{role} ('{model.name}')"
+    return "the cascade"
+
+
+def run_attrs(attrs, *, model_files, source, steps, batch_size, shard=None):
+    """Returns `attrs` with the run's `run_id` and, for a shard, the shard attributes.
+
+    The `run_id` hashes what defines the run (`shards.run_id`): the given
+    attributes, the model files' bytes, the inputs' key, shape and dtype, the
+    steps and the batch size. `batch_size` is part of it because a value can
+    change in its last bits with the other rows of its batch, and the shards
+    of one run must merge into exactly the result of an unsharded run.
+
+    Args:
+        attrs: the settings recorded in the result (state, stop rule, seed, ...).
+        model_files: `(model_a_path, model_b_path)`.
+        source: the open `InputSource`.
+        steps: the steps array, or None.
+        batch_size: samples per runner call.
+        shard: `(index, count)`, or None.
+    """
+    from cascade_cli.shards import array_digest, file_digest, run_id, shard_attrs
+
+    description = {**attrs, "model_a": file_digest(model_files[0]), "model_b": file_digest(model_files[1]),
+                   "inputs_key": source.key, "inputs_shape": list(source.shape), "inputs_dtype": str(source.dtype),
+                   "steps": None if steps is None else array_digest(steps), "batch_size": int(batch_size)}
+    attrs = {**attrs, "run_id": run_id(description)}
+    if shard is not None:
+        index, count = shard
+        start, stop = shard_range(source.n_samples, index=index, count=count)
+        attrs.update(shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=source.n_samples,
+                                 run=attrs["run_id"]))
+    return attrs
