@@ -73,6 +73,14 @@ def _refuse_outside_storage(f: h5py.File, *, path) -> None:
         )
 
 
+def is_hdf5(path) -> bool:
+    """Returns whether `path` holds HDF5 (by its signature), or raises `DataError` naming it."""
+    try:
+        return bool(h5py.is_hdf5(display(path)))
+    except OSError as exc:
+        raise DataError(f"'{display(path)}' cannot be read: {exc}") from exc
+
+
 @contextlib.contextmanager
 def open_h5(path) -> Iterator[h5py.File]:
     """Opens an HDF5 file read-only, refusing anything stored outside it.

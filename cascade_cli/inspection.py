@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cascade_cli import results_io
 from cascade_cli.errors import DataError, ModelError, one_line
+from cascade_cli.results_io import run_attrs  # noqa: F401  (what an export carries; cli.py reads it here)
 
 HISTOGRAM_ROWS = 16
 WHAT = ("expected a model (.keras), training data, inputs or a result (.h5, .npz, .npy) "
         "or a steps file (.txt, .csv, .json)")
-_LAYOUT_ATTRS = frozenset({"layout", "format_version", "pad_value", "time_major"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +41,6 @@ def rule_text(rule):
     """`("norm", 1.5)` -> `"norm >= 1.5"`; `("token", 0)` -> `"token == 0"`."""
     kind, value = rule
     return f"norm >= {value:g}" if kind == "norm" else f"token == {value}"
-
-
-def run_attrs(attrs):
-    """The attributes of a result worth carrying into an export: scalars that describe the run."""
-    return {
-        key: value for key, value in attrs.items()
-        if key not in _LAYOUT_ATTRS and isinstance(value, (str, bool, int, float))
-    }
 
 
 def shape_text(shape):
@@ -149,20 +142,20 @@ def describe_pair(models, paths, specs):
 
 
 def describe_result(path):
-    from cascade_cli.results_io import read_result, read_result_attrs
-
-    attrs = read_result_attrs(path)
-    result = read_result(path)
+    """Inspects a result file from its header and lengths; its values are never read."""
+    with results_io.open_result(path) as result:
+        attrs = result.attrs
     rows = [
         ("result", f"'{path}'"),
-        ("layout", f"{attrs['layout']} (format_version {attrs['format_version']})"),
+        ("layout", f"{result.layout} (format_version {attrs[results_io.FORMAT_VERSION_ATTR]})"),
         ("samples N", f"{result.n_samples:,}"),
         ("outer steps Ta", result.outer_steps),
         ("output size O", result.output_size),
         ("inner steps", f"{result.total:,} emitted, longest {result.max_length}"),
     ]
-    if attrs["layout"] == "padded":
-        rows.append(("padding", f"pad_value {attrs.get('pad_value')}, time_major {attrs.get('time_major')}"))
+    if result.layout == "padded":
+        rows.append(("padding", f"pad_value {attrs.get(results_io.PAD_VALUE)}, "
+                                f"time_major {attrs.get(results_io.TIME_MAJOR)}"))
     rows += [(key, value) for key, value in sorted(run_attrs(attrs).items())]
     rule = attrs.get("stop_rule")
     max_steps = attrs.get("max_steps")
@@ -219,7 +212,7 @@ def describe_csv(path):
 
 def kind_of(path):
     """What `path` holds: `model`, `result`, `training`, `inputs`, `steps` or `csv`."""
-    from cascade_cli.h5 import open_h5
+    from cascade_cli import h5
 
     text = str(path)
     if "://" in text:
@@ -239,23 +232,19 @@ def kind_of(path):
     if suffix == ".csv":
         with open(path, encoding="utf-8", errors="replace") as handle:
             first = handle.readline()
-        return "csv" if first.startswith("sample,outer,inner") else "steps"
+        return "csv" if first.startswith(",".join(results_io.CSV_INDEX_COLUMNS)) else "steps"
     if suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise DataError(f"'{path}' is not readable as a .npy array: {one_line(error)}") from error
+        array = h5.np_load(path, mmap_mode="r", expected="a .npy array")
         return "inputs" if getattr(array, "ndim", 0) == 3 else "steps"
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                files = list(getattr(archive, "files", []))
-        except (OSError, ValueError, EOFError) as error:
-            raise DataError(f"'{path}' is not readable as a .npz archive: {one_line(error)}") from error
-        return "result" if "layout" in files else "inputs"
-    if suffix in (".h5", ".hdf5"):
-        with open_h5(path) as file:
-            if "layout" in file.attrs:
+        archive = h5.np_load(path, expected="a .npz archive")
+        files = list(getattr(archive, "files", []))
+        if isinstance(archive, np.lib.npyio.NpzFile):
+            archive.close()
+        return "result" if results_io.is_result(files) else "inputs"
+    if suffix in h5.HDF5_SUFFIXES:
+        with h5.open_h5(path) as file:
+            if results_io.is_result(file.attrs):
                 return "result"
             if "model_config" in file.attrs or "keras_version" in file.attrs:
                 return "model"
@@ -267,7 +256,7 @@ def kind_of(path):
         if "steps" in keys:
             return "steps"
         raise DataError(
-            f"'{path}' holds keys {keys}: expected a result (attribute 'layout'), training data "
+            f"'{path}' holds keys {keys}: expected a result (attribute '{results_io.LAYOUT}'), training data "
             "('inputs', 'steps', 'targets'), inputs ('inputs') or steps ('steps')."
         )
     raise DataError(f"'{path}' has suffix '{suffix}': {WHAT}.")

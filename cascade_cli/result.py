@@ -12,18 +12,36 @@ import numpy as np
 from cascade_cli.errors import DataError
 
 
+class ArrayError(DataError):
+    """One array of a result is malformed or does not fit the others.
+
+    The message reads `"{array}: {problem}"`, e.g. `row_splits_1: expected to
+    start at 0, received 2`; a reader of a file adds the file to it from the
+    attributes, without parsing the message.
+
+    Attributes:
+        array: the array's name, e.g. `"lengths"` or `"row_splits_1"`.
+        problem: what is wrong, what was expected and what was received.
+    """
+
+    def __init__(self, array, problem):
+        super().__init__(f"{array}: {problem}")
+        self.array = array
+        self.problem = problem
+
+
 def _as_lengths(lengths, *, name="lengths"):
     """Returns `lengths` as a 2-D non-negative int64 array, or raises `DataError`."""
     lengths = np.asarray(lengths)
     if lengths.ndim != 2:
-        raise DataError(
-            f"{name}: expected a 2-D array `(N, Ta)`, received shape {lengths.shape}"
+        raise ArrayError(
+            name, f"expected a 2-D array `(N, Ta)`, received shape {lengths.shape}"
         )
     if lengths.dtype.kind not in "iu":
-        raise DataError(f"{name}: expected integers, received dtype {lengths.dtype}")
+        raise ArrayError(name, f"expected integers, received dtype {lengths.dtype}")
     if lengths.size and lengths.min() < 0:
-        raise DataError(
-            f"{name}: expected non-negative integers, received {int(lengths.min())}"
+        raise ArrayError(
+            name, f"expected non-negative integers, received {int(lengths.min())}"
         )
     return lengths.astype(np.int64, copy=False)
 
@@ -32,11 +50,11 @@ def _as_values(values, *, name="values", ndim=2, layout="`(total, O)`"):
     """Returns `values` as an `ndim`-D float array, or raises `DataError`."""
     values = np.asarray(values)
     if values.ndim != ndim:
-        raise DataError(
-            f"{name}: expected a {ndim}-D array {layout}, received shape {values.shape}"
+        raise ArrayError(
+            name, f"expected a {ndim}-D array {layout}, received shape {values.shape}"
         )
     if values.dtype.kind != "f":
-        raise DataError(f"{name}: expected floats, received dtype {values.dtype}")
+        raise ArrayError(name, f"expected floats, received dtype {values.dtype}")
     return values
 
 
@@ -44,20 +62,20 @@ def _as_splits(splits, *, name):
     """Returns `splits` as a 1-D int64 array starting at 0 and non-decreasing."""
     splits = np.asarray(splits)
     if splits.ndim != 1 or splits.shape[0] < 1:
-        raise DataError(
-            f"{name}: expected a 1-D array with at least one entry, "
+        raise ArrayError(
+            name, f"expected a 1-D array with at least one entry, "
             f"received shape {splits.shape}"
         )
     if splits.dtype.kind not in "iu":
-        raise DataError(f"{name}: expected integers, received dtype {splits.dtype}")
+        raise ArrayError(name, f"expected integers, received dtype {splits.dtype}")
     splits = splits.astype(np.int64, copy=False)
     if splits[0] != 0:
-        raise DataError(f"{name}: expected to start at 0, received {int(splits[0])}")
+        raise ArrayError(name, f"expected to start at 0, received {int(splits[0])}")
     steps = np.diff(splits)
     if steps.size and steps.min() < 0:
         where = int(np.argmax(steps < 0))
-        raise DataError(
-            f"{name}: expected non-decreasing values, received "
+        raise ArrayError(
+            name, f"expected non-decreasing values, received "
             f"{int(splits[where])} then {int(splits[where + 1])} at index {where + 1}"
         )
     return splits
@@ -98,8 +116,8 @@ class CascadeResult:
         lengths = _as_lengths(lengths)
         total = int(lengths.sum())
         if values.shape[0] != total:
-            raise DataError(
-                f"values: expected {total} rows (the sum of lengths), "
+            raise ArrayError(
+                "values", f"expected {total} rows (the sum of lengths), "
                 f"received {values.shape[0]}"
             )
         self.values = values
@@ -199,6 +217,43 @@ class CascadeResult:
             mask = np.ascontiguousarray(mask.transpose(1, 2, 0))
         return values, self.lengths.copy(), mask
 
+    @staticmethod
+    def check_padded(values, lengths, *, time_major=False):
+        """Checks that padded `values` and `lengths` fit together, without reading the values.
+
+        Only the shape and dtype of `values` are looked at, so a broadcast
+        view standing in for values on disk is enough.
+
+        Args:
+            values: float `(N, Ta, L, O)`, or `(Ta, L, N, O)` when `time_major`.
+            lengths: integer `(N, Ta)`, each entry at most `L`.
+            time_major: whether `values` is time major.
+
+        Returns:
+            `lengths` as int64.
+
+        Raises:
+            ArrayError: when the shapes or dtypes do not fit together.
+        """
+        layout = "`(Ta, L, N, O)`" if time_major else "`(N, Ta, L, O)`"
+        values = _as_values(values, ndim=4, layout=layout)
+        lengths = _as_lengths(lengths)
+        if time_major:
+            n_outer, length, n_samples, _ = values.shape
+        else:
+            n_samples, n_outer, length, _ = values.shape
+        if lengths.shape != (n_samples, n_outer):
+            raise ArrayError(
+                "lengths", f"expected shape {(n_samples, n_outer)} to match values "
+                f"{layout} of shape {values.shape}, received {lengths.shape}"
+            )
+        if lengths.size and lengths.max() > length:
+            raise ArrayError(
+                "lengths", f"expected at most the padded length {length}, "
+                f"received {int(lengths.max())}"
+            )
+        return lengths
+
     @classmethod
     def from_padded(cls, values, lengths, *, time_major=False):
         """Builds a result from padded values; entries past `lengths` are ignored.
@@ -211,23 +266,9 @@ class CascadeResult:
         Raises:
             DataError: when the shapes do not fit together.
         """
-        layout = "`(Ta, L, N, O)`" if time_major else "`(N, Ta, L, O)`"
-        values = _as_values(values, ndim=4, layout=layout)
-        lengths = _as_lengths(lengths)
-        if time_major:
-            n_outer, length, n_samples, _ = values.shape
-        else:
-            n_samples, n_outer, length, _ = values.shape
-        if lengths.shape != (n_samples, n_outer):
-            raise DataError(
-                f"lengths: expected shape {(n_samples, n_outer)} to match values "
-                f"{layout} of shape {values.shape}, received {lengths.shape}"
-            )
-        if lengths.size and lengths.max() > length:
-            raise DataError(
-                f"lengths: expected at most the padded length {length}, "
-                f"received {int(lengths.max())}"
-            )
+        lengths = cls.check_padded(values, lengths, time_major=time_major)
+        values = np.asarray(values)
+        n_outer = lengths.shape[1]
         pair, inner = _pair_positions(lengths)
         sample, outer = np.divmod(pair, max(n_outer, 1))
         if time_major:
@@ -257,27 +298,27 @@ class CascadeResult:
         if n_samples:
             n_outer = int(row_splits_0[1])
             if np.any(np.diff(row_splits_0) != n_outer):
-                raise DataError(
-                    f"row_splits_0: expected uniform steps of {n_outer} "
+                raise ArrayError(
+                    "row_splits_0", f"expected uniform steps of {n_outer} "
                     f"(every sample has the same number of outer steps), "
                     f"received {row_splits_0.tolist()[:8]}"
                 )
             if outer_steps is not None and int(outer_steps) != n_outer:
-                raise DataError(
-                    f"row_splits_0: expected steps of {int(outer_steps)} outer steps, "
+                raise ArrayError(
+                    "row_splits_0", f"expected steps of {int(outer_steps)} outer steps, "
                     f"received {n_outer}"
                 )
         else:
             n_outer = 0 if outer_steps is None else int(outer_steps)
         n_pairs = n_samples * n_outer
         if row_splits_1.shape[0] != n_pairs + 1:
-            raise DataError(
-                f"row_splits_1: expected {n_pairs + 1} entries (N * Ta + 1 with "
+            raise ArrayError(
+                "row_splits_1", f"expected {n_pairs + 1} entries (N * Ta + 1 with "
                 f"N={n_samples}, Ta={n_outer}), received {row_splits_1.shape[0]}"
             )
         if int(row_splits_1[-1]) != flat_values.shape[0]:
-            raise DataError(
-                f"row_splits_1: expected to end at {flat_values.shape[0]} "
+            raise ArrayError(
+                "row_splits_1", f"expected to end at {flat_values.shape[0]} "
                 f"(the rows of flat_values), received {int(row_splits_1[-1])}"
             )
         lengths = np.diff(row_splits_1).reshape(n_samples, n_outer)

@@ -1,4 +1,4 @@
-"""Writing and reading cascade results in the ragged and padded layouts, atomically.
+"""Result files: the one spec of their layouts, the writers and the streaming reader.
 
 Both layouts exist in `.h5` and `.npz` and record `layout` and `format_version`:
 
@@ -9,35 +9,79 @@ Both layouts exist in `.h5` and `.npz` and record `layout` and `format_version`:
   and `time_major` recorded.
 
 `.csv` is a write-only long form with one row per emitted step. Every file is
-written under a temporary name in the target folder and renamed into place.
+written under a temporary name in the target folder and renamed into place
+(`cascade_cli.atomic`); HDF5 files are read through `cascade_cli.h5`.
+
+Results are read and written a batch of samples at a time: `open_result`
+gives a `ResultReader` (the header and `lengths` in memory, the values on
+disk) whose `pieces` are `CascadeResult`s, and `write_result` takes either a
+`CascadeResult` or such a reader, so an export holds one batch, not a result.
 """
 
 import contextlib
+import os
 import sys
 import zipfile
 from pathlib import Path
+from types import MappingProxyType
 
 import h5py
 import numpy as np
 
-from cascade_cli.h5 import open_h5
+from cascade_cli import h5
 from cascade_cli.atomic import atomic_output, check_output_path
 from cascade_cli.errors import DataError
-from cascade_cli.result import CascadeResult
+from cascade_cli.result import ArrayError, CascadeResult
+
+# --------------------------------------------------------------------------- the results spec
 
 FORMAT_VERSION = 1
+"""The version every result file records as `format_version`."""
 LAYOUTS = ("ragged", "padded")
 FORMATS = ("h5", "npz", "csv")
+SUFFIX_FORMATS = MappingProxyType({".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"})
 
-SUFFIX_FORMATS = {".h5": "h5", ".hdf5": "h5", ".npz": "npz", ".csv": "csv"}
-_LAYOUT_KEYS = {
-    "ragged": ("flat_values", "row_splits_0", "row_splits_1", "lengths"),
-    "padded": ("values", "lengths", "mask"),
-}
-_RESERVED_ATTRS = frozenset(
-    {"layout", "format_version", "pad_value", "time_major"}
-    | {key for keys in _LAYOUT_KEYS.values() for key in keys}
-)
+LAYOUT = "layout"
+FORMAT_VERSION_ATTR = "format_version"
+PAD_VALUE = "pad_value"
+TIME_MAJOR = "time_major"
+LAYOUT_ATTRS = (LAYOUT, FORMAT_VERSION_ATTR, PAD_VALUE, TIME_MAJOR)
+"""The attributes that describe the layout, not the run."""
+
+FLAT_VALUES = "flat_values"
+ROW_SPLITS_0 = "row_splits_0"
+ROW_SPLITS_1 = "row_splits_1"
+LENGTHS = "lengths"
+VALUES = "values"
+MASK = "mask"
+LAYOUT_KEYS = MappingProxyType({
+    "ragged": (FLAT_VALUES, ROW_SPLITS_0, ROW_SPLITS_1, LENGTHS),
+    "padded": (VALUES, LENGTHS, MASK),
+})
+"""The arrays of each layout."""
+RESERVED_ATTRS = frozenset(LAYOUT_ATTRS) | {key for keys in LAYOUT_KEYS.values() for key in keys}
+"""Names extra attributes may not take."""
+CSV_INDEX_COLUMNS = ("sample", "outer", "inner")
+"""The first columns of the csv long form; `y0, y1, ...` follow."""
+
+# Bytes of values read or padded at a time when no batch size is given (about 64 MiB).
+_BATCH_BYTES = 1 << 26
+_CHUNK_ROWS = 65536
+
+
+def run_attrs(attrs):
+    """Returns the attributes of a result that describe its run: the scalars that are not `LAYOUT_ATTRS`."""
+    return {
+        key: value for key, value in attrs.items()
+        if key not in LAYOUT_ATTRS and isinstance(value, (str, bool, int, float))
+    }
+
+
+def is_result(attrs):
+    """Returns whether a file's attribute (or `.npz` entry) names mark it as a cascade result."""
+    return LAYOUT in attrs
+
+
 def _format_of(path, format):
     """Returns the format to write `path` in, from `format` or the suffix."""
     if format is not None:
@@ -48,7 +92,7 @@ def _format_of(path, format):
     if suffix not in SUFFIX_FORMATS:
         raise DataError(
             f"output '{path}': cannot tell the format from the suffix '{suffix}'; "
-            "expected .h5, .hdf5, .npz or .csv, or pass --format"
+            "expected .h5, .hdf5, .npz or .csv, or pass format (one of h5, npz, csv)"
         )
     return SUFFIX_FORMATS[suffix]
 
@@ -59,7 +103,7 @@ def _checked_attrs(attrs):
     for key, value in (attrs or {}).items():
         if not isinstance(key, str) or not key:
             raise DataError(f"attrs: expected non-empty string keys, received {key!r}")
-        if key in _RESERVED_ATTRS:
+        if key in RESERVED_ATTRS:
             raise DataError(f"attrs: '{key}' is reserved for the result layout; use another name")
         if isinstance(value, np.generic):
             value = value.item()
@@ -71,45 +115,256 @@ def _checked_attrs(attrs):
     return checked
 
 
-def _layout_arrays(result, *, layout, pad_value, time_major):
-    """Returns `(arrays, attrs)` describing `result` in `layout`."""
-    if layout not in LAYOUTS:
-        raise DataError(f"layout: expected one of {', '.join(LAYOUTS)}, received '{layout}'")
-    attrs = {"layout": layout, "format_version": FORMAT_VERSION}
-    if layout == "ragged":
-        arrays = {
-            "flat_values": result.values,
-            "row_splits_0": result.row_splits_0,
-            "row_splits_1": result.row_splits_1,
-            "lengths": result.lengths,
-        }
+def _header_attrs(layout, *, pad_value=0.0, time_major=False):
+    """Returns the `LAYOUT_ATTRS` a file of `layout` records."""
+    attrs = {LAYOUT: layout, FORMAT_VERSION_ATTR: FORMAT_VERSION}
+    if layout == "padded":
+        attrs[PAD_VALUE] = float(pad_value)
+        attrs[TIME_MAJOR] = bool(time_major)
+    return attrs
+
+
+def _batch_samples(row_bytes, batch_samples):
+    """Samples per piece: `batch_samples`, or as many as fill about 64 MiB at `row_bytes` each."""
+    if batch_samples is not None:
+        if isinstance(batch_samples, bool) or int(batch_samples) != batch_samples or batch_samples < 1:
+            raise DataError(f"batch_samples: expected a positive integer, received {batch_samples!r}")
+        return int(batch_samples)
+    return max(1, _BATCH_BYTES // max(1, int(row_bytes)))
+
+
+# --------------------------------------------------------------------------- sinks: where arrays go
+
+
+class _H5Column:
+    """A dataset of `file` that grows along its first axis."""
+
+    def __init__(self, file, key, row_shape, dtype):
+        row_shape = tuple(int(n) for n in row_shape)
+        rows = max(1, _CHUNK_ROWS // max(1, int(np.prod(row_shape, dtype=np.int64))))
+        self.dataset = file.create_dataset(
+            key, shape=(0, *row_shape), maxshape=(None, *(n or None for n in row_shape)), dtype=dtype,
+            chunks=(rows, *(max(n, 1) for n in row_shape)),
+        )
+
+    def extend(self, array):
+        start = self.dataset.shape[0]
+        self.dataset.resize(start + len(array), axis=0)
+        if len(array):
+            self.dataset[start:] = array
+
+
+class _H5Sink:
+    """Writes a result's arrays and attributes into an open, writable HDF5 file."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def column(self, key, row_shape, dtype):
+        return _H5Column(self.file, key, row_shape, dtype)
+
+    def array(self, key, shape, dtype):
+        return self.file.create_dataset(key, shape=shape, dtype=dtype)
+
+    def put(self, key, array):
+        self.file.create_dataset(key, data=array)
+
+    def finish(self, attrs):
+        self.file.attrs.update(attrs)
+
+    def close(self):
+        pass
+
+
+class _RawColumn:
+    """Rows appended to a raw part file; `.npz` member `key.npy` once the row count is known."""
+
+    def __init__(self, path, row_shape, dtype):
+        self.path = path
+        self.row_shape = tuple(int(n) for n in row_shape)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self._file = open(path, "wb")
+
+    def extend(self, array):
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        self._file.write(array.tobytes())
+        self.rows += len(array)
+
+    def write_member(self, archive, key):
+        self._file.close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, *self.row_shape)}
+        with archive.open(f"{key}.npy", "w", force_zip64=True) as member, open(self.path, "rb") as part:
+            np.lib.format.write_array_header_2_0(member, header)
+            for chunk in iter(lambda: part.read(1 << 20), b""):
+                member.write(chunk)
+
+    def close(self):
+        self._file.close()
+
+
+class _NpzSink:
+    """Builds an `.npz` archive at `temp` (stored, one `.npy` per key, as `np.savez` writes).
+
+    Large arrays are written to part files beside `temp` (named after it, so a
+    killed run's parts are removed like its temporary file) and copied into
+    the archive at the end.
+    """
+
+    def __init__(self, temp):
+        self.temp = Path(temp)
+        self._members = {}
+
+    def _part(self, key):
+        return self.temp.with_name(f"{self.temp.name}.{key}")
+
+    def column(self, key, row_shape, dtype):
+        column = _RawColumn(self._part(key), row_shape, dtype)
+        self._members[key] = column
+        return column
+
+    def array(self, key, shape, dtype):
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            array = np.zeros(shape, dtype)
+        else:
+            array = np.lib.format.open_memmap(self._part(key), mode="w+", dtype=dtype, shape=tuple(shape))
+        self._members[key] = array
+        return array
+
+    def put(self, key, array):
+        self._members[key] = np.asarray(array)
+
+    def finish(self, attrs):
+        for key, value in attrs.items():
+            self._members[key] = np.asarray(value)
+        with zipfile.ZipFile(self.temp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, member in self._members.items():
+                if isinstance(member, _RawColumn):
+                    member.write_member(archive, key)
+                elif isinstance(member, np.memmap):
+                    member.flush()
+                    archive.write(self._part(key), arcname=f"{key}.npy")
+                else:
+                    with archive.open(f"{key}.npy", "w", force_zip64=True) as file:
+                        np.lib.format.write_array(file, member, allow_pickle=False)
+
+    def close(self):
+        for key, member in self._members.items():
+            if isinstance(member, (_RawColumn, np.memmap)):
+                if isinstance(member, _RawColumn):
+                    member.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self._part(key))
+        self._members = {}
+
+
+@contextlib.contextmanager
+def _open_sink(temp, format):
+    """Yields the sink that writes `format` (`"h5"` or `"npz"`) at `temp`."""
+    if format == "h5":
+        with h5py.File(temp, "w") as file:
+            yield _H5Sink(file)
+        return
+    sink = _NpzSink(temp)
+    try:
+        yield sink
+    finally:
+        sink.close()
+
+
+# --------------------------------------------------------------------------- the layouts
+
+
+class _RaggedLayout:
+    """Writes the ragged layout into a sink, piece by piece.
+
+    The one routine behind `write_result(layout="ragged")` and `RaggedH5Writer`.
+    """
+
+    def __init__(self, sink, *, outer_steps, output_size, dtype):
+        self.sink = sink
+        self.outer_steps = int(outer_steps)
+        self.values = sink.column(FLAT_VALUES, (int(output_size),), dtype)
+        self.lengths = sink.column(LENGTHS, (self.outer_steps,), np.int64)
+        self.row_splits_1 = sink.column(ROW_SPLITS_1, (), np.int64)
+        self.row_splits_1.extend(np.zeros(1, np.int64))
+        self.n_samples = 0
+        self.total = 0
+
+    def append(self, piece):
+        self.values.extend(piece.values)
+        self.lengths.extend(piece.lengths)
+        self.row_splits_1.extend(self.total + piece.row_splits_1[1:])
+        self.n_samples += piece.n_samples
+        self.total += piece.total
+
+    def finish(self, extra):
+        self.sink.put(ROW_SPLITS_0, np.arange(self.n_samples + 1, dtype=np.int64) * self.outer_steps)
+        self.sink.finish({**_header_attrs("ragged"), **extra})
+
+
+def _write_padded(sink, source, pieces, *, pad_value, time_major, extra):
+    """Writes the padded layout of `source` into a sink, one piece of samples at a time."""
+    n, outer, size, length = source.n_samples, source.outer_steps, source.output_size, source.max_length
+    sink.put(LENGTHS, source.lengths)
+    if time_major:
+        values = sink.array(VALUES, (outer, length, n, size), _dtype_of(source))
+        mask = sink.array(MASK, (outer, length, n), bool)
     else:
-        values, lengths, mask = result.to_padded(pad_value, time_major=time_major)
-        arrays = {"values": values, "lengths": lengths, "mask": mask}
-        attrs["pad_value"] = float(pad_value)
-        attrs["time_major"] = bool(time_major)
-    return arrays, attrs
+        values = sink.column(VALUES, (outer, length, size), _dtype_of(source))
+        mask = sink.column(MASK, (outer, length), bool)
+    start = 0
+    for piece in pieces:
+        padded, _, piece_mask = piece.to_padded(pad_value, time_major=time_major, max_length=length)
+        stop = start + piece.n_samples
+        if not time_major:
+            values.extend(padded)
+            mask.extend(piece_mask)
+        elif stop > start:
+            values[:, :, start:stop] = padded
+            mask[:, :, start:stop] = piece_mask
+        start = stop
+    sink.finish({**_header_attrs("padded", pad_value=pad_value, time_major=time_major), **extra})
 
 
-def _write_csv(file, result):
-    """Writes `result` in long form: `sample,outer,inner,y0,...`, one row per emitted step."""
-    header = ",".join(["sample", "outer", "inner"] + [f"y{i}" for i in range(result.output_size)])
+def _write_csv(file, pieces, *, output_size, dtype):
+    """Writes long form: `sample,outer,inner,y0,...`, one row per emitted step."""
+    header = ",".join([*CSV_INDEX_COLUMNS, *(f"y{i}" for i in range(output_size))])
     file.write((header + "\n").encode())
-    lengths = result.lengths.ravel()
-    pair = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
-    inner = np.arange(result.total, dtype=np.int64) - result.row_splits_1[:-1][pair]
-    sample, outer = np.divmod(pair, max(result.outer_steps, 1))
-    digits = 9 if result.values.dtype.itemsize <= 4 else 17
-    value_format = ",".join([f"%.{digits}g"] * result.output_size)
-    row_format = "%d,%d,%d" + ("," + value_format if result.output_size else "")
-    chunk = 65536
-    for start in range(0, result.total, chunk):
-        stop = min(start + chunk, result.total)
-        table = np.column_stack(
-            [sample[start:stop], outer[start:stop], inner[start:stop]]
-        ).astype(object)
-        table = np.concatenate([table, result.values[start:stop].astype(object)], axis=1)
-        file.write("".join(row_format % tuple(row) + "\n" for row in table).encode())
+    digits = 9 if np.dtype(dtype).itemsize <= 4 else 17
+    value_format = ",".join([f"%.{digits}g"] * output_size)
+    row_format = "%d,%d,%d" + ("," + value_format if output_size else "")
+    first_sample = 0
+    for piece in pieces:
+        lengths = piece.lengths.ravel()
+        pair = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
+        inner = np.arange(piece.total, dtype=np.int64) - piece.row_splits_1[:-1][pair]
+        sample, outer = np.divmod(pair, max(piece.outer_steps, 1))
+        sample += first_sample
+        for start in range(0, piece.total, _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, piece.total)
+            table = np.column_stack(
+                [sample[start:stop], outer[start:stop], inner[start:stop]]
+            ).astype(object)
+            table = np.concatenate([table, piece.values[start:stop].astype(object)], axis=1)
+            file.write("".join(row_format % tuple(row) + "\n" for row in table).encode())
+        first_sample += piece.n_samples
+
+
+def _dtype_of(source):
+    """The values' dtype of a `CascadeResult` or a `ResultReader`."""
+    return source.values.dtype if isinstance(source, CascadeResult) else source.dtype
+
+
+def _pieces_of(source, *, batch_samples, row_bytes):
+    """Yields `source` (a `CascadeResult` or a `ResultReader`) as results of at most `batch_samples` samples."""
+    if isinstance(source, CascadeResult):
+        batch = _batch_samples(row_bytes, batch_samples)
+        for start in range(0, source.n_samples, batch):
+            yield source.slice_samples(start, start + batch)
+    else:
+        yield from source.pieces(batch_samples=batch_samples, row_bytes=row_bytes)
 
 
 def write_result(
@@ -122,12 +377,14 @@ def write_result(
     time_major=False,
     overwrite=False,
     attrs=None,
+    batch_samples=None,
 ):
-    """Writes `result` to `path` atomically.
+    """Writes a result to `path` atomically, a batch of samples at a time.
 
     Args:
         path: the output file.
-        result: the `CascadeResult` to write.
+        result: a `CascadeResult`, or a `ResultReader` (from `open_result`)
+            whose samples are read one batch at a time.
         format: `"h5"`, `"npz"` or `"csv"`; `None` takes it from the suffix
             (`.h5`/`.hdf5`, `.npz`, `.csv`).
         layout: `"ragged"` or `"padded"` (ignored for csv).
@@ -136,237 +393,38 @@ def write_result(
         overwrite: whether an existing file may be replaced.
         attrs: extra `str -> str | number` attributes (h5 attrs, npz 0-d
             arrays); ignored for csv.
+        batch_samples: samples per batch; `None` takes about 64 MiB of values.
 
     Raises:
         DataError: for an unknown format or layout, reserved or non-scalar
-            attrs, or an output path that cannot be written.
+            attrs, an output path that cannot be written, or a reader whose
+            file turns out inconsistent (nothing is left at `path` then).
     """
     format = _format_of(path, format)
     extra = _checked_attrs(attrs)
+    if format != "csv" and layout not in LAYOUTS:
+        raise DataError(f"layout: expected one of {', '.join(LAYOUTS)}, received '{layout}'")
     check_output_path(path, overwrite=overwrite)
-    if format != "csv":
-        arrays, layout_attrs = _layout_arrays(
-            result, layout=layout, pad_value=pad_value, time_major=time_major
-        )
+    dtype = _dtype_of(result)
+    size = result.output_size
+    padded = format != "csv" and layout == "padded"
+    row_bytes = dtype.itemsize * max(size, 1) * (
+        result.outer_steps * result.max_length if padded else max(1, result.total) / max(1, result.n_samples)
+    )
+    pieces = _pieces_of(result, batch_samples=batch_samples, row_bytes=row_bytes)
     with atomic_output(path, overwrite=overwrite) as temp:
         if format == "csv":
             with open(temp, "wb") as file:
-                _write_csv(file, result)
-        elif format == "npz":
-            scalars = {key: np.asarray(value) for key, value in {**layout_attrs, **extra}.items()}
-            with open(temp, "wb") as file:
-                np.savez(file, **arrays, **scalars)
-        else:
-            with h5py.File(temp, "w") as file:
-                for key, array in arrays.items():
-                    file.create_dataset(key, data=array)
-                file.attrs.update({**layout_attrs, **extra})
-
-
-def _python_scalar(value):
-    """Returns an attribute value as a Python scalar (`str`, `bool`, `int` or `float`)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _read_kind(path):
-    """Returns `"h5"` or `"npz"` for a result file, from its suffix or its content."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"result file '{path}' does not exist")
-    if path.is_dir():
-        raise DataError(f"result file '{path}' is a folder; expected a .h5 or .npz file")
-    suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
-        return "h5"
-    if suffix in (".npz", ".npy"):
-        return "npz"
-    if suffix == ".csv":
-        raise DataError(
-            f"result file '{path}' is csv, which cannot be read back; expected a .h5 or .npz file"
-        )
-    try:
-        if h5py.is_hdf5(path):
-            return "h5"
-        if zipfile.is_zipfile(path):
-            return "npz"
-    except OSError as error:
-        raise DataError(f"result file '{path}' cannot be read: {error}") from error
-    raise DataError(f"result file '{path}' is neither HDF5 nor .npz; expected a cascade result")
-
-
-def _check_header(path, attrs):
-    """Checks the `layout` and `format_version` attributes; returns the layout."""
-    if "layout" not in attrs:
-        raise DataError(
-            f"'{path}' is not a cascade result: key 'layout' is missing "
-            f"(expected one of {', '.join(LAYOUTS)})"
-        )
-    layout = attrs["layout"]
-    if layout not in LAYOUTS:
-        raise DataError(
-            f"'{path}' key 'layout': expected one of {', '.join(LAYOUTS)}, received {layout!r}"
-        )
-    if "format_version" not in attrs:
-        raise DataError(f"'{path}' is not a cascade result: key 'format_version' is missing")
-    version = attrs["format_version"]
-    if isinstance(version, bool) or version != FORMAT_VERSION:
-        raise DataError(
-            f"'{path}' key 'format_version': expected {FORMAT_VERSION}, received {version!r}; "
-            "it was written by another version of cascade"
-        )
-    return layout
-
-
-def _h5_attrs(path, file):
-    """Returns the root attributes of an open HDF5 file as Python scalars."""
-    attrs = {}
-    for key in file.attrs:
-        try:
-            attrs[key] = _python_scalar(file.attrs[key])
-        except (OSError, TypeError, ValueError) as error:
-            raise DataError(f"'{path}' attribute '{key}' cannot be read: {error}") from error
-    return attrs
-
-
-def _h5_dataset(path, file, key):
-    """Reads dataset `key` (`open_h5` has already refused storage outside the file)."""
-    if key not in file:
-        raise DataError(f"'{path}' is not a complete cascade result: key '{key}' is missing")
-    dataset = file[key]
-    if not isinstance(dataset, h5py.Dataset):
-        raise DataError(f"'{path}' key '{key}': expected a dataset, received a group")
-    if dataset.shape is None or dataset.dtype.kind not in "biuf":
-        raise DataError(
-            f"'{path}' key '{key}': expected a numeric array, received dtype {dataset.dtype}"
-        )
-    try:
-        return dataset[()]
-    except (OSError, TypeError, ValueError) as error:
-        raise DataError(f"'{path}' key '{key}' cannot be read: {error}") from error
-
-
-def _open_npz(path):
-    """Opens `path` with `np.load(allow_pickle=False)`, expecting an `.npz` archive."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"'{path}' is not a readable .npz file: {error}") from error
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(
-            f"'{path}' holds a single array; expected an .npz archive of a cascade result"
-        )
-    return archive
-
-
-def _npz_array(path, archive, key):
-    """Reads array `key` of an open `.npz` archive, refusing object arrays."""
-    if key not in archive.files:
-        raise DataError(f"'{path}' is not a complete cascade result: key '{key}' is missing")
-    try:
-        return archive[key]
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise DataError(
-            f"'{path}' key '{key}' cannot be read without pickle: {error}"
-        ) from error
-
-
-def _npz_attrs(path, archive):
-    """Returns the 0-d entries of an open `.npz` archive as Python scalars."""
-    attrs = {}
-    for key in archive.files:
-        if key in _LAYOUT_KEYS["ragged"] or key in _LAYOUT_KEYS["padded"]:
-            continue
-        value = _npz_array(path, archive, key)
-        if value.ndim == 0:
-            attrs[key] = _python_scalar(value)
-    return attrs
-
-
-def _read_raw(path):
-    """Returns `(attrs, arrays)` of a result file, with the header checked."""
-    if _read_kind(path) == "h5":
-        with open_h5(path) as file:
-            attrs = _h5_attrs(path, file)
-            layout = _check_header(path, attrs)
-            arrays = {key: _h5_dataset(path, file, key) for key in _LAYOUT_KEYS[layout]}
-    else:
-        with _open_npz(path) as archive:
-            attrs = _npz_attrs(path, archive)
-            layout = _check_header(path, attrs)
-            arrays = {key: _npz_array(path, archive, key) for key in _LAYOUT_KEYS[layout]}
-    return attrs, arrays
-
-
-def read_result_attrs(path):
-    """Returns the attributes of a cascade result file.
-
-    These include `layout` and `format_version`, `pad_value` and `time_major`
-    for the padded layout, and any extra attrs the writer recorded.
-
-    Raises:
-        DataError: when `path` is not a readable cascade result.
-    """
-    if _read_kind(path) == "h5":
-        with open_h5(path) as file:
-            attrs = _h5_attrs(path, file)
-    else:
-        with _open_npz(path) as archive:
-            attrs = _npz_attrs(path, archive)
-    _check_header(path, attrs)
-    return attrs
-
-
-def read_result(path):
-    """Reads a cascade result from an `.h5` or `.npz` file in either layout.
-
-    Raises:
-        DataError: naming the file and key when it is not a cascade result,
-            a key is missing, the version is unknown or the arrays disagree.
-    """
-    attrs, arrays = _read_raw(path)
-    try:
-        if attrs["layout"] == "ragged":
-            lengths = arrays["lengths"]
-            outer_steps = lengths.shape[1] if lengths.ndim == 2 else None
-            result = CascadeResult.from_row_splits(
-                arrays["flat_values"],
-                arrays["row_splits_0"],
-                arrays["row_splits_1"],
-                outer_steps=outer_steps,
-            )
-            if lengths.shape != result.lengths.shape or not np.array_equal(
-                lengths, result.lengths
-            ):
-                raise DataError(
-                    f"lengths: expected {result.lengths.shape} entries equal to the "
-                    f"differences of row_splits_1, received shape {lengths.shape} "
-                    "with other values"
-                )
-        else:
-            time_major = bool(attrs.get("time_major", False))
-            result = CascadeResult.from_padded(
-                arrays["values"], arrays["lengths"], time_major=time_major
-            )
-            length = arrays["values"].shape[1 if time_major else 2]
-            expected_mask = np.arange(length) < result.lengths[..., None]
-            if time_major:
-                expected_mask = expected_mask.transpose(1, 2, 0)
-            mask = arrays["mask"]
-            if mask.shape != expected_mask.shape or not np.array_equal(mask, expected_mask):
-                raise DataError(
-                    f"mask: expected shape {expected_mask.shape}, true exactly below lengths, "
-                    f"received shape {mask.shape} with other entries"
-                )
-    except DataError as error:
-        key, _, problem = str(error).partition(": ")
-        raise DataError(f"'{path}' key '{key}': {problem}") from error
-    return result
+                _write_csv(file, pieces, output_size=size, dtype=dtype)
+            return
+        with _open_sink(temp, format) as sink:
+            if padded:
+                _write_padded(sink, result, pieces, pad_value=pad_value, time_major=time_major, extra=extra)
+            else:
+                ragged = _RaggedLayout(sink, outer_steps=result.outer_steps, output_size=size, dtype=dtype)
+                for piece in pieces:
+                    ragged.append(piece)
+                ragged.finish(extra)
 
 
 class RaggedH5Writer:
@@ -393,48 +451,32 @@ class RaggedH5Writer:
         self.attrs = _checked_attrs(attrs)
         self.dtype = None if dtype is None else np.dtype(dtype)
         self._stack = None
-        self._file = None
-        self._n_samples = 0
-        self._total = 0
+        self._sink = None
+        self._layout = None
 
     def __enter__(self):
         stack = contextlib.ExitStack()
         try:
             temp = stack.enter_context(atomic_output(self.path, overwrite=self.overwrite))
-            self._file = stack.enter_context(h5py.File(temp, "w"))
-            n_outer = self.outer_steps
-            self._file.create_dataset(
-                "lengths",
-                shape=(0, n_outer),
-                maxshape=(None, n_outer),
-                dtype=np.int64,
-                chunks=(max(1, 65536 // max(n_outer, 1)), max(n_outer, 1)),
-            )
-            self._file.create_dataset(
-                "row_splits_1", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(65536,)
-            )
+            self._sink = stack.enter_context(_open_sink(temp, "h5"))
         except BaseException:
             stack.close()
             raise
         self._stack = stack
         return self
 
-    def _values_dataset(self):
-        """Returns the `flat_values` dataset, creating it with `self.dtype` at first use."""
-        if "flat_values" not in self._file:
-            size = self.output_size
-            self._file.create_dataset(
-                "flat_values",
-                shape=(0, size),
-                maxshape=(None, size),
-                dtype=self.dtype or np.float32,
-                chunks=(max(1, 65536 // max(size, 1)), max(size, 1)),
+    def _ragged(self, dtype):
+        """Returns the ragged layout being written, starting it with `dtype` at first use."""
+        if self._layout is None:
+            self.dtype = self.dtype or np.dtype(dtype)
+            self._layout = _RaggedLayout(
+                self._sink, outer_steps=self.outer_steps, output_size=self.output_size, dtype=self.dtype
             )
-        return self._file["flat_values"]
+        return self._layout
 
     def append(self, result):
         """Appends the samples of `result`, a `CascadeResult` with the writer's `Ta` and `O`."""
-        if self._file is None:
+        if self._sink is None:
             raise RuntimeError("RaggedH5Writer.append is only valid inside its `with` block")
         if (result.outer_steps, result.output_size) != (self.outer_steps, self.output_size):
             raise DataError(
@@ -442,37 +484,413 @@ class RaggedH5Writer:
                 f"and output size {self.output_size}, received {result.outer_steps} and "
                 f"{result.output_size}"
             )
-        if self.dtype is None:
-            self.dtype = result.values.dtype
-        values = self._values_dataset()
-        n_new, total_new = result.n_samples, result.total
-        values.resize(self._total + total_new, axis=0)
-        values[self._total :] = result.values
-        lengths = self._file["lengths"]
-        lengths.resize(self._n_samples + n_new, axis=0)
-        lengths[self._n_samples :] = result.lengths
-        splits = self._file["row_splits_1"]
-        start = splits.shape[0]
-        splits.resize(start + result.lengths.size, axis=0)
-        splits[start:] = self._total + result.row_splits_1[1:]
-        self._n_samples += n_new
-        self._total += total_new
+        self._ragged(result.values.dtype).append(result)
 
     def __exit__(self, exc_type, exc, traceback):
         stack, self._stack = self._stack, None
         try:
             if exc_type is None:
-                self._values_dataset()
-                self._file.create_dataset(
-                    "row_splits_0",
-                    data=np.arange(self._n_samples + 1, dtype=np.int64) * self.outer_steps,
-                )
-                self._file.attrs.update(
-                    {"layout": "ragged", "format_version": FORMAT_VERSION, **self.attrs}
-                )
+                self._ragged(np.float32).finish(self.attrs)
         except BaseException:
-            self._file = None
+            self._sink = self._layout = None
             stack.__exit__(*sys.exc_info())
             raise
-        self._file = None
+        self._sink = self._layout = None
         return stack.__exit__(exc_type, exc, traceback)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _python_scalar(value):
+    """Returns an attribute value as a Python scalar (`str`, `bool`, `int` or `float`)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_kind(path):
+    """Returns `"h5"` or `"npz"` for a result file, from its suffix or its content."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"result file '{path}' does not exist")
+    if path.is_dir():
+        raise DataError(f"result file '{path}' is a folder; expected a .h5 or .npz file")
+    suffix = path.suffix.lower()
+    if suffix in h5.HDF5_SUFFIXES:
+        return "h5"
+    if suffix in (".npz", ".npy"):
+        return "npz"
+    if suffix == ".csv":
+        raise DataError(
+            f"result file '{path}' is csv, which cannot be read back; expected a .h5 or .npz file"
+        )
+    if h5.is_hdf5(path):
+        return "h5"
+    try:
+        if zipfile.is_zipfile(path):
+            return "npz"
+    except OSError as error:
+        raise DataError(f"result file '{path}' cannot be read: {error}") from error
+    raise DataError(f"result file '{path}' is neither HDF5 nor .npz; expected a cascade result")
+
+
+def _check_header(path, attrs):
+    """Checks the `layout` and `format_version` attributes; returns the layout."""
+    if LAYOUT not in attrs:
+        raise DataError(
+            f"'{path}' is not a cascade result: key '{LAYOUT}' is missing "
+            f"(expected one of {', '.join(LAYOUTS)})"
+        )
+    layout = attrs[LAYOUT]
+    if layout not in LAYOUTS:
+        raise DataError(
+            f"'{path}' key '{LAYOUT}': expected one of {', '.join(LAYOUTS)}, received {layout!r}"
+        )
+    if FORMAT_VERSION_ATTR not in attrs:
+        raise DataError(f"'{path}' is not a cascade result: key '{FORMAT_VERSION_ATTR}' is missing")
+    version = attrs[FORMAT_VERSION_ATTR]
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise DataError(
+            f"'{path}' key '{FORMAT_VERSION_ATTR}': expected {FORMAT_VERSION}, received {version!r}; "
+            "it was written by another version of cascade"
+        )
+    return layout
+
+
+def _missing(path, key):
+    return DataError(f"'{path}' is not a complete cascade result: key '{key}' is missing")
+
+
+class _H5Array:
+    """One array of a result in an open HDF5 file, read a block at a time through `cascade_cli.h5`."""
+
+    def __init__(self, path, file, key):
+        if key not in file:
+            raise _missing(path, key)
+        self.path, self.key = path, key
+        self.dataset = h5.h5_dataset(file, key, path=path)
+        if self.dataset.shape is None or self.dataset.dtype.kind not in "biuf":
+            raise DataError(
+                f"'{path}' key '{key}': expected a numeric array, received dtype {self.dataset.dtype}"
+            )
+        self.shape = tuple(int(n) for n in self.dataset.shape)
+        self.dtype = self.dataset.dtype
+
+    def read(self, start=None, stop=None, *, axis=0):
+        """Reads `[start, stop)` along `axis` (every entry of the other axes); all of it by default."""
+        if start is None:
+            return np.asarray(h5.read_dataset(self.dataset, (), path=self.path))
+        selection = (slice(None),) * axis + (slice(start, stop),)
+        return h5.read_dataset(self.dataset, selection, path=self.path)
+
+
+class _NpyMember:
+    """One `.npy` member of an `.npz` archive, read a block at a time without loading it whole."""
+
+    def __init__(self, path, archive, key):
+        self.path, self.key = path, key
+        try:
+            self._file = archive.open(f"{key}.npy")
+            version = np.lib.format.read_magic(self._file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(self._file)
+            self._offset = self._file.tell()
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise DataError(f"'{path}' key '{key}' cannot be read: {error}") from error
+        if dtype.hasobject:
+            raise DataError(
+                f"'{path}' key '{key}' cannot be read without pickle: it holds Python objects"
+            )
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = dtype
+        self._whole = None
+        if fortran_order and len(self.shape) > 1:  # never written by cascade: read it whole
+            size = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+            self._whole = self._read_bytes(0, size).reshape(self.shape, order="F")
+
+    def _read_bytes(self, offset, size):
+        try:
+            self._file.seek(self._offset + offset)
+            data = self._file.read(size)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise DataError(f"'{self.path}' key '{self.key}' cannot be read: {error}") from error
+        if len(data) != size:
+            raise DataError(f"'{self.path}' key '{self.key}' cannot be read: the archive ends early")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def read(self, start=None, stop=None, *, axis=0):
+        """Reads `[start, stop)` along `axis` (every entry of the other axes); all of it by default."""
+        if start is None:
+            start, stop, axis = 0, (self.shape[0] if self.shape else None), 0
+        if not self.shape:
+            return self._read_bytes(0, self.dtype.itemsize).reshape(())
+        if self._whole is not None:
+            return np.ascontiguousarray(self._whole[(slice(None),) * axis + (slice(start, stop),)])
+        blocks = int(np.prod(self.shape[:axis], dtype=np.int64))
+        span = self.shape[axis]
+        inner = int(np.prod(self.shape[axis + 1 :], dtype=np.int64))
+        width = (stop - start) * inner
+        out = np.empty((blocks, width), dtype=self.dtype)
+        for block in range(blocks):
+            offset = (block * span + start) * inner * self.dtype.itemsize
+            out[block] = self._read_bytes(offset, width * self.dtype.itemsize)
+        return out.reshape(self.shape[:axis] + (stop - start,) + self.shape[axis + 1 :])
+
+
+def _h5_attrs(path, file):
+    """Returns the root attributes of an open HDF5 file as Python scalars."""
+    attrs = {}
+    for key in file.attrs:
+        try:
+            attrs[key] = _python_scalar(file.attrs[key])
+        except (OSError, TypeError, ValueError) as error:
+            raise DataError(f"'{path}' attribute '{key}' cannot be read: {error}") from error
+    return attrs
+
+
+def _open_npz(path):
+    """Opens `path` as a zip archive of `.npy` members, expecting an `.npz` archive."""
+    try:
+        with open(path, "rb") as file:
+            single = file.read(6) == b"\x93NUMPY"
+        if single:
+            raise DataError(f"'{path}' holds a single array; expected an .npz archive of a cascade result")
+        return zipfile.ZipFile(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"'{path}' is not a readable .npz file: {error}") from error
+
+
+def _npz_keys(archive):
+    return [name[: -len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
+
+
+def _npz_attrs(path, archive):
+    """Returns the 0-d entries of an open `.npz` archive as Python scalars."""
+    attrs = {}
+    for key in _npz_keys(archive):
+        if key in RESERVED_ATTRS and key not in LAYOUT_ATTRS:
+            continue
+        member = _NpyMember(path, archive, key)
+        if member.shape == ():
+            attrs[key] = _python_scalar(member.read())
+    return attrs
+
+
+class ResultReader:
+    """A result file open for reading: its header in memory, its values read a batch of samples at a time.
+
+    Use as a context manager (or call `close()`); `open_result` opens one.
+    Every array's shape and dtype, the row splits and `lengths` are checked on
+    opening; the mask of a padded file is checked piece by piece.
+
+    Attributes:
+        path: the file.
+        layout: `"ragged"` or `"padded"`.
+        attrs: every attribute, as `read_result_attrs` returns them.
+        n_samples: `N`.
+        outer_steps: `Ta`.
+        output_size: `O`.
+        total: emitted inner steps over all samples.
+        max_length: the longest inner sequence.
+        lengths: `(N, Ta)` int64, in memory.
+        dtype: the values' dtype.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._arrays = None
+        self._stack = contextlib.ExitStack()
+        try:
+            if _read_kind(path) == "h5":
+                file = self._stack.enter_context(h5.open_h5(path))
+                self.attrs = _h5_attrs(path, file)
+                self.layout = _check_header(path, self.attrs)
+                arrays = {key: _H5Array(path, file, key) for key in LAYOUT_KEYS[self.layout]}
+            else:
+                archive = self._stack.enter_context(_open_npz(path))
+                self.attrs = _npz_attrs(path, archive)
+                self.layout = _check_header(path, self.attrs)
+                keys = set(_npz_keys(archive))
+                arrays = {}
+                for key in LAYOUT_KEYS[self.layout]:
+                    if key not in keys:
+                        raise _missing(path, key)
+                    arrays[key] = _NpyMember(path, archive, key)
+            self._arrays = arrays
+            try:
+                self._check()
+            except ArrayError as error:
+                raise DataError(f"'{path}' key '{error.array}': {error.problem}") from error
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self):
+        """Checks shapes, dtypes and the small arrays; sets the header attributes."""
+        arrays = self._arrays
+        if self.layout == "ragged":
+            values = arrays[FLAT_VALUES]
+            lengths = arrays[LENGTHS].read()
+            outer_steps = lengths.shape[1] if lengths.ndim == 2 else None
+            stand_in = np.broadcast_to(np.zeros((), values.dtype), values.shape)
+            header = CascadeResult.from_row_splits(
+                stand_in, arrays[ROW_SPLITS_0].read(), arrays[ROW_SPLITS_1].read(),
+                outer_steps=outer_steps,
+            )
+            if lengths.shape != header.lengths.shape or not np.array_equal(lengths, header.lengths):
+                raise ArrayError(
+                    LENGTHS, f"expected {header.lengths.shape} entries equal to the differences of "
+                    f"{ROW_SPLITS_1}, received shape {lengths.shape} with other values"
+                )
+            self.lengths = header.lengths
+            self._splits = header.row_splits_1
+            self.output_size = header.output_size
+        else:
+            values = arrays[VALUES]
+            self.time_major = bool(self.attrs.get(TIME_MAJOR, False))
+            stand_in = np.broadcast_to(np.zeros((), values.dtype), values.shape)
+            self.lengths = CascadeResult.check_padded(
+                stand_in, arrays[LENGTHS].read(), time_major=self.time_major
+            )
+            self.output_size = int(values.shape[3])
+            self._length = int(values.shape[1 if self.time_major else 2])
+            n, outer = self.lengths.shape
+            expected = (outer, self._length, n) if self.time_major else (n, outer, self._length)
+            if arrays[MASK].shape != expected:
+                self._mask_error(expected, arrays[MASK].shape)
+        self.dtype = values.dtype
+        self.n_samples, self.outer_steps = (int(n) for n in self.lengths.shape)
+        self.total = int(self.lengths.sum())
+        self.max_length = int(self.lengths.max()) if self.lengths.size else 0
+
+    def _mask_error(self, expected, received):
+        raise ArrayError(
+            MASK, f"expected shape {expected}, true exactly below lengths, "
+            f"received shape {received} with other entries"
+        )
+
+    def _row_bytes(self):
+        """Bytes of values one sample reads, on average."""
+        if self.layout == "padded":
+            return self.outer_steps * self._length * max(1, self.output_size) * self.dtype.itemsize
+        return max(1, self.total) / max(1, self.n_samples) * max(1, self.output_size) * self.dtype.itemsize
+
+    def _piece(self, start, stop):
+        lengths = self.lengths[start:stop]
+        if self.layout == "ragged":
+            outer = self.outer_steps
+            first, last = int(self._splits[start * outer]), int(self._splits[stop * outer])
+            return CascadeResult(self._arrays[FLAT_VALUES].read(first, last), lengths)
+        axis = 2 if self.time_major else 0
+        values = self._arrays[VALUES].read(start, stop, axis=axis)
+        mask = self._arrays[MASK].read(start, stop, axis=axis)
+        expected = np.arange(self._length) < lengths[..., None]
+        if self.time_major:
+            expected = expected.transpose(1, 2, 0)
+        if not np.array_equal(mask, expected):
+            n = self.n_samples
+            full = (self.outer_steps, self._length, n) if self.time_major else (n, self.outer_steps, self._length)
+            self._mask_error(full, full)
+        return CascadeResult.from_padded(values, lengths, time_major=self.time_major)
+
+    def pieces(self, *, batch_samples=None, row_bytes=None):
+        """Yields the samples in order, as `CascadeResult`s of at most `batch_samples` samples.
+
+        Args:
+            batch_samples: samples per piece; `None` takes about 64 MiB of values.
+            row_bytes: bytes one sample costs the consumer, when it is more
+                than reading it (padding it, say); used only when
+                `batch_samples` is None.
+
+        Raises:
+            DataError: naming file and key when a read fails or a padded
+                file's mask disagrees with its lengths.
+        """
+        if self._arrays is None:
+            raise DataError(f"result file '{self.path}' is closed")
+        batch = _batch_samples(max(row_bytes or 0, self._row_bytes()), batch_samples)
+        for start in range(0, self.n_samples, batch):
+            stop = min(start + batch, self.n_samples)
+            try:
+                yield self._piece(start, stop)
+            except ArrayError as error:
+                raise DataError(f"'{self.path}' key '{error.array}': {error.problem}") from error
+
+    def read(self):
+        """Reads every sample into one `CascadeResult`."""
+        pieces = list(self.pieces())
+        if not pieces:
+            return CascadeResult(np.zeros((0, self.output_size), self.dtype), self.lengths)
+        return pieces[0] if len(pieces) == 1 else CascadeResult.concatenate(pieces)
+
+    def close(self):
+        """Closes the file; further reads fail."""
+        self._arrays = None
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return (f"ResultReader('{self.path}', layout={getattr(self, 'layout', None)!r}, "
+                f"n_samples={getattr(self, 'n_samples', None)}, total={getattr(self, 'total', None)})")
+
+
+def open_result(path):
+    """Opens a cascade result (`.h5` or `.npz`, either layout) for reading a batch at a time.
+
+    Returns:
+        A `ResultReader`; close it, or use it in a `with` block.
+
+    Raises:
+        DataError: naming the file and key when it is not a cascade result,
+            a key is missing, the version is unknown or the arrays disagree.
+    """
+    return ResultReader(path)
+
+
+def iter_result(path, *, batch_samples=None):
+    """Yields the samples of a result file in order, as `CascadeResult`s of at most `batch_samples` samples."""
+    with open_result(path) as reader:
+        yield from reader.pieces(batch_samples=batch_samples)
+
+
+def read_result_attrs(path):
+    """Returns the attributes of a cascade result file.
+
+    These include `layout` and `format_version`, `pad_value` and `time_major`
+    for the padded layout, and any extra attrs the writer recorded.
+
+    Raises:
+        DataError: when `path` is not a readable cascade result.
+    """
+    if _read_kind(path) == "h5":
+        with h5.open_h5(path) as file:
+            attrs = _h5_attrs(path, file)
+    else:
+        with _open_npz(path) as archive:
+            attrs = _npz_attrs(path, archive)
+    _check_header(path, attrs)
+    return attrs
+
+
+def read_result(path):
+    """Reads a whole cascade result from an `.h5` or `.npz` file in either layout.
+
+    `open_result` reads one batch of samples at a time instead.
+
+    Raises:
+        DataError: naming the file and key when it is not a cascade result,
+            a key is missing, the version is unknown or the arrays disagree.
+    """
+    with open_result(path) as reader:
+        return reader.read()

@@ -12,7 +12,6 @@ into one ragged result.
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade_cli.errors import DataError
-from cascade_cli.results_io import RaggedH5Writer, read_result, read_result_attrs
+from cascade_cli.results_io import RaggedH5Writer, open_result, read_result_attrs, run_attrs
 
 SHARD_ATTRS = ("shard_index", "shard_count", "sample_start", "sample_stop", "total_samples")
 RUN_ID_LENGTH = 16
@@ -216,18 +215,20 @@ def check_shards(paths):
     return [(shard.path, shard.attrs) for shard in ordered]
 
 
-def merge_shards(paths, output, *, overwrite=False):
-    """Joins the K shards of one run into one ragged HDF5 result, one shard in memory at a time.
+def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
+    """Joins the K shards of one run into one ragged HDF5 result, one batch of samples in memory at a time.
 
-    The shards are checked first (`check_shards`), then read and appended in
-    `shard_index` order through `RaggedH5Writer`, so `output` appears only
-    when every shard fitted. Its attributes are the run's, without
-    `SHARD_ATTRS`.
+    The shards are checked first (`check_shards`), then read a batch at a
+    time and appended in `shard_index` order through `RaggedH5Writer`, so
+    `output` appears only when every shard fitted. Its attributes are the
+    run's, without `SHARD_ATTRS`.
 
     Args:
         paths: the shard result files, in any order.
         output: the `.h5` file to write.
         overwrite: whether `output` may be replaced.
+        batch_samples: samples read at a time; `None` reads about 64 MiB of
+            values at a time.
 
     Returns:
         A `MergeSummary`.
@@ -238,28 +239,27 @@ def merge_shards(paths, output, *, overwrite=False):
     """
     shards = check_shards(paths)
     first_path, first_attrs = shards[0]
-    attrs = {key: value for key, value in first_attrs.items()
-             if key not in SHARD_ATTRS and key not in ("layout", "format_version", "pad_value", "time_major")}
-    results = map(read_result, [path for path, _ in shards])
-    first = next(results)
-    shape = (first.outer_steps, first.output_size)
+    attrs = {key: value for key, value in run_attrs(first_attrs).items() if key not in SHARD_ATTRS}
+    with open_result(first_path) as first:
+        shape, dtype = (first.outer_steps, first.output_size), first.dtype
     samples = emitted = 0
     with RaggedH5Writer(output, outer_steps=shape[0], output_size=shape[1], overwrite=overwrite,
-                        attrs=attrs, dtype=first.values.dtype) as writer:
-        for (path, shard), result in zip(shards, itertools.chain([first], results)):
-            if (result.outer_steps, result.output_size) != shape:
-                raise DataError(
-                    f"'{path}' has Ta={result.outer_steps} outer steps and output size O={result.output_size}: "
-                    f"expected Ta={shape[0]} and O={shape[1]} like '{first_path}'"
-                )
-            expected = shard["sample_stop"] - shard["sample_start"]
-            if result.n_samples != expected:
-                raise DataError(
-                    f"'{path}' holds {result.n_samples} samples: expected {expected}, its samples "
-                    f"{shard['sample_start']}:{shard['sample_stop']}"
-                )
-            writer.append(result)
-            samples += result.n_samples
-            emitted += result.total
+                        attrs=attrs, dtype=dtype) as writer:
+        for path, shard in shards:
+            with open_result(path) as reader:
+                if (reader.outer_steps, reader.output_size) != shape:
+                    raise DataError(
+                        f"'{path}' has Ta={reader.outer_steps} outer steps and output size O={reader.output_size}: "
+                        f"expected Ta={shape[0]} and O={shape[1]} like '{first_path}'"
+                    )
+                expected = shard["sample_stop"] - shard["sample_start"]
+                if reader.n_samples != expected:
+                    raise DataError(
+                        f"'{path}' holds {reader.n_samples} samples: expected {expected}, its samples "
+                        f"{shard['sample_start']}:{shard['sample_stop']}"
+                    )
+                for piece in reader.pieces(batch_samples=batch_samples):
+                    writer.append(piece)
+                samples += reader.n_samples
+                emitted += reader.total
     return MergeSummary(Path(output), str(first_attrs["run_id"]), len(shards), samples, emitted)
-

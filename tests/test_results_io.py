@@ -184,7 +184,7 @@ def test_explicit_format_and_content_sniffing(tmp_path):
 @pytest.mark.parametrize(
     ("name", "kwargs", "message"),
     [
-        ("out.txt", {}, r"cannot tell the format from the suffix '\.txt'.*--format"),
+        ("out.txt", {}, r"cannot tell the format from the suffix '\.txt'.*pass format \(one of h5, npz, csv\)"),
         ("out.h5", {"format": "parquet"}, "format: expected one of h5, npz, csv, received 'parquet'"),
         ("out.h5", {"layout": "dense"}, "layout: expected one of ragged, padded, received 'dense'"),
         ("out.h5", {"attrs": {"layout": "x"}}, "attrs: 'layout' is reserved"),
