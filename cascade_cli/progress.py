@@ -5,8 +5,9 @@ Progress and summaries go to one `Console(stderr=True)` per command
 *is* a report (`inspect`) prints it to `stdout_console`. Progress is a wrapper
 around an iterable (`track`): when it is off, as when stderr is not a
 terminal, the wrapper is plain `iter`, so the loops it wraps never ask about
-the UI. Only rich is imported here; the training renderer
-(`train_callbacks`) imports TensorFlow when it is asked for.
+the UI. Only rich (and the TF-free `options`) is imported here: the training
+renderer (`train_callbacks`) builds on `options.TrainCallbacks`, so drawing
+progress never loads TensorFlow.
 """
 
 import math
@@ -24,6 +25,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+from cascade_cli.options import TrainCallbacks
 
 
 def stderr_console():
@@ -134,13 +137,13 @@ def epochs_table(history, *, title="Training"):
     return table
 
 
-class TrainReport:
+class TrainReport(TrainCallbacks):
     """Renders training on a console: one bar per epoch with the running loss.
 
-    It implements the hooks of `cascade_cli.training.TrainCallbacks`; use
-    `train_callbacks` to get it as a `TrainCallbacks`. Use it as a context
-    manager so the live display stops even when training fails. When live
-    progress is off, it prints one line per epoch instead.
+    It implements the hooks of `cascade_cli.options.TrainCallbacks` that
+    `training.fit` calls. Use it as a context manager so the live display
+    stops even when training fails. When live progress is off, it prints one
+    line per epoch instead.
 
     Args:
         console: where to draw (stderr).
@@ -206,15 +209,10 @@ class TrainReport:
 
 
 def train_callbacks(console, *, enabled=None):
-    """Returns a `TrainReport` that is also a `cascade_cli.training.TrainCallbacks`.
+    """Returns the `TrainCallbacks` that render training on `console` (a `TrainReport`).
 
-    Any hook `TrainReport` does not render falls back to `TrainCallbacks`'
-    no-op. Importing `cascade_cli.training` loads TensorFlow, so it happens here
-    and not when this module is imported.
+    Args:
+        console: where to draw (stderr).
+        enabled: force live bars on or off; None draws them only on a terminal.
     """
-    from cascade_cli.training import TrainCallbacks
-
-    class TrainProgress(TrainReport, TrainCallbacks):
-        """Training progress on a rich console (see `TrainReport`)."""
-
-    return TrainProgress(console, enabled=enabled)
+    return TrainReport(console, enabled=enabled)

@@ -1,4 +1,4 @@
-"""Tests for tf.distribute training in cascade_cli.training: mirrored and multi-worker runs match default.
+"""Tests for cascade_cli.distribute: mirrored and multi-worker training runs match default.
 
 Logical CPU devices and `TF_CONFIG` only take effect before TensorFlow starts, so
 every distributed run happens in a fresh subprocess (bounded by a timeout) that
@@ -21,8 +21,10 @@ import tensorflow as tf
 import builders
 import cascade_cli
 from cascade_cli.data import TrainingData
-from cascade_cli.errors import CascadeError
-from cascade_cli.training import TrainConfig, fit, make_strategy
+from cascade_cli.distribute import make_strategy
+from cascade_cli.errors import CascadeError, ParameterError
+from cascade_cli.options import TrainConfig
+from cascade_cli.training import fit
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(cascade_cli.__file__).resolve().parent.parent  # subprocesses import this very package
@@ -139,19 +141,20 @@ def data_path(tmp_path_factory):
 
 
 def test_config_and_make_strategy_reject_bad_settings(monkeypatch, tmp_path, data_path):
-    with pytest.raises(CascadeError, match="--strategy: expected one of default, mirrored, multi-worker, "
-                                           "received 'tpu'"):
-        TrainConfig(strategy="tpu")
+    for bad in (lambda: TrainConfig(strategy="tpu"), lambda: make_strategy("tpu")):
+        with pytest.raises(ParameterError, match="^strategy: expected one of default, mirrored, multi-worker, "
+                                                 "received 'tpu'"):
+            bad()
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(CascadeError, match="reads the cluster from the TF_CONFIG environment variable: expected "
-                                           "JSON such as .*received no TF_CONFIG"):
+    with pytest.raises(ParameterError, match="^strategy: 'multi-worker' reads the cluster from the TF_CONFIG "
+                                             "environment variable: expected JSON such as .*received no TF_CONFIG"):
         make_strategy("multi-worker")
     monkeypatch.setenv("TF_CONFIG", '{"cluster": ')
-    with pytest.raises(CascadeError, match=r"TF_CONFIG: expected JSON with a 'cluster' and a 'task'.*received "
-                                           r"'\{\"cluster\": '"):
+    with pytest.raises(CascadeError, match=r"^TF_CONFIG: expected JSON with a 'cluster' and a 'task'.*received "
+                                             r"'\{\"cluster\": '"):
         make_strategy("multi-worker")
-    with pytest.raises(CascadeError, match=r"--strategy mirrored: expected a strategy made by "
-                                           r"make_strategy\('mirrored'\), received _DefaultDistributionStrategy"):
+    with pytest.raises(ParameterError, match=r"^strategy: the config says 'mirrored': expected a strategy made by "
+                                             r"make_strategy\('mirrored'\), received _DefaultDistributionStrategy"):
         run_case("sgd-mse", data_path, tmp_path / "out", strategy_name="mirrored",
                  strategy=tf.distribute.get_strategy())
     assert not (tmp_path / "out").exists()
@@ -166,7 +169,7 @@ cpu, = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
 from cascade_cli.errors import CascadeError
-from cascade_cli.training import make_strategy
+from cascade_cli.distribute import make_strategy
 from test_distribute import CASES, run_case, free_ports
 data, out = sys.argv[1], sys.argv[2]
 strategy = make_strategy("mirrored")
@@ -218,10 +221,10 @@ def test_mirrored_on_two_logical_cpus_takes_the_steps_of_default(tmp_path, data_
 
 WORKER_SCRIPT = """
 import json, os, sys, tempfile
-from cascade_cli.training import make_strategy
+from cascade_cli.distribute import make_strategy
 strategy = make_strategy("multi-worker")  # before any other TensorFlow work
 import numpy as np
-from cascade_cli.training import TrainCallbacks
+from cascade_cli.options import TrainCallbacks
 from test_distribute import run_case
 data, out, result = sys.argv[1], sys.argv[2], sys.argv[3]
 

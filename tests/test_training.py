@@ -11,15 +11,9 @@ import tensorflow as tf
 
 import builders
 from cascade_cli.data import TrainingData, split_indices
-from cascade_cli.errors import CascadeError, DataError
-from cascade_cli.training import (
-    LOSSES,
-    TrainCallbacks,
-    TrainConfig,
-    evaluate,
-    fit,
-    masked_loss,
-)
+from cascade_cli.errors import CascadeError, DataError, ParameterError
+from cascade_cli.options import LOSSES, TrainCallbacks, TrainConfig
+from cascade_cli.training import evaluate, fit, masked_loss
 
 
 def write_data(path, inputs, steps, targets):
@@ -84,28 +78,30 @@ def test_masked_loss_of_an_empty_batch_is_zero_with_zero_gradient(name):
 
 
 def test_masked_loss_rejects_an_unknown_name():
-    with pytest.raises(CascadeError, match="expected one of mse, mae, categorical-crossentropy"):
+    with pytest.raises(ParameterError, match="^loss: expected one of mse, mae, categorical-crossentropy, "
+                                             "received 'hinge'"):
         masked_loss("hinge")
 
 
 @pytest.mark.parametrize(
     "settings, words",
     [
-        ({"epochs": 0}, "--epochs: expected a positive integer, received 0"),
-        ({"batch_size": 2.5}, "--batch-size: expected a positive integer"),
-        ({"learning_rate": float("nan")}, "--learning-rate: expected a finite number > 0"),
-        ({"optimizer": "adagrad"}, "--optimizer: expected one of adam, sgd, rmsprop, received 'adagrad'"),
-        ({"loss": "hinge"}, "--loss: expected one of"),
-        ({"val_split": 1.0}, r"--val-split: expected a fraction in \[0, 1\)"),
-        ({"state": "keep"}, "--state: expected one of reset, carry"),
-        ({"seed": -1}, "--seed: expected a non-negative integer"),
-        ({"patience": 0}, "--patience: expected a positive integer"),
-        ({"patience": 2, "val_split": 0.0}, "--patience needs a validation set"),
+        ({"epochs": 0}, "^epochs: expected a positive integer, received 0"),
+        ({"batch_size": 2.5}, "^batch_size: expected a positive integer"),
+        ({"learning_rate": float("nan")}, "^learning_rate: expected a finite number > 0"),
+        ({"optimizer": "adagrad"}, "^optimizer: expected one of adam, sgd, rmsprop, received 'adagrad'"),
+        ({"loss": "hinge"}, "^loss: expected one of"),
+        ({"val_split": 1.0}, r"^val_split: expected a fraction in \[0, 1\)"),
+        ({"state": "keep"}, "^state: expected one of reset, carry"),
+        ({"seed": -1}, "^seed: expected a non-negative integer"),
+        ({"patience": 0}, "^patience: expected a positive integer"),
+        ({"patience": 2, "val_split": 0.0}, "^patience: needs a validation set"),
     ],
 )
-def test_config_rejects_bad_settings(settings, words):
-    with pytest.raises(CascadeError, match=words):
+def test_config_rejects_bad_settings_naming_the_python_parameter(settings, words):
+    with pytest.raises(ParameterError, match=words) as caught:
         TrainConfig(**settings)
+    assert "--" not in str(caught.value)
 
 
 # ------------------------------------------------------------ exact SGD step
@@ -199,9 +195,14 @@ def test_resume_after_a_stop_mid_epoch_gives_the_weights_of_an_unbroken_run(tmp_
         rows = list(csv.DictReader(f))
     assert [float(row["val_loss"]) for row in rows] == [row["val_loss"] for row in unbroken]
 
-    with pytest.raises(CascadeError, match="made with --batch-size 4; this run has --batch-size 8"):
-        train(path, tmp_path / "broken", resume=True, **{**RUN, "batch_size": 8})
-    with pytest.raises(CascadeError, match="already holds a training run .*pass --resume"):
+    with pytest.raises(ParameterError, match=r"^resume: the checkpoints in '.*checkpoints' were made with "
+                                             r"shuffle=True, batch_size=4; this run has shuffle=False, "
+                                             r"batch_size=8\. Resume with the same settings, or choose "
+                                             r"another out_dir\.$"):
+        train(path, tmp_path / "broken", resume=True, **{**RUN, "batch_size": 8, "shuffle": False})
+    with pytest.raises(ParameterError, match=r"^out_dir: '.*broken' already holds a training run "
+                                             r"\(checkpoints, model_a.keras, model_b.keras, history.csv\); "
+                                             r"pass resume=True to continue it, or choose another out_dir\.$"):
         train(path, tmp_path / "broken", **RUN)
 
 
@@ -218,7 +219,7 @@ def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_pat
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     path = random_data(tmp_path / "train.h5", n=4)
-    with pytest.raises(CascadeError, match="--resume: no checkpoint to resume from in .*run without --resume"):
+    with pytest.raises(ParameterError, match="^resume: no checkpoint to resume from in .*set resume=False"):
         train(path, tmp_path / "out", resume=True)
 
 
@@ -280,7 +281,8 @@ def test_data_is_checked_before_any_work(tmp_path):
     with pytest.raises(DataError, match="O=3 values per step but model B emits O=2"):
         train(path, tmp_path / "out", epochs=1)
     path = random_data(tmp_path / "train.h5", n=4)
-    with pytest.raises(CascadeError, match=r"--patience needs a validation set, but --val-split 0.1 of 4"):
+    with pytest.raises(ParameterError, match=r"^patience: needs a validation set, but val_split=0.1 of 4 "
+                                             r"samples keeps none: raise val_split\.$"):
         train(path, tmp_path / "out", patience=2, val_split=0.1)
 
 

@@ -1,0 +1,260 @@
+"""Training past one device: the `tf.distribute` strategies, replicated models, distributed steps and batches.
+
+`make_strategy` builds the strategy a `TrainConfig.strategy` names:
+`mirrored` (every local GPU, else every logical CPU device) or `multi-worker`
+(the cluster in `TF_CONFIG`). Each global batch is the one the `default`
+strategy takes, split into contiguous per-replica slices, and each replica's
+loss is its sum of errors over the *global* count of valid elements (plus its
+share of the models' regularization losses), so the summed gradient, and the
+step, do not depend on the number of replicas.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cascade_cli.data import Batch
+from cascade_cli.errors import CascadeError, ModelError, ParameterError
+from cascade_cli.options import STRATEGIES, check_choice
+
+_TF_CONFIG_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}'
+)
+
+
+# ------------------------------------------------------------- strategies
+
+
+def _check_tf_config(raw):
+    """Raises unless `raw` (the `TF_CONFIG` variable) names a cluster and a task."""
+    if not raw:
+        raise ParameterError(
+            "strategy",
+            "'multi-worker' reads the cluster from the TF_CONFIG environment variable: expected JSON such as "
+            f"{_TF_CONFIG_EXAMPLE}, received no TF_CONFIG.",
+        )
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict) or not isinstance(
+        value.get("task"), dict
+    ):
+        raise CascadeError(
+            f"TF_CONFIG: expected JSON with a 'cluster' and a 'task' such as {_TF_CONFIG_EXAMPLE}, received {raw!r}."
+        )
+
+
+def make_strategy(name):
+    """Returns the `tf.distribute.Strategy` `name`, one of `STRATEGIES`.
+
+    `default` is TensorFlow's one-device strategy; `mirrored` replicates over
+    every local GPU, or over every logical CPU device when there is no GPU
+    (`tf.config.set_logical_device_configuration` makes several);
+    `multi-worker` reads the cluster and this process's task from `TF_CONFIG`.
+    TensorFlow sets up a multi-worker strategy only before any other
+    TensorFlow work, so make it first in the process, before loading the
+    models, and pass it to `training.fit`.
+
+    Raises:
+        ParameterError: an unknown name, no `TF_CONFIG`, or a multi-worker
+            strategy asked for after TensorFlow started.
+        CascadeError: a malformed `TF_CONFIG`.
+    """
+    check_choice("strategy", name, STRATEGIES)
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
+    _check_tf_config(os.environ.get("TF_CONFIG"))
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:
+        raise ParameterError(
+            "strategy",
+            f"'multi-worker': TensorFlow was already running ({exc}); expected the strategy to be made first in "
+            "the process: call make_strategy('multi-worker') before loading the models and pass it to "
+            "fit(strategy=...).",
+        ) from exc
+
+
+def strategy_for(name, strategy):
+    """Returns the strategy to train under: `strategy`, checked against `name`, or `make_strategy(name)`.
+
+    Raises:
+        ParameterError: `strategy` is not of the kind `name` says.
+    """
+    if strategy is None:
+        return make_strategy(name)
+    kinds = {"mirrored": tf.distribute.MirroredStrategy, "multi-worker": tf.distribute.MultiWorkerMirroredStrategy}
+    if name in kinds:
+        fits = isinstance(strategy, kinds[name])
+    else:
+        fits = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    if not fits:
+        raise ParameterError(
+            "strategy",
+            f"the config says {name!r}: expected a strategy made by make_strategy({name!r}), received "
+            f"{type(strategy).__name__}.",
+        )
+    return strategy
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: False only on the non-chief workers of a multi-worker run."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def replicate(model, *, name):
+    """Returns a copy of `model` built in the current strategy scope, holding `model`'s weights.
+
+    Variables belong to the strategy they are created under, and `fit`
+    receives models that are already built, so each is cloned from its config
+    inside `strategy.scope()` (mirrored variables) and given the same weights.
+
+    Raises:
+        ModelError: `model` cannot be rebuilt from its config.
+    """
+    try:
+        copy = keras.models.clone_model(model)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise ModelError(
+            f"model {name} cannot be rebuilt from its config for a distribution strategy: expected a "
+            f"functional or Sequential model (or one with get_config), received {type(model).__name__}: {exc}"
+        ) from exc
+    weights = model.get_weights()
+    if len(copy.weights) != len(weights):
+        raise ModelError(
+            f"model {name} rebuilt from its config has {len(copy.weights)} weights: expected "
+            f"{len(weights)} like the model given."
+        )
+    copy.set_weights(weights)
+    return copy
+
+
+# --------------------------------------------------------------- the steps
+
+
+def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
+    """Returns `(gradients, apply)` like `training.train_steps`, run on every replica of `strategy`.
+
+    Each replica runs `batch_loss` on its slice of the global batch with the
+    count of valid elements all-reduced and `replicas` set, so its loss is its
+    sum of errors over the *global* count plus its share of the
+    regularization, and the replicas' gradients add up to the gradient of the
+    global batch's loss. `gradients(inputs, steps, targets)` takes per-replica
+    values and returns `(global sum, global count, penalty, per-replica grads,
+    finite)`, `finite` judged on the global loss and the summed gradients, so
+    every worker decides alike; `apply(grads)` lets the optimizer sum the
+    replicas' gradients and step. `spec` is the per-replica batch's
+    `element_spec`: with it the step is traced once, whatever each replica's
+    batch shape.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+        batch_loss: `(inputs, steps, targets, *, reduce_count, replicas) ->
+            (sum, count, penalty, loss)`, as `training.batch_loss` returns.
+        spec: the per-replica batch's `element_spec`.
+        variables: the variables to train.
+        optimizer: a Keras optimizer built for `variables` inside `strategy.scope()`.
+    """
+    add = tf.distribute.ReduceOp.SUM
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_gradients(inputs, steps, targets):
+        context = tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            total, count, penalty, loss = batch_loss(
+                inputs, steps, targets, reduce_count=functools.partial(context.all_reduce, add), replicas=replicas
+            )
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        total, *summed = context.all_reduce(add, [total, *grads])
+        finite = tf.math.is_finite(tf.math.divide_no_nan(total, count) + penalty)
+        for grad in summed:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
+        return total, count, penalty, grads, finite
+
+    @tf.function(input_signature=spec)
+    def gradients(inputs, steps, targets):
+        total, count, penalty, grads, finite = strategy.run(replica_gradients, args=(inputs, steps, targets))
+        local = strategy.experimental_local_results
+        return local(total)[0], local(count)[0], local(penalty)[0], grads, local(finite)[0]
+
+    def replica_apply(grads):
+        # Arguments of a tf.function carry no device, and a multi-worker all-reduce needs one:
+        # tf.identity places each gradient on this replica's device again.
+        optimizer.apply([tf.identity(grad) for grad in grads], variables)
+
+    @tf.function(reduce_retracing=True)
+    def apply(grads):
+        strategy.run(replica_apply, args=(grads,))
+
+    return gradients, apply
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _read_slice(data, indices):
+    """The `Batch` of `indices`, empty (0 samples) when there are none."""
+    if len(indices) == 0:
+        return Batch(
+            inputs=np.zeros((0, data.outer_steps, data.features), np.float32),
+            steps=np.zeros((0, data.outer_steps), np.int64),
+            targets=np.zeros((0, data.output_size), np.float32),
+        )
+    return next(data.batches(indices, batch_size=len(indices)))
+
+
+def batches(strategy, data, *, batch_size, signature):
+    """Returns `(spec, batches)`: `batches(order)` yields per-replica batches; `spec` is their `element_spec`.
+
+    `batches(order)` yields `(emits, (inputs, steps, targets))` for every
+    global batch of `order`, as per-replica values.
+
+    Global batch `k` is `order[k * batch_size:(k + 1) * batch_size]`, the very
+    batch the default strategy takes; it is split into one contiguous slice per
+    replica (`np.array_split`: any batch size works, and a replica may get 0
+    samples). Each input pipeline (one per worker, from
+    `distribute_datasets_from_function`) reads only the slices of its own
+    replicas, as dense `(b, Ta, F)`, `(b, Ta)` and flat `(rows, O)` tensors, so
+    the ragged targets need no padding. `emits` (whether the global batch has
+    any target row) comes from the steps every worker holds, so all workers
+    skip the same batches.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+        data: an open `TrainingData`.
+        batch_size: samples per global batch.
+        signature: the `TensorSpec`s of one batch, `training.batch_signature(data)`.
+    """
+
+    def dataset(order, context):
+        replicas = context.num_replicas_in_sync
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def slices():
+            for start in range(0, len(order), batch_size):
+                parts = np.array_split(order[start : start + batch_size], replicas)
+                for part in parts[first : first + local]:
+                    yield tuple(_read_slice(data, part))
+
+        return tf.data.Dataset.from_generator(slices, output_signature=signature)
+
+    def distribute(order):
+        return strategy.distribute_datasets_from_function(functools.partial(dataset, order))
+
+    def epoch_batches(order):
+        for start, batch in zip(range(0, len(order), batch_size), distribute(order)):
+            yield bool(data.steps[order[start : start + batch_size]].any()), tuple(batch)
+
+    return tuple(distribute(np.zeros(0, np.int64)).element_spec), epoch_batches
