@@ -20,14 +20,18 @@ def model_a(kind="gru", *, features=3, ir_size=4, outer_steps=None, seed=0, dtyp
 
 def step_b(kind="gru", *, ir_size=4, units=5, output_size=2, seed=10, batch_size=None, dropout=0.0,
            dtype="float32"):
-    """Step-form B: `[x, *states] -> [y, *states]` around a Keras cell, then Dense."""
+    """Step-form B: `[x, *states] -> [y, *states]` around a Keras cell, then Dense.
+
+    `dtype` is the layers' dtype policy (e.g. `"mixed_float16"`; None: the global one).
+    """
     cell_type = {"simple": keras.layers.SimpleRNNCell, "gru": keras.layers.GRUCell,
                  "lstm": keras.layers.LSTMCell}[kind]
     cell = cell_type(units, kernel_initializer=init(seed), recurrent_initializer=init(seed + 1),
                      bias_initializer=init(seed + 2), dropout=dropout, dtype=dtype)
-    x = keras.Input(batch_shape=(batch_size, ir_size), dtype=dtype)
+    input_dtype = None if dtype is None else keras.DTypePolicy(dtype).variable_dtype  # "mixed_float16": float32
+    x = keras.Input(batch_shape=(batch_size, ir_size), dtype=input_dtype)
     n_states = 2 if kind == "lstm" else 1
-    states = [keras.Input(batch_shape=(batch_size, units), dtype=dtype) for _ in range(n_states)]
+    states = [keras.Input(batch_shape=(batch_size, units), dtype=input_dtype) for _ in range(n_states)]
     h, new_states = cell(x, states if n_states > 1 else states[0])
     if not isinstance(new_states, (list, tuple)):
         new_states = [new_states]

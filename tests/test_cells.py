@@ -1,12 +1,16 @@
 """The known-cell fast path: detection, and equality with calling B itself."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.cells import split_b
+from cascade_cli.cells import backward_problem, fast_path_problem, split_b
+from cascade_cli.errors import ParameterError
+from cascade_cli.options import StopRule
 from cascade_cli.runner import Cascade
 
 STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])
@@ -74,3 +78,123 @@ def test_models_that_are_not_a_cell_plus_head_are_not_split():
     a = builders.model_a()
     values = Cascade(a, reads_x)(builders.inputs(3, 4), STEPS).flat_values
     np.testing.assert_allclose(values, builders.reference(a, reads_x, builders.inputs(3, 4), STEPS)[0], atol=1e-5)
+
+
+# ------------------------------------------------------- fast_cells and its one predicate
+
+
+def problem(b, *, a=None, stop_rule=None, training=False):
+    a = a or builders.model_a()
+    form = "sequence" if len(b.inputs) == 1 and len(b.inputs[0].shape) == 3 else "step"
+    return fast_path_problem(split_b(b) if form == "step" else None, form=form, ir_dtype=a.outputs[0].dtype,
+                             stop_rule=stop_rule, training=training)
+
+
+def reads_x_b():
+    x, s = keras.Input(shape=(4,)), keras.Input(shape=(5,))
+    h, [s2] = keras.layers.GRUCell(5)(x, [s])
+    return keras.Model([x, s], [keras.layers.Dense(2)(keras.layers.Concatenate()([h, x])), s2])
+
+
+def test_the_predicate_lets_a_known_cell_plus_head_through():
+    for kind in ("simple", "gru", "lstm"):
+        assert problem(builders.step_b(kind)) is None
+    assert problem(builders.step_b("gru", dropout=0.5), training=False) is None  # inference ignores dropout
+
+
+REASONS = {  # name: (B, Cascade settings, what the predicate says)
+    "sequence form": (builders.sequence_b, {}, "B is in sequence form"),
+    "not a cell plus head": (reads_x_b, {}, "B is not one SimpleRNNCell, GRUCell or LSTMCell called on"),
+    "mixed dtype policy": (lambda: builders.step_b("gru", dtype="mixed_float16"), {},
+                           "the cell's dtype policy mixed_float16 computes in float16 from float32 weights"),
+    "stop rule": (builders.step_b, {"max_steps": 4, "stop_rule": StopRule.norm(1.0)},
+                  "a stop rule reads B's output at every inner step"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REASONS))
+def test_fast_cells_true_raises_saying_why_and_auto_falls_back(name):
+    make, settings, why = REASONS[name]
+    a, b = builders.model_a(), make()
+    assert problem(b, stop_rule=settings.get("stop_rule")).startswith(why)
+    with pytest.raises(ParameterError, match=r"^fast_cells: True, but the known-cell path cannot apply: "
+                                             + re.escape(why)) as caught:
+        Cascade(a, b, fast_cells=True, **settings)
+    assert caught.value.parameter == "fast_cells"
+    x = builders.inputs(3, 4)
+    auto = Cascade(a, b, **settings)(x, STEPS)
+    plain = Cascade(a, b, fast_cells=False, **settings)(x, STEPS)
+    np.testing.assert_array_equal(auto.flat_values.numpy(), plain.flat_values.numpy())
+
+
+def test_a_cell_fed_another_dtype_than_a_emits_is_not_fast():
+    a = builders.model_a(dtype="float64")
+    why = "model A emits float64 but the cell computes in float32"
+    assert problem(builders.step_b(), a=a) == why
+    with pytest.raises(ParameterError, match=re.escape(why)):
+        Cascade(a, builders.step_b(), fast_cells=True)
+
+
+def test_dropout_in_training_is_refused_by_fast_cells_true_at_call_time():
+    a, b = builders.model_a(), builders.step_b("gru", dropout=0.5)
+    assert problem(b, training=True) == "the cell's dropout draws its own masks in training"
+    cascade = Cascade(a, b, fast_cells=True)  # inference can use it
+    x = builders.inputs(3, 4)
+    np.testing.assert_allclose(cascade(x, STEPS).flat_values, Cascade(a, b, fast_cells=False)(x, STEPS).flat_values,
+                               atol=1e-6)
+    with pytest.raises(ParameterError, match="the cell's dropout draws its own masks in training"):
+        cascade(x, STEPS, training=True)
+    assert Cascade(a, b)(x, STEPS, training=True).flat_values.shape == (int(STEPS.sum()), 2)  # auto: B itself
+
+
+@pytest.mark.parametrize("name, why", [
+    ("simple", None),
+    ("gru", None),
+    ("lstm", None),
+    ("simple-linear-nobias", None),
+    ("simple-relu", "its activation relu has no hand-written derivative (tanh, sigmoid and linear do)"),
+    ("gru-reset-before", "GRUCell(reset_after=False) applies its reset gate before the recurrent matmul"),
+])
+def test_backward_problem_says_why_the_gradient_is_not_hand_written(name, why):
+    cell = CELLS[name]()
+    assert backward_problem(cell) == why
+    split = split_b(wrapped(cell))
+    assert split.backward_problem == why and (split.backward is None) == (why is not None)
+
+
+def test_lstm_with_a_relu_recurrent_activation_has_no_hand_written_gradient():
+    cell = seeded(keras.layers.LSTMCell, recurrent_activation="relu")
+    assert backward_problem(cell) == ("its recurrent_activation relu has no hand-written derivative "
+                                      "(tanh, sigmoid and linear do)")
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_mixed_precision_runs_the_default_path(mixed_float16, state):
+    """Under mixed_float16, `Cascade(a, b)` runs (it raised InvalidArgumentError in a raw matmul) and equals B."""
+    a, b = builders.model_a(dtype=None), builders.step_b("gru", dtype=None)
+    assert b.layers[-1].compute_dtype == "float16"
+    x = builders.inputs(3, 4)
+    weights = a.trainable_weights + b.trainable_weights
+    results = []
+    for fast_cells in ("auto", False):
+        cascade = Cascade(a, b, state=state, fast_cells=fast_cells)
+        with tf.GradientTape() as tape:
+            values = cascade(x, STEPS).flat_values
+            loss = tf.reduce_sum(tf.sin(tf.cast(values, tf.float32)))
+        results.append((values.numpy(), [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, weights)]))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for weight, g_auto, g_plain in zip(weights, results[0][1], results[1][1]):
+        np.testing.assert_allclose(g_auto, g_plain, rtol=1e-3, atol=1e-3, err_msg=weight.path)
+    expected, _ = builders.reference(a, b, x, STEPS, state=state)
+    np.testing.assert_allclose(results[0][0], expected.numpy(), atol=1e-2)  # fp16 rounding
+    with pytest.raises(ParameterError, match="dtype policy mixed_float16"):
+        Cascade(a, b, fast_cells=True)
