@@ -1,18 +1,17 @@
-"""Read and check inputs, steps files and HDF5 training datasets; stream batches.
+"""Inputs and HDF5 training data: open and check them, stream batches, split and order samples.
 
 The file layouts are those of DESIGN section 4:
 
 - inputs: `.h5` (a dataset, `inputs` by default), `.npy` or `.npz` (key
   `inputs`), numeric, shaped `(N, Ta, F)`;
-- steps: `.txt`/`.csv`, `.npy`, `.json` or `.h5` (dataset `steps`), shaped
-  `(Ta,)` (the same for every sample) or `(N, Ta)`, every entry >= 0;
 - training data (HDF5): `inputs (N, Ta, F)`, `steps (N, Ta)` and `targets`,
   either flat `(sum(steps), O)` in value order or padded `(N, Ta, L, O)`.
 
-Every problem is raised as a `DataError` naming the file, the key and what was
-expected. HDF5 files are opened read-only and refused when any part of them
-lives in another file: nothing outside the file is read. Large arrays are read
-in chunks, never whole.
+Files are opened and read through `cascade_cli.h5` (read-only, nothing
+outside the file, keyed read errors, no pickles); the steps of a training file
+are checked by `cascade_cli.steps`, which also reads steps files. Every problem
+is a `DataError` naming the file, the key and what was expected. Large arrays
+are read in chunks, never whole.
 """
 
 import contextlib

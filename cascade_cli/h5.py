@@ -165,18 +165,40 @@ def read_dataset(dset: h5py.Dataset, selection, *, path):
         ) from exc
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _npy_header_dtype(handle) -> np.dtype:
+    """Reads the header of the `.npy` data at `handle` and returns its dtype."""
+    version = np.lib.format.read_magic(handle)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    return read_header(handle)[2]
+
+
 def np_load(path, *, mmap_mode=None, expected: str):
-    """`np.load` with `allow_pickle=False`, turning every failure into `DataError`."""
+    """`np.load` with `allow_pickle=False`, turning every failure into `DataError`.
+
+    The file's kind is told from its first bytes (`.npy` magic or a zip
+    archive) and a `.npy` array's dtype from its header, so a file of Python
+    objects is named as such before numpy is asked to load it.
+    """
     name = display(path)
     check_file(path, expected=expected)
     try:
-        return np.load(name, mmap_mode=mmap_mode, allow_pickle=False)
-    except ValueError as exc:
-        if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+        with open(name, "rb") as handle:
+            magic = handle.read(len(_NPY_MAGIC))
+            handle.seek(0)
+            if magic == _NPY_MAGIC and _npy_header_dtype(handle).hasobject:
+                raise DataError(
+                    f"'{name}' holds Python objects or pickled data: expected {expected} "
+                    "of numbers (pickles are never loaded)"
+                )
+        if magic != _NPY_MAGIC and magic[:4] not in _ZIP_MAGICS:
             raise DataError(
-                f"'{name}' holds Python objects or pickled data: expected {expected} "
-                "of numbers (pickles are never loaded)"
-            ) from exc
-        raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+                f"'{name}' is not readable as {expected}: it is neither a .npy array nor a .npz archive"
+            )
+        return np.load(name, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc

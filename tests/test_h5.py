@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cascade_cli.errors import DataError
-from cascade_cli.h5 import h5_dataset, open_h5
+from cascade_cli.h5 import h5_dataset, is_hdf5, np_load, open_h5, read_dataset
 
 
 def write_text(path, text):
@@ -105,3 +105,39 @@ def test_h5_dataset_checks(tmp_path):
             h5_dataset(f, "floats", path=path, kind="int")
         with pytest.raises(DataError, match=r"dataset 'names' .* expected integers or floating-point numbers"):
             h5_dataset(f, "names", path=path, kind="numeric")
+
+
+def test_np_load_tells_the_kind_from_the_first_bytes(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([1, None], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"^'.*objects\.npy' holds Python objects or pickled data: expected an array"):
+        np_load(tmp_path / "objects.npy", expected="an array")
+    (tmp_path / "text.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"'.*text\.npz' is not readable as an array: it is neither a \.npy array "
+                                        r"nor a \.npz archive$"):
+        np_load(tmp_path / "text.npz", expected="an array")
+    (tmp_path / "cut.npy").write_bytes(b"\x93NUMPY\x01")
+    with pytest.raises(DataError, match=r"^'.*cut\.npy' is not readable as an array: "):
+        np_load(tmp_path / "cut.npy", expected="an array")
+    np.save(tmp_path / "ok.npy", np.arange(3))
+    assert np_load(tmp_path / "ok.npy", mmap_mode="r", expected="an array").tolist() == [0, 1, 2]
+
+
+def test_is_hdf5_and_keyed_read_errors(tmp_path):
+    path = write_h5(tmp_path / "d.h5", x=np.arange(4.0))
+    (tmp_path / "plain.bin").write_bytes(b"plain")
+    assert is_hdf5(path) and not is_hdf5(tmp_path / "plain.bin")
+    with open_h5(path) as f:
+        dset = h5_dataset(f, "x", path=path)
+        assert read_dataset(dset, slice(1, 3), path=path).tolist() == [1.0, 2.0]
+    # A dataset whose chunk is damaged on disk: the read fails, naming file and key.
+    damaged = tmp_path / "damaged.h5"
+    with h5py.File(damaged, "w") as f:
+        f.create_dataset("y", data=np.arange(1000.0), chunks=(1000,), compression="gzip")
+        offset = f["y"].id.get_chunk_info(0).byte_offset
+    data = bytearray(damaged.read_bytes())
+    data[offset : offset + 64] = b"\0" * 64
+    damaged.write_bytes(bytes(data))
+    with open_h5(damaged) as f:
+        with pytest.raises(DataError, match=r"^could not read dataset 'y' from '.*damaged\.h5': ") as info:
+            read_dataset(h5_dataset(f, "y", path=damaged), (), path=damaged)
+    assert isinstance(info.value.__cause__, OSError)

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cascade_cli.errors import DataError
-from cascade_cli.result import CascadeResult
+from cascade_cli.result import ArrayError, CascadeResult
 
 # The hand-worked example: lengths [[3, 0], [1, 2]], O = 2, values np.arange.
 LENGTHS = [[3, 0], [1, 2]]
@@ -399,3 +399,23 @@ def test_slice_and_concatenate(result, start, stop):
     split = min(max(start, 0), result.n_samples)
     parts = [result.slice_samples(0, split), result.slice_samples(split, None)]
     assert_same(CascadeResult.concatenate(parts), result)
+
+
+def test_array_errors_name_the_array_apart_from_the_problem():
+    with pytest.raises(ArrayError) as info:
+        CascadeResult.from_row_splits(np.zeros((6, 2)), [0, 2, 4], [0, 3, 2, 4, 6])
+    assert isinstance(info.value, DataError)
+    assert info.value.array == "row_splits_1"
+    assert info.value.problem == "expected non-decreasing values, received 3 then 2 at index 2"
+    assert str(info.value) == f"row_splits_1: {info.value.problem}"
+
+
+def test_check_padded_looks_only_at_shapes():
+    stand_in = np.broadcast_to(np.zeros((), np.float32), (2, 2, 3, 5))  # no values behind it
+    assert CascadeResult.check_padded(stand_in, LENGTHS).tolist() == LENGTHS
+    with pytest.raises(ArrayError, match=r"^lengths: expected at most the padded length 2, received 3$"):
+        CascadeResult.check_padded(np.zeros((2, 2, 2, 1)), LENGTHS)
+    time_major = np.zeros((2, 3, 2, 1))  # (Ta, L, N, O)
+    assert CascadeResult.check_padded(time_major, LENGTHS, time_major=True).dtype == np.int64
+    with pytest.raises(ArrayError, match=r"lengths: expected shape \(2, 3\)"):
+        CascadeResult.check_padded(np.zeros((2, 3, 4, 1)), LENGTHS)

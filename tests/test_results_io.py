@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 
 from cascade_cli.errors import DataError
+from cascade_cli import results_io
 from cascade_cli.results_io import (
     FORMAT_VERSION,
+    LAYOUT_ATTRS,
+    LAYOUT_KEYS,
     LAYOUTS,
+    RESERVED_ATTRS,
     RaggedH5Writer,
+    iter_result,
+    open_result,
     read_result,
     read_result_attrs,
+    run_attrs,
     write_result,
 )
 from cascade_cli.result import CascadeResult
@@ -433,3 +440,159 @@ def test_read_unreadable_files(tmp_path):
         read_result(tmp_path / "out.dat")
     with pytest.raises(DataError, match="is a folder"):
         read_result(tmp_path)
+
+
+# --- streaming: a batch of samples at a time ---------------------------------------------
+
+
+def five_samples():
+    """N=5, Ta=2, O=2; sample 2 emits nothing; values 0..23 in value order."""
+    lengths = [[2, 1], [0, 3], [0, 0], [1, 0], [2, 3]]
+    return CascadeResult(np.arange(24, dtype=np.float32).reshape(12, 2), lengths)
+
+
+def no_outer_steps():
+    return CascadeResult(np.zeros((0, 2), np.float32), np.zeros((3, 0), np.int64))
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+@pytest.mark.parametrize(("layout", "time_major"), [("ragged", False), ("padded", False), ("padded", True)])
+def test_pieces_are_batches_of_samples_that_concatenate_exactly(tmp_path, suffix, layout, time_major):
+    path = tmp_path / f"r{suffix}"
+    write_result(path, five_samples(), layout=layout, time_major=time_major)
+    with open_result(path) as reader:
+        assert (reader.n_samples, reader.outer_steps, reader.output_size) == (5, 2, 2)
+        assert (reader.total, reader.max_length, reader.layout) == (12, 3, layout)
+        assert reader.lengths.tolist() == [[2, 1], [0, 3], [0, 0], [1, 0], [2, 3]]
+        pieces = list(reader.pieces(batch_samples=2))
+    assert [piece.n_samples for piece in pieces] == [2, 2, 1]
+    assert [piece.total for piece in pieces] == [6, 1, 5]  # (2+1+0+3), (0+0+1+0), (2+3)
+    np.testing.assert_array_equal(pieces[1].values, [[12, 13]])  # sample 3's one step
+    assert_same(CascadeResult.concatenate(pieces), five_samples())
+    assert_same(CascadeResult.concatenate(iter_result(path, batch_samples=3)), five_samples())
+
+
+@pytest.mark.parametrize("source_suffix", [".h5", ".npz"])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("out.h5", {}), ("out.npz", {}), ("out.h5", {"layout": "padded"}),
+     ("out.npz", {"layout": "padded", "time_major": True, "pad_value": -1.0}),
+     ("out.h5", {"layout": "padded", "time_major": True}), ("out.npz", {"layout": "padded"}),
+     ("out.csv", {})],
+)
+def test_write_result_from_a_reader_equals_writing_the_whole_result(tmp_path, source_suffix, name, kwargs):
+    source = tmp_path / f"source{source_suffix}"
+    write_result(source, five_samples())
+    (tmp_path / "streamed").mkdir()
+    (tmp_path / "whole").mkdir()
+    with open_result(source) as reader:
+        write_result(tmp_path / "streamed" / name, reader, batch_samples=2, attrs={"seed": 3}, **kwargs)
+    write_result(tmp_path / "whole" / name, five_samples(), attrs={"seed": 3}, **kwargs)
+    streamed, whole = tmp_path / "streamed" / name, tmp_path / "whole" / name
+    assert os.listdir(tmp_path / "streamed") == [name]  # no part files left
+    if name.endswith(".csv"):
+        assert streamed.read_text() == whole.read_text()
+        assert streamed.read_text().splitlines()[7] == "3,0,0,12,13"  # sample 3 comes after the empty sample 2
+        return
+    assert_same(read_result(streamed), five_samples())
+    assert read_result_attrs(streamed) == read_result_attrs(whole)
+    if name.endswith(".npz"):
+        with np.load(streamed, allow_pickle=False) as a, np.load(whole, allow_pickle=False) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in b.files:
+                assert a[key].dtype == b[key].dtype, key
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_padded_npz_streamed_by_hand(tmp_path):
+    source = tmp_path / "r.h5"
+    write_result(source, five_samples())
+    with open_result(source) as reader:
+        write_result(tmp_path / "p.npz", reader, layout="padded", pad_value=-1.0, time_major=True, batch_samples=1)
+    with np.load(tmp_path / "p.npz", allow_pickle=False) as archive:
+        values, mask = archive["values"], archive["mask"]
+    assert values.shape == (2, 3, 5, 2) and mask.shape == (2, 3, 5)
+    # Sample 4, outer step 1: its three steps are values rows 9, 10, 11.
+    assert values[1, :, 4].tolist() == [[18, 19], [20, 21], [22, 23]]
+    # Sample 1, outer step 0 emitted nothing.
+    assert values[0, :, 1].tolist() == [[-1, -1]] * 3
+    assert mask[:, :, 2].tolist() == [[False] * 3, [False] * 3]
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+@pytest.mark.parametrize("make", [no_samples, all_zero, no_outer_steps])
+@pytest.mark.parametrize(("layout", "time_major"), [("ragged", False), ("padded", False), ("padded", True)])
+def test_empty_results_stream(tmp_path, suffix, make, layout, time_major):
+    path = tmp_path / f"r{suffix}"
+    write_result(path, make(), layout=layout, time_major=time_major)
+    with open_result(path) as reader:
+        assert (reader.n_samples, reader.outer_steps, reader.total) == (
+            make().n_samples, make().outer_steps, 0)
+        pieces = list(reader.pieces(batch_samples=2))
+        assert sum(piece.n_samples for piece in pieces) == make().n_samples
+        assert all(piece.total == 0 for piece in pieces)
+        write_result(tmp_path / f"copy{suffix}", reader, layout=layout, time_major=time_major)
+        write_result(tmp_path / "copy.csv", reader)
+    assert_same(read_result(tmp_path / f"copy{suffix}"), make())
+    assert (tmp_path / "copy.csv").read_text() == "sample,outer,inner,y0,y1\n"
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+def test_reader_reads_the_values_one_batch_at_a_time(tmp_path, suffix, monkeypatch):
+    path = tmp_path / f"r{suffix}"
+    big = CascadeResult(np.arange(400, dtype=np.float64).reshape(200, 2), np.full((100, 2), 1))
+    write_result(path, big)
+    reads = []
+    for reader_class in (results_io._H5Array, results_io._NpyMember):
+        original = reader_class.read
+
+        def recording(self, start=None, stop=None, *, axis=0, original=original):
+            array = original(self, start, stop, axis=axis)
+            reads.append((self.key, array.shape))
+            return array
+
+        monkeypatch.setattr(reader_class, "read", recording)
+    with open_result(path) as reader:
+        opened = [key for key, _ in reads if key not in LAYOUT_ATTRS]
+        assert opened == ["lengths", "row_splits_0", "row_splits_1"]  # no values on opening
+        for piece in reader.pieces(batch_samples=7):
+            assert reads[-1] == ("flat_values", (piece.total, 2)) and piece.n_samples <= 7
+    assert max(shape[0] for key, shape in reads if key == "flat_values") == 14  # 7 samples of 2 steps
+
+
+def test_streamed_mask_check_names_file_and_key(tmp_path):
+    path = tmp_path / "out.npz"
+    write_result(path, five_samples(), layout="padded")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["mask"][4, 1, 0] = False
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+    with open_result(path) as reader:
+        pieces = reader.pieces(batch_samples=2)
+        assert next(pieces).n_samples == 2  # samples 0 and 1 are fine
+        with pytest.raises(DataError, match=f"^{quoted(path)} key 'mask': expected shape"):
+            list(pieces)
+    with pytest.raises(DataError, match="key 'mask'"):
+        with open_result(path) as reader:
+            write_result(tmp_path / "copy.h5", reader, batch_samples=2)
+    assert sorted(os.listdir(tmp_path)) == ["out.npz"]
+
+
+def test_batch_samples_must_be_positive(tmp_path):
+    write_result(tmp_path / "r.h5", five_samples())
+    with open_result(tmp_path / "r.h5") as reader:
+        with pytest.raises(DataError, match="^batch_samples: expected a positive integer, received 0$"):
+            list(reader.pieces(batch_samples=0))
+    with pytest.raises(DataError, match="closed"):
+        list(reader.pieces())
+
+
+def test_spec_names_every_key_once():
+    assert LAYOUT_KEYS["ragged"] == ("flat_values", "row_splits_0", "row_splits_1", "lengths")
+    assert LAYOUT_KEYS["padded"] == ("values", "lengths", "mask")
+    assert LAYOUT_ATTRS == ("layout", "format_version", "pad_value", "time_major")
+    assert RESERVED_ATTRS == {"layout", "format_version", "pad_value", "time_major", "flat_values",
+                              "row_splits_0", "row_splits_1", "lengths", "values", "mask"}
+    assert run_attrs({"layout": "ragged", "format_version": 1, "pad_value": 0.0, "time_major": False,
+                      "seed": 3, "state": "reset"}) == {"seed": 3, "state": "reset"}

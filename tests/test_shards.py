@@ -19,7 +19,8 @@ from cascade_cli.cli import main
 from cascade_cli.errors import DataError
 from cascade_cli.results_io import read_result, read_result_attrs, write_result
 from cascade_cli.result import CascadeResult
-from cascade_cli.shards import SHARD_ATTRS, check_shards, parse_shard, run_id, shard_attrs, shard_range
+from cascade_cli.shards import (SHARD_ATTRS, check_shards, merge_shards, parse_shard, run_id, shard_attrs,
+                                 shard_range)
 
 N, TA, F = 5, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])  # sample 1 emits nothing
@@ -234,3 +235,22 @@ def test_merge_and_shard_have_help_with_an_example():
     result = invoke("merge", "--help")
     assert result.exit_code == 0 and "Example:" in result.stdout and "cascade merge" in result.stdout
     assert "--shard I/K" in invoke("generate", "--help").stdout
+
+
+def test_merge_shards_streams_batches_into_the_run_by_hand(tmp_path):
+    run = "0123456789abcdef"
+    parts = [CascadeResult(np.arange(6, dtype=np.float32).reshape(3, 2), [[2, 0], [0, 1], [0, 0]]),
+             CascadeResult(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int64)),
+             CascadeResult(np.arange(6, 14, dtype=np.float32).reshape(4, 2), [[1, 3]])]
+    paths = []
+    for index, (start, stop) in enumerate([(0, 3), (3, 3), (3, 4)]):
+        paths.append(tmp_path / f"p{index}.npz")
+        write_result(paths[-1], parts[index], attrs={**shard_attrs(index=index, count=3, start=start, stop=stop,
+                                                                   total_samples=4, run=run), "seed": 7})
+    summary = merge_shards(paths[::-1], tmp_path / "all.h5", batch_samples=1)
+    assert (summary.run_id, summary.shards, summary.samples, summary.emitted) == (run, 3, 4, 7)
+    merged = read_result(tmp_path / "all.h5")
+    assert merged.lengths.tolist() == [[2, 0], [0, 1], [0, 0], [1, 3]]
+    np.testing.assert_array_equal(merged.values, np.arange(14, dtype=np.float32).reshape(7, 2))
+    assert read_result_attrs(tmp_path / "all.h5") == {"layout": "ragged", "format_version": 1,
+                                                      "run_id": run, "seed": 7}
