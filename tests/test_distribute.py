@@ -25,6 +25,7 @@ from cascade_cli.distribute import make_strategy
 from cascade_cli.errors import CascadeError, ParameterError
 from cascade_cli.options import TrainConfig
 from cascade_cli.training import fit
+from test_training import regularized_models
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(cascade_cli.__file__).resolve().parent.parent  # subprocesses import this very package
@@ -40,6 +41,9 @@ CASES = {
                                epochs=1, state="carry"),
     "sgd-crossentropy-sequence": dict(optimizer="sgd", learning_rate=0.1, loss="categorical-crossentropy",
                                       batch_size=5, val_split=0.0, epochs=1),
+    # weight regularizers: each replica adds 1/replicas of the penalty, so a step adds it once
+    "sgd-mse-regularized": dict(optimizer="sgd", learning_rate=0.1, loss="mse", batch_size=5, val_split=0.25,
+                                epochs=1),
 }
 
 
@@ -49,6 +53,8 @@ def case_models(name):
         return builders.model_a(), builders.step_b("lstm")
     if "sequence" in name:
         return builders.model_a(), builders.sequence_b()
+    if "regularized" in name:
+        return regularized_models()
     return builders.model_a(), builders.step_b()
 
 
