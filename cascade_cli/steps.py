@@ -209,12 +209,13 @@ def read_steps(path, *, key: str = "steps") -> np.ndarray:
         return steps_from_array(h5.read_dataset(dset, (), path=path), source=f"'{name}' (key '{key}')")
 
 
-def parse_steps(text: str, *, flag: str = "--steps") -> np.ndarray:
-    """Parses steps given on the command line, e.g. `"3,4,2"`.
+def parse_steps(text: str, *, flag: str = "steps") -> np.ndarray:
+    """Parses steps given as text, e.g. `"3,4,2"`.
 
     Args:
         text: integers split by commas and/or white space.
-        flag: the option's name, for messages.
+        flag: the name the text was given under, for messages (the command
+            line passes its option, `--steps`).
 
     Returns:
         `(Ta,)` `int64`.

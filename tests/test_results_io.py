@@ -596,3 +596,27 @@ def test_spec_names_every_key_once():
                               "row_splits_0", "row_splits_1", "lengths", "values", "mask"}
     assert run_attrs({"layout": "ragged", "format_version": 1, "pad_value": 0.0, "time_major": False,
                       "seed": 3, "state": "reset"}) == {"seed": 3, "state": "reset"}
+
+
+def test_part_files_of_a_killed_npz_write_are_removed_by_the_next_write(tmp_path):
+    code = (
+        "import os, sys\n"
+        "import numpy as np\n"
+        "from cascade_cli import results_io\n"
+        "from cascade_cli.result import CascadeResult\n"
+        "real = results_io._RawColumn.extend\n"
+        "def extend(self, array):\n"
+        "    real(self, array)\n"
+        "    if self.rows >= 2:\n"
+        "        os._exit(9)\n"
+        "results_io._RawColumn.extend = extend\n"
+        "result = CascadeResult(np.zeros((4, 1), np.float32), [[1, 1], [1, 1]])\n"
+        "results_io.write_result(sys.argv[1], result, batch_samples=1)\n"
+    )
+    target = tmp_path / "out.npz"
+    assert subprocess.run([sys.executable, "-c", code, str(target)]).returncode == 9
+    left = sorted(os.listdir(tmp_path))
+    assert left and all(name.startswith(".out.npz.cascade-tmp-") for name in left)
+    assert any(name.endswith(".flat_values") for name in left)  # a part file, named after the temporary file
+    write_result(target, hand_result())
+    assert os.listdir(tmp_path) == ["out.npz"]

@@ -173,11 +173,13 @@ def test_parse_steps():
     np.testing.assert_array_equal(parse_steps("3,4,2"), [3, 4, 2])
     np.testing.assert_array_equal(parse_steps(" 3 4, 0 "), [3, 4, 0])
     assert parse_steps("5").dtype == np.int64
-    with pytest.raises(DataError, match=r"^--steps value 2: expected a non-negative integer, received 'x'$"):
+    with pytest.raises(DataError, match=r"^steps value 2: expected a non-negative integer, received 'x'$"):
         parse_steps("3,x")
+    with pytest.raises(DataError, match=r"^--steps value 2: expected a non-negative integer, received 'x'$"):
+        parse_steps("3,x", flag="--steps")
     with pytest.raises(DataError, match=r"^--lengths value 1: expected a non-negative integer, received '-3'$"):
         parse_steps("-3,1", flag="--lengths")
-    with pytest.raises(DataError, match=r"^--steps: expected comma-separated non-negative integers, received ''$"):
+    with pytest.raises(DataError, match=r"^steps: expected comma-separated non-negative integers, received ''$"):
         parse_steps("")
 
 
