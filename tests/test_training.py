@@ -104,6 +104,23 @@ def test_config_rejects_bad_settings_naming_the_python_parameter(settings, words
     assert "--" not in str(caught.value)
 
 
+def test_make_optimizer_makes_every_name_in_options_and_only_those(monkeypatch):
+    import cascade_cli.options as options
+    from cascade_cli.training import make_optimizer
+
+    kinds = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    assert set(options.OPTIMIZERS) == set(kinds)
+    for name, kind in kinds.items():
+        optimizer = make_optimizer(name, learning_rate=0.25)
+        assert type(optimizer) is kind and float(optimizer.learning_rate) == 0.25
+    with pytest.raises(ParameterError, match="^optimizer: expected one of adam, sgd, rmsprop, received 'adagrad'"):
+        make_optimizer("adagrad", learning_rate=0.1)
+    # a new optimizer is one more name in options.OPTIMIZERS (Keras' own name), nothing else
+    monkeypatch.setattr(options, "OPTIMIZERS", (*options.OPTIMIZERS, "adagrad"))
+    monkeypatch.setattr("cascade_cli.training.OPTIMIZERS", options.OPTIMIZERS)
+    assert type(make_optimizer("adagrad", learning_rate=0.1)) is keras.optimizers.Adagrad
+
+
 # ------------------------------------------------------------ exact SGD step
 
 
