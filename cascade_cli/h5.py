@@ -2,7 +2,9 @@
 
 HDF5 files are opened read-only and refused when any part of them lives in
 another file; a failed read names the file and the key. `.npy` / `.npz` files
-are loaded with `allow_pickle=False` only. Every problem is a `DataError`.
+are loaded with `allow_pickle=False` only, and an `.npz` member can be read a
+block at a time (`open_npz`, `NpyMember`) without loading it whole. Every
+problem is a `DataError`.
 """
 
 import contextlib
@@ -16,6 +18,8 @@ import numpy as np
 from cascade_cli.errors import DataError
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 _DTYPE_KINDS = {
     "float": ("f", "floating-point numbers"),
@@ -165,16 +169,107 @@ def read_dataset(dset: h5py.Dataset, selection, *, path):
         ) from exc
 
 
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def _npy_header_dtype(handle) -> np.dtype:
-    """Reads the header of the `.npy` data at `handle` and returns its dtype."""
+def _npy_header(handle):
+    """Reads the magic and header of the `.npy` data at `handle`: `(shape, fortran_order, dtype)`."""
     version = np.lib.format.read_magic(handle)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                    else np.lib.format.read_array_header_2_0)
-    return read_header(handle)[2]
+    return read_header(handle)
+
+
+@contextlib.contextmanager
+def open_npz(path, *, expected: str) -> Iterator[zipfile.ZipFile]:
+    """Opens an `.npz` archive as a zip file of `.npy` members, for `NpyMember`.
+
+    Args:
+        path: the file.
+        expected: what the file should be, for messages.
+
+    Yields:
+        The open `zipfile.ZipFile`; it is closed when the block ends.
+
+    Raises:
+        DataError: the file is a single `.npy` array or not a readable zip archive.
+    """
+    name = display(path)
+    try:
+        with open(name, "rb") as handle:
+            single = handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        if single:
+            raise DataError(f"'{name}' holds a single array; expected {expected}")
+        archive = zipfile.ZipFile(name)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"'{name}' is not a readable .npz file: {exc}") from exc
+    with archive:
+        yield archive
+
+
+class NpyMember:
+    """One `.npy` member of an open `.npz` archive, read a block at a time without loading it whole.
+
+    Its header is read on opening; arrays of Python objects are refused then.
+
+    Args:
+        archive: the `zipfile.ZipFile` from `open_npz`.
+        key: the member's name without `.npy`.
+        path: the archive's path, for messages.
+
+    Attributes:
+        shape: the array's shape.
+        dtype: its dtype.
+
+    Raises:
+        DataError: naming the file and key, when the header cannot be read or
+            the array holds Python objects.
+    """
+
+    def __init__(self, archive, key, *, path):
+        self.path, self.key = path, key
+        try:
+            self._file = archive.open(f"{key}.npy")
+            shape, fortran_order, dtype = _npy_header(self._file)
+            self._offset = self._file.tell()
+        except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise DataError(f"'{path}' key '{key}' cannot be read: {error}") from error
+        if dtype.hasobject:
+            raise DataError(
+                f"'{path}' key '{key}' cannot be read without pickle: it holds Python objects"
+            )
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = dtype
+        self._whole = None
+        if fortran_order and len(self.shape) > 1:  # never written by cascade: read it whole
+            size = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+            self._whole = self._read_bytes(0, size).reshape(self.shape, order="F")
+
+    def _read_bytes(self, offset, size):
+        try:
+            self._file.seek(self._offset + offset)
+            data = self._file.read(size)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise DataError(f"'{self.path}' key '{self.key}' cannot be read: {error}") from error
+        if len(data) != size:
+            raise DataError(f"'{self.path}' key '{self.key}' cannot be read: the archive ends early")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def read(self, start=None, stop=None, *, axis=0):
+        """Reads `[start, stop)` along `axis` (every entry of the other axes); all of it by default."""
+        if start is None:
+            start, stop, axis = 0, (self.shape[0] if self.shape else None), 0
+        if not self.shape:
+            return self._read_bytes(0, self.dtype.itemsize).reshape(())
+        if self._whole is not None:
+            return np.ascontiguousarray(self._whole[(slice(None),) * axis + (slice(start, stop),)])
+        blocks = int(np.prod(self.shape[:axis], dtype=np.int64))
+        span = self.shape[axis]
+        inner = int(np.prod(self.shape[axis + 1 :], dtype=np.int64))
+        width = (stop - start) * inner
+        out = np.empty((blocks, width), dtype=self.dtype)
+        for block in range(blocks):
+            offset = (block * span + start) * inner * self.dtype.itemsize
+            out[block] = self._read_bytes(offset, width * self.dtype.itemsize)
+        return out.reshape(self.shape[:axis] + (stop - start,) + self.shape[axis + 1 :])
+
 
 
 def np_load(path, *, mmap_mode=None, expected: str):
@@ -190,7 +285,7 @@ def np_load(path, *, mmap_mode=None, expected: str):
         with open(name, "rb") as handle:
             magic = handle.read(len(_NPY_MAGIC))
             handle.seek(0)
-            if magic == _NPY_MAGIC and _npy_header_dtype(handle).hasobject:
+            if magic == _NPY_MAGIC and _npy_header(handle)[2].hasobject:
                 raise DataError(
                     f"'{name}' holds Python objects or pickled data: expected {expected} "
                     "of numbers (pickles are never loaded)"

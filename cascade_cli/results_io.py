@@ -562,6 +562,9 @@ def _check_header(path, attrs):
     return layout
 
 
+_NPZ_RESULT = "an .npz archive of a cascade result"
+
+
 def _missing(path, key):
     return DataError(f"'{path}' is not a complete cascade result: key '{key}' is missing")
 
@@ -589,60 +592,6 @@ class _H5Array:
         return h5.read_dataset(self.dataset, selection, path=self.path)
 
 
-class _NpyMember:
-    """One `.npy` member of an `.npz` archive, read a block at a time without loading it whole."""
-
-    def __init__(self, path, archive, key):
-        self.path, self.key = path, key
-        try:
-            self._file = archive.open(f"{key}.npy")
-            version = np.lib.format.read_magic(self._file)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran_order, dtype = read_header(self._file)
-            self._offset = self._file.tell()
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise DataError(f"'{path}' key '{key}' cannot be read: {error}") from error
-        if dtype.hasobject:
-            raise DataError(
-                f"'{path}' key '{key}' cannot be read without pickle: it holds Python objects"
-            )
-        self.shape = tuple(int(n) for n in shape)
-        self.dtype = dtype
-        self._whole = None
-        if fortran_order and len(self.shape) > 1:  # never written by cascade: read it whole
-            size = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
-            self._whole = self._read_bytes(0, size).reshape(self.shape, order="F")
-
-    def _read_bytes(self, offset, size):
-        try:
-            self._file.seek(self._offset + offset)
-            data = self._file.read(size)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise DataError(f"'{self.path}' key '{self.key}' cannot be read: {error}") from error
-        if len(data) != size:
-            raise DataError(f"'{self.path}' key '{self.key}' cannot be read: the archive ends early")
-        return np.frombuffer(data, dtype=self.dtype)
-
-    def read(self, start=None, stop=None, *, axis=0):
-        """Reads `[start, stop)` along `axis` (every entry of the other axes); all of it by default."""
-        if start is None:
-            start, stop, axis = 0, (self.shape[0] if self.shape else None), 0
-        if not self.shape:
-            return self._read_bytes(0, self.dtype.itemsize).reshape(())
-        if self._whole is not None:
-            return np.ascontiguousarray(self._whole[(slice(None),) * axis + (slice(start, stop),)])
-        blocks = int(np.prod(self.shape[:axis], dtype=np.int64))
-        span = self.shape[axis]
-        inner = int(np.prod(self.shape[axis + 1 :], dtype=np.int64))
-        width = (stop - start) * inner
-        out = np.empty((blocks, width), dtype=self.dtype)
-        for block in range(blocks):
-            offset = (block * span + start) * inner * self.dtype.itemsize
-            out[block] = self._read_bytes(offset, width * self.dtype.itemsize)
-        return out.reshape(self.shape[:axis] + (stop - start,) + self.shape[axis + 1 :])
-
-
 def _h5_attrs(path, file):
     """Returns the root attributes of an open HDF5 file as Python scalars."""
     attrs = {}
@@ -652,18 +601,6 @@ def _h5_attrs(path, file):
         except (OSError, TypeError, ValueError) as error:
             raise DataError(f"'{path}' attribute '{key}' cannot be read: {error}") from error
     return attrs
-
-
-def _open_npz(path):
-    """Opens `path` as a zip archive of `.npy` members, expecting an `.npz` archive."""
-    try:
-        with open(path, "rb") as file:
-            single = file.read(6) == b"\x93NUMPY"
-        if single:
-            raise DataError(f"'{path}' holds a single array; expected an .npz archive of a cascade result")
-        return zipfile.ZipFile(path)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"'{path}' is not a readable .npz file: {error}") from error
 
 
 def _npz_keys(archive):
@@ -676,7 +613,7 @@ def _npz_attrs(path, archive):
     for key in _npz_keys(archive):
         if key in RESERVED_ATTRS and key not in LAYOUT_ATTRS:
             continue
-        member = _NpyMember(path, archive, key)
+        member = h5.NpyMember(archive, key, path=path)
         if member.shape == ():
             attrs[key] = _python_scalar(member.read())
     return attrs
@@ -713,7 +650,7 @@ class ResultReader:
                 self.layout = _check_header(path, self.attrs)
                 arrays = {key: _H5Array(path, file, key) for key in LAYOUT_KEYS[self.layout]}
             else:
-                archive = self._stack.enter_context(_open_npz(path))
+                archive = self._stack.enter_context(h5.open_npz(path, expected=_NPZ_RESULT))
                 self.attrs = _npz_attrs(path, archive)
                 self.layout = _check_header(path, self.attrs)
                 keys = set(_npz_keys(archive))
@@ -721,7 +658,7 @@ class ResultReader:
                 for key in LAYOUT_KEYS[self.layout]:
                     if key not in keys:
                         raise _missing(path, key)
-                    arrays[key] = _NpyMember(path, archive, key)
+                    arrays[key] = h5.NpyMember(archive, key, path=path)
             self._arrays = arrays
             try:
                 self._check()
@@ -877,7 +814,7 @@ def read_result_attrs(path):
         with h5.open_h5(path) as file:
             attrs = _h5_attrs(path, file)
     else:
-        with _open_npz(path) as archive:
+        with h5.open_npz(path, expected=_NPZ_RESULT) as archive:
             attrs = _npz_attrs(path, archive)
     _check_header(path, attrs)
     return attrs

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cascade_cli.errors import DataError
-from cascade_cli.h5 import h5_dataset, is_hdf5, np_load, open_h5, read_dataset
+from cascade_cli.h5 import NpyMember, h5_dataset, is_hdf5, np_load, open_h5, open_npz, read_dataset
 
 
 def write_text(path, text):
@@ -141,3 +141,35 @@ def test_is_hdf5_and_keyed_read_errors(tmp_path):
         with pytest.raises(DataError, match=r"^could not read dataset 'y' from '.*damaged\.h5': ") as info:
             read_dataset(h5_dataset(f, "y", path=damaged), (), path=damaged)
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_npy_member_reads_blocks_along_any_axis(tmp_path):
+    cube = np.arange(2 * 3 * 4, dtype=">i4").reshape(2, 3, 4)  # big-endian on purpose
+    np.savez(tmp_path / "a.npz", cube=cube, scalar=np.array("ragged"), fortran=np.asfortranarray(cube))
+    with open_npz(tmp_path / "a.npz", expected="an archive") as archive:
+        member = NpyMember(archive, "cube", path=tmp_path / "a.npz")
+        assert member.shape == (2, 3, 4) and member.dtype == np.dtype(">i4")
+        assert member.read(1, 2).tolist() == [[[12, 13, 14, 15], [16, 17, 18, 19], [20, 21, 22, 23]]]
+        assert member.read(1, 3, axis=1).tolist() == [[[4, 5, 6, 7], [8, 9, 10, 11]],
+                                                      [[16, 17, 18, 19], [20, 21, 22, 23]]]
+        assert member.read(2, 3, axis=2).tolist() == [[[2], [6], [10]], [[14], [18], [22]]]
+        np.testing.assert_array_equal(member.read(), cube)
+        assert str(NpyMember(archive, "scalar", path="a.npz").read()) == "ragged"
+        np.testing.assert_array_equal(NpyMember(archive, "fortran", path="a.npz").read(0, 1, axis=1), cube[:, :1])
+
+
+def test_npy_member_and_open_npz_errors(tmp_path):
+    np.savez(tmp_path / "o.npz", o=np.array([1, None], dtype=object))
+    with open_npz(tmp_path / "o.npz", expected="an archive") as archive:
+        with pytest.raises(DataError, match=r"^'o\.npz' key 'o' cannot be read without pickle: it holds Python objects$"):
+            NpyMember(archive, "o", path="o.npz")
+        with pytest.raises(DataError, match=r"^'o\.npz' key 'missing' cannot be read: "):
+            NpyMember(archive, "missing", path="o.npz")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(DataError, match=r"'.*one\.npy' holds a single array; expected an archive$"):
+        with open_npz(tmp_path / "one.npy", expected="an archive"):
+            pass
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"'.*bad\.npz' is not a readable \.npz file: "):
+        with open_npz(tmp_path / "bad.npz", expected="an archive"):
+            pass

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cascade_cli import inspection, results_io
+from cascade_cli import h5, inspection, results_io
 from cascade_cli.errors import DataError
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import write_result
@@ -26,7 +26,7 @@ def test_describe_result_reads_the_header_and_lengths_only(tmp_path, suffix, mon
             raise AssertionError(f"read {self.key}")
         return original[type(self)](self, start, stop, axis=axis)
 
-    original = {cls: cls.read for cls in (results_io._H5Array, results_io._NpyMember)}
+    original = {cls: cls.read for cls in (results_io._H5Array, h5.NpyMember)}
     for cls in original:
         monkeypatch.setattr(cls, "read", refuse)
     report = inspection.describe_result(path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cascade_cli.errors import DataError
-from cascade_cli import results_io
+from cascade_cli import h5, results_io
 from cascade_cli.results_io import (
     FORMAT_VERSION,
     LAYOUT_ATTRS,
@@ -543,7 +543,7 @@ def test_reader_reads_the_values_one_batch_at_a_time(tmp_path, suffix, monkeypat
     big = CascadeResult(np.arange(400, dtype=np.float64).reshape(200, 2), np.full((100, 2), 1))
     write_result(path, big)
     reads = []
-    for reader_class in (results_io._H5Array, results_io._NpyMember):
+    for reader_class in (results_io._H5Array, h5.NpyMember):
         original = reader_class.read
 
         def recording(self, start=None, stop=None, *, axis=0, original=original):
@@ -602,7 +602,7 @@ def test_part_files_of_a_killed_npz_write_are_removed_by_the_next_write(tmp_path
     code = (
         "import os, sys\n"
         "import numpy as np\n"
-        "from cascade_cli import results_io\n"
+        "from cascade_cli import h5, results_io\n"
         "from cascade_cli.result import CascadeResult\n"
         "real = results_io._RawColumn.extend\n"
         "def extend(self, array):\n"
