@@ -38,6 +38,28 @@ HISTORY_FILE = "history.csv"
 # ---------------------------------------------------------------- out_dir
 
 
+def check_out_dir(out_dir):
+    """Checks, before any work and creating nothing, that `out_dir` is a folder that can be written or created.
+
+    Returns:
+        `out_dir` as a `Path`.
+
+    Raises:
+        ParameterError: (`out_dir`) it is a file, or it (or the folder it
+            would be created in) is not writable.
+    """
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ParameterError("out_dir", f"'{path}' is a file: expected a folder.")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: '{existing}' is not writable"
+        raise ParameterError("out_dir", f"'{path}' {what}.")
+    return path
+
+
 def prepare_out_dir(out_dir, *, resume):
     """Creates `out_dir` if needed; refuses a fresh run over an earlier one, or a resume without a checkpoint.
 
@@ -48,9 +70,7 @@ def prepare_out_dir(out_dir, *, resume):
         ParameterError: `out_dir` is a file, holds an earlier run (without
             `resume`) or no checkpoint (with it), or cannot be written.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ParameterError("out_dir", f"'{out_dir}' is a file: expected a folder.")
+    out_dir = check_out_dir(out_dir)
     checkpoints = out_dir / CHECKPOINT_DIR
     if resume:
         if tf.train.latest_checkpoint(str(checkpoints)) is None:
@@ -58,7 +78,7 @@ def prepare_out_dir(out_dir, *, resume):
                 "resume", f"no checkpoint to resume from in '{checkpoints}'; set resume=False to start training."
             )
         return out_dir
-    earlier = [name for name in (CHECKPOINT_DIR, *MODEL_FILES, HISTORY_FILE) if (out_dir / name).exists()]
+    earlier = _training_files(out_dir)
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         earlier.remove(CHECKPOINT_DIR)
     if earlier:
@@ -74,6 +94,22 @@ def prepare_out_dir(out_dir, *, resume):
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ParameterError("out_dir", f"'{out_dir}' is not writable.")
     return out_dir
+
+
+def _training_files(out_dir):
+    """The names of the files and folders a training run writes that exist in `out_dir`."""
+    return [name for name in (CHECKPOINT_DIR, *MODEL_FILES, HISTORY_FILE) if (Path(out_dir) / name).exists()]
+
+
+def remove_training_run(out_dir):
+    """Removes what a training run wrote into `out_dir` (`checkpoints/`, the models, `history.csv`), nothing else."""
+    out_dir = Path(out_dir)
+    for name in _training_files(out_dir):
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def save_models(models, out_dir):

@@ -12,8 +12,10 @@ import tensorflow as tf
 from cascade_cli.checkpoints import (
     Checkpoints,
     Progress,
+    check_out_dir,
     check_settings,
     prepare_out_dir,
+    remove_training_run,
     run_settings,
     save_models,
     write_history,
@@ -56,10 +58,29 @@ def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
         prepare_out_dir(tmp_path / "a" / "b", resume=False)
 
 
-def test_prepare_out_dir_refuses_an_unwritable_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a non-root user sees a read-only folder
-    with pytest.raises(ParameterError, match=r"^out_dir: '.*out' is not writable\.$"):
-        prepare_out_dir(tmp_path / "out", resume=False)
+def test_check_out_dir_refuses_an_unwritable_folder_and_creates_nothing(tmp_path, monkeypatch):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "file").write_text("")
+    writable = lambda path, mode: os.fspath(path) != os.fspath(tmp_path / "ro")  # noqa: E731
+    monkeypatch.setattr(os, "access", writable)  # as a non-root user sees a read-only folder
+    assert check_out_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    with pytest.raises(ParameterError, match=r"^out_dir: '.*ro' is not writable\.$"):
+        check_out_dir(tmp_path / "ro")
+    with pytest.raises(ParameterError, match=r"^out_dir: '.*ro/run' cannot be created: '.*ro' is not writable\.$"):
+        prepare_out_dir(tmp_path / "ro" / "run", resume=False)
+    with pytest.raises(ParameterError, match=r"^out_dir: '.*file' is a file: expected a folder\.$"):
+        check_out_dir(tmp_path / "file")
+    assert sorted(os.listdir(tmp_path)) == ["file", "ro"]
+
+
+def test_remove_training_run_removes_what_training_wrote_and_nothing_else(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-1.index").write_text("")
+    for name in ("model_a.keras", "model_b.keras", "history.csv", "notes.txt"):
+        (tmp_path / name).write_text("")
+    remove_training_run(tmp_path)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    remove_training_run(tmp_path / "missing")  # nothing to remove
 
 
 def test_write_history_by_hand(tmp_path):
