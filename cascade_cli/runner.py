@@ -217,7 +217,7 @@ class Cascade:
         ]
         self._split = split_b(model_b) if fast_cells is not False and self.b_spec.form == "step" else None
         if fast_cells is True:
-            self._known_cell(training=False)  # raises now where it cannot apply whatever `training` is
+            self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False)  # raise now where it cannot apply
         self._xla_a = xla_inference(model_a) if jit_compile else None
 
     # ------------------------------------------------------------------ public
@@ -258,7 +258,7 @@ class Cascade:
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
         if self.b_spec.form == "sequence":
             return self._run_sequence(ir_flat, caps, training)
-        split = self._known_cell(training=training)
+        split = self._known_cell(ir_dtype=ir.dtype, training=training)
         if split is None:
             step = _Step(lambda x: x, lambda x, states: self._call_b(x, states, training), self.b_spec.output_size)
         else:
@@ -272,12 +272,12 @@ class Cascade:
 
     # ------------------------------------------------------------ validation
 
-    def _known_cell(self, *, training):
+    def _known_cell(self, *, ir_dtype, training):
         """B taken apart (`cells.SplitB`) where the known-cell path applies, else None."""
         if self.fast_cells is False:
             return None
-        problem = fast_path_problem(self._split, form=self.b_spec.form, ir_dtype=self.model_a.outputs[0].dtype,
-                                    stop_rule=self.stop_rule, training=training)
+        problem = fast_path_problem(self._split, form=self.b_spec.form, ir_dtype=ir_dtype, stop_rule=self.stop_rule,
+                                    training=training)
         if problem is None:
             return self._split
         if self.fast_cells is True:
