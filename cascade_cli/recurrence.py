@@ -120,13 +120,16 @@ def _run(backward, sizes, prefix, counts, *tensors):
         def gradient(*upstream):
             upstream = [_split(tf.zeros_like(s) if g is None else g, counts) for g, s in zip(upstream, leaving_all)]
 
-            def grow(values, rows):
-                """`values` (the rows of step j + 1) padded with zero rows to step j's `rows`."""
-                return tf.pad(values, [[0, rows - tf.shape(values)[0]], [0, 0]])
+            def grow(values, j):
+                """`values` (the `counts[j + 1]` rows of step j + 1) padded with zero rows to step j's `counts[j]`.
+
+                The padding comes from `counts`, not from `tf.shape(values)`: with steps known at trace time,
+                Grappler's constant folding gave that shape the initial states' row count (issue 17).
+                """
+                return tf.pad(values, [[0, counts[j] - counts[j + 1]], [0, 0]])
 
             def step_back(j, carried, d_inputs, d_inner):
-                rows = counts[j]
-                d_new = [up.read(j) + grow(c, rows) for up, c in zip(upstream, carried)]
+                d_new = [up.read(j) + grow(c, j) for up, c in zip(upstream, carried)]
                 states = [array.read(j) for array in entering]
                 d_x, d_i, d_direct = backward.vjp(read(j), [array.read(j) for array in inners], states, d_new)
                 through_inner = backward.through_inner(d_i, weights)

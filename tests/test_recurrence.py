@@ -164,3 +164,44 @@ def test_gradients_with_trailing_zero_pairs_equal_calling_b(state):
         grads.append(tape.gradient(loss, a.trainable_weights + b.trainable_weights))
     for got, want in zip(*grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+CAPTURED_CASES = [(kind, "reset", "ir") for kind in ("simple", "gru", "lstm")] + [
+    (kind, state, "zeros") for kind in ("simple", "gru", "lstm") for state in ("reset", "carry")]
+
+
+@pytest.mark.parametrize("b_kind, state, state_init", CAPTURED_CASES)
+@pytest.mark.parametrize("steps_given", ["captured", "argument"])
+@pytest.mark.parametrize("tape_at", ["inside", "around"])
+def test_gradients_inside_tf_function_with_steps_captured_or_passed(b_kind, state, state_init, steps_given, tape_at):
+    """Issue 17: with steps as trace-time constants, Grappler's constant folding gave the backward loop's
+    carried gradient the initial states' row count, and padding it by `tf.shape` failed ("Paddings must be
+    non-negative") with state_init='ir'. Every fast-path cell, steps captured and passed, against calling B."""
+    a, b = builders.model_a(), builders.step_b(b_kind, units=4)
+    x, steps = builders.inputs(3, 4), np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])
+    weights = a.trainable_weights + b.trainable_weights
+    grads = []
+    for fast_cells in ("auto", False):
+        cascade = Cascade(a, b, state=state, state_init=state_init, fast_cells=fast_cells)
+
+        def loss(s):
+            return tf.reduce_sum(tf.sin(cascade(x, s, training=True).flat_values))
+
+        if steps_given == "captured":
+            traced, args = tf.function(lambda: loss(steps)), ()
+        else:
+            traced, args = tf.function(loss), (tf.constant(steps),)
+        if tape_at == "inside":
+            def with_tape(*args):
+                with tf.GradientTape() as tape:
+                    value = traced.python_function(*args)
+                return tape.gradient(value, weights)
+
+            grads.append(tf.function(with_tape)(*args))
+        else:
+            with tf.GradientTape() as tape:
+                value = traced(*args)
+            grads.append(tape.gradient(value, weights))
+    for weight, got, want in zip(weights, *grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(got), tf.convert_to_tensor(want), rtol=1e-5, atol=1e-6,
+                                   err_msg=weight.path)
