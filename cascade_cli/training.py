@@ -23,14 +23,22 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from cascade_cli import distribute
-from cascade_cli.checkpoints import HISTORY_FILE, Checkpoints, Progress, prepare_out_dir, run_settings, save_models
-from cascade_cli.checkpoints import write_history
+from cascade_cli.checkpoints import (
+    HISTORY_FILE,
+    Checkpoints,
+    Progress,
+    prepare_out_dir,
+    run_settings,
+    save_models,
+    write_history,
+)
 from cascade_cli.data import epoch_order, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import flatten_layers, seed_generators
@@ -304,11 +312,11 @@ class _Run:
     distributed: bool
     out_dir: Path
     chief: bool
-    optimizer: object
-    gradients: object
-    apply: object
-    evaluation: object
-    epoch_batches: object
+    optimizer: keras.optimizers.Optimizer
+    gradients: Callable  # (inputs, steps, targets) -> (sum, count, penalty, grads, finite)
+    apply: Callable  # (grads) -> None: one optimizer step
+    evaluation: Callable  # (inputs, steps, targets) -> (sum, count), training=False
+    epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
     train_indices: np.ndarray
     val_indices: np.ndarray
 
@@ -340,7 +348,7 @@ def _not_finite(what, value, *, epoch, batch, checkpoints, done):
     kept = f"the last good checkpoint (epoch {done}) is in '{checkpoints}'" if done else "no checkpoint was written"
     return CascadeError(
         f"training stopped at {where}: the {what} became {value} (expected a finite number); this epoch "
-        f"was not saved and {kept}. Try a lower learning_rate."
+        f"was not saved and {kept}. Try a lower learning rate."
     )
 
 
@@ -384,9 +392,10 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy):
         gradients, apply = train_steps(loss, signature=batch_signature(data), variables=variables,
                                        optimizer=optimizer)
         epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
-    return _Run(given=given, models=(model_a, model_b), distributed=distributed, out_dir=out_dir, chief=chief, optimizer=optimizer,
-                gradients=gradients, apply=apply, evaluation=_evaluation_step(cascade, terms, data),
-                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
+    return _Run(given=given, models=(model_a, model_b), distributed=distributed, out_dir=out_dir, chief=chief,
+                optimizer=optimizer, gradients=gradients, apply=apply,
+                evaluation=_evaluation_step(cascade, terms, data), epoch_batches=epoch_batches,
+                train_indices=train_indices, val_indices=val_indices)
 
 
 def _default_batches(data, order, *, batch_size):
