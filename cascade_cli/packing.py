@@ -121,7 +121,7 @@ def carry_plan(caps):
     return CarryPlan(order[:running], counts, step_pairs, value_order, value_pairs)
 
 
-def next_running_pair(running_pairs, pair_ids, samples, *, outer):
+def next_running_pair(running_pairs, pair_ids, *, samples, outer):
     """The first pair `>= pair_ids` with steps > 0 in the same sample; -1 where there is none.
 
     Args:

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 
 @tf.autograph.experimental.do_not_convert  # plain graph code: AutoGraph would rewrite the loops' Python
-def packed_recurrence(backward, inputs, counts, initial_states, *, prefix=False):
+def packed_recurrence(backward, inputs, *, counts, initial_states, prefix=False):
     """Runs a known cell over packed rows.
 
     Args:

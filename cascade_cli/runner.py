@@ -44,7 +44,7 @@ def stop_hits(rule, y):
     return tf.argmax(y, axis=-1, output_type=tf.int32) == int(rule.value)
 
 
-def packed_loop(step, body, rows, states, *, output_size, dtype, counts=None, stop=None):
+def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, stop=None):
     """Runs `step` over packed rows until no row is left.
 
     At inner step `j`, `body(j, rows)` gives the step's input `x` and a
@@ -350,7 +350,7 @@ class Cascade:
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
     def _loop(self, step, body, rows, states, *, counts=None):
-        return packed_loop(step.call, body, rows, states, output_size=step.width,
+        return packed_loop(step.call, body, rows=rows, states=states, output_size=step.width,
                            dtype=self.model_b.outputs[0].dtype, counts=counts,
                            stop=None if self.stop_rule is None else self._stop)
 
@@ -386,8 +386,8 @@ class Cascade:
         ir_rows = tf.gather(ir_flat, plan.pair_ids)
         states = self._initial_states(ir_rows)
         if step.backward is not None:  # each row's input is the same at every step: read a prefix of it
-            outputs = packed_recurrence(step.backward, step.backward.project(ir_rows), plan.counts, states,
-                                        prefix=True)[0]
+            outputs = packed_recurrence(step.backward, step.backward.project(ir_rows), counts=plan.counts,
+                                        initial_states=states, prefix=True)[0]
         else:
             rows = (plan.pair_ids, step.project(ir_rows), plan.row_caps)
             outputs, _ = self._loop(step, body, rows, states, counts=plan.counts)
@@ -409,13 +409,13 @@ class Cascade:
 
             def finish(y, hit):
                 done = tf.logical_or(inner + 1 >= tf.gather(caps_flat, pair_ids), hit)
-                following = packing.next_running_pair(running_pairs, pair_ids + 1, samples, outer=outer)
+                following = packing.next_running_pair(running_pairs, pair_ids + 1, samples=samples, outer=outer)
                 keep = tf.logical_or(tf.logical_not(done), following >= 0)
                 return pair_ids, keep, (samples, tf.where(done, following, pair_ids), tf.where(done, 0, inner + 1))
 
             return x, finish
 
-        rows = (samples, packing.next_running_pair(running_pairs, samples * outer, samples, outer=outer),
+        rows = (samples, packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer),
                 tf.zeros_like(samples))
         states = [tf.zeros([tf.size(samples), size], ir_flat.dtype) for size in self.b_spec.state_sizes]
         outputs, pairs = self._loop(step, body, rows, states)
@@ -435,7 +435,8 @@ class Cascade:
         if step.backward is not None:
             inputs = [_gather_sorted_gradient(gate, pairs, plan.value_order, plan.value_pairs)
                       for gate in step.backward.project(ir_flat)]
-            return packed_recurrence(step.backward, inputs, counts, states)[0], pairs, plan.value_order
+            outputs = packed_recurrence(step.backward, inputs, counts=counts, initial_states=states)[0]
+            return outputs, pairs, plan.value_order
         longest = tf.size(counts) - 1
         # counts[longest] == 0: an empty last block keeps split() defined when nothing runs
         features = tf.gather(step.project(ir_flat), pairs)

@@ -117,5 +117,5 @@ def test_next_running_pair():
     # Ta = 3; pairs 0, 2, 3, 4 run. From pair 1 of sample 0: pair 2; from pair 3 of sample 1: itself;
     # from pair 5 of sample 1: none; from pair 3 of sample 0 (past its end): none.
     running = tf.constant([0, 2, 3, 4])
-    got = next_running_pair(running, tf.constant([1, 3, 5, 3]), tf.constant([0, 1, 1, 0]), outer=3)
+    got = next_running_pair(running, tf.constant([1, 3, 5, 3]), samples=tf.constant([0, 1, 1, 0]), outer=3)
     assert got.numpy().tolist() == [2, 3, -1, -1]

@@ -73,8 +73,8 @@ def run_both(cell, counts, dtype, *, prefix=False, seed=0):
     sources = [raw, *initial, *cell.trainable_weights]
     results = []
     for run in (
-        lambda: packed_recurrence(split.backward, split.backward.project(raw), tf.constant(counts, tf.int32), initial,
-                                  prefix=prefix),
+        lambda: packed_recurrence(split.backward, split.backward.project(raw), counts=tf.constant(counts, tf.int32),
+                                  initial_states=initial, prefix=prefix),
         lambda: oracle(cell, tf.gather(raw, rows), counts, initial),
     ):
         with tf.GradientTape(persistent=True) as tape:
