@@ -160,6 +160,7 @@ def test_backward_problem_says_why_the_gradient_is_not_hand_written(name, why):
     assert backward_problem(cell) == why
     split = split_b(wrapped(cell))
     assert split.backward_problem == why and (split.backward is None) == (why is not None)
+    Cascade(builders.model_a(), wrapped(cell), fast_cells=True)  # TensorFlow's gradient serves: no error
 
 
 def test_lstm_with_a_relu_recurrent_activation_has_no_hand_written_gradient():
