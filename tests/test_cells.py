@@ -158,9 +158,10 @@ def test_dropout_in_training_is_refused_by_fast_cells_true_at_call_time():
 def test_backward_problem_says_why_the_gradient_is_not_hand_written(name, why):
     cell = CELLS[name]()
     assert backward_problem(cell) == why
-    split = split_b(wrapped(cell))
+    b = wrapped(cell)
+    split = split_b(b)
     assert split.backward_problem == why and (split.backward is None) == (why is not None)
-    Cascade(builders.model_a(), wrapped(cell), fast_cells=True)  # TensorFlow's gradient serves: no error
+    Cascade(builders.model_a(), b, fast_cells=True)  # TensorFlow's gradient serves: no error
 
 
 def test_lstm_with_a_relu_recurrent_activation_has_no_hand_written_gradient():
