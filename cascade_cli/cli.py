@@ -19,7 +19,6 @@ import functools
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,20 +28,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click  # noqa: E402 (after the environment TensorFlow reads)
 
 from cascade_cli import __version__  # noqa: E402
-from cascade_cli.errors import CascadeError, DataError, ParameterError, one_line as _one_line  # noqa: E402
+from cascade_cli.errors import CascadeError, ParameterError, one_line as _one_line  # noqa: E402
 from cascade_cli.options import (  # noqa: E402
-    GENERATE_BATCH_SIZE, LOSSES, OPTIMIZERS, STATE_INITS, STATE_MODES, STRATEGIES, TrainConfig,
+    DEMO_EPOCHS, GENERATE_BATCH_SIZE, LOSSES, OPTIMIZERS, STATE_INITS, STATE_MODES, STRATEGIES, TrainConfig,
 )
 from cascade_cli.results_io import SUFFIX_FORMATS as RESULT_SUFFIXES  # noqa: E402
 
-DEMO_EPOCHS = 20
-DEMO_LEARNING_RATE = 0.01
-DEMO_FILES = {
-    "trained": "trained",
-    "result": "generated.h5",
-    "padded": "generated_padded.npz",
-    "csv": "generated.csv",
-}
 HISTOGRAM_WIDTH = 40
 
 
@@ -447,7 +438,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
 
     with open_inputs(inputs_path, key=inputs_key) as source:
         model_a, model_b = models.load(console)
-        from cascade_cli.generation import generate_to_file, resolve_steps, run_attrs
+        from cascade_cli.generation import generate_to_file, identify_run, resolve_steps
         from cascade_cli.options import StopRule
         from cascade_cli.runner import Cascade
 
@@ -467,7 +458,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
             **({} if rule is None else {"stop_value": rule[1]}),
             **({} if max_steps is None else {"max_steps": int(max_steps)}),
         }
-        attrs = run_attrs(attrs, model_files=(models.model_a, models.model_b), source=source, steps=steps,
+        attrs = identify_run(attrs, model_files=(models.model_a, models.model_b), source=source, steps=steps,
                           batch_size=batch_size, shard=shard)
         summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
                                    shard=shard, overwrite=overwrite, progress=_progress(console, "generating"))
@@ -539,36 +530,20 @@ def export(ctx, result, format_, layout, pad_value, time_major, output, overwrit
     layout = layout or "ragged"
     if layout == "ragged" and (pad_value is not None or time_major):
         raise click.UsageError("--pad-value and --time-major need --layout padded.", ctx)
-    from cascade_cli.results_io import read_result, read_result_attrs, write_result
+    from cascade_cli.results_io import open_result, run_attrs, write_result
 
     _check_output(output, overwrite=overwrite)
     console, _ = _consoles()
-    data = read_result(result)
-    from cascade_cli.inspection import run_attrs
-
-    attrs = run_attrs(read_result_attrs(result)) if fmt != "csv" else None
-    write_result(output, data, format=fmt, layout=layout, pad_value=0.0 if pad_value is None else pad_value,
-                 time_major=time_major, overwrite=overwrite, attrs=attrs)
+    with open_result(result) as data:  # streamed: one batch of samples in memory at a time
+        attrs = run_attrs(data.attrs) if fmt != "csv" else None
+        write_result(output, data, format=fmt, layout=layout, pad_value=0.0 if pad_value is None else pad_value,
+                     time_major=time_major, overwrite=overwrite, attrs=attrs)
     shape = f"{layout} layout" if fmt != "csv" else "long form"
     _say(console, f"Wrote '{output}' ({fmt}, {shape}): {data.n_samples:,} samples, {data.outer_steps} outer "
                   f"steps, {data.total:,} inner steps of size {data.output_size}.")
 
 
 # --------------------------------------------------------------------- train
-
-
-def _check_out_dir(out_dir):
-    """Raises `DataError` when `--out-dir` is a file or cannot be written, before any work starts."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise DataError(f"--out-dir '{path}' is a file: expected a folder.")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == path else f"cannot be created: '{existing}' is not writable"
-        raise DataError(f"--out-dir '{path}' {what}.")
-    return path
 
 
 def _print_training(console, history, out_dir):
@@ -619,20 +594,20 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
       cascade train --model-a A.keras --model-b B.keras --data train.h5 --out-dir run1 \\
           --epochs 20 --learning-rate 0.01
     """
-    if patience is not None and val_split == 0:
-        raise click.UsageError("--patience needs a validation set to watch: use --val-split > 0.", ctx)
-    _check_out_dir(out_dir)
-    console, _ = _consoles()
-    _load_tensorflow()
-    from cascade_cli.data import TrainingData
-    from cascade_cli.progress import train_callbacks
-    from cascade_cli.training import fit, make_strategy
-
     with _usage(ctx):
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              optimizer=optimizer, loss=loss, val_split=val_split, shuffle=shuffle,
                              freeze_a=freeze_a, state=state, seed=seed, patience=patience, resume=resume,
                              strategy=strategy)
+    console, _ = _consoles()
+    _load_tensorflow()
+    from cascade_cli.checkpoints import check_out_dir
+    from cascade_cli.data import TrainingData
+    from cascade_cli.distribute import make_strategy
+    from cascade_cli.progress import train_callbacks
+    from cascade_cli.training import fit
+
+    check_out_dir(out_dir)
     distribution = make_strategy(strategy)  # multi-worker must be set up before TensorFlow runs anything
     with TrainingData(data_path) as data:
         model_a, model_b = models.load(console)
@@ -720,30 +695,6 @@ def inspect(path, partner, inputs_key, unsafe, allow_legacy_h5):
 # ---------------------------------------------------------------------- demo
 
 
-def _sample_data_dir():
-    """The `sample_data/` folder next to the package source, or None when it is incomplete or missing."""
-    from cascade_cli.sample import FILE_NAMES
-
-    folder = Path(__file__).resolve().parent.parent / "sample_data"
-    return folder if all((folder / name).is_file() for name in FILE_NAMES.values()) else None
-
-
-def _demo_paths(out_dir, *, overwrite):
-    """Checks the demo's folder before any work and returns where each of its files goes."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out-dir '{out_dir}' is a file: expected a folder.")
-    paths = {key: out_dir / name for key, name in DEMO_FILES.items()}
-    earlier = [name for key, name in DEMO_FILES.items() if paths[key].exists()]
-    if earlier and not overwrite:
-        raise DataError(
-            f"--out-dir '{out_dir}' holds an earlier demo ({', '.join(earlier)}); pass --overwrite to "
-            "replace it, or choose another --out-dir."
-        )
-    _check_out_dir(out_dir)
-    return paths
-
-
 def _vector_text(row):
     return ", ".join(f"{value:+.3f}" for value in row)
 
@@ -775,73 +726,28 @@ def demo(out_dir, epochs, overwrite):
     Example:
       cascade demo --out-dir /tmp/cascade-demo --epochs 10
     """
-    import numpy as np
+    from cascade_cli.demo import demo_paths
 
-    paths = _demo_paths(out_dir, overwrite=overwrite)
+    paths = demo_paths(out_dir, overwrite=overwrite)
     console, report = _consoles()
     started = time.perf_counter()
     _load_tensorflow()
-    from cascade_cli import sample
-    from cascade_cli.data import TrainingData, open_inputs
-    from cascade_cli.generation import generate_to_file, resolve_steps
-    from cascade_cli.results_io import read_result, write_result
-    from cascade_cli.steps import read_steps
-    from cascade_cli.models import load_model
+    from cascade_cli.demo import run_demo
     from cascade_cli.progress import epochs_table, train_callbacks
-    from cascade_cli.result import CascadeResult
-    from cascade_cli.runner import Cascade
-    from cascade_cli.training import fit
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if overwrite and paths["trained"].is_dir():
-        shutil.rmtree(paths["trained"])
-    data_dir = _sample_data_dir()
-    if data_dir is None:
-        data_dir = Path(out_dir) / "sample_data"
-        _say(console, f"sample_data/ is not next to the package; building it in '{data_dir}'.")
-        sample.build_sample_data(data_dir, seed=0)
-    files = {key: data_dir / name for key, name in sample.FILE_NAMES.items()}
-    model_a = load_model(files["model_a"], role="model A")
-    model_b = load_model(files["model_b"], role="model B")
-
-    _say(console, f"Training on '{files['train']}' for {epochs} epochs.")
-    config = TrainConfig(epochs=epochs, batch_size=32, learning_rate=DEMO_LEARNING_RATE, val_split=0.1, seed=0)
-    with TrainingData(files["train"]) as data:
-        with train_callbacks(console) as callbacks:
-            history = fit(model_a, model_b, data, out_dir=paths["trained"], config=config, callbacks=callbacks)
-    console.print(epochs_table(history))
-
-    cascade = Cascade(model_a, model_b)
-    with open_inputs(files["inputs"]) as source:
-        steps = resolve_steps(read_steps(files["steps"]), source, where=f"'{files['steps']}'")
-        inputs = source.read(0, source.n_samples)
-        attrs = {"model_a": str(paths["trained"] / "model_a.keras"), "model_b": str(paths["trained"] / "model_b.keras"),
-                 "inputs": str(files["inputs"]), "steps": str(files["steps"]), "state": "reset",
-                 "state_init": "zeros", "stop_rule": "none", "cascade_version": __version__}
-        summary = generate_to_file(cascade, source, steps, output=paths["result"], attrs=attrs, overwrite=overwrite,
-                                   progress=_progress(console, "generating"))
-    _print_generation(console, summary, stop_rule=None)
-    result = read_result(paths["result"])
-    write_result(paths["padded"], result, format="npz", layout="padded", overwrite=overwrite)
-    write_result(paths["csv"], result, format="csv", overwrite=overwrite)
-
-    steps = np.broadcast_to(steps, result.lengths.shape)
-    targets = CascadeResult(sample.sine_targets(inputs, steps), steps)
-    shown = [(0, t) for t in range(result.outer_steps) if result.lengths[0, t]][:3]
-    report.print(_sequences_table(result, targets, pairs=shown))
-    mse = float(np.mean((result.values - targets.values) ** 2)) if result.total else 0.0
-    baseline = float(np.var(targets.values)) if result.total else 0.0
-    _say(report, f"Held-out mse {mse:.4g} (predicting the mean of the targets gives {baseline:.4g}).")
-    rows = [
-        ("trained model A", paths["trained"] / "model_a.keras"),
-        ("trained model B", paths["trained"] / "model_b.keras"),
-        ("training history", paths["trained"] / "history.csv"),
-        ("ragged result", paths["result"]),
-        ("padded export", paths["padded"]),
-        ("csv export", paths["csv"]),
-    ]
+    with train_callbacks(console) as callbacks:
+        done = run_demo(paths, epochs=epochs, overwrite=overwrite, callbacks=callbacks,
+                        progress=_progress(console, "generating"), say=lambda text: _say(console, text))
+    console.print(epochs_table(done.history))
+    _print_generation(console, done.summary, stop_rule=None)
+    shown = [(0, t) for t in range(done.result.outer_steps) if done.result.lengths[0, t]][:3]
+    report.print(_sequences_table(done.result, done.targets, pairs=shown))
+    _say(report, f"Held-out mse {done.mse:.4g} (predicting the mean of the targets gives {done.baseline:.4g}).")
+    rows = [("trained model A", done.paths["model_a"]), ("trained model B", done.paths["model_b"]),
+            ("training history", done.paths["history"]), ("ragged result", done.paths["result"]),
+            ("padded export", done.paths["padded"]), ("csv export", done.paths["csv"])]
     _print_rows(report, rows)
-    _say(report, f"Done in {time.perf_counter() - started:.1f} s. Next: cascade inspect {paths['result']}")
+    _say(report, f"Done in {time.perf_counter() - started:.1f} s. Next: cascade inspect {done.paths['result']}")
 
 
 if __name__ == "__main__":  # python -m cascade_cli.cli

@@ -93,7 +93,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             run `cascade.max_steps` everywhere (with its stop rule).
         output: the `.h5` file to write.
         batch_size: samples per runner call.
-        attrs: attributes recorded in the file (see `shards.run_attrs`).
+        attrs: attributes recorded in the file (see `identify_run`).
         shard: `(index, count)` to write only the index-th of `count`
             contiguous slices of the samples (`shards.shard_range`), or None.
         overwrite: whether `output` may be replaced.
@@ -206,7 +206,7 @@ def _failing_model(cascade, error):
     return "the cascade"
 
 
-def run_attrs(attrs, *, model_files, source, steps, batch_size, shard=None):
+def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
     """Returns `attrs` with the run's `run_id` and, for a shard, the shard attributes.
 
     The `run_id` hashes what defines the run (`shards.run_id`): the given

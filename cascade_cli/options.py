@@ -23,6 +23,7 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 STOP_RULES = ("norm", "token")
 FAST_CELLS = ("auto", True, False)
 GENERATE_BATCH_SIZE = 256  # samples per runner call when generating into a file
+DEMO_EPOCHS = 20  # `cascade demo` trains this long by default: about a minute on 2 cores
 
 
 # ------------------------------------------------------------------ checks

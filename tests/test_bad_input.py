@@ -377,7 +377,7 @@ def test_an_output_folder_that_does_not_exist_or_cannot_be_written(files, tmp_pa
         assert_error(generate(files, locked / "r.h5", "--steps", "1,2,3", model_a=tmp_path / "nope.keras"), 1,
                      f"output folder '{locked}' is not writable")
         assert_error(invoke("export", tmp_path / "r.h5", "-o", locked / "r.csv"), 1, "is not writable")
-        assert_error(train(files, locked, model_a=tmp_path / "nope.keras"), 1, f"--out-dir '{locked}' is not writable")
+        assert_error(train(files, locked, model_a=tmp_path / "nope.keras"), 1, f"--out-dir: '{locked}' is not writable")
         assert_error(train(files, locked / "run", model_a=tmp_path / "nope.keras"), 1,
                      f"cannot be created: '{locked}' is not writable")
     finally:

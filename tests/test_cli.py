@@ -25,6 +25,7 @@ import builders
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only, write_h5
 from cascade_cli import cli, inspection
 from cascade_cli.cli import main
+from cascade_cli.errors import DataError
 from cascade_cli.inspection import histogram_rows
 from cascade_cli.results_io import read_result
 from cascade_cli.progress import epochs_table, track, train_callbacks
@@ -489,7 +490,7 @@ def test_one_sgd_step_through_the_cli_is_w_minus_lr_times_the_eager_gradient(fil
 def test_train_errors(files, tmp_path):
     common = ["train", "--model-a", files["a.keras"], "--model-b", files["b.keras"]]
     assert_error(invoke(*common, "--data", files["train.h5"], "--out-dir", tmp_path / "o", "--patience", 2,
-                        "--val-split", 0), 2, "--patience needs a validation set")
+                        "--val-split", 0), 2, "--patience: needs a validation set to watch: expected --val-split > 0")
     (tmp_path / "file").write_text("")
     assert_error(invoke(*common, "--data", files["train.h5"], "--out-dir", tmp_path / "file"), 1,
                  "--out-dir", "is a file: expected a folder")
@@ -608,7 +609,7 @@ def test_histogram_rows_by_hand():
 
 def test_library_errors_become_one_line(monkeypatch):
     def broken(*args, **kwargs):
-        raise cli.DataError("first line\nsecond line")
+        raise DataError("first line\nsecond line")
 
     monkeypatch.setattr(inspection, "kind_of", broken)
     assert_error(invoke("inspect", "x"), 1, "first line second line")

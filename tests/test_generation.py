@@ -9,7 +9,7 @@ import tensorflow as tf
 import builders
 from cascade_cli.data import open_inputs
 from cascade_cli.errors import CascadeError, DataError, ParameterError
-from cascade_cli.generation import BatchRange, batch_ranges, generate_to_file, resolve_steps, run_attrs
+from cascade_cli.generation import BatchRange, batch_ranges, generate_to_file, resolve_steps, identify_run
 from cascade_cli.options import StopRule
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import read_result, read_result_attrs
@@ -127,10 +127,10 @@ def test_run_attrs_identify_the_run_and_the_shard(models, inputs_file, tmp_path)
         model.save(tmp_path / name)
     files = (tmp_path / "a.keras", tmp_path / "b.keras")
     with open_inputs(inputs_file) as source:
-        whole = run_attrs({"state": "reset"}, model_files=files, source=source, steps=STEPS, batch_size=4)
-        shard = run_attrs({"state": "reset"}, model_files=files, source=source, steps=STEPS, batch_size=4,
+        whole = identify_run({"state": "reset"}, model_files=files, source=source, steps=STEPS, batch_size=4)
+        shard = identify_run({"state": "reset"}, model_files=files, source=source, steps=STEPS, batch_size=4,
                           shard=(1, 3))
-        other = run_attrs({"state": "reset"}, model_files=files, source=source, steps=STEPS, batch_size=5)
+        other = identify_run({"state": "reset"}, model_files=files, source=source, steps=STEPS, batch_size=5)
     assert whole["run_id"] == shard["run_id"] != other["run_id"]  # the batch size is part of the run
     assert (shard["shard_index"], shard["shard_count"], shard["sample_start"], shard["sample_stop"]) == (1, 3, 3, 5)
     assert "shard_index" not in whole

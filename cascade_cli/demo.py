@@ -1,0 +1,139 @@
+"""The demo: train briefly on `sample_data/`, generate on held-out inputs, export, and compare with the targets.
+
+`run_demo` is what `cascade demo` runs; the command only renders its `DemoReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from cascade_cli import __version__, sample
+from cascade_cli.errors import DataError
+from cascade_cli.options import DEMO_EPOCHS
+
+DEMO_LEARNING_RATE = 0.01
+DEMO_FILES = {
+    "trained": "trained",
+    "result": "generated.h5",
+    "padded": "generated_padded.npz",
+    "csv": "generated.csv",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoReport:
+    """What the demo did.
+
+    Attributes:
+        paths: where each file went (`DEMO_FILES` keys, plus `model_a`, `model_b`, `history`).
+        train_file: the training file it used.
+        history: the training history (`training.fit`'s rows).
+        summary: the generation's `GenerateSummary`.
+        result: the generated `CascadeResult` (held-out inputs).
+        targets: the true sequences of the same pairs, a `CascadeResult`.
+        mse: the held-out mean squared error.
+        baseline: the mse of predicting the mean of the targets.
+    """
+
+    paths: dict
+    train_file: Path
+    history: list
+    summary: object
+    result: object
+    targets: object
+    mse: float
+    baseline: float
+
+
+def demo_paths(out_dir, *, overwrite):
+    """Checks the demo's folder before any work and returns where each of its files goes.
+
+    Raises:
+        DataError: `out_dir` is a file, cannot be written, or holds an earlier
+            demo and `overwrite` is false.
+    """
+    from cascade_cli.checkpoints import check_out_dir
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    paths = {key: out_dir / name for key, name in DEMO_FILES.items()}
+    earlier = [name for key, name in DEMO_FILES.items() if paths[key].exists()]
+    if earlier and not overwrite:
+        raise DataError(
+            f"out_dir '{out_dir}' holds an earlier demo ({', '.join(earlier)}); pass overwrite=True to "
+            "replace it, or choose another out_dir."
+        )
+    return paths
+
+
+def sample_data_dir():
+    """The `sample_data/` folder next to the package source, or None when it is incomplete or missing."""
+    folder = Path(__file__).resolve().parent.parent / "sample_data"
+    return folder if all((folder / name).is_file() for name in sample.FILE_NAMES.values()) else None
+
+
+def run_demo(paths, *, epochs=DEMO_EPOCHS, overwrite=False, callbacks=None, progress=iter, say=print):
+    """Trains on the sample training file, generates on the held-out inputs and exports the result.
+
+    Args:
+        paths: from `demo_paths`.
+        epochs: training epochs.
+        overwrite: replace an earlier demo's files (only those the demo writes).
+        callbacks: a `TrainCallbacks` for training progress, or None.
+        progress: wraps generation's batches (see `generation.generate_to_file`).
+        say: called with a line of text for each stage.
+
+    Returns:
+        A `DemoReport`.
+    """
+    from cascade_cli.checkpoints import remove_training_run
+    from cascade_cli.data import TrainingData, open_inputs
+    from cascade_cli.generation import generate_to_file, resolve_steps
+    from cascade_cli.models import load_model
+    from cascade_cli.options import TrainConfig
+    from cascade_cli.result import CascadeResult
+    from cascade_cli.results_io import read_result, write_result
+    from cascade_cli.runner import Cascade
+    from cascade_cli.steps import read_steps
+    from cascade_cli.training import fit
+
+    trained = paths["trained"]
+    trained.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        remove_training_run(trained)  # the files an earlier demo's training wrote, and nothing else
+    data_dir = sample_data_dir()
+    if data_dir is None:
+        data_dir = trained.parent / "sample_data"
+        say(f"sample_data/ is not next to the package; building it in '{data_dir}'.")
+        sample.build_sample_data(data_dir, seed=0)
+    files = {key: data_dir / name for key, name in sample.FILE_NAMES.items()}
+    model_a = load_model(files["model_a"], role="model A")
+    model_b = load_model(files["model_b"], role="model B")
+
+    say(f"Training on '{files['train']}' for {epochs} epochs.")
+    config = TrainConfig(epochs=epochs, batch_size=32, learning_rate=DEMO_LEARNING_RATE, val_split=0.1, seed=0)
+    with TrainingData(files["train"]) as data:
+        history = fit(model_a, model_b, data, out_dir=trained, config=config, callbacks=callbacks)
+
+    with open_inputs(files["inputs"]) as source:
+        steps = resolve_steps(read_steps(files["steps"]), source, where=f"'{files['steps']}'")
+        inputs = source.read(0, source.n_samples)
+        attrs = {"model_a": str(trained / "model_a.keras"), "model_b": str(trained / "model_b.keras"),
+                 "inputs": str(files["inputs"]), "steps": str(files["steps"]), "state": "reset",
+                 "state_init": "zeros", "stop_rule": "none", "cascade_version": __version__}
+        summary = generate_to_file(Cascade(model_a, model_b), source, steps, output=paths["result"], attrs=attrs,
+                                   overwrite=overwrite, progress=progress)
+    result = read_result(paths["result"])
+    write_result(paths["padded"], result, format="npz", layout="padded", overwrite=overwrite)
+    write_result(paths["csv"], result, format="csv", overwrite=overwrite)
+
+    steps = np.broadcast_to(steps, result.lengths.shape)
+    targets = CascadeResult(sample.sine_targets(inputs, steps), steps)
+    mse = float(np.mean((result.values - targets.values) ** 2)) if result.total else 0.0
+    baseline = float(np.var(targets.values)) if result.total else 0.0
+    paths = {**paths, "model_a": trained / "model_a.keras", "model_b": trained / "model_b.keras",
+             "history": trained / "history.csv"}
+    return DemoReport(paths, files["train"], history, summary, result, targets, mse, baseline)
