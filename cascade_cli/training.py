@@ -238,7 +238,7 @@ def _loss_over(step, data, indices, *, batch_size, penalty=None):
     return loss if penalty is None else loss + penalty
 
 
-def evaluate(model_a, model_b, data, indices=None, *, loss="mse", state="reset", batch_size=32):
+def evaluate(model_a, model_b, data, *, indices=None, loss="mse", state="reset", batch_size=32):
     """Returns the loss of the two models over samples of a training file, as `fit` reports `val_loss`.
 
     Args:

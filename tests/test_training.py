@@ -259,7 +259,7 @@ def test_the_validation_loss_counts_the_penalty_as_keras_does(tmp_path):
     by_hand = float(tf.reduce_sum(tf.square(values - rows))) / rows.size + float(penalty_by_hand(model_a, model_b))
     assert history[0]["val_loss"] == pytest.approx(by_hand, rel=1e-5)
     with TrainingData(path) as data:
-        assert evaluate(model_a, model_b, data, val) == pytest.approx(by_hand, rel=1e-5)
+        assert evaluate(model_a, model_b, data, indices=val) == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_an_activity_regularizer_is_refused_before_any_work(tmp_path):
@@ -431,7 +431,7 @@ def test_patience_stops_and_restores_the_best_weights(tmp_path):
     model_a, model_b = (keras.saving.load_model(tmp_path / "out" / name, compile=False)
                         for name in ("model_a.keras", "model_b.keras"))
     with TrainingData(path) as data:
-        restored = evaluate(model_a, model_b, data, val, batch_size=3)
+        restored = evaluate(model_a, model_b, data, indices=val, batch_size=3)
     assert restored == pytest.approx(val_losses[0], rel=1e-6)
 
 
