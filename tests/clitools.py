@@ -2,17 +2,9 @@
 
 import os
 
-import h5py
 from click.testing import CliRunner
 
 from cascade_cli.cli import main
-
-
-def write_h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f.create_dataset(key, data=value)
-    return path
 
 
 def invoke(*args):

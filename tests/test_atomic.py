@@ -1,7 +1,6 @@
 """Tests of `cascade_cli.atomic`: temporary name, rename, refusal of existing outputs, stale temps."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -9,17 +8,7 @@ import pytest
 
 from cascade_cli.atomic import atomic_output, check_output_path
 from cascade_cli.errors import DataError
-
-
-def quoted(path):
-    """Returns `'path'` escaped for `pytest.raises(match=...)`."""
-    return re.escape(f"'{path}'")
-
-
-def dead_pid():
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+from filetools import dead_pid, quoted
 
 
 def write_atomic(path, data, *, overwrite=False):

@@ -22,7 +22,8 @@ import pytest
 import tensorflow as tf
 
 import builders
-from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only, write_h5
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only
+from filetools import write_h5
 from cascade_cli.results_io import read_result, write_result
 from cascade_cli.result import CascadeResult
 

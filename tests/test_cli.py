@@ -22,8 +22,9 @@ import tensorflow as tf
 from rich.console import Console
 
 import builders
-from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only, write_h5
-from cascade_cli import cli, inspection
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only
+from filetools import write_h5
+from cascade_cli import cli, demo, inspection
 from cascade_cli.cli import main
 from cascade_cli.errors import DataError
 from cascade_cli.inspection import histogram_rows
@@ -556,11 +557,13 @@ def test_demo_trains_generates_and_exports(tmp_path, monkeypatch):
     assert "Generated beside the targets" in result.stdout and "Held-out mse" in result.stdout
     assert not (tmp_path / "sample_data").exists()  # the repository's sample_data/ was used
 
-    monkeypatch.setattr(cli, "_sample_data_dir", lambda: None)  # as when installed without sample_data/
+    (tmp_path / "trained" / "notes.txt").write_text("mine")  # a user's own file beside the demo's
+    monkeypatch.setattr(demo, "sample_data_dir", lambda: None)  # as when installed without sample_data/
     result = invoke("demo", "--out-dir", tmp_path, "--epochs", 1, "--overwrite")
     assert_ok(result)
     assert f"building it in '{tmp_path / 'sample_data'}'" in result.stderr
     assert (tmp_path / "sample_data" / "train.h5").is_file() and (tmp_path / "generated.csv").is_file()
+    assert (tmp_path / "trained" / "notes.txt").read_text() == "mine"  # --overwrite replaced only the demo's files
 
 
 # ---------------------------------------------------------------- rendering

@@ -7,18 +7,7 @@ import pytest
 from cascade_cli import data
 from cascade_cli.data import TrainingData, epoch_order, open_inputs, split_indices
 from cascade_cli.errors import DataError
-
-
-def write_text(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f.create_dataset(key, data=value)
-    return path
+from filetools import write_h5, write_text
 
 
 # ---------------------------------------------------------------------------

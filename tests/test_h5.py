@@ -6,18 +6,7 @@ import pytest
 
 from cascade_cli.errors import DataError
 from cascade_cli.h5 import NpyMember, h5_dataset, is_hdf5, np_load, open_h5, open_npz, read_dataset
-
-
-def write_text(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f.create_dataset(key, data=value)
-    return path
+from filetools import write_h5
 
 
 def test_open_h5_reads_a_plain_file(tmp_path):

@@ -1,7 +1,6 @@
 """Tests of `cascade_cli.results_io`: result layouts on disk, the streaming writer and reader."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -26,6 +25,7 @@ from cascade_cli.results_io import (
     write_result,
 )
 from cascade_cli.result import CascadeResult
+from filetools import dead_pid, quoted
 
 LENGTHS = [[3, 0], [1, 2]]
 
@@ -48,17 +48,6 @@ def assert_same(result, expected):
     assert result.values.dtype == expected.values.dtype
     assert result.values.shape == expected.values.shape
     np.testing.assert_array_equal(result.values, expected.values)
-
-
-def quoted(path):
-    """Returns `'path'` escaped for `pytest.raises(match=...)`."""
-    return re.escape(f"'{path}'")
-
-
-def dead_pid():
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
 
 
 def test_constants():

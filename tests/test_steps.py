@@ -4,7 +4,6 @@ import json
 import os
 import tempfile
 
-import h5py
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,18 +11,7 @@ from hypothesis import strategies as st
 
 from cascade_cli.errors import DataError
 from cascade_cli.steps import broadcast_steps, parse_steps, read_steps
-
-
-def write_text(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f.create_dataset(key, data=value)
-    return path
+from filetools import write_h5, write_text
 
 
 def test_steps_txt_one_line_is_shared(tmp_path):
