@@ -22,6 +22,8 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 STOP_RULES = ("norm", "token")
 FAST_CELLS = ("auto", True, False)
+INT32_MAX = 2**31 - 1  # the largest count (steps, batch size, epochs) a setting may take
+SEED_MAX = 2**32 - 1  # Keras seeds take 32 bits
 GENERATE_BATCH_SIZE = 256  # samples per runner call when generating into a file
 DEMO_EPOCHS = 20  # `cascade demo` trains this long by default: about a minute on 2 cores
 
