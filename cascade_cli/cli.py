@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ import click  # noqa: E402 (after the environment TensorFlow reads)
 from cascade_cli import __version__  # noqa: E402
 from cascade_cli.errors import CascadeError, ParameterError, one_line as _one_line  # noqa: E402
 from cascade_cli.options import (  # noqa: E402
-    DEMO_EPOCHS, GENERATE_BATCH_SIZE, LOSSES, OPTIMIZERS, STATE_INITS, STATE_MODES, STRATEGIES, TrainConfig,
+    DEMO_EPOCHS, GENERATE_BATCH_SIZE, INT32_MAX, LOSSES, OPTIMIZERS, SEED_MAX, STATE_INITS, STATE_MODES, STRATEGIES,
+    TrainConfig,
 )
 from cascade_cli.results_io import SUFFIX_FORMATS as RESULT_SUFFIXES  # noqa: E402
 
@@ -123,6 +125,9 @@ class CascadeGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: what was being written has been removed on the way out
+            click.echo("Interrupted.", err=True)
+            raise click.exceptions.Exit(130) from None
         except Exception as error:
             if ctx.params.get("debug"):
                 raise
@@ -144,6 +149,24 @@ def _describe_failure(error):
     if type(error).__module__.startswith("tensorflow"):
         return f"TensorFlow failed while running the models ({name}): {message}"
     return f"internal error ({name}: {message}); run again with cascade --debug for the traceback and report it."
+
+
+def _end_on_signals(ctx):
+    """Makes SIGTERM and SIGHUP end the command as Ctrl-C does: files being written are removed, exit 128 + N.
+
+    The handlers raise `SystemExit` in the main thread, so every `atomic_output`
+    on the way out removes its temporary file; they are restored when the command ends.
+    """
+
+    def end(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous = signal.signal(signum, end)
+        except ValueError:  # not the main thread (an embedding program): its own handlers stay
+            return
+        ctx.call_on_close(functools.partial(signal.signal, signum, previous))
 
 
 @contextlib.contextmanager
@@ -301,6 +324,7 @@ def main(debug):
       cascade demo
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --steps 3,4,2 -o out.h5
     """
+    _end_on_signals(click.get_current_context())
 
 
 # ------------------------------------------------------------------ generate
@@ -386,21 +410,21 @@ def _shard_option(ctx, param, value):
 @click.option("--steps-file", metavar="S",
               help="Inner steps: .txt/.csv (one line for all samples or one per sample), .npy, .json or .h5.")
 @click.option("--steps", "steps_text", metavar="3,4,2", help="Inner steps per outer step, the same for every sample.")
-@click.option("--max-steps", type=click.IntRange(min=1), metavar="M",
+@click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
               help="Run up to M inner steps per pair (given steps then cap each pair).")
 @click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T.")
-@click.option("--stop-token", type=click.IntRange(min=0), metavar="ID",
+@click.option("--stop-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
               help="Stop a pair after the first output whose argmax is ID.")
 @click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens).")
 @click.option("--state", type=click.Choice(STATE_MODES), default="reset", show_default=True,
               help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
 @click.option("--state-init", type=click.Choice(STATE_INITS), default="zeros", show_default=True,
               help="B's initial state: zeros, or the IR vector itself (needs state size == H).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=GENERATE_BATCH_SIZE, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, INT32_MAX), default=GENERATE_BATCH_SIZE, show_default=True,
               help="Samples per call.")
 @click.option("-o", "--output", required=True, metavar="RESULT.h5", help="The ragged HDF5 result to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Random seed.")
 @click.option("--shard", metavar="I/K", callback=_shard_option,
               help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
                    "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
@@ -562,9 +586,9 @@ def _print_training(console, history, out_dir):
               help="HDF5 with inputs (N, Ta, F), steps (N, Ta) and targets, flat (sum(steps), O) or padded.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where model_a.keras, model_b.keras, history.csv and checkpoints/ go.")
-@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True,
+@click.option("--epochs", type=click.IntRange(1, INT32_MAX), default=TrainConfig.epochs, show_default=True,
               help="Epochs to train up to.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, INT32_MAX), default=TrainConfig.batch_size, show_default=True,
               help="Samples per step.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.learning_rate, show_default=True,
               metavar="LR", help="The optimizer's step size.")
@@ -577,10 +601,10 @@ def _print_training(console, history, out_dir):
 @click.option("--freeze-a", is_flag=True, help="Train model B only.")
 @click.option("--state", type=click.Choice(STATE_MODES), default=TrainConfig.state, show_default=True,
               help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
-@click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=TrainConfig.seed, show_default=True,
               help="Seeds the split, the order and every random op.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
-@click.option("--patience", type=click.IntRange(min=1), metavar="P",
+@click.option("--patience", type=click.IntRange(1, INT32_MAX), metavar="P",
               help="Stop after P epochs without a better val_loss and keep the best weights.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=TrainConfig.strategy, show_default=True,
               help="tf.distribute strategy: mirrored uses every local GPU; multi-worker reads TF_CONFIG.")
@@ -716,7 +740,7 @@ def _sequences_table(result, targets, *, pairs):
 @main.command()
 @click.option("--out-dir", default="cascade-demo", show_default=True, metavar="DIR",
               help="Where the trained models, the result and its exports go.")
-@click.option("--epochs", type=click.IntRange(min=1), default=DEMO_EPOCHS, show_default=True,
+@click.option("--epochs", type=click.IntRange(1, INT32_MAX), default=DEMO_EPOCHS, show_default=True,
               help="Training epochs.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier demo in --out-dir.")
 def demo(out_dir, epochs, overwrite):

@@ -115,6 +115,8 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     source.check_finite()
     n_samples, outer, features = source.shape
     first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
+    ranges = batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples)
+    check_batch_memory(cascade, steps, ranges, outer_steps=outer)
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     run = tf.function(
         lambda inputs, caps: cascade.run(inputs, caps),
@@ -126,7 +128,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     started = time.perf_counter()
     with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
                         overwrite=overwrite, attrs=attrs) as writer:
-        batches = progress(batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples))
+        batches = progress(ranges)
         with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
             for batch in batches:  # closing() stops a live bar at once when a batch fails
                 caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer)
@@ -176,6 +178,57 @@ def batch_ranges(first, last, *, batch_size, n_samples):
     return ranges
 
 
+def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None):
+    """Refuses a generation whose largest batch cannot fit in memory, before anything runs.
+
+    A batch holds every row it emits a few times over (B's outputs step-major
+    and in value order, the rows' inputs and states), so its size is about
+    `rows x (O + H + states) x itemsize x 4`, with rows the sum of the batch's
+    caps (`max_steps` everywhere under a stop rule).
+
+    Args:
+        cascade: the `Cascade`.
+        steps: `(Ta,)` or `(N, Ta)` int64, or None (every pair capped at `cascade.max_steps`).
+        ranges: the `BatchRange`s that will run.
+        outer_steps: `Ta`.
+        available: bytes the run may use; by default the machine's memory, or
+            the address-space limit when one is set.
+
+    Raises:
+        DataError: naming the size, the batch and the settings that shrink it.
+    """
+    if not ranges:
+        return
+    if steps is None:
+        rows = max(batch.stop - batch.start for batch in ranges) * outer_steps * int(cascade.max_steps)
+    elif steps.ndim == 1:
+        rows = max(batch.stop - batch.start for batch in ranges) * int(steps.sum())
+    else:
+        sums = np.concatenate([[0], np.cumsum(steps.sum(axis=1, dtype=np.float64))])
+        rows = int(max(sums[batch.stop] - sums[batch.start] for batch in ranges))
+    width = cascade.b_spec.output_size + cascade.a_spec.ir_size + sum(cascade.b_spec.state_sizes)
+    itemsize = tf.as_dtype(cascade.model_b.outputs[0].dtype).size
+    needed = float(rows) * width * itemsize * 4
+    available = _available_memory() if available is None else available
+    if needed > available:
+        samples = max(batch.stop - batch.start for batch in ranges)
+        raise DataError(
+            f"generating would need about {needed / 2**30:.1f} GiB for a batch of {samples:,} samples "
+            f"({rows:,} inner steps) but about {available / 2**30:.1f} GiB is available; use a smaller "
+            "batch_size or max_steps, or fewer steps."
+        )
+
+
+def _available_memory():
+    """The machine's memory in bytes, or the address-space limit when it is lower."""
+    import os
+    import resource
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return physical if limit in (resource.RLIM_INFINITY, -1) else min(physical, limit)
+
+
 def _caps(steps, max_steps, start, stop, outer):
     """The caps `(stop - start, Ta)` int32 of a batch: its steps, or `max_steps` everywhere."""
     if steps is None:
@@ -210,7 +263,8 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
     """Returns `attrs` with the run's `run_id` and, for a shard, the shard attributes.
 
     The `run_id` hashes what defines the run (`shards.run_id`): the given
-    attributes, the model files' bytes, the inputs' key, shape and dtype, the
+    attributes, the bytes of the model and inputs files (not their paths, so
+    `x.h5` and `./x.h5` are one run), the inputs' key, shape and dtype, the
     steps and the batch size. `batch_size` is part of it because a value can
     change in its last bits with the other rows of its batch, and the shards
     of one run must merge into exactly the result of an unsharded run.
@@ -226,7 +280,7 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
     from cascade_cli.shards import array_digest, file_digest, run_id, shard_attrs
 
     description = {**attrs, "model_a": file_digest(model_files[0]), "model_b": file_digest(model_files[1]),
-                   "inputs_key": source.key, "inputs_shape": list(source.shape), "inputs_dtype": str(source.dtype),
+                   "inputs": file_digest(source.path), "inputs_key": source.key, "inputs_shape": list(source.shape), "inputs_dtype": str(source.dtype),
                    "steps": None if steps is None else array_digest(steps), "batch_size": int(batch_size)}
     attrs = {**attrs, "run_id": run_id(description)}
     if shard is not None:

@@ -453,8 +453,11 @@ def finish(process):
     return stderr
 
 
-def kill_when(process, ready, *, timeout=PROCESS_TIMEOUT, delay=0.0):
-    """Polls until `ready()` (bounded), waits `delay` seconds, then SIGKILLs `process`."""
+def kill_when(process, ready, *, timeout=PROCESS_TIMEOUT, delay=0.0, signum=signal.SIGKILL, exit_code=None):
+    """Polls until `ready()` (bounded), waits `delay` seconds, then sends `signum` (SIGKILL) to `process`.
+
+    The process must then end with `exit_code` (by default: killed by the signal).
+    """
     deadline = time.monotonic() + timeout
     try:
         while not ready() and process.poll() is None and time.monotonic() < deadline:
@@ -462,14 +465,15 @@ def kill_when(process, ready, *, timeout=PROCESS_TIMEOUT, delay=0.0):
         assert ready(), "the run ended or timed out before it could be killed"
         print(f"killing {process.args[1:3]} {delay:.3f} s after it was ready (seed {KILL_SEED})")
         time.sleep(delay)
-        os.kill(process.pid, signal.SIGKILL)
+        os.kill(process.pid, signum)
     finally:
         try:
             process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed; give it more work"
+    expected = -signum if exit_code is None else exit_code
+    assert process.returncode == expected, f"exit {process.returncode}: the run ended before the signal; give it more work"
 
 
 def test_a_killed_export_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
@@ -493,6 +497,23 @@ def test_a_killed_export_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
     assert sorted(os.listdir(out)) == ["r.csv", "r.npz"]  # the killed runs' temporary files are gone
     with np.load(out / "r.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["lengths"], lengths)
+
+
+def test_steps_that_need_more_memory_than_the_machine_has_are_refused_before_any_work(files, tmp_path):
+    out = out_folder(tmp_path)
+    result = generate(files, out / "r.h5", "--steps", "1000000000,0,0")
+    assert_error(result, 1, "would need about", "GiB", "use a smaller --batch-size or --max-steps")
+    assert_nothing_in(out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_generate_ended_by_a_signal_removes_what_it_was_writing(files, tmp_path, signum):
+    write_h5(tmp_path / "big.h5", inputs=builders.inputs(3000, 3))
+    out = out_folder(tmp_path)
+    process = start(["generate", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "--inputs",
+                     tmp_path / "big.h5", "--steps", "3,1,2", "--batch-size", 8, "-o", out / "r.h5"], cwd=tmp_path)
+    kill_when(process, lambda: bool(os.listdir(out)), delay=0.2, signum=signum, exit_code=128 + signum)
+    assert os.listdir(out) == []  # the temporary file went with the run
 
 
 @pytest.mark.slow  # three TensorFlow processes: about 30 s on 2 cores

@@ -134,3 +134,35 @@ def test_run_attrs_identify_the_run_and_the_shard(models, inputs_file, tmp_path)
     assert whole["run_id"] == shard["run_id"] != other["run_id"]  # the batch size is part of the run
     assert (shard["shard_index"], shard["shard_count"], shard["sample_start"], shard["sample_stop"]) == (1, 3, 3, 5)
     assert "shard_index" not in whole
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_by_hand(models):
+    cascade = Cascade(*models)  # O=2, H=4, one state of 5: 11 float32 per row, 4 copies: 176 bytes a row
+    steps = np.array([[1, 2], [3, 0], [0, 0]])
+    ranges = batch_ranges(0, 3, batch_size=2, n_samples=3)  # rows 0:2 emit 6 rows, row 2 none
+    from cascade_cli.generation import check_batch_memory
+
+    check_batch_memory(cascade, steps, ranges, outer_steps=2, available=6 * 176)
+    with pytest.raises(DataError, match=r"a batch of 2 samples \(6 inner steps\).*smaller batch_size or max_steps"):
+        check_batch_memory(cascade, steps, ranges, outer_steps=2, available=6 * 176 - 1)
+    stopper = Cascade(*models, max_steps=10, stop_rule=StopRule.norm(1.0))
+    with pytest.raises(DataError, match=r"\(40 inner steps\)"):  # 2 samples x 2 outer steps x max_steps 10
+        check_batch_memory(stopper, None, ranges, outer_steps=2, available=40 * 176 - 1)
+
+
+def test_the_run_id_depends_on_what_the_files_hold_not_how_their_paths_are_spelled(models, inputs_file, tmp_path,
+                                                                                  monkeypatch):
+    for model, name in zip(models, ("a.keras", "b.keras")):
+        model.save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    ids = []
+    for inputs, model_a in (("x.npy", "a.keras"), ("./x.npy", f"../{tmp_path.name}/a.keras")):
+        attrs = {"inputs": inputs, "model_a": model_a}
+        with open_inputs(inputs) as source:
+            ids.append(identify_run(attrs, model_files=(model_a, "b.keras"), source=source, steps=STEPS,
+                                    batch_size=4)["run_id"])
+    np.save(tmp_path / "x.npy", builders.inputs(N, TA, seed=5))  # other values, same shape
+    with open_inputs("x.npy") as source:
+        ids.append(identify_run({"inputs": "x.npy", "model_a": "a.keras"}, model_files=("a.keras", "b.keras"),
+                                source=source, steps=STEPS, batch_size=4)["run_id"])
+    assert ids[0] == ids[1] != ids[2]
