@@ -388,6 +388,12 @@ def _print_generation(console, summary, *, stop_rule):
             f"Stop rule {rule_text(stop_rule)}: {summary.at_cap:,} of {summary.pairs:,} pairs reached their cap; "
             f"the rule ended the other {stopped:,} earlier.",
         )
+        if summary.pairs and summary.at_cap == summary.pairs:
+            _say(console, "Warning: the stop rule never fired, so every pair ran to its cap; check its value "
+                          "against what model B emits (is B trained?).", style="yellow")
+        elif summary.at_first and summary.at_first == summary.pairs:
+            _say(console, "Warning: the stop rule fired at the first step of every pair; check its value against "
+                          "what model B emits (is B trained?).", style="yellow")
 
 
 def _shard_option(ctx, param, value):
@@ -411,7 +417,8 @@ def _shard_option(ctx, param, value):
               help="Inner steps: .txt/.csv (one line for all samples or one per sample), .npy, .json or .h5.")
 @click.option("--steps", "steps_text", metavar="3,4,2", help="Inner steps per outer step, the same for every sample.")
 @click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
-              help="Run up to M inner steps per pair (given steps then cap each pair).")
+              help="The most inner steps a pair may run: the length a stop rule runs to (given steps above M "
+                   "are an error).")
 @click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T.")
 @click.option("--stop-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
               help="Stop a pair after the first output whose argmax is ID.")
@@ -499,7 +506,10 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.pass_context
 def merge(ctx, parts, output, overwrite):
-    """Join the K shards of one generate --shard I/K run into one result, in shard order.
+    """Join the shards of a generate --shard run into one result.
+
+    The K files of one `generate --shard I/K` run are checked and streamed in
+    shard order, whatever order they are given in.
 
     \b
     Example:

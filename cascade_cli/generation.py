@@ -43,6 +43,8 @@ class GenerateSummary:
         at_cap: pairs that ran to their cap (given steps or `max_steps`); with
             a stop rule, the others were ended by the rule.
         seconds: wall time of the generation.
+        at_first: pairs with a cap above 1 that a stop rule ended at their
+            first step (0 without a rule).
     """
 
     output: Path
@@ -51,6 +53,7 @@ class GenerateSummary:
     pairs: int
     at_cap: int
     seconds: float
+    at_first: int = 0
 
 
 def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
@@ -124,7 +127,8 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         reduce_retracing=True,
     )
 
-    emitted = at_cap = pairs = 0
+    emitted = at_cap = pairs = at_first = 0
+    first_length = 0 if cascade.exclude_stop_step else 1
     started = time.perf_counter()
     with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
                         overwrite=overwrite, attrs=attrs) as writer:
@@ -141,7 +145,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                 running = caps > 0
                 pairs += int(running.sum())
                 at_cap += int((running & (part.lengths == caps)).sum())
-    return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started)
+                if cascade.stop_rule is not None:
+                    at_first += int(((caps > 1) & (part.lengths == first_length)).sum())
+    return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
+                           at_first)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -499,6 +499,19 @@ def test_a_killed_export_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
         np.testing.assert_array_equal(z["lengths"], lengths)
 
 
+@pytest.mark.parametrize("flag, value, words", [
+    ("--seed", 2**32, "0<=x<=4294967295"),  # Keras seeds take 32 bits
+    ("--max-steps", 5_000_000_000, "1<=x<=2147483647"),
+    ("--batch-size", 2**31, "1<=x<=2147483647"),
+    ("--stop-token", 2**40, "0<=x<=2147483647"),
+])
+def test_integer_flags_out_of_range_are_usage_errors(files, tmp_path, flag, value, words):
+    out = out_folder(tmp_path)
+    extra = ["--max-steps", 3] if flag == "--stop-token" else []
+    assert_error(generate(files, out / "r.h5", "--steps", "1,2,3", *extra, flag, value), 2, f"'{flag}'", words)
+    assert_nothing_in(out)
+
+
 def test_steps_that_need_more_memory_than_the_machine_has_are_refused_before_any_work(files, tmp_path):
     out = out_folder(tmp_path)
     result = generate(files, out / "r.h5", "--steps", "1000000000,0,0")

@@ -650,3 +650,16 @@ def test_a_tensorflow_error_is_one_line_and_a_bug_asks_for_debug(monkeypatch):
     assert_error(invoke("inspect", "x"), 1, "internal error (KeyError: 'layout')", "cascade --debug")
     shown = invoke("--debug", "inspect", "x")  # --debug lets the traceback through
     assert shown.exit_code == 1 and isinstance(shown.exception, KeyError)
+
+
+def test_a_stop_rule_that_never_or_always_fires_is_warned_about(files, tmp_path):
+    never = generate(files, tmp_path / "never.h5", "--max-steps", 3, "--stop-norm", 1e9)
+    assert_ok(never)
+    assert "the stop rule never fired" in never.stderr
+    always = generate(files, tmp_path / "always.h5", "--max-steps", 3, "--stop-norm", 0)
+    assert_ok(always)
+    assert "fired at the first step of every pair" in always.stderr
+    assert read_result(tmp_path / "always.h5").lengths.max() == 1
+    some = generate(files, tmp_path / "some.h5", "--max-steps", 4, "--stop-norm", 1.2)
+    assert_ok(some)
+    assert "Warning" not in some.stderr

@@ -77,6 +77,7 @@ def test_a_stop_rule_runs_to_max_steps_and_the_summary_counts_the_pairs_it_ended
     lengths = lengths.numpy()
     np.testing.assert_array_equal(read_result(tmp_path / "r.h5").lengths, lengths)
     assert summary.pairs == N * TA and summary.at_cap == int((lengths == 4).sum())
+    assert summary.at_first == int((lengths == 1).sum())
     assert 0 < summary.at_cap < summary.pairs  # the rule fired, and not everywhere
 
 
