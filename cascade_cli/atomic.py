@@ -1,10 +1,20 @@
 """Atomic output: every file cascade writes goes to a temporary name in its folder, then is renamed into place.
 
-A killed run never leaves a half-written file where a result should be, and
-temporary files left by dead processes are removed by the next writer.
+A killed run never leaves a half-written file where a result should be. An
+output is checked before any work (`check_output_path`): never one of the
+command's own inputs, whatever the spelling, and never `-`. While a writer
+writes, it holds `fcntl.flock` on a lock file beside its temporary file
+(HDF5 takes its own lock on the file it writes, so the lock cannot be on the
+temporary file itself); the next writer of the same target removes only the
+temporary files whose lock it can take, so a live writer in another process,
+PID namespace or container keeps its files. A full file system ends in
+`DataError("no space left on device writing '<path>'")` (`no_space_error`).
 """
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -13,57 +23,158 @@ from pathlib import Path
 from cascade_cli.errors import DataError
 
 _TMP_MARK = ".cascade-tmp-"
+_LOCK_SUFFIX = ".lock"
+_NAME_MAX = 255
+# A temporary name is prefix + token (`{pid}-{8 hex}`, at most 19 bytes) + a writer's suffix
+# (`.keras`) + a part key (`.row_splits_1`); the prefix keeps 64 bytes free for the rest.
+_PREFIX_MAX = _NAME_MAX - 64
+_TOKEN = re.compile(r"(\d+-[0-9a-f]+)")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _temp_prefix(path):
-    """Returns the prefix of the temporary names used while writing `path`."""
-    return f".{path.name}{_TMP_MARK}"
+    """Returns the prefix of the temporary names used while writing `path`, at most `_PREFIX_MAX` bytes.
+
+    A long name keeps its first bytes and a hash of the whole name, so a valid
+    file name of up to 255 bytes still has temporary names within the limit.
+    """
+    prefix = f".{path.name}{_TMP_MARK}"
+    if len(os.fsencode(prefix)) <= _PREFIX_MAX:
+        return prefix
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+    room = _PREFIX_MAX - len(f".~{digest}{_TMP_MARK}")
+    head = os.fsdecode(os.fsencode(path.name)[:room])  # a character cut in half stays valid bytes
+    return f".{head}~{digest}{_TMP_MARK}"
 
 
-def _pid_alive(pid):
-    """Returns whether a process with id `pid` exists."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
+def is_no_space(error):
+    """Returns whether an exception says the file system is full (or the quota is spent).
+
+    HDF5 reports it as an `OSError` (errno 28) or, from its cleanup, a
+    `RuntimeError` whose message carries `errno = 28`.
+    """
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
         return True
-    return True
+    return isinstance(error, (OSError, RuntimeError)) and (
+        "errno = 28" in str(error) or "No space left on device" in str(error)
+    )
+
+
+def no_space_error(path):
+    """The `DataError` a full file system ends in, naming the file being written."""
+    return DataError(f"no space left on device writing '{path}'")
+
+
+def _try_lock(fd):
+    """Takes an exclusive flock on `fd` without waiting: `"locked"`, `"busy"` (another holds it) or `"none"`.
+
+    `"none"`: the file system has no flock (some network mounts); a cleaner
+    then removes nothing on a guess.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        return "busy" if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else "none"
+    return "locked"
 
 
 def _remove_stale_temps(path):
-    """Removes temporary files of `path` left by processes that are no longer alive."""
+    """Removes temporary files of `path` whose writer's lock can be taken (the writer is gone).
+
+    Temporary files without a lock file (left by a writer killed after it
+    removed its lock, or by an older cascade) are removed too: a live writer
+    creates its lock before its temporary file and removes it last.
+    """
     prefix = _temp_prefix(path)
-    pattern = re.compile(r"(\d+)-[0-9a-f]+(\.\w+)?")
+    groups = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir(path.parent):
-            if not entry.name.startswith(prefix):
-                continue
-            match = pattern.fullmatch(entry.name[len(prefix) :])
-            if match is None or _pid_alive(int(match.group(1))):
-                continue
-            if entry.is_file(follow_symlinks=False):
+            if entry.name.startswith(prefix):
+                match = _TOKEN.match(entry.name, len(prefix))
+                if match is not None and entry.is_file(follow_symlinks=False):
+                    groups.setdefault(match.group(1), []).append(entry.path)
+    for token, names in groups.items():
+        lock = str(path.parent / f"{prefix}{token}{_LOCK_SUFFIX}")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None and _try_lock(fd) != "locked":
+                continue  # a live writer holds it
+            for name in sorted(names, key=lambda name: name.endswith(_LOCK_SUFFIX)):  # the lock goes last
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    os.unlink(name)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
-def check_output_path(path, *, overwrite=False):
+def _take_lock(path):
+    """Creates and locks a new lock file for a write of `path`: `(token, fd, lock_path)`."""
+    prefix = _temp_prefix(path)
+    for _ in range(100):
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        lock = path.parent / f"{prefix}{token}{_LOCK_SUFFIX}"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            if is_no_space(error):
+                raise no_space_error(path) from error
+            raise DataError(f"output '{path}': cannot create a file in '{path.parent}': {error}") from error
+        state = _try_lock(fd)
+        try:  # another run's cleanup may have removed it between the open and the lock
+            same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if same and state != "busy":
+            return token, fd, lock
+        os.close(fd)
+    raise DataError(f"output '{path}': could not take a lock for its temporary file")
+
+
+def _same_file(first, second):
+    """Whether two paths name one existing file (device and inode), whatever their spelling or links."""
+    try:
+        return os.path.samefile(first, second)
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_path(path, *, overwrite=False, inputs=()):
     """Checks that `path` can be written, before any work starts.
 
     Args:
         path: the output file.
         overwrite: whether an existing file may be replaced.
+        inputs: the files the command reads (models, inputs, steps, the
+            result being exported, the shards being merged); `path` may be
+            none of them, with or without `overwrite`.
 
     Returns:
         `path` as a `Path`.
 
     Raises:
-        DataError: when `path` exists (and `overwrite` is false) or is a folder,
-            or when its folder is missing or not writable.
+        DataError: when `path` is `-`, is one of `inputs` (compared by device
+            and inode, so `./d/../d/x.h5` and a symlink count), exists (and
+            `overwrite` is false) or is a folder, or when its folder is
+            missing or not writable.
     """
-    path = Path(path)
+    if os.fspath(path) == "-":
+        raise DataError("output '-': expected a file name; this writer does not stream to standard output")
+    given, path = os.fspath(path), Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, source):
+            same = os.fspath(source) == given
+            shown = f"'{given}'" if same else f"'{given}' (the same file as '{os.fspath(source)}')"
+            raise DataError(
+                f"output {shown} is one of this command's inputs; writing it would destroy them, "
+                "even with overwrite=True: choose another output name"
+            )
     if path.is_dir():
         raise DataError(f"output '{path}' is a folder; expected a file name")
     if (path.exists() or path.is_symlink()) and not overwrite:
@@ -77,42 +188,56 @@ def check_output_path(path, *, overwrite=False):
 
 
 @contextlib.contextmanager
-def atomic_output(path, *, overwrite=False, suffix=""):
+def atomic_output(path, *, overwrite=False, suffix="", inputs=()):
     """Yields a temporary path in the target's folder and renames it onto `path` on success.
 
-    The temporary name is `.{name}.cascade-tmp-{pid}-{random}{suffix}`. When the body
-    raises, the temporary file is removed and `path` is left untouched.
-    Temporary files of the same target left by dead processes are removed.
+    The temporary name is `.{name}.cascade-tmp-{pid}-{random}{suffix}` (a
+    long name is shortened with a hash); `.{name}.cascade-tmp-{pid}-{random}.lock`
+    beside it is held with `fcntl.flock` while the body runs. When the body
+    raises (also `KeyboardInterrupt` and `SystemExit`), both are removed and
+    `path` is left untouched. Temporary files of the same target whose
+    writer is gone are removed first.
 
     Args:
         path: the output file.
         overwrite: whether an existing file may be replaced.
         suffix: ends the temporary name, for writers that insist on one
             (Keras saves only to names ending in `.keras`).
+        inputs: the files the command reads; see `check_output_path`.
 
     Yields:
         The temporary `Path` the body must write.
 
     Raises:
         DataError: see `check_output_path`; also when `path` appeared while
-            the body ran and `overwrite` is false.
+            the body ran and `overwrite` is false, and
+            `no space left on device writing '<path>'` when the file system
+            is full.
     """
-    path = check_output_path(path, overwrite=overwrite)
+    path = check_output_path(path, overwrite=overwrite, inputs=inputs)
     _remove_stale_temps(path)
-    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    token, lock_fd, lock = _take_lock(path)
+    temp = path.parent / f"{_temp_prefix(path)}{token}{suffix}"
     try:
-        yield temp
-        if not temp.exists():
-            raise DataError(f"output '{path}': nothing was written")
-        if not overwrite and (path.exists() or path.is_symlink()):
-            raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
-        fd = os.open(temp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
+            yield temp
+            if not temp.exists():
+                raise DataError(f"output '{path}': nothing was written")
+            if not overwrite and (path.exists() or path.is_symlink()):
+                raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if is_no_space(error):
+                raise no_space_error(path) from error
+            raise
+    finally:
         with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+            os.unlink(lock)
+        os.close(lock_fd)

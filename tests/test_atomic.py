@@ -1,11 +1,15 @@
 """Tests of `cascade_cli.atomic`: temporary name, rename, refusal of existing outputs, stale temps."""
 
+import errno
+import fcntl
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from cascade_cli import atomic
 from cascade_cli.atomic import atomic_output, check_output_path
 from cascade_cli.errors import DataError
 from filetools import dead_pid, quoted
@@ -112,12 +116,120 @@ def test_check_output_path_read_only_folder(tmp_path, monkeypatch):
 def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     target = tmp_path / "out.npz"
     stale = tmp_path / f".out.npz.cascade-tmp-{dead_pid()}-0badf00d"
-    live = tmp_path / f".out.npz.cascade-tmp-{os.getpid()}-12345678"
     other_target = tmp_path / f".other.npz.cascade-tmp-{dead_pid()}-0badf00d"
-    for path in (stale, live, other_target):
+    for path in (stale, other_target):
         path.write_bytes(b"half")
     write_atomic(target, b"data")
-    assert sorted(os.listdir(tmp_path)) == sorted([target.name, live.name, other_target.name])
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, other_target.name])
+
+
+def held_lock(path):
+    """Opens and flocks `path` as another writer would (a new open file description); returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_cleanup_decides_by_lock_not_by_pid(tmp_path):
+    """A writer in another PID namespace has a pid that is dead here: its held lock keeps its files."""
+    target = tmp_path / "out.npz"
+    pid = dead_pid()
+    live = tmp_path / f".out.npz.cascade-tmp-{pid}-12345678"
+    live_part = tmp_path / f"{live.name}.flat_values"
+    gone = tmp_path / f".out.npz.cascade-tmp-{os.getpid()}-0badf00d"  # a live pid, but no writer holds its lock
+    gone_lock = tmp_path / f"{gone.name}.lock"
+    for path in (live, live_part, gone, gone_lock):
+        path.write_bytes(b"half")
+    fd = held_lock(tmp_path / f"{live.name}.lock")
+    try:
+        write_atomic(target, b"data")
+        assert sorted(os.listdir(tmp_path)) == sorted([target.name, live.name, live_part.name, f"{live.name}.lock"])
+    finally:
+        os.close(fd)
+    write_atomic(target, b"again", overwrite=True)  # the writer is gone now: its lock can be taken
+    assert os.listdir(tmp_path) == ["out.npz"]
+
+
+def test_a_writer_holds_a_lock_while_it_writes(tmp_path):
+    target = tmp_path / "out.bin"
+    with atomic_output(target, overwrite=True) as temp:
+        lock = tmp_path / f"{temp.name}.lock"
+        assert sorted(os.listdir(tmp_path)) == [lock.name]
+        other = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        temp.write_bytes(b"data")
+        write_atomic(tmp_path / "out.bin.other", b"x")  # another target's cleanup leaves it alone
+        with atomic_output(target, overwrite=True) as second:  # a second writer of the same target too
+            second.write_bytes(b"second")
+        assert temp.exists() and lock.exists()
+    assert target.read_bytes() == b"data"
+    assert sorted(os.listdir(tmp_path)) == ["out.bin", "out.bin.other"]
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
+def test_atomic_output_removes_its_files_on_exit_and_interrupt(tmp_path, error):
+    with pytest.raises(type(error)):
+        with atomic_output(tmp_path / "out.bin") as temp:
+            temp.write_bytes(b"half")
+            raise error
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_file_system_is_one_data_error_and_leaves_nothing(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(DataError, match=f"^no space left on device writing {quoted(target)}$"):
+        with atomic_output(target) as temp:
+            temp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert os.listdir(tmp_path) == []
+
+
+def test_long_names_get_temporary_names_within_the_limit(tmp_path):
+    name = "r" * 240 + ".h5"  # 243 bytes: a valid name; with the temporary mark it would exceed 255
+    with atomic_output(tmp_path / name, suffix=".keras") as temp:
+        assert len(os.fsencode(temp.name)) <= 255 - len(".row_splits_1")
+        temp.write_bytes(b"data")
+    assert os.listdir(tmp_path) == [name]
+    accented = "é" * 121 + ".h5"  # 245 bytes in UTF-8, cut inside a character
+    other = "r" * 239 + "s.h5"  # the same start: another hash
+    for target in (accented, other):
+        write_atomic(tmp_path / target, b"data")
+    assert sorted(os.listdir(tmp_path)) == sorted([name, accented, other])
+    stale = tmp_path / (atomic._temp_prefix(tmp_path / name) + f"{dead_pid()}-0badf00d.keras")
+    stale.write_bytes(b"half")
+    write_atomic(tmp_path / name, b"new", overwrite=True)
+    assert not stale.exists()
+    assert atomic._temp_prefix(tmp_path / name) != atomic._temp_prefix(tmp_path / other)
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused_whatever_its_spelling(tmp_path, monkeypatch):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    source = folder / "x.h5"
+    source.write_bytes(b"inputs")
+    (tmp_path / "link.h5").symlink_to(source)
+    os.link(source, tmp_path / "hard.h5")
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("./d/../d/x.h5", "link.h5", "hard.h5", source):
+        for overwrite in (False, True):
+            with pytest.raises(DataError, match="is one of this command's inputs") as error:
+                with atomic_output(spelling, overwrite=overwrite, inputs=[Path("models/a.keras"), source]):
+                    pytest.fail("the body must not run")
+            assert str(source) in str(error.value) and str(spelling) in str(error.value)
+    assert source.read_bytes() == b"inputs"
+    write_atomic(folder / "y.h5", b"other")  # another name in the same folder is fine
+    check_output_path("d/x2.h5", inputs=[source])
+
+
+def test_dash_is_not_a_file_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="^output '-': expected a file name"):
+        check_output_path("-", overwrite=True)
+    assert os.listdir(tmp_path) == []
 
 
 def test_killed_run_leaves_no_stray_file_after_next_run(tmp_path):
@@ -131,8 +243,9 @@ def test_killed_run_leaves_no_stray_file_after_next_run(tmp_path):
     )
     completed = subprocess.run([sys.executable, "-c", code, str(target)])
     assert completed.returncode == 9
-    leftovers = os.listdir(tmp_path)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".out.h5.cascade-tmp-")
+    leftovers = sorted(os.listdir(tmp_path))  # the temporary file and its (no longer held) lock
+    assert len(leftovers) == 2 and leftovers[1] == leftovers[0] + ".lock"
+    assert leftovers[0].startswith(".out.h5.cascade-tmp-")
     write_atomic(target, b"data")
     assert os.listdir(tmp_path) == ["out.h5"]
 
