@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from cascade_cli import h5
-from cascade_cli.atomic import atomic_output, check_output_path
+from cascade_cli.atomic import atomic_output, check_output_path, is_no_space
 from cascade_cli.errors import DataError
 from cascade_cli.result import ArrayError, CascadeResult
 
@@ -66,7 +66,12 @@ CSV_INDEX_COLUMNS = ("sample", "outer", "inner")
 
 # Bytes of values read or padded at a time when no batch size is given (about 64 MiB).
 _BATCH_BYTES = 1 << 26
-_CHUNK_ROWS = 65536
+_CHUNK_ROWS = 65536  # csv rows formatted at a time
+_CHUNK_MIN_BYTES = 4 << 10
+_CHUNK_MAX_BYTES = 1 << 20
+# Kept free beside an HDF5 file being written (`.reserve`), released when the disk fills, so that
+# HDF5 can flush its caches on close (1 MiB of chunk cache per dataset, and metadata).
+_RESERVE_BYTES = 8 << 20
 
 
 def run_attrs(attrs):
@@ -136,15 +141,31 @@ def _batch_samples(row_bytes, batch_samples):
 # --------------------------------------------------------------------------- sinks: where arrays go
 
 
-class _H5Column:
-    """A dataset of `file` that grows along its first axis."""
+def _chunk_rows(row_shape, dtype, rows):
+    """Rows per HDF5 chunk: about `rows` (the batch or the whole column), within 4 KiB to 1 MiB per chunk."""
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    wanted = max(1, int(rows or 1)) * row_bytes
+    return max(1, min(max(wanted, _CHUNK_MIN_BYTES), _CHUNK_MAX_BYTES) // row_bytes)
 
-    def __init__(self, file, key, row_shape, dtype):
+
+_FILTERS = MappingProxyType({"compression": "gzip", "compression_opts": 4, "shuffle": True})
+"""The HDF5 filters of every result array but the tiniest: gzip (readable everywhere) after byte shuffling."""
+
+
+def _compression(size):
+    """The filters of an HDF5 dataset of `size` entries: `_FILTERS`, none for a tiny one."""
+    return {} if size < 64 else dict(_FILTERS)
+
+
+class _H5Column:
+    """A dataset of `file` that grows along its first axis, chunked for `rows` rows and compressed."""
+
+    def __init__(self, file, key, row_shape, dtype, *, rows=None):
         row_shape = tuple(int(n) for n in row_shape)
-        rows = max(1, _CHUNK_ROWS // max(1, int(np.prod(row_shape, dtype=np.int64))))
+        chunk = _chunk_rows(row_shape, dtype, rows)
         self.dataset = file.create_dataset(
             key, shape=(0, *row_shape), maxshape=(None, *(n or None for n in row_shape)), dtype=dtype,
-            chunks=(rows, *(max(n, 1) for n in row_shape)),
+            chunks=(chunk, *(max(n, 1) for n in row_shape)), **_FILTERS,
         )
 
     def extend(self, array):
@@ -160,14 +181,18 @@ class _H5Sink:
     def __init__(self, file):
         self.file = file
 
-    def column(self, key, row_shape, dtype):
-        return _H5Column(self.file, key, row_shape, dtype)
+    def column(self, key, row_shape, dtype, *, rows=None):
+        return _H5Column(self.file, key, row_shape, dtype, rows=rows)
 
     def array(self, key, shape, dtype):
-        return self.file.create_dataset(key, shape=shape, dtype=dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        if not size:
+            return self.file.create_dataset(key, shape=shape, dtype=dtype)
+        return self.file.create_dataset(key, shape=shape, dtype=dtype, chunks=True, **_compression(size))
 
     def put(self, key, array):
-        self.file.create_dataset(key, data=array)
+        array = np.asarray(array)
+        self.file.create_dataset(key, data=array, **(_compression(array.size) if array.ndim else {}))
 
     def finish(self, attrs):
         self.file.attrs.update(attrs)
@@ -219,7 +244,7 @@ class _NpzSink:
     def _part(self, key):
         return self.temp.with_name(f"{self.temp.name}.{key}")
 
-    def column(self, key, row_shape, dtype):
+    def column(self, key, row_shape, dtype, *, rows=None):
         column = _RawColumn(self._part(key), row_shape, dtype)
         self._members[key] = column
         return column
@@ -259,12 +284,69 @@ class _NpzSink:
         self._members = {}
 
 
+def _reserve(path, size):
+    """Allocates `size` bytes at `path` (a file of zeros where the file system cannot allocate)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if is_no_space(error):
+                raise
+            zeros = bytes(1 << 20)
+            for _ in range(size >> 20):
+                os.write(fd, zeros)
+    finally:
+        os.close(fd)
+
+
+def _close_h5(file, temp, reserve):
+    """Closes an HDF5 file being written; into a full file system, space is freed and the close retried."""
+    try:
+        file.close()
+    except (OSError, RuntimeError) as error:
+        if not is_no_space(error):
+            raise
+        _free(temp, reserve)
+        with contextlib.suppress(OSError, RuntimeError):
+            file.close()
+        raise
+
+
+def _free(temp, reserve):
+    """Frees the space of a failed HDF5 write: its reserve and the file's own blocks."""
+    with contextlib.suppress(OSError):
+        os.unlink(reserve)
+    with contextlib.suppress(OSError):
+        os.truncate(temp, 0)
+
+
 @contextlib.contextmanager
 def _open_sink(temp, format):
-    """Yields the sink that writes `format` (`"h5"` or `"npz"`) at `temp`."""
+    """Yields the sink that writes `format` (`"h5"` or `"npz"`) at `temp`.
+
+    HDF5 flushes its caches when the file closes; into a full file system that
+    fails and leaves objects whose release crashes the interpreter. So
+    `_RESERVE_BYTES` are held beside the file while it is written and freed
+    (with the file's own blocks) as soon as a write fails for want of space,
+    and the close then succeeds; the half file is removed by `atomic_output`.
+    """
     if format == "h5":
-        with h5py.File(temp, "w") as file:
-            yield _H5Sink(file)
+        reserve = temp.with_name(f"{temp.name}.reserve")
+        try:
+            _reserve(reserve, _RESERVE_BYTES)
+            file = h5py.File(temp, "w")
+            try:
+                yield _H5Sink(file)
+            except BaseException as error:
+                if is_no_space(error):
+                    _free(temp, reserve)
+                _close_h5(file, temp, reserve)
+                raise
+            _close_h5(file, temp, reserve)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(reserve)
         return
     sink = _NpzSink(temp)
     try:
@@ -282,12 +364,13 @@ class _RaggedLayout:
     The one routine behind `write_result(layout="ragged")` and `RaggedH5Writer`.
     """
 
-    def __init__(self, sink, *, outer_steps, output_size, dtype):
+    def __init__(self, sink, *, outer_steps, output_size, dtype, samples=None, total=None):
         self.sink = sink
         self.outer_steps = int(outer_steps)
-        self.values = sink.column(FLAT_VALUES, (int(output_size),), dtype)
-        self.lengths = sink.column(LENGTHS, (self.outer_steps,), np.int64)
-        self.row_splits_1 = sink.column(ROW_SPLITS_1, (), np.int64)
+        self.values = sink.column(FLAT_VALUES, (int(output_size),), dtype, rows=total)
+        self.lengths = sink.column(LENGTHS, (self.outer_steps,), np.int64, rows=samples)
+        pairs = None if samples is None else samples * self.outer_steps
+        self.row_splits_1 = sink.column(ROW_SPLITS_1, (), np.int64, rows=pairs)
         self.row_splits_1.extend(np.zeros(1, np.int64))
         self.n_samples = 0
         self.total = 0
@@ -312,8 +395,8 @@ def _write_padded(sink, source, pieces, *, pad_value, time_major, extra):
         values = sink.array(VALUES, (outer, length, n, size), _dtype_of(source))
         mask = sink.array(MASK, (outer, length, n), bool)
     else:
-        values = sink.column(VALUES, (outer, length, size), _dtype_of(source))
-        mask = sink.column(MASK, (outer, length), bool)
+        values = sink.column(VALUES, (outer, length, size), _dtype_of(source), rows=n)
+        mask = sink.column(MASK, (outer, length), bool, rows=n)
     start = 0
     for piece in pieces:
         padded, _, piece_mask = piece.to_padded(pad_value, time_major=time_major, max_length=length)
@@ -378,6 +461,7 @@ def write_result(
     overwrite=False,
     attrs=None,
     batch_samples=None,
+    inputs=(),
 ):
     """Writes a result to `path` atomically, a batch of samples at a time.
 
@@ -394,6 +478,8 @@ def write_result(
         attrs: extra `str -> str | number` attributes (h5 attrs, npz 0-d
             arrays); ignored for csv.
         batch_samples: samples per batch; `None` takes about 64 MiB of values.
+        inputs: other files the command reads; `path` may be none of them,
+            nor the file of a `ResultReader` being written out.
 
     Raises:
         DataError: for an unknown format or layout, reserved or non-scalar
@@ -404,7 +490,8 @@ def write_result(
     extra = _checked_attrs(attrs)
     if format != "csv" and layout not in LAYOUTS:
         raise DataError(f"layout: expected one of {', '.join(LAYOUTS)}, received '{layout}'")
-    check_output_path(path, overwrite=overwrite)
+    inputs = (*inputs, *((result.path,) if isinstance(result, ResultReader) else ()))
+    check_output_path(path, overwrite=overwrite, inputs=inputs)
     dtype = _dtype_of(result)
     size = result.output_size
     padded = format != "csv" and layout == "padded"
@@ -412,7 +499,7 @@ def write_result(
         result.outer_steps * result.max_length if padded else max(1, result.total) / max(1, result.n_samples)
     )
     pieces = _pieces_of(result, batch_samples=batch_samples, row_bytes=row_bytes)
-    with atomic_output(path, overwrite=overwrite) as temp:
+    with atomic_output(path, overwrite=overwrite, inputs=inputs) as temp:
         if format == "csv":
             with open(temp, "wb") as file:
                 _write_csv(file, pieces, output_size=size, dtype=dtype)
@@ -421,7 +508,8 @@ def write_result(
             if padded:
                 _write_padded(sink, result, pieces, pad_value=pad_value, time_major=time_major, extra=extra)
             else:
-                ragged = _RaggedLayout(sink, outer_steps=result.outer_steps, output_size=size, dtype=dtype)
+                ragged = _RaggedLayout(sink, outer_steps=result.outer_steps, output_size=size, dtype=dtype,
+                                       samples=result.n_samples, total=result.total)
                 for piece in pieces:
                     ragged.append(piece)
                 ragged.finish(extra)
@@ -441,10 +529,15 @@ class RaggedH5Writer:
         attrs: extra `str -> str | number` attributes.
         dtype: dtype of `flat_values`; `None` takes the first batch's (float32
             when no batch is appended).
+        inputs: the files the run reads (models, inputs, steps, shards);
+            `path` may be none of them (`atomic.check_output_path`).
+
+    Chunks are sized from the first batch and compressed (`_FILTERS`).
     """
 
-    def __init__(self, path, *, outer_steps, output_size, overwrite=False, attrs=None, dtype=None):
-        self.path = check_output_path(path, overwrite=overwrite)
+    def __init__(self, path, *, outer_steps, output_size, overwrite=False, attrs=None, dtype=None, inputs=()):
+        self.inputs = tuple(inputs)
+        self.path = check_output_path(path, overwrite=overwrite, inputs=self.inputs)
         self.outer_steps = int(outer_steps)
         self.output_size = int(output_size)
         self.overwrite = overwrite
@@ -457,20 +550,22 @@ class RaggedH5Writer:
     def __enter__(self):
         stack = contextlib.ExitStack()
         try:
-            temp = stack.enter_context(atomic_output(self.path, overwrite=self.overwrite))
+            temp = stack.enter_context(atomic_output(self.path, overwrite=self.overwrite, inputs=self.inputs))
             self._sink = stack.enter_context(_open_sink(temp, "h5"))
         except BaseException:
-            stack.close()
+            if not stack.__exit__(*sys.exc_info()):  # atomic_output sees the error and removes its files
+                raise
             raise
         self._stack = stack
         return self
 
-    def _ragged(self, dtype):
-        """Returns the ragged layout being written, starting it with `dtype` at first use."""
+    def _ragged(self, dtype, first=None):
+        """Returns the ragged layout being written, starting it at first use (chunks sized by `first`, the first batch)."""
         if self._layout is None:
             self.dtype = self.dtype or np.dtype(dtype)
             self._layout = _RaggedLayout(
-                self._sink, outer_steps=self.outer_steps, output_size=self.output_size, dtype=self.dtype
+                self._sink, outer_steps=self.outer_steps, output_size=self.output_size, dtype=self.dtype,
+                samples=None if first is None else first.n_samples, total=None if first is None else first.total,
             )
         return self._layout
 
@@ -484,7 +579,7 @@ class RaggedH5Writer:
                 f"and output size {self.output_size}, received {result.outer_steps} and "
                 f"{result.output_size}"
             )
-        self._ragged(result.values.dtype).append(result)
+        self._ragged(result.values.dtype, result).append(result)
 
     def __exit__(self, exc_type, exc, traceback):
         stack, self._stack = self._stack, None

@@ -220,8 +220,9 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
 
     The shards are checked first (`check_shards`), then read a batch at a
     time and appended in `shard_index` order through `RaggedH5Writer`, so
-    `output` appears only when every shard fitted. Its attributes are the
-    run's, without `SHARD_ATTRS`.
+    `output` appears only when every shard fitted, and is never one of the
+    shards (whatever its spelling). Its attributes are the run's, without
+    `SHARD_ATTRS`.
 
     Args:
         paths: the shard result files, in any order.
@@ -244,7 +245,7 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
         shape, dtype = (first.outer_steps, first.output_size), first.dtype
     samples = emitted = 0
     with RaggedH5Writer(output, outer_steps=shape[0], output_size=shape[1], overwrite=overwrite,
-                        attrs=attrs, dtype=dtype) as writer:
+                        attrs=attrs, dtype=dtype, inputs=[path for path, _ in shards]) as writer:
         for path, shard in shards:
             with open_result(path) as reader:
                 if (reader.outer_steps, reader.output_size) != shape:

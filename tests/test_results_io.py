@@ -1,5 +1,6 @@
 """Tests of `cascade_cli.results_io`: result layouts on disk, the streaming writer and reader."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -609,3 +610,119 @@ def test_part_files_of_a_killed_npz_write_are_removed_by_the_next_write(tmp_path
     assert any(name.endswith(".flat_values") for name in left)  # a part file, named after the temporary file
     write_result(target, hand_result())
     assert os.listdir(tmp_path) == ["out.npz"]
+
+
+# --- writing safely: inputs, full disks, sizes ---------------------------------------------
+
+
+def test_a_result_is_never_written_over_the_file_it_is_read_from(tmp_path, monkeypatch):
+    write_result(tmp_path / "r.h5", hand_result())
+    (tmp_path / "alias.h5").symlink_to(tmp_path / "r.h5")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "r.h5").read_bytes()
+    for spelling in ("r.h5", f"./../{tmp_path.name}/r.h5", "alias.h5"):
+        with open_result("r.h5") as reader, pytest.raises(DataError, match="is one of this command's inputs"):
+            write_result(spelling, reader, format="h5", overwrite=True)
+    with pytest.raises(DataError, match=r"'x\.h5' \(the same file as 'r\.h5'\) is one of"):
+        (tmp_path / "x.h5").hardlink_to(tmp_path / "r.h5")
+        RaggedH5Writer("x.h5", outer_steps=2, output_size=2, overwrite=True, inputs=["r.h5"])
+    assert (tmp_path / "r.h5").read_bytes() == before
+
+
+def fail_writes_after(monkeypatch, target, count):
+    """Makes the `count`-th write of bytes into HDF5 (a dataset assignment) or a file fail for want of space."""
+    calls = {"n": 0}
+
+    def no_space():
+        calls["n"] += 1
+        if calls["n"] >= count:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_set = h5py.Dataset.__setitem__
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", lambda self, key, value: (no_space(), real_set(self, key, value)))
+    real_column = results_io._RawColumn.extend
+    monkeypatch.setattr(results_io._RawColumn, "extend", lambda self, array: (no_space(), real_column(self, array)))
+
+
+@pytest.mark.parametrize("name, layout", [("r.h5", "ragged"), ("r.h5", "padded"), ("r.npz", "ragged"),
+                                          ("r.npz", "padded")])
+def test_a_full_disk_while_writing_is_one_data_error_and_leaves_nothing(tmp_path, monkeypatch, name, layout):
+    out = tmp_path / "out"
+    out.mkdir()
+    fail_writes_after(monkeypatch, out / name, 2)
+    with pytest.raises(DataError, match=f"^no space left on device writing {quoted(out / name)}$"):
+        write_result(out / name, hand_result(), layout=layout, batch_samples=1)
+    assert os.listdir(out) == []
+
+
+def test_a_full_disk_while_streaming_is_one_data_error_and_leaves_nothing(tmp_path, monkeypatch):
+    fail_writes_after(monkeypatch, tmp_path / "r.h5", 3)
+    with pytest.raises(DataError, match=f"^no space left on device writing {quoted(tmp_path / 'r.h5')}$"):
+        with RaggedH5Writer(tmp_path / "r.h5", outer_steps=2, output_size=2) as writer:
+            for start in range(2):
+                writer.append(hand_result().slice_samples(start, start + 1))
+    assert os.listdir(tmp_path) == []
+
+
+_FULL_DISK = """
+import sys
+import numpy as np
+from cascade_cli.errors import DataError
+from cascade_cli.result import CascadeResult
+from cascade_cli.results_io import RaggedH5Writer, write_result
+folder, kind = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+piece = CascadeResult(rng.normal(size=(200_000, 4)).astype(np.float32), np.full((1000, 2), 100))
+try:
+    if kind == "stream":
+        with RaggedH5Writer(folder + "/s.h5", outer_steps=2, output_size=4) as writer:
+            for _ in range(40):
+                writer.append(piece)
+    else:
+        write_result(folder + "/r." + kind, CascadeResult.concatenate([piece] * 20), batch_samples=1000)
+except DataError as error:
+    print(error)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("kind", ["h5", "stream", "npz", "csv"])
+def test_a_really_full_file_system(tmp_path, kind):
+    """A 24 MiB tmpfs (where root can mount one): HDF5 writing after ENOSPC used to end in a segfault."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(folder), kind], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert done.stdout.startswith("no space left on device writing"), done.stdout
+        assert done.stderr == ""
+        assert os.listdir(folder) == []
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_result_files_are_sized_for_their_content(tmp_path):
+    """303 float32 values (1.2 KB) used to make a 1.3 MB file (chunks of 65,536 rows, no compression)."""
+    lengths = np.array([[1, 2, 0], [5, 93, 0]])
+    small = CascadeResult(np.linspace(0, 1, 303, dtype=np.float32).reshape(101, 3), lengths)
+    write_result(tmp_path / "small.h5", small)
+    with RaggedH5Writer(tmp_path / "streamed.h5", outer_steps=3, output_size=3) as writer:
+        writer.append(small.slice_samples(0, 1))
+        writer.append(small.slice_samples(1, 2))
+    write_result(tmp_path / "padded.h5", small, layout="padded")
+    for name in ("small.h5", "streamed.h5", "padded.h5"):
+        assert os.path.getsize(tmp_path / name) < 24_000, name
+        assert_same(read_result(tmp_path / name), small)
+    rng = np.random.default_rng(0)
+    big_lengths = rng.integers(0, 20, size=(2000, 8))
+    smooth = np.repeat(np.arange(int(big_lengths.sum()), dtype=np.float32)[:, None] % 7, 4, axis=1)
+    write_result(tmp_path / "big.h5", CascadeResult(smooth, big_lengths))
+    raw = smooth.nbytes + 3 * big_lengths.nbytes
+    assert os.path.getsize(tmp_path / "big.h5") < raw / 4  # compressed
+    with h5py.File(tmp_path / "big.h5") as file:
+        assert file["flat_values"].compression == "gzip"
+        assert file["flat_values"].chunks[0] * 16 <= 1 << 20

@@ -254,3 +254,16 @@ def test_merge_shards_streams_batches_into_the_run_by_hand(tmp_path):
     np.testing.assert_array_equal(merged.values, np.arange(14, dtype=np.float32).reshape(7, 2))
     assert read_result_attrs(tmp_path / "all.h5") == {"layout": "ragged", "format_version": 1,
                                                       "run_id": run, "seed": 7}
+
+
+def test_merge_never_writes_over_one_of_its_shards(tmp_path, monkeypatch):
+    a = fake_shard(tmp_path / "a.h5", index=0, count=2, start=0, stop=2)
+    b = fake_shard(tmp_path / "b.h5", index=1, count=2, start=2, stop=4)
+    (tmp_path / "link.h5").symlink_to(b)
+    before = b.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for output in ("b.h5", "./../" + tmp_path.name + "/b.h5", "link.h5"):
+        with pytest.raises(DataError, match=r"is one of this command's inputs.*choose another output name"):
+            merge_shards([a, b], output, overwrite=True)
+    assert b.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["a.h5", "b.h5", "link.h5"]
