@@ -301,10 +301,11 @@ def model_options(command):
     return _apply(_MODEL_OPTIONS, wrapper)
 
 
-def _check_output(path, *, overwrite):
+def _check_output(path, *, overwrite, inputs):
+    """Checks `-o` before any work: writable, not existing unless `--overwrite`, and none of `inputs`."""
     from cascade_cli.atomic import check_output_path
 
-    return check_output_path(path, overwrite=overwrite)
+    return check_output_path(path, overwrite=overwrite, inputs=inputs)
 
 
 # ------------------------------------------------------------------ the group
@@ -456,13 +457,11 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
         raise click.UsageError(
             "no inner steps given: use --steps-file S or --steps 3,4,2, or --max-steps M "
             "(with a stop rule, --stop-norm T or --stop-token ID).", ctx)
-    if state_init == "ir" and state == "carry":
-        raise click.UsageError("--state-init ir needs --state reset: a carried state starts at zeros.", ctx)
     if Path(output).suffix.lower() not in (".h5", ".hdf5"):
         raise click.BadParameter(
             f"generate writes a ragged HDF5 result, expected a .h5 name, received '{output}'; "
             "convert it afterwards with cascade export.", ctx, param_hint="'-o' / '--output'")
-    _check_output(output, overwrite=overwrite)
+    _check_output(output, overwrite=overwrite, inputs=(models.model_a, models.model_b, inputs_path, steps_file))
     console, _ = _consoles()
     steps, where = _read_steps_option(steps_file=steps_file, steps_text=steps_text)
     from cascade_cli.data import open_inputs
@@ -518,7 +517,7 @@ def merge(ctx, parts, output, overwrite):
     if Path(output).suffix.lower() not in (".h5", ".hdf5"):
         raise click.BadParameter(f"merge writes a ragged HDF5 result, expected a .h5 name, received '{output}'.",
                                  ctx, param_hint="'-o' / '--output'")
-    _check_output(output, overwrite=overwrite)
+    _check_output(output, overwrite=overwrite, inputs=parts)
     from cascade_cli.shards import merge_shards
 
     console, _ = _consoles()
@@ -566,7 +565,7 @@ def export(ctx, result, format_, layout, pad_value, time_major, output, overwrit
         raise click.UsageError("--pad-value and --time-major need --layout padded.", ctx)
     from cascade_cli.results_io import open_result, run_attrs, write_result
 
-    _check_output(output, overwrite=overwrite)
+    _check_output(output, overwrite=overwrite, inputs=(result,))
     console, _ = _consoles()
     with open_result(result) as data:  # streamed: one batch of samples in memory at a time
         attrs = run_attrs(data.attrs) if fmt != "csv" else None

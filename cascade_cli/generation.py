@@ -131,7 +131,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     first_length = 0 if cascade.exclude_stop_step else 1
     started = time.perf_counter()
     with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
-                        overwrite=overwrite, attrs=attrs) as writer:
+                        overwrite=overwrite, attrs=attrs, inputs=(source.path,)) as writer:
         batches = progress(ranges)
         with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
             for batch in batches:  # closing() stops a live bar at once when a batch fails

@@ -9,6 +9,7 @@ already covers are not repeated here.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -497,6 +498,33 @@ def test_a_killed_export_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
     assert sorted(os.listdir(out)) == ["r.csv", "r.npz"]  # the killed runs' temporary files are gone
     with np.load(out / "r.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["lengths"], lengths)
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused_whatever_its_spelling(files, tmp_path, monkeypatch):
+    work = tmp_path / "d"
+    work.mkdir()
+    for name in ("x.h5", "a.keras", "b.keras"):
+        shutil.copy(files[name], work / name)
+    (work / "steps.txt").write_text("1 0 2\n")
+    (work / "link.h5").symlink_to(work / "x.h5")
+    monkeypatch.chdir(work)
+    before = {name: (work / name).read_bytes() for name in ("x.h5", "a.keras", "b.keras", "steps.txt")}
+    common = ["generate", "--model-a", "a.keras", "--model-b", "b.keras", "--inputs", "x.h5",
+              "--steps-file", "steps.txt", "--overwrite"]
+    for output in ("x.h5", "./../d/x.h5", "link.h5", "a.keras", "steps.txt"):
+        assert_error(invoke(*common, "-o", output), 1 if output.endswith(".h5") else 2,
+                     *(["is one of this command's inputs", "choose another output name"] if output.endswith(".h5")
+                       else ["expected a .h5 name"]))
+    assert_ok(invoke(*common, "-o", "r.h5"))
+    assert_error(invoke("export", "r.h5", "-o", "./r.h5", "--format", "h5", "--overwrite"), 1,
+                 "is one of this command's inputs")
+    assert_error(invoke("merge", "r.h5", "-o", "r.h5", "--overwrite"), 1, "is one of this command's inputs")
+    assert {name: (work / name).read_bytes() for name in before} == before  # nothing of the user's was touched
+
+
+def test_a_dash_is_not_a_file_name(files, tmp_path):
+    assert_error(invoke("export", files["x.h5"], "-o", "-", "--format", "csv"), 1, "output '-'")
+    assert not os.path.exists("-")
 
 
 @pytest.mark.parametrize("flag, value, words", [

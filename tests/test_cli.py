@@ -222,7 +222,7 @@ def test_stop_token_without_given_steps(files, tmp_path):
     (["--max-steps", "3", "--stop-token", "-1"], ["--stop-token"]),
     (["--max-steps", "3", "--stop-norm", "nan"], ["--stop-norm", "finite"]),
     (["--steps", "1,2,3", "--exclude-stop-step"], ["--exclude-stop-step needs a stop rule"]),
-    (["--steps", "1,2,3", "--state", "carry", "--state-init", "ir"], ["--state-init ir needs --state reset"]),
+    (["--steps", "1,2,3", "--state", "carry", "--state-init", "ir"], ["--state-init: 'ir' needs", "--state reset"]),
     (["--steps", "1,2,3", "--batch-size", "0"], ["--batch-size"]),
 ])
 def test_generate_usage_errors_exit_2_naming_the_flags(files, tmp_path, args, words):
