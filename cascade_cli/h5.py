@@ -1,14 +1,18 @@
 """Safe reads of HDF5 and numpy files: one home for opening, keyed reads and their errors.
 
-HDF5 files are opened read-only and refused when any part of them lives in
-another file; a failed read names the file and the key. `.npy` / `.npz` files
-are loaded with `allow_pickle=False` only, and an `.npz` member can be read a
-block at a time (`open_npz`, `NpyMember`) without loading it whole. Every
-problem is a `DataError`.
+Every reader opens only regular files (`check_file`: a FIFO or a device would
+block). HDF5 files are opened read-only and refused when any part of them lives
+in another file or a soft link loops; a failed read names the file and the key,
+whatever h5py raised on a damaged file (`H5PY_ERRORS`); attributes are read as
+one scalar of a checked type (`read_attr`, `scalar_value`). `.npy` / `.npz`
+files are loaded with `allow_pickle=False` only, and an `.npz` member can be
+read a block at a time (`open_npz`, `NpyMember`) without loading it whole.
+Every problem is a `DataError`.
 """
 
 import contextlib
 import os
+import stat
 import zipfile
 from typing import Iterator
 
@@ -32,17 +36,41 @@ def display(path) -> str:
     return os.fspath(path)
 
 
+# What h5py raises when a file's structures are damaged: OSError from HDF5 itself,
+# and RuntimeError, SystemError, TypeError, ValueError and KeyError from its
+# bindings. Only calls into h5py are wrapped, so our own bugs still surface.
+H5PY_ERRORS = (OSError, RuntimeError, SystemError, TypeError, ValueError, KeyError)
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def check_file(path, *, expected: str) -> None:
-    """Raises `DataError` unless `path` is an existing regular file."""
+    """Raises `DataError` unless `path` is an existing regular file (a symlink to one is fine).
+
+    The one home of this rule for every reader: a FIFO or a device would make
+    HDF5, numpy or a text read block or read forever.
+    """
     name = display(path)
-    if not os.path.exists(name):
-        raise DataError(f"'{name}' does not exist: expected {expected}")
-    if os.path.isdir(name):
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        raise DataError(f"'{name}' does not exist: expected {expected}") from None
+    except OSError as exc:
+        raise DataError(f"'{name}' cannot be read: {exc.strerror or exc}: expected {expected}") from exc
+    if stat.S_ISDIR(mode):
         raise DataError(f"'{name}' is a directory: expected {expected}")
+    if not stat.S_ISREG(mode):
+        kind = next((words for test, words in _SPECIAL_FILES if test(mode)), "a special file")
+        raise DataError(f"'{name}' is {kind}, not a regular file: expected {expected}")
 
 
 def _refuse_outside_storage(f: h5py.File, *, path) -> None:
-    """Raises `DataError` if any link or dataset of `f` reaches outside the file."""
+    """Raises `DataError` if any link or dataset of `f` reaches outside the file or loops."""
     name = display(path)
     problems = []
 
@@ -54,6 +82,11 @@ def _refuse_outside_storage(f: h5py.File, *, path) -> None:
                 f"'{name}' links '{link_name}' to another file "
                 f"('{link.filename}:{link.path}')"
             )
+        elif isinstance(link, h5py.SoftLink):
+            try:
+                f.get(link_name)  # None when dangling (legal; refused when read)
+            except H5PY_ERRORS:
+                problems.append(f"soft link '{link_name}' in '{name}' does not resolve (a loop of links)")
         elif isinstance(link, h5py.HardLink):
             obj = f[link_name]
             if isinstance(obj, h5py.Dataset):
@@ -65,11 +98,14 @@ def _refuse_outside_storage(f: h5py.File, *, path) -> None:
                         f"dataset '{link_name}' in '{name}' keeps its data in external "
                         f"files ({files})"
                     )
-        elif not isinstance(link, h5py.SoftLink):
+        else:
             problems.append(f"'{name}' has a user-defined link '{link_name}'")
         return None
 
-    f.visititems_links(visit)
+    try:
+        f.visititems_links(visit)
+    except H5PY_ERRORS as exc:
+        raise DataError(f"'{name}' is not a readable HDF5 file: its links cannot be read ({exc})") from exc
     if problems:
         raise DataError(
             f"{problems[0]}: expected a self-contained HDF5 file; nothing outside the "
@@ -79,9 +115,10 @@ def _refuse_outside_storage(f: h5py.File, *, path) -> None:
 
 def is_hdf5(path) -> bool:
     """Returns whether `path` holds HDF5 (by its signature), or raises `DataError` naming it."""
+    check_file(path, expected="a file")
     try:
         return bool(h5py.is_hdf5(display(path)))
-    except OSError as exc:
+    except H5PY_ERRORS as exc:
         raise DataError(f"'{display(path)}' cannot be read: {exc}") from exc
 
 
@@ -96,15 +133,15 @@ def open_h5(path) -> Iterator[h5py.File]:
         The open `h5py.File`; it is closed when the block ends.
 
     Raises:
-        DataError: the file is missing, a directory, not HDF5 or truncated, or
-            it holds an external link, a dataset with external storage or a
-            virtual dataset.
+        DataError: the file is missing, not a regular file, not HDF5 or
+            truncated, or it holds an external link, a soft link that loops, a
+            dataset with external storage or a virtual dataset.
     """
     name = display(path)
     check_file(path, expected="an HDF5 file")
     try:
         f = h5py.File(name, "r")
-    except OSError as exc:
+    except H5PY_ERRORS as exc:
         raise DataError(f"'{name}' is not a readable HDF5 file: {exc}") from exc
     with f:
         _refuse_outside_storage(f, path=path)
@@ -128,33 +165,53 @@ def h5_dataset(
         The `h5py.Dataset`.
 
     Raises:
-        DataError: naming file and key, when the key is missing, not a dataset,
-            or the rank or dtype kind is wrong.
+        DataError: naming file and key, when the key is missing, a loop or
+            dangling soft link, not a dataset, a dataset with a null dataspace
+            (no shape), or the rank or dtype kind is wrong.
     """
     name = display(path)
     if kind is not None and kind not in _DTYPE_KINDS:
         raise ValueError(f"kind must be one of {sorted(_DTYPE_KINDS)} or None, received {kind!r}")
     try:
-        obj = f[key]
-    except (KeyError, ValueError) as exc:
-        keys = sorted(f.keys())
+        obj = f.get(key)
+        link = f.get(key, getlink=True) if obj is None else None
+    except H5PY_ERRORS as exc:
+        raise DataError(f"'{key}' in '{name}' cannot be read: {exc}: expected a dataset") from exc
+    if obj is None:
+        if isinstance(link, h5py.SoftLink):
+            raise DataError(
+                f"'{key}' in '{name}' is a soft link to '{link.path}', which does not exist: "
+                "expected a dataset"
+            )
+        try:
+            keys = sorted(f.keys())
+        except H5PY_ERRORS:
+            keys = []
         shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
         raise DataError(
             f"'{name}' has no dataset '{key}': expected a dataset '{key}', "
             f"received keys [{shown}]"
-        ) from exc
+        )
     if not isinstance(obj, h5py.Dataset):
         raise DataError(f"'{key}' in '{name}' is a group: expected a dataset")
-    if ndim is not None and obj.ndim != ndim:
+    try:
+        shape, dtype = obj.shape, obj.dtype
+    except H5PY_ERRORS as exc:
+        raise DataError(f"dataset '{key}' in '{name}' cannot be read: {exc}") from exc
+    if shape is None:
         raise DataError(
-            f"dataset '{key}' in '{name}' has {obj.ndim} dimensions: expected {ndim}, "
-            f"received shape {tuple(obj.shape)}"
+            f"dataset '{key}' in '{name}' has a null dataspace (no shape, no values): expected an array"
+        )
+    if ndim is not None and len(shape) != ndim:
+        raise DataError(
+            f"dataset '{key}' in '{name}' has {len(shape)} dimensions: expected {ndim}, "
+            f"received shape {tuple(shape)}"
         )
     if kind is not None:
         kinds, words = _DTYPE_KINDS[kind]
-        if obj.dtype.kind not in kinds:
+        if dtype.kind not in kinds:
             raise DataError(
-                f"dataset '{key}' in '{name}' has dtype {obj.dtype}: expected {words}"
+                f"dataset '{key}' in '{name}' has dtype {dtype}: expected {words}"
             )
     return obj
 
@@ -163,10 +220,97 @@ def read_dataset(dset: h5py.Dataset, selection, *, path):
     """Reads `dset[selection]`, naming file and key if HDF5 fails."""
     try:
         return dset[selection]
-    except OSError as exc:
+    except H5PY_ERRORS as exc:
         raise DataError(
             f"could not read dataset '{dset.name.lstrip('/')}' from '{display(path)}': {exc}"
         ) from exc
+
+
+_ATTR_KINDS = {
+    bool: ("a bool (True or False)", "a single bool"),
+    int: ("an integer", "a single integer"),
+    float: ("a number", "a single number"),
+    str: ("a string", "a single string"),
+}
+_REQUIRED = object()
+
+
+def scalar_value(value, *, kind: type, where: str):
+    """Checks that a stored value is one scalar of `kind` and returns it as that Python type.
+
+    A bool is only a stored bool (never the string `"false"` or the integer
+    1); an integer is not a bool; a float may be stored as an integer; a string
+    may be stored as UTF-8 bytes. Arrays, even of one element, are refused.
+
+    Args:
+        value: what h5py or numpy returned (a numpy scalar, 0-d array, `bytes`...).
+        kind: `bool`, `int`, `float` or `str`.
+        where: the file and key, for messages, e.g. `"'r.h5' attribute 'layout'"`.
+
+    Returns:
+        A Python `bool`, `int`, `float` or `str`.
+
+    Raises:
+        DataError: naming `where`, what was expected and what was received.
+    """
+    if kind not in _ATTR_KINDS:
+        raise ValueError(f"kind must be one of bool, int, float, str, received {kind!r}")
+    words, single = _ATTR_KINDS[kind]
+    if isinstance(value, np.ndarray):
+        if value.ndim:
+            raise DataError(f"{where}: expected {single}, received an array of shape {value.shape}")
+        value = value[()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: expected {words}, received bytes that are not UTF-8") from None
+    if kind is bool:
+        good = isinstance(value, bool)
+    elif kind is int:
+        good = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        good = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if good else value
+    else:
+        good = isinstance(value, str)
+    if not good:
+        shown = repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+        raise DataError(f"{where}: expected {words}, received {shown[:80]}")
+    return value
+
+
+def read_attr(obj, name: str, *, kind: type, path, default=_REQUIRED):
+    """Reads attribute `name` of an open HDF5 file, group or dataset as one scalar of `kind`.
+
+    Args:
+        obj: the `h5py` object holding the attribute.
+        name: the attribute's name, e.g. `"time_major"`.
+        kind: `bool`, `int`, `float` or `str`; see `scalar_value`.
+        path: the file, for messages.
+        default: returned when the attribute is missing; without it a missing
+            attribute is an error.
+
+    Returns:
+        A Python `bool`, `int`, `float` or `str` (or `default`).
+
+    Raises:
+        DataError: naming file and attribute, when it is missing (and no
+            default is given), cannot be read, is an array, or has another type.
+    """
+    where = f"'{display(path)}' attribute '{name}'"
+    try:
+        present = name in obj.attrs
+        value = obj.attrs[name] if present else None
+    except H5PY_ERRORS as exc:
+        raise DataError(f"{where} cannot be read: {exc}") from exc
+    if not present:
+        if default is _REQUIRED:
+            raise DataError(f"{where} is missing")
+        return default
+    return scalar_value(value, kind=kind, where=where)
 
 
 def _npy_header(handle):
@@ -189,9 +333,11 @@ def open_npz(path, *, expected: str) -> Iterator[zipfile.ZipFile]:
         The open `zipfile.ZipFile`; it is closed when the block ends.
 
     Raises:
-        DataError: the file is a single `.npy` array or not a readable zip archive.
+        DataError: the file is missing or not a regular file, a single `.npy`
+            array or not a readable zip archive.
     """
     name = display(path)
+    check_file(path, expected=expected)
     try:
         with open(name, "rb") as handle:
             single = handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC

@@ -1,12 +1,16 @@
 """Tests for `cascade_cli.h5`: safe HDF5 opens and keyed reads."""
 
+import os
+import re
+
 import h5py
 import numpy as np
 import pytest
 
 from cascade_cli.errors import DataError
-from cascade_cli.h5 import NpyMember, h5_dataset, is_hdf5, np_load, open_h5, open_npz, read_dataset
-from filetools import write_h5
+from cascade_cli.h5 import (NpyMember, check_file, h5_dataset, is_hdf5, np_load, open_h5, open_npz, read_attr,
+                            read_dataset, scalar_value)
+from filetools import quoted, write_h5
 
 
 def test_open_h5_reads_a_plain_file(tmp_path):
@@ -162,3 +166,100 @@ def test_npy_member_and_open_npz_errors(tmp_path):
     with pytest.raises(DataError, match=r"'.*bad\.npz' is not a readable \.npz file: "):
         with open_npz(tmp_path / "bad.npz", expected="an archive"):
             pass
+
+
+def test_check_file_requires_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    # Without the check, h5py and numpy would block forever opening a FIFO with no writer.
+    for reader in (lambda: open_h5(fifo).__enter__(), lambda: np_load(fifo, expected="an array"),
+                   lambda: open_npz(fifo, expected="an archive").__enter__(), lambda: is_hdf5(fifo)):
+        with pytest.raises(DataError, match=rf"^{quoted(fifo)} is a FIFO \(named pipe\), not a regular file: expected "):
+            reader()
+    with pytest.raises(DataError, match=r"'/dev/null' is a character device, not a regular file: expected inputs"):
+        check_file("/dev/null", expected="inputs")
+    link = tmp_path / "link.h5"
+    link.symlink_to(write_h5(tmp_path / "real.h5", x=np.arange(2)))
+    check_file(link, expected="an HDF5 file")  # a symlink to a regular file is fine
+
+
+def test_soft_link_loops_are_refused_on_opening(tmp_path):
+    path = write_h5(tmp_path / "loop.h5", x=np.arange(3))
+    with h5py.File(path, "a") as f:
+        f["a"] = h5py.SoftLink("/b")
+        f["b"] = h5py.SoftLink("/a")
+        f["dangling"] = h5py.SoftLink("/nowhere")  # legal HDF5: refused only when read
+    with pytest.raises(DataError, match=rf"^soft link 'a' in {quoted(path)} does not resolve \(a loop of links\): "
+                                        "expected a self-contained HDF5 file"):
+        with open_h5(path):
+            pass
+    self_loop = write_h5(tmp_path / "self.h5", x=np.arange(3))
+    with h5py.File(self_loop, "a") as f:
+        f["inputs"] = h5py.SoftLink("/inputs")
+    with pytest.raises(DataError, match=r"soft link 'inputs' in .* does not resolve \(a loop of links\)"):
+        with open_h5(self_loop):
+            pass
+
+
+def test_h5_dataset_refuses_null_dataspace_and_dangling_links(tmp_path):
+    path = write_h5(tmp_path / "null.h5", x=np.arange(3))
+    with h5py.File(path, "a") as f:
+        f.create_dataset("steps", data=h5py.Empty("i8"))
+        f["dangling"] = h5py.SoftLink("/nowhere")
+    with open_h5(path) as f:
+        with pytest.raises(DataError, match=rf"^dataset 'steps' in {quoted(path)} has a null dataspace \(no shape, "
+                                            r"no values\): expected an array$"):
+            h5_dataset(f, "steps", path=path)
+        with pytest.raises(DataError, match=rf"^'{re.escape('dangling')}' in {quoted(path)} is a soft link to "
+                                            r"'/nowhere', which does not exist: expected a dataset$"):
+            h5_dataset(f, "dangling", path=path)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Special link traversal failed"), SystemError("FastRLock"),
+                                   TypeError("bad type"), ValueError("bad value"), KeyError("bad key"),
+                                   OSError("bad chunk")])
+def test_every_h5py_failure_of_a_read_is_a_keyed_data_error(tmp_path, error):
+    class Broken:
+        name = "/targets"
+
+        def __getitem__(self, selection):
+            raise error
+
+    with pytest.raises(DataError, match=r"^could not read dataset 'targets' from 'f\.h5': ") as info:
+        read_dataset(Broken(), (), path="f.h5")
+    assert info.value.__cause__ is error
+
+
+def test_read_attr_checks_the_type(tmp_path):
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"time_major": np.bool_(True), "text_bool": "false", "version": np.int64(1),
+                        "layout": "ragged", "bytes_layout": np.bytes_(b"padded"), "pad": 0.5,
+                        "pad_int": 2, "pair": np.array([1, 2]), "one": np.array([3]), "flag": 1})
+    with open_h5(path) as f:
+        assert read_attr(f, "time_major", kind=bool, path=path) is True
+        assert read_attr(f, "version", kind=int, path=path) == 1
+        assert type(read_attr(f, "version", kind=int, path=path)) is int
+        assert read_attr(f, "layout", kind=str, path=path) == "ragged"
+        assert read_attr(f, "bytes_layout", kind=str, path=path) == "padded"
+        assert read_attr(f, "pad", kind=float, path=path) == 0.5
+        assert read_attr(f, "pad_int", kind=float, path=path) == 2.0
+        assert read_attr(f, "missing", kind=int, path=path, default=None) is None
+        where = rf"^{quoted(path)} attribute"
+        with pytest.raises(DataError, match=where + r" 'text_bool': expected a bool \(True or False\), received 'false'$"):
+            read_attr(f, "text_bool", kind=bool, path=path)
+        with pytest.raises(DataError, match=where + r" 'flag': expected a bool \(True or False\), received 1$"):
+            read_attr(f, "flag", kind=bool, path=path)
+        with pytest.raises(DataError, match=where + r" 'time_major': expected an integer, received True$"):
+            read_attr(f, "time_major", kind=int, path=path)
+        with pytest.raises(DataError, match=where + r" 'pair': expected a single integer, received an array of shape \(2,\)$"):
+            read_attr(f, "pair", kind=int, path=path)
+        with pytest.raises(DataError, match=where + r" 'one': expected a single string, received an array of shape \(1,\)$"):
+            read_attr(f, "one", kind=str, path=path)
+        with pytest.raises(DataError, match=where + r" 'layout': expected a number, received 'ragged'$"):
+            read_attr(f, "layout", kind=float, path=path)
+        with pytest.raises(DataError, match=where + r" 'missing' is missing$"):
+            read_attr(f, "missing", kind=int, path=path)
+    assert scalar_value(np.array(True), kind=bool, where="'r.npz' key 'time_major'") is True
+    with pytest.raises(DataError, match=r"^'r\.npz' key 'time_major': expected a bool \(True or False\), received 'false'$"):
+        scalar_value(np.array("false"), kind=bool, where="'r.npz' key 'time_major'")
