@@ -1,0 +1,354 @@
+"""`CascadeModel(keras.Model)`: the cascade as a Keras model, with compile / fit / predict / save and a serving export.
+
+A Keras user gets the usual workflow: `compile(optimizer, loss, metrics)`,
+`fit` with any stock callback, `predict`, `save("g.keras")` and
+`keras.saving.load_model("g.keras")` in safe mode (no `custom_objects` once
+this module is imported: the class is registered as
+`"cascade_cli>CascadeModel"`, and A and B are nested in its config, so a
+`Lambda` inside either is still refused in safe mode).
+
+Data: `x = (inputs (N, Ta, F), steps (N, Ta))` and `y` = padded targets
+`(N, Ta, L, O)`, entries past `steps` ignored (numpy arrays, or a
+`tf.data.Dataset` yielding `((inputs, steps), targets)`). Each step runs the
+packed runner (`cascade_cli.runner.Cascade`) on the given steps; the loss is
+DESIGN section 5's, averaged over the valid elements only
+(`training.masked_loss`'s terms), in float32, plus the models' weight
+regularization losses (`training.regularization_loss`). Under a
+`tf.distribute` strategy each replica divides its errors by the global count
+of valid elements and adds `1 / replicas` of the penalty, so the replicas'
+gradients add up to the global batch's.
+
+`export_saved_model` writes a TensorFlow SavedModel that runs without
+`cascade_cli` (or Keras) installed.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cascade_cli.errors import ParameterError
+from cascade_cli.models import check_inputs_fit
+from cascade_cli.options import LOSSES, StopRule, check_int
+from cascade_cli.result import CascadeResult
+from cascade_cli.runner import Cascade
+from cascade_cli.steps import check_steps
+from cascade_cli.training import _check_regularizers, _loss_terms, regularization_loss
+
+__all__ = ["CascadeModel", "export_saved_model"]
+
+# Keras' spellings of the losses cascade knows, beside cascade's own (`options.LOSSES`).
+_KERAS_LOSS_NAMES = {"mse": "mse", "mae": "mae", "categorical_crossentropy": "categorical-crossentropy",
+                     **{name: name for name in LOSSES}}
+
+
+def _loss_terms_of(loss):
+    """`terms(predictions, targets) -> (sum, count)` for a loss name or a `keras.losses.Loss`."""
+    if isinstance(loss, keras.losses.Loss):
+        def terms(predictions, targets):  # the Loss' own per-row values, averaged over the valid rows
+            per_row = loss.call(targets, predictions)
+            return tf.reduce_sum(tf.cast(per_row, tf.float32)), tf.cast(tf.size(per_row), tf.float32)
+
+        return terms
+    if isinstance(loss, str) and loss in _KERAS_LOSS_NAMES:
+        return _loss_terms(_KERAS_LOSS_NAMES[loss])
+    raise ParameterError(
+        "loss", f"expected one of mse, mae, categorical_crossentropy or a keras.losses.Loss, received {loss!r}.")
+
+
+def _stop_rule_config(rule):
+    return None if rule is None else {"kind": rule.kind, "value": rule.value}
+
+
+def _replica_context():
+    """The replica context when running on one of several replicas, else None."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+@keras.saving.register_keras_serializable(package="cascade_cli")
+class CascadeModel(keras.Model):
+    """Model A and model B chained by the packed runner, as one `keras.Model`.
+
+    Args:
+        model_a: a `keras.Model` mapping `(batch, Ta, F)` to `(batch, Ta, H)`.
+        model_b: a step-form or causal sequence-form `keras.Model`.
+        state: `"reset"` or `"carry"` (see `Cascade`).
+        state_init: `"zeros"` or `"ir"`.
+        max_steps: the most inner steps a pair may run when generating;
+            required by `stop_rule` and by `predict` without steps.
+        stop_rule: a `StopRule` (or its dict, `{"kind", "value"}`), used by
+            `predict` and the serving export; training runs the given steps.
+        exclude_stop_step: leave the step that met the stop rule out.
+        fast_cells: `"auto"`, True or False (see `Cascade`).
+        jit_compile: run A under XLA when not training (see `Cascade`).
+        **kwargs: `keras.Model`'s own (`name`, ...).
+
+    Raises:
+        ParameterError, ModelError: as `Cascade` does.
+
+    Example:
+
+    >>> model = CascadeModel(model_a, model_b, state="carry")
+    >>> model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    >>> model.fit((inputs, steps), padded_targets, epochs=2)
+    >>> model.save("g.keras")
+    >>> keras.saving.load_model("g.keras").predict(inputs, steps)   # tf.RaggedTensor (N, Ta, None, O)
+    """
+
+    def __init__(self, model_a, model_b, *, state="reset", state_init="zeros", max_steps=None, stop_rule=None,
+                 exclude_stop_step=False, fast_cells="auto", jit_compile=False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(stop_rule, dict):
+            stop_rule = StopRule(**stop_rule)
+        self.model_a = model_a
+        self.model_b = model_b
+        self._settings = dict(state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
+                              exclude_stop_step=bool(exclude_stop_step), fast_cells=fast_cells,
+                              jit_compile=bool(jit_compile))
+        self.cascade = Cascade(model_a, model_b, **self._settings)
+        # Training runs the given steps: no stop rule, no max_steps bound.
+        self.training_cascade = self.cascade if stop_rule is None and max_steps is None else Cascade(
+            model_a, model_b, **{**self._settings, "max_steps": None, "stop_rule": None})
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self._terms = None
+        self._predict_functions = {}
+        self.built = True  # A and B come built
+
+    # ------------------------------------------------------------- config
+
+    def get_config(self):
+        """The settings and both models, nested (`keras.saving.serialize_keras_object`)."""
+        settings = dict(self._settings, stop_rule=_stop_rule_config(self._settings["stop_rule"]))
+        return {"name": self.name, "trainable": self.trainable,
+                "model_a": keras.saving.serialize_keras_object(self.model_a),
+                "model_b": keras.saving.serialize_keras_object(self.model_b), **settings}
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuilds the model; A and B are deserialized in the caller's safe mode."""
+        config = dict(config)
+        model_a = keras.saving.deserialize_keras_object(config.pop("model_a"))
+        model_b = keras.saving.deserialize_keras_object(config.pop("model_b"))
+        return cls(model_a, model_b, **config)
+
+    @property
+    def settings(self):
+        """The runner settings, a dict (`state`, `state_init`, `max_steps`, `stop_rule`, ...)."""
+        return dict(self._settings)
+
+    # --------------------------------------------------------------- call
+
+    def call(self, inputs, training=False):
+        """Runs the cascade on `(inputs, steps)` (or `inputs` alone with `max_steps`).
+
+        Returns:
+            A `tf.RaggedTensor` `(N, Ta, None, O)`.
+        """
+        inputs, steps = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
+        return self.cascade(inputs, steps, training=bool(training))
+
+    # ------------------------------------------------------------- compile
+
+    def compile(self, optimizer="rmsprop", loss="mse", metrics=None, **kwargs):
+        """Configures training, as `keras.Model.compile` does.
+
+        Args:
+            optimizer: a Keras optimizer or its name.
+            loss: `"mse"`, `"mae"`, `"categorical_crossentropy"` (B's outputs
+                read as logits) or a `keras.losses.Loss`, averaged over the
+                valid elements only.
+            metrics: Keras metrics, computed on the valid rows `(total, O)`.
+            **kwargs: `keras.Model.compile`'s others; `jit_compile` defaults
+                to False (the packed loop's shapes change every step).
+
+        Raises:
+            ParameterError: an unknown loss.
+            ModelError: a layer with an activity regularizer.
+        """
+        self._terms = _loss_terms_of(loss)
+        _check_regularizers((self.model_a, self.model_b))
+        kwargs.setdefault("jit_compile", False)
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        self._compiled_loss = loss
+
+    @property
+    def metrics(self):
+        """The loss tracker first, then the compiled metrics (Keras' own loss tracker is replaced)."""
+        return [self.loss_tracker, *(metric for metric in super().metrics if metric.name != "loss")]
+
+    # --------------------------------------------------------------- steps
+
+    def _batch_loss(self, data, *, training):
+        """`(loss, mean, count, values, targets)` of one batch: `loss` is what each replica differentiates."""
+        x, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ParameterError("sample_weight", "is not supported: every valid element weighs the same; "
+                                                  "received a sample_weight.")
+        if not isinstance(x, (tuple, list)) or len(x) != 2:
+            raise ParameterError("x", "expected (inputs (N, Ta, F), steps (N, Ta)).")
+        inputs, steps = x
+        steps = tf.cast(steps, tf.int32)
+        targets = tf.convert_to_tensor(targets)
+        check = tf.debugging.assert_less_equal(
+            tf.reduce_max(tf.concat([tf.reshape(steps, [-1]), [0]], 0)), tf.shape(targets)[2],
+            message="targets (N, Ta, L, O): L is shorter than the longest steps")
+        with tf.control_dependencies([check]):
+            flat_targets = tf.boolean_mask(targets, tf.sequence_mask(steps, tf.shape(targets)[2]))
+        values, _ = self.training_cascade.run(inputs, steps, training=training)
+        values = tf.cast(values, tf.float32)  # the loss in float32, whatever the dtype policy
+        flat_targets = tf.cast(flat_targets, tf.float32)
+        total, count = self._terms(values, flat_targets)
+        local_mean = tf.math.divide_no_nan(total, count)
+        penalty = regularization_loss((self.model_a, self.model_b))
+        penalty = tf.zeros((), tf.float32) if penalty is None else tf.cast(penalty, tf.float32)
+        context = _replica_context()
+        if context is None:
+            loss = local_mean + penalty
+        else:  # the global count of valid elements; the penalty once over all replicas
+            global_count = tf.stop_gradient(context.all_reduce(tf.distribute.ReduceOp.SUM, count))
+            loss = tf.math.divide_no_nan(total, global_count) + penalty / context.num_replicas_in_sync
+        return loss, local_mean + penalty, count, values, flat_targets
+
+    def _report(self, x, mean, count, values, targets):
+        self.loss_tracker.update_state(mean, sample_weight=count)
+        return self.compute_metrics(x, targets, values)
+
+    def train_step(self, data):
+        """One optimizer step on one batch; returns the metrics so far."""
+        if self._terms is None:
+            raise ParameterError("loss", "not set: call compile() before fit().")
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            loss, mean, count, values, targets = self._batch_loss(data, training=True)
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return self._report(data[0], mean, count, values, targets)
+
+    def test_step(self, data):
+        """Scores one batch with `training=False`; returns the metrics so far."""
+        if self._terms is None:
+            raise ParameterError("loss", "not set: call compile() before evaluate().")
+        _, mean, count, values, targets = self._batch_loss(data, training=False)
+        return self._report(data[0], mean, count, values, targets)
+
+    # ------------------------------------------------------------- predict
+
+    def _predict_function(self, given):
+        if given not in self._predict_functions:
+            cascade = self.cascade
+            if given:
+                function = tf.function(lambda inputs, steps: cascade.run(inputs, steps, training=False),
+                                       reduce_retracing=True)
+            else:
+                function = tf.function(lambda inputs: cascade.run(inputs, None, training=False),
+                                       reduce_retracing=True)
+            self._predict_functions[given] = function
+        return self._predict_functions[given]
+
+    def predict(self, x, steps=None, *, batch_size=32, return_result=False, verbose=None, **kwargs):
+        """Generates the ragged result, one batch after another.
+
+        Each batch's `(values, lengths)` is kept as it is (no padding across
+        batches), and the result is built from them.
+
+        Args:
+            x: inputs `(N, Ta, F)`.
+            steps: `(Ta,)` or `(N, Ta)` non-negative integers, or None when
+                `max_steps` is set.
+            batch_size: samples per runner call.
+            return_result: return a `CascadeResult` instead.
+            verbose: ignored (Keras' own setting; nothing is printed).
+            **kwargs: refused: Keras' other `predict` settings do not apply.
+
+        Returns:
+            A `tf.RaggedTensor` `(N, Ta, None, O)`, or a `CascadeResult`.
+
+        Raises:
+            ParameterError: a bad `batch_size`, or `steps=None` without `max_steps`.
+            DataError: inputs or steps that do not fit the models.
+        """
+        del verbose
+        if kwargs:
+            raise ParameterError(sorted(kwargs)[0], "is not a setting of CascadeModel.predict.")
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        inputs = np.asarray(x)
+        if not np.issubdtype(inputs.dtype, np.floating):
+            inputs = inputs.astype(np.float32)
+        check_inputs_fit(self.cascade.a_spec, inputs.shape)  # before any work
+        n = inputs.shape[0]
+        if steps is None:
+            if self._settings["max_steps"] is None:
+                raise ParameterError("steps", "required unless max_steps is set; received steps=None.")
+        else:
+            steps = check_steps(steps, n_samples=n, outer_steps=inputs.shape[1],
+                                max_steps=self._settings["max_steps"])
+            steps = np.broadcast_to(steps, (n, inputs.shape[1])).astype(np.int32)
+        function = self._predict_function(steps is not None)
+        values, lengths = [], []
+        for start in range(0, n, batch_size):
+            batch = tf.constant(inputs[start:start + batch_size])
+            args = (batch,) if steps is None else (batch, tf.constant(steps[start:start + batch_size]))
+            batch_values, batch_lengths = function(*args)
+            values.append(batch_values.numpy())
+            lengths.append(batch_lengths.numpy())
+        output_size = self.cascade.b_spec.output_size
+        result = CascadeResult(
+            np.concatenate(values) if values else np.zeros((0, output_size), np.float32),
+            np.concatenate(lengths) if lengths else np.zeros((0, inputs.shape[1]), np.int32),
+        )
+        return result if return_result else _ragged(result)
+
+
+def _ragged(result):
+    """`result` as a `tf.RaggedTensor` `(N, Ta, None, O)` with `Ta` uniform (known in its shape)."""
+    inner = tf.RaggedTensor.from_row_lengths(result.values, result.lengths.reshape(-1).astype(np.int64),
+                                             validate=False)
+    return tf.RaggedTensor.from_uniform_row_length(inner, result.outer_steps, nrows=result.n_samples,
+                                                   validate=False)
+
+
+def export_saved_model(model, directory):
+    """Writes `model` as a TensorFlow SavedModel that runs without cascade_cli or Keras.
+
+    Its `serving_default` signature maps `inputs (N, Ta, F) float32` and
+    `steps (N, Ta) int32` (only `inputs` when the model has `max_steps`) to
+    `flat_values (total, O)` in value order and `lengths (N, Ta) int32`;
+    `tf.RaggedTensor.from_row_lengths` rebuilds the ragged result from them.
+
+    Args:
+        model: a `CascadeModel`.
+        directory: the folder to write.
+
+    Returns:
+        The `tf.Module` saved (its `serve` is the signature's function).
+
+    Raises:
+        ParameterError: `model` is not a `CascadeModel`.
+    """
+    if not isinstance(model, CascadeModel):
+        raise ParameterError("model", f"expected a CascadeModel, received {type(model).__name__}.")
+    cascade = model.cascade
+    a_spec = cascade.a_spec
+    inputs_spec = tf.TensorSpec([None, a_spec.outer_steps, a_spec.features], tf.float32, name="inputs")
+    module = tf.Module()
+    module.model_a, module.model_b = model.model_a, model.model_b  # tracks their variables
+
+    if model.settings["max_steps"] is None:
+        @tf.function(input_signature=[inputs_spec, tf.TensorSpec([None, a_spec.outer_steps], tf.int32,
+                                                                   name="steps")])
+        def serve(inputs, steps):
+            values, lengths = cascade.run(inputs, steps, training=False)
+            return {"flat_values": values, "lengths": lengths}
+    else:
+        @tf.function(input_signature=[inputs_spec])
+        def serve(inputs):
+            values, lengths = cascade.run(inputs, None, training=False)
+            return {"flat_values": values, "lengths": lengths}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": serve})
+    return module
