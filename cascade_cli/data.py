@@ -24,7 +24,7 @@ import numpy as np
 
 from cascade_cli.errors import DataError
 from cascade_cli.h5 import HDF5_SUFFIXES, display, h5_dataset, np_load, open_h5, read_dataset
-from cascade_cli.steps import shape_text, steps_from_array
+from cascade_cli.steps import shape_text, steps_from_array, steps_total
 
 INPUT_SUFFIXES = HDF5_SUFFIXES + (".npy", ".npz")
 
@@ -342,13 +342,13 @@ class TrainingData:
         except BaseException:
             self.close()
             raise
-        totals = self.steps.sum(axis=1)
+        totals = steps_total(self.steps, source=f"'{name}' (key 'steps')", axis=1)
         self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
 
     def _check_targets(self) -> None:
         name = display(self.path)
         shape = tuple(int(n) for n in self._targets.shape)
-        total = int(self.steps.sum())
+        total = steps_total(self.steps, source=f"'{name}' (key 'steps')")
         if len(shape) == 2:
             self.targets_layout = "flat"
             if shape[0] != total:

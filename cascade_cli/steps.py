@@ -2,14 +2,18 @@
 
 Numpy only (an `.h5` steps file is read through `cascade_cli.h5`, imported when
 one is given). Steps are `(Ta,)` (the same for every sample) or `(N, Ta)`, every
-entry a non-negative integer; a problem is a `DataError` naming where the steps
-came from, the position and the value.
+entry a non-negative integer of at most `MAX_STEPS_PER_PAIR` (`2**31 - 1`,
+checked with the data wherever steps are read), and `steps_total` sums them in
+int64 with an overflow check; a problem is a `DataError` naming where the steps
+came from, the position and the value. Text and JSON files may start with a
+UTF-8 byte-order mark.
 """
 
 import json
 import math
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -22,6 +26,19 @@ _FLOAT_TOKEN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _SEPARATOR = re.compile(r"\s*,\s*|\s+")
 _INT64_MAX = np.iinfo(np.int64).max
 
+# The most inner steps one (n, t) pair may ask for, checked wherever steps are
+# read: sums over any real number of pairs then stay far inside int64.
+MAX_STEPS_PER_PAIR = 2**31 - 1
+_OVER_CAP = f"expected at most 2**31 - 1 = {MAX_STEPS_PER_PAIR} inner steps per pair"
+
+
+def _shown(text: str) -> str:
+    """A value for a message: quoted, and cut to 40 digits when longer."""
+    if len(text) <= 40:
+        return repr(text)
+    digits = sum(char.isdigit() for char in text)
+    return f"'{text[:40]}...' ({digits} digits)"
+
 
 def _steps_value(value, *, where: str) -> int:
     """One step count from a parsed JSON value, or `DataError` naming `where`."""
@@ -33,8 +50,9 @@ def _steps_value(value, *, where: str) -> int:
         value = int(value)
     if value < 0:
         raise DataError(f"{where}: expected a non-negative integer, received {value}")
-    if value > _INT64_MAX:
-        raise DataError(f"{where}: expected an integer below 2**63, received {value}")
+    if value > MAX_STEPS_PER_PAIR:
+        shown = str(value) if value.bit_length() < 128 else _shown(str(value))
+        raise DataError(f"{where}: {_OVER_CAP}, received {shown}")
     return value
 
 
@@ -42,14 +60,16 @@ def _token_value(token: str, *, where: str) -> int:
     """One step count from a text token, or `DataError` naming `where` and the token."""
     value = None
     if _INT_TOKEN.fullmatch(token):
+        if len(token.lstrip("+-").lstrip("0")) > 19 and not token.startswith("-"):
+            raise DataError(f"{where}: {_OVER_CAP}, received {_shown(token)}")
         value = int(token)
     elif _FLOAT_TOKEN.fullmatch(token):
         number = float(token)
         value = int(number) if number.is_integer() else None
     if value is None or value < 0:
-        raise DataError(f"{where}: expected a non-negative integer, received {token!r}")
-    if value > _INT64_MAX:
-        raise DataError(f"{where}: expected an integer below 2**63, received {token!r}")
+        raise DataError(f"{where}: expected a non-negative integer, received {_shown(token)}")
+    if value > MAX_STEPS_PER_PAIR:
+        raise DataError(f"{where}: {_OVER_CAP}, received {_shown(token)}")
     return value
 
 
@@ -68,25 +88,56 @@ def steps_from_array(array: np.ndarray, *, source: str) -> np.ndarray:
     if array.dtype.kind not in "iuf":
         raise DataError(f"steps from {source} have dtype {array.dtype}: expected integers")
     if array.dtype.kind == "f":
-        bad = ~np.isfinite(array) | (array != np.round(array)) | (array < 0) | (array >= 2.0**63)
+        negative = ~np.isfinite(array) | (array != np.round(array)) | (array < 0)
     elif array.dtype.kind == "u":
-        bad = array > _INT64_MAX
+        negative = np.zeros(array.shape, dtype=bool)
     else:
-        bad = array < 0
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        shown = index[0] if len(index) == 1 else index
-        raise DataError(
-            f"steps from {source} at index {shown}: expected a non-negative integer, "
-            f"received {array[index].item()!r}"
-        )
+        negative = array < 0
+    with np.errstate(invalid="ignore"):
+        above = ~negative & (array > MAX_STEPS_PER_PAIR)
+    for bad, expected in ((negative, "expected a non-negative integer"), (above, _OVER_CAP)):
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            shown = index[0] if len(index) == 1 else index
+            raise DataError(
+                f"steps from {source} at index {shown}: {expected}, received {array[index].item()!r}"
+            )
     return array.astype(np.int64)
+
+
+def steps_total(steps, *, source: str, axis=None):
+    """Sums checked steps in int64, refusing a total that does not fit.
+
+    Args:
+        steps: `(Ta,)` or `(N, Ta)` non-negative integers.
+        source: where the steps came from, for messages.
+        axis: None for one total, or the axis to sum over (1: per sample).
+
+    Returns:
+        A Python `int` (axis None) or an `int64` array.
+
+    Raises:
+        DataError: a total is above `2**63 - 1` (the sum would wrap).
+    """
+    array = np.asarray(steps, dtype=np.int64)
+    top = int(array.max(initial=0))
+    count = array.size if axis is None else (array.shape[axis] if array.ndim else 1)
+    if top * count <= _INT64_MAX:
+        total = array.sum(axis=axis, dtype=np.int64)
+        return int(total) if axis is None else total
+    exact = np.sum(array.astype(object), axis=axis)  # Python integers: no wrap
+    flat = [exact] if axis is None else list(np.ravel(exact))
+    for position, value in enumerate(flat):
+        if value > _INT64_MAX:
+            where = f"steps from {source}" + ("" if axis is None else f" sample {position}")
+            raise DataError(f"{where} add up to {value} inner steps: expected at most 2**63 - 1")
+    return int(exact) if axis is None else np.asarray(exact, dtype=np.int64)
 
 
 def _read_steps_text(path) -> np.ndarray:
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as handle:
+        with open(name, encoding="utf-8-sig") as handle:  # a byte-order mark is fine
             lines = handle.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"steps file '{name}' is not a readable text file: {exc}") from exc
@@ -121,12 +172,22 @@ def _read_steps_text(path) -> np.ndarray:
 def _read_steps_json(path) -> np.ndarray:
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as handle:
+        with open(name, encoding="utf-8-sig") as handle:  # a byte-order mark is fine
             value = json.load(handle)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"steps file '{name}' line {exc.lineno}, column {exc.colno}: "
             f"expected JSON, {exc.msg}"
+        ) from exc
+    except RecursionError:
+        raise DataError(
+            f"steps file '{name}': expected a list of integers or a list of lists of "
+            "integers, received lists nested too deeply to read"
+        ) from None
+    except ValueError as exc:  # an integer past Python's int-string conversion limit
+        raise DataError(
+            f"steps file '{name}': expected JSON numbers Python can read, received a number "
+            f"of more than {sys.get_int_max_str_digits()} digits ({exc})"
         ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"steps file '{name}' is not a readable text file: {exc}") from exc

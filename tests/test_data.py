@@ -1,5 +1,7 @@
 """Tests for `cascade_cli.data`: inputs, training data, batches, splits and epoch order."""
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from cascade_cli import data
 from cascade_cli.data import TrainingData, epoch_order, open_inputs, split_indices
 from cascade_cli.errors import DataError
-from filetools import write_h5, write_text
+from filetools import quoted, write_h5, write_text
 
 
 # ---------------------------------------------------------------------------
@@ -357,3 +359,47 @@ def test_epoch_order():
     unchanged[0] = -1
     assert indices[0] == 4  # a copy, not a view
     assert epoch_order([], seed=0, epoch=0).shape == (0,)
+
+
+def test_inputs_fifo_is_refused_without_blocking(tmp_path):
+    for name in ("x.h5", "x.npy", "x.npz"):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        with pytest.raises(DataError, match=rf"^{quoted(fifo)} is a FIFO \(named pipe\), not a regular file: expected "):
+            open_inputs(fifo)
+    fifo = tmp_path / "train.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=rf"^{quoted(fifo)} is a FIFO \(named pipe\), not a regular file"):
+        TrainingData(fifo)
+
+
+def test_inputs_upper_case_suffixes(tmp_path):
+    write_h5(tmp_path / "x.H5", inputs=INPUTS)
+    np.savez(tmp_path / "x.npz", inputs=INPUTS)  # numpy adds ".npz" to any other name
+    os.rename(tmp_path / "x.npz", tmp_path / "x.NPZ")
+    np.save(tmp_path / "x.npy", INPUTS)
+    os.rename(tmp_path / "x.npy", tmp_path / "x.Npy")
+    for name in ("x.H5", "x.NPZ", "x.Npy"):
+        with open_inputs(tmp_path / name) as source:
+            np.testing.assert_array_equal(source.read(0, 5), INPUTS.astype(np.float32))
+
+
+def test_training_data_refuses_steps_whose_sum_would_wrap(tmp_path):
+    path = write_h5(tmp_path / "wrap.h5", inputs=np.zeros((1, 2, 1)), steps=np.array([[2**62, 2**62]]),
+                    targets=np.zeros((0, 1)))
+    with pytest.raises(DataError, match=rf"^steps from {quoted(path)} \(key 'steps'\) at index \(0, 0\): expected at "
+                                        r"most 2\*\*31 - 1 = 2147483647 inner steps per pair, received 4611686018427387904$"):
+        TrainingData(path)
+
+
+def test_training_data_null_dataspace_and_soft_link_loop(tmp_path):
+    path = write_h5(tmp_path / "null.h5", inputs=np.zeros((1, 2, 1)), targets=np.zeros((0, 1)))
+    with h5py.File(path, "a") as f:
+        f.create_dataset("steps", data=h5py.Empty("i8"))
+    with pytest.raises(DataError, match=rf"^dataset 'steps' in {quoted(path)} has a null dataspace"):
+        TrainingData(path)
+    path = write_h5(tmp_path / "loop.h5", inputs=np.zeros((1, 2, 1)), steps=np.zeros((1, 2)))
+    with h5py.File(path, "a") as f:
+        f["targets"] = h5py.SoftLink("/targets")
+    with pytest.raises(DataError, match=r"soft link 'targets' in .* does not resolve \(a loop of links\)"):
+        TrainingData(path)

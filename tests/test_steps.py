@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade_cli.errors import DataError
-from cascade_cli.steps import broadcast_steps, parse_steps, read_steps
-from filetools import write_h5, write_text
+from cascade_cli.steps import broadcast_steps, parse_steps, read_steps, steps_from_array, steps_total
+from filetools import quoted, write_h5, write_text
 
 
 def test_steps_txt_one_line_is_shared(tmp_path):
@@ -141,7 +141,7 @@ def _write_steps(directory, array, fmt, separator):
         st.tuples(st.integers(1, 6)),
         st.tuples(st.integers(1, 5), st.integers(1, 6)),
     ),
-    values=st.lists(st.one_of(st.just(0), st.integers(0, 2**40)), min_size=30, max_size=30),
+    values=st.lists(st.one_of(st.just(0), st.integers(0, 2**31 - 1)), min_size=30, max_size=30),
     fmt=st.sampled_from(["txt", "csv", "json"]),
     separator=st.sampled_from([",", " ", ", ", "\t", " ,  "]),
 )
@@ -194,3 +194,87 @@ def test_broadcast_steps_wrong_shape_message():
         broadcast_steps(np.ones((2, 4), dtype=int), n_samples=3, outer_steps=4, source="--steps")
     with pytest.raises(DataError, match="at index 1: expected a non-negative integer, received -1"):
         broadcast_steps(np.array([1, -1]), n_samples=3, outer_steps=2, source="--steps")
+
+
+def test_steps_fifo_is_refused_without_blocking(tmp_path):
+    for name in ("s.txt", "s.json", "s.npy", "s.h5"):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        with pytest.raises(DataError, match=rf"^{quoted(fifo)} is a FIFO \(named pipe\), not a regular file: "
+                                            "expected a steps file$"):
+            read_steps(fifo)
+
+
+def test_steps_upper_case_suffixes(tmp_path):
+    np.testing.assert_array_equal(read_steps(write_text(tmp_path / "s.TXT", "1 2\n")), [1, 2])
+    np.testing.assert_array_equal(read_steps(write_text(tmp_path / "s.Json", "[3]")), [3])
+    np.testing.assert_array_equal(read_steps(write_h5(tmp_path / "s.H5", steps=np.array([4]))), [4])
+    np.save(tmp_path / "s.npy", np.array([5]))
+    os.rename(tmp_path / "s.npy", tmp_path / "s.NPY")
+    np.testing.assert_array_equal(read_steps(tmp_path / "s.NPY"), [5])
+
+
+def test_steps_text_and_json_accept_a_byte_order_mark(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf3, 4\n1 2\n")
+    np.testing.assert_array_equal(read_steps(tmp_path / "bom.txt"), [[3, 4], [1, 2]])
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf0,1\n")
+    np.testing.assert_array_equal(read_steps(tmp_path / "bom.csv"), [0, 1])
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf[[1, 2]]")
+    np.testing.assert_array_equal(read_steps(tmp_path / "bom.json"), [[1, 2]])
+
+
+def test_steps_json_nested_thousands_deep(tmp_path):
+    path = write_text(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=rf"^steps file {quoted(path)}: expected a list of integers or a list of "
+                                        r"lists of integers, received lists nested too deeply to read$"):
+        read_steps(path)
+
+
+def test_steps_huge_numbers_are_one_error(tmp_path):
+    digits = "9" * 5000  # past Python's int-string conversion limit (4300 digits)
+    shown = r"'9999999999999999999999999999999999999999\.\.\.' \(5000 digits\)"
+    path = write_text(tmp_path / "big.txt", f"1 {digits}\n")
+    with pytest.raises(DataError, match=rf"^steps file {quoted(path)} line 1, value 2: expected at most "
+                                        rf"2\*\*31 - 1 = 2147483647 inner steps per pair, received {shown}$"):
+        read_steps(path)
+    path = write_text(tmp_path / "big.json", f"[1, {digits}]")
+    with pytest.raises(DataError, match=rf"^steps file {quoted(path)}: expected JSON numbers Python can read, "
+                                        r"received a number of more than 4300 digits"):
+        read_steps(path)
+    with pytest.raises(DataError, match=r"^steps value 1: expected at most 2\*\*31 - 1 = 2147483647 inner steps per "
+                                        r"pair, received '1111111111111111111111111111111111111111\.\.\.' \(64 digits\)$"):
+        parse_steps("1" * 64)
+    with pytest.raises(DataError, match=r"^steps value 2: expected at most 2\*\*31 - 1 = 2147483647 inner steps per "
+                                        r"pair, received '9223372036854775808'$"):
+        parse_steps("1, 9223372036854775808")
+    with pytest.raises(DataError, match=r"^steps value 1: expected a non-negative integer, received '1e400'$"):
+        parse_steps("1e400")
+
+
+def test_steps_per_pair_are_capped_with_the_data(tmp_path):
+    top = 2**31 - 1
+    np.testing.assert_array_equal(parse_steps(f"{top},0"), [top, 0])
+    with pytest.raises(DataError, match=r"^steps value 1: expected at most 2\*\*31 - 1 = 2147483647 inner steps per "
+                                        r"pair, received '2147483648'$"):
+        parse_steps(str(top + 1))
+    path = write_text(tmp_path / "wrap.json", f"[{2**62}, {2**62}]")
+    with pytest.raises(DataError, match=rf"^steps file {quoted(path)} position 0: expected at most 2\*\*31 - 1 = "
+                                        r"2147483647 inner steps per pair, received 4611686018427387904$"):
+        read_steps(path)
+    for array in (np.array([2**62, 2**62]), np.array([2.0**40]), np.array([2**63], dtype=np.uint64)):
+        with pytest.raises(DataError, match=r"^steps from 'x' at index 0: expected at most 2\*\*31 - 1 = "
+                                            r"2147483647 inner steps per pair, received "):
+            steps_from_array(array, source="'x'")
+    np.testing.assert_array_equal(steps_from_array(np.array([top], dtype=np.uint32), source="'x'"), [top])
+
+
+def test_steps_total_sums_in_int64_and_refuses_overflow():
+    assert steps_total(np.array([[3, 4], [0, 2]]), source="'s'") == 9
+    assert steps_total(np.zeros((0, 3), dtype=np.int64), source="'s'") == 0
+    np.testing.assert_array_equal(steps_total(np.array([[3, 4], [0, 2]]), source="'s'", axis=1), [7, 2])
+    # Capped steps overflow only past 2**32 pairs; unchecked ones show the same sum check.
+    with pytest.raises(DataError, match=r"^steps from 's' add up to 9223372036854775808 inner steps: expected "
+                                        r"at most 2\*\*63 - 1$"):
+        steps_total(np.array([2**62, 2**62]), source="'s'")
+    with pytest.raises(DataError, match=r"^steps from 's' sample 1 add up to 9223372036854775808 inner steps"):
+        steps_total(np.array([[1, 2], [2**62, 2**62]]), source="'s'", axis=1)
