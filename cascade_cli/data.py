@@ -11,19 +11,23 @@ Files are opened and read through `cascade_cli.h5` (read-only, nothing
 outside the file, keyed read errors, no pickles); the steps of a training file
 are checked by `cascade_cli.steps`, which also reads steps files. Every problem
 is a `DataError` naming the file, the key and what was expected. Large arrays
-are read in chunks, never whole.
+are read in chunks, never whole; padded targets only up to the longest steps,
+however long `L` is declared; and a batch is weighed against free memory from
+the declared shapes and the steps before anything is read
+(`TrainingData.check_batch_size`), so a tiny file that declares gigabytes is
+refused instead of filling memory.
 """
 
 import contextlib
 import os
-import zipfile
 from typing import Iterator, NamedTuple
 
 import h5py
 import numpy as np
 
 from cascade_cli.errors import DataError
-from cascade_cli.h5 import HDF5_SUFFIXES, display, h5_dataset, np_load, open_h5, read_dataset
+from cascade_cli.h5 import (HDF5_SUFFIXES, NpyMember, check_memory, display, h5_dataset, np_load, open_h5,
+                            open_npz, read_dataset)
 from cascade_cli.steps import shape_text, steps_from_array, steps_total
 
 INPUT_SUFFIXES = HDF5_SUFFIXES + (".npy", ".npz")
@@ -234,26 +238,20 @@ class InputSource:
 
 
 def _load_npz_array(path, *, key: str) -> np.ndarray:
-    """Loads one array of a `.npz` archive (without pickles)."""
+    """Loads one array of a `.npz` archive (without pickles), after checking its header against the archive."""
     name = display(path)
-    archive = np_load(path, expected="a .npz archive")
-    if isinstance(archive, np.ndarray):
-        raise DataError(f"'{name}' is a .npy array: expected a .npz archive")
-    with archive:
-        if key not in archive.files:
+    with open_npz(path, expected="a .npz archive") as archive:
+        keys = [member[: -len(".npy")] for member in archive.namelist() if member.endswith(".npy")]
+        if key not in keys:
             raise DataError(
                 f"'{name}' has no array '{key}': expected an array '{key}', "
-                f"received arrays {archive.files}"
+                f"received arrays {keys}"
             )
-        try:
-            return archive[key]
-        except ValueError as exc:
-            raise DataError(
-                f"array '{key}' in '{name}' holds Python objects: expected numbers "
-                "(pickles are never loaded)"
-            ) from exc
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"could not read array '{key}' from '{name}': {exc}") from exc
+        member = NpyMember(archive, key, path=name)
+        nbytes = int(np.prod(member.shape, dtype=np.int64)) * member.dtype.itemsize
+        check_memory(nbytes, what=f"loading array '{key}' of '{name}' (an .npz array is read whole)",
+                     advice="save the inputs as .npy or .h5, which are read a batch at a time")
+        return member.read()
 
 
 def open_inputs(path, *, key: str = "inputs") -> InputSource:
@@ -410,11 +408,17 @@ class TrainingData:
                     f"inputs in '{name}' (key 'inputs') sample {start + first}: expected "
                     f"finite values, received {_first_bad_value(values[first])}"
                 )
-        rows = _chunk_rows(self._targets.shape[1:], 4, chunk)
-        length = self.total_steps if self.targets_layout == "flat" else self.n_samples
+        longest = int(self.steps.max(initial=0))
+        if self.targets_layout == "flat":
+            rows = _chunk_rows(self._targets.shape[1:], 4, chunk)
+            length, tail = self.total_steps, ()
+        else:  # only the inner steps some pair uses: L may be declared far longer
+            rows = _chunk_rows((self.outer_steps, longest, self.output_size), 4, chunk)
+            length, tail = (self.n_samples if longest else 0), (slice(None), slice(0, longest))
         for start in range(0, length, rows):
             stop = min(start + rows, length)
-            values = _as_float32(read_dataset(self._targets, slice(start, stop), path=self.path))
+            selection = (slice(start, stop),) + tail
+            values = _as_float32(read_dataset(self._targets, selection, path=self.path))
             if self.targets_layout == "flat":
                 good = np.isfinite(values).all(axis=1)
                 if not good.all():
@@ -436,6 +440,47 @@ class TrainingData:
                         f"expected finite values, received {_first_bad_value(bad)}"
                     )
 
+    def sample_bytes(self) -> np.ndarray:
+        """Estimates the bytes a batch spends on each sample, from the declared shapes and the steps.
+
+        Counts what `batches` allocates: the inputs and the target rows as
+        stored, their `float32` copies and the reordered batch; padded targets
+        are read up to the longest steps, not to `L`.
+
+        Returns:
+            `(N,)` `float64` (floats: a forged header cannot wrap the estimate).
+        """
+        inputs = self.outer_steps * self.features * (self._inputs.dtype.itemsize + 8.0)
+        rows = self.steps.sum(axis=1).astype(np.float64)
+        item = float(self._targets.dtype.itemsize)
+        if self.targets_layout == "flat":
+            targets = rows * self.output_size * (item + 12.0)
+        else:
+            longest = float(self.steps.max(initial=0))
+            targets = self.outer_steps * longest * self.output_size * (item + 8.0) + rows * self.output_size * 4.0
+        return inputs + targets
+
+    def check_batch_size(self, batch_size: int, *, indices=None) -> None:
+        """Refuses a `batch_size` whose largest batch cannot fit in memory, before anything is read.
+
+        Args:
+            batch_size: samples per batch.
+            indices: the samples the batches are drawn from; None for all.
+
+        Raises:
+            DataError: saying about how much the largest batch would need and
+                to use a smaller `batch_size`.
+        """
+        needs = self.sample_bytes()
+        if indices is not None:
+            needs = needs[np.unique(np.asarray(indices, dtype=np.int64))]
+        count = min(int(batch_size), len(needs))
+        if count:
+            largest = float(np.sort(needs)[-count:].sum())
+            check_memory(int(min(largest, 2.0**62)),
+                         what=f"a training batch of {count} samples of '{display(self.path)}'",
+                         advice="use a smaller batch_size")
+
     def batches(self, indices, *, batch_size: int) -> Iterator[Batch]:
         """Streams batches of the given samples, in the given order.
 
@@ -451,7 +496,9 @@ class TrainingData:
             `Batch(inputs, steps, targets)`.
 
         Raises:
-            DataError: an index is out of range, or the file cannot be read.
+            DataError: an index is out of range, the largest batch would not
+                fit in memory (checked before the first read), or the file
+                cannot be read.
         """
         self._check_open()
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
@@ -469,6 +516,7 @@ class TrainingData:
                 f"sample index {int(indices[outside][0])} for '{display(self.path)}': "
                 f"expected 0 <= index < {self.n_samples}"
             )
+        self.check_batch_size(int(batch_size), indices=indices)
         for start in range(0, len(indices), int(batch_size)):
             yield self._batch(indices[start : start + int(batch_size)])
 

@@ -7,10 +7,14 @@ whatever h5py raised on a damaged file (`H5PY_ERRORS`); attributes are read as
 one scalar of a checked type (`read_attr`, `scalar_value`). `.npy` / `.npz`
 files are loaded with `allow_pickle=False` only, and an `.npz` member can be
 read a block at a time (`open_npz`, `NpyMember`) without loading it whole.
+Headers are read against the file before anything is allocated: a contiguous
+dataset or a `.npy` array cannot declare more bytes than its file holds, and
+a large read is weighed against the memory available (`check_memory`).
 Every problem is a `DataError`.
 """
 
 import contextlib
+import math
 import os
 import stat
 import zipfile
@@ -67,6 +71,64 @@ def check_file(path, *, expected: str) -> None:
     if not stat.S_ISREG(mode):
         kind = next((words for test, words in _SPECIAL_FILES if test(mode)), "a special file")
         raise DataError(f"'{name}' is {kind}, not a regular file: expected {expected}")
+
+
+def size_text(nbytes: int) -> str:
+    """`13207024435` -> `"12.3 GiB"`: bytes in the largest binary unit that keeps a number >= 1."""
+    value = float(nbytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def memory_available() -> int:
+    """Bytes this process can still allocate: the system's available memory, and its address-space limit."""
+    available = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    if not available:
+        try:
+            available.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError):
+            available.append(1 << 62)
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/statm", encoding="ascii") as handle:
+                used = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            available.append(max(0, limit - used))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return min(available)
+
+
+def check_memory(nbytes: int, *, what: str, advice: str | None = None) -> None:
+    """Raises `DataError` before allocating when `nbytes` cannot fit in memory.
+
+    Args:
+        nbytes: what the work would allocate, estimated from declared shapes.
+        what: the work, for messages, e.g. `"reading dataset 'targets' from 'f.h5'"`.
+        advice: how to need less, e.g. `"use a smaller batch_size"`.
+    """
+    available = memory_available()
+    if nbytes > available:
+        raise DataError(
+            f"{what} would need about {size_text(nbytes)} of memory, more than the "
+            f"{size_text(available)} available" + (f"; {advice}" if advice else "")
+        )
+
+
+def _declared_bytes(shape, dtype) -> int:
+    return int(math.prod(int(n) for n in shape)) * int(dtype.itemsize)
 
 
 def _refuse_outside_storage(f: h5py.File, *, path) -> None:
@@ -213,16 +275,82 @@ def h5_dataset(
             raise DataError(
                 f"dataset '{key}' in '{name}' has dtype {dtype}: expected {words}"
             )
+    _check_declared_size(obj, shape, dtype, key=key, path=path)
     return obj
 
 
+def _check_declared_size(obj: h5py.Dataset, shape, dtype, *, key, path) -> None:
+    """Refuses a contiguous dataset that declares more bytes than the whole file holds.
+
+    Contiguous storage cannot be sparse and carries no filters, so such a
+    header is forged or damaged; chunked data can be sparse and is judged by
+    what a read needs (`read_dataset`).
+    """
+    try:
+        contiguous = obj.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
+    except H5PY_ERRORS:
+        return
+    declared = _declared_bytes(shape, dtype)
+    if not contiguous or declared <= 1 << 20:
+        return
+    name = display(path)
+    try:
+        file_size = os.path.getsize(name)
+    except OSError:
+        return
+    if declared > file_size:
+        raise DataError(
+            f"dataset '{key}' in '{name}' declares shape {tuple(shape)} ({size_text(declared)}) "
+            f"stored contiguously, but the whole file holds {size_text(file_size)}: expected "
+            "a dataset that fits in its file (is the file damaged or forged?)"
+        )
+
+
+def _selection_count(shape, selection) -> int | None:
+    """The number of elements `dset[selection]` returns, or None for selections other than ints and slices."""
+    if selection == () or selection is Ellipsis:
+        return int(math.prod(shape))
+    items = selection if isinstance(selection, tuple) else (selection,)
+    if sum(item is Ellipsis for item in items) > 1:
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + (slice(None),) * (len(shape) - len(items) + 1) + items[at + 1 :]
+    if len(items) > len(shape):
+        return None
+    count = 1
+    for item, size in zip(items + (slice(None),) * (len(shape) - len(items)), shape):
+        if isinstance(item, slice):
+            count *= len(range(*item.indices(int(size))))
+        elif not isinstance(item, (int, np.integer)):
+            return None
+    return count
+
+
+# Reads smaller than this are not weighed against free memory.
+_SMALL_READ = 1 << 26
+
+
 def read_dataset(dset: h5py.Dataset, selection, *, path):
-    """Reads `dset[selection]`, naming file and key if HDF5 fails."""
+    """Reads `dset[selection]`, naming file and key if HDF5 fails or the read cannot fit in memory.
+
+    A large read is weighed against the memory available before anything is
+    allocated, so a header that declares far more than the file holds (a
+    sparse chunked dataset) is refused instead of filling memory.
+    """
+    key = dset.name.lstrip("/")
+    try:
+        shape, itemsize = dset.shape, dset.dtype.itemsize
+    except H5PY_ERRORS as exc:
+        raise DataError(f"could not read dataset '{key}' from '{display(path)}': {exc}") from exc
+    count = _selection_count(shape or (), selection) if shape is not None else None
+    if count is not None and count * itemsize > _SMALL_READ:
+        check_memory(count * itemsize, what=f"reading dataset '{key}' from '{display(path)}'")
     try:
         return dset[selection]
     except H5PY_ERRORS as exc:
         raise DataError(
-            f"could not read dataset '{dset.name.lstrip('/')}' from '{display(path)}': {exc}"
+            f"could not read dataset '{key}' from '{display(path)}': {exc}"
         ) from exc
 
 
@@ -383,9 +511,21 @@ class NpyMember:
             )
         self.shape = tuple(int(n) for n in shape)
         self.dtype = dtype
+        declared = _declared_bytes(self.shape, dtype)
+        try:
+            held = archive.getinfo(f"{key}.npy").file_size - self._offset
+        except KeyError:
+            held = declared
+        if declared > held:
+            raise DataError(
+                f"'{path}' key '{key}' declares shape {self.shape} ({size_text(declared)}) but the "
+                f"archive holds {size_text(max(held, 0))} of it: expected an array that fits in its "
+                "member (is the file damaged or forged?)"
+            )
         self._whole = None
         if fortran_order and len(self.shape) > 1:  # never written by cascade: read it whole
-            size = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+            size = declared
+            check_memory(size, what=f"reading '{path}' key '{key}' (Fortran order, read whole)")
             self._whole = self._read_bytes(0, size).reshape(self.shape, order="F")
 
     def _read_bytes(self, offset, size):
@@ -410,6 +550,8 @@ class NpyMember:
         span = self.shape[axis]
         inner = int(np.prod(self.shape[axis + 1 :], dtype=np.int64))
         width = (stop - start) * inner
+        if blocks * width * self.dtype.itemsize > _SMALL_READ:
+            check_memory(blocks * width * self.dtype.itemsize, what=f"reading '{self.path}' key '{self.key}'")
         out = np.empty((blocks, width), dtype=self.dtype)
         for block in range(blocks):
             offset = (block * span + start) * inner * self.dtype.itemsize
@@ -431,11 +573,23 @@ def np_load(path, *, mmap_mode=None, expected: str):
         with open(name, "rb") as handle:
             magic = handle.read(len(_NPY_MAGIC))
             handle.seek(0)
-            if magic == _NPY_MAGIC and _npy_header(handle)[2].hasobject:
-                raise DataError(
-                    f"'{name}' holds Python objects or pickled data: expected {expected} "
-                    "of numbers (pickles are never loaded)"
-                )
+            if magic == _NPY_MAGIC:
+                shape, _, dtype = _npy_header(handle)
+                if dtype.hasobject:
+                    raise DataError(
+                        f"'{name}' holds Python objects or pickled data: expected {expected} "
+                        "of numbers (pickles are never loaded)"
+                    )
+                declared = _declared_bytes(shape, dtype)
+                held = os.fstat(handle.fileno()).st_size - handle.tell()
+                if declared > held:
+                    raise DataError(
+                        f"'{name}' declares shape {tuple(shape)} ({size_text(declared)}) but holds "
+                        f"{size_text(held)} of data: expected {expected} that fits in its file "
+                        "(is the file damaged or forged?)"
+                    )
+                if mmap_mode is None and declared > _SMALL_READ:
+                    check_memory(declared, what=f"reading '{name}'")
         if magic != _NPY_MAGIC and magic[:4] not in _ZIP_MAGICS:
             raise DataError(
                 f"'{name}' is not readable as {expected}: it is neither a .npy array nor a .npz archive"

@@ -1,6 +1,10 @@
 """Tests for `cascade_cli.data`: inputs, training data, batches, splits and epoch order."""
 
+import io
 import os
+import subprocess
+import sys
+import zipfile
 
 import h5py
 import numpy as np
@@ -403,3 +407,86 @@ def test_training_data_null_dataspace_and_soft_link_loop(tmp_path):
         f["targets"] = h5py.SoftLink("/targets")
     with pytest.raises(DataError, match=r"soft link 'targets' in .* does not resolve \(a loop of links\)"):
         TrainingData(path)
+
+
+# ---------------------------------------------------------------------------
+# Memory from tiny files: each trial runs under an address-space limit in a
+# subprocess, so a regression fails (MemoryError, a kill) instead of taking the machine.
+
+_LIMIT_SCRIPT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+import numpy as np
+from cascade_cli.data import TrainingData, open_inputs
+from cascade_cli.errors import DataError
+{body}
+"""
+
+
+def _run_limited(body, *, limit=1536 << 20):
+    script = _LIMIT_SCRIPT.format(limit=limit, body=body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def _sparse_training_file(path, *, steps, targets_shape, layout_chunks):
+    with h5py.File(path, "w") as f:
+        f["inputs"] = np.zeros(steps.shape + (2,), dtype=np.float32)
+        f["steps"] = steps
+        f.create_dataset("targets", shape=targets_shape, dtype="f4", chunks=layout_chunks)  # sparse: never written
+    return path
+
+
+def test_padded_targets_declaring_a_huge_L_are_read_only_up_to_the_steps(tmp_path):
+    # L = 5 * 10**7: one sample declares 4 * 5e7 * 4 * 4 bytes = 3.0 GiB, the file holds a few KiB.
+    path = _sparse_training_file(tmp_path / "long.h5", steps=np.array([[1, 2, 0, 3]] * 3),
+                                 targets_shape=(3, 4, 5 * 10**7, 4), layout_chunks=(1, 1, 1024, 4))
+    assert path.stat().st_size < 64 << 10
+    result = _run_limited(f"""
+with TrainingData({str(path)!r}) as data:
+    data.check_finite()
+    batch = next(data.batches([2, 0], batch_size=2))
+    print(batch.targets.shape, batch.inputs.shape)
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "(12, 4) (2, 4, 2)"  # 6 valid rows a sample, O = 4
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_reading(tmp_path):
+    top = 2**31 - 1
+    flat = _sparse_training_file(tmp_path / "flat.h5", steps=np.array([[top, top]] * 2),
+                                 targets_shape=(4 * top, 1), layout_chunks=(1 << 20, 1))
+    padded = _sparse_training_file(tmp_path / "padded.h5", steps=np.array([[top, 0]] * 2),
+                                   targets_shape=(2, 2, top, 1), layout_chunks=(1, 1, 1 << 20, 1))
+    # flat: a sample holds 2 * (2**31 - 1) rows of 4 bytes, read, cast and gathered (16 bytes a row);
+    # padded: 2 * (2**31 - 1) inner steps read and cast (12 bytes each) plus 2**31 - 1 valid rows (4 bytes).
+    for path, gib in ((flat, "64.0"), (padded, "56.0")):
+        result = _run_limited(f"""
+with TrainingData({str(path)!r}) as data:
+    try:
+        next(data.batches([0, 1], batch_size=1))
+    except DataError as error:
+        print(error)
+""")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().startswith(
+            f"a training batch of 1 samples of '{path}' would need about {gib} GiB of memory, more than the ")
+        assert result.stdout.strip().endswith(" available; use a smaller batch_size")
+
+
+def test_inputs_npz_whose_header_declares_more_than_the_archive_holds(tmp_path):
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3, 4), dtype=np.float32))
+    real = buffer.getvalue()
+    forged = real.replace(b"(2, 3, 4), }" + b" " * 9, b"(2000000000, 3, 4), }", 1)  # same header length
+    assert forged != real and len(forged) == len(real)
+    path = tmp_path / "x.npz"
+    with zipfile.ZipFile(path, "w") as archive:  # a valid archive (CRC and sizes right) of a lying header
+        archive.writestr("inputs.npy", forged)
+    result = _run_limited(f"""
+try:
+    open_inputs({str(path)!r})
+except DataError as error:
+    print(error)
+""")
+    assert result.returncode == 0, result.stderr
+    assert "key 'inputs' declares shape" in result.stdout and "but the archive holds 96 bytes of it" in result.stdout

@@ -1,15 +1,18 @@
 """Tests for `cascade_cli.h5`: safe HDF5 opens and keyed reads."""
 
+import io
 import os
 import re
+import zipfile
 
 import h5py
 import numpy as np
 import pytest
 
 from cascade_cli.errors import DataError
-from cascade_cli.h5 import (NpyMember, check_file, h5_dataset, is_hdf5, np_load, open_h5, open_npz, read_attr,
-                            read_dataset, scalar_value)
+from cascade_cli import h5 as h5_module
+from cascade_cli.h5 import (NpyMember, _selection_count, check_file, h5_dataset, is_hdf5, np_load, open_h5, open_npz,
+                            read_attr, read_dataset, scalar_value, size_text)
 from filetools import quoted, write_h5
 
 
@@ -220,7 +223,7 @@ def test_h5_dataset_refuses_null_dataspace_and_dangling_links(tmp_path):
                                    OSError("bad chunk")])
 def test_every_h5py_failure_of_a_read_is_a_keyed_data_error(tmp_path, error):
     class Broken:
-        name = "/targets"
+        name, shape, dtype = "/targets", (3,), np.dtype("f4")
 
         def __getitem__(self, selection):
             raise error
@@ -263,3 +266,62 @@ def test_read_attr_checks_the_type(tmp_path):
     assert scalar_value(np.array(True), kind=bool, where="'r.npz' key 'time_major'") is True
     with pytest.raises(DataError, match=r"^'r\.npz' key 'time_major': expected a bool \(True or False\), received 'false'$"):
         scalar_value(np.array("false"), kind=bool, where="'r.npz' key 'time_major'")
+
+
+def test_a_contiguous_dataset_cannot_declare_more_than_its_file(tmp_path):
+    path = tmp_path / "forged.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("flat_values", shape=(10**9,), dtype="f4")  # contiguous, never written: 3.7 GiB declared
+        f.create_dataset("sparse", shape=(10**9,), dtype="f4", chunks=(1024,))  # chunked: may be sparse
+        f.create_dataset("small", shape=(10,), dtype="f4")
+    with open_h5(path) as f:
+        with pytest.raises(DataError, match=rf"^dataset 'flat_values' in {quoted(path)} declares shape \(1000000000,\) "
+                                            r"\(3\.7 GiB\) stored contiguously, but the whole file holds [0-9.]+ KiB: "
+                                            r"expected a dataset that fits in its file"):
+            h5_dataset(f, "flat_values", path=path)
+        assert h5_dataset(f, "sparse", path=path).shape == (10**9,)
+        assert h5_dataset(f, "small", path=path).shape == (10,)
+
+
+def test_a_large_read_is_weighed_against_free_memory(tmp_path, monkeypatch):
+    path = tmp_path / "sparse.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("lengths", shape=(2**20, 2**10), dtype="i8", chunks=(1024, 1024))  # 8 GiB declared
+    monkeypatch.setattr(h5_module, "memory_available", lambda: 3 << 30)
+    with open_h5(path) as f:
+        dset = h5_dataset(f, "lengths", path=path)
+        with pytest.raises(DataError, match=rf"^reading dataset 'lengths' from {quoted(path)} would need about 8\.0 GiB "
+                                            r"of memory, more than the 3\.0 GiB available$"):
+            read_dataset(dset, (), path=path)
+        with pytest.raises(DataError, match=r"would need about 4\.0 GiB"):
+            read_dataset(dset, (slice(0, 2**19), Ellipsis), path=path)
+        assert read_dataset(dset, (slice(0, 2), slice(None)), path=path).shape == (2, 1024)
+        assert read_dataset(dset, 5, path=path).shape == (1024,)
+
+
+def test_selection_count_and_size_text():
+    assert _selection_count((4, 5), ()) == 20
+    assert _selection_count((4, 5), slice(1, 3)) == 10
+    assert _selection_count((4, 5, 6), (Ellipsis, slice(0, 2))) == 40
+    assert _selection_count((4, 5), (2, slice(None, None, 2))) == 3
+    assert _selection_count((4, 5), ([0, 1],)) is None
+    assert size_text(13207024435) == "12.3 GiB" and size_text(96) == "96 bytes" and size_text(1536) == "1.5 KiB"
+
+
+def test_npy_and_npz_headers_that_declare_more_than_the_file(tmp_path):
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3), dtype=np.float32))
+    real = buffer.getvalue()
+    forged = real.replace(b"(2, 3), }" + b" " * 9, b"(2000000000, 3), }", 1)  # the header keeps its length
+    assert forged != real and len(forged) == len(real)
+    (tmp_path / "x.npy").write_bytes(forged)
+    for mmap_mode in (None, "r"):
+        with pytest.raises(DataError, match=r"'.*x\.npy' declares shape \(2000000000, 3\) \(22\.4 GiB\) but holds "
+                                            r"24 bytes of data: expected an array that fits in its file"):
+            np_load(tmp_path / "x.npy", mmap_mode=mmap_mode, expected="an array")
+    with zipfile.ZipFile(tmp_path / "x.npz", "w") as archive:
+        archive.writestr("values.npy", forged)
+    with open_npz(tmp_path / "x.npz", expected="an archive") as archive:
+        with pytest.raises(DataError, match=r"^'x\.npz' key 'values' declares shape \(2000000000, 3\) \(22\.4 GiB\) but "
+                                            r"the archive holds 24 bytes of it: expected an array that fits"):
+            NpyMember(archive, "values", path="x.npz")
