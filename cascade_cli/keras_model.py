@@ -113,6 +113,7 @@ class CascadeModel(keras.Model):
             model_a, model_b, **{**self._settings, "max_steps": None, "stop_rule": None})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
+        self._compiled_loss = None
         self._predict_functions = {}
         self.built = True  # A and B come built
 
@@ -172,6 +173,19 @@ class CascadeModel(keras.Model):
         kwargs.setdefault("jit_compile", False)
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         self._compiled_loss = loss
+
+    def get_compile_config(self):
+        """`keras.Model`'s compile config, with this model's loss (saved in `.keras` files)."""
+        config = super().get_compile_config()
+        if config is not None and self._compiled_loss is not None:
+            loss = self._compiled_loss
+            config["loss"] = loss if isinstance(loss, str) else keras.saving.serialize_keras_object(loss)
+        return config
+
+    def compile_from_config(self, config):
+        """Compiles as the saved model was (called by `keras.saving.load_model`), optimizer built for its state."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.trainable_variables)
 
     @property
     def metrics(self):

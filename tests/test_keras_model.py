@@ -1,5 +1,7 @@
 """Tests for cascade_cli.keras_model: CascadeModel's save / load, fit, callbacks and predict."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -186,7 +188,116 @@ def test_evaluate_takes_the_named_loss_over_the_valid_elements(loss, by_hand):
     assert score == pytest.approx(float(by_hand(values.numpy(), flat)), rel=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["mae", pytest.param(keras.losses.MeanSquaredError(), marks=pytest.mark.slow)])
+def test_a_saved_compiled_model_loads_compiled_and_trains_on_as_the_original(tmp_path, loss):
+    inputs, steps, _, padded = training_arrays()
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    model.compile(keras.optimizers.Adam(0.01), loss=loss, metrics=["mse"])
+    model.fit((inputs, steps), padded, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "g.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras warns when it cannot compile a custom compile()
+        loaded = keras.saving.load_model(tmp_path / "g.keras")
+    assert type(loaded.optimizer) is keras.optimizers.Adam and int(loaded.optimizer.iterations) == 3
+    again = [m.fit((inputs, steps), padded, batch_size=2, epochs=1, shuffle=False, verbose=0).history
+             for m in (model, loaded)]
+    assert again[0] == again[1]  # the optimizer's slots came back too
+    for left, right in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(left, right)
+
+
 def test_compile_refuses_an_unknown_loss_by_its_python_name():
     model = CascadeModel(builders.model_a(), builders.step_b())
     with pytest.raises(ParameterError, match="^loss: expected one of mse, mae, categorical_crossentropy"):
         model.compile("sgd", loss="hinge")
+
+
+# ------------------------------------------------------------- callbacks
+
+
+def fit_tiny(callbacks, *, epochs=3, optimizer=None, model=None):
+    """A fresh seeded CascadeModel fit on 4 samples in batches of 2, validated on 2; returns `(model, history)`."""
+    inputs, steps, _, padded = training_arrays(n=6)
+    model = model or CascadeModel(builders.model_a(), builders.step_b())
+    model.compile(optimizer or keras.optimizers.SGD(0.1), loss="mse")
+    history = model.fit((inputs[:4], steps[:4]), padded[:4], batch_size=2, epochs=epochs, shuffle=False,
+                        validation_data=((inputs[4:], steps[4:]), padded[4:]), callbacks=callbacks, verbose=0)
+    return model, history
+
+
+def test_early_stopping_restores_the_best_weights():
+    kept = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: kept.append(model.get_weights()))
+    # mode="max" on a falling training loss: epoch 1 is the best, epoch 2 runs out of patience
+    stop = keras.callbacks.EarlyStopping(monitor="loss", mode="max", patience=1, restore_best_weights=True)
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    _, history = fit_tiny([record, stop], epochs=5, model=model)
+    assert len(history.history["loss"]) == 2 and history.history["loss"][1] < history.history["loss"][0]
+    assert stop.stopped_epoch == 1
+    for now, best, last in zip(model.get_weights(), kept[0], kept[1]):
+        np.testing.assert_array_equal(now, best)
+    assert any(not np.array_equal(best, last) for best, last in zip(kept[0], kept[1]))
+
+
+def test_model_checkpoint_writes_a_whole_generator_each_epoch_that_loads_in_safe_mode(tmp_path):
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
+    model, _ = fit_tiny([checkpoint], epochs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch1.keras", "epoch2.keras"]
+    loaded = keras.saving.load_model(tmp_path / "epoch2.keras")
+    x = builders.inputs(3, 3)
+    assert flat_of(loaded.predict(x, STEPS[:3])).tobytes() == flat_of(model.predict(x, STEPS[:3])).tobytes()
+    first = keras.saving.load_model(tmp_path / "epoch1.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), model.get_weights()))
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises at the end of epoch `epoch` (0-based), after the callbacks before it ran: a killed run."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_backup_and_restore_after_an_interruption_reaches_the_weights_of_an_unbroken_run(tmp_path):
+    unbroken, _ = fit_tiny([], epochs=3)
+    backup = str(tmp_path / "backup")
+    with pytest.raises(KeyboardInterrupt):
+        fit_tiny([keras.callbacks.BackupAndRestore(backup), Interrupt(1)], epochs=3)
+    epochs_run = []
+    count = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
+    resumed, history = fit_tiny([keras.callbacks.BackupAndRestore(backup), count], epochs=3)
+    assert epochs_run == [2]  # only the epoch the interruption lost
+    for left, right in zip(resumed.get_weights(), unbroken.get_weights()):
+        np.testing.assert_array_equal(left, right)
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")  # tf.summary needs it
+    _, history = fit_tiny([keras.callbacks.TensorBoard(str(tmp_path / "logs"))], epochs=2)
+    logged = {}
+    for run in ("train", "validation"):
+        for path in sorted((tmp_path / "logs" / run).glob("events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    logged.setdefault((run, value.tag), []).append(float(tf.make_ndarray(value.tensor)))
+    np.testing.assert_allclose(logged[("train", "epoch_loss")], history.history["loss"], rtol=1e-6)
+    np.testing.assert_allclose(logged[("validation", "epoch_loss")], history.history["val_loss"], rtol=1e-6)
+
+
+def test_csv_logger_writes_the_history(tmp_path):
+    _, history = fit_tiny([keras.callbacks.CSVLogger(str(tmp_path / "history.csv"))], epochs=2)
+    rows = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True)
+    assert list(rows["epoch"]) == [0, 1]
+    np.testing.assert_allclose(rows["loss"], history.history["loss"], rtol=1e-6)
+    np.testing.assert_allclose(rows["val_loss"], history.history["val_loss"], rtol=1e-6)
+
+
+def test_learning_rate_scheduler_sets_each_epochs_rate():
+    scheduler = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 * 0.5 ** epoch)
+    model, history = fit_tiny([scheduler], epochs=3)
+    np.testing.assert_allclose(history.history["learning_rate"], [0.1, 0.05, 0.025], rtol=1e-6)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.025)
