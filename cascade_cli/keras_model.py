@@ -24,11 +24,13 @@ gradients add up to the global batch's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.errors import ParameterError
+from cascade_cli.errors import DataError, ParameterError
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import LOSSES, StopRule, check_int
 from cascade_cli.result import CascadeResult
@@ -325,7 +327,7 @@ def _ragged(result):
                                                    validate=False)
 
 
-def export_saved_model(model, directory):
+def export_saved_model(model, directory, *, overwrite=False):
     """Writes `model` as a TensorFlow SavedModel that runs without cascade_cli or Keras.
 
     Its `serving_default` signature maps `inputs (N, Ta, F) float32` and
@@ -336,15 +338,23 @@ def export_saved_model(model, directory):
     Args:
         model: a `CascadeModel`.
         directory: the folder to write.
+        overwrite: whether a folder that holds files may be written over.
 
     Returns:
         The `tf.Module` saved (its `serve` is the signature's function).
 
     Raises:
         ParameterError: `model` is not a `CascadeModel`.
+        DataError: `directory` is a file, or a folder with files in it
+            without `overwrite`.
     """
     if not isinstance(model, CascadeModel):
         raise ParameterError("model", f"expected a CascadeModel, received {type(model).__name__}.")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"output '{directory}' is a file; expected a folder for the SavedModel")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise DataError(f"output '{directory}' already holds files; pass overwrite=True to write over them")
     cascade = model.cascade
     a_spec = cascade.a_spec
     inputs_spec = tf.TensorSpec([None, a_spec.outer_steps, a_spec.features], tf.float32, name="inputs")
@@ -364,5 +374,7 @@ def export_saved_model(model, directory):
             return {"flat_values": values, "lengths": lengths}
 
     module.serve = serve
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": serve})
+    # Serving needs no gradient: the runner's custom gradients stay out of the file.
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": serve},
+                        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
     return module

@@ -1,5 +1,7 @@
 """Tests for cascade_cli.keras_model: CascadeModel's save / load, fit, callbacks and predict."""
 
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -8,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.errors import ParameterError
-from cascade_cli.keras_model import CascadeModel
+from cascade_cli.errors import DataError, ParameterError
+from cascade_cli.keras_model import CascadeModel, export_saved_model
 from cascade_cli.options import StopRule
 from cascade_cli.result import CascadeResult
 from test_training import penalty_by_hand, regularized_models
@@ -301,3 +303,66 @@ def test_learning_rate_scheduler_sets_each_epochs_rate():
     model, history = fit_tiny([scheduler], epochs=3)
     np.testing.assert_allclose(history.history["learning_rate"], [0.1, 0.05, 0.025], rtol=1e-6)
     assert float(model.optimizer.learning_rate) == pytest.approx(0.025)
+
+
+# --------------------------------------------------------------- serving
+
+SERVE = """
+import sys
+sys.modules["cascade_cli"] = None  # as if cascade_cli were not installed
+import numpy as np
+import tensorflow as tf
+arrays = dict(np.load("request.npz"))
+serve = tf.saved_model.load("saved").signatures["serving_default"]
+print(sorted(serve.structured_input_signature[1]))
+out = serve(**{key: tf.constant(value) for key, value in arrays.items()})
+np.savez("response.npz", **{key: value.numpy() for key, value in out.items()})
+"""
+
+
+SERVING_CASES = [(dict(state="carry"), STEPS), (dict(max_steps=4, stop_rule=StopRule.norm(1.0)), None)]
+
+
+@pytest.mark.parametrize("settings, steps", SERVING_CASES)
+def test_the_saved_model_signature_maps_inputs_and_steps_to_flat_values_and_lengths(tmp_path, settings, steps):
+    model = CascadeModel(builders.model_a(), builders.step_b(), **settings)
+    x = builders.inputs(4, 3)
+    export_saved_model(model, tmp_path / "saved")
+    serve = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    request = {"inputs": tf.constant(x)}
+    if steps is not None:
+        request["steps"] = tf.constant(steps, tf.int32)
+    assert sorted(serve.structured_input_signature[1]) == sorted(request)
+    response = serve(**request)
+    expected = model.predict(x, steps, return_result=True)
+    np.testing.assert_array_equal(response["lengths"].numpy(), expected.lengths)
+    np.testing.assert_allclose(response["flat_values"].numpy(), expected.values, rtol=1e-6, atol=1e-7)
+
+
+def test_export_saved_model_refuses_a_folder_with_files_unless_overwrite(tmp_path):
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "mine.txt").write_text("keep")
+    with pytest.raises(DataError, match="already holds files; pass overwrite=True"):
+        export_saved_model(model, tmp_path / "saved")
+    with pytest.raises(ParameterError, match="^model: expected a CascadeModel, received Functional"):
+        export_saved_model(model.model_a, tmp_path / "other")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings, steps", SERVING_CASES)
+def test_the_saved_model_serves_predicts_values_where_cascade_cli_cannot_be_imported(tmp_path, settings, steps):
+    model = CascadeModel(builders.model_a(), builders.step_b(), **settings)
+    x = builders.inputs(4, 3)
+    export_saved_model(model, tmp_path / "saved")
+    request = {"inputs": x} if steps is None else {"inputs": x, "steps": steps.astype(np.int32)}
+    np.savez(tmp_path / "request.npz", **request)
+    done = subprocess.run([sys.executable, "-I", "-c", SERVE], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(sorted(request))
+    response = np.load(tmp_path / "response.npz")
+    expected = model.predict(x, steps, return_result=True)
+    assert sorted(response) == ["flat_values", "lengths"]
+    np.testing.assert_array_equal(response["lengths"], expected.lengths)
+    np.testing.assert_allclose(response["flat_values"], expected.values, rtol=1e-6, atol=1e-7)
