@@ -2,7 +2,18 @@
 
 Layout of `out_dir`: `checkpoints/` (the last few epochs), `history.csv`
 (`epoch,loss,val_loss,seconds`, rewritten after every epoch) and, at the end,
-`model_a.keras` and `model_b.keras`. Every file is written atomically.
+`model_a.keras` and `model_b.keras`. Every file is written atomically, and the
+pair is written as one: `checkpoints/trained.json` (the epoch and the files'
+SHA-256 digests) is removed before the models are replaced and written after
+them, so a reader that checks it (`check_trained_model`) never takes a pair
+from two epochs. While a run works on `out_dir` it holds an exclusive
+`fcntl.flock` on `out_dir/.cascade-train.lock` (`RunLock`), so a second run
+into the same folder is refused.
+
+A folder whose `checkpoints/` holds no complete checkpoint (a kill or a full
+disk while the first one was written) is no run: a new run clears it. The
+latest checkpoint is found by its files when the `checkpoint` index is
+unreadable.
 
 A checkpoint holds the two models, the optimizer and the run's `Progress`
 (epochs done, the history, the best validation loss and its weights, the
@@ -14,18 +25,22 @@ unbroken one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import tensorflow as tf
 
-from cascade_cli.atomic import atomic_output
-from cascade_cli.errors import ParameterError
+from cascade_cli.atomic import atomic_output, is_no_space, no_space_error
+from cascade_cli.errors import ModelError, ParameterError
 from cascade_cli.options import TrainConfig
 
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds")
@@ -33,6 +48,140 @@ CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
 MODEL_FILES = ("model_a.keras", "model_b.keras")
 HISTORY_FILE = "history.csv"
+MANIFEST_FILE = "trained.json"  # in checkpoints/: written last, after the models
+LOCK_FILE = ".cascade-train.lock"
+_CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")
+
+
+# ---------------------------------------------------------------- disk full
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path):
+    """Turns a full disk in the block into `atomic.no_space_error(path)` ("no space left on device writing ...").
+
+    Only file writes belong in the block: TensorFlow reports a full disk
+    (ENOSPC) as a `ResourceExhaustedError`, which elsewhere means memory.
+    """
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as exc:
+        raise no_space_error(path) from exc
+    except (OSError, RuntimeError, tf.errors.OpError) as exc:
+        if is_no_space(exc) or "no space left on device" in str(exc).lower():
+            raise no_space_error(path) from exc
+        raise
+
+
+# -------------------------------------------------------------------- lock
+
+
+class RunLock:
+    """An exclusive lock on `out_dir` for one training run: `fcntl.flock` on `out_dir/.cascade-train.lock`.
+
+    The lock file holds the owner's pid, which a refused run names. The file is
+    removed when the lock is released (a run that opened it meanwhile sees
+    another file at that name and tries again). Use it as a context manager.
+
+    Args:
+        out_dir: an existing folder.
+    """
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_FILE
+        self._fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def acquire(self):
+        """Takes the lock.
+
+        Raises:
+            ParameterError: (`out_dir`) another process holds it.
+        """
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise ParameterError(
+                    "out_dir", f"'{self.out_dir}' is in use by another training run (pid {owner}); wait for it to "
+                    "end, or choose another out_dir.") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed it as we opened it: lock the file now at that name
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+
+    def release(self):
+        """Removes the lock file and releases the lock (nothing when not held)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(folder):
+    """The prefix of the latest complete checkpoint in `folder` (`.../ckpt-N`), or None.
+
+    Reads TensorFlow's `checkpoint` index, and when that is missing, unreadable
+    or names a checkpoint whose files are gone, the newest `ckpt-N.index` with
+    its data files. A `ckpt-N_temp` folder (a save that never finished) is no
+    checkpoint.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    try:
+        latest = tf.train.latest_checkpoint(str(folder))
+    except Exception:  # random bytes in the index: UnicodeDecodeError, a protobuf ParseError, ...
+        latest = None
+    if latest is not None and _complete(latest):
+        return latest
+    numbers = []
+    for entry in folder.iterdir():
+        match = _CHECKPOINT_INDEX.fullmatch(entry.name)
+        if match and _complete(str(folder / f"ckpt-{match.group(1)}")):
+            numbers.append(int(match.group(1)))
+    return str(folder / f"ckpt-{max(numbers)}") if numbers else None
+
+
+def _complete(prefix):
+    """Whether the checkpoint `prefix` has its index and at least one data file."""
+    prefix = Path(prefix)
+    return Path(f"{prefix}.index").is_file() and any(prefix.parent.glob(f"{prefix.name}.data-*"))
+
+
+def _remove_incomplete(checkpoints):
+    """Removes a `checkpoints/` folder that holds no complete checkpoint (what a killed first save leaves)."""
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and latest_checkpoint(checkpoints) is None:
+        shutil.rmtree(checkpoints)
+
+
+def _remove_unfinished_saves(checkpoints):
+    """Removes the `ckpt-N_temp` folders of saves that never finished."""
+    with contextlib.suppress(OSError):
+        for entry in checkpoints.iterdir():
+            if entry.name.endswith("_temp") and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- out_dir
@@ -60,40 +209,103 @@ def check_out_dir(out_dir):
     return path
 
 
-def prepare_out_dir(out_dir, *, resume):
-    """Creates `out_dir` if needed; refuses a fresh run over an earlier one, or a resume without a checkpoint.
+class RunFolder:
+    """The `out_dir` of one training run, locked while the run works in it; use it as a context manager.
+
+    When the run fails before its first complete checkpoint, what it made
+    goes: a folder it created is removed again (with the parents it created),
+    so a failed run leaves no empty `out_dir` behind.
+
+    Attributes:
+        path: the folder, a `Path`.
+        created: the folders this run created, innermost first.
+    """
+
+    def __init__(self, path, *, created, lock):
+        self.path = path
+        self.created = created
+        self._lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        failed = kind is not None
+        if failed and latest_checkpoint(self.path / CHECKPOINT_DIR) is None:
+            _remove_incomplete(self.path / CHECKPOINT_DIR)
+        if self._lock is not None:
+            self._lock.release()
+        if failed and self.created and latest_checkpoint(self.path / CHECKPOINT_DIR) is None:
+            for folder in self.created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: nothing of anyone else's goes
+
+
+def prepare_out_dir(out_dir, *, resume, lock=True):
+    """Creates `out_dir` if needed and locks it; refuses a new run over an earlier one, or a resume without a checkpoint.
+
+    A `checkpoints/` folder without a complete checkpoint (a kill while the
+    first one was written) is no run: a new run removes it.
+
+    Args:
+        out_dir: the run's folder.
+        resume: whether the run continues the latest checkpoint there.
+        lock: take the `RunLock` (the chief of a multi-worker run; the other
+            workers only read the chief's checkpoints).
 
     Returns:
-        `out_dir` as a `Path`.
+        A `RunFolder`, the lock held until it exits.
 
     Raises:
         ParameterError: `out_dir` is a file, holds an earlier run (without
-            `resume`) or no checkpoint (with it), or cannot be written.
+            `resume`) or no complete checkpoint (with it), cannot be written,
+            or is in use by another training run.
     """
-    out_dir = check_out_dir(out_dir)
-    checkpoints = out_dir / CHECKPOINT_DIR
-    if resume:
-        if tf.train.latest_checkpoint(str(checkpoints)) is None:
-            raise ParameterError(
-                "resume", f"no checkpoint to resume from in '{checkpoints}'; set resume=False to start training."
-            )
-        return out_dir
-    earlier = _training_files(out_dir)
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        earlier.remove(CHECKPOINT_DIR)
-    if earlier:
-        raise ParameterError(
-            "out_dir",
-            f"'{out_dir}' already holds a training run ({', '.join(earlier)}); pass resume=True to continue it, "
-            "or choose another out_dir.",
-        )
+    path = check_out_dir(out_dir)
+    checkpoints = path / CHECKPOINT_DIR
+    created = []
+    if not resume:
+        missing = path
+        while not missing.exists():
+            created.append(missing)
+            missing = missing.parent
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ParameterError("out_dir", f"'{path}' cannot be created: {exc.strerror or exc}.") from exc
+    run_lock = RunLock(path) if lock and path.is_dir() else None
+    folder = RunFolder(path, created=created, lock=run_lock)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ParameterError("out_dir", f"'{out_dir}' cannot be created: {exc.strerror or exc}.") from exc
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ParameterError("out_dir", f"'{out_dir}' is not writable.")
-    return out_dir
+        if run_lock is not None:
+            run_lock.acquire()
+        if resume:
+            if latest_checkpoint(checkpoints) is None:
+                raise ParameterError(
+                    "resume", f"no checkpoint to resume from in '{checkpoints}'; set resume=False to start training."
+                )
+            _remove_unfinished_saves(checkpoints)
+            return folder
+        complete = latest_checkpoint(checkpoints) is not None
+        earlier = [name for name in _training_files(path) if name != CHECKPOINT_DIR or complete]
+        if earlier and not complete:
+            raise ParameterError(
+                "out_dir",
+                f"'{path}' holds files of a training run ({', '.join(earlier)}) but no complete checkpoint to "
+                "resume from; remove them (checkpoints.remove_training_run) or choose another out_dir.",
+            )
+        if earlier:
+            raise ParameterError(
+                "out_dir",
+                f"'{path}' already holds a training run ({', '.join(earlier)}); pass resume=True to continue it, "
+                "or choose another out_dir.",
+            )
+        _remove_incomplete(checkpoints)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ParameterError("out_dir", f"'{path}' is not writable.")
+    except BaseException:
+        folder.__exit__(ParameterError, None, None)
+        raise
+    return folder
 
 
 def _training_files(out_dir):
@@ -112,16 +324,93 @@ def remove_training_run(out_dir):
             path.unlink()
 
 
-def save_models(models, out_dir):
-    """Saves `(model_a, model_b)` as `out_dir/model_a.keras` and `out_dir/model_b.keras`, each atomically."""
+def save_models(models, out_dir, *, history=None):
+    """Writes `(model_a, model_b)` (and `history`) into `out_dir` as one pair, then `checkpoints/trained.json`.
+
+    The manifest of the last pair is removed first, each file is written
+    atomically, and the new manifest (the epoch and every file's SHA-256) is
+    written last: a kill on the way leaves no manifest, never a mixed pair that
+    `check_trained_model` accepts.
+
+    Args:
+        models: `(model_a, model_b)`.
+        out_dir: the run's folder.
+        history: the history rows to write as `history.csv` with them, or None.
+
+    Raises:
+        DataError: the disk is full.
+    """
+    out_dir = Path(out_dir)
+    manifest = out_dir / CHECKPOINT_DIR / MANIFEST_FILE
+    with contextlib.suppress(FileNotFoundError):
+        manifest.unlink()
+    names = list(MODEL_FILES)
+    if history is not None:
+        write_history(out_dir / HISTORY_FILE, history)
+        names.append(HISTORY_FILE)
     for model, name in zip(models, MODEL_FILES):
-        with atomic_output(Path(out_dir) / name, overwrite=True, suffix=".keras") as temp:
+        with reporting_full_disk(out_dir / name), atomic_output(out_dir / name, overwrite=True,
+                                                                suffix=".keras") as temp:
             model.save(temp)
+    epoch = history[-1]["epoch"] if history else None
+    record = {"format_version": 1, "epoch": epoch, "files": {name: _digest(out_dir / name) for name in names}}
+    manifest.parent.mkdir(exist_ok=True)
+    with reporting_full_disk(manifest), atomic_output(manifest, overwrite=True) as temp:
+        temp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _digest(path):
+    """The SHA-256 of the file at `path`, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trained_pair(out_dir):
+    """The manifest of the pair in `out_dir` (`{"epoch", "files": {name: sha256}}`), or None when it is not complete.
+
+    None when `checkpoints/trained.json` is missing or unreadable, or a model
+    file no longer matches it.
+    """
+    out_dir = Path(out_dir)
+    try:
+        record = json.loads((out_dir / CHECKPOINT_DIR / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files = record["files"]
+        if all(_digest(out_dir / name) == files[name] for name in MODEL_FILES):
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def check_trained_model(path):
+    """Refuses a `model_a.keras` / `model_b.keras` of a training run whose pair is not complete.
+
+    A model file named as `train` names them, in a folder that holds a
+    `checkpoints/` folder, must match that folder's `checkpoints/trained.json`:
+    otherwise a run was stopped while it wrote its models and the pair may be
+    from two epochs. Other files are not checked.
+
+    Raises:
+        ModelError: the manifest is missing or the file does not match it.
+    """
+    path = Path(path)
+    folder = path.parent
+    if path.name not in MODEL_FILES or not (folder / CHECKPOINT_DIR).is_dir():
+        return
+    if trained_pair(folder) is None:
+        raise ModelError(
+            f"'{path}' is from a training run that stopped while writing its models (it does not match "
+            f"'{folder / CHECKPOINT_DIR / MANIFEST_FILE}'), so model_a.keras and model_b.keras may be from "
+            "different epochs: resume the run (resume=True) to write a matching pair."
+        )
 
 
 def write_history(path, history):
     """Writes history rows to `path` as CSV (`epoch,loss,val_loss,seconds`), atomically."""
-    with atomic_output(path, overwrite=True) as temp:
+    with reporting_full_disk(path), atomic_output(path, overwrite=True) as temp:
         with open(temp, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(HISTORY_FIELDS)
@@ -186,12 +475,43 @@ class Progress(tf.Module):
 
 
 def run_settings(config, data):
-    """The settings a checkpoint records and a resumed run must repeat, as JSON-ready values."""
-    values = {name: getattr(config, name) for name in TrainConfig.RESUME_SETTINGS}
-    kinds = {"seed": int, "val_split": float, "shuffle": bool, "batch_size": int, "freeze_a": bool}
-    values = {name: kinds.get(name, str)(value) for name, value in values.items()}
+    """The settings a checkpoint records (`TrainConfig.SAVED_SETTINGS` of a resolved config, and the data's shape)."""
+    kinds = {"seed": int, "val_split": float, "shuffle": bool, "batch_size": int, "freeze_a": bool, "epochs": int,
+             "learning_rate": float}
+    values = {}
+    for name in TrainConfig.SAVED_SETTINGS:
+        value = getattr(config, name)
+        values[name] = None if value is None else kinds.get(name, lambda v: v)(value)
     values["samples"] = [int(data.n_samples), int(data.outer_steps), int(data.features), int(data.output_size)]
     return values
+
+
+def saved_settings(out_dir):
+    """The settings recorded in the latest checkpoint of `out_dir` (`run_settings`'s dict), with `"epochs_done"`.
+
+    Raises:
+        ParameterError: (`resume`) there is no complete checkpoint, or it cannot be read.
+    """
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        raise ParameterError("resume", f"no checkpoint to resume from in '{folder}'; set resume=False to start "
+                                       "training.")
+    probe = tf.Variable("", dtype=tf.string, trainable=False)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    try:
+        tf.train.Checkpoint(progress=tf.train.Checkpoint(settings=probe, epoch=epoch)).restore(latest).expect_partial()
+        saved = json.loads(probe.numpy().decode("utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("the settings are not a JSON object")
+        saved["epochs_done"] = int(epoch.numpy())
+    except (tf.errors.OpError, ValueError, AssertionError) as exc:
+        raise ParameterError("resume", f"checkpoint '{latest}' cannot be read: {_first_line(exc)}") from exc
+    return saved
+
+
+def _first_line(exc):
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _describe(name, value):
@@ -202,8 +522,12 @@ def _describe(name, value):
 
 
 def check_settings(path, saved, wanted):
-    """Raises `ParameterError` (`resume`) when a resumed run's settings differ from its checkpoint's."""
-    differ = [name for name in wanted if saved.get(name) != wanted[name]]
+    """Raises `ParameterError` (`resume`) when a resumed run's `RESUME_SETTINGS` (or data) differ from its checkpoint's.
+
+    A setting the checkpoint did not record (an older run) is not checked.
+    """
+    checked = (*TrainConfig.RESUME_SETTINGS, "samples")
+    differ = [name for name in checked if name in saved and name in wanted and saved[name] != wanted[name]]
     if differ:
         made = ", ".join(_describe(name, saved.get(name)) for name in differ)
         given = ", ".join(_describe(name, wanted[name]) for name in differ)
@@ -266,21 +590,15 @@ class Checkpoints:
             ParameterError: (`resume`) the checkpoint cannot be read, was made
                 with other settings, or does not fit these models.
         """
-        latest = tf.train.latest_checkpoint(str(self.folder))
-        probe = tf.Variable("", dtype=tf.string, trainable=False)
-        try:
-            tf.train.Checkpoint(progress=tf.train.Checkpoint(settings=probe)).restore(latest).expect_partial()
-            saved = json.loads(probe.numpy().decode("utf-8"))
-        except (tf.errors.OpError, ValueError, AssertionError) as exc:
-            raise ParameterError("resume", f"checkpoint '{latest}' cannot be read: {exc}") from exc
-        check_settings(self.folder, saved, self.settings)
+        latest = latest_checkpoint(self.folder)
+        check_settings(self.folder, saved_settings(self.out_dir), self.settings)
         try:
             self._checkpoint.restore(latest).assert_existing_objects_matched()
         except (tf.errors.OpError, ValueError, AssertionError) as exc:
             raise ParameterError(
                 "resume",
                 f"checkpoint '{latest}' does not fit these models: expected the models the run started from; "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                f"{_first_line(exc)}",
             ) from exc
         return json.loads(self.progress.history.numpy().decode("utf-8"))
 
@@ -293,6 +611,7 @@ class Checkpoints:
         epoch = history[-1]["epoch"]
         self.progress.epoch.assign(epoch)
         self.progress.history.assign(json.dumps(history))
-        self._manager.save(checkpoint_number=epoch)
+        with reporting_full_disk(self._manager.directory):
+            self._manager.save(checkpoint_number=epoch)
         if self.chief:
             write_history(self.out_dir / HISTORY_FILE, history)

@@ -1,4 +1,4 @@
-"""The settings vocabulary: modes, losses, optimizers, strategies, `TrainConfig`, `StopRule`.
+"""The settings vocabulary: modes, losses, optimizers, strategies, `TrainConfig`, `RunInfo`, `StopRule`.
 
 One home for every name a setting can take and for the checks of those
 settings, importable without TensorFlow (the command line builds its choices
@@ -17,7 +17,8 @@ from cascade_cli.errors import ParameterError
 
 STATE_MODES = ("reset", "carry")
 STATE_INITS = ("zeros", "ir")
-LOSSES = ("mse", "mae", "categorical-crossentropy")
+LOSSES = ("mse", "mae", "categorical-crossentropy", "sparse-categorical-crossentropy")
+CROSSENTROPY_LOSSES = ("categorical-crossentropy", "sparse-categorical-crossentropy")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 STOP_RULES = ("norm", "token")
@@ -114,23 +115,55 @@ class StopRule:
 # ---------------------------------------------------------------- training
 
 
+TRAIN_DEFAULTS = {
+    "epochs": 10,
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "optimizer": "adam",
+    "loss": "mse",
+    "from_logits": None,
+    "val_split": 0.1,
+    "shuffle": True,
+    "freeze_a": False,
+    "state": "reset",
+    "state_init": "zeros",
+    "seed": 0,
+    "patience": None,
+    "strategy": "default",
+}
+"""What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The settings of one training run (each is also a `cascade train` flag).
+
+    Every setting defaults to None, "not given": a new run takes the value of
+    `TRAIN_DEFAULTS`, a resumed run (`resume=True`) the value its checkpoint
+    was made with (`resolved` does both). A setting given on resume may change
+    `epochs`, `learning_rate`, `patience` and `strategy`; the others
+    (`RESUME_SETTINGS`) must equal the checkpoint's.
 
     Attributes:
         epochs: the epoch to train up to (a resumed run continues to it).
         batch_size: samples per step.
         learning_rate: the optimizer's step size.
         optimizer: one of `OPTIMIZERS`.
-        loss: one of `LOSSES`; `categorical-crossentropy` reads B's outputs as logits.
+        loss: one of `LOSSES`. The cross-entropies read B's outputs as logits
+            or probabilities (`from_logits`); `sparse-categorical-crossentropy`
+            takes integer token ids as targets, one per inner step.
+        from_logits: whether B's outputs are logits (cross-entropy losses
+            only); None detects it: probabilities when B's output layer ends
+            in a softmax, logits otherwise (`training.resolve_from_logits`).
         val_split: fraction of the samples held out for validation, in `[0, 1)`.
         shuffle: visit the training samples in a new seeded order every epoch.
         freeze_a: train B only; A's weights stay as they are.
         state: the runner's state mode, one of `STATE_MODES`.
+        state_init: B's initial state, one of `STATE_INITS` (`"ir"` needs
+            `state="reset"` and a state size equal to H).
         seed: seeds the split, the order and every random op (e.g. dropout).
         patience: stop after this many epochs without a better validation loss
-            and keep the best weights; None trains every epoch.
+            and keep the best weights; None (or 0) trains every epoch.
         resume: continue from the last checkpoint in `out_dir`.
         strategy: one of `STRATEGIES`: `"default"` (one device), `"mirrored"`
             (every local GPU, else every logical CPU device) or
@@ -138,46 +171,151 @@ class TrainConfig:
             `distribute.make_strategy` before any other TensorFlow work).
     """
 
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    loss: str = "mse"
-    val_split: float = 0.1
-    shuffle: bool = True
-    freeze_a: bool = False
-    state: str = "reset"
-    seed: int = 0
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    optimizer: str | None = None
+    loss: str | None = None
+    from_logits: bool | None = None
+    val_split: float | None = None
+    shuffle: bool | None = None
+    freeze_a: bool | None = None
+    state: str | None = None
+    state_init: str | None = None
+    seed: int | None = None
     patience: int | None = None
     resume: bool = False
-    strategy: str = "default"
+    strategy: str | None = None
 
     # Settings a resumed run must share with the checkpoint it continues: they
     # fix the data split and order, the optimizer's slots and what each step
-    # computes. `epochs`, `learning_rate` and `patience` may change on resume.
-    RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "freeze_a", "state")
+    # computes. `epochs`, `learning_rate`, `patience` and `strategy` may change on resume.
+    RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "from_logits", "freeze_a",
+                       "state", "state_init")
+    # What a checkpoint records, so that a resumed run continues with the run's own settings.
+    SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience")
 
     def __post_init__(self):
-        check_int("epochs", self.epochs, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_number("learning_rate", self.learning_rate, minimum=0, min_open=True,
-                     expected="a finite number > 0")
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("loss", self.loss, LOSSES)
-        check_number("val_split", self.val_split, minimum=0, maximum=1, max_open=True,
-                     expected="a fraction in [0, 1)")
-        check_choice("state", self.state, STATE_MODES)
-        check_int("seed", self.seed)
-        check_choice("strategy", self.strategy, STRATEGIES)
-        check_int("patience", self.patience, minimum=1, allow_none=True)
-        if self.patience is not None and self.val_split == 0:
+        check_int("epochs", self.epochs, minimum=1, allow_none=True)
+        check_int("batch_size", self.batch_size, minimum=1, allow_none=True)
+        if self.learning_rate is not None:
+            check_number("learning_rate", self.learning_rate, minimum=0, min_open=True,
+                         expected="a finite number > 0")
+        _check_optional_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_optional_choice("loss", self.loss, LOSSES)
+        _check_optional_choice("from_logits", self.from_logits, (True, False))
+        if self.val_split is not None:
+            check_number("val_split", self.val_split, minimum=0, maximum=1, max_open=True,
+                         expected="a fraction in [0, 1)")
+        _check_optional_choice("shuffle", self.shuffle, (True, False))
+        _check_optional_choice("freeze_a", self.freeze_a, (True, False))
+        _check_optional_choice("state", self.state, STATE_MODES)
+        _check_optional_choice("state_init", self.state_init, STATE_INITS)
+        check_int("seed", self.seed, maximum=SEED_MAX, allow_none=True)
+        _check_optional_choice("resume", self.resume, (True, False))
+        _check_optional_choice("strategy", self.strategy, STRATEGIES)
+        check_int("patience", self.patience, minimum=0, allow_none=True)
+        self._check_together()
+
+    def _check_together(self):
+        """Checks the settings that depend on each other, as far as they are given."""
+        if self.patience and self.val_split == 0:
             raise ParameterError(
                 "patience", "needs a validation set to watch: expected val_split > 0, received val_split=0."
             )
+        if self.state_init == "ir" and self.state == "carry":
+            raise ParameterError(
+                "state_init", "'ir' sets every inner sequence's state from its own IR vector, which needs "
+                "state='reset'; received state='carry'."
+            )
+        if self.from_logits is not None and self.loss is not None and self.loss not in CROSSENTROPY_LOSSES:
+            raise ParameterError(
+                "from_logits", f"applies to the cross-entropy losses only; received loss={self.loss!r}: leave "
+                "from_logits=None."
+            )
+
+    @property
+    def given(self):
+        """The names of the settings given (not None), `resume` aside, in field order."""
+        return tuple(field.name for field in dataclasses.fields(self)
+                     if field.name != "resume" and getattr(self, field.name) is not None)
+
+    def resolved(self, saved=None):
+        """Returns this config with every setting not given filled in.
+
+        Args:
+            saved: the settings a checkpoint recorded (a resumed run), as
+                `{name: value}`; each setting not given takes its value there,
+                else (a new run, or a checkpoint that predates the setting)
+                the value of `TRAIN_DEFAULTS`.
+
+        Returns:
+            A `TrainConfig` whose settings are all set, except `from_logits`
+            (None until B is known: `training.resolve_from_logits`) and
+            `patience` (None: off).
+
+        Raises:
+            ParameterError: the filled-in settings do not go together (e.g.
+                `patience` from a checkpoint with `val_split=0` given).
+        """
+        saved = saved or {}
+        values = {}
+        for name, default in TRAIN_DEFAULTS.items():
+            value = getattr(self, name)
+            if value is None:
+                value = saved.get(name, default)
+            values[name] = value
+        if values["patience"] == 0:
+            values["patience"] = None
+        if values["loss"] not in CROSSENTROPY_LOSSES:
+            values["from_logits"] = None
+        return dataclasses.replace(self, **values)
+
+
+def _check_optional_choice(parameter, value, choices):
+    if value is not None:
+        check_choice(parameter, value, choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What a starting training run tells its callbacks, for a header (`TrainCallbacks.run_started`).
+
+    Attributes:
+        train_samples: samples trained on each epoch.
+        val_samples: samples held out for validation.
+        device: where the run computes, e.g. `"CPU"` or `"GPU (NVIDIA H200)"`.
+        replicas: the number of model replicas each batch is split over.
+        strategy: the distribution strategy's name, one of `STRATEGIES`.
+        epochs: the epoch the run trains up to.
+        first_epoch: the first epoch this run trains (1-based; > 1 when resumed).
+        learning_rate: the optimizer's step size.
+        loss: the loss's name.
+        from_logits: how a cross-entropy reads B's outputs (None for other losses).
+        resumed: whether the run continues a checkpoint.
+        warnings: sentences to show before training (e.g. a split that leaves
+            no validation samples).
+    """
+
+    train_samples: int
+    val_samples: int
+    device: str
+    replicas: int
+    strategy: str
+    epochs: int
+    first_epoch: int
+    learning_rate: float
+    loss: str
+    from_logits: bool | None = None
+    resumed: bool = False
+    warnings: tuple = ()
 
 
 class TrainCallbacks:
     """Hooks `fit` calls as it goes; every hook does nothing here. Subclass to show progress."""
+
+    def run_started(self, info):
+        """Called once before the first epoch with a `RunInfo` (sample counts, device, replicas, settings)."""
 
     def resumed(self, *, epoch):
         """Called once when a run continues after `epoch` completed epochs."""

@@ -17,6 +17,7 @@ replicates the models and splits each global batch over the replicas.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -31,26 +32,37 @@ import tensorflow as tf
 
 from cascade_cli import distribute
 from cascade_cli.checkpoints import (
-    HISTORY_FILE,
+    CHECKPOINT_DIR,
     Checkpoints,
     Progress,
+    check_settings,
+    latest_checkpoint,
     prepare_out_dir,
     run_settings,
     save_models,
-    write_history,
+    saved_settings,
+    trained_pair,
 )
 from cascade_cli.data import epoch_order, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import flatten_layers, seed_generators
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import LOSSES, OPTIMIZERS, TrainCallbacks, check_choice
+from cascade_cli.options import (
+    CROSSENTROPY_LOSSES,
+    LOSSES,
+    OPTIMIZERS,
+    RunInfo,
+    TrainCallbacks,
+    TrainConfig,
+    check_choice,
+)
 from cascade_cli.runner import Cascade
 
 
 # --------------------------------------------------------------------- loss
 
 
-def _loss_terms(name):
+def _loss_terms(name, *, from_logits=True):
     """Returns `terms(predictions, targets) -> (sum, count)` over the valid elements."""
     check_choice("loss", name, LOSSES)
 
@@ -58,43 +70,104 @@ def _loss_terms(name):
         return tf.reduce_sum(errors), tf.cast(tf.size(errors), errors.dtype)
 
     if name == "mse":
-        return lambda predictions, targets: elements(tf.square(predictions - targets))
+        return lambda predictions, targets: elements(tf.square(predictions - tf.cast(targets, predictions.dtype)))
     if name == "mae":
-        return lambda predictions, targets: elements(tf.abs(predictions - targets))
+        return lambda predictions, targets: elements(tf.abs(predictions - tf.cast(targets, predictions.dtype)))
 
-    def crossentropy(predictions, targets):
-        per_row = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=predictions)
+    def rows(per_row):
         return tf.reduce_sum(per_row), tf.cast(tf.shape(per_row)[0], per_row.dtype)
 
-    return crossentropy
+    if name == "categorical-crossentropy":
+        def crossentropy(predictions, targets):
+            targets = tf.cast(targets, predictions.dtype)
+            if from_logits:
+                return rows(tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=predictions))
+            return rows(keras.losses.categorical_crossentropy(targets, predictions, from_logits=False))
+
+        return crossentropy
+
+    def sparse_crossentropy(predictions, targets):
+        ids = tf.cast(tf.reshape(targets, [-1]), tf.int64)  # (rows,) or (rows, 1) token ids
+        if from_logits:
+            return rows(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=ids, logits=predictions))
+        return rows(keras.losses.sparse_categorical_crossentropy(ids, predictions, from_logits=False))
+
+    return sparse_crossentropy
 
 
-def masked_loss(name):
+def masked_loss(name, *, from_logits=True):
     """Returns the loss `name` averaged over the valid elements only.
 
     Predictions and targets are flat in value order, so every row is a valid
     `(sample, outer, inner)` step. `mse` and `mae` average over every valid
-    element (rows x features); `categorical-crossentropy` reads predictions as
-    logits and averages the softmax cross-entropy over the valid rows. An empty
-    batch gives 0, not NaN.
+    element (rows x features); the cross-entropies average over the valid
+    rows: `categorical-crossentropy` against one-hot (or soft) targets
+    `(total, O)`, `sparse-categorical-crossentropy` against integer token ids
+    `(total,)` (or `(total, 1)`). An empty batch gives 0, not NaN.
 
     Args:
         name: one of `LOSSES`.
+        from_logits: for the cross-entropies, whether predictions are logits
+            (else probabilities, clipped to `[1e-7, 1 - 1e-7]` as Keras does).
 
     Returns:
-        `loss(predictions (total, O), targets (total, O)) -> scalar` tensor.
+        `loss(predictions (total, O), targets) -> scalar` tensor.
 
     Raises:
         ParameterError: an unknown loss name.
     """
-    terms = _loss_terms(name)
+    terms = _loss_terms(name, from_logits=from_logits)
 
     def loss(predictions, targets):
         predictions = tf.convert_to_tensor(predictions)
-        total, count = terms(predictions, tf.cast(targets, predictions.dtype))
+        total, count = terms(predictions, targets)
         return tf.math.divide_no_nan(total, count)
 
     return loss
+
+
+def _output_layer(model_b):
+    """The layer that computes B's output `y` (its first output), or None when it cannot be told."""
+    output = model_b.outputs[0]
+    for layer in reversed(model_b.layers):
+        try:
+            if layer.output is output:
+                return layer
+        except (AttributeError, ValueError, RuntimeError):  # a layer called more than once
+            continue
+    return None
+
+
+def ends_in_softmax(model_b):
+    """Whether B's output `y` comes out of a softmax (a layer's `activation="softmax"`, `Softmax` or `Activation`)."""
+    layer = _output_layer(model_b)
+    if layer is None:
+        return False
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", None) == "softmax"
+
+
+def resolve_from_logits(model_b, from_logits, *, loss):
+    """How a cross-entropy reads B's outputs: the given `from_logits`, or detected when None.
+
+    Detection: probabilities (False) when B's output layer ends in a softmax,
+    logits (True) otherwise.
+
+    Args:
+        model_b: the B model.
+        from_logits: True, False or None (detect).
+        loss: one of `LOSSES`.
+
+    Returns:
+        True or False for a cross-entropy loss; None for the other losses.
+    """
+    if loss not in CROSSENTROPY_LOSSES:
+        return None
+    if from_logits is not None:
+        return bool(from_logits)
+    return not ends_in_softmax(model_b)
 
 
 def regularization_loss(models):
@@ -238,7 +311,8 @@ def _loss_over(step, data, indices, *, batch_size, penalty=None):
     return loss if penalty is None else loss + penalty
 
 
-def evaluate(model_a, model_b, data, *, indices=None, loss="mse", state="reset", batch_size=32):
+def evaluate(model_a, model_b, data, *, indices=None, loss="mse", from_logits=None, state="reset",
+             state_init="zeros", batch_size=32):
     """Returns the loss of the two models over samples of a training file, as `fit` reports `val_loss`.
 
     Args:
@@ -247,7 +321,10 @@ def evaluate(model_a, model_b, data, *, indices=None, loss="mse", state="reset",
         data: an open `TrainingData`.
         indices: the samples to score (all when None).
         loss: one of `LOSSES`.
+        from_logits: how a cross-entropy reads B's outputs; None detects it
+            (`resolve_from_logits`).
         state: the runner's state mode.
+        state_init: B's initial state, one of `STATE_INITS`.
         batch_size: samples per call.
 
     Returns:
@@ -255,27 +332,58 @@ def evaluate(model_a, model_b, data, *, indices=None, loss="mse", state="reset",
         they emit nothing) plus the models' regularization loss, or None for
         no samples.
     """
-    cascade = Cascade(model_a, model_b, state=state)
-    _check_fits(cascade, data)
+    cascade = Cascade(model_a, model_b, state=state, state_init=state_init)
+    _check_fits(cascade, data, loss=loss)
     _check_regularizers((model_a, model_b))
     indices = np.arange(data.n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
-    step = _evaluation_step(cascade, _loss_terms(loss), data)
+    terms = _loss_terms(loss, from_logits=resolve_from_logits(model_b, from_logits, loss=loss))
+    step = _evaluation_step(cascade, terms, data)
     return _loss_over(step, data, indices, batch_size=batch_size, penalty=_penalty_now((model_a, model_b)))
 
 
 # ------------------------------------------------------------ checks, seeds
 
 
-def _check_fits(cascade, data):
-    """Raises `DataError` when the training file does not fit the two models."""
+def _check_fits(cascade, data, *, loss):
+    """Raises `DataError` when the training file does not fit the two models (and the loss's targets)."""
     name = f"'{data.path}'"
     check_inputs_fit(cascade.a_spec, (data.n_samples, data.outer_steps, data.features),
                      where=f"inputs in {name} (key 'inputs')")
-    if data.output_size != cascade.b_spec.output_size:
+    emits = cascade.b_spec.output_size
+    if loss == "sparse-categorical-crossentropy":
+        if data.output_size != 1:
+            raise DataError(
+                f"targets in {name} (key 'targets') have {data.output_size} values per step: "
+                "sparse-categorical-crossentropy expects one integer token id per step, (sum(steps), 1) or "
+                f"(N, Ta, L, 1), each in [0, {emits})."
+            )
+        return
+    if data.output_size != emits:
         raise DataError(
             f"targets in {name} (key 'targets') have O={data.output_size} values per step but model B "
-            f"emits O={cascade.b_spec.output_size}."
+            f"emits O={emits}."
         )
+
+
+def split_warning(n_samples, *, train_samples, val_samples, val_split):
+    """The warning a split deserves, or None: fewer than 2 training samples, or no validation sample.
+
+    Args:
+        n_samples: the samples in the training file.
+        train_samples: how many the split trains on.
+        val_samples: how many it holds out.
+        val_split: the fraction asked for.
+
+    Returns:
+        One sentence naming `val_split`, or None when the split is sensible.
+    """
+    if n_samples and train_samples < 2:
+        return (f"val_split={val_split:g} of {n_samples} samples leaves {train_samples} sample"
+                f"{'' if train_samples == 1 else 's'} to train on: lower val_split.")
+    if val_split > 0 and val_samples == 0:
+        return (f"val_split={val_split:g} of {n_samples} samples holds out no validation sample: val_loss is not "
+                "measured; raise val_split, or pass val_split=0.")
+    return None
 
 
 def _reseed(models, *, seed, epoch):
@@ -303,6 +411,34 @@ def _trained_variables(model_a, model_b, *, freeze_a):
 # ------------------------------------------------------------------- fit
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (`KeyboardInterrupt`) during `fit`, after nothing half-written was left behind.
+
+    A `KeyboardInterrupt` still, so code that catches that catches this too.
+
+    Attributes:
+        epoch: the last epoch saved in a checkpoint (0: none; the run starts
+            afresh then).
+        epochs: the epoch the run was training up to.
+        out_dir: the run's folder, a `Path`.
+        models_written: whether `model_a.keras` and `model_b.keras` are a
+            complete pair of the run's last epoch.
+    """
+
+    def __init__(self, *, epoch, epochs, out_dir, models_written):
+        self.epoch, self.epochs, self.out_dir, self.models_written = epoch, epochs, Path(out_dir), models_written
+        super().__init__(self.message)
+
+    @property
+    def message(self):
+        """What was kept and how to go on, in Python names."""
+        if self.epoch == 0:
+            return f"training was interrupted before its first epoch was saved; nothing was kept in '{self.out_dir}'."
+        models = "" if self.models_written else " (no model files yet)"
+        return (f"training was interrupted: epoch {self.epoch} of {self.epochs} is saved in "
+                f"'{self.out_dir / CHECKPOINT_DIR}'{models}; continue it with resume=True.")
+
+
 @dataclasses.dataclass
 class _Run:
     """Everything one prepared training run holds between epochs."""
@@ -312,6 +448,8 @@ class _Run:
     distributed: bool
     out_dir: Path
     chief: bool
+    config: TrainConfig  # resolved: every setting set
+    info: RunInfo
     optimizer: keras.optimizers.Optimizer
     gradients: Callable  # (inputs, steps, targets) -> (sum, count, penalty, grads, finite)
     apply: Callable  # (grads) -> None: one optimizer step
@@ -352,10 +490,80 @@ def _not_finite(what, value, *, epoch, batch, checkpoints, done):
     )
 
 
-def _prepare(model_a, model_b, data, *, out_dir, config, strategy):
-    """Checks the models, the data and the settings, then builds the run; nothing is written before the checks."""
-    cascade = Cascade(model_a, model_b, state=config.state)
-    _check_fits(cascade, data)
+def resolve_config(config, model_b, *, out_dir):
+    """Returns `config` with every setting filled in: from the checkpoint in `out_dir` on resume, else the defaults.
+
+    `from_logits` is resolved against B (`resolve_from_logits`). Nothing is
+    written.
+
+    Returns:
+        `(resolved, epochs_done)`: the `TrainConfig` and the epochs the
+        checkpoint holds (0 for a new run).
+
+    Raises:
+        ParameterError: (`resume`) no checkpoint, an unreadable one, or one
+            made with other `RESUME_SETTINGS`; (`epochs`) a resumed run asked
+            to end at an epoch it has passed, or that it has finished.
+    """
+    saved = saved_settings(out_dir) if config.resume else {}
+    resolved = config.resolved(saved)
+    resolved = dataclasses.replace(
+        resolved, from_logits=resolve_from_logits(model_b, resolved.from_logits, loss=resolved.loss))
+    done = int(saved.get("epochs_done", 0))
+    if config.resume:
+        wanted = run_settings(resolved, _NoData)
+        del wanted["samples"]  # the data are compared once the models are restored
+        check_settings(Path(out_dir) / CHECKPOINT_DIR, saved, wanted)
+        finished = trained_pair(out_dir)
+        if resolved.epochs < done or (resolved.epochs == done and finished and finished.get("epoch") == done):
+            raise ParameterError(
+                "epochs", f"the run in '{out_dir}' has trained {done} epochs already (its models are those of "
+                f"epoch {done}): expected epochs > {done} to train on, received epochs={resolved.epochs}."
+            )
+    return resolved, done
+
+
+class _NoData:
+    """Stands for the data in `run_settings` when only the settings are compared."""
+
+    n_samples = outer_steps = features = output_size = 0
+
+
+def _device_text(strategy):
+    """Where the run computes: `"GPU (name)"`, `"2 GPUs"` or `"CPU"`."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    if len(gpus) > 1:
+        return f"{len(gpus)} GPUs"
+    try:
+        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name")
+    except (ValueError, RuntimeError):
+        name = None
+    return f"GPU ({name})" if name else "GPU"
+
+
+def _run_warnings(config, data, *, train_indices, val_indices, replicas):
+    warnings = []
+    split = split_warning(data.n_samples, train_samples=len(train_indices), val_samples=len(val_indices),
+                          val_split=config.val_split)
+    if split:
+        warnings.append(split)
+    if config.strategy == "mirrored" and replicas == 1:
+        warnings.append("strategy='mirrored' found one device, so it trains on 1 replica, as the default "
+                        "strategy does; make more logical CPU devices or use more GPUs to mirror.")
+    return tuple(warnings)
+
+
+def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
+    """Checks the models, the data and the settings, then builds the run; nothing is written before the checks.
+
+    Returns:
+        `(run, folder)`: the `_Run` and the locked `RunFolder` (None on a
+        non-chief worker of a new run).
+    """
+    cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
+    _check_fits(cascade, data, loss=config.loss)
     _check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
@@ -368,8 +576,18 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy):
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
     data.check_finite()  # before the out dir exists: bad data leaves nothing behind
-    out_dir = prepare_out_dir(out_dir, resume=config.resume) if chief or config.resume else Path(out_dir)
+    folder = prepare_out_dir(out_dir, resume=config.resume, lock=chief) if chief or config.resume else None
+    try:
+        run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
+                     chief=chief, train_indices=train_indices, val_indices=val_indices, done=done)
+    except BaseException:
+        if folder is not None:
+            folder.__exit__(CascadeError, None, None)
+        raise
+    return run, folder
 
+
+def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief, train_indices, val_indices, done):
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     distributed = config.strategy != "default"
@@ -377,11 +595,11 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy):
     with strategy.scope():
         if distributed:
             model_a, model_b = distribute.replicate(model_a, name="A"), distribute.replicate(model_b, name="B")
-            cascade = Cascade(model_a, model_b, state=config.state)
+            cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
         variables = _trained_variables(model_a, model_b, freeze_a=config.freeze_a)
         optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate)
         optimizer.build(variables)  # before the first step: a lazily built Adam fails inside strategy.run
-    terms = _loss_terms(config.loss)
+    terms = _loss_terms(config.loss, from_logits=config.from_logits)
     loss = batch_loss(cascade, terms, models=(model_a, model_b))
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
@@ -392,8 +610,15 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy):
         gradients, apply = train_steps(loss, signature=batch_signature(data), variables=variables,
                                        optimizer=optimizer)
         epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
+    replicas = int(strategy.num_replicas_in_sync)
+    info = RunInfo(train_samples=len(train_indices), val_samples=len(val_indices), device=_device_text(strategy),
+                   replicas=replicas, strategy=config.strategy, epochs=config.epochs, first_epoch=done + 1,
+                   learning_rate=float(config.learning_rate), loss=config.loss, from_logits=config.from_logits,
+                   resumed=config.resume,
+                   warnings=_run_warnings(config, data, train_indices=train_indices, val_indices=val_indices,
+                                          replicas=replicas))
     return _Run(given=given, models=(model_a, model_b), distributed=distributed, out_dir=out_dir, chief=chief,
-                optimizer=optimizer, gradients=gradients, apply=apply,
+                config=config, info=info, optimizer=optimizer, gradients=gradients, apply=apply,
                 evaluation=_evaluation_step(cascade, terms, data), epoch_batches=epoch_batches,
                 train_indices=train_indices, val_indices=val_indices)
 
@@ -404,8 +629,9 @@ def _default_batches(data, order, *, batch_size):
         yield len(batch.targets) > 0, (batch.inputs, batch.steps.astype(np.int64), batch.targets)
 
 
-def _run_epoch(run, data, epoch, *, config, callbacks, checkpoints):
+def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     """Trains epoch `epoch` (0-based) and takes its validation loss; returns its history row."""
+    config = run.config
     number = epoch + 1
     _reseed(run.models, seed=config.seed, epoch=epoch)
     order = epoch_order(run.train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
@@ -432,13 +658,17 @@ def _run_epoch(run, data, epoch, *, config, callbacks, checkpoints):
 
 
 def _finish(run, history):
-    """Copies replicas' weights back into the models given; the chief writes `history.csv` and the models."""
+    """Copies replicas' weights back into the models given; the chief writes the pair and `history.csv` as one."""
     if run.distributed:
         for trained, model in zip(run.models, run.given):
             model.set_weights(trained.get_weights())
     if run.chief:
-        write_history(run.out_dir / HISTORY_FILE, history)
-        save_models(run.given, run.out_dir)
+        save_models(run.given, run.out_dir, history=history)
+
+
+def _saved_epoch(out_dir):
+    latest = latest_checkpoint(Path(out_dir) / CHECKPOINT_DIR)
+    return 0 if latest is None else int(latest.rsplit("-", 1)[1])
 
 
 def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=None):
@@ -451,6 +681,13 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     checkpoint is written; with `patience`, the run stops once the validation
     loss has not improved for that many epochs, and the best weights are the
     ones kept and saved. The models passed in end with the final weights.
+    The two models and `history.csv` are written as one pair at the end
+    (`checkpoints.save_models`).
+
+    Settings not given (None) come from the checkpoint on resume and from
+    `TRAIN_DEFAULTS` otherwise (`resolve_config`). The run holds a lock on
+    `out_dir` throughout; a run that fails before its first checkpoint removes
+    the folder it created.
 
     With a `mirrored` or `multi-worker` strategy the models are cloned inside
     `strategy.scope()` (their variables must belong to the strategy), trained
@@ -481,19 +718,36 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
 
     Raises:
         ParameterError: `out_dir` holds an earlier run (without `resume`) or
-            no checkpoint (with it); a checkpoint made with other settings or
-            models; `patience` without validation samples; a strategy that
-            does not match `config.strategy`.
+            no checkpoint (with it), or is in use by another training run; a
+            checkpoint made with other settings or models; a resumed run
+            whose `epochs` it has already reached; `patience` without
+            validation samples; a strategy that does not match `config.strategy`.
         CascadeError: a loss that is not finite (nothing of that epoch is
             saved), or nothing to train.
         DataError: the training file does not fit the models or holds
-            non-finite values.
+            non-finite values; the disk filled up.
         ModelError: the two models do not fit together, use an activity
             regularizer, or cannot be cloned for a distribution strategy.
+        TrainingInterrupted: Ctrl-C; it says which epoch is saved.
     """
     callbacks = callbacks or TrainCallbacks()
-    run = _prepare(model_a, model_b, data, out_dir=out_dir, config=config, strategy=strategy)
+    config, done = resolve_config(config, model_b, out_dir=out_dir)
+    run, folder = _prepare(model_a, model_b, data, out_dir=out_dir, config=config, strategy=strategy, done=done)
+    with folder or contextlib.nullcontext():
+        try:
+            history = _train(run, data, callbacks=callbacks)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(epoch=_saved_epoch(run.out_dir), epochs=config.epochs, out_dir=run.out_dir,
+                                      models_written=trained_pair(run.out_dir) is not None) from None
+    return history
+
+
+def _train(run, data, *, callbacks):
+    config = run.config
     progress = Progress(run.weights, keep_best=len(run.val_indices) > 0)
+    callbacks.run_started(run.info)
     with Checkpoints(run.out_dir, models=run.models, optimizer=run.optimizer, progress=progress,
                      settings=run_settings(config, data), chief=run.chief) as checkpoints:
         history = []
@@ -504,7 +758,7 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
         checkpoints.start()
         stopped = progress.patience_spent(config.patience)
         for epoch in range(progress.epochs_done, config.epochs if not stopped else 0):
-            row = _run_epoch(run, data, epoch, config=config, callbacks=callbacks, checkpoints=checkpoints.folder)
+            row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
             progress.record(row["val_loss"], epoch=row["epoch"], weights=run.weights)
             history.append(row)
             checkpoints.save(history)

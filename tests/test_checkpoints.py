@@ -1,8 +1,13 @@
 """Tests for cascade_cli.checkpoints: out_dir, history.csv, the resume check, Progress and Checkpoints."""
 
 import csv
+import errno
+import hashlib
+import json
 import math
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -12,15 +17,20 @@ import tensorflow as tf
 from cascade_cli.checkpoints import (
     Checkpoints,
     Progress,
+    RunLock,
     check_out_dir,
     check_settings,
+    check_trained_model,
+    latest_checkpoint,
     prepare_out_dir,
     remove_training_run,
+    reporting_full_disk,
     run_settings,
     save_models,
+    trained_pair,
     write_history,
 )
-from cascade_cli.errors import ParameterError
+from cascade_cli.errors import DataError, ModelError, ParameterError
 from cascade_cli.options import TrainConfig
 
 
@@ -39,10 +49,12 @@ def dense(seed):
 
 
 def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
-    assert prepare_out_dir(tmp_path / "a" / "b", resume=False) == tmp_path / "a" / "b"
+    with prepare_out_dir(tmp_path / "a" / "b", resume=False) as folder:
+        assert folder.path == tmp_path / "a" / "b" and folder.created == [tmp_path / "a" / "b", tmp_path / "a"]
     assert (tmp_path / "a" / "b").is_dir()
     (tmp_path / "a" / "b" / "checkpoints").mkdir()
-    assert prepare_out_dir(tmp_path / "a" / "b", resume=False).is_dir()  # an empty checkpoints/ is no run
+    with prepare_out_dir(tmp_path / "a" / "b", resume=False) as folder:  # an empty checkpoints/ is no run
+        assert folder.created == []
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ParameterError, match=r"^out_dir: '.*file' is a file: expected a folder\.$"):
@@ -51,11 +63,98 @@ def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
                                              r"set resume=False to start training\.$"):
         prepare_out_dir(tmp_path / "a" / "b", resume=True)
     write_history(tmp_path / "a" / "b" / "history.csv", [])
-    (tmp_path / "a" / "b" / "checkpoints" / "checkpoint").write_text("")
+    with pytest.raises(ParameterError, match=r"^out_dir: '.*b' holds files of a training run \(history.csv\) but "
+                                             r"no complete checkpoint to resume from; remove them "
+                                             r"\(checkpoints.remove_training_run\) or choose another out_dir\.$"):
+        prepare_out_dir(tmp_path / "a" / "b", resume=False)
+    save_checkpoint(tmp_path / "a" / "b")
     with pytest.raises(ParameterError, match=r"^out_dir: '.*b' already holds a training run \(checkpoints, "
                                              r"history.csv\); pass resume=True to continue it, or choose another "
                                              r"out_dir\.$"):
         prepare_out_dir(tmp_path / "a" / "b", resume=False)
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["checkpoints", "history.csv"]  # the lock went with the run
+
+
+def save_checkpoint(out_dir, *, epoch=1, settings=None):
+    """Writes a complete checkpoint of epoch `epoch` into `out_dir/checkpoints`, as a run does."""
+    checkpoints = checkpoints_for(out_dir, (dense(1.0), dense(2.0)), settings=settings or {})[0]
+    checkpoints.start()
+    checkpoints.save([{"epoch": e, "loss": 0.5, "val_loss": None, "seconds": 1.0} for e in range(1, epoch + 1)])
+    return out_dir / "checkpoints"
+
+
+def test_a_failed_run_removes_the_folders_it_created_and_only_those(tmp_path):
+    with pytest.raises(RuntimeError):
+        with prepare_out_dir(tmp_path / "new" / "run", resume=False):
+            raise RuntimeError("a bad setting found late")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError):
+        with prepare_out_dir(tmp_path / "mine", resume=False) as folder:
+            (folder.path / "checkpoints" / "ckpt-1_temp").mkdir(parents=True)  # a first save that never ended
+            raise RuntimeError
+    assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []  # the user's folder stays
+    with pytest.raises(RuntimeError):
+        with prepare_out_dir(tmp_path / "kept", resume=False) as folder:
+            save_checkpoint(folder.path)
+            raise RuntimeError("a NaN in epoch 2")
+    assert sorted(os.listdir(tmp_path / "kept")) == ["checkpoints", "history.csv"]  # epoch 1 is kept
+
+
+def test_a_folder_without_a_complete_checkpoint_is_no_dead_end(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "ckpt-1_temp").mkdir(parents=True)
+    (checkpoints / "ckpt-1_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 10)
+    (checkpoints / "checkpoint").write_bytes(bytes(range(256)))  # random bytes: not UTF-8
+    assert latest_checkpoint(checkpoints) is None
+    with pytest.raises(ParameterError, match=r"^resume: no checkpoint to resume from in .*; set resume=False"):
+        prepare_out_dir(tmp_path, resume=True)
+    with prepare_out_dir(tmp_path, resume=False):  # a new run takes it, and clears what was left
+        assert os.listdir(tmp_path) == [".cascade-train.lock"]
+
+
+def test_latest_checkpoint_reads_the_files_when_the_index_is_unreadable(tmp_path):
+    checkpoints = save_checkpoint(tmp_path, epoch=2)
+    assert latest_checkpoint(checkpoints) == str(checkpoints / "ckpt-2")
+    (checkpoints / "checkpoint").write_bytes(b"\xff\xfe garbage {")
+    with pytest.raises(UnicodeDecodeError):
+        tf.train.latest_checkpoint(str(checkpoints))  # what the runs before this fix did
+    assert latest_checkpoint(checkpoints) == str(checkpoints / "ckpt-2")
+    (checkpoints / "ckpt-3_temp").mkdir()  # a kill while epoch 3 was saved
+    with prepare_out_dir(tmp_path, resume=True):
+        assert not (checkpoints / "ckpt-3_temp").exists()
+    for data in checkpoints.glob("ckpt-2.data-*"):
+        data.unlink()  # an index without its data is no checkpoint
+    assert latest_checkpoint(checkpoints) is None
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+LOCK_HOLDER = """
+import sys, time
+from cascade_cli.checkpoints import prepare_out_dir
+with prepare_out_dir(sys.argv[1], resume=False):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_naming_the_first(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run1")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for resume in (False, True):
+            with pytest.raises(ParameterError) as caught:
+                prepare_out_dir(tmp_path / "run1", resume=resume)
+            assert str(caught.value) == (
+                f"out_dir: '{tmp_path / 'run1'}' is in use by another training run (pid {holder.pid}); wait for it "
+                "to end, or choose another out_dir.")
+    finally:
+        holder.kill()
+        holder.wait()
+    with prepare_out_dir(tmp_path / "run1", resume=False):  # the lock died with its holder
+        with pytest.raises(ParameterError, match=f"in use by another training run \\(pid {os.getpid()}\\)"):
+            RunLock(tmp_path / "run1").acquire()
 
 
 def test_check_out_dir_refuses_an_unwritable_folder_and_creates_nothing(tmp_path, monkeypatch):
@@ -93,22 +192,84 @@ def test_write_history_by_hand(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["history.csv"]  # no temporary file left
 
 
-def test_save_models_writes_both_files(tmp_path):
-    save_models((dense(1.0), dense(2.0)), tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["model_a.keras", "model_b.keras"]
+def test_save_models_writes_the_pair_then_its_manifest(tmp_path):
+    history = [{"epoch": 3, "loss": 0.5, "val_loss": None, "seconds": 1.0}]
+    save_models((dense(1.0), dense(2.0)), tmp_path, history=history)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "history.csv", "model_a.keras", "model_b.keras"]
     kernel = keras.saving.load_model(tmp_path / "model_b.keras").get_weights()[0]
     np.testing.assert_array_equal(kernel, [[2.0], [2.0]])
+    record = json.loads((tmp_path / "checkpoints" / "trained.json").read_text())
+    assert record["epoch"] == 3 and sorted(record["files"]) == ["history.csv", "model_a.keras", "model_b.keras"]
+    assert record["files"]["history.csv"] == hashlib.sha256((tmp_path / "history.csv").read_bytes()).hexdigest()
+    assert trained_pair(tmp_path) == record
+    check_trained_model(tmp_path / "model_a.keras")
+
+
+def test_a_kill_between_the_two_models_leaves_no_pair_a_reader_accepts(tmp_path, monkeypatch):
+    save_models((dense(1.0), dense(2.0)), tmp_path, history=[{"epoch": 1, "loss": 0.5, "val_loss": None,
+                                                              "seconds": 1.0}])
+    saves = []
+
+    def killed_after_one(self, path, *args, **kwargs):
+        if saves:
+            raise KeyboardInterrupt  # the kill, after model_a.keras of epoch 2 is in place
+        saves.append(path)
+        original(self, path, *args, **kwargs)
+
+    original = keras.Model.save
+    monkeypatch.setattr(keras.Model, "save", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        save_models((dense(5.0), dense(6.0)), tmp_path, history=[{"epoch": 2, "loss": 0.5, "val_loss": None,
+                                                                  "seconds": 1.0}])
+    monkeypatch.undo()
+    assert trained_pair(tmp_path) is None
+    for name in ("model_a.keras", "model_b.keras"):
+        with pytest.raises(ModelError) as caught:
+            check_trained_model(tmp_path / name)
+        assert str(caught.value) == (
+            f"'{tmp_path / name}' is from a training run that stopped while writing its models (it does not match "
+            f"'{tmp_path / 'checkpoints' / 'trained.json'}'), so model_a.keras and model_b.keras may be from "
+            "different epochs: resume the run (resume=True) to write a matching pair.")
+    check_trained_model(tmp_path / "history.csv")  # not a model: not checked
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "model_a.keras").rename(tmp_path / "copy" / "model_a.keras")
+    check_trained_model(tmp_path / "copy" / "model_a.keras")  # not in a training run's folder: a user's own file
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   tf.errors.ResourceExhaustedError(None, None, "/x/ckpt_temp; No space left")])
+def test_a_full_disk_while_saving_is_reported_as_such(tmp_path, monkeypatch, error):
+    checkpoints = checkpoints_for(tmp_path, (dense(1.0), dense(2.0)), settings={})[0]
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoints._manager, "save", full)
+    with pytest.raises(DataError) as caught:
+        checkpoints.save([{"epoch": 1, "loss": 0.5, "val_loss": None, "seconds": 1.0}])
+    assert str(caught.value) == f"no space left on device writing '{tmp_path / 'checkpoints'}'"
+    monkeypatch.setattr(keras.Model, "save", full)
+    with pytest.raises(DataError, match=r"^no space left on device writing '.*model_a.keras'$"):
+        save_models((dense(1.0), dense(2.0)), tmp_path)
+    with pytest.raises(OSError, match="Permission"):
+        with reporting_full_disk(tmp_path):
+            raise PermissionError(errno.EACCES, "Permission denied")  # other errors stay what they are
 
 
 # ----------------------------------------------------------------- settings
 
 
 def test_run_settings_and_the_resume_check_name_python_settings():
-    config = TrainConfig(batch_size=16, optimizer="sgd")
+    config = TrainConfig(batch_size=16, optimizer="sgd").resolved()
     settings = run_settings(config, Data())
     assert settings == {"seed": 0, "val_split": 0.1, "shuffle": True, "batch_size": 16, "optimizer": "sgd",
-                        "loss": "mse", "freeze_a": False, "state": "reset", "samples": [6, 3, 2, 1]}
+                        "loss": "mse", "from_logits": None, "freeze_a": False, "state": "reset",
+                        "state_init": "zeros", "epochs": 10, "learning_rate": 0.001, "patience": None,
+                        "samples": [6, 3, 2, 1]}
     check_settings("run1/checkpoints", settings, dict(settings))
+    check_settings("run1/checkpoints", settings, {**settings, "epochs": 40, "learning_rate": 0.5})  # may change
+    older = {name: value for name, value in settings.items() if name != "state_init"}
+    check_settings("run1/checkpoints", older, {**settings, "state_init": "ir"})  # not recorded then: not checked
     wanted = {**settings, "batch_size": 32, "freeze_a": True, "samples": [7, 3, 2, 1]}
     with pytest.raises(ParameterError) as caught:
         check_settings("run1/checkpoints", settings, wanted)
@@ -155,7 +316,7 @@ def checkpoints_for(out_dir, models, *, settings, chief=True):
 
 
 def test_checkpoints_save_and_restore_the_models_the_history_and_the_settings(tmp_path):
-    settings = run_settings(TrainConfig(), Data())
+    settings = run_settings(TrainConfig().resolved(), Data())
     models = (dense(1.0), dense(2.0))
     with checkpoints_for(tmp_path, models, settings=settings)[0] as checkpoints:
         checkpoints.start()

@@ -12,8 +12,17 @@ import tensorflow as tf
 import builders
 from cascade_cli.data import TrainingData, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.options import LOSSES, TrainCallbacks, TrainConfig
-from cascade_cli.training import evaluate, fit, masked_loss
+from cascade_cli.checkpoints import prepare_out_dir, trained_pair
+from cascade_cli.options import LOSSES, TRAIN_DEFAULTS, TrainCallbacks, TrainConfig
+from cascade_cli.training import (
+    TrainingInterrupted,
+    evaluate,
+    fit,
+    masked_loss,
+    resolve_config,
+    resolve_from_logits,
+    split_warning,
+)
 
 
 def write_data(path, inputs, steps, targets):
@@ -31,6 +40,11 @@ def random_data(path, *, n, outer=3, output_size=2, seed=0):
     steps[0, 1] = 0  # a zero row in every file
     targets = rng.normal(size=(int(steps.sum()), output_size)).astype("float32")
     return write_data(path, inputs, steps, targets)
+
+
+def arrays(path):
+    with h5py.File(path, "r") as f:
+        return f["inputs"][()], f["steps"][()], f["targets"][()]
 
 
 def saved_weights(out_dir):
@@ -79,7 +93,7 @@ def test_masked_loss_of_an_empty_batch_is_zero_with_zero_gradient(name):
 
 def test_masked_loss_rejects_an_unknown_name():
     with pytest.raises(ParameterError, match="^loss: expected one of mse, mae, categorical-crossentropy, "
-                                             "received 'hinge'"):
+                                             "sparse-categorical-crossentropy, received 'hinge'"):
         masked_loss("hinge")
 
 
@@ -93,8 +107,14 @@ def test_masked_loss_rejects_an_unknown_name():
         ({"loss": "hinge"}, "^loss: expected one of"),
         ({"val_split": 1.0}, r"^val_split: expected a fraction in \[0, 1\)"),
         ({"state": "keep"}, "^state: expected one of reset, carry"),
-        ({"seed": -1}, "^seed: expected a non-negative integer"),
-        ({"patience": 0}, "^patience: expected a positive integer"),
+        ({"seed": -1}, r"^seed: expected an integer in \[0, 4294967295\], received -1"),
+        ({"patience": -1}, "^patience: expected a non-negative integer"),
+        ({"state_init": "ones"}, "^state_init: expected one of zeros, ir, received 'ones'"),
+        ({"state_init": "ir", "state": "carry"}, "^state_init: 'ir' sets every inner sequence's state from its "
+                                                 "own IR vector, which needs state='reset'; received state='carry'"),
+        ({"from_logits": 1}, "^from_logits: expected one of True, False, received 1"),
+        ({"from_logits": True, "loss": "mse"}, "^from_logits: applies to the cross-entropy losses only; "
+                                               "received loss='mse'"),
         ({"patience": 2, "val_split": 0.0}, "^patience: needs a validation set"),
     ],
 )
@@ -381,8 +401,7 @@ def test_a_loss_that_overflows_in_the_first_epoch_writes_nothing(tmp_path):
     with pytest.raises(CascadeError, match=r"epoch 1, batch 2: the training loss became inf.*no checkpoint"):
         train(path, out, optimizer="sgd", learning_rate=1e30, epochs=2, batch_size=4, shuffle=False,
               val_split=0.0)
-    assert tf.train.latest_checkpoint(str(out / "checkpoints")) is None
-    assert sorted(p.name for p in out.iterdir()) == []
+    assert not out.exists()  # the folder the run created went with it
 
 
 def test_data_is_checked_before_any_work(tmp_path):
@@ -452,3 +471,225 @@ def test_training_learns_a_toy_task(tmp_path):
     mean_baseline = float(np.mean((val_rows - targets.mean(axis=0)) ** 2))
     assert history[-1]["val_loss"] < 0.25 * mean_baseline
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+# ------------------------------------------------------- the cross-entropies
+
+
+def test_crossentropies_by_hand_from_logits_and_from_probabilities():
+    logits = np.array([[0.0, 0.0], [np.log(3.0), 0.0]], np.float32)  # softmax: (1/2, 1/2), (3/4, 1/4)
+    probabilities = np.array([[0.5, 0.5], [0.75, 0.25]], np.float32)
+    one_hot = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    expected = (np.log(2.0) + np.log(4.0)) / 2  # -(ln 1/2 + ln 1/4) / 2 rows = 1.0397
+    for name, targets in (("categorical-crossentropy", one_hot), ("sparse-categorical-crossentropy",
+                                                                  np.array([0, 1])),
+                          ("sparse-categorical-crossentropy", np.array([[0.0], [1.0]], np.float32))):
+        assert float(masked_loss(name)(logits, targets)) == pytest.approx(expected, rel=1e-6)
+        assert float(masked_loss(name, from_logits=False)(probabilities, targets)) == pytest.approx(expected, rel=1e-6)
+    # probabilities read as logits: softmax twice, the defect of issue 17.3
+    assert float(masked_loss("categorical-crossentropy")(probabilities, one_hot)) == pytest.approx(
+        (np.log(1 + np.exp(0.0)) + np.log(1 + np.exp(0.5))) / 2, rel=1e-6)
+    assert float(masked_loss("sparse-categorical-crossentropy")(np.zeros((0, 3)), np.zeros((0,)))) == 0.0
+
+
+def softmax_b(*, activation_layer=False, output_size=3):
+    x, state = keras.Input(shape=(4,)), keras.Input(shape=(5,))
+    h, new_state = keras.layers.GRUCell(5, kernel_initializer=builders.init(10),
+                                        recurrent_initializer=builders.init(11))(x, state)
+    if activation_layer:
+        y = keras.layers.Activation("softmax")(keras.layers.Dense(output_size, kernel_initializer=builders.init(12))(h))
+    else:
+        y = keras.layers.Dense(output_size, activation="softmax", kernel_initializer=builders.init(12))(h)
+    return keras.Model([x, state], [y, new_state])
+
+
+def test_resolve_from_logits_detects_a_softmax_output():
+    for model, detected in ((softmax_b(), False), (softmax_b(activation_layer=True), False),
+                            (builders.step_b(), True), (builders.sequence_b(), True)):
+        assert resolve_from_logits(model, None, loss="categorical-crossentropy") is detected
+        assert resolve_from_logits(model, None, loss="sparse-categorical-crossentropy") is detected
+        assert resolve_from_logits(model, True, loss="categorical-crossentropy") is True  # given wins
+        assert resolve_from_logits(model, None, loss="mse") is None
+
+
+def token_data(path, *, n, sparse):
+    """Every inner step's target is token 0 of 3: a softmax B can learn it to a loss near 0."""
+    rng = np.random.default_rng(2)
+    steps = rng.integers(1, 3, size=(n, 2))
+    total = int(steps.sum())
+    targets = np.zeros((total, 1), np.float32) if sparse else np.tile([[1.0, 0.0, 0.0]], (total, 1))
+    return write_data(path, builders.inputs(n, 2, seed=2), steps, targets.astype(np.float32))
+
+
+@pytest.mark.parametrize("loss", ["categorical-crossentropy", "sparse-categorical-crossentropy"])
+def test_a_softmax_b_trains_with_probabilities_detected(tmp_path, loss):
+    path = token_data(tmp_path / "train.h5", n=16, sparse=loss.startswith("sparse"))
+    model_a, model_b = builders.model_a(), softmax_b()
+    with TrainingData(path) as data:
+        inputs, steps, _ = arrays(path)
+        values, _ = builders.reference(model_a, model_b, inputs, steps)
+        by_hand = float(-np.mean(np.log(values.numpy()[:, 0])))
+        assert evaluate(model_a, model_b, data, loss=loss) == pytest.approx(by_hand, rel=1e-5)
+
+        class Info(TrainCallbacks):
+            def run_started(self, info):
+                self.info = info
+
+        watch = Info()
+        history = fit(model_a, model_b, data, out_dir=tmp_path / "out", callbacks=watch,
+                      config=TrainConfig(loss=loss, epochs=8, batch_size=4, learning_rate=0.05, val_split=0.25))
+    assert watch.info.from_logits is False
+    # softmax read as logits again could not go below -ln(e / (e + 2)) = 0.551; ln 3 = 1.099 is a guess
+    assert history[-1]["loss"] < 0.3 < np.log(3.0)
+
+
+def test_sparse_targets_must_be_one_id_per_step(tmp_path):
+    path = token_data(tmp_path / "train.h5", n=4, sparse=False)  # one-hot (total, 3)
+    with pytest.raises(DataError, match=r"have 3 values per step: sparse-categorical-crossentropy expects one "
+                                        r"integer token id per step, \(sum\(steps\), 1\) or \(N, Ta, L, 1\), "
+                                        r"each in \[0, 3\)"):
+        train(path, tmp_path / "out", models=(builders.model_a(), softmax_b()),
+              loss="sparse-categorical-crossentropy")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- state_init
+
+
+def test_state_init_ir_is_what_training_runs(tmp_path):
+    path = random_data(tmp_path / "train.h5", n=8)
+    model_a, model_b = builders.model_a(), builders.step_b(units=4)  # state size == H
+    history = train(path, tmp_path / "out", models=(model_a, model_b), state_init="ir", epochs=1, val_split=0.5)
+    _, val = split_indices(8, val_split=0.5, seed=0)
+    with TrainingData(path) as data:
+        ir = evaluate(model_a, model_b, data, indices=val, state_init="ir")
+        zeros = evaluate(model_a, model_b, data, indices=val)
+        inputs, steps, targets = arrays(path)
+        values, _ = builders.reference(model_a, model_b, inputs, steps, state_init="ir")
+        by_hand = float(np.mean((values.numpy() - targets) ** 2))
+        assert evaluate(model_a, model_b, data, state_init="ir") == pytest.approx(by_hand, rel=1e-5)
+    assert history[0]["val_loss"] == pytest.approx(ir, rel=1e-6) and ir != pytest.approx(zeros, rel=1e-3)
+    with pytest.raises(ParameterError, match=r"^resume: the checkpoints in .* were made with state_init='ir'; "
+                                             r"this run has state_init='zeros'"):
+        train(path, tmp_path / "out", models=(model_a, model_b), resume=True, state_init="zeros", epochs=2)
+
+
+# ------------------------------------------------ settings on resume, Ctrl-C
+
+
+def test_config_resolved_takes_the_checkpoint_then_the_defaults():
+    assert {name: getattr(TrainConfig().resolved(), name) for name in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    saved = {"learning_rate": 0.01, "epochs": 41, "patience": 3, "loss": "categorical-crossentropy",
+             "from_logits": False}
+    resolved = TrainConfig(resume=True, epochs=50).resolved(saved)
+    assert (resolved.learning_rate, resolved.epochs, resolved.patience, resolved.from_logits) == (0.01, 50, 3, False)
+    assert resolved.batch_size == 32 and TrainConfig(resume=True, patience=0).resolved(saved).patience is None
+    assert TrainConfig(epochs=3, seed=1).given == ("epochs", "seed")
+
+
+SGD = dict(optimizer="sgd", batch_size=4, shuffle=False, val_split=0.25, seed=3)
+
+
+def test_resume_keeps_the_run_s_own_settings_and_refuses_an_epoch_it_has_passed(tmp_path):
+    path = random_data(tmp_path / "train.h5", n=8)
+    unbroken = train(path, tmp_path / "unbroken", epochs=3, learning_rate=0.01, **SGD)
+    train(path, tmp_path / "run", epochs=2, learning_rate=0.01, **SGD)
+    model_b = builders.step_b()
+    config, done = resolve_config(TrainConfig(resume=True, epochs=3), model_b, out_dir=tmp_path / "run")
+    assert (config.learning_rate, config.optimizer, config.batch_size, done) == (0.01, "sgd", 4, 2)
+
+    class Info(TrainCallbacks):
+        def run_started(self, info):
+            self.info = info
+
+    watch = Info()
+    resumed = train(path, tmp_path / "run", resume=True, epochs=3, callbacks=watch)  # learning_rate not given
+    assert (watch.info.first_epoch, watch.info.epochs, watch.info.learning_rate, watch.info.resumed) == (3, 3, 0.01,
+                                                                                                          True)
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in unbroken]
+    assert_same(saved_weights(tmp_path / "run"), saved_weights(tmp_path / "unbroken"))
+    for epochs in (2, 3):
+        with pytest.raises(ParameterError) as caught:
+            train(path, tmp_path / "run", resume=True, epochs=epochs)
+        assert str(caught.value) == (
+            f"epochs: the run in '{tmp_path / 'run'}' has trained 3 epochs already (its models are those of epoch "
+            f"3): expected epochs > 3 to train on, received epochs={epochs}.")
+
+
+class InterruptAt(TrainCallbacks):
+    """Ctrl-C in epoch `epoch` after its first batch."""
+
+    def __init__(self, epoch):
+        self.stop, self.epoch = epoch, 0
+
+    def epoch_started(self, epoch, *, epochs, batches):
+        self.epoch = epoch
+
+    def batch_done(self, loss):
+        if self.epoch == self.stop:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_says_which_epoch_is_saved_and_the_run_resumes_from_it(tmp_path):
+    path = random_data(tmp_path / "train.h5", n=8)
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(path, tmp_path / "first", epochs=3, callbacks=InterruptAt(1), **SGD)
+    assert isinstance(caught.value, KeyboardInterrupt) and caught.value.epoch == 0
+    assert caught.value.message == (f"training was interrupted before its first epoch was saved; nothing was kept "
+                                    f"in '{tmp_path / 'first'}'.")
+    assert not (tmp_path / "first").exists()
+
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(path, tmp_path / "run", epochs=3, callbacks=InterruptAt(3), **SGD)
+    assert (caught.value.epoch, caught.value.epochs, caught.value.models_written) == (2, 3, False)
+    assert caught.value.message == (f"training was interrupted: epoch 2 of 3 is saved in "
+                                    f"'{tmp_path / 'run' / 'checkpoints'}' (no model files yet); continue it with "
+                                    "resume=True.")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "history.csv"]  # no lock left
+    assert len(train(path, tmp_path / "run", resume=True)) == 3  # epochs=3 from the checkpoint
+
+
+def test_a_kill_while_the_models_are_written_is_finished_by_a_resume(tmp_path, monkeypatch):
+    path = random_data(tmp_path / "train.h5", n=8)
+    import cascade_cli.training as training
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_models", killed)
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(path, tmp_path / "run", epochs=2, **SGD)
+    assert (caught.value.epoch, caught.value.models_written) == (2, False)
+    monkeypatch.undo()
+    assert trained_pair(tmp_path / "run") is None
+    train(path, tmp_path / "run", resume=True)  # epochs == 2 == done: writes the pair it did not write
+    assert trained_pair(tmp_path / "run")["epoch"] == 2
+
+
+def test_the_run_holds_its_out_dir_and_tells_its_callbacks_the_split(tmp_path):
+    path = random_data(tmp_path / "train.h5", n=8)
+
+    class Probe(TrainCallbacks):
+        def run_started(self, info):
+            self.info = info
+
+        def epoch_done(self, logs):
+            with pytest.raises(ParameterError, match=r"is in use by another training run \(pid \d+\)"):
+                prepare_out_dir(tmp_path / "run", resume=True)
+
+    probe = Probe()
+    train(path, tmp_path / "run", epochs=1, val_split=0.25, callbacks=probe)
+    info = probe.info
+    assert (info.train_samples, info.val_samples, info.replicas, info.strategy, info.first_epoch) == (6, 2, 1,
+                                                                                                   "default", 1)
+    assert info.device.startswith(("CPU", "GPU")) and info.warnings == () and info.from_logits is None
+
+
+def test_split_warning_by_hand():
+    assert split_warning(64, train_samples=1, val_samples=63, val_split=0.99) == (
+        "val_split=0.99 of 64 samples leaves 1 sample to train on: lower val_split.")
+    assert split_warning(4, train_samples=4, val_samples=0, val_split=0.1) == (
+        "val_split=0.1 of 4 samples holds out no validation sample: val_loss is not measured; raise val_split, or "
+        "pass val_split=0.")
+    assert split_warning(4, train_samples=4, val_samples=0, val_split=0.0) is None
+    assert split_warning(64, train_samples=57, val_samples=7, val_split=0.1) is None
