@@ -366,3 +366,33 @@ def test_the_saved_model_serves_predicts_values_where_cascade_cli_cannot_be_impo
     assert sorted(response) == ["flat_values", "lengths"]
     np.testing.assert_array_equal(response["lengths"], expected.lengths)
     np.testing.assert_allclose(response["flat_values"], expected.values, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------- mixed precision, strategies
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_follows_the_policy_and_takes_the_loss_in_float32(mixed_float16):
+    inputs, steps, flat, padded = training_arrays()
+    make = lambda: (builders.model_a(dtype=None), builders.step_b(dtype=None))  # noqa: E731 (the global policy)
+    ref_a, ref_b = make()
+    values, _ = builders.reference(ref_a, ref_b, inputs, steps)
+    assert values.dtype == tf.float16
+    in_float32 = float(tf.reduce_mean(tf.square(tf.cast(values, tf.float32) - flat)))
+    _, expected = reference_step((ref_a, ref_b), inputs, steps, flat)
+    model = CascadeModel(*make())
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)  # Keras' own choice for the policy
+    history = model.fit((inputs, steps), padded, batch_size=len(inputs), epochs=1, shuffle=False, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(in_float32, rel=1e-3)
+    for variable, wanted in zip(model.trainable_variables, expected):
+        assert variable.dtype == "float32"
+        np.testing.assert_allclose(variable.numpy(), wanted, rtol=1e-2, atol=2e-3)
