@@ -331,3 +331,6 @@ class TrainCallbacks:
 
     def stopped_early(self, *, epoch, best_epoch):
         """Called when `patience` stops the run after `epoch`; the weights of `best_epoch` are kept."""
+
+    def run_finished(self, history):
+        """Called once after the models are written, with `fit`'s history (earlier epochs of a resume included)."""

@@ -137,13 +137,73 @@ def epochs_table(history, *, title="Training"):
     return table
 
 
+LOSS_WIDTH = 10  # `1.2346e-01`: every loss in a training row has this width and 5 significant digits
+
+
+def fixed_loss(value):
+    """Formats a loss at a fixed width and precision for the rows of training: `1.2346e-01`, `-` for None."""
+    if value is None:
+        text = "-"
+    elif not math.isfinite(value):
+        text = str(value)
+    else:
+        text = f"{value:.4e}"
+    return f"{text:>{LOSS_WIDTH}}"
+
+
+BEST_MARK = "*"
+BEST_LEGEND = f"{BEST_MARK} lowest val_loss so far"
+
+
+def run_header(info):
+    """The lines that open a training run's output: what it trains on, where, and how (`options.RunInfo`)."""
+    replicas = f"{info.replicas} replica{'' if info.replicas == 1 else 's'}"
+    val = f"{info.val_samples:,} validation sample{'' if info.val_samples == 1 else 's'}"
+    lines = [
+        f"Training on {info.train_samples:,} sample{'' if info.train_samples == 1 else 's'}, {val}; "
+        f"{info.device}, {replicas} ({info.strategy} strategy).",
+    ]
+    loss = info.loss if info.from_logits is None else (
+        f"{info.loss} on {'logits' if info.from_logits else 'probabilities (B ends in a softmax)'}")
+    if info.resumed:
+        lines.append(f"Resuming at epoch {info.first_epoch} of {info.epochs}, learning rate {info.learning_rate:g}, "
+                     f"loss {loss}.")
+    else:
+        lines.append(f"Epochs 1 to {info.epochs}, learning rate {info.learning_rate:g}, loss {loss}.")
+    lines.extend(f"Warning: {warning}" for warning in info.warnings)
+    return lines
+
+
+def epoch_columns(epochs):
+    """The heading of the epoch rows, as wide as the rows `epoch_row` makes for a run of `epochs` epochs."""
+    width = 2 * len(str(epochs)) + 1
+    return (f"{'epoch':>{max(width, 5)}}  {'loss':>{LOSS_WIDTH}}  {'val_loss':>{LOSS_WIDTH}}  "
+            f"{'seconds':>8}")
+
+
+def epoch_row(logs, *, epochs, best):
+    """One fixed-width row of a finished epoch: `  3/20  1.2346e-01  2.3457e-01 *    0.4`.
+
+    Args:
+        logs: the epoch's `{"epoch", "loss", "val_loss", "seconds"}`.
+        epochs: the epoch the run trains up to (fixes the width of the first column).
+        best: whether this epoch's val_loss is the lowest so far (marked with `*`).
+    """
+    width = max(2 * len(str(epochs)) + 1, 5)
+    mark = f" {BEST_MARK}" if best else "  "
+    return (f"{str(logs['epoch']) + '/' + str(epochs):>{width}}  {fixed_loss(logs['loss'])}  "
+            f"{fixed_loss(logs.get('val_loss'))}{mark}{logs['seconds']:>8.1f}")
+
+
 class TrainReport(TrainCallbacks):
-    """Renders training on a console: one bar per epoch with the running loss.
+    """Renders training on a console: a header, one fixed-width row per epoch, and one live bar for the epoch running.
 
     It implements the hooks of `cascade_cli.options.TrainCallbacks` that
-    `training.fit` calls. Use it as a context manager so the live display
-    stops even when training fails. When live progress is off, it prints one
-    line per epoch instead.
+    `training.fit` calls. Finished epochs are printed above the bar as rows
+    of fixed width and precision; the lowest val_loss so far is marked `*`
+    and explained at the end. Use it as a context manager so the live display
+    stops even when training fails. When live progress is off, only the rows
+    are printed.
 
     Args:
         console: where to draw (stderr).
@@ -155,7 +215,9 @@ class TrainReport(TrainCallbacks):
         self.enabled = progress_enabled(console) if enabled is None else bool(enabled)
         self._progress = None
         self._task = None
-        self._label = ""
+        self._epochs = 0
+        self._best = None  # (val_loss, epoch)
+        self._heading = False
 
     def __enter__(self):
         if self.enabled:
@@ -168,6 +230,7 @@ class TrainReport(TrainCallbacks):
                 TextColumn("{task.fields[loss]}"),
                 TimeElapsedColumn(),
                 console=self.console,
+                transient=True,
             )
             self._progress.start()
         return self
@@ -177,35 +240,58 @@ class TrainReport(TrainCallbacks):
             self._progress.stop()
             self._progress = None
 
+    def _print(self, text):
+        (self._progress.console if self._progress is not None else self.console).print(text, markup=False,
+                                                                                        highlight=False)
+
+    def run_started(self, info):
+        """Prints the header: sample counts, device, replicas, the epochs and learning rate, warnings."""
+        self._epochs = info.epochs
+        for line in run_header(info):
+            self._print(line)
+
     def resumed(self, *, epoch):
-        """Says which epoch a resumed run continues after."""
-        self.console.print(f"Resuming from the checkpoint of epoch {epoch}.")
+        """Says which epoch a resumed run continues after (the header says where it goes)."""
+        self._print(f"Continuing from the checkpoint of epoch {epoch}.")
 
     def epoch_started(self, epoch, *, epochs, batches):
-        """Starts the bar of epoch `epoch` of `epochs` (`batches` batches)."""
-        self._label = f"epoch {epoch}/{epochs}"
+        """Starts the bar of epoch `epoch` of `epochs` (`batches` batches), the only bar on screen."""
+        self._epochs = epochs
+        if not self._heading:
+            self._print(epoch_columns(epochs))
+            self._heading = True
         if self._progress is not None:
-            self._task = self._progress.add_task(self._label, total=batches, loss="loss -")
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(f"epoch {epoch}/{epochs}", total=batches, loss="loss -")
 
     def batch_done(self, loss):
         """Advances the bar and shows the epoch's running loss."""
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=1, loss=f"loss {format_loss(loss)}")
+            self._progress.update(self._task, advance=1, loss=f"loss {fixed_loss(loss).strip()}")
 
     def epoch_done(self, logs):
-        """Shows the epoch's loss and val_loss on its bar, or prints them as a line."""
-        text = f"loss {format_loss(logs['loss'])}  val_loss {format_loss(logs.get('val_loss'))}"
+        """Prints the epoch's row, `*` when its val_loss is the lowest so far."""
+        val_loss = logs.get("val_loss")
+        best = val_loss is not None and math.isfinite(val_loss) and (self._best is None or val_loss < self._best[0])
+        if best:
+            self._best = (val_loss, logs["epoch"])
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, loss=text)
-        else:
-            self.console.print(f"{self._label}  {text}  {logs['seconds']:.1f} s")
+            self._progress.remove_task(self._task)
+            self._task = None
+        self._print(epoch_row(logs, epochs=self._epochs, best=best))
 
     def stopped_early(self, *, epoch, best_epoch):
-        """Says that `--patience` stopped the run and which epoch's weights are kept."""
-        self.console.print(
+        """Says that patience stopped the run and which epoch's weights are kept."""
+        self._print(
             f"Stopped after epoch {epoch}: val_loss has not improved since epoch {best_epoch} "
-            f"(--patience); keeping the weights of epoch {best_epoch}."
+            f"(patience); keeping the weights of epoch {best_epoch}."
         )
+
+    def run_finished(self, history):
+        """Explains the `*`: the epoch of the lowest val_loss."""
+        if self._best is not None:
+            self._print(f"{BEST_LEGEND}; the lowest is epoch {self._best[1]}'s, {fixed_loss(self._best[0]).strip()}.")
 
 
 def train_callbacks(console, *, enabled=None):

@@ -771,4 +771,5 @@ def _train(run, data, *, callbacks):
     if config.patience is not None:
         progress.restore_best(run.weights)
     _finish(run, history)
+    callbacks.run_finished(list(history))
     return history

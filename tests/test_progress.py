@@ -1,5 +1,6 @@
 """Tests for cascade_cli.progress: plain iteration when off, the training renderer on TrainCallbacks, tables."""
 
+import dataclasses
 import inspect
 import io
 import subprocess
@@ -7,8 +8,16 @@ import sys
 
 from rich.console import Console
 
-from cascade_cli.options import TrainCallbacks
-from cascade_cli.progress import TrainReport, epochs_table, format_loss, track, train_callbacks
+from cascade_cli.options import RunInfo, TrainCallbacks
+from cascade_cli.progress import (
+    TrainReport,
+    epochs_table,
+    fixed_loss,
+    format_loss,
+    run_header,
+    track,
+    train_callbacks,
+)
 
 
 def plain_console():
@@ -38,36 +47,73 @@ def test_train_callbacks_is_a_train_callbacks_with_the_same_hooks():
     report = train_callbacks(plain_console())
     assert isinstance(report, TrainReport) and isinstance(report, TrainCallbacks)
     assert hooks(TrainReport) == hooks(TrainCallbacks)
-    assert sorted(hooks(TrainCallbacks)) == ["batch_done", "epoch_done", "epoch_started", "resumed", "stopped_early"]
+    assert sorted(hooks(TrainCallbacks)) == ["batch_done", "epoch_done", "epoch_started", "resumed", "run_finished",
+                                             "run_started", "stopped_early"]
 
 
-def test_train_report_prints_one_line_per_epoch_when_live_progress_is_off():
+INFO = RunInfo(train_samples=57, val_samples=7, device="CPU", replicas=1, strategy="mirrored", epochs=12,
+               first_epoch=1, learning_rate=0.01, loss="mse",
+               warnings=("strategy='mirrored' found one device, so it trains on 1 replica.",))
+
+
+def test_fixed_loss_has_one_width_and_precision():
+    assert [fixed_loss(v) for v in (None, 0.123456, 1234567.0, 1e-9, float("nan"), float("inf"))] == [
+        "         -", "1.2346e-01", "1.2346e+06", "1.0000e-09", "       nan", "       inf"]
+
+
+def test_train_report_prints_a_header_and_one_fixed_width_row_per_epoch_when_live_progress_is_off():
     console = plain_console()
+    history = [{"epoch": 1, "loss": 0.5, "val_loss": 0.25, "seconds": 0.5},
+               {"epoch": 2, "loss": 0.25, "val_loss": 0.375, "seconds": 10.25},
+               {"epoch": 3, "loss": 0.125, "val_loss": 0.0625, "seconds": 1.0}]
     with train_callbacks(console) as report:
         assert report.enabled is False
-        report.resumed(epoch=1)
-        report.epoch_started(2, epochs=3, batches=2)
-        report.batch_done(0.5)
-        report.batch_done(0.25)
-        report.epoch_done({"epoch": 2, "loss": 0.25, "val_loss": None, "seconds": 0.5})
-        report.stopped_early(epoch=2, best_epoch=1)
+        report.run_started(INFO)
+        for logs in history:
+            report.epoch_started(logs["epoch"], epochs=12, batches=2)
+            report.batch_done(0.5)
+            report.epoch_done(dict(logs))
+        report.stopped_early(epoch=3, best_epoch=3)
+        report.run_finished(history)
     assert console.file.getvalue().splitlines() == [
-        "Resuming from the checkpoint of epoch 1.",
-        "epoch 2/3  loss 0.25  val_loss -  0.5 s",
-        "Stopped after epoch 2: val_loss has not improved since epoch 1 (--patience); keeping the weights of "
-        "epoch 1.",
+        "Training on 57 samples, 7 validation samples; CPU, 1 replica (mirrored strategy).",
+        "Epochs 1 to 12, learning rate 0.01, loss mse.",
+        "Warning: strategy='mirrored' found one device, so it trains on 1 replica.",
+        "epoch        loss    val_loss   seconds",
+        " 1/12  5.0000e-01  2.5000e-01 *     0.5",
+        " 2/12  2.5000e-01  3.7500e-01      10.2",
+        " 3/12  1.2500e-01  6.2500e-02 *     1.0",
+        "Stopped after epoch 3: val_loss has not improved since epoch 3 (patience); keeping the weights of epoch 3.",
+        "* lowest val_loss so far; the lowest is epoch 3's, 6.2500e-02.",
+    ]
+    rows = console.file.getvalue().splitlines()[4:7]
+    assert len({len(row) for row in rows}) == 1
+
+
+def test_the_header_of_a_resumed_run_and_of_a_cross_entropy():
+    resumed = dataclasses.replace(INFO, resumed=True, first_epoch=42, epochs=50, warnings=(), replicas=2,
+                                  loss="categorical-crossentropy", from_logits=False, val_samples=1)
+    assert run_header(resumed) == [
+        "Training on 57 samples, 1 validation sample; CPU, 2 replicas (mirrored strategy).",
+        "Resuming at epoch 42 of 50, learning rate 0.01, loss categorical-crossentropy on probabilities (B ends in "
+        "a softmax).",
     ]
 
 
-def test_train_report_draws_bars_when_enabled():
+def test_train_report_draws_one_bar_and_the_rows_when_enabled():
     console = plain_console()
     with TrainReport(console, enabled=True) as report:
-        report.epoch_started(1, epochs=1, batches=2)
-        report.batch_done(0.5)
-        report.batch_done(0.25)
-        report.epoch_done({"epoch": 1, "loss": 0.25, "val_loss": 0.125, "seconds": 0.5})
+        report.run_started(INFO)
+        for epoch in (1, 2):
+            report.epoch_started(epoch, epochs=2, batches=2)
+            report.batch_done(0.5)
+            assert len(report._progress.tasks) == 1  # one live bar: the epoch running
+            report.batch_done(0.25)
+            report.epoch_done({"epoch": epoch, "loss": 0.25, "val_loss": 0.125, "seconds": 0.5})
+        assert report._progress.tasks == []
     drawn = console.file.getvalue()
-    assert "epoch 1/1" in drawn and "2/2" in drawn and "loss 0.25  val_loss 0.125" in drawn
+    assert "  1/2  2.5000e-01  1.2500e-01 *     0.5" in drawn
+    assert drawn.count("2/2  2.5000e-01") == 1  # each row once: no table again
 
 
 def test_epochs_table_stars_the_best_val_loss_only_when_there_is_a_choice():
@@ -88,8 +134,11 @@ def test_rendering_training_progress_does_not_import_tensorflow():
     code = (
         "import io, sys\n"
         "from rich.console import Console\n"
+        "from cascade_cli.options import RunInfo\n"
         "from cascade_cli.progress import train_callbacks\n"
         "with train_callbacks(Console(file=io.StringIO())) as report:\n"
+        "    report.run_started(RunInfo(train_samples=2, val_samples=0, device='CPU', replicas=1, strategy='default',"
+        " epochs=1, first_epoch=1, learning_rate=0.1, loss='mse'))\n"
         "    report.epoch_started(1, epochs=1, batches=1)\n"
         "    report.epoch_done({'epoch': 1, 'loss': 0.5, 'val_loss': None, 'seconds': 0.1})\n"
         "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
