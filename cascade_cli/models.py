@@ -7,17 +7,34 @@ forms, detected from its inputs:
   `y: (batch, O)` and each `si'` shaped like `si` (a cell wrapped in a
   functional model);
 - *sequence form*: `(batch, T, H) -> (batch, T, O)`, which must be causal.
+
+Everything is refused on load, before any work: a file that is not a regular
+`.keras` archive or whose JSON members are too large to read, an A that changes
+the length Ta, a B with an unknown state size or no outputs, and dtypes the
+runner cannot carry (see `check_pair`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from cascade_cli.errors import DataError, ModelError
+
+# Keras reads an archive's `config.json` and `metadata.json` whole into memory:
+# refuse one that declares more than this (a saved model's config is kilobytes).
+ARCHIVE_JSON_LIMIT = 64 * 2**20
+_ARCHIVE_JSON = ("config.json", "metadata.json")
+# The dtypes a run computes and stores in: result files and the masked loss hold these.
+FLOAT_DTYPES = ("float16", "float32", "float64")
+# The lengths Ta that A is probed with when its symbolic output length is unknown.
+_PROBE_LENGTHS = (3, 5)
 
 @dataclasses.dataclass(frozen=True)
 class ASpec:
@@ -80,6 +97,8 @@ def check_inputs_fit(a_spec, shape, *, where="the inputs"):
 def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
     """Loads a local `.keras` file without compiling it.
 
+    Suffixes are matched case-insensitively (`model.KERAS`, `legacy.H5`).
+
     Args:
         path: the file to load.
         role: how to name the file in messages, e.g. `"model A"`.
@@ -90,8 +109,11 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
         The `keras.Model`.
 
     Raises:
-        ModelError: the path is remote, missing, a directory, not a `.keras`
-            archive, or Keras cannot rebuild the model from it.
+        ModelError: the path is remote, missing, a directory or another
+            non-regular file (a FIFO would hang the read), not a `.keras`
+            archive, an archive whose `config.json` or `metadata.json` declares
+            more than `ARCHIVE_JSON_LIMIT` bytes, or Keras cannot rebuild the
+            model from it.
     """
     text = str(path)
     if "://" in text:  # hf://, gs://, s3://, https://, ...
@@ -108,6 +130,8 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
             f"{role} '{path}' is {kind}; only local .keras files are loaded "
             "(save the model with model.save('name.keras'))."
         )
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+        raise ModelError(f"{role} '{path}' is not a regular file (a pipe or device?); expected a .keras file.")
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         if not allow_legacy_h5:
@@ -116,16 +140,20 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
                 "by default. Pass --allow-legacy-h5 to load it anyway."
             )
     elif suffix != ".keras":
-        raise ModelError(f"{role} '{path}' has suffix '{suffix}'; expected a .keras file.")
-    elif not zipfile.is_zipfile(path):
-        raise ModelError(
-            f"{role} '{path}' is not a valid .keras file (not a zip archive; truncated or corrupt?)."
-        )
+        raise ModelError(f"{role} '{path}' has suffix '{path.suffix}'; expected a .keras file.")
+    else:
+        _check_archive(path, role=role)
 
     import keras
 
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        if path.suffix == suffix:
+            model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        else:  # Keras picks the format by a lower-case suffix: load through a link that has one
+            with tempfile.TemporaryDirectory(prefix="cascade-model-") as folder:
+                link = Path(folder) / f"model{suffix}"
+                link.symlink_to(path.resolve())
+                model = keras.saving.load_model(link, compile=False, safe_mode=safe_mode)
     except Exception as error:  # Keras raises many types; every one means "cannot load".
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if safe_mode and ("safe_mode" in str(error) or "Lambda" in str(error)):
@@ -139,6 +167,51 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
     return model
 
 
+def load_pair(path_a, path_b, *, safe_mode=True, allow_legacy_h5=False):
+    """Loads model A and model B with `load_model` and checks them with `check_pair`, naming the files.
+
+    Args:
+        path_a: model A's file.
+        path_b: model B's file.
+        safe_mode: as for `load_model`.
+        allow_legacy_h5: as for `load_model`.
+
+    Returns:
+        `(model_a, model_b)`.
+
+    Raises:
+        ModelError: from `load_model` or `check_pair`, naming the file.
+    """
+    models = [load_model(path, role=role, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5)
+              for path, role in ((path_a, "model A"), (path_b, "model B"))]
+    check_pair(*models, names=(str(path_a), str(path_b)))
+    return tuple(models)
+
+
+def _check_archive(path, *, role):
+    """Refuses a `.keras` that is not a zip, or whose JSON members declare more than `ARCHIVE_JSON_LIMIT`.
+
+    Only the zip's directory is read: a 1 GiB `config.json` packed into 1 MB
+    is refused before anything is decompressed.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        members = None
+    if members is None:
+        raise ModelError(
+            f"{role} '{path}' is not a valid .keras file (not a zip archive; truncated or corrupt?)."
+        )
+    for member in members:
+        if member.filename in _ARCHIVE_JSON and member.file_size > ARCHIVE_JSON_LIMIT:
+            raise ModelError(
+                f"{role} '{path}' declares a {member.filename} of {member.file_size:,} bytes, over the "
+                f"{ARCHIVE_JSON_LIMIT:,} bytes a model's description may take; the file is not a "
+                "saved model (or is corrupt)."
+            )
+
+
 def _shapes(tensors):
     return [tuple(t.shape) for t in tensors]
 
@@ -148,7 +221,13 @@ def _dim(value):
 
 
 def inspect_a(model_a, *, role="model A"):
-    """Checks that A maps `(batch, Ta, F)` to `(batch, Ta, H)` and returns its `ASpec`."""
+    """Checks that A maps `(batch, Ta, F)` to `(batch, Ta, H)` and returns its `ASpec`.
+
+    The output length must equal the input length: an A that pools, crops or
+    upsamples over time is refused. Where the symbolic shapes leave Ta unknown,
+    A's output is worked out for Ta = 3 and 5 (symbolically, else by a call on
+    zeros); an A that cannot be probed that way is checked by the runner.
+    """
     inputs, outputs = list(model_a.inputs), list(model_a.outputs)
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelError(
@@ -161,7 +240,48 @@ def inspect_a(model_a, *, role="model A"):
             f"{role} must map (batch, Ta, F) to (batch, Ta, H); received input shape "
             f"{in_shape} and output shape {out_shape}."
         )
+    if out_shape[2] < 1:
+        raise ModelError(f"{role} emits IR vectors of size H={out_shape[2]} (output shape {out_shape}); "
+                         "expected H >= 1.")
+    _check_a_keeps_ta(model_a, in_shape, out_shape, role=role)
     return ASpec(features=_dim(in_shape[2]), outer_steps=_dim(in_shape[1]), ir_size=int(out_shape[2]))
+
+
+def _check_a_keeps_ta(model_a, in_shape, out_shape, *, role):
+    """Refuses an A whose output length differs from its input length, naming both."""
+    if in_shape[1] is not None and out_shape[1] is not None:
+        pairs = [(in_shape[1], out_shape[1])]
+    elif in_shape[2] is None:
+        return  # no probe without a known F
+    else:
+        lengths = _PROBE_LENGTHS if in_shape[1] is None else (in_shape[1],)
+        pairs = [(length, _probe_length(model_a, (in_shape[0] or 1, length, in_shape[2])))
+                 for length in lengths]
+    for given, emitted in pairs:
+        if emitted is not None and emitted != given:
+            raise ModelError(
+                f"{role} changes the number of outer steps: given Ta={given} it emits {emitted} IR "
+                f"vectors (input shape {in_shape}, output shape {out_shape}). Cascade runs B once per "
+                "outer step, so A must emit one IR vector per input step (no pooling, cropping, "
+                "upsampling or 'valid' convolution over time)."
+            )
+
+
+def _probe_length(model_a, shape):
+    """A's output length for inputs of `shape`: symbolically, else by a call on zeros; None when unknown."""
+    import keras
+
+    dtype = model_a.inputs[0].dtype
+    try:
+        length = model_a.compute_output_spec(keras.KerasTensor(shape, dtype=dtype)).shape[1]
+    except Exception:  # a layer without a symbolic shape rule; call it instead
+        length = None
+    if length is None:
+        try:
+            length = model_a(np.zeros(shape, dtype=np.dtype(dtype)), training=False).shape[1]
+        except Exception:  # A cannot run at this length (or at all): the runner will say so with real inputs
+            return None
+    return None if length is None else int(length)
 
 
 def inspect_b(model_b, *, role="model B", check_causal=True):
@@ -187,6 +307,7 @@ def inspect_b(model_b, *, role="model B", check_causal=True):
                 f"{role} (sequence form) was saved with a fixed length T={in_shapes[0][1]}; "
                 "it must accept any length (use Input(shape=(None, H)))."
             )
+        _check_output_size(out_shapes[0][2], role=role, shapes=out_shapes)
         spec = BSpec("sequence", int(in_shapes[0][2]), int(out_shapes[0][2]))
         if check_causal:
             _check_causal(model_b, spec, role=role)
@@ -200,7 +321,13 @@ def inspect_b(model_b, *, role="model B", check_causal=True):
         )
     if in_shapes[0][1] is None or out_shapes[0][1] is None:
         raise ModelError(f"{role} must have fixed feature sizes; received {in_shapes} -> {out_shapes}.")
+    _check_output_size(out_shapes[0][1], role=role, shapes=out_shapes)
     for index, (state_in, state_out) in enumerate(zip(in_shapes[1:], out_shapes[1:]), start=1):
+        if state_in[1] is None or state_in[1] < 1:
+            raise ModelError(
+                f"{role} state {index} has input shape {state_in}, an unknown or empty size; a step-form B "
+                "needs every state's size fixed (e.g. Input(shape=(units,))) to start it from zeros."
+            )
         if state_in[1] != state_out[1]:
             raise ModelError(
                 f"{role} state {index}: its output has size {state_out[1]} but its input has size "
@@ -208,6 +335,12 @@ def inspect_b(model_b, *, role="model B", check_causal=True):
             )
     states = tuple(int(shape[1]) for shape in in_shapes[1:])
     return BSpec("step", int(in_shapes[0][1]), int(out_shapes[0][1]), states)
+
+
+def _check_output_size(size, *, role, shapes):
+    if size < 1:
+        raise ModelError(f"{role} emits outputs of size O={size} (output shapes {shapes}); "
+                         "each inner step must emit at least one value (O >= 1).")
 
 
 def _check_causal(model_b, spec, *, role, length=8, cut=4):
@@ -226,21 +359,66 @@ def _check_causal(model_b, spec, *, role, length=8, cut=4):
         )
 
 
-def check_pair(model_a, model_b, *, check_causal=True):
-    """Checks that A's IR size equals B's input size.
+def check_pair(model_a, model_b, *, names=None, check_causal=True):
+    """Checks that A and B fit together: sizes and dtypes.
+
+    Mixed dtypes are refused on load rather than cast: A's IR must be a float
+    (float16, float32 or float64), B's output `y` too (result files and the
+    losses hold those; bfloat16 and integer outputs are refused), and a
+    step-form B must return its states in the IR's dtype, because the runner
+    starts them in that dtype and carries them through one loop. Mixed
+    precision passes: a policy such as `mixed_float16` on both models (both
+    compute in float16), or on B alone fed A's float32 IR (B's float32
+    variables match the IR; its states come back in its float16 compute dtype).
+
+    Args:
+        model_a: model A.
+        model_b: model B.
+        names: `(path_a, path_b)`, the files the models came from, named in
+            messages ("model A ('a.keras')"); None names the roles only.
+        check_causal: probe a sequence-form B for causality.
 
     Returns:
         `(ASpec, BSpec)`.
 
     Raises:
-        ModelError: naming both sizes when they differ.
+        ModelError: naming the model (and file) and both sizes or dtypes.
     """
-    a_spec = inspect_a(model_a)
-    b_spec = inspect_b(model_b, check_causal=check_causal)
+    role_a, role_b = ("model A", "model B") if names is None else (
+        f"model A ('{names[0]}')", f"model B ('{names[1]}')")
+    a_spec = inspect_a(model_a, role=role_a)
+    b_spec = inspect_b(model_b, role=role_b, check_causal=check_causal)
     if a_spec.ir_size != b_spec.input_size:
         raise ModelError(
-            f"model A emits IR vectors of size {a_spec.ir_size} but model B expects inputs of "
+            f"{role_a} emits IR vectors of size {a_spec.ir_size} but {role_b} expects inputs of "
             f"size {b_spec.input_size}; they must be equal."
         )
+    _check_dtypes(model_a, model_b, form=b_spec.form, role_a=role_a, role_b=role_b)
     return a_spec, b_spec
 
+
+def _dtype_name(tensor):
+    import keras
+
+    return keras.backend.standardize_dtype(tensor.dtype)
+
+
+def _check_dtypes(model_a, model_b, *, form, role_a, role_b):
+    """The dtype rules of `check_pair`."""
+    ir, outputs = _dtype_name(model_a.outputs[0]), [_dtype_name(t) for t in model_b.outputs]
+    hint = "save both models with one float dtype (or one mixed precision policy)"
+    if ir not in FLOAT_DTYPES:
+        raise ModelError(f"{role_a} emits {ir} IR vectors and {role_b} emits {outputs[0]} outputs; "
+                         f"cascade runs float16, float32 or float64 models: {hint}.")
+    if outputs[0] not in FLOAT_DTYPES:
+        raise ModelError(f"{role_b} emits {outputs[0]} outputs and {role_a} emits {ir} IR vectors; cascade "
+                         f"stores and trains float16, float32 or float64 outputs: {hint}.")
+    if form == "step":  # its states follow y
+        mixed = {(layer.dtype_policy.variable_dtype, layer.dtype_policy.compute_dtype) for layer in model_b.layers
+                 if layer.dtype_policy.variable_dtype != layer.dtype_policy.compute_dtype}
+        for index, state in enumerate(outputs[1:], start=1):
+            if state != ir and (ir, state) not in mixed:
+                raise ModelError(
+                    f"{role_a} emits {ir} IR vectors but {role_b} returns state {index} in {state}; B's states "
+                    f"start in the IR's dtype and must keep it: {hint}."
+                )
