@@ -16,7 +16,10 @@ DESIGN section 5's, averaged over the valid elements only
 regularization losses (`training.regularization_loss`). Under a
 `tf.distribute` strategy each replica divides its errors by the global count
 of valid elements and adds `1 / replicas` of the penalty, so the replicas'
-gradients add up to the global batch's.
+gradients add up to the global batch's. Build (and compile) the model inside
+`strategy.scope()`. Keras 3.15 averages the first distributed batch over the
+replicas to build a model made in a scope, so a global batch size must split
+evenly over the replicas (with arrays, `batch_size` a multiple of them).
 
 `export_saved_model` writes a TensorFlow SavedModel that runs without
 `cascade_cli` (or Keras) installed.

@@ -1,8 +1,10 @@
 """Tests for cascade_cli.keras_model: CascadeModel's save / load, fit, callbacks and predict."""
 
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -396,3 +398,44 @@ def test_mixed_precision_follows_the_policy_and_takes_the_loss_in_float32(mixed_
     for variable, wanted in zip(model.trainable_variables, expected):
         assert variable.dtype == "float32"
         np.testing.assert_allclose(variable.numpy(), wanted, rtol=1e-2, atol=2e-3)
+
+
+MIRRORED = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+from test_keras_model import fit_mirrored_case
+loss, weights = fit_mirrored_case(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+np.savez(sys.argv[1], loss=loss, *weights)
+"""
+
+
+def fit_mirrored_case(strategy):
+    """One epoch of SGD on 12 samples in global batches of 4 (2 per replica, unequal valid counts, one sample
+    emitting nothing), regularized models built in `strategy.scope()`; returns `(loss, weights)`."""
+    inputs, steps, _, padded = training_arrays(n=12)
+    steps[3] = 0
+    padded[3] = np.nan
+    with strategy.scope():
+        model = CascadeModel(*regularized_models())
+        model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    history = model.fit((inputs, steps), padded, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    return history.history["loss"][0], model.get_weights()
+
+
+@pytest.mark.slow
+def test_a_mirrored_fit_over_two_replicas_equals_one_device_the_loss_over_the_global_count(tmp_path):
+    loss, weights = fit_mirrored_case(tf.distribute.get_strategy())
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    done = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path / "mirrored.npz")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mirrored = np.load(tmp_path / "mirrored.npz")
+    assert float(mirrored["loss"]) == pytest.approx(loss, rel=1e-5)
+    assert len(weights) == len(mirrored) - 1
+    for i, expected in enumerate(weights):
+        np.testing.assert_allclose(mirrored[f"arr_{i}"], expected, rtol=0, atol=1e-5)
