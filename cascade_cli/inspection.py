@@ -243,12 +243,13 @@ def kind_of(path):
             archive.close()
         return "result" if results_io.is_result(files) else "inputs"
     if suffix in h5.HDF5_SUFFIXES:
-        with h5.open_h5(path) as file:
-            if results_io.is_result(file.attrs):
+        with results_io.reading(path), h5.open_h5(path) as file:
+            names = set(file.attrs)
+            if results_io.is_result(names):
                 return "result"
-            if "model_config" in file.attrs or "keras_version" in file.attrs:
+            if "model_config" in names or "keras_version" in names:
                 return "model"
-            keys = sorted(file.keys())
+            keys = sorted(str(key) for key in file.keys())
         if "targets" in keys:
             return "training"
         if "inputs" in keys:

@@ -20,6 +20,7 @@ disk) whose `pieces` are `CascadeResult`s, and `write_result` takes either a
 
 import contextlib
 import os
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 
 from cascade_cli import h5
 from cascade_cli.atomic import atomic_output, check_output_path, is_no_space
-from cascade_cli.errors import DataError
+from cascade_cli.errors import CascadeError, DataError, one_line
 from cascade_cli.result import ArrayError, CascadeResult
 
 # --------------------------------------------------------------------------- the results spec
@@ -148,13 +149,16 @@ def _chunk_rows(row_shape, dtype, rows):
     return max(1, min(max(wanted, _CHUNK_MIN_BYTES), _CHUNK_MAX_BYTES) // row_bytes)
 
 
-_FILTERS = MappingProxyType({"compression": "gzip", "compression_opts": 4, "shuffle": True})
-"""The HDF5 filters of every result array but the tiniest: gzip (readable everywhere) after byte shuffling."""
+_FILTERS = MappingProxyType({"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True})
+"""The HDF5 filters of every result array: gzip (readable everywhere) after byte shuffling, and a checksum
+per chunk, so a damaged file is an error rather than other values."""
+_LIBVER = ("v110", "v110")
+"""HDF5 1.10 file format: checksummed metadata (superblock, object headers), readable by HDF5 1.10 and later."""
 
 
 def _compression(size):
-    """The filters of an HDF5 dataset of `size` entries: `_FILTERS`, none for a tiny one."""
-    return {} if size < 64 else dict(_FILTERS)
+    """The filters of an HDF5 dataset of `size` entries: `_FILTERS`, none for an empty one."""
+    return dict(_FILTERS) if size else {}
 
 
 class _H5Column:
@@ -335,7 +339,7 @@ def _open_sink(temp, format):
         reserve = temp.with_name(f"{temp.name}.reserve")
         try:
             _reserve(reserve, _RESERVE_BYTES)
-            file = h5py.File(temp, "w")
+            file = h5py.File(temp, "w", libver=_LIBVER)
             try:
                 yield _H5Sink(file)
             except BaseException as error:
@@ -634,8 +638,59 @@ def _read_kind(path):
     raise DataError(f"result file '{path}' is neither HDF5 nor .npz; expected a cascade result")
 
 
+_DAMAGED = (*h5.H5PY_ERRORS, IndexError, OverflowError, NotImplementedError, EOFError, zipfile.BadZipFile,
+            struct.error)
+"""What h5py, zipfile and numpy raise on a damaged file (HDF5's own checks surface as any of them)."""
+
+
+@contextlib.contextmanager
+def reading(path, key=None):
+    """Turns what a damaged file makes h5py, zipfile or numpy raise into a `DataError` naming the file (and key).
+
+    `CascadeError`s pass through unchanged.
+    """
+    try:
+        yield
+    except CascadeError:
+        raise
+    except _DAMAGED as error:
+        where = f" key '{key}'" if key else ""
+        raise DataError(
+            f"'{path}'{where} cannot be read: the file is damaged or is not a cascade result "
+            f"({type(error).__name__}: {one_line(error)[:200]})"
+        ) from error
+
+
+def _shown(value):
+    """An attribute value for a message: arrays by their shape, never their entries."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return repr(value)
+
+
+_ATTR_TYPES = MappingProxyType({
+    LAYOUT: ((str,), "a string"),
+    FORMAT_VERSION_ATTR: ((int,), "an integer"),
+    PAD_VALUE: ((int, float), "a number"),
+    TIME_MAJOR: ((bool,), "a boolean (true or false, not a string)"),
+    "run_id": ((str,), "a string"),
+})
+"""The attributes whose type a reader relies on, with what they must be."""
+
+
+def _check_attr_types(path, attrs):
+    """Raises `DataError` when an attribute of `_ATTR_TYPES` has another type (`"false"` is not False)."""
+    for key, (types, words) in _ATTR_TYPES.items():
+        if key not in attrs:
+            continue
+        value = attrs[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise DataError(f"'{path}' attribute '{key}': expected {words}, received {_shown(value)}")
+
+
 def _check_header(path, attrs):
-    """Checks the `layout` and `format_version` attributes; returns the layout."""
+    """Checks the types of the attributes a reader relies on, `layout` and `format_version`; returns the layout."""
+    _check_attr_types(path, attrs)
     if LAYOUT not in attrs:
         raise DataError(
             f"'{path}' is not a cascade result: key '{LAYOUT}' is missing "
@@ -658,6 +713,31 @@ def _check_header(path, attrs):
 
 
 _NPZ_RESULT = "an .npz archive of a cascade result"
+# No result's arrays hold more than this many bytes per byte of file (gzip's limit is about 1,032).
+_MAX_EXPANSION = 4096
+_SLACK_BYTES = 64 << 20
+# The arrays a reader holds whole (lengths, both row splits) and what it derives from them, per entry.
+_HEADER_COPIES = 6
+
+
+def _check_declared_sizes(path, arrays):
+    """Refuses arrays larger than the file could hold, and headers larger than memory, before reading any.
+
+    A 16 KB file may not declare 4 GB of `flat_values` (or sparse `lengths`):
+    what a header claims is read against the file's real size.
+    """
+    available = os.path.getsize(path)
+    limit = _MAX_EXPANSION * available + _SLACK_BYTES
+    for key, array in arrays.items():
+        declared = int(np.prod(array.shape, dtype=np.float64)) * array.dtype.itemsize
+        if declared > limit:
+            raise DataError(
+                f"'{path}' key '{key}' declares shape {array.shape}, which would need about {h5.size_text(declared)}, "
+                f"but the file holds only {available:,} bytes: it is damaged or forged"
+            )
+    lengths = arrays[LENGTHS]
+    needed = int(np.prod(lengths.shape, dtype=np.float64)) * 8 * _HEADER_COPIES
+    h5.check_memory(needed, what=f"reading key '{LENGTHS}' {lengths.shape} of '{path}'")
 
 
 def _missing(path, key):
@@ -668,11 +748,13 @@ class _H5Array:
     """One array of a result in an open HDF5 file, read a block at a time through `cascade_cli.h5`."""
 
     def __init__(self, path, file, key):
-        if key not in file:
-            raise _missing(path, key)
-        self.path, self.key = path, key
-        self.dataset = h5.h5_dataset(file, key, path=path)
-        if self.dataset.shape is None or self.dataset.dtype.kind not in "biuf":
+        with reading(path, key):
+            if key not in file:
+                raise _missing(path, key)
+            self.path, self.key = path, key
+            self.dataset = h5.h5_dataset(file, key, path=path)
+            shape, dtype = self.dataset.shape, self.dataset.dtype
+        if shape is None or dtype.kind not in "biuf":
             raise DataError(
                 f"'{path}' key '{key}': expected a numeric array, received dtype {self.dataset.dtype}"
             )
@@ -681,20 +763,23 @@ class _H5Array:
 
     def read(self, start=None, stop=None, *, axis=0):
         """Reads `[start, stop)` along `axis` (every entry of the other axes); all of it by default."""
-        if start is None:
-            return np.asarray(h5.read_dataset(self.dataset, (), path=self.path))
-        selection = (slice(None),) * axis + (slice(start, stop),)
-        return h5.read_dataset(self.dataset, selection, path=self.path)
+        with reading(self.path, self.key):
+            if start is None:
+                return np.asarray(h5.read_dataset(self.dataset, (), path=self.path))
+            selection = (slice(None),) * axis + (slice(start, stop),)
+            return h5.read_dataset(self.dataset, selection, path=self.path)
 
 
 def _h5_attrs(path, file):
-    """Returns the root attributes of an open HDF5 file as Python scalars."""
+    """Returns the root attributes of an open HDF5 file as Python scalars (arrays stay arrays)."""
     attrs = {}
-    for key in file.attrs:
-        try:
+    with reading(path, "attributes"):
+        keys = list(file.attrs)
+    for key in keys:
+        if not isinstance(key, str):
+            raise DataError(f"'{path}' has an attribute whose name is not text ({key!r}): the file is damaged")
+        with reading(path, key):
             attrs[key] = _python_scalar(file.attrs[key])
-        except (OSError, TypeError, ValueError) as error:
-            raise DataError(f"'{path}' attribute '{key}' cannot be read: {error}") from error
     return attrs
 
 
@@ -711,6 +796,8 @@ def _npz_attrs(path, archive):
         member = h5.NpyMember(archive, key, path=path)
         if member.shape == ():
             attrs[key] = _python_scalar(member.read())
+        elif key in _ATTR_TYPES:  # an array where a scalar belongs: refused by its shape, never read
+            attrs[key] = np.broadcast_to(np.zeros((), member.dtype), member.shape)
     return attrs
 
 
@@ -739,26 +826,28 @@ class ResultReader:
         self._arrays = None
         self._stack = contextlib.ExitStack()
         try:
-            if _read_kind(path) == "h5":
-                file = self._stack.enter_context(h5.open_h5(path))
-                self.attrs = _h5_attrs(path, file)
-                self.layout = _check_header(path, self.attrs)
-                arrays = {key: _H5Array(path, file, key) for key in LAYOUT_KEYS[self.layout]}
-            else:
-                archive = self._stack.enter_context(h5.open_npz(path, expected=_NPZ_RESULT))
-                self.attrs = _npz_attrs(path, archive)
-                self.layout = _check_header(path, self.attrs)
-                keys = set(_npz_keys(archive))
-                arrays = {}
-                for key in LAYOUT_KEYS[self.layout]:
-                    if key not in keys:
-                        raise _missing(path, key)
-                    arrays[key] = h5.NpyMember(archive, key, path=path)
-            self._arrays = arrays
-            try:
-                self._check()
-            except ArrayError as error:
-                raise DataError(f"'{path}' key '{error.array}': {error.problem}") from error
+            with reading(path):
+                if _read_kind(path) == "h5":
+                    file = self._stack.enter_context(h5.open_h5(path))
+                    self.attrs = _h5_attrs(path, file)
+                    self.layout = _check_header(path, self.attrs)
+                    arrays = {key: _H5Array(path, file, key) for key in LAYOUT_KEYS[self.layout]}
+                else:
+                    archive = self._stack.enter_context(h5.open_npz(path, expected=_NPZ_RESULT))
+                    self.attrs = _npz_attrs(path, archive)
+                    self.layout = _check_header(path, self.attrs)
+                    keys = set(_npz_keys(archive))
+                    arrays = {}
+                    for key in LAYOUT_KEYS[self.layout]:
+                        if key not in keys:
+                            raise _missing(path, key)
+                        arrays[key] = h5.NpyMember(archive, key, path=path)
+                self._arrays = arrays
+                _check_declared_sizes(path, arrays)
+                try:
+                    self._check()
+                except ArrayError as error:
+                    raise DataError(f"'{path}' key '{error.array}': {error.problem}") from error
         except BaseException:
             self.close()
             raise
@@ -785,7 +874,7 @@ class ResultReader:
             self.output_size = header.output_size
         else:
             values = arrays[VALUES]
-            self.time_major = bool(self.attrs.get(TIME_MAJOR, False))
+            self.time_major = self.attrs.get(TIME_MAJOR, False)
             stand_in = np.broadcast_to(np.zeros((), values.dtype), values.shape)
             self.lengths = CascadeResult.check_padded(
                 stand_in, arrays[LENGTHS].read(), time_major=self.time_major
@@ -850,9 +939,11 @@ class ResultReader:
         for start in range(0, self.n_samples, batch):
             stop = min(start + batch, self.n_samples)
             try:
-                yield self._piece(start, stop)
+                with reading(self.path):
+                    piece = self._piece(start, stop)
             except ArrayError as error:
                 raise DataError(f"'{self.path}' key '{error.array}': {error.problem}") from error
+            yield piece
 
     def read(self):
         """Reads every sample into one `CascadeResult`."""
@@ -905,12 +996,13 @@ def read_result_attrs(path):
     Raises:
         DataError: when `path` is not a readable cascade result.
     """
-    if _read_kind(path) == "h5":
-        with h5.open_h5(path) as file:
-            attrs = _h5_attrs(path, file)
-    else:
-        with h5.open_npz(path, expected=_NPZ_RESULT) as archive:
-            attrs = _npz_attrs(path, archive)
+    with reading(path):
+        if _read_kind(path) == "h5":
+            with h5.open_h5(path) as file:
+                attrs = _h5_attrs(path, file)
+        else:
+            with h5.open_npz(path, expected=_NPZ_RESULT) as archive:
+                attrs = _npz_attrs(path, archive)
     _check_header(path, attrs)
     return attrs
 

@@ -12,6 +12,7 @@ into one ragged result.
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ SHARD_ATTRS = ("shard_index", "shard_count", "sample_start", "sample_stop", "tot
 RUN_ID_LENGTH = 16
 _SHARD_PATTERN = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 _HASH_CHUNK = 1 << 20
+_SHOWN_MISSING = 8
 
 
 def parse_shard(text):
@@ -190,12 +192,14 @@ def check_shards(paths):
             )
         by_index[shard.index] = shard
     count = first.count
-    missing = [index for index in range(count) if index not in by_index]
-    if missing:
-        names = ", ".join(f"{index}/{count}" for index in missing)
-        plural = "s" if len(missing) > 1 else ""
+    if len(by_index) != count:  # never a list of `count` entries: a damaged file may claim 10**9 shards
+        shown = list(itertools.islice((index for index in range(count) if index not in by_index), _SHOWN_MISSING))
+        names = ", ".join(f"{index}/{count}" for index in shown)
+        if count - len(by_index) > len(shown):
+            names += f" and {count - len(by_index) - len(shown):,} more"
+        plural = "s" if count - len(by_index) > 1 else ""
         raise DataError(
-            f"shard{plural} {names} {'are' if plural else 'is'} missing: expected all {count} shards of run "
+            f"shard{plural} {names} {'are' if plural else 'is'} missing: expected all {count:,} shards of run "
             f"{first.attrs['run_id']}, received {len(shards)}"
         )
     ordered = [by_index[index] for index in range(count)]

@@ -2,8 +2,10 @@
 
 import errno
 import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import h5py
 import numpy as np
@@ -726,3 +728,130 @@ def test_result_files_are_sized_for_their_content(tmp_path):
     with h5py.File(tmp_path / "big.h5") as file:
         assert file["flat_values"].compression == "gzip"
         assert file["flat_values"].chunks[0] * 16 <= 1 << 20
+
+
+# --- reading defensively: attribute types, forged sizes, damaged files ----------------------
+
+
+def set_attr(path, key, value):
+    with h5py.File(path, "a") as file:
+        file.attrs[key] = value
+
+
+def test_time_major_must_be_a_boolean_not_the_string_false(tmp_path):
+    """The string "false" used to be read as True and the values exported transposed, with exit 0."""
+    path = tmp_path / "p.h5"
+    write_result(path, hand_result(), layout="padded")
+    set_attr(path, "time_major", "false")
+    with pytest.raises(DataError, match=r"attribute 'time_major': expected a boolean .*, received 'false'"):
+        open_result(path)
+    set_attr(path, "time_major", np.bool_(False))
+    assert_same(read_result(path), hand_result())
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("layout", np.array([b"ragged", b"ragged"]), "expected a string, received an array of shape (2,)"),
+    ("format_version", np.array([1, 1]), "expected an integer, received an array of shape (2,)"),
+    ("format_version", 1.5, "expected an integer, received 1.5"),
+    ("run_id", np.arange(3), "expected a string, received an array of shape (3,)"),
+    ("pad_value", "zero", "expected a number"),
+])
+def test_attributes_that_must_be_scalars_are_checked(tmp_path, key, value, words):
+    path = tmp_path / "r.h5"
+    write_result(path, hand_result(), layout="padded", attrs={"run_id": "abc"})
+    set_attr(path, key, value)
+    for read in (open_result, read_result_attrs):
+        with pytest.raises(DataError, match=re.escape(f"'{path}' attribute '{key}': {words}")):
+            read(path)
+
+
+def test_an_npz_whose_layout_is_an_array_is_refused(tmp_path):
+    path = tmp_path / "r.npz"
+    write_result(path, hand_result())
+    with np.load(path) as archive:
+        members = dict(archive)
+    members["layout"] = np.array(["ragged", "padded"])
+    np.savez(path, **members)
+    with pytest.raises(DataError, match=r"attribute 'layout': expected a string, received an array of shape \(2,\)"):
+        open_result(path)
+
+
+def forged(path, **shapes):
+    """A small result whose datasets declare `shapes` (sparse: nothing of them is stored)."""
+    write_result(path, hand_result())
+    with h5py.File(path, "a") as file:
+        for key, shape in shapes.items():
+            dtype = file[key].dtype
+            del file[key]
+            file.create_dataset(key, shape=shape, dtype=dtype, chunks=True)
+    return path
+
+
+@pytest.mark.parametrize("key, shape, size", [("flat_values", (2**30, 1), "4.0 GiB"),
+                                              ("lengths", (2**26, 8), "4.0 GiB"),
+                                              ("row_splits_1", (3 * 2**30,), "24.0 GiB")])
+def test_sizes_a_small_file_declares_are_refused_before_anything_is_allocated(tmp_path, key, shape, size):
+    path = forged(tmp_path / "r.h5", **{key: shape})
+    assert os.path.getsize(path) < 64_000
+    code = ("import sys, resource\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from cascade_cli.results_io import open_result\n"
+            "from cascade_cli.errors import DataError\n"
+            "try:\n    open_result(sys.argv[1])\n"
+            "except DataError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert f"'{path}' key '{key}' declares shape {shape}, which would need about {size}" in done.stdout
+    assert "the file holds only" in done.stdout
+
+
+def test_an_npz_member_declaring_more_than_the_archive_holds_is_refused(tmp_path):
+    path = tmp_path / "r.npz"
+    write_result(path, hand_result())
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1073741824, 2), }"
+    header += b" " * (118 - len(header)) + b"\n"
+    members["flat_values.npy"] = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(48)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(DataError, match=r"key 'flat_values' declares shape \(1073741824, 2\),? \(?(which would need "
+                                        r"about )?8\.0 GiB"):
+        open_result(path)
+
+
+def test_lengths_that_would_not_fit_in_memory_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "r.h5"
+    write_result(path, hand_result())
+    monkeypatch.setattr(h5, "memory_available", lambda: 100)
+    with pytest.raises(DataError, match=r"reading key 'lengths' \(2, 2\) of .* would need about 192 bytes of memory"):
+        open_result(path)
+
+
+def test_hdf5_errors_of_a_damaged_file_name_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.h5"
+    write_result(path, hand_result())
+
+    def broken(self, selection):
+        raise RuntimeError("Can't read data (incorrect checksum)")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", broken)
+    with pytest.raises(DataError) as error:
+        open_result(path)
+    assert str(path) in str(error.value) and "'lengths'" in str(error.value)
+
+
+def test_a_damaged_value_in_an_h5_result_is_an_error_not_other_values(tmp_path):
+    """Every array carries a checksum (fletcher32), and the metadata too (HDF5 1.10 format)."""
+    path = tmp_path / "r.h5"
+    write_result(path, CascadeResult(np.full((6, 2), 0.25, np.float32), LENGTHS))
+    data = bytearray(path.read_bytes())
+    where = data.find(np.float32(0.25).tobytes() * 4)
+    if where < 0:  # compressed: find it by reading the chunk's place
+        with h5py.File(path) as file:
+            where = file["flat_values"].id.get_chunk_info(0).byte_offset
+    data[where + 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="'flat_values'.*(filter|checksum|damaged)"):
+        read_result(path)

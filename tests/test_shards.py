@@ -8,6 +8,7 @@ checked against `np.array_split`; merge errors by exit code, their one
 
 import os
 import shutil
+import time
 
 import h5py
 import numpy as np
@@ -267,3 +268,12 @@ def test_merge_never_writes_over_one_of_its_shards(tmp_path, monkeypatch):
             merge_shards([a, b], output, overwrite=True)
     assert b.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["a.h5", "b.h5", "link.h5"]
+
+
+def test_a_shard_claiming_a_billion_shards_is_refused_at_once(tmp_path):
+    a = fake_shard(tmp_path / "a.h5", index=0, count=10**9, start=0, stop=2)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"shards 1/1000000000, 2/1000000000, .* and 999,999,991 more are missing: "
+                                        r"expected all 1,000,000,000 shards"):
+        check_shards([a])
+    assert time.perf_counter() - started < 1.0

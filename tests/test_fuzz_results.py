@@ -1,0 +1,149 @@
+"""Fuzzing result files: corrupted bytes must end in exit 0 with a correct result or one `Error:` line.
+
+Small ragged and padded `.h5` results and a result `.npz` are mutated (1 to 16
+random bytes flipped, zeroed or set to 0xFF) and each mutant is run as
+`cascade inspect F` and `cascade export F -o F.csv` in a subprocess under a time
+and an address-space limit. Every outcome must be exit 0 (with the export
+equal to the original's where the format detects corruption: HDF5 results
+carry checksums) or exit 1 with exactly one `Error:` line; never a signal, a
+hang, a traceback or an internal error. The seed is printed; set
+`CASCADE_FUZZ_SEED` to replay a run. The default run tries `FAST` mutations;
+the `slow` one tries `LONG`.
+"""
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from cascade_cli.result import CascadeResult
+from cascade_cli.results_io import write_result
+
+FAST = 30
+LONG = 400
+TIME_LIMIT_S = 30
+MEMORY_LIMIT = 3 << 30
+ATTRS = {"stop_rule": "norm", "stop_value": 1.5, "max_steps": 4, "run_id": "0123456789abcdef", "seed": 3}
+
+
+def originals(folder):
+    """The files to corrupt: a ragged and a time-major padded `.h5`, a ragged `.npz`; with their csv exports."""
+    lengths = np.array([[2, 0, 1], [3, 4, 0], [0, 0, 0], [1, 1, 4]])
+    result = CascadeResult(np.arange(int(lengths.sum()) * 3, dtype=np.float32).reshape(-1, 3) / 7, lengths)
+    files = {
+        "ragged.h5": dict(format="h5"),
+        "padded.h5": dict(format="h5", layout="padded", pad_value=-1.0, time_major=True),
+        "ragged.npz": dict(format="npz"),
+    }
+    made = {}
+    for name, options in files.items():
+        path = folder / name
+        write_result(path, result, attrs=ATTRS, **options)
+        made[name] = (path.read_bytes(), run(["export", path, "-o", folder / f"{name}.csv"]).stdout)
+        assert (folder / f"{name}.csv").exists()
+        made[name] = (path.read_bytes(), (folder / f"{name}.csv").read_text())
+    return made
+
+
+def _limits():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def run(args, *, cwd=None):
+    """Runs `cascade ARGS` in a subprocess under the time and memory limits."""
+    command = [sys.executable, "-c", "from cascade_cli.cli import main; main()", *map(str, args)]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=TIME_LIMIT_S, cwd=cwd, env=env,
+                              preexec_fn=_limits)
+    except subprocess.TimeoutExpired as error:
+        return subprocess.CompletedProcess(command, "hang", error.stdout or "", error.stderr or "")
+
+
+def mutate(data, rng):
+    """Returns `data` with 1-16 random bytes flipped, zeroed or set to 0xFF, and what was done."""
+    data = bytearray(data)
+    count = int(rng.integers(1, 17))
+    where = rng.integers(0, len(data), size=count)
+    kind = ("flip", "zero", "0xff")[int(rng.integers(3))]
+    for position in where:
+        data[position] = {"flip": data[position] ^ 0xFF, "zero": 0, "0xff": 0xFF}[kind]
+    return bytes(data), f"{kind} at {sorted(int(p) for p in where)}"
+
+
+def problem(done, *, expected_csv=None, csv_path=None, exact=False):
+    """What is wrong with one run's outcome, or None."""
+    output = f"{done.stdout}\n{done.stderr}"
+    if done.returncode == "hang":
+        return f"no answer in {TIME_LIMIT_S} s"
+    if done.returncode < 0:
+        return f"killed by signal {-done.returncode}"
+    if "Traceback" in output or "Exception ignored" in output:
+        return "a traceback: " + output[-1500:]
+    if done.returncode == 1:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+        if len(errors) != 1:
+            return f"expected one Error: line, received {len(errors)}: {done.stderr[-800:]}"
+        if "internal error" in errors[0]:
+            return errors[0]
+        return None
+    if done.returncode != 0:
+        return f"exit {done.returncode}: {output[-800:]}"
+    if csv_path is not None:
+        text = csv_path.read_text()
+        if exact and text != expected_csv:
+            return "exit 0 with a csv that differs from the original's (HDF5 checksums should catch it)"
+        if text.splitlines()[0] != expected_csv.splitlines()[0]:
+            return "exit 0 with another csv header"
+    return None
+
+
+def fuzz(tmp_path, count):
+    seed = int(os.environ.get("CASCADE_FUZZ_SEED", time.time_ns() % 2**32))
+    print(f"fuzz seed {seed} (CASCADE_FUZZ_SEED={seed} replays it)")
+    rng = np.random.default_rng(seed)
+    made = originals(tmp_path)
+    names = sorted(made)
+    cases = []
+    for index in range(count):
+        name = names[index % len(names)]
+        data, how = mutate(made[name][0], rng)
+        path = tmp_path / f"m{index}-{name}"
+        path.write_bytes(data)
+        cases.append((path, name, how))
+
+    def one(case):
+        path, name, how = case
+        csv = path.with_name(path.name + ".csv")
+        found = []
+        for args, check in ((["inspect", path], {}),
+                            (["export", path, "-o", csv], {"csv_path": csv, "expected_csv": made[name][1],
+                                                           "exact": name.endswith(".h5")})):
+            done = run(args)
+            if done.returncode != 0:
+                check = {}
+            wrong = problem(done, **check)
+            if wrong:
+                found.append(f"{args[0]} {path.name} ({how}): {wrong}")
+        leftovers = [entry for entry in os.listdir(tmp_path) if entry.startswith(f".{csv.name}")]
+        if leftovers:
+            found.append(f"export {path.name} left {leftovers}")
+        return found
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [line for found in pool.map(one, cases) for line in found]
+    assert not failures, f"seed {seed}: {len(failures)} bad outcomes in {count} mutations:\n" + "\n".join(failures[:20])
+
+
+def test_corrupted_results_end_cleanly(tmp_path):
+    fuzz(tmp_path, FAST)
+
+
+@pytest.mark.slow
+def test_corrupted_results_end_cleanly_long(tmp_path):
+    fuzz(tmp_path, LONG)
