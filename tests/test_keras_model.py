@@ -61,6 +61,14 @@ def test_predict_matches_the_eager_reference_and_keeps_ta_in_the_shape():
     np.testing.assert_array_equal(result.lengths, np.broadcast_to(STEPS[1], (4, 3)))
 
 
+def test_calling_the_model_runs_the_cascade_on_inputs_and_steps():
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    x = builders.inputs(4, 3)
+    ragged = model((x, STEPS))
+    assert isinstance(ragged, tf.RaggedTensor) and ragged.shape.as_list() == [4, 3, None, 2]
+    np.testing.assert_allclose(flat_of(ragged), flat_of(model.predict(x, STEPS)), rtol=1e-6, atol=1e-7)
+
+
 def test_the_config_nests_both_models_and_the_stop_rule_as_a_dict():
     model = CascadeModel(builders.model_a(), builders.step_b(), max_steps=3, stop_rule=StopRule.token(0))
     config = model.get_config()
@@ -136,6 +144,18 @@ def test_one_sgd_step_through_fit_is_w_minus_lr_times_the_reference_gradient(kin
     for start, variable, wanted in zip(before, model.trainable_variables, expected):
         assert not np.allclose(start, wanted)  # the step moved it
         np.testing.assert_allclose(variable.numpy(), wanted, rtol=1e-4, atol=1e-6)
+
+
+def test_a_frozen_a_keeps_its_weights_the_keras_way():
+    inputs, steps, _, padded = training_arrays()
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    model.model_a.trainable = False
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    a_before, b_before = model.model_a.get_weights(), model.model_b.get_weights()
+    model.fit((inputs, steps), padded, batch_size=len(inputs), epochs=1, shuffle=False, verbose=0)
+    for before, after in zip(a_before, model.model_a.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert all(not np.array_equal(before, after) for before, after in zip(b_before, model.model_b.get_weights()))
 
 
 def test_the_regularizers_move_the_step():
