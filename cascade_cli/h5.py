@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import zipfile
+import zlib
 from typing import Iterator
 
 import h5py
@@ -44,6 +45,10 @@ def display(path) -> str:
 # and RuntimeError, SystemError, TypeError, ValueError and KeyError from its
 # bindings. Only calls into h5py are wrapped, so our own bugs still surface.
 H5PY_ERRORS = (OSError, RuntimeError, SystemError, TypeError, ValueError, KeyError)
+
+# What zipfile and numpy raise on a damaged `.npz`: a bad header, CRC or size,
+# an unsupported compression method or zip version, a corrupt deflate stream.
+ZIP_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, zlib.error)
 
 _SPECIAL_FILES = (
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -472,7 +477,7 @@ def open_npz(path, *, expected: str) -> Iterator[zipfile.ZipFile]:
         if single:
             raise DataError(f"'{name}' holds a single array; expected {expected}")
         archive = zipfile.ZipFile(name)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ZIP_ERRORS as exc:
         raise DataError(f"'{name}' is not a readable .npz file: {exc}") from exc
     with archive:
         yield archive
@@ -503,7 +508,7 @@ class NpyMember:
             self._file = archive.open(f"{key}.npy")
             shape, fortran_order, dtype = _npy_header(self._file)
             self._offset = self._file.tell()
-        except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except (KeyError,) + ZIP_ERRORS as error:
             raise DataError(f"'{path}' key '{key}' cannot be read: {error}") from error
         if dtype.hasobject:
             raise DataError(
@@ -532,7 +537,7 @@ class NpyMember:
         try:
             self._file.seek(self._offset + offset)
             data = self._file.read(size)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except ZIP_ERRORS as error:
             raise DataError(f"'{self.path}' key '{self.key}' cannot be read: {error}") from error
         if len(data) != size:
             raise DataError(f"'{self.path}' key '{self.key}' cannot be read: the archive ends early")
@@ -595,5 +600,5 @@ def np_load(path, *, mmap_mode=None, expected: str):
                 f"'{name}' is not readable as {expected}: it is neither a .npy array nor a .npz archive"
             )
         return np.load(name, mmap_mode=mmap_mode, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ZIP_ERRORS as exc:
         raise DataError(f"'{name}' is not readable as {expected}: {exc}") from exc

@@ -325,3 +325,16 @@ def test_npy_and_npz_headers_that_declare_more_than_the_file(tmp_path):
         with pytest.raises(DataError, match=r"^'x\.npz' key 'values' declares shape \(2000000000, 3\) \(22\.4 GiB\) but "
                                             r"the archive holds 24 bytes of it: expected an array that fits"):
             NpyMember(archive, "values", path="x.npz")
+
+
+def test_an_npz_member_zipfile_cannot_open_is_a_keyed_data_error(tmp_path):
+    path = tmp_path / "odd.npz"
+    np.savez(path, inputs=np.zeros(3))
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 10 : central + 12] = (99).to_bytes(2, "little")  # a compression method zipfile lacks
+    path.write_bytes(bytes(data))
+    with open_npz(path, expected="an archive") as archive:
+        with pytest.raises(DataError, match=rf"^{quoted(path)} key 'inputs' cannot be read: .*compression") as info:
+            NpyMember(archive, "inputs", path=path)
+    assert isinstance(info.value.__cause__, NotImplementedError)
