@@ -1,6 +1,9 @@
 """What `cascade inspect` says about a file: its kind, `(name, value)` rows and lengths to histogram.
 
-Facts only; `cli.py` renders them.
+Facts only; `cli.py` renders them. `stop_rule_lines` is the one description of
+a stop-rule run, for `generate`'s summary and `inspect` of its result alike;
+a training history (`history.csv`) is described with a text plot of its
+losses (`text_plot`). Models' inputs and outputs are named by their layers.
 """
 
 from __future__ import annotations
@@ -41,6 +44,56 @@ def rule_text(rule):
     """`("norm", 1.5)` -> `"norm >= 1.5"`; `("token", 0)` -> `"token == 0"`."""
     kind, value = rule
     return f"norm >= {value:g}" if kind == "norm" else f"token == {value}"
+
+
+def stop_rule_lines(rule, *, pairs, at_cap, at_first=0):
+    """The one description of a stop-rule run, for `generate`'s summary and `inspect` alike.
+
+    Args:
+        rule: `(kind, value)`, as `rule_text` takes it.
+        pairs: `(n, t)` pairs that could run (cap > 0).
+        at_cap: pairs that ran to their cap (given steps or `max_steps`).
+        at_first: pairs with a cap above 1 that the rule ended at their first step.
+
+    Returns:
+        `(sentence, warning)`: the warning is None unless the rule never fired
+        or always fired at once.
+    """
+    sentence = (f"Stop rule {rule_text(rule)}: {at_cap:,} of {pairs:,} pairs reached their cap; "
+                f"the rule ended the other {pairs - at_cap:,} earlier.")
+    warning = None
+    if pairs and at_cap == pairs:
+        warning = ("the stop rule never fired, so every pair ran to its cap; check its value against what "
+                   "model B emits (is B trained?).")
+    elif at_first and at_first == pairs:
+        warning = ("the stop rule fired at the first step of every pair; check its value against what model B "
+                   "emits (is B trained?).")
+    return sentence, warning
+
+
+def _result_stop_rule(attrs, lengths):
+    """`stop_rule_lines` of a result file, from its attributes and lengths; rows."""
+    rule, max_steps = attrs.get("stop_rule"), attrs.get("max_steps")
+    if rule not in ("norm", "token") or not isinstance(max_steps, int) or "stop_value" not in attrs:
+        return []
+    counted = [attrs.get(key) for key in results_io.STOP_SUMMARY_ATTRS]
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in counted):
+        pairs, at_cap, at_first = counted  # what generate counted, with the caps of its steps
+        given = False
+    else:  # an older result: the caps are max_steps unless steps were given too
+        first_length = 0 if attrs.get("exclude_stop_step") is True else 1
+        given = attrs.get("steps", "none") != "none"
+        pairs = int(lengths.size) if max_steps > 0 else 0
+        at_cap = int((lengths == max_steps).sum())
+        at_first = 0 if given or max_steps < 2 else int((lengths == first_length).sum())
+    sentence, warning = stop_rule_lines((rule, attrs["stop_value"]), pairs=pairs, at_cap=at_cap, at_first=at_first)
+    rows = [("stop rule", sentence)]
+    if given:
+        rows.append(("", f"(caps: max_steps {max_steps}; the steps given as caps, {attrs['steps']}, are not in "
+                         "the file, so pairs they capped count as ended by the rule)"))
+    elif warning:
+        rows.append(("warning", warning))
+    return rows
 
 
 def shape_text(shape):
@@ -87,8 +140,15 @@ def steps_rows(steps):
     return rows
 
 
+def _tensor_name(tensor):
+    """A stable name for a model's input or output: its layer's name (never `keras_tensor_5`, which changes)."""
+    history = getattr(tensor, "_keras_history", None)
+    operation = getattr(history, "operation", None)
+    return getattr(operation, "name", None) or getattr(tensor, "name", "?")
+
+
 def _tensor_list(tensors):
-    return "; ".join(f"{getattr(t, 'name', '?')} {shape_text(tuple(t.shape))}" for t in tensors)
+    return "; ".join(f"{_tensor_name(t)} {shape_text(tuple(t.shape))}" for t in tensors)
 
 
 def describe_model(model, path):
@@ -156,16 +216,9 @@ def describe_result(path):
     if result.layout == "padded":
         rows.append(("padding", f"pad_value {attrs.get(results_io.PAD_VALUE)}, "
                                 f"time_major {attrs.get(results_io.TIME_MAJOR)}"))
-    rows += [(key, value) for key, value in sorted(run_attrs(attrs).items())]
-    rule = attrs.get("stop_rule")
-    max_steps = attrs.get("max_steps")
-    if rule not in (None, "none") and max_steps is not None:
-        reached = int((result.lengths == int(max_steps)).sum())
-        pairs = result.lengths.size
-        rows.append(("stop rule",
-                     f"{rule_text((rule, attrs.get('stop_value')))}: {reached:,} of {pairs:,} pairs reached "
-                     f"--max-steps {max_steps} (the rule did not end them sooner); the other "
-                     f"{pairs - reached:,} stopped earlier, by the rule or by a smaller steps cap"))
+    rows += [(key, value) for key, value in sorted(run_attrs(attrs).items())
+             if key not in results_io.STOP_SUMMARY_ATTRS]
+    rows += _result_stop_rule(attrs, result.lengths)
     return Report(rows, result.lengths, "inner lengths per (n, t) pair", "pairs")
 
 
@@ -203,15 +256,104 @@ def describe_steps(path):
     return Report(rows, steps, f"steps per {unit[:-1]}", unit, "steps")
 
 
+_HISTORY_HEADER = "epoch,loss"
+PLOT_WIDTH = 60
+PLOT_HEIGHT = 10
+
+
+def is_history(header):
+    """Whether a csv header line is that of a training history (`epoch,loss,val_loss,seconds`)."""
+    return header.strip().lower().startswith(_HISTORY_HEADER)
+
+
 def describe_csv(path):
+    """A csv export (its columns and emitted steps), or a training history (`describe_history`)."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         header = handle.readline().strip()
+        if is_history(header):
+            return describe_history(path)
         rows = sum(1 for _ in handle)
     return Report([("csv export", f"'{path}'"), ("columns", header), ("emitted steps", f"{rows:,}")])
 
 
+def _history_column(rows, key, path):
+    values = []
+    for line, row in enumerate(rows, start=2):
+        text = (row.get(key) or "").strip()
+        if not text:
+            values.append(math.nan)
+            continue
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise DataError(f"'{path}' line {line} column '{key}': expected a number, received {text!r}") from None
+    return np.asarray(values, dtype=np.float64)
+
+
+def describe_history(path):
+    """A training history (`history.csv`): epochs, the last and best losses, and a text plot of loss and val_loss."""
+    import csv
+
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    loss = _history_column(rows, "loss", path)
+    val = _history_column(rows, "val_loss", path) if rows and "val_loss" in rows[0] else np.full(len(rows), np.nan)
+    epochs = [row.get("epoch", "") for row in rows]
+    report = [("training history", f"'{path}'"), ("epochs", f"{len(rows):,}")]
+    if rows:
+        report.append(("last", f"epoch {epochs[-1]}: loss {loss[-1]:.6g}"
+                               + ("" if math.isnan(val[-1]) else f", val_loss {val[-1]:.6g}")))
+    if np.isfinite(val).any():
+        best = int(np.nanargmin(np.where(np.isfinite(val), val, np.nan)))
+        report.append(("best val_loss", f"{val[best]:.6g} at epoch {epochs[best]} (the weights kept)"))
+    elif np.isfinite(loss).any():
+        best = int(np.nanargmin(np.where(np.isfinite(loss), loss, np.nan)))
+        report.append(("best loss", f"{loss[best]:.6g} at epoch {epochs[best]} (no validation split)"))
+    plot = text_plot({"loss": loss, "val_loss": val})
+    if plot:
+        report.append(("plot", "o loss, x val_loss, * both; epochs left to right"))
+        report += [("", line) for line in plot]
+    return Report(report)
+
+
+def text_plot(series, *, width=PLOT_WIDTH, height=PLOT_HEIGHT):
+    """Plots series of one length as lines of text: `o` the first, `x` the second, `*` where both fall.
+
+    Longer series are averaged into `width` columns; the y axis runs from the
+    smallest to the largest finite value, labelled on the left.
+
+    Returns:
+        The plot's lines (none when no value is finite).
+    """
+    marks = "ox"
+    arrays = [np.asarray(values, dtype=np.float64) for values in series.values()]
+    finite = np.concatenate([values[np.isfinite(values)] for values in arrays]) if arrays else np.zeros(0)
+    if finite.size == 0:
+        return []
+    low, high = float(finite.min()), float(finite.max())
+    span = high - low or 1.0
+    length = len(arrays[0])
+    columns = min(width, length)
+    grid = [[" "] * columns for _ in range(height)]
+    edges = np.linspace(0, length, columns + 1).astype(int)
+    for mark, values in zip(marks, arrays):
+        for column in range(columns):
+            part = values[edges[column]:max(edges[column + 1], edges[column] + 1)]
+            part = part[np.isfinite(part)]
+            if not part.size:
+                continue
+            row = height - 1 - int(math.floor((float(part.mean()) - low) / span * (height - 1) + 0.5))
+            cell = grid[row][column]
+            grid[row][column] = mark if cell in (" ", mark) else "*"
+    labels = [f"{high - span * i / (height - 1):.4g}" for i in range(height)]
+    label_width = max(len(label) for label in labels)
+    lines = [f"{label:>{label_width}} |{''.join(cells)}" for label, cells in zip(labels, grid)]
+    lines.append(f"{'':>{label_width}} +{'-' * columns}")
+    return lines
+
+
 def kind_of(path):
-    """What `path` holds: `model`, `result`, `training`, `inputs`, `steps` or `csv`."""
+    """What `path` holds: `model`, `result`, `training`, `inputs`, `steps` or `csv` (an export or a training history)."""
     from cascade_cli import h5
 
     text = str(path)
@@ -232,7 +374,8 @@ def kind_of(path):
     if suffix == ".csv":
         with open(path, encoding="utf-8", errors="replace") as handle:
             first = handle.readline()
-        return "csv" if first.startswith(",".join(results_io.CSV_INDEX_COLUMNS)) else "steps"
+        export = first.startswith(",".join(results_io.CSV_INDEX_COLUMNS))
+        return "csv" if export or is_history(first) else "steps"  # a history is described by describe_csv
     if suffix == ".npy":
         array = h5.np_load(path, mmap_mode="r", expected="a .npy array")
         return "inputs" if getattr(array, "ndim", 0) == 3 else "steps"

@@ -10,7 +10,12 @@ Both layouts exist in `.h5` and `.npz` and record `layout` and `format_version`:
 
 `.csv` is a write-only long form with one row per emitted step. Every file is
 written under a temporary name in the target folder and renamed into place
-(`cascade_cli.atomic`); HDF5 files are read through `cascade_cli.h5`.
+(`cascade_cli.atomic`), never over one of its inputs, and a full disk is one
+`DataError`; HDF5 results are chunked for their batch, gzip-compressed and
+checksummed (`_FILTERS`, the 1.10 file format), and read through
+`cascade_cli.h5`, every failure of a damaged file a `DataError` naming the
+file and key (`reading`), every declared size weighed against the file's real
+size and memory before anything is allocated.
 
 Results are read and written a batch of samples at a time: `open_result`
 gives a `ResultReader` (the header and `lengths` in memory, the values on
@@ -62,6 +67,9 @@ LAYOUT_KEYS = MappingProxyType({
 """The arrays of each layout."""
 RESERVED_ATTRS = frozenset(LAYOUT_ATTRS) | {key for keys in LAYOUT_KEYS.values() for key in keys}
 """Names extra attributes may not take."""
+STOP_SUMMARY_ATTRS = ("stop_pairs", "stop_at_cap", "stop_at_first")
+"""What a stop-rule run counted (`generation.GenerateSummary.pairs`, `at_cap`, `at_first`), recorded so
+that `inspect` says what `generate` said; set them in `RaggedH5Writer.attrs` before the block ends."""
 CSV_INDEX_COLUMNS = ("sample", "outer", "inner")
 """The first columns of the csv long form; `y0, y1, ...` follow."""
 

@@ -36,7 +36,8 @@ def test_describe_result_reads_the_header_and_lengths_only(tmp_path, suffix, mon
     assert rows["inner steps"] == "6 emitted, longest 3"
     assert rows["padding"] == "pad_value -1.0, time_major False"
     assert rows["state"] == "reset" and "pad_value" not in rows
-    assert rows["stop rule"].startswith("norm >= 0.5: 1 of 4 pairs reached")  # only (0, 0) has 3 steps
+    # only (0, 0) has 3 steps: the words of generate's summary of the same run
+    assert rows["stop rule"] == "Stop rule norm >= 0.5: 1 of 4 pairs reached their cap; the rule ended the other 3 earlier."
     assert report.lengths.tolist() == LENGTHS
 
 
@@ -71,3 +72,86 @@ def test_kind_of_errors_name_the_file(tmp_path):
 def test_run_attrs_leave_the_layout_out():
     attrs = {"layout": "padded", "format_version": 1, "pad_value": 0.0, "time_major": True, "seed": 2}
     assert inspection.run_attrs(attrs) == {"seed": 2}
+
+
+def test_inspect_describes_a_stop_rule_run_as_generate_does(tmp_path):
+    path = tmp_path / "r.h5"
+    attrs = {"stop_rule": "token", "stop_value": 2, "max_steps": 3, "steps": "none", "exclude_stop_step": False}
+    write_result(path, hand_result(), attrs=attrs)
+    sentence, warning = inspection.stop_rule_lines(("token", 2), pairs=4, at_cap=1, at_first=1)
+    assert sentence == "Stop rule token == 2: 1 of 4 pairs reached their cap; the rule ended the other 3 earlier."
+    assert warning is None
+    rows = inspection.describe_result(path).rows
+    assert ("stop rule", sentence) in rows and not [row for row in rows if row[0] == "warning"]
+    capped = CascadeResult(np.zeros((12, 2), np.float32), [[3, 3], [3, 3]])  # the rule never fired
+    write_result(tmp_path / "capped.h5", capped, attrs=attrs)
+    rows = dict(inspection.describe_result(tmp_path / "capped.h5").rows)
+    assert rows["stop rule"].startswith("Stop rule token == 2: 4 of 4 pairs reached their cap")
+    assert rows["warning"].startswith("the stop rule never fired")
+    assert inspection.stop_rule_lines(("norm", 1.0), pairs=4, at_cap=0, at_first=4)[1].startswith(
+        "the stop rule fired at the first step of every pair")
+    write_result(tmp_path / "given.h5", hand_result(), attrs={**attrs, "steps": "'s.txt'"})
+    rows = inspection.describe_result(tmp_path / "given.h5").rows
+    assert rows[-1][1].startswith("(caps: max_steps 3; the steps given as caps, 's.txt', are not in the file")
+    counted = {"stop_pairs": 3, "stop_at_cap": 2, "stop_at_first": 0}  # what generate counted with its caps
+    write_result(tmp_path / "counted.h5", hand_result(), attrs={**attrs, "steps": "'s.txt'", **counted})
+    rows = inspection.describe_result(tmp_path / "counted.h5").rows
+    assert rows[-1] == ("stop rule", inspection.stop_rule_lines(("token", 2), pairs=3, at_cap=2)[0])
+    assert not set(counted) & {name for name, _ in rows}
+
+
+def test_model_inputs_and_outputs_are_named_by_their_layers():
+    import keras
+
+    x = keras.Input((3,), name="ir")
+    model = keras.Model(x, [keras.layers.Dense(2, name="head")(x), keras.layers.Dense(1, name="gate")(x)])
+    rows = dict(inspection.describe_model(model, "m.keras")[0])
+    assert rows["inputs"] == "ir (None, 3)"
+    assert rows["outputs"] == "head (None, 2); gate (None, 1)"
+    assert "keras_tensor" not in rows["outputs"]
+
+
+HISTORY = """epoch,loss,val_loss,seconds
+1,4.0,5.0,0.5
+2,2.0,3.0,0.4
+3,1.0,3.5,0.4
+"""
+
+
+def test_a_training_history_is_described_as_one(tmp_path):
+    """history.csv used to be read as a steps file."""
+    path = tmp_path / "history.csv"
+    path.write_text(HISTORY)
+    assert inspection.kind_of(path) == "csv"
+    report = inspection.describe_csv(path)
+    rows = dict(report.rows)
+    assert rows["training history"] == f"'{path}'"
+    assert rows["epochs"] == "3"
+    assert rows["last"] == "epoch 3: loss 1, val_loss 3.5"
+    assert rows["best val_loss"] == "3 at epoch 2 (the weights kept)"
+    plot = [value for name, value in report.rows if name == ""]
+    assert plot == inspection.text_plot({"loss": [4.0, 2.0, 1.0], "val_loss": [5.0, 3.0, 3.5]})
+    assert report.lengths is None
+
+
+def test_text_plot_by_hand():
+    # values 1..5 on 5 rows: one row per unit; loss 5, 3, 1 and val_loss 5, 4, 3 (both at 5 in column 0)
+    lines = inspection.text_plot({"loss": [5, 3, 1], "val_loss": [5, 4, 3]}, width=60, height=5)
+    assert lines == ["5 |*  ",
+                     "4 | x ",
+                     "3 | ox",
+                     "2 |   ",
+                     "1 |  o",
+                     "  +---"]
+    # six epochs into three columns: the mean of each pair
+    # six epochs into three columns: the means 2, 3 and 5; 2 lies half way between rows 1 and 3 and rounds up
+    assert inspection.text_plot({"loss": [1, 3, 3, 3, 5, 5]}, width=3, height=3) == [
+        "5 |  o", "3 |oo ", "1 |   ", "  +---"]
+    assert inspection.text_plot({"loss": [float("nan")]}) == []
+
+
+def test_a_history_with_a_bad_number_names_line_and_column(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_loss,seconds\n1,abc,,0.1\n")
+    with pytest.raises(DataError, match=r"line 2 column 'loss': expected a number, received 'abc'"):
+        inspection.describe_csv(path)
