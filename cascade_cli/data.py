@@ -450,6 +450,7 @@ class TrainingData:
         Returns:
             `(N,)` `float64` (floats: a forged header cannot wrap the estimate).
         """
+        self._check_open()
         inputs = self.outer_steps * self.features * (self._inputs.dtype.itemsize + 8.0)
         rows = self.steps.sum(axis=1).astype(np.float64)
         item = float(self._targets.dtype.itemsize)
@@ -471,6 +472,7 @@ class TrainingData:
             DataError: saying about how much the largest batch would need and
                 to use a smaller `batch_size`.
         """
+        self._check_open()
         needs = self.sample_bytes()
         if indices is not None:
             needs = needs[np.unique(np.asarray(indices, dtype=np.int64))]

@@ -490,3 +490,20 @@ except DataError as error:
 """)
     assert result.returncode == 0, result.stderr
     assert "key 'inputs' declares shape" in result.stdout and "but the archive holds 96 bytes of it" in result.stdout
+
+
+def test_check_batch_size_estimates_by_hand(tmp_path, monkeypatch):
+    # flat: inputs (2, 3, 1) float64 -> 3 * 1 * (8 + 8) = 48 bytes a sample; targets float32, O = 2:
+    # sample 0 has 4 rows -> 4 * 2 * (4 + 12) = 128, sample 1 has 1 row -> 32.
+    path = write_h5(tmp_path / "t.h5", inputs=np.zeros((2, 3, 1)), steps=np.array([[1, 3, 0], [0, 0, 1]]),
+                    targets=np.zeros((5, 2), dtype=np.float32))
+    with TrainingData(path) as training:
+        np.testing.assert_array_equal(training.sample_bytes(), [48 + 128, 48 + 32])
+        monkeypatch.setattr(data, "check_memory", lambda nbytes, **_: needed.append(nbytes))
+        needed = []
+        training.check_batch_size(1)
+        training.check_batch_size(5)
+        training.check_batch_size(1, indices=[1, 1])
+        assert needed == [176, 256, 80]
+    with pytest.raises(DataError, match="is closed"):
+        training.check_batch_size(1)

@@ -238,7 +238,8 @@ def test_read_attr_checks_the_type(tmp_path):
     with h5py.File(path, "w") as f:
         f.attrs.update({"time_major": np.bool_(True), "text_bool": "false", "version": np.int64(1),
                         "layout": "ragged", "bytes_layout": np.bytes_(b"padded"), "pad": 0.5,
-                        "pad_int": 2, "pair": np.array([1, 2]), "one": np.array([3]), "flag": 1})
+                        "pad_int": 2, "pair": np.array([1, 2]), "one": np.array([3]), "flag": 1,
+                        "empty": h5py.Empty("f4")})
     with open_h5(path) as f:
         assert read_attr(f, "time_major", kind=bool, path=path) is True
         assert read_attr(f, "version", kind=int, path=path) == 1
@@ -261,6 +262,8 @@ def test_read_attr_checks_the_type(tmp_path):
             read_attr(f, "one", kind=str, path=path)
         with pytest.raises(DataError, match=where + r" 'layout': expected a number, received 'ragged'$"):
             read_attr(f, "layout", kind=float, path=path)
+        with pytest.raises(DataError, match=where + r" 'empty': expected a number, received Empty$"):
+            read_attr(f, "empty", kind=float, path=path)
         with pytest.raises(DataError, match=where + r" 'missing' is missing$"):
             read_attr(f, "missing", kind=int, path=path)
     assert scalar_value(np.array(True), kind=bool, where="'r.npz' key 'time_major'") is True
