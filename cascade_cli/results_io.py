@@ -71,6 +71,8 @@ STOP_SUMMARY_ATTRS = ("stop_pairs", "stop_at_cap", "stop_at_first")
 """What a stop-rule run counted (`generation.GenerateSummary.pairs`, `at_cap`, `at_first`), recorded so
 that `inspect` says what `generate` said; set them in `RaggedH5Writer.attrs` before the block ends."""
 CSV_INDEX_COLUMNS = ("sample", "outer", "inner")
+STDOUT = "-"
+"""The output name that streams csv to standard output."""
 """The first columns of the csv long form; `y0, y1, ...` follow."""
 
 # Bytes of values read or padded at a time when no batch size is given (about 64 MiB).
@@ -478,7 +480,8 @@ def write_result(
     """Writes a result to `path` atomically, a batch of samples at a time.
 
     Args:
-        path: the output file.
+        path: the output file; `"-"` streams csv to standard output (the
+            convention), and is refused for the other formats.
         result: a `CascadeResult`, or a `ResultReader` (from `open_result`)
             whose samples are read one batch at a time.
         format: `"h5"`, `"npz"` or `"csv"`; `None` takes it from the suffix
@@ -502,8 +505,10 @@ def write_result(
     extra = _checked_attrs(attrs)
     if format != "csv" and layout not in LAYOUTS:
         raise DataError(f"layout: expected one of {', '.join(LAYOUTS)}, received '{layout}'")
+    to_stdout = format == "csv" and os.fspath(path) == STDOUT
     inputs = (*inputs, *((result.path,) if isinstance(result, ResultReader) else ()))
-    check_output_path(path, overwrite=overwrite, inputs=inputs)
+    if not to_stdout:
+        check_output_path(path, overwrite=overwrite, inputs=inputs)
     dtype = _dtype_of(result)
     size = result.output_size
     padded = format != "csv" and layout == "padded"
@@ -511,6 +516,10 @@ def write_result(
         result.outer_steps * result.max_length if padded else max(1, result.total) / max(1, result.n_samples)
     )
     pieces = _pieces_of(result, batch_samples=batch_samples, row_bytes=row_bytes)
+    if to_stdout:
+        _write_csv(sys.stdout.buffer, pieces, output_size=size, dtype=dtype)
+        sys.stdout.buffer.flush()
+        return
     with atomic_output(path, overwrite=overwrite, inputs=inputs) as temp:
         if format == "csv":
             with open(temp, "wb") as file:

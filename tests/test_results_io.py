@@ -855,3 +855,18 @@ def test_a_damaged_value_in_an_h5_result_is_an_error_not_other_values(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match="'flat_values'.*(filter|checksum|damaged)"):
         read_result(path)
+
+
+def test_csv_to_dash_streams_to_standard_output_and_other_formats_refuse_it(tmp_path):
+    write_result(tmp_path / "r.h5", hand_result())
+    write_result(tmp_path / "r.csv", hand_result())
+    code = ("import sys\nfrom cascade_cli.results_io import open_result, write_result\n"
+            "with open_result(sys.argv[1]) as reader:\n    write_result('-', reader, format='csv')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.h5")], capture_output=True, cwd=tmp_path,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (tmp_path / "r.csv").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.h5"]  # never a file named '-'
+    for format in ("h5", "npz"):
+        with pytest.raises(DataError, match="^output '-': expected a file name"):
+            write_result("-", hand_result(), format=format)
