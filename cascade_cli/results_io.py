@@ -159,7 +159,7 @@ def _chunk_rows(row_shape, dtype, rows):
     return max(1, min(max(wanted, _CHUNK_MIN_BYTES), _CHUNK_MAX_BYTES) // row_bytes)
 
 
-_FILTERS = MappingProxyType({"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True})
+_FILTERS = MappingProxyType({"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True})
 """The HDF5 filters of every result array: gzip (readable everywhere) after byte shuffling, and a checksum
 per chunk, so a damaged file is an error rather than other values."""
 _LIBVER = ("v110", "v110")
