@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import builders
-from filetools import quoted
+from clitools import assert_error, assert_nothing_in, invoke
+from filetools import quoted, write_h5
 from cascade_cli import models
 from cascade_cli.errors import ModelError
 from cascade_cli.models import check_pair, inspect_a, inspect_b, load_model, load_pair
@@ -229,3 +230,18 @@ def test_upper_case_suffixes_are_accepted(tmp_path):
     loaded = load_model(tmp_path / "legacy.H5", allow_legacy_h5=True)
     for saved, read in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(saved, read)
+
+
+def test_the_command_line_refuses_such_models_on_load_in_one_line(tmp_path):
+    a_then(keras.layers.MaxPooling1D(2)).save(tmp_path / "pool.keras")
+    builders.model_a(dtype="float64").save(tmp_path / "a64.keras")
+    builders.step_b().save(tmp_path / "b.keras")
+    write_h5(tmp_path / "x.h5", inputs=builders.inputs(2, 4))
+    out = tmp_path / "out"
+    out.mkdir()
+    for model_a, words in (("pool.keras", ["model A", "given Ta=3 it emits 1 IR vectors"]),
+                           ("a64.keras", ["model A", "float64", "model B", "float32"])):
+        result = invoke("generate", "--model-a", tmp_path / model_a, "--model-b", tmp_path / "b.keras",
+                        "--inputs", tmp_path / "x.h5", "--steps", "1,2,0,1", "-o", out / "r.h5")
+        assert_error(result, 1, *words)
+        assert_nothing_in(out)
