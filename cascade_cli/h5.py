@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import stat
+import tokenize
 import zipfile
 import zlib
 from typing import Iterator
@@ -46,9 +47,11 @@ def display(path) -> str:
 # bindings. Only calls into h5py are wrapped, so our own bugs still surface.
 H5PY_ERRORS = (OSError, RuntimeError, SystemError, TypeError, ValueError, KeyError)
 
-# What zipfile and numpy raise on a damaged `.npz`: a bad header, CRC or size,
-# an unsupported compression method or zip version, a corrupt deflate stream.
-ZIP_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, zlib.error)
+# What zipfile and numpy raise on a damaged `.npy` / `.npz`: a bad header (numpy
+# tokenizes it: TokenError, SyntaxError), CRC or size, an unsupported compression
+# method or zip version, a corrupt deflate stream.
+ZIP_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, zlib.error,
+              tokenize.TokenError, SyntaxError)
 
 _SPECIAL_FILES = (
     (stat.S_ISFIFO, "a FIFO (named pipe)"),

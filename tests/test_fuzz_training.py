@@ -1,7 +1,7 @@
 """Fuzzing training files and inputs: corrupted bytes must end in exit 0 or one `Error:` line.
 
-A small training `.h5` with flat targets, one with padded targets and an
-inputs `.npz` are mutated (1 to 16 random bytes flipped, zeroed or set to
+A small training `.h5` with flat targets, one with padded targets, an inputs
+`.npz` and a steps `.npy` are mutated (1 to 16 random bytes flipped, zeroed or set to
 0xFF) and each mutant is run as `cascade inspect F` in a subprocess under a
 time and an address-space limit (forked from one process that imported the
 CLI, so hundreds of cases take seconds). Every outcome must be exit 0 (describing the
@@ -26,7 +26,7 @@ FAST = 60
 LONG = 300
 TIME_LIMIT_S = 30
 MEMORY_LIMIT = 3 << 30
-NAMES = ("flat.h5", "padded.h5", "inputs.npz")
+NAMES = ("flat.h5", "padded.h5", "inputs.npz", "steps.npy")
 DESCRIPTIONS = ("training data", "inputs", "steps", "result")  # the first row of `inspect` for each kind
 
 
@@ -44,6 +44,7 @@ def originals(folder):
         f["inputs"], f["steps"] = inputs, steps
         f.create_dataset("targets", data=padded, chunks=(1, 3, 3, 2))
     np.savez(folder / "inputs.npz", inputs=inputs)
+    np.save(folder / "steps.npy", steps)
     return {name: (folder / name).read_bytes() for name in NAMES}
 
 

@@ -341,3 +341,12 @@ def test_an_npz_member_zipfile_cannot_open_is_a_keyed_data_error(tmp_path):
         with pytest.raises(DataError, match=rf"^{quoted(path)} key 'inputs' cannot be read: .*compression") as info:
             NpyMember(archive, "inputs", path=path)
     assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+def test_a_damaged_npy_header_is_a_data_error(tmp_path):
+    np.save(tmp_path / "s.npy", np.array([[2, 0, 1], [3, 1, 0]]))
+    data = bytearray((tmp_path / "s.npy").read_bytes())
+    data[65] = 0  # inside the header's dict: numpy's tokenizer fails (tokenize.TokenError)
+    (tmp_path / "s.npy").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"'.*s\.npy' is not readable as an array: "):
+        np_load(tmp_path / "s.npy", expected="an array")
