@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from cascade_cli.data import Batch
 from cascade_cli.errors import CascadeError, ModelError, ParameterError
-from cascade_cli.options import STRATEGIES, check_choice
+from cascade_cli.options import STRATEGIES, TRAIN_DEFAULTS, check_choice
 
 _TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}'
@@ -52,7 +52,7 @@ def _check_tf_config(raw):
 
 
 def make_strategy(name):
-    """Returns the `tf.distribute.Strategy` `name`, one of `STRATEGIES`.
+    """Returns the `tf.distribute.Strategy` `name`, one of `STRATEGIES` (None: not given, the default one).
 
     `default` is TensorFlow's one-device strategy; `mirrored` replicates over
     every local GPU, or over every logical CPU device when there is no GPU
@@ -67,6 +67,8 @@ def make_strategy(name):
             strategy asked for after TensorFlow started.
         CascadeError: a malformed `TF_CONFIG`.
     """
+    if name is None:
+        name = TRAIN_DEFAULTS["strategy"]
     check_choice("strategy", name, STRATEGIES)
     if name == "default":
         return tf.distribute.get_strategy()

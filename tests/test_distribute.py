@@ -147,6 +147,7 @@ def data_path(tmp_path_factory):
 
 
 def test_config_and_make_strategy_reject_bad_settings(monkeypatch, tmp_path, data_path):
+    assert make_strategy(None) is tf.distribute.get_strategy()  # not given: the default strategy
     for bad in (lambda: TrainConfig(strategy="tpu"), lambda: make_strategy("tpu")):
         with pytest.raises(ParameterError, match="^strategy: expected one of default, mirrored, multi-worker, "
                                                  "received 'tpu'"):
