@@ -11,8 +11,12 @@ NumPy and every `SeedGenerator` inside the two models, e.g. dropout) and
 visits the samples in `epoch_order(seed, epoch)`, with TensorFlow's
 deterministic ops on. A checkpoint is written after every epoch
 (`checkpoints.py`), so a killed run resumed with the same settings reaches
-exactly the weights of an unbroken one. Past one device, `distribute.py`
-replicates the models and splits each global batch over the replicas.
+exactly the weights of an unbroken one; settings a resume does not give come
+from that checkpoint (`resolve_config`). Ctrl-C ends `fit` with
+`TrainingInterrupted`, naming the epoch saved. The cross-entropies read B's
+outputs as logits or, when B ends in a softmax, as probabilities
+(`resolve_from_logits`). Past one device, `distribute.py` replicates the
+models and splits each global batch over the replicas.
 """
 
 from __future__ import annotations
