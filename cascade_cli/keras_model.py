@@ -292,7 +292,7 @@ class CascadeModel(keras.Model):
         """
         del verbose
         if kwargs:
-            raise ParameterError(sorted(kwargs)[0], "is not a setting of CascadeModel.predict.")
+            raise ParameterError(min(kwargs), "is not a setting of CascadeModel.predict.")
         batch_size = check_int("batch_size", batch_size, minimum=1)
         inputs = np.asarray(x)
         if not np.issubdtype(inputs.dtype, np.floating):

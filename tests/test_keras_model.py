@@ -29,9 +29,10 @@ def flat_of(ragged):
 
 
 @pytest.mark.parametrize("settings, steps", [
-    (dict(state="reset"), STEPS),
+    pytest.param(dict(state="reset"), STEPS, marks=pytest.mark.slow),
     (dict(state="carry", max_steps=4, stop_rule=StopRule.norm(1.0)), None),
-    (dict(state="reset", state_init="ir", max_steps=5, stop_rule=StopRule.token(1), exclude_stop_step=True), None),
+    pytest.param(dict(state="reset", state_init="ir", max_steps=5, stop_rule=StopRule.token(1),
+                      exclude_stop_step=True), None, marks=pytest.mark.slow),
 ])
 def test_save_and_load_in_safe_mode_give_the_same_predict_bytes(tmp_path, settings, steps):
     b = builders.step_b(units=4) if settings.get("state_init") == "ir" else builders.step_b()
@@ -128,8 +129,8 @@ def reference_step(models, inputs, steps, targets, *, state="reset", penalty=Non
     return float(loss), [v.numpy() - lr * g.numpy() for v, g in zip(variables, grads)]
 
 
-@pytest.mark.parametrize("kind, state, regularized", [("gru", "reset", False), ("lstm", "carry", False),
-                                                      ("gru", "reset", True)])
+@pytest.mark.parametrize("kind, state, regularized", [
+    ("gru", "reset", False), pytest.param("lstm", "carry", False, marks=pytest.mark.slow), ("gru", "reset", True)])
 def test_one_sgd_step_through_fit_is_w_minus_lr_times_the_reference_gradient(kind, state, regularized):
     inputs, steps, flat, padded = training_arrays()
     make = regularized_models if regularized else (lambda: (builders.model_a(), builders.step_b(kind)))
@@ -165,6 +166,7 @@ def test_the_regularizers_move_the_step():
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, penalized)) > 1e-2  # far past the tolerance
 
 
+@pytest.mark.slow  # four fits and evaluations: about 15-25 s on 2 cores
 def test_a_dataset_a_loss_object_and_metrics_give_the_history_keras_users_expect():
     inputs, steps, flat, padded = training_arrays(n=6)
     histories, weights = [], []
@@ -212,7 +214,8 @@ def test_evaluate_takes_the_named_loss_over_the_valid_elements(loss, by_hand):
     assert score == pytest.approx(float(by_hand(values.numpy(), flat)), rel=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["mae", pytest.param(keras.losses.MeanSquaredError(), marks=pytest.mark.slow)])
+@pytest.mark.slow  # two fits, a save and a load: about 15-25 s on 2 cores
+@pytest.mark.parametrize("loss", ["mae", keras.losses.MeanSquaredError()])
 def test_a_saved_compiled_model_loads_compiled_and_trains_on_as_the_original(tmp_path, loss):
     inputs, steps, _, padded = training_arrays()
     model = CascadeModel(builders.model_a(), builders.step_b())
@@ -239,13 +242,14 @@ def test_compile_refuses_an_unknown_loss_by_its_python_name():
 # ------------------------------------------------------------- callbacks
 
 
-def fit_tiny(callbacks, *, epochs=3, optimizer=None, model=None):
-    """A fresh seeded CascadeModel fit on 4 samples in batches of 2, validated on 2; returns `(model, history)`."""
+def fit_tiny(callbacks, *, epochs=3, model=None, validate=False):
+    """A fresh seeded CascadeModel fit on 4 samples in batches of 2 (validated on 2); returns `(model, history)`."""
     inputs, steps, _, padded = training_arrays(n=6)
     model = model or CascadeModel(builders.model_a(), builders.step_b())
-    model.compile(optimizer or keras.optimizers.SGD(0.1), loss="mse")
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    validation = ((inputs[4:], steps[4:]), padded[4:]) if validate else None
     history = model.fit((inputs[:4], steps[:4]), padded[:4], batch_size=2, epochs=epochs, shuffle=False,
-                        validation_data=((inputs[4:], steps[4:]), padded[4:]), callbacks=callbacks, verbose=0)
+                        validation_data=validation, callbacks=callbacks, verbose=0)
     return model, history
 
 
@@ -286,6 +290,7 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # three fits: about 12-35 s on 2 cores
 def test_backup_and_restore_after_an_interruption_reaches_the_weights_of_an_unbroken_run(tmp_path):
     unbroken, _ = fit_tiny([], epochs=3)
     backup = str(tmp_path / "backup")
@@ -293,7 +298,7 @@ def test_backup_and_restore_after_an_interruption_reaches_the_weights_of_an_unbr
         fit_tiny([keras.callbacks.BackupAndRestore(backup), Interrupt(1)], epochs=3)
     epochs_run = []
     count = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
-    resumed, history = fit_tiny([keras.callbacks.BackupAndRestore(backup), count], epochs=3)
+    resumed, _ = fit_tiny([keras.callbacks.BackupAndRestore(backup), count], epochs=3)
     assert epochs_run == [2]  # only the epoch the interruption lost
     for left, right in zip(resumed.get_weights(), unbroken.get_weights()):
         np.testing.assert_array_equal(left, right)
@@ -301,7 +306,7 @@ def test_backup_and_restore_after_an_interruption_reaches_the_weights_of_an_unbr
 
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     pytest.importorskip("tensorboard")  # tf.summary needs it
-    _, history = fit_tiny([keras.callbacks.TensorBoard(str(tmp_path / "logs"))], epochs=2)
+    _, history = fit_tiny([keras.callbacks.TensorBoard(str(tmp_path / "logs"))], epochs=2, validate=True)
     logged = {}
     for run in ("train", "validation"):
         for path in sorted((tmp_path / "logs" / run).glob("events.out.tfevents.*")):
@@ -313,7 +318,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
 
 
 def test_csv_logger_writes_the_history(tmp_path):
-    _, history = fit_tiny([keras.callbacks.CSVLogger(str(tmp_path / "history.csv"))], epochs=2)
+    _, history = fit_tiny([keras.callbacks.CSVLogger(str(tmp_path / "history.csv"))], epochs=2, validate=True)
     rows = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True)
     assert list(rows["epoch"]) == [0, 1]
     np.testing.assert_allclose(rows["loss"], history.history["loss"], rtol=1e-6)
@@ -345,7 +350,7 @@ np.savez("response.npz", **{key: value.numpy() for key, value in out.items()})
 SERVING_CASES = [(dict(state="carry"), STEPS), (dict(max_steps=4, stop_rule=StopRule.norm(1.0)), None)]
 
 
-@pytest.mark.parametrize("settings, steps", SERVING_CASES)
+@pytest.mark.parametrize("settings, steps", [SERVING_CASES[0], pytest.param(*SERVING_CASES[1], marks=pytest.mark.slow)])
 def test_the_saved_model_signature_maps_inputs_and_steps_to_flat_values_and_lengths(tmp_path, settings, steps):
     model = CascadeModel(builders.model_a(), builders.step_b(), **settings)
     x = builders.inputs(4, 3)
@@ -380,7 +385,7 @@ def test_the_saved_model_serves_predicts_values_where_cascade_cli_cannot_be_impo
     request = {"inputs": x} if steps is None else {"inputs": x, "steps": steps.astype(np.int32)}
     np.savez(tmp_path / "request.npz", **request)
     done = subprocess.run([sys.executable, "-I", "-c", SERVE], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+                          check=False, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(sorted(request))
     response = np.load(tmp_path / "response.npz")
@@ -404,7 +409,7 @@ def mixed_float16():
 
 def test_mixed_precision_follows_the_policy_and_takes_the_loss_in_float32(mixed_float16):
     inputs, steps, flat, padded = training_arrays()
-    make = lambda: (builders.model_a(dtype=None), builders.step_b(dtype=None))  # noqa: E731 (the global policy)
+    make = lambda: (builders.model_a(dtype=None), builders.step_b(dtype=None))
     ref_a, ref_b = make()
     values, _ = builders.reference(ref_a, ref_b, inputs, steps)
     assert values.dtype == tf.float16
@@ -452,7 +457,7 @@ def test_a_mirrored_fit_over_two_replicas_equals_one_device_the_loss_over_the_gl
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
     done = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path / "mirrored.npz")], env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, check=False, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     mirrored = np.load(tmp_path / "mirrored.npz")
     assert float(mirrored["loss"]) == pytest.approx(loss, rel=1e-5)
