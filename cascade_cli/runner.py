@@ -2,6 +2,12 @@
 
 Pure TensorFlow: no I/O, no progress, no tapes. It runs eagerly, inside
 `tf.function` and inside a caller's `tf.GradientTape` with the same values.
+Called eagerly it compiles itself: the settings are checked eagerly, then the
+work runs in a cached `tf.function` traced once for any batch and steps
+(`run_eagerly=True` keeps it eager, for debugging). Model A runs under XLA
+where it compiles and equals its plain call (`jit_compile="auto"`, checked once
+on a probe input); the packed loop, whose shapes change every step, stays
+outside XLA.
 
 How it stays fast (DESIGN section 3): A is called once; every inner sequence
 that runs (a `(n, t)` pair in `reset` mode, a whole sample in `carry` mode) is a
@@ -28,13 +34,14 @@ import tensorflow as tf
 from cascade_cli import packing
 from cascade_cli.cells import fast_path_problem, split_b
 from cascade_cli.errors import DataError, ModelError, ParameterError
-from cascade_cli.keras_internals import flatten_layers, stop_recording
+from cascade_cli.keras_internals import flatten_layers, seed_generators, stop_recording
 from cascade_cli.models import check_inputs_fit, check_pair
 from cascade_cli.options import FAST_CELLS, STATE_INITS, STATE_MODES, StopRule, check_choice, check_int
 from cascade_cli.recurrence import packed_recurrence
 from cascade_cli.steps import check_steps
 
-__all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "StopRule", "packed_loop", "stop_hits", "xla_inference"]
+__all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "StopRule", "packed_loop", "stop_hits", "xla_inference",
+           "xla_problem"]
 
 
 def stop_hits(rule, y):
@@ -139,10 +146,25 @@ class Cascade:
             where it applies and calls B elsewhere, True raises a
             `ParameterError` saying why where it cannot apply, False always
             calls B itself and leaves the gradient to TensorFlow.
-        jit_compile: run model A under XLA when `training=False` (opt-in; often
-            several times faster on CPU, compiled once per input shape). Its
-            gradient recomputes A under XLA. The packed loop has shapes that
-            change every step, so it stays outside XLA.
+        jit_compile: `"auto"` (default, as in Keras 3), True or False: run
+            model A under XLA. The first call checks it once on a probe input:
+            A must compile and equal its plain call. `"auto"` uses XLA where
+            that holds and A's plain call elsewhere, quietly; True raises a
+            `ParameterError` at construction where it does not hold; False
+            never compiles A. With `training=True` A runs under XLA only when
+            its training call is its inference call (no dropout or noise, no
+            statistics to update: checked on the same probe), because the
+            compiled call runs in inference mode and its gradient recomputes
+            it there; elsewhere A's plain call keeps dropout's randomness
+            exactly as Keras draws it. `a_compiled` and
+            `a_compiled_in_training` say which was chosen. The packed loop
+            has shapes that change every step, so it stays outside XLA.
+        run_eagerly: False (default): called eagerly, the cascade runs in a
+            cached `tf.function`, traced once per `training` value and input
+            dtype for every batch size and steps. True keeps every call eager,
+            for debugging (as Keras' `compile(run_eagerly=True)`), and then A
+            is not compiled either. Inside a caller's `tf.function` the
+            cascade is traced into it either way.
 
     Raises:
         ParameterError: a setting has a value it cannot take.
@@ -166,11 +188,17 @@ class Cascade:
         stop_rule=None,
         exclude_stop_step=False,
         fast_cells="auto",
-        jit_compile=False,
+        jit_compile="auto",
+        run_eagerly=False,
     ):
         check_choice("state", state, STATE_MODES)
         check_choice("state_init", state_init, STATE_INITS)
         check_choice("fast_cells", fast_cells, FAST_CELLS)
+        check_choice("jit_compile", jit_compile, FAST_CELLS)  # the same "auto" / True / False switch
+        check_choice("run_eagerly", run_eagerly, (True, False))
+        if jit_compile is True and run_eagerly:
+            raise ParameterError("jit_compile", "True cannot apply with run_eagerly=True, which compiles nothing; "
+                                                "pass jit_compile='auto' or False.")
         max_steps = check_int("max_steps", max_steps, minimum=1, allow_none=True)
         if stop_rule is not None and not isinstance(stop_rule, StopRule):
             raise ParameterError("stop_rule", f"expected a StopRule or None, received {stop_rule!r}.")
@@ -218,7 +246,25 @@ class Cascade:
         self._split = split_b(model_b) if fast_cells is not False and self.b_spec.form == "step" else None
         if fast_cells is True:
             self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False)  # raise now where it cannot apply
-        self._xla_a = xla_inference(model_a) if jit_compile else None
+        self.jit_compile = jit_compile
+        self.run_eagerly = run_eagerly
+        self._functions = {}  # (kind, training, dtype, F) -> the cached tf.function of an eager call
+        self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
+        self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
+        if jit_compile is True:
+            self._choose_xla(features=self.a_spec.features)  # raise now where A cannot compile
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def a_compiled(self):
+        """Whether model A runs under XLA in inference (`training=False`); None before the first call decides."""
+        return None if self._xla is None else self._xla.inference
+
+    @property
+    def a_compiled_in_training(self):
+        """Whether model A runs under XLA with `training=True`; None before the first call decides."""
+        return None if self._xla is None else self._xla.training
 
     # ------------------------------------------------------------------ public
 
@@ -234,7 +280,54 @@ class Cascade:
         Returns:
             A `tf.RaggedTensor` `(N, Ta, None, O)`.
         """
-        values, lengths = self.run(inputs, steps, training=training)
+        inputs, caps = self._checked(inputs, steps)
+        if not self._compiles(inputs):
+            return self._ragged(inputs, caps, training)
+        out = self._compiled("ragged", inputs, training=training)(inputs, caps)
+        # The trace knows no N or Ta: give the eager result the static shape an eager run has.
+        return tf.RaggedTensor.from_uniform_row_length(out.values, inputs.shape[1], nrows=inputs.shape[0],
+                                                       validate=False)
+
+    def run(self, inputs, steps=None, *, training=False):
+        """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.
+
+        `values` are in value order: sample, then outer step, then inner step.
+        """
+        inputs, caps = self._checked(inputs, steps)
+        if self._compiles(inputs):
+            return self._compiled("flat", inputs, training=training)(inputs, caps)
+        return self._run(inputs, caps, training)
+
+    # ------------------------------------------------------------- compiling
+
+    def _compiles(self, inputs):
+        """Whether this call goes through a cached `tf.function`: an eager call, unless `run_eagerly`."""
+        # Ta == 0 runs no model at all, and needs the static shape to know it.
+        return not self.run_eagerly and tf.executing_eagerly() and inputs.shape[1] != 0
+
+    def _compiled(self, kind, inputs, *, training):
+        """The cached `tf.function` of `_ragged` or `_run`, traced once for any `N`, `Ta` and steps.
+
+        Keyed on `training` (a Python value the trace depends on) and the
+        inputs' dtype and `F`; steps always arrive as int32 caps `(N, Ta)`, so
+        given steps, shared steps and `max_steps` share one trace.
+        """
+        key = (kind, training, inputs.dtype, inputs.shape[2])
+        if key not in self._functions:
+            body = self._ragged if kind == "ragged" else self._run
+            signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
+                         tf.TensorSpec([None, None], tf.int32)]
+            self._functions[key] = tf.function(lambda inputs, caps: body(inputs, caps, training),
+                                               input_signature=signature)
+        return self._functions[key]
+
+    def _checked(self, inputs, steps):
+        """`(inputs, caps (N, Ta) int32)`: the inputs and steps checked, before any model runs."""
+        inputs = self._check_inputs(inputs)
+        return inputs, self._check_steps(steps, inputs)
+
+    def _ragged(self, inputs, caps, training):
+        values, lengths = self._run(inputs, caps, training)
         outer = lengths.shape[1] if lengths.shape[1] is not None else tf.shape(lengths, out_type=tf.int64)[1]
         inner = tf.RaggedTensor.from_row_lengths(
             values, tf.reshape(tf.cast(lengths, tf.int64), [-1]), validate=False
@@ -242,17 +335,14 @@ class Cascade:
         samples = tf.shape(lengths, out_type=tf.int64)[0]
         return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), nrows=samples, validate=False)
 
-    def run(self, inputs, steps=None, *, training=False):
-        """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.
-
-        `values` are in value order: sample, then outer step, then inner step.
-        """
-        inputs = self._check_inputs(inputs)
-        caps = self._check_steps(steps, inputs)
+    def _run(self, inputs, caps, training):
+        """`run` on checked inputs and caps: A once, then the path for B's form and the state mode."""
         if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
             ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
+        elif self._a_under_xla(inputs, training=training):
+            ir = self._xla_a(inputs)
         else:
-            ir = self._xla_a(inputs) if self._xla_a and training is False else self.model_a(inputs, training=training)
+            ir = self.model_a(inputs, training=training)
         if ir.shape.rank != 3:
             raise ModelError(f"model A returned shape {tuple(ir.shape)}; expected (N, Ta, H).")
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
@@ -269,6 +359,29 @@ class Cascade:
             outputs = split.head(outputs, training=training)
         values = _permute(outputs, order)  # value order: by pair, then step
         return values, self._lengths(caps, pairs)
+
+    # ------------------------------------------------------------------- XLA
+
+    def _a_under_xla(self, inputs, *, training):
+        """Whether this call runs A under XLA: decided once, on the first call (`_choose_xla`)."""
+        if self._xla is None:
+            self._choose_xla(features=inputs.shape[2])
+        return self._xla.inference if training is False else self._xla.training
+
+    def _choose_xla(self, *, features):
+        """Checks once whether A compiles under XLA and equals its plain call; sets `self._xla`.
+
+        Runs eagerly (`tf.init_scope`) on a seeded probe input, so the first
+        call may be eager or inside a caller's `tf.function` alike. Raises a
+        `ParameterError` for `jit_compile=True` where A does not compile.
+        """
+        spec = self.a_spec
+        shape = (2, spec.outer_steps or 3, spec.features or features or 1)
+        with tf.init_scope():
+            problem, training = xla_problem(self.model_a, self._xla_a, shape)
+        if problem is not None and self.jit_compile is True:
+            raise ParameterError("jit_compile", f"True, but model A cannot run under XLA: {problem}.")
+        self._xla = _XlaChoice(problem is None, problem is None and training is None, problem or training)
 
     # ------------------------------------------------------------ validation
 
@@ -545,6 +658,72 @@ def xla_inference(model):
         return y, gradient
 
     return call
+
+
+# How close A under XLA must come to its plain call, by the dtype of A's outputs.
+_XLA_TOLERANCE = {2: 1e-2, 4: 1e-5, 8: 1e-9}
+
+
+def xla_problem(model, compiled, shape):
+    """Checks on a seeded probe input whether `compiled` can stand in for `model`.
+
+    Args:
+        model: model A.
+        compiled: `xla_inference(model)`.
+        shape: the probe's shape `(N, Ta, F)`.
+
+    Returns:
+        `(problem, training_problem)`: why the compiled call cannot replace
+        `model(x, training=False)` (it fails to compile, or its values differ),
+        or None; and, where it can, why it cannot replace `model(x,
+        training=True)` too, or None. The training call is probed only where
+        it has no side effect to undo but the seed generators' states, which
+        are put back.
+    """
+    probe = tf.constant(np.random.default_rng(0).normal(size=shape), model.inputs[0].dtype)
+    try:
+        plain = model(probe, training=False)
+    except Exception as error:  # noqa: BLE001 - any failure means: do not compile
+        return f"its plain call fails on a probe input of shape {shape} ({_first_line(error)})", None
+    try:
+        xla = compiled(probe)
+    except Exception as error:  # noqa: BLE001 - XLA raises several error types for ops it cannot compile
+        return f"it does not compile ({_first_line(error)})", None
+    plain, xla = np.asarray(plain), np.asarray(xla)
+    tolerance = _XLA_TOLERANCE.get(plain.dtype.itemsize, 1e-5)
+    scale = max(1.0, float(np.max(np.abs(plain)))) if plain.size else 1.0
+    difference = float(np.max(np.abs(xla.astype(np.float64) - plain))) if plain.size else 0.0
+    if not np.isfinite(difference) or difference > tolerance * scale:
+        return (f"its compiled values differ from its plain call's by up to {difference:.3g} on a probe input "
+                f"(allowed {tolerance * scale:.3g})"), None
+    if model.non_trainable_weights:
+        return None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)"
+    generators = seed_generators([model])
+    states = [generator.state.numpy() for generator in generators]
+    try:
+        draws = [np.asarray(model(probe, training=True)) for _ in range(2)]
+    except Exception as error:  # noqa: BLE001
+        return None, f"model A's training call fails on a probe input ({_first_line(error)})"
+    finally:
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+    if any(not np.array_equal(draw, plain) for draw in draws):
+        return None, "model A's training call differs from its inference call (dropout or noise)"
+    return None, None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _XlaChoice:
+    """Where A runs under XLA, and why not where it does not."""
+
+    inference: bool
+    training: bool
+    reason: str | None
 
 
 @dataclasses.dataclass(frozen=True)

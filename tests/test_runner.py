@@ -10,7 +10,8 @@ import tensorflow as tf
 
 import builders
 from cascade_cli.errors import DataError, ModelError, ParameterError
-from cascade_cli.runner import Cascade, packed_loop
+from cascade_cli.keras_internals import seed_generators
+from cascade_cli.runner import Cascade, packed_loop, xla_inference, xla_problem
 
 PER_SAMPLE = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros and a whole zero row
 SHARED = np.array([2, 0, 3, 1])
@@ -109,9 +110,11 @@ def test_hand_worked_values():
 @pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
 @pytest.mark.parametrize("state", ["reset", "carry"])
 def test_eager_and_tf_function_agree(b_kind, state):
-    cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
+    """The eager path (`run_eagerly=True`), the compiled eager call and a caller's tf.function agree."""
+    a, b = builders.model_a(), make_b(b_kind)
+    cascade = Cascade(a, b, state=state)
     x = builders.inputs(3, 4)
-    eager = cascade(x, PER_SAMPLE)
+    eager = Cascade(a, b, state=state, run_eagerly=True)(x, PER_SAMPLE)
     compiled = tf.function(lambda x, steps: cascade(x, steps))
     for steps in (PER_SAMPLE, np.array([[1, 0, 0, 5], [2, 2, 2, 2], [0, 0, 0, 0]])):
         got = compiled(tf.constant(x), tf.constant(steps))
@@ -196,7 +199,9 @@ def test_gradient_isolation(b_kind):
     steps = np.array([[2, 0, 3, 1]])
     ir = tf.constant(builders.inputs(1, 4, features=4))
     for state in ("reset", "carry"):
-        cascade = Cascade(identity_a(4), make_b(b_kind), state=state)
+        # Eager: the compiled call under a persistent tape takes seconds to build; its gradients equal the eager
+        # path's (test_eager_call_under_a_tape_equals_the_eager_path).
+        cascade = Cascade(identity_a(4), make_b(b_kind), state=state, run_eagerly=True)
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(ir)
             out = cascade(ir, steps)
@@ -409,3 +414,175 @@ def test_packed_loop_with_no_rows_returns_empty_outputs():
     outputs, pairs = packed_loop(accumulate, pair_body, rows=rows, states=[tf.zeros([0, 1])], output_size=1,
                                  dtype=tf.float32, counts=tf.constant([0]))
     assert outputs.shape == (0, 1) and pairs.shape == (0,)
+
+
+# ---------------------------------------------------------------- compiled by default, XLA on A
+
+
+class CallCounter(keras.layers.Layer):
+    """Passes its input through and counts its Python calls: one per trace, or one per eager call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, x):
+        self.calls += 1
+        return x
+
+
+def counting_a():
+    inputs = keras.Input(shape=(None, 3))
+    counter = CallCounter()
+    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(counter(inputs))
+    return keras.Model(inputs, ir), counter
+
+
+FIVE_CALLS = [  # (N, steps): different batch sizes, shared and per-sample steps, zeros, steps left to max_steps
+    (1, [2, 0, 1, 3]),
+    (3, PER_SAMPLE),
+    (5, np.zeros((5, 4), int)),
+    (2, np.array([[1, 5, 0, 2], [0, 0, 4, 1]])),
+    (4, None),
+]
+
+
+@pytest.mark.parametrize("jit_compile", [False, "auto"])
+def test_eager_calls_trace_once(jit_compile):
+    """Five eager calls, each a new N and steps pattern: one trace (counted by TensorFlow and by A's Python calls)."""
+    a, counter = counting_a()
+    cascade = Cascade(a, builders.step_b(), max_steps=5, jit_compile=jit_compile)
+
+    def traces():
+        return sum(function.experimental_get_tracing_count() for function in cascade._functions.values())
+
+    seen = []
+    for n, steps in FIVE_CALLS:
+        out = cascade(builders.inputs(n, 4), steps)
+        assert out.shape[:2] == (n, 4)
+        seen.append(counter.calls)
+    assert traces() == 1
+    assert seen[0] > 0 and seen == [seen[0]] * 5  # A's Python code ran while tracing only
+    cascade.run(builders.inputs(3, 4), PER_SAMPLE)  # run has its own trace, once
+    values, _ = cascade.run(builders.inputs(6, 4), np.ones((6, 4), int))
+    assert traces() == 2 and values.shape == (24, 2)
+
+
+def test_run_eagerly_runs_every_call_eagerly():
+    a, counter = counting_a()
+    cascade = Cascade(a, builders.step_b(), max_steps=5, run_eagerly=True)
+    seen = []
+    for n, steps in FIVE_CALLS:
+        cascade(builders.inputs(n, 4), steps)
+        seen.append(counter.calls)
+    assert all(later > earlier for earlier, later in zip(seen, seen[1:]))  # A's Python code ran every call
+    assert not cascade._functions  # nothing traced
+    assert cascade.a_compiled is False and cascade.a_compiled_in_training is False
+
+
+@pytest.mark.parametrize("b_kind", ["gru", "sequence"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_eager_call_under_a_tape_equals_the_eager_path(b_kind, state):
+    """The compiled eager call gives the values and gradients of `run_eagerly=True`, which the reference checks."""
+    a, b = builders.model_a("lstm"), make_b(b_kind)
+    x = builders.inputs(3, 4)
+    results = []
+    for run_eagerly in (True, False):
+        cascade = Cascade(a, b, state=state, run_eagerly=run_eagerly)
+        got, weights = gradients(cascade, x, PER_SAMPLE, lambda: cascade(x, PER_SAMPLE).flat_values)
+        results.append((cascade(x, PER_SAMPLE).flat_values.numpy(), got))
+    np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-5)
+    for weight, compiled, eager in zip(weights, results[1][1], results[0][1]):
+        assert compiled is not None, weight.path
+        np.testing.assert_allclose(tf.convert_to_tensor(compiled), tf.convert_to_tensor(eager), rtol=1e-4,
+                                   atol=1e-5, err_msg=weight.path)
+
+
+class HostDoubling(keras.layers.Layer):
+    """`2 * x` computed on the host by `tf.numpy_function`, which XLA cannot compile."""
+
+    def call(self, x):
+        y = tf.numpy_function(lambda v: (2 * v).astype(v.dtype), [x], x.dtype, stateful=False)
+        return tf.ensure_shape(y, x.shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def host_a():
+    inputs = keras.Input(shape=(None, 3))
+    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
+    return keras.Model(inputs, HostDoubling()(ir))
+
+
+def test_jit_compile_auto_compiles_a_where_it_compiles():
+    a, b = builders.model_a("gru"), builders.step_b("lstm")
+    x = builders.inputs(3, 4)
+    cascade = Cascade(a, b)  # jit_compile="auto" by default
+    assert cascade.a_compiled is None and cascade.a_compiled_in_training is None  # nothing decided before use
+    values = cascade(x, PER_SAMPLE).flat_values
+    assert cascade.a_compiled is True and cascade.a_compiled_in_training is True  # no dropout: exact in training
+    plain = Cascade(a, b, jit_compile=False)
+    np.testing.assert_allclose(values, plain(x, PER_SAMPLE).flat_values, atol=1e-5)
+    assert plain.a_compiled is False
+    inside = Cascade(a, b)  # first use inside a caller's tf.function decides the same way
+    tf.function(lambda x: inside(x, PER_SAMPLE).flat_values)(tf.constant(x))
+    assert inside.a_compiled is True
+
+
+def test_jit_compile_auto_falls_back_quietly_where_a_does_not_compile():
+    a, b = host_a(), builders.step_b()
+    x = builders.inputs(3, 4)
+    cascade = Cascade(a, b)
+    values = cascade(x, PER_SAMPLE).flat_values
+    assert cascade.a_compiled is False and cascade.a_compiled_in_training is False
+    np.testing.assert_allclose(values, Cascade(a, b, run_eagerly=True)(x, PER_SAMPLE).flat_values, atol=1e-6)
+    with pytest.raises(ParameterError, match=r"^jit_compile: True, but model A cannot run under XLA: it does not "
+                                             r"compile \(") as caught:
+        Cascade(a, b, jit_compile=True)
+    assert caught.value.parameter == "jit_compile"
+
+
+def test_jit_compile_in_training_keeps_dropout_as_keras_draws_it():
+    """A with dropout: XLA in inference only; training=True values equal the uncompiled A's under the same seeds."""
+    inputs = keras.Input(shape=(None, 3))
+    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
+    a = keras.Model(inputs, keras.layers.Dropout(0.5, seed=3)(ir))
+    b = builders.step_b()
+    x = builders.inputs(3, 4)
+    generators = seed_generators([a, b])
+    start = [generator.state.numpy() for generator in generators]
+    cascade = Cascade(a, b)
+    trained = cascade(x, PER_SAMPLE, training=True).flat_values.numpy()  # decides (probing A), then runs
+    assert cascade.a_compiled is True and cascade.a_compiled_in_training is False
+    for generator, state in zip(generators, start):  # the same seeds again
+        generator.state.assign(state)
+    plain = Cascade(a, b, jit_compile=False)(x, PER_SAMPLE, training=True).flat_values.numpy()
+    np.testing.assert_allclose(trained, plain, atol=1e-6)  # the probe drew nothing the run could see
+    inference = Cascade(a, b, jit_compile=False)(x, PER_SAMPLE).flat_values.numpy()
+    assert not np.allclose(trained, inference)  # dropout did act
+    np.testing.assert_allclose(cascade(x, PER_SAMPLE).flat_values, inference, atol=1e-5)
+
+
+def test_xla_problem_names_what_does_not_hold():
+    a = builders.model_a("gru")
+    off_by_one = lambda x: a(x, training=False) + 1.0  # noqa: E731
+    problem, training = xla_problem(a, off_by_one, (2, 3, 3))
+    assert problem.startswith("its compiled values differ from its plain call's by up to 1 on a probe input")
+    assert training is None
+    assert xla_problem(a, xla_inference(a), (2, 3, 3)) == (None, None)
+    inputs = keras.Input(shape=(None, 3))
+    normed = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.GRU(4, return_sequences=True)(inputs)))
+    assert xla_problem(normed, xla_inference(normed), (2, 3, 3)) == (
+        None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)")
+
+
+def test_bad_compile_settings():
+    a, b = builders.model_a(), builders.step_b()
+    with pytest.raises(ParameterError, match=r"^jit_compile: expected one of auto, True, False, received 'yes'\.$"):
+        Cascade(a, b, jit_compile="yes")
+    with pytest.raises(ParameterError, match=r"^run_eagerly: expected one of True, False, received 1\.$"):
+        Cascade(a, b, run_eagerly=1)
+    with pytest.raises(ParameterError, match=r"^jit_compile: True cannot apply with run_eagerly=True, which "
+                                             r"compiles nothing; pass jit_compile='auto' or False\.$"):
+        Cascade(a, b, jit_compile=True, run_eagerly=True)
