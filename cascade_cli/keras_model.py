@@ -39,16 +39,15 @@ from cascade_cli.options import LOSSES, StopRule, check_int
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
-from cascade_cli.training import _check_regularizers, _loss_terms, regularization_loss
+from cascade_cli.training import _check_regularizers, _loss_terms, regularization_loss, resolve_from_logits
 
 __all__ = ["CascadeModel", "export_saved_model"]
 
-# Keras' spellings of the losses cascade knows, beside cascade's own (`options.LOSSES`).
-_KERAS_LOSS_NAMES = {"mse": "mse", "mae": "mae", "categorical_crossentropy": "categorical-crossentropy",
-                     **{name: name for name in LOSSES}}
+# Keras' spellings of the losses cascade knows (`categorical_crossentropy`), beside cascade's own (`options.LOSSES`).
+_LOSS_NAMES = {**{name.replace("-", "_"): name for name in LOSSES}, **{name: name for name in LOSSES}}
 
 
-def _loss_terms_of(loss):
+def _loss_terms_of(loss, *, model_b, from_logits):
     """`terms(predictions, targets) -> (sum, count)` for a loss name or a `keras.losses.Loss`."""
     if isinstance(loss, keras.losses.Loss):
         def terms(predictions, targets):  # the Loss' own per-row values, averaged over the valid rows
@@ -56,10 +55,11 @@ def _loss_terms_of(loss):
             return tf.reduce_sum(tf.cast(per_row, tf.float32)), tf.cast(tf.size(per_row), tf.float32)
 
         return terms
-    if isinstance(loss, str) and loss in _KERAS_LOSS_NAMES:
-        return _loss_terms(_KERAS_LOSS_NAMES[loss])
-    raise ParameterError(
-        "loss", f"expected one of mse, mae, categorical_crossentropy or a keras.losses.Loss, received {loss!r}.")
+    if isinstance(loss, str) and loss in _LOSS_NAMES:
+        name = _LOSS_NAMES[loss]
+        return _loss_terms(name, from_logits=resolve_from_logits(model_b, from_logits, loss=name))
+    names = ", ".join(name.replace("-", "_") for name in LOSSES)
+    raise ParameterError("loss", f"expected one of {names} or a keras.losses.Loss, received {loss!r}.")
 
 
 def _stop_rule_config(rule):
@@ -157,15 +157,20 @@ class CascadeModel(keras.Model):
 
     # ------------------------------------------------------------- compile
 
-    def compile(self, optimizer="rmsprop", loss="mse", metrics=None, **kwargs):
+    def compile(self, optimizer="rmsprop", loss="mse", metrics=None, *, from_logits=None, **kwargs):
         """Configures training, as `keras.Model.compile` does.
 
         Args:
             optimizer: a Keras optimizer or its name.
-            loss: `"mse"`, `"mae"`, `"categorical_crossentropy"` (B's outputs
-                read as logits) or a `keras.losses.Loss`, averaged over the
-                valid elements only.
+            loss: `"mse"`, `"mae"`, `"categorical_crossentropy"` (one-hot
+                targets), `"sparse_categorical_crossentropy"` (token ids, padded
+                `(N, Ta, L)` or `(N, Ta, L, 1)`), cascade's own spellings of
+                them (`options.LOSSES`), or a `keras.losses.Loss`; averaged
+                over the valid elements only.
             metrics: Keras metrics, computed on the valid rows `(total, O)`.
+            from_logits: for the cross-entropies, whether B's outputs are
+                logits; None detects it (`training.resolve_from_logits`:
+                probabilities when B ends in a softmax).
             **kwargs: `keras.Model.compile`'s others; `jit_compile` defaults
                 to False (the packed loop's shapes change every step).
 
@@ -173,11 +178,11 @@ class CascadeModel(keras.Model):
             ParameterError: an unknown loss.
             ModelError: a layer with an activity regularizer.
         """
-        self._terms = _loss_terms_of(loss)
+        self._terms = _loss_terms_of(loss, model_b=self.model_b, from_logits=from_logits)
         _check_regularizers((self.model_a, self.model_b))
         kwargs.setdefault("jit_compile", False)
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
-        self._compiled_loss = loss
+        self._compiled_loss, self._from_logits = loss, from_logits
 
     def get_compile_config(self):
         """`keras.Model`'s compile config, with this model's loss (saved in `.keras` files)."""
@@ -185,6 +190,7 @@ class CascadeModel(keras.Model):
         if config is not None and self._compiled_loss is not None:
             loss = self._compiled_loss
             config["loss"] = loss if isinstance(loss, str) else keras.saving.serialize_keras_object(loss)
+            config["from_logits"] = self._from_logits
         return config
 
     def compile_from_config(self, config):

@@ -233,9 +233,27 @@ def test_a_saved_compiled_model_loads_compiled_and_trains_on_as_the_original(tmp
         np.testing.assert_array_equal(left, right)
 
 
+def test_sparse_crossentropy_reads_padded_token_ids_and_detects_a_softmax_b():
+    inputs, steps, flat, _ = training_arrays()
+    ids = np.arange(len(flat)) % 2
+    padded = np.full(steps.shape + (4,), -1, np.int64)  # ids past steps are never read
+    padded[np.arange(4)[None, None, :] < steps[..., None]] = ids
+    model_b = builders.step_b()
+    softmax_b = keras.Model(model_b.inputs, [keras.layers.Softmax()(model_b.outputs[0]), *model_b.outputs[1:]])
+    for b, to_probabilities in ((model_b, lambda v: np.exp(v) / np.exp(v).sum(-1, keepdims=True)),
+                                (softmax_b, lambda v: np.clip(v, 1e-7, 1 - 1e-7))):
+        model = CascadeModel(builders.model_a(), b)
+        model.compile("sgd", loss="sparse_categorical_crossentropy")  # from_logits detected from B
+        values, _ = builders.reference(model.model_a, b, inputs, steps)
+        by_hand = -np.mean(np.log(to_probabilities(values.numpy())[np.arange(len(ids)), ids]))
+        score = model.evaluate((inputs, steps), padded, batch_size=len(inputs), verbose=0)
+        assert score == pytest.approx(float(by_hand), rel=1e-5)
+
+
 def test_compile_refuses_an_unknown_loss_by_its_python_name():
     model = CascadeModel(builders.model_a(), builders.step_b())
-    with pytest.raises(ParameterError, match="^loss: expected one of mse, mae, categorical_crossentropy"):
+    with pytest.raises(ParameterError, match="^loss: expected one of mse, mae, categorical_crossentropy, "
+                                             "sparse_categorical_crossentropy or a keras.losses.Loss"):
         model.compile("sgd", loss="hinge")
 
 
