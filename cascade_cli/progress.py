@@ -241,8 +241,8 @@ class TrainReport(TrainCallbacks):
             self._progress = None
 
     def _print(self, text):
-        (self._progress.console if self._progress is not None else self.console).print(text, markup=False,
-                                                                                        highlight=False)
+        console = self._progress.console if self._progress is not None else self.console
+        console.print(text, markup=False, highlight=False, soft_wrap=True)  # whole lines for pipes and greps
 
     def run_started(self, info):
         """Prints the header: sample counts, device, replicas, the epochs and learning rate, warnings."""

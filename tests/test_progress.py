@@ -62,7 +62,7 @@ def test_fixed_loss_has_one_width_and_precision():
 
 
 def test_train_report_prints_a_header_and_one_fixed_width_row_per_epoch_when_live_progress_is_off():
-    console = plain_console()
+    console = Console(file=io.StringIO(), width=40)  # narrow: lines stay whole all the same
     history = [{"epoch": 1, "loss": 0.5, "val_loss": 0.25, "seconds": 0.5},
                {"epoch": 2, "loss": 0.25, "val_loss": 0.375, "seconds": 10.25},
                {"epoch": 3, "loss": 0.125, "val_loss": 0.0625, "seconds": 1.0}]
