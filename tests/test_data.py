@@ -425,7 +425,8 @@ from cascade_cli.errors import DataError
 
 def _run_limited(body, *, limit=1536 << 20):
     script = _LIMIT_SCRIPT.format(limit=limit, body=body)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # thread buffers count as address space
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
 
 
 def _sparse_training_file(path, *, steps, targets_shape, layout_chunks):

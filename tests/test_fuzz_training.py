@@ -94,7 +94,7 @@ def run_all(cases, folder):
     """Runs `cascade ARGS` for each `ARGS` in `cases` under the limits: one `CompletedProcess` each."""
     specs = [{"args": [str(a) for a in args], "out": str(folder / f"out{i}"), "err": str(folder / f"err{i}")}
              for i, args in enumerate(cases)]
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     driver = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(specs), str(TIME_LIMIT_S), str(MEMORY_LIMIT)],
                             capture_output=True, text=True, env=env, timeout=60 + len(cases) * (TIME_LIMIT_S + 1))
     assert driver.returncode == 0, driver.stderr[-2000:]
