@@ -5,6 +5,7 @@ value, so they are checked first against the simplest possible reference: one
 sample, one outer step, one inner step at a time, in eager Python.
 """
 
+import dataclasses
 import importlib.util
 import json
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from benchmarks import bench
+from benchmarks import bench, peers
 from benchmarks.nested import limit, make_limit, make_nested_loops, nested_loops
 
 FEATURES, HIDDEN, UNITS, OUTPUTS = 3, 4, 5, 2
@@ -367,3 +368,127 @@ def test_every_method_runs_the_models_in_inference_both_ways(method):
     if method.endswith("_xla"):  # really the XLA call: it refuses training mode
         with pytest.raises(ValueError, match="inference only"):
             bench.xla_model(plain_a)(inputs, training=True)
+
+
+# --------------------------------------------------------------------------- peers (issue 16)
+
+needs_torch = pytest.mark.skipif(not peers.has_torch(), reason="torch is not installed (the optional bench extra)")
+PEER_STEPS = np.array([[0, 2, 0, 3], [1, 0, 0, 2], [0, 0, 0, 0]], dtype=np.int32)  # zeros, and a whole zero row
+
+
+REFERENCE_VALUES = {}  # state -> the README call's values on peer_models, computed once
+
+
+@pytest.fixture(scope="module")
+def peer_models():
+    return bench.build_models(features=FEATURES, hidden=HIDDEN, outputs=OUTPUTS, seed=3)
+
+
+def peer_function(method, peer_models, state, direction):
+    model_a, model_b = peer_models
+    run_plan = peers.plan(quick=True)
+    return peers.make_method(method, model_a, model_b, state=state, direction=direction, run_plan=run_plan,
+                             hidden=HIDDEN, shared={})
+
+
+def peer_values(method, peer_models, state):
+    function, numpy_inputs = peer_function(method, peer_models, state, "forward")
+    arrays = (np.random.default_rng(2).normal(size=(*PEER_STEPS.shape, FEATURES)).astype(np.float32), PEER_STEPS)
+    return peers.flat_values(method, function(*(arrays if numpy_inputs else peers.inputs_as_tensors(arrays))))
+
+
+@needs_runner
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("method", ["keras_padded", pytest.param("keras_padded_xla", marks=pytest.mark.slow),
+                                    pytest.param("torch_packed", marks=needs_torch), "nested", "cascade_plain"])
+def test_peer_values_equal_the_cascade(peer_models, state, method):
+    """Every peer computes the cascade's values, in value order (the README's eager call is the reference)."""
+    if state not in REFERENCE_VALUES:
+        REFERENCE_VALUES[state] = peer_values("readme", peer_models, state)
+    expected = REFERENCE_VALUES[state]
+    assert expected.shape == (PEER_STEPS.sum(), OUTPUTS)
+    np.testing.assert_allclose(peer_values(method, peer_models, state), expected, atol=1e-5)
+
+
+@needs_runner
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_keras_padded_gradients_equal_the_cascade(peer_models, state):
+    """The padded peer's gradients, A's and its own GRU and Dense's, equal the cascade's for A and B."""
+    arrays = peers.inputs_as_tensors((np.random.default_rng(2).normal(size=(*PEER_STEPS.shape, FEATURES))
+                                      .astype(np.float32), PEER_STEPS))
+    got = peer_function("keras_padded", peer_models, state, "forward+backward")[0](*arrays)
+    want = peer_function("cascade", peer_models, state, "forward+backward")[0](*arrays)
+    assert len(got) == len(want) == 3 + 3 + 2  # A's GRU, B's GRU cell, B's Dense
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(tf.convert_to_tensor(g), tf.convert_to_tensor(w), rtol=1e-4, atol=1e-5)
+
+
+def peer_timings(medians):
+    """Timings for the quick plan's first case: `medians` is `(state, direction, method) -> seconds`."""
+    case = peers.plan(quick=True).cases[0]
+    return [{"name": case.name, "state": state, "direction": direction, "method": method, "median_s": seconds,
+             "times_s": [seconds]} for (state, direction, method), seconds in medians.items()]
+
+
+def test_peer_targets_and_the_ratio_to_the_best_peer():
+    run_plan = peers.plan(quick=True)
+    run_plan = dataclasses.replace(run_plan, cases=run_plan.cases[:1])
+    medians = {}
+    for state in peers.STATES:
+        for direction in peers.DIRECTIONS:
+            medians.update({(state, direction, "readme"): 1.05, (state, direction, "cascade"): 1.0,
+                            (state, direction, "cascade_plain"): 1.5, (state, direction, "nested"): 5.0,
+                            (state, direction, "keras_padded"): 2.0, (state, direction, "keras_padded_xla"): 1.25})
+    medians[("carry", "forward+backward", "keras_padded_xla")] = 1.0  # the best carry peer ties the cascade
+    timings = peer_timings(medians)  # no torch_packed: the best of the peers that ran
+    assert peers.best_peer(timings, run_plan.cases[0].name, "reset", "forward") == ("keras_padded_xla", 1.25)
+    targets = peers.evaluate_targets(run_plan, timings)
+    verdicts = [(t["name"], t["state"], t["direction"], round(t["measured"], 3), t["passed"]) for t in targets]
+    assert verdicts == [
+        ("README's eager call near the compiled one", "reset", "forward", 1.05, True),
+        ("README's eager call near the compiled one", "reset", "forward+backward", 1.05, True),
+        ("README's eager call near the compiled one", "carry", "forward", 1.05, True),
+        ("README's eager call near the compiled one", "carry", "forward+backward", 1.05, True),
+        ("default settings beat the best peer", "reset", "forward", 0.8, True),  # 1.0 / 1.25
+        ("default settings beat the best peer", "reset", "forward+backward", 0.8, True),
+        ("carry faster than nested loops", "carry", "forward+backward", 5.0, True),
+        ("carry beats the best carry peer", "carry", "forward+backward", 1.0, False),
+    ]
+    rows = peers.timing_rows(run_plan, timings)
+    assert len(rows) == 4 and all(len(row) == len(peers.TIMING_HEADER) for row in rows)
+    assert rows[0][3:] == ["1050.0", "1000.0", "1500.0", "5000.0", "2000.0", "1250.0", "-", "keras_padded_xla",
+                           "1.05", "0.80", "1.20", "5.00"]
+
+
+def test_peers_run_stands_beside_the_runner_run(tmp_path):
+    """A peers run replaces only an earlier peers run of its device; both render into RESULTS.md."""
+    run_plan = peers.plan(quick=True)
+    timings = peer_timings({("reset", "forward", "cascade"): 0.002})
+    peers_run = {"suite": "peers", "device": "cpu", "machine": fake_run("cpu", quick=False, value=1.0)["machine"],
+                 "plan": dataclasses.asdict(run_plan), "timings": timings,
+                 "targets": peers.evaluate_targets(run_plan, timings),
+                 "a_choice": {"N=1 Ta=6 H=4": {"a_compiled": True, "a_compiled_in_training": True}}}
+    bench.write_report(tmp_path, run=fake_run("cpu", quick=True, value=1.0))
+    bench.write_report(tmp_path, run=peers_run)
+    report = bench.write_report(tmp_path, run=peers_run)
+    assert [run.get("suite", "runner") for run in report["runs"]] == ["runner", "peers"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## cpu (quick" in text and "## Peers, cpu (quick" in text
+    assert "| N=1 Ta=6 H=4 | reset | forward | - | 2.0 |" in text
+    assert "N=1 Ta=6 H=4: XLA in inference, XLA in training" in text
+    assert "not built: issue 13 (the generator) has not landed" in text
+
+
+def test_keras_gru_weights_map_to_torch_gate_order():
+    """Keras keeps gates (z, r, h) in column blocks; PyTorch wants rows (r, z, n): checked on block labels."""
+    torch = pytest.importorskip("torch")
+    units, features = 2, 3
+    layer = keras.layers.GRUCell(units)
+    layer.build((None, features))
+    label = np.repeat(np.array([1.0, 2.0, 3.0], np.float32), units)  # z z r r h h
+    layer.set_weights([np.tile(label, (features, 1)), np.tile(label, (units, 1)), np.stack([label, 10 * label])])
+    gru = torch.nn.GRU(features, units, batch_first=True)
+    peers.keras_gru_to_torch(layer, gru)
+    assert gru.weight_ih_l0.detach().numpy()[:, 0].tolist() == [2, 2, 1, 1, 3, 3]  # r r z z n n
+    assert gru.weight_hh_l0.detach().numpy()[:, 0].tolist() == [2, 2, 1, 1, 3, 3]
+    assert gru.bias_hh_l0.detach().numpy().tolist() == [20, 20, 10, 10, 30, 30]
