@@ -366,10 +366,11 @@ def check_pair(model_a, model_b, *, names=None, check_causal=True):
     (float16, float32 or float64), B's output `y` too (result files and the
     losses hold those; bfloat16 and integer outputs are refused), and a
     step-form B must return its states in the IR's dtype, because the runner
-    starts them in that dtype and carries them through one loop. Mixed
-    precision passes: a policy such as `mixed_float16` on both models (both
-    compute in float16), or on B alone fed A's float32 IR (B's float32
-    variables match the IR; its states come back in its float16 compute dtype).
+    starts them in that dtype and carries them through one compiled loop.
+    Mixed precision passes when both models use it: under `mixed_float16`
+    (float32 variables, float16 compute) A emits float16 IR and B returns
+    float16 states. A float32 A with a `mixed_float16` B is refused (its
+    float16 states would not match the float32 ones it starts from).
 
     Args:
         model_a: model A.
@@ -414,10 +415,8 @@ def _check_dtypes(model_a, model_b, *, form, role_a, role_b):
         raise ModelError(f"{role_b} emits {outputs[0]} outputs and {role_a} emits {ir} IR vectors; cascade "
                          f"stores and trains float16, float32 or float64 outputs: {hint}.")
     if form == "step":  # its states follow y
-        mixed = {(layer.dtype_policy.variable_dtype, layer.dtype_policy.compute_dtype) for layer in model_b.layers
-                 if layer.dtype_policy.variable_dtype != layer.dtype_policy.compute_dtype}
         for index, state in enumerate(outputs[1:], start=1):
-            if state != ir and (ir, state) not in mixed:
+            if state != ir:
                 raise ModelError(
                     f"{role_a} emits {ir} IR vectors but {role_b} returns state {index} in {state}; B's states "
                     f"start in the IR's dtype and must keep it: {hint}."
