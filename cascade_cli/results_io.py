@@ -952,7 +952,11 @@ class ResultReader:
         """
         if self._arrays is None:
             raise DataError(f"result file '{self.path}' is closed")
-        batch = _batch_samples(max(row_bytes or 0, self._row_bytes()), batch_samples)
+        per_sample = max(row_bytes or 0, self._row_bytes())
+        batch = _batch_samples(per_sample, batch_samples)
+        if self.n_samples:
+            h5.check_memory(int(min(batch, self.n_samples) * per_sample),
+                            what=f"reading {min(batch, self.n_samples):,} samples of '{self.path}' at a time")
         for start in range(0, self.n_samples, batch):
             stop = min(start + batch, self.n_samples)
             try:

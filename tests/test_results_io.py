@@ -870,3 +870,14 @@ def test_csv_to_dash_streams_to_standard_output_and_other_formats_refuse_it(tmp_
     for format in ("h5", "npz"):
         with pytest.raises(DataError, match="^output '-': expected a file name"):
             write_result("-", hand_result(), format=format)
+
+
+def test_a_batch_that_would_not_fit_in_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "p.h5"
+    write_result(path, hand_result(), layout="padded")  # one sample: Ta 2 x L 3 x O 2 float32 = 48 bytes
+    with open_result(path) as reader:
+        monkeypatch.setattr(h5, "memory_available", lambda: 47)
+        with pytest.raises(DataError, match=r"reading 1 samples of .* at a time would need about 48 bytes"):
+            next(reader.pieces(batch_samples=1))
+        monkeypatch.setattr(h5, "memory_available", lambda: 48)
+        assert next(reader.pieces(batch_samples=1)).n_samples == 1
