@@ -87,7 +87,8 @@ class CascadeModel(keras.Model):
             `predict` and the serving export; training runs the given steps.
         exclude_stop_step: leave the step that met the stop rule out.
         fast_cells: `"auto"`, True or False (see `Cascade`).
-        jit_compile: run A under XLA when not training (see `Cascade`).
+        jit_compile: `Cascade`'s XLA switch for A when not training; None
+            (default) leaves it at `Cascade`'s default.
         **kwargs: `keras.Model`'s own (`name`, ...).
 
     Raises:
@@ -103,7 +104,7 @@ class CascadeModel(keras.Model):
     """
 
     def __init__(self, model_a, model_b, *, state="reset", state_init="zeros", max_steps=None, stop_rule=None,
-                 exclude_stop_step=False, fast_cells="auto", jit_compile=False, **kwargs):
+                 exclude_stop_step=False, fast_cells="auto", jit_compile=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(stop_rule, dict):
             stop_rule = StopRule(**stop_rule)
@@ -111,11 +112,12 @@ class CascadeModel(keras.Model):
         self.model_b = model_b
         self._settings = dict(state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
                               exclude_stop_step=bool(exclude_stop_step), fast_cells=fast_cells,
-                              jit_compile=bool(jit_compile))
-        self.cascade = Cascade(model_a, model_b, **self._settings)
+                              jit_compile=jit_compile)
+        runner = {key: value for key, value in self._settings.items() if value is not None or key != "jit_compile"}
+        self.cascade = Cascade(model_a, model_b, **runner)
         # Training runs the given steps: no stop rule, no max_steps bound.
         self.training_cascade = self.cascade if stop_rule is None and max_steps is None else Cascade(
-            model_a, model_b, **{**self._settings, "max_steps": None, "stop_rule": None})
+            model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
         self._compiled_loss = None
