@@ -52,8 +52,10 @@ FLAGS = {
     "max_steps": "--max-steps", "exclude_stop_step": "--exclude-stop-step", "shard": "--shard",
     "threshold": "--stop-norm", "token_id": "--stop-token", "inputs_key": "--inputs-key",
     "pad_value": "--pad-value", "time_major": "--time-major", "layout": "--layout", "format": "--format",
+    "allow_legacy_h5": "--allow-legacy-h5", "from_logits": "--from-logits",
 }
-_BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "no --freeze-a")}
+_BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
+                  "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe")}
 # `name=value` (the value quoted or up to a space, comma, semicolon, bracket or final stop), or quoted text.
 _TOKENS = re.compile(r"(?P<name>\b[a-z][a-z0-9_]*)=(?P<value>'[^']*'|[^\s,;)']+?)(?=[\s,;)]|\.?$|\.\s)"
                      r"|(?P<quoted>'[^']*')")
@@ -239,13 +241,15 @@ class ModelFiles:
     allow_legacy_h5: bool = False
 
     def load(self, console):
-        """Loads `(model_a, model_b)`; warns loudly on `console` when safe mode is off."""
-        return load_models([self.model_a, self.model_b], ["model A", "model B"], console=console,
-                           unsafe=self.unsafe, allow_legacy_h5=self.allow_legacy_h5)
+        """Loads `(model_a, model_b)` and checks that they fit, naming the files; warns when safe mode is off."""
+        _warn_unsafe(console, [self.model_a, self.model_b], unsafe=self.unsafe)
+        _load_tensorflow()
+        from cascade_cli.models import load_pair
+
+        return load_pair(self.model_a, self.model_b, safe_mode=not self.unsafe, allow_legacy_h5=self.allow_legacy_h5)
 
 
-def load_models(paths, roles, *, console, unsafe, allow_legacy_h5):
-    """Loads model files with `models.load_model`, warning on `console` when `unsafe`."""
+def _warn_unsafe(console, paths, *, unsafe):
     if unsafe:
         names = ", ".join(f"'{path}'" for path in paths)
         _say(
@@ -254,6 +258,11 @@ def load_models(paths, roles, *, console, unsafe, allow_legacy_h5):
             "will run on this machine. Use it only for files you trust.",
             style="bold red",
         )
+
+
+def load_models(paths, roles, *, console, unsafe, allow_legacy_h5):
+    """Loads model files with `models.load_model`, warning on `console` when `unsafe`."""
+    _warn_unsafe(console, paths, unsafe=unsafe)
     _load_tensorflow()
     from cascade_cli.models import load_model
 
@@ -579,14 +588,18 @@ def export(ctx, result, format_, layout, pad_value, time_major, output, overwrit
 # --------------------------------------------------------------------- train
 
 
-def _print_training(console, history, out_dir):
-    from cascade_cli.progress import epochs_table
-
-    console.print(epochs_table(history))
+def _print_training(console, out_dir):
     out_dir = Path(out_dir)
     for what, name in (("model A", "model_a.keras"), ("model B", "model_b.keras"), ("history", "history.csv"),
                        ("checkpoints", "checkpoints")):
         _say(console, f"{what:>11}: {out_dir / name}")
+
+
+def _default(name):
+    """The `[default: ...]` `--help` shows for a training flag left unset (None: not given)."""
+    from cascade_cli.options import TRAIN_DEFAULTS
+
+    return str(TRAIN_DEFAULTS[name])
 
 
 @main.command()
@@ -595,59 +608,73 @@ def _print_training(console, history, out_dir):
               help="HDF5 with inputs (N, Ta, F), steps (N, Ta) and targets, flat (sum(steps), O) or padded.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where model_a.keras, model_b.keras, history.csv and checkpoints/ go.")
-@click.option("--epochs", type=click.IntRange(1, INT32_MAX), default=TrainConfig.epochs, show_default=True,
+@click.option("--epochs", type=click.IntRange(1, INT32_MAX), show_default=_default("epochs"),
               help="Epochs to train up to.")
-@click.option("--batch-size", type=click.IntRange(1, INT32_MAX), default=TrainConfig.batch_size, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, INT32_MAX), show_default=_default("batch_size"),
               help="Samples per step.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.learning_rate, show_default=True,
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), show_default=_default("learning_rate"),
               metavar="LR", help="The optimizer's step size.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TrainConfig.optimizer, show_default=True)
-@click.option("--loss", type=click.Choice(LOSSES), default=TrainConfig.loss, show_default=True,
-              help="Averaged over valid elements only; categorical-crossentropy reads B's outputs as logits.")
-@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.val_split, show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), show_default=_default("optimizer"))
+@click.option("--loss", type=click.Choice(LOSSES), show_default=_default("loss"),
+              help="Averaged over valid elements only. sparse-categorical-crossentropy takes integer token ids.")
+@click.option("--from-logits/--no-from-logits", default=None,
+              help="Whether B's outputs are logits (cross-entropy losses); by default detected: probabilities "
+                   "when B ends in a softmax, logits otherwise.")
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), show_default=_default("val_split"),
               metavar="F", help="Fraction of the samples held out for validation.")
-@click.option("--shuffle/--no-shuffle", default=TrainConfig.shuffle, show_default=True, help="A new seeded order every epoch.")
-@click.option("--freeze-a", is_flag=True, help="Train model B only.")
-@click.option("--state", type=click.Choice(STATE_MODES), default=TrainConfig.state, show_default=True,
+@click.option("--shuffle/--no-shuffle", default=None, show_default="shuffle", help="A new seeded order every epoch.")
+@click.option("--freeze-a/--no-freeze-a", default=None, help="Train model B only.")
+@click.option("--state", type=click.Choice(STATE_MODES), show_default=_default("state"),
               help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
-@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=TrainConfig.seed, show_default=True,
+@click.option("--state-init", type=click.Choice(STATE_INITS), show_default=_default("state_init"),
+              help="B's initial state: zeros, or the IR vector itself (needs --state reset and state size == H).")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), show_default=_default("seed"),
               help="Seeds the split, the order and every random op.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
-@click.option("--patience", type=click.IntRange(1, INT32_MAX), metavar="P",
-              help="Stop after P epochs without a better val_loss and keep the best weights.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=TrainConfig.strategy, show_default=True,
+@click.option("--resume", is_flag=True,
+              help="Continue from the last checkpoint in --out-dir, with the run's own settings unless given.")
+@click.option("--patience", type=click.IntRange(0, INT32_MAX), metavar="P",
+              help="Stop after P epochs without a better val_loss and keep the best weights (0: off).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), show_default=_default("strategy"),
               help="tf.distribute strategy: mirrored uses every local GPU; multi-worker reads TF_CONFIG.")
 @click.pass_context
-def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, val_split, shuffle,
-          freeze_a, state, seed, resume, patience, strategy):
+def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
+          shuffle, freeze_a, state, state_init, seed, resume, patience, strategy):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
     Example:
       cascade train --model-a A.keras --model-b B.keras --data train.h5 --out-dir run1 \\
           --epochs 20 --learning-rate 0.01
+      cascade train ... --out-dir run1 --epochs 40 --resume   # the run's own settings, 20 more epochs
     """
     with _usage(ctx):
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                             optimizer=optimizer, loss=loss, val_split=val_split, shuffle=shuffle,
-                             freeze_a=freeze_a, state=state, seed=seed, patience=patience, resume=resume,
-                             strategy=strategy)
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+                             loss=loss, from_logits=from_logits, val_split=val_split, shuffle=shuffle,
+                             freeze_a=freeze_a, state=state, state_init=state_init, seed=seed, patience=patience,
+                             resume=resume, strategy=strategy)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir
     from cascade_cli.data import TrainingData
     from cascade_cli.distribute import make_strategy
     from cascade_cli.progress import train_callbacks
-    from cascade_cli.training import fit
+    from cascade_cli.training import TrainingInterrupted, fit
 
     check_out_dir(out_dir)
-    distribution = make_strategy(strategy)  # multi-worker must be set up before TensorFlow runs anything
-    with TrainingData(data_path) as data:
-        model_a, model_b = models.load(console)
-        with train_callbacks(console) as callbacks:
-            history = fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks,
-                          strategy=distribution)
-    _print_training(console, history, out_dir)
+    distribution = make_strategy(strategy or _default("strategy"))  # before TensorFlow runs anything
+    try:
+        with TrainingData(data_path) as data:
+            model_a, model_b = models.load(console)
+            with train_callbacks(console) as callbacks:
+                fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks, strategy=distribution)
+    except TrainingInterrupted as stopped:
+        if stopped.epoch:
+            _say(console, f"Interrupted: epoch {stopped.epoch} of {stopped.epochs} is saved in "
+                          f"'{stopped.out_dir / 'checkpoints'}'; continue it with the same command and --resume.")
+        else:
+            _say(console, "Interrupted before the first epoch was saved; nothing to resume.")
+        raise click.exceptions.Exit(130) from None
+    _print_training(console, out_dir)
 
 
 # ------------------------------------------------------------------- inspect
@@ -766,12 +793,11 @@ def demo(out_dir, epochs, overwrite):
     started = time.perf_counter()
     _load_tensorflow()
     from cascade_cli.demo import run_demo
-    from cascade_cli.progress import epochs_table, train_callbacks
+    from cascade_cli.progress import train_callbacks
 
     with train_callbacks(console) as callbacks:
         done = run_demo(paths, epochs=epochs, overwrite=overwrite, callbacks=callbacks,
                         progress=_progress(console, "generating"), say=lambda text: _say(console, text))
-    console.print(epochs_table(done.history))
     _print_generation(console, done.summary, stop_rule=None)
     shown = [(0, t) for t in range(done.result.outer_steps) if done.result.lengths[0, t]][:3]
     report.print(_sequences_table(done.result, done.targets, pairs=shown))

@@ -137,7 +137,7 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
         if not allow_legacy_h5:
             raise ModelError(
                 f"{role} '{path}' is a legacy .h5 model; only local .keras files are loaded "
-                "by default. Pass --allow-legacy-h5 to load it anyway."
+                "by default. Pass allow_legacy_h5=True to load it anyway."
             )
     elif suffix != ".keras":
         raise ModelError(f"{role} '{path}' has suffix '{path.suffix}'; expected a .keras file.")
@@ -159,7 +159,7 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
         if safe_mode and ("safe_mode" in str(error) or "Lambda" in str(error)):
             raise ModelError(
                 f"{role} '{path}' contains code (a Lambda layer or similar) and safe mode refused "
-                "to load it. Pass --unsafe only if you trust where the file came from."
+                "to load it. Pass safe_mode=False only if you trust where the file came from."
             ) from error
         raise ModelError(f"could not load {role} '{path}': {message}") from error
     if not isinstance(model, keras.Model):
