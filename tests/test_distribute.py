@@ -29,7 +29,7 @@ from test_training import regularized_models
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(cascade_cli.__file__).resolve().parent.parent  # subprocesses import this very package
-TIMEOUT = 150  # seconds, for each subprocess
+TIMEOUT = 300  # seconds, for each subprocess (about 35 s alone on 2 cores; 150 s when the cores are shared)
 MODEL_FILES = ("model_a.keras", "model_b.keras")
 
 # 12 samples; batch 5 splits 3+2, 3+2, 1+1 over two replicas. With val_split 0.25, 9 samples
