@@ -655,8 +655,7 @@ def _read_kind(path):
     raise DataError(f"result file '{path}' is neither HDF5 nor .npz; expected a cascade result")
 
 
-_DAMAGED = (*h5.H5PY_ERRORS, IndexError, OverflowError, NotImplementedError, EOFError, zipfile.BadZipFile,
-            struct.error)
+_DAMAGED = (*h5.H5PY_ERRORS, *h5.ZIP_ERRORS, IndexError, OverflowError, struct.error)
 """What h5py, zipfile and numpy raise on a damaged file (HDF5's own checks surface as any of them)."""
 
 
