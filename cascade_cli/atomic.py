@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 from cascade_cli.errors import DataError
@@ -241,3 +242,43 @@ def atomic_output(path, *, overwrite=False, suffix="", inputs=()):
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(lock_fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, *, overwrite=False):
+    """Yields a temporary folder beside `path` and renames it onto `path` on success.
+
+    For writers that make a folder (a TensorFlow SavedModel): a killed run
+    leaves no half folder at `path`. An existing folder is replaced only with
+    `overwrite`, after the new one is complete.
+
+    Raises:
+        DataError: `path` is a file, or a folder with files in it and
+            `overwrite` is false, or its parent is missing or not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"output '{path}' is a file; expected a folder name")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise DataError(f"output folder '{path}' already holds files; pass overwrite=True to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise DataError(f"output folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"output folder '{parent}' is not writable")
+    temp = parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
+    temp.mkdir()
+    try:
+        yield temp
+        if path.exists():
+            old = temp.with_name(f"{temp.name}-old")
+            os.replace(path, old)
+            os.replace(temp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, path)
+    except BaseException as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        if is_no_space(error):
+            raise no_space_error(path) from error
+        raise

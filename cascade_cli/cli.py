@@ -235,10 +235,27 @@ def _consoles():
 class ModelFiles:
     """The two model files and how to load them (`--model-a`, `--model-b`, `--unsafe`, `--allow-legacy-h5`)."""
 
-    model_a: str
-    model_b: str
+    model_a: str | None
+    model_b: str | None
     unsafe: bool = False
     allow_legacy_h5: bool = False
+    packed: str | None = None  # a generator from `cascade pack`, instead of the two files
+
+    @property
+    def paths(self):
+        """The model files read: the packed generator, or A and B."""
+        return (self.packed,) if self.packed is not None else (self.model_a, self.model_b)
+
+    def load_generator(self, console):
+        """Loads `(model_a, model_b, settings)`: the two files (no settings), or a packed generator's."""
+        if self.packed is None:
+            return (*self.load(console), {})
+        _warn_unsafe(console, [self.packed], unsafe=self.unsafe)
+        _load_tensorflow()
+        from cascade_cli.keras_model import load_generator
+
+        generator = load_generator(self.packed, safe_mode=not self.unsafe)
+        return generator.model_a, generator.model_b, generator.settings
 
     def load(self, console):
         """Loads `(model_a, model_b)` and checks that they fit, naming the files; warns when safe mode is off."""
@@ -279,12 +296,12 @@ _LOAD_OPTIONS = (
     click.option("--allow-legacy-h5", is_flag=True, help="Also load legacy Keras .h5 model files."),
 )
 
+_MODEL_A_HELP = "Model A, (batch, Ta, F) -> (batch, Ta, H): a local .keras file."
+_MODEL_B_HELP = ("Model B, step form [x, *states] -> [y, *states] or causal sequence form (batch, T, H) -> "
+                 "(batch, T, O): a local .keras file.")
 _MODEL_OPTIONS = (
-    click.option("--model-a", "model_a", required=True, metavar="A.keras",
-                 help="Model A, (batch, Ta, F) -> (batch, Ta, H): a local .keras file."),
-    click.option("--model-b", "model_b", required=True, metavar="B.keras",
-                 help="Model B, step form [x, *states] -> [y, *states] or causal sequence form "
-                      "(batch, T, H) -> (batch, T, O): a local .keras file."),
+    click.option("--model-a", "model_a", required=True, metavar="A.keras", help=_MODEL_A_HELP),
+    click.option("--model-b", "model_b", required=True, metavar="B.keras", help=_MODEL_B_HELP),
 ) + _LOAD_OPTIONS
 
 
@@ -297,6 +314,29 @@ def _apply(options, function):
 def load_options(command):
     """Adds `--unsafe` and `--allow-legacy-h5` to a command."""
     return _apply(_LOAD_OPTIONS, command)
+
+
+def generator_options(command):
+    """Like `model_options`, with `--model GENERATOR.keras` (from `cascade pack`) in place of the two files."""
+
+    @functools.wraps(command)
+    def wrapper(*args, model, model_a, model_b, unsafe, allow_legacy_h5, **kwargs):
+        ctx = click.get_current_context()
+        if model is not None and (model_a is not None or model_b is not None):
+            raise click.UsageError("--model is a packed generator: give it, or --model-a and --model-b, not both.",
+                                   ctx)
+        if model is None and (model_a is None or model_b is None):
+            raise click.UsageError("give --model-a A.keras and --model-b B.keras, or --model GENERATOR.keras.", ctx)
+        files = ModelFiles(model_a, model_b, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=model)
+        return command(*args, models=files, **kwargs)
+
+    options = (click.option("--model", metavar="GENERATOR.keras",
+                            help="A generator packed by cascade pack (A, B and the runner settings; flags given "
+                                 "here override its settings)."),
+               click.option("--model-a", "model_a", metavar="A.keras", help=_MODEL_A_HELP),
+               click.option("--model-b", "model_b", metavar="B.keras", help=_MODEL_B_HELP),
+               ) + _LOAD_OPTIONS
+    return _apply(options, wrapper)
 
 
 def model_options(command):
@@ -340,23 +380,79 @@ def main(debug):
 # ------------------------------------------------------------------ generate
 
 
-def _stop_rule(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step):
-    """Checks the run-time stopping flags and returns `(kind, value)` or None."""
+@dataclasses.dataclass(frozen=True)
+class RunnerFlags:
+    """The runner settings given on the command line; None (False for the switch) where not given."""
+
+    state: str | None = None
+    state_init: str | None = None
+    max_steps: int | None = None
+    stop_rule: tuple | None = None  # (kind, value)
+    exclude_stop_step: bool = False
+
+    def settings(self, saved=None):
+        """The `Cascade` settings: each flag given, else the saved one (a packed generator's), else the default."""
+        from cascade_cli.options import StopRule
+
+        saved = dict(saved or {})
+        rule = self.stop_rule
+        stop_rule = saved.get("stop_rule") if rule is None else getattr(StopRule, rule[0])(rule[1])
+        return {"state": self.state or saved.get("state", "reset"),
+                "state_init": self.state_init or saved.get("state_init", "zeros"),
+                "max_steps": self.max_steps if self.max_steps is not None else saved.get("max_steps"),
+                "stop_rule": stop_rule,
+                "exclude_stop_step": self.exclude_stop_step or bool(saved.get("exclude_stop_step", False))}
+
+
+def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init):
     if stop_norm is not None and stop_token is not None:
         raise click.UsageError("--stop-norm and --stop-token are two stop rules; use one of them.", ctx)
-    if (stop_norm is not None or stop_token is not None) and max_steps is None:
-        flag = "--stop-norm" if stop_norm is not None else "--stop-token"
-        raise click.UsageError(f"{flag} needs --max-steps M, the most inner steps a pair may run.", ctx)
-    if exclude_stop_step and stop_norm is None and stop_token is None:
+    if stop_norm is not None and not math.isfinite(stop_norm):
+        raise click.BadParameter(f"expected a finite threshold, received {stop_norm}.", ctx, param_hint="'--stop-norm'")
+    rule = ("norm", float(stop_norm)) if stop_norm is not None else None
+    rule = ("token", int(stop_token)) if stop_token is not None else rule
+    return RunnerFlags(state=state, state_init=state_init, max_steps=max_steps, stop_rule=rule,
+                       exclude_stop_step=exclude_stop_step)
+
+
+_RUNNER_OPTIONS = (
+    click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
+                 help="The most inner steps a pair may run: the length a stop rule runs to (given steps above M "
+                      "are an error)."),
+    click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T."),
+    click.option("--stop-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
+                 help="Stop a pair after the first output whose argmax is ID."),
+    click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens)."),
+    click.option("--state", type=click.Choice(STATE_MODES), show_default="reset",
+                 help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps."),
+    click.option("--state-init", type=click.Choice(STATE_INITS), show_default="zeros",
+                 help="B's initial state: zeros, or the IR vector itself (needs state size == H)."),
+)
+
+
+def runner_options(command):
+    """Adds the runner flags (`--max-steps`, `--stop-norm`, `--stop-token`, `--exclude-stop-step`, `--state`,
+    `--state-init`), passed on as `runner: RunnerFlags`."""
+
+    @functools.wraps(command)
+    def wrapper(*args, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, **kwargs):
+        flags = _runner_flags(click.get_current_context(), max_steps=max_steps, stop_norm=stop_norm,
+                              stop_token=stop_token, exclude_stop_step=exclude_stop_step, state=state,
+                              state_init=state_init)
+        return command(*args, runner=flags, **kwargs)
+
+    return _apply(_RUNNER_OPTIONS, wrapper)
+
+
+def _make_cascade(ctx, model_a, model_b, settings, *, cls=None):
+    """Builds the runner (or `cls`, e.g. `CascadeModel`) from `settings`; a bad setting is a usage error."""
+    if settings["exclude_stop_step"] and settings["stop_rule"] is None:
         raise click.UsageError("--exclude-stop-step needs a stop rule: --stop-norm T or --stop-token ID.", ctx)
-    if stop_norm is not None:
-        if not math.isfinite(stop_norm):
-            raise click.BadParameter(f"expected a finite threshold, received {stop_norm}.", ctx,
-                                     param_hint="'--stop-norm'")
-        return ("norm", float(stop_norm))
-    if stop_token is not None:
-        return ("token", int(stop_token))
-    return None
+    if cls is None:
+        from cascade_cli.runner import Cascade as cls
+    rule = settings["stop_rule"]
+    with _usage(ctx, stop_rule="--stop-token" if rule is not None and rule.kind == "token" else "--stop-norm"):
+        return cls(model_a, model_b, **settings)
 
 
 def _read_steps_option(*, steps_file, steps_text):
@@ -390,20 +486,13 @@ def _print_generation(console, summary, *, stop_rule):
         f"{summary.emitted / seconds:,.1f} inner steps/s).",
     )
     if stop_rule is not None:
-        from cascade_cli.inspection import rule_text
+        from cascade_cli.inspection import stop_rule_lines
 
-        stopped = summary.pairs - summary.at_cap
-        _say(
-            console,
-            f"Stop rule {rule_text(stop_rule)}: {summary.at_cap:,} of {summary.pairs:,} pairs reached their cap; "
-            f"the rule ended the other {stopped:,} earlier.",
-        )
-        if summary.pairs and summary.at_cap == summary.pairs:
-            _say(console, "Warning: the stop rule never fired, so every pair ran to its cap; check its value "
-                          "against what model B emits (is B trained?).", style="yellow")
-        elif summary.at_first and summary.at_first == summary.pairs:
-            _say(console, "Warning: the stop rule fired at the first step of every pair; check its value against "
-                          "what model B emits (is B trained?).", style="yellow")
+        sentence, warning = stop_rule_lines((stop_rule.kind, stop_rule.value), pairs=summary.pairs,
+                                            at_cap=summary.at_cap, at_first=summary.at_first)
+        _say(console, sentence)
+        if warning is not None:
+            _say(console, f"Warning: {warning}", style="yellow")
 
 
 def _shard_option(ctx, param, value):
@@ -419,24 +508,14 @@ def _shard_option(ctx, param, value):
 
 
 @main.command()
-@model_options
+@generator_options
 @click.option("--inputs", "inputs_path", required=True, metavar="X.h5",
               help="Inputs (N, Ta, F): .h5 (dataset --inputs-key), .npy or .npz (key --inputs-key).")
 @click.option("--inputs-key", default="inputs", show_default=True, help="Dataset or array name in --inputs.")
 @click.option("--steps-file", metavar="S",
               help="Inner steps: .txt/.csv (one line for all samples or one per sample), .npy, .json or .h5.")
 @click.option("--steps", "steps_text", metavar="3,4,2", help="Inner steps per outer step, the same for every sample.")
-@click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
-              help="The most inner steps a pair may run: the length a stop rule runs to (given steps above M "
-                   "are an error).")
-@click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T.")
-@click.option("--stop-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
-              help="Stop a pair after the first output whose argmax is ID.")
-@click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens).")
-@click.option("--state", type=click.Choice(STATE_MODES), default="reset", show_default=True,
-              help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps.")
-@click.option("--state-init", type=click.Choice(STATE_INITS), default="zeros", show_default=True,
-              help="B's initial state: zeros, or the IR vector itself (needs state size == H).")
+@runner_options
 @click.option("--batch-size", type=click.IntRange(1, INT32_MAX), default=GENERATE_BATCH_SIZE, show_default=True,
               help="Samples per call.")
 @click.option("-o", "--output", required=True, metavar="RESULT.h5", help="The ragged HDF5 result to write.")
@@ -446,8 +525,8 @@ def _shard_option(ctx, param, value):
               help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
                    "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
 @click.pass_context
-def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_steps, stop_norm, stop_token,
-             exclude_stop_step, state, state_init, batch_size, output, overwrite, seed, shard):
+def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runner, batch_size, output, overwrite,
+             seed, shard):
     """Run the cascade on inputs and write a ragged HDF5 result.
 
     \b
@@ -456,49 +535,47 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, max_s
           --steps-file steps.txt -o results.h5
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 \\
           --max-steps 50 --stop-token 0 --exclude-stop-step -o results.h5
+      cascade generate --model generator.keras --inputs X.h5 --steps 3,4,2 -o results.h5
       cascade generate ... --shard 0/4 -o part0.h5   # then part1..part3, and cascade merge
     """
     if steps_file is not None and steps_text is not None:
         raise click.UsageError("--steps and --steps-file both give the inner steps; use one of them.", ctx)
-    rule = _stop_rule(ctx, max_steps=max_steps, stop_norm=stop_norm, stop_token=stop_token,
-                      exclude_stop_step=exclude_stop_step)
-    if steps_file is None and steps_text is None and max_steps is None:
-        raise click.UsageError(
-            "no inner steps given: use --steps-file S or --steps 3,4,2, or --max-steps M "
-            "(with a stop rule, --stop-norm T or --stop-token ID).", ctx)
     if Path(output).suffix.lower() not in (".h5", ".hdf5"):
         raise click.BadParameter(
             f"generate writes a ragged HDF5 result, expected a .h5 name, received '{output}'; "
             "convert it afterwards with cascade export.", ctx, param_hint="'-o' / '--output'")
-    _check_output(output, overwrite=overwrite, inputs=(models.model_a, models.model_b, inputs_path, steps_file))
+    _check_output(output, overwrite=overwrite, inputs=(*models.paths, inputs_path, steps_file))
     console, _ = _consoles()
     steps, where = _read_steps_option(steps_file=steps_file, steps_text=steps_text)
     from cascade_cli.data import open_inputs
 
     with open_inputs(inputs_path, key=inputs_key) as source:
-        model_a, model_b = models.load(console)
+        model_a, model_b, saved = models.load_generator(console)
+        settings = runner.settings(saved)
+        cascade = _make_cascade(ctx, model_a, model_b, settings)
+        if steps is None and settings["max_steps"] is None:
+            raise click.UsageError(
+                "no inner steps given: use --steps-file S or --steps 3,4,2, or --max-steps M "
+                "(with a stop rule, --stop-norm T or --stop-token ID).", ctx)
         from cascade_cli.generation import generate_to_file, identify_run, resolve_steps
-        from cascade_cli.options import StopRule
-        from cascade_cli.runner import Cascade
 
-        steps = resolve_steps(steps, source, max_steps=max_steps, where=where)
-        stop_rule = None if rule is None else getattr(StopRule, rule[0])(rule[1])
-        with _usage(ctx, stop_rule="--stop-token" if stop_token is not None else "--stop-norm"):
-            cascade = Cascade(model_a, model_b, state=state, state_init=state_init, max_steps=max_steps,
-                              stop_rule=stop_rule, exclude_stop_step=exclude_stop_step)
+        steps = resolve_steps(steps, source, max_steps=settings["max_steps"], where=where)
         import keras
 
         keras.utils.set_random_seed(seed)
+        rule = settings["stop_rule"]
         attrs = {
-            "model_a": str(models.model_a), "model_b": str(models.model_b), "inputs": str(inputs_path),
-            "inputs_key": str(inputs_key), "steps": where.strip("'"), "state": state, "state_init": state_init,
-            "stop_rule": "none" if rule is None else rule[0], "exclude_stop_step": bool(exclude_stop_step),
+            **({"model": str(models.packed)} if models.packed else
+               {"model_a": str(models.model_a), "model_b": str(models.model_b)}),
+            "inputs": str(inputs_path), "inputs_key": str(inputs_key), "steps": where.strip("'"),
+            "state": settings["state"], "state_init": settings["state_init"],
+            "stop_rule": "none" if rule is None else rule.kind, "exclude_stop_step": settings["exclude_stop_step"],
             "seed": int(seed), "cascade_version": __version__,
-            **({} if rule is None else {"stop_value": rule[1]}),
-            **({} if max_steps is None else {"max_steps": int(max_steps)}),
+            **({} if rule is None else {"stop_value": rule.value}),
+            **({} if settings["max_steps"] is None else {"max_steps": int(settings["max_steps"])}),
         }
-        attrs = identify_run(attrs, model_files=(models.model_a, models.model_b), source=source, steps=steps,
-                          batch_size=batch_size, shard=shard)
+        attrs = identify_run(attrs, model_files=models.paths, source=source, steps=steps, batch_size=batch_size,
+                             shard=shard)
         summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
                                    shard=shard, overwrite=overwrite, progress=_progress(console, "generating"))
     _print_generation(console, summary, stop_rule=rule)
@@ -533,6 +610,63 @@ def merge(ctx, parts, output, overwrite):
     summary = merge_shards(parts, output, overwrite=overwrite)
     _say(console, f"Wrote '{summary.output}': {summary.shards} shards of run {summary.run_id}, "
                   f"{summary.samples:,} samples, {summary.emitted:,} inner steps.")
+
+
+# ----------------------------------------------------------------- generators
+
+
+@main.command()
+@model_options
+@runner_options
+@click.option("-o", "--output", required=True, metavar="GENERATOR.keras", help="The generator file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.pass_context
+def pack(ctx, models, runner, output, overwrite):
+    """Pack model A, model B and the runner settings into one generator file.
+
+    \b
+    Example:
+      cascade pack --model-a A.keras --model-b B.keras --max-steps 20 --stop-norm 1.2 -o generator.keras
+      cascade generate --model generator.keras --inputs X.h5 -o results.h5
+    """
+    if Path(output).suffix.lower() != ".keras":
+        raise click.BadParameter(f"expected a .keras name, received '{output}'.", ctx, param_hint="'-o' / '--output'")
+    _check_output(output, overwrite=overwrite, inputs=models.paths)
+    console, _ = _consoles()
+    model_a, model_b = models.load(console)
+    from cascade_cli.atomic import atomic_output
+    from cascade_cli.keras_model import CascadeModel
+
+    settings = runner.settings()
+    generator = _make_cascade(ctx, model_a, model_b, settings, cls=CascadeModel)
+    with atomic_output(output, overwrite=overwrite, suffix=".keras", inputs=models.paths) as temp:
+        generator.save(temp)
+    shown = ", ".join(f"{name}={value}" for name, value in generator.settings.items() if value not in (None, False))
+    _say(console, f"Wrote '{output}': model A '{models.model_a}', model B '{models.model_b}', {shown}.")
+
+
+@main.command("export-model")
+@click.argument("generator", metavar="GENERATOR.keras")
+@click.option("--saved-model", "directory", required=True, metavar="DIR",
+              help="The TensorFlow SavedModel folder to write (serving_default: inputs, steps -> flat_values, "
+                   "lengths).")
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it holds files.")
+@load_options
+def export_model(generator, directory, overwrite, unsafe, allow_legacy_h5):
+    """Export a packed generator as a TensorFlow SavedModel for serving.
+
+    \b
+    Example:
+      cascade export-model generator.keras --saved-model serving/cascade/1
+    """
+    console, _ = _consoles()
+    files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
+    model_a, model_b, settings = files.load_generator(console)
+    from cascade_cli.keras_model import CascadeModel, export_saved_model
+
+    export_saved_model(CascadeModel(model_a, model_b, **settings), directory, overwrite=overwrite)
+    inputs = "inputs" if settings.get("max_steps") is not None else "inputs, steps"
+    _say(console, f"Wrote the SavedModel '{directory}': serving_default maps {inputs} to flat_values, lengths.")
 
 
 # -------------------------------------------------------------------- export
@@ -668,11 +802,8 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
             with train_callbacks(console) as callbacks:
                 fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks, strategy=distribution)
     except TrainingInterrupted as stopped:
-        if stopped.epoch:
-            _say(console, f"Interrupted: epoch {stopped.epoch} of {stopped.epochs} is saved in "
-                          f"'{stopped.out_dir / 'checkpoints'}'; continue it with the same command and --resume.")
-        else:
-            _say(console, "Interrupted before the first epoch was saved; nothing to resume.")
+        text = flag_text(stopped.message)
+        _say(console, text[:1].upper() + text[1:])
         raise click.exceptions.Exit(130) from None
     _print_training(console, out_dir)
 

@@ -26,9 +26,13 @@ from cascade_cli.errors import CascadeError, DataError
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import GENERATE_BATCH_SIZE, check_int
 from cascade_cli.result import CascadeResult
-from cascade_cli.results_io import RaggedH5Writer
+from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer
 from cascade_cli.shards import shard_range
 from cascade_cli.steps import check_steps
+
+
+# Attributes that name files: a run is identified by what the files hold, not by how a path is spelled.
+_PATH_ATTRS = frozenset({"model", "model_a", "model_b", "inputs", "steps"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +151,8 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                 at_cap += int((running & (part.lengths == caps)).sum())
                 if cascade.stop_rule is not None:
                     at_first += int(((caps > 1) & (part.lengths == first_length)).sum())
+        if cascade.stop_rule is not None:  # what the rule did, for inspect to say it as generate does
+            writer.attrs.update(zip(STOP_SUMMARY_ATTRS, (pairs, at_cap, at_first)))
     return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
                            at_first)
 
@@ -278,7 +284,7 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
 
     Args:
         attrs: the settings recorded in the result (state, stop rule, seed, ...).
-        model_files: `(model_a_path, model_b_path)`.
+        model_files: the model files read: `(model_a_path, model_b_path)`, or a packed generator's `(path,)`.
         source: the open `InputSource`.
         steps: the steps array, or None.
         batch_size: samples per runner call.
@@ -286,7 +292,8 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
     """
     from cascade_cli.shards import array_digest, file_digest, run_id, shard_attrs
 
-    description = {**attrs, "model_a": file_digest(model_files[0]), "model_b": file_digest(model_files[1]),
+    named = {key: value for key, value in attrs.items() if key not in _PATH_ATTRS}  # paths: by content below
+    description = {**named, "models": [file_digest(path) for path in model_files],
                    "inputs": file_digest(source.path), "inputs_key": source.key, "inputs_shape": list(source.shape), "inputs_dtype": str(source.dtype),
                    "steps": None if steps is None else array_digest(steps), "batch_size": int(batch_size)}
     attrs = {**attrs, "run_id": run_id(description)}

@@ -27,13 +27,13 @@ evenly over the replicas (with arrays, `batch_size` a multiple of them).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.errors import DataError, ParameterError
+from cascade_cli.atomic import atomic_directory
+from cascade_cli.errors import ParameterError
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import LOSSES, StopRule, check_int
 from cascade_cli.result import CascadeResult
@@ -41,7 +41,7 @@ from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
 from cascade_cli.training import _check_regularizers, _loss_terms, regularization_loss, resolve_from_logits
 
-__all__ = ["CascadeModel", "export_saved_model"]
+__all__ = ["CascadeModel", "export_saved_model", "load_generator"]
 
 # Keras' spellings of the losses cascade knows (`categorical_crossentropy`), beside cascade's own (`options.LOSSES`).
 _LOSS_NAMES = {**{name.replace("-", "_"): name for name in LOSSES}, **{name: name for name in LOSSES}}
@@ -357,15 +357,10 @@ def export_saved_model(model, directory, *, overwrite=False):
     Raises:
         ParameterError: `model` is not a `CascadeModel`.
         DataError: `directory` is a file, or a folder with files in it
-            without `overwrite`.
+            without `overwrite` (`atomic.atomic_directory`).
     """
     if not isinstance(model, CascadeModel):
         raise ParameterError("model", f"expected a CascadeModel, received {type(model).__name__}.")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise DataError(f"output '{directory}' is a file; expected a folder for the SavedModel")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise DataError(f"output '{directory}' already holds files; pass overwrite=True to write over them")
     cascade = model.cascade
     a_spec = cascade.a_spec
     inputs_spec = tf.TensorSpec([None, a_spec.outer_steps, a_spec.features], tf.float32, name="inputs")
@@ -386,6 +381,27 @@ def export_saved_model(model, directory, *, overwrite=False):
 
     module.serve = serve
     # Serving needs no gradient: the runner's custom gradients stay out of the file.
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": serve},
-                        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+    with atomic_directory(directory, overwrite=overwrite) as temp:  # a killed export leaves no half folder
+        tf.saved_model.save(module, str(temp), signatures={"serving_default": serve},
+                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
     return module
+
+
+def load_generator(path, *, safe_mode=True):
+    """Loads a `CascadeModel` saved as one `.keras` file (`cascade pack`, `model.save`), safely.
+
+    The file goes through `models.load_model`'s checks (a local regular
+    `.keras` file, no oversized archive members, safe mode unless told).
+
+    Raises:
+        ModelError: the file cannot be loaded, or holds a Keras model that is
+            not a `CascadeModel`.
+    """
+    from cascade_cli.errors import ModelError
+    from cascade_cli.models import load_model
+
+    model = load_model(path, role="generator", safe_mode=safe_mode)
+    if not isinstance(model, CascadeModel):
+        raise ModelError(f"generator '{path}' holds a {type(model).__name__}, not a CascadeModel: expected a file "
+                         "written by cascade pack or CascadeModel.save.")
+    return model

@@ -146,6 +146,9 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
 
     import keras
 
+    from cascade_cli.checkpoints import check_trained_model
+
+    check_trained_model(path)  # a training run's model_a/model_b: only a pair written as one
     try:
         if path.suffix == suffix:
             model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)

@@ -163,6 +163,19 @@ _FILTERS = MappingProxyType({"compression": "gzip", "compression_opts": 1, "shuf
 """The HDF5 filters of every result array: gzip (readable everywhere) after byte shuffling, and a checksum
 per chunk, so a damaged file is an error rather than other values."""
 _LIBVER = ("v110", "v110")
+
+
+def _new_h5(path):
+    """A new HDF5 file at `path` in the `_LIBVER` format (checksummed metadata), without timestamps.
+
+    That format stamps every object with times unless told not to, which
+    would make two identical runs write different bytes.
+    """
+    access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    access.set_libver_bounds(*(getattr(h5py.h5f, f"LIBVER_{version.upper()}") for version in _LIBVER))
+    creation = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    creation.set_obj_track_times(False)
+    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=creation, fapl=access))
 """HDF5 1.10 file format: checksummed metadata (superblock, object headers), readable by HDF5 1.10 and later."""
 
 
@@ -349,7 +362,7 @@ def _open_sink(temp, format):
         reserve = temp.with_name(f"{temp.name}.reserve")
         try:
             _reserve(reserve, _RESERVE_BYTES)
-            file = h5py.File(temp, "w", libver=_LIBVER)
+            file = _new_h5(temp)
             try:
                 yield _H5Sink(file)
             except BaseException as error:

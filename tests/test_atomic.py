@@ -261,3 +261,24 @@ def test_atomic_output_suffix_and_its_stale_temps(tmp_path):
         temp.write_bytes(b"second")
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+
+def test_atomic_directory_renames_a_complete_folder_into_place_or_leaves_nothing(tmp_path):
+    from cascade_cli.atomic import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as temp:
+        (temp / "a.txt").write_text("first")
+        assert not target.exists()  # nothing at the target while it is written
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(DataError, match="already holds files; pass overwrite=True"):
+        with atomic_directory(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target, overwrite=True) as temp:
+            (temp / "b.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["model"] and os.listdir(target) == ["a.txt"]
+    with atomic_directory(target, overwrite=True) as temp:
+        (temp / "b.txt").write_text("second")
+    assert os.listdir(target) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["model"]

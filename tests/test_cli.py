@@ -7,7 +7,6 @@ their exit code, their one `Error: ...` line and an empty output folder.
 """
 
 import csv
-import io
 import os
 import signal
 import subprocess
@@ -19,7 +18,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from rich.console import Console
 
 import builders
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only
@@ -29,7 +27,6 @@ from cascade_cli.cli import main
 from cascade_cli.errors import DataError
 from cascade_cli.inspection import histogram_rows
 from cascade_cli.results_io import read_result
-from cascade_cli.progress import epochs_table, track, train_callbacks
 from cascade_cli.options import StopRule, TrainConfig
 from cascade_cli.runner import Cascade
 
@@ -215,10 +212,10 @@ def test_stop_token_without_given_steps(files, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--steps", "1,2,3", "--steps-file", "s.txt"], ["--steps and --steps-file"]),
     ([], ["no inner steps given", "--steps-file", "--max-steps"]),
-    (["--stop-norm", "1"], ["--stop-norm needs --max-steps"]),
-    (["--steps", "1,2,3", "--stop-token", "1"], ["--stop-token needs --max-steps"]),
+    (["--stop-norm", "1"], ["--stop-norm: needs --max-steps"]),
+    (["--steps", "1,2,3", "--stop-token", "1"], ["--stop-token: needs --max-steps"]),
     (["--max-steps", "3", "--stop-norm", "1", "--stop-token", "0"], ["--stop-norm and --stop-token"]),
-    (["--max-steps", "0"], ["--max-steps", "0 is not in the range x>=1"]),
+    (["--max-steps", "0"], ["--max-steps", "0 is not in the range 1<=x<="]),
     (["--max-steps", "3", "--stop-token", "-1"], ["--stop-token"]),
     (["--max-steps", "3", "--stop-norm", "nan"], ["--stop-norm", "finite"]),
     (["--steps", "1,2,3", "--exclude-stop-step"], ["--exclude-stop-step needs a stop rule"]),
@@ -428,7 +425,8 @@ def test_models_that_do_not_fit(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     assert_error(generate(files, out / "r.h5", "--steps", "1,2,3", model_b="b_wide.keras"), 1,
-                 "model A emits IR vectors of size 4 but model B expects inputs of size 5")
+                 f"model A ('{files['a.keras']}') emits IR vectors of size 4 but model B "
+                 f"('{files['b_wide.keras']}') expects inputs of size 5")
     result = invoke("generate", "--model-a", files["a_fixed.keras"], "--model-b", files["b.keras"],
                     "--inputs", files["x.h5"], "--steps", "1,2,3", "-o", out / "r.h5")
     assert_error(result, 1, "fixed Ta=4", "Ta=3", "(5, 3, 3)")
@@ -442,7 +440,8 @@ def test_b_whose_state_outputs_do_not_match_its_state_inputs(files, tmp_path):
     out.mkdir()
     result = invoke("generate", "--model-a", files["a.keras"], "--model-b", tmp_path / "bad.keras",
                     "--inputs", files["x.h5"], "--steps", "1,2,3", "-o", out / "r.h5")
-    assert_error(result, 1, "model B state 1: its output has size 3 but its input has size 5")
+    assert_error(result, 1, f"model B ('{tmp_path / 'bad.keras'}') state 1: its output has size 3 but its input "
+                            "has size 5")
     assert_nothing_in(out)
 
 
@@ -569,40 +568,6 @@ def test_demo_trains_generates_and_exports(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- rendering
 
 
-def terminal():
-    return Console(file=io.StringIO(), force_terminal=True, width=120)
-
-
-def test_track_is_plain_iter_when_off_and_counts_samples_when_on():
-    items = [3, 3, 1]
-    off = track(items, total=7, description="x", console=Console(file=io.StringIO()), unit="samples")
-    assert type(off) is type(iter(items)) and list(off) == items
-    console = terminal()
-    on = track(items, total=7, description="generating", console=console, unit="samples", weight=lambda k: k)
-    assert type(on) is not type(iter(items)) and list(on) == items
-    drawn = console.file.getvalue()
-    assert "generating" in drawn and "7/7" in drawn and "samples/s" in drawn
-
-
-def test_train_progress_renders_bars_or_lines_and_the_epochs_table():
-    for console, enabled in ((terminal(), True), (Console(file=io.StringIO(), width=120), False)):
-        with train_callbacks(console) as callbacks:
-            assert callbacks.enabled is enabled
-            callbacks.epoch_started(1, epochs=2, batches=2)
-            callbacks.batch_done(0.5)
-            callbacks.batch_done(0.25)
-            callbacks.epoch_done({"epoch": 1, "loss": 0.25, "val_loss": 0.125, "seconds": 0.5})
-            callbacks.stopped_early(epoch=1, best_epoch=1)
-        drawn = console.file.getvalue()
-        assert "epoch 1/2" in drawn and "loss 0.25  val_loss 0.125" in drawn and "--patience" in drawn
-    console = Console(file=io.StringIO(), width=120)
-    console.print(epochs_table([{"epoch": 1, "loss": 0.5, "val_loss": 0.25, "seconds": 1.0},
-                                {"epoch": 2, "loss": 0.4, "val_loss": None, "seconds": 1.0}]))
-    lines = console.file.getvalue().splitlines()
-    assert [line.replace("│", " ").split() for line in lines if "0.5" in line or "0.4" in line] == [
-        ["1", "0.5", "0.25", "1.0"], ["2", "0.4", "-", "1.0"]]
-
-
 def test_histogram_rows_by_hand():
     assert histogram_rows([]) == []
     assert histogram_rows([0, 0, 2]) == [("0", 2), ("1", 0), ("2", 1)]
@@ -663,3 +628,42 @@ def test_a_stop_rule_that_never_or_always_fires_is_warned_about(files, tmp_path)
     some = generate(files, tmp_path / "some.h5", "--max-steps", 4, "--stop-norm", 1.2)
     assert_ok(some)
     assert "Warning" not in some.stderr
+
+
+def test_pack_then_generate_from_the_generator_with_flags_over_its_settings(files, tmp_path):
+    generator = tmp_path / "g.keras"
+    assert_ok(invoke("pack", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "--max-steps", 4,
+                     "--stop-norm", 1.2, "--exclude-stop-step", "-o", generator))
+    assert_error(invoke("pack", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "-o", generator), 1,
+                 "already exists")
+    assert_ok(invoke("generate", "--model", generator, "--inputs", files["x.h5"], "-o", tmp_path / "saved.h5"))
+    values, lengths = direct(files, None, max_steps=4, stop_rule=StopRule.norm(1.2), exclude_stop_step=True)
+    got = read_result(tmp_path / "saved.h5")
+    np.testing.assert_array_equal(got.lengths, lengths)
+    np.testing.assert_allclose(got.values, values, rtol=1e-5, atol=1e-6)
+    with h5py.File(tmp_path / "saved.h5", "r") as f:
+        assert (f.attrs["model"], f.attrs["stop_rule"], f.attrs["max_steps"]) == (str(generator), "norm", 4)
+    # a flag given on the command line wins over the generator's own setting
+    assert_ok(invoke("generate", "--model", generator, "--inputs", files["x.h5"], "--steps-file", files["steps.txt"],
+                     "--stop-norm", 1e9, "-o", tmp_path / "given.h5"))
+    values, lengths = direct(files, STEPS, max_steps=4, stop_rule=StopRule.norm(1e9), exclude_stop_step=True)
+    np.testing.assert_array_equal(read_result(tmp_path / "given.h5").lengths, lengths)
+    assert_error(invoke("generate", "--model", generator, "--model-a", files["a.keras"], "--inputs", files["x.h5"],
+                        "-o", tmp_path / "both.h5"), 2, "not both")
+    assert_error(invoke("generate", "--model", files["a.keras"], "--inputs", files["x.h5"], "--steps", "1,2,3",
+                        "-o", tmp_path / "plain.h5"), 1, "not a CascadeModel")
+
+
+def test_export_model_writes_a_saved_model_that_serves_the_generator(files, tmp_path):
+    generator = tmp_path / "g.keras"
+    assert_ok(invoke("pack", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "-o", generator))
+    assert_ok(invoke("export-model", generator, "--saved-model", tmp_path / "served"))
+    served = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
+    with h5py.File(files["x.h5"], "r") as f:
+        x = f["inputs"][()]
+    out = served(inputs=tf.constant(x), steps=tf.constant(STEPS, tf.int32))
+    values, lengths = direct(files, STEPS)
+    np.testing.assert_array_equal(out["lengths"].numpy(), lengths)
+    np.testing.assert_allclose(out["flat_values"].numpy(), values, rtol=1e-5, atol=1e-6)
+    assert_error(invoke("export-model", generator, "--saved-model", tmp_path / "served"), 1, "already holds files")
+    assert sorted(os.listdir(tmp_path)) == ["g.keras", "served"]  # no temporary folder left
