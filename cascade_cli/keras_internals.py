@@ -57,3 +57,10 @@ def stop_recording():
     from tensorflow.python.eager import record  # no public way to call a function unrecorded
 
     return record.stop_recording()
+
+
+def tape_may_record():
+    """Whether a `tf.GradientTape` may be recording now (`tensorflow.python.eager.record.could_possibly_record`)."""
+    from tensorflow.python.eager import record  # no public way to ask whether a tape is active
+
+    return bool(record.could_possibly_record())

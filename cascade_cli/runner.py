@@ -33,8 +33,8 @@ import tensorflow as tf
 
 from cascade_cli import packing
 from cascade_cli.cells import fast_path_problem, split_b
-from cascade_cli.errors import DataError, ModelError, ParameterError
-from cascade_cli.keras_internals import flatten_layers, seed_generators, stop_recording
+from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
+from cascade_cli.keras_internals import flatten_layers, seed_generators, stop_recording, tape_may_record
 from cascade_cli.models import check_inputs_fit, check_pair
 from cascade_cli.options import FAST_CELLS, STATE_INITS, STATE_MODES, StopRule, check_choice, check_int
 from cascade_cli.recurrence import packed_recurrence
@@ -248,7 +248,8 @@ class Cascade:
             self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False)  # raise now where it cannot apply
         self.jit_compile = jit_compile
         self.run_eagerly = run_eagerly
-        self._functions = {}  # (kind, training, dtype, F) -> the cached tf.function of an eager call
+        self._functions = {}  # (kind, training, dtype, F, plain_a) -> the cached tf.function of an eager call
+        self._taped_plain_a = False  # set once a persistent tape could not record A's compiled call
         self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
         if jit_compile is True:
@@ -283,7 +284,7 @@ class Cascade:
         inputs, caps = self._checked(inputs, steps)
         if not self._compiles(inputs):
             return self._ragged(inputs, caps, training)
-        out = self._compiled("ragged", inputs, training=training)(inputs, caps)
+        out = self._call_compiled("ragged", inputs, caps, training=training)
         # The trace knows no N or Ta: give the eager result the static shape an eager run has.
         return tf.RaggedTensor.from_uniform_row_length(out.values, inputs.shape[1], nrows=inputs.shape[0],
                                                        validate=False)
@@ -295,7 +296,7 @@ class Cascade:
         """
         inputs, caps = self._checked(inputs, steps)
         if self._compiles(inputs):
-            return self._compiled("flat", inputs, training=training)(inputs, caps)
+            return self._call_compiled("flat", inputs, caps, training=training)
         return self._run(inputs, caps, training)
 
     # ------------------------------------------------------------- compiling
@@ -305,29 +306,53 @@ class Cascade:
         # Ta == 0 runs no model at all, and needs the static shape to know it.
         return not self.run_eagerly and tf.executing_eagerly() and inputs.shape[1] != 0
 
-    def _compiled(self, kind, inputs, *, training):
+    def _compiled(self, kind, inputs, *, training, plain_a=False):
         """The cached `tf.function` of `_ragged` or `_run`, traced once for any `N`, `Ta` and steps.
 
         Keyed on `training` (a Python value the trace depends on) and the
         inputs' dtype and `F`; steps always arrive as int32 caps `(N, Ta)`, so
         given steps, shared steps and `max_steps` share one trace.
         """
-        key = (kind, training, inputs.dtype, inputs.shape[2])
+        key = (kind, training, inputs.dtype, inputs.shape[2], plain_a)
         if key not in self._functions:
             body = self._ragged if kind == "ragged" else self._run
             signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
                          tf.TensorSpec([None, None], tf.int32)]
-            self._functions[key] = tf.function(lambda inputs, caps: body(inputs, caps, training),
+            self._functions[key] = tf.function(lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a),
                                                input_signature=signature)
         return self._functions[key]
+
+    def _call_compiled(self, kind, inputs, caps, *, training):
+        """Calls `_compiled(...)`; a `CascadeError` raised while tracing reaches the caller as itself.
+
+        (TensorFlow would wrap it in a `StagingError`; an eager call raises what the eager path raises.)
+        """
+        plain_a = self._taped_plain_a and tape_may_record()
+        function = self._compiled(kind, inputs, training=training, plain_a=plain_a)
+        try:
+            return function(inputs, caps)
+        except ValueError as error:
+            if plain_a or "DT_VARIANT" not in str(error) or not self._a_under_xla(inputs, training=training):
+                raise
+            # A persistent tape prepares second-order gradients of what it records, which A's compiled
+            # loop cannot give ("AddN ... DT_VARIANT"): calls under a tape run A's plain call from now on.
+            self._taped_plain_a = True
+            return self._call_compiled(kind, inputs, caps, training=training)
+        except Exception as error:
+            cause = error
+            while cause is not None and not isinstance(cause, CascadeError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None or cause is error:
+                raise
+            raise cause.with_traceback(None) from None
 
     def _checked(self, inputs, steps):
         """`(inputs, caps (N, Ta) int32)`: the inputs and steps checked, before any model runs."""
         inputs = self._check_inputs(inputs)
         return inputs, self._check_steps(steps, inputs)
 
-    def _ragged(self, inputs, caps, training):
-        values, lengths = self._run(inputs, caps, training)
+    def _ragged(self, inputs, caps, training, *, plain_a=False):
+        values, lengths = self._run(inputs, caps, training, plain_a=plain_a)
         outer = lengths.shape[1] if lengths.shape[1] is not None else tf.shape(lengths, out_type=tf.int64)[1]
         inner = tf.RaggedTensor.from_row_lengths(
             values, tf.reshape(tf.cast(lengths, tf.int64), [-1]), validate=False
@@ -335,11 +360,11 @@ class Cascade:
         samples = tf.shape(lengths, out_type=tf.int64)[0]
         return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), nrows=samples, validate=False)
 
-    def _run(self, inputs, caps, training):
+    def _run(self, inputs, caps, training, *, plain_a=False):
         """`run` on checked inputs and caps: A once, then the path for B's form and the state mode."""
         if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
             ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
-        elif self._a_under_xla(inputs, training=training):
+        elif not plain_a and self._a_under_xla(inputs, training=training):
             ir = self._xla_a(inputs)
         else:
             ir = self.model_a(inputs, training=training)
@@ -405,23 +430,30 @@ class Cascade:
         return inputs
 
     def _check_steps(self, steps, inputs):
-        """Returns the per-pair caps `(N, Ta)` int32: the steps, or `max_steps` where none are given."""
-        n, ta = tf.shape(inputs)[0], tf.shape(inputs)[1]
+        """Returns the per-pair caps `(N, Ta)` int32: the steps, or `max_steps` where none are given.
+
+        Eagerly (every size known) this is numpy and one `tf.constant`: it runs on every eager call.
+        """
+        n, ta = inputs.shape[0], inputs.shape[1]
+        size = [n if n is not None else tf.shape(inputs)[0], ta if ta is not None else tf.shape(inputs)[1]]
         if steps is None:
             if self.max_steps is None:
                 raise ParameterError("steps", "required unless max_steps is set; received steps=None.")
-            return tf.fill([n, ta], tf.constant(self.max_steps, tf.int32))
-        static_ta = inputs.shape[1]
+            return tf.fill(size, tf.constant(self.max_steps, tf.int32))
         if tf.is_tensor(steps) and not hasattr(steps, "numpy"):
             steps = self._check_symbolic_steps(steps)
         else:
-            steps = check_steps(steps, n_samples=inputs.shape[0], outer_steps=static_ta, max_steps=self.max_steps)
+            steps = check_steps(steps, n_samples=n, outer_steps=ta, max_steps=self.max_steps)
             if steps.size and steps.max() > np.iinfo(np.int32).max:
                 raise DataError(f"steps must fit in int32; received {steps.max()}.")
-            steps = tf.constant(steps.astype(np.int32))
+            if steps.ndim == 1 and n is not None:
+                steps = np.broadcast_to(steps, (n, steps.shape[0]))
+            steps = tf.constant(np.ascontiguousarray(steps, dtype=np.int32))
+            if steps.shape.rank == 2 and n is not None and ta is not None:
+                return steps
         if steps.shape.rank == 1:
-            steps = tf.broadcast_to(steps[None, :], [n, ta])
-        return tf.ensure_shape(steps, [inputs.shape[0], static_ta])
+            steps = tf.broadcast_to(steps[None, :], size)
+        return tf.ensure_shape(steps, [n, ta])
 
     def _check_symbolic_steps(self, steps):
         if not steps.dtype.is_integer:

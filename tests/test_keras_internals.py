@@ -77,3 +77,16 @@ def test_stop_recording_really_stops_a_tape():
         seen = v * v
     assert tape.gradient(hidden, v) is None, "tensorflow.python.eager.record.stop_recording no longer stops a tape"
     assert float(tape.gradient(seen, v)) == 4.0, "the tape stopped recording after stop_recording() ended"
+
+
+def test_tape_may_record_sees_an_active_tape():
+    import tensorflow as tf
+
+    from cascade_cli.keras_internals import tape_may_record
+
+    assert tape_may_record() is False
+    with tf.GradientTape():
+        assert tape_may_record() is True
+    with tf.GradientTape(persistent=True):
+        assert tape_may_record() is True
+    assert tape_may_record() is False
