@@ -187,18 +187,27 @@ def describe_model(model, path):
 def describe_pair(models, paths, specs):
     """Says which of two models is A and which is B, and checks they fit: one `("pair", ...)` row.
 
-    The first is B when only it can be B and the second can be A; otherwise the first is A.
+    `models`, `paths` and `specs` (`(a_spec, b_spec)` of each, None where it
+    does not qualify) are `[PATH, --partner]`. The order the README documents,
+    `inspect B --partner A`, is tried first, then the other; an order is tried
+    only where each model qualifies for its role. When none fits, the error
+    names both files.
     """
     from cascade_cli.models import check_pair
 
-    (a_first, b_first), (a_second, _) = specs
-    if b_first is not None and a_first is None and a_second is not None:
-        model_a, model_b, names = models[1], models[0], (paths[1], paths[0])
-    else:
-        model_a, model_b, names = models[0], models[1], (paths[0], paths[1])
-    a_spec, b_spec = check_pair(model_a, model_b)
-    return [("pair", f"A='{names[0]}' and B='{names[1]}' fit: IR size H={a_spec.ir_size}, "
-                     f"B emits O={b_spec.output_size} ({b_spec.form} form)")]
+    (a_first, b_first), (a_second, b_second) = specs
+    orders = [order for order, fits in (((1, 0), a_second is not None and b_first is not None),
+                                        ((0, 1), a_first is not None and b_second is not None)) if fits]
+    problem = None
+    for a, b in orders or [(1, 0)]:
+        try:
+            a_spec, b_spec = check_pair(models[a], models[b], names=(str(paths[a]), str(paths[b])))
+        except ModelError as error:
+            problem = problem or error
+            continue
+        return [("pair", f"A='{paths[a]}' and B='{paths[b]}' fit: IR size H={a_spec.ir_size}, "
+                         f"B emits O={b_spec.output_size} ({b_spec.form} form)")]
+    raise problem
 
 
 def describe_result(path):
@@ -366,6 +375,7 @@ def kind_of(path):
         raise DataError(f"'{path}' is a folder: {WHAT}.")
     if not path.exists():
         raise DataError(f"'{path}' does not exist: {WHAT}.")
+    h5.check_file(path, expected=WHAT.removeprefix("expected "))  # a FIFO or a device would block the reads below
     suffix = path.suffix.lower()
     if suffix == ".keras":
         return "model"

@@ -29,6 +29,9 @@ _HASH_CHUNK = 1 << 20
 _SHOWN_MISSING = 8
 
 
+MAX_SHARDS = 2**31 - 1  # K is recorded as an int64 attribute; a run has at most one shard per sample anyway
+
+
 def parse_shard(text):
     """Parses `"I/K"` (0-based: `0 <= I < K`) into `(index, count)`.
 
@@ -39,6 +42,8 @@ def parse_shard(text):
     if match is None:
         raise DataError(f"expected I/K, two integers such as 0/4, received '{text}'")
     index, count = int(match.group(1)), int(match.group(2))
+    if count > MAX_SHARDS:
+        raise DataError(f"expected at most {MAX_SHARDS:,} shards (K), received '{text}'")
     if count < 1:
         raise DataError(f"expected at least one shard (K >= 1), received '{text}'")
     if index >= count:

@@ -513,8 +513,13 @@ def test_inspect_a_model_and_its_partner(files):
     assert "parameters  177 (177 trainable)" in result.stdout  # GRUCell 3*(4*5 + 5*5 + 2*5) + Dense 5*2 + 2
     assert f"A='{files['a.keras']}' and B='{files['b.keras']}' fit: IR size H=4" in result.stdout
     result = invoke("inspect", files["a.keras"], "--partner", files["b_wide.keras"])
-    assert result.exit_code == 1
-    assert "Error: model A emits IR vectors of size 4 but model B expects inputs of size 5" in result.stderr
+    assert result.exit_code == 1  # each model's description is on stdout, the pair's error on stderr
+    assert (f"Error: model A ('{files['a.keras']}') emits IR vectors of size 4 but model B "
+            f"('{files['b_wide.keras']}') expects inputs of size 5") in result.stderr
+    # a sequence-form B qualifies as an A too: the README's order (PATH is B, --partner is A) is tried first
+    result = invoke("inspect", files["bs.keras"], "--partner", files["a.keras"])
+    assert_ok(result)
+    assert f"A='{files['a.keras']}' and B='{files['bs.keras']}' fit" in result.stdout
 
 
 def test_inspect_data_files(files, tmp_path):

@@ -155,3 +155,14 @@ def test_a_history_with_a_bad_number_names_line_and_column(tmp_path):
     path.write_text("epoch,loss,val_loss,seconds\n1,abc,,0.1\n")
     with pytest.raises(DataError, match=r"line 2 column 'loss': expected a number, received 'abc'"):
         inspection.describe_csv(path)
+
+
+def test_a_fifo_is_refused_instead_of_blocking_the_read(tmp_path):
+    import os
+
+    from cascade_cli.inspection import kind_of
+
+    fifo = tmp_path / "history.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="is a FIFO"):
+        kind_of(fifo)

@@ -277,3 +277,11 @@ def test_a_shard_claiming_a_billion_shards_is_refused_at_once(tmp_path):
                                         r"expected all 1,000,000,000 shards"):
         check_shards([a])
     assert time.perf_counter() - started < 1.0
+
+
+def test_a_shard_count_past_what_a_result_can_record_is_refused():
+    from cascade_cli.shards import MAX_SHARDS, parse_shard
+
+    assert parse_shard(f"0/{MAX_SHARDS}") == (0, MAX_SHARDS)
+    with pytest.raises(DataError, match="expected at most 2,147,483,647 shards"):
+        parse_shard("0/100000000000000000000")
