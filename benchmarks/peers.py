@@ -74,13 +74,14 @@ class PeerPlan:
     quick: bool
 
 
-def plan(*, quick=False, repeats=None):
-    """Returns the plan of issue 16 (or its tiny `quick` version)."""
+def plan(*, quick=False, repeats=None, batches=None):
+    """Returns the plan of issue 16 (or its tiny `quick` version); `batches` keeps only the cases of those `N`."""
     if quick:
         shapes, features, outputs, max_steps = ((1, 6, 4), (3, 5, 4)), 3, 2, 3
     else:
         shapes, features, outputs, max_steps = ((1, 200, 64), (8, 100, 64), (64, 50, 64), (256, 50, 256)), 16, 16, 8
-    cases = tuple(bench.Case(f"N={n} Ta={ta} H={h}", n, ta, h) for n, ta, h in shapes)
+    cases = tuple(bench.Case(f"N={n} Ta={ta} H={h}", n, ta, h) for n, ta, h in shapes
+                  if batches is None or n in batches)
     return PeerPlan(cases, features, outputs, max_steps, repeats if repeats is not None else (1 if quick else 7),
                     1, quick)
 
@@ -444,7 +445,7 @@ def evaluate_targets(run_plan, timings):
             ratio = bench._ratio(_median(timings, case.name, "reset", direction, "cascade"), best)
             targets.append(bench._target("default settings beat the best peer", "cascade", case.name, direction,
                                          "reset", ratio, 0.8, "<=", "cascade / best peer"))
-    carry_case = run_plan.cases[2] if len(run_plan.cases) > 2 else run_plan.cases[-1]
+    carry_case = next((case for case in run_plan.cases if case.batch == 64), run_plan.cases[-1])
     nested = _median(timings, carry_case.name, "carry", "forward+backward", "nested")
     cascade = _median(timings, carry_case.name, "carry", "forward+backward", "cascade")
     targets.append(bench._target("carry faster than nested loops", "cascade", carry_case.name, "forward+backward",
@@ -485,6 +486,8 @@ def render_run(run):
     machine, run_plan = run["machine"], plan_from_dict(run["plan"])
     title = f"## Peers, {run['device']}" + (" (quick: tiny shapes, checks the script, measures nothing)"
                                             if run_plan.quick else "")
+    if not run_plan.quick and len(run_plan.cases) < len(plan().cases):
+        title += f" (reduced: only {', '.join(case.name for case in run_plan.cases)})"
     choices = ", ".join(f"{name}: {'XLA' if choice['a_compiled'] else 'plain'} in inference, "
                         f"{'XLA' if choice['a_compiled_in_training'] else 'plain'} in training"
                         for name, choice in run.get("a_choice", {}).items())
@@ -566,13 +569,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat: checks the script works")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 7; 1 with --quick)")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json and RESULTS.md")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="N",
+                        help="only the cases of these batch sizes (a reduced run, labelled as such)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    run_plan = plan(quick=args.quick, repeats=args.repeats)
+    run_plan = plan(quick=args.quick, repeats=args.repeats, batches=args.batches)
     machine = describe_machine()
     started = time.perf_counter()
     timings, choice = run_peers(run_plan, log=lambda line: print(line, file=sys.stderr))
