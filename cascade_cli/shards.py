@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade_cli.errors import DataError
-from cascade_cli.results_io import RaggedH5Writer, open_result, read_result_attrs, run_attrs
+from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer, open_result, read_result_attrs, run_attrs
 
 SHARD_ATTRS = ("shard_index", "shard_count", "sample_start", "sample_stop", "total_samples")
 RUN_ID_LENGTH = 16
@@ -250,6 +250,10 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
     shards = check_shards(paths)
     first_path, first_attrs = shards[0]
     attrs = {key: value for key, value in run_attrs(first_attrs).items() if key not in SHARD_ATTRS}
+    for key in STOP_SUMMARY_ATTRS:  # what a stop rule did: counts, so the run's are the shards' sums
+        counts = [shard_attrs.get(key) for _, shard_attrs in shards]
+        if key in attrs and all(isinstance(count, int) for count in counts):
+            attrs[key] = sum(counts)
     with open_result(first_path) as first:
         shape, dtype = (first.outer_steps, first.output_size), first.dtype
     samples = emitted = 0
