@@ -180,12 +180,17 @@ def check_output_path(path, *, overwrite=False, inputs=()):
         raise DataError(f"output '{path}' is a folder; expected a file name")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
+    _check_parent(path)
+    return path
+
+
+def _check_parent(path):
+    """Raises `DataError` unless the folder `path` is written into exists and can be written."""
     folder = path.parent
     if not folder.is_dir():
         raise DataError(f"output folder '{folder}' does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DataError(f"output folder '{folder}' is not writable")
-    return path
 
 
 @contextlib.contextmanager
@@ -261,12 +266,8 @@ def atomic_directory(path, *, overwrite=False):
         raise DataError(f"output '{path}' is a file; expected a folder name")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise DataError(f"output folder '{path}' already holds files; pass overwrite=True to replace it")
-    parent = path.parent
-    if not parent.is_dir():
-        raise DataError(f"output folder '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"output folder '{parent}' is not writable")
-    temp = parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
+    _check_parent(path)
+    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
     temp.mkdir()
     try:
         yield temp
