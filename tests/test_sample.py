@@ -48,23 +48,29 @@ def reference_targets(inputs, steps):
 
 def test_returns_every_file(built):
     paths = built[0]
-    assert sorted(paths) == ["inputs", "model_a", "model_b", "steps", "train"]
-    assert {path.name for path in paths.values()} == {
+    assert sorted(paths) == ["inputs", "model_a", "model_b", "steps", "tokens_inputs", "tokens_model_a",
+                             "tokens_model_b", "tokens_train", "train"]
+    folder = paths["train"].parent
+    assert {str(path.relative_to(folder)) for path in paths.values()} == {
         "model_a.keras",
         "model_b.keras",
         "train.h5",
         "inputs.h5",
         "steps.txt",
+        "tokens/model_a.keras",
+        "tokens/model_b.keras",
+        "tokens/train.h5",
+        "tokens/inputs.h5",
     }
-    folder = paths["train"].parent
     # Nothing else (no temporary files) is left behind.
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in paths.values())
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert written == sorted(str(p.relative_to(folder)) for p in paths.values())
     assert sum(path.stat().st_size for path in paths.values()) < 2_000_000
 
 
 def test_same_seed_gives_identical_files(built):
     first, second, _ = built
-    for key in ("train", "inputs"):
+    for key in ("train", "inputs", "tokens_train", "tokens_inputs"):
         data_1, attrs_1 = read_h5(first[key])
         data_2, attrs_2 = read_h5(second[key])
         assert data_1.keys() == data_2.keys()
@@ -73,8 +79,9 @@ def test_same_seed_gives_identical_files(built):
             assert data_1[name].dtype == data_2[name].dtype
         assert attrs_1.keys() == attrs_2.keys()
     assert first["train"].read_bytes() == second["train"].read_bytes()
+    assert first["tokens_train"].read_bytes() == second["tokens_train"].read_bytes()
     assert first["steps"].read_text() == second["steps"].read_text()
-    for key in ("model_a", "model_b"):
+    for key in ("model_a", "model_b", "tokens_model_a", "tokens_model_b"):
         weights_1, weights_2 = weights(first[key]), weights(second[key])
         assert len(weights_1) == len(weights_2) > 0
         for weight_1, weight_2 in zip(weights_1, weights_2):
@@ -219,7 +226,84 @@ def test_files_are_written_through_atomic_output(tmp_path, monkeypatch):
     stale = tmp_path / ".train.h5.cascade-tmp-999999999-abcd1234.h5"  # no such pid
     stale.write_bytes(b"half")
     paths = sample.build_sample_data(tmp_path, seed=0)
-    assert [name for name, _ in seen] == ["model_a.keras", "model_b.keras", "train.h5", "inputs.h5", "steps.txt"]
+    assert [name for name, _ in seen] == ["model_a.keras", "model_b.keras", "train.h5", "inputs.h5", "steps.txt",
+                                          "model_a.keras", "model_b.keras", "train.h5", "inputs.h5"]
     assert all(kwargs == {"overwrite": True, "suffix": f".{name.split('.')[-1]}"} for name, kwargs in seen)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(paths.values())
     assert (tmp_path / "steps.txt").read_text() != "old\n"
+
+
+# ------------------------------------------------------------ the token task
+
+
+def reference_pattern(rule, length, start):
+    """The notes by hand: a walk over 1..6 that wraps around, then END (0)."""
+    notes, note = [], start
+    for _ in range(length):
+        notes.append(note)
+        note = {"up": note % 6 + 1, "down": (note - 2) % 6 + 1, "repeat": note}[rule]
+    return notes + [0]
+
+
+@pytest.mark.parametrize("rule", sample.TOKEN_RULES)
+@pytest.mark.parametrize("start", range(1, 7))
+def test_pattern_tokens_by_hand(rule, start):
+    for length in range(1, 5):
+        tokens = sample.pattern_tokens(rule, length, start)
+        assert tokens == reference_pattern(rule, length, start)
+        assert sample.follows_pattern(tokens, rule, length)
+    assert sample.pattern_tokens("up", 3, 5) == [5, 6, 1, 0]
+    assert sample.pattern_tokens("down", 2, 1) == [1, 6, 0]
+
+
+def test_follows_pattern_refuses_what_breaks_the_rule():
+    assert not sample.follows_pattern([5, 6, 2, 0], "up", 3)  # a wrong note
+    assert not sample.follows_pattern([5, 6, 1], "up", 3)  # no END
+    assert not sample.follows_pattern([5, 6, 1, 2, 0], "up", 3)  # too long
+    assert not sample.follows_pattern([0, 1, 2, 0], "up", 3)  # END is not a start
+    assert not sample.follows_pattern([3, 3, 0], "up", 2)
+
+
+def test_token_files_hold_the_task(built):
+    paths = built[0]
+    for key, samples in (("tokens_train", 256), ("tokens_inputs", 8)):
+        data, attrs = read_h5(paths[key])
+        assert sorted(data) == ["inputs", "rules", "steps", "targets"]
+        inputs, steps, targets, rules = data["inputs"], data["steps"], data["targets"], data["rules"]
+        assert inputs.shape == (samples, 8, 5) and inputs.dtype == np.float32
+        assert steps.shape == (samples, 8) and targets.shape == (int(steps.sum()), 7)
+        np.testing.assert_array_equal(targets.sum(axis=1), 1.0)  # one-hot rows
+        tokens = targets.argmax(axis=1)
+        offset = 0
+        for n in range(samples):
+            for t in range(8):
+                count = int(steps[n, t])
+                rule = sample.TOKEN_RULES[rules[n, t]]
+                if count == 0:  # a rest: no features at all
+                    np.testing.assert_array_equal(inputs[n, t], 0.0)
+                    continue
+                length = count - 1
+                assert 1 <= length <= 4
+                np.testing.assert_array_equal(inputs[n, t, :3], np.eye(3)[rules[n, t]])
+                assert inputs[n, t, 3] == pytest.approx(length / 4) and inputs[n, t, 4] == 1.0
+                assert tokens[offset:offset + count].tolist() == reference_pattern(rule, length, tokens[offset])
+                offset += count
+        assert offset == len(tokens)
+        assert attrs["task"] == "tokens" and attrs["end_token"] == 0
+    rests = read_h5(paths["tokens_train"])[0]["steps"] == 0
+    assert 0.15 < rests.mean() < 0.25
+    starts = read_h5(paths["tokens_train"])[0]["targets"].argmax(axis=1)
+    assert len(set(starts.tolist())) == 7  # every note starts somewhere, and END ends
+
+
+def test_token_model_b_is_in_feedback_form(built):
+    model_b = load(built[0]["tokens_model_b"])
+    assert [tuple(tensor.shape) for tensor in model_b.inputs] == [(None, 16), (None, 7), (None, 32)]
+    assert [tuple(tensor.shape) for tensor in model_b.outputs] == [(None, 7), (None, 32)]
+    model_a = load(built[0]["tokens_model_a"])
+    assert tuple(model_a(np.zeros((2, 3, 5), np.float32)).shape) == (2, 3, 16)
+    x, state = np.ones((2, 16), np.float32), np.zeros((2, 32), np.float32)
+    first = np.asarray(model_b([x, np.eye(7, dtype=np.float32)[[1, 1]], state])[0])
+    second = np.asarray(model_b([x, np.eye(7, dtype=np.float32)[[1, 2]], state])[0])
+    np.testing.assert_array_equal(first[0], second[0])
+    assert not np.allclose(first[1], second[1])  # what it was fed back changes its output
