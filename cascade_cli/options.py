@@ -20,6 +20,9 @@ STATE_INITS = ("zeros", "ir")
 LOSSES = ("mse", "mae", "categorical-crossentropy", "sparse-categorical-crossentropy")
 CROSSENTROPY_LOSSES = ("categorical-crossentropy", "sparse-categorical-crossentropy")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+EXPONENTIAL_FINAL_FRACTION = 0.1  # an exponential schedule falls to this fraction of the learning rate by the last step
+METRICS = ("mse", "mae", "accuracy")  # what `--metrics` may record beside the loss, over the valid elements
 STRATEGIES = ("default", "mirrored", "multi-worker")
 STOP_RULES = ("norm", "token")
 FAST_CELLS = ("auto", True, False)
@@ -130,8 +133,15 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "patience": None,
     "strategy": "default",
+    "clipnorm": None,
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "metrics": (),
+    "mixed_precision": False,
+    "tensorboard": None,
 }
-"""What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off)."""
+"""What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off;
+`clipnorm` None: no clipping; `tensorboard` None: no event files)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +179,22 @@ class TrainConfig:
             (every local GPU, else every logical CPU device) or
             `"multi-worker"` (the cluster in `TF_CONFIG`; build it with
             `distribute.make_strategy` before any other TensorFlow work).
+        clipnorm: clip each gradient to this L2 norm before the step (Keras'
+            optimizer `clipnorm`, per weight); None: no clipping.
+        lr_schedule: one of `LR_SCHEDULES`: `"constant"`, `"cosine"` (to 0
+            by the last step) or `"exponential"` (to
+            `EXPONENTIAL_FINAL_FRACTION` of the rate by the last step), over
+            the run's `epochs` after the warmup.
+        warmup_steps: optimizer steps of linear warmup, from
+            `learning_rate / warmup_steps` up to `learning_rate`, before the schedule.
+        metrics: names in `METRICS`, recorded beside the loss (training and
+            validation) over the valid elements.
+        mixed_precision: train copies of the models built under the
+            `mixed_float16` policy (float16 compute, float32 weights, the loss
+            in float32, dynamic loss scaling); the models written stay float32.
+        tensorboard: a folder for TensorBoard event files (loss, val_loss,
+            learning_rate and the metrics, once per epoch); None: none.
+        overwrite: replace an earlier run in `out_dir` (without `resume`).
     """
 
     epochs: int | None = None
@@ -186,14 +212,25 @@ class TrainConfig:
     patience: int | None = None
     resume: bool = False
     strategy: str | None = None
+    clipnorm: float | None = None
+    lr_schedule: str | None = None
+    warmup_steps: int | None = None
+    metrics: tuple | None = None
+    mixed_precision: bool | None = None
+    tensorboard: str | None = None
+    overwrite: bool = False
 
     # Settings a resumed run must share with the checkpoint it continues: they
     # fix the data split and order, the optimizer's slots and what each step
-    # computes. `epochs`, `learning_rate`, `patience` and `strategy` may change on resume.
+    # computes. `epochs`, `learning_rate`, `patience`, `strategy`, `clipnorm`, `warmup_steps`, `metrics` and
+    # `tensorboard` may change on resume.
     RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "from_logits", "freeze_a",
-                       "state", "state_init")
+                       "state", "state_init", "lr_schedule", "mixed_precision")
     # What a checkpoint records, so that a resumed run continues with the run's own settings.
-    SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience")
+    SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience", "clipnorm", "warmup_steps", "metrics",
+                                        "tensorboard")
+    # Switches of one invocation, not settings of the run: never recorded, never taken from a checkpoint.
+    SWITCHES = ("resume", "overwrite")
 
     def __post_init__(self):
         check_int("epochs", self.epochs, minimum=1, allow_none=True)
@@ -215,6 +252,16 @@ class TrainConfig:
         _check_optional_choice("resume", self.resume, (True, False))
         _check_optional_choice("strategy", self.strategy, STRATEGIES)
         check_int("patience", self.patience, minimum=0, allow_none=True)
+        if self.clipnorm is not None:
+            check_number("clipnorm", self.clipnorm, minimum=0, min_open=True, expected="a finite number > 0")
+        _check_optional_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_int("warmup_steps", self.warmup_steps, allow_none=True, maximum=INT32_MAX)
+        if self.metrics is not None:
+            object.__setattr__(self, "metrics", _check_metrics(self.metrics))
+        _check_optional_choice("mixed_precision", self.mixed_precision, (True, False))
+        if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard):
+            raise ParameterError("tensorboard", f"expected a folder name, received {self.tensorboard!r}.")
+        _check_optional_choice("overwrite", self.overwrite, (True, False))
         self._check_together()
 
     def _check_together(self):
@@ -228,6 +275,15 @@ class TrainConfig:
                 "state_init", "'ir' sets every inner sequence's state from its own IR vector, which needs "
                 "state='reset'; received state='carry'."
             )
+        if self.overwrite and self.resume:
+            raise ParameterError("overwrite", "replaces an earlier run, resume=True continues it: expected one of "
+                                              "them, received both.")
+        if self.metrics and self.loss == "sparse-categorical-crossentropy":
+            regression = [name for name in self.metrics if name != "accuracy"]
+            if regression:
+                raise ParameterError(
+                    "metrics", f"{regression[0]!r} compares values with targets, but "
+                    "loss='sparse-categorical-crossentropy' has token ids as targets: expected metrics='accuracy'.")
         if self.from_logits is not None and self.loss is not None and self.loss not in CROSSENTROPY_LOSSES:
             raise ParameterError(
                 "from_logits", f"applies to the cross-entropy losses only; received loss={self.loss!r}: leave "
@@ -238,7 +294,7 @@ class TrainConfig:
     def given(self):
         """The names of the settings given (not None), `resume` aside, in field order."""
         return tuple(field.name for field in dataclasses.fields(self)
-                     if field.name != "resume" and getattr(self, field.name) is not None)
+                     if field.name not in self.SWITCHES and getattr(self, field.name) is not None)
 
     def resolved(self, saved=None):
         """Returns this config with every setting not given filled in.
@@ -267,9 +323,21 @@ class TrainConfig:
             values[name] = value
         if values["patience"] == 0:
             values["patience"] = None
+        values["metrics"] = tuple(values["metrics"] or ())
         if values["loss"] not in CROSSENTROPY_LOSSES:
             values["from_logits"] = None
         return dataclasses.replace(self, **values)
+
+
+def _check_metrics(metrics):
+    """`metrics` (a sequence of names, or one string `"mae,mse"`) as a tuple of names in `METRICS`, each once."""
+    if isinstance(metrics, str):
+        metrics = [name.strip() for name in metrics.split(",") if name.strip()]
+    if not isinstance(metrics, (list, tuple)):
+        raise ParameterError("metrics", f"expected a list of names from {', '.join(METRICS)}, received {metrics!r}.")
+    for name in metrics:
+        check_choice("metrics", name, METRICS)
+    return tuple(dict.fromkeys(metrics))
 
 
 def _check_optional_choice(parameter, value, choices):
