@@ -1,8 +1,9 @@
 """What a training run writes into `out_dir`, and how a killed run resumes exactly.
 
 Layout of `out_dir`: `checkpoints/` (the last few epochs), `history.csv`
-(`epoch,loss,val_loss,seconds`, rewritten after every epoch) and, at the end,
-`model_a.keras` and `model_b.keras`. Every file is written atomically, and the
+(`epoch,loss,val_loss,seconds`, then the metrics and their `val_` figures,
+rewritten after every epoch) and, at the end, `model_a.keras`,
+`model_b.keras` and `cascade.keras` (the whole generator). Every file is written atomically, and the
 pair is written as one: `checkpoints/trained.json` (the epoch and the files'
 SHA-256 digests) is removed before the models are replaced and written after
 them, so a reader that checks it (`check_trained_model`) never takes a pair
@@ -47,6 +48,7 @@ HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds")
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
 MODEL_FILES = ("model_a.keras", "model_b.keras")
+GENERATOR_FILE = "cascade.keras"  # the whole generator (CascadeModel), written with the pair
 HISTORY_FILE = "history.csv"
 MANIFEST_FILE = "trained.json"  # in checkpoints/: written last, after the models
 LOCK_FILE = ".cascade-train.lock"
@@ -187,19 +189,29 @@ def _remove_unfinished_saves(checkpoints):
 # ---------------------------------------------------------------- out_dir
 
 
-def check_out_dir(out_dir):
+def check_out_dir(out_dir, *, parent_must_exist=False):
     """Checks, before any work and creating nothing, that `out_dir` is a folder that can be written or created.
+
+    Args:
+        out_dir: the folder.
+        parent_must_exist: refuse an `out_dir` whose own folder is missing
+            (a training run creates `out_dir`, never its parents, as
+            `generate` writes into existing folders only).
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
-        ParameterError: (`out_dir`) it is a file, or it (or the folder it
-            would be created in) is not writable.
+        ParameterError: (`out_dir`) it is a file, its folder is missing (with
+            `parent_must_exist`), or it (or the folder it would be created in)
+            is not writable.
     """
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise ParameterError("out_dir", f"'{path}' is a file: expected a folder.")
+    if parent_must_exist and not path.exists() and not path.absolute().parent.is_dir():
+        raise ParameterError("out_dir", f"'{path}' cannot be created: its folder '{path.parent}' does not exist; "
+                                        "create it first.")
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -241,17 +253,20 @@ class RunFolder:
                     folder.rmdir()  # only when empty: nothing of anyone else's goes
 
 
-def prepare_out_dir(out_dir, *, resume, lock=True):
+def prepare_out_dir(out_dir, *, resume, lock=True, overwrite=False):
     """Creates `out_dir` if needed and locks it; refuses a new run over an earlier one, or a resume without a checkpoint.
 
     A `checkpoints/` folder without a complete checkpoint (a kill while the
-    first one was written) is no run: a new run removes it.
+    first one was written) is no run: a new run removes it. `out_dir` is
+    created, its parents never (`check_out_dir(parent_must_exist=True)`).
 
     Args:
         out_dir: the run's folder.
         resume: whether the run continues the latest checkpoint there.
         lock: take the `RunLock` (the chief of a multi-worker run; the other
             workers only read the chief's checkpoints).
+        overwrite: a new run replaces an earlier one in `out_dir`
+            (`remove_training_run`, once the lock is held) instead of being refused.
 
     Returns:
         A `RunFolder`, the lock held until it exits.
@@ -261,7 +276,7 @@ def prepare_out_dir(out_dir, *, resume, lock=True):
             `resume`) or no complete checkpoint (with it), cannot be written,
             or is in use by another training run.
     """
-    path = check_out_dir(out_dir)
+    path = check_out_dir(out_dir, parent_must_exist=not resume)
     checkpoints = path / CHECKPOINT_DIR
     created = []
     if not resume:
@@ -285,19 +300,21 @@ def prepare_out_dir(out_dir, *, resume, lock=True):
                 )
             _remove_unfinished_saves(checkpoints)
             return folder
+        if overwrite:
+            remove_training_run(path)
         complete = latest_checkpoint(checkpoints) is not None
         earlier = [name for name in _training_files(path) if name != CHECKPOINT_DIR or complete]
         if earlier and not complete:
             raise ParameterError(
                 "out_dir",
                 f"'{path}' holds files of a training run ({', '.join(earlier)}) but no complete checkpoint to "
-                "resume from; remove them (checkpoints.remove_training_run) or choose another out_dir.",
+                "resume from; pass overwrite=True to replace them, or choose another out_dir.",
             )
         if earlier:
             raise ParameterError(
                 "out_dir",
                 f"'{path}' already holds a training run ({', '.join(earlier)}); pass resume=True to continue it, "
-                "or choose another out_dir.",
+                "overwrite=True to replace it, or choose another out_dir.",
             )
         _remove_incomplete(checkpoints)
         if not os.access(path, os.W_OK | os.X_OK):
@@ -310,11 +327,15 @@ def prepare_out_dir(out_dir, *, resume, lock=True):
 
 def _training_files(out_dir):
     """The names of the files and folders a training run writes that exist in `out_dir`."""
-    return [name for name in (CHECKPOINT_DIR, *MODEL_FILES, HISTORY_FILE) if (Path(out_dir) / name).exists()]
+    return [name for name in (CHECKPOINT_DIR, *MODEL_FILES, GENERATOR_FILE, HISTORY_FILE)
+            if (Path(out_dir) / name).exists()]
 
 
 def remove_training_run(out_dir):
-    """Removes what a training run wrote into `out_dir` (`checkpoints/`, the models, `history.csv`), nothing else."""
+    """Removes what a training run wrote into `out_dir` (`checkpoints/`, the models, `history.csv`), nothing else.
+
+    TensorBoard event files (`tensorboard=`, a folder of the user's choice) are left alone.
+    """
     out_dir = Path(out_dir)
     for name in _training_files(out_dir):
         path = out_dir / name
@@ -324,8 +345,8 @@ def remove_training_run(out_dir):
             path.unlink()
 
 
-def save_models(models, out_dir, *, history=None):
-    """Writes `(model_a, model_b)` (and `history`) into `out_dir` as one pair, then `checkpoints/trained.json`.
+def save_models(models, out_dir, *, history=None, generator=None):
+    """Writes `(model_a, model_b)` (and `history`, `generator`) into `out_dir` as one pair, then `checkpoints/trained.json`.
 
     The manifest of the last pair is removed first, each file is written
     atomically, and the new manifest (the epoch and every file's SHA-256) is
@@ -336,6 +357,7 @@ def save_models(models, out_dir, *, history=None):
         models: `(model_a, model_b)`.
         out_dir: the run's folder.
         history: the history rows to write as `history.csv` with them, or None.
+        generator: a `CascadeModel` of the pair to write as `cascade.keras`, or None.
 
     Raises:
         DataError: the disk is full.
@@ -348,7 +370,11 @@ def save_models(models, out_dir, *, history=None):
     if history is not None:
         write_history(out_dir / HISTORY_FILE, history)
         names.append(HISTORY_FILE)
-    for model, name in zip(models, MODEL_FILES):
+    written = list(zip(models, MODEL_FILES))
+    if generator is not None:
+        written.append((generator, GENERATOR_FILE))
+        names.append(GENERATOR_FILE)
+    for model, name in written:
         with reporting_full_disk(out_dir / name), atomic_output(out_dir / name, overwrite=True,
                                                                 suffix=".keras") as temp:
             model.save(temp)
@@ -378,7 +404,8 @@ def trained_pair(out_dir):
     try:
         record = json.loads((out_dir / CHECKPOINT_DIR / MANIFEST_FILE).read_text(encoding="utf-8"))
         files = record["files"]
-        if all(_digest(out_dir / name) == files[name] for name in MODEL_FILES):
+        checked = (*MODEL_FILES, *([GENERATOR_FILE] if GENERATOR_FILE in files else []))
+        if all(_digest(out_dir / name) == files[name] for name in checked):
             return record
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -398,7 +425,7 @@ def check_trained_model(path):
     """
     path = Path(path)
     folder = path.parent
-    if path.name not in MODEL_FILES or not (folder / CHECKPOINT_DIR).is_dir():
+    if path.name not in (*MODEL_FILES, GENERATOR_FILE) or not (folder / CHECKPOINT_DIR).is_dir():
         return
     if trained_pair(folder) is None:
         raise ModelError(
@@ -408,14 +435,26 @@ def check_trained_model(path):
         )
 
 
+def history_fields(history):
+    """The columns of `history.csv`: `HISTORY_FIELDS`, then every other key of the rows (metrics), in first-seen order."""
+    extra = {}
+    for row in history:
+        extra.update((key, None) for key in row if key not in HISTORY_FIELDS)
+    return (*HISTORY_FIELDS, *extra)
+
+
 def write_history(path, history):
-    """Writes history rows to `path` as CSV (`epoch,loss,val_loss,seconds`), atomically."""
+    """Writes history rows to `path` as CSV (`epoch,loss,val_loss,seconds`, then the metrics), atomically.
+
+    A value a row lacks or holds as None (no validation set; a metric added on resume) is left empty.
+    """
+    fields = history_fields(history)
     with reporting_full_disk(path), atomic_output(path, overwrite=True) as temp:
         with open(temp, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
-            writer.writerow(HISTORY_FIELDS)
+            writer.writerow(fields)
             for row in history:
-                writer.writerow(["" if row[key] is None else repr(row[key]) for key in HISTORY_FIELDS])
+                writer.writerow(["" if row.get(key) is None else repr(row[key]) for key in fields])
 
 
 # ---------------------------------------------------------------- progress
@@ -477,7 +516,8 @@ class Progress(tf.Module):
 def run_settings(config, data):
     """The settings a checkpoint records (`TrainConfig.SAVED_SETTINGS` of a resolved config, and the data's shape)."""
     kinds = {"seed": int, "val_split": float, "shuffle": bool, "batch_size": int, "freeze_a": bool, "epochs": int,
-             "learning_rate": float}
+             "learning_rate": float, "clipnorm": float, "warmup_steps": int, "metrics": list,
+             "mixed_precision": bool, "tensorboard": str}
     values = {}
     for name in TrainConfig.SAVED_SETTINGS:
         value = getattr(config, name)

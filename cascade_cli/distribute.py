@@ -147,53 +147,54 @@ def replicate(model, *, name):
 def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
     """Returns `(gradients, apply)` like `training.train_steps`, run on every replica of `strategy`.
 
-    Each replica runs `batch_loss` on its slice of the global batch with the
-    count of valid elements all-reduced and `replicas` set, so its loss is its
-    sum of errors over the *global* count plus its share of the
-    regularization, and the replicas' gradients add up to the gradient of the
-    global batch's loss. `gradients(inputs, steps, targets)` takes per-replica
-    values and returns `(global sum, global count, penalty, per-replica grads,
-    finite)`, `finite` judged on the global loss and the summed gradients, so
-    every worker decides alike; `apply(grads)` lets the optimizer sum the
-    replicas' gradients and step. `spec` is the per-replica batch's
-    `element_spec`: with it the step is traced once, whatever each replica's
-    batch shape.
+    Each replica runs `training.compute_gradients` on its slice of the global
+    batch with the count of valid elements all-reduced and `replicas` set, so
+    its loss is its sum of errors over the *global* count plus its share of
+    the regularization, and the replicas' gradients add up to the gradient of
+    the global batch's loss. `gradients(inputs, steps, targets)` takes
+    per-replica values and returns `(global sum, global count, penalty,
+    global metrics, per-replica grads, finite)`, `finite` judged on the
+    global loss and the summed gradients (`training.finite_step`), so every
+    worker decides alike; `apply(grads)` (`training.apply_gradients`) lets
+    the optimizer sum the replicas' gradients and step. `spec` is the
+    per-replica batch's `element_spec`: with it the step is traced once,
+    whatever each replica's batch shape.
 
     Args:
         strategy: a `tf.distribute.Strategy`.
-        batch_loss: `(inputs, steps, targets, *, reduce_count, replicas) ->
-            (sum, count, penalty, loss)`, as `training.batch_loss` returns.
+        batch_loss: a `training.batch_loss` function.
         spec: the per-replica batch's `element_spec`.
         variables: the variables to train.
         optimizer: a Keras optimizer built for `variables` inside `strategy.scope()`.
     """
+    from cascade_cli.training import apply_gradients, compute_gradients, finite_step
+
     add = tf.distribute.ReduceOp.SUM
     replicas = strategy.num_replicas_in_sync
 
     def replica_gradients(inputs, steps, targets):
         context = tf.distribute.get_replica_context()
-        with tf.GradientTape() as tape:
-            total, count, penalty, loss = batch_loss(
-                inputs, steps, targets, reduce_count=functools.partial(context.all_reduce, add), replicas=replicas
-            )
-        grads = tape.gradient(loss, variables)
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
-        total, *summed = context.all_reduce(add, [total, *grads])
-        finite = tf.math.is_finite(tf.math.divide_no_nan(total, count) + penalty)
-        for grad in summed:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
-        return total, count, penalty, grads, finite
+        result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
+                                          optimizer=optimizer, reduce_count=functools.partial(context.all_reduce, add),
+                                          replicas=replicas)
+        total, *summed = context.all_reduce(add, [result.total, *grads])
+        metrics = tuple(context.all_reduce(add, list(result.metrics))) if result.metrics else ()
+        whole = result._replace(loss=tf.math.divide_no_nan(total, result.count) + result.penalty)
+        finite = finite_step(whole, summed, optimizer=optimizer)
+        return total, result.count, result.penalty, metrics, grads, finite
 
     @tf.function(input_signature=spec)
     def gradients(inputs, steps, targets):
-        total, count, penalty, grads, finite = strategy.run(replica_gradients, args=(inputs, steps, targets))
+        total, count, penalty, metrics, grads, finite = strategy.run(replica_gradients,
+                                                                     args=(inputs, steps, targets))
         local = strategy.experimental_local_results
-        return local(total)[0], local(count)[0], local(penalty)[0], grads, local(finite)[0]
+        metrics = tuple(local(pair)[0] for pair in metrics)
+        return local(total)[0], local(count)[0], local(penalty)[0], metrics, grads, local(finite)[0]
 
     def replica_apply(grads):
         # Arguments of a tf.function carry no device, and a multi-worker all-reduce needs one:
         # tf.identity places each gradient on this replica's device again.
-        optimizer.apply([tf.identity(grad) for grad in grads], variables)
+        apply_gradients(optimizer, [tf.identity(grad) for grad in grads], variables)
 
     @tf.function(reduce_retracing=True)
     def apply(grads):

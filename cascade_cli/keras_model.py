@@ -27,6 +27,7 @@ evenly over the replicas (with arrays, `batch_size` a multiple of them).
 
 from __future__ import annotations
 
+import functools
 
 import keras
 import numpy as np
@@ -39,7 +40,8 @@ from cascade_cli.options import LOSSES, StopRule, check_int
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
-from cascade_cli.training import _check_regularizers, _loss_terms, regularization_loss, resolve_from_logits
+from cascade_cli.training import (apply_gradients, batch_loss, check_regularizers, compute_gradients, loss_terms,
+                                  resolve_from_logits)
 
 __all__ = ["CascadeModel", "export_saved_model", "load_generator"]
 
@@ -57,7 +59,7 @@ def _loss_terms_of(loss, *, model_b, from_logits):
         return terms
     if isinstance(loss, str) and loss in _LOSS_NAMES:
         name = _LOSS_NAMES[loss]
-        return _loss_terms(name, from_logits=resolve_from_logits(model_b, from_logits, loss=name))
+        return loss_terms(name, from_logits=resolve_from_logits(model_b, from_logits, loss=name))
     names = ", ".join(name.replace("-", "_") for name in LOSSES)
     raise ParameterError("loss", f"expected one of {names} or a keras.losses.Loss, received {loss!r}.")
 
@@ -120,6 +122,7 @@ class CascadeModel(keras.Model):
             model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
+        self._loss = None  # training.batch_loss of the compiled loss: the one cascade train runs too
         self._compiled_loss = None
         self._predict_functions = {}
         self.built = True  # A and B come built
@@ -181,7 +184,8 @@ class CascadeModel(keras.Model):
             ModelError: a layer with an activity regularizer.
         """
         self._terms = _loss_terms_of(loss, model_b=self.model_b, from_logits=from_logits)
-        _check_regularizers((self.model_a, self.model_b))
+        check_regularizers((self.model_a, self.model_b))
+        self._loss = batch_loss(self.training_cascade, self._terms, models=(self.model_a, self.model_b))
         kwargs.setdefault("jit_compile", False)
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         self._compiled_loss, self._from_logits = loss, from_logits
@@ -207,8 +211,8 @@ class CascadeModel(keras.Model):
 
     # --------------------------------------------------------------- steps
 
-    def _batch_loss(self, data, *, training):
-        """`(loss, mean, count, values, targets)` of one batch: `loss` is what each replica differentiates."""
+    def _unpack(self, data):
+        """`(inputs, steps, flat targets)` of one batch: padded targets `(N, Ta, L, O)` taken in value order."""
         x, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ParameterError("sample_weight", "is not supported: every valid element weighs the same; "
@@ -223,44 +227,38 @@ class CascadeModel(keras.Model):
             message="targets (N, Ta, L, O): L is shorter than the longest steps")
         with tf.control_dependencies([check]):
             flat_targets = tf.boolean_mask(targets, tf.sequence_mask(steps, tf.shape(targets)[2]))
-        values, _ = self.training_cascade.run(inputs, steps, training=training)
-        values = tf.cast(values, tf.float32)  # the loss in float32, whatever the dtype policy
-        flat_targets = tf.cast(flat_targets, tf.float32)
-        total, count = self._terms(values, flat_targets)
-        local_mean = tf.math.divide_no_nan(total, count)
-        penalty = regularization_loss((self.model_a, self.model_b))
-        penalty = tf.zeros((), tf.float32) if penalty is None else tf.cast(penalty, tf.float32)
+        return inputs, steps, tf.cast(flat_targets, tf.float32)
+
+    def _replica_options(self):
+        """`batch_loss`'s options on one of several replicas: the global count of valid elements, the penalty shared."""
         context = _replica_context()
         if context is None:
-            loss = local_mean + penalty
-        else:  # the global count of valid elements; the penalty once over all replicas
-            global_count = tf.stop_gradient(context.all_reduce(tf.distribute.ReduceOp.SUM, count))
-            loss = tf.math.divide_no_nan(total, global_count) + penalty / context.num_replicas_in_sync
-        return loss, local_mean + penalty, count, values, flat_targets
+            return {}
+        return {"reduce_count": functools.partial(context.all_reduce, tf.distribute.ReduceOp.SUM),
+                "replicas": context.num_replicas_in_sync}
 
-    def _report(self, x, mean, count, values, targets):
-        self.loss_tracker.update_state(mean, sample_weight=count)
-        return self.compute_metrics(x, targets, values)
+    def _report(self, x, result):
+        """Updates the loss tracker (this batch's own mean, weighed by its count) and the compiled metrics."""
+        mean = tf.math.divide_no_nan(result.total, result.local_count) + result.penalty
+        self.loss_tracker.update_state(mean, sample_weight=result.local_count)
+        return self.compute_metrics(x, result.targets, result.values)
 
     def train_step(self, data):
-        """One optimizer step on one batch; returns the metrics so far."""
-        if self._terms is None:
+        """One optimizer step on one batch (`training.compute_gradients` and `apply_gradients`, as `cascade train`)."""
+        if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
         variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, mean, count, values, targets = self._batch_loss(data, training=True)
-            scaled = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
-        self.optimizer.apply_gradients(zip(grads, variables))
-        return self._report(data[0], mean, count, values, targets)
+        result, grads = compute_gradients(self._loss, self._unpack(data), variables=variables,
+                                          optimizer=self.optimizer, **self._replica_options())
+        apply_gradients(self.optimizer, grads, variables)
+        return self._report(data[0], result)
 
     def test_step(self, data):
         """Scores one batch with `training=False`; returns the metrics so far."""
-        if self._terms is None:
+        if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before evaluate().")
-        _, mean, count, values, targets = self._batch_loss(data, training=False)
-        return self._report(data[0], mean, count, values, targets)
+        result = self._loss(*self._unpack(data), training=False, **self._replica_options())
+        return self._report(data[0], result)
 
     # ------------------------------------------------------------- predict
 

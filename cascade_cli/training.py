@@ -25,10 +25,11 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -53,7 +54,10 @@ from cascade_cli.keras_internals import flatten_layers, seed_generators
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import (
     CROSSENTROPY_LOSSES,
+    EXPONENTIAL_FINAL_FRACTION,
     LOSSES,
+    LR_SCHEDULES,
+    METRICS,
     OPTIMIZERS,
     RunInfo,
     TrainCallbacks,
@@ -66,8 +70,12 @@ from cascade_cli.runner import Cascade
 # --------------------------------------------------------------------- loss
 
 
-def _loss_terms(name, *, from_logits=True):
-    """Returns `terms(predictions, targets) -> (sum, count)` over the valid elements."""
+def loss_terms(name, *, from_logits=True):
+    """Returns `terms(predictions, targets) -> (sum, count)` over the valid elements (one of `LOSSES`).
+
+    The mean is `sum / count`: `mse` and `mae` count every element, the
+    cross-entropies every row. `training` and `CascadeModel` both take their loss from here.
+    """
     check_choice("loss", name, LOSSES)
 
     def elements(errors):
@@ -120,7 +128,7 @@ def masked_loss(name, *, from_logits=True):
     Raises:
         ParameterError: an unknown loss name.
     """
-    terms = _loss_terms(name, from_logits=from_logits)
+    terms = loss_terms(name, from_logits=from_logits)
 
     def loss(predictions, targets):
         predictions = tf.convert_to_tensor(predictions)
@@ -196,7 +204,7 @@ def regularization_loss(models):
     return tf.add_n(terms) if terms else None
 
 
-def _check_regularizers(models):
+def check_regularizers(models):
     """Raises `ModelError` for an activity regularizer, a loss training cannot collect."""
     for name, model in zip("AB", models):
         for layer in flatten_layers(model, include_self=True):
@@ -212,14 +220,129 @@ def _check_regularizers(models):
 # ---------------------------------------------------------------- the steps
 
 
-def make_optimizer(name, *, learning_rate):
+@keras.saving.register_keras_serializable(package="cascade_cli")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`after(step - warmup_steps)`, preceded by `warmup_steps` steps rising linearly to `after(0)`.
+
+    Step `s < warmup_steps` (0-based) takes `(s + 1) / warmup_steps * after(0)`,
+    so the first step already moves and step `warmup_steps - 1` takes the full rate.
+
+    Args:
+        after: a learning rate (float) or a `LearningRateSchedule`.
+        warmup_steps: a positive integer.
+    """
+
+    def __init__(self, after, warmup_steps):
+        if isinstance(after, dict):
+            after = keras.optimizers.schedules.deserialize(after)
+        self.after = after
+        self.warmup_steps = int(warmup_steps)
+
+    def _after(self, step):
+        if isinstance(self.after, keras.optimizers.schedules.LearningRateSchedule):
+            return tf.cast(self.after(step), tf.float32)
+        return tf.constant(float(self.after), tf.float32)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = float(self.warmup_steps)
+        rising = (step + 1.0) / warmup * self._after(tf.zeros((), tf.float32))
+        return tf.where(step < warmup, rising, self._after(tf.maximum(step - warmup, 0.0)))
+
+    def get_config(self):
+        after = self.after
+        if isinstance(after, keras.optimizers.schedules.LearningRateSchedule):
+            after = keras.optimizers.schedules.serialize(after)
+        return {"after": after, "warmup_steps": self.warmup_steps}
+
+
+def learning_rate_schedule(name, *, learning_rate, total_steps, warmup_steps=0):
+    """Returns the learning rate `make_optimizer` takes: a float, or a Keras `LearningRateSchedule`.
+
+    Args:
+        name: one of `LR_SCHEDULES`: `"constant"`, `"cosine"` (Keras'
+            `CosineDecay` to 0 by the last step) or `"exponential"` (Keras'
+            `ExponentialDecay`, to `EXPONENTIAL_FINAL_FRACTION` of the rate by
+            the last step).
+        learning_rate: the peak rate.
+        total_steps: the optimizer steps of the whole run (warmup included).
+        warmup_steps: steps of linear warmup first (`LinearWarmup`); 0: none.
+
+    Raises:
+        ParameterError: an unknown name.
+    """
+    check_choice("lr_schedule", name, LR_SCHEDULES)
+    learning_rate = float(learning_rate)
+    decay_steps = max(1, int(total_steps) - int(warmup_steps))
+    if name == "constant":
+        rate = learning_rate
+    elif name == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps, alpha=0.0)
+    else:
+        rate = keras.optimizers.schedules.ExponentialDecay(learning_rate, decay_steps,
+                                                           decay_rate=EXPONENTIAL_FINAL_FRACTION)
+    return LinearWarmup(rate, warmup_steps) if warmup_steps else rate
+
+
+def make_optimizer(name, *, learning_rate, clipnorm=None, mixed_precision=False):
     """Returns a new Keras optimizer `name` (one of `OPTIMIZERS`, Keras' own names) with `learning_rate`.
+
+    Args:
+        name: one of `OPTIMIZERS`.
+        learning_rate: a float or a `LearningRateSchedule` (`learning_rate_schedule`).
+        clipnorm: Keras' `clipnorm` (each gradient clipped to this L2 norm), or None.
+        mixed_precision: wrap it in Keras' `LossScaleOptimizer` (dynamic loss
+            scaling, as `Model.compile` does under `mixed_float16`).
 
     Raises:
         ParameterError: an unknown optimizer name.
     """
     check_choice("optimizer", name, OPTIMIZERS)
-    return keras.optimizers.get({"class_name": name, "config": {"learning_rate": float(learning_rate)}})
+    if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        learning_rate = float(learning_rate)
+    config = {"learning_rate": learning_rate}
+    if clipnorm is not None:
+        config["clipnorm"] = float(clipnorm)
+    optimizer = keras.optimizers.get(name)
+    optimizer = type(optimizer)(**config)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
+
+
+def current_learning_rate(optimizer):
+    """The rate `optimizer`'s next step takes (its schedule at its step count), as a float."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = inner._learning_rate  # a variable, or the schedule itself
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return float(rate(inner.iterations))
+    return float(tf.convert_to_tensor(rate))
+
+
+def _has_schedule(optimizer):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return isinstance(inner._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+
+
+def metric_terms(name, *, loss, from_logits=None):
+    """Returns `terms(predictions, targets) -> (sum, count)` of the metric `name` (one of `METRICS`).
+
+    `mse` and `mae` are the losses of those names; `accuracy` counts the rows
+    whose `argmax` is the target's (its token id for
+    `sparse-categorical-crossentropy`, its `argmax` otherwise).
+
+    Raises:
+        ParameterError: an unknown name.
+    """
+    check_choice("metrics", name, METRICS)
+    if name != "accuracy":
+        return loss_terms(name)
+    sparse = loss == "sparse-categorical-crossentropy"
+
+    def accuracy(predictions, targets):
+        wanted = tf.cast(tf.reshape(targets, [-1]), tf.int64) if sparse else tf.argmax(targets, axis=-1)
+        hits = tf.cast(tf.equal(tf.argmax(predictions, axis=-1), wanted), tf.float32)
+        return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
+
+    return accuracy
 
 
 def batch_signature(data):
@@ -231,67 +354,150 @@ def batch_signature(data):
     )
 
 
-def batch_loss(cascade, terms, *, models):
-    """Returns the training loss of one batch, the function every train step differentiates.
+class BatchLoss(NamedTuple):
+    """What `batch_loss`'s function returns for one batch.
 
-    `loss(inputs, steps, targets, *, reduce_count=None, replicas=1) -> (sum,
-    count, penalty, loss)` runs the cascade with `training=True`; `sum` and
-    `count` are the batch's errors and valid elements, `penalty` the models'
-    `regularization_loss` (0 without regularizers) and `loss = sum / count +
-    penalty / replicas`. On a replica, `reduce_count` all-reduces the count
-    (the global count of valid elements) and `replicas` is the number of
-    replicas, so that the replicas' losses add up to the global batch's.
+    Attributes:
+        total: the sum of the errors over the batch's valid elements.
+        count: what `total` is divided by: the valid elements, summed over the
+            replicas under a strategy (`reduce_count`).
+        local_count: this batch's own valid elements.
+        penalty: the models' `regularization_loss` (0 without regularizers).
+        loss: what the step differentiates, `total / count + penalty / replicas`.
+        values: the outputs `(rows, O)` in value order, at least float32.
+        targets: the flat targets, cast like `values`.
+        metrics: one `(sum, count)` per metric asked for.
     """
 
-    def loss(inputs, steps, targets, *, reduce_count=None, replicas=1):
-        values, _ = cascade.run(inputs, steps, training=True)
-        total, count = terms(values, tf.cast(targets, values.dtype))
+    total: tf.Tensor
+    count: tf.Tensor
+    local_count: tf.Tensor
+    penalty: tf.Tensor
+    loss: tf.Tensor
+    values: tf.Tensor
+    targets: tf.Tensor
+    metrics: tuple
+
+
+def _at_least_float32(values):
+    """`values` in float32 when they are float16 or bfloat16 (mixed precision: the loss in float32), else as they are."""
+    return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
+
+
+def batch_loss(cascade, terms, *, models, metrics=()):
+    """Returns the training loss of one batch, the function every train step differentiates.
+
+    `loss(inputs, steps, targets, *, training=True, reduce_count=None,
+    replicas=1, sampling_probability=None) -> BatchLoss` runs the cascade on
+    flat `targets` (value order) and takes `terms` over its outputs (cast to
+    float32 when they are float16), plus the models' `regularization_loss`.
+    On a replica, `reduce_count` all-reduces the count (the global count of
+    valid elements) and `replicas` is the number of replicas, so that the
+    replicas' losses add up to the global batch's. `cascade train` and
+    `CascadeModel.train_step` both run it (through `compute_gradients`).
+
+    With a feedback cascade (`cascade.feedback`), the runner is given the
+    flat targets (teacher forcing) and `sampling_probability`, a scalar
+    tensor (scheduled sampling).
+
+    Args:
+        cascade: a `Cascade`.
+        terms: `(predictions, targets) -> (sum, count)`, e.g. `loss_terms(name)`.
+        models: `(model_a, model_b)`, whose weight regularizers count.
+        metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
+    """
+
+    def loss(inputs, steps, targets, *, training=True, reduce_count=None, replicas=1, sampling_probability=None):
+        run = {}
+        if getattr(cascade, "feedback", False):
+            run["targets"] = targets
+            if sampling_probability is not None:
+                run["sampling_probability"] = sampling_probability
+        values, _ = cascade.run(inputs, steps, training=training, **run)
+        values = _at_least_float32(values)
+        targets = tf.cast(targets, values.dtype)
+        total, local_count = terms(values, targets)
+        count = local_count
         if reduce_count is not None:
-            count = tf.stop_gradient(reduce_count(count))
+            count = tf.stop_gradient(reduce_count(local_count))
         mean = tf.math.divide_no_nan(total, count)
+        measured = tuple(tf.stop_gradient(tf.stack(metric(values, targets))) for metric in metrics)
         penalty = regularization_loss(models)
         if penalty is None:
-            return total, count, tf.zeros((), mean.dtype), mean
+            return BatchLoss(total, count, local_count, tf.zeros((), mean.dtype), mean, values, targets, measured)
         penalty = tf.cast(penalty, mean.dtype)
-        return total, count, penalty, mean + penalty / replicas
+        return BatchLoss(total, count, local_count, penalty, mean + penalty / replicas, values, targets, measured)
 
     return loss
+
+
+def compute_gradients(loss, batch, *, variables, optimizer, **options):
+    """The gradients of one batch's loss: the first half of every train step, `cascade train`'s and `CascadeModel`'s.
+
+    Runs `loss(*batch, **options)` (a `batch_loss` function) under one
+    `tf.GradientTape` and differentiates the optimizer's scaled loss
+    (`optimizer.scale_loss`: a `LossScaleOptimizer`'s loss scale under mixed
+    precision, the loss itself otherwise). A variable the loss does not reach
+    gets a zero gradient.
+
+    Returns:
+        `(BatchLoss, grads)`, the grads in the order of `variables` (scaled,
+        as `optimizer.apply` expects them).
+    """
+    with tf.GradientTape() as tape:
+        result = loss(*batch, **options)
+        scaled = optimizer.scale_loss(result.loss)
+    grads = tape.gradient(scaled, variables)
+    grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+    return result, grads
+
+
+def apply_gradients(optimizer, grads, variables):
+    """The second half of every train step: one optimizer step (clipping, loss-scale handling and all)."""
+    optimizer.apply(grads, variables)
+
+
+def finite_step(result, grads, *, optimizer):
+    """Whether a step may be taken: a finite loss and, unless a `LossScaleOptimizer` judges them itself, finite grads."""
+    finite = tf.math.is_finite(result.loss)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return finite  # an overflow of the scaled grads only lowers the scale: the optimizer skips that step
+    for grad in grads:
+        finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
+    return finite
 
 
 def train_steps(batch_loss, *, signature, variables, optimizer):
     """Returns `(gradients, apply)`, two `tf.function`s for one device.
 
-    `gradients(inputs, steps, targets) -> (sum, count, penalty, grads,
-    finite)` differentiates `batch_loss` under one tape; `apply(grads)` takes
-    one optimizer step. They are apart so that a non-finite loss or gradient
-    never reaches the weights.
+    `gradients(inputs, steps, targets) -> (sum, count, penalty, metrics,
+    grads, finite)` is `compute_gradients` (`metrics`: a `(sum, count)` per
+    metric); `apply(grads)` is `apply_gradients`. They are apart
+    so that a non-finite loss or gradient never reaches the weights.
     """
 
     @tf.function(input_signature=signature, reduce_retracing=True)
     def gradients(inputs, steps, targets):
-        with tf.GradientTape() as tape:
-            total, count, penalty, loss = batch_loss(inputs, steps, targets)
-        grads = tape.gradient(loss, variables)
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
-        finite = tf.math.is_finite(loss)
-        for grad in grads:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
-        return total, count, penalty, grads, finite
+        result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
+                                          optimizer=optimizer)
+        finite = finite_step(result, grads, optimizer=optimizer)
+        return result.total, result.count, result.penalty, result.metrics, grads, finite
 
     @tf.function(reduce_retracing=True)
     def apply(grads):
-        optimizer.apply(grads, variables)
+        apply_gradients(optimizer, grads, variables)
 
     return gradients, apply
 
 
-def _evaluation_step(cascade, terms, data):
-    """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count)` with `training=False`."""
+def _evaluation_step(cascade, terms, data, *, models=(), metrics=()):
+    """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count, metrics)` with `training=False`."""
+    loss = batch_loss(cascade, terms, models=models, metrics=metrics)
 
     @tf.function(input_signature=batch_signature(data), reduce_retracing=True)
     def evaluate(inputs, steps, targets):
-        values, _ = cascade.run(inputs, steps, training=False)
-        return terms(values, tf.cast(targets, values.dtype))
+        result = loss(inputs, steps, targets, training=False)
+        return result.total, result.local_count, result.metrics
 
     return evaluate
 
@@ -302,17 +508,26 @@ def _penalty_now(models):
     return None if penalty is None else float(penalty)
 
 
-def _loss_over(step, data, indices, *, batch_size, penalty=None):
-    """The mean loss over the valid elements of `indices` (plus `penalty`), or None when there are no samples."""
+def _scores_over(step, data, indices, *, batch_size, penalty=None):
+    """`(loss, [metric, ...])` over the valid elements of `indices` (loss plus `penalty`), or None for no samples."""
     if len(indices) == 0:
         return None
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, None
     for batch in data.batches(indices, batch_size=batch_size):
-        batch_total, batch_count = step(batch.inputs, batch.steps.astype(np.int64), batch.targets)
+        batch_total, batch_count, measured = step(batch.inputs, batch.steps.astype(np.int64), batch.targets)
         total += float(batch_total)
         count += float(batch_count)
+        pairs = [(float(pair[0]), float(pair[1])) for pair in measured]
+        sums = pairs if sums is None else [(a + x, b + y) for (a, b), (x, y) in zip(sums, pairs)]
     loss = total / count if count else 0.0
-    return loss if penalty is None else loss + penalty
+    metrics = [a / b if b else 0.0 for a, b in (sums or [])]
+    return (loss if penalty is None else loss + penalty), metrics
+
+
+def _loss_over(step, data, indices, *, batch_size, penalty=None):
+    """The mean loss over the valid elements of `indices` (plus `penalty`), or None when there are no samples."""
+    scores = _scores_over(step, data, indices, batch_size=batch_size, penalty=penalty)
+    return None if scores is None else scores[0]
 
 
 def evaluate(model_a, model_b, data, *, indices=None, loss="mse", from_logits=None, state="reset",
@@ -338,9 +553,9 @@ def evaluate(model_a, model_b, data, *, indices=None, loss="mse", from_logits=No
     """
     cascade = Cascade(model_a, model_b, state=state, state_init=state_init)
     _check_fits(cascade, data, loss=loss)
-    _check_regularizers((model_a, model_b))
+    check_regularizers((model_a, model_b))
     indices = np.arange(data.n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
-    terms = _loss_terms(loss, from_logits=resolve_from_logits(model_b, from_logits, loss=loss))
+    terms = loss_terms(loss, from_logits=resolve_from_logits(model_b, from_logits, loss=loss))
     step = _evaluation_step(cascade, terms, data)
     return _loss_over(step, data, indices, batch_size=batch_size, penalty=_penalty_now((model_a, model_b)))
 
@@ -455,12 +670,13 @@ class _Run:
     config: TrainConfig  # resolved: every setting set
     info: RunInfo
     optimizer: keras.optimizers.Optimizer
-    gradients: Callable  # (inputs, steps, targets) -> (sum, count, penalty, grads, finite)
+    gradients: Callable  # (inputs, steps, targets) -> (sum, count, penalty, metrics, grads, finite)
     apply: Callable  # (grads) -> None: one optimizer step
-    evaluation: Callable  # (inputs, steps, targets) -> (sum, count), training=False
+    evaluation: Callable  # (inputs, steps, targets) -> (sum, count, metrics), training=False
     epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
     train_indices: np.ndarray
     val_indices: np.ndarray
+    board: "_Board | None" = None
 
     @property
     def weights(self):
@@ -470,14 +686,23 @@ class _Run:
 class _RunningLoss:
     """An epoch's training loss so far: errors over valid elements, plus the mean penalty of the steps taken."""
 
-    def __init__(self):
+    def __init__(self, metrics=0):
         self.total, self.count, self.penalty, self.steps = 0.0, 0.0, 0.0, 0
+        self.sums = [[0.0, 0.0] for _ in range(metrics)]
 
-    def add(self, total, count, penalty):
+    def add(self, total, count, penalty, metrics=()):
         self.total += float(total)
         self.count += float(count)
         self.penalty += float(penalty)
         self.steps += 1
+        for kept, pair in zip(self.sums, metrics):
+            kept[0] += float(pair[0])
+            kept[1] += float(pair[1])
+
+    @property
+    def metrics(self):
+        """Each metric over the valid elements of the steps taken (0.0 before any)."""
+        return [total / count if count else 0.0 for total, count in self.sums]
 
     @property
     def value(self):
@@ -568,7 +793,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     """
     cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
     _check_fits(cascade, data, loss=config.loss)
-    _check_regularizers((model_a, model_b))
+    check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
     train_indices, val_indices = split_indices(data.n_samples, val_split=config.val_split, seed=config.seed)
@@ -577,13 +802,18 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
                                          f"{data.n_samples} samples keeps none: raise val_split.")
     if not _trained_variables(model_a, model_b, freeze_a=config.freeze_a):
         raise CascadeError("there is nothing to train: the models have no trainable weights.")
+    board = _Board.check(config.tensorboard)
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
+    trained = mixed_precision_pair(model_a, model_b, state=config.state,
+                                   state_init=config.state_init) if config.mixed_precision else None
     data.check_finite()  # before the out dir exists: bad data leaves nothing behind
-    folder = prepare_out_dir(out_dir, resume=config.resume, lock=chief) if chief or config.resume else None
+    folder = (prepare_out_dir(out_dir, resume=config.resume, lock=chief, overwrite=config.overwrite)
+              if chief or config.resume else None)
     try:
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
-                     chief=chief, train_indices=train_indices, val_indices=val_indices, done=done)
+                     chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
+        run.board = board if chief else None
     except BaseException:
         if folder is not None:
             folder.__exit__(CascadeError, None, None)
@@ -591,20 +821,70 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     return run, folder
 
 
-def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief, train_indices, val_indices, done):
+def mixed_precision_pair(model_a, model_b, *, state="reset", state_init="zeros"):
+    """Copies of A and B built under the `mixed_float16` policy (float16 compute, float32 weights), holding their weights.
+
+    Each layer is rebuilt from its config with `dtype="mixed_float16"` (the
+    inputs stay as they are), as a model made under
+    `keras.mixed_precision.set_global_policy("mixed_float16")` would be.
+
+    Raises:
+        ModelError: a model that cannot be rebuilt from its config, or a pair
+            the runner cannot run in mixed precision (its reason).
+    """
+    def mixed(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = "mixed_float16"
+        return type(layer).from_config(config)
+
+    copies = []
+    for name, model in zip("AB", (model_a, model_b)):
+        try:
+            copy = keras.models.clone_model(model, clone_function=mixed)
+            copy.set_weights(model.get_weights())
+        except (TypeError, ValueError, NotImplementedError, AttributeError) as exc:
+            raise ModelError(
+                f"model {name} cannot be rebuilt under the mixed_float16 policy for mixed_precision=True: "
+                f"expected a functional or Sequential model of built-in layers; {_first_line(exc)} Train it "
+                "without mixed_precision.") from exc
+        copies.append(copy)
+    try:
+        Cascade(*copies, state=state, state_init=state_init)
+    except (ModelError, ParameterError) as exc:
+        raise ModelError(f"the two models cannot run in mixed precision (mixed_precision=True): {exc} Train "
+                         "them without mixed_precision.") from exc
+    return tuple(copies)
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__).rstrip(".") + "."
+
+
+def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief, train_indices, val_indices, done,
+           trained=None):
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     distributed = config.strategy != "default"
     given = (model_a, model_b)
+    if trained is not None:  # mixed precision: the copies train, the models given get their weights at the end
+        model_a, model_b = trained
+        cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
+    batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
+    rate = learning_rate_schedule(config.lr_schedule, learning_rate=config.learning_rate,
+                                  total_steps=config.epochs * batches_per_epoch, warmup_steps=config.warmup_steps)
     with strategy.scope():
         if distributed:
             model_a, model_b = distribute.replicate(model_a, name="A"), distribute.replicate(model_b, name="B")
             cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
         variables = _trained_variables(model_a, model_b, freeze_a=config.freeze_a)
-        optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate)
+        optimizer = make_optimizer(config.optimizer, learning_rate=rate, clipnorm=config.clipnorm,
+                                   mixed_precision=config.mixed_precision)
         optimizer.build(variables)  # before the first step: a lazily built Adam fails inside strategy.run
-    terms = _loss_terms(config.loss, from_logits=config.from_logits)
-    loss = batch_loss(cascade, terms, models=(model_a, model_b))
+    terms = loss_terms(config.loss, from_logits=config.from_logits)
+    metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
+    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
@@ -621,16 +901,60 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                    resumed=config.resume,
                    warnings=_run_warnings(config, data, train_indices=train_indices, val_indices=val_indices,
                                           replicas=replicas))
-    return _Run(given=given, models=(model_a, model_b), distributed=distributed, out_dir=out_dir, chief=chief,
-                config=config, info=info, optimizer=optimizer, gradients=gradients, apply=apply,
-                evaluation=_evaluation_step(cascade, terms, data), epoch_batches=epoch_batches,
-                train_indices=train_indices, val_indices=val_indices)
+    return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
+                out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, gradients=gradients,
+                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics),
+                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
 
 
 def _default_batches(data, order, *, batch_size):
     """Yields `(emits, (inputs, steps, targets))` for each batch of `order`, read on the host."""
     for batch in data.batches(order, batch_size=batch_size):
         yield len(batch.targets) > 0, (batch.inputs, batch.steps.astype(np.int64), batch.targets)
+
+
+class _Board:
+    """TensorBoard event files of one run: loss, val_loss, learning_rate and the metrics, once per epoch."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self._writer = None
+
+    @classmethod
+    def check(cls, folder):
+        """A `_Board` for `folder` (None: none), refused before any work when it cannot be a folder.
+
+        Raises:
+            ParameterError: (`tensorboard`) `folder` is a file, or cannot be created or written.
+        """
+        if folder is None:
+            return None
+        path = Path(folder)
+        if path.exists() and not path.is_dir():
+            raise ParameterError("tensorboard", f"'{path}' is a file: expected a folder for the event files.")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ParameterError("tensorboard", f"'{path}' cannot be written: '{existing}' is not writable.")
+        return cls(path)
+
+    def write(self, row, *, learning_rate):
+        """Writes one epoch's scalars (a history row), at step `row["epoch"]`."""
+        if self._writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._writer = tf.summary.create_file_writer(str(self.folder))
+        with self._writer.as_default():
+            for key, value in row.items():
+                if key not in ("epoch", "seconds") and value is not None:
+                    tf.summary.scalar(key, float(value), step=int(row["epoch"]))
+            tf.summary.scalar("learning_rate", float(learning_rate), step=int(row["epoch"]))
+        self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
@@ -642,32 +966,44 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     callbacks.epoch_started(number, epochs=config.epochs,
                             batches=math.ceil(len(run.train_indices) / config.batch_size))
     started = time.perf_counter()
-    running = _RunningLoss()
+    running = _RunningLoss(len(config.metrics))
     for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
         if emits:  # a batch that emits nothing has nothing to learn from
-            total, count, penalty, grads, finite = run.gradients(*batch)
+            total, count, penalty, measured, grads, finite = run.gradients(*batch)
             if not bool(finite):
                 loss = float(total) / float(count) + float(penalty)
                 what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient", "non-finite")
                 raise _not_finite(what, value, epoch=number, batch=batch_number, checkpoints=checkpoints,
                                   done=epoch)
             run.apply(grads)
-            running.add(total, count, penalty)
+            running.add(total, count, penalty, measured)
         callbacks.batch_done(running.value)
-    val_loss = _loss_over(run.evaluation, data, run.val_indices, batch_size=config.batch_size,
+    scores = _scores_over(run.evaluation, data, run.val_indices, batch_size=config.batch_size,
                           penalty=_penalty_now(run.models))
+    val_loss, val_metrics = (None, [None] * len(config.metrics)) if scores is None else scores
     if val_loss is not None and not math.isfinite(val_loss):
         raise _not_finite("validation loss", val_loss, epoch=number, batch=None, checkpoints=checkpoints, done=epoch)
-    return {"epoch": number, "loss": running.value, "val_loss": val_loss, "seconds": time.perf_counter() - started}
+    row = {"epoch": number, "loss": running.value, "val_loss": val_loss}
+    for name, value, val_value in zip(config.metrics, running.metrics, val_metrics):
+        row[name], row[f"val_{name}"] = value, val_value
+    row["seconds"] = time.perf_counter() - started
+    return row
 
 
 def _finish(run, history):
-    """Copies replicas' weights back into the models given; the chief writes the pair and `history.csv` as one."""
+    """Copies trained copies' weights back into the models given; the chief writes the pair and `history.csv` as one.
+
+    The chief also writes `cascade.keras`, the whole generator (`CascadeModel`
+    with the run's runner settings).
+    """
     if run.distributed:
         for trained, model in zip(run.models, run.given):
             model.set_weights(trained.get_weights())
     if run.chief:
-        save_models(run.given, run.out_dir, history=history)
+        from cascade_cli.keras_model import CascadeModel
+
+        generator = CascadeModel(*run.given, state=run.config.state, state_init=run.config.state_init)
+        save_models(run.given, run.out_dir, history=history, generator=generator)
 
 
 def _saved_epoch(out_dir):
@@ -757,19 +1093,27 @@ def _train(run, data, *, callbacks):
         history = []
         if config.resume:
             history = checkpoints.restore()
-            run.optimizer.learning_rate = float(config.learning_rate)
+            if not _has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
+                run.optimizer.learning_rate = float(config.learning_rate)
             callbacks.resumed(epoch=progress.epochs_done)
         checkpoints.start()
         stopped = progress.patience_spent(config.patience)
-        for epoch in range(progress.epochs_done, config.epochs if not stopped else 0):
-            row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
-            progress.record(row["val_loss"], epoch=row["epoch"], weights=run.weights)
-            history.append(row)
-            checkpoints.save(history)
-            callbacks.epoch_done(dict(row))
-            stopped = progress.patience_spent(config.patience)
-            if stopped:
-                break
+        try:
+            for epoch in range(progress.epochs_done, config.epochs if not stopped else 0):
+                rate = current_learning_rate(run.optimizer)  # the rate this epoch starts with
+                row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
+                progress.record(row["val_loss"], epoch=row["epoch"], weights=run.weights)
+                history.append(row)
+                checkpoints.save(history)
+                if run.board is not None:
+                    run.board.write(row, learning_rate=rate)
+                callbacks.epoch_done(dict(row))
+                stopped = progress.patience_spent(config.patience)
+                if stopped:
+                    break
+        finally:
+            if run.board is not None:
+                run.board.close()
     if stopped:
         callbacks.stopped_early(epoch=progress.epochs_done, best_epoch=int(progress.best_epoch.numpy()))
     if config.patience is not None:

@@ -49,8 +49,14 @@ def dense(seed):
 
 
 def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
+    # out_dir is created, its parents never (as generate -o refuses a missing folder)
+    with pytest.raises(ParameterError, match=r"^out_dir: '.*a/b' cannot be created: its folder '.*/a' does not "
+                                             r"exist; create it first\.$"):
+        prepare_out_dir(tmp_path / "a" / "b", resume=False)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "a").mkdir()
     with prepare_out_dir(tmp_path / "a" / "b", resume=False) as folder:
-        assert folder.path == tmp_path / "a" / "b" and folder.created == [tmp_path / "a" / "b", tmp_path / "a"]
+        assert folder.path == tmp_path / "a" / "b" and folder.created == [tmp_path / "a" / "b"]
     assert (tmp_path / "a" / "b").is_dir()
     (tmp_path / "a" / "b" / "checkpoints").mkdir()
     with prepare_out_dir(tmp_path / "a" / "b", resume=False) as folder:  # an empty checkpoints/ is no run
@@ -64,15 +70,24 @@ def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
         prepare_out_dir(tmp_path / "a" / "b", resume=True)
     write_history(tmp_path / "a" / "b" / "history.csv", [])
     with pytest.raises(ParameterError, match=r"^out_dir: '.*b' holds files of a training run \(history.csv\) but "
-                                             r"no complete checkpoint to resume from; remove them "
-                                             r"\(checkpoints.remove_training_run\) or choose another out_dir\.$"):
+                                             r"no complete checkpoint to resume from; pass overwrite=True to "
+                                             r"replace them, or choose another out_dir\.$"):
         prepare_out_dir(tmp_path / "a" / "b", resume=False)
     save_checkpoint(tmp_path / "a" / "b")
     with pytest.raises(ParameterError, match=r"^out_dir: '.*b' already holds a training run \(checkpoints, "
-                                             r"history.csv\); pass resume=True to continue it, or choose another "
-                                             r"out_dir\.$"):
+                                             r"history.csv\); pass resume=True to continue it, overwrite=True to "
+                                             r"replace it, or choose another out_dir\.$"):
         prepare_out_dir(tmp_path / "a" / "b", resume=False)
     assert sorted(os.listdir(tmp_path / "a" / "b")) == ["checkpoints", "history.csv"]  # the lock went with the run
+
+
+def test_overwrite_replaces_an_earlier_run_and_leaves_the_user_s_files(tmp_path):
+    save_checkpoint(tmp_path / "run")
+    for name in ("model_a.keras", "model_b.keras", "cascade.keras", "notes.txt"):
+        (tmp_path / "run" / name).write_text("earlier")
+    with prepare_out_dir(tmp_path / "run", resume=False, overwrite=True) as folder:
+        assert sorted(os.listdir(folder.path)) == [".cascade-train.lock", "notes.txt"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["notes.txt"]
 
 
 def save_checkpoint(out_dir, *, epoch=1, settings=None):
@@ -85,7 +100,7 @@ def save_checkpoint(out_dir, *, epoch=1, settings=None):
 
 def test_a_failed_run_removes_the_folders_it_created_and_only_those(tmp_path):
     with pytest.raises(RuntimeError):
-        with prepare_out_dir(tmp_path / "new" / "run", resume=False):
+        with prepare_out_dir(tmp_path / "new", resume=False):
             raise RuntimeError("a bad setting found late")
     assert os.listdir(tmp_path) == []
     (tmp_path / "mine").mkdir()
@@ -175,7 +190,7 @@ def test_check_out_dir_refuses_an_unwritable_folder_and_creates_nothing(tmp_path
 def test_remove_training_run_removes_what_training_wrote_and_nothing_else(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "ckpt-1.index").write_text("")
-    for name in ("model_a.keras", "model_b.keras", "history.csv", "notes.txt"):
+    for name in ("model_a.keras", "model_b.keras", "cascade.keras", "history.csv", "notes.txt"):
         (tmp_path / name).write_text("")
     remove_training_run(tmp_path)
     assert os.listdir(tmp_path) == ["notes.txt"]
@@ -190,6 +205,27 @@ def test_write_history_by_hand(tmp_path):
     with open(tmp_path / "history.csv", newline="") as file:
         assert [row["val_loss"] for row in csv.DictReader(file)] == ["", "0.125"]
     assert sorted(os.listdir(tmp_path)) == ["history.csv"]  # no temporary file left
+
+
+def test_history_csv_puts_the_metrics_after_the_fixed_columns_and_leaves_missing_ones_empty(tmp_path):
+    write_history(tmp_path / "history.csv", [
+        {"epoch": 1, "loss": 0.5, "val_loss": None, "seconds": 1.0},  # before --metrics mae was given on resume
+        {"epoch": 2, "loss": 0.25, "val_loss": 0.5, "mae": 0.375, "val_mae": 0.625, "seconds": 2.0}])
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,loss,val_loss,seconds,mae,val_mae", "1,0.5,,1.0,,", "2,0.25,0.5,2.0,0.375,0.625"]
+
+
+def test_the_generator_is_written_with_the_pair_and_checked_by_the_manifest(tmp_path):
+    save_models((dense(1.0), dense(2.0)), tmp_path, history=[{"epoch": 1, "loss": 0.5, "val_loss": None,
+                                                              "seconds": 1.0}], generator=dense(3.0))
+    record = json.loads((tmp_path / "checkpoints" / "trained.json").read_text())
+    assert sorted(record["files"]) == ["cascade.keras", "history.csv", "model_a.keras", "model_b.keras"]
+    assert trained_pair(tmp_path) == record
+    check_trained_model(tmp_path / "cascade.keras")
+    (tmp_path / "cascade.keras").write_bytes(b"another epoch")
+    assert trained_pair(tmp_path) is None
+    with pytest.raises(ModelError, match="cascade.keras' is from a training run that stopped"):
+        check_trained_model(tmp_path / "cascade.keras")
 
 
 def test_save_models_writes_the_pair_then_its_manifest(tmp_path):
@@ -264,10 +300,15 @@ def test_run_settings_and_the_resume_check_name_python_settings():
     settings = run_settings(config, Data())
     assert settings == {"seed": 0, "val_split": 0.1, "shuffle": True, "batch_size": 16, "optimizer": "sgd",
                         "loss": "mse", "from_logits": None, "freeze_a": False, "state": "reset",
-                        "state_init": "zeros", "epochs": 10, "learning_rate": 0.001, "patience": None,
-                        "samples": [6, 3, 2, 1]}
+                        "state_init": "zeros", "lr_schedule": "constant", "mixed_precision": False,
+                        "epochs": 10, "learning_rate": 0.001, "patience": None, "clipnorm": None, "warmup_steps": 0,
+                        "metrics": [], "tensorboard": None, "samples": [6, 3, 2, 1]}
     check_settings("run1/checkpoints", settings, dict(settings))
-    check_settings("run1/checkpoints", settings, {**settings, "epochs": 40, "learning_rate": 0.5})  # may change
+    check_settings("run1/checkpoints", settings, {**settings, "epochs": 40, "learning_rate": 0.5, "clipnorm": 1.0,
+                                                  "warmup_steps": 5, "metrics": ["mae"]})  # may change
+    with pytest.raises(ParameterError, match=r"made with lr_schedule='constant', mixed_precision=False; this "
+                                             r"run has lr_schedule='cosine', mixed_precision=True\."):
+        check_settings("run1/checkpoints", settings, {**settings, "lr_schedule": "cosine", "mixed_precision": True})
     older = {name: value for name, value in settings.items() if name != "state_init"}
     check_settings("run1/checkpoints", older, {**settings, "state_init": "ir"})  # not recorded then: not checked
     wanted = {**settings, "batch_size": 32, "freeze_a": True, "samples": [7, 3, 2, 1]}

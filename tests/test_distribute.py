@@ -221,7 +221,7 @@ def test_mirrored_on_two_logical_cpus_takes_the_steps_of_default(tmp_path, data_
             assert (left["val_loss"] is None) == (right["val_loss"] is None)
             if right["val_loss"] is not None:
                 assert left["val_loss"] == pytest.approx(right["val_loss"], rel=1e-5)
-        assert sorted(p.name for p in (out / name).iterdir()) == ["checkpoints", "history.csv", *MODEL_FILES]
+        assert sorted(p.name for p in (out / name).iterdir()) == ["cascade.keras", "checkpoints", "history.csv", *MODEL_FILES]
 
 
 # ---------------------------------------------------------- multi-worker
@@ -280,7 +280,7 @@ def test_multi_worker_with_two_local_workers_matches_default(tmp_path, data_path
         np.testing.assert_array_equal(a, b)
 
     # Only the chief wrote out_dir; the other worker checkpointed into a temporary folder, then removed it.
-    assert sorted(p.name for p in (tmp_path / "out0").iterdir()) == ["checkpoints", "history.csv", *MODEL_FILES]
+    assert sorted(p.name for p in (tmp_path / "out0").iterdir()) == ["cascade.keras", "checkpoints", "history.csv", *MODEL_FILES]
     assert tf.train.latest_checkpoint(str(tmp_path / "out0" / "checkpoints")).endswith("ckpt-2")
     assert not (tmp_path / "out1").exists()
     assert [[name.split("/")[1] for name in seen if "/ckpt-" in name][-2:] for seen in reports[1]["seen"]] == [

@@ -338,8 +338,9 @@ def test_resume_after_a_stop_mid_epoch_gives_the_weights_of_an_unbroken_run(tmp_
                                              r"another out_dir\.$"):
         train(path, tmp_path / "broken", resume=True, **{**RUN, "batch_size": 8, "shuffle": False})
     with pytest.raises(ParameterError, match=r"^out_dir: '.*broken' already holds a training run "
-                                             r"\(checkpoints, model_a.keras, model_b.keras, history.csv\); "
-                                             r"pass resume=True to continue it, or choose another out_dir\.$"):
+                                             r"\(checkpoints, model_a.keras, model_b.keras, cascade.keras, "
+                                             r"history.csv\); pass resume=True to continue it, overwrite=True to "
+                                             r"replace it, or choose another out_dir\.$"):
         train(path, tmp_path / "broken", **RUN)
 
 
