@@ -7,7 +7,9 @@ The `run_id` is a hash of what defines the run (model file contents, inputs
 path, key and shape, steps, state, stop rule, seed...), so K processes on a
 cluster agree on it without talking to each other. `merge_shards` checks that
 its files are the K distinct shards of one run and streams them, in order,
-into one ragged result.
+into one ragged result. A shard also records the run's description
+(`RUN_DESCRIPTION_ATTR`, its JSON), so that a merge of shards of different
+runs can say which setting differs.
 """
 
 import dataclasses
@@ -23,7 +25,18 @@ from cascade_cli.errors import DataError
 from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer, open_result, read_result_attrs, run_attrs
 
 SHARD_ATTRS = ("shard_index", "shard_count", "sample_start", "sample_stop", "total_samples")
+RUN_DESCRIPTION_ATTR = "run_description"
+"""A shard's attribute holding the canonical JSON its `run_id` hashes; a merged result leaves it out."""
 RUN_ID_LENGTH = 16
+_SHOWN_DIGEST = 12  # hex characters of a digest shown in a message
+_SHOWN_DIFFERENCES = 3
+# Recorded attributes that do not define the run: paths (the run has their contents), the run's id and
+# what a stop rule counted (a shard's own counts).
+_NOT_SETTINGS = frozenset({"model", "model_a", "model_b", "inputs", "steps", "run_id", RUN_DESCRIPTION_ATTR,
+                           *SHARD_ATTRS, *STOP_SUMMARY_ATTRS})
+# How the description's parts that hash a file's or array's contents read in a message.
+_DESCRIPTION_NAMES = {"models": "the model files' contents (sha256)", "inputs": "the inputs file's contents (sha256)",
+                      "steps": "the steps (sha256)"}
 _SHARD_PATTERN = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 _HASH_CHUNK = 1 << 20
 _SHOWN_MISSING = 8
@@ -83,6 +96,11 @@ def array_digest(array):
     return digest.hexdigest()
 
 
+def _canonical(description):
+    """The canonical JSON text of a run's description: sorted keys, no spaces."""
+    return json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def run_id(description):
     """Returns the id of a run: a sha256 hex prefix of its canonical JSON description.
 
@@ -94,14 +112,84 @@ def run_id(description):
     Returns:
         `RUN_ID_LENGTH` hex characters, the same for the same description.
     """
-    text = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:RUN_ID_LENGTH]
+    return hashlib.sha256(_canonical(description).encode()).hexdigest()[:RUN_ID_LENGTH]
 
 
-def shard_attrs(*, index, count, start, stop, total_samples, run):
-    """Returns the attributes a shard records: `SHARD_ATTRS` and `run_id`."""
-    return {"shard_index": int(index), "shard_count": int(count), "sample_start": int(start),
-            "sample_stop": int(stop), "total_samples": int(total_samples), "run_id": str(run)}
+def shard_attrs(*, index, count, start, stop, total_samples, run, description=None):
+    """Returns the attributes a shard records: `SHARD_ATTRS`, `run_id` and, given one, its description.
+
+    Args:
+        index, count, start, stop, total_samples: the shard and its samples.
+        run: the run's `run_id`.
+        description: what `run` hashes (see `run_id`), recorded as
+            `RUN_DESCRIPTION_ATTR` so that `check_shards` can name the setting
+            in which two runs differ; None records none.
+    """
+    attrs = {"shard_index": int(index), "shard_count": int(count), "sample_start": int(start),
+             "sample_stop": int(stop), "total_samples": int(total_samples), "run_id": str(run)}
+    if description is not None:
+        attrs[RUN_DESCRIPTION_ATTR] = _canonical(description)
+    return attrs
+
+
+def _shown(value):
+    """A setting's value as a message shows it: digests shortened, text quoted."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(item) for item in value) + "]"
+    if isinstance(value, str):
+        if len(value) > _SHOWN_DIGEST and re.fullmatch(r"[0-9a-f]+", value):
+            return value[:_SHOWN_DIGEST] + "..."
+        return repr(value)
+    return "(none)" if value is None else repr(value)
+
+
+def _settings(attrs):
+    """What defines a shard's run, as far as it recorded it: its description, else its settings attributes."""
+    text = attrs.get(RUN_DESCRIPTION_ATTR)
+    if isinstance(text, str):
+        try:
+            description = json.loads(text)
+        except ValueError:
+            description = None
+        if isinstance(description, dict):
+            return description
+    return {key: value for key, value in run_attrs(attrs).items() if key not in _NOT_SETTINGS}
+
+
+def run_differences(attrs, other):
+    """Says in which settings two shards' runs differ, from what each recorded.
+
+    Args:
+        attrs, other: the attributes of two shards with different `run_id`s.
+
+    Returns:
+        `(name, value, other_value)` triples, the values as a message shows
+        them, in name order; empty when what they recorded is the same (shards
+        that did not record their description, `RUN_DESCRIPTION_ATTR`, and
+        differ only in what their settings do not say: file contents, batch size).
+    """
+    mine, theirs = _settings(attrs), _settings(other)
+    if (RUN_DESCRIPTION_ATTR in attrs) != (RUN_DESCRIPTION_ATTR in other):  # compare like with like
+        mine, theirs = ({key: value for key, value in run_attrs(item).items() if key not in _NOT_SETTINGS}
+                        for item in (attrs, other))
+    missing = object()
+    return [(_DESCRIPTION_NAMES.get(key, key), _shown(mine.get(key)), _shown(theirs.get(key)))
+            for key in sorted(set(mine) | set(theirs)) if mine.get(key, missing) != theirs.get(key, missing)]
+
+
+def _other_run_message(shard, first):
+    """The error for `shard`, whose run differs from `first`'s: the files, and which settings differ."""
+    head = (f"'{shard.path}' is from another run than '{first.path}' (run_id {shard.attrs['run_id']} "
+            f"!= {first.attrs['run_id']})")
+    differences = run_differences(shard.attrs, first.attrs)
+    if not differences:
+        return (f"{head}; the settings they record are the same, so the contents of the model, inputs or steps "
+                "files, or the batch size, differ; expected every shard of one run")
+    shown = "; ".join(f"{name} is {value} in '{shard.path}' but {other} in '{first.path}'"
+                      for name, value, other in differences[:_SHOWN_DIFFERENCES])
+    if len(differences) > _SHOWN_DIFFERENCES:
+        shown += f"; and {len(differences) - _SHOWN_DIFFERENCES} more setting(s)"
+    return f"{head}: {shown}; expected every shard of one run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +266,7 @@ def check_shards(paths):
     first = shards[0]
     for shard in shards[1:]:
         if shard.attrs["run_id"] != first.attrs["run_id"]:
-            raise DataError(
-                f"'{shard.path}' is from another run than '{first.path}': run_id {shard.attrs['run_id']} "
-                f"!= {first.attrs['run_id']}; expected every shard of one run"
-            )
+            raise DataError(_other_run_message(shard, first))
         for key in ("shard_count", "total_samples"):
             if shard.attrs[key] != first.attrs[key]:
                 raise DataError(
@@ -231,7 +316,7 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
     time and appended in `shard_index` order through `RaggedH5Writer`, so
     `output` appears only when every shard fitted, and is never one of the
     shards (whatever its spelling). Its attributes are the run's, without
-    `SHARD_ATTRS`.
+    `SHARD_ATTRS` and `RUN_DESCRIPTION_ATTR`.
 
     Args:
         paths: the shard result files, in any order.
@@ -249,7 +334,8 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
     """
     shards = check_shards(paths)
     first_path, first_attrs = shards[0]
-    attrs = {key: value for key, value in run_attrs(first_attrs).items() if key not in SHARD_ATTRS}
+    attrs = {key: value for key, value in run_attrs(first_attrs).items()
+             if key not in (*SHARD_ATTRS, RUN_DESCRIPTION_ATTR)}
     for key in STOP_SUMMARY_ATTRS:  # what a stop rule did: counts, so the run's are the shards' sums
         counts = [shard_attrs.get(key) for _, shard_attrs in shards]
         if key in attrs and all(isinstance(count, int) for count in counts):

@@ -6,6 +6,7 @@ checked against `np.array_split`; merge errors by exit code, their one
 `Error: ...` line and an output folder left empty.
 """
 
+import json
 import os
 import shutil
 import time
@@ -20,8 +21,8 @@ from cascade_cli.cli import main
 from cascade_cli.errors import DataError
 from cascade_cli.results_io import read_result, read_result_attrs, write_result
 from cascade_cli.result import CascadeResult
-from cascade_cli.shards import (SHARD_ATTRS, check_shards, merge_shards, parse_shard, run_id, shard_attrs,
-                                 shard_range)
+from cascade_cli.shards import (RUN_DESCRIPTION_ATTR, SHARD_ATTRS, check_shards, merge_shards, parse_shard, run_id,
+                                 shard_attrs, shard_range)
 
 N, TA, F = 5, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])  # sample 1 emits nothing
@@ -182,6 +183,8 @@ def test_merge_errors_name_the_files_and_leave_nothing(files, whole, three, tmp_
         flag = ["--seed", "1"] if case == "other seed" else ["--batch-size", "3"]
         other = generate(files, tmp_path / "other1.h5", "--steps-file", "steps.txt", "--shard", "1/3", *flag)
         parts, words = [three[0], other, three[2]], [f"'{other}' is from another run than '{three[0]}'"]
+        # which setting differs, both values and both files (the batch size is in the run's description)
+        words.append(f"seed is 1 in '{other}' but 0 in '{three[0]}'" if case == "other seed" else "batch size")
     elif case == "gap":
         parts, words = [three[2], three[0]], ["shard 1/3 is missing"]
     elif case == "two missing":
@@ -198,11 +201,58 @@ def test_merge_errors_name_the_files_and_leave_nothing(files, whole, three, tmp_
     assert os.listdir(out_dir) == []
 
 
-def fake_shard(path, *, index, count, start, stop, total=4, outer=2, run="r"):
+def fake_shard(path, *, index, count, start, stop, total=4, outer=2, run="r", description=None, **settings):
     lengths = np.ones((stop - start, outer), np.int64)
+    attrs = shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=total, run=run,
+                        description=description)
     write_result(path, CascadeResult(np.zeros((int(lengths.sum()), 1), np.float32), lengths),
-                 attrs=shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=total, run=run))
+                 attrs={**attrs, **settings})
     return path
+
+
+DESCRIPTION = {"state": "reset", "seed": 0, "batch_size": 2, "models": ["ab" * 32, "cd" * 32], "inputs": "ef" * 32,
+               "steps": None}
+
+
+def test_merge_names_the_setting_in_which_two_runs_differ(tmp_path):
+    def pair(first, second, **settings):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        a = fake_shard(folder / "a.h5", index=0, count=2, start=0, stop=2, run=run_id(first or {}),
+                       description=first, **settings.get("a", {}))
+        b = fake_shard(folder / "b.h5", index=1, count=2, start=2, stop=4, run=run_id(second or {"b": 1}),
+                       description=second, **settings.get("b", {}))
+        with pytest.raises(DataError) as caught:
+            check_shards([a, b])
+        message = str(caught.value)
+        assert message.startswith(f"'{b}' is from another run than '{a}'"), message
+        return message, a, b
+
+    message, a, b = pair(DESCRIPTION, {**DESCRIPTION, "batch_size": 3})
+    assert f"batch_size is 3 in '{b}' but 2 in '{a}'" in message
+    assert "seed" not in message and "state" not in message  # only what differs
+    message, a, b = pair(DESCRIPTION, {**DESCRIPTION, "inputs": "01" * 32, "seed": 4})
+    assert f"the inputs file's contents (sha256) is {'01' * 6}... in '{b}' but {'ef' * 6}... in '{a}'" in message
+    assert f"seed is 4 in '{b}' but 0 in '{a}'" in message
+    message, a, b = pair(DESCRIPTION, {key: value for key, value in DESCRIPTION.items() if key != "seed"})
+    assert f"seed is (none) in '{b}' but 0 in '{a}'" in message
+    # shards that did not record their description: the settings they did record, paths and counts aside
+    message, a, b = pair(None, None, a={"state": "reset", "inputs": "x.h5", "stop_pairs": 3},
+                         b={"state": "carry", "inputs": "./x.h5", "stop_pairs": 5})
+    assert f"state is 'carry' in '{b}' but 'reset' in '{a}'" in message
+    assert "inputs" not in message.split("):", 1)[1] and "stop_pairs" not in message
+    message, a, b = pair(None, None, a={"seed": 0}, b={"seed": 0})
+    assert "the settings they record are the same" in message and "batch size" in message
+
+
+def test_a_merged_result_leaves_out_the_run_description(tmp_path):
+    run = run_id(DESCRIPTION)
+    parts = [fake_shard(tmp_path / f"p{index}.h5", index=index, count=2, start=2 * index, stop=2 * index + 2,
+                        run=run, description=DESCRIPTION, seed=0) for index in range(2)]
+    assert json.loads(read_result_attrs(parts[0])[RUN_DESCRIPTION_ATTR]) == DESCRIPTION
+    merge_shards(parts, tmp_path / "all.h5")
+    assert read_result_attrs(tmp_path / "all.h5") == {"layout": "ragged", "format_version": 1, "run_id": run,
+                                                      "seed": 0}
 
 
 def test_check_shards_refuses_ranges_that_do_not_join_and_arrays_that_differ(tmp_path):
