@@ -8,7 +8,14 @@ Both layouts exist in `.h5` and `.npz` and record `layout` and `format_version`:
   `lengths (N, Ta)` and `mask (N, Ta, L)` (or `(Ta, L, N)`), with `pad_value`
   and `time_major` recorded.
 
-`.csv` is a write-only long form with one row per emitted step. Every file is
+A result with sampled tokens (`CascadeResult.tokens`, from a `greedy` or
+`categorical` sampler) adds `tokens` (`OPTIONAL_KEYS`), int64 in either layout:
+`(total,)` in value order beside `flat_values`, or `(N, Ta, L)` (`(Ta, L, N)`
+with `time_major`) padded with `TOKEN_PAD` (-1) like `mask`. A file without it
+reads as a result without tokens.
+
+`.csv` is a write-only long form with one row per emitted step
+(`sample,outer,inner[,token],y0,...`; the `token` column only with tokens). Every file is
 written under a temporary name in the target folder and renamed into place
 (`cascade_cli.atomic`), never over one of its inputs, and a full disk is one
 `DataError`; HDF5 results are chunked for their batch, gzip-compressed and
@@ -36,8 +43,8 @@ import numpy as np
 
 from cascade_cli import h5
 from cascade_cli.atomic import atomic_output, check_output_path, is_no_space
-from cascade_cli.errors import CascadeError, DataError, one_line
-from cascade_cli.result import ArrayError, CascadeResult
+from cascade_cli.errors import CascadeError, DataError, ParameterError, one_line
+from cascade_cli.result import TOKEN_PAD, ArrayError, CascadeResult
 
 # --------------------------------------------------------------------------- the results spec
 
@@ -60,20 +67,28 @@ ROW_SPLITS_1 = "row_splits_1"
 LENGTHS = "lengths"
 VALUES = "values"
 MASK = "mask"
+TOKENS = "tokens"
 LAYOUT_KEYS = MappingProxyType({
     "ragged": (FLAT_VALUES, ROW_SPLITS_0, ROW_SPLITS_1, LENGTHS),
     "padded": (VALUES, LENGTHS, MASK),
 })
 """The arrays of each layout."""
-RESERVED_ATTRS = frozenset(LAYOUT_ATTRS) | {key for keys in LAYOUT_KEYS.values() for key in keys}
+OPTIONAL_KEYS = MappingProxyType({"ragged": (TOKENS,), "padded": (TOKENS,)})
+"""The arrays a file of each layout may hold besides `LAYOUT_KEYS`: the sampled `tokens` (int64; ragged
+`(total,)`, padded like `mask`, `TOKEN_PAD` past the lengths)."""
+RESERVED_ATTRS = frozenset(LAYOUT_ATTRS) | {
+    key for spec in (LAYOUT_KEYS, OPTIONAL_KEYS) for keys in spec.values() for key in keys
+}
 """Names extra attributes may not take."""
 STOP_SUMMARY_ATTRS = ("stop_pairs", "stop_at_cap", "stop_at_first")
 """What a stop-rule run counted (`generation.GenerateSummary.pairs`, `at_cap`, `at_first`), recorded so
 that `inspect` says what `generate` said; set them in `RaggedH5Writer.attrs` before the block ends."""
 CSV_INDEX_COLUMNS = ("sample", "outer", "inner")
+"""The first columns of the csv long form; `CSV_TOKEN_COLUMN` (with tokens) and `y0, y1, ...` follow."""
+CSV_TOKEN_COLUMN = "token"
+"""The csv column of the sampled ids, after `inner`, written only for a result with tokens."""
 STDOUT = "-"
 """The output name that streams csv to standard output."""
-"""The first columns of the csv long form; `y0, y1, ...` follow."""
 
 # Bytes of values read or padded at a time when no batch size is given (about 64 MiB).
 _BATCH_BYTES = 1 << 26
@@ -391,10 +406,11 @@ class _RaggedLayout:
     The one routine behind `write_result(layout="ragged")` and `RaggedH5Writer`.
     """
 
-    def __init__(self, sink, *, outer_steps, output_size, dtype, samples=None, total=None):
+    def __init__(self, sink, *, outer_steps, output_size, dtype, samples=None, total=None, tokens=False):
         self.sink = sink
         self.outer_steps = int(outer_steps)
         self.values = sink.column(FLAT_VALUES, (int(output_size),), dtype, rows=total)
+        self.tokens = sink.column(TOKENS, (), np.int64, rows=total) if tokens else None
         self.lengths = sink.column(LENGTHS, (self.outer_steps,), np.int64, rows=samples)
         pairs = None if samples is None else samples * self.outer_steps
         self.row_splits_1 = sink.column(ROW_SPLITS_1, (), np.int64, rows=pairs)
@@ -404,6 +420,8 @@ class _RaggedLayout:
 
     def append(self, piece):
         self.values.extend(piece.values)
+        if self.tokens is not None:
+            self.tokens.extend(piece.tokens)
         self.lengths.extend(piece.lengths)
         self.row_splits_1.extend(self.total + piece.row_splits_1[1:])
         self.n_samples += piece.n_samples
@@ -418,33 +436,41 @@ def _write_padded(sink, source, pieces, *, pad_value, time_major, extra):
     """Writes the padded layout of `source` into a sink, one piece of samples at a time."""
     n, outer, size, length = source.n_samples, source.outer_steps, source.output_size, source.max_length
     sink.put(LENGTHS, source.lengths)
+    columns = {}
     if time_major:
-        values = sink.array(VALUES, (outer, length, n, size), _dtype_of(source))
-        mask = sink.array(MASK, (outer, length, n), bool)
+        columns[VALUES] = sink.array(VALUES, (outer, length, n, size), _dtype_of(source))
+        columns[MASK] = sink.array(MASK, (outer, length, n), bool)
+        if source.has_tokens:
+            columns[TOKENS] = sink.array(TOKENS, (outer, length, n), np.int64)
     else:
-        values = sink.column(VALUES, (outer, length, size), _dtype_of(source), rows=n)
-        mask = sink.column(MASK, (outer, length), bool, rows=n)
+        columns[VALUES] = sink.column(VALUES, (outer, length, size), _dtype_of(source), rows=n)
+        columns[MASK] = sink.column(MASK, (outer, length), bool, rows=n)
+        if source.has_tokens:
+            columns[TOKENS] = sink.column(TOKENS, (outer, length), np.int64, rows=n)
     start = 0
     for piece in pieces:
         padded, _, piece_mask = piece.to_padded(pad_value, time_major=time_major, max_length=length)
+        arrays = {VALUES: padded, MASK: piece_mask}
+        if source.has_tokens:
+            arrays[TOKENS] = piece.padded_tokens(TOKEN_PAD, time_major=time_major, max_length=length)
         stop = start + piece.n_samples
-        if not time_major:
-            values.extend(padded)
-            mask.extend(piece_mask)
-        elif stop > start:
-            values[:, :, start:stop] = padded
-            mask[:, :, start:stop] = piece_mask
+        for key, array in arrays.items():
+            if not time_major:
+                columns[key].extend(array)
+            elif stop > start:
+                columns[key][:, :, start:stop] = array
         start = stop
     sink.finish({**_header_attrs("padded", pad_value=pad_value, time_major=time_major), **extra})
 
 
-def _write_csv(file, pieces, *, output_size, dtype):
-    """Writes long form: `sample,outer,inner,y0,...`, one row per emitted step."""
-    header = ",".join([*CSV_INDEX_COLUMNS, *(f"y{i}" for i in range(output_size))])
+def _write_csv(file, pieces, *, output_size, dtype, tokens=False):
+    """Writes long form: `sample,outer,inner[,token],y0,...`, one row per emitted step."""
+    index_columns = [*CSV_INDEX_COLUMNS, *([CSV_TOKEN_COLUMN] if tokens else [])]
+    header = ",".join([*index_columns, *(f"y{i}" for i in range(output_size))])
     file.write((header + "\n").encode())
     digits = 9 if np.dtype(dtype).itemsize <= 4 else 17
     value_format = ",".join([f"%.{digits}g"] * output_size)
-    row_format = "%d,%d,%d" + ("," + value_format if output_size else "")
+    row_format = ",".join(["%d"] * len(index_columns)) + ("," + value_format if output_size else "")
     first_sample = 0
     for piece in pieces:
         lengths = piece.lengths.ravel()
@@ -455,7 +481,8 @@ def _write_csv(file, pieces, *, output_size, dtype):
         for start in range(0, piece.total, _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, piece.total)
             table = np.column_stack(
-                [sample[start:stop], outer[start:stop], inner[start:stop]]
+                [sample[start:stop], outer[start:stop], inner[start:stop],
+                 *([piece.tokens[start:stop]] if tokens else [])]
             ).astype(object)
             table = np.concatenate([table, piece.values[start:stop].astype(object)], axis=1)
             file.write("".join(row_format % tuple(row) + "\n" for row in table).encode())
@@ -496,7 +523,8 @@ def write_result(
         path: the output file; `"-"` streams csv to standard output (the
             convention), and is refused for the other formats.
         result: a `CascadeResult`, or a `ResultReader` (from `open_result`)
-            whose samples are read one batch at a time.
+            whose samples are read one batch at a time; its tokens, when it
+            has them, are written too (`OPTIONAL_KEYS`, csv's `token` column).
         format: `"h5"`, `"npz"` or `"csv"`; `None` takes it from the suffix
             (`.h5`/`.hdf5`, `.npz`, `.csv`).
         layout: `"ragged"` or `"padded"` (ignored for csv).
@@ -525,25 +553,26 @@ def write_result(
     dtype = _dtype_of(result)
     size = result.output_size
     padded = format != "csv" and layout == "padded"
-    row_bytes = dtype.itemsize * max(size, 1) * (
+    tokens = result.has_tokens
+    row_bytes = (dtype.itemsize * max(size, 1) + (8 if tokens else 0)) * (
         result.outer_steps * result.max_length if padded else max(1, result.total) / max(1, result.n_samples)
     )
     pieces = _pieces_of(result, batch_samples=batch_samples, row_bytes=row_bytes)
     if to_stdout:
-        _write_csv(sys.stdout.buffer, pieces, output_size=size, dtype=dtype)
+        _write_csv(sys.stdout.buffer, pieces, output_size=size, dtype=dtype, tokens=tokens)
         sys.stdout.buffer.flush()
         return
     with atomic_output(path, overwrite=overwrite, inputs=inputs) as temp:
         if format == "csv":
             with open(temp, "wb") as file:
-                _write_csv(file, pieces, output_size=size, dtype=dtype)
+                _write_csv(file, pieces, output_size=size, dtype=dtype, tokens=tokens)
             return
         with _open_sink(temp, format) as sink:
             if padded:
                 _write_padded(sink, result, pieces, pad_value=pad_value, time_major=time_major, extra=extra)
             else:
                 ragged = _RaggedLayout(sink, outer_steps=result.outer_steps, output_size=size, dtype=dtype,
-                                       samples=result.n_samples, total=result.total)
+                                       samples=result.n_samples, total=result.total, tokens=tokens)
                 for piece in pieces:
                     ragged.append(piece)
                 ragged.finish(extra)
@@ -565,11 +594,20 @@ class RaggedH5Writer:
             when no batch is appended).
         inputs: the files the run reads (models, inputs, steps, shards);
             `path` may be none of them (`atomic.check_output_path`).
+        tokens: whether the file holds the batches' sampled `tokens`:
+            `"auto"` (the default) as the first batch does (none when no
+            batch is appended), `True` (every batch must hold them; a file
+            without batches gets an empty `tokens`) or `False` (no batch may).
+            A batch that differs from the others is a `DataError`.
 
     Chunks are sized from the first batch and compressed (`_FILTERS`).
     """
 
-    def __init__(self, path, *, outer_steps, output_size, overwrite=False, attrs=None, dtype=None, inputs=()):
+    def __init__(self, path, *, outer_steps, output_size, overwrite=False, attrs=None, dtype=None, inputs=(),
+                 tokens="auto"):
+        if tokens not in ("auto", True, False) or not isinstance(tokens, (str, bool)):
+            raise ParameterError("tokens", f'expected "auto", True or False, received {tokens!r}')
+        self.tokens = tokens
         self.inputs = tuple(inputs)
         self.path = check_output_path(path, overwrite=overwrite, inputs=self.inputs)
         self.outer_steps = int(outer_steps)
@@ -580,6 +618,7 @@ class RaggedH5Writer:
         self._stack = None
         self._sink = None
         self._layout = None
+        self._tokens_rule = "like the first batch" if tokens == "auto" else f"as tokens={tokens} asks"
 
     def __enter__(self):
         stack = contextlib.ExitStack()
@@ -597,14 +636,17 @@ class RaggedH5Writer:
         """Returns the ragged layout being written, starting it at first use (chunks sized by `first`, the first batch)."""
         if self._layout is None:
             self.dtype = self.dtype or np.dtype(dtype)
+            if self.tokens == "auto":
+                self.tokens = first is not None and first.has_tokens
             self._layout = _RaggedLayout(
                 self._sink, outer_steps=self.outer_steps, output_size=self.output_size, dtype=self.dtype,
                 samples=None if first is None else first.n_samples, total=None if first is None else first.total,
+                tokens=self.tokens,
             )
         return self._layout
 
     def append(self, result):
-        """Appends the samples of `result`, a `CascadeResult` with the writer's `Ta` and `O`."""
+        """Appends the samples of `result`, a `CascadeResult` with the writer's `Ta` and `O` (and its tokens)."""
         if self._sink is None:
             raise RuntimeError("RaggedH5Writer.append is only valid inside its `with` block")
         if (result.outer_steps, result.output_size) != (self.outer_steps, self.output_size):
@@ -613,7 +655,13 @@ class RaggedH5Writer:
                 f"and output size {self.output_size}, received {result.outer_steps} and "
                 f"{result.output_size}"
             )
-        self._ragged(result.values.dtype, result).append(result)
+        layout = self._ragged(result.values.dtype, result)
+        if result.has_tokens != self.tokens:
+            raise DataError(
+                f"output '{self.path}': expected every batch {'with' if self.tokens else 'without'} sampled "
+                f"tokens, {self._tokens_rule}, received one {'with' if result.has_tokens else 'without'}"
+            )
+        layout.append(result)
 
     def __exit__(self, exc_type, exc, traceback):
         stack, self._stack = self._stack, None
@@ -848,6 +896,7 @@ class ResultReader:
         max_length: the longest inner sequence.
         lengths: `(N, Ta)` int64, in memory.
         dtype: the values' dtype.
+        has_tokens: whether the file holds sampled `tokens` (its pieces then carry them).
     """
 
     def __init__(self, path):
@@ -861,6 +910,8 @@ class ResultReader:
                     self.attrs = _h5_attrs(path, file)
                     self.layout = _check_header(path, self.attrs)
                     arrays = {key: _H5Array(path, file, key) for key in LAYOUT_KEYS[self.layout]}
+                    arrays.update({key: _H5Array(path, file, key) for key in OPTIONAL_KEYS[self.layout]
+                                   if key in file})
                 else:
                     archive = self._stack.enter_context(h5.open_npz(path, expected=_NPZ_RESULT))
                     self.attrs = _npz_attrs(path, archive)
@@ -871,6 +922,8 @@ class ResultReader:
                         if key not in keys:
                             raise _missing(path, key)
                         arrays[key] = h5.NpyMember(archive, key, path=path)
+                    arrays.update({key: h5.NpyMember(archive, key, path=path) for key in OPTIONAL_KEYS[self.layout]
+                                   if key in keys})
                 self._arrays = arrays
                 _check_declared_sizes(path, arrays)
                 try:
@@ -884,6 +937,9 @@ class ResultReader:
     def _check(self):
         """Checks shapes, dtypes and the small arrays; sets the header attributes."""
         arrays = self._arrays
+        self.has_tokens = TOKENS in arrays
+        tokens = arrays.get(TOKENS)
+        stand_in_tokens = None if tokens is None else np.broadcast_to(np.zeros((), tokens.dtype), tokens.shape)
         if self.layout == "ragged":
             values = arrays[FLAT_VALUES]
             lengths = arrays[LENGTHS].read()
@@ -898,6 +954,8 @@ class ResultReader:
                     LENGTHS, f"expected {header.lengths.shape} entries equal to the differences of "
                     f"{ROW_SPLITS_1}, received shape {lengths.shape} with other values"
                 )
+            if tokens is not None:
+                CascadeResult.check_tokens(stand_in_tokens, header.total)
             self.lengths = header.lengths
             self._splits = header.row_splits_1
             self.output_size = header.output_size
@@ -906,7 +964,7 @@ class ResultReader:
             self.time_major = self.attrs.get(TIME_MAJOR, False)
             stand_in = np.broadcast_to(np.zeros((), values.dtype), values.shape)
             self.lengths = CascadeResult.check_padded(
-                stand_in, arrays[LENGTHS].read(), time_major=self.time_major
+                stand_in, arrays[LENGTHS].read(), tokens=stand_in_tokens, time_major=self.time_major
             )
             self.output_size = int(values.shape[3])
             self._length = int(values.shape[1 if self.time_major else 2])
@@ -926,19 +984,22 @@ class ResultReader:
         )
 
     def _row_bytes(self):
-        """Bytes of values one sample reads, on average."""
+        """Bytes of values (and tokens) one sample reads, on average."""
+        entry = max(1, self.output_size) * self.dtype.itemsize + (8 if self.has_tokens else 0)
         if self.layout == "padded":
-            return self.outer_steps * self._length * max(1, self.output_size) * self.dtype.itemsize
-        return max(1, self.total) / max(1, self.n_samples) * max(1, self.output_size) * self.dtype.itemsize
+            return self.outer_steps * self._length * entry
+        return max(1, self.total) / max(1, self.n_samples) * entry
 
     def _piece(self, start, stop):
         lengths = self.lengths[start:stop]
         if self.layout == "ragged":
             outer = self.outer_steps
             first, last = int(self._splits[start * outer]), int(self._splits[stop * outer])
-            return CascadeResult(self._arrays[FLAT_VALUES].read(first, last), lengths)
+            tokens = self._arrays[TOKENS].read(first, last) if self.has_tokens else None
+            return CascadeResult(self._arrays[FLAT_VALUES].read(first, last), lengths, tokens)
         axis = 2 if self.time_major else 0
         values = self._arrays[VALUES].read(start, stop, axis=axis)
+        tokens = self._arrays[TOKENS].read(start, stop, axis=axis) if self.has_tokens else None
         mask = self._arrays[MASK].read(start, stop, axis=axis)
         expected = np.arange(self._length) < lengths[..., None]
         if self.time_major:
@@ -947,7 +1008,7 @@ class ResultReader:
             n = self.n_samples
             full = (self.outer_steps, self._length, n) if self.time_major else (n, self.outer_steps, self._length)
             self._mask_error(full, full)
-        return CascadeResult.from_padded(values, lengths, time_major=self.time_major)
+        return CascadeResult.from_padded(values, lengths, tokens=tokens, time_major=self.time_major)
 
     def pieces(self, *, batch_samples=None, row_bytes=None):
         """Yields the samples in order, as `CascadeResult`s of at most `batch_samples` samples.
@@ -982,7 +1043,8 @@ class ResultReader:
         """Reads every sample into one `CascadeResult`."""
         pieces = list(self.pieces())
         if not pieces:
-            return CascadeResult(np.zeros((0, self.output_size), self.dtype), self.lengths)
+            tokens = np.zeros(0, np.int64) if self.has_tokens else None
+            return CascadeResult(np.zeros((0, self.output_size), self.dtype), self.lengths, tokens)
         return pieces[0] if len(pieces) == 1 else CascadeResult.concatenate(pieces)
 
     def close(self):

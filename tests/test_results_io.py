@@ -584,8 +584,9 @@ def test_spec_names_every_key_once():
     assert LAYOUT_KEYS["ragged"] == ("flat_values", "row_splits_0", "row_splits_1", "lengths")
     assert LAYOUT_KEYS["padded"] == ("values", "lengths", "mask")
     assert LAYOUT_ATTRS == ("layout", "format_version", "pad_value", "time_major")
+    assert results_io.OPTIONAL_KEYS == {"ragged": ("tokens",), "padded": ("tokens",)}
     assert RESERVED_ATTRS == {"layout", "format_version", "pad_value", "time_major", "flat_values",
-                              "row_splits_0", "row_splits_1", "lengths", "values", "mask"}
+                              "row_splits_0", "row_splits_1", "lengths", "values", "mask", "tokens"}
     assert run_attrs({"layout": "ragged", "format_version": 1, "pad_value": 0.0, "time_major": False,
                       "seed": 3, "state": "reset"}) == {"seed": 3, "state": "reset"}
 
