@@ -5,7 +5,11 @@ The file layouts are those of DESIGN section 4:
 - inputs: `.h5` (a dataset, `inputs` by default), `.npy` or `.npz` (key
   `inputs`), numeric, shaped `(N, Ta, F)`;
 - training data (HDF5): `inputs (N, Ta, F)`, `steps (N, Ta)` and `targets`,
-  either flat `(sum(steps), O)` in value order or padded `(N, Ta, L, O)`.
+  either flat `(sum(steps), O)` in value order (or `(sum(steps),)`, one
+  value per step, e.g. integer token ids) or padded `(N, Ta, L, O)`.
+
+`dataset(path, batch_size, shuffle, seed)` streams a training file as a
+`tf.data.Dataset` for `CascadeModel.fit`.
 
 Files are opened and read through `cascade_cli.h5` (read-only, nothing
 outside the file, keyed read errors, no pickles); the steps of a training file
@@ -347,6 +351,9 @@ class TrainingData:
         name = display(self.path)
         shape = tuple(int(n) for n in self._targets.shape)
         total = steps_total(self.steps, source=f"'{name}' (key 'steps')")
+        self._one_per_step = len(shape) == 1  # (sum(steps),): one value (a token id) per step, read as (rows, 1)
+        if self._one_per_step:
+            shape = shape + (1,)
         if len(shape) == 2:
             self.targets_layout = "flat"
             if shape[0] != total:
@@ -369,7 +376,7 @@ class TrainingData:
         else:
             raise DataError(
                 f"targets in '{name}' have shape {shape_text(shape)}: expected flat "
-                "(sum(steps), O) or padded (N, Ta, L, O)"
+                "(sum(steps), O), (sum(steps),) or padded (N, Ta, L, O)"
             )
         self.output_size = shape[-1]
 
@@ -419,6 +426,8 @@ class TrainingData:
             stop = min(start + rows, length)
             selection = (slice(start, stop),) + tail
             values = _as_float32(read_dataset(self._targets, selection, path=self.path))
+            if self._one_per_step:
+                values = values.reshape(-1, 1)
             if self.targets_layout == "flat":
                 good = np.isfinite(values).all(axis=1)
                 if not good.all():
@@ -531,6 +540,7 @@ class TrainingData:
         if self.targets_layout == "flat":
             starts, stops = self._offsets[samples], self._offsets[samples + 1]
             rows = _as_float32(_read_ranges(self._targets, starts, stops, path=self.path))
+            rows = rows.reshape(-1, 1) if self._one_per_step else rows
             lengths = stops - starts
             read_at = np.cumsum(lengths) - lengths
             targets = rows[_segments(read_at[order], lengths[order])]
@@ -614,3 +624,71 @@ def epoch_order(indices, *, seed: int, epoch: int, shuffle: bool = True) -> np.n
     if not shuffle:
         return indices
     return np.random.default_rng([seed, epoch]).permutation(indices)
+
+
+# ---------------------------------------------------------------------------
+# tf.data
+
+
+def padded_targets(steps, flat, *, pad_value=0.0) -> np.ndarray:
+    """Flat targets `(sum(steps), O)` in value order as padded `(b, Ta, L, O)`, `L = max(steps)`, `pad_value` past each end."""
+    steps = np.asarray(steps)
+    longest = int(steps.max(initial=0))
+    padded = np.full(steps.shape + (longest, flat.shape[-1]), pad_value, np.float32)
+    padded[np.arange(longest) < steps[..., None]] = flat  # C order is value order
+    return padded
+
+
+def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_value=0.0):
+    """A streamed `tf.data.Dataset` over an HDF5 training file, for `CascadeModel.fit`.
+
+    Each element is one batch `((inputs (b, Ta, F) float32, steps (b, Ta)
+    int32), targets (b, Ta, L, O) float32)`, the targets padded to the
+    batch's longest steps (`L`) with `pad_value`, which the loss never reads.
+    The file is read a batch at a time (`TrainingData.batches`: only the
+    rows the batch needs), never whole. Every pass over the dataset (an
+    epoch of `fit`) visits the samples in `epoch_order(indices, seed=seed,
+    epoch=k)` for the k-th pass (0-based), or in the given order without
+    `shuffle`, so a run is the same each time it is made.
+
+    Args:
+        path: the HDF5 training file (`inputs`, `steps`, `targets`).
+        batch_size: samples per batch (the last may be smaller).
+        shuffle: a new seeded order every pass.
+        seed: seeds the order.
+        indices: the samples to visit (e.g. `split_indices`' training part);
+            None for all.
+        pad_value: the value past each inner sequence's end.
+
+    Returns:
+        A `tf.data.Dataset`.
+
+    Raises:
+        DataError: the file is unreadable or malformed, or an index is out of range.
+        ParameterError: a bad `batch_size` or `seed`.
+    """
+    import tensorflow as tf
+
+    from cascade_cli.options import SEED_MAX, check_int
+
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    seed = check_int("seed", seed, maximum=SEED_MAX)
+    with TrainingData(path) as data:  # checked now; read again on every pass
+        outer, features, output_size = data.outer_steps, data.features, data.output_size
+        chosen = np.arange(data.n_samples, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= data.n_samples):
+            raise DataError(f"sample indices for '{display(path)}': expected 0 <= index < {data.n_samples}")
+        data.check_batch_size(batch_size, indices=chosen)
+    passes = [0]
+
+    def batches():
+        order = epoch_order(chosen, seed=seed, epoch=passes[0], shuffle=bool(shuffle))
+        passes[0] += 1
+        with TrainingData(path) as data:
+            for batch in data.batches(order, batch_size=batch_size):
+                yield ((batch.inputs, batch.steps.astype(np.int32)),
+                       padded_targets(batch.steps, batch.targets, pad_value=pad_value))
+
+    signature = ((tf.TensorSpec([None, outer, features], tf.float32), tf.TensorSpec([None, outer], tf.int32)),
+                 tf.TensorSpec([None, outer, None, output_size], tf.float32))
+    return tf.data.Dataset.from_generator(batches, output_signature=signature)

@@ -271,8 +271,9 @@ def test_training_data_shape_and_steps_errors(tmp_path):
         TrainingData(write_training(tmp_path / "a.h5", targets=short))
     with pytest.raises(DataError, match=r"padded targets .* have shape \(3, 3, 4, 2\): expected \(N, Ta, L, O\) with \(N, Ta\)=\(4, 3\)"):
         TrainingData(write_training(tmp_path / "b.h5", targets=padded_targets(STEPS)[:3]))
-    with pytest.raises(DataError, match=r"shape \(11,\): expected flat \(sum\(steps\), O\) or padded \(N, Ta, L, O\)"):
-        TrainingData(write_training(tmp_path / "c.h5", targets=np.zeros(11)))
+    with pytest.raises(DataError, match=r"shape \(11, 2, 1\): expected flat \(sum\(steps\), O\), \(sum\(steps\),\) "
+                                        r"or padded \(N, Ta, L, O\)"):
+        TrainingData(write_training(tmp_path / "c.h5", targets=np.zeros((11, 2, 1))))
     negative = STEPS.copy()
     negative[2, 1] = -3
     with pytest.raises(DataError, match=r"\(key 'steps'\) at index \(2, 1\): expected a non-negative integer, received -3"):
@@ -508,3 +509,54 @@ def test_check_batch_size_estimates_by_hand(tmp_path, monkeypatch):
         assert needed == [176, 256, 80]
     with pytest.raises(DataError, match="is closed"):
         training.check_batch_size(1)
+
+
+# ---------------------------------------------------------------------------
+# One value per step: integer token ids stored as (sum(steps),)
+
+
+def test_token_ids_stored_flat_without_a_feature_axis_read_as_one_column(tmp_path):
+    ids = (np.arange(STEPS.sum()) * 7 % 5).astype(np.int64)  # value order: sample, outer, inner
+    path = write_training(tmp_path / "ids.h5", targets=ids)
+    with TrainingData(path) as dataset:
+        assert (dataset.targets_layout, dataset.output_size, dataset.total_steps) == ("flat", 1, 11)
+        dataset.check_finite(chunk=2)
+        (batch,) = dataset.batches([3, 1, 0], batch_size=3)
+    # sample 3 holds rows 7..10 of the flat order, sample 1 none, sample 0 rows 0..2
+    np.testing.assert_array_equal(batch.targets, ids[[7, 8, 9, 10, 0, 1, 2]].reshape(-1, 1).astype(np.float32))
+    wrong = write_training(tmp_path / "short.h5", targets=ids[:-1])
+    with pytest.raises(DataError, match=r"targets in .* have 10 rows, expected sum\(steps\) = 11"):
+        TrainingData(wrong)
+    bad = ids.astype(np.float64)
+    bad[4] = np.nan
+    with TrainingData(write_training(tmp_path / "nan.h5", targets=bad)) as dataset:
+        with pytest.raises(DataError, match=r"key 'targets'\) row 4 \(sample 2\): expected finite values"):
+            dataset.check_finite(chunk=3)
+
+
+# ---------------------------------------------------------------------------
+# tf.data
+
+
+def test_dataset_streams_padded_batches_in_each_pass_s_seeded_order(flat_file):
+    pieces = list(data.dataset(flat_file, batch_size=3, shuffle=False).as_numpy_iterator())
+    assert [len(steps) for (_, steps), _ in pieces] == [3, 1]
+    for k, ((inputs, steps), targets) in enumerate(pieces):
+        wanted = list(range(N))[3 * k:3 * k + 3]
+        assert inputs.dtype == np.float32 and steps.dtype == np.int32 and targets.dtype == np.float32
+        np.testing.assert_array_equal(inputs, inputs_array()[wanted].astype(np.float32))
+        np.testing.assert_array_equal(steps, STEPS[wanted])
+        longest = STEPS[wanted].max()
+        assert targets.shape == (len(wanted), TA, longest, O)
+        for i, n in enumerate(wanted):  # by plain loops: each valid step its value, the rest the pad value
+            for t in range(TA):
+                for j in range(longest):
+                    expected = [target_value(n, t, j, o) for o in range(O)] if j < STEPS[n, t] else [0.0] * O
+                    np.testing.assert_array_equal(targets[i, t, j], expected)
+    shuffled = data.dataset(flat_file, batch_size=10, shuffle=True, seed=5)
+    for epoch in range(2):  # each pass (an epoch of fit) takes the next epoch's order
+        ((inputs, _), _), = list(shuffled.as_numpy_iterator())
+        order = epoch_order(np.arange(N), seed=5, epoch=epoch)
+        np.testing.assert_array_equal(inputs[:, 0, 0], inputs_array()[order, 0, 0])
+    with pytest.raises(DataError, match=r"expected 0 <= index < 4"):
+        data.dataset(flat_file, indices=[0, 4])
