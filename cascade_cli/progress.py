@@ -23,7 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from cascade_cli.options import TrainCallbacks
@@ -60,6 +60,67 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
 
 
+BAR_WIDTH = 40  # the bar's width where the line has room; it narrows to MIN_BAR_WIDTH before a column goes
+MIN_BAR_WIDTH = 10
+
+
+class FittingProgress(Progress):
+    """A `Progress` whose rows keep to one line of the console, however narrow.
+
+    Every column but the bar is drawn whole (never wrapped or cut); the bar
+    narrows from `BAR_WIDTH` to `MIN_BAR_WIDTH`, and when the line is still
+    too long the columns in `drop` are left out, first to last (then the bar),
+    so that what stays (the description and the count) stays readable.
+
+    Args:
+        *columns: the columns, as for `Progress`; one may be a `BarColumn`.
+        drop: the columns that may be left out, least needed first.
+        **kwargs: passed to `Progress`.
+    """
+
+    def __init__(self, *columns, drop=(), **kwargs):
+        self._drop = tuple(drop)
+        super().__init__(*columns, **kwargs)
+
+    def _fitting_columns(self, tasks):
+        """The columns to draw `tasks` with at the console's width, and the bar's width."""
+        console = self.console
+        widths = {id(column): max((console.measure(column(task)).maximum for task in tasks), default=0)
+                  for column in self.columns if not isinstance(column, BarColumn)}
+        columns = list(self.columns)
+
+        def spare():
+            texts = sum(widths[id(column)] for column in columns if not isinstance(column, BarColumn))
+            return console.width - texts - (len(columns) - 1)  # one space between columns
+
+        for dropped in (*self._drop, *(column for column in columns if isinstance(column, BarColumn))):
+            bars = any(isinstance(column, BarColumn) for column in columns)
+            if spare() >= (MIN_BAR_WIDTH if bars else 0):
+                break
+            columns.remove(dropped)
+        return columns, max(MIN_BAR_WIDTH, min(BAR_WIDTH, spare()))
+
+    def make_tasks_table(self, tasks):
+        """The table of `tasks`' rows, one line each (see the class docstring)."""
+        tasks = [task for task in tasks if task.visible]
+        if not tasks or not hasattr(self, "live"):  # nothing to draw yet (Progress draws once while it starts)
+            return Table.grid()
+        columns, bar_width = self._fitting_columns(tasks)
+        table = Table.grid(*(Column(no_wrap=True, width=bar_width if isinstance(column, BarColumn) else None)
+                             for column in columns), padding=(0, 1), expand=False)
+        for task in tasks:
+            table.add_row(*(_bar(column, task, bar_width) if isinstance(column, BarColumn) else column(task)
+                            for column in columns))
+        return table
+
+
+def _bar(column, task, width):
+    """`column`'s bar for `task`, `width` cells wide."""
+    bar = column(task)
+    bar.width = width
+    return bar
+
+
 def track(iterable, *, total, description, console=None, unit="items", weight=None, enabled=None):
     """Iterates over `iterable` while drawing a progress bar with a rate on `console`.
 
@@ -85,17 +146,25 @@ def track(iterable, *, total, description, console=None, unit="items", weight=No
     return _tracked(iterable, total=total, description=description, console=console, unit=unit, weight=weight)
 
 
+def track_progress(console, *, unit, **kwargs):
+    """Returns the `FittingProgress` that `track` draws: description, bar, count, unit, rate and times.
+
+    Where the line is too narrow, the remaining time goes first, then the
+    elapsed time, the rate and the unit; the description and the count stay.
+
+    Args:
+        console: where to draw.
+        unit: what the count and the rate count.
+        **kwargs: passed to `Progress`.
+    """
+    unit_column, rate, elapsed, remaining = TextColumn(unit), RateColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()
+    return FittingProgress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           unit_column, rate, elapsed, remaining, drop=(remaining, elapsed, rate, unit_column),
+                           console=console, **kwargs)
+
+
 def _tracked(iterable, *, total, description, console, unit, weight):
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(unit),
-        RateColumn(unit),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with track_progress(console, unit=unit) as progress:
         task = progress.add_task(description, total=total)
         for item in iterable:
             yield item
@@ -221,16 +290,12 @@ class TrainReport(TrainCallbacks):
 
     def __enter__(self):
         if self.enabled:
-            self._progress = Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("batches"),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[loss]}"),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
+            unit, percent, loss, elapsed = (TextColumn("batches"), TaskProgressColumn(),
+                                            TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
+            self._progress = FittingProgress(
+                TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                unit, percent, loss, elapsed,
+                drop=(elapsed, percent, unit, loss), console=self.console, transient=True,
             )
             self._progress.start()
         return self

@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from cascade_cli.options import RunInfo, TrainCallbacks
@@ -16,6 +17,7 @@ from cascade_cli.progress import (
     format_loss,
     run_header,
     track,
+    track_progress,
     train_callbacks,
 )
 
@@ -36,6 +38,54 @@ def test_track_is_plain_iteration_when_off():
     console = plain_console()
     assert list(track(items, total=6, description="x", console=console, weight=lambda i: i, enabled=True)) == items
     assert "6/6" in console.file.getvalue()
+
+
+def drawn_lines(console):
+    return [line for line in console.file.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("width", [30, 60, 80])
+def test_a_bar_keeps_to_one_line_with_its_description_and_count_whole_at_any_width(width):
+    console = Console(file=io.StringIO(), width=width)
+    items = list(track(range(4), total=20000, description="generating", console=console, unit="samples",
+                       weight=lambda item: 5000, enabled=True))
+    assert items == [0, 1, 2, 3]
+    (line,) = drawn_lines(console)  # the bar's last state, on one line
+    assert line.startswith("generating ") and "20000/20000" in line, line
+    assert "…" not in line and len(line.rstrip()) <= width, line
+    if width >= 60:
+        assert "20000/20000 samples" in line, line
+
+
+def test_a_bar_drops_its_least_needed_columns_first_and_shows_them_all_where_they_fit():
+    def line(width, speed):
+        console = Console(file=io.StringIO(), width=width)
+        bar = track_progress(console, unit="samples", auto_refresh=False)  # never started: drawn once, by hand
+        task = bar.add_task("generating", total=20000)
+        bar.update(task, completed=2468)
+        bar.tasks[0].finished_speed = speed
+        console.print(bar.get_renderable())
+        (drawn,) = drawn_lines(console)
+        return drawn
+
+    wide = line(120, 1234.0)
+    assert "2468/20000 samples 1,234 samples/s" in wide and wide.count(":") == 4  # elapsed and remaining
+    narrow = line(60, 1234.0)
+    assert "2468/20000 samples" in narrow and ":" not in narrow  # the times go first, then the rate
+    assert "━" in narrow  # the bar stays
+
+
+def test_the_training_bar_keeps_the_epoch_and_the_batch_count_at_60_columns():
+    console = Console(file=io.StringIO(), width=60)
+    with TrainReport(console, enabled=True) as report:
+        report.epoch_started(3, epochs=200, batches=1000)
+        for _ in range(10):
+            report.batch_done(0.123)
+        shown = Console(file=io.StringIO(), width=60)
+        shown.print(report._progress.get_renderable())
+    (line,) = drawn_lines(shown)
+    assert line.startswith("epoch 3/200 ") and "10/1000 batches" in line and "…" not in line, line
+    assert len(line.rstrip()) <= 60
 
 
 def test_format_loss_by_hand():
