@@ -26,6 +26,7 @@ METRICS = ("mse", "mae", "accuracy")  # what `--metrics` may record beside the l
 STRATEGIES = ("default", "mirrored", "multi-worker")
 STOP_RULES = ("norm", "token")
 FAST_CELLS = ("auto", True, False)
+JIT_COMPILE = "auto"  # the runner's jit_compile default (one of FAST_CELLS' switches), Keras 3's
 INT32_MAX = 2**31 - 1  # the largest count (steps, batch size, epochs) a setting may take
 SEED_MAX = 2**32 - 1  # Keras seeds take 32 bits
 GENERATE_BATCH_SIZE = 256  # samples per runner call when generating into a file

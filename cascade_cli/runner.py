@@ -36,7 +36,7 @@ from cascade_cli.cells import fast_path_problem, split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import flatten_layers, seed_generators, stop_recording, tape_may_record
 from cascade_cli.models import check_inputs_fit, check_pair
-from cascade_cli.options import FAST_CELLS, STATE_INITS, STATE_MODES, StopRule, check_choice, check_int
+from cascade_cli.options import FAST_CELLS, JIT_COMPILE, STATE_INITS, STATE_MODES, StopRule, check_choice, check_int
 from cascade_cli.recurrence import packed_recurrence
 from cascade_cli.steps import check_steps
 
@@ -188,7 +188,7 @@ class Cascade:
         stop_rule=None,
         exclude_stop_step=False,
         fast_cells="auto",
-        jit_compile="auto",
+        jit_compile=JIT_COMPILE,
         run_eagerly=False,
     ):
         check_choice("state", state, STATE_MODES)
