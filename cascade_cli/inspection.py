@@ -96,6 +96,27 @@ def _result_stop_rule(attrs, lengths):
     return rows
 
 
+XLA_ATTRS = ("a_compiled", "jit_compile")
+"""What a result records of how model A ran: `a_compiled` (bool) and the `jit_compile` asked for ("auto"/True/False as text)."""
+
+
+def _result_xla(attrs):
+    """The `("model A ran", ...)` row saying whether A ran under XLA; none for a file that does not record it."""
+    compiled, asked = attrs.get("a_compiled"), attrs.get("jit_compile")
+    if not isinstance(compiled, bool) and asked is None:
+        return []
+    setting = "" if asked is None else f"jit_compile={asked}"
+    if compiled is True:
+        text = "under XLA" + (f" ({setting})" if setting else "")
+    elif compiled is False:
+        text = "without XLA" + (f" ({setting})" if setting else "")
+        if str(asked) == "auto":
+            text += ": A did not compile, or its XLA call differed from its plain call"
+    else:
+        text = f"{setting} (whether it ran under XLA is not recorded)"
+    return [("model A ran", text)]
+
+
 def shape_text(shape):
     text = ", ".join("None" if d is None else str(d) for d in shape)
     return f"({text},)" if len(shape) == 1 else f"({text})"
@@ -226,7 +247,8 @@ def describe_result(path):
         rows.append(("padding", f"pad_value {attrs.get(results_io.PAD_VALUE)}, "
                                 f"time_major {attrs.get(results_io.TIME_MAJOR)}"))
     rows += [(key, value) for key, value in sorted(run_attrs(attrs).items())
-             if key not in results_io.STOP_SUMMARY_ATTRS]
+             if key not in (*results_io.STOP_SUMMARY_ATTRS, *XLA_ATTRS)]
+    rows += _result_xla(attrs)
     rows += _result_stop_rule(attrs, result.lengths)
     return Report(rows, result.lengths, "inner lengths per (n, t) pair", "pairs")
 

@@ -41,6 +41,23 @@ def test_describe_result_reads_the_header_and_lengths_only(tmp_path, suffix, mon
     assert report.lengths.tolist() == LENGTHS
 
 
+@pytest.mark.parametrize("recorded, expected", [
+    ({"a_compiled": True, "jit_compile": "auto"}, "under XLA (jit_compile=auto)"),
+    ({"a_compiled": False, "jit_compile": "False"}, "without XLA (jit_compile=False)"),
+    ({"a_compiled": False, "jit_compile": "auto"},
+     "without XLA (jit_compile=auto): A did not compile, or its XLA call differed from its plain call"),
+    ({"a_compiled": True}, "under XLA"),
+    ({"jit_compile": "True"}, "jit_compile=True (whether it ran under XLA is not recorded)"),
+    ({}, None),  # an older file: nothing said
+])
+def test_inspect_says_whether_model_a_ran_under_xla(tmp_path, recorded, expected):
+    path = tmp_path / "r.h5"
+    write_result(path, hand_result(), attrs={"state": "reset", **recorded})
+    rows = inspection.describe_result(path).rows
+    assert dict(rows).get("model A ran") == expected
+    assert not {"a_compiled", "jit_compile"} & {name for name, _ in rows}  # one row, not the raw attributes
+
+
 def test_kind_of_tells_results_from_inputs_and_training(tmp_path):
     write_result(tmp_path / "r.npz", hand_result())
     write_result(tmp_path / "r.h5", hand_result())
