@@ -31,8 +31,8 @@ import click  # noqa: E402 (after the environment TensorFlow reads)
 from cascade_cli import __version__  # noqa: E402
 from cascade_cli.errors import CascadeError, ParameterError, one_line as _one_line  # noqa: E402
 from cascade_cli.options import (  # noqa: E402
-    DEMO_EPOCHS, GENERATE_BATCH_SIZE, INT32_MAX, LOSSES, OPTIMIZERS, SEED_MAX, STATE_INITS, STATE_MODES, STRATEGIES,
-    TrainConfig,
+    DEMO_EPOCHS, GENERATE_BATCH_SIZE, INT32_MAX, LOSSES, LR_SCHEDULES, METRICS, OPTIMIZERS, SEED_MAX, STATE_INITS,
+    STATE_MODES, STRATEGIES, TrainConfig,
 )
 from cascade_cli.results_io import SUFFIX_FORMATS as RESULT_SUFFIXES  # noqa: E402
 
@@ -53,9 +53,12 @@ FLAGS = {
     "threshold": "--stop-norm", "token_id": "--stop-token", "inputs_key": "--inputs-key",
     "pad_value": "--pad-value", "time_major": "--time-major", "layout": "--layout", "format": "--format",
     "allow_legacy_h5": "--allow-legacy-h5", "from_logits": "--from-logits",
+    "clipnorm": "--clipnorm", "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps", "metrics": "--metrics",
+    "mixed_precision": "--mixed-precision", "tensorboard": "--tensorboard",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
-                  "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe")}
+                  "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
+                  "mixed_precision": ("--mixed-precision", "--no-mixed-precision")}
 # `name=value` (the value quoted or up to a space, comma, semicolon, bracket or final stop), or quoted text.
 _TOKENS = re.compile(r"(?P<name>\b[a-z][a-z0-9_]*)=(?P<value>'[^']*'|[^\s,;)']+?)(?=[\s,;)]|\.?$|\.\s)"
                      r"|(?P<quoted>'[^']*')")
@@ -724,8 +727,8 @@ def export(ctx, result, format_, layout, pad_value, time_major, output, overwrit
 
 def _print_training(console, out_dir):
     out_dir = Path(out_dir)
-    for what, name in (("model A", "model_a.keras"), ("model B", "model_b.keras"), ("history", "history.csv"),
-                       ("checkpoints", "checkpoints")):
+    for what, name in (("model A", "model_a.keras"), ("model B", "model_b.keras"), ("generator", "cascade.keras"),
+                       ("history", "history.csv"), ("checkpoints", "checkpoints")):
         _say(console, f"{what:>11}: {out_dir / name}")
 
 
@@ -733,7 +736,10 @@ def _default(name):
     """The `[default: ...]` `--help` shows for a training flag left unset (None: not given)."""
     from cascade_cli.options import TRAIN_DEFAULTS
 
-    return str(TRAIN_DEFAULTS[name])
+    value = TRAIN_DEFAULTS[name]
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    return str(value)
 
 
 @main.command()
@@ -770,9 +776,23 @@ def _default(name):
               help="Stop after P epochs without a better val_loss and keep the best weights (0: off).")
 @click.option("--strategy", type=click.Choice(STRATEGIES), show_default=_default("strategy"),
               help="tf.distribute strategy: mirrored uses every local GPU; multi-worker reads TF_CONFIG.")
+@click.option("--clipnorm", type=click.FloatRange(min=0, min_open=True), metavar="C",
+              help="Clip each gradient to L2 norm C before the step (Keras' clipnorm). [default: off]")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), show_default=_default("lr_schedule"),
+              help="constant; cosine (to 0 by the last step); exponential (to a tenth by the last step).")
+@click.option("--warmup-steps", type=click.IntRange(0, INT32_MAX), metavar="W", show_default=_default("warmup_steps"),
+              help="Steps of linear warmup up to --learning-rate before the schedule.")
+@click.option("--metrics", metavar="mae,mse,...", show_default=_default("metrics"),
+              help=f"Recorded in history.csv beside the loss (and val_ each): any of {', '.join(METRICS)}.")
+@click.option("--mixed-precision/--no-mixed-precision", default=None,
+              help="Train under the mixed_float16 policy (float16 compute, float32 weights and loss). [default: off]")
+@click.option("--tensorboard", metavar="DIR", help="Write TensorBoard event files (loss, val_loss, learning_rate, "
+                                                   "metrics) per epoch into DIR.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
-          shuffle, freeze_a, state, state_init, seed, resume, patience, strategy):
+          shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
+          metrics, mixed_precision, tensorboard, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -780,12 +800,15 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
       cascade train --model-a A.keras --model-b B.keras --data train.h5 --out-dir run1 \\
           --epochs 20 --learning-rate 0.01
       cascade train ... --out-dir run1 --epochs 40 --resume   # the run's own settings, 20 more epochs
+      cascade train ... --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run1
     """
     with _usage(ctx):
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
                              loss=loss, from_logits=from_logits, val_split=val_split, shuffle=shuffle,
                              freeze_a=freeze_a, state=state, state_init=state_init, seed=seed, patience=patience,
-                             resume=resume, strategy=strategy)
+                             resume=resume, strategy=strategy, clipnorm=clipnorm, lr_schedule=lr_schedule,
+                             warmup_steps=warmup_steps, metrics=metrics, mixed_precision=mixed_precision,
+                             tensorboard=tensorboard, overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir
@@ -794,7 +817,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     from cascade_cli.progress import train_callbacks
     from cascade_cli.training import TrainingInterrupted, fit
 
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, parent_must_exist=not resume)
     distribution = make_strategy(strategy or _default("strategy"))  # before TensorFlow runs anything
     try:
         with TrainingData(data_path) as data:
