@@ -691,4 +691,6 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
 
     signature = ((tf.TensorSpec([None, outer, features], tf.float32), tf.TensorSpec([None, outer], tf.int32)),
                  tf.TensorSpec([None, outer, None, output_size], tf.float32))
-    return tf.data.Dataset.from_generator(batches, output_signature=signature)
+    stream = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    # the number of batches is known: Keras then sees where an epoch ends (no "ran out of data")
+    return stream.apply(tf.data.experimental.assert_cardinality(-(-len(chosen) // batch_size)))

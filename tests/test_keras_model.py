@@ -271,6 +271,28 @@ def fit_tiny(callbacks, *, epochs=3, model=None, validate=False):
     return model, history
 
 
+def test_one_epoch_on_a_streamed_dataset_equals_the_same_epoch_on_the_arrays(tmp_path):
+    from cascade_cli.data import dataset
+    from filetools import write_h5
+
+    inputs, steps, flat, padded = training_arrays(n=5)
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=flat)
+    weights = []
+    for data in ("arrays", "dataset"):
+        model = CascadeModel(builders.model_a(), builders.step_b())
+        model.compile(keras.optimizers.Adam(0.05), loss="mse", jit_compile=False)
+        if data == "arrays":  # padded to the longest steps of all, NaN past them
+            history = model.fit((inputs, steps), padded, batch_size=2, epochs=1, shuffle=False, verbose=0)
+        else:  # padded to each batch's own longest steps, read a batch at a time
+            history = model.fit(dataset(path, batch_size=2, shuffle=False), epochs=1, shuffle=False, verbose=0)
+        weights.append(([w.numpy() for w in model.weights], history.history["loss"]))
+    (arrays_weights, arrays_loss), (dataset_weights, dataset_loss) = weights
+    assert arrays_loss == dataset_loss
+    assert not np.array_equal(arrays_weights[0], builders.model_a().get_weights()[0])  # three steps moved it
+    for left, right in zip(arrays_weights, dataset_weights):
+        np.testing.assert_array_equal(left, right)
+
+
 def test_early_stopping_restores_the_best_weights():
     kept = []
     record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: kept.append(model.get_weights()))

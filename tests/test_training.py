@@ -694,3 +694,50 @@ def test_split_warning_by_hand():
         "pass val_split=0.")
     assert split_warning(4, train_samples=4, val_samples=0, val_split=0.0) is None
     assert split_warning(64, train_samples=57, val_samples=7, val_split=0.1) is None
+
+
+# ------------------------------------------------ schedules, mixed precision
+
+
+def test_learning_rate_schedules_by_hand():
+    from cascade_cli.training import learning_rate_schedule
+
+    assert learning_rate_schedule("constant", learning_rate=0.5, total_steps=10) == 0.5
+    exponential = learning_rate_schedule("exponential", learning_rate=2.0, total_steps=10)
+    assert [float(exponential(step)) for step in (0, 5, 10)] == pytest.approx([2.0, 2.0 * 0.1 ** 0.5, 0.2])
+    warm = learning_rate_schedule("constant", learning_rate=1.0, total_steps=10, warmup_steps=4)
+    assert [float(warm(step)) for step in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    cosine = learning_rate_schedule("cosine", learning_rate=1.0, total_steps=6, warmup_steps=2)
+    assert [float(cosine(step)) for step in range(6)] == pytest.approx(
+        [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], abs=1e-6)
+    config = keras.optimizers.schedules.serialize(cosine)  # a saved optimizer's schedule comes back
+    restored = keras.optimizers.schedules.deserialize(config)
+    assert [float(restored(step)) for step in range(6)] == [float(cosine(step)) for step in range(6)]
+    with pytest.raises(ParameterError, match="^lr_schedule: expected one of constant, cosine, exponential"):
+        learning_rate_schedule("linear", learning_rate=1.0, total_steps=1)
+
+
+def test_mixed_precision_pair_computes_in_float16_with_the_weights_given():
+    from cascade_cli.training import mixed_precision_pair
+
+    model_a, model_b = builders.model_a(), builders.step_b()
+    mixed_a, mixed_b = mixed_precision_pair(model_a, model_b)
+    assert {layer.dtype_policy.name for layer in mixed_b.layers if not isinstance(layer, keras.layers.InputLayer)} == {
+        "mixed_float16"}
+    assert_same([mixed_a.get_weights(), mixed_b.get_weights()], [model_a.get_weights(), model_b.get_weights()])
+    assert all(w.dtype == "float32" for w in mixed_a.weights + mixed_b.weights)
+    assert mixed_a(builders.inputs(2, 3)).dtype == "float16"
+
+    class Opaque(keras.Model):  # no get_config: cannot be rebuilt
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, x):
+            return self.dense(x)
+
+    opaque = Opaque()
+    opaque(builders.inputs(1, 3))
+    with pytest.raises(ModelError, match="^model A cannot be rebuilt under the mixed_float16 policy for "
+                                         "mixed_precision=True"):
+        mixed_precision_pair(opaque, model_b)
