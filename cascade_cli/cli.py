@@ -655,13 +655,17 @@ def pack(ctx, models, runner, output, overwrite):
                    "lengths).")
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it holds files.")
 @load_options
-def export_model(generator, directory, overwrite, unsafe, allow_legacy_h5):
+@click.pass_context
+def export_model(ctx, generator, directory, overwrite, unsafe, allow_legacy_h5):
     """Export a packed generator as a TensorFlow SavedModel for serving.
 
     \b
     Example:
       cascade export-model generator.keras --saved-model serving/cascade/1
     """
+    if Path(directory).exists() and not Path(directory).is_dir():  # before the models load
+        raise click.BadParameter(f"a SavedModel is a folder: expected a folder name, received '{directory}', "
+                                 "which is a file.", ctx, param_hint="'--saved-model'")
     console, _ = _consoles()
     files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
     model_a, model_b, settings = files.load_generator(console)

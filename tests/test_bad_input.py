@@ -522,6 +522,21 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_whatever_its_spelling(fi
     assert {name: (work / name).read_bytes() for name in before} == before  # nothing of the user's was touched
 
 
+def test_pack_and_export_model_outputs_of_the_wrong_kind_name_their_flag(files, tmp_path):
+    out = out_folder(tmp_path)
+    models = ["--model-a", files["a.keras"], "--model-b", files["b.keras"]]
+    assert_error(invoke("pack", *models, "--max-steps", 3, "-o", out / "x.h5"), 2, "'-o' / '--output'",
+                 "expected a .keras name", f"'{out / 'x.h5'}'")
+    assert_nothing_in(out)
+    generator = tmp_path / "g.keras"
+    assert_ok(invoke("pack", *models, "--max-steps", 3, "-o", generator))
+    taken = out / "taken"
+    taken.write_bytes(b"keep me")
+    assert_error(invoke("export-model", generator, "--saved-model", taken), 2, "'--saved-model'",
+                 "expected a folder name", f"'{taken}', which is a file")
+    assert taken.read_bytes() == b"keep me" and sorted(os.listdir(out)) == ["taken"]
+
+
 def test_a_dash_is_not_a_file_name(files, tmp_path):
     assert_error(invoke("export", files["x.h5"], "-o", "-", "--format", "csv"), 1, "output '-'")
     assert not os.path.exists("-")
