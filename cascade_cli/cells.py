@@ -127,7 +127,7 @@ def split_b(model_b):
     return SplitB(cell, project, step, head, backward, problem)
 
 
-def fast_path_problem(split, *, form, ir_dtype, stop_rule, training):
+def fast_path_problem(split, *, form, ir_dtype, stop_rule, training, feedback=False, sampler="identity"):
     """Why the known-cell path cannot run B, or None when it can: the one predicate behind `fast_cells`.
 
     Like Keras' `_do_gru_arguments_support_cudnn`: every condition the path
@@ -140,9 +140,15 @@ def fast_path_problem(split, *, form, ir_dtype, stop_rule, training):
         ir_dtype: the dtype of model A's output, the cell's input.
         stop_rule: the runner's `StopRule`, or None.
         training: the run's `training` flag.
+        feedback: B is in feedback form.
+        sampler: the runner's sampler kind.
     """
     if form != "step":
         return "B is in sequence form; the known-cell path runs a step-form B"
+    if feedback:
+        return "B is in feedback form, fed what it emitted at every inner step, which the known-cell path does not run"
+    if sampler != "identity":
+        return f"the {sampler} sampler reads B's output at every inner step"
     if split is None:
         return ("B is not one SimpleRNNCell, GRUCell or LSTMCell called on [x, *states] with a head that "
                 "reads only the cell's output")

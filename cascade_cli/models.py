@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade_cli.errors import DataError, ModelError
+from cascade_cli.errors import DataError, ModelError, ParameterError
 
 # Keras reads an archive's `config.json` and `metadata.json` whole into memory:
 # refuse one that declares more than this (a saved model's config is kilobytes).
@@ -35,6 +35,8 @@ _ARCHIVE_JSON = ("config.json", "metadata.json")
 FLOAT_DTYPES = ("float16", "float32", "float64")
 # The lengths Ta that A is probed with when its symbolic output length is unknown.
 _PROBE_LENGTHS = (3, 5)
+# The feedback form of B, as messages name it.
+FEEDBACK_FORM = "[x (batch, H), y_prev (batch, O), states...] -> [y (batch, O), states...]"
 
 @dataclasses.dataclass(frozen=True)
 class ASpec:
@@ -59,13 +61,16 @@ class BSpec:
         form: `"step"` or `"sequence"`.
         input_size: `H`, the size of the IR vector B is fed.
         output_size: `O`, the size of one emitted step.
-        state_sizes: one size per state of a step-form B (empty otherwise).
+        state_sizes: one size per state of a step-form B (empty otherwise);
+            a feedback-form B's `y_prev` input is not a state.
+        feedback: B is in feedback form (`inspect_b(..., feedback=True)`).
     """
 
     form: str
     input_size: int
     output_size: int
     state_sizes: tuple[int, ...] = ()
+    feedback: bool = False
 
 
 def check_inputs_fit(a_spec, shape, *, where="the inputs"):
@@ -287,12 +292,22 @@ def _probe_length(model_a, shape):
     return None if length is None else int(length)
 
 
-def inspect_b(model_b, *, role="model B", check_causal=True):
+def inspect_b(model_b, *, role="model B", check_causal=True, feedback=False):
     """Detects B's form and state sizes and returns its `BSpec`.
+
+    Args:
+        model_b: the model.
+        role: how to name it in messages.
+        check_causal: probe a sequence-form B for causality.
+        feedback: B is in feedback form, `[x (batch, H), y_prev (batch, O),
+            *states] -> [y (batch, O), *states]`: its second input is what it
+            emitted at the previous inner step.
 
     Raises:
         ModelError: B is in neither form, its state outputs do not match its
-            state inputs, or a sequence-form B is not causal.
+            state inputs, a sequence-form B is not causal, or (feedback) B's
+            second input does not have size O.
+        ParameterError: `feedback` with a sequence-form B.
     """
     inputs, outputs = list(model_b.inputs), list(model_b.outputs)
     in_shapes, out_shapes = _shapes(inputs), _shapes(outputs)
@@ -300,7 +315,13 @@ def inspect_b(model_b, *, role="model B", check_causal=True):
         "expected step form [x (batch, H), states...] -> [y (batch, O), states...] "
         "or sequence form (batch, T, H) -> (batch, T, O)"
     )
+    if feedback:
+        expected = FEEDBACK_FORM
     if len(inputs) == 1 and len(in_shapes[0]) == 3:
+        if feedback:
+            raise ParameterError(
+                "feedback", f"needs a step-form B ({FEEDBACK_FORM}); {role} is in sequence form {in_shapes[0]} -> "
+                            f"{out_shapes[0] if out_shapes else ()}, which cannot be fed what it emitted step by step.")
         if len(outputs) != 1 or len(out_shapes[0]) != 3:
             raise ModelError(f"{role} takes a sequence but returns {out_shapes}; {expected}.")
         if in_shapes[0][2] is None or out_shapes[0][2] is None:
@@ -317,15 +338,30 @@ def inspect_b(model_b, *, role="model B", check_causal=True):
         return spec
     if not inputs or any(len(shape) != 2 for shape in in_shapes):
         raise ModelError(f"{role} has inputs {in_shapes}; {expected}.")
-    if len(outputs) != len(inputs) or any(len(shape) != 2 for shape in out_shapes):
+    extra = 1 if feedback else 0  # y_prev: an input with no output of its own
+    if feedback and len(inputs) < 2:
+        raise ModelError(f"{role} has one input {in_shapes[0]}; with feedback, {expected}.")
+    if len(outputs) != len(inputs) - extra or any(len(shape) != 2 for shape in out_shapes):
+        hint = ""
+        if not feedback and len(outputs) == len(inputs) - 1 and len(inputs) > 1:
+            hint = f" (a feedback-form B, {FEEDBACK_FORM}, needs feedback=True)"
         raise ModelError(
             f"{role} has {len(inputs)} inputs {in_shapes} but {len(outputs)} outputs {out_shapes}; "
-            "a step-form B returns [y, *new_states], one new state per state input."
+            + ("a feedback-form B returns [y, *new_states], one new state per state input after y_prev."
+               if feedback else "a step-form B returns [y, *new_states], one new state per state input.")
+            + hint
         )
     if in_shapes[0][1] is None or out_shapes[0][1] is None:
         raise ModelError(f"{role} must have fixed feature sizes; received {in_shapes} -> {out_shapes}.")
     _check_output_size(out_shapes[0][1], role=role, shapes=out_shapes)
-    for index, (state_in, state_out) in enumerate(zip(in_shapes[1:], out_shapes[1:]), start=1):
+    if feedback and in_shapes[1][1] != out_shapes[0][1]:
+        raise ModelError(
+            f"{role}'s second input (y_prev, what it emitted at the previous inner step) has size "
+            f"{in_shapes[1][1]} but B emits O={out_shapes[0][1]}; with feedback they must be equal "
+            f"({FEEDBACK_FORM})."
+        )
+    state_shapes = in_shapes[1 + extra:]
+    for index, (state_in, state_out) in enumerate(zip(state_shapes, out_shapes[1:]), start=1):
         if state_in[1] is None or state_in[1] < 1:
             raise ModelError(
                 f"{role} state {index} has input shape {state_in}, an unknown or empty size; a step-form B "
@@ -336,8 +372,19 @@ def inspect_b(model_b, *, role="model B", check_causal=True):
                 f"{role} state {index}: its output has size {state_out[1]} but its input has size "
                 f"{state_in[1]}; a step-form B must return each state with the size it was given."
             )
-    states = tuple(int(shape[1]) for shape in in_shapes[1:])
-    return BSpec("step", int(in_shapes[0][1]), int(out_shapes[0][1]), states)
+    states = tuple(int(shape[1]) for shape in state_shapes)
+    return BSpec("step", int(in_shapes[0][1]), int(out_shapes[0][1]), states, feedback=bool(feedback))
+
+
+def feedback_problem(model_b):
+    """Why B does not fit the feedback form, as a sentence, or None when it does (for `inspect`)."""
+    try:
+        inspect_b(model_b, check_causal=False, feedback=True)
+    except ParameterError as error:
+        return error.problem
+    except ModelError as error:
+        return str(error)
+    return None
 
 
 def _check_output_size(size, *, role, shapes):
@@ -362,7 +409,7 @@ def _check_causal(model_b, spec, *, role, length=8, cut=4):
         )
 
 
-def check_pair(model_a, model_b, *, names=None, check_causal=True):
+def check_pair(model_a, model_b, *, names=None, check_causal=True, feedback=False):
     """Checks that A and B fit together: sizes and dtypes.
 
     Mixed dtypes are refused on load rather than cast: A's IR must be a float
@@ -381,6 +428,7 @@ def check_pair(model_a, model_b, *, names=None, check_causal=True):
         names: `(path_a, path_b)`, the files the models came from, named in
             messages ("model A ('a.keras')"); None names the roles only.
         check_causal: probe a sequence-form B for causality.
+        feedback: B is in feedback form (`inspect_b`).
 
     Returns:
         `(ASpec, BSpec)`.
@@ -391,7 +439,7 @@ def check_pair(model_a, model_b, *, names=None, check_causal=True):
     role_a, role_b = ("model A", "model B") if names is None else (
         f"model A ('{names[0]}')", f"model B ('{names[1]}')")
     a_spec = inspect_a(model_a, role=role_a)
-    b_spec = inspect_b(model_b, role=role_b, check_causal=check_causal)
+    b_spec = inspect_b(model_b, role=role_b, check_causal=check_causal, feedback=feedback)
     if a_spec.ir_size != b_spec.input_size:
         raise ModelError(
             f"{role_a} emits IR vectors of size {a_spec.ir_size} but {role_b} expects inputs of "

@@ -116,6 +116,195 @@ class StopRule:
         return f"norm >= {self.value:g}" if self.kind == "norm" else f"token == {int(self.value)}"
 
 
+# ------------------------------------------------- feedback and sampling
+
+
+SAMPLERS = ("identity", "greedy", "categorical")
+FEEDBACK_STARTS = ("zeros", "token:ID", "previous")
+SAMPLING_SCHEDULES = ("constant", "inverse-sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """What a feedback-form B is fed back from its output `y` (and which token a row emits).
+
+    The runner draws with it (`cascade_cli.sampling.sample`).
+
+    Attributes:
+        kind: one of `SAMPLERS`: `"identity"` feeds `y` itself (regression),
+            `"greedy"` the one-hot of `argmax(y)`, `"categorical"` the one-hot
+            of a seeded draw from `softmax(y / temperature)`, restricted to the
+            `top_k` most likely tokens and/or the smallest set whose
+            probability reaches `top_p` (the nucleus), renormalised.
+        temperature: > 0 (`"categorical"` only).
+        top_k: an integer >= 1, or None for every token (`"categorical"` only).
+        top_p: in (0, 1], or None for 1 (`"categorical"` only).
+    """
+
+    kind: str = "identity"
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def identity(cls):
+        """Feeds `y` itself."""
+        return cls("identity")
+
+    @classmethod
+    def greedy(cls):
+        """Feeds the one-hot of `argmax(y)`."""
+        return cls("greedy")
+
+    @classmethod
+    def categorical(cls, temperature=1.0, top_k=None, top_p=None):
+        """Feeds the one-hot of a draw from `softmax(y / temperature)`, cut to `top_k` and/or `top_p`."""
+        return cls("categorical", temperature, top_k, top_p)
+
+    @classmethod
+    def coerce(cls, value):
+        """A `Sampler` from a `Sampler` or one of `SAMPLERS` (its defaults), else `ParameterError("sampler")`."""
+        if isinstance(value, Sampler):
+            return value
+        if isinstance(value, str) and value in SAMPLERS:
+            return cls(value)
+        raise ParameterError("sampler", f"expected a Sampler or one of {', '.join(SAMPLERS)}, received {value!r}.")
+
+    def __post_init__(self):
+        check_choice("sampler", self.kind, SAMPLERS)
+        temperature = check_number("temperature", self.temperature, minimum=0, min_open=True,
+                                   expected="a finite number > 0")
+        object.__setattr__(self, "temperature", temperature)
+        top_k = check_int("top_k", self.top_k, minimum=1, maximum=INT32_MAX, allow_none=True)
+        object.__setattr__(self, "top_k", top_k)
+        if self.top_p is not None:
+            top_p = check_number("top_p", self.top_p, minimum=0, maximum=1, min_open=True,
+                                 expected="a probability in (0, 1]")
+            object.__setattr__(self, "top_p", top_p)
+        if self.kind != "categorical":
+            for name, value, default in (("temperature", self.temperature, 1.0), ("top_k", self.top_k, None),
+                                         ("top_p", self.top_p, None)):
+                if value != default:
+                    raise ParameterError(name, f"applies to sampler='categorical' only; received {name}={value!r} "
+                                               f"with sampler={self.kind!r}.")
+
+    @property
+    def draws(self):
+        """Whether the sampler is random (needs seeded draws)."""
+        return self.kind == "categorical"
+
+    @property
+    def tokens(self):
+        """Whether the sampler picks a token per row (greedy, categorical)."""
+        return self.kind != "identity"
+
+    def describe(self):
+        """The sampler as text, e.g. `"categorical (temperature 0.8, top-k 5)"`."""
+        if self.kind != "categorical":
+            return self.kind
+        parts = [f"temperature {self.temperature:g}"]
+        if self.top_k is not None:
+            parts.append(f"top-k {self.top_k}")
+        if self.top_p is not None:
+            parts.append(f"top-p {self.top_p:g}")
+        return f"categorical ({', '.join(parts)})"
+
+    def as_attrs(self):
+        """Plain values for a result's attributes.
+
+        Returns `{"sampler": kind, "temperature": float, "top_k": int,
+        "top_p": float}`, where `top_k` -1 means every token and `top_p` 1.0
+        no nucleus cut (the values that cut nothing).
+        """
+        return {"sampler": self.kind, "temperature": float(self.temperature),
+                "top_k": -1 if self.top_k is None else int(self.top_k),
+                "top_p": 1.0 if self.top_p is None else float(self.top_p)}
+
+
+def parse_feedback_start(text):
+    """Reads a feedback start: `"zeros"`, `"previous"` or `"token:ID"`.
+
+    Returns:
+        `(kind, token)`: `("zeros", None)`, `("previous", None)` or
+        `("token", ID)`. Whether ID is below B's output size O is the
+        runner's check.
+
+    Raises:
+        ParameterError: `feedback_start`, naming what was expected.
+    """
+    if isinstance(text, str):
+        if text in ("zeros", "previous"):
+            return text, None
+        kind, _, token = text.partition(":")
+        if kind == "token" and token.strip().isdigit() and int(token) <= INT32_MAX:
+            return "token", int(token)
+    raise ParameterError("feedback_start", f"expected zeros, previous or token:ID with ID a non-negative integer, "
+                                           f"received {text!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSchedule:
+    """Scheduled sampling: the probability that a teacher-forced row feeds its own sample instead.
+
+    Attributes:
+        kind: one of `SAMPLING_SCHEDULES`.
+        value: the constant probability in [0, 1], or the inverse sigmoid's
+            `k` > 0: at global step `i` the probability is
+            `1 - k / (k + exp(i / k))` (MusicVAE's schedule; it rises from
+            `1 / (k + 1)` towards 1, the faster the smaller `k`).
+    """
+
+    kind: str
+    value: float
+
+    @classmethod
+    def constant(cls, probability):
+        """The same probability at every step."""
+        return cls("constant", probability)
+
+    @classmethod
+    def inverse_sigmoid(cls, k):
+        """MusicVAE's inverse sigmoid decay of teacher forcing, with rate `k`."""
+        return cls("inverse-sigmoid", k)
+
+    @classmethod
+    def parse(cls, text):
+        """Reads `"inverse-sigmoid:K"` or `"constant:P"`; else `ParameterError("sampling_schedule")`."""
+        kind, _, value = str(text).partition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if kind not in SAMPLING_SCHEDULES or number is None:
+            raise ParameterError("sampling_schedule", f"expected inverse-sigmoid:K (K > 0) or constant:P "
+                                                      f"(P in [0, 1]), received {text!r}.")
+        return cls(kind, number)
+
+    def __post_init__(self):
+        check_choice("sampling_schedule", self.kind, SAMPLING_SCHEDULES)
+        if self.kind == "constant":
+            value = check_number("sampling_probability", self.value, minimum=0, maximum=1,
+                                 expected="a probability in [0, 1]")
+        else:
+            value = check_number("sampling_schedule", self.value, minimum=0, min_open=True,
+                                 expected="inverse-sigmoid:K with a finite K > 0")
+        object.__setattr__(self, "value", value)
+
+    def probability(self, step):
+        """The sampling probability at global step `step` (0-based), a float in [0, 1]."""
+        if self.kind == "constant":
+            return self.value
+        k = self.value
+        exponent = step / k
+        if exponent > 700:  # exp would overflow; the probability is 1 to double precision long before
+            return 1.0
+        return 1.0 - k / (k + math.exp(exponent))
+
+    def describe(self):
+        """The schedule as text, e.g. `"inverse-sigmoid:1000"`."""
+        return f"{self.kind}:{self.value:g}"
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -31,17 +31,18 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli import packing
+from cascade_cli import packing, sampling
 from cascade_cli.cells import fast_path_problem, split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import flatten_layers, seed_generators, stop_recording, tape_may_record
 from cascade_cli.models import check_inputs_fit, check_pair
-from cascade_cli.options import FAST_CELLS, JIT_COMPILE, STATE_INITS, STATE_MODES, StopRule, check_choice, check_int
+from cascade_cli.options import (FAST_CELLS, SEED_MAX, STATE_INITS, STATE_MODES, Sampler, StopRule, check_choice,
+                                  JIT_COMPILE, check_int, check_number, parse_feedback_start)
 from cascade_cli.recurrence import packed_recurrence
 from cascade_cli.steps import check_steps
 
-__all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "StopRule", "packed_loop", "stop_hits", "xla_inference",
-           "xla_problem"]
+__all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "packed_loop", "stop_hits",
+           "xla_inference", "xla_problem"]
 
 
 def stop_hits(rule, y):
@@ -165,6 +166,26 @@ class Cascade:
             for debugging (as Keras' `compile(run_eagerly=True)`), and then A
             is not compiled either. Inside a caller's `tf.function` the
             cascade is traced into it either way.
+        feedback: B is in feedback form, `[x (batch, H), y_prev (batch, O),
+            *states] -> [y (batch, O), *states]`: at inner step `j > 0` it is
+            fed the sampler's value of its own output at `j - 1` (or, with
+            `targets`, the target at `j - 1`: teacher forcing).
+        feedback_start: what `y_prev` is at inner step 0: `"zeros"`,
+            `"token:ID"` (the one-hot of ID, ID in [0, O)) or `"previous"`
+            (from the same sample's previous outer step that ran: its last
+            target with `targets`, else the sampler's value of the last output
+            B computed for it, the stop step included; zeros before the
+            first). Without targets, `"previous"` walks each sample's pairs in
+            order even in `reset` mode (B's state still restarts at every pair).
+        sampler: a `Sampler` or one of `SAMPLERS` (its defaults): what is fed
+            back (`identity`: y itself; `greedy`, `categorical`: a token's
+            one-hot). With `greedy` or `categorical` a token stop rule compares
+            the sampled token, and `run(..., return_tokens=True)` returns the
+            sampled ids. Works without feedback too (tokens and stopping only).
+        seed: an integer in [0, 2**32): the draws (`categorical`, scheduled
+            sampling) of row (sample n, outer t, inner j) depend only on
+            (seed, `sample_index[n]`, t, j), never on the batch or on which
+            rows stopped (`cascade_cli.sampling`).
 
     Raises:
         ParameterError: a setting has a value it cannot take.
@@ -190,6 +211,10 @@ class Cascade:
         fast_cells="auto",
         jit_compile=JIT_COMPILE,
         run_eagerly=False,
+        feedback=False,
+        feedback_start="zeros",
+        sampler="identity",
+        seed=0,
     ):
         check_choice("state", state, STATE_MODES)
         check_choice("state_init", state_init, STATE_INITS)
@@ -204,7 +229,14 @@ class Cascade:
             raise ParameterError("stop_rule", f"expected a StopRule or None, received {stop_rule!r}.")
         self.model_a = model_a
         self.model_b = model_b
-        self.a_spec, self.b_spec = check_pair(model_a, model_b)
+        check_choice("feedback", feedback, (True, False))
+        self.sampler = Sampler.coerce(sampler)
+        self.seed = check_int("seed", seed, maximum=SEED_MAX)
+        self._start = parse_feedback_start(feedback_start)
+        self.feedback = feedback
+        self.feedback_start = feedback_start
+        self.a_spec, self.b_spec = check_pair(model_a, model_b, feedback=feedback)
+        self._check_feedback_settings()
         self.state = state
         self.state_init = state_init
         if state_init == "ir":
@@ -244,6 +276,8 @@ class Cascade:
             layer for layer in flatten_layers(model_b) if hasattr(layer, "reset_dropout_mask")
         ]
         self._split = split_b(model_b) if fast_cells is not False and self.b_spec.form == "step" else None
+        if self._general:
+            self._split = None  # the feedback loop calls B itself (`fast_path_problem` says why)
         if fast_cells is True:
             self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False)  # raise now where it cannot apply
         self.jit_compile = jit_compile
@@ -269,7 +303,8 @@ class Cascade:
 
     # ------------------------------------------------------------------ public
 
-    def __call__(self, inputs, steps=None, *, training=False):
+    def __call__(self, inputs, steps=None, *, training=False, targets=None, sample_index=None,
+                 sampling_probability=0.0, return_tokens=False):
         """Runs the cascade.
 
         Args:
@@ -277,27 +312,61 @@ class Cascade:
             steps: `(Ta,)` or `(N, Ta)` non-negative integers, or None when
                 `max_steps` is set.
             training: passed to both models (dropout and the like).
+            targets, sample_index, sampling_probability, return_tokens: as for `run`.
 
         Returns:
-            A `tf.RaggedTensor` `(N, Ta, None, O)`.
+            A `tf.RaggedTensor` `(N, Ta, None, O)`; with `return_tokens`,
+            `(values, tokens)`, `tokens` a `tf.RaggedTensor` `(N, Ta, None)` int64.
         """
         inputs, caps = self._checked(inputs, steps)
+        extras = self._checked_extras(inputs, caps, steps, targets, sample_index, sampling_probability,
+                                      return_tokens)
         if not self._compiles(inputs):
-            return self._ragged(inputs, caps, training)
-        out = self._call_compiled("ragged", inputs, caps, training=training)
+            return self._ragged(inputs, caps, training, extras=extras)
+        out = self._call_compiled("ragged", inputs, caps, training=training, extras=extras)
         # The trace knows no N or Ta: give the eager result the static shape an eager run has.
+        if return_tokens:
+            return tuple(tf.RaggedTensor.from_uniform_row_length(part.values, inputs.shape[1], nrows=inputs.shape[0],
+                                                                 validate=False) for part in out)
         return tf.RaggedTensor.from_uniform_row_length(out.values, inputs.shape[1], nrows=inputs.shape[0],
                                                        validate=False)
 
-    def run(self, inputs, steps=None, *, training=False):
+    def run(self, inputs, steps=None, *, training=False, targets=None, sample_index=None, sampling_probability=0.0,
+            return_tokens=False):
         """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.
 
         `values` are in value order: sample, then outer step, then inner step.
+
+        Args:
+            inputs: `(N, Ta, F)` float.
+            steps: `(Ta,)` or `(N, Ta)` non-negative integers, or None when
+                `max_steps` is set.
+            training: passed to both models (dropout and the like).
+            targets: feedback only: `(sum(steps), O)` in value order, for
+                teacher forcing (given steps, no stop rule): `y_prev` at inner
+                step `j > 0` is the target at `j - 1` of the same pair.
+            sample_index: `(N,)` non-negative integers, each sample's index in
+                the whole input (default `arange(N)`); the draws depend on it,
+                not on the sample's place in this batch.
+            sampling_probability: with `targets`, scheduled sampling: each row
+                at `j > 0` feeds the sampler's value of its own previous output
+                instead, with this probability (a seeded draw per row; no
+                gradient through the sample). A float in [0, 1] or a scalar
+                tensor (a schedule's value per step: no retrace per value).
+            return_tokens: also return the sampled ids (sampler `greedy` or
+                `categorical`).
+
+        Returns:
+            `(values, lengths)`, or with `return_tokens` `(values, lengths,
+            tokens (total,) int64)`: the sampled id of each value, in value
+            order (the values stay B's outputs).
         """
         inputs, caps = self._checked(inputs, steps)
+        extras = self._checked_extras(inputs, caps, steps, targets, sample_index, sampling_probability,
+                                      return_tokens)
         if self._compiles(inputs):
-            return self._call_compiled("flat", inputs, caps, training=training)
-        return self._run(inputs, caps, training)
+            return self._call_compiled("flat", inputs, caps, training=training, extras=extras)
+        return self._run(inputs, caps, training, extras=extras)
 
     # ------------------------------------------------------------- compiling
 
@@ -306,38 +375,57 @@ class Cascade:
         # Ta == 0 runs no model at all, and needs the static shape to know it.
         return not self.run_eagerly and tf.executing_eagerly() and inputs.shape[1] != 0
 
-    def _compiled(self, kind, inputs, *, training, plain_a=False):
+    def _compiled(self, kind, inputs, *, training, plain_a=False, extras=None):
         """The cached `tf.function` of `_ragged` or `_run`, traced once for any `N`, `Ta` and steps.
 
         Keyed on `training` (a Python value the trace depends on) and the
         inputs' dtype and `F`; steps always arrive as int32 caps `(N, Ta)`, so
-        given steps, shared steps and `max_steps` share one trace.
+        given steps, shared steps and `max_steps` share one trace. A feedback
+        or sampling run (`extras`) also takes `sample_index` and the sampling
+        probability as tensors (no retrace per value), and targets where given.
         """
-        key = (kind, training, inputs.dtype, inputs.shape[2], plain_a)
+        layout = None if extras is None else (extras.targets is not None, extras.return_tokens)
+        key = (kind, training, inputs.dtype, inputs.shape[2], plain_a, layout)
         if key not in self._functions:
             body = self._ragged if kind == "ragged" else self._run
             signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
                          tf.TensorSpec([None, None], tf.int32)]
-            self._functions[key] = tf.function(lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a),
-                                               input_signature=signature)
+            if extras is None:
+                function = lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a)  # noqa: E731
+            else:
+                has_targets, return_tokens = layout
+                signature += [tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float64)]
+                if has_targets:
+                    signature.append(tf.TensorSpec([None, self.b_spec.output_size], self._y_dtype))
+
+                def function(inputs, caps, sample_index, probability, targets=None):
+                    feed = _Feed(targets, sample_index, probability, return_tokens)
+                    return body(inputs, caps, training, plain_a=plain_a, extras=feed)
+
+            self._functions[key] = tf.function(function, input_signature=signature)
         return self._functions[key]
 
-    def _call_compiled(self, kind, inputs, caps, *, training):
+    def _call_compiled(self, kind, inputs, caps, *, training, extras=None):
         """Calls `_compiled(...)`; a `CascadeError` raised while tracing reaches the caller as itself.
 
         (TensorFlow would wrap it in a `StagingError`; an eager call raises what the eager path raises.)
         """
         plain_a = self._taped_plain_a and tape_may_record()
-        function = self._compiled(kind, inputs, training=training, plain_a=plain_a)
+        function = self._compiled(kind, inputs, training=training, plain_a=plain_a, extras=extras)
+        arguments = [inputs, caps]
+        if extras is not None:
+            arguments += [extras.sample_index, extras.probability]
+            if extras.targets is not None:
+                arguments.append(extras.targets)
         try:
-            return function(inputs, caps)
+            return function(*arguments)
         except ValueError as error:
             if plain_a or "DT_VARIANT" not in str(error) or not self._a_under_xla(inputs, training=training):
                 raise
             # A persistent tape prepares second-order gradients of what it records, which A's compiled
             # loop cannot give ("AddN ... DT_VARIANT"): calls under a tape run A's plain call from now on.
             self._taped_plain_a = True
-            return self._call_compiled(kind, inputs, caps, training=training)
+            return self._call_compiled(kind, inputs, caps, training=training, extras=extras)
         except Exception as error:
             cause = error
             while cause is not None and not isinstance(cause, CascadeError):
@@ -351,16 +439,23 @@ class Cascade:
         inputs = self._check_inputs(inputs)
         return inputs, self._check_steps(steps, inputs)
 
-    def _ragged(self, inputs, caps, training, *, plain_a=False):
-        values, lengths = self._run(inputs, caps, training, plain_a=plain_a)
+    def _ragged(self, inputs, caps, training, *, plain_a=False, extras=None):
+        result = self._run(inputs, caps, training, plain_a=plain_a, extras=extras)
+        values, lengths = result[:2]
         outer = lengths.shape[1] if lengths.shape[1] is not None else tf.shape(lengths, out_type=tf.int64)[1]
-        inner = tf.RaggedTensor.from_row_lengths(
-            values, tf.reshape(tf.cast(lengths, tf.int64), [-1]), validate=False
-        )
         samples = tf.shape(lengths, out_type=tf.int64)[0]
-        return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), nrows=samples, validate=False)
 
-    def _run(self, inputs, caps, training, *, plain_a=False):
+        def ragged(flat):
+            inner = tf.RaggedTensor.from_row_lengths(flat, tf.reshape(tf.cast(lengths, tf.int64), [-1]),
+                                                     validate=False)
+            return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), nrows=samples,
+                                                           validate=False)
+
+        if len(result) == 3:
+            return ragged(values), ragged(result[2])
+        return ragged(values)
+
+    def _run(self, inputs, caps, training, *, plain_a=False, extras=None):
         """`run` on checked inputs and caps: A once, then the path for B's form and the state mode."""
         if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
             ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
@@ -373,6 +468,8 @@ class Cascade:
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
         if self.b_spec.form == "sequence":
             return self._run_sequence(ir_flat, caps, training)
+        if extras is not None:
+            return self._run_feedback(ir_flat, caps, training, extras)
         split = self._known_cell(ir_dtype=ir.dtype, training=training)
         if split is None:
             step = _Step(lambda x: x, lambda x, states: self._call_b(x, states, training), self.b_spec.output_size)
@@ -410,12 +507,106 @@ class Cascade:
 
     # ------------------------------------------------------------ validation
 
+    @property
+    def _general(self):
+        """Whether runs go through the feedback loop (`_run_feedback`): feedback, or a sampler other than identity."""
+        return self.feedback or self.sampler.kind != "identity"
+
+    @property
+    def _y_dtype(self):
+        return tf.as_dtype(self.model_b.outputs[0].dtype)
+
+    def _check_feedback_settings(self):
+        """The checks of `feedback`, `feedback_start` and `sampler` that need B's spec."""
+        kind, token = self._start
+        if not self.feedback and kind != "zeros":
+            raise ParameterError("feedback_start", f"applies with feedback=True only; received "
+                                                   f"feedback_start={self.feedback_start!r} with feedback=False.")
+        size = self.b_spec.output_size
+        if token is not None and token >= size:
+            raise ParameterError("feedback_start", f"token {token} is outside B's outputs: expected token:ID with ID in "
+                                                   f"[0, {size}), received {self.feedback_start!r}.")
+        if self.sampler.kind != "identity" and self.b_spec.form != "step":
+            raise ParameterError("sampler", f"{self.sampler.kind!r} samples every inner step's output and needs a "
+                                            "step-form B; received a sequence-form B.")
+
+    def _checked_extras(self, inputs, caps, steps, targets, sample_index, probability, return_tokens):
+        """The feedback and sampling arguments of a call, checked: a `_Feed`, or None for a plain run."""
+        check_choice("return_tokens", return_tokens, (True, False))
+        if return_tokens and not self.sampler.tokens:
+            raise ParameterError("return_tokens", f"needs a sampler that picks tokens (greedy or categorical); "
+                                                  f"received sampler={self.sampler.kind!r}.")
+        symbolic_p = tf.is_tensor(probability) and not hasattr(probability, "numpy")
+        if not symbolic_p:
+            probability = check_number("sampling_probability", float(np.asarray(probability))
+                                       if tf.is_tensor(probability) or isinstance(probability, np.ndarray)
+                                       else probability, minimum=0, maximum=1, expected="a probability in [0, 1]")
+        if targets is None:
+            if symbolic_p or probability != 0:
+                raise ParameterError("sampling_probability", "applies to teacher forcing only: give targets; "
+                                                             f"received {probability!r} without targets.")
+        else:
+            if not self.feedback:
+                raise ParameterError("targets", "teacher forcing needs feedback=True (a feedback-form B); "
+                                                "received targets with feedback=False.")
+            if steps is None or self.stop_rule is not None:
+                raise ParameterError("targets", "teacher forcing needs given steps and no stop rule (the targets "
+                                                "fix every pair's length); received "
+                                                + ("steps=None." if steps is None else f"stop_rule {self.stop_rule}."))
+        if not self._general:
+            return None
+        n = inputs.shape[0]
+        if sample_index is None:
+            sample_index = tf.range(n if n is not None else tf.shape(inputs)[0], dtype=tf.int64)
+        elif tf.is_tensor(sample_index) and not hasattr(sample_index, "numpy"):
+            if not sample_index.dtype.is_integer or sample_index.shape.rank != 1:
+                raise ParameterError("sample_index", f"expected (N,) integers, received a tensor of shape "
+                                                     f"{tuple(sample_index.shape)} and dtype {sample_index.dtype.name}.")
+            sample_index = tf.cast(sample_index, tf.int64)
+            check = tf.debugging.assert_non_negative(sample_index, message="sample_index must be >= 0")
+            with tf.control_dependencies([check]):
+                sample_index = tf.ensure_shape(tf.identity(sample_index), [n])
+        else:
+            array = np.asarray(sample_index)
+            if (array.dtype.kind not in "iu" or array.shape != (n,) or (array.size and array.min() < 0)):
+                raise ParameterError("sample_index", f"expected ({n},) non-negative integers, one per sample, "
+                                                     f"received {array.dtype.name} values of shape {array.shape}.")
+            sample_index = tf.constant(array.astype(np.int64))
+        probability = tf.cast(probability, tf.float64)
+        if probability.shape.rank != 0:
+            raise ParameterError("sampling_probability", f"expected a scalar, received shape {tuple(probability.shape)}.")
+        if targets is not None:
+            targets = self._checked_targets(targets, caps)
+        return _Feed(targets, sample_index, probability, bool(return_tokens))
+
+    def _checked_targets(self, targets, caps):
+        """Targets `(sum(steps), O)` in B's output dtype; their row count checked against the steps."""
+        size = self.b_spec.output_size
+        targets = tf.convert_to_tensor(targets)
+        if not targets.dtype.is_floating:
+            raise ParameterError("targets", f"expected float values of shape (sum(steps), {size}), received dtype "
+                                            f"{targets.dtype.name}.")
+        targets = tf.cast(targets, self._y_dtype)
+        if targets.shape.rank != 2 or targets.shape[1] != size:
+            raise ParameterError("targets", f"expected shape (sum(steps), O={size}) in value order, received shape "
+                                            f"{tuple(targets.shape)}.")
+        total = tf.reduce_sum(caps)
+        if hasattr(targets, "numpy") and hasattr(total, "numpy"):
+            if int(total) != targets.shape[0]:
+                raise ParameterError("targets", f"expected sum(steps)={int(total)} rows (one per emitted value, in "
+                                                f"value order), received {targets.shape[0]}.")
+            return targets
+        check = tf.debugging.assert_equal(tf.shape(targets)[0], total,
+                                          message="targets: expected sum(steps) rows, one per emitted value")
+        with tf.control_dependencies([check]):
+            return tf.identity(targets)
+
     def _known_cell(self, *, ir_dtype, training):
         """B taken apart (`cells.SplitB`) where the known-cell path applies, else None."""
         if self.fast_cells is False:
             return None
         problem = fast_path_problem(self._split, form=self.b_spec.form, ir_dtype=ir_dtype, stop_rule=self.stop_rule,
-                                    training=training)
+                                    training=training, feedback=self.feedback, sampler=self.sampler.kind)
         if problem is None:
             return self._split
         if self.fast_cells is True:
@@ -469,12 +660,17 @@ class Cascade:
 
     # ------------------------------------------------------- steps and rows
 
-    def _call_b(self, x, states, training):
-        """One inner step of a step-form B: `(y, new_states)`."""
+    def _call_b(self, x, states, training, *, y_prev=None):
+        """One inner step of a step-form B: `(y, new_states)`; a feedback-form B is fed `y_prev` too."""
         for cell in self._cells:  # a cell outside keras.layers.RNN caches masks sized for one batch
             cell.reset_dropout_mask()
             if hasattr(cell, "reset_recurrent_dropout_mask"):
                 cell.reset_recurrent_dropout_mask()
+        if y_prev is not None:
+            outputs = self.model_b([x, y_prev, *states], training=training)
+            if not isinstance(outputs, (list, tuple)):
+                return outputs, []
+            return outputs[0], list(outputs[1:])
         if states:
             outputs = self.model_b([x, *states], training=training)
             return outputs[0], list(outputs[1:])
@@ -596,6 +792,128 @@ class Cascade:
 
         outputs, _ = self._loop(step, body, (plan.samples,), states, counts=counts)
         return outputs, pairs, plan.value_order
+
+    def _run_feedback(self, ir_flat, caps, training, feed):
+        """The feedback and sampling loop: B is called at every inner step on the rows still running.
+
+        Rows are `(n, t)` pairs in `reset` mode, or samples walking their
+        pairs in order (`carry`, and `reset` with `feedback_start="previous"`
+        without targets, where a pair's start depends on the previous pair's
+        last output; B's state restarts at every pair in `reset` mode). A row
+        leaves the work once it has no step left (or met the stop rule).
+
+        Returns:
+            `(values, lengths)`, plus `tokens (total,)` int64 with `feed.return_tokens`.
+        """
+        size, dtype = self.b_spec.output_size, self._y_dtype
+        outer = tf.shape(caps)[1]
+        caps_flat = tf.reshape(caps, [-1])
+        start_kind, start_token = self._start
+        start = (tf.one_hot(start_token, size, dtype=dtype) if start_kind == "token" else tf.zeros([size], dtype))
+        teacher = feed.targets is not None
+        walk = self.state == "carry" or (self.feedback and start_kind == "previous" and not teacher)
+        sampler, rule = self.sampler, self.stop_rule
+        if teacher:
+            # `padded[value_start[p] + j]` is pair p's target j - 1; `padded[0]` the start where none precedes.
+            value_start = tf.cumsum(caps_flat, exclusive=True)
+            first = tf.constant(0.0, dtype) * start if start_kind == "previous" else start
+            padded = tf.concat([first[None], feed.targets], 0)
+            if start_kind == "previous":  # the previous running pair's last target: the value just before
+                sample_start = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
+                has_previous = value_start > tf.gather(sample_start, tf.range(tf.size(caps_flat)) // outer)
+            else:
+                has_previous = tf.zeros_like(caps_flat, tf.bool)
+
+        def fed_back(pair, inner, previous):
+            """`y_prev` of each row."""
+            if not teacher:
+                return previous
+            read = tf.logical_or(inner > 0, tf.gather(has_previous, pair))
+            target = tf.gather(padded, tf.where(read, tf.gather(value_start, pair) + inner, 0))
+            u = sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer, inner, sampling.SCHEDULED_STREAM)
+            own = tf.logical_and(inner > 0, u < feed.probability)  # scheduled sampling: the row's own sample
+            return tf.where(own[:, None], tf.stop_gradient(previous), target)
+
+        def _sample_of(pair):
+            return tf.gather(feed.sample_index, pair // outer)
+
+        def initial_states(pair):
+            return self._initial_states(tf.gather(ir_flat, pair))
+
+        def iterate(j, rows, states, ys, pairs, tokens):
+            pair, inner, previous = rows[-3:]
+            x = tf.gather(ir_flat, pair)
+            y_prev = fed_back(pair, inner, previous) if self.feedback else None
+            y, new_states = self._call_b(x, states, training, y_prev=y_prev)
+            u = (sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer, inner, sampling.CATEGORICAL_STREAM)
+                 if sampler.draws else None)
+            fed, token = sampling.sample(sampler, y, u)
+            hit = None
+            if rule is not None:
+                hit = (token == int(rule.value) if rule.kind == "token" and token is not None else stop_hits(rule, y))
+            emitted = [y, pair] + ([token] if feed.return_tokens else [])
+            if hit is not None and self.exclude_stop_step:
+                emitted = [tf.boolean_mask(t, tf.logical_not(hit)) for t in emitted]
+            ys, pairs = ys.write(j, emitted[0]), pairs.write(j, emitted[1])
+            if feed.return_tokens:
+                tokens = tokens.write(j, emitted[2])
+            done = inner + 1 >= tf.gather(caps_flat, pair)
+            if hit is not None:
+                done = tf.logical_or(done, hit)
+            if walk:
+                samples = rows[0]
+                following = packing.next_running_pair(running_pairs, pair + 1, samples=samples, outer=outer)
+                keep = tf.logical_or(tf.logical_not(done), following >= 0)
+                next_pair = tf.where(done, following, pair)
+                if self.state == "reset":
+                    fresh = initial_states(tf.maximum(next_pair, 0))
+                    new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
+                if self.feedback and not teacher and start_kind != "previous":
+                    fed = tf.where(done[:, None], tf.broadcast_to(start, tf.shape(fed)), fed)
+                rows = (samples, next_pair, tf.where(done, 0, inner + 1), fed)
+            else:
+                keep = tf.logical_not(done)
+                rows = (pair, inner + 1, fed)
+            rows = tuple(tf.boolean_mask(r, keep) for r in rows)
+            new_states = [tf.boolean_mask(s, keep) for s in new_states]
+            return j + 1, rows, new_states, ys, pairs, tokens
+
+        if walk:
+            running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
+            samples = packing.carry_rows(caps)
+            pair = packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer)
+            rows = (samples, pair)
+            states = (initial_states(pair) if self.state == "reset" else
+                      [tf.zeros([tf.size(samples), s], ir_flat.dtype) for s in self.b_spec.state_sizes])
+        else:
+            pair = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)
+            rows = (pair,)
+            states = initial_states(pair)
+        first = tf.zeros_like(start) if start_kind == "previous" else start  # zeros before the first pair
+        rows = rows + (tf.zeros_like(pair), tf.tile(first[None], [tf.size(pair), 1]))
+
+        def array(dtype, shape):
+            return tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
+                                  element_shape=tf.TensorShape(shape))
+
+        ys, pairs, tokens = array(dtype, [None, size]), array(tf.int32, [None]), array(tf.int64, [None])
+        invariants = (
+            tf.TensorShape([]),
+            tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
+            [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in states],
+            tf.TensorShape(None), tf.TensorShape(None), tf.TensorShape(None),
+        )
+        j, _, _, ys, pairs, tokens = tf.while_loop(
+            lambda j, rows, *_: tf.size(rows[0]) > 0, iterate,
+            (tf.constant(0), rows, list(states), ys, pairs, tokens), shape_invariants=invariants)
+        # A sentinel keeps concat() defined when nothing ran.
+        outputs = ys.write(j, tf.zeros([0, size], dtype)).concat()
+        pairs = pairs.write(j, tf.zeros([0], tf.int32)).concat()
+        order = tf.argsort(pairs, stable=True)  # value order: by pair, then step
+        result = (_permute(outputs, order), self._lengths(caps, pairs))
+        if feed.return_tokens:
+            result += (tf.gather(tokens.write(j, tf.zeros([0], tf.int64)).concat(), order),)
+        return result
 
     def _run_sequence(self, ir_flat, caps, training):
         """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
@@ -756,6 +1074,16 @@ class _XlaChoice:
     inference: bool
     training: bool
     reason: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feed:
+    """A feedback or sampling call's checked arguments (`Cascade.run`)."""
+
+    targets: object  # (total, O) in B's output dtype, or None
+    sample_index: object  # (N,) int64
+    probability: object  # () float64, the scheduled sampling probability
+    return_tokens: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,3 +117,29 @@ def reference(model_a, model_b, x, steps, *, state="reset", state_init="zeros",
     output_size = model_b.outputs[0].shape[-1]
     values = tf.stack(values) if values else tf.zeros([0, output_size], ir.dtype)
     return values, lengths
+
+
+def feedback_b(kind="gru", *, ir_size=4, units=5, output_size=3, seed=30, dtype="float32", states=True):
+    """Feedback-form B: `[x, y_prev, *states] -> Concatenate -> cell -> Dense -> [y, *states]`.
+
+    `kind` is `"simple"`, `"gru"` or `"lstm"`; `states=False` gives a stateless
+    `[x, y_prev] -> Dense -> y` (no cell).
+    """
+    x = keras.Input(shape=(ir_size,), dtype=dtype, name="x")
+    y_prev = keras.Input(shape=(output_size,), dtype=dtype, name="y_prev")
+    joined = keras.layers.Concatenate(dtype=dtype)([x, y_prev])
+    if not states:
+        y = keras.layers.Dense(output_size, kernel_initializer=init(seed), bias_initializer=init(seed + 1),
+                               dtype=dtype)(joined)
+        return keras.Model([x, y_prev], y, name="b_feedback_dense")
+    cell_type = {"simple": keras.layers.SimpleRNNCell, "gru": keras.layers.GRUCell,
+                 "lstm": keras.layers.LSTMCell}[kind]
+    cell = cell_type(units, kernel_initializer=init(seed), recurrent_initializer=init(seed + 1),
+                     bias_initializer=init(seed + 2), dtype=dtype)
+    state_inputs = [keras.Input(shape=(units,), dtype=dtype) for _ in range(2 if kind == "lstm" else 1)]
+    h, new_states = cell(joined, state_inputs if kind == "lstm" else state_inputs[0])
+    if not isinstance(new_states, (list, tuple)):
+        new_states = [new_states]
+    y = keras.layers.Dense(output_size, kernel_initializer=init(seed + 3), bias_initializer=init(seed + 4),
+                           dtype=dtype)(h)
+    return keras.Model([x, y_prev, *state_inputs], [y, *new_states], name=f"b_feedback_{kind}")

@@ -1,0 +1,308 @@
+"""The feedback form of B against an independent eager reference (one sample, one inner step at a time)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+from cascade_cli.errors import ModelError, ParameterError
+from cascade_cli.models import feedback_problem, inspect_b
+from cascade_cli.options import Sampler, StopRule
+from cascade_cli.runner import Cascade
+
+STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros, a whole zero row
+O = 3
+
+
+def one_hot(index, size=O):
+    row = np.zeros(size)
+    row[index] = 1.0
+    return row
+
+
+def reference(model_a, model_b, x, steps, *, state="reset", start="zeros", sampler="identity", targets=None,
+              max_steps=None, stop_token=None, exclude_stop_step=False):
+    """Plain Python loops calling B directly on one row at a time.
+
+    Returns `(values (total, O) tf.Tensor, lengths (N, Ta), tokens list)`;
+    `tokens` are the argmax ids of each emitted value (greedy).
+    """
+    ir = model_a(tf.convert_to_tensor(x))
+    n_samples, outer = x.shape[0], x.shape[1]
+    caps = np.broadcast_to(np.asarray(steps if steps is not None else max_steps), (n_samples, outer))
+    sizes = [int(s.shape[-1]) for s in model_b.inputs[2:]]
+    dtype = ir.dtype
+    values, tokens, lengths = [], [], np.zeros((n_samples, outer), np.int64)
+    offset = 0  # where the next pair's targets start (value order)
+
+    def fed_value(y):
+        if sampler == "identity":
+            return y
+        return tf.constant(one_hot(int(np.argmax(y.numpy()[0])))[None], dtype)
+
+    for n in range(n_samples):
+        carried = [tf.zeros([1, size], dtype) for size in sizes]
+        last = tf.zeros([1, O], dtype)  # what "previous" starts the next pair with
+        for t in range(outer):
+            cap = int(caps[n, t])
+            if cap == 0:
+                continue
+            states = carried if state == "carry" else [tf.zeros([1, size], dtype) for size in sizes]
+            if start == "zeros":
+                y_prev = tf.zeros([1, O], dtype)
+            elif start == "previous":
+                y_prev = last
+            else:
+                y_prev = tf.constant(one_hot(int(start.split(":")[1]))[None], dtype)
+            emitted = 0
+            for j in range(cap):
+                out = model_b([ir[n, t][None], y_prev, *states])
+                if not isinstance(out, (list, tuple)):
+                    out = [out]
+                y, states = out[0], list(out[1:])
+                token = int(np.argmax(y.numpy()[0]))
+                hit = stop_token is not None and token == stop_token
+                if not (hit and exclude_stop_step):
+                    values.append(y[0])
+                    tokens.append(token)
+                    emitted += 1
+                if targets is not None:
+                    y_prev = tf.constant(targets[offset + j][None], dtype)
+                else:
+                    y_prev = fed_value(y)
+                if hit:
+                    break
+            last = y_prev
+            offset += cap
+            lengths[n, t] = emitted
+            carried = states
+    values = tf.stack(values) if values else tf.zeros([0, O], dtype)
+    return values, lengths, tokens
+
+
+def models(kind="gru", dtype="float32", **kwargs):
+    return builders.model_a(dtype=dtype), builders.feedback_b(kind, dtype=dtype, output_size=O, **kwargs)
+
+
+def targets_for(steps, seed=3, dtype="float32"):
+    return np.random.default_rng(seed).normal(size=(int(np.sum(steps)), O)).astype(dtype)
+
+
+def assert_equal_reference(cascade, x, steps, **kwargs):
+    tokens = cascade.sampler.kind != "identity"
+    result = cascade.run(x, steps, return_tokens=tokens, targets=kwargs.get("targets"))
+    values, lengths = result[:2]
+    expected, expected_lengths, expected_tokens = reference(
+        cascade.model_a, cascade.model_b, x, steps, state=cascade.state, start=cascade.feedback_start,
+        sampler=cascade.sampler.kind, max_steps=cascade.max_steps, **kwargs)
+    np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
+    np.testing.assert_allclose(values.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    if tokens:
+        np.testing.assert_array_equal(result[2].numpy(), expected_tokens)
+        assert result[2].dtype == tf.int64
+    return values
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("sampler", ["identity", "greedy"])
+@pytest.mark.parametrize("start", ["zeros", "token:2", "previous"])
+def test_free_running_equals_reference(state, sampler, start):
+    a, b = models()
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler=sampler, jit_compile=False)
+    assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("start", ["zeros", "token:1", "previous"])
+def test_teacher_forcing_equals_reference(state, start):
+    a, b = models()
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
+    targets = targets_for(STEPS)
+    forced = assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets)
+    free = cascade.run(builders.inputs(3, 4), STEPS)[0]
+    assert not np.allclose(forced.numpy(), free.numpy())  # the targets are what is fed
+
+
+@pytest.mark.parametrize("kind", ["simple", "gru", "lstm"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_cells_equal_reference(kind, state):
+    a, b = models(kind)
+    cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", feedback_start="previous",
+                      jit_compile=False)
+    assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
+    assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets_for(STEPS))
+
+
+def test_stateless_feedback_b():
+    a, b = models(states=False)
+    cascade = Cascade(a, b, feedback=True, sampler="greedy", jit_compile=False)
+    assert cascade.b_spec.state_sizes == () and cascade.b_spec.feedback
+    assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("start", ["zeros", "previous"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_token_stop_rule_equals_reference(state, start, exclude):
+    a, b = models()
+    x = builders.inputs(4, 3, seed=5)
+    # a token that stops some rows early and not others
+    free, _, tokens = reference(a, b, x, None, max_steps=6, sampler="greedy", start=start, state=state)
+    stop = int(np.bincount(tokens, minlength=O)[1:].argmax()) + 1 if len(set(tokens)) > 1 else tokens[0]
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler="greedy", max_steps=6,
+                      stop_rule=StopRule.token(stop), exclude_stop_step=exclude, jit_compile=False)
+    assert_equal_reference(cascade, x, None, stop_token=stop, exclude_stop_step=exclude)
+    lengths = cascade.run(x)[1].numpy()
+    assert lengths.min() < 6 - exclude  # some rows stopped early
+    given = np.array([[2, 6, 1], [0, 3, 5], [6, 6, 6], [1, 0, 2]])  # steps cap the stop rule
+    assert_equal_reference(cascade, x, given, stop_token=stop, exclude_stop_step=exclude)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_eager_equals_tf_function(state):
+    a, b = models()
+    x, targets = builders.inputs(3, 4), targets_for(STEPS)
+    compiled = Cascade(a, b, feedback=True, state=state, feedback_start="previous", sampler="greedy",
+                       jit_compile=False)
+    eager = Cascade(a, b, feedback=True, state=state, feedback_start="previous", sampler="greedy",
+                    run_eagerly=True)
+    for kwargs in ({}, {"targets": targets, "sampling_probability": 0.5}):
+        one = compiled.run(x, STEPS, return_tokens=True, **kwargs)
+        two = eager.run(x, STEPS, return_tokens=True, **kwargs)
+        for left, right in zip(one, two):
+            np.testing.assert_array_equal(left.numpy(), right.numpy())
+
+    @tf.function
+    def inside(x):  # traced into the caller's function
+        return compiled(x, STEPS, return_tokens=True)
+
+    values, tokens = inside(tf.constant(x))
+    np.testing.assert_array_equal(values.flat_values.numpy(), compiled.run(x, STEPS)[0].numpy())
+    np.testing.assert_array_equal(tokens.flat_values.numpy(), compiled.run(x, STEPS, return_tokens=True)[2].numpy())
+    assert values.shape[-1] == O
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("start", ["zeros", "previous"])
+def test_teacher_forced_gradients_equal_reference(kind, state, start):
+    a, b = models(kind, dtype="float64")
+    x = builders.inputs(3, 4).astype("float64")
+    targets = targets_for(STEPS, dtype="float64")
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
+    weights = a.trainable_variables + b.trainable_variables
+    upstream = tf.constant(np.random.default_rng(1).normal(size=(int(STEPS.sum()), O)))
+
+    with tf.GradientTape() as tape:
+        values = cascade.run(x, STEPS, targets=targets, training=True)[0]
+        loss = tf.reduce_sum(values * upstream)
+    grads = tape.gradient(loss, weights)
+    with tf.GradientTape() as tape:
+        expected = reference(a, b, x, STEPS, state=state, start=start, targets=targets)[0]
+        expected_loss = tf.reduce_sum(expected * upstream)
+    expected_grads = tape.gradient(expected_loss, weights)
+    for weight, got, want in zip(weights, grads, expected_grads):
+        assert got is not None, weight.path
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-10, err_msg=weight.path)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers_values(state):
+    a, b = models()
+    x, targets = builders.inputs(3, 4), targets_for(STEPS)
+    cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", jit_compile=False)
+    forced = cascade.run(x, STEPS, targets=targets)[0].numpy()
+    np.testing.assert_array_equal(cascade.run(x, STEPS, targets=targets, sampling_probability=0.0)[0].numpy(), forced)
+    np.testing.assert_array_equal(
+        cascade.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.0))[0].numpy(), forced)
+    # p = 1: every j > 0 feeds the sampler's value of the previous output, j = 0 still the start
+    free = cascade.run(x, STEPS)[0].numpy()
+    np.testing.assert_allclose(cascade.run(x, STEPS, targets=targets, sampling_probability=1.0)[0].numpy(), free,
+                               rtol=1e-6, atol=1e-7)
+    # in between: some rows fed their own samples, some the targets; a tensor does not retrace
+    traces = len(cascade._functions)
+    half = cascade.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.5, tf.float64))[0].numpy()
+    cascade.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.25, tf.float64))
+    assert len(cascade._functions) == traces
+    assert not np.allclose(half, forced) and not np.allclose(half, free)
+
+
+def test_scheduled_sampling_gradient_skips_the_fed_samples():
+    a, b = models(dtype="float64")
+    x, targets = builders.inputs(3, 4).astype("float64"), targets_for(STEPS, dtype="float64")
+    cascade = Cascade(a, b, feedback=True, jit_compile=False)  # identity: y itself fed, without its gradient
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(cascade.run(x, STEPS, targets=targets, sampling_probability=1.0)[0])
+    grads = tape.gradient(loss, b.trainable_variables)
+    # free running feeds the same values (p = 1), but differentiates through them
+    with tf.GradientTape() as tape:
+        free = cascade.run(x, STEPS)[0]
+        loss_free = tf.reduce_sum(free)
+    grads_free = tape.gradient(loss_free, b.trainable_variables)
+    assert any(not np.allclose(g, f) for g, f in zip(grads, grads_free))
+
+
+def test_bad_input_is_refused():
+    a, b = models()
+    with pytest.raises(ModelError, match=r"size 4 but B emits O=3"):
+        x = keras.Input((4,)); prev = keras.Input((4,)); s = keras.Input((5,))
+        h, [s2] = keras.layers.GRUCell(5)(keras.layers.Concatenate()([x, prev]), [s])
+        Cascade(a, keras.Model([x, prev, s], [keras.layers.Dense(3)(h), s2]), feedback=True)
+    with pytest.raises(ParameterError, match=r"^feedback: needs a step-form B"):
+        Cascade(a, builders.sequence_b(), feedback=True)
+    with pytest.raises(ParameterError, match=r"^feedback_start: token 3 is outside B's outputs"):
+        Cascade(a, b, feedback=True, feedback_start="token:3")
+    with pytest.raises(ParameterError, match=r"^feedback_start: expected zeros, previous or token:ID"):
+        Cascade(a, b, feedback=True, feedback_start="token:-1")
+    with pytest.raises(ParameterError, match=r"^feedback_start: applies with feedback=True only"):
+        Cascade(a, builders.step_b(), feedback_start="previous")
+    with pytest.raises(ModelError, match=r"needs feedback=True"):
+        Cascade(a, b)  # a feedback-form B without feedback
+    with pytest.raises(ParameterError, match=r"^fast_cells: True, but .*feedback form"):
+        Cascade(a, b, feedback=True, fast_cells=True)
+    cascade = Cascade(a, b, feedback=True, jit_compile=False)
+    x = builders.inputs(3, 4)
+    with pytest.raises(ParameterError, match=r"^targets: expected sum\(steps\)=13 rows"):
+        cascade.run(x, STEPS, targets=np.zeros((12, O), np.float32))
+    with pytest.raises(ParameterError, match=r"^targets: expected shape \(sum\(steps\), O=3\)"):
+        cascade.run(x, STEPS, targets=np.zeros((13, 2), np.float32))
+    with pytest.raises(ParameterError, match=r"^sampling_probability: applies to teacher forcing"):
+        cascade.run(x, STEPS, sampling_probability=0.5)
+    with pytest.raises(ParameterError, match=r"^sampling_probability: expected a probability in \[0, 1\]"):
+        cascade.run(x, STEPS, targets=targets_for(STEPS), sampling_probability=1.5)
+    with pytest.raises(ParameterError, match=r"^return_tokens: needs a sampler"):
+        cascade.run(x, STEPS, return_tokens=True)
+    with pytest.raises(ParameterError, match=r"^sample_index: expected \(3,\) non-negative integers"):
+        cascade.run(x, STEPS, sample_index=[0, 1])
+    with pytest.raises(ParameterError, match=r"^targets: teacher forcing needs feedback=True"):
+        Cascade(a, builders.step_b(output_size=O), jit_compile=False).run(x, STEPS, targets=targets_for(STEPS))
+    stopper = Cascade(a, b, feedback=True, max_steps=4, stop_rule=StopRule.token(0), jit_compile=False)
+    with pytest.raises(ParameterError, match=r"^targets: teacher forcing needs given steps and no stop rule"):
+        stopper.run(x, STEPS, targets=targets_for(STEPS))
+    with pytest.raises(ParameterError, match=r"^sampler: expected a Sampler"):
+        Cascade(a, b, feedback=True, sampler="beam")
+
+
+def test_inspect_b_feedback_form():
+    b = builders.feedback_b(output_size=O)
+    spec = inspect_b(b, feedback=True)
+    assert (spec.form, spec.input_size, spec.output_size, spec.state_sizes, spec.feedback) == ("step", 4, O, (5,), True)
+    assert feedback_problem(b) is None
+    assert "sequence form" in feedback_problem(builders.sequence_b())
+    assert feedback_problem(builders.step_b()) is not None  # [x, state] -> [y, state]: no y_prev
+    assert not inspect_b(builders.step_b()).feedback
+
+
+def test_sampler_object_and_categorical_run():
+    a, b = models()
+    cascade = Cascade(a, b, feedback=True, sampler=Sampler.categorical(temperature=0.7, top_k=2), seed=5,
+                      jit_compile=False)
+    x = builders.inputs(3, 4)
+    one = cascade.run(x, STEPS, return_tokens=True)
+    two = cascade.run(x, STEPS, return_tokens=True)
+    for left, right in zip(one, two):
+        np.testing.assert_array_equal(left.numpy(), right.numpy())  # seeded: the same draws every call
+    other = Cascade(a, b, feedback=True, sampler=Sampler.categorical(temperature=0.7, top_k=2), seed=6,
+                    jit_compile=False).run(x, STEPS, return_tokens=True)
+    assert not np.array_equal(one[2].numpy(), other[2].numpy())
