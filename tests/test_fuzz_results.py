@@ -15,19 +15,17 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from filetools import FUZZ_MEMORY_LIMIT, FUZZ_TIME_LIMIT_S, fuzz_outcome, fuzz_seed, mutants
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import write_result
 
 FAST = 30
 LONG = 400
-TIME_LIMIT_S = 30
-MEMORY_LIMIT = 3 << 30
 ATTRS = {"stop_rule": "norm", "stop_value": 1.5, "max_steps": 4, "run_id": "0123456789abcdef", "seed": 3}
 
 
@@ -51,7 +49,7 @@ def originals(folder):
 
 
 def _limits():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    resource.setrlimit(resource.RLIMIT_AS, (FUZZ_MEMORY_LIMIT, FUZZ_MEMORY_LIMIT))
 
 
 def run(args, *, cwd=None):
@@ -59,41 +57,17 @@ def run(args, *, cwd=None):
     command = [sys.executable, "-c", "from cascade_cli.cli import main; main()", *map(str, args)]
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=TIME_LIMIT_S, cwd=cwd, env=env,
+        return subprocess.run(command, capture_output=True, text=True, timeout=FUZZ_TIME_LIMIT_S, cwd=cwd, env=env,
                               preexec_fn=_limits)
     except subprocess.TimeoutExpired as error:
         return subprocess.CompletedProcess(command, "hang", error.stdout or "", error.stderr or "")
 
 
-def mutate(data, rng):
-    """Returns `data` with 1-16 random bytes flipped, zeroed or set to 0xFF, and what was done."""
-    data = bytearray(data)
-    count = int(rng.integers(1, 17))
-    where = rng.integers(0, len(data), size=count)
-    kind = ("flip", "zero", "0xff")[int(rng.integers(3))]
-    for position in where:
-        data[position] = {"flip": data[position] ^ 0xFF, "zero": 0, "0xff": 0xFF}[kind]
-    return bytes(data), f"{kind} at {sorted(int(p) for p in where)}"
-
-
 def problem(done, *, expected_csv=None, csv_path=None, exact=False):
     """What is wrong with one run's outcome, or None."""
-    output = f"{done.stdout}\n{done.stderr}"
-    if done.returncode == "hang":
-        return f"no answer in {TIME_LIMIT_S} s"
-    if done.returncode < 0:
-        return f"killed by signal {-done.returncode}"
-    if "Traceback" in output or "Exception ignored" in output:
-        return "a traceback: " + output[-1500:]
-    if done.returncode == 1:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-        if len(errors) != 1:
-            return f"expected one Error: line, received {len(errors)}: {done.stderr[-800:]}"
-        if "internal error" in errors[0]:
-            return errors[0]
-        return None
-    if done.returncode != 0:
-        return f"exit {done.returncode}: {output[-800:]}"
+    kind, wrong = fuzz_outcome(done)
+    if kind != "ok":
+        return wrong
     if csv_path is not None:
         text = csv_path.read_text()
         if exact and text != expected_csv:
@@ -104,18 +78,9 @@ def problem(done, *, expected_csv=None, csv_path=None, exact=False):
 
 
 def fuzz(tmp_path, count):
-    seed = int(os.environ.get("CASCADE_FUZZ_SEED", time.time_ns() % 2**32))
-    print(f"fuzz seed {seed} (CASCADE_FUZZ_SEED={seed} replays it)")
-    rng = np.random.default_rng(seed)
+    seed = fuzz_seed()
     made = originals(tmp_path)
-    names = sorted(made)
-    cases = []
-    for index in range(count):
-        name = names[index % len(names)]
-        data, how = mutate(made[name][0], rng)
-        path = tmp_path / f"m{index}-{name}"
-        path.write_bytes(data)
-        cases.append((path, name, how))
+    cases = mutants(tmp_path, {name: data for name, (data, _) in made.items()}, count, np.random.default_rng(seed))
 
     def one(case):
         path, name, how = case

@@ -16,16 +16,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 
+from filetools import FUZZ_MEMORY_LIMIT, FUZZ_TIME_LIMIT_S, fuzz_outcome, fuzz_seed, mutants
+
 FAST = 60
 LONG = 300
-TIME_LIMIT_S = 30
-MEMORY_LIMIT = 3 << 30
 NAMES = ("flat.h5", "padded.h5", "inputs.npz", "steps.npy")
 DESCRIPTIONS = ("training data", "inputs", "steps", "result")  # the first row of `inspect` for each kind
 
@@ -95,8 +94,9 @@ def run_all(cases, folder):
     specs = [{"args": [str(a) for a in args], "out": str(folder / f"out{i}"), "err": str(folder / f"err{i}")}
              for i, args in enumerate(cases)]
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    driver = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(specs), str(TIME_LIMIT_S), str(MEMORY_LIMIT)],
-                            capture_output=True, text=True, env=env, timeout=60 + len(cases) * (TIME_LIMIT_S + 1))
+    driver = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(specs), str(FUZZ_TIME_LIMIT_S),
+                             str(FUZZ_MEMORY_LIMIT)],
+                            capture_output=True, text=True, env=env, timeout=60 + len(cases) * (FUZZ_TIME_LIMIT_S + 1))
     assert driver.returncode == 0, driver.stderr[-2000:]
     codes = [json.loads(line) for line in driver.stdout.splitlines()]
     assert len(codes) == len(cases), driver.stdout[-2000:]
@@ -104,35 +104,12 @@ def run_all(cases, folder):
             for spec, code in zip(specs, codes)]
 
 
-def mutate(data, rng):
-    """Returns `data` with 1-16 random bytes flipped, zeroed or set to 0xFF, and what was done."""
-    data = bytearray(data)
-    count = int(rng.integers(1, 17))
-    where = rng.integers(0, len(data), size=count)
-    kind = ("flip", "zero", "0xff")[int(rng.integers(3))]
-    for position in where:
-        data[position] = {"flip": data[position] ^ 0xFF, "zero": 0, "0xff": 0xFF}[kind]
-    return bytes(data), f"{kind} at {sorted(int(p) for p in where)}"
-
-
 def outcome(done):
-    """`("ok" | "error", None)` for a clean outcome, or `("bad", what is wrong)`."""
-    output = f"{done.stdout}\n{done.stderr}"
-    if done.returncode == "hang":
-        return "bad", f"no answer in {TIME_LIMIT_S} s"
-    if done.returncode < 0:
-        return "bad", f"killed by signal {-done.returncode}"
-    if "Traceback" in output or "Exception ignored" in output:
-        return "bad", "a traceback: " + output[-1500:]
-    if done.returncode == 1:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-        if len(errors) != 1:
-            return "bad", f"expected one Error: line, received {len(errors)}: {done.stderr[-800:]}"
-        if "internal error" in errors[0]:
-            return "bad", errors[0]
-        return "error", None
-    if done.returncode != 0:
-        return "bad", f"exit {done.returncode}: {output[-800:]}"
+    """`("ok" | "error", None)` for a clean outcome (`filetools.fuzz_outcome`) that describes the file when it
+    exits 0, or `("bad", what is wrong)`."""
+    kind, wrong = fuzz_outcome(done)
+    if kind != "ok":
+        return kind, wrong
     first = (done.stdout.splitlines() or [""])[0]
     if not first.startswith(DESCRIPTIONS):  # a mutated key may make training data read as inputs
         return "bad", f"exit 0 without describing the file: {done.stdout[-800:]}"
@@ -140,18 +117,8 @@ def outcome(done):
 
 
 def fuzz(tmp_path, count):
-    seed = int(os.environ.get("CASCADE_FUZZ_SEED", time.time_ns() % 2**32))
-    print(f"fuzz seed {seed} (CASCADE_FUZZ_SEED={seed} replays it)")
-    rng = np.random.default_rng(seed)
-    made = originals(tmp_path)
-    names = sorted(made)
-    cases = []
-    for index in range(count):
-        name = names[index % len(names)]
-        data, how = mutate(made[name], rng)
-        path = tmp_path / f"m{index}-{name}"
-        path.write_bytes(data)
-        cases.append((path, name, how))
+    seed = fuzz_seed()
+    cases = mutants(tmp_path, originals(tmp_path), count, np.random.default_rng(seed))
 
     outcomes = run_all([["inspect", path] for path, _, _ in cases], tmp_path)
     results = []
