@@ -168,15 +168,6 @@ def test_lstm_with_a_relu_recurrent_activation_has_no_hand_written_gradient():
                                       "(tanh, sigmoid and linear do)")
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 @pytest.mark.parametrize("state", ["reset", "carry"])
 def test_mixed_precision_runs_the_default_path(mixed_float16, state):
     """Under mixed_float16, `Cascade(a, b)` runs (it raised InvalidArgumentError in a raw matmul) and equals B."""

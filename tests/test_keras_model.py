@@ -438,15 +438,6 @@ def test_the_saved_model_serves_predicts_values_where_cascade_cli_cannot_be_impo
 # ------------------------------------------------- mixed precision, strategies
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def test_mixed_precision_follows_the_policy_and_takes_the_loss_in_float32(mixed_float16):
     inputs, steps, flat, padded = training_arrays()
     make = lambda: (builders.model_a(dtype=None), builders.step_b(dtype=None))
