@@ -341,10 +341,10 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
         if key in attrs and all(isinstance(count, int) for count in counts):
             attrs[key] = sum(counts)
     with open_result(first_path) as first:
-        shape, dtype = (first.outer_steps, first.output_size), first.dtype
+        shape, dtype, tokens = (first.outer_steps, first.output_size), first.dtype, first.has_tokens
     samples = emitted = 0
     with RaggedH5Writer(output, outer_steps=shape[0], output_size=shape[1], overwrite=overwrite,
-                        attrs=attrs, dtype=dtype, inputs=[path for path, _ in shards]) as writer:
+                        attrs=attrs, dtype=dtype, inputs=[path for path, _ in shards], tokens=tokens) as writer:
         for path, shard in shards:
             with open_result(path) as reader:
                 if (reader.outer_steps, reader.output_size) != shape:
@@ -352,6 +352,9 @@ def merge_shards(paths, output, *, overwrite=False, batch_samples=None):
                         f"'{path}' has Ta={reader.outer_steps} outer steps and output size O={reader.output_size}: "
                         f"expected Ta={shape[0]} and O={shape[1]} like '{first_path}'"
                     )
+                if reader.has_tokens != tokens:  # the sampled ids of a greedy or categorical run
+                    raise DataError(f"'{path}' {'holds' if reader.has_tokens else 'has no'} sampled tokens: "
+                                    f"expected {'them' if tokens else 'none'} like '{first_path}'")
                 expected = shard["sample_stop"] - shard["sample_start"]
                 if reader.n_samples != expected:
                     raise DataError(

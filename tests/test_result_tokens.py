@@ -422,3 +422,33 @@ def test_merged_shards_keep_the_tokens_of_the_unsharded_result(tmp_path, count):
     write_result(tmp_path / "unsharded.h5", whole)
     with h5py.File(tmp_path / "all.h5") as merged, h5py.File(tmp_path / "unsharded.h5") as unsharded:
         np.testing.assert_array_equal(merged[TOKENS][()], unsharded[TOKENS][()])
+
+
+def write_shards(folder, parts, run="0123456789abcdef"):
+    """Writes `parts` as the shards of one run; returns their paths."""
+    paths, start = [], 0
+    total = sum(part.n_samples for part in parts)
+    for index, part in enumerate(parts):
+        paths.append(folder / f"part{index}.h5")
+        write_result(paths[-1], part, attrs=shard_attrs(index=index, count=len(parts), start=start,
+                                                        stop=start + part.n_samples, total_samples=total, run=run))
+        start += part.n_samples
+    return paths
+
+
+def test_merge_of_empty_shards_keeps_that_the_run_had_tokens(tmp_path):
+    empty = hand_result().slice_samples(0, 0)
+    merge_shards(write_shards(tmp_path, [empty, empty]), tmp_path / "all.h5")
+    merged = read_result(tmp_path / "all.h5")
+    assert merged.n_samples == 0 and merged.has_tokens and merged.tokens.shape == (0,)
+
+
+@pytest.mark.parametrize("first_has_tokens", [True, False])
+def test_merge_refuses_shards_with_and_without_tokens_naming_the_shard(tmp_path, first_has_tokens):
+    parts = [hand_result(), hand_result(None)][:: 1 if first_has_tokens else -1]
+    paths = write_shards(tmp_path, parts)
+    words = "'.*part1.h5' has no sampled tokens: expected them" if first_has_tokens else \
+        "'.*part1.h5' holds sampled tokens: expected none"
+    with pytest.raises(DataError, match=words):
+        merge_shards(paths, tmp_path / "all.h5")
+    assert not (tmp_path / "all.h5").exists()
