@@ -515,6 +515,7 @@ def host_a():
     return keras.Model(inputs, HostDoubling()(ir))
 
 
+@pytest.mark.xla
 def test_jit_compile_auto_compiles_a_where_it_compiles():
     a, b = builders.model_a("gru"), builders.step_b("lstm")
     x = builders.inputs(3, 4)
@@ -530,6 +531,7 @@ def test_jit_compile_auto_compiles_a_where_it_compiles():
     assert inside.a_compiled is True
 
 
+@pytest.mark.xla
 def test_jit_compile_auto_falls_back_quietly_where_a_does_not_compile():
     a, b = host_a(), builders.step_b()
     x = builders.inputs(3, 4)
@@ -543,6 +545,7 @@ def test_jit_compile_auto_falls_back_quietly_where_a_does_not_compile():
     assert caught.value.parameter == "jit_compile"
 
 
+@pytest.mark.xla
 def test_jit_compile_in_training_keeps_dropout_as_keras_draws_it():
     """A with dropout: XLA in inference only; training=True values equal the uncompiled A's under the same seeds."""
     inputs = keras.Input(shape=(None, 3))
