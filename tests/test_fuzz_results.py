@@ -30,18 +30,21 @@ ATTRS = {"stop_rule": "norm", "stop_value": 1.5, "max_steps": 4, "run_id": "0123
 
 
 def originals(folder):
-    """The files to corrupt: a ragged and a time-major padded `.h5`, a ragged `.npz`; with their csv exports."""
+    """The files to corrupt: a ragged and a time-major padded `.h5`, a ragged `.npz`, a ragged `.h5` with sampled
+    tokens; with their csv exports."""
     lengths = np.array([[2, 0, 1], [3, 4, 0], [0, 0, 0], [1, 1, 4]])
     result = CascadeResult(np.arange(int(lengths.sum()) * 3, dtype=np.float32).reshape(-1, 3) / 7, lengths)
     files = {
         "ragged.h5": dict(format="h5"),
         "padded.h5": dict(format="h5", layout="padded", pad_value=-1.0, time_major=True),
         "ragged.npz": dict(format="npz"),
+        "tokens.h5": dict(format="h5"),
     }
+    with_tokens = CascadeResult(result.values, lengths, np.arange(result.total) % 5)
     made = {}
     for name, options in files.items():
         path = folder / name
-        write_result(path, result, attrs=ATTRS, **options)
+        write_result(path, with_tokens if name.startswith("tokens") else result, attrs=ATTRS, **options)
         made[name] = (path.read_bytes(), run(["export", path, "-o", folder / f"{name}.csv"]).stdout)
         assert (folder / f"{name}.csv").exists()
         made[name] = (path.read_bytes(), (folder / f"{name}.csv").read_text())
