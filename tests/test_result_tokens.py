@@ -452,3 +452,19 @@ def test_merge_refuses_shards_with_and_without_tokens_naming_the_shard(tmp_path,
     with pytest.raises(DataError, match=words):
         merge_shards(paths, tmp_path / "all.h5")
     assert not (tmp_path / "all.h5").exists()
+
+
+def test_cascade_export_and_merge_carry_the_tokens(tmp_path):
+    from clitools import assert_ok, invoke
+
+    result = random_result(9, n_samples=4)
+    write_result(tmp_path / "r.h5", result)
+    assert_ok(invoke("export", tmp_path / "r.h5", "--layout", "padded", "--time-major", "-o", tmp_path / "p.npz"))
+    assert_same(read_result(tmp_path / "p.npz"), result)
+    assert_ok(invoke("export", tmp_path / "p.npz", "-o", tmp_path / "r.csv"))
+    rows = [row.split(",") for row in (tmp_path / "r.csv").read_text().splitlines()]
+    assert rows[0][:4] == ["sample", "outer", "inner", "token"]
+    assert [int(row[3]) for row in rows[1:]] == result.tokens.tolist()
+    paths = write_shards(tmp_path, [result.slice_samples(0, 1), result.slice_samples(1, 4)])
+    assert_ok(invoke("merge", *paths, "-o", tmp_path / "all.h5"))
+    assert_same(read_result(tmp_path / "all.h5"), result)
