@@ -63,28 +63,37 @@ class Case:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything a benchmark run does.
+class BasePlan:
+    """What every benchmark plan fixes beside its cases (`Plan` here, `benchmarks.peers.PeerPlan`).
 
     Attributes:
-        speed_cases: the `(N, Ta, H)` cases, smallest batch first (N=1, 8, 64, 256).
-        zero_cases: one shape with 0%, 50% and 90% of pairs at 0 steps.
         features: `F`, A's input size.
         outputs: `O`, B's output size.
-        max_steps: the longest inner sequence.
+        max_steps: the longest inner sequence (steps are at most this).
         repeats: timed runs per method, after `warmups` untimed ones.
-        warmups: untimed runs first (the first one traces).
+        warmups: untimed runs first (traces and XLA compiles).
         quick: tiny shapes, only to keep the script working.
     """
 
-    speed_cases: tuple
-    zero_cases: tuple
     features: int
     outputs: int
     max_steps: int
     repeats: int
     warmups: int
     quick: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan(BasePlan):
+    """Everything a benchmark run does: its cases, beside the `BasePlan` settings.
+
+    Attributes:
+        speed_cases: the `(N, Ta, H)` cases, smallest batch first (N=1, 8, 64, 256).
+        zero_cases: one shape with 0%, 50% and 90% of pairs at 0 steps.
+    """
+
+    speed_cases: tuple
+    zero_cases: tuple
 
 
 def plan(*, quick=False, repeats=None):

@@ -52,26 +52,14 @@ TOLERANCE = {"atol": 2e-4, "rtol": 2e-4}  # float32, different summation orders 
 
 
 @dataclasses.dataclass(frozen=True)
-class PeerPlan:
-    """What one peers run does: the issue's four cases, or tiny ones.
+class PeerPlan(bench.BasePlan):
+    """What one peers run does: the issue's four cases, or tiny ones; and the `bench.BasePlan` settings.
 
     Attributes:
         cases: `bench.Case` entries, smallest batch first.
-        features: `F`.
-        outputs: `O`.
-        max_steps: steps are uniform in `0..max_steps`.
-        repeats: timed runs per method, after `warmups` untimed ones.
-        warmups: untimed runs first (traces and XLA compiles).
-        quick: tiny shapes, only to keep the script working.
     """
 
     cases: tuple
-    features: int
-    outputs: int
-    max_steps: int
-    repeats: int
-    warmups: int
-    quick: bool
 
 
 def plan(*, quick=False, repeats=None, batches=None):
@@ -82,8 +70,8 @@ def plan(*, quick=False, repeats=None, batches=None):
         shapes, features, outputs, max_steps = ((1, 200, 64), (8, 100, 64), (64, 50, 64), (256, 50, 256)), 16, 16, 8
     cases = tuple(bench.Case(f"N={n} Ta={ta} H={h}", n, ta, h) for n, ta, h in shapes
                   if batches is None or n in batches)
-    return PeerPlan(cases, features, outputs, max_steps, repeats if repeats is not None else (1 if quick else 7),
-                    1, quick)
+    return PeerPlan(cases=cases, features=features, outputs=outputs, max_steps=max_steps,
+                    repeats=repeats if repeats is not None else (1 if quick else 7), warmups=1, quick=quick)
 
 
 def has_torch():
