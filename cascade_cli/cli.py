@@ -31,8 +31,8 @@ import click  # noqa: E402 (after the environment TensorFlow reads)
 from cascade_cli import __version__  # noqa: E402
 from cascade_cli.errors import CascadeError, ParameterError, one_line as _one_line  # noqa: E402
 from cascade_cli.options import (  # noqa: E402
-    DEMO_EPOCHS, GENERATE_BATCH_SIZE, INT32_MAX, LOSSES, LR_SCHEDULES, METRICS, OPTIMIZERS, SEED_MAX, STATE_INITS,
-    STATE_MODES, STRATEGIES, TrainConfig,
+    DEMO_EPOCHS, GENERATE_BATCH_SIZE, INT32_MAX, JIT_COMPILE, LOSSES, LR_SCHEDULES, METRICS, OPTIMIZERS, SAMPLERS,
+    SEED_MAX, STATE_INITS, STATE_MODES, STRATEGIES, TrainConfig,
 )
 from cascade_cli.results_io import SUFFIX_FORMATS as RESULT_SUFFIXES  # noqa: E402
 
@@ -55,6 +55,10 @@ FLAGS = {
     "allow_legacy_h5": "--allow-legacy-h5", "from_logits": "--from-logits",
     "clipnorm": "--clipnorm", "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps", "metrics": "--metrics",
     "mixed_precision": "--mixed-precision", "tensorboard": "--tensorboard",
+    "feedback": "--feedback", "feedback_start": "--feedback-start", "sampler": "--sampler",
+    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
+    "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
+    "jit_compile": "--no-xla",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
@@ -249,10 +253,10 @@ class ModelFiles:
         """The model files read: the packed generator, or A and B."""
         return (self.packed,) if self.packed is not None else (self.model_a, self.model_b)
 
-    def load_generator(self, console):
+    def load_generator(self, console, *, feedback=False):
         """Loads `(model_a, model_b, settings)`: the two files (no settings), or a packed generator's."""
         if self.packed is None:
-            return (*self.load(console), {})
+            return (*self.load(console, feedback=feedback), {})
         _warn_unsafe(console, [self.packed], unsafe=self.unsafe)
         _load_tensorflow()
         from cascade_cli.keras_model import load_generator
@@ -260,13 +264,15 @@ class ModelFiles:
         generator = load_generator(self.packed, safe_mode=not self.unsafe)
         return generator.model_a, generator.model_b, generator.settings
 
-    def load(self, console):
-        """Loads `(model_a, model_b)` and checks that they fit, naming the files; warns when safe mode is off."""
+    def load(self, console, *, feedback=False):
+        """Loads `(model_a, model_b)` and checks that they fit (B in feedback form with `feedback`), naming the
+        files; warns when safe mode is off."""
         _warn_unsafe(console, [self.model_a, self.model_b], unsafe=self.unsafe)
         _load_tensorflow()
         from cascade_cli.models import load_pair
 
-        return load_pair(self.model_a, self.model_b, safe_mode=not self.unsafe, allow_legacy_h5=self.allow_legacy_h5)
+        return load_pair(self.model_a, self.model_b, safe_mode=not self.unsafe, allow_legacy_h5=self.allow_legacy_h5,
+                         feedback=feedback)
 
 
 def _warn_unsafe(console, paths, *, unsafe):
@@ -392,6 +398,10 @@ class RunnerFlags:
     max_steps: int | None = None
     stop_rule: tuple | None = None  # (kind, value)
     exclude_stop_step: bool = False
+    feedback: bool = False
+    feedback_start: str | None = None
+    sampler: object = None  # an `options.Sampler`
+    no_xla: bool = False
 
     def settings(self, saved=None):
         """The `Cascade` settings: each flag given, else the saved one (a packed generator's), else the default."""
@@ -400,14 +410,30 @@ class RunnerFlags:
         saved = dict(saved or {})
         rule = self.stop_rule
         stop_rule = saved.get("stop_rule") if rule is None else getattr(StopRule, rule[0])(rule[1])
+        jit_compile = JIT_COMPILE if saved.get("jit_compile") is None else saved["jit_compile"]
         return {"state": self.state or saved.get("state", "reset"),
                 "state_init": self.state_init or saved.get("state_init", "zeros"),
                 "max_steps": self.max_steps if self.max_steps is not None else saved.get("max_steps"),
                 "stop_rule": stop_rule,
-                "exclude_stop_step": self.exclude_stop_step or bool(saved.get("exclude_stop_step", False))}
+                "exclude_stop_step": self.exclude_stop_step or bool(saved.get("exclude_stop_step", False)),
+                "feedback": self.feedback or bool(saved.get("feedback", False)),
+                "feedback_start": self.feedback_start or saved.get("feedback_start", "zeros"),
+                "sampler": self.sampler or saved.get("sampler", "identity"),
+                "jit_compile": False if self.no_xla else jit_compile}
 
 
-def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init):
+def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p):
+    """The `Sampler` the flags give, or None when none of them is given; a bad value is a usage error."""
+    if sampler is None and temperature is None and top_k is None and top_p is None:
+        return None
+    from cascade_cli.options import Sampler
+
+    with _usage(ctx):
+        return Sampler(sampler or "identity", 1.0 if temperature is None else temperature, top_k, top_p)
+
+
+def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, feedback,
+                  feedback_start, sampler, temperature, top_k, top_p, no_xla):
     if stop_norm is not None and stop_token is not None:
         raise click.UsageError("--stop-norm and --stop-token are two stop rules; use one of them.", ctx)
     if stop_norm is not None and not math.isfinite(stop_norm):
@@ -415,7 +441,9 @@ def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, s
     rule = ("norm", float(stop_norm)) if stop_norm is not None else None
     rule = ("token", int(stop_token)) if stop_token is not None else rule
     return RunnerFlags(state=state, state_init=state_init, max_steps=max_steps, stop_rule=rule,
-                       exclude_stop_step=exclude_stop_step)
+                       exclude_stop_step=exclude_stop_step, feedback=feedback, feedback_start=feedback_start,
+                       sampler=_sampler_flag(ctx, sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p),
+                       no_xla=no_xla)
 
 
 _RUNNER_OPTIONS = (
@@ -424,24 +452,43 @@ _RUNNER_OPTIONS = (
                       "are an error)."),
     click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T."),
     click.option("--stop-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
-                 help="Stop a pair after the first output whose argmax is ID."),
+                 help="Stop a pair after the first output whose argmax is ID (with --sampler greedy or categorical: "
+                      "the first sampled token ID)."),
     click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens)."),
     click.option("--state", type=click.Choice(STATE_MODES), show_default="reset",
                  help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps."),
     click.option("--state-init", type=click.Choice(STATE_INITS), show_default="zeros",
                  help="B's initial state: zeros, or the IR vector itself (needs state size == H)."),
+    click.option("--feedback", is_flag=True,
+                 help="B is in feedback form, [x, y_prev, states...] -> [y, states...]: it is fed what it emitted "
+                      "at the step before (the sampler's value of it)."),
+    click.option("--feedback-start", metavar="zeros|token:ID|previous",
+                 help="y_prev at each pair's first inner step: zeros (the default), the one-hot of token ID, or "
+                      "the value fed back at the last step of the sample's previous outer step that ran."),
+    click.option("--sampler", type=click.Choice(SAMPLERS),
+                 help="What is fed back and which token each step emits: identity (y itself, the default), greedy "
+                      "(one-hot of argmax y), categorical (one-hot of a seeded draw from softmax(y / T))."),
+    click.option("--temperature", type=float, metavar="T", help="categorical: draw from softmax(y / T) (T > 0; 1)."),
+    click.option("--top-k", type=int, metavar="K", help="categorical: draw among the K most likely tokens only."),
+    click.option("--top-p", type=float, metavar="P",
+                 help="categorical: draw from the smallest set of tokens whose probability reaches P (0 < P <= 1)."),
+    click.option("--no-xla", is_flag=True,
+                 help="Run model A without XLA (by default it runs under XLA where it compiles and equals its plain "
+                      "call, as Keras' jit_compile='auto')."),
 )
 
 
 def runner_options(command):
-    """Adds the runner flags (`--max-steps`, `--stop-norm`, `--stop-token`, `--exclude-stop-step`, `--state`,
-    `--state-init`), passed on as `runner: RunnerFlags`."""
+    """Adds the runner flags (`--max-steps`, the stop rules, `--state`, `--state-init`, the feedback and sampler
+    flags, `--no-xla`), passed on as `runner: RunnerFlags`."""
 
     @functools.wraps(command)
-    def wrapper(*args, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, **kwargs):
+    def wrapper(*args, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, feedback,
+                feedback_start, sampler, temperature, top_k, top_p, no_xla, **kwargs):
         flags = _runner_flags(click.get_current_context(), max_steps=max_steps, stop_norm=stop_norm,
                               stop_token=stop_token, exclude_stop_step=exclude_stop_step, state=state,
-                              state_init=state_init)
+                              state_init=state_init, feedback=feedback, feedback_start=feedback_start,
+                              sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, no_xla=no_xla)
         return command(*args, runner=flags, **kwargs)
 
     return _apply(_RUNNER_OPTIONS, wrapper)
@@ -523,13 +570,17 @@ def _shard_option(ctx, param, value):
               help="Samples per call.")
 @click.option("-o", "--output", required=True, metavar="RESULT.h5", help="The ragged HDF5 result to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
+              help="Random seed: the categorical draw of (sample n, outer t, inner j) depends only on it and on "
+                   "(n, t, j), whatever the batch size or shards.")
+@click.option("--num-samples", type=click.IntRange(1, INT32_MAX), default=1, show_default=True, metavar="K",
+              help="Draw K samples per input, in sample order n, then k (result sample n * K + k).")
 @click.option("--shard", metavar="I/K", callback=_shard_option,
               help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
                    "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
 @click.pass_context
 def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runner, batch_size, output, overwrite,
-             seed, shard):
+             seed, num_samples, shard):
     """Run the cascade on inputs and write a ragged HDF5 result.
 
     \b
@@ -539,6 +590,8 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 \\
           --max-steps 50 --stop-token 0 --exclude-stop-step -o results.h5
       cascade generate --model generator.keras --inputs X.h5 --steps 3,4,2 -o results.h5
+      cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --feedback \\
+          --sampler categorical --temperature 0.8 --max-steps 8 --stop-token 0 --seed 1 -o results.h5
       cascade generate ... --shard 0/4 -o part0.h5   # then part1..part3, and cascade merge
     """
     if steps_file is not None and steps_text is not None:
@@ -553,9 +606,9 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
     from cascade_cli.data import open_inputs
 
     with open_inputs(inputs_path, key=inputs_key) as source:
-        model_a, model_b, saved = models.load_generator(console)
+        model_a, model_b, saved = models.load_generator(console, feedback=runner.feedback)
         settings = runner.settings(saved)
-        cascade = _make_cascade(ctx, model_a, model_b, settings)
+        cascade = _make_cascade(ctx, model_a, model_b, {**settings, "seed": seed})
         if steps is None and settings["max_steps"] is None:
             raise click.UsageError(
                 "no inner steps given: use --steps-file S or --steps 3,4,2, or --max-steps M "
@@ -573,14 +626,17 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
             "inputs": str(inputs_path), "inputs_key": str(inputs_key), "steps": where.strip("'"),
             "state": settings["state"], "state_init": settings["state_init"],
             "stop_rule": "none" if rule is None else rule.kind, "exclude_stop_step": settings["exclude_stop_step"],
+            "feedback": cascade.feedback, "feedback_start": str(cascade.feedback_start), **cascade.sampler.as_attrs(),
+            "jit_compile": str(settings["jit_compile"]), "num_samples": int(num_samples),
             "seed": int(seed), "cascade_version": __version__,
             **({} if rule is None else {"stop_value": rule.value}),
             **({} if settings["max_steps"] is None else {"max_steps": int(settings["max_steps"])}),
         }
         attrs = identify_run(attrs, model_files=models.paths, source=source, steps=steps, batch_size=batch_size,
-                             shard=shard)
+                             shard=shard, num_samples=num_samples)
         summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
-                                   shard=shard, overwrite=overwrite, progress=_progress(console, "generating"))
+                                   shard=shard, num_samples=num_samples, overwrite=overwrite,
+                                   progress=_progress(console, "generating"))
     _print_generation(console, summary, stop_rule=rule)
     if shard is not None:
         _say(console, f"Shard {shard[0]}/{shard[1]} of run {attrs['run_id']}: samples "
@@ -644,8 +700,10 @@ def pack(ctx, models, runner, output, overwrite):
     generator = _make_cascade(ctx, model_a, model_b, settings, cls=CascadeModel)
     with atomic_output(output, overwrite=overwrite, suffix=".keras", inputs=models.paths) as temp:
         generator.save(temp)
-    shown = ", ".join(f"{name}={value}" for name, value in generator.settings.items() if value not in (None, False))
-    _say(console, f"Wrote '{output}': model A '{models.model_a}', model B '{models.model_b}', {shown}.")
+    from cascade_cli.inspection import settings_text
+
+    _say(console, f"Wrote '{output}': model A '{models.model_a}', model B '{models.model_b}', "
+                  f"{settings_text(generator.settings)}.")
 
 
 @main.command("export-model")
@@ -863,11 +921,21 @@ def _histogram(report):
 
 
 def _inspect_models(report, console, path, partner, *, unsafe, allow_legacy_h5):
-    from cascade_cli.inspection import describe_model, describe_pair
+    from cascade_cli.inspection import describe_generator, describe_model, describe_pair
 
     paths = [path] + ([partner] if partner is not None else [])
     roles = ["model"] + (["partner"] if partner is not None else [])
+    _load_tensorflow()
+    from cascade_cli.keras_model import CascadeModel  # registers the class a packed generator names
+
     loaded = load_models(paths, roles, console=console, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
+    generators = [name for model, name in zip(loaded, paths) if isinstance(model, CascadeModel)]
+    if generators and partner is not None:
+        raise click.UsageError(f"'{generators[0]}' is a packed generator, which holds model A and model B: "
+                               "inspect it without --partner.")
+    if generators:
+        _print_rows(report, describe_generator(loaded[0], path))
+        return
     described = [describe_model(model, name) for model, name in zip(loaded, paths)]
     for rows, _, _ in described:
         _print_rows(report, rows)

@@ -90,8 +90,14 @@ def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
 
 
 def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE_BATCH_SIZE, attrs=None,
-                     shard=None, overwrite=False, progress=iter):
+                     shard=None, num_samples=1, overwrite=False, progress=iter):
     """Runs `cascade` over the samples of `source` and writes a ragged HDF5 result.
+
+    With `num_samples` K, every input is run K times: result sample `n * K +
+    k` is the k-th draw for input n, and its draws depend on that index (the
+    runner's `sample_index`), so batches and shards cut the K * N results
+    like any others. With a sampler that picks tokens the result holds them
+    (`tokens`), and the attributes record whether A ran under XLA.
 
     Args:
         cascade: a `runner.Cascade`.
@@ -103,6 +109,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         attrs: attributes recorded in the file (see `identify_run`).
         shard: `(index, count)` to write only the index-th of `count`
             contiguous slices of the samples (`shards.shard_range`), or None.
+        num_samples: samples drawn per input, K >= 1.
         overwrite: whether `output` may be replaced.
         progress: wraps the list of `BatchRange`s as they run, e.g. a progress
             bar weighted by `BatchRange.samples`; `iter` shows nothing.
@@ -115,19 +122,25 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             that fails on a batch (naming the samples).
     """
     batch_size = check_int("batch_size", batch_size, minimum=1)
+    repeats = check_int("num_samples", num_samples, minimum=1)
     steps = resolve_steps(steps, source, max_steps=cascade.max_steps)
     if steps is None and cascade.max_steps is None:
         raise CascadeError("steps are required unless the cascade has max_steps.")
     check_inputs_fit(cascade.a_spec, source.shape, where=f"inputs in {source.name}")
     source.check_finite()
-    n_samples, outer, features = source.shape
+    inputs_count, outer, features = source.shape
+    n_samples = inputs_count * repeats
+    if steps is not None and steps.ndim == 2 and repeats > 1:
+        steps = np.repeat(steps, repeats, axis=0)
     first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
     ranges = batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples)
     check_batch_memory(cascade, steps, ranges, outer_steps=outer)
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
+    tokens = cascade.sampler.tokens
     run = tf.function(
-        lambda inputs, caps: cascade.run(inputs, caps),
-        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32)],
+        lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens),
+        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
+                         tf.TensorSpec([None], tf.int64)],
         reduce_retracing=True,
     )
 
@@ -135,14 +148,14 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     first_length = 0 if cascade.exclude_stop_step else 1
     started = time.perf_counter()
     with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
-                        overwrite=overwrite, attrs=attrs, inputs=(source.path,)) as writer:
+                        overwrite=overwrite, attrs=attrs, inputs=(source.path,), tokens=tokens) as writer:
         batches = progress(ranges)
         with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
             for batch in batches:  # closing() stops a live bar at once when a batch fails
                 caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer)
-                inputs = source.read(batch.start, batch.stop).astype(dtype.as_numpy_dtype)
-                values, lengths = _run_batch(run, cascade, inputs, caps, batch)
-                part = CascadeResult(values, lengths).slice_samples(*batch.keep)
+                inputs = _read_repeated(source, batch, repeats).astype(dtype.as_numpy_dtype)
+                index = np.arange(batch.start, batch.stop, dtype=np.int64)
+                part = CascadeResult(*_run_batch(run, cascade, inputs, caps, index, batch)).slice_samples(*batch.keep)
                 writer.append(part)
                 caps = caps[slice(*batch.keep)]
                 emitted += int(part.lengths.sum())
@@ -153,6 +166,8 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                     at_first += int(((caps > 1) & (part.lengths == first_length)).sum())
         if cascade.stop_rule is not None:  # what the rule did, for inspect to say it as generate does
             writer.attrs.update(zip(STOP_SUMMARY_ATTRS, (pairs, at_cap, at_first)))
+        if cascade.a_compiled is not None:  # decided by the first batch; for inspect
+            writer.attrs["a_compiled"] = bool(cascade.a_compiled)
     return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
                            at_first)
 
@@ -251,16 +266,29 @@ def _caps(steps, max_steps, start, stop, outer):
     return steps[start:stop].astype(np.int32)
 
 
-def _run_batch(run, cascade, inputs, caps, batch):
-    """Runs one batch, turning a TensorFlow failure inside a model into a `CascadeError` that names it."""
+def _read_repeated(source, batch, repeats):
+    """The inputs of result samples `batch.start:batch.stop`: input `i // repeats` for result sample `i`."""
+    if repeats == 1:
+        return source.read(batch.start, batch.stop)
+    first = batch.start // repeats
+    inputs = np.repeat(source.read(first, (batch.stop - 1) // repeats + 1), repeats, axis=0)
+    offset = batch.start - first * repeats
+    return inputs[offset:offset + batch.stop - batch.start]
+
+
+def _run_batch(run, cascade, inputs, caps, index, batch):
+    """Runs one batch: `(values, lengths)` or `(values, lengths, tokens)` as numpy.
+
+    A TensorFlow failure inside a model becomes a `CascadeError` that names it.
+    """
     try:
-        values, lengths = run(inputs, caps)
+        outputs = run(inputs, caps, index)
     except tf.errors.OpError as error:
         raise CascadeError(
             f"{_failing_model(cascade, error)} failed on samples {batch.start}:{batch.stop}: "
             f"{str(error.message).strip().splitlines()[0] if error.message else type(error).__name__}"
         ) from error
-    return values.numpy(), lengths.numpy()
+    return tuple(output.numpy() for output in outputs)
 
 
 def _failing_model(cascade, error):
@@ -272,7 +300,7 @@ def _failing_model(cascade, error):
     return "the cascade"
 
 
-def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
+def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None, num_samples=1):
     """Returns `attrs` with the run's `run_id` and, for a shard, the shard attributes.
 
     The `run_id` hashes what defines the run (`shards.run_id`): the given
@@ -289,6 +317,7 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
         steps: the steps array, or None.
         batch_size: samples per runner call.
         shard: `(index, count)`, or None.
+        num_samples: samples drawn per input: the result has `num_samples * N` samples.
     """
     from cascade_cli.shards import array_digest, file_digest, run_id, shard_attrs
 
@@ -299,7 +328,8 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None):
     attrs = {**attrs, "run_id": run_id(description)}
     if shard is not None:
         index, count = shard
-        start, stop = shard_range(source.n_samples, index=index, count=count)
-        attrs.update(shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=source.n_samples,
+        total = source.n_samples * num_samples
+        start, stop = shard_range(total, index=index, count=count)
+        attrs.update(shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=total,
                                  run=attrs["run_id"]))
     return attrs

@@ -36,7 +36,7 @@ import tensorflow as tf
 from cascade_cli.atomic import atomic_directory
 from cascade_cli.errors import ParameterError
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import LOSSES, StopRule, check_int
+from cascade_cli.options import LOSSES, Sampler, StopRule, check_int
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
@@ -66,6 +66,11 @@ def _loss_terms_of(loss, *, model_b, from_logits):
 
 def _stop_rule_config(rule):
     return None if rule is None else {"kind": rule.kind, "value": rule.value}
+
+
+def _sampler_config(sampler):
+    sampler = Sampler.coerce(sampler)
+    return {"kind": sampler.kind, "temperature": sampler.temperature, "top_k": sampler.top_k, "top_p": sampler.top_p}
 
 
 def _replica_context():
@@ -106,15 +111,19 @@ class CascadeModel(keras.Model):
     """
 
     def __init__(self, model_a, model_b, *, state="reset", state_init="zeros", max_steps=None, stop_rule=None,
-                 exclude_stop_step=False, fast_cells="auto", jit_compile=None, **kwargs):
+                 exclude_stop_step=False, fast_cells="auto", jit_compile=None, feedback=False, feedback_start="zeros",
+                 sampler="identity", seed=0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(stop_rule, dict):
             stop_rule = StopRule(**stop_rule)
+        if isinstance(sampler, dict):
+            sampler = Sampler(**sampler)
         self.model_a = model_a
         self.model_b = model_b
         self._settings = dict(state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
                               exclude_stop_step=bool(exclude_stop_step), fast_cells=fast_cells,
-                              jit_compile=jit_compile)
+                              jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
+                              sampler=Sampler.coerce(sampler), seed=seed)
         runner = {key: value for key, value in self._settings.items() if value is not None or key != "jit_compile"}
         self.cascade = Cascade(model_a, model_b, **runner)
         # Training runs the given steps: no stop rule, no max_steps bound.
@@ -131,7 +140,8 @@ class CascadeModel(keras.Model):
 
     def get_config(self):
         """The settings and both models, nested (`keras.saving.serialize_keras_object`)."""
-        settings = dict(self._settings, stop_rule=_stop_rule_config(self._settings["stop_rule"]))
+        settings = dict(self._settings, stop_rule=_stop_rule_config(self._settings["stop_rule"]),
+                        sampler=_sampler_config(self._settings["sampler"]))
         return {"name": self.name, "trainable": self.trainable,
                 "model_a": keras.saving.serialize_keras_object(self.model_a),
                 "model_b": keras.saving.serialize_keras_object(self.model_b), **settings}

@@ -175,7 +175,7 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
     return model
 
 
-def load_pair(path_a, path_b, *, safe_mode=True, allow_legacy_h5=False):
+def load_pair(path_a, path_b, *, safe_mode=True, allow_legacy_h5=False, feedback=False):
     """Loads model A and model B with `load_model` and checks them with `check_pair`, naming the files.
 
     Args:
@@ -183,6 +183,7 @@ def load_pair(path_a, path_b, *, safe_mode=True, allow_legacy_h5=False):
         path_b: model B's file.
         safe_mode: as for `load_model`.
         allow_legacy_h5: as for `load_model`.
+        feedback: check B in feedback form (`check_pair`).
 
     Returns:
         `(model_a, model_b)`.
@@ -192,7 +193,7 @@ def load_pair(path_a, path_b, *, safe_mode=True, allow_legacy_h5=False):
     """
     models = [load_model(path, role=role, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5)
               for path, role in ((path_a, "model A"), (path_b, "model B"))]
-    check_pair(*models, names=(str(path_a), str(path_b)))
+    check_pair(*models, names=(str(path_a), str(path_b)), feedback=feedback)
     return tuple(models)
 
 
