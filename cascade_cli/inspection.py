@@ -205,6 +205,24 @@ def describe_model(model, path):
     return rows, a_spec, b_spec
 
 
+def settings_text(settings):
+    """A generator's runner settings as `name=value, ...`: those at None left out, a stop rule as `norm >= 1.2`."""
+    shown = [f"{name}={value.describe() if hasattr(value, 'describe') else value}"
+             for name, value in settings.items() if value is not None]
+    return ", ".join(shown) or "the defaults"
+
+
+def describe_generator(model, path):
+    """Inspects a packed generator (a `CascadeModel` file from `cascade pack`): its two models and its settings."""
+    total = sum(int(math.prod(w.shape)) for w in model.weights)
+    rows = [("generator", f"'{path}' ({model.name}), model A and model B with the runner settings")]
+    for role, part in (("model A", model.model_a), ("model B", model.model_b)):
+        rows.append((role, f"{part.name}: inputs {_tensor_list(part.inputs)}; outputs {_tensor_list(part.outputs)}"))
+    rows += [("parameters", f"{total:,}"), ("settings", settings_text(model.settings)),
+             ("use", f"cascade generate --model '{path}' --inputs X.h5 -o results.h5 (flags given override settings)")]
+    return rows
+
+
 def describe_pair(models, paths, specs):
     """Says which of two models is A and which is B, and checks they fit: one `("pair", ...)` row.
 

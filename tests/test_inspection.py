@@ -183,3 +183,39 @@ def test_a_fifo_is_refused_instead_of_blocking_the_read(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match="is a FIFO"):
         kind_of(fifo)
+
+
+def test_settings_text_leaves_out_what_is_unset_and_shows_a_stop_rule_as_text():
+    from cascade_cli.options import StopRule
+
+    settings = {"state": "carry", "max_steps": None, "stop_rule": StopRule.norm(1.25), "exclude_stop_step": False,
+                "fast_cells": "auto"}
+    assert inspection.settings_text(settings) == ("state=carry, stop_rule=norm >= 1.25, exclude_stop_step=False, "
+                                                  "fast_cells=auto")
+    assert inspection.settings_text({"max_steps": None}) == "the defaults"
+
+
+def test_inspect_of_a_packed_generator_describes_its_two_models_and_settings(tmp_path):
+    import builders
+    from clitools import assert_error, assert_ok, invoke
+    from cascade_cli.keras_model import CascadeModel
+    from cascade_cli.options import StopRule
+
+    generator = CascadeModel(builders.model_a(), builders.step_b(), max_steps=6, stop_rule=StopRule.token(1),
+                             fast_cells=False)
+    generator.save(tmp_path / "g.keras")
+    result = invoke("inspect", tmp_path / "g.keras")
+    assert_ok(result)
+
+    def row(label):
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"{label} ")]
+        return line[len(label):].strip()
+
+    assert row("generator").startswith(f"'{tmp_path / 'g.keras'}'")
+    assert row("model A").startswith(f"{builders.model_a().name}: inputs")
+    assert row("model B").startswith(f"{builders.step_b().name}: inputs")
+    assert "keras_tensor" not in result.stdout  # named by their layers
+    assert "max_steps=6, stop_rule=token == 1" in row("settings") and "fast_cells=False" in row("settings")
+    builders.model_a().save(tmp_path / "a.keras")
+    assert_error(invoke("inspect", tmp_path / "g.keras", "--partner", tmp_path / "a.keras"), 2,
+                 "packed generator", "without --partner")
