@@ -209,6 +209,7 @@ def test_mirrored_on_two_logical_cpus_takes_the_steps_of_default(tmp_path, data_
     assert "TensorFlow was already running" in report["too_late"]
     assert "make_strategy('multi-worker') before loading the models" in report["too_late"]
 
+    (tmp_path / "default").mkdir()
     for name in CASES:
         history, weights = run_case(name, data_path, tmp_path / "default" / name)
         start_a, start_b = case_models(name)
