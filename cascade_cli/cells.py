@@ -95,8 +95,13 @@ class SplitB:
         return bool(getattr(self.cell, "dropout", 0.0) or getattr(self.cell, "recurrent_dropout", 0.0))
 
 
-def split_b(model_b):
-    """Returns a `SplitB` when B is a known cell plus a head, else None."""
+def split_b(model_b, *, feedback=False):
+    """Returns a `SplitB` when B is a known cell plus a head, else None.
+
+    With `feedback`, B is `[x, y_prev, *states]` and the cell must be called
+    on `Concatenate()([x, y_prev])` (last axis): its `project` then takes
+    that concatenation, `[x, y_prev]` side by side.
+    """
     cells = [layer for layer in flatten_layers(model_b) if type(layer) in _KITS]
     if len(cells) != 1:
         return None
@@ -110,9 +115,11 @@ def split_b(model_b):
     states = args[1] if len(args) > 1 else kwargs.get("states")
     states = list(states) if isinstance(states, (list, tuple)) else [states]
     inputs, outputs = list(model_b.inputs), list(model_b.outputs)
-    if args[0] is not inputs[0] or len(states) != len(inputs) - 1 or len(outputs) != len(inputs):
+    fed = 2 if feedback else 1  # the inputs before the states
+    first = _joined_input(model_b, args[0], inputs[:2]) if feedback else args[0] is inputs[0]
+    if not first or len(states) != len(inputs) - fed or len(outputs) != len(inputs) - fed + 1:
         return None
-    if any(given is not expected for given, expected in zip(states, inputs[1:])):
+    if any(given is not expected for given, expected in zip(states, inputs[fed:])):
         return None
     if any(given is not expected for given, expected in zip(outputs[1:], cell_outputs[1:])):
         return None
@@ -127,7 +134,21 @@ def split_b(model_b):
     return SplitB(cell, project, step, head, backward, problem)
 
 
-def fast_path_problem(split, *, form, ir_dtype, stop_rule, training, feedback=False, sampler="identity"):
+def _joined_input(model_b, tensor, parts):
+    """Whether `tensor` is `Concatenate()(parts)` over the last axis, in that order."""
+    for layer in flatten_layers(model_b):
+        if type(layer) is not keras.layers.Concatenate or layer.axis not in (-1, 1):
+            continue
+        for call in inbound_calls(layer):
+            if call.outputs and call.outputs[0] is tensor and len(call.args) == 1 and not call.kwargs:
+                joined = call.args[0]
+                return (isinstance(joined, (list, tuple)) and len(joined) == len(parts)
+                        and all(a is b for a, b in zip(joined, parts)))
+    return False
+
+
+def fast_path_problem(split, *, form, ir_dtype, stop_rule, training, feedback=False, sampler="identity",
+                      teacher_forced=False):
     """Why the known-cell path cannot run B, or None when it can: the one predicate behind `fast_cells`.
 
     Like Keras' `_do_gru_arguments_support_cudnn`: every condition the path
@@ -140,18 +161,26 @@ def fast_path_problem(split, *, form, ir_dtype, stop_rule, training, feedback=Fa
         ir_dtype: the dtype of model A's output, the cell's input.
         stop_rule: the runner's `StopRule`, or None.
         training: the run's `training` flag.
-        feedback: B is in feedback form.
+        feedback: B is in feedback form (`split` from `split_b(model_b, feedback=True)`).
         sampler: the runner's sampler kind.
+        teacher_forced: (feedback) the run is fed the targets only: targets
+            given, no scheduled sampling, no tokens asked for.
     """
     if form != "step":
         return "B is in sequence form; the known-cell path runs a step-form B"
-    if feedback:
-        return "B is in feedback form, fed what it emitted at every inner step, which the known-cell path does not run"
-    if sampler != "identity":
+    if feedback and not teacher_forced:
+        return ("B is in feedback form and fed what it emitted (free running, scheduled sampling or tokens "
+                "asked for); the known-cell path runs teacher forcing only (targets, sampling_probability 0)")
+    if sampler != "identity" and not feedback:
         return f"the {sampler} sampler reads B's output at every inner step"
     if split is None:
+        if feedback:
+            return ("B is not one SimpleRNNCell, GRUCell or LSTMCell called on Concatenate()([x, y_prev]) and "
+                    "[*states] with a head that reads only the cell's output")
         return ("B is not one SimpleRNNCell, GRUCell or LSTMCell called on [x, *states] with a head that "
                 "reads only the cell's output")
+    if feedback and split.backward is None:
+        return f"teacher forcing runs the cell's hand-written gradient, and {split.backward_problem}"
     cell = split.cell
     if cell.compute_dtype != cell.variable_dtype:
         return (f"the cell's dtype policy {cell.dtype_policy.name} computes in {cell.compute_dtype} from "

@@ -275,11 +275,10 @@ class Cascade:
         self._cells = [
             layer for layer in flatten_layers(model_b) if hasattr(layer, "reset_dropout_mask")
         ]
-        self._split = split_b(model_b) if fast_cells is not False and self.b_spec.form == "step" else None
-        if self._general:
-            self._split = None  # the feedback loop calls B itself (`fast_path_problem` says why)
-        if fast_cells is True:
-            self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False)  # raise now where it cannot apply
+        self._split = (split_b(model_b, feedback=feedback) if fast_cells is not False and self.b_spec.form == "step"
+                       else None)
+        if fast_cells is True:  # raise now where it cannot apply (with feedback: where teacher forcing cannot)
+            self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False, teacher_forced=feedback)
         self.jit_compile = jit_compile
         self.run_eagerly = run_eagerly
         self._functions = {}  # (kind, training, dtype, F, plain_a) -> the cached tf.function of an eager call
@@ -384,7 +383,7 @@ class Cascade:
         or sampling run (`extras`) also takes `sample_index` and the sampling
         probability as tensors (no retrace per value), and targets where given.
         """
-        layout = None if extras is None else (extras.targets is not None, extras.return_tokens)
+        layout = None if extras is None else (extras.targets is not None, extras.return_tokens, extras.scheduled)
         key = (kind, training, inputs.dtype, inputs.shape[2], plain_a, layout)
         if key not in self._functions:
             body = self._ragged if kind == "ragged" else self._run
@@ -393,13 +392,13 @@ class Cascade:
             if extras is None:
                 function = lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a)  # noqa: E731
             else:
-                has_targets, return_tokens = layout
+                has_targets, return_tokens, scheduled = layout
                 signature += [tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float64)]
                 if has_targets:
                     signature.append(tf.TensorSpec([None, self.b_spec.output_size], self._y_dtype))
 
                 def function(inputs, caps, sample_index, probability, targets=None):
-                    feed = _Feed(targets, sample_index, probability, return_tokens)
+                    feed = _Feed(targets, sample_index, probability, return_tokens, scheduled)
                     return body(inputs, caps, training, plain_a=plain_a, extras=feed)
 
             self._functions[key] = tf.function(function, input_signature=signature)
@@ -537,6 +536,7 @@ class Cascade:
             raise ParameterError("return_tokens", f"needs a sampler that picks tokens (greedy or categorical); "
                                                   f"received sampler={self.sampler.kind!r}.")
         symbolic_p = tf.is_tensor(probability) and not hasattr(probability, "numpy")
+        probability_given = tf.is_tensor(probability)  # a tensor may take any value: scheduled sampling runs
         if not symbolic_p:
             probability = check_number("sampling_probability", float(np.asarray(probability))
                                        if tf.is_tensor(probability) or isinstance(probability, np.ndarray)
@@ -572,12 +572,13 @@ class Cascade:
                 raise ParameterError("sample_index", f"expected ({n},) non-negative integers, one per sample, "
                                                      f"received {array.dtype.name} values of shape {array.shape}.")
             sample_index = tf.constant(array.astype(np.int64))
+        scheduled = bool(probability_given or probability != 0)
         probability = tf.cast(probability, tf.float64)
         if probability.shape.rank != 0:
             raise ParameterError("sampling_probability", f"expected a scalar, received shape {tuple(probability.shape)}.")
         if targets is not None:
             targets = self._checked_targets(targets, caps)
-        return _Feed(targets, sample_index, probability, bool(return_tokens))
+        return _Feed(targets, sample_index, probability, bool(return_tokens), scheduled)
 
     def _checked_targets(self, targets, caps):
         """Targets `(sum(steps), O)` in B's output dtype; their row count checked against the steps."""
@@ -601,12 +602,13 @@ class Cascade:
         with tf.control_dependencies([check]):
             return tf.identity(targets)
 
-    def _known_cell(self, *, ir_dtype, training):
+    def _known_cell(self, *, ir_dtype, training, teacher_forced=False):
         """B taken apart (`cells.SplitB`) where the known-cell path applies, else None."""
         if self.fast_cells is False:
             return None
         problem = fast_path_problem(self._split, form=self.b_spec.form, ir_dtype=ir_dtype, stop_rule=self.stop_rule,
-                                    training=training, feedback=self.feedback, sampler=self.sampler.kind)
+                                    training=training, feedback=self.feedback, sampler=self.sampler.kind,
+                                    teacher_forced=teacher_forced)
         if problem is None:
             return self._split
         if self.fast_cells is True:
@@ -811,18 +813,15 @@ class Cascade:
         start_kind, start_token = self._start
         start = (tf.one_hot(start_token, size, dtype=dtype) if start_kind == "token" else tf.zeros([size], dtype))
         teacher = feed.targets is not None
+        if self.feedback:
+            split = self._known_cell(ir_dtype=ir_flat.dtype, training=training,
+                                     teacher_forced=teacher and not feed.scheduled and not feed.return_tokens)
+            if split is not None:
+                return self._run_teacher_forced(ir_flat, caps, training, feed, split)
         walk = self.state == "carry" or (self.feedback and start_kind == "previous" and not teacher)
         sampler, rule = self.sampler, self.stop_rule
         if teacher:
-            # `padded[value_start[p] + j]` is pair p's target j - 1; `padded[0]` the start where none precedes.
-            value_start = tf.cumsum(caps_flat, exclusive=True)
-            first = tf.constant(0.0, dtype) * start if start_kind == "previous" else start
-            padded = tf.concat([first[None], feed.targets], 0)
-            if start_kind == "previous":  # the previous running pair's last target: the value just before
-                sample_start = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
-                has_previous = value_start > tf.gather(sample_start, tf.range(tf.size(caps_flat)) // outer)
-            else:
-                has_previous = tf.zeros_like(caps_flat, tf.bool)
+            value_start, padded, has_previous = self._teacher_table(caps, feed.targets, start)
 
         def fed_back(pair, inner, previous):
             """`y_prev` of each row."""
@@ -914,6 +913,57 @@ class Cascade:
         if feed.return_tokens:
             result += (tf.gather(tokens.write(j, tf.zeros([0], tf.int64)).concat(), order),)
         return result
+
+    def _teacher_table(self, caps, targets, start):
+        """`(value_start, padded, has_previous)`: where teacher forcing reads each row's `y_prev`.
+
+        `padded[value_start[p] + j]` is pair `p`'s target `j - 1`; `padded[0]`
+        is the start value, read at `j == 0` except where `has_previous[p]`
+        (`feedback_start="previous"` after the sample's first running pair):
+        there `padded[value_start[p]]` is the value just before the pair's
+        first, the previous running pair's last target.
+        """
+        outer = tf.shape(caps)[1]
+        caps_flat = tf.reshape(caps, [-1])
+        value_start = tf.cumsum(caps_flat, exclusive=True)
+        previous = self._start[0] == "previous"
+        padded = tf.concat([(tf.zeros_like(start) if previous else start)[None], targets], 0)
+        if previous:
+            sample_start = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
+            has_previous = value_start > tf.gather(sample_start, tf.range(tf.size(caps_flat)) // outer)
+        else:
+            has_previous = tf.zeros_like(caps_flat, tf.bool)
+        return value_start, padded, has_previous
+
+    def _run_teacher_forced(self, ir_flat, caps, training, feed, split):
+        """Teacher forcing through a known cell: every row's input at every step is known before the loop.
+
+        Each step-major row's input is `[IR of its pair, its y_prev]` (the
+        target before it, or the start), projected for all rows in one matmul;
+        `packed_recurrence` runs the cell with its hand-written gradient and
+        the head runs once on every row after the loop.
+        """
+        size = self.b_spec.output_size
+        start = (tf.one_hot(self._start[1], size, dtype=self._y_dtype) if self._start[0] == "token"
+                 else tf.zeros([size], self._y_dtype))
+        value_start, padded, has_previous = self._teacher_table(caps, feed.targets, start)
+        reset = self.state == "reset"
+        plan = packing.reset_plan(caps) if reset else packing.carry_plan(caps)
+        pairs = plan.step_pairs
+        positions = tf.math.invert_permutation(plan.value_order)  # the value each step-major row emits
+        inner = positions - tf.gather(value_start, pairs)
+        read = tf.logical_or(inner > 0, tf.gather(has_previous, pairs))
+        y_prev = tf.gather(padded, tf.where(read, positions, 0))
+        features = tf.concat([tf.gather(ir_flat, pairs), tf.cast(y_prev, ir_flat.dtype)], axis=1)
+        inputs = split.backward.project(features)
+        if reset:
+            states = self._initial_states(tf.gather(ir_flat, plan.pair_ids))
+        else:
+            states = [tf.zeros([plan.counts[0], s], ir_flat.dtype) for s in self.b_spec.state_sizes]
+        outputs = packed_recurrence(split.backward, inputs, counts=plan.counts, initial_states=states)[0]
+        if split.head is not None:
+            outputs = split.head(outputs, training=training)
+        return _permute(outputs, plan.value_order), caps
 
     def _run_sequence(self, ir_flat, caps, training):
         """A sequence-form B gets every row's repeated input in one padded call, then is cropped."""
@@ -1084,6 +1134,7 @@ class _Feed:
     sample_index: object  # (N,) int64
     probability: object  # () float64, the scheduled sampling probability
     return_tokens: bool
+    scheduled: bool = True  # False: the probability is a Python 0, so teacher forcing alone (the known-cell path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,14 +183,16 @@ def test_eager_equals_tf_function(state):
     assert values.shape[-1] == O
 
 
+@pytest.mark.parametrize("fast_cells", ["auto", False])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("state", ["reset", "carry"])
 @pytest.mark.parametrize("start", ["zeros", "previous"])
-def test_teacher_forced_gradients_equal_reference(kind, state, start):
+def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells):
     a, b = models(kind, dtype="float64")
     x = builders.inputs(3, 4).astype("float64")
     targets = targets_for(STEPS, dtype="float64")
-    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False,
+                      fast_cells=fast_cells)
     weights = a.trainable_variables + b.trainable_variables
     upstream = tf.constant(np.random.default_rng(1).normal(size=(int(STEPS.sum()), O)))
 
@@ -211,8 +213,10 @@ def test_teacher_forced_gradients_equal_reference(kind, state, start):
 def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers_values(state):
     a, b = models()
     x, targets = builders.inputs(3, 4), targets_for(STEPS)
-    cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", jit_compile=False)
+    cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", jit_compile=False, fast_cells=False)
     forced = cascade.run(x, STEPS, targets=targets)[0].numpy()
+    fast = Cascade(a, b, feedback=True, state=state, sampler="greedy", jit_compile=False)  # the known-cell path
+    np.testing.assert_allclose(fast.run(x, STEPS, targets=targets)[0].numpy(), forced, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(cascade.run(x, STEPS, targets=targets, sampling_probability=0.0)[0].numpy(), forced)
     np.testing.assert_array_equal(
         cascade.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.0))[0].numpy(), forced)
@@ -259,8 +263,10 @@ def test_bad_input_is_refused():
         Cascade(a, builders.step_b(), feedback_start="previous")
     with pytest.raises(ModelError, match=r"needs feedback=True"):
         Cascade(a, b)  # a feedback-form B without feedback
-    with pytest.raises(ParameterError, match=r"^fast_cells: True, but .*feedback form"):
-        Cascade(a, b, feedback=True, fast_cells=True)
+    with pytest.raises(ParameterError, match=r"^fast_cells: True, but .*Concatenate\(\)\(\[x, y_prev\]\)"):
+        Cascade(a, models(states=False)[1], feedback=True, fast_cells=True)
+    with pytest.raises(ParameterError, match=r"^fast_cells: True, but .*teacher forcing only"):
+        Cascade(a, b, feedback=True, fast_cells=True, jit_compile=False).run(builders.inputs(3, 4), STEPS)
     cascade = Cascade(a, b, feedback=True, jit_compile=False)
     x = builders.inputs(3, 4)
     with pytest.raises(ParameterError, match=r"^targets: expected sum\(steps\)=13 rows"):
@@ -306,3 +312,25 @@ def test_sampler_object_and_categorical_run():
     other = Cascade(a, b, feedback=True, sampler=Sampler.categorical(temperature=0.7, top_k=2), seed=6,
                     jit_compile=False).run(x, STEPS, return_tokens=True)
     assert not np.array_equal(one[2].numpy(), other[2].numpy())
+
+
+@pytest.mark.parametrize("kind", ["simple", "gru", "lstm"])
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("start", ["zeros", "token:1", "previous"])
+def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypatch):
+    from cascade_cli import runner
+
+    calls = []
+    original = runner.packed_recurrence
+    monkeypatch.setattr(runner, "packed_recurrence", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    a, b = models(kind)
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False, fast_cells=True)
+    assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets_for(STEPS))
+    assert calls  # the hand-written recurrence ran
+    calls.clear()
+    auto = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
+    auto.run(builders.inputs(3, 4), STEPS)  # free running calls B itself
+    auto.run(builders.inputs(3, 4), STEPS, targets=targets_for(STEPS), sampling_probability=tf.constant(0.0))
+    assert not calls
+    empty = cascade.run(builders.inputs(3, 4), np.zeros((3, 4), int), targets=np.zeros((0, O), np.float32))[0]
+    assert empty.shape == (0, O)
