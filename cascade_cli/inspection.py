@@ -202,7 +202,24 @@ def describe_model(model, path):
     except ModelError as error:
         b_spec = None
         rows.append(("as model B", f"no: {one_line(error)}"))
+    rows += _feedback_rows(model, b_spec)
     return rows, a_spec, b_spec
+
+
+def _feedback_rows(model, b_spec):
+    """The `("feedback", ...)` row (does B fit the feedback form?) of a step-form B, or of a model that fits only the feedback form; else none."""
+    from cascade_cli.models import feedback_problem, inspect_b
+
+    problem = feedback_problem(model)
+    if problem is None:
+        spec = inspect_b(model, check_causal=False, feedback=True)
+        states = ", ".join(str(size) for size in spec.state_sizes)
+        form = (f"[x (H={spec.input_size}), y_prev (O={spec.output_size}), states [{states}]] -> [y, states]"
+                if states else f"[x (H={spec.input_size}), y_prev (O={spec.output_size})] -> y")
+        return [("feedback", f"form yes: {form}; use it with --feedback")]
+    if b_spec is not None and b_spec.form == "step":
+        return [("feedback", f"form no ({problem.rstrip('.')})")]
+    return []
 
 
 def settings_text(settings):

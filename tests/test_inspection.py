@@ -1,5 +1,7 @@
 """Tests of `cascade_cli.inspection`: the facts `cascade inspect` prints about a file."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -219,3 +221,25 @@ def test_inspect_of_a_packed_generator_describes_its_two_models_and_settings(tmp
     builders.model_a().save(tmp_path / "a.keras")
     assert_error(invoke("inspect", tmp_path / "g.keras", "--partner", tmp_path / "a.keras"), 2,
                  "packed generator", "without --partner")
+
+
+def test_inspect_of_a_step_form_b_says_whether_it_fits_the_feedback_form(tmp_path):
+    import builders
+    from clitools import assert_ok, invoke
+
+    def feedback_row(model):
+        rows, _, _ = inspection.describe_model(model, "m.keras")
+        return dict(rows).get("feedback")
+
+    step = feedback_row(builders.step_b())  # [x, state] -> [y, state]: y is not fed back
+    assert step.startswith("form no (model B has 2 inputs") and "feedback-form B returns [y, *new_states]" in step
+    assert feedback_row(builders.feedback_b(units=5, output_size=3)) == (
+        "form yes: [x (H=4), y_prev (O=3), states [5]] -> [y, states]; use it with --feedback")
+    assert feedback_row(builders.feedback_b(states=False)) == ("form yes: [x (H=4), y_prev (O=3)] -> y; "
+                                                           "use it with --feedback")
+    assert feedback_row(builders.model_a()) is None  # neither step form nor feedback form: nothing to say
+    builders.feedback_b().save(tmp_path / "fb.keras")
+    result = invoke("inspect", tmp_path / "fb.keras")
+    assert_ok(result)
+    assert re.search(r"^feedback +form yes: \[x \(H=4\), y_prev \(O=3\), states \[5\]\]", result.stdout, re.M), \
+        result.stdout
