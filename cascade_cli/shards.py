@@ -36,7 +36,7 @@ _NOT_SETTINGS = frozenset({"model", "model_a", "model_b", "inputs", "steps", "ru
                            *SHARD_ATTRS, *STOP_SUMMARY_ATTRS})
 # How the description's parts that hash a file's or array's contents read in a message.
 _DESCRIPTION_NAMES = {"models": "the model files' contents (sha256)", "inputs": "the inputs file's contents (sha256)",
-                      "steps": "the steps (sha256)"}
+                      "steps": "the steps (sha256)", "batch_size": "the batch size"}
 _SHARD_PATTERN = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 _HASH_CHUNK = 1 << 20
 _SHOWN_MISSING = 8

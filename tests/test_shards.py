@@ -229,7 +229,7 @@ def test_merge_names_the_setting_in_which_two_runs_differ(tmp_path):
         return message, a, b
 
     message, a, b = pair(DESCRIPTION, {**DESCRIPTION, "batch_size": 3})
-    assert f"batch_size is 3 in '{b}' but 2 in '{a}'" in message
+    assert f"the batch size is 3 in '{b}' but 2 in '{a}'" in message
     assert "seed" not in message and "state" not in message  # only what differs
     message, a, b = pair(DESCRIPTION, {**DESCRIPTION, "inputs": "01" * 32, "seed": 4})
     assert f"the inputs file's contents (sha256) is {'01' * 6}... in '{b}' but {'ef' * 6}... in '{a}'" in message
