@@ -810,8 +810,7 @@ class Cascade:
         size, dtype = self.b_spec.output_size, self._y_dtype
         outer = tf.shape(caps)[1]
         caps_flat = tf.reshape(caps, [-1])
-        start_kind, start_token = self._start
-        start = (tf.one_hot(start_token, size, dtype=dtype) if start_kind == "token" else tf.zeros([size], dtype))
+        start_kind, start = self._start[0], self._start_value()
         teacher = feed.targets is not None
         if self.feedback:
             split = self._known_cell(ir_dtype=ir_flat.dtype, training=training,
@@ -914,6 +913,12 @@ class Cascade:
             result += (tf.gather(tokens.write(j, tf.zeros([0], tf.int64)).concat(), order),)
         return result
 
+    def _start_value(self):
+        """`(O,)` in B's output dtype: `y_prev` at inner step 0 for `feedback_start` zeros or token:ID."""
+        kind, token = self._start
+        size, dtype = self.b_spec.output_size, self._y_dtype
+        return tf.one_hot(token, size, dtype=dtype) if kind == "token" else tf.zeros([size], dtype)
+
     def _teacher_table(self, caps, targets, start):
         """`(value_start, padded, has_previous)`: where teacher forcing reads each row's `y_prev`.
 
@@ -943,10 +948,7 @@ class Cascade:
         `packed_recurrence` runs the cell with its hand-written gradient and
         the head runs once on every row after the loop.
         """
-        size = self.b_spec.output_size
-        start = (tf.one_hot(self._start[1], size, dtype=self._y_dtype) if self._start[0] == "token"
-                 else tf.zeros([size], self._y_dtype))
-        value_start, padded, has_previous = self._teacher_table(caps, feed.targets, start)
+        value_start, padded, has_previous = self._teacher_table(caps, feed.targets, self._start_value())
         reset = self.state == "reset"
         plan = packing.reset_plan(caps) if reset else packing.carry_plan(caps)
         pairs = plan.step_pairs
