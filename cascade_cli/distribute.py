@@ -152,7 +152,8 @@ def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
     its loss is its sum of errors over the *global* count plus its share of
     the regularization, and the replicas' gradients add up to the gradient of
     the global batch's loss. `gradients(inputs, steps, targets)` takes
-    per-replica values and returns `(global sum, global count, penalty,
+    per-replica values (and the step's `sampling_probability`, one scalar for
+    every replica) and returns `(global sum, global count, penalty,
     global metrics, per-replica grads, finite)`, `finite` judged on the
     global loss and the summed gradients (`training.finite_step`), so every
     worker decides alike; `apply(grads)` (`training.apply_gradients`) lets
@@ -167,26 +168,26 @@ def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
         variables: the variables to train.
         optimizer: a Keras optimizer built for `variables` inside `strategy.scope()`.
     """
-    from cascade_cli.training import apply_gradients, compute_gradients, finite_step
+    from cascade_cli.training import SAMPLING_SPEC, apply_gradients, compute_gradients, finite_step
 
     add = tf.distribute.ReduceOp.SUM
     replicas = strategy.num_replicas_in_sync
 
-    def replica_gradients(inputs, steps, targets):
+    def replica_gradients(inputs, steps, targets, sampling_probability):
         context = tf.distribute.get_replica_context()
         result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
                                           optimizer=optimizer, reduce_count=functools.partial(context.all_reduce, add),
-                                          replicas=replicas)
+                                          replicas=replicas, sampling_probability=sampling_probability)
         total, *summed = context.all_reduce(add, [result.total, *grads])
         metrics = tuple(context.all_reduce(add, list(result.metrics))) if result.metrics else ()
         whole = result._replace(loss=tf.math.divide_no_nan(total, result.count) + result.penalty)
         finite = finite_step(whole, summed, optimizer=optimizer)
         return total, result.count, result.penalty, metrics, grads, finite
 
-    @tf.function(input_signature=spec)
-    def gradients(inputs, steps, targets):
-        total, count, penalty, metrics, grads, finite = strategy.run(replica_gradients,
-                                                                     args=(inputs, steps, targets))
+    @tf.function(input_signature=(*spec, SAMPLING_SPEC))
+    def gradients(inputs, steps, targets, sampling_probability):
+        total, count, penalty, metrics, grads, finite = strategy.run(
+            replica_gradients, args=(inputs, steps, targets, sampling_probability))
         local = strategy.experimental_local_results
         metrics = tuple(local(pair)[0] for pair in metrics)
         return local(total)[0], local(count)[0], local(penalty)[0], metrics, grads, local(finite)[0]

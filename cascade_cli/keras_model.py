@@ -12,8 +12,10 @@ Data: `x = (inputs (N, Ta, F), steps (N, Ta))` and `y` = padded targets
 `tf.data.Dataset` yielding `((inputs, steps), targets)`). Each step runs the
 packed runner (`cascade_cli.runner.Cascade`) on the given steps; the loss is
 DESIGN section 5's, averaged over the valid elements only
-(`training.masked_loss`'s terms), in float32, plus the models' weight
-regularization losses (`training.regularization_loss`). Under a
+(`training.loss_terms`), in float32, plus the models' weight regularization
+losses (`training.regularization_loss`). The step itself is `cascade
+train`'s: `training.batch_loss`, `compute_gradients` and `apply_gradients`.
+`cascade_cli.data.dataset(path, ...)` streams an HDF5 training file into `fit`. Under a
 `tf.distribute` strategy each replica divides its errors by the global count
 of valid elements and adds `1 / replicas` of the penalty, so the replicas'
 gradients add up to the global batch's. Build (and compile) the model inside

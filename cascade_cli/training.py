@@ -467,19 +467,28 @@ def finite_step(result, grads, *, optimizer):
     return finite
 
 
+SAMPLING_SPEC = tf.TensorSpec([], tf.float32, name="sampling_probability")  # each step's scheduled-sampling rate
+
+
+def no_sampling(epoch, batch):
+    """The scheduled-sampling probability of step `batch` (1-based) of epoch `epoch` (0-based) without feedback: 0."""
+    return 0.0
+
+
 def train_steps(batch_loss, *, signature, variables, optimizer):
     """Returns `(gradients, apply)`, two `tf.function`s for one device.
 
-    `gradients(inputs, steps, targets) -> (sum, count, penalty, metrics,
-    grads, finite)` is `compute_gradients` (`metrics`: a `(sum, count)` per
-    metric); `apply(grads)` is `apply_gradients`. They are apart
-    so that a non-finite loss or gradient never reaches the weights.
+    `gradients(inputs, steps, targets, sampling_probability) -> (sum, count,
+    penalty, metrics, grads, finite)` is `compute_gradients` (`metrics`: a
+    `(sum, count)` per metric; `sampling_probability`, a float32 scalar,
+    reaches a feedback cascade only); `apply(grads)` is `apply_gradients`.
+    They are apart so that a non-finite loss or gradient never reaches the weights.
     """
 
-    @tf.function(input_signature=signature, reduce_retracing=True)
-    def gradients(inputs, steps, targets):
+    @tf.function(input_signature=(*signature, SAMPLING_SPEC), reduce_retracing=True)
+    def gradients(inputs, steps, targets, sampling_probability):
         result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
-                                          optimizer=optimizer)
+                                          optimizer=optimizer, sampling_probability=sampling_probability)
         finite = finite_step(result, grads, optimizer=optimizer)
         return result.total, result.count, result.penalty, result.metrics, grads, finite
 
@@ -677,6 +686,8 @@ class _Run:
     train_indices: np.ndarray
     val_indices: np.ndarray
     board: "_Board | None" = None
+    # (epoch (0-based), batch (1-based)) -> the step's scheduled-sampling probability (feedback runs only)
+    sampling_probability: Callable = no_sampling
 
     @property
     def weights(self):
@@ -969,7 +980,8 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     running = _RunningLoss(len(config.metrics))
     for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
         if emits:  # a batch that emits nothing has nothing to learn from
-            total, count, penalty, measured, grads, finite = run.gradients(*batch)
+            sampling = tf.constant(run.sampling_probability(epoch, batch_number), tf.float32)
+            total, count, penalty, measured, grads, finite = run.gradients(*batch, sampling)
             if not bool(finite):
                 loss = float(total) / float(count) + float(penalty)
                 what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient", "non-finite")
@@ -1021,8 +1033,14 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     checkpoint is written; with `patience`, the run stops once the validation
     loss has not improved for that many epochs, and the best weights are the
     ones kept and saved. The models passed in end with the final weights.
-    The two models and `history.csv` are written as one pair at the end
-    (`checkpoints.save_models`).
+    The two models, `cascade.keras` (the whole generator, a `CascadeModel`
+    with the run's `state` and `state_init`) and `history.csv` are written as
+    one set at the end (`checkpoints.save_models`). Each step is
+    `compute_gradients` then `apply_gradients`, the step
+    `CascadeModel.train_step` takes too. With `mixed_precision`, copies of
+    the models built under `mixed_float16` train (`mixed_precision_pair`)
+    and the models given get their weights at the end; with `tensorboard`,
+    each epoch's scalars go into event files there.
 
     Settings not given (None) come from the checkpoint on resume and from
     `TRAIN_DEFAULTS` otherwise (`resolve_config`). The run holds a lock on
@@ -1042,8 +1060,10 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
         model_a: a `keras.Model`, `(batch, Ta, F) -> (batch, Ta, H)`; trained in place.
         model_b: a step- or sequence-form `keras.Model`; trained in place.
         data: an open `TrainingData`.
-        out_dir: the folder for `checkpoints/`, `history.csv`, `model_a.keras`
-            and `model_b.keras`; created if missing.
+        out_dir: the folder for `checkpoints/`, `history.csv`, `model_a.keras`,
+            `model_b.keras` and `cascade.keras`; created if missing (its
+            parent must exist); with `config.overwrite` an earlier run in it
+            is replaced.
         config: a `TrainConfig`.
         callbacks: a `TrainCallbacks` (progress), or None.
         strategy: the strategy `distribute.make_strategy(config.strategy)`
@@ -1053,7 +1073,7 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     Returns:
         The history, one dict per epoch (earlier epochs of a resumed run
         included): `{"epoch" (1-based), "loss", "val_loss" (None without a
-        validation set), "seconds"}`. Both losses include the regularization
+        validation set), then each metric and its `val_` figure, "seconds"}`. Both losses include the regularization
         losses, as Keras' do.
 
     Raises:

@@ -741,3 +741,27 @@ def test_mixed_precision_pair_computes_in_float16_with_the_weights_given():
     with pytest.raises(ModelError, match="^model A cannot be rebuilt under the mixed_float16 policy for "
                                          "mixed_precision=True"):
         mixed_precision_pair(opaque, model_b)
+
+
+def test_the_train_step_gives_a_feedback_cascade_the_flat_targets_and_the_sampling_probability():
+    from cascade_cli.training import batch_loss, loss_terms
+
+    class Recorder:  # stands for a feedback Cascade: what the step hands the runner
+        feedback = False
+        calls = []
+
+        def run(self, inputs, steps, **options):
+            self.calls.append(options)
+            return tf.constant([[1.0, 2.0]]), None
+
+    cascade = Recorder()
+    loss = batch_loss(cascade, loss_terms("mse"), models=())
+    targets, probability = tf.constant([[0.0, 0.0]]), tf.constant(0.25)
+    assert float(loss(None, None, targets, sampling_probability=probability).loss) == pytest.approx(2.5)
+    cascade.feedback = True
+    loss(None, None, targets, sampling_probability=probability)
+    loss(None, None, targets, training=False)
+    plain, forced, scored = cascade.calls
+    assert plain == {"training": True}  # no feedback: the runner's own defaults
+    assert forced["training"] is True and forced["targets"] is targets and forced["sampling_probability"] is probability
+    assert scored["training"] is False and scored["targets"] is targets and "sampling_probability" not in scored
