@@ -692,7 +692,7 @@ def pack(ctx, models, runner, output, overwrite):
         raise click.BadParameter(f"expected a .keras name, received '{output}'.", ctx, param_hint="'-o' / '--output'")
     _check_output(output, overwrite=overwrite, inputs=models.paths)
     console, _ = _consoles()
-    model_a, model_b = models.load(console)
+    model_a, model_b = models.load(console, feedback=runner.feedback)
     from cascade_cli.atomic import atomic_output
     from cascade_cli.keras_model import CascadeModel
 

@@ -331,5 +331,5 @@ def identify_run(attrs, *, model_files, source, steps, batch_size, shard=None, n
         total = source.n_samples * num_samples
         start, stop = shard_range(total, index=index, count=count)
         attrs.update(shard_attrs(index=index, count=count, start=start, stop=stop, total_samples=total,
-                                 run=attrs["run_id"]))
+                                 run=attrs["run_id"], description=description))
     return attrs
