@@ -341,7 +341,8 @@ class Cascade:
             steps: `(Ta,)` or `(N, Ta)` non-negative integers, or None when
                 `max_steps` is set.
             training: passed to both models (dropout and the like).
-            targets: feedback only: `(sum(steps), O)` in value order, for
+            targets: feedback only: `(sum(steps), O)` in value order (or
+                integer token ids `(sum(steps),)`, fed as their one-hot), for
                 teacher forcing (given steps, no stop rule): `y_prev` at inner
                 step `j > 0` is the target at `j - 1` of the same pair.
             sample_index: `(N,)` non-negative integers, each sample's index in
@@ -581,12 +582,29 @@ class Cascade:
         return _Feed(targets, sample_index, probability, bool(return_tokens), scheduled)
 
     def _checked_targets(self, targets, caps):
-        """Targets `(sum(steps), O)` in B's output dtype; their row count checked against the steps."""
+        """Targets `(sum(steps), O)` in B's output dtype; their row count checked against the steps.
+
+        Integer token ids `(sum(steps),)` (sparse targets) are fed as their one-hot.
+        """
         size = self.b_spec.output_size
         targets = tf.convert_to_tensor(targets)
-        if not targets.dtype.is_floating:
-            raise ParameterError("targets", f"expected float values of shape (sum(steps), {size}), received dtype "
-                                            f"{targets.dtype.name}.")
+        if targets.dtype.is_integer and targets.shape.rank == 1:
+            if hasattr(targets, "numpy"):
+                ids = targets.numpy()
+                if ids.size and (ids.min() < 0 or ids.max() >= size):
+                    raise ParameterError("targets", f"token ids must be in [0, {size}) (B's outputs), received ids "
+                                                    f"from {ids.min()} to {ids.max()}.")
+            else:
+                checks = [tf.debugging.assert_non_negative(targets, message="targets: token ids must be >= 0"),
+                          tf.debugging.assert_less(targets, tf.cast(size, targets.dtype),
+                                                   message="targets: token ids must be below O")]
+                with tf.control_dependencies(checks):
+                    targets = tf.identity(targets)
+            targets = tf.one_hot(targets, size, dtype=self._y_dtype)
+        elif not targets.dtype.is_floating:
+            raise ParameterError("targets", f"expected float values of shape (sum(steps), {size}) or integer token "
+                                            f"ids of shape (sum(steps),), received dtype {targets.dtype.name} and "
+                                            f"shape {tuple(targets.shape)}.")
         targets = tf.cast(targets, self._y_dtype)
         if targets.shape.rank != 2 or targets.shape[1] != size:
             raise ParameterError("targets", f"expected shape (sum(steps), O={size}) in value order, received shape "

@@ -347,3 +347,14 @@ def test_call_returns_ragged_values_and_tokens_and_a_under_xla_by_default():
     np.testing.assert_allclose(values.flat_values.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(tokens.flat_values.numpy(), expected_tokens)
     assert isinstance(cascade(x, STEPS), tf.RaggedTensor)
+
+
+def test_integer_token_targets_are_fed_as_one_hot():
+    a, b = models()
+    x = builders.inputs(3, 4)
+    ids = np.random.default_rng(0).integers(0, O, size=int(STEPS.sum()))
+    cascade = Cascade(a, b, feedback=True, feedback_start="previous", jit_compile=False)
+    np.testing.assert_array_equal(cascade.run(x, STEPS, targets=ids)[0].numpy(),
+                                  cascade.run(x, STEPS, targets=np.eye(O, dtype=np.float32)[ids])[0].numpy())
+    with pytest.raises(ParameterError, match=r"^targets: token ids must be in \[0, 3\)"):
+        cascade.run(x, STEPS, targets=np.full(int(STEPS.sum()), O))
