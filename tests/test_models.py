@@ -246,3 +246,27 @@ def test_the_command_line_refuses_such_models_on_load_in_one_line(tmp_path):
                         "--inputs", tmp_path / "x.h5", "--steps", "1,2,0,1", "-o", out / "r.h5")
         assert_error(result, 1, *words)
         assert_nothing_in(out)
+
+
+# --------------------------------------------------------------- feedback form
+
+
+def test_feedback_form_is_checked_naming_sizes_and_files():
+    b = builders.feedback_b(output_size=3)
+    a_spec, b_spec = check_pair(builders.model_a(), b, feedback=True, names=("a.keras", "b.keras"))
+    assert (b_spec.form, b_spec.output_size, b_spec.state_sizes, b_spec.feedback) == ("step", 3, (5,), True)
+    with pytest.raises(ModelError, match="^" + re.escape("model B ('b.keras') has 3 inputs") + r".*needs feedback=True"):
+        check_pair(builders.model_a(), b, names=("a.keras", "b.keras"))  # feedback form without feedback
+    x, y_prev, state = keras.Input((4,)), keras.Input((2,)), keras.Input((5,))
+    h, [new_state] = keras.layers.GRUCell(5)(keras.layers.Concatenate()([x, y_prev]), [state])
+    wrong = keras.Model([x, y_prev, state], [keras.layers.Dense(3)(h), new_state])
+    with pytest.raises(ModelError, match="^" + re.escape(
+            "model B ('b.keras')'s second input (y_prev, what it emitted at the previous inner step) has size 2 "
+            "but B emits O=3")):
+        check_pair(builders.model_a(), wrong, feedback=True, names=("a.keras", "b.keras"))
+    assert "has size 2 but B emits O=3" in models.feedback_problem(wrong)
+    with pytest.raises(ModelError, match=r"has one input .*with feedback"):
+        inspect_b(keras.Model(x, keras.layers.Dense(3)(x)), feedback=True)
+    stateless = builders.feedback_b(output_size=3, states=False)
+    assert inspect_b(stateless, feedback=True).state_sizes == ()
+    assert models.feedback_problem(stateless) is None
