@@ -1,4 +1,4 @@
-"""The settings vocabulary: modes, losses, optimizers, strategies, `TrainConfig`, `RunInfo`, `StopRule`.
+"""The settings vocabulary: modes, losses, optimizers, strategies, `TrainConfig`, `RunInfo`, `StopRule`, `Sampler`.
 
 One home for every name a setting can take and for the checks of those
 settings, importable without TensorFlow (the command line builds its choices

@@ -22,6 +22,13 @@ The work is split the way Keras splits its `RNN` layer from `backend.rnn`:
 `cascade_cli.packing` turns the caps into a plan (pure functions),
 `packed_loop` runs a plain `step(x, states) -> (y, states)` over the plan's
 rows, and `Cascade` validates its settings and chooses the path.
+
+A feedback-form B (`feedback=True`) is fed what it emitted: free running
+(generation) it runs its own loop that calls B on the rows still running and
+samples every step (`cascade_cli.sampling`; counter-based draws, so the
+results do not depend on how the input is cut); teacher-forced through a
+known cell, every row's input is known before the loop and the packed
+recurrence with its hand-written gradient runs as above.
 """
 
 from __future__ import annotations

@@ -229,6 +229,10 @@ def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers
     half = cascade.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.5, tf.float64))[0].numpy()
     cascade.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.25, tf.float64))
     assert len(cascade._functions) == traces
+    functions = list(cascade._functions.values())
+    for n in (1, 2):  # nor per batch size
+        cascade.run(x[:n], STEPS[:n], targets=targets[:int(STEPS[:n].sum())], sampling_probability=tf.constant(0.5))
+    assert [f.experimental_get_tracing_count() for f in functions] == [1] * len(functions)
     assert not np.allclose(half, forced) and not np.allclose(half, free)
 
 
