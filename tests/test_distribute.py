@@ -36,7 +36,9 @@ MODEL_FILES = ("model_a.keras", "model_b.keras")
 # train in batches of 4: 2+2, 2+2 and 1+0 (one replica gets an empty slice).
 CASES = {
     "sgd-mse": dict(optimizer="sgd", learning_rate=0.1, loss="mse", batch_size=5, val_split=0.0, epochs=1),
-    "adam-mse": dict(optimizer="adam", learning_rate=0.05, loss="mse", batch_size=4, val_split=0.25, epochs=2),
+    # metrics: each replica's (sum, count) all-reduced, as the loss's
+    "adam-mse": dict(optimizer="adam", learning_rate=0.05, loss="mse", batch_size=4, val_split=0.25, epochs=2,
+                     metrics=("mae", "mse")),
     "sgd-mae-lstm-carry": dict(optimizer="sgd", learning_rate=0.1, loss="mae", batch_size=5, val_split=0.0,
                                epochs=1, state="carry"),
     "sgd-crossentropy-sequence": dict(optimizer="sgd", learning_rate=0.1, loss="categorical-crossentropy",
@@ -222,6 +224,10 @@ def test_mirrored_on_two_logical_cpus_takes_the_steps_of_default(tmp_path, data_
             assert (left["val_loss"] is None) == (right["val_loss"] is None)
             if right["val_loss"] is not None:
                 assert left["val_loss"] == pytest.approx(right["val_loss"], rel=1e-5)
+            metrics = [key for key in right if key not in ("epoch", "loss", "val_loss", "seconds")]
+            assert sorted(metrics) == sorted(key for key in left if key not in ("epoch", "loss", "val_loss", "seconds"))
+            for key in metrics:
+                assert left[key] == pytest.approx(right[key], rel=1e-5), key
         assert sorted(p.name for p in (out / name).iterdir()) == ["cascade.keras", "checkpoints", "history.csv", *MODEL_FILES]
 
 
