@@ -22,8 +22,12 @@ def one_hot(index, size=O):
 
 
 def reference(model_a, model_b, x, steps, *, state="reset", start="zeros", sampler="identity", targets=None,
-              max_steps=None, stop_token=None, exclude_stop_step=False):
+              max_steps=None, stop_token=None, exclude_stop_step=False, own_samples=False, keep_gradient=False):
     """Plain Python loops calling B directly on one row at a time.
+
+    `own_samples` (with targets): every inner step after the first feeds the
+    sampler's value of the previous output, without its gradient (scheduled
+    sampling with probability 1); the first still reads the targets.
 
     Returns `(values (total, O) tf.Tensor, lengths (N, Ta), tokens list)`;
     `tokens` are the argmax ids of each emitted value (greedy).
@@ -67,13 +71,15 @@ def reference(model_a, model_b, x, steps, *, state="reset", start="zeros", sampl
                     values.append(y[0])
                     tokens.append(token)
                     emitted += 1
-                if targets is not None:
+                if targets is not None and own_samples:
+                    y_prev = fed_value(y) if keep_gradient else tf.stop_gradient(fed_value(y))
+                elif targets is not None:
                     y_prev = tf.constant(targets[offset + j][None], dtype)
                 else:
                     y_prev = fed_value(y)
                 if hit:
                     break
-            last = y_prev
+            last = y_prev if targets is None else tf.constant(targets[offset + cap - 1][None], dtype)
             offset += cap
             lengths[n, t] = emitted
             carried = states
@@ -236,19 +242,29 @@ def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers
     assert not np.allclose(half, forced) and not np.allclose(half, free)
 
 
-def test_scheduled_sampling_gradient_skips_the_fed_samples():
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_scheduled_sampling_gradient_skips_the_fed_samples(state):
     a, b = models(dtype="float64")
     x, targets = builders.inputs(3, 4).astype("float64"), targets_for(STEPS, dtype="float64")
-    cascade = Cascade(a, b, feedback=True, jit_compile=False)  # identity: y itself fed, without its gradient
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start="previous",
+                      jit_compile=False)  # identity: y itself fed, without its gradient
+    weights = a.trainable_variables + b.trainable_variables
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(cascade.run(x, STEPS, targets=targets, sampling_probability=1.0)[0])
-    grads = tape.gradient(loss, b.trainable_variables)
-    # free running feeds the same values (p = 1), but differentiates through them
+        values = cascade.run(x, STEPS, targets=targets, sampling_probability=1.0)[0]
+        loss = tf.reduce_sum(values)
+    grads = tape.gradient(loss, weights)
     with tf.GradientTape() as tape:
-        free = cascade.run(x, STEPS)[0]
-        loss_free = tf.reduce_sum(free)
-    grads_free = tape.gradient(loss_free, b.trainable_variables)
-    assert any(not np.allclose(g, f) for g, f in zip(grads, grads_free))
+        expected = reference(a, b, x, STEPS, state=state, start="previous", targets=targets, own_samples=True)[0]
+        expected_loss = tf.reduce_sum(expected)
+    np.testing.assert_allclose(values.numpy(), expected.numpy(), rtol=1e-10)
+    for weight, got, want in zip(weights, grads, tape.gradient(expected_loss, weights)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-10, err_msg=weight.path)
+    with tf.GradientTape() as tape:  # the same values with the gradient through what is fed: a different gradient
+        through = reference(a, b, x, STEPS, state=state, start="previous", targets=targets, own_samples=True,
+                            keep_gradient=True)[0]
+        through_loss = tf.reduce_sum(through)
+    np.testing.assert_allclose(through.numpy(), expected.numpy(), rtol=1e-10)
+    assert any(not np.allclose(g, f) for g, f in zip(grads, tape.gradient(through_loss, weights)))
 
 
 def test_bad_input_is_refused():
