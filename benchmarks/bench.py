@@ -717,6 +717,11 @@ def render_markdown(report, notes=""):
 
             parts += peers.render_run(run)
             continue
+        if run.get("suite") == "feedback":
+            from benchmarks import feedback
+
+            parts += feedback.render_run(run)
+            continue
         machine = run["machine"]
         run_plan = plan_from_dict(run["plan"])
         title = f"## {run['device']}" + (" (quick: tiny shapes, checks the script, measures nothing)" if run_plan.quick else "")
