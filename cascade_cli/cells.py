@@ -163,14 +163,15 @@ def fast_path_problem(split, *, form, ir_dtype, stop_rule, training, feedback=Fa
         training: the run's `training` flag.
         feedback: B is in feedback form (`split` from `split_b(model_b, feedback=True)`).
         sampler: the runner's sampler kind.
-        teacher_forced: (feedback) the run is fed the targets only: targets
-            given, no scheduled sampling, no tokens asked for.
+        teacher_forced: (feedback) the run is fed the targets: targets given
+            and no tokens asked for (where a scheduled sampling probability is
+            above 0, the runner calls B itself).
     """
     if form != "step":
         return "B is in sequence form; the known-cell path runs a step-form B"
     if feedback and not teacher_forced:
-        return ("B is in feedback form and fed what it emitted (free running, scheduled sampling or tokens "
-                "asked for); the known-cell path runs teacher forcing only (targets, sampling_probability 0)")
+        return ("B is in feedback form and fed what it emitted (free running, or tokens asked for); the "
+                "known-cell path runs teacher forcing only (targets given)")
     if sampler != "identity" and not feedback:
         return f"the {sampler} sampler reads B's output at every inner step"
     if split is None:

@@ -829,19 +829,31 @@ class Cascade:
         last output; B's state restarts at every pair in `reset` mode). A row
         leaves the work once it has no step left (or met the stop rule).
 
+        Teacher forcing through a known cell runs `_run_teacher_forced`
+        instead; with a sampling probability given as a tensor, a `tf.cond`
+        takes it where the probability is 0 and this loop elsewhere.
+
         Returns:
             `(values, lengths)`, plus `tokens (total,)` int64 with `feed.return_tokens`.
         """
+        teacher = feed.targets is not None
+        if self.feedback:
+            split = self._known_cell(ir_dtype=ir_flat.dtype, training=training,
+                                     teacher_forced=teacher and not feed.return_tokens)
+            if split is not None:
+                if not feed.scheduled:
+                    return self._run_teacher_forced(ir_flat, caps, training, feed, split)
+                return tf.cond(feed.probability > 0, lambda: self._feedback_loop(ir_flat, caps, training, feed),
+                               lambda: self._run_teacher_forced(ir_flat, caps, training, feed, split))
+        return self._feedback_loop(ir_flat, caps, training, feed)
+
+    def _feedback_loop(self, ir_flat, caps, training, feed):
+        """`_run_feedback`'s loop, which calls B itself at every inner step."""
         size, dtype = self.b_spec.output_size, self._y_dtype
         outer = tf.shape(caps)[1]
         caps_flat = tf.reshape(caps, [-1])
         start_kind, start = self._start[0], self._start_value()
         teacher = feed.targets is not None
-        if self.feedback:
-            split = self._known_cell(ir_dtype=ir_flat.dtype, training=training,
-                                     teacher_forced=teacher and not feed.scheduled and not feed.return_tokens)
-            if split is not None:
-                return self._run_teacher_forced(ir_flat, caps, training, feed, split)
         walk = self.state == "carry" or (self.feedback and start_kind == "previous" and not teacher)
         sampler, rule = self.sampler, self.stop_rule
         if teacher:

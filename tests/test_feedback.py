@@ -350,8 +350,13 @@ def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypat
     calls.clear()
     auto = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
     auto.run(builders.inputs(3, 4), STEPS)  # free running calls B itself
-    auto.run(builders.inputs(3, 4), STEPS, targets=targets_for(STEPS), sampling_probability=tf.constant(0.0))
     assert not calls
+    # a probability given as a tensor: the known-cell path where it is 0, exactly; B's own loop elsewhere
+    forced = cascade.run(builders.inputs(3, 4), STEPS, targets=targets_for(STEPS))[0].numpy()
+    for value in (0.0, 0.5):
+        scheduled = cascade.run(builders.inputs(3, 4), STEPS, targets=targets_for(STEPS),
+                                sampling_probability=tf.constant(value))[0].numpy()
+        assert np.array_equal(scheduled, forced) == (value == 0)
     empty = cascade.run(builders.inputs(3, 4), np.zeros((3, 4), int), targets=np.zeros((0, O), np.float32))[0]
     assert empty.shape == (0, O)
 
@@ -378,3 +383,21 @@ def test_integer_token_targets_are_fed_as_one_hot():
                                   cascade.run(x, STEPS, targets=np.eye(O, dtype=np.float32)[ids])[0].numpy())
     with pytest.raises(ParameterError, match=r"^targets: token ids must be in \[0, 3\)"):
         cascade.run(x, STEPS, targets=np.full(int(STEPS.sum()), O))
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_a_zero_probability_tensor_gives_teacher_forcings_values_and_gradients(state):
+    """As the training loop calls it: a scheduled probability of 0, as a tensor, takes the known-cell path."""
+    a, b = models("gru", dtype="float64")
+    x, targets = builders.inputs(3, 4).astype("float64"), targets_for(STEPS, dtype="float64")
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start="previous", jit_compile=False)
+    weights = a.trainable_variables + b.trainable_variables
+    results = []
+    for probability in (0.0, tf.constant(0.0, tf.float32)):
+        with tf.GradientTape() as tape:
+            values = cascade.run(x, STEPS, targets=targets, training=True, sampling_probability=probability)[0]
+            loss = tf.reduce_sum(values * values)
+        results.append((values.numpy(), tape.gradient(loss, weights)))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for weight, got, want in zip(weights, results[1][1], results[0][1]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-14, err_msg=weight.path)
