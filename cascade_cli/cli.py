@@ -850,11 +850,26 @@ def _default(name):
               help="Train under the mixed_float16 policy (float16 compute, float32 weights and loss). [default: off]")
 @click.option("--tensorboard", metavar="DIR", help="Write TensorBoard event files (loss, val_loss, learning_rate, "
                                                    "metrics) per epoch into DIR.")
+@click.option("--feedback/--no-feedback", default=None,
+              help="B is in feedback form, [x, y_prev, states...] -> [y, states...]; train it with teacher forcing "
+                   "(fed the target of the step before). [default: off]")
+@click.option("--feedback-start", metavar="zeros|token:ID|previous",
+              help="--feedback: what B is fed at each pair's first step: zeros, the one-hot of token ID, or the "
+                   "last target of the sample's previous outer step that ran. [default: zeros]")
+@click.option("--sampling-probability", type=float, metavar="P",
+              help="--feedback: scheduled sampling at a constant rate: each row is fed its own sample instead of "
+                   "the target with probability P.")
+@click.option("--sampling-schedule", metavar="inverse-sigmoid:K",
+              help="--feedback: scheduled sampling whose rate rises with the step i as 1 - K / (K + exp(i / K)) "
+                   "(MusicVAE's), or constant:P.")
+@click.option("--no-xla", is_flag=True, help="Run model A without XLA (by default it runs under XLA where it compiles "
+                                             "and is exact in training).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
           shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
-          metrics, mixed_precision, tensorboard, overwrite):
+          metrics, mixed_precision, tensorboard, feedback, feedback_start, sampling_probability, sampling_schedule,
+          no_xla, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -863,14 +878,23 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
           --epochs 20 --learning-rate 0.01
       cascade train ... --out-dir run1 --epochs 40 --resume   # the run's own settings, 20 more epochs
       cascade train ... --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run1
+      cascade train ... --feedback --loss categorical-crossentropy --sampling-schedule inverse-sigmoid:200
     """
-    with _usage(ctx):
+    if sampling_probability is not None and sampling_schedule is not None:
+        raise click.UsageError("--sampling-probability and --sampling-schedule both set scheduled sampling; use one "
+                               "of them.", ctx)
+    if sampling_probability is not None:
+        sampling_schedule = f"constant:{sampling_probability!r}"
+    names = {} if sampling_probability is None else {"sampling_schedule": "--sampling-probability"}
+    with _usage(ctx, **names):
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
                              loss=loss, from_logits=from_logits, val_split=val_split, shuffle=shuffle,
                              freeze_a=freeze_a, state=state, state_init=state_init, seed=seed, patience=patience,
                              resume=resume, strategy=strategy, clipnorm=clipnorm, lr_schedule=lr_schedule,
                              warmup_steps=warmup_steps, metrics=metrics, mixed_precision=mixed_precision,
-                             tensorboard=tensorboard, overwrite=overwrite)
+                             tensorboard=tensorboard, feedback=feedback, feedback_start=feedback_start,
+                             sampling_schedule=sampling_schedule, jit_compile=False if no_xla else None,
+                             overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir
@@ -883,7 +907,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     distribution = make_strategy(strategy or _default("strategy"))  # before TensorFlow runs anything
     try:
         with TrainingData(data_path) as data:
-            model_a, model_b = models.load(console)
+            model_a, model_b = models.load(console, feedback=_trains_feedback(config, out_dir))
             with train_callbacks(console) as callbacks:
                 fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks, strategy=distribution)
     except TrainingInterrupted as stopped:
@@ -891,6 +915,18 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
         _say(console, text[:1].upper() + text[1:])
         raise click.exceptions.Exit(130) from None
     _print_training(console, out_dir)
+
+
+def _trains_feedback(config, out_dir):
+    """Whether the run trains a feedback-form B: `--feedback`, or on `--resume` what the run was started with."""
+    if config.feedback is not None or not config.resume:
+        return bool(config.feedback)
+    from cascade_cli.checkpoints import saved_settings
+
+    try:
+        return bool(saved_settings(out_dir).get("feedback"))
+    except CascadeError:
+        return False  # training says what is wrong with the checkpoint
 
 
 # ------------------------------------------------------------------- inspect

@@ -329,9 +329,13 @@ TRAIN_DEFAULTS = {
     "metrics": (),
     "mixed_precision": False,
     "tensorboard": None,
+    "feedback": False,
+    "feedback_start": "zeros",
+    "sampling_schedule": None,
+    "jit_compile": None,
 }
 """What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off;
-`clipnorm` None: no clipping; `tensorboard` None: no event files)."""
+`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +388,17 @@ class TrainConfig:
             in float32, dynamic loss scaling); the models written stay float32.
         tensorboard: a folder for TensorBoard event files (loss, val_loss,
             learning_rate and the metrics, once per epoch); None: none.
+        feedback: B is in feedback form and trains with teacher forcing: at
+            inner step j > 0 it is fed the target of step j - 1.
+        feedback_start: what B is fed at each pair's first step (feedback
+            only): `"zeros"`, `"token:ID"` or `"previous"` (see `FEEDBACK_STARTS`).
+        sampling_schedule: scheduled sampling (feedback only), as
+            `SamplingSchedule.parse` reads it: `"constant:P"` or
+            `"inverse-sigmoid:K"`, the probability that a row is fed its own
+            sample instead of the target at each optimizer step; None: none.
+        jit_compile: run model A under XLA where it compiles and is exact in
+            training: `"auto"`, True or False (the runner's `jit_compile`);
+            None leaves the runner's default (`JIT_COMPILE`).
         overwrite: replace an earlier run in `out_dir` (without `resume`).
     """
 
@@ -408,6 +423,10 @@ class TrainConfig:
     metrics: tuple | None = None
     mixed_precision: bool | None = None
     tensorboard: str | None = None
+    feedback: bool | None = None
+    feedback_start: str | None = None
+    sampling_schedule: str | None = None
+    jit_compile: object = None
     overwrite: bool = False
 
     # Settings a resumed run must share with the checkpoint it continues: they
@@ -415,10 +434,11 @@ class TrainConfig:
     # computes. `epochs`, `learning_rate`, `patience`, `strategy`, `clipnorm`, `warmup_steps`, `metrics` and
     # `tensorboard` may change on resume.
     RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "from_logits", "freeze_a",
-                       "state", "state_init", "lr_schedule", "mixed_precision")
+                       "state", "state_init", "lr_schedule", "mixed_precision", "feedback", "feedback_start",
+                       "sampling_schedule")
     # What a checkpoint records, so that a resumed run continues with the run's own settings.
     SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience", "clipnorm", "warmup_steps", "metrics",
-                                        "tensorboard")
+                                        "tensorboard", "jit_compile")
     # Switches of one invocation, not settings of the run: never recorded, never taken from a checkpoint.
     SWITCHES = ("resume", "overwrite")
 
@@ -451,6 +471,12 @@ class TrainConfig:
         _check_optional_choice("mixed_precision", self.mixed_precision, (True, False))
         if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard):
             raise ParameterError("tensorboard", f"expected a folder name, received {self.tensorboard!r}.")
+        _check_optional_choice("feedback", self.feedback, (True, False))
+        if self.feedback_start is not None:
+            parse_feedback_start(self.feedback_start)
+        if self.sampling_schedule is not None:
+            SamplingSchedule.parse(self.sampling_schedule)
+        _check_optional_choice("jit_compile", self.jit_compile, FAST_CELLS)
         _check_optional_choice("overwrite", self.overwrite, (True, False))
         self._check_together()
 
@@ -465,6 +491,16 @@ class TrainConfig:
                 "state_init", "'ir' sets every inner sequence's state from its own IR vector, which needs "
                 "state='reset'; received state='carry'."
             )
+        if self.feedback is False or (self.feedback is None and not self.resume):  # a resume may have it saved
+            for name in ("sampling_schedule", "feedback_start"):
+                value = getattr(self, name)
+                if value is not None and (name != "feedback_start" or value != "zeros"):
+                    raise ParameterError(name, f"applies to a feedback-form B only: give feedback=True; received "
+                                               f"{name}={value!r} without it.")
+        elif self.loss == "sparse-categorical-crossentropy":
+            raise ParameterError("feedback", "feeds B the target of the step before, one-hot: expected "
+                                             "loss='categorical-crossentropy' with one-hot targets, received "
+                                             "loss='sparse-categorical-crossentropy'.")
         if self.overwrite and self.resume:
             raise ParameterError("overwrite", "replaces an earlier run, resume=True continues it: expected one of "
                                               "them, received both.")

@@ -60,6 +60,7 @@ from cascade_cli.options import (
     METRICS,
     OPTIMIZERS,
     RunInfo,
+    SamplingSchedule,
     TrainCallbacks,
     TrainConfig,
     check_choice,
@@ -475,6 +476,18 @@ def no_sampling(epoch, batch):
     return 0.0
 
 
+def sampling_probabilities(schedule, *, batches_per_epoch):
+    """`(epoch (0-based), batch (1-based)) -> probability` of a `--sampling-schedule` text, or `no_sampling`.
+
+    The schedule's step is the run's global optimizer step, counted from 0
+    (`SamplingSchedule.probability`), so a resumed run goes on where it was.
+    """
+    if schedule is None:
+        return no_sampling
+    schedule = SamplingSchedule.parse(schedule)
+    return lambda epoch, batch: schedule.probability(epoch * batches_per_epoch + batch - 1)
+
+
 def train_steps(batch_loss, *, signature, variables, optimizer):
     """Returns `(gradients, apply)`, two `tf.function`s for one device.
 
@@ -802,7 +815,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
         `(run, folder)`: the `_Run` and the locked `RunFolder` (None on a
         non-chief worker of a new run).
     """
-    cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
+    cascade = Cascade(model_a, model_b, **runner_settings(config))
     _check_fits(cascade, data, loss=config.loss)
     check_regularizers((model_a, model_b))
     if data.n_samples == 0:
@@ -816,8 +829,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     board = _Board.check(config.tensorboard)
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
-    trained = mixed_precision_pair(model_a, model_b, state=config.state,
-                                   state_init=config.state_init) if config.mixed_precision else None
+    trained = mixed_precision_pair(model_a, model_b, **runner_settings(config)) if config.mixed_precision else None
     data.check_finite()  # before the out dir exists: bad data leaves nothing behind
     folder = (prepare_out_dir(out_dir, resume=config.resume, lock=chief, overwrite=config.overwrite)
               if chief or config.resume else None)
@@ -832,7 +844,14 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     return run, folder
 
 
-def mixed_precision_pair(model_a, model_b, *, state="reset", state_init="zeros"):
+def runner_settings(config):
+    """The `Cascade` settings of a resolved `TrainConfig`: one home for what training runs the runner with."""
+    settings = {"state": config.state, "state_init": config.state_init, "feedback": config.feedback,
+                "feedback_start": config.feedback_start}
+    return settings if config.jit_compile is None else {**settings, "jit_compile": config.jit_compile}
+
+
+def mixed_precision_pair(model_a, model_b, **settings):
     """Copies of A and B built under the `mixed_float16` policy (float16 compute, float32 weights), holding their weights.
 
     Each layer is rebuilt from its config with `dtype="mixed_float16"` (the
@@ -861,7 +880,7 @@ def mixed_precision_pair(model_a, model_b, *, state="reset", state_init="zeros")
                 "without mixed_precision.") from exc
         copies.append(copy)
     try:
-        Cascade(*copies, state=state, state_init=state_init)
+        Cascade(*copies, **settings)
     except (ModelError, ParameterError) as exc:
         raise ModelError(f"the two models cannot run in mixed precision (mixed_precision=True): {exc} Train "
                          "them without mixed_precision.") from exc
@@ -881,14 +900,14 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     given = (model_a, model_b)
     if trained is not None:  # mixed precision: the copies train, the models given get their weights at the end
         model_a, model_b = trained
-        cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
+        cascade = Cascade(model_a, model_b, **runner_settings(config))
     batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
     rate = learning_rate_schedule(config.lr_schedule, learning_rate=config.learning_rate,
                                   total_steps=config.epochs * batches_per_epoch, warmup_steps=config.warmup_steps)
     with strategy.scope():
         if distributed:
             model_a, model_b = distribute.replicate(model_a, name="A"), distribute.replicate(model_b, name="B")
-            cascade = Cascade(model_a, model_b, state=config.state, state_init=config.state_init)
+            cascade = Cascade(model_a, model_b, **runner_settings(config))
         variables = _trained_variables(model_a, model_b, freeze_a=config.freeze_a)
         optimizer = make_optimizer(config.optimizer, learning_rate=rate, clipnorm=config.clipnorm,
                                    mixed_precision=config.mixed_precision)
@@ -915,7 +934,9 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
                 out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, gradients=gradients,
                 apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics),
-                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
+                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
+                sampling_probability=sampling_probabilities(config.sampling_schedule,
+                                                            batches_per_epoch=batches_per_epoch))
 
 
 def _default_batches(data, order, *, batch_size):
@@ -1014,7 +1035,7 @@ def _finish(run, history):
     if run.chief:
         from cascade_cli.keras_model import CascadeModel
 
-        generator = CascadeModel(*run.given, state=run.config.state, state_init=run.config.state_init)
+        generator = CascadeModel(*run.given, **runner_settings(run.config))
         save_models(run.given, run.out_dir, history=history, generator=generator)
 
 

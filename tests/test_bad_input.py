@@ -416,7 +416,7 @@ def test_a_loss_that_becomes_inf_exits_1_and_keeps_the_last_checkpoint_and_model
     tf.train.Checkpoint(model_a=restored[0], model_b=restored[1]).restore(latest).expect_partial()
     assert_same_weights(restored[0].get_weights(), weights_of(run / "model_a.keras"))
     assert_same_weights(restored[1].get_weights(), weights_of(run / "model_b.keras"))
-    assert sorted(os.listdir(run)) == ["checkpoints", "history.csv", "model_a.keras", "model_b.keras"]
+    assert sorted(os.listdir(run)) == ["cascade.keras", "checkpoints", "history.csv", "model_a.keras", "model_b.keras"]
 
 
 def test_two_trainings_with_the_same_seed_give_the_same_weights(files, tmp_path):
