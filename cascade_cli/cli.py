@@ -1035,6 +1035,30 @@ def _sequences_table(result, targets, *, pairs):
     return table
 
 
+def _patterns_table(tokens, *, samples):
+    """The token demo's patterns of `samples`: rule, the true tokens and the sampled ones."""
+    from rich.table import Table
+
+    from cascade_cli.result import CascadeResult
+    from cascade_cli.sample import TOKEN_RULES, follows_pattern
+
+    truth = CascadeResult(tokens.targets[:, None].astype(float), tokens.steps)
+    table = Table(title="Sampled by the feedback generator (--sampler categorical --stop-token 0), beside a target",
+                  title_justify="left")
+    for name in ("sample", "outer", "rule", "notes", "a target", "sampled", "keeps the rule"):
+        table.add_column(name, justify="right")
+    for n in samples:
+        for t in range(tokens.steps.shape[1]):
+            if tokens.steps[n, t] == 0:
+                continue
+            rule, length = TOKEN_RULES[tokens.rules[n, t]], int(tokens.steps[n, t]) - 1
+            sampled = tokens.result.token_sequence(n, t)
+            table.add_row(str(n), str(t), rule, str(length), " ".join(str(int(v)) for v in truth.sequence(n, t)[:, 0]),
+                          " ".join(str(int(v)) for v in sampled), "yes" if follows_pattern(sampled, rule, length)
+                          else "no")
+    return table
+
+
 @main.command()
 @click.option("--out-dir", default="cascade-demo", show_default=True, metavar="DIR",
               help="Where the trained models, the result and its exports go.")
@@ -1064,9 +1088,15 @@ def demo(out_dir, epochs, overwrite):
     shown = [(0, t) for t in range(done.result.outer_steps) if done.result.lengths[0, t]][:3]
     report.print(_sequences_table(done.result, done.targets, pairs=shown))
     _say(report, f"Held-out mse {done.mse:.4g} (predicting the mean of the targets gives {done.baseline:.4g}).")
+    tokens = done.tokens
+    report.print(_patterns_table(tokens, samples=(0, 1)))
+    _say(report, f"{tokens.followed} of {tokens.patterns} sampled patterns keep to their rule and length and end with "
+                 f"END, from {tokens.starts} different first notes (the start is not in the inputs: B keeps to the "
+                 "rule from the note it drew because it sees what it emitted).")
     rows = [("trained model A", done.paths["model_a"]), ("trained model B", done.paths["model_b"]),
             ("training history", done.paths["history"]), ("ragged result", done.paths["result"]),
-            ("padded export", done.paths["padded"]), ("csv export", done.paths["csv"])]
+            ("padded export", done.paths["padded"]), ("csv export", done.paths["csv"]),
+            ("token generator", done.paths["tokens_generator"]), ("sampled tokens", done.paths["tokens_result"])]
     _print_rows(report, rows)
     _say(report, f"Done in {time.perf_counter() - started:.1f} s. Next: cascade inspect {done.paths['result']}")
 

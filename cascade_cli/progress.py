@@ -312,6 +312,7 @@ class TrainReport(TrainCallbacks):
     def run_started(self, info):
         """Prints the header: sample counts, device, replicas, the epochs and learning rate, warnings."""
         self._epochs = info.epochs
+        self._best = None  # a new run (the demo trains two with one report)
         for line in run_header(info):
             self._print(line)
 

@@ -8,6 +8,7 @@ their exit code, their one `Error: ...` line and an empty output folder.
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -555,10 +556,14 @@ def test_demo_trains_generates_and_exports(tmp_path, monkeypatch):
     result = invoke("demo", "--out-dir", tmp_path, "--epochs", 2)
     assert_ok(result)
     for name in ("trained/model_a.keras", "trained/model_b.keras", "trained/history.csv", "generated.h5",
-                 "generated_padded.npz", "generated.csv"):
+                 "generated_padded.npz", "generated.csv", "tokens/trained/cascade.keras", "tokens/generated.h5"):
         assert (tmp_path / name).is_file(), name
         assert str(tmp_path / name) in result.stdout
     assert "Generated beside the targets" in result.stdout and "Held-out mse" in result.stdout
+    sampled = read_result(tmp_path / "tokens" / "generated.h5")
+    assert sampled.tokens is not None and sampled.total > 0
+    kept = re.search(r"(\d+) of (\d+) sampled patterns keep to their rule", result.stdout)
+    assert kept is not None and int(kept.group(2)) > 0  # the count itself is checked in test_demo
     assert not (tmp_path / "sample_data").exists()  # the repository's sample_data/ was used
 
     (tmp_path / "trained" / "notes.txt").write_text("mine")  # a user's own file beside the demo's
