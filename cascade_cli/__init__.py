@@ -13,6 +13,7 @@ _LAZY = {
     "Cascade": "cascade_cli.runner",
     "generate_to_file": "cascade_cli.generation",
     "StopRule": "cascade_cli.options",
+    "Sampler": "cascade_cli.options",
     "TrainConfig": "cascade_cli.options",
     "CascadeResult": "cascade_cli.result",
     "CascadeError": "cascade_cli.errors",
