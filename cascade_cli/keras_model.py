@@ -95,9 +95,15 @@ class CascadeModel(keras.Model):
         stop_rule: a `StopRule` (or its dict, `{"kind", "value"}`), used by
             `predict` and the serving export; training runs the given steps.
         exclude_stop_step: leave the step that met the stop rule out.
+        min_steps: no stop rule stops a pair before it has run this many steps (see `Cascade`).
         fast_cells: `"auto"`, True or False (see `Cascade`).
         jit_compile: `Cascade`'s XLA switch for A when not training; None
             (default) leaves it at `Cascade`'s default.
+        feedback, feedback_start, sampler, seed: `Cascade`'s feedback
+            settings (a feedback-form B fed its own outputs). `fit` and
+            `evaluate` teacher-force it on the targets (`training.batch_loss`);
+            `predict` and the serving export run it free, drawing with
+            `sampler` and `seed`.
         **kwargs: `keras.Model`'s own (`name`, ...).
 
     Raises:
@@ -114,7 +120,7 @@ class CascadeModel(keras.Model):
 
     def __init__(self, model_a, model_b, *, state="reset", state_init="zeros", max_steps=None, stop_rule=None,
                  exclude_stop_step=False, fast_cells="auto", jit_compile=None, feedback=False, feedback_start="zeros",
-                 sampler="identity", seed=0, **kwargs):
+                 sampler="identity", seed=0, min_steps=0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(stop_rule, dict):
             stop_rule = StopRule(**stop_rule)
@@ -125,12 +131,12 @@ class CascadeModel(keras.Model):
         self._settings = dict(state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
                               exclude_stop_step=bool(exclude_stop_step), fast_cells=fast_cells,
                               jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
-                              sampler=Sampler.coerce(sampler), seed=seed)
+                              sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
         runner = {key: value for key, value in self._settings.items() if value is not None or key != "jit_compile"}
         self.cascade = Cascade(model_a, model_b, **runner)
         # Training runs the given steps: no stop rule, no max_steps bound.
         self.training_cascade = self.cascade if stop_rule is None and max_steps is None else Cascade(
-            model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None})
+            model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None, "min_steps": 0})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
         self._loss = None  # training.batch_loss of the compiled loss: the one cascade train runs too
@@ -239,6 +245,10 @@ class CascadeModel(keras.Model):
             message="targets (N, Ta, L, O): L is shorter than the longest steps")
         with tf.control_dependencies([check]):
             flat_targets = tf.boolean_mask(targets, tf.sequence_mask(steps, tf.shape(targets)[2]))
+        if targets.dtype.is_integer:  # token ids (total,) or (total, 1): kept as ids, which teacher forcing feeds
+            if flat_targets.shape.rank == 2 and flat_targets.shape[1] == 1:
+                flat_targets = flat_targets[:, 0]
+            return inputs, steps, tf.cast(flat_targets, tf.int64)
         return inputs, steps, tf.cast(flat_targets, tf.float32)
 
     def _replica_options(self):
@@ -275,13 +285,15 @@ class CascadeModel(keras.Model):
     # ------------------------------------------------------------- predict
 
     def _predict_function(self, given):
+        """The cached `tf.function` of one predict batch: `(inputs[, steps], sample_index) -> run's outputs`."""
         if given not in self._predict_functions:
             cascade = self.cascade
+            options = {"training": False, "return_tokens": cascade.sampler.tokens}
             if given:
-                function = tf.function(lambda inputs, steps: cascade.run(inputs, steps, training=False),
-                                       reduce_retracing=True)
+                function = tf.function(lambda inputs, steps, index: cascade.run(inputs, steps, sample_index=index,
+                                                                                **options), reduce_retracing=True)
             else:
-                function = tf.function(lambda inputs: cascade.run(inputs, None, training=False),
+                function = tf.function(lambda inputs, index: cascade.run(inputs, None, sample_index=index, **options),
                                        reduce_retracing=True)
             self._predict_functions[given] = function
         return self._predict_functions[given]
@@ -290,7 +302,9 @@ class CascadeModel(keras.Model):
         """Generates the ragged result, one batch after another.
 
         Each batch's `(values, lengths)` is kept as it is (no padding across
-        batches), and the result is built from them.
+        batches), and the result is built from them. Sample `n` is drawn as
+        sample `n` of the whole input (the runner's `sample_index`), so a
+        sampler's draws do not depend on `batch_size`.
 
         Args:
             x: inputs `(N, Ta, F)`.
@@ -302,7 +316,9 @@ class CascadeModel(keras.Model):
             **kwargs: refused: Keras' other `predict` settings do not apply.
 
         Returns:
-            A `tf.RaggedTensor` `(N, Ta, None, O)`, or a `CascadeResult`.
+            A `tf.RaggedTensor` `(N, Ta, None, O)`, or a `CascadeResult`,
+            which holds the sampled token ids too when the sampler picks
+            tokens (`greedy`, `categorical`).
 
         Raises:
             ParameterError: a bad `batch_size`, or `steps=None` without `max_steps`.
@@ -325,17 +341,21 @@ class CascadeModel(keras.Model):
                                 max_steps=self._settings["max_steps"])
             steps = np.broadcast_to(steps, (n, inputs.shape[1])).astype(np.int32)
         function = self._predict_function(steps is not None)
-        values, lengths = [], []
+        values, lengths, tokens = [], [], []
         for start in range(0, n, batch_size):
             batch = tf.constant(inputs[start:start + batch_size])
+            index = tf.range(start, start + batch.shape[0], dtype=tf.int64)
             args = (batch,) if steps is None else (batch, tf.constant(steps[start:start + batch_size]))
-            batch_values, batch_lengths = function(*args)
-            values.append(batch_values.numpy())
-            lengths.append(batch_lengths.numpy())
+            out = function(*args, index)
+            values.append(out[0].numpy())
+            lengths.append(out[1].numpy())
+            tokens.extend(out[2:3])
         output_size = self.cascade.b_spec.output_size
         result = CascadeResult(
             np.concatenate(values) if values else np.zeros((0, output_size), np.float32),
             np.concatenate(lengths) if lengths else np.zeros((0, inputs.shape[1]), np.int32),
+            (np.concatenate([t.numpy() for t in tokens]) if tokens else np.zeros((0,), np.int64))
+            if self.cascade.sampler.tokens else None,
         )
         return result if return_result else _ragged(result)
 
@@ -355,6 +375,10 @@ def export_saved_model(model, directory, *, overwrite=False):
     `steps (N, Ta) int32` (only `inputs` when the model has `max_steps`) to
     `flat_values (total, O)` in value order and `lengths (N, Ta) int32`;
     `tf.RaggedTensor.from_row_lengths` rebuilds the ragged result from them.
+    With a sampler that picks tokens (`greedy`, `categorical`) it also
+    returns `tokens (total,) int64`, the sampled id of each value row. A
+    request's samples are drawn as samples `0..N-1` (what `predict` draws for
+    the same `N` samples, at any batch size), with the model's `seed`.
 
     Args:
         model: a `CascadeModel`.
@@ -377,17 +401,21 @@ def export_saved_model(model, directory, *, overwrite=False):
     module = tf.Module()
     module.model_a, module.model_b = model.model_a, model.model_b  # tracks their variables
 
+    tokens = cascade.sampler.tokens
+
+    def outputs(inputs, steps):
+        out = cascade.run(inputs, steps, training=False, return_tokens=tokens)  # sample_index: 0..N-1
+        return {"flat_values": out[0], "lengths": out[1], **({"tokens": out[2]} if tokens else {})}
+
     if model.settings["max_steps"] is None:
         @tf.function(input_signature=[inputs_spec, tf.TensorSpec([None, a_spec.outer_steps], tf.int32,
                                                                    name="steps")])
         def serve(inputs, steps):
-            values, lengths = cascade.run(inputs, steps, training=False)
-            return {"flat_values": values, "lengths": lengths}
+            return outputs(inputs, steps)
     else:
         @tf.function(input_signature=[inputs_spec])
         def serve(inputs):
-            values, lengths = cascade.run(inputs, None, training=False)
-            return {"flat_values": values, "lengths": lengths}
+            return outputs(inputs, None)
 
     module.serve = serve
     # Serving needs no gradient: the runner's custom gradients stay out of the file.
