@@ -58,7 +58,7 @@ FLAGS = {
     "feedback": "--feedback", "feedback_start": "--feedback-start", "sampler": "--sampler",
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
-    "jit_compile": "--no-xla",
+    "jit_compile": "--no-xla", "min_steps": "--min-steps",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
@@ -398,6 +398,7 @@ class RunnerFlags:
     max_steps: int | None = None
     stop_rule: tuple | None = None  # (kind, value)
     exclude_stop_step: bool = False
+    min_steps: int | None = None
     feedback: bool = False
     feedback_start: str | None = None
     sampler: object = None  # an `options.Sampler`
@@ -416,6 +417,7 @@ class RunnerFlags:
                 "max_steps": self.max_steps if self.max_steps is not None else saved.get("max_steps"),
                 "stop_rule": stop_rule,
                 "exclude_stop_step": self.exclude_stop_step or bool(saved.get("exclude_stop_step", False)),
+                "min_steps": self.min_steps if self.min_steps is not None else saved.get("min_steps", 0),
                 "feedback": self.feedback or bool(saved.get("feedback", False)),
                 "feedback_start": self.feedback_start or saved.get("feedback_start", "zeros"),
                 "sampler": self.sampler or saved.get("sampler", "identity"),
@@ -433,7 +435,7 @@ def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p):
 
 
 def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, feedback,
-                  feedback_start, sampler, temperature, top_k, top_p, no_xla):
+                  feedback_start, sampler, temperature, top_k, top_p, no_xla, min_steps=None):
     if stop_norm is not None and stop_token is not None:
         raise click.UsageError("--stop-norm and --stop-token are two stop rules; use one of them.", ctx)
     if stop_norm is not None and not math.isfinite(stop_norm):
@@ -441,7 +443,8 @@ def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, s
     rule = ("norm", float(stop_norm)) if stop_norm is not None else None
     rule = ("token", int(stop_token)) if stop_token is not None else rule
     return RunnerFlags(state=state, state_init=state_init, max_steps=max_steps, stop_rule=rule,
-                       exclude_stop_step=exclude_stop_step, feedback=feedback, feedback_start=feedback_start,
+                       exclude_stop_step=exclude_stop_step, min_steps=min_steps, feedback=feedback,
+                       feedback_start=feedback_start,
                        sampler=_sampler_flag(ctx, sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p),
                        no_xla=no_xla)
 
@@ -455,6 +458,9 @@ _RUNNER_OPTIONS = (
                  help="Stop a pair after the first output whose argmax is ID (with --sampler greedy or categorical: "
                       "the first sampled token ID)."),
     click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens)."),
+    click.option("--min-steps", type=click.IntRange(0, INT32_MAX), metavar="M",
+                 help="No stop rule stops a pair before it has run M inner steps, the stop step included "
+                      "(M <= --max-steps)."),
     click.option("--state", type=click.Choice(STATE_MODES), show_default="reset",
                  help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps."),
     click.option("--state-init", type=click.Choice(STATE_INITS), show_default="zeros",
@@ -483,10 +489,11 @@ def runner_options(command):
     flags, `--no-xla`), passed on as `runner: RunnerFlags`."""
 
     @functools.wraps(command)
-    def wrapper(*args, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, feedback,
+    def wrapper(*args, max_steps, stop_norm, stop_token, exclude_stop_step, min_steps, state, state_init, feedback,
                 feedback_start, sampler, temperature, top_k, top_p, no_xla, **kwargs):
         flags = _runner_flags(click.get_current_context(), max_steps=max_steps, stop_norm=stop_norm,
-                              stop_token=stop_token, exclude_stop_step=exclude_stop_step, state=state,
+                              stop_token=stop_token, exclude_stop_step=exclude_stop_step, min_steps=min_steps,
+                              state=state,
                               state_init=state_init, feedback=feedback, feedback_start=feedback_start,
                               sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, no_xla=no_xla)
         return command(*args, runner=flags, **kwargs)
@@ -630,6 +637,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
             "jit_compile": str(settings["jit_compile"]), "num_samples": int(num_samples),
             "seed": int(seed), "cascade_version": __version__,
             **({} if rule is None else {"stop_value": rule.value}),
+            **({"min_steps": int(settings["min_steps"])} if settings["min_steps"] else {}),
             **({} if settings["max_steps"] is None else {"max_steps": int(settings["max_steps"])}),
         }
         attrs = identify_run(attrs, model_files=models.paths, source=source, steps=steps, batch_size=batch_size,

@@ -59,7 +59,7 @@ def stop_hits(rule, y):
     return tf.argmax(y, axis=-1, output_type=tf.int32) == int(rule.value)
 
 
-def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, stop=None):
+def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, stop=None, held=None):
     """Runs `step` over packed rows until no row is left.
 
     At inner step `j`, `body(j, rows)` gives the step's input `x` and a
@@ -79,6 +79,9 @@ def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, st
         stop: `y -> (hit, emit)`: `(rows,)` bools, the rows that met the stop
             rule and (or None for all) the rows whose `y` is emitted; None
             without a stop rule.
+        held: `(j, rows) -> (rows,)` bools, the rows the stop rule may not
+            stop yet (`min_steps`): they neither stop nor leave their `y`
+            out; None holds no row.
 
     Returns:
         `(outputs (total, O), pairs (total,))`: every step's emitted outputs,
@@ -89,6 +92,10 @@ def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, st
         x, finish = body(j, rows)
         y, states = step(x, states)
         hit, emit = (None, None) if stop is None else stop(y)
+        if hit is not None and held is not None:
+            waiting = held(j, rows)
+            hit = tf.logical_and(hit, tf.logical_not(waiting))
+            emit = None if emit is None else tf.logical_or(emit, waiting)
         pair_ids, keep, rows = finish(y, hit)
         if emit is None:
             ys, pairs = ys.write(j, y), pairs.write(j, pair_ids)
@@ -144,6 +151,10 @@ class Cascade:
             steps are given, and an upper bound for given steps.
         stop_rule: a `StopRule`; needs `max_steps`.
         exclude_stop_step: leave the step that met the stop rule out (for end tokens).
+        min_steps: an integer in [0, max_steps]: no stop rule stops a pair
+            before it has run `min_steps` inner steps, the stop step included
+            (a hit at inner step `j` counts from `j + 1 >= min_steps` on; 0
+            and 1 hold nothing off). Needs a stop rule when above 0.
         fast_cells: `"auto"` (default), True or False. When B is a Keras
             SimpleRNN/GRU/LSTM cell plus a head, the known-cell path computes
             the cell's input projection once per pair and the head once after
@@ -215,6 +226,7 @@ class Cascade:
         max_steps=None,
         stop_rule=None,
         exclude_stop_step=False,
+        min_steps=0,
         fast_cells="auto",
         jit_compile=JIT_COMPILE,
         run_eagerly=False,
@@ -275,8 +287,15 @@ class Cascade:
                     "with state='carry' needs a step-form B: a sequence-form B cannot know where the next "
                     "outer step starts before the previous one has stopped.",
                 )
+        min_steps = check_int("min_steps", min_steps)
+        if min_steps and stop_rule is None:
+            raise ParameterError("min_steps", f"holds a stop rule off for the first steps and needs one (stop_rule); "
+                                              f"received min_steps={min_steps} with stop_rule=None.")
+        if min_steps and min_steps > max_steps:
+            raise ParameterError("min_steps", f"expected at most max_steps={max_steps}, received {min_steps}.")
         self.max_steps = max_steps
         self.stop_rule = stop_rule
+        self.min_steps = min_steps
         self.exclude_stop_step = bool(exclude_stop_step)
         self.fast_cells = fast_cells
         self._cells = [
@@ -717,10 +736,15 @@ class Cascade:
         hit = stop_hits(self.stop_rule, y)
         return hit, (tf.logical_not(hit) if self.exclude_stop_step else None)
 
-    def _loop(self, step, body, rows, states, *, counts=None):
+    def _held(self, inner):
+        """`(rows,)` bools: the rows at inner steps `inner` that `min_steps` keeps from stopping, or None."""
+        return inner + 1 < self.min_steps if self.min_steps > 1 else None
+
+    def _loop(self, step, body, rows, states, *, counts=None, held=None):
         return packed_loop(step.call, body, rows=rows, states=states, output_size=step.width,
                            dtype=self.model_b.outputs[0].dtype, counts=counts,
-                           stop=None if self.stop_rule is None else self._stop)
+                           stop=None if self.stop_rule is None else self._stop,
+                           held=held if self.min_steps > 1 else None)
 
     def _lengths(self, caps, pairs):
         if self.stop_rule is None:
@@ -748,7 +772,8 @@ class Cascade:
             pair_ids, row_caps = packing.reset_rows(caps)
             ir_rows = tf.gather(ir_flat, pair_ids)
             rows = (pair_ids, step.project(ir_rows), row_caps)
-            outputs, pairs = self._loop(step, body, rows, self._initial_states(ir_rows))
+            held = lambda j, rows: tf.fill(tf.shape(rows[0]), j + 1 < self.min_steps)  # noqa: E731
+            outputs, pairs = self._loop(step, body, rows, self._initial_states(ir_rows), held=held)
             return outputs, pairs, tf.argsort(pairs, stable=True)
         plan = packing.reset_plan(caps)
         ir_rows = tf.gather(ir_flat, plan.pair_ids)
@@ -786,7 +811,7 @@ class Cascade:
         rows = (samples, packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer),
                 tf.zeros_like(samples))
         states = [tf.zeros([tf.size(samples), size], ir_flat.dtype) for size in self.b_spec.state_sizes]
-        outputs, pairs = self._loop(step, body, rows, states)
+        outputs, pairs = self._loop(step, body, rows, states, held=lambda j, rows: self._held(rows[2]))
         return outputs, pairs, tf.argsort(pairs, stable=True)
 
     def _run_carry_given(self, ir_flat, caps, step):
@@ -886,6 +911,8 @@ class Cascade:
             hit = None
             if rule is not None:
                 hit = (token == int(rule.value) if rule.kind == "token" and token is not None else stop_hits(rule, y))
+                if self.min_steps > 1:
+                    hit = tf.logical_and(hit, tf.logical_not(self._held(inner)))
             emitted = [y, pair] + ([token] if feed.return_tokens else [])
             if hit is not None and self.exclude_stop_step:
                 emitted = [tf.boolean_mask(t, tf.logical_not(hit)) for t in emitted]
@@ -1017,6 +1044,8 @@ class Cascade:
             if self.stop_rule is not None:
                 hit = tf.logical_and(tf.reshape(stop_hits(self.stop_rule, tf.reshape(y, [-1, y.shape[-1]])),
                                                 tf.shape(valid)), valid)
+                if self.min_steps > 1:
+                    hit = tf.logical_and(hit, tf.range(length)[None, :] + 1 >= self.min_steps)
                 first_hit = tf.where(tf.reduce_any(hit, axis=1), tf.argmax(tf.cast(hit, tf.int32), axis=1,
                                                                           output_type=tf.int32), length)
                 emitted = tf.minimum(row_caps, first_hit + (0 if self.exclude_stop_step else 1))

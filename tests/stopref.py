@@ -1,0 +1,69 @@
+"""An eager reference for run-time stopping with `min_steps`, several tokens and the gate.
+
+One sample, one outer step and one inner step at a time, calling B directly;
+independent of the runner (no packing, no masks).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def reference(model_a, model_b, x, caps, *, state="reset", feedback=False, sampler="identity", stop=None,
+              min_steps=0, exclude_stop_step=False):
+    """Returns `(values (total, O) np.ndarray, lengths (N, Ta), tokens list)`.
+
+    `stop(y) -> bool` is a Python predicate on one output vector (numpy), or
+    on its argmax token with `sampler="greedy"` (`stop(y, token)` then); it is
+    ignored while the pair has run fewer than `min_steps` steps, the step
+    being tested included. With `feedback`, B is `[x, y_prev, *states]`, fed
+    zeros at a pair's first step and the sampler's value of its previous `y`.
+    A sequence-form B (reset only) is run once per pair on `cap` repeats.
+    """
+    ir = model_a(tf.convert_to_tensor(x))
+    n_samples, outer = x.shape[0], x.shape[1]
+    caps = np.broadcast_to(np.asarray(caps), (n_samples, outer))
+    sequence_form = len(model_b.inputs) == 1 and len(model_b.inputs[0].shape) == 3
+    first_state = 2 if feedback else 1
+    sizes = [] if sequence_form else [int(s.shape[-1]) for s in model_b.inputs[first_state:]]
+    size = int(model_b.outputs[0].shape[-1])
+    values, tokens, lengths = [], [], np.zeros((n_samples, outer), np.int64)
+    for n in range(n_samples):
+        carried = [tf.zeros([1, s], ir.dtype) for s in sizes]
+        for t in range(outer):
+            cap = int(caps[n, t])
+            if cap == 0:
+                continue
+            states = carried if state == "carry" else [tf.zeros([1, s], ir.dtype) for s in sizes]
+            y_prev = tf.zeros([1, size], ir.dtype)
+            sequence = model_b(tf.repeat(ir[n, t][None, None], cap, axis=1))[0] if sequence_form else None
+            emitted = 0
+            for j in range(cap):
+                if sequence_form:
+                    y = sequence[j][None]
+                else:
+                    out = model_b([ir[n, t][None], y_prev, *states] if feedback else [ir[n, t][None], *states])
+                    out = out if isinstance(out, (list, tuple)) else [out]
+                    y, states = out[0], list(out[1:])
+                row = y[0].numpy()
+                token = int(np.argmax(row))
+                if sampler == "greedy":
+                    y_prev = tf.one_hot([token], size, dtype=ir.dtype)
+                    hit = stop is not None and stop(row, token)
+                else:
+                    y_prev = y
+                    hit = stop is not None and stop(row)
+                hit = hit and j + 1 >= min_steps
+                if not (hit and exclude_stop_step):
+                    values.append(row)
+                    tokens.append(token)
+                    emitted += 1
+                if hit:
+                    break
+            lengths[n, t] = emitted
+            carried = states
+    values = np.stack(values) if values else np.zeros([0, size], np.float32)
+    return values, lengths, tokens
+
+
+def sigmoid(value):
+    return 1.0 / (1.0 + np.exp(-value))
