@@ -246,23 +246,27 @@ def describe_pair(models, paths, specs):
     `models`, `paths` and `specs` (`(a_spec, b_spec)` of each, None where it
     does not qualify) are `[PATH, --partner]`. The order the README documents,
     `inspect B --partner A`, is tried first, then the other; an order is tried
-    only where each model qualifies for its role. When none fits, the error
-    names both files.
+    only where each model qualifies for its role. A B qualifies in step or
+    sequence form (its `b_spec`) or in feedback form (`models.feedback_problem`
+    finds nothing), and the pair says which form fits. When none fits, the
+    error names both files.
     """
-    from cascade_cli.models import check_pair
+    from cascade_cli.models import check_pair, feedback_problem
 
-    (a_first, b_first), (a_second, b_second) = specs
-    orders = [order for order, fits in (((1, 0), a_second is not None and b_first is not None),
-                                        ((0, 1), a_first is not None and b_second is not None)) if fits]
+    forms = [([False] if b_spec is not None else []) + ([True] if feedback_problem(model) is None else [])
+             for model, (_, b_spec) in zip(models, specs)]
+    orders = [(a, b, feedback) for a, b in ((1, 0), (0, 1)) if specs[a][0] is not None for feedback in forms[b]]
     problem = None
-    for a, b in orders or [(1, 0)]:
+    for a, b, feedback in orders or [(1, 0, False)]:
         try:
-            a_spec, b_spec = check_pair(models[a], models[b], names=(str(paths[a]), str(paths[b])))
+            a_spec, b_spec = check_pair(models[a], models[b], names=(str(paths[a]), str(paths[b])),
+                                        feedback=feedback)
         except ModelError as error:
             problem = problem or error
             continue
+        form = "feedback form; use it with --feedback" if feedback else f"{b_spec.form} form"
         return [("pair", f"A='{paths[a]}' and B='{paths[b]}' fit: IR size H={a_spec.ir_size}, "
-                         f"B emits O={b_spec.output_size} ({b_spec.form} form)")]
+                         f"B emits O={b_spec.output_size} ({form})")]
     raise problem
 
 

@@ -243,3 +243,22 @@ def test_inspect_of_a_step_form_b_says_whether_it_fits_the_feedback_form(tmp_pat
     assert_ok(result)
     assert re.search(r"^feedback +form yes: \[x \(H=4\), y_prev \(O=3\), states \[5\]\]", result.stdout, re.M), \
         result.stdout
+
+
+def test_inspect_pairs_a_feedback_form_b_with_its_partner_in_either_order(tmp_path):
+    import builders
+    from clitools import assert_ok, invoke
+
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.feedback_b().save(tmp_path / "fb.keras")
+    builders.model_a(ir_size=5).save(tmp_path / "wide.keras")
+    fits = (f"A='{tmp_path / 'a.keras'}' and B='{tmp_path / 'fb.keras'}' fit: IR size H=4, B emits O=3 "
+            "(feedback form; use it with --feedback)")
+    for order in (("fb.keras", "a.keras"), ("a.keras", "fb.keras")):  # the README's order first
+        result = invoke("inspect", tmp_path / order[0], "--partner", tmp_path / order[1])
+        assert_ok(result)
+        assert re.search(r"^pair +" + re.escape(fits), result.stdout, re.M), result.stdout
+    result = invoke("inspect", tmp_path / "fb.keras", "--partner", tmp_path / "wide.keras")
+    assert result.exit_code == 1
+    assert (f"Error: model A ('{tmp_path / 'wide.keras'}') emits IR vectors of size 5 but model B "
+            f"('{tmp_path / 'fb.keras'}') expects inputs of size 4") in result.stderr
