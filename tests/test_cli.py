@@ -677,3 +677,23 @@ def test_export_model_writes_a_saved_model_that_serves_the_generator(files, tmp_
     np.testing.assert_allclose(out["flat_values"].numpy(), values, rtol=1e-5, atol=1e-6)
     assert_error(invoke("export-model", generator, "--saved-model", tmp_path / "served"), 1, "already holds files")
     assert sorted(os.listdir(tmp_path)) == ["g.keras", "served"]  # no temporary folder left
+
+
+def test_export_model_of_a_token_sampler_serves_the_tokens_generate_writes(files, tmp_path):
+    builders.feedback_b(output_size=3).save(tmp_path / "fb.keras")
+    generator = tmp_path / "g.keras"
+    assert_ok(invoke("pack", "--model-a", files["a.keras"], "--model-b", tmp_path / "fb.keras", "--feedback",
+                     "--sampler", "categorical", "--max-steps", "4", "--stop-token", "0",
+                     "-o", generator))
+    result = invoke("export-model", generator, "--saved-model", tmp_path / "served")
+    assert_ok(result)
+    assert "serving_default maps inputs to flat_values, lengths, tokens" in " ".join(result.output.split())
+    assert_ok(invoke("generate", "--model", generator, "--inputs", files["x.h5"], "-o", tmp_path / "r.h5"))
+    written = read_result(tmp_path / "r.h5")
+    with h5py.File(files["x.h5"], "r") as f:
+        x = f["inputs"][()]
+    out = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"](inputs=tf.constant(x))
+    assert written.total > 0
+    np.testing.assert_array_equal(out["lengths"].numpy(), written.lengths)
+    np.testing.assert_array_equal(out["tokens"].numpy(), written.tokens)
+    np.testing.assert_allclose(out["flat_values"].numpy(), written.values, rtol=1e-5, atol=1e-6)
