@@ -396,7 +396,7 @@ class RunnerFlags:
     state: str | None = None
     state_init: str | None = None
     max_steps: int | None = None
-    stop_rule: tuple | None = None  # (kind, value)
+    stop_rule: tuple | None = None  # (kind, value): a threshold, or a tuple of token ids
     exclude_stop_step: bool = False
     min_steps: int | None = None
     feedback: bool = False
@@ -410,7 +410,7 @@ class RunnerFlags:
 
         saved = dict(saved or {})
         rule = self.stop_rule
-        stop_rule = saved.get("stop_rule") if rule is None else getattr(StopRule, rule[0])(rule[1])
+        stop_rule = saved.get("stop_rule") if rule is None else StopRule(*rule)
         jit_compile = JIT_COMPILE if saved.get("jit_compile") is None else saved["jit_compile"]
         return {"state": self.state or saved.get("state", "reset"),
                 "state_init": self.state_init or saved.get("state_init", "zeros"),
@@ -441,7 +441,7 @@ def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, s
     if stop_norm is not None and not math.isfinite(stop_norm):
         raise click.BadParameter(f"expected a finite threshold, received {stop_norm}.", ctx, param_hint="'--stop-norm'")
     rule = ("norm", float(stop_norm)) if stop_norm is not None else None
-    rule = ("token", int(stop_token)) if stop_token is not None else rule
+    rule = ("token", stop_token) if stop_token is not None else rule
     return RunnerFlags(state=state, state_init=state_init, max_steps=max_steps, stop_rule=rule,
                        exclude_stop_step=exclude_stop_step, min_steps=min_steps, feedback=feedback,
                        feedback_start=feedback_start,
@@ -449,14 +449,32 @@ def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, s
                        no_xla=no_xla)
 
 
+class _TokenIds(click.ParamType):
+    """`--stop-token 0,5`: one or more distinct token ids, each in [0, 2**31), as a tuple."""
+
+    name = "ID[,ID...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        each = click.IntRange(0, INT32_MAX)
+        ids = tuple(each.convert(part.strip(), param, ctx) for part in str(value).split(","))
+        from cascade_cli.options import StopRule
+
+        try:
+            return StopRule.token(*ids).token_ids  # the one check of repeated ids
+        except ParameterError as error:
+            self.fail(error.problem, param, ctx)
+
+
 _RUNNER_OPTIONS = (
     click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
                  help="The most inner steps a pair may run: the length a stop rule runs to (given steps above M "
                       "are an error)."),
     click.option("--stop-norm", type=float, metavar="T", help="Stop a pair after the first output with L2 norm >= T."),
-    click.option("--stop-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
-                 help="Stop a pair after the first output whose argmax is ID (with --sampler greedy or categorical: "
-                      "the first sampled token ID)."),
+    click.option("--stop-token", type=_TokenIds(), metavar="ID[,ID...]",
+                 help="Stop a pair after the first output whose argmax is ID, or one of several distinct IDs given "
+                      "as 0,5 (with --sampler greedy or categorical: the first sampled token among them)."),
     click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens)."),
     click.option("--min-steps", type=click.IntRange(0, INT32_MAX), metavar="M",
                  help="No stop rule stops a pair before it has run M inner steps, the stop step included "
@@ -636,7 +654,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
             "feedback": cascade.feedback, "feedback_start": str(cascade.feedback_start), **cascade.sampler.as_attrs(),
             "jit_compile": str(settings["jit_compile"]), "num_samples": int(num_samples),
             "seed": int(seed), "cascade_version": __version__,
-            **({} if rule is None else {"stop_value": rule.value}),
+            **({} if rule is None else {"stop_value": rule.stored_value}),
             **({"min_steps": int(settings["min_steps"])} if settings["min_steps"] else {}),
             **({} if settings["max_steps"] is None else {"max_steps": int(settings["max_steps"])}),
         }

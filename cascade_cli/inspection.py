@@ -41,9 +41,13 @@ class Report:
 
 
 def rule_text(rule):
-    """`("norm", 1.5)` -> `"norm >= 1.5"`; `("token", 0)` -> `"token == 0"`."""
-    kind, value = rule
-    return f"norm >= {value:g}" if kind == "norm" else f"token == {value}"
+    """`StopRule.describe` of `(kind, value)`; the value may be a result file's `stop_value`.
+
+    `("norm", 1.5)` -> `"norm >= 1.5"`; `("token", 0)` -> `"token == 0"`; `("token", "0,5")` -> `"token in {0, 5}"`.
+    """
+    from cascade_cli.options import StopRule
+
+    return StopRule(*rule).describe()
 
 
 def stop_rule_lines(rule, *, pairs, at_cap, at_first=0):

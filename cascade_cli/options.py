@@ -87,8 +87,11 @@ class StopRule:
     rule. The runner evaluates it (`cascade_cli.runner.stop_hits`).
 
     Attributes:
-        kind: `"norm"` (L2 norm of `y` >= `value`) or `"token"` (`argmax(y) == value`).
-        value: the threshold or the token id.
+        kind: `"norm"` (L2 norm of `y` >= `value`) or `"token"` (`argmax(y)`
+            is one of the ids).
+        value: the threshold, the token id, or a tuple of several distinct
+            token ids (also given as a list or as text `"0,5"`; one id is kept
+            as an int, as before).
     """
 
     kind: str
@@ -100,20 +103,58 @@ class StopRule:
         return cls("norm", check_number("threshold", threshold))
 
     @classmethod
-    def token(cls, token_id):
-        """Stops once `argmax(y) == token_id`."""
-        return cls("token", check_int("token_id", token_id))
+    def token(cls, *token_ids):
+        """Stops once `argmax(y)` is one of `token_ids` (one or more distinct ids)."""
+        if not token_ids:
+            raise ParameterError("token_id", "expected at least one token id, received none.")
+        return cls("token", token_ids[0] if len(token_ids) == 1 else tuple(token_ids))
 
     def __post_init__(self):
         check_choice("kind", self.kind, STOP_RULES)
         if self.kind == "token":
-            check_int("token_id", self.value)
+            object.__setattr__(self, "value", _token_value(self.value))
         else:
             check_number("threshold", self.value)
 
+    @property
+    def token_ids(self):
+        """The stop token ids, a tuple (`"token"` rules; empty for others)."""
+        if self.kind != "token":
+            return ()
+        return self.value if isinstance(self.value, tuple) else (self.value,)
+
+    @property
+    def stored_value(self):
+        """The value as result files store it (`stop_value`): the number, or several ids as text `"0,5"`."""
+        return ",".join(str(i) for i in self.value) if isinstance(self.value, tuple) else self.value
+
     def describe(self):
-        """The rule as text, e.g. `"norm >= 1.2"` or `"token == 0"`."""
-        return f"norm >= {self.value:g}" if self.kind == "norm" else f"token == {int(self.value)}"
+        """The rule as text, e.g. `"norm >= 1.2"`, `"token == 0"` or `"token in {0, 5}"`."""
+        if self.kind == "norm":
+            return f"norm >= {self.value:g}"
+        if isinstance(self.value, tuple):
+            return "token in {" + ", ".join(str(i) for i in self.value) + "}"
+        return f"token == {int(self.value)}"
+
+
+def _token_value(value):
+    """A token rule's value: one id as an int, several as a tuple; repeated ids raise `ParameterError("token_id")`."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        if not all(part.lstrip("-").isdigit() for part in parts):
+            raise ParameterError("token_id", f"expected token ids as integers separated by commas, such as 0,5; "
+                                             f"received {value!r}.")
+        value = [int(part) for part in parts]
+    if isinstance(value, (list, tuple)):
+        ids = tuple(check_int("token_id", i) for i in value)
+        if not ids:
+            raise ParameterError("token_id", "expected at least one token id, received none.")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ParameterError("token_id", f"token {repeated[0]} is repeated: expected distinct ids, received "
+                                             f"{','.join(str(i) for i in ids)}.")
+        return ids[0] if len(ids) == 1 else ids
+    return check_int("token_id", value)
 
 
 # ------------------------------------------------- feedback and sampling

@@ -52,11 +52,19 @@ __all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "pack
            "xla_inference", "xla_problem"]
 
 
-def stop_hits(rule, y):
-    """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the `StopRule`."""
+def stop_hits(rule, y, tokens=None):
+    """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the `StopRule`.
+
+    A token rule reads `tokens (rows,)` (the sampled ids) where given, else `argmax(y)`.
+    """
     if rule.kind == "norm":
         return tf.norm(y, axis=-1) >= tf.cast(rule.value, y.dtype)
-    return tf.argmax(y, axis=-1, output_type=tf.int32) == int(rule.value)
+    if tokens is None:
+        tokens = tf.argmax(y, axis=-1, output_type=tf.int32)
+    ids = rule.token_ids
+    if len(ids) == 1:
+        return tokens == tf.cast(ids[0], tokens.dtype)
+    return tf.reduce_any(tokens[:, None] == tf.constant(ids, tokens.dtype)[None, :], axis=1)
 
 
 def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, stop=None, held=None):
@@ -275,11 +283,12 @@ class Cascade:
             if max_steps is None:
                 raise ParameterError(
                     "stop_rule", "needs max_steps, the most inner steps a pair may run; received max_steps=None.")
-            if stop_rule.kind == "token" and stop_rule.value >= self.b_spec.output_size:
+            outside = [i for i in stop_rule.token_ids if i >= self.b_spec.output_size]
+            if outside:
                 raise ParameterError(
                     "stop_rule",
-                    f"stop token {int(stop_rule.value)} is outside B's outputs: expected an id in "
-                    f"[0, {self.b_spec.output_size}), received {int(stop_rule.value)}.",
+                    f"stop token {outside[0]} is outside B's outputs: expected an id in "
+                    f"[0, {self.b_spec.output_size}), received {stop_rule.stored_value}.",
                 )
             if self.b_spec.form == "sequence" and state == "carry":
                 raise ParameterError(
@@ -910,7 +919,7 @@ class Cascade:
             fed, token = sampling.sample(sampler, y, u)
             hit = None
             if rule is not None:
-                hit = (token == int(rule.value) if rule.kind == "token" and token is not None else stop_hits(rule, y))
+                hit = stop_hits(rule, y, token if rule.kind == "token" else None)
                 if self.min_steps > 1:
                     hit = tf.logical_and(hit, tf.logical_not(self._held(inner)))
             emitted = [y, pair] + ([token] if feed.return_tokens else [])
