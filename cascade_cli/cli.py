@@ -732,7 +732,7 @@ def pack(ctx, models, runner, output, overwrite):
                   f"{settings_text(generator.settings)}.")
 
 
-@main.command("export-model")
+@main.command("export-model", short_help="Export a packed generator as a TensorFlow SavedModel.")
 @click.argument("generator", metavar="GENERATOR.keras")
 @click.option("--saved-model", "directory", required=True, metavar="DIR",
               help="The TensorFlow SavedModel folder to write (serving_default: inputs, steps -> flat_values, "

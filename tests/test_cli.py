@@ -697,3 +697,21 @@ def test_export_model_of_a_token_sampler_serves_the_tokens_generate_writes(files
     np.testing.assert_array_equal(out["lengths"].numpy(), written.lengths)
     np.testing.assert_array_equal(out["tokens"].numpy(), written.tokens)
     np.testing.assert_allclose(out["flat_values"].numpy(), written.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["merge", "export-model", "generate", "export", "inspect", "train"])
+def test_the_top_level_help_shows_each_command_s_description_whole(command):
+    result = invoke("--help")
+    assert_ok(result)
+    (line,) = [line for line in result.stdout.splitlines() if line.strip().startswith(command + " ")]
+    description = line.strip()[len(command):].strip()
+    assert not description.endswith("..."), line
+    assert description == main.commands[command].get_short_help_str(limit=1000)
+
+
+def test_max_steps_help_says_what_given_steps_above_it_are_and_they_are_refused(files, tmp_path):
+    help_text = " ".join(invoke("generate", "--help").stdout.split())
+    assert "given steps above M are an error" in help_text
+    assert_error(generate(files, tmp_path / "r.h5", "--steps", "1,5,2", "--max-steps", "4"), 1,
+                 "--steps 1,5,2 at index 1: expected at most --max-steps 4, received 5")
+    assert not (tmp_path / "r.h5").exists()
