@@ -58,7 +58,7 @@ FLAGS = {
     "feedback": "--feedback", "feedback_start": "--feedback-start", "sampler": "--sampler",
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
-    "jit_compile": "--no-xla", "min_steps": "--min-steps",
+    "jit_compile": "--no-xla", "min_steps": "--min-steps", "append_end_token": "--append-end-token",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
@@ -891,12 +891,15 @@ def _default(name):
                    "(MusicVAE's), or constant:P.")
 @click.option("--no-xla", is_flag=True, help="Run model A without XLA (by default it runs under XLA where it compiles "
                                              "and is exact in training).")
+@click.option("--append-end-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
+              help="End every pair, 0-step pairs included, with one more target row, the one-hot of token ID (the "
+                   "file need not hold end tokens); generate with --stop-token ID --exclude-stop-step.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
           shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
           metrics, mixed_precision, tensorboard, feedback, feedback_start, sampling_probability, sampling_schedule,
-          no_xla, overwrite):
+          no_xla, append_end_token, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -921,7 +924,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
                              warmup_steps=warmup_steps, metrics=metrics, mixed_precision=mixed_precision,
                              tensorboard=tensorboard, feedback=feedback, feedback_start=feedback_start,
                              sampling_schedule=sampling_schedule, jit_compile=False if no_xla else None,
-                             overwrite=overwrite)
+                             append_end_token=append_end_token, overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir

@@ -346,6 +346,24 @@ class TrainingData:
             raise
         totals = steps_total(self.steps, source=f"'{name}' (key 'steps')", axis=1)
         self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
+        self._file_steps = self.steps  # what the file holds; `steps` counts the end rows `with_end_token` adds
+        self.end_token = None
+        self._end_ids = False
+
+    def with_end_token(self, token, *, ids=False):
+        """Makes every batch end each pair, 0-step pairs included, with one more target row: token `token`.
+
+        The row is the one-hot of `token` (`O` = the file's values per step),
+        or with `ids` (token-id targets, one per step) the id itself;
+        `steps` and every batch's steps count it (`append_end_token`).
+        Calling it again replaces the token; None takes the rows away.
+
+        Returns:
+            This `TrainingData`.
+        """
+        self.end_token, self._end_ids = token, bool(ids)
+        self.steps = self._file_steps if token is None else self._file_steps + 1
+        return self
 
     def _check_targets(self) -> None:
         name = display(self.path)
@@ -415,7 +433,7 @@ class TrainingData:
                     f"inputs in '{name}' (key 'inputs') sample {start + first}: expected "
                     f"finite values, received {_first_bad_value(values[first])}"
                 )
-        longest = int(self.steps.max(initial=0))
+        longest = int(self._file_steps.max(initial=0))
         if self.targets_layout == "flat":
             rows = _chunk_rows(self._targets.shape[1:], 4, chunk)
             length, tail = self.total_steps, ()
@@ -438,7 +456,7 @@ class TrainingData:
                         f"expected finite values, received {_first_bad_value(values[row - start])}"
                     )
             else:
-                valid = np.arange(values.shape[2]) < self.steps[start:stop, :, None]
+                valid = np.arange(values.shape[2]) < self._file_steps[start:stop, :, None]
                 good = np.isfinite(values).all(axis=3) | ~valid
                 good = good.reshape(len(values), -1).all(axis=1)
                 if not good.all():
@@ -536,7 +554,7 @@ class TrainingData:
         samples, order = np.unique(wanted, return_inverse=True)
         inputs = _read_ranges(self._inputs, samples, samples + 1, path=self.path)
         inputs = _as_float32(inputs)[order]
-        steps = self.steps[wanted]
+        steps = self._file_steps[wanted]
         if self.targets_layout == "flat":
             starts, stops = self._offsets[samples], self._offsets[samples + 1]
             rows = _as_float32(_read_ranges(self._targets, starts, stops, path=self.path))
@@ -551,6 +569,9 @@ class TrainingData:
             padded = _as_float32(padded)[order]
             valid = np.arange(longest) < steps[:, :, None]
             targets = padded[valid]
+        if self.end_token is not None:
+            steps, targets = append_end_token(steps, targets, self.end_token, output_size=self.output_size,
+                                              ids=self._end_ids)
         return Batch(inputs=inputs, steps=steps, targets=np.ascontiguousarray(targets))
 
     def close(self) -> None:
@@ -628,6 +649,33 @@ def epoch_order(indices, *, seed: int, epoch: int, shuffle: bool = True) -> np.n
 
 # ---------------------------------------------------------------------------
 # tf.data
+
+
+def append_end_token(steps, targets, token, *, output_size, ids=False):
+    """Ends every pair, 0-step pairs included, with one more target row: the end token.
+
+    Pure numpy. The row goes after each pair's last row in value order.
+
+    Args:
+        steps: `(b, Ta)` integers.
+        targets: `(sum(steps), O)` in value order.
+        token: the end token's id, in `[0, output_size)` (the caller checks it against B).
+        output_size: `O`, the width of the one-hot row.
+        ids: the targets are token ids, one per step (`(sum(steps), 1)`): the row is `[token]`.
+
+    Returns:
+        `(steps + 1, targets (sum(steps) + b * Ta, O))`.
+    """
+    steps = np.asarray(steps)
+    targets = np.asarray(targets)
+    if ids:
+        row = np.full((1, targets.shape[1] if targets.ndim == 2 else 1), token, targets.dtype)
+    else:
+        row = np.zeros((1, output_size), targets.dtype)
+        row[0, token] = 1
+    ends = np.cumsum(steps.reshape(-1))  # where each pair's rows stop, in the file's rows
+    targets = targets.reshape(-1, row.shape[1])
+    return steps + 1, np.insert(targets, ends, row, axis=0)
 
 
 def padded_targets(steps, flat, *, pad_value=0.0) -> np.ndarray:

@@ -374,9 +374,10 @@ TRAIN_DEFAULTS = {
     "feedback_start": "zeros",
     "sampling_schedule": None,
     "jit_compile": None,
+    "append_end_token": None,
 }
 """What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off;
-`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`)."""
+`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`; `append_end_token` None: the targets as the file holds them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,6 +441,11 @@ class TrainConfig:
         jit_compile: run model A under XLA where it compiles and is exact in
             training: `"auto"`, True or False (the runner's `jit_compile`);
             None leaves the runner's default (`JIT_COMPILE`).
+        append_end_token: a token id in `[0, O)`: every pair, 0-step pairs
+            included, gets one more target row, the one-hot of the id (the id
+            itself for token-id targets), and one more step
+            (`TrainingData.with_end_token`); None: the targets as the file
+            holds them.
         overwrite: replace an earlier run in `out_dir` (without `resume`).
     """
 
@@ -468,6 +474,7 @@ class TrainConfig:
     feedback_start: str | None = None
     sampling_schedule: str | None = None
     jit_compile: object = None
+    append_end_token: int | None = None
     overwrite: bool = False
 
     # Settings a resumed run must share with the checkpoint it continues: they
@@ -476,7 +483,7 @@ class TrainConfig:
     # `tensorboard` may change on resume.
     RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "from_logits", "freeze_a",
                        "state", "state_init", "lr_schedule", "mixed_precision", "feedback", "feedback_start",
-                       "sampling_schedule")
+                       "sampling_schedule", "append_end_token")
     # What a checkpoint records, so that a resumed run continues with the run's own settings.
     SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience", "clipnorm", "warmup_steps", "metrics",
                                         "tensorboard", "jit_compile")
@@ -518,6 +525,7 @@ class TrainConfig:
         if self.sampling_schedule is not None:
             SamplingSchedule.parse(self.sampling_schedule)
         _check_optional_choice("jit_compile", self.jit_compile, FAST_CELLS)
+        check_int("append_end_token", self.append_end_token, maximum=INT32_MAX, allow_none=True)
         _check_optional_choice("overwrite", self.overwrite, (True, False))
         self._check_together()
 

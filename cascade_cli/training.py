@@ -606,6 +606,15 @@ def _check_fits(cascade, data, *, loss):
         )
 
 
+def _end_token(cascade, data, config):
+    """Applies `append_end_token` to `data` (`TrainingData.with_end_token`) once the id is checked against B."""
+    token = config.append_end_token
+    if token is not None and token >= cascade.b_spec.output_size:
+        raise ParameterError("append_end_token", f"expected a token id in [0, {cascade.b_spec.output_size}) (B emits "
+                                                 f"O={cascade.b_spec.output_size}), received {token}.")
+    data.with_end_token(token, ids=config.loss == "sparse-categorical-crossentropy")
+
+
 def split_warning(n_samples, *, train_samples, val_samples, val_split):
     """The warning a split deserves, or None: fewer than 2 training samples, or no validation sample.
 
@@ -817,6 +826,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     """
     cascade = Cascade(model_a, model_b, **runner_settings(config))
     _check_fits(cascade, data, loss=config.loss)
+    _end_token(cascade, data, config)
     check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
