@@ -2,8 +2,11 @@
 
 The commands of the "Commands" block run in a scratch folder holding a copy of
 `sample_data/`, in the order written; a `cascade generate ...` line reuses the
-arguments of the full `generate` line above it. Each generated result must be
-non-empty. Then every Python block of the README runs, in order, in one namespace.
+arguments of the full `generate` line above it. Then the command blocks of the
+feedback and generator sections run (training the token task, sampling it,
+packing, `generate --model`, `export-model`). Each generated result must be
+non-empty and finite. Then every Python block of the README runs, in order, in
+one namespace.
 """
 
 import re
@@ -48,6 +51,32 @@ def commands(block):
     return found
 
 
+def run_command(argv):
+    """Runs `cascade argv` as a user would; exit 0 and no warning. Returns the result it generated, or None."""
+    done = subprocess.run(CASCADE + argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"cascade {' '.join(argv)}\n{done.stderr}"
+    assert "Warning" not in done.stderr, f"cascade {' '.join(argv)}\n{done.stderr}"
+    if argv[0] != "generate":
+        return None
+    result = read_result(argv[argv.index("-o") + 1])
+    assert result.total > 0 and np.isfinite(result.values).all(), f"cascade {' '.join(argv)}"  # non-empty, sensible
+    return result
+
+
+# The sections whose command blocks run after "Commands", in the README's order.
+MORE_SECTIONS = ("A generator that sees what it emitted", "Generators: A, B and the settings in one file")
+
+
+def test_the_quick_start_names_the_python_and_tensorflow_versions_pyproject_pins():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    quick = " ".join(section("Quick start").split())
+    assert project["requires-python"] == ">=3.11,<3.13" and "Python 3.11 or 3.12" in quick
+    assert "tensorflow>=2.21,<2.22" in project["dependencies"] and "TensorFlow is pinned to the 2.21 line" in quick
+    assert "python3 -m venv .venv" in quick  # a virtual environment first
+
+
 def expanded(argv, full):
     """Replaces `...` in `argv` with the arguments of the last full line of the same command."""
     if "..." not in argv:
@@ -76,17 +105,28 @@ def test_the_readme_commands_and_snippets_run_as_written(tmp_path, monkeypatch):
         if "--stop-token" in argv:  # needs a B whose outputs score tokens; the sample B emits one value
             continue
         argv = expanded(argv, full)
-        done = subprocess.run(CASCADE + argv, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"cascade {' '.join(argv)}\n{done.stderr}"
-        assert "Warning" not in done.stderr, f"cascade {' '.join(argv)}\n{done.stderr}"
+        result = run_command(argv)
         ran.append(argv[0])
-        if argv[0] == "generate":
-            result = read_result(argv[argv.index("-o") + 1])
-            assert result.total > 0 and np.isfinite(result.values).all()  # non-empty, sensible
+        if result is not None:
             assert np.abs(result.values).max() < 3  # the sine task's targets lie in [-1.5, 1.5]
     assert ran.count("generate") == 3 and {"demo", "export", "train", "inspect"} <= set(ran)
+
+    more = []
+    for heading in MORE_SECTIONS:
+        for block in blocks(section(heading), "bash"):
+            for argv in commands(block):
+                result = run_command(argv)
+                more.append(argv[0])
+                if result is not None and "--sampler" in argv:  # the token task: the sampled ids are kept
+                    assert result.tokens is not None and len(result.tokens) == result.total
+    assert more.count("generate") == 5 and {"train", "pack", "export-model", "export"} <= set(more)
+    assert (tmp_path / "cascade-demo" / "serving" / "saved_model.pb").is_file()
 
     namespace = {}
     for code in blocks(README, "python"):
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     assert namespace["out"].shape[:2] == (8, 12)  # the uniform-row-length rebuild
+    assert namespace["generated"].shape.as_list() == [8, 12, None, 1]  # CascadeModel.predict
+    np.testing.assert_allclose(namespace["generated"].flat_values.numpy(),
+                               namespace["cascade"](namespace["inputs"], namespace["steps"]).flat_values.numpy(),
+                               rtol=1e-5, atol=1e-6)
