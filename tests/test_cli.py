@@ -715,3 +715,19 @@ def test_max_steps_help_says_what_given_steps_above_it_are_and_they_are_refused(
     assert_error(generate(files, tmp_path / "r.h5", "--steps", "1,5,2", "--max-steps", "4"), 1,
                  "--steps 1,5,2 at index 1: expected at most --max-steps 4, received 5")
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_a_packed_generator_with_a_lambda_inside_a_needs_unsafe(files, tmp_path):
+    from cascade_cli.keras_model import CascadeModel
+
+    lambda_a = keras.saving.load_model(files["lambda.keras"], safe_mode=False, compile=False)
+    CascadeModel(lambda_a, keras.saving.load_model(files["b.keras"], compile=False)).save(tmp_path / "g.keras")
+    args = ["generate", "--model", tmp_path / "g.keras", "--inputs", files["x.h5"], "--steps", "1,0,2",
+            "-o", tmp_path / "r.h5"]
+    assert_error(invoke(*args), 1, "g.keras' contains code", "--unsafe")
+    assert not (tmp_path / "r.h5").exists()
+    assert_error(invoke("export-model", tmp_path / "g.keras", "--saved-model", tmp_path / "served"), 1, "--unsafe")
+    result = invoke(*args, "--unsafe")
+    assert_ok(result)
+    assert "WARNING: --unsafe turns Keras safe mode off" in result.stderr
+    assert read_result(tmp_path / "r.h5").total == 3 * N
