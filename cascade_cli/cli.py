@@ -59,6 +59,7 @@ FLAGS = {
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
     "jit_compile": "--no-xla", "min_steps": "--min-steps", "append_end_token": "--append-end-token",
+    "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
@@ -435,13 +436,24 @@ def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p):
 
 
 def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, feedback,
-                  feedback_start, sampler, temperature, top_k, top_p, no_xla, min_steps=None):
+                  feedback_start, sampler, temperature, top_k, top_p, no_xla, min_steps=None, stop_gate=False,
+                  gate_threshold=None):
     if stop_norm is not None and stop_token is not None:
         raise click.UsageError("--stop-norm and --stop-token are two stop rules; use one of them.", ctx)
+    if stop_gate and (stop_norm is not None or stop_token is not None):
+        other = "--stop-norm" if stop_norm is not None else "--stop-token"
+        raise click.UsageError(f"--stop-gate and {other} are two stop rules; use one of them.", ctx)
+    if gate_threshold is not None and not stop_gate:
+        raise click.UsageError("--gate-threshold applies to --stop-gate only; give --stop-gate too.", ctx)
     if stop_norm is not None and not math.isfinite(stop_norm):
         raise click.BadParameter(f"expected a finite threshold, received {stop_norm}.", ctx, param_hint="'--stop-norm'")
     rule = ("norm", float(stop_norm)) if stop_norm is not None else None
     rule = ("token", stop_token) if stop_token is not None else rule
+    if stop_gate:
+        from cascade_cli.options import GATE_THRESHOLD, StopRule
+
+        with _usage(ctx):
+            rule = ("gate", StopRule.gate(GATE_THRESHOLD if gate_threshold is None else gate_threshold).value)
     return RunnerFlags(state=state, state_init=state_init, max_steps=max_steps, stop_rule=rule,
                        exclude_stop_step=exclude_stop_step, min_steps=min_steps, feedback=feedback,
                        feedback_start=feedback_start,
@@ -475,6 +487,10 @@ _RUNNER_OPTIONS = (
     click.option("--stop-token", type=_TokenIds(), metavar="ID[,ID...]",
                  help="Stop a pair after the first output whose argmax is ID, or one of several distinct IDs given "
                       "as 0,5 (with --sampler greedy or categorical: the first sampled token among them)."),
+    click.option("--stop-gate", is_flag=True,
+                 help="B's last output column is a learned stop logit: stop a pair after the first step where "
+                      "sigmoid(logit) >= --gate-threshold. Results leave the column out (generate --keep-gate)."),
+    click.option("--gate-threshold", type=float, metavar="G", help="--stop-gate: the threshold, in (0, 1). [0.5]"),
     click.option("--exclude-stop-step", is_flag=True, help="Leave out the step that met the stop rule (end tokens)."),
     click.option("--min-steps", type=click.IntRange(0, INT32_MAX), metavar="M",
                  help="No stop rule stops a pair before it has run M inner steps, the stop step included "
@@ -507,11 +523,11 @@ def runner_options(command):
     flags, `--no-xla`), passed on as `runner: RunnerFlags`."""
 
     @functools.wraps(command)
-    def wrapper(*args, max_steps, stop_norm, stop_token, exclude_stop_step, min_steps, state, state_init, feedback,
-                feedback_start, sampler, temperature, top_k, top_p, no_xla, **kwargs):
+    def wrapper(*args, max_steps, stop_norm, stop_token, stop_gate, gate_threshold, exclude_stop_step, min_steps, state,
+                state_init, feedback, feedback_start, sampler, temperature, top_k, top_p, no_xla, **kwargs):
         flags = _runner_flags(click.get_current_context(), max_steps=max_steps, stop_norm=stop_norm,
                               stop_token=stop_token, exclude_stop_step=exclude_stop_step, min_steps=min_steps,
-                              state=state,
+                              stop_gate=stop_gate, gate_threshold=gate_threshold, state=state,
                               state_init=state_init, feedback=feedback, feedback_start=feedback_start,
                               sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, no_xla=no_xla)
         return command(*args, runner=flags, **kwargs)
@@ -526,7 +542,8 @@ def _make_cascade(ctx, model_a, model_b, settings, *, cls=None):
     if cls is None:
         from cascade_cli.runner import Cascade as cls
     rule = settings["stop_rule"]
-    with _usage(ctx, stop_rule="--stop-token" if rule is not None and rule.kind == "token" else "--stop-norm"):
+    flag = {"token": "--stop-token", "gate": "--stop-gate"}.get(getattr(rule, "kind", None), "--stop-norm")
+    with _usage(ctx, stop_rule=flag):
         return cls(model_a, model_b, **settings)
 
 
@@ -603,9 +620,10 @@ def _shard_option(ctx, param, value):
 @click.option("--shard", metavar="I/K", callback=_shard_option,
               help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
                    "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
+@click.option("--keep-gate", is_flag=True, help="--stop-gate: keep B's stop-logit column in the written values.")
 @click.pass_context
 def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runner, batch_size, output, overwrite,
-             seed, num_samples, shard):
+             seed, num_samples, shard, keep_gate):
     """Run the cascade on inputs and write a ragged HDF5 result.
 
     \b
@@ -656,13 +674,14 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
             "seed": int(seed), "cascade_version": __version__,
             **({} if rule is None else {"stop_value": rule.stored_value}),
             **({"min_steps": int(settings["min_steps"])} if settings["min_steps"] else {}),
+            **({"keep_gate": bool(keep_gate)} if rule is not None and rule.kind == "gate" else {}),
             **({} if settings["max_steps"] is None else {"max_steps": int(settings["max_steps"])}),
         }
         attrs = identify_run(attrs, model_files=models.paths, source=source, steps=steps, batch_size=batch_size,
                              shard=shard, num_samples=num_samples)
         summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
                                    shard=shard, num_samples=num_samples, overwrite=overwrite,
-                                   progress=_progress(console, "generating"))
+                                   progress=_progress(console, "generating"), keep_gate=keep_gate)
     _print_generation(console, summary, stop_rule=rule)
     if shard is not None:
         _say(console, f"Shard {shard[0]}/{shard[1]} of run {attrs['run_id']}: samples "

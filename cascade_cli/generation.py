@@ -90,7 +90,7 @@ def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
 
 
 def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE_BATCH_SIZE, attrs=None,
-                     shard=None, num_samples=1, overwrite=False, progress=iter):
+                     shard=None, num_samples=1, overwrite=False, progress=iter, keep_gate=False):
     """Runs `cascade` over the samples of `source` and writes a ragged HDF5 result.
 
     With `num_samples` K, every input is run K times: result sample `n * K +
@@ -113,6 +113,9 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         overwrite: whether `output` may be replaced.
         progress: wraps the list of `BatchRange`s as they run, e.g. a progress
             bar weighted by `BatchRange.samples`; `iter` shows nothing.
+        keep_gate: with a stop gate (`StopRule.gate`), keep B's last column,
+            the stop logit, in the written values; by default they hold the
+            other `O - 1`.
 
     Returns:
         A `GenerateSummary`.
@@ -147,7 +150,9 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     emitted = at_cap = pairs = at_first = 0
     first_length = 0 if cascade.exclude_stop_step else 1
     started = time.perf_counter()
-    with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size,
+    # a stop gate's logit column is the last: left out of the values unless keep_gate
+    drop_gate = cascade.stop_rule is not None and cascade.stop_rule.kind == "gate" and not keep_gate
+    with RaggedH5Writer(output, outer_steps=outer, output_size=cascade.b_spec.output_size - int(drop_gate),
                         overwrite=overwrite, attrs=attrs, inputs=(source.path,), tokens=tokens) as writer:
         batches = progress(ranges)
         with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
@@ -155,7 +160,9 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                 caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer)
                 inputs = _read_repeated(source, batch, repeats).astype(dtype.as_numpy_dtype)
                 index = np.arange(batch.start, batch.stop, dtype=np.int64)
-                part = CascadeResult(*_run_batch(run, cascade, inputs, caps, index, batch)).slice_samples(*batch.keep)
+                values, *rest = _run_batch(run, cascade, inputs, caps, index, batch)
+                values = values[:, :-1] if drop_gate else values
+                part = CascadeResult(values, *rest).slice_samples(*batch.keep)
                 writer.append(part)
                 caps = caps[slice(*batch.keep)]
                 emitted += int(part.lengths.sum())

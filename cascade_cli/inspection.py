@@ -16,6 +16,7 @@ import numpy as np
 
 from cascade_cli import results_io
 from cascade_cli.errors import DataError, ModelError, one_line
+from cascade_cli.options import STOP_RULES
 from cascade_cli.results_io import run_attrs  # noqa: F401  (what an export carries; cli.py reads it here)
 
 HISTOGRAM_ROWS = 16
@@ -78,7 +79,7 @@ def stop_rule_lines(rule, *, pairs, at_cap, at_first=0):
 def _result_stop_rule(attrs, lengths):
     """`stop_rule_lines` of a result file, from its attributes and lengths; rows."""
     rule, max_steps = attrs.get("stop_rule"), attrs.get("max_steps")
-    if rule not in ("norm", "token") or not isinstance(max_steps, int) or "stop_value" not in attrs:
+    if rule not in STOP_RULES or not isinstance(max_steps, int) or "stop_value" not in attrs:
         return []
     counted = [attrs.get(key) for key in results_io.STOP_SUMMARY_ATTRS]
     if all(isinstance(value, int) and not isinstance(value, bool) for value in counted):

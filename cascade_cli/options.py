@@ -24,7 +24,8 @@ LR_SCHEDULES = ("constant", "cosine", "exponential")
 EXPONENTIAL_FINAL_FRACTION = 0.1  # an exponential schedule falls to this fraction of the learning rate by the last step
 METRICS = ("mse", "mae", "accuracy")  # what `--metrics` may record beside the loss, over the valid elements
 STRATEGIES = ("default", "mirrored", "multi-worker")
-STOP_RULES = ("norm", "token")
+STOP_RULES = ("norm", "token", "gate")
+GATE_THRESHOLD = 0.5  # a stop gate's default: stop once sigmoid(logit) >= 0.5
 FAST_CELLS = ("auto", True, False)
 JIT_COMPILE = "auto"  # the runner's jit_compile default (one of FAST_CELLS' switches), Keras 3's
 INT32_MAX = 2**31 - 1  # the largest count (steps, batch size, epochs) a setting may take
@@ -87,11 +88,12 @@ class StopRule:
     rule. The runner evaluates it (`cascade_cli.runner.stop_hits`).
 
     Attributes:
-        kind: `"norm"` (L2 norm of `y` >= `value`) or `"token"` (`argmax(y)`
-            is one of the ids).
+        kind: `"norm"` (L2 norm of `y` >= `value`), `"token"` (`argmax(y)`
+            is one of the ids) or `"gate"` (B's last output column is a stop
+            logit: `sigmoid(y[-1]) >= value`; the other columns are the output).
         value: the threshold, the token id, or a tuple of several distinct
             token ids (also given as a list or as text `"0,5"`; one id is kept
-            as an int, as before).
+            as an int, as before); for a gate the threshold, in (0, 1).
     """
 
     kind: str
@@ -101,6 +103,11 @@ class StopRule:
     def norm(cls, threshold):
         """Stops once `||y||_2 >= threshold`."""
         return cls("norm", check_number("threshold", threshold))
+
+    @classmethod
+    def gate(cls, threshold=GATE_THRESHOLD):
+        """Stops once `sigmoid(y[-1]) >= threshold`, `threshold` in (0, 1): B's last column is a learned stop logit."""
+        return cls("gate", threshold)
 
     @classmethod
     def token(cls, *token_ids):
@@ -113,6 +120,10 @@ class StopRule:
         check_choice("kind", self.kind, STOP_RULES)
         if self.kind == "token":
             object.__setattr__(self, "value", _token_value(self.value))
+        elif self.kind == "gate":
+            object.__setattr__(self, "value", check_number("gate_threshold", self.value, minimum=0, maximum=1,
+                                                           min_open=True, max_open=True,
+                                                           expected="a probability in (0, 1)"))
         else:
             check_number("threshold", self.value)
 
@@ -129,9 +140,11 @@ class StopRule:
         return ",".join(str(i) for i in self.value) if isinstance(self.value, tuple) else self.value
 
     def describe(self):
-        """The rule as text, e.g. `"norm >= 1.2"`, `"token == 0"` or `"token in {0, 5}"`."""
+        """The rule as text, e.g. `"norm >= 1.2"`, `"token == 0"`, `"token in {0, 5}"` or `"gate >= 0.5"`."""
         if self.kind == "norm":
             return f"norm >= {self.value:g}"
+        if self.kind == "gate":
+            return f"gate >= {self.value:g}"
         if isinstance(self.value, tuple):
             return "token in {" + ", ".join(str(i) for i in self.value) + "}"
         return f"token == {int(self.value)}"

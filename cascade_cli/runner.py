@@ -55,10 +55,13 @@ __all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "pack
 def stop_hits(rule, y, tokens=None):
     """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the `StopRule`.
 
-    A token rule reads `tokens (rows,)` (the sampled ids) where given, else `argmax(y)`.
+    A token rule reads `tokens (rows,)` (the sampled ids) where given, else
+    `argmax(y)`; a gate reads `sigmoid` of `y`'s last column.
     """
     if rule.kind == "norm":
         return tf.norm(y, axis=-1) >= tf.cast(rule.value, y.dtype)
+    if rule.kind == "gate":
+        return tf.sigmoid(y[:, -1]) >= tf.cast(rule.value, y.dtype)
     if tokens is None:
         tokens = tf.argmax(y, axis=-1, output_type=tf.int32)
     ids = rule.token_ids
@@ -283,6 +286,8 @@ class Cascade:
             if max_steps is None:
                 raise ParameterError(
                     "stop_rule", "needs max_steps, the most inner steps a pair may run; received max_steps=None.")
+            if stop_rule.kind == "gate":
+                self._check_gate(stop_rule)
             outside = [i for i in stop_rule.token_ids if i >= self.b_spec.output_size]
             if outside:
                 raise ParameterError(
@@ -564,6 +569,16 @@ class Cascade:
         if self.sampler.kind != "identity" and self.b_spec.form != "step":
             raise ParameterError("sampler", f"{self.sampler.kind!r} samples every inner step's output and needs a "
                                             "step-form B; received a sequence-form B.")
+
+    def _check_gate(self, rule):
+        """A gate needs an output beside the stop logit, and reads B's own output, not a sampled token."""
+        size = self.b_spec.output_size
+        if size < 2:
+            raise ParameterError("stop_rule", f"a stop gate reads B's last output column as the stop logit and needs "
+                                              f"at least one other: expected O >= 2, received O={size}.")
+        if self.sampler.kind != "identity":
+            raise ParameterError("stop_rule", f"a stop gate reads B's own output; the {self.sampler.kind} sampler "
+                                              "would pick tokens among the gate column too: use sampler='identity'.")
 
     def _checked_extras(self, inputs, caps, steps, targets, sample_index, probability, return_tokens):
         """The feedback and sampling arguments of a call, checked: a `_Feed`, or None for a plain run."""

@@ -1,0 +1,140 @@
+"""The stop gate: B's last output column is a stop logit (`StopRule.gate`, `--stop-gate`), against an eager reference."""
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+import stopref
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke
+from cascade_cli.errors import ParameterError
+from cascade_cli.options import StopRule
+from cascade_cli.results_io import read_result
+from cascade_cli.runner import Cascade
+from test_cli import direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
+from test_runner import counting_b, make_b
+
+MAX_STEPS = 6
+CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
+O = 3  # two outputs and the gate
+
+
+def gate_threshold(a, b, x, state, quantile=0.6, **settings):
+    """A threshold some steps' gates reach and others do not."""
+    values = Cascade(a, b, state=state, jit_compile=False, **settings).run(x, np.full(x.shape[:2], MAX_STEPS))[0]
+    return float(np.quantile(stopref.sigmoid(values.numpy()[:, -1]), quantile))
+
+
+def gate(threshold):
+    return lambda y, *token: stopref.sigmoid(y[-1]) >= threshold
+
+
+@pytest.mark.parametrize("b_kind, state", [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")])
+@pytest.mark.parametrize("min_steps", [0, 3])
+def test_gate_equals_reference(b_kind, state, min_steps):
+    a, b = builders.model_a(), make_b(b_kind, output_size=O)
+    x = builders.inputs(4, 5)
+    threshold = gate_threshold(a, b, x, state)
+    cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.gate(threshold),
+                      min_steps=min_steps, jit_compile=False)
+    for caps in (CAPS, None):
+        values, lengths = cascade.run(x, caps)
+        expected, expected_lengths, _ = stopref.reference(a, b, x, MAX_STEPS if caps is None else caps, state=state,
+                                                          stop=gate(threshold), min_steps=min_steps)
+        np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
+        np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
+        assert (expected_lengths < MAX_STEPS).any() and (expected_lengths == MAX_STEPS).any()
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("min_steps", [0, 2])
+def test_gate_with_feedback_equals_reference(state, min_steps):
+    a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
+    x = builders.inputs(4, 5)
+    threshold = gate_threshold(a, b, x, state, feedback=True)
+    cascade = Cascade(a, b, state=state, feedback=True, max_steps=MAX_STEPS, stop_rule=StopRule.gate(threshold),
+                      min_steps=min_steps, jit_compile=False)
+    values, lengths = cascade.run(x, CAPS)
+    expected, expected_lengths, _ = stopref.reference(a, b, x, CAPS, state=state, feedback=True,
+                                                      stop=gate(threshold), min_steps=min_steps)
+    np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
+    np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
+    assert (expected_lengths < CAPS).any()
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_rows_processed_equal_emitted_lengths_with_a_gate(state):
+    b, counter = counting_b(units=5)  # O = 2: one output and the gate
+    a = builders.model_a()
+    x = builders.inputs(4, 5)
+    cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.gate(gate_threshold(a, b, x, state)),
+                      jit_compile=False)
+    run = tf.function(lambda x: cascade(x, CAPS))
+    run(x)
+    counter.rows.assign(0)
+    out = run(x)
+    emitted = int(tf.reduce_sum(out.row_lengths(axis=2)))
+    assert int(counter.rows.numpy()) == emitted < CAPS.sum()
+
+
+def test_bad_gates():
+    a = builders.model_a()
+    with pytest.raises(ParameterError, match=r"^stop_rule: a stop gate reads B's last output column as the stop logit "
+                                             r"and needs at least one other: expected O >= 2, received O=1\.$"):
+        Cascade(a, builders.step_b("gru", output_size=1), max_steps=3, stop_rule=StopRule.gate())
+    for threshold in (0, 1, -0.5, float("nan")):
+        with pytest.raises(ParameterError, match=r"^gate_threshold: expected a probability in \(0, 1\), received"):
+            StopRule.gate(threshold)
+    with pytest.raises(ParameterError, match=r"^stop_rule: a stop gate reads B's own output; the greedy sampler"):
+        Cascade(a, builders.feedback_b("gru", output_size=O), feedback=True, sampler="greedy", max_steps=3,
+                stop_rule=StopRule.gate())
+    rule = StopRule.gate()
+    assert (rule.kind, rule.value, rule.describe(), rule.stored_value) == ("gate", 0.5, "gate >= 0.5", 0.5)
+
+
+# ------------------------------------------------------------ the command line
+
+
+def test_generate_with_a_gate_leaves_the_gate_column_out(files, tmp_path):  # noqa: F811
+    settings = dict(max_steps=4, stop_rule=StopRule.gate(0.4), jit_compile=False)
+    values, lengths = direct(files, None, **settings)  # B of test_cli emits O = 2: one output and the gate
+    assert (lengths < 4).any() or (lengths == 4).all()
+    assert_ok(generate(files, tmp_path / "r.h5", "--max-steps", 4, "--stop-gate", "--gate-threshold", 0.4))
+    got = read_result(tmp_path / "r.h5")
+    np.testing.assert_array_equal(got.lengths, lengths)
+    np.testing.assert_allclose(got.values, values[:, :-1], rtol=1e-5, atol=1e-6)
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert (f.attrs["stop_rule"], f.attrs["stop_value"], f.attrs["keep_gate"]) == ("gate", 0.4, False)
+    assert_ok(generate(files, tmp_path / "kept.h5", "--max-steps", 4, "--stop-gate", "--gate-threshold", 0.4,
+                       "--keep-gate"))
+    np.testing.assert_allclose(read_result(tmp_path / "kept.h5").values, values, rtol=1e-5, atol=1e-6)
+    shown = invoke("inspect", tmp_path / "r.h5")
+    assert_ok(shown)
+    assert "gate >= 0.4" in shown.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-steps", "3", "--stop-gate", "--gate-threshold", "1"],
+     ["--gate-threshold: expected a probability in (0, 1), received 1.0."]),
+    (["--max-steps", "3", "--stop-gate", "--gate-threshold", "0"], ["--gate-threshold", "(0, 1)"]),
+    (["--max-steps", "3", "--gate-threshold", "0.3"], ["--gate-threshold applies to --stop-gate only"]),
+    (["--max-steps", "3", "--stop-gate", "--stop-token", "1"], ["--stop-gate and --stop-token are two stop rules"]),
+    (["--steps", "1,2,3", "--stop-gate"], ["--stop-gate: needs --max-steps"]),
+])
+def test_bad_gate_flags_exit_2(files, tmp_path, args, words):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_error(generate(files, out / "r.h5", *args), 2, *words)
+    assert_nothing_in(out)
+
+
+def test_a_gate_on_a_one_output_b_is_one_error(files, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    one = tmp_path / "b1.keras"
+    builders.step_b("gru", output_size=1).save(one)
+    result = invoke("generate", "--model-a", files["a.keras"], "--model-b", one, "--inputs", files["x.h5"],
+                    "--max-steps", 3, "--stop-gate", "-o", out / "r.h5")
+    assert_error(result, 2, "--stop-gate", "expected O >= 2, received O=1")
+    assert_nothing_in(out)
