@@ -140,12 +140,36 @@ def test_ctrl_c_during_train_exits_130_naming_the_saved_epoch_and_how_to_resume(
 
     monkeypatch.setattr(progress, "train_callbacks", lambda console: contextlib.nullcontext(CtrlC()))
     out = tmp_path / "run"
-    result = train(files, out, "train.h5", "b4.keras", "--epochs", 2, "--batch-size", 2, "--val-split", 0)
+    result = train(files, out, "train.h5", "b4.keras", "--epochs", 2, "--batch-size", 2, "--val-split", 0,
+                   "--learning-rate", 0.01)
     assert result.exit_code == 130, result.output
     said = " ".join(result.stderr.split())
     assert re.search(rf"epoch 1 of 2 is saved in '{re.escape(str(out / 'checkpoints'))}'", said), said
     assert "--resume" in said and "Traceback" not in result.output
     monkeypatch.undo()
-    resumed = train(files, out, "train.h5", "b4.keras", "--resume")
+    resumed = train(files, out, "train.h5", "b4.keras", "--resume")  # no --learning-rate: the run's own
     assert_ok(resumed)
+    assert "Resuming at epoch 2 of 2, learning rate 0.01," in " ".join(resumed.output.split()), resumed.output
     assert [int(row["epoch"]) for row in history(out)] == [1, 2]
+
+
+def test_resume_to_an_epoch_the_run_has_passed_is_an_error_naming_epochs(files, tmp_path):
+    # #7: `--resume --epochs 30` after 41 epochs used to exit 0 with an empty table
+    out = tmp_path / "run"
+    assert_ok(train(files, out, "train.h5", "b4.keras", "--epochs", 2, "--batch-size", 4, "--val-split", 0))
+    for epochs in (1, 2):
+        result = train(files, out, "train.h5", "b4.keras", "--resume", "--epochs", epochs)
+        assert result.exit_code == 1, result.output
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert "--epochs" in line and "trained 2 epochs already" in line, line
+    assert [int(row["epoch"]) for row in history(out)] == [1, 2]  # nothing trained, nothing lost
+
+
+def test_a_mirrored_run_on_one_device_says_it_trains_on_one_replica(files, tmp_path):
+    # #10: --strategy mirrored on a CPU silently ran 1 replica
+    result = train(files, tmp_path / "run", "train.h5", "b4.keras", "--strategy", "mirrored", "--epochs", 1,
+                   "--batch-size", 4, "--val-split", 0)
+    assert_ok(result)
+    said = " ".join(result.stderr.split())
+    assert "1 replica (mirrored strategy)" in said, said
+    assert "Warning: strategy='mirrored' found one device, so it trains on 1 replica" in said, said
