@@ -59,7 +59,8 @@ FLAGS = {
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
     "jit_compile": "--no-xla", "min_steps": "--min-steps", "append_end_token": "--append-end-token",
-    "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate",
+    "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate", "stop_gate": "--stop-gate",
+    "stop_weight": "--stop-weight", "stop_pos_weight": "--stop-pos-weight",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
@@ -913,12 +914,18 @@ def _default(name):
 @click.option("--append-end-token", type=click.IntRange(0, INT32_MAX), metavar="ID",
               help="End every pair, 0-step pairs included, with one more target row, the one-hot of token ID (the "
                    "file need not hold end tokens); generate with --stop-token ID --exclude-stop-step.")
+@click.option("--stop-gate", is_flag=True, default=None,
+              help="B's last output column is a stop logit: train it with a binary cross-entropy, target 1 at each "
+                   "pair's last valid step (the targets hold the other O - 1 columns).")
+@click.option("--stop-weight", type=float, metavar="W", help="--stop-gate: the gate loss's weight (>= 0). [1]")
+@click.option("--stop-pos-weight", type=float, metavar="W",
+              help="--stop-gate: the weight of the gate's stop steps (> 0). [1]")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
           shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
           metrics, mixed_precision, tensorboard, feedback, feedback_start, sampling_probability, sampling_schedule,
-          no_xla, append_end_token, overwrite):
+          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -943,7 +950,8 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
                              warmup_steps=warmup_steps, metrics=metrics, mixed_precision=mixed_precision,
                              tensorboard=tensorboard, feedback=feedback, feedback_start=feedback_start,
                              sampling_schedule=sampling_schedule, jit_compile=False if no_xla else None,
-                             append_end_token=append_end_token, overwrite=overwrite)
+                             append_end_token=append_end_token, stop_gate=stop_gate or None, stop_weight=stop_weight,
+                             stop_pos_weight=stop_pos_weight, overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir

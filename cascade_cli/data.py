@@ -347,8 +347,23 @@ class TrainingData:
         totals = steps_total(self.steps, source=f"'{name}' (key 'steps')", axis=1)
         self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
         self._file_steps = self.steps  # what the file holds; `steps` counts the end rows `with_end_token` adds
+        self._file_output_size = self.output_size  # `output_size` counts the column `with_stop_gate` adds
         self.end_token = None
         self._end_ids = False
+        self.stop_gate = False
+
+    def with_stop_gate(self, on=True):
+        """Makes every batch's targets end in one more column, the stop gate's target (`append_gate_targets`).
+
+        Applied after `with_end_token`'s rows, so an end row is where the gate's
+        target is 1. `output_size` counts the column.
+
+        Returns:
+            This `TrainingData`.
+        """
+        self.stop_gate = bool(on)
+        self.output_size = self._file_output_size + int(self.stop_gate)
+        return self
 
     def with_end_token(self, token, *, ids=False):
         """Makes every batch end each pair, 0-step pairs included, with one more target row: token `token`.
@@ -570,8 +585,10 @@ class TrainingData:
             valid = np.arange(longest) < steps[:, :, None]
             targets = padded[valid]
         if self.end_token is not None:
-            steps, targets = append_end_token(steps, targets, self.end_token, output_size=self.output_size,
+            steps, targets = append_end_token(steps, targets, self.end_token, output_size=self._file_output_size,
                                               ids=self._end_ids)
+        if self.stop_gate:
+            targets = append_gate_targets(steps, targets)
         return Batch(inputs=inputs, steps=steps, targets=np.ascontiguousarray(targets))
 
     def close(self) -> None:
@@ -676,6 +693,26 @@ def append_end_token(steps, targets, token, *, output_size, ids=False):
     ends = np.cumsum(steps.reshape(-1))  # where each pair's rows stop, in the file's rows
     targets = targets.reshape(-1, row.shape[1])
     return steps + 1, np.insert(targets, ends, row, axis=0)
+
+
+def append_gate_targets(steps, targets):
+    """The stop gate's targets as one more column: 1 at each pair's last valid step, 0 before it.
+
+    Pure numpy.
+
+    Args:
+        steps: `(b, Ta)` integers.
+        targets: `(sum(steps), K)` in value order.
+
+    Returns:
+        `(sum(steps), K + 1)`, in `targets`' dtype.
+    """
+    counts = np.asarray(steps).reshape(-1)
+    targets = np.asarray(targets)
+    targets = targets.reshape(-1, 1) if targets.ndim == 1 else targets
+    gate = np.zeros((len(targets), 1), targets.dtype)
+    gate[np.cumsum(counts)[counts > 0] - 1] = 1
+    return np.concatenate([targets, gate], axis=1)
 
 
 def padded_targets(steps, flat, *, pad_value=0.0) -> np.ndarray:

@@ -388,6 +388,9 @@ TRAIN_DEFAULTS = {
     "sampling_schedule": None,
     "jit_compile": None,
     "append_end_token": None,
+    "stop_gate": False,
+    "stop_weight": 1.0,
+    "stop_pos_weight": 1.0,
 }
 """What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off;
 `clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`; `append_end_token` None: the targets as the file holds them)."""
@@ -459,6 +462,15 @@ class TrainConfig:
             itself for token-id targets), and one more step
             (`TrainingData.with_end_token`); None: the targets as the file
             holds them.
+        stop_gate: B's last output column is a stop logit (`StopRule.gate`):
+            the loss adds `stop_weight` times the mean over valid steps of a
+            binary cross-entropy on it, target 1 at each pair's last valid
+            step and 0 before (`data.append_gate_targets`), the positives
+            weighted by `stop_pos_weight`; the other `O - 1` columns take
+            the usual loss against targets with `O - 1` columns.
+        stop_weight: the gate loss's weight, >= 0 (`stop_gate` only).
+        stop_pos_weight: the weight of the gate's positive (stop) steps, > 0
+            (`stop_gate` only).
         overwrite: replace an earlier run in `out_dir` (without `resume`).
     """
 
@@ -488,6 +500,9 @@ class TrainConfig:
     sampling_schedule: str | None = None
     jit_compile: object = None
     append_end_token: int | None = None
+    stop_gate: bool | None = None
+    stop_weight: float | None = None
+    stop_pos_weight: float | None = None
     overwrite: bool = False
 
     # Settings a resumed run must share with the checkpoint it continues: they
@@ -496,7 +511,7 @@ class TrainConfig:
     # `tensorboard` may change on resume.
     RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "from_logits", "freeze_a",
                        "state", "state_init", "lr_schedule", "mixed_precision", "feedback", "feedback_start",
-                       "sampling_schedule", "append_end_token")
+                       "sampling_schedule", "append_end_token", "stop_gate", "stop_weight", "stop_pos_weight")
     # What a checkpoint records, so that a resumed run continues with the run's own settings.
     SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience", "clipnorm", "warmup_steps", "metrics",
                                         "tensorboard", "jit_compile")
@@ -539,6 +554,12 @@ class TrainConfig:
             SamplingSchedule.parse(self.sampling_schedule)
         _check_optional_choice("jit_compile", self.jit_compile, FAST_CELLS)
         check_int("append_end_token", self.append_end_token, maximum=INT32_MAX, allow_none=True)
+        _check_optional_choice("stop_gate", self.stop_gate, (True, False))
+        if self.stop_weight is not None:
+            check_number("stop_weight", self.stop_weight, minimum=0, expected="a finite number >= 0")
+        if self.stop_pos_weight is not None:
+            check_number("stop_pos_weight", self.stop_pos_weight, minimum=0, min_open=True,
+                         expected="a finite number > 0")
         _check_optional_choice("overwrite", self.overwrite, (True, False))
         self._check_together()
 
@@ -563,6 +584,18 @@ class TrainConfig:
             raise ParameterError("feedback", "feeds B the target of the step before, one-hot: expected "
                                              "loss='categorical-crossentropy' with one-hot targets, received "
                                              "loss='sparse-categorical-crossentropy'.")
+        if self.stop_gate is False or (self.stop_gate is None and not self.resume):
+            for name in ("stop_weight", "stop_pos_weight"):
+                if getattr(self, name) not in (None, TRAIN_DEFAULTS[name]):  # a resolved config holds the default
+                    raise ParameterError(name, f"weighs the stop gate's loss: give stop_gate=True; received "
+                                               f"{name}={getattr(self, name)!r} without it.")
+        if self.stop_gate:
+            if self.feedback:
+                raise ParameterError("stop_gate", "cannot train a feedback-form B yet: teacher forcing would feed "
+                                                  "the gate's 0/1 targets back as its logit; received feedback=True.")
+            if self.loss == "sparse-categorical-crossentropy":
+                raise ParameterError("stop_gate", "needs targets with O - 1 columns beside the gate: expected a loss "
+                                                  "other than 'sparse-categorical-crossentropy'.")
         if self.overwrite and self.resume:
             raise ParameterError("overwrite", "replaces an earlier run, resume=True continues it: expected one of "
                                               "them, received both.")

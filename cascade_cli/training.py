@@ -108,6 +108,46 @@ def loss_terms(name, *, from_logits=True):
     return sparse_crossentropy
 
 
+def gate_terms(terms, *, elements_per_row, stop_weight=1.0, stop_pos_weight=1.0):
+    """The loss terms of a B whose last output column is a stop logit (`TrainConfig.stop_gate`).
+
+    Targets carry the gate's target as their last column (`data.append_gate_targets`).
+    `terms` takes the other columns; the gate adds a binary cross-entropy
+    per row, `-(stop_pos_weight * z * log(sigmoid(l)) + (1 - z) * log(1 - sigmoid(l)))`,
+    so that `sum / count` is `terms`' mean plus `stop_weight` times the
+    gate's mean over the valid rows.
+
+    Args:
+        terms: `(predictions, targets) -> (sum, count)` of the other columns (`loss_terms`).
+        elements_per_row: what `terms` counts per row: `O - 1` for `mse` and `mae`, 1 for the cross-entropies.
+        stop_weight, stop_pos_weight: the gate loss's weight and its positives' weight.
+    """
+
+    def combined(predictions, targets):
+        targets = tf.cast(targets, predictions.dtype)
+        total, count = terms(predictions[:, :-1], targets[:, :-1])
+        logits, stops = predictions[:, -1], targets[:, -1]
+        bce = -(stop_pos_weight * stops * tf.math.log_sigmoid(logits) + (1 - stops) * tf.math.log_sigmoid(-logits))
+        return total + (stop_weight * elements_per_row) * tf.reduce_sum(bce), count
+
+    return combined
+
+
+def without_gate(terms):
+    """`terms` (a metric's) over every column but the last, the stop gate's, of predictions and targets."""
+    return lambda predictions, targets: terms(predictions[:, :-1], targets[:, :-1])
+
+
+def _gated_terms(config, terms, metrics, output_size):
+    """`(terms, metrics)` of a run: with `stop_gate`, `gate_terms` and the metrics without the gate column."""
+    if not config.stop_gate:
+        return terms, metrics
+    per_row = output_size - 1 if config.loss in ("mse", "mae") else 1
+    terms = gate_terms(terms, elements_per_row=per_row, stop_weight=config.stop_weight,
+                       stop_pos_weight=config.stop_pos_weight)
+    return terms, tuple(without_gate(metric) for metric in metrics)
+
+
 def masked_loss(name, *, from_logits=True):
     """Returns the loss `name` averaged over the valid elements only.
 
@@ -585,7 +625,7 @@ def evaluate(model_a, model_b, data, *, indices=None, loss="mse", from_logits=No
 # ------------------------------------------------------------ checks, seeds
 
 
-def _check_fits(cascade, data, *, loss):
+def _check_fits(cascade, data, *, loss, gate=False):
     """Raises `DataError` when the training file does not fit the two models (and the loss's targets)."""
     name = f"'{data.path}'"
     check_inputs_fit(cascade.a_spec, (data.n_samples, data.outer_steps, data.features),
@@ -599,7 +639,12 @@ def _check_fits(cascade, data, *, loss):
                 f"(N, Ta, L, 1), each in [0, {emits})."
             )
         return
-    if data.output_size != emits:
+    if gate and data.output_size != emits - 1:
+        raise DataError(
+            f"targets in {name} (key 'targets') have O={data.output_size} values per step but model B emits "
+            f"O={emits}, the last a stop gate: expected O - 1 = {emits - 1} (--stop-gate)."
+        )
+    if not gate and data.output_size != emits:
         raise DataError(
             f"targets in {name} (key 'targets') have O={data.output_size} values per step but model B "
             f"emits O={emits}."
@@ -608,10 +653,10 @@ def _check_fits(cascade, data, *, loss):
 
 def _end_token(cascade, data, config):
     """Applies `append_end_token` to `data` (`TrainingData.with_end_token`) once the id is checked against B."""
-    token = config.append_end_token
-    if token is not None and token >= cascade.b_spec.output_size:
-        raise ParameterError("append_end_token", f"expected a token id in [0, {cascade.b_spec.output_size}) (B emits "
-                                                 f"O={cascade.b_spec.output_size}), received {token}.")
+    token, size = config.append_end_token, cascade.b_spec.output_size - int(bool(config.stop_gate))
+    if token is not None and token >= size:
+        where = "beside the stop gate" if config.stop_gate else f"B emits O={size}"
+        raise ParameterError("append_end_token", f"expected a token id in [0, {size}) ({where}), received {token}.")
     data.with_end_token(token, ids=config.loss == "sparse-categorical-crossentropy")
 
 
@@ -825,8 +870,9 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
         non-chief worker of a new run).
     """
     cascade = Cascade(model_a, model_b, **runner_settings(config))
-    _check_fits(cascade, data, loss=config.loss)
+    _check_fits(cascade, data, loss=config.loss, gate=bool(config.stop_gate))
     _end_token(cascade, data, config)
+    data.with_stop_gate(bool(config.stop_gate))
     check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
@@ -924,6 +970,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
         optimizer.build(variables)  # before the first step: a lazily built Adam fails inside strategy.run
     terms = loss_terms(config.loss, from_logits=config.from_logits)
     metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
+    terms, metrics = _gated_terms(config, terms, metrics, cascade.b_spec.output_size)
     loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,

@@ -304,7 +304,7 @@ def test_run_settings_and_the_resume_check_name_python_settings():
                         "epochs": 10, "learning_rate": 0.001, "patience": None, "clipnorm": None, "warmup_steps": 0,
                         "metrics": [], "tensorboard": None, "feedback": False, "feedback_start": "zeros",
                         "sampling_schedule": None, "jit_compile": None, "append_end_token": None,
-                        "samples": [6, 3, 2, 1]}
+                        "stop_gate": False, "stop_weight": 1.0, "stop_pos_weight": 1.0, "samples": [6, 3, 2, 1]}
     check_settings("run1/checkpoints", settings, dict(settings))
     check_settings("run1/checkpoints", settings, {**settings, "epochs": 40, "learning_rate": 0.5, "clipnorm": 1.0,
                                                   "warmup_steps": 5, "metrics": ["mae"]})  # may change

@@ -138,3 +138,96 @@ def test_a_gate_on_a_one_output_b_is_one_error(files, tmp_path):  # noqa: F811
                     "--max-steps", 3, "--stop-gate", "-o", out / "r.h5")
     assert_error(result, 2, "--stop-gate", "expected O >= 2, received O=1")
     assert_nothing_in(out)
+
+
+# ------------------------------------------------------------ training the gate
+
+import math  # noqa: E402
+
+import keras  # noqa: E402
+
+from filetools import write_h5  # noqa: E402
+from cascade_cli.data import TrainingData, append_gate_targets  # noqa: E402
+from cascade_cli.options import TrainConfig  # noqa: E402
+from cascade_cli.training import fit, gate_terms, loss_terms  # noqa: E402
+
+
+def test_gate_targets_by_hand():
+    steps = np.array([[2, 0], [0, 1]])
+    targets = append_gate_targets(steps, np.array([[5.0], [6.0], [7.0]], np.float32))
+    assert targets.tolist() == [[5.0, 0.0], [6.0, 1.0], [7.0, 1.0]]  # 1 at each pair's last step
+    assert append_gate_targets(np.zeros((1, 2), int), np.zeros((0, 3), np.float32)).shape == (0, 4)
+
+
+def test_stop_loss_equals_a_hand_worked_bce_on_two_pairs():
+    # pair 1: two steps (gate targets 0, 1); pair 2: one step (1). O = 2: one output and the gate logit.
+    predictions = tf.constant([[1.0, 0.0], [2.0, 2.0], [0.5, -1.0]])
+    targets = tf.constant([[0.0, 0.0], [1.0, 1.0], [1.5, 1.0]])
+    terms = gate_terms(loss_terms("mse"), elements_per_row=1, stop_weight=0.5, stop_pos_weight=2.0)
+    total, count = terms(predictions, targets)
+    mse = (1.0 + 1.0 + 1.0) / 3  # (1 - 0)^2, (2 - 1)^2, (0.5 - 1.5)^2
+    bce = (math.log(2.0)  # z = 0, logit 0: -log(1 - sigmoid(0))
+           + 2.0 * math.log(1 + math.exp(-2.0))  # z = 1, logit 2, weighted 2: -2 log(sigmoid(2))
+           + 2.0 * math.log(1 + math.exp(1.0))) / 3  # z = 1, logit -1: -2 log(sigmoid(-1))
+    assert float(count) == 3.0
+    assert float(total / count) == pytest.approx(mse + 0.5 * bce, rel=1e-6)
+    assert float(total / count) == pytest.approx(1.5955877629, rel=1e-6)  # the same, worked out
+
+
+def test_one_sgd_step_with_a_stop_gate_is_w_minus_lr_times_the_reference_gradient(tmp_path):
+    n, o = 4, 3  # two outputs and the gate
+    rng = np.random.default_rng(2)
+    inputs = builders.inputs(n, 3)
+    steps = rng.integers(0, 3, size=(n, 3))
+    steps[0, 0] = 0
+    targets = rng.normal(size=(int(steps.sum()), o - 1)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=targets)
+    end = 1  # with an end token too: the gate's target is 1 at each end row
+    rows, stops, offset = [], [], 0
+    for count in steps.reshape(-1):
+        rows.extend(targets[offset:offset + count])
+        rows.append(np.eye(o - 1, dtype="float32")[end])
+        stops.extend([0.0] * count + [1.0])
+        offset += count
+    rows, stops = np.stack(rows), np.array(stops, np.float32)
+    ref_a, ref_b = builders.model_a(), builders.step_b("gru", output_size=o)
+    variables = ref_a.trainable_variables + ref_b.trainable_variables
+    with tf.GradientTape() as tape:
+        values, _ = builders.reference(ref_a, ref_b, inputs, steps + 1)
+        mse = tf.reduce_sum(tf.square(values[:, :-1] - rows)) / rows.size
+        logits = values[:, -1]
+        bce = -(3.0 * stops * tf.math.log_sigmoid(logits) + (1 - stops) * tf.math.log_sigmoid(-logits))
+        loss = mse + 0.5 * tf.reduce_mean(bce)
+    grads = tape.gradient(loss, variables)
+    expected = [v.numpy() - 0.1 * g.numpy() for v, g in zip(variables, grads)]
+    with TrainingData(path) as data:
+        history = fit(builders.model_a(), builders.step_b("gru", output_size=o), data, out_dir=tmp_path / "out",
+                      config=TrainConfig(optimizer="sgd", learning_rate=0.1, epochs=1, batch_size=n, shuffle=False,
+                                         val_split=0.0, append_end_token=end, stop_gate=True, stop_weight=0.5,
+                                         stop_pos_weight=3.0, jit_compile=False))
+    assert history[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+    saved = [keras.saving.load_model(tmp_path / "out" / name, compile=False)
+             for name in ("model_a.keras", "model_b.keras")]
+    for w, e, v in zip(saved[0].trainable_variables + saved[1].trainable_variables, expected, variables):
+        assert not np.allclose(e, v.numpy())
+        np.testing.assert_allclose(w.numpy(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_gate_training_settings(tmp_path):
+    with pytest.raises(ParameterError, match=r"^stop_weight: weighs the stop gate's loss: give stop_gate=True"):
+        TrainConfig(stop_weight=2.0)
+    with pytest.raises(ParameterError, match=r"^stop_pos_weight: expected a finite number > 0, received 0\.$"):
+        TrainConfig(stop_gate=True, stop_pos_weight=0)
+    with pytest.raises(ParameterError, match=r"^stop_gate: cannot train a feedback-form B yet"):
+        TrainConfig(stop_gate=True, feedback=True)
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(2, 2), steps=np.ones((2, 2), int),
+                    targets=np.zeros((4, 3), np.float32))
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.step_b("gru", output_size=3).save(tmp_path / "b.keras")
+    result = invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                    "--out-dir", tmp_path / "run", "--epochs", 1, "--stop-gate", "--no-xla")
+    assert_error(result, 1, "have O=3 values per step but model B emits O=3, the last a stop gate: expected O - 1 = 2")
+    result = invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                    "--out-dir", tmp_path / "run", "--epochs", 1, "--stop-weight", 2)
+    assert_error(result, 2, "--stop-weight: weighs the stop gate's loss: give --stop-gate")
+    assert not (tmp_path / "run").exists()
