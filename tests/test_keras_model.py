@@ -48,6 +48,32 @@ def test_save_and_load_in_safe_mode_give_the_same_predict_bytes(tmp_path, settin
     np.testing.assert_array_equal(after.row_lengths(axis=2).numpy(), before.row_lengths(axis=2).numpy())
 
 
+FRESH_LOAD = """
+import sys
+import keras
+{imports}
+try:
+    model = keras.saving.load_model(sys.argv[1])  # safe mode, no custom_objects
+except TypeError as error:
+    print("refused:", str(error).split(".")[0])
+else:
+    print(type(model).__name__)
+"""
+
+
+@pytest.mark.parametrize("imports, expected", [
+    ("from cascade_cli import CascadeModel", "CascadeModel"),
+    ("import cascade_cli  # lazy: nothing registered", "refused: Could not locate class 'CascadeModel'"),
+])
+def test_a_fresh_process_loads_a_generator_once_cascade_model_is_imported(tmp_path, imports, expected):
+    CascadeModel(builders.model_a(), builders.step_b(), fast_cells=False).save(tmp_path / "g.keras")
+    done = subprocess.run([sys.executable, "-c", FRESH_LOAD.format(imports=imports), str(tmp_path / "g.keras")],
+                          capture_output=True, text=True, check=False, timeout=120,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == expected
+
+
 def test_predict_matches_the_eager_reference_and_keeps_ta_in_the_shape():
     model_a, model_b = builders.model_a(), builders.step_b("lstm")
     model = CascadeModel(model_a, model_b, state="carry")
