@@ -1,0 +1,50 @@
+"""A model learns how many steps to emit, 0 included, from end tokens appended for it (slow: it trains)."""
+
+import keras
+import numpy as np
+import pytest
+
+from filetools import write_h5
+from cascade_cli.data import TrainingData
+from cascade_cli.options import StopRule, TrainConfig
+from cascade_cli.runner import Cascade
+from cascade_cli.training import fit
+
+END = 1  # token 0: "go on", token 1: the end token, never in the file
+
+
+def task(n, seed):
+    """Inputs (n, 4, 1) holding 0..3; each pair's steps are its input (0 included); targets all token 0."""
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(0, 4, size=(n, 4))
+    inputs = steps[..., None].astype("float32")
+    targets = np.tile(np.eye(2, dtype="float32")[0], (int(steps.sum()), 1))
+    return inputs, steps, targets
+
+
+def models():
+    x = keras.Input(shape=(4, 1))
+    a = keras.Model(x, keras.layers.Dense(8, activation="tanh")(keras.layers.Dense(16, activation="tanh")(x)))
+    ir, state = keras.Input(shape=(8,)), keras.Input(shape=(16,))
+    h, [new_state] = keras.layers.GRUCell(16)(ir, [state])
+    return a, keras.Model([ir, state], [keras.layers.Dense(2)(h), new_state])
+
+
+@pytest.mark.slow
+def test_end_tokens_teach_the_lengths_zero_included(tmp_path):
+    inputs, steps, targets = task(256, seed=0)
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=targets)
+    keras.utils.set_random_seed(0)
+    model_a, model_b = models()
+    with TrainingData(path) as data:
+        fit(model_a, model_b, data, out_dir=tmp_path / "run",
+            config=TrainConfig(epochs=40, batch_size=32, learning_rate=0.01, loss="categorical-crossentropy",
+                               from_logits=True, val_split=0.0, append_end_token=END, jit_compile=False))
+    held_inputs, held_steps, _ = task(64, seed=1)
+    cascade = Cascade(model_a, model_b, max_steps=5, stop_rule=StopRule.token(END), exclude_stop_step=True,
+                      jit_compile=False)
+    lengths = cascade.run(held_inputs)[1].numpy()
+    error = np.abs(lengths - held_steps).mean()
+    baseline = np.abs(held_steps.mean() - held_steps).mean()  # predicting the mean length
+    assert (lengths == 0).any()  # it learned to emit nothing where nothing is wanted
+    assert error < 0.3 * baseline, (error, baseline)
