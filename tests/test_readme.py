@@ -77,6 +77,19 @@ def test_the_quick_start_names_the_python_and_tensorflow_versions_pyproject_pins
     assert "python3 -m venv .venv" in quick  # a virtual environment first
 
 
+def test_git_ignores_what_the_demo_writes_into_the_checkout_by_default():
+    import shutil as which
+
+    from cascade_cli.cli import main
+
+    (default,) = [option.default for option in main.commands["demo"].params if option.name == "out_dir"]
+    assert default == "cascade-demo"
+    if which.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "check-ignore", "-q", f"{default}/trained/model_a.keras"], cwd=ROOT)
+    assert done.returncode == 0, f"{default}/ is not ignored by git"
+
+
 def expanded(argv, full):
     """Replaces `...` in `argv` with the arguments of the last full line of the same command."""
     if "..." not in argv:
