@@ -173,3 +173,12 @@ def test_a_mirrored_run_on_one_device_says_it_trains_on_one_replica(files, tmp_p
     said = " ".join(result.stderr.split())
     assert "1 replica (mirrored strategy)" in said, said
     assert "Warning: strategy='mirrored' found one device, so it trains on 1 replica" in said, said
+
+
+def test_a_split_that_leaves_one_training_sample_is_warned_about(files, tmp_path):
+    # README list: --val-split 0.99 on 64 samples trained on one sample without a warning
+    result = train(files, tmp_path / "run", "train.h5", "b4.keras", "--val-split", 0.75, "--epochs", 1)
+    assert_ok(result)
+    said = " ".join(result.stderr.split())
+    assert "Training on 1 sample, 3 validation samples" in said, said
+    assert re.search(r"Warning: (--val-split|val_split=)0\.75 of 4 samples leaves 1 sample to train on", said), said
