@@ -61,6 +61,7 @@ from cascade_cli.options import (
     OPTIMIZERS,
     RunInfo,
     SamplingSchedule,
+    StopRule,
     TrainCallbacks,
     TrainConfig,
     check_choice,
@@ -651,6 +652,37 @@ def _check_fits(cascade, data, *, loss, gate=False):
         )
 
 
+def training_stop_rule(config):
+    """The stop rule a run's model is meant to generate with, or None: the gate with `stop_gate`, else the end token."""
+    if config.stop_gate:
+        return StopRule.gate()
+    if config.append_end_token is not None:
+        return StopRule.token(config.append_end_token)
+    return None
+
+
+def _length_error(run, data):
+    """`val_length_mae`: the mean absolute error, over the validation pairs, of free-running lengths.
+
+    The models generate up to the longest steps of the file (end rows
+    counted) with `training_stop_rule`, the stop step emitted, and the
+    lengths are compared with the steps trained on. None without a stop rule
+    or a validation split.
+    """
+    rule = training_stop_rule(run.config)
+    if rule is None or len(run.val_indices) == 0:
+        return None
+    longest = max(int(data.steps.max(initial=0)), 1)
+    cascade = Cascade(*run.models, **{**runner_settings(run.config), "jit_compile": False}, max_steps=longest,
+                      stop_rule=rule)
+    errors = pairs = 0
+    for batch in data.batches(run.val_indices, batch_size=run.config.batch_size):
+        lengths = cascade.run(batch.inputs)[1].numpy()
+        errors += int(np.abs(lengths - batch.steps).sum())
+        pairs += batch.steps.size
+    return errors / pairs if pairs else None
+
+
 def _end_token(cascade, data, config):
     """Applies `append_end_token` to `data` (`TrainingData.with_end_token`) once the id is checked against B."""
     token, size = config.append_end_token, cascade.b_spec.output_size - int(bool(config.stop_gate))
@@ -1076,6 +1108,9 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     row = {"epoch": number, "loss": running.value, "val_loss": val_loss}
     for name, value, val_value in zip(config.metrics, running.metrics, val_metrics):
         row[name], row[f"val_{name}"] = value, val_value
+    length_error = _length_error(run, data)
+    if length_error is not None:
+        row["val_length_mae"] = length_error
     row["seconds"] = time.perf_counter() - started
     return row
 

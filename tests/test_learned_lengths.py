@@ -48,3 +48,28 @@ def test_end_tokens_teach_the_lengths_zero_included(tmp_path):
     baseline = np.abs(held_steps.mean() - held_steps).mean()  # predicting the mean length
     assert (lengths == 0).any()  # it learned to emit nothing where nothing is wanted
     assert error < 0.3 * baseline, (error, baseline)
+
+
+def test_history_records_the_validation_length_error(tmp_path):
+    import csv
+
+    import builders
+    import stopref
+    from cascade_cli.data import split_indices
+
+    inputs, steps, targets = task(8, seed=2)
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=targets)
+    a, b = builders.model_a(features=1), builders.step_b("gru", output_size=2)
+    with TrainingData(path) as data:
+        history = fit(a, b, data, out_dir=tmp_path / "run",
+                      config=TrainConfig(epochs=1, batch_size=4, val_split=0.5, append_end_token=END,
+                                         loss="categorical-crossentropy", jit_compile=False))
+    _, val = split_indices(8, val_split=0.5, seed=0)
+    # the eager reference: the trained models run free until token END, the end step emitted
+    _, lengths, _ = stopref.reference(a, b, inputs[val], steps.max() + 1,  # up to the file's longest
+                                      stop=lambda y: int(np.argmax(y)) == END)
+    expected = np.abs(lengths - (steps[val] + 1)).mean()
+    assert expected > 0 and history[0]["val_length_mae"] == pytest.approx(expected)
+    with open(tmp_path / "run" / "history.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["val_length_mae"]) == pytest.approx(expected)
