@@ -1040,8 +1040,11 @@ def _inspect_models(report, console, path, partner, *, unsafe, allow_legacy_h5):
 @click.argument("path", metavar="PATH")
 @click.option("--partner", metavar="OTHER.keras", help="With a model: the other model, to check that A and B fit.")
 @click.option("--inputs-key", default="inputs", show_default=True, help="Dataset or array name of an inputs file.")
+@click.option("--against", metavar="TRAIN.h5",
+              help="With a result: the mean absolute error of its lengths against this training file's steps, "
+                   "overall and per outer step.")
 @load_options
-def inspect(path, partner, inputs_key, unsafe, allow_legacy_h5):
+def inspect(path, partner, inputs_key, against, unsafe, allow_legacy_h5):
     """Describe a model, a dataset, a steps file or a result.
 
     \b
@@ -1055,6 +1058,8 @@ def inspect(path, partner, inputs_key, unsafe, allow_legacy_h5):
     kind = inspection.kind_of(path)
     if partner is not None and kind != "model":
         raise click.UsageError(f"--partner needs PATH to be a model; '{path}' holds {kind}.")
+    if against is not None and kind != "result":
+        raise click.UsageError(f"--against needs PATH to be a result; '{path}' holds {kind}.")
     if kind == "model":
         _inspect_models(report, console, path, partner, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
         return
@@ -1066,7 +1071,8 @@ def inspect(path, partner, inputs_key, unsafe, allow_legacy_h5):
         "steps": inspection.describe_steps,
     }[kind]
     described = describe(path)
-    _print_rows(report, described.rows)
+    compared = [] if against is None else inspection.length_error_rows(described.lengths, against)  # before output
+    _print_rows(report, described.rows + compared)
     if described.lengths is not None:
         report.print(_histogram(described))
 

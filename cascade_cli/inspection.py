@@ -297,6 +297,29 @@ def describe_result(path):
     return Report(rows, result.lengths, "inner lengths per (n, t) pair", "pairs")
 
 
+def length_error_rows(lengths, against):
+    """Rows comparing a result's `lengths (N, Ta)` with the steps of the training file `against`.
+
+    The mean absolute error over every pair, then per outer step.
+
+    Raises:
+        DataError: the training file's steps are not shaped like the lengths.
+    """
+    from cascade_cli.data import TrainingData
+
+    with TrainingData(against) as data:
+        truth = data.steps
+    lengths = np.asarray(lengths)
+    if truth.shape != lengths.shape:
+        raise DataError(f"steps in '{against}' (--against) have shape {tuple(truth.shape)}: expected the result's "
+                        f"(N, Ta) = {tuple(lengths.shape)}.")
+    errors = np.abs(lengths.astype(np.int64) - truth)
+    rows = [("length error", f"mean |length - steps| {errors.mean() if errors.size else 0.0:.3f} over "
+                             f"{errors.size:,} pairs, against '{against}'")]
+    rows += [(f"  outer step {t}", f"{errors[:, t].mean() if len(errors) else 0.0:.3f}") for t in range(errors.shape[1])]
+    return rows
+
+
 def describe_training(path):
     from cascade_cli.data import TrainingData
 

@@ -73,3 +73,26 @@ def test_history_records_the_validation_length_error(tmp_path):
     with open(tmp_path / "run" / "history.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["val_length_mae"]) == pytest.approx(expected)
+
+
+from test_cli import STEPS, files  # noqa: E402,F401 - `files` is test_cli's fixture
+from clitools import assert_error, assert_ok, invoke  # noqa: E402
+
+
+def test_inspect_against(files, tmp_path):  # noqa: F811
+    assert_ok(invoke("generate", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "--inputs",
+                     files["x.h5"], "--steps-file", files["steps.txt"], "-o", tmp_path / "r.h5"))
+    truth = np.array([[2, 1, 3], [0, 0, 0], [1, 1, 2], [3, 2, 1], [0, 0, 0]])  # lengths are STEPS
+    train = write_h5(tmp_path / "train.h5", inputs=np.zeros((5, 3, 3), np.float32), steps=truth,
+                     targets=np.zeros((int(truth.sum()), 2), np.float32))
+    shown = invoke("inspect", tmp_path / "r.h5", "--against", train)
+    assert_ok(shown)
+    lines = shown.stdout.splitlines()
+    # |STEPS - truth|: pair (0, 1) 1, (2, 2) 2, (4, 1) 4: 7 over 15 pairs; per outer step 0, 5 / 5, 2 / 5
+    assert any("mean |length - steps| 0.467 over 15 pairs" in line for line in lines), shown.stdout
+    for t, error in enumerate(["0.000", "1.000", "0.400"]):
+        assert any(line.split()[-3:] == ["step", str(t), error] for line in lines), shown.stdout
+    wrong = write_h5(tmp_path / "wrong.h5", inputs=np.zeros((4, 3, 3), np.float32), steps=np.zeros((4, 3), int),
+                     targets=np.zeros((0, 2), np.float32))
+    assert_error(invoke("inspect", tmp_path / "r.h5", "--against", wrong), 1, "--against", "(N, Ta) = (5, 3)")
+    assert_error(invoke("inspect", train, "--against", train), 2, "--against needs PATH to be a result")
