@@ -31,6 +31,7 @@ def flat_of(ragged):
 @pytest.mark.parametrize("settings, steps", [
     pytest.param(dict(state="reset"), STEPS, marks=pytest.mark.slow),
     (dict(state="carry", max_steps=4, stop_rule=StopRule.norm(1.0)), None),
+    (dict(state="reset", max_steps=4, stop_rule=StopRule.gate(0.6), min_steps=1), None),  # B's last column a gate
     pytest.param(dict(state="reset", state_init="ir", max_steps=5, stop_rule=StopRule.token(1),
                       exclude_stop_step=True), None, marks=pytest.mark.slow),
 ])
