@@ -720,7 +720,7 @@ def merge(ctx, parts, output, overwrite):
 # ----------------------------------------------------------------- generators
 
 
-@main.command()
+@main.command(short_help="Pack A, B and the runner settings into one generator.")
 @model_options
 @runner_options
 @click.option("-o", "--output", required=True, metavar="GENERATOR.keras", help="The generator file to write.")
@@ -1122,7 +1122,7 @@ def _patterns_table(tokens, *, samples):
     return table
 
 
-@main.command()
+@main.command(short_help="Train, generate and export on sample_data/ in under a minute.")
 @click.option("--out-dir", default="cascade-demo", show_default=True, metavar="DIR",
               help="Where the trained models, the result and its exports go.")
 @click.option("--epochs", type=click.IntRange(1, INT32_MAX), default=DEMO_EPOCHS, show_default=True,

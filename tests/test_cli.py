@@ -699,7 +699,8 @@ def test_export_model_of_a_token_sampler_serves_the_tokens_generate_writes(files
     np.testing.assert_allclose(out["flat_values"].numpy(), written.values, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("command", ["merge", "export-model", "generate", "export", "inspect", "train"])
+@pytest.mark.parametrize("command", ["merge", "export-model", "generate", "export", "inspect", "train", "pack",
+                                     "demo"])
 def test_the_top_level_help_shows_each_command_s_description_whole(command):
     result = invoke("--help")
     assert_ok(result)
