@@ -115,7 +115,7 @@ def test_bad_min_steps():
 
 # ------------------------------------------------------------ the command line
 
-from clitools import assert_error, assert_nothing_in, assert_ok  # noqa: E402
+from clitools import assert_error, assert_nothing_in, assert_ok, invoke  # noqa: E402
 from test_cli import direct, files, generate  # noqa: E402,F401 - `files` is the module's fixture
 
 
@@ -143,3 +143,17 @@ def test_bad_min_steps_flags_exit_2(files, tmp_path, args, words):  # noqa: F811
     out.mkdir()
     assert_error(generate(files, out / "r.h5", *args), 2, *words)
     assert_nothing_in(out)
+
+
+def test_pack_keeps_min_steps(files, tmp_path):  # noqa: F811
+    import h5py
+
+    from cascade_cli.results_io import read_result
+
+    generator = tmp_path / "g.keras"
+    assert_ok(invoke("pack", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "--max-steps", 4,
+                     "--stop-norm", 0.0, "--min-steps", 2, "-o", generator))
+    assert_ok(invoke("generate", "--model", generator, "--inputs", files["x.h5"], "-o", tmp_path / "r.h5"))
+    assert (read_result(tmp_path / "r.h5").lengths == 2).all()
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert f.attrs["min_steps"] == 2
