@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade_cli import results_io
-from cascade_cli.errors import DataError, ModelError, one_line
+from cascade_cli.errors import DataError, ModelError, ParameterError, one_line
 from cascade_cli.options import STOP_RULES
 from cascade_cli.results_io import run_attrs  # noqa: F401  (what an export carries; cli.py reads it here)
 
@@ -48,7 +48,10 @@ def rule_text(rule):
     """
     from cascade_cli.options import StopRule
 
-    return StopRule(*rule).describe()
+    try:
+        return StopRule(*rule).describe()
+    except ParameterError:  # a file's value this version cannot read as a rule: shown as it is
+        return f"{rule[0]} {rule[1]}"
 
 
 def stop_rule_lines(rule, *, pairs, at_cap, at_first=0):
