@@ -254,14 +254,20 @@ def epoch_row(logs, *, epochs, best):
     """One fixed-width row of a finished epoch: `  3/20  1.2346e-01  2.3457e-01 *    0.4`.
 
     Args:
-        logs: the epoch's `{"epoch", "loss", "val_loss", "seconds"}`.
+        logs: the epoch's `{"epoch", "loss", "val_loss", "seconds"}`, then any
+            other figures (`--metrics`, `val_length_mae`), shown by name after them.
         epochs: the epoch the run trains up to (fixes the width of the first column).
         best: whether this epoch's val_loss is the lowest so far (marked with `*`).
     """
     width = max(2 * len(str(epochs)) + 1, 5)
     mark = f" {BEST_MARK}" if best else "  "
+    extras = "".join(f"  {name} {fixed_loss(value).strip()}" for name, value in logs.items()
+                     if name not in _ROW_FIELDS)  # --metrics and val_length_mae, by name
     return (f"{str(logs['epoch']) + '/' + str(epochs):>{width}}  {fixed_loss(logs['loss'])}  "
-            f"{fixed_loss(logs.get('val_loss'))}{mark}{logs['seconds']:>8.1f}")
+            f"{fixed_loss(logs.get('val_loss'))}{mark}{logs['seconds']:>8.1f}{extras}")
+
+
+_ROW_FIELDS = ("epoch", "loss", "val_loss", "seconds")  # the columns every epoch row has
 
 
 class TrainReport(TrainCallbacks):

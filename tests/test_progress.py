@@ -196,3 +196,14 @@ def test_rendering_training_progress_does_not_import_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_an_epoch_row_shows_the_metrics_and_the_length_error_by_name_after_the_loss_columns():
+    from cascade_cli.progress import epoch_row
+
+    plain = epoch_row({"epoch": 3, "loss": 0.5, "val_loss": 0.25, "seconds": 1.5}, epochs=20, best=False)
+    assert plain == " 3/20  5.0000e-01  2.5000e-01       1.5"  # the columns as before
+    row = epoch_row({"epoch": 3, "loss": 0.5, "val_loss": 0.25, "seconds": 1.5, "mae": 0.125, "val_mae": 0.0625,
+                     "val_length_mae": 1.5}, epochs=20, best=True)
+    assert row == (" 3/20  5.0000e-01  2.5000e-01 *     1.5  mae 1.2500e-01  val_mae 6.2500e-02  "
+                   "val_length_mae 1.5000e+00")
