@@ -653,6 +653,39 @@ def errors_of(timings):
     return [f"{t['name']} {t['direction']} {t['state']} {t['method']}: {t['error']}" for t in timings if "error" in t]
 
 
+def argument_parser(prog, description, *, default_repeats, batches=False):
+    """The options every benchmark script takes: `--quick`, `--repeats`, `--out` (and `--batches`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat: checks the script works")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per method (default {default_repeats}; 1 with --quick)")
+    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json and RESULTS.md")
+    if batches:
+        parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="N",
+                            help="only the cases of these batch sizes (a reduced run, labelled as such)")
+    return parser
+
+
+def parse_arguments(parser, argv):
+    """`parser.parse_args(argv)`, refusing fewer than one repeat."""
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
+    return args
+
+
+def print_table(console, title, header, rows):
+    """Prints one rich table of `rows` under `header`."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def print_tables(run_plan, timings, targets):
     """Prints the timing and target tables with rich."""
     from rich.console import Console
@@ -938,15 +971,10 @@ def memory_check(
 
 def main(argv=None):
     """Runs the benchmark (or the memory check) and writes the reports."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat: checks the script works")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 5; 1 with --quick)")
-    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json and RESULTS.md")
+    parser = argument_parser("python -m benchmarks.bench", __doc__.splitlines()[0], default_repeats=5)
     parser.add_argument("--memory", action="store_true", help="only the memory check of `cascade generate`")
     parser.add_argument("--memory-samples", type=int, nargs=2, default=(2000, 20000), metavar=("SMALL", "LARGE"))
-    args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
+    args = parse_arguments(parser, argv)
     if args.memory:
         small, large = args.memory_samples
         memory = memory_check(small=small, large=large)

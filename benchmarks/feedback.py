@@ -42,11 +42,9 @@ interleaved across methods, medians reported; the run is merged into
 and `benchmarks.peers`' runs.
 """
 
-import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -660,33 +658,20 @@ def plan_from_dict(data):
 
 def print_tables(run_plan, timings, targets):
     from rich.console import Console
-    from rich.table import Table
 
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    for title, header, rows in (("feedback decoding, median times (ms)", TIMING_HEADER, timing_rows(run_plan, timings)),
-                                ("feedback targets of issue 16", bench.TARGET_HEADER, bench.target_rows(targets))):
-        table = Table(title=title)
-        for column in header:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+    bench.print_table(console, "feedback decoding, median times (ms)", TIMING_HEADER, timing_rows(run_plan, timings))
+    bench.print_table(console, "feedback targets of issue 16", bench.TARGET_HEADER, bench.target_rows(targets))
     for error in bench.errors_of(timings):
         console.print(f"[red]error[/red] {error}")
 
 
 def main(argv=None):
     """Runs the feedback-decoding benchmark and merges it into the reports."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.feedback", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat: checks the script works")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 7; 1 with --quick)")
-    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json and RESULTS.md")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="N",
-                        help="only the cases of these batch sizes (a reduced run, labelled as such)")
+    parser = bench.argument_parser("python -m benchmarks.feedback", __doc__.splitlines()[0], default_repeats=7,
+                                   batches=True)
     parser.add_argument("--note", default=None, help="one line about the run (e.g. the machine's load) for RESULTS.md")
-    args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
+    args = bench.parse_arguments(parser, argv)
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")

@@ -31,12 +31,10 @@ interleaved across methods, medians reported; results are merged into
 `results.json` and `RESULTS.md` beside `benchmarks.bench`'s runs.
 """
 
-import argparse
 import dataclasses
 import importlib.util
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -532,36 +530,19 @@ def describe_machine():
 
 def print_tables(run_plan, timings, targets):
     from rich.console import Console
-    from rich.table import Table
 
     console = Console() if sys.stdout.isatty() else Console(width=240)
-    table = Table(title="median times (ms)")
-    for column in TIMING_HEADER:
-        table.add_column(column)
-    for row in timing_rows(run_plan, timings):
-        table.add_row(*row)
-    console.print(table)
-    table = Table(title="targets of issue 16")
-    for column in bench.TARGET_HEADER:
-        table.add_column(column)
-    for row in bench.target_rows(targets):
-        table.add_row(*row)
-    console.print(table)
+    bench.print_table(console, "median times (ms)", TIMING_HEADER, timing_rows(run_plan, timings))
+    bench.print_table(console, "targets of issue 16", bench.TARGET_HEADER, bench.target_rows(targets))
     for error in bench.errors_of(timings):
         console.print(f"[red]error[/red] {error}")
 
 
 def main(argv=None):
     """Runs the peers benchmark and merges it into the reports."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat: checks the script works")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 7; 1 with --quick)")
-    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json and RESULTS.md")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="N",
-                        help="only the cases of these batch sizes (a reduced run, labelled as such)")
-    args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
+    parser = bench.argument_parser("python -m benchmarks.peers", __doc__.splitlines()[0], default_repeats=7,
+                                   batches=True)
+    args = bench.parse_arguments(parser, argv)
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
