@@ -67,3 +67,21 @@ def reference(model_a, model_b, x, caps, *, state="reset", feedback=False, sampl
 
 def sigmoid(value):
     return 1.0 / (1.0 + np.exp(-value))
+
+
+def assert_rows_processed_equal_emitted(cascade, counter, x, caps):
+    """B (a `counting_b`) processes exactly the rows the cascade emits, fewer than the caps allow."""
+    run = tf.function(lambda x: cascade(x, caps))
+    run(x)  # the trace counts too: count the second call only
+    counter.rows.assign(0)
+    out = run(x)
+    emitted = int(tf.reduce_sum(out.row_lengths(axis=2)))
+    assert int(counter.rows.numpy()) == emitted < caps.sum()
+
+
+def assert_eager_equals_compiled(cascade, x, caps):
+    """The eager call and a caller's `tf.function` give the same lengths and values."""
+    eager = cascade(x, caps)
+    compiled = tf.function(lambda x, s: cascade(x, s))(tf.constant(x), tf.constant(caps))
+    np.testing.assert_array_equal(eager.row_lengths(axis=2).numpy(), compiled.row_lengths(axis=2).numpy())
+    np.testing.assert_allclose(eager.flat_values.numpy(), compiled.flat_values.numpy(), atol=1e-6)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import builders
 import stopref
@@ -81,12 +80,7 @@ def test_rows_processed_equal_emitted_lengths_with_min_steps(state):
     x = builders.inputs(4, 5)
     cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.norm(low_threshold(a, b, x, state)),
                       min_steps=2, jit_compile=False)
-    run = tf.function(lambda x: cascade(x, CAPS))
-    run(x)
-    counter.rows.assign(0)
-    out = run(x)
-    emitted = int(tf.reduce_sum(out.row_lengths(axis=2)))
-    assert int(counter.rows.numpy()) == emitted < CAPS.sum()
+    stopref.assert_rows_processed_equal_emitted(cascade, counter, x, CAPS)
 
 
 def test_eager_and_tf_function_agree_with_min_steps():
@@ -94,10 +88,7 @@ def test_eager_and_tf_function_agree_with_min_steps():
     x = builders.inputs(4, 5)
     cascade = Cascade(a, b, state="carry", max_steps=MAX_STEPS, min_steps=3, jit_compile=False,
                       stop_rule=StopRule.norm(low_threshold(a, b, x, "carry")))
-    eager = cascade(x, CAPS)
-    compiled = tf.function(lambda x, s: cascade(x, s))(tf.constant(x), tf.constant(CAPS))
-    np.testing.assert_array_equal(eager.row_lengths(axis=2).numpy(), compiled.row_lengths(axis=2).numpy())
-    np.testing.assert_allclose(eager.flat_values.numpy(), compiled.flat_values.numpy(), atol=1e-6)
+    stopref.assert_eager_equals_compiled(cascade, x, CAPS)
 
 
 def test_bad_min_steps():

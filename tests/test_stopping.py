@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import builders
+import stopref
 from cascade_cli.errors import DataError, ParameterError
 from cascade_cli.runner import Cascade, StopRule
 from test_runner import counting_b, make_b
@@ -85,12 +85,7 @@ def test_rows_processed_equal_emitted_lengths(state):
     x = builders.inputs(4, 5)
     threshold = float(np.quantile(norms(Cascade(a, b, state=state), x), 0.6))
     cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.norm(threshold))
-    run = tf.function(lambda x: cascade(x, CAPS))
-    run(x)
-    counter.rows.assign(0)
-    out = run(x)
-    emitted = int(tf.reduce_sum(out.row_lengths(axis=2)))
-    assert int(counter.rows.numpy()) == emitted < CAPS.sum()
+    stopref.assert_rows_processed_equal_emitted(cascade, counter, x, CAPS)
 
 
 @pytest.mark.parametrize("state", ["reset", "carry"])
@@ -99,10 +94,7 @@ def test_eager_and_tf_function_agree(state):
     x = builders.inputs(4, 5)
     threshold = float(np.quantile(norms(Cascade(a, b, state=state), x), 0.7))
     cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.norm(threshold))
-    eager = cascade(x, CAPS)
-    compiled = tf.function(lambda x, s: cascade(x, s))(tf.constant(x), tf.constant(CAPS))
-    np.testing.assert_array_equal(eager.row_lengths(axis=2).numpy(), compiled.row_lengths(axis=2).numpy())
-    np.testing.assert_allclose(eager.flat_values.numpy(), compiled.flat_values.numpy(), atol=1e-6)
+    stopref.assert_eager_equals_compiled(cascade, x, CAPS)
 
 
 def test_bad_stop_settings():
