@@ -170,7 +170,7 @@ def test_nested_loops_equal_cascade(models, inputs, state):
 
 
 @needs_runner
-@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("state", ["reset", pytest.param("carry", marks=pytest.mark.slow)])  # ~9 s each
 def test_nested_loops_gradients_equal_cascade(models, inputs, state):
     from cascade_cli.runner import Cascade
 
