@@ -321,7 +321,9 @@ class Cascade:
             self._known_cell(ir_dtype=model_a.outputs[0].dtype, training=False, teacher_forced=feedback)
         self.jit_compile = jit_compile
         self.run_eagerly = run_eagerly
-        self._functions = {}  # (kind, training, dtype, F, plain_a) -> the cached tf.function of an eager call
+        self._functions = {}  # (kind, training, dtype, F, plain_a, layout) -> the tf.function of an eager call
+        self._concrete = {}  # the same keys -> its one concrete function, which is what is called
+        self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
         self._taped_plain_a = False  # set once a persistent tape could not record A's compiled call
         self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
@@ -360,15 +362,11 @@ class Cascade:
         inputs, caps = self._checked(inputs, steps)
         extras = self._checked_extras(inputs, caps, steps, targets, sample_index, sampling_probability,
                                       return_tokens)
-        if not self._compiles(inputs):
-            return self._ragged(inputs, caps, training, extras=extras)
-        out = self._call_compiled("ragged", inputs, caps, training=training, extras=extras)
-        # The trace knows no N or Ta: give the eager result the static shape an eager run has.
-        if return_tokens:
-            return tuple(tf.RaggedTensor.from_uniform_row_length(part.values, inputs.shape[1], nrows=inputs.shape[0],
-                                                                 validate=False) for part in out)
-        return tf.RaggedTensor.from_uniform_row_length(out.values, inputs.shape[1], nrows=inputs.shape[0],
-                                                       validate=False)
+        if self._compiles(inputs):
+            parts = self._call_compiled("ragged", inputs, caps, training=training, extras=extras)
+        else:
+            parts = self._ragged_parts(inputs, caps, training, extras=extras)
+        return self._nested(parts, samples=_size(inputs, 0), outer=_size(inputs, 1))
 
     def run(self, inputs, steps=None, *, training=False, targets=None, sample_index=None, sampling_probability=0.0,
             return_tokens=False):
@@ -416,7 +414,7 @@ class Cascade:
         return not self.run_eagerly and tf.executing_eagerly() and inputs.shape[1] != 0
 
     def _compiled(self, kind, inputs, *, training, plain_a=False, extras=None):
-        """The cached `tf.function` of `_ragged` or `_run`, traced once for any `N`, `Ta` and steps.
+        """The concrete function of `_ragged_parts` or `_run`, traced once for any `N`, `Ta` and steps.
 
         Keyed on `training` (a Python value the trace depends on) and the
         inputs' dtype and `F`; steps always arrive as int32 caps `(N, Ta)`, so
@@ -427,7 +425,7 @@ class Cascade:
         layout = None if extras is None else (extras.targets is not None, extras.return_tokens, extras.scheduled)
         key = (kind, training, inputs.dtype, inputs.shape[2], plain_a, layout)
         if key not in self._functions:
-            body = self._ragged if kind == "ragged" else self._run
+            body = self._ragged_parts if kind == "ragged" else self._run
             signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
                          tf.TensorSpec([None, None], tf.int32)]
             if extras is None:
@@ -442,8 +440,12 @@ class Cascade:
                     feed = _Feed(targets, sample_index, probability, return_tokens, scheduled)
                     return body(inputs, caps, training, plain_a=plain_a, extras=feed)
 
-            self._functions[key] = tf.function(function, input_signature=signature)
-        return self._functions[key]
+            compiled = tf.function(function, input_signature=signature)
+            # Called as a concrete function: a tf.function's own dispatch costs about as much as
+            # the whole run at small N.
+            self._concrete[key] = compiled.get_concrete_function()
+            self._functions[key] = compiled
+        return self._concrete[key]
 
     def _call_compiled(self, kind, inputs, caps, *, training, extras=None):
         """Calls `_compiled(...)`; a `CascadeError` raised while tracing reaches the caller as itself.
@@ -451,14 +453,13 @@ class Cascade:
         (TensorFlow would wrap it in a `StagingError`; an eager call raises what the eager path raises.)
         """
         plain_a = self._taped_plain_a and tape_may_record()
-        function = self._compiled(kind, inputs, training=training, plain_a=plain_a, extras=extras)
         arguments = [inputs, caps]
         if extras is not None:
             arguments += [extras.sample_index, extras.probability]
             if extras.targets is not None:
                 arguments.append(extras.targets)
         try:
-            return function(*arguments)
+            return self._compiled(kind, inputs, training=training, plain_a=plain_a, extras=extras)(*arguments)
         except ValueError as error:
             if plain_a or "DT_VARIANT" not in str(error) or not self._a_under_xla(inputs, training=training):
                 raise
@@ -479,21 +480,40 @@ class Cascade:
         inputs = self._check_inputs(inputs)
         return inputs, self._check_steps(steps, inputs)
 
-    def _ragged(self, inputs, caps, training, *, plain_a=False, extras=None):
+    def _ragged_parts(self, inputs, caps, training, *, plain_a=False, extras=None):
+        """`(values, row_splits (N * Ta + 1,) int64[, tokens])`: `_run`'s result as the flat parts of `__call__`'s.
+
+        Plain tensors, so that a compiled call returns no composite tensor
+        (whose packing costs more than the call itself at small N).
+        """
         result = self._run(inputs, caps, training, plain_a=plain_a, extras=extras)
-        values, lengths = result[:2]
-        outer = lengths.shape[1] if lengths.shape[1] is not None else tf.shape(lengths, out_type=tf.int64)[1]
-        samples = tf.shape(lengths, out_type=tf.int64)[0]
+        lengths = tf.reshape(tf.cast(result[1], tf.int64), [-1])
+        splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(lengths)], 0)
+        return (result[0], splits, *result[2:])
 
-        def ragged(flat):
-            inner = tf.RaggedTensor.from_row_lengths(flat, tf.reshape(tf.cast(lengths, tf.int64), [-1]),
-                                                     validate=False)
-            return tf.RaggedTensor.from_uniform_row_length(inner, tf.cast(outer, tf.int64), nrows=samples,
-                                                           validate=False)
+    def _nested(self, parts, *, samples, outer):
+        """`__call__`'s result from `_ragged_parts`' parts: a `tf.RaggedTensor` `(N, Ta, None, ...)`, or two.
 
-        if len(result) == 3:
-            return ragged(values), ragged(result[2])
-        return ragged(values)
+        Where `N` and `Ta` are ints the result has the static shape `(N, Ta,
+        None, O)`; eagerly, the outer partition of the last `(N, Ta)` is kept
+        and reused (building it costs more eager ops than anything else here).
+        """
+        if isinstance(samples, int) and isinstance(outer, int) and tf.executing_eagerly():
+            if self._outer is None or self._outer[0] != (samples, outer):
+                rows = tf.zeros([samples * outer], tf.int64)
+                self._outer = ((samples, outer), tf.RaggedTensor.from_uniform_row_length(
+                    rows, outer, nrows=samples, validate=False))
+            template = self._outer[1]
+
+            def nest(inner):
+                return template.with_values(inner)
+        else:
+            def nest(inner):
+                return tf.RaggedTensor.from_uniform_row_length(inner, outer, nrows=samples, validate=False)
+
+        nested = [nest(tf.RaggedTensor.from_row_splits(flat, parts[1], validate=False))
+                  for flat in (parts[0], *parts[2:])]
+        return tuple(nested) if len(nested) > 1 else nested[0]
 
     def _run(self, inputs, caps, training, *, plain_a=False, extras=None):
         """`run` on checked inputs and caps: A once, then the path for B's form and the state mode."""
@@ -582,6 +602,9 @@ class Cascade:
 
     def _checked_extras(self, inputs, caps, steps, targets, sample_index, probability, return_tokens):
         """The feedback and sampling arguments of a call, checked: a `_Feed`, or None for a plain run."""
+        if (not self._general and targets is None and sample_index is None and return_tokens is False
+                and isinstance(probability, float) and probability == 0):
+            return None  # the defaults of a plain run: nothing to check (this runs on every eager call)
         check_choice("return_tokens", return_tokens, (True, False))
         if return_tokens and not self.sampler.tokens:
             raise ParameterError("return_tokens", f"needs a sampler that picks tokens (greedy or categorical); "
@@ -1090,6 +1113,12 @@ class Cascade:
         x = tf.scatter_nd(index, tf.gather(ir_flat, value_pairs), [n, length, self.a_spec.ir_size])
         y = self.model_b(x, training=training)
         return tf.gather_nd(y, index), caps
+
+
+def _size(tensor, axis):
+    """A dimension of `tensor`: a Python int where it is static, else a scalar int64 tensor."""
+    size = tensor.shape[axis]
+    return size if size is not None else tf.shape(tensor, out_type=tf.int64)[axis]
 
 
 @tf.custom_gradient

@@ -468,6 +468,18 @@ def test_eager_calls_trace_once(jit_compile):
     assert traces() == 2 and values.shape == (24, 2)
 
 
+def test_eager_results_of_alternating_sizes_each_keep_their_own_partition():
+    """The eager call reuses the outer partition of the last (N, Ta): a new size builds its own, values unchanged."""
+    a, b = builders.model_a(), builders.step_b()
+    compiled, eager = Cascade(a, b, max_steps=5), Cascade(a, b, max_steps=5, run_eagerly=True)
+    for n, steps in [(2, PER_SAMPLE[:2]), (3, PER_SAMPLE), (2, PER_SAMPLE[1:]), (3, PER_SAMPLE[::-1])]:
+        x = builders.inputs(n, 4)
+        got, want = compiled(x, steps), eager(x, steps)
+        assert got.shape[:2] == (n, 4) and got.shape[:2] == want.shape[:2]
+        np.testing.assert_array_equal(got.row_lengths(axis=2).numpy(), np.asarray(steps))
+        np.testing.assert_allclose(got.flat_values.numpy(), want.flat_values.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_run_eagerly_runs_every_call_eagerly():
     a, counter = counting_a()
     cascade = Cascade(a, builders.step_b(), max_steps=5, run_eagerly=True)
