@@ -194,6 +194,18 @@ def _new_h5(path):
 """HDF5 1.10 file format: checksummed metadata (superblock, object headers), readable by HDF5 1.10 and later."""
 
 
+def _fixed_length_text(text):
+    """`text` as a fixed-length UTF-8 HDF5 string, which h5py reads back as `bytes`.
+
+    A variable-length string lives in the file's global heap, which no
+    checksum covers: libhdf5 can hang for good reading a damaged one (holding
+    the GIL, so not even a signal ends it). A fixed-length one lives in the
+    attribute's object header, which `_LIBVER`'s format checksums.
+    """
+    data = text.encode("utf-8")
+    return np.array(data, dtype=h5py.string_dtype("utf-8", max(len(data), 1)))
+
+
 def _compression(size):
     """The filters of an HDF5 dataset of `size` entries: `_FILTERS`, none for an empty one."""
     return dict(_FILTERS) if size else {}
@@ -237,7 +249,8 @@ class _H5Sink:
         self.file.create_dataset(key, data=array, **(_compression(array.size) if array.ndim else {}))
 
     def finish(self, attrs):
-        self.file.attrs.update(attrs)
+        for key, value in attrs.items():
+            self.file.attrs[key] = _fixed_length_text(value) if isinstance(value, str) else value
 
     def close(self):
         pass

@@ -27,7 +27,7 @@ from cascade_cli import cli, demo, inspection
 from cascade_cli.cli import main
 from cascade_cli.errors import DataError
 from cascade_cli.inspection import histogram_rows
-from cascade_cli.results_io import read_result
+from cascade_cli.results_io import read_result, read_result_attrs
 from cascade_cli.options import StopRule, TrainConfig
 from cascade_cli.runner import Cascade
 
@@ -106,9 +106,9 @@ def test_generate_then_export_round_trips_in_every_layout(files, tmp_path):
     np.testing.assert_array_equal(got.lengths, STEPS)
     np.testing.assert_array_equal(lengths, STEPS)
     np.testing.assert_allclose(got.values, values, rtol=1e-5, atol=1e-6)
-    with h5py.File(tmp_path / "r.h5", "r") as f:
-        assert f.attrs["state"] == "reset" and f.attrs["stop_rule"] == "none"
-        assert f.attrs["model_b"] == str(files["b.keras"])
+    attrs = read_result_attrs(tmp_path / "r.h5")
+    assert attrs["state"] == "reset" and attrs["stop_rule"] == "none"
+    assert attrs["model_b"] == str(files["b.keras"])
 
     # ragged npz: numpy alone reads it, TensorFlow rebuilds the ragged tensor
     assert_ok(invoke("export", tmp_path / "r.h5", "--format", "npz", "--layout", "ragged", "-o", tmp_path / "r.npz"))
@@ -203,8 +203,8 @@ def test_stop_token_without_given_steps(files, tmp_path):
     got = read_result(tmp_path / "r.h5")
     np.testing.assert_array_equal(got.lengths, lengths)
     np.testing.assert_allclose(got.values, values, rtol=1e-5, atol=1e-6)
-    with h5py.File(tmp_path / "r.h5", "r") as f:
-        assert (f.attrs["stop_rule"], f.attrs["stop_value"], f.attrs["max_steps"]) == ("token", 1, 3)
+    attrs = read_result_attrs(tmp_path / "r.h5")
+    assert (attrs["stop_rule"], attrs["stop_value"], attrs["max_steps"]) == ("token", 1, 3)
 
 
 # ---------------------------------------------------------- usage errors
@@ -651,8 +651,8 @@ def test_pack_then_generate_from_the_generator_with_flags_over_its_settings(file
     got = read_result(tmp_path / "saved.h5")
     np.testing.assert_array_equal(got.lengths, lengths)
     np.testing.assert_allclose(got.values, values, rtol=1e-5, atol=1e-6)
-    with h5py.File(tmp_path / "saved.h5", "r") as f:
-        assert (f.attrs["model"], f.attrs["stop_rule"], f.attrs["max_steps"]) == (str(generator), "norm", 4)
+    attrs = read_result_attrs(tmp_path / "saved.h5")
+    assert (attrs["model"], attrs["stop_rule"], attrs["max_steps"]) == (str(generator), "norm", 4)
     # a flag given on the command line wins over the generator's own setting
     assert_ok(invoke("generate", "--model", generator, "--inputs", files["x.h5"], "--steps-file", files["steps.txt"],
                      "--stop-norm", 1e9, "-o", tmp_path / "given.h5"))

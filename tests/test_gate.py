@@ -1,6 +1,5 @@
 """The stop gate: B's last output column is a stop logit (`StopRule.gate`, `--stop-gate`), against an eager reference."""
 
-import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +9,7 @@ import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
-from cascade_cli.results_io import read_result
+from cascade_cli.results_io import read_result, read_result_attrs
 from cascade_cli.runner import Cascade
 from test_cli import direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import counting_b, make_b
@@ -99,8 +98,8 @@ def test_generate_with_a_gate_leaves_the_gate_column_out(files, tmp_path):  # no
     got = read_result(tmp_path / "r.h5")
     np.testing.assert_array_equal(got.lengths, lengths)
     np.testing.assert_allclose(got.values, values[:, :-1], rtol=1e-5, atol=1e-6)
-    with h5py.File(tmp_path / "r.h5", "r") as f:
-        assert (f.attrs["stop_rule"], f.attrs["stop_value"], f.attrs["keep_gate"]) == ("gate", 0.4, False)
+    attrs = read_result_attrs(tmp_path / "r.h5")
+    assert (attrs["stop_rule"], attrs["stop_value"], attrs["keep_gate"]) == ("gate", 0.4, False)
     assert_ok(generate(files, tmp_path / "kept.h5", "--max-steps", 4, "--stop-gate", "--gate-threshold", 0.4,
                        "--keep-gate"))
     np.testing.assert_allclose(read_result(tmp_path / "kept.h5").values, values, rtol=1e-5, atol=1e-6)

@@ -124,7 +124,7 @@ def test_h5_padded_on_disk(tmp_path):
     with h5py.File(path, "r") as file:
         assert sorted(file) == ["lengths", "mask", "values"]
         assert dict(file.attrs) == {
-            "layout": "padded",
+            "layout": b"padded",
             "format_version": 1,
             "pad_value": 9.0,
             "time_major": False,
@@ -142,7 +142,7 @@ def test_h5_ragged_on_disk(tmp_path):
     assert h5py.is_hdf5(path)
     with h5py.File(path, "r") as file:
         assert sorted(file) == ["flat_values", "lengths", "row_splits_0", "row_splits_1"]
-        assert file.attrs["layout"] == "ragged" and file.attrs["format_version"] == 1
+        assert file.attrs["layout"] == b"ragged" and file.attrs["format_version"] == 1
         assert file["row_splits_1"][()].tolist() == [0, 3, 3, 4, 6]
         assert file["row_splits_1"].dtype == np.int64
         assert file["flat_values"].dtype == np.float32
@@ -204,6 +204,19 @@ def test_attrs_round_trip(tmp_path):
         read = read_result_attrs(tmp_path / name)
         assert read == {"layout": "ragged", "format_version": 1, **attrs}
         assert type(read["seed"]) is int and type(read["state"]) is str
+
+
+def test_h5_text_attributes_are_fixed_length(tmp_path):
+    """No variable-length string: those live in HDF5's global heap, which no checksum covers (a damaged one hung
+    libhdf5 for good in the fuzz test); fixed-length UTF-8 ones live in the checksummed object header."""
+    attrs = {"state": "reset", "note": "naïve ✓", "empty": "", "seed": 4}
+    write_result(tmp_path / "out.h5", hand_result(), attrs=attrs)
+    with h5py.File(tmp_path / "out.h5", "r") as file:
+        for key in ("layout", "state", "note", "empty"):
+            info = h5py.check_string_dtype(file.attrs.get_id(key).dtype)
+            assert info is not None and info.length is not None and info.encoding == "utf-8", key
+        assert file.attrs["note"].decode("utf-8") == "naïve ✓"
+    assert read_result_attrs(tmp_path / "out.h5") == {"layout": "ragged", "format_version": 1, **attrs}
 
 
 def test_write_result_writes_through_atomic_output(tmp_path):

@@ -1,6 +1,5 @@
 """Several stop tokens: `StopRule.token(0, 5)` / `--stop-token 0,5`, against an eager reference."""
 
-import h5py
 import numpy as np
 import pytest
 
@@ -9,7 +8,7 @@ import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
-from cascade_cli.results_io import read_result
+from cascade_cli.results_io import read_result, read_result_attrs
 from cascade_cli.runner import Cascade
 from test_cli import STEPS, direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import make_b
@@ -101,8 +100,8 @@ def test_generate_with_several_stop_tokens_records_them(files, tmp_path):  # noq
     got = read_result(tmp_path / "r.h5")
     np.testing.assert_array_equal(got.lengths, lengths)
     np.testing.assert_allclose(got.values, values, rtol=1e-5, atol=1e-6)
-    with h5py.File(tmp_path / "r.h5", "r") as f:
-        assert (f.attrs["stop_rule"], f.attrs["stop_value"]) == ("token", "1,0")
+    attrs = read_result_attrs(tmp_path / "r.h5")
+    assert (attrs["stop_rule"], attrs["stop_value"]) == ("token", "1,0")
     shown = invoke("inspect", tmp_path / "r.h5")
     assert_ok(shown)
     assert "token in {1, 0}" in shown.stdout
@@ -113,8 +112,8 @@ def test_pack_keeps_several_stop_tokens(files, tmp_path):  # noqa: F811
     assert_ok(invoke("pack", "--model-a", files["a.keras"], "--model-b", files["b.keras"], "--max-steps", 4,
                      "--stop-token", "0,1", "-o", generator))
     assert_ok(invoke("generate", "--model", generator, "--inputs", files["x.h5"], "-o", tmp_path / "r.h5"))
-    with h5py.File(tmp_path / "r.h5", "r") as f:
-        assert (f.attrs["stop_rule"], f.attrs["stop_value"]) == ("token", "0,1")
+    attrs = read_result_attrs(tmp_path / "r.h5")
+    assert (attrs["stop_rule"], attrs["stop_value"]) == ("token", "0,1")
     assert (read_result(tmp_path / "r.h5").lengths == 1).all()
 
 
