@@ -965,7 +965,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     try:
         with TrainingData(data_path) as data:
             model_a, model_b = models.load(console, feedback=_trains_feedback(config, out_dir))
-            with train_callbacks(console) as callbacks:
+            with train_callbacks(console, words=flag_text) as callbacks:
                 fit(model_a, model_b, data, out_dir=out_dir, config=config, callbacks=callbacks, strategy=distribution)
     except TrainingInterrupted as stopped:
         text = flag_text(stopped.message)
@@ -1144,7 +1144,7 @@ def demo(out_dir, epochs, overwrite):
     from cascade_cli.demo import run_demo
     from cascade_cli.progress import train_callbacks
 
-    with train_callbacks(console) as callbacks:
+    with train_callbacks(console, words=flag_text) as callbacks:
         done = run_demo(paths, epochs=epochs, overwrite=overwrite, callbacks=callbacks,
                         progress=_progress(console, "generating"), say=lambda text: _say(console, text))
     _print_generation(console, done.summary, stop_rule=None)

@@ -224,8 +224,11 @@ BEST_MARK = "*"
 BEST_LEGEND = f"{BEST_MARK} lowest val_loss so far"
 
 
-def run_header(info):
-    """The lines that open a training run's output: what it trains on, where, and how (`options.RunInfo`)."""
+def run_header(info, *, words=str):
+    """The lines that open a training run's output: what it trains on, where, and how (`options.RunInfo`).
+
+    `words` rewrites each warning (the CLI's `flag_text` names its flags).
+    """
     replicas = f"{info.replicas} replica{'' if info.replicas == 1 else 's'}"
     val = f"{info.val_samples:,} validation sample{'' if info.val_samples == 1 else 's'}"
     lines = [
@@ -239,7 +242,7 @@ def run_header(info):
                      f"loss {loss}.")
     else:
         lines.append(f"Epochs 1 to {info.epochs}, learning rate {info.learning_rate:g}, loss {loss}.")
-    lines.extend(f"Warning: {warning}" for warning in info.warnings)
+    lines.extend(f"Warning: {words(warning)}" for warning in info.warnings)
     return lines
 
 
@@ -283,10 +286,12 @@ class TrainReport(TrainCallbacks):
     Args:
         console: where to draw (stderr).
         enabled: force live bars on or off; None draws them only on a terminal.
+        words: rewrites the library's warnings (the CLI's `flag_text` names its flags).
     """
 
-    def __init__(self, console, *, enabled=None):
+    def __init__(self, console, *, enabled=None, words=str):
         self.console = console
+        self.words = words
         self.enabled = progress_enabled(console) if enabled is None else bool(enabled)
         self._progress = None
         self._task = None
@@ -319,7 +324,7 @@ class TrainReport(TrainCallbacks):
         """Prints the header: sample counts, device, replicas, the epochs and learning rate, warnings."""
         self._epochs = info.epochs
         self._best = None  # a new run (the demo trains two with one report)
-        for line in run_header(info):
+        for line in run_header(info, words=self.words):
             self._print(line)
 
     def resumed(self, *, epoch):
@@ -366,11 +371,6 @@ class TrainReport(TrainCallbacks):
             self._print(f"{BEST_LEGEND}; the lowest is epoch {self._best[1]}'s, {fixed_loss(self._best[0]).strip()}.")
 
 
-def train_callbacks(console, *, enabled=None):
-    """Returns the `TrainCallbacks` that render training on `console` (a `TrainReport`).
-
-    Args:
-        console: where to draw (stderr).
-        enabled: force live bars on or off; None draws them only on a terminal.
-    """
-    return TrainReport(console, enabled=enabled)
+def train_callbacks(console, *, enabled=None, words=str):
+    """Returns the `TrainCallbacks` that render training on `console` (a `TrainReport`; its args)."""
+    return TrainReport(console, enabled=enabled, words=words)
