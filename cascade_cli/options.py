@@ -580,10 +580,6 @@ class TrainConfig:
                 if value is not None and (name != "feedback_start" or value != "zeros"):
                     raise ParameterError(name, f"applies to a feedback-form B only: give feedback=True; received "
                                                f"{name}={value!r} without it.")
-        elif self.loss == "sparse-categorical-crossentropy":
-            raise ParameterError("feedback", "feeds B the target of the step before, one-hot: expected "
-                                             "loss='categorical-crossentropy' with one-hot targets, received "
-                                             "loss='sparse-categorical-crossentropy'.")
         if self.stop_gate is False or (self.stop_gate is None and not self.resume):
             for name in ("stop_weight", "stop_pos_weight"):
                 if getattr(self, name) not in (None, TRAIN_DEFAULTS[name]):  # a resolved config holds the default

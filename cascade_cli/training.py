@@ -426,7 +426,7 @@ def _at_least_float32(values):
     return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
 
 
-def batch_loss(cascade, terms, *, models, metrics=()):
+def batch_loss(cascade, terms, *, models, metrics=(), ids=False):
     """Returns the training loss of one batch, the function every train step differentiates.
 
     `loss(inputs, steps, targets, *, training=True, reduce_count=None,
@@ -439,7 +439,8 @@ def batch_loss(cascade, terms, *, models, metrics=()):
     `CascadeModel.train_step` both run it (through `compute_gradients`).
 
     With a feedback cascade (`cascade.feedback`), the runner is given the
-    flat targets (teacher forcing) and `sampling_probability`, a scalar
+    flat targets (teacher forcing; with `ids`, token ids `(total, 1)` of a
+    sparse loss, fed as their one-hot) and `sampling_probability`, a scalar
     tensor (scheduled sampling).
 
     Args:
@@ -447,12 +448,13 @@ def batch_loss(cascade, terms, *, models, metrics=()):
         terms: `(predictions, targets) -> (sum, count)`, e.g. `loss_terms(name)`.
         models: `(model_a, model_b)`, whose weight regularizers count.
         metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
+        ids: the targets are token ids (`sparse-categorical-crossentropy`).
     """
 
     def loss(inputs, steps, targets, *, training=True, reduce_count=None, replicas=1, sampling_probability=None):
         run = {}
         if getattr(cascade, "feedback", False):
-            run["targets"] = targets
+            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else targets
             if sampling_probability is not None:
                 run["sampling_probability"] = sampling_probability
         values, _ = cascade.run(inputs, steps, training=training, **run)
@@ -553,9 +555,9 @@ def train_steps(batch_loss, *, signature, variables, optimizer):
     return gradients, apply
 
 
-def _evaluation_step(cascade, terms, data, *, models=(), metrics=()):
+def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False):
     """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count, metrics)` with `training=False`."""
-    loss = batch_loss(cascade, terms, models=models, metrics=metrics)
+    loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids)
 
     @tf.function(input_signature=batch_signature(data), reduce_retracing=True)
     def evaluate(inputs, steps, targets):
@@ -1003,7 +1005,8 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     terms = loss_terms(config.loss, from_logits=config.from_logits)
     metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
     terms, metrics = _gated_terms(config, terms, metrics, cascade.b_spec.output_size)
-    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics)
+    ids = config.loss == "sparse-categorical-crossentropy"
+    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
@@ -1022,7 +1025,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                                           replicas=replicas))
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
                 out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, gradients=gradients,
-                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics),
+                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids),
                 epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
                 sampling_probability=sampling_probabilities(config.sampling_schedule,
                                                             batches_per_epoch=batches_per_epoch))
