@@ -631,7 +631,7 @@ class Cascade:
             return None
         n = inputs.shape[0]
         if sample_index is None:
-            sample_index = tf.range(n if n is not None else tf.shape(inputs)[0], dtype=tf.int64)
+            sample_index = tf.range(_size(inputs, 0), dtype=tf.int64)
         elif tf.is_tensor(sample_index) and not hasattr(sample_index, "numpy"):
             if not sample_index.dtype.is_integer or sample_index.shape.rank != 1:
                 raise ParameterError("sample_index", f"expected (N,) integers, received a tensor of shape "
@@ -719,7 +719,7 @@ class Cascade:
         Eagerly (every size known) this is numpy and one `tf.constant`: it runs on every eager call.
         """
         n, ta = inputs.shape[0], inputs.shape[1]
-        size = [n if n is not None else tf.shape(inputs)[0], ta if ta is not None else tf.shape(inputs)[1]]
+        size = [_size(inputs, 0), _size(inputs, 1)]
         if steps is None:
             if self.max_steps is None:
                 raise ParameterError("steps", "required unless max_steps is set; received steps=None.")
