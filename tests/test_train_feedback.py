@@ -41,8 +41,11 @@ ONE_SGD_STEP = ("--feedback", "--optimizer", "sgd", "--learning-rate", LR, "--ep
                 "--no-shuffle", "--val-split", 0)
 
 
-def reference_loss(model_a, model_b, inputs, steps, targets, *, start=None):
-    """The mse over every valid element, teacher forced, one sample, pair and inner step at a time (reset)."""
+def reference_loss(model_a, model_b, inputs, steps, targets, *, start=None, sparse=False):
+    """The loss over every valid element, teacher forced, one sample, pair and inner step at a time (reset).
+
+    The mse; with `sparse`, the cross-entropy of token ids `(total, 1)` on B's logits, each id's one-hot fed back.
+    """
     ir = model_a(inputs)
     errors, row = [], 0
     for n in range(steps.shape[0]):
@@ -51,10 +54,31 @@ def reference_loss(model_a, model_b, inputs, steps, targets, *, start=None):
             previous = tf.zeros([1, O]) if start is None else start
             for _ in range(int(steps[n, t])):
                 y, state = model_b([ir[n:n + 1, t], previous, state])
-                target = tf.constant(targets[row:row + 1])
-                errors.append(tf.reduce_sum((y - target) ** 2))
+                if sparse:
+                    errors.append(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets[row], logits=y)[0])
+                    target = tf.one_hot(targets[row], O)
+                else:
+                    target = tf.constant(targets[row:row + 1])
+                    errors.append(tf.reduce_sum((y - target) ** 2))
                 previous, row = target, row + 1
-    return tf.add_n(errors) / (row * O)
+    return tf.add_n(errors) / (row if sparse else row * O)
+
+
+def assert_one_sgd_step(files, out, inputs, steps, targets, **reference):
+    """The weights `cascade train` wrote to `out` equal `w - lr * grad` of `reference_loss`, and moved."""
+    model_a = keras.saving.load_model(files / "a.keras", compile=False)
+    model_b = keras.saving.load_model(files / "b.keras", compile=False)
+    variables = model_a.trainable_weights + model_b.trainable_weights
+    with tf.GradientTape() as tape:
+        loss = reference_loss(model_a, model_b, inputs, steps, targets, **reference)
+    grads = tape.gradient(loss, variables)
+    expected = [np.asarray(v) - LR * np.asarray(g) for v, g in zip(variables, grads)]
+    got = weights(out)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+    untrained = [np.asarray(v) for v in variables]
+    assert any(not np.allclose(g, u) for g, u in zip(got, untrained))  # the step moved the weights
 
 
 def read(files):
@@ -70,21 +94,8 @@ def weights(out):
 @pytest.mark.parametrize("start", ["zeros", pytest.param("token:2", marks=pytest.mark.slow)])
 def test_one_sgd_step_equals_w_minus_lr_times_the_reference_gradient(files, tmp_path, start):
     assert_ok(train(files, tmp_path / "run", *ONE_SGD_STEP, "--feedback-start", start))
-    model_a = keras.saving.load_model(files / "a.keras", compile=False)
-    model_b = keras.saving.load_model(files / "b.keras", compile=False)
-    inputs, steps, targets = read(files)
     fed = None if start == "zeros" else tf.one_hot([2], O)
-    variables = model_a.trainable_weights + model_b.trainable_weights
-    with tf.GradientTape() as tape:
-        loss = reference_loss(model_a, model_b, inputs, steps, targets, start=fed)
-    grads = tape.gradient(loss, variables)
-    expected = [np.asarray(v) - LR * np.asarray(g) for v, g in zip(variables, grads)]
-    got = weights(tmp_path / "run")
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
-    untrained = [np.asarray(v) for v in variables]
-    assert any(not np.allclose(g, u) for g, u in zip(got, untrained))  # the step moved the weights
+    assert_one_sgd_step(files, tmp_path / "run", *read(files), start=fed)
 
 
 def test_sparse_token_ids_are_fed_back_as_their_one_hot(files, tmp_path):
@@ -97,22 +108,7 @@ def test_sparse_token_ids_are_fed_back_as_their_one_hot(files, tmp_path):
     assert_ok(invoke("train", "--model-a", files / "a.keras", "--model-b", files / "b.keras", "--data", data,
                      "--out-dir", tmp_path / "run", *ONE_SGD_STEP, "--loss", "sparse-categorical-crossentropy",
                      "--from-logits"))
-    model_a = keras.saving.load_model(files / "a.keras", compile=False)
-    model_b = keras.saving.load_model(files / "b.keras", compile=False)
-    variables = model_a.trainable_weights + model_b.trainable_weights
-    with tf.GradientTape() as tape:
-        ir, losses, row = model_a(inputs), [], 0
-        for n in range(N):
-            for t in range(TA):
-                state, previous = tf.zeros([1, 5]), tf.zeros([1, O])
-                for _ in range(int(steps[n, t])):
-                    y, state = model_b([ir[n:n + 1, t], previous, state])
-                    losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=ids[row], logits=y))
-                    previous, row = tf.one_hot(ids[row], O), row + 1
-        loss = tf.add_n(losses)[0] / row
-    grads = tape.gradient(loss, variables)
-    for got, v, g in zip(weights(tmp_path / "run"), variables, grads):
-        np.testing.assert_allclose(got, np.asarray(v) - LR * np.asarray(g), rtol=1e-4, atol=1e-6)
+    assert_one_sgd_step(files, tmp_path / "run", inputs, steps, ids, sparse=True)
 
 
 @pytest.mark.slow  # three trainings: about 20 s on 2 cores
