@@ -372,5 +372,11 @@ class TrainReport(TrainCallbacks):
 
 
 def train_callbacks(console, *, enabled=None, words=str):
-    """Returns the `TrainCallbacks` that render training on `console` (a `TrainReport`; its args)."""
+    """Returns the `TrainCallbacks` that render training on `console` (a `TrainReport`).
+
+    Args:
+        console: where to draw (stderr).
+        enabled: force live bars on or off; None draws them only on a terminal.
+        words: rewrites the library's warnings (the CLI's `flag_text` names its flags).
+    """
     return TrainReport(console, enabled=enabled, words=words)

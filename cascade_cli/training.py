@@ -859,7 +859,8 @@ def resolve_config(config, model_b, *, out_dir):
         if resolved.epochs < done or (resolved.epochs == done and finished and finished.get("epoch") == done):
             raise ParameterError(
                 "epochs", f"the run in '{out_dir}' has trained {done} epoch{'' if done == 1 else 's'} already "
-                f"(its models are those of epoch {done}): expected epochs > {done} to train on, received epochs={resolved.epochs}."
+                f"(its models are those of epoch {done}): expected epochs > {done} to train on, received "
+                f"epochs={resolved.epochs}."
             )
     return resolved, done
 
