@@ -9,7 +9,10 @@ Python user calls to write a result file without the command line:
 The result is written by `results_io.RaggedH5Writer` under a temporary name and
 renamed into place at the end, so a killed run leaves nothing half-written.
 Batches start at multiples of `batch_size` (`shards.batch_ranges`), also for a
-shard, which is what makes K merged shards bit-identical to one run.
+shard, which is what makes K merged shards bit-identical to one run. Each
+batch is padded to whole blocks of samples (`_whole_blocks`), and the
+runner's feedback loop runs whole blocks of rows, so a result with a sampler
+or feedback is byte-identical at any `batch_size` too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tensorflow as tf
 from cascade_cli.errors import CascadeError, DataError
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import GENERATE_BATCH_SIZE, check_int
+from cascade_cli.packing import ROW_QUANTUM
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer
 from cascade_cli.shards import shard_range
@@ -33,6 +37,9 @@ from cascade_cli.steps import check_steps
 
 # Attributes that name files: a run is identified by what the files hold, not by how a path is spelled.
 _PATH_ATTRS = frozenset({"model", "model_a", "model_b", "inputs", "steps"})
+
+MIN_BATCH_ROWS = 64
+"""The fewest samples a runner call gets (`_whole_blocks`): XLA's kernels for A change below about 50 rows."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +166,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             for batch in batches:  # closing() stops a live bar at once when a batch fails
                 caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer)
                 inputs = _read_repeated(source, batch, repeats).astype(dtype.as_numpy_dtype)
-                index = np.arange(batch.start, batch.stop, dtype=np.int64)
+                inputs, caps, index = _whole_blocks(inputs, caps, start=batch.start)
                 values, *rest = _run_batch(run, cascade, inputs, caps, index, batch)
                 values = values[:, :-1] if drop_gate else values
                 part = CascadeResult(values, *rest).slice_samples(*batch.keep)
@@ -271,6 +278,25 @@ def _caps(steps, max_steps, start, stop, outer):
     if steps.ndim == 1:
         return np.broadcast_to(steps.astype(np.int32), (stop - start, outer))
     return steps[start:stop].astype(np.int32)
+
+
+def _whole_blocks(inputs, caps, *, start):
+    """`(inputs, caps, sample_index)` of a batch padded with zero samples that run no step.
+
+    The batch grows to a multiple of `packing.ROW_QUANTUM`, and to at least
+    `MIN_BATCH_ROWS` samples.
+
+    In whole blocks a sample's values do not depend on the batch beside it,
+    and at 64 rows or more XLA runs A with the kernels of any large batch
+    (below about 50 rows it picks others, with other last bits). With the
+    runner's feedback loop on whole blocks too, `--batch-size` and `--shard`
+    never change a byte of a result.
+    """
+    n = len(inputs)
+    extra = max(MIN_BATCH_ROWS, -(-n // ROW_QUANTUM) * ROW_QUANTUM) - n
+    inputs = np.concatenate([inputs, np.zeros((extra, *inputs.shape[1:]), inputs.dtype)])
+    caps = np.concatenate([caps, np.zeros((extra, caps.shape[1]), caps.dtype)])
+    return inputs, caps, np.arange(start, start + n + extra, dtype=np.int64)
 
 
 def _read_repeated(source, batch, repeats):

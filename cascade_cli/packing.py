@@ -134,3 +134,36 @@ def next_running_pair(running_pairs, pair_ids, *, samples, outer):
     candidate = tf.gather(tf.concat([running_pairs, [-1]], 0), found)
     same = tf.logical_and(candidate >= 0, tf.math.floordiv(candidate, outer) == samples)
     return tf.where(same, candidate, -1)
+
+
+ROW_QUANTUM = 16
+"""Rows per block when a row's values must not depend on the rows beside it.
+
+TensorFlow's CPU kernels run elementwise ops (tanh, sigmoid, exp, ...) on
+packets of 8 or 16 floats and compute a buffer's leftover elements in scalar
+code, which rounds differently. A row whose elements fall in that leftover
+gets other last bits than in a batch of another size. With the row count a
+multiple of 16, every `(rows, k)` buffer is whole packets, and a row's values
+are the same in any batch (matrix products already are, row by row).
+"""
+
+
+def on_whole_blocks(fn, quantum=ROW_QUANTUM):
+    """Wraps `fn(*args)` so it runs on rows padded with zeros to a multiple of `quantum`.
+
+    Every tensor in `args` (nested, None allowed) is `(rows, ...)` with the
+    same `rows`; every tensor `fn` returns gets its first `rows` back.
+    """
+
+    def call(*args):
+        flat = tf.nest.flatten(args)
+        rows = tf.shape(next(t for t in flat if t is not None))[0]
+        extra = (-rows) % quantum
+
+        def pad(t):
+            return tf.pad(t, [[0, extra]] + [[0, 0]] * (t.shape.rank - 1))
+
+        padded = tf.nest.pack_sequence_as(args, [None if t is None else pad(t) for t in flat])
+        return tf.nest.map_structure(lambda t: None if t is None else t[:rows], fn(*padded))
+
+    return call

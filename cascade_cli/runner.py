@@ -947,19 +947,25 @@ class Cascade:
         def initial_states(pair):
             return self._initial_states(tf.gather(ir_flat, pair))
 
+        def decide(x, y_prev, states, u):
+            """B's step, the sampler and the stop rule: `(y, states, fed, token, hit)` of each row."""
+            y, new_states = self._call_b(x, states, training, y_prev=y_prev)
+            fed, token = sampling.sample(sampler, y, u)
+            hit = None if rule is None else stop_hits(rule, y, token if rule.kind == "token" else None)
+            return y, new_states, fed, token, hit
+
         def iterate(j, rows, states, ys, pairs, tokens):
             pair, inner, previous = rows[-3:]
             x = tf.gather(ir_flat, pair)
             y_prev = fed_back(pair, inner, previous) if self.feedback else None
-            y, new_states = self._call_b(x, states, training, y_prev=y_prev)
             u = (sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer, inner, sampling.CATEGORICAL_STREAM)
                  if sampler.draws else None)
-            fed, token = sampling.sample(sampler, y, u)
-            hit = None
-            if rule is not None:
-                hit = stop_hits(rule, y, token if rule.kind == "token" else None)
-                if self.min_steps > 1:
-                    hit = tf.logical_and(hit, tf.logical_not(self._held(inner)))
+            # whole blocks make a row's values independent of the batch; not in training, where the padded
+            # rows would change the shape, hence the draws, of B's dropout masks
+            y, new_states, fed, token, hit = (decide if training else packing.on_whole_blocks(decide))(
+                x, y_prev, states, u)
+            if rule is not None and self.min_steps > 1:
+                hit = tf.logical_and(hit, tf.logical_not(self._held(inner)))
             emitted = [y, pair] + ([token] if feed.return_tokens else [])
             if hit is not None and self.exclude_stop_step:
                 emitted = [tf.boolean_mask(t, tf.logical_not(hit)) for t in emitted]
