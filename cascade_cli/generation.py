@@ -289,8 +289,8 @@ def _whole_blocks(inputs, caps, *, start):
     In whole blocks a sample's values do not depend on the batch beside it,
     and at 64 rows or more XLA runs A with the kernels of any large batch
     (below about 50 rows it picks others, with other last bits). With the
-    runner's feedback loop on whole blocks too, `--batch-size` and `--shard`
-    never change a byte of a result.
+    runner's feedback loop on whole blocks too, `--batch-size` never changes
+    a byte of a result with a sampler or feedback.
     """
     n = len(inputs)
     extra = max(MIN_BATCH_ROWS, -(-n // ROW_QUANTUM) * ROW_QUANTUM) - n
