@@ -34,6 +34,10 @@ The methods, on the same weights, inputs and lengths, values checked equal
   `benchmarks/nested.py`): one outer step after another, the inner loop
   decoding that outer step's pairs of the whole batch until every one has
   met END (teacher-forced: for that outer step's longest length), masked.
+- `limit_xla` (forward only): the work no runner can avoid (`limit_decode`):
+  told each pair's length beforehand, A and then B under XLA on exactly the
+  rows still running at each step, nothing else. `best padded / limit_xla` is
+  the highest `best padded / cascade` any runner could reach.
 
 Forward + backward is the gradient of the teacher-forced cross-entropy (sum
 over every value) with respect to every weight of A and B. Repeats are
@@ -53,6 +57,7 @@ from benchmarks import bench, peers
 SUITE = "feedback"
 METHODS = ("cascade", "padded_decode", "padded_decode_xla", "nested")
 PEERS = ("padded_decode", "padded_decode_xla")
+LIMIT = "limit_xla"  # forward only: `limit_decode`, told the lengths
 DIRECTIONS = ("forward", "forward+backward")
 STATE = "reset"
 END = 0  # the stop token; token c + 1 means "c + 1 steps emitted so far"
@@ -223,6 +228,56 @@ def padded_decode_core(model_a, model_b, inputs, *, max_steps, end=END):
     start = (tf.constant(0), tf.zeros(tf.stack([rows, size]), x.dtype), states, tf.zeros([rows], tf.bool), ys, tokens)
     _, _, _, _, ys, tokens = tf.while_loop(lambda j, *_: j < max_steps, body, start)
     return tf.transpose(ys.stack(), [1, 0, 2]), tf.transpose(tokens.stack())
+
+
+def limit_decode(model_a, model_b, lengths, *, max_steps):
+    """The decode's limit: B under XLA on exactly the rows still running, told each pair's length beforehand.
+
+    No runner can do less with A and B as they are: A under XLA, then B once
+    per useful `(pair, step)` row and nothing else. The pairs are sorted
+    longest first once (with the lengths given, not decoded), so the rows of
+    inner step `j` are the first `counts[j]` (prefix slices, static shapes),
+    and each row is fed the one-hot of its own greedy token. It still decodes:
+    its tokens and values are checked against the others'.
+
+    Returns:
+        `function(inputs)` giving `(values (total, O), tokens (total,) int32,
+        lengths (N, Ta))` in value order, for inputs with `lengths`' shape.
+    """
+    import tensorflow as tf
+
+    flat = np.asarray(lengths, np.int32).ravel()
+    order = np.argsort(-flat, kind="stable")
+    counts = [int(np.sum(flat > j)) for j in range(max_steps)]
+    starts = np.concatenate([[0], np.cumsum(flat)[:-1]])  # each pair's first value
+    # value position of step-major row (j, i): pair order[i]'s start + j
+    positions = np.concatenate([starts[order[:count]] + j for j, count in enumerate(counts)])
+    value_order = tf.constant(np.argsort(positions, kind="stable").astype(np.int32))
+    order = tf.constant(order.astype(np.int32))
+    size = model_b.outputs[0].shape[-1]
+    shape = tf.constant(np.asarray(lengths, np.int32))
+
+    @tf.function(jit_compile=True)
+    def decode(inputs):
+        ir = model_a(inputs, training=False)
+        x = tf.gather(tf.reshape(ir, [-1, ir.shape[-1]]), order)
+        y_prev = tf.zeros([counts[0], size], x.dtype)
+        states = [tf.zeros([counts[0], s], x.dtype) for s in _state_sizes(model_b)]
+        ys, tokens = [], []
+        for count in counts:
+            if count == 0:
+                break
+            y, token, y_prev, states = _greedy_step(model_b, x[:count], y_prev[:count], [s[:count] for s in states],
+                                                    training=False)
+            ys.append(y)
+            tokens.append(token)
+        return tf.gather(tf.concat(ys, 0), value_order), tf.gather(tf.concat(tokens, 0), value_order)
+
+    def function(inputs):
+        values, tokens = decode(inputs)
+        return values, tokens, shape
+
+    return function
 
 
 def crop_at_end(ys, tokens, *, shape, end=END):
@@ -508,6 +563,7 @@ def run_feedback(run_plan, *, log=print):
                          for method in METHODS}
             log(f"{case.name}  {direction}: {', '.join(functions)}")
             if direction == "forward":
+                functions[LIMIT] = limit_decode(model_a, model_b, lengths, max_steps=run_plan.max_steps)
                 targets, lengths = check_forward({m: _numpy_first(m, f, tensor_inputs) for m, f in functions.items()},
                                                  inputs, lengths, log=log)
                 calls = {m: _bound(f, (inputs,) if m == "cascade" else (tensor_inputs,))
@@ -589,20 +645,22 @@ def evaluate_targets(run_plan, timings):
 
 
 TIMING_HEADER = ["case", "direction", "mean length", "cascade ms", "padded_decode ms", "padded_decode_xla ms",
-                 "nested ms", "best padded", "best padded / cascade", "nested / cascade"]
+                 "nested ms", "limit_xla ms", "best padded", "best padded / cascade", "nested / cascade",
+                 "best padded / limit_xla"]
 
 
 def timing_rows(run_plan, timings):
     rows = []
     for case in run_plan.cases:
         for direction in DIRECTIONS:
-            times = {method: _median(timings, case.name, direction, method) for method in METHODS}
+            times = {method: _median(timings, case.name, direction, method) for method in (*METHODS, LIMIT)}
             peer, best = best_peer(timings, case.name, direction)
             mean = next((t["mean_length"] for t in timings if t["name"] == case.name and "mean_length" in t), None)
             rows.append([case.name, direction, "-" if mean is None else f"{mean:.2f}",
-                         *(bench._format_seconds(times[method]) for method in METHODS), peer or "-",
+                         *(bench._format_seconds(times[method]) for method in (*METHODS, LIMIT)), peer or "-",
                          bench._format_ratio(bench._ratio(best, times["cascade"])),
-                         bench._format_ratio(bench._ratio(times["nested"], times["cascade"]))])
+                         bench._format_ratio(bench._ratio(times["nested"], times["cascade"])),
+                         bench._format_ratio(bench._ratio(best, times[LIMIT]))])
     return rows
 
 
@@ -620,6 +678,8 @@ def render_run(run):
         "method on the same weights and inputs, lengths and tokens checked equal and values and gradients close",
         "before timing; repeats interleaved; medians. `forward+backward` is teacher forcing on the decoded tokens:",
         "the gradient of the cross-entropy with respect to every weight. Ratios above 1 mean the cascade is faster.",
+        "`limit_xla` (forward only) is told each pair's length and runs B under XLA on exactly the rows still",
+        "running: `best padded / limit_xla` is the most `best padded / cascade` any runner could reach.",
         "",
         f"- date: {machine['date']}",
         f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores; memory {machine['memory_gib']} GiB",

@@ -102,6 +102,16 @@ def test_each_method_decodes_as_the_eager_loop(setup, method):
     np.testing.assert_allclose(values, want_values, rtol=1e-5, atol=1e-5)
 
 
+def test_the_limit_told_the_lengths_decodes_as_the_eager_loop(setup):
+    model_a, model_b, inputs, lengths = setup
+    want_values, want_tokens, want_lengths = eager_decode(model_a, model_b, inputs)
+    function = feedback.limit_decode(model_a, model_b, lengths, max_steps=RUN_PLAN.max_steps)
+    values, tokens, got_lengths = feedback.flat_results(feedback.LIMIT, function(tf.constant(inputs)))
+    np.testing.assert_array_equal(got_lengths, want_lengths)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_allclose(values, want_values, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", feedback.METHODS)
 def test_each_method_gives_the_eager_teacher_forced_gradients(setup, method):
     model_a, model_b, inputs, lengths = setup
@@ -150,7 +160,8 @@ def test_targets_by_hand():
     medians = {(64, "forward", "cascade"): 0.010, (64, "forward", "padded_decode"): 0.020,
                (64, "forward", "padded_decode_xla"): 0.014, (64, "forward", "nested"): 0.5,
                (8, "forward", "cascade"): 0.010, (8, "forward", "nested"): 0.060,
-               (8, "forward", "padded_decode"): 0.001}  # a padded win at N=8 is no target
+               (8, "forward", "padded_decode"): 0.001,  # a padded win at N=8 is no target
+               (64, "forward", "limit_xla"): 0.008}
     targets = feedback.evaluate_targets(run_plan, timings_of(medians))
     assert [(t["case"], round(t["measured"], 6), t["passed"]) for t in targets] == [
         ("N=64 Ta=50 H=64", 1.4, False), ("N=8 Ta=100 H=64", 6.0, True)]
@@ -161,7 +172,8 @@ def test_targets_by_hand():
     assert [t["passed"] for t in missing] == [None, None]
     rows = feedback.timing_rows(run_plan, timings_of(medians))
     assert len(rows) == 4 and all(len(row) == len(feedback.TIMING_HEADER) for row in rows)
-    assert rows[2][-2:] == ["1.60", "50.00"]  # N=64 forward: 0.016 / 0.010, 0.5 / 0.010
+    assert rows[2][-3:] == ["1.60", "50.00", "2.00"]  # N=64 forward: 0.016 / 0.010, 0.5 / 0.010, 0.016 / 0.008
+    assert rows[3][-1] == "-"  # the limit runs forward only
 
 
 def test_the_report_renders_beside_the_other_suites(tmp_path):
@@ -188,7 +200,7 @@ def test_the_report_renders_beside_the_other_suites(tmp_path):
     assert "## Feedback decoding, cpu" in text and text.count("## Feedback decoding") == 1
     assert "the machine was shared" in text
     assert "| feedback decoding faster than the padded decode loop | cascade | N=64 Ta=50 H=64 |" in text
-    assert "| N=8 Ta=100 H=64 | forward | 4.50 | 10.0 | - | - | 20.0 | - | - | 2.00 |" in text
+    assert "| N=8 Ta=100 H=64 | forward | 4.50 | 10.0 | - | - | 20.0 | - | - | - | 2.00 | - |" in text
     for other in before:  # every earlier suite still renders its own section
         heading = {"peers": "## Peers, ", "feedback": "## Feedback decoding, "}.get(other.get("suite"),
                                                                                  f"## {other['device']}")
