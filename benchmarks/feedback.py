@@ -657,7 +657,7 @@ def timing_rows(run_plan, timings):
             peer, best = best_peer(timings, case.name, direction)
             mean = next((t["mean_length"] for t in timings if t["name"] == case.name and "mean_length" in t), None)
             rows.append([case.name, direction, "-" if mean is None else f"{mean:.2f}",
-                         *(bench._format_seconds(times[method]) for method in (*METHODS, LIMIT)), peer or "-",
+                         *(bench._format_seconds(seconds) for seconds in times.values()), peer or "-",
                          bench._format_ratio(bench._ratio(best, times["cascade"])),
                          bench._format_ratio(bench._ratio(times["nested"], times["cascade"])),
                          bench._format_ratio(bench._ratio(best, times[LIMIT]))])
