@@ -348,7 +348,7 @@ def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypat
     assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets_for(STEPS))
     assert calls  # the hand-written recurrence ran
     calls.clear()
-    auto = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
+    auto = Cascade(a, b, feedback=True, state=state, feedback_start=start, run_eagerly=True)
     auto.run(builders.inputs(3, 4), STEPS)  # free running calls B itself
     assert not calls
     # a probability given as a tensor: the known-cell path where it is 0, exactly; B's own loop elsewhere

@@ -21,7 +21,7 @@ O = 3  # two outputs and the gate
 
 def gate_threshold(a, b, x, state, quantile=0.6, **settings):
     """A threshold some steps' gates reach and others do not."""
-    values = Cascade(a, b, state=state, jit_compile=False, **settings).run(x, np.full(x.shape[:2], MAX_STEPS))[0]
+    values = Cascade(a, b, state=state, run_eagerly=True, **settings).run(x, np.full(x.shape[:2], MAX_STEPS))[0]
     return float(np.quantile(stopref.sigmoid(values.numpy()[:, -1]), quantile))
 
 

@@ -16,7 +16,7 @@ CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6,
 
 def low_threshold(a, b, x, state, quantile=0.2):
     """A norm most outputs meet: without min_steps most pairs stop at their first step."""
-    values = Cascade(a, b, state=state, jit_compile=False).run(x, np.full(x.shape[:2], MAX_STEPS))[0].numpy()
+    values = Cascade(a, b, state=state, run_eagerly=True).run(x, np.full(x.shape[:2], MAX_STEPS))[0].numpy()
     return float(np.quantile(np.linalg.norm(values, axis=-1), quantile))
 
 

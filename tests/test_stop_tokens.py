@@ -39,7 +39,8 @@ def test_stop_rule_of_several_tokens():
 def two_tokens(a, b, x, state, **settings):
     """Two ids that each stop some pair the other does not (so a set differs from either alone)."""
     def lengths(*ids):
-        cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.token(*ids), jit_compile=False,
+        # eager: up to 18 searches, each a trace of its own if compiled
+        cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.token(*ids), run_eagerly=True,
                           **settings)
         return cascade.run(x, CAPS, return_tokens=False)[1].numpy()
 
