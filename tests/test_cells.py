@@ -48,7 +48,7 @@ def test_fast_path_equals_calling_b(name, state, head):
     split = split_b(b)
     assert split is not None and (split.head is not None) == head
     a = builders.model_a()
-    # jit_compile=False: A under XLA is not what this compares, and its compiles take most of the time
+    # jit_compile=False: A under XLA is not what this compares (test_runner tests it)
     fast, slow = (Cascade(a, b, state=state, jit_compile=False),
                   Cascade(a, b, state=state, fast_cells=False, jit_compile=False))
     x = builders.inputs(3, 4)

@@ -182,7 +182,7 @@ def test_gradients_inside_tf_function_with_steps_captured_or_passed(b_kind, stat
     weights = a.trainable_weights + b.trainable_weights
     grads = []
     for fast_cells in ("auto", False):
-        # jit_compile=False: B's backward loop is what this is about, not A under XLA (whose compiles cost most)
+        # jit_compile=False: B's backward loop is what this is about, not A under XLA (test_runner tests it)
         cascade = Cascade(a, b, state=state, state_init=state_init, fast_cells=fast_cells, jit_compile=False)
 
         def loss(s):
