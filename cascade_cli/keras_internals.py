@@ -64,3 +64,15 @@ def tape_may_record():
     from tensorflow.python.eager import record  # no public way to ask whether a tape is active
 
     return bool(record.could_possibly_record())
+
+
+def tapes_may_take_higher_order(tensors):
+    """Whether the tapes recording `tensors` may take a gradient of a gradient: a persistent tape, or several.
+
+    The question a concrete function's call asks before it records itself
+    (`tensorflow.python.ops.gradients_util.PossibleTapeGradientTypes`).
+    """
+    from tensorflow.python.ops import gradients_util  # no public way to ask what the active tapes may need
+
+    kind = gradients_util.PossibleTapeGradientTypes(tensors)
+    return kind == gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER

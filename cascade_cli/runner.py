@@ -1,6 +1,6 @@
 """`Cascade`: the packed runner that chains model A and model B.
 
-Pure TensorFlow: no I/O, no progress, no tapes. It runs eagerly, inside
+Pure TensorFlow: no I/O, no progress, no training loop. It runs eagerly, inside
 `tf.function` and inside a caller's `tf.GradientTape` with the same values.
 Called eagerly it compiles itself: the settings are checked eagerly, then the
 work runs in a cached `tf.function` traced once for any batch and steps
@@ -41,7 +41,8 @@ import tensorflow as tf
 from cascade_cli import packing, sampling
 from cascade_cli.cells import fast_path_problem, split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.keras_internals import flatten_layers, seed_generators, stop_recording, tape_may_record
+from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
+                                         tapes_may_take_higher_order)
 from cascade_cli.models import check_inputs_fit, check_pair
 from cascade_cli.options import (FAST_CELLS, SEED_MAX, STATE_INITS, STATE_MODES, Sampler, StopRule, check_choice,
                                   JIT_COMPILE, check_int, check_number, parse_feedback_start)
@@ -194,7 +195,10 @@ class Cascade:
             dtype for every batch size and steps. True keeps every call eager,
             for debugging (as Keras' `compile(run_eagerly=True)`), and then A
             is not compiled either. Inside a caller's `tf.function` the
-            cascade is traced into it either way.
+            cascade is traced into it either way. Under a persistent tape or
+            nested tapes, the compiled call's gradient runs it again (exact:
+            the seed generators are put back), rather than have TensorFlow
+            prepare second-order gradients of the whole loop.
         feedback: B is in feedback form, `[x (batch, H), y_prev (batch, O),
             *states] -> [y (batch, O), *states]`: at inner step `j > 0` it is
             fed the sampler's value of its own output at `j - 1` (or, with
@@ -324,7 +328,6 @@ class Cascade:
         self._functions = {}  # (kind, training, dtype, F, plain_a, layout) -> the tf.function of an eager call
         self._concrete = {}  # the same keys -> its one concrete function, which is what is called
         self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
-        self._taped_plain_a = False  # set once a persistent tape could not record A's compiled call
         self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
         if jit_compile is True:
@@ -413,7 +416,7 @@ class Cascade:
         # Ta == 0 runs no model at all, and needs the static shape to know it.
         return not self.run_eagerly and tf.executing_eagerly() and inputs.shape[1] != 0
 
-    def _compiled(self, kind, inputs, *, training, plain_a=False, extras=None):
+    def _compiled(self, kind, inputs, *, training, extras=None):
         """The concrete function of `_ragged_parts` or `_run`, traced once for any `N`, `Ta` and steps.
 
         Keyed on `training` (a Python value the trace depends on) and the
@@ -422,24 +425,9 @@ class Cascade:
         or sampling run (`extras`) also takes `sample_index` and the sampling
         probability as tensors (no retrace per value), and targets where given.
         """
-        layout = None if extras is None else (extras.targets is not None, extras.return_tokens, extras.scheduled)
-        key = (kind, training, inputs.dtype, inputs.shape[2], plain_a, layout)
+        key = self._key(kind, inputs, training=training, plain_a=False, extras=extras)
         if key not in self._functions:
-            body = self._ragged_parts if kind == "ragged" else self._run
-            signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
-                         tf.TensorSpec([None, None], tf.int32)]
-            if extras is None:
-                function = lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a)  # noqa: E731
-            else:
-                has_targets, return_tokens, scheduled = layout
-                signature += [tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float64)]
-                if has_targets:
-                    signature.append(tf.TensorSpec([None, self.b_spec.output_size], self._y_dtype))
-
-                def function(inputs, caps, sample_index, probability, targets=None):
-                    feed = _Feed(targets, sample_index, probability, return_tokens, scheduled)
-                    return body(inputs, caps, training, plain_a=plain_a, extras=feed)
-
+            function, signature = self._traceable(kind, inputs, training=training, plain_a=False, extras=extras)
             compiled = tf.function(function, input_signature=signature)
             # Called as a concrete function: a tf.function's own dispatch costs about as much as
             # the whole run at small N.
@@ -447,26 +435,73 @@ class Cascade:
             self._functions[key] = compiled
         return self._concrete[key]
 
+    def _compiled_gradient(self, kind, inputs, *, training, plain_a, extras, values):
+        """The concrete function `(*arguments, d_values) -> gradients`: the compiled call run again, differentiated.
+
+        `arguments` are `_compiled`'s; the gradients are those of the
+        differentiable arguments (`_differentiable`) then of `self._weights`.
+        """
+        key = ("gradient", *self._key(kind, inputs, training=training, plain_a=plain_a, extras=extras))
+        if key not in self._concrete:
+            function, signature = self._traceable(kind, inputs, training=training, plain_a=plain_a, extras=extras)
+            watched = _differentiable(extras)
+
+            def gradient(*arguments):
+                *arguments, d_values = arguments
+                sources = [arguments[i] for i in watched]
+                with tf.GradientTape() as tape:
+                    tape.watch(sources)
+                    result = function(*arguments)[0]
+                return tape.gradient(result, [*sources, *self._weights], output_gradients=d_values)
+
+            signature = [*signature, tf.TensorSpec([None, *values.shape[1:]], values.dtype)]
+            self._concrete[key] = tf.function(gradient, input_signature=signature).get_concrete_function()
+        return self._concrete[key]
+
+    @property
+    def _weights(self):
+        """A's then B's trainable variables, each once: what a recomputed call's gradient is taken of."""
+        return list({id(v): v for v in self.model_a.trainable_variables + self.model_b.trainable_variables}.values())
+
+    @staticmethod
+    def _key(kind, inputs, *, training, plain_a, extras):
+        layout = None if extras is None else (extras.targets is not None, extras.return_tokens, extras.scheduled)
+        return kind, training, inputs.dtype, inputs.shape[2], plain_a, layout
+
+    def _traceable(self, kind, inputs, *, training, plain_a, extras):
+        """`(function, input_signature)`: the Python function `_compiled` traces, and its signature."""
+        body = self._ragged_parts if kind == "ragged" else self._run
+        signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
+                     tf.TensorSpec([None, None], tf.int32)]
+        if extras is None:
+            return (lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a)), signature
+        signature += [tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float64)]
+        if extras.targets is not None:
+            signature.append(tf.TensorSpec([None, self.b_spec.output_size], self._y_dtype))
+        return_tokens, scheduled = extras.return_tokens, extras.scheduled
+
+        def function(inputs, caps, sample_index, probability, targets=None):
+            feed = _Feed(targets, sample_index, probability, return_tokens, scheduled)
+            return body(inputs, caps, training, plain_a=plain_a, extras=feed)
+
+        return function, signature
+
     def _call_compiled(self, kind, inputs, caps, *, training, extras=None):
         """Calls `_compiled(...)`; a `CascadeError` raised while tracing reaches the caller as itself.
 
         (TensorFlow would wrap it in a `StagingError`; an eager call raises what the eager path raises.)
         """
-        plain_a = self._taped_plain_a and tape_may_record()
         arguments = [inputs, caps]
         if extras is not None:
             arguments += [extras.sample_index, extras.probability]
             if extras.targets is not None:
                 arguments.append(extras.targets)
         try:
-            return self._compiled(kind, inputs, training=training, plain_a=plain_a, extras=extras)(*arguments)
-        except ValueError as error:
-            if plain_a or "DT_VARIANT" not in str(error) or not self._a_under_xla(inputs, training=training):
-                raise
-            # A persistent tape prepares second-order gradients of what it records, which A's compiled
-            # loop cannot give ("AddN ... DT_VARIANT"): calls under a tape run A's plain call from now on.
-            self._taped_plain_a = True
-            return self._call_compiled(kind, inputs, caps, training=training, extras=extras)
+            if tape_may_record():
+                weights = [tf.convert_to_tensor(weight) for weight in self._weights]  # the tapes watch them
+                if tapes_may_take_higher_order([*arguments, *weights]):
+                    return self._recomputed(kind, inputs, arguments, weights, training=training, extras=extras)
+            return self._compiled(kind, inputs, training=training, extras=extras)(*arguments)
         except Exception as error:
             cause = error
             while cause is not None and not isinstance(cause, CascadeError):
@@ -474,6 +509,46 @@ class Cascade:
             if cause is None or cause is error:
                 raise
             raise cause.with_traceback(None) from None
+
+    def _recomputed(self, kind, inputs, arguments, weights, *, training, extras):
+        """The compiled call under a persistent tape or nested tapes, with a gradient that runs it again.
+
+        Recorded as it is, the call would make TensorFlow prepare second-order
+        gradients of the whole concrete function, loops and all: a minute of
+        graph building at the first call and about 4x the time of a
+        first-order taped call after. Instead the call runs unrecorded and the
+        tape records one operation whose gradient is a second compiled
+        function: the same call again under its own tape, with the seed
+        generators put back so that dropout draws the same masks. Where a tape
+        records that gradient (a gradient of a gradient), A runs its plain
+        call, which TensorFlow can differentiate twice.
+        """
+        generators = seed_generators([self.model_a, self.model_b])
+        drawn_from = [generator.state.numpy() for generator in generators]
+        watched = _differentiable(extras)
+
+        @tf.custom_gradient
+        def call(*sources):
+            with stop_recording():
+                outputs = self._compiled(kind, inputs, training=training, extras=extras)(*arguments)
+
+            def gradient(d_values, *_, variables=None):
+                d_values = tf.zeros_like(outputs[0]) if d_values is None else d_values
+                backward = self._compiled_gradient(kind, inputs, training=training, plain_a=tape_may_record(),
+                                                   extras=extras, values=outputs[0])
+                now = [generator.state.numpy() for generator in generators]
+                for generator, state in zip(generators, drawn_from):
+                    generator.state.assign(state)
+                try:
+                    grads = backward(*arguments, d_values)
+                finally:
+                    for generator, state in zip(generators, now):
+                        generator.state.assign(state)
+                return list(grads), [None] * len(variables or ())
+
+            return outputs, gradient
+
+        return call(*[arguments[i] for i in watched], *weights)
 
     def _checked(self, inputs, steps):
         """`(inputs, caps (N, Ta) int32)`: the inputs and steps checked, before any model runs."""
@@ -1119,6 +1194,11 @@ class Cascade:
         x = tf.scatter_nd(index, tf.gather(ir_flat, value_pairs), [n, length, self.a_spec.ir_size])
         y = self.model_b(x, training=training)
         return tf.gather_nd(y, index), caps
+
+
+def _differentiable(extras):
+    """The indices of the float tensors among a compiled call's arguments: the inputs, and targets where given."""
+    return [0, 4] if extras is not None and extras.targets is not None else [0]
 
 
 def _size(tensor, axis):

@@ -177,7 +177,6 @@ def test_nested_loops_gradients_equal_cascade(models, inputs, state):
     model_a, model_b = models
     weights = model_a.trainable_variables + model_b.trainable_variables
     cascade = Cascade(model_a, model_b, state=state)
-    # Two tapes: a persistent one would make the cascade's compiled call prepare second-order gradients
     with tf.GradientTape() as nested_tape:
         nested_total = tf.reduce_sum(nested_loops(model_a, model_b, inputs, STEPS, state=state)[0])
     with tf.GradientTape() as cascade_tape:

@@ -90,3 +90,18 @@ def test_tape_may_record_sees_an_active_tape():
     with tf.GradientTape(persistent=True):
         assert tape_may_record() is True
     assert tape_may_record() is False
+
+
+def test_tapes_may_take_higher_order_only_for_a_persistent_tape_or_several():
+    import tensorflow as tf
+
+    from cascade_cli.keras_internals import tapes_may_take_higher_order
+
+    v = tf.Variable(2.0)
+    with tf.GradientTape():
+        assert tapes_may_take_higher_order([tf.convert_to_tensor(v)]) is False  # one tape: first order only
+        with tf.GradientTape():
+            assert tapes_may_take_higher_order([tf.convert_to_tensor(v)]) is True
+    with tf.GradientTape(persistent=True):
+        assert tapes_may_take_higher_order([tf.convert_to_tensor(v)]) is True
+        assert tapes_may_take_higher_order([tf.constant(1.0)]) is False  # a tensor no tape watches

@@ -137,7 +137,7 @@ def test_no_rows_gives_zero_gradients(state):
         np.testing.assert_array_equal(tf.convert_to_tensor(grad), np.zeros(weight.shape), err_msg=weight.path)
 
 
-@pytest.mark.parametrize("state", ["reset", pytest.param("carry", marks=pytest.mark.slow)])  # carry: ~14 s
+@pytest.mark.parametrize("state", ["reset", "carry"])
 def test_a_persistent_tape_can_take_the_gradient_twice(state):
     """The backward pass reads the forward pass's TensorArrays; a second gradient must find them intact."""
     a, b = builders.model_a(), builders.step_b("lstm")
