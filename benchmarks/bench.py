@@ -15,6 +15,7 @@ kept) and `OUT/RESULTS.md`, and a table is printed.
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -745,15 +746,8 @@ def render_markdown(report, notes=""):
         "  variant beyond its own A (`cascade - A`, `cascade_xla - A_xla`).",
     ]
     for run in report.get("runs", []):
-        if run.get("suite") == "peers":
-            from benchmarks import peers
-
-            parts += peers.render_run(run)
-            continue
-        if run.get("suite") == "feedback":
-            from benchmarks import feedback
-
-            parts += feedback.render_run(run)
+        if run.get("suite", "runner") != "runner":  # benchmarks.peers', .feedback's and .tapes' runs
+            parts += importlib.import_module(f"benchmarks.{run['suite']}").render_run(run)
             continue
         machine = run["machine"]
         run_plan = plan_from_dict(run["plan"])
