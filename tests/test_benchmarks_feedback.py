@@ -196,6 +196,6 @@ def test_the_report_renders_beside_the_other_suites(tmp_path):
     assert "| feedback decoding faster than the padded decode loop | cascade | N=64 Ta=50 H=64 |" in text
     assert "| N=8 Ta=100 H=64 | forward | 4.50 | 10.0 | - | - | 20.0 | - | - | - | 2.00 | - |" in text
     for other in before:  # every earlier suite still renders its own section
-        heading = {"peers": "## Peers, ", "feedback": "## Feedback decoding, "}.get(other.get("suite"),
-                                                                                 f"## {other['device']}")
+        heading = {"peers": "## Peers, ", "feedback": "## Feedback decoding, ", "tapes": "## Tapes, "}.get(
+            other.get("suite"), f"## {other['device']}")
         assert heading in text
