@@ -197,8 +197,8 @@ class Cascade:
             is not compiled either. Inside a caller's `tf.function` the
             cascade is traced into it either way. Under a persistent tape or
             nested tapes, the compiled call's gradient runs it again (exact:
-            the seed generators are put back), rather than have TensorFlow
-            prepare second-order gradients of the whole loop.
+            seed generators and moving statistics are put back), rather than
+            have TensorFlow prepare second-order gradients of the whole loop.
         feedback: B is in feedback form, `[x (batch, H), y_prev (batch, O),
             *states] -> [y (batch, O), *states]`: at inner step `j > 0` it is
             fed the sampler's value of its own output at `j - 1` (or, with
@@ -463,6 +463,14 @@ class Cascade:
         """A's then B's trainable variables, each once: what a recomputed call's gradient is taken of."""
         return list({id(v): v for v in self.model_a.trainable_variables + self.model_b.trainable_variables}.values())
 
+    @property
+    def _side_variables(self):
+        """What a call may update besides its outputs: the seed generators' states and the non-trainable variables."""
+        models = [self.model_a, self.model_b]
+        variables = [generator.state for generator in seed_generators(models)]
+        variables += [v for model in models for v in model.non_trainable_variables]
+        return list({id(v): v for v in variables}.values())
+
     @staticmethod
     def _key(kind, inputs, *, training, plain_a, extras):
         layout = None if extras is None else (extras.targets is not None, extras.return_tokens, extras.scheduled)
@@ -518,13 +526,15 @@ class Cascade:
         graph building at the first call and about 4x the time of a
         first-order taped call after. Instead the call runs unrecorded and the
         tape records one operation whose gradient is a second compiled
-        function: the same call again under its own tape, with the seed
-        generators put back so that dropout draws the same masks. Where a tape
-        records that gradient (a gradient of a gradient), A runs its plain
-        call, which TensorFlow can differentiate twice.
+        function: the same call again under its own tape. Around it every
+        non-trainable variable (seed generators, moving statistics) is put
+        back to what the first run started from, so that dropout draws the
+        same masks, and then to what it is now, so that nothing is updated
+        twice. Where a tape records that gradient (a gradient of a gradient),
+        A runs its plain call, which TensorFlow can differentiate twice.
         """
-        generators = seed_generators([self.model_a, self.model_b])
-        drawn_from = [generator.state.numpy() for generator in generators]
+        side = self._side_variables
+        started = [variable.numpy() for variable in side]
         watched = _differentiable(extras)
 
         @tf.custom_gradient
@@ -536,14 +546,14 @@ class Cascade:
                 d_values = tf.zeros_like(outputs[0]) if d_values is None else d_values
                 backward = self._compiled_gradient(kind, inputs, training=training, plain_a=tape_may_record(),
                                                    extras=extras, values=outputs[0])
-                now = [generator.state.numpy() for generator in generators]
-                for generator, state in zip(generators, drawn_from):
-                    generator.state.assign(state)
+                now = [variable.numpy() for variable in side]
+                for variable, value in zip(side, started):
+                    variable.assign(value)
                 try:
                     grads = backward(*arguments, d_values)
                 finally:
-                    for generator, state in zip(generators, now):
-                        generator.state.assign(state)
+                    for variable, value in zip(side, now):
+                        variable.assign(value)
                 return list(grads), [None] * len(variables or ())
 
             return outputs, gradient

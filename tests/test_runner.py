@@ -550,6 +550,39 @@ def test_a_persistent_tape_gets_the_eager_paths_gradients_with_dropout_drawn_onc
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_persistent_tape_updates_moving_statistics_once():
+    """BatchNormalization in A, training=True, another call between the taped one and its gradient: the
+    recomputing gradient leaves the moving statistics where that call left them, and gives the eager path's
+    gradients."""
+    inputs = keras.Input(shape=(None, 3))
+    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
+    normalization = keras.layers.BatchNormalization(momentum=0.5)
+    a = keras.Model(inputs, normalization(ir))
+    b = builders.step_b("gru")
+    x = tf.constant(builders.inputs(3, 4))
+    weights = a.trainable_weights + b.trainable_weights
+    moving = [normalization.moving_mean, normalization.moving_variance]
+    start = [v.numpy() for v in moving]
+    results = []
+    for run_eagerly in (True, False):
+        for variable, value in zip(moving, start):
+            variable.assign(value)
+        cascade = Cascade(a, b, run_eagerly=run_eagerly)
+        with tf.GradientTape(persistent=True) as tape:
+            loss = tf.reduce_sum(tf.sin(cascade(x, PER_SAMPLE, training=True).flat_values))
+        between = [v.numpy() for v in moving]
+        cascade(2.0 * x, PER_SAMPLE, training=True)  # moves the statistics on
+        after = [v.numpy() for v in moving]
+        grads = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, weights)]
+        results.append((between, after, [v.numpy() for v in moving], grads))
+    (eager_between, eager_after, _, eager_grads), (between, after, final, grads) = results
+    assert not np.allclose(eager_after[0], eager_between[0])  # the second call did move them
+    for got, want in zip(between + after + final, eager_between + eager_after + eager_after):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for weight, got, want in zip(weights, grads, eager_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=weight.path)
+
+
 def test_a_persistent_tape_gets_the_targets_gradient_of_teacher_forcing():
     a, b = builders.model_a(), builders.feedback_b("gru")
     x, steps = builders.inputs(3, 4), PER_SAMPLE
