@@ -79,7 +79,7 @@ def run_tapes(run_plan, *, log=print):
                                                    direction="forward+backward", run_plan=run_plan,
                                                    hidden=case.hidden, shared={})[0]}
         tensors = peers.inputs_as_tensors((inputs, steps))
-        functions["compiled"](*tensors)  # A's XLA compiles, cached for the fresh cascades below: not in their first calls
+        functions["compiled"](*tensors)  # A's XLA compiles, cached for the fresh cascades below: not in their firsts
         first_calls, grads = {}, {}
         for tape in TAPES:
             functions[tape] = make_taped(tape, model_a, model_b)

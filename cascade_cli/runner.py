@@ -465,7 +465,7 @@ class Cascade:
 
     @property
     def _side_variables(self):
-        """What a call may update besides its outputs: the seed generators' states and the non-trainable variables."""
+        """What a call may update besides its outputs: seed generators' states, then non-trainable variables."""
         models = [self.model_a, self.model_b]
         variables = [generator.state for generator in seed_generators(models)]
         variables += [v for model in models for v in model.non_trainable_variables]
@@ -522,9 +522,9 @@ class Cascade:
         """The compiled call under a persistent tape or nested tapes, with a gradient that runs it again.
 
         Recorded as it is, the call would make TensorFlow prepare second-order
-        gradients of the whole concrete function, loops and all: a minute of
-        graph building at the first call and about 4x the time of a
-        first-order taped call after. Instead the call runs unrecorded and the
+        gradients of the whole concrete function, loops and all: nearly a
+        minute of graph building at the first call, and 2.3-2.5x the time of
+        a one-tape call after (`benchmarks/RESULTS.md`). Instead the call runs unrecorded and the
         tape records one operation whose gradient is a second compiled
         function: the same call again under its own tape. Around it every
         non-trainable variable (seed generators, moving statistics) is put
@@ -1207,7 +1207,8 @@ class Cascade:
 
 
 def _differentiable(extras):
-    """The indices of the float tensors among a compiled call's arguments: the inputs, and targets where given."""
+    """Where the float tensors are among `_call_compiled`'s arguments (inputs, caps, sample_index, probability,
+    targets): the inputs, and the targets where given."""
     return [0, 4] if extras is not None and extras.targets is not None else [0]
 
 
