@@ -714,6 +714,17 @@ def print_tables(run_plan, timings, targets):
         console.print(f"[red]error[/red] {error}")
 
 
+def machine_lines(machine, *, software=""):
+    """The Markdown list lines that describe a run's machine (`describe_machine`); `software` extends the last."""
+    return [
+        f"- date: {machine['date']}",
+        f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores; memory {machine['memory_gib']} GiB",
+        f"- GPU: {', '.join(machine['gpus']) or 'none'}",
+        f"- python {machine['python']}, tensorflow {machine['tensorflow']}, keras {machine['keras']}, "
+        f"numpy {machine['numpy']}{software}",
+    ]
+
+
 def _markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -756,10 +767,7 @@ def render_markdown(report, notes=""):
             "",
             title,
             "",
-            f"- date: {machine['date']}",
-            f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores; memory {machine['memory_gib']} GiB",
-            f"- GPU: {', '.join(machine['gpus']) or 'none'}",
-            f"- python {machine['python']}, tensorflow {machine['tensorflow']}, keras {machine['keras']}, numpy {machine['numpy']}",
+            *machine_lines(machine),
             f"- models: A = GRU(H) on F={run_plan.features} features; B = GRUCell(H) then Dense({run_plan.outputs});"
             f" steps uniform in 0..{run_plan.max_steps}; {run_plan.repeats} timed runs after {run_plan.warmups} warm-up"
             + (f"; the whole run took {run['seconds']:.0f} s" if "seconds" in run else ""),

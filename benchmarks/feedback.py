@@ -681,11 +681,7 @@ def render_run(run):
         "`limit_xla` (forward only) is told each pair's length and runs B under XLA on exactly the rows still",
         "running: `best padded / limit_xla` is the most `best padded / cascade` any runner could reach.",
         "",
-        f"- date: {machine['date']}",
-        f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores; memory {machine['memory_gib']} GiB",
-        f"- GPU: {', '.join(machine['gpus']) or 'none'}",
-        f"- python {machine['python']}, tensorflow {machine['tensorflow']}, keras {machine['keras']}, "
-        f"numpy {machine['numpy']}",
+        *bench.machine_lines(machine),
         f"- models: A = GRU(H) on F={run_plan.features} features; B = Concatenate([x, y_prev]) then GRUCell(H) then "
         f"Dense({run_plan.outputs}); reset; {run_plan.repeats} timed runs after {run_plan.warmups} warm-up"
         + (f"; the whole run took {run['seconds']:.0f} s" if "seconds" in run else ""),

@@ -346,15 +346,8 @@ def run_peers(run_plan, *, log=print):
         import torch
 
         torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    timings, models, shared, compiled = [], {}, {}, {}
-    for case in run_plan.cases:
-        if case.hidden not in models:
-            models[case.hidden] = bench.build_models(features=run_plan.features, hidden=case.hidden,
-                                                     outputs=run_plan.outputs)
-        model_a, model_b = models[case.hidden]
-        inputs = rng.normal(size=(case.batch, case.outer, run_plan.features)).astype(np.float32)
-        steps = bench.make_steps(rng, case.batch, case.outer, max_steps=run_plan.max_steps)
+    timings, shared, compiled = [], {}, {}
+    for case, model_a, model_b, inputs, steps in cases_with_data(run_plan):
         for state in STATES:
             for direction in DIRECTIONS:
                 functions = {}
@@ -375,6 +368,19 @@ def run_peers(run_plan, *, log=print):
                                     "direction": direction, "method": method, **result})
         compiled[case.name] = _a_choice(model_a, model_b)
     return timings, compiled
+
+
+def cases_with_data(run_plan):
+    """Yields `(case, model_a, model_b, inputs, steps)` for each case: one pair of models per `H`, seeded data."""
+    rng = np.random.default_rng(0)
+    models = {}
+    for case in run_plan.cases:
+        if case.hidden not in models:
+            models[case.hidden] = bench.build_models(features=run_plan.features, hidden=case.hidden,
+                                                     outputs=run_plan.outputs)
+        inputs = rng.normal(size=(case.batch, case.outer, run_plan.features)).astype(np.float32)
+        steps = bench.make_steps(rng, case.batch, case.outer, max_steps=run_plan.max_steps)
+        yield (case, *models[case.hidden], inputs, steps)
 
 
 def _a_choice(model_a, model_b):
@@ -484,12 +490,8 @@ def render_run(run):
         "`best peer` is the fastest of `keras_padded`, `keras_padded_xla` and `torch_packed`;",
         "`cascade / best peer` is the default `Cascade(a, b)` in a `tf.function` over it (lower is better).",
         "",
-        f"- date: {machine['date']}",
-        f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores; memory {machine['memory_gib']} GiB",
-        f"- GPU: {', '.join(machine['gpus']) or 'none'}",
-        f"- python {machine['python']}, tensorflow {machine['tensorflow']}, keras {machine['keras']}, "
-        f"numpy {machine['numpy']}, torch {machine.get('torch') or 'not installed'}"
-        + (f" ({machine['torch_threads']} threads)" if machine.get("torch_threads") else ""),
+        *bench.machine_lines(machine, software=f", torch {machine.get('torch') or 'not installed'}" + (
+            f" ({machine['torch_threads']} threads)" if machine.get("torch_threads") else "")),
         f"- models: A = GRU(H) on F={run_plan.features} features; B = GRUCell(H) then Dense({run_plan.outputs}); "
         f"steps uniform in 0..{run_plan.max_steps}; {run_plan.repeats} timed runs after {run_plan.warmups} warm-up"
         + (f"; the whole run took {run['seconds']:.0f} s" if "seconds" in run else ""),

@@ -66,15 +66,8 @@ def make_taped(tape, model_a, model_b):
 
 def run_tapes(run_plan, *, log=print):
     """Times every method of every case; returns the timing dicts, each with `first_call_s` for the taped ones."""
-    rng = np.random.default_rng(0)
-    timings, models = [], {}
-    for case in run_plan.cases:
-        if case.hidden not in models:
-            models[case.hidden] = bench.build_models(features=run_plan.features, hidden=case.hidden,
-                                                     outputs=run_plan.outputs)
-        model_a, model_b = models[case.hidden]
-        inputs = rng.normal(size=(case.batch, case.outer, run_plan.features)).astype(np.float32)
-        steps = bench.make_steps(rng, case.batch, case.outer, max_steps=run_plan.max_steps)
+    timings = []
+    for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
         functions = {"compiled": peers.make_method("cascade", model_a, model_b, state="reset",
                                                    direction="forward+backward", run_plan=run_plan,
                                                    hidden=case.hidden, shared={})[0]}
@@ -131,11 +124,7 @@ def render_run(run):
         "the same inside one `tf.function`; gradients checked equal first; repeats interleaved; medians.",
         "`first call` is one measurement of a fresh `Cascade`'s first call and gradient (traces included).",
         "",
-        f"- date: {machine['date']}",
-        f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores; memory {machine['memory_gib']} GiB",
-        f"- GPU: {', '.join(machine['gpus']) or 'none'}",
-        f"- python {machine['python']}, tensorflow {machine['tensorflow']}, keras {machine['keras']}, "
-        f"numpy {machine['numpy']}",
+        *bench.machine_lines(machine),
         f"- models: A = GRU(H) on F={run_plan.features} features; B = GRUCell(H) then Dense({run_plan.outputs}); "
         f"reset; steps uniform in 0..{run_plan.max_steps}; {run_plan.repeats} timed runs after "
         f"{run_plan.warmups} warm-up" + (f"; the whole run took {run['seconds']:.0f} s" if "seconds" in run else ""),
