@@ -19,9 +19,9 @@ A persistent tape or a second tape makes TensorFlow prepare second-order
 gradients of a function it records; the cascade does not let it record its
 compiled call there, but runs the call again in its gradient. `first call`
 is one measurement per method of a fresh `Cascade`'s first call and gradient
-(its traces; A's XLA compiles are cached by then); the other times are medians of interleaved repeats.
-The gradients of `persistent` and `nested` are checked equal to `one_tape`'s
-before anything is timed.
+(its traces; A's XLA compiles are cached by then); the other times are
+medians of interleaved repeats. The gradients of `persistent` and `nested`
+are checked equal to `one_tape`'s before anything is timed.
 """
 
 import contextlib

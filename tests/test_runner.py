@@ -508,10 +508,11 @@ def test_eager_call_under_a_tape_equals_the_eager_path(b_kind, state):
                                    atol=1e-5, err_msg=weight.path)
 
 
-def dropout_a(seed=3):
+def gru_a_then(layer):
+    """Model A: a GRU, then `layer` on its outputs."""
     inputs = keras.Input(shape=(None, 3))
     ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
-    return keras.Model(inputs, keras.layers.Dropout(0.5, seed=seed)(ir))
+    return keras.Model(inputs, layer(ir))
 
 
 def taped_twice(cascade, x, steps, **kwargs):
@@ -531,7 +532,7 @@ def taped_twice(cascade, x, steps, **kwargs):
 def test_a_persistent_tape_gets_the_eager_paths_gradients_with_dropout_drawn_once(state):
     """Under a persistent tape the compiled call runs unrecorded and its gradient runs it again: with the seed
     generators put back, so that A's and B's dropout masks are the forward's, and left where the forward left them."""
-    a, b = dropout_a(), builders.step_b("gru", dropout=0.5)
+    a, b = gru_a_then(keras.layers.Dropout(0.5, seed=3)), builders.step_b("gru", dropout=0.5)
     x = builders.inputs(3, 4)
     generators = seed_generators([a, b])
     start = [generator.state.numpy() for generator in generators]
@@ -554,10 +555,8 @@ def test_a_persistent_tape_updates_moving_statistics_once():
     """BatchNormalization in A, training=True, another call between the taped one and its gradient: the
     recomputing gradient leaves the moving statistics where that call left them, and gives the eager path's
     gradients."""
-    inputs = keras.Input(shape=(None, 3))
-    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
     normalization = keras.layers.BatchNormalization(momentum=0.5)
-    a = keras.Model(inputs, normalization(ir))
+    a = gru_a_then(normalization)
     b = builders.step_b("gru")
     x = tf.constant(builders.inputs(3, 4))
     weights = a.trainable_weights + b.trainable_weights
@@ -632,9 +631,7 @@ class HostDoubling(keras.layers.Layer):
 
 
 def host_a():
-    inputs = keras.Input(shape=(None, 3))
-    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
-    return keras.Model(inputs, HostDoubling()(ir))
+    return gru_a_then(HostDoubling())
 
 
 @pytest.mark.xla
@@ -670,9 +667,7 @@ def test_jit_compile_auto_falls_back_quietly_where_a_does_not_compile():
 @pytest.mark.xla
 def test_jit_compile_in_training_keeps_dropout_as_keras_draws_it():
     """A with dropout: XLA in inference only; training=True values equal the uncompiled A's under the same seeds."""
-    inputs = keras.Input(shape=(None, 3))
-    ir = keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(0))(inputs)
-    a = keras.Model(inputs, keras.layers.Dropout(0.5, seed=3)(ir))
+    a = gru_a_then(keras.layers.Dropout(0.5, seed=3))
     b = builders.step_b()
     x = builders.inputs(3, 4)
     generators = seed_generators([a, b])
