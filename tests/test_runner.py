@@ -1,7 +1,9 @@
 """The packed runner against an independent eager reference (tests/builders.py)."""
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -695,6 +697,40 @@ def test_xla_problem_names_what_does_not_hold():
     normed = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.GRU(4, return_sequences=True)(inputs)))
     assert xla_problem(normed, xla_inference(normed), (2, 3, 3)) == (
         None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)")
+
+
+@pytest.mark.xla
+def test_cascades_of_one_model_share_its_xla_call_and_do_not_keep_it_alive():
+    a, b = builders.model_a("gru"), make_b("gru")
+    first, second = Cascade(a, b), Cascade(a, b)
+    assert first._xla_a is second._xla_a  # one set of traces and XLA compiles per model A
+    assert Cascade(builders.model_a("gru"), b)._xla_a is not first._xla_a
+    first(builders.inputs(3, 4), PER_SAMPLE)
+    model = weakref.ref(a)
+    del a, first, second
+    gc.collect()
+    assert model() is None
+
+
+@pytest.mark.xla
+def test_a_cascade_made_after_a_trainable_change_takes_a_s_gradient_as_it_is_now():
+    a, b = builders.model_a("gru"), make_b("gru")
+    x = tf.constant(builders.inputs(3, 4))
+
+    def gradients(cascade):  # of the inputs too, so that A's gradient runs even while A is frozen
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(cascade(x, PER_SAMPLE).flat_values)
+        return tape.gradient(total, [x, *a.weights])[1:]
+
+    a.trainable = False
+    assert all(g is None for g in gradients(Cascade(a, b)))
+    a.trainable = True
+    cascade = Cascade(a, b)
+    got, want = gradients(cascade), gradients(Cascade(a, b, jit_compile=False))
+    assert cascade.a_compiled
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 def test_bad_compile_settings():
