@@ -34,7 +34,6 @@ recurrence with its hand-written gradient runs as above.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -1253,30 +1252,16 @@ def xla_inference(model):
     gradient ("TensorList crossing the XLA/TF boundary"), so the forward call is
     made without recording and the backward pass runs the model again inside
     its own compiled function (exact: inference mode has no randomness).
-
-    One per model, kept while the model lives: every `Cascade` of the same
-    model A shares its traces and XLA compiles (seconds at a first call and
-    a first gradient). It holds the model weakly, so it does not keep it alive.
     """
-    if model in _XLA_CALLS:
-        return _XLA_CALLS[model]
-    model_ref = weakref.ref(model)
-    forward = tf.function(lambda x: model_ref()(x, training=False), jit_compile=True)
+    forward = tf.function(lambda x: model(x, training=False), jit_compile=True)
 
-    backwards = {}  # the ids of A's trainable variables -> the compiled gradient of those (`trainable` may change)
+    def vjp(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x, training=False)
+        return tape.gradient(y, [x, *model.trainable_variables], output_gradients=upstream)
 
-    def backward(x, upstream):
-        trainable = model_ref().trainable_variables
-        key = tuple(map(id, trainable))
-        if key not in backwards:
-            def vjp(x, upstream):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    y = model_ref()(x, training=False)
-                return tape.gradient(y, [x, *trainable], output_gradients=upstream)
-
-            backwards[key] = tf.function(vjp, jit_compile=True)
-        return backwards[key](x, upstream), trainable
+    backward = tf.function(vjp, jit_compile=True)
 
     @tf.custom_gradient
     def call(x):
@@ -1284,17 +1269,14 @@ def xla_inference(model):
             y = forward(x)
 
         def gradient(upstream, variables=None):
-            grads, trainable = backward(x, upstream)
-            by_variable = {id(v.value): g for v, g in zip(trainable, grads[1:])}
+            grads = backward(x, upstream)
+            by_variable = {id(v.value): g for v, g in zip(model.trainable_variables, grads[1:])}
             return grads[0], [by_variable.get(id(v)) for v in variables or []]
 
         return y, gradient
 
-    _XLA_CALLS[model] = call
     return call
 
-
-_XLA_CALLS = weakref.WeakKeyDictionary()  # model A -> its `xla_inference` call
 
 # How close A under XLA must come to its plain call, by the dtype of A's outputs.
 _XLA_TOLERANCE = {2: 1e-2, 4: 1e-5, 8: 1e-9}

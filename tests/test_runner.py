@@ -1,9 +1,7 @@
 """The packed runner against an independent eager reference (tests/builders.py)."""
 
-import gc
 import subprocess
 import sys
-import weakref
 
 import keras
 import numpy as np
@@ -697,19 +695,6 @@ def test_xla_problem_names_what_does_not_hold():
     normed = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.GRU(4, return_sequences=True)(inputs)))
     assert xla_problem(normed, xla_inference(normed), (2, 3, 3)) == (
         None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)")
-
-
-@pytest.mark.xla
-def test_cascades_of_one_model_share_its_xla_call_and_do_not_keep_it_alive():
-    a, b = builders.model_a("gru"), make_b("gru")
-    first, second = Cascade(a, b), Cascade(a, b)
-    assert first._xla_a is second._xla_a  # one set of traces and XLA compiles per model A
-    assert Cascade(builders.model_a("gru"), b)._xla_a is not first._xla_a
-    first(builders.inputs(3, 4), PER_SAMPLE)
-    model = weakref.ref(a)
-    del a, first, second
-    gc.collect()
-    assert model() is None
 
 
 @pytest.mark.xla
