@@ -699,20 +699,21 @@ def test_xla_problem_names_what_does_not_hold():
 
 @pytest.mark.xla
 def test_a_cascade_made_after_a_trainable_change_takes_a_s_gradient_as_it_is_now():
+    """A's XLA gradient must follow `trainable`: a guard for any cache of A's compiled call across cascades."""
     a, b = builders.model_a("gru"), make_b("gru")
     x = tf.constant(builders.inputs(3, 4))
 
-    def gradients(cascade):  # of the inputs too, so that A's gradient runs even while A is frozen
+    def a_gradients(cascade):  # of the inputs too (not `gradients`), so that A's gradient runs while A is frozen
         with tf.GradientTape() as tape:
             tape.watch(x)
             total = tf.reduce_sum(cascade(x, PER_SAMPLE).flat_values)
         return tape.gradient(total, [x, *a.weights])[1:]
 
     a.trainable = False
-    assert all(g is None for g in gradients(Cascade(a, b)))
+    assert all(g is None for g in a_gradients(Cascade(a, b)))
     a.trainable = True
     cascade = Cascade(a, b)
-    got, want = gradients(cascade), gradients(Cascade(a, b, jit_compile=False))
+    got, want = a_gradients(cascade), a_gradients(Cascade(a, b, jit_compile=False))
     assert cascade.a_compiled
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5)
