@@ -142,6 +142,8 @@ class CascadeGroup(click.Group):
         except Exception as error:
             if ctx.params.get("debug"):
                 raise
+            if _SIGNAL in ctx.meta:  # a library turned the signal's SystemExit into an error of its own
+                raise click.exceptions.Exit(128 + ctx.meta[_SIGNAL]) from None
             raise click.ClickException(_describe_failure(error)) from None
 
 
@@ -162,14 +164,20 @@ def _describe_failure(error):
     return f"internal error ({name}: {message}); run again with cascade --debug for the traceback and report it."
 
 
+_SIGNAL = "cascade.signal"  # ctx.meta key: the signal that is ending the command
+
+
 def _end_on_signals(ctx):
     """Makes SIGTERM and SIGHUP end the command as Ctrl-C does: files being written are removed, exit 128 + N.
 
     The handlers raise `SystemExit` in the main thread, so every `atomic_output`
     on the way out removes its temporary file; they are restored when the command ends.
+    The signal is recorded too: code that catches the `SystemExit` and raises an
+    error of its own instead (a library's cleanup) still ends the run with 128 + N.
     """
 
     def end(signum, frame):
+        ctx.meta[_SIGNAL] = signum
         raise SystemExit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):

@@ -460,6 +460,7 @@ def kill_when(process, ready, *, timeout=PROCESS_TIMEOUT, delay=0.0, signum=sign
     The process must then end with `exit_code` (by default: killed by the signal).
     """
     deadline = time.monotonic() + timeout
+    stderr = ""
     try:
         while not ready() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -469,12 +470,13 @@ def kill_when(process, ready, *, timeout=PROCESS_TIMEOUT, delay=0.0, signum=sign
         os.kill(process.pid, signum)
     finally:
         try:
-            process.communicate(timeout=60)
+            _, stderr = process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
     expected = -signum if exit_code is None else exit_code
-    assert process.returncode == expected, f"exit {process.returncode}: the run ended before the signal; give it more work"
+    ended = "the run ended before the signal; give it more work" if process.returncode == 0 else "it printed"
+    assert process.returncode == expected, f"exit {process.returncode}: {ended}\n{(stderr or '')[-3000:]}"
 
 
 def test_a_killed_export_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
@@ -570,6 +572,26 @@ def test_generate_ended_by_a_signal_removes_what_it_was_writing(files, tmp_path,
                      tmp_path / "big.h5", "--steps", "3,1,2", "--batch-size", 8, "-o", out / "r.h5"], cwd=tmp_path)
     kill_when(process, lambda: bool(os.listdir(out)), delay=0.2, signum=signum, exit_code=128 + signum)
     assert os.listdir(out) == []  # the temporary file went with the run
+
+
+def test_a_signal_that_a_library_turns_into_an_error_still_ends_the_run_with_its_code(files, tmp_path, monkeypatch):
+    from cascade_cli import generation
+    from cascade_cli.atomic import atomic_output
+
+    def generate_to_file(cascade, source, steps=None, *, output, **options):
+        with atomic_output(output) as temp:
+            temp.write_bytes(b"half a result")
+            try:
+                signal.raise_signal(signal.SIGTERM)  # the handler raises SystemExit here
+            except SystemExit as error:  # as a library's cleanup may: its own error replaces the SystemExit
+                raise RuntimeError("the file could not be closed") from error
+
+    monkeypatch.setattr(generation, "generate_to_file", generate_to_file)
+    out = out_folder(tmp_path)
+    result = generate(files, out / "r.h5", "--steps", "1,2,0")
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "Error" not in result.output
+    assert_nothing_in(out)
 
 
 @pytest.mark.slow  # three TensorFlow processes: about 30 s on 2 cores
