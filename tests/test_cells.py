@@ -40,9 +40,12 @@ CELLS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("head", [True, False])
+# every cell in both states and both with and without a head, and each (state, head) pair, in 14 runs, not 28
+PAIRWISE = [(name, state, (i + (state == "carry")) % 2 == 0) for i, name in enumerate(sorted(CELLS))
+            for state in ("reset", "carry")]
+
+
+@pytest.mark.parametrize("name, state, head", PAIRWISE)
 def test_fast_path_equals_calling_b(name, state, head):
     b = wrapped(CELLS[name](), head=head)
     split = split_b(b)

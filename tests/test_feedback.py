@@ -189,10 +189,13 @@ def test_eager_equals_tf_function(state):
     assert values.shape[-1] == O
 
 
-@pytest.mark.parametrize("fast_cells", ["auto", False])
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("start", ["zeros", "previous"])
+# half of the 16 settings: every pair and every three of the four factors, but not all four (8 runs)
+HALF = [(kind, state, start, fast_cells) for kind in ("gru", "lstm") for state in ("reset", "carry")
+        for start in ("zeros", "previous") for fast_cells in ("auto", False)
+        if (kind == "lstm") ^ (state == "carry") ^ (start == "previous") ^ (fast_cells is False)]
+
+
+@pytest.mark.parametrize("kind, state, start, fast_cells", HALF)
 def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells):
     a, b = models(kind, dtype="float64")
     x = builders.inputs(3, 4).astype("float64")
@@ -334,9 +337,12 @@ def test_sampler_object_and_categorical_run():
     assert not np.array_equal(one[2].numpy(), other[2].numpy())
 
 
-@pytest.mark.parametrize("kind", ["simple", "gru", "lstm"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("start", ["zeros", "token:1", "previous"])
+# every cell with every start, and each of them in both states (9 runs, not 18)
+CELL_STARTS = [(kind, ("reset", "carry")[(i + j) % 2], start) for i, kind in enumerate(("simple", "gru", "lstm"))
+               for j, start in enumerate(("zeros", "token:1", "previous"))]
+
+
+@pytest.mark.parametrize("kind, state, start", CELL_STARTS)
 def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypatch):
     from cascade_cli import runner
 

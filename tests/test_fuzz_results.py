@@ -24,7 +24,7 @@ from filetools import FUZZ_MEMORY_LIMIT, FUZZ_TIME_LIMIT_S, fuzz_outcome, fuzz_s
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import write_result
 
-FAST = 16
+FAST = 8
 LONG = 400
 ATTRS = {"stop_rule": "norm", "stop_value": 1.5, "max_steps": 4, "run_id": "0123456789abcdef", "seed": 3}
 

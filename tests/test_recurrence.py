@@ -166,13 +166,15 @@ def test_gradients_with_trailing_zero_pairs_equal_calling_b(state):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-CAPTURED_CASES = [(kind, "reset", "ir") for kind in ("simple", "gru", "lstm")] + [
-    (kind, state, "zeros") for kind in ("simple", "gru", "lstm") for state in ("reset", "carry")]
+# how steps are given and where the tape is: each pair of WAYS has both of each
+WAYS = [("captured", "inside"), ("argument", "around"), ("captured", "around"), ("argument", "inside")]
+# state_init='ir', where issue 17 failed: all four ways; 'zeros': two ways per case, the other two in the other state
+CAPTURED_CASES = [(kind, "reset", "ir", *way) for kind in ("simple", "gru", "lstm") for way in WAYS] + [
+    (kind, state, "zeros", *way) for kind in ("simple", "gru", "lstm")
+    for j, state in enumerate(("reset", "carry")) for way in WAYS[2 * j:2 * j + 2]]
 
 
-@pytest.mark.parametrize("b_kind, state, state_init", CAPTURED_CASES)
-@pytest.mark.parametrize("steps_given", ["captured", "argument"])
-@pytest.mark.parametrize("tape_at", ["inside", "around"])
+@pytest.mark.parametrize("b_kind, state, state_init, steps_given, tape_at", CAPTURED_CASES)
 def test_gradients_inside_tf_function_with_steps_captured_or_passed(b_kind, state, state_init, steps_given, tape_at):
     """Issue 17: with steps as trace-time constants, Grappler's constant folding gave the backward loop's
     carried gradient the initial states' row count, and padding it by `tf.shape` failed ("Paddings must be
