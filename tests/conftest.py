@@ -18,11 +18,13 @@ def mixed_float16():
 
 @pytest.fixture(autouse=True)
 def _xla_only_where_asked(request, monkeypatch):
-    """Cascades built by a test run A without XLA unless the test passes `jit_compile` or is marked `xla`.
+    """Cascades built by a test run A without XLA unless the test asks for `jit_compile=True` or is marked `xla`.
 
-    `jit_compile="auto"` (the runner's default) checks on a probe input that A compiles under XLA and equals
-    its plain call, which costs seconds per `Cascade`: the tests of that choice (marked `xla`, and every test
-    that passes `jit_compile`) run it; the others test everything else without paying for it.
+    `jit_compile="auto"` (the runner's and the command line's default) checks on a probe input that A compiles
+    under XLA and equals its plain call, then compiles it: seconds per `Cascade`. The tests of that choice
+    (marked `xla`) run it; the others test everything else without paying for it. The switch is per test: a
+    module-scoped fixture is built before it, so its cascades keep "auto" (pass `--no-xla` or `jit_compile=False`
+    where a fixture's results are compared with a test's bit for bit).
     """
     import functools
     import sys
@@ -35,7 +37,8 @@ def _xla_only_where_asked(request, monkeypatch):
 
     @functools.wraps(init)
     def without_xla(self, *args, **kwargs):
-        kwargs.setdefault("jit_compile", False)
+        if kwargs.get("jit_compile", "auto") == "auto":
+            kwargs["jit_compile"] = False
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(runner.Cascade, "__init__", without_xla)

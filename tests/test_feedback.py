@@ -367,11 +367,13 @@ def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypat
     assert empty.shape == (0, O)
 
 
+@pytest.mark.xla
 def test_call_returns_ragged_values_and_tokens_and_a_under_xla_by_default():
     a, b = models()
     x = builders.inputs(3, 4)
     cascade = Cascade(a, b, feedback=True, sampler="greedy", feedback_start="previous")  # jit_compile="auto"
     values, tokens = cascade(x, STEPS, return_tokens=True)
+    assert cascade.a_compiled is True
     assert values.shape[:2] == (3, 4) and tokens.shape[:2] == (3, 4) and tokens.dtype == tf.int64
     np.testing.assert_array_equal(values.row_lengths(axis=2).numpy().reshape(3, 4), STEPS)
     expected, _, expected_tokens = reference(a, b, x, STEPS, start="previous", sampler="greedy")

@@ -60,7 +60,7 @@ def test_the_file_holds_what_the_runner_gives_tokens_included(files, tmp_path):
     assert len(set(got.tokens.tolist())) > 1
 
 
-@pytest.mark.parametrize("xla", [(), ("--no-xla",)], ids=["xla-auto", "no-xla"])
+@pytest.mark.parametrize("xla", [pytest.param((), marks=pytest.mark.xla), ("--no-xla",)], ids=["xla-auto", "no-xla"])
 def test_the_same_seed_gives_identical_bytes_at_any_batch_size_and_through_shards(files, tmp_path, xla):
     """Values included: generate runs whole blocks of rows (`generation._whole_blocks`), so no kernel sees
     a batch whose size changes a row's last bits."""
