@@ -16,29 +16,42 @@ def mixed_float16():
         keras.mixed_precision.set_global_policy(previous)
 
 
-@pytest.fixture(autouse=True)
-def _xla_only_where_asked(request, monkeypatch):
-    """Cascades built by a test run A without XLA unless the test asks for `jit_compile=True` or is marked `xla`.
+_XLA_MARKED = [False]  # whether the test running now is marked `xla`
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _xla_only_where_asked():
+    """Cascades run A without XLA unless they ask for `jit_compile=True` or are built while an `xla` test runs.
 
     `jit_compile="auto"` (the runner's and the command line's default) checks on a probe input that A compiles
     under XLA and equals its plain call, then compiles it: seconds per `Cascade`. The tests of that choice
-    (marked `xla`) run it; the others test everything else without paying for it. The switch is per test: a
-    module-scoped fixture is built before it, so its cascades keep "auto" (pass `--no-xla` or `jit_compile=False`
-    where a fixture's results are compared with a test's bit for bit).
+    (marked `xla`) run it; the others test everything else without paying for it. The switch holds for the
+    whole session, so a module-scoped fixture's cascades run as its tests' do.
     """
     import functools
     import sys
 
-    if request.node.get_closest_marker("xla") is not None or "tensorflow" not in sys.modules:
-        return  # a test run that imported no TensorFlow builds no Cascade
+    if "tensorflow" not in sys.modules:  # a test run that imported no TensorFlow builds no Cascade
+        yield
+        return
     from cascade_cli import runner
 
     init = runner.Cascade.__init__
 
     @functools.wraps(init)
     def without_xla(self, *args, **kwargs):
-        if kwargs.get("jit_compile", "auto") == "auto":
+        if not _XLA_MARKED[0] and kwargs.get("jit_compile", "auto") == "auto":
             kwargs["jit_compile"] = False
         init(self, *args, **kwargs)
 
-    monkeypatch.setattr(runner.Cascade, "__init__", without_xla)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner.Cascade, "__init__", without_xla)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _xla_where_marked(request):
+    """Lets the cascades a test marked `xla` builds keep `jit_compile="auto"`."""
+    _XLA_MARKED[0] = request.node.get_closest_marker("xla") is not None
+    yield
+    _XLA_MARKED[0] = False

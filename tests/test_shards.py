@@ -45,10 +45,9 @@ def invoke(*args):
 
 
 def generate(files, out, *extra):
-    """--no-xla: the module's fixtures run before conftest's per-test switch, and XLA's A differs in the last bits."""
     extra = [files / arg if arg == "steps.txt" else arg for arg in extra]
     result = invoke("generate", "--model-a", files / "a.keras", "--model-b", files / "b.keras",
-                    "--inputs", files / "x.h5", "--batch-size", 2, "--no-xla", "-o", out, *extra)  # a later flag wins
+                    "--inputs", files / "x.h5", "--batch-size", 2, "-o", out, *extra)  # a later flag wins
     assert result.exit_code == 0, result.output
     return out
 
