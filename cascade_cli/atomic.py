@@ -9,6 +9,13 @@ temporary file itself); the next writer of the same target removes only the
 temporary files whose lock it can take, so a live writer in another process,
 PID namespace or container keeps its files. A full file system ends in
 `DataError("no space left on device writing '<path>'")` (`no_space_error`).
+
+Nothing but a regular file (or a folder cascade wrote) is ever replaced: a
+device node, a FIFO or a socket as an output is refused, with or without
+`overwrite`, and so is an output folder that holds one of the command's inputs
+(`check_not_holding_inputs`). Temporary folders (`atomic_directory`) take the
+same lock as temporary files, so the next writer of the same target removes
+those of a killed writer too.
 """
 
 import contextlib
@@ -19,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
 from cascade_cli.errors import DataError
@@ -52,13 +60,21 @@ def is_no_space(error):
     """Returns whether an exception says the file system is full (or the quota is spent).
 
     HDF5 reports it as an `OSError` (errno 28) or, from its cleanup, a
-    `RuntimeError` whose message carries `errno = 28`.
+    `RuntimeError` whose message carries `errno = 28`; TensorFlow's file
+    writers (SavedModel, checkpoints, TensorBoard) as an error, often a
+    `ResourceExhaustedError`, whose message says "No space left on device".
+    An exception raised while handling one (`__context__`) counts too.
     """
-    if isinstance(error, OSError) and error.errno in _NO_SPACE:
-        return True
-    return isinstance(error, (OSError, RuntimeError)) and (
-        "errno = 28" in str(error) or "No space left on device" in str(error)
-    )
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        text = str(getattr(error, "message", None) or error)
+        if "errno = 28" in text or "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def no_space_error(path):
@@ -79,12 +95,17 @@ def _try_lock(fd):
     return "locked"
 
 
-def _remove_stale_temps(path):
-    """Removes temporary files of `path` whose writer's lock can be taken (the writer is gone).
+_OLD_SUFFIX = "-old"
 
-    Temporary files without a lock file (left by a writer killed after it
+
+def _remove_stale_temps(path):
+    """Removes temporary files and folders of `path` whose writer's lock can be taken (the writer is gone).
+
+    Temporary names without a lock file (left by a writer killed after it
     removed its lock, or by an older cascade) are removed too: a live writer
-    creates its lock before its temporary file and removes it last.
+    creates its lock before its temporary name and removes it last. A folder
+    writer killed between moving the old folder aside (`...-old`) and moving
+    the new one in left no folder at `path`: the old one is put back.
     """
     prefix = _temp_prefix(path)
     groups = {}
@@ -92,7 +113,7 @@ def _remove_stale_temps(path):
         for entry in os.scandir(path.parent):
             if entry.name.startswith(prefix):
                 match = _TOKEN.match(entry.name, len(prefix))
-                if match is not None and entry.is_file(follow_symlinks=False):
+                if match is not None and (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
                     groups.setdefault(match.group(1), []).append(entry.path)
     for token, names in groups.items():
         lock = str(path.parent / f"{prefix}{token}{_LOCK_SUFFIX}")
@@ -106,8 +127,15 @@ def _remove_stale_temps(path):
             if fd is not None and _try_lock(fd) != "locked":
                 continue  # a live writer holds it
             for name in sorted(names, key=lambda name: name.endswith(_LOCK_SUFFIX)):  # the lock goes last
-                with contextlib.suppress(OSError):
-                    os.unlink(name)
+                if name.endswith(_OLD_SUFFIX) and not os.path.lexists(path):
+                    with contextlib.suppress(OSError):
+                        os.replace(name, path)  # the previous folder, moved aside by a killed writer
+                        continue
+                if os.path.isdir(name) and not os.path.islink(name):
+                    shutil.rmtree(name, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -146,6 +174,59 @@ def _same_file(first, second):
         return False
 
 
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _kind_of(mode):
+    """Names what a non-regular file is, from its `st_mode`."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_replaceable(path):
+    """Raises `DataError` when `path` exists and is anything but a regular file (or a link to one, or dangling).
+
+    A device node, a FIFO or a socket is never replaced by a rename, whatever
+    `overwrite` says: writing "over" `/dev/null` must not replace it with a file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, or a dangling link: nothing but the link is replaced
+        return
+    if not stat.S_ISREG(mode):
+        raise DataError(f"output '{path}' is {_kind_of(mode)}, not a regular file; cascade replaces only regular "
+                        "files, even with overwrite=True; choose a file name")
+
+
+def _inside(path, folder):
+    """Whether `path` (resolved) is `folder` (resolved) or lies under it."""
+    try:
+        path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
+    return path == folder or folder in path.parents
+
+
+def check_not_holding_inputs(folder, inputs, *, what="output folder"):
+    """Raises `DataError` when the output folder `folder` holds (or is) one of the command's `inputs`.
+
+    A command that replaces or cleans a folder (`export-model --saved-model`,
+    `train --out-dir` with `overwrite`) would destroy an input inside it, so it
+    is refused whatever `overwrite` says, and the message does not suggest it.
+    Paths are compared resolved: symlinks and `..` count.
+
+    Args:
+        folder: the output folder, existing or not.
+        inputs: the files the command reads (None entries are skipped).
+        what: how messages name `folder`, e.g. `"out_dir"`.
+    """
+    for source in inputs:
+        if source is not None and _inside(source, folder):
+            raise DataError(
+                f"{what} '{os.fspath(folder)}' holds '{os.fspath(source)}', one of this command's inputs; writing "
+                "the folder could destroy it: choose a folder outside it, or move the input out first")
+
+
 def check_output_path(path, *, overwrite=False, inputs=()):
     """Checks that `path` can be written, before any work starts.
 
@@ -162,8 +243,9 @@ def check_output_path(path, *, overwrite=False, inputs=()):
     Raises:
         DataError: when `path` is `-`, is one of `inputs` (compared by device
             and inode, so `./d/../d/x.h5` and a symlink count), exists (and
-            `overwrite` is false) or is a folder, or when its folder is
-            missing or not writable.
+            `overwrite` is false) or is not a regular file (a folder, a
+            device node, a FIFO or a socket, whatever `overwrite` says), or
+            when its folder is missing or not writable.
     """
     if os.fspath(path) == "-":
         raise DataError("output '-': expected a file name; this writer does not stream to standard output")
@@ -178,6 +260,7 @@ def check_output_path(path, *, overwrite=False, inputs=()):
             )
     if path.is_dir():
         raise DataError(f"output '{path}' is a folder; expected a file name")
+    check_replaceable(path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
     _check_parent(path)
@@ -231,6 +314,7 @@ def atomic_output(path, *, overwrite=False, suffix="", inputs=()):
                 raise DataError(f"output '{path}': nothing was written")
             if not overwrite and (path.exists() or path.is_symlink()):
                 raise DataError(f"output '{path}' already exists; pass overwrite=True to replace it")
+            check_replaceable(path)  # again: a node may have appeared while the body ran
             fd = os.open(temp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -250,36 +334,66 @@ def atomic_output(path, *, overwrite=False, suffix="", inputs=()):
 
 
 @contextlib.contextmanager
-def atomic_directory(path, *, overwrite=False):
+def atomic_directory(path, *, overwrite=False, inputs=(), made_by="saved_model.pb"):
     """Yields a temporary folder beside `path` and renames it onto `path` on success.
 
     For writers that make a folder (a TensorFlow SavedModel): a killed run
     leaves no half folder at `path`. An existing folder is replaced only with
-    `overwrite`, after the new one is complete.
+    `overwrite`, after the new one is complete, and only when it is empty or
+    holds `made_by` (a folder this writer made): a folder of anything else is
+    never replaced. The temporary folder is
+    `.{name}.cascade-tmp-{pid}-{random}` with a lock file beside it, as
+    `atomic_output`'s, so the next writer of the same target removes what a
+    killed writer left (and puts a folder it had moved aside back).
+
+    Args:
+        path: the output folder.
+        overwrite: whether a folder that holds files may be replaced.
+        inputs: the files the command reads; `path` may not hold any of them
+            (`check_not_holding_inputs`), with or without `overwrite`.
+        made_by: the file that marks a folder this writer made.
 
     Raises:
-        DataError: `path` is a file, or a folder with files in it and
-            `overwrite` is false, or its parent is missing or not writable.
+        DataError: `path` is a file, holds one of `inputs`, or is a folder with
+            files in it and `overwrite` is false or `made_by` is missing, or
+            its parent is missing or not writable; `no space left on device
+            writing '<path>'` when the file system is full.
     """
     path = Path(path)
+    _remove_stale_temps(path)  # first: it may put back a folder a killed writer had moved aside
     if path.exists() and not path.is_dir():
         raise DataError(f"output '{path}' is a file; expected a folder name")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise DataError(f"output folder '{path}' already holds files; pass overwrite=True to replace it")
+    check_not_holding_inputs(path, inputs)
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise DataError(f"output folder '{path}' already holds files; pass overwrite=True to replace it")
+        if not (path / made_by).is_file():
+            raise DataError(f"output folder '{path}' holds files but no '{made_by}': it is not a folder this writer "
+                            "made, and it is never replaced, even with overwrite=True; choose another folder")
     _check_parent(path)
-    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
-    temp.mkdir()
+    token, lock_fd, lock = _take_lock(path)
+    temp = path.parent / f"{_temp_prefix(path)}{token}"
     try:
-        yield temp
-        if path.exists():
-            old = temp.with_name(f"{temp.name}-old")
-            os.replace(path, old)
-            os.replace(temp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, path)
-    except BaseException as error:
-        shutil.rmtree(temp, ignore_errors=True)
-        if is_no_space(error):
-            raise no_space_error(path) from error
-        raise
+        try:
+            temp.mkdir()
+            yield temp
+            if path.exists():
+                old = temp.with_name(f"{temp.name}{_OLD_SUFFIX}")
+                os.replace(path, old)
+                os.replace(temp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(temp, path)
+        except BaseException as error:
+            shutil.rmtree(temp, ignore_errors=True)
+            old = temp.with_name(f"{temp.name}{_OLD_SUFFIX}")
+            if old.is_dir() and not os.path.lexists(path):
+                with contextlib.suppress(OSError):
+                    os.replace(old, path)  # ended between the two renames: the previous folder goes back
+            if is_no_space(error):
+                raise no_space_error(path) from error
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(lock_fd)

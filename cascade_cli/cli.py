@@ -151,6 +151,12 @@ def _describe_failure(error):
     """The one line a failure shows without `--debug`."""
     if isinstance(error, CascadeError):
         return _error_text(error)
+    from cascade_cli.atomic import is_no_space
+
+    if is_no_space(error):  # before memory: TensorFlow reports a full disk as ResourceExhaustedError
+        name = getattr(error, "filename", None)
+        return f"no space left on device writing '{name}'." if name else _one_line(
+            f"no space left on device ({type(error).__name__}: {getattr(error, 'message', None) or error})")[:400]
     if isinstance(error, MemoryError):
         return "ran out of memory; try a smaller --batch-size."
     if isinstance(error, OSError):
@@ -778,6 +784,9 @@ def export_model(ctx, generator, directory, overwrite, unsafe, allow_legacy_h5):
     if Path(directory).exists() and not Path(directory).is_dir():  # before the models load
         raise click.BadParameter(f"a SavedModel is a folder: expected a folder name, received '{directory}', "
                                  "which is a file.", ctx, param_hint="'--saved-model'")
+    from cascade_cli.atomic import check_not_holding_inputs
+
+    check_not_holding_inputs(directory, [generator], what="--saved-model")
     console, _ = _consoles()
     files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
     model_a, model_b, settings = files.load_generator(console)
@@ -968,6 +977,9 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     from cascade_cli.progress import train_callbacks
     from cascade_cli.training import TrainingInterrupted, fit
 
+    from cascade_cli.atomic import check_not_holding_inputs
+
+    check_not_holding_inputs(out_dir, (*models.paths, data_path), what="out_dir")  # whatever overwrite says
     check_out_dir(out_dir, parent_must_exist=not resume)
     distribution = make_strategy(strategy or _default("strategy"))  # before TensorFlow runs anything
     try:

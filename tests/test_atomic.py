@@ -269,6 +269,7 @@ def test_atomic_directory_renames_a_complete_folder_into_place_or_leaves_nothing
     target = tmp_path / "model"
     with atomic_directory(target) as temp:
         (temp / "a.txt").write_text("first")
+        saved_model_folder(temp, "first")
         assert not target.exists()  # nothing at the target while it is written
     assert (target / "a.txt").read_text() == "first"
     with pytest.raises(DataError, match="already holds files; pass overwrite=True"):
@@ -278,7 +279,141 @@ def test_atomic_directory_renames_a_complete_folder_into_place_or_leaves_nothing
         with atomic_directory(target, overwrite=True) as temp:
             (temp / "b.txt").write_text("half")
             raise RuntimeError("killed")
-    assert sorted(os.listdir(tmp_path)) == ["model"] and os.listdir(target) == ["a.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["model"] and sorted(os.listdir(target)) == ["a.txt", "saved_model.pb"]
     with atomic_directory(target, overwrite=True) as temp:
         (temp / "b.txt").write_text("second")
-    assert os.listdir(target) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["model"]
+        saved_model_folder(temp, "second")
+    assert sorted(os.listdir(target)) == ["b.txt", "saved_model.pb"] and sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# ------------------------------------------- issue 34: nothing but regular files, temporary folders
+
+
+@pytest.mark.parametrize("make", ["fifo", "socket"])
+def test_a_fifo_or_socket_output_is_never_replaced_even_with_overwrite(tmp_path, make):
+    import socket
+    import stat
+
+    target = tmp_path / "out.csv"
+    if make == "fifo":
+        os.mkfifo(target)
+    else:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(target))
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="not a regular file; cascade replaces only regular files, even with "
+                                            "overwrite=True"):
+            write_atomic(target, b"data", overwrite=overwrite)
+    assert not stat.S_ISREG(os.lstat(target).st_mode)
+    assert os.listdir(tmp_path) == ["out.csv"]
+
+
+def test_a_link_to_a_fifo_is_refused_and_a_fifo_made_while_writing_is_kept(tmp_path):
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "link.csv").symlink_to(fifo)
+    with pytest.raises(DataError, match="is a named pipe"):
+        check_output_path(tmp_path / "link.csv", overwrite=True)
+    target = tmp_path / "late.csv"
+    with pytest.raises(DataError, match="is a named pipe"):
+        with atomic_output(target, overwrite=True) as temp:
+            temp.write_bytes(b"data")
+            os.mkfifo(target)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["late.csv", "link.csv", "pipe"]
+
+
+def test_check_not_holding_inputs(tmp_path):
+    from cascade_cli.atomic import check_not_holding_inputs
+
+    folder = tmp_path / "d"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "g.keras").write_bytes(b"model")
+    (tmp_path / "link").symlink_to(folder)
+    check_not_holding_inputs(folder, [tmp_path / "other.keras", None])
+    for source in (folder / "sub" / "g.keras", tmp_path / "link" / "sub" / "g.keras", folder):
+        with pytest.raises(DataError) as error:
+            check_not_holding_inputs(tmp_path / "link", [source])
+        assert "one of this command's inputs" in str(error.value) and "overwrite" not in str(error.value)
+
+
+def saved_model_folder(folder, text):
+    (folder / "saved_model.pb").write_text(text)
+
+
+def test_atomic_directory_never_replaces_a_folder_it_did_not_make(tmp_path):
+    from cascade_cli.atomic import atomic_directory
+
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    with pytest.raises(DataError, match="no 'saved_model.pb': it is not a folder this writer made, and it is never "
+                                        "replaced, even with overwrite=True"):
+        with atomic_directory(target, overwrite=True) as temp:
+            saved_model_folder(temp, "new")
+    assert os.listdir(target) == ["notes.txt"] and os.listdir(tmp_path) == ["mine"]
+    with pytest.raises(DataError, match="holds .*one of this command's inputs"):
+        with atomic_directory(target, overwrite=True, inputs=[target / "notes.txt"]):
+            pytest.fail("the body must not run")
+
+
+def test_temporary_folders_of_a_killed_writer_are_removed_by_the_next_one(tmp_path):
+    """A SIGKILL leaves `.sm.cascade-tmp-*` (and its lock); the next writer of `sm` removes both."""
+    script = (
+        "import os, sys\n"
+        "from cascade_cli.atomic import atomic_directory\n"
+        "with atomic_directory(sys.argv[1]) as temp:\n"
+        "    (temp / 'variables').mkdir()\n"
+        "    (temp / 'variables' / 'half').write_bytes(b'x')\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    target = tmp_path / "sm"
+    subprocess.run([sys.executable, "-c", script, str(target)], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 2 and all(name.startswith(".sm.cascade-tmp-") for name in left), left
+    from cascade_cli.atomic import atomic_directory
+
+    with atomic_directory(target) as temp:
+        saved_model_folder(temp, "done")
+    assert os.listdir(tmp_path) == ["sm"]
+    # a folder without a lock (an older cascade's) goes too, and one moved aside by a writer killed between its
+    # two renames is put back where it was
+    (tmp_path / f".sm.cascade-tmp-{dead_pid()}-0badf00d").mkdir()
+    os.replace(target, tmp_path / f".sm.cascade-tmp-{dead_pid()}-12345678-old")
+    with pytest.raises(DataError, match="already holds files"):
+        with atomic_directory(target):
+            pass
+    assert os.listdir(tmp_path) == ["sm"] and (target / "saved_model.pb").read_text() == "done"
+
+
+def test_a_live_writers_temporary_folder_is_kept(tmp_path):
+    from cascade_cli.atomic import atomic_directory
+
+    target = tmp_path / "sm"
+    with atomic_directory(target) as first:
+        (first / "part").write_text("writing")
+        with atomic_directory(tmp_path / "sm2") as other:
+            saved_model_folder(other, "x")
+        assert first.is_dir()  # another target's writer leaves it alone
+        assert (first / "part").exists()
+        saved_model_folder(first, "done")
+    assert sorted(os.listdir(tmp_path)) == ["sm", "sm2"]
+
+
+def test_is_no_space_reads_tensorflow_messages_and_causes():
+    from cascade_cli.atomic import is_no_space
+
+    class ResourceExhaustedError(Exception):
+        message = "sm/variables/variables.data-00000-of-00001.tempstate123; No space left on device"
+
+    assert is_no_space(ResourceExhaustedError())
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("could not close")
+    except RuntimeError as error:
+        assert is_no_space(error)
+    assert not is_no_space(MemoryError()) and not is_no_space(RuntimeError("out of memory"))
