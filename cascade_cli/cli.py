@@ -432,9 +432,9 @@ class RunnerFlags:
                 "state_init": self.state_init or saved.get("state_init", "zeros"),
                 "max_steps": self.max_steps if self.max_steps is not None else saved.get("max_steps"),
                 "stop_rule": stop_rule,
-                "exclude_stop_step": self.exclude_stop_step or bool(saved.get("exclude_stop_step", False)),
+                "exclude_stop_step": self.exclude_stop_step or saved.get("exclude_stop_step", False),
                 "min_steps": self.min_steps if self.min_steps is not None else saved.get("min_steps", 0),
-                "feedback": self.feedback or bool(saved.get("feedback", False)),
+                "feedback": self.feedback or saved.get("feedback", False),
                 "feedback_start": self.feedback_start or saved.get("feedback_start", "zeros"),
                 "sampler": self.sampler or saved.get("sampler", "identity"),
                 "jit_compile": False if self.no_xla else jit_compile}

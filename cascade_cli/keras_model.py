@@ -129,7 +129,7 @@ class CascadeModel(keras.Model):
         self.model_a = model_a
         self.model_b = model_b
         self._settings = dict(state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
-                              exclude_stop_step=bool(exclude_stop_step), fast_cells=fast_cells,
+                              exclude_stop_step=exclude_stop_step, fast_cells=fast_cells,
                               jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
                               sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
         runner = {key: value for key, value in self._settings.items() if value is not None or key != "jit_compile"}

@@ -29,6 +29,7 @@ GATE_THRESHOLD = 0.5  # a stop gate's default: stop once sigmoid(logit) >= 0.5
 FAST_CELLS = ("auto", True, False)
 JIT_COMPILE = "auto"  # the runner's jit_compile default (one of FAST_CELLS' switches), Keras 3's
 INT32_MAX = 2**31 - 1  # the largest count (steps, batch size, epochs) a setting may take
+STEPS_MAX = INT32_MAX - 1  # the most inner steps of a pair, and of one call in all: the runner counts j + 1 in int32
 SEED_MAX = 2**32 - 1  # Keras seeds take 32 bits
 GENERATE_BATCH_SIZE = 256  # samples per runner call when generating into a file
 DEMO_EPOCHS = 20  # `cascade demo` trains this long by default: about a minute on 2 cores

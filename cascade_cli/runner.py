@@ -34,7 +34,9 @@ recurrence with its hand-written gradient runs as above.
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -44,8 +46,8 @@ from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterErr
 from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
                                          tapes_may_take_higher_order)
 from cascade_cli.models import check_inputs_fit, check_pair
-from cascade_cli.options import (FAST_CELLS, SEED_MAX, STATE_INITS, STATE_MODES, Sampler, StopRule, check_choice,
-                                  JIT_COMPILE, check_int, check_number, parse_feedback_start)
+from cascade_cli.options import (FAST_CELLS, SEED_MAX, STATE_INITS, STATE_MODES, STEPS_MAX, Sampler, StopRule,
+                                  check_choice, JIT_COMPILE, check_int, check_number, parse_feedback_start)
 from cascade_cli.recurrence import packed_recurrence
 from cascade_cli.steps import check_steps
 
@@ -250,6 +252,12 @@ class Cascade:
         sampler="identity",
         seed=0,
     ):
+        for parameter, model in (("model_a", model_a), ("model_b", model_b)):  # before anything reads them
+            if not isinstance(model, keras.Model):
+                shown = f"{str(model)[:80]!r} (a {type(model).__name__})" if model is not None else "None"
+                hint = "; load it with keras.saving.load_model" if isinstance(model, (str, os.PathLike)) else ""
+                raise ParameterError(parameter, f"expected a keras.Model, received {shown}{hint}.")
+        check_choice("exclude_stop_step", exclude_stop_step, (True, False))
         check_choice("state", state, STATE_MODES)
         check_choice("state_init", state_init, STATE_INITS)
         check_choice("fast_cells", fast_cells, FAST_CELLS)
@@ -258,7 +266,7 @@ class Cascade:
         if jit_compile is True and run_eagerly:
             raise ParameterError("jit_compile", "True cannot apply with run_eagerly=True, which compiles nothing; "
                                                 "pass jit_compile='auto' or False.")
-        max_steps = check_int("max_steps", max_steps, minimum=1, allow_none=True)
+        max_steps = check_int("max_steps", max_steps, minimum=1, maximum=STEPS_MAX, allow_none=True)
         if stop_rule is not None and not isinstance(stop_rule, StopRule):
             raise ParameterError("stop_rule", f"expected a StopRule or None, received {stop_rule!r}.")
         self.model_a = model_a
@@ -314,7 +322,7 @@ class Cascade:
         self.max_steps = max_steps
         self.stop_rule = stop_rule
         self.min_steps = min_steps
-        self.exclude_stop_step = bool(exclude_stop_step)
+        self.exclude_stop_step = exclude_stop_step
         self.fast_cells = fast_cells
         self._cells = [
             layer for layer in flatten_layers(model_b) if hasattr(layer, "reset_dropout_mask")
@@ -792,7 +800,19 @@ class Cascade:
         return None
 
     def _check_inputs(self, inputs):
-        inputs = tf.convert_to_tensor(inputs)
+        if isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
+            raise ParameterError("inputs", f"expected a dense array (N, Ta, F), received a {type(inputs).__name__}; "
+                                           "pad it to one Ta first (e.g. inputs.to_tensor()).")
+        if inputs is None:
+            raise ParameterError("inputs", "expected a float array (N, Ta, F), received None.")
+        try:
+            inputs = tf.convert_to_tensor(inputs)
+        except (ValueError, TypeError) as error:  # rows of different lengths, objects
+            raise ParameterError("inputs", f"expected a float array (N, Ta, F) of one shape, received a "
+                                           f"{type(inputs).__name__} that is not one "
+                                           f"({str(error).splitlines()[0][:120]}).") from None
+        if not (inputs.dtype.is_floating or inputs.dtype.is_integer or inputs.dtype == tf.bool):
+            raise ParameterError("inputs", f"expected a float array (N, Ta, F), received dtype {inputs.dtype.name}.")
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, tf.float32)
         check_inputs_fit(self.a_spec, inputs.shape)
@@ -813,8 +833,11 @@ class Cascade:
             steps = self._check_symbolic_steps(steps)
         else:
             steps = check_steps(steps, n_samples=n, outer_steps=ta, max_steps=self.max_steps)
-            if steps.size and steps.max() > np.iinfo(np.int32).max:
-                raise DataError(f"steps must fit in int32; received {steps.max()}.")
+            total = int(steps.sum()) * (n if steps.ndim == 1 and n is not None else 1)
+            if steps.size and (steps.max() > STEPS_MAX or total > STEPS_MAX):
+                what = f"a step of {int(steps.max())}" if steps.max() > STEPS_MAX else f"{total} in all"
+                raise ParameterError("steps", f"the runner counts inner steps in int32: expected at most "
+                                              f"{STEPS_MAX} (2**31 - 2) per pair and per call, received {what}.")
             if steps.ndim == 1 and n is not None:
                 steps = np.broadcast_to(steps, (n, steps.shape[0]))
             steps = tf.constant(np.ascontiguousarray(steps, dtype=np.int32))

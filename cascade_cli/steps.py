@@ -316,7 +316,15 @@ def check_steps(steps, *, n_samples=None, outer_steps=None, max_steps=None, sour
         DataError: the shape fits neither form, a value is not a non-negative
             integer, or a value is above `max_steps`.
     """
-    array = np.asarray(steps.numpy() if hasattr(steps, "numpy") else steps)
+    if isinstance(steps, (str, bytes, dict, set)):
+        raise DataError(f"steps from {source}: expected integers of shape (Ta,) or (N, Ta), received a "
+                        f"{type(steps).__name__} ({str(steps)[:40]!r})")
+    try:
+        array = np.asarray(steps.numpy() if hasattr(steps, "numpy") else steps)
+    except (ValueError, TypeError) as error:  # rows of different lengths: numpy's "inhomogeneous shape"
+        lengths = sorted({len(row) for row in steps if hasattr(row, "__len__")}) if hasattr(steps, "__iter__") else []
+        raise DataError(f"steps from {source} are ragged (rows of lengths {lengths}): expected one row (Ta,) for "
+                        "every sample or one row per sample (N, Ta), all of the same length") from error
     ta = outer_steps if outer_steps is not None else (array.shape[-1] if array.ndim else None)
     n = n_samples if n_samples is not None else (array.shape[0] if array.ndim == 2 else None)
     if array.ndim not in (1, 2) or array.shape not in ((ta,), (n, ta)):

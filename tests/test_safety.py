@@ -140,3 +140,102 @@ def test_a_full_disk_from_tensorflow_outside_an_atomic_writer_reads_as_a_full_di
         "no space left on device writing 'out/x.h5'.")
     assert _describe_failure(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")).startswith(
         "ran out of memory")
+
+
+# ------------------------------------------------------- the Python API names the parameter
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return builders.model_a(), builders.step_b()
+
+
+@pytest.mark.parametrize("given, parameter, words", [
+    (("a.keras", "b"), "model_a", "expected a keras.Model, received 'a.keras' (a str); load it with "
+                                  "keras.saving.load_model."),
+    ((None, "b"), "model_a", "expected a keras.Model, received None."),
+    (("a", 3), "model_b", "expected a keras.Model, received '3' (a int)."),
+])
+def test_cascade_names_a_model_argument_that_is_not_a_model(pair, given, parameter, words):
+    from cascade_cli import Cascade
+    from cascade_cli.errors import ParameterError
+
+    models = [pair[0] if value == "a" else pair[1] if value == "b" else value for value in given]
+    with pytest.raises(ParameterError) as error:
+        Cascade(*models)
+    assert str(error.value) == f"{parameter}: {words}" and error.value.parameter == parameter
+
+
+@pytest.mark.parametrize("inputs, steps, error_type, words", [
+    ("x", [[1, 2], [3]], "DataError", "steps from the call are ragged (rows of lengths [1, 2])"),
+    ("x", "1,2,3", "DataError", "steps from the call: expected integers of shape (Ta,) or (N, Ta), received a str"),
+    ([[[1.0, 2, 3]], [[1.0, 2, 3], [1, 2, 3]]], [1], "ParameterError", "inputs: expected a float array (N, Ta, F) "
+                                                                       "of one shape, received a list"),
+    ("ragged", [1], "ParameterError", "inputs: expected a dense array (N, Ta, F), received a RaggedTensor"),
+    ("strings", [1, 1, 1], "ParameterError", "inputs: expected a float array (N, Ta, F), received dtype string."),
+    (None, [1, 1, 1], "ParameterError", "inputs: expected a float array (N, Ta, F), received None."),
+    ("one", [[2**31 - 1]], "ParameterError", "steps: the runner counts inner steps in int32: expected at most "
+                                             "2147483646 (2**31 - 2) per pair and per call, received a step of "
+                                             "2147483647."),
+    ("two", [[2**30, 2**30]], "ParameterError", "expected at most 2147483646 (2**31 - 2) per pair and per call, "
+                                                "received 2147483648 in all."),
+])
+def test_run_names_bad_inputs_and_steps(pair, inputs, steps, error_type, words):
+    import tensorflow as tf
+
+    from cascade_cli import Cascade
+
+    cascade = Cascade(*pair, jit_compile=False)
+    x = builders.inputs(2, 3)
+    inputs = {"x": x, "ragged": tf.ragged.constant([[[1.0, 2, 3]], [[1.0, 2, 3], [1, 2, 3]]], ragged_rank=1),
+              "strings": np.array([[["a", "b", "c"]] * 3] * 2), "one": x[:1, :1], "two": x[:1, :2]}.get(
+                  inputs, inputs) if isinstance(inputs, str) or inputs is None else inputs
+    with pytest.raises(Exception) as error:
+        cascade.run(inputs, steps)
+    assert type(error.value).__name__ == error_type and words in str(error.value), str(error.value)
+
+
+def test_max_steps_at_the_int32_limit_is_refused_naming_it(pair):
+    from cascade_cli import Cascade
+    from cascade_cli.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=r"^max_steps: expected an integer in \[1, 2147483646\], received "
+                                             r"2147483647\.$"):
+        Cascade(*pair, max_steps=2**31 - 1)
+
+
+# ------------------------------------------------------------ a bool setting is a bool
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+def test_exclude_stop_step_must_be_a_bool_in_python(pair, value):
+    from cascade_cli import Cascade
+    from cascade_cli.errors import ParameterError
+    from cascade_cli.keras_model import CascadeModel
+
+    for cls in (Cascade, CascadeModel):
+        with pytest.raises(ParameterError, match=rf"^exclude_stop_step: expected one of True, False, received "
+                                                 rf"{re_escape(repr(value))}\.$"):
+            cls(*pair, max_steps=3, exclude_stop_step=value)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_a_packed_generator_whose_config_json_says_false_as_text_is_refused(files, tmp_path):
+    edited = tmp_path / "g.keras"
+    with zipfile.ZipFile(files["g.keras"]) as source, zipfile.ZipFile(edited, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["exclude_stop_step"] = "false"
+                data = json.dumps(config).encode()
+            target.writestr(item, data)
+    result = invoke("generate", "--model", edited, "--inputs", files["x.h5"], "-o", tmp_path / "r.h5")
+    assert_error(result, 1, f"could not load generator '{edited}'", "exclude-stop-step: expected one of True, False, "
+                 "received 'false'")
+    assert not (tmp_path / "r.h5").exists()
