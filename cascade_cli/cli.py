@@ -60,7 +60,7 @@ FLAGS = {
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
     "jit_compile": "--no-xla", "min_steps": "--min-steps", "append_end_token": "--append-end-token",
     "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate", "stop_gate": "--stop-gate",
-    "stop_weight": "--stop-weight", "stop_pos_weight": "--stop-pos-weight",
+    "stop_weight": "--stop-weight", "stop_pos_weight": "--stop-pos-weight", "allow_nonfinite": "--allow-nonfinite",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
@@ -578,7 +578,9 @@ def _progress(console, description):
     from cascade_cli.progress import track
 
     def wrap(batches):
-        return track(batches, total=sum(batch.samples for batch in batches), description=description,
+        total = getattr(batches, "samples", None)  # a generation's `BatchRanges` knows it without a walk
+        total = sum(batch.samples for batch in batches) if total is None else total
+        return track(batches, total=total, description=description,
                      console=console, unit="samples", weight=lambda batch: batch.samples)
 
     return wrap
@@ -630,15 +632,19 @@ def _shard_option(ctx, param, value):
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Random seed: the categorical draw of (sample n, outer t, inner j) depends only on it and on "
                    "(n, t, j), whatever the batch size or shards.")
-@click.option("--num-samples", type=click.IntRange(1, INT32_MAX), default=1, show_default=True, metavar="K",
-              help="Draw K samples per input, in sample order n, then k (result sample n * K + k).")
+@click.option("--num-samples", type=click.IntRange(1), default=1, show_default=True, metavar="K",
+              help="Draw K samples per input, in sample order n, then k (result sample n * K + k); streamed, one "
+                   "--batch-size at a time. At most what a result holds: N x K x Ta + 1 row splits in int64.")
 @click.option("--shard", metavar="I/K", callback=_shard_option,
               help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
                    "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
 @click.option("--keep-gate", is_flag=True, help="--stop-gate: keep B's stop-logit column in the written values.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write NaN and Inf values; by default a model that produces one stops the run (exit 1), naming "
+                   "the model and the first (sample, outer, inner) that went non-finite.")
 @click.pass_context
 def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runner, batch_size, output, overwrite,
-             seed, num_samples, shard, keep_gate):
+             seed, num_samples, shard, keep_gate, allow_nonfinite):
     """Run the cascade on inputs and write a ragged HDF5 result.
 
     \b
@@ -696,7 +702,8 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
                              shard=shard, num_samples=num_samples)
         summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
                                    shard=shard, num_samples=num_samples, overwrite=overwrite,
-                                   progress=_progress(console, "generating"), keep_gate=keep_gate)
+                                   progress=_progress(console, "generating"), keep_gate=keep_gate,
+                                   allow_nonfinite=allow_nonfinite)
     _print_generation(console, summary, stop_rule=rule)
     if shard is not None:
         _say(console, f"Shard {shard[0]}/{shard[1]} of run {attrs['run_id']}: samples "

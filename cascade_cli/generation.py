@@ -17,6 +17,7 @@ or feedback is byte-identical at any `batch_size` too.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import time
@@ -25,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.errors import CascadeError, DataError
+from cascade_cli.errors import CascadeError, DataError, ParameterError
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import GENERATE_BATCH_SIZE, check_int
+from cascade_cli.options import GENERATE_BATCH_SIZE, check_choice, check_int
 from cascade_cli.packing import ROW_QUANTUM
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer
@@ -97,14 +98,22 @@ def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
 
 
 def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE_BATCH_SIZE, attrs=None,
-                     shard=None, num_samples=1, overwrite=False, progress=iter, keep_gate=False):
+                     shard=None, num_samples=1, overwrite=False, progress=iter, keep_gate=False,
+                     allow_nonfinite=False):
     """Runs `cascade` over the samples of `source` and writes a ragged HDF5 result.
 
     With `num_samples` K, every input is run K times: result sample `n * K +
     k` is the k-th draw for input n, and its draws depend on that index (the
     runner's `sample_index`), so batches and shards cut the K * N results
     like any others. With a sampler that picks tokens the result holds them
-    (`tokens`), and the attributes record whether A ran under XLA.
+    (`tokens`), and the attributes record whether A ran under XLA. The K
+    draws are streamed: memory holds one batch of `batch_size` results, and
+    the work before the first batch grows with the shard's own samples, not
+    with N x K.
+
+    A model that produces NaN or Inf stops the run before that batch is
+    written, naming the model and the first `(sample, outer, inner)` that went
+    non-finite, unless `allow_nonfinite`.
 
     Args:
         cascade: a `runner.Cascade`.
@@ -116,35 +125,39 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         attrs: attributes recorded in the file (see `identify_run`).
         shard: `(index, count)` to write only the index-th of `count`
             contiguous slices of the samples (`shards.shard_range`), or None.
-        num_samples: samples drawn per input, K >= 1.
+        num_samples: samples drawn per input, K >= 1; N x K x Ta + 1 must fit
+            the result's int64 row splits.
         overwrite: whether `output` may be replaced.
         progress: wraps the list of `BatchRange`s as they run, e.g. a progress
             bar weighted by `BatchRange.samples`; `iter` shows nothing.
         keep_gate: with a stop gate (`StopRule.gate`), keep B's last column,
             the stop logit, in the written values; by default they hold the
             other `O - 1`.
+        allow_nonfinite: write NaN and Inf values instead of stopping at the
+            first.
 
     Returns:
         A `GenerateSummary`.
 
     Raises:
-        CascadeError: bad steps, an output that cannot be written, or a model
-            that fails on a batch (naming the samples).
+        CascadeError: bad steps, an output that cannot be written, a model
+            that fails on a batch (naming the samples), or one that produces
+            NaN or Inf (without `allow_nonfinite`).
     """
     batch_size = check_int("batch_size", batch_size, minimum=1)
     repeats = check_int("num_samples", num_samples, minimum=1)
+    check_choice("allow_nonfinite", allow_nonfinite, (True, False))
     steps = resolve_steps(steps, source, max_steps=cascade.max_steps)
     if steps is None and cascade.max_steps is None:
         raise CascadeError("steps are required unless the cascade has max_steps.")
     check_inputs_fit(cascade.a_spec, source.shape, where=f"inputs in {source.name}")
     source.check_finite()
     inputs_count, outer, features = source.shape
+    check_num_samples(repeats, n_inputs=inputs_count, outer_steps=outer)
     n_samples = inputs_count * repeats
-    if steps is not None and steps.ndim == 2 and repeats > 1:
-        steps = np.repeat(steps, repeats, axis=0)
     first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
     ranges = batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples)
-    check_batch_memory(cascade, steps, ranges, outer_steps=outer)
+    check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats)
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     tokens = cascade.sampler.tokens
     run = tf.function(
@@ -164,12 +177,16 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         batches = progress(ranges)
         with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
             for batch in batches:  # closing() stops a live bar at once when a batch fails
-                caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer)
+                caps = _caps(steps, cascade.max_steps, batch.start, batch.stop, outer, repeats=repeats)
                 inputs = _read_repeated(source, batch, repeats).astype(dtype.as_numpy_dtype)
                 inputs, caps, index = _whole_blocks(inputs, caps, start=batch.start)
                 values, *rest = _run_batch(run, cascade, inputs, caps, index, batch)
-                values = values[:, :-1] if drop_gate else values
                 part = CascadeResult(values, *rest).slice_samples(*batch.keep)
+                if not allow_nonfinite:
+                    check_finite_outputs(cascade, part, inputs[slice(*batch.keep)],
+                                         first_sample=batch.start + batch.keep[0], repeats=repeats)
+                if drop_gate:
+                    part = CascadeResult(part.values[:, :-1], part.lengths, part.tokens)
                 writer.append(part)
                 caps = caps[slice(*batch.keep)]
                 emitted += int(part.lengths.sum())
@@ -200,6 +217,54 @@ class BatchRange:
         return self.keep[1] - self.keep[0]
 
 
+class BatchRanges(collections.abc.Sequence):
+    """The `BatchRange`s of a generation, computed as they are asked for: no list of N x K / batch_size items.
+
+    Equal to a list of the same `BatchRange`s. `samples` is how many samples
+    they write in all, and `largest` the most samples one batch runs.
+    """
+
+    def __init__(self, first, last, *, batch_size, n_samples):
+        self.first, self.last, self.batch_size, self.n_samples = first, last, batch_size, n_samples
+        self._start = first - first % batch_size
+        self._count = 0 if last <= first else -(-(last - self._start) // batch_size)
+
+    def __len__(self):
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        start = self._start + index * self.batch_size
+        stop = min(start + self.batch_size, self.n_samples)
+        return BatchRange(start, stop, (max(start, self.first) - start, min(stop, self.last) - start))
+
+    def __eq__(self, other):
+        if isinstance(other, (list, tuple, BatchRanges)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    @property
+    def samples(self):
+        """The samples written, all batches together."""
+        return max(self.last - self.first, 0)
+
+    @property
+    def largest(self):
+        """The most samples one batch runs (its whole range, kept or not)."""
+        return max((min(self.batch_size, self.n_samples - self[i].start) for i in {0, len(self) - 1} if len(self)),
+                   default=0)
+
+    def starts(self):
+        """The start of every batch, as numpy int64 chunks of at most a million (for vectorized sums)."""
+        for chunk in range(0, self._count, 1 << 20):
+            yield self._start + np.arange(chunk, min(chunk + (1 << 20), self._count), dtype=np.int64) * self.batch_size
+
+
 def batch_ranges(first, last, *, batch_size, n_samples):
     """The batches that write samples `first:last` of `n_samples`.
 
@@ -209,18 +274,45 @@ def batch_ranges(first, last, *, batch_size, n_samples):
     this is what makes K merged shards bit-identical to one run.
 
     Returns:
-        A list of `BatchRange`.
+        A `BatchRanges`, a sequence of `BatchRange` computed on demand.
     """
-    if last <= first:
-        return []
-    ranges = []
-    for start in range(first - first % batch_size, last, batch_size):
-        stop = min(start + batch_size, n_samples)
-        ranges.append(BatchRange(start, stop, (max(start, first) - start, min(stop, last) - start)))
-    return ranges
+    return BatchRanges(first, last, batch_size=batch_size, n_samples=n_samples)
 
 
-def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None):
+RESULT_ROWS_MAX = 2**63 - 2
+"""The most `(sample, outer)` rows a result holds: its `row_splits_1 (N * Ta + 1,)` are int64."""
+
+
+def check_num_samples(num_samples, *, n_inputs, outer_steps):
+    """Refuses a `num_samples` whose N x K x Ta + 1 row splits do not fit the result's int64."""
+    most = RESULT_ROWS_MAX // max(n_inputs * outer_steps, 1)
+    if num_samples > most:
+        raise ParameterError("num_samples", f"expected at most {most:,} for {n_inputs:,} inputs of {outer_steps} "
+                                            f"outer steps (a result's row splits are int64), received {num_samples:,}.")
+
+
+def _batch_rows(steps, ranges, *, repeats):
+    """The most inner steps one batch of `ranges` runs, for `(N, Ta)` steps with K = `repeats` draws each.
+
+    Result sample `i` runs the steps of input `i // K`; the sum over samples
+    `[0, x)` is `K * C[x // K] + (x % K) * r[x // K]` with `r` the rows' sums
+    and `C` their running sum, so each batch costs O(1), in numpy chunks.
+    """
+    sums = steps.sum(axis=1, dtype=np.float64)
+    running = np.concatenate([[0.0], np.cumsum(sums)])
+    padded = np.concatenate([sums, [0.0]])
+
+    def before(x):
+        return repeats * running[x // repeats] + (x % repeats) * padded[x // repeats]
+
+    most = 0.0
+    for starts in ranges.starts():
+        stops = np.minimum(starts + ranges.batch_size, ranges.n_samples)
+        most = max(most, float((before(stops) - before(starts)).max()))
+    return int(most)
+
+
+def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, repeats=1):
     """Refuses a generation whose largest batch cannot fit in memory, before anything runs.
 
     A batch holds every row it emits a few times over (B's outputs step-major
@@ -230,21 +322,33 @@ def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None):
 
     Args:
         cascade: the `Cascade`.
-        steps: `(Ta,)` or `(N, Ta)` int64, or None (every pair capped at `cascade.max_steps`).
-        ranges: the `BatchRange`s that will run.
+        steps: `(Ta,)` or `(N, Ta)` int64 (one row per input), or None (every
+            pair capped at `cascade.max_steps`).
+        ranges: the `BatchRanges` (or a list of `BatchRange`) that will run.
         outer_steps: `Ta`.
         available: bytes the run may use; by default the machine's memory, or
             the address-space limit when one is set.
+        repeats: the draws per input (`num_samples`): result sample `i` runs
+            the steps of input `i // repeats`.
 
     Raises:
         DataError: naming the size, the batch and the settings that shrink it.
     """
-    if not ranges:
-        return
+    if not isinstance(ranges, BatchRanges):
+        ranges = list(ranges)
+        if not ranges:
+            return
+        largest = max(batch.stop - batch.start for batch in ranges)
+    else:
+        if not len(ranges):
+            return
+        largest = ranges.largest
     if steps is None:
-        rows = max(batch.stop - batch.start for batch in ranges) * outer_steps * int(cascade.max_steps)
+        rows = largest * outer_steps * int(cascade.max_steps)
     elif steps.ndim == 1:
-        rows = max(batch.stop - batch.start for batch in ranges) * int(steps.sum())
+        rows = largest * int(steps.sum())
+    elif isinstance(ranges, BatchRanges):
+        rows = _batch_rows(steps, ranges, repeats=repeats)
     else:
         sums = np.concatenate([[0], np.cumsum(steps.sum(axis=1, dtype=np.float64))])
         rows = int(max(sums[batch.stop] - sums[batch.start] for batch in ranges))
@@ -253,9 +357,8 @@ def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None):
     needed = float(rows) * width * itemsize * 4
     available = _available_memory() if available is None else available
     if needed > available:
-        samples = max(batch.stop - batch.start for batch in ranges)
         raise DataError(
-            f"generating would need about {needed / 2**30:.1f} GiB for a batch of {samples:,} samples "
+            f"generating would need about {needed / 2**30:.1f} GiB for a batch of {largest:,} samples "
             f"({rows:,} inner steps) but about {available / 2**30:.1f} GiB is available; use a smaller "
             "batch_size or max_steps, or fewer steps."
         )
@@ -271,13 +374,14 @@ def _available_memory():
     return physical if limit in (resource.RLIM_INFINITY, -1) else min(physical, limit)
 
 
-def _caps(steps, max_steps, start, stop, outer):
-    """The caps `(stop - start, Ta)` int32 of a batch: its steps, or `max_steps` everywhere."""
+def _caps(steps, max_steps, start, stop, outer, *, repeats=1):
+    """The caps `(stop - start, Ta)` int32 of a batch: its steps (input `i // repeats`'s for result sample `i`),
+    or `max_steps` everywhere."""
     if steps is None:
         return np.full((stop - start, outer), max_steps, np.int32)
     if steps.ndim == 1:
         return np.broadcast_to(steps.astype(np.int32), (stop - start, outer))
-    return steps[start:stop].astype(np.int32)
+    return steps[np.arange(start, stop, dtype=np.int64) // repeats].astype(np.int32)
 
 
 def _whole_blocks(inputs, caps, *, start):
@@ -304,9 +408,8 @@ def _read_repeated(source, batch, repeats):
     if repeats == 1:
         return source.read(batch.start, batch.stop)
     first = batch.start // repeats
-    inputs = np.repeat(source.read(first, (batch.stop - 1) // repeats + 1), repeats, axis=0)
-    offset = batch.start - first * repeats
-    return inputs[offset:offset + batch.stop - batch.start]
+    inputs = source.read(first, (batch.stop - 1) // repeats + 1)
+    return inputs[np.arange(batch.start, batch.stop, dtype=np.int64) // repeats - first]  # the batch's rows only
 
 
 def _run_batch(run, cascade, inputs, caps, index, batch):
@@ -322,6 +425,38 @@ def _run_batch(run, cascade, inputs, caps, index, batch):
             f"{str(error.message).strip().splitlines()[0] if error.message else type(error).__name__}"
         ) from error
     return tuple(output.numpy() for output in outputs)
+
+
+def check_finite_outputs(cascade, part, inputs, *, first_sample, repeats=1):
+    """Raises `CascadeError` when a batch's values hold NaN or Inf, naming the model and the first `(n, t, j)`.
+
+    The model is A when A's IR of that sample and outer step is already
+    non-finite, else B.
+
+    Args:
+        cascade: the `Cascade` that ran.
+        part: the batch's `CascadeResult` (the samples written).
+        inputs: the batch's inputs, one row per sample of `part`.
+        first_sample: the result index of `part`'s first sample.
+        repeats: the draws per input (`num_samples`).
+    """
+    bad = ~np.isfinite(part.values).all(axis=1)
+    if not bad.any():
+        return
+    row = int(np.argmax(bad))
+    ends = np.cumsum(part.lengths.reshape(-1))
+    pair = int(np.searchsorted(ends, row, side="right"))
+    n, t = divmod(pair, part.lengths.shape[1])
+    j = row - (int(ends[pair - 1]) if pair else 0)
+    ir = np.asarray(cascade.model_a(inputs[n:n + 1], training=False))
+    role, model = ("model A", cascade.model_a) if not np.isfinite(ir[0, t]).all() else ("model B", cascade.model_b)
+    value = part.values[row][~np.isfinite(part.values[row])][0]
+    sample = first_sample + n
+    which = f"sample {sample}" + (f" (input {sample // repeats}, draw {sample % repeats})" if repeats > 1 else "")
+    raise CascadeError(
+        f"{role} ('{model.name}') produced {value} at {which}, outer step {t}, inner step {j}, the first "
+        "non-finite value; nothing was written. Check its weights (cascade inspect shows non-finite ones), or "
+        "pass allow_nonfinite=True to write such values.")
 
 
 def _failing_model(cascade, error):

@@ -211,7 +211,51 @@ def describe_model(model, path):
         b_spec = None
         rows.append(("as model B", f"no: {one_line(error)}"))
     rows += _feedback_rows(model, b_spec)
+    rows += nonfinite_weight_rows(model)
     return rows, a_spec, b_spec
+
+
+def nonfinite_weight_rows(model):
+    """A `("warning", ...)` row when a model's weights hold NaN or Inf (naming the first weights), else none."""
+    bad, total, names = 0, 0, []
+    for weight in model.weights:
+        values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        count = int(values.size - np.count_nonzero(np.isfinite(values)))
+        total += int(values.size)
+        if count:
+            bad += count
+            names.append(getattr(weight, "path", None) or weight.name)
+    if not bad:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [("warning", f"non-finite weights: {bad:,} of {total:,} are NaN or Inf (in {shown}); every output "
+                        "they reach will be too (generate stops on them unless --allow-nonfinite)")]
+
+
+def nonfinite_value_rows(result_path):
+    """A `("warning", ...)` row when a result's values hold NaN or Inf (the count and the first), else none.
+
+    The values are read a batch of samples at a time.
+    """
+    bad = total = seen = 0
+    first = None
+    for piece in results_io.iter_result(result_path):
+        rows = ~np.isfinite(piece.values).reshape(len(piece.values), -1).all(axis=1)
+        if first is None and rows.any():
+            row = int(np.argmax(rows))
+            ends = np.cumsum(piece.lengths.reshape(-1))
+            pair = int(np.searchsorted(ends, row, side="right"))
+            n, t = divmod(pair, piece.lengths.shape[1])
+            first = (seen + n, t, row - (int(ends[pair - 1]) if pair else 0))
+        bad += int(rows.sum())
+        total += len(rows)
+        seen += piece.n_samples
+    if not bad:
+        return []
+    return [("warning", f"{bad:,} of {total:,} inner steps hold NaN or Inf values (the first at sample {first[0]}, "
+                        f"outer step {first[1]}, inner step {first[2]})")]
 
 
 def _feedback_rows(model, b_spec):
@@ -245,7 +289,7 @@ def describe_generator(model, path):
         rows.append((role, f"{part.name}: inputs {_tensor_list(part.inputs)}; outputs {_tensor_list(part.outputs)}"))
     rows += [("parameters", f"{total:,}"), ("settings", settings_text(model.settings)),
              ("use", f"cascade generate --model '{path}' --inputs X.h5 -o results.h5 (flags given override settings)")]
-    return rows
+    return rows + nonfinite_weight_rows(model)
 
 
 def describe_pair(models, paths, specs):
@@ -279,7 +323,7 @@ def describe_pair(models, paths, specs):
 
 
 def describe_result(path):
-    """Inspects a result file from its header and lengths; its values are never read."""
+    """Inspects a result file from its header and lengths, and its values for NaN and Inf (streamed)."""
     with results_io.open_result(path) as result:
         attrs = result.attrs
     rows = [
@@ -297,6 +341,7 @@ def describe_result(path):
              if key not in (*results_io.STOP_SUMMARY_ATTRS, *XLA_ATTRS)]
     rows += _result_xla(attrs)
     rows += _result_stop_rule(attrs, result.lengths)
+    rows += nonfinite_value_rows(path)
     return Report(rows, result.lengths, "inner lengths per (n, t) pair", "pairs")
 
 

@@ -266,7 +266,10 @@ class Cascade:
         if jit_compile is True and run_eagerly:
             raise ParameterError("jit_compile", "True cannot apply with run_eagerly=True, which compiles nothing; "
                                                 "pass jit_compile='auto' or False.")
-        max_steps = check_int("max_steps", max_steps, minimum=1, maximum=STEPS_MAX, allow_none=True)
+        max_steps = check_int("max_steps", max_steps, minimum=1, allow_none=True)
+        if max_steps is not None and max_steps > STEPS_MAX:
+            raise ParameterError("max_steps", f"the runner counts inner steps in int32: expected at most {STEPS_MAX} "
+                                              f"(2**31 - 2), received {max_steps}.")
         if stop_rule is not None and not isinstance(stop_rule, StopRule):
             raise ParameterError("stop_rule", f"expected a StopRule or None, received {stop_rule!r}.")
         self.model_a = model_a

@@ -199,8 +199,8 @@ def test_max_steps_at_the_int32_limit_is_refused_naming_it(pair):
     from cascade_cli import Cascade
     from cascade_cli.errors import ParameterError
 
-    with pytest.raises(ParameterError, match=r"^max_steps: expected an integer in \[1, 2147483646\], received "
-                                             r"2147483647\.$"):
+    with pytest.raises(ParameterError, match=r"^max_steps: the runner counts inner steps in int32: expected at most "
+                                             r"2147483646 \(2\*\*31 - 2\), received 2147483647\.$"):
         Cascade(*pair, max_steps=2**31 - 1)
 
 
@@ -239,3 +239,158 @@ def test_a_packed_generator_whose_config_json_says_false_as_text_is_refused(file
     assert_error(result, 1, f"could not load generator '{edited}'", "exclude-stop-step: expected one of True, False, "
                  "received 'false'")
     assert not (tmp_path / "r.h5").exists()
+
+
+# ----------------------------------------------------------- non-finite model outputs
+
+
+def nan_b(path):
+    model = builders.step_b()
+    weights = model.get_weights()
+    weights[-1] = np.full_like(weights[-1], np.nan)  # the head's bias: every output is NaN
+    model.set_weights(weights)
+    model.save(path)
+    return path
+
+
+def exploding_a(path):
+    """A = exp(x @ ones): finite for small inputs, Inf where an input is 1000."""
+    inputs = keras.Input(shape=(TA, F))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="exponential", kernel_initializer="ones")(inputs))
+    model.save(path)
+    return path
+
+
+def test_generate_stops_at_the_first_nan_of_model_b_and_allow_nonfinite_writes_it(files, tmp_path):
+    b = nan_b(tmp_path / "nan_b.keras")
+    args = ["generate", "--model-a", files["a.keras"], "--model-b", b, "--inputs", files["x.h5"], "--steps", STEPS]
+    assert_error(invoke(*args, "-o", tmp_path / "r.h5"), 1,
+                 "model B ('", "') produced nan at sample 0, outer step 0, inner step 0, the first non-finite value; "
+                 "nothing was written", "--allow-nonfinite")
+    assert os.listdir(tmp_path) == ["nan_b.keras"]
+    assert_ok(invoke(*args, "-o", tmp_path / "r.h5", "--allow-nonfinite"))
+    result = invoke("inspect", tmp_path / "r.h5")
+    assert_ok(result)
+    assert "25 of 25 inner steps hold NaN or Inf values (the first at sample 0, outer step 0, inner step 0)" in (
+        result.stdout)  # 5 samples x (2 + 0 + 3) steps
+
+
+def test_generate_names_model_a_and_the_first_pair_it_made_non_finite(files, tmp_path):
+    a = exploding_a(tmp_path / "exp_a.keras")
+    inputs = np.zeros((N, TA, F), "float32")
+    inputs[3, 2, 0] = 1000.0  # exp(1000) = Inf in sample 3's outer step 2 only
+    write_h5(tmp_path / "x.h5", inputs=inputs)
+    assert_error(invoke("generate", "--model-a", a, "--model-b", files["b.keras"], "--inputs", tmp_path / "x.h5",
+                        "--steps", STEPS, "--batch-size", 2, "-o", tmp_path / "r.h5"), 1,
+                 "model A ('", "at sample 3, outer step 2, inner step 0, the first non-finite value")
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_check_finite_outputs_finds_sample_outer_and_inner_by_hand():
+    from cascade_cli.errors import CascadeError
+    from cascade_cli.generation import check_finite_outputs
+    from cascade_cli.result import CascadeResult
+
+    class Finite:
+        name = "finite_a"
+
+        def __call__(self, inputs, training=False):
+            return np.zeros((len(inputs), 3, 4), "float32")
+
+    class FakeCascade:
+        model_a = Finite()
+        model_b = type("B", (), {"name": "my_b"})()
+
+    lengths = np.array([[2, 0, 1], [0, 3, 1]])  # value rows: (0,0,0) (0,0,1) (0,2,0) (1,1,0) (1,1,1) (1,1,2) (1,2,0)
+    values = np.zeros((7, 2), "float32")
+    values[4, 1] = np.inf
+    values[6, 0] = np.nan
+    with pytest.raises(CascadeError, match=r"^model B \('my_b'\) produced inf at sample 11 \(input 5, draw 1\), "
+                                           r"outer step 1, inner step 1, the first"):
+        check_finite_outputs(FakeCascade(), CascadeResult(values, lengths), np.zeros((2, 3, 3)), first_sample=10,
+                             repeats=2)
+    values[4, 1] = 0.0
+    values[6, 0] = 0.0
+    check_finite_outputs(FakeCascade(), CascadeResult(values, lengths), np.zeros((2, 3, 3)), first_sample=0)
+
+
+def test_inspect_says_when_a_model_holds_non_finite_weights(files, tmp_path):
+    result = invoke("inspect", nan_b(tmp_path / "nan_b.keras"))
+    assert_ok(result)
+    assert "non-finite weights: 2 of" in result.stdout and "NaN or Inf" in result.stdout
+    clean = invoke("inspect", files["b.keras"])
+    assert_ok(clean)
+    assert "non-finite" not in clean.stdout
+
+
+# ---------------------------------------------------------- --num-samples streams
+
+
+def test_num_samples_with_per_sample_steps_streams_a_shard(files, tmp_path):
+    """50 million draws of 5 inputs: the old code asked np.repeat for all N x K rows of steps (6 GB)."""
+    import tracemalloc
+
+    from cascade_cli import Cascade
+    from cascade_cli.data import open_inputs
+    from cascade_cli.generation import generate_to_file
+
+    steps = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])
+    cascade = Cascade(keras.saving.load_model(files["a.keras"]), keras.saving.load_model(files["b.keras"]),
+                      jit_compile=False)
+    tracemalloc.start()
+    try:
+        with open_inputs(files["x.h5"]) as source:
+            summary = generate_to_file(cascade, source, steps, output=tmp_path / "r.h5", num_samples=50_000_000,
+                                       shard=(123_456, 1_000_000), batch_size=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary.samples == 250 and peak < 64 << 20, peak
+    from cascade_cli.results_io import read_result
+
+    result = read_result(tmp_path / "r.h5")
+    first = 123_456 * 250  # the shard's first result sample; sample i runs input i // K's steps
+    np.testing.assert_array_equal(result.lengths, steps[np.arange(first, first + 250) // 50_000_000])
+
+
+def test_batch_ranges_of_a_huge_run_are_computed_on_demand():
+    from cascade_cli.generation import BatchRange, batch_ranges
+
+    ranges = batch_ranges(0, 8 * (2**31 - 1), batch_size=256, n_samples=8 * (2**31 - 1))
+    assert len(ranges) == 67_108_864 and ranges.samples == 8 * (2**31 - 1)
+    assert ranges[-1] == BatchRange(17_179_869_184 - 256, 17_179_869_176, (0, 248)) and ranges.largest == 256
+
+
+def test_num_samples_above_what_a_result_holds_names_the_limit(files, tmp_path):
+    assert_error(invoke("generate", *models_of(files), "--inputs", files["x.h5"], "--steps", STEPS,
+                        "--num-samples", 2**62, "-o", tmp_path / "r.h5"), 1,
+                 "--num-samples: expected at most 614,891,469,123,651,720 for 5 inputs of 3 outer steps (a result's "
+                 "row splits are int64), received 4,611,686,018,427,387,904.")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_sigterm_ends_a_huge_num_samples_run_at_once(files, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r.h5"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from cascade_cli.cli import main; main()", "generate", *map(str, models_of(files)),
+         "--inputs", str(files["x.h5"]), "--steps", STEPS, "--num-samples", str(2**31 - 1), "--no-xla", "-o",
+         str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(name.startswith(".r.h5.cascade-tmp-") for name in os.listdir(tmp_path)):
+            assert process.poll() is None and time.monotonic() < deadline, "it never started writing"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - sent < 5
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM and os.listdir(tmp_path) == []
