@@ -144,6 +144,14 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             that fails on a batch (naming the samples), or one that produces
             NaN or Inf (without `allow_nonfinite`).
     """
+    from cascade_cli.data import InputSource
+    from cascade_cli.runner import Cascade
+
+    if not isinstance(cascade, Cascade):
+        raise ParameterError("cascade", f"expected a cascade_cli.Cascade, received {_shown(cascade)}.")
+    if not isinstance(source, InputSource):
+        raise ParameterError("source", f"expected an open InputSource (cascade_cli.data.open_inputs), received "
+                                       f"{_shown(source)}.")
     batch_size = check_int("batch_size", batch_size, minimum=1)
     repeats = check_int("num_samples", num_samples, minimum=1)
     check_choice("allow_nonfinite", allow_nonfinite, (True, False))
@@ -201,6 +209,11 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             writer.attrs["a_compiled"] = bool(cascade.a_compiled)
     return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
                            at_first)
+
+
+def _shown(value):
+    """`None`, or `'text' (a str)`: a received argument, the Keras way."""
+    return "None" if value is None else f"{str(value)[:60]!r} (a {type(value).__name__})"
 
 
 @dataclasses.dataclass(frozen=True)
