@@ -151,8 +151,10 @@ def kill_at(process, delay, signum):
     time.sleep(delay)
     sent = time.monotonic()
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signum)  # timeout and prlimit exec into the same group
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
+            # `timeout` runs prlimit, which execs cascade: signal cascade itself, as a user's kill would
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            os.kill(int(children[0]) if children else process.pid, signum)
     try:
         stdout, stderr = process.communicate(timeout=TIME_LIMIT)
     except subprocess.TimeoutExpired:
