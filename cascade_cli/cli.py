@@ -983,7 +983,6 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     from cascade_cli.distribute import make_strategy
     from cascade_cli.progress import train_callbacks
     from cascade_cli.training import TrainingInterrupted, fit
-
     from cascade_cli.atomic import check_not_holding_inputs
 
     check_not_holding_inputs(out_dir, (*models.paths, data_path), what="out_dir")  # whatever overwrite says

@@ -66,7 +66,8 @@ def make_fixtures(folder):
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in ("a.keras", "b.keras", "nan_b.keras", "exp_a.keras", "g.keras",
-                                              "x.h5", "big_x.h5", "steps.txt", "r.h5", "train.h5", "fb.keras")}
+                                              "x.h5", "big_x.h5", "steps.txt", "r.h5", "train.h5", "fb.keras",
+                                              "part0.h5", "part1.h5")}
     if all(path.exists() for path in paths.values()):
         return paths
     builders.model_a().save(paths["a.keras"])
@@ -93,7 +94,9 @@ def make_fixtures(folder):
     models = ["--model-a", paths["a.keras"], "--model-b", paths["b.keras"]]
     for args in (["generate", *models, "--inputs", paths["x.h5"], "--steps-file", paths["steps.txt"], "--no-xla",
                   "-o", paths["r.h5"]],
-                 ["pack", *models, "--max-steps", 3, "-o", paths["g.keras"]]):
+                 ["pack", *models, "--max-steps", 3, "-o", paths["g.keras"]],
+                 *(["generate", *models, "--inputs", paths["big_x.h5"], "--steps", "3,1,2", "--no-xla", "--shard",
+                    f"{i}/2", "-o", paths[f"part{i}.h5"]] for i in (0, 1))):
         subprocess.run(CASCADE + [str(arg) for arg in args], env=env, check=True, capture_output=True)
     return paths
 
@@ -253,10 +256,10 @@ def t_special_output(trial):
         sock.bind(str(target))
         sock.close()
     trial.protect(target)
-    r, a, b, x = (trial.copy(name) for name in ("r.h5", "a.keras", "b.keras", "x.h5"))
+    r, a, b, x, p0, p1 = (trial.copy(name) for name in ("r.h5", "a.keras", "b.keras", "x.h5", "part0.h5", "part1.h5"))
     args = {"export-csv": ["export", r], "export-npz": ["export", r], "export-h5": ["export", r],
             "generate": ["generate", "--model-a", a, "--model-b", b, "--inputs", x, "--steps", "2,0,3", "--no-xla"],
-            "pack": ["pack", "--model-a", a, "--model-b", b, "--max-steps", 3], "merge": ["merge", r]}[command]
+            "pack": ["pack", "--model-a", a, "--model-b", b, "--max-steps", 3], "merge": ["merge", p0, p1]}[command]
     overwrite = ["--overwrite"] if rng.random() < 0.7 else []
     result = run([*args, "-o", target, *overwrite], trial.folder)
     return f"{command} -o {kind} {' '.join(overwrite)}", *finish(trial, result, expect="error",
@@ -548,7 +551,8 @@ def t_full_disk(trial):
                       capture_output=True).returncode != 0:
         return f"{command} on a {size >> 10} KiB disk", "skipped", "cannot mount a tmpfs here"
     try:
-        g, r, a, b, x = (trial.copy(name) for name in ("g.keras", "r.h5", "a.keras", "b.keras", "big_x.h5"))
+        g, r, a, b, x, p0, p1 = (trial.copy(name) for name in ("g.keras", "r.h5", "a.keras", "b.keras", "big_x.h5",
+                                                               "part0.h5", "part1.h5"))
         name = {"export-model": "sm", "export-csv": "o.csv", "export-npz": "o.npz", "export-h5": "o.h5",
                 "generate": "o.h5", "pack": "o.keras", "merge": "o.h5"}[command]
         target = disk / name
@@ -562,7 +566,7 @@ def t_full_disk(trial):
                 old = False
         args = {"export-model": ["export-model", g, "--saved-model", target],
                 "export-csv": ["export", r, "-o", target], "export-npz": ["export", r, "-o", target],
-                "export-h5": ["export", r, "--layout", "padded", "-o", target], "merge": ["merge", r, "-o", target],
+                "export-h5": ["export", r, "--layout", "padded", "-o", target], "merge": ["merge", p0, p1, "-o", target],
                 "generate": ["generate", "--model-a", a, "--model-b", b, "--inputs", x, "--steps", "3,2,3",
                              "--no-xla", "--num-samples", int(rng.integers(1, 30)), "-o", target],
                 "pack": ["pack", "--model-a", a, "--model-b", b, "--max-steps", 3, "-o", target]}[command]
