@@ -149,6 +149,10 @@ class CascadeGroup(click.Group):
 
 def _describe_failure(error):
     """The one line a failure shows without `--debug`."""
+    from cascade_cli.errors import ModelError
+
+    if isinstance(error, ModelError) and str(error).startswith("could not load "):
+        return _one_line(error)  # a file's own settings (config.json) keep their names, not the flags' words
     if isinstance(error, CascadeError):
         return _error_text(error)
     from cascade_cli.atomic import is_no_space

@@ -463,7 +463,7 @@ def t_config_json(trial):
     trial.protect(g)
     x = trial.copy("x.h5")
     result = run(["generate", "--model", g, "--inputs", x, "--no-xla", "-o", trial.folder / "r.h5"], trial.folder)
-    return f"config.json {key}={value!r}", *finish(trial, result, expect=expect, words=[key.replace("_", "-")]
+    return f"config.json {key}={value!r}", *finish(trial, result, expect=expect, words=[key]
                                                    if key != "max_steps" or value != 3.0 else [])
 
 

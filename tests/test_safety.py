@@ -236,8 +236,8 @@ def test_a_packed_generator_whose_config_json_says_false_as_text_is_refused(file
                 data = json.dumps(config).encode()
             target.writestr(item, data)
     result = invoke("generate", "--model", edited, "--inputs", files["x.h5"], "-o", tmp_path / "r.h5")
-    assert_error(result, 1, f"could not load generator '{edited}'", "exclude-stop-step: expected one of True, False, "
-                 "received 'false'")
+    assert_error(result, 1, f"could not load generator '{edited}'", "exclude_stop_step: expected one of True, False, "
+                 "received 'false'")  # the key as config.json names it, not the flag
     assert not (tmp_path / "r.h5").exists()
 
 
