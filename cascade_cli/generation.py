@@ -467,9 +467,9 @@ def check_finite_outputs(cascade, part, inputs, *, first_sample, repeats=1):
     sample = first_sample + n
     which = f"sample {sample}" + (f" (input {sample // repeats}, draw {sample % repeats})" if repeats > 1 else "")
     raise CascadeError(
-        f"{role} ('{model.name}') produced {value} at {which}, outer step {t}, inner step {j}, the first "
-        "non-finite value; nothing was written. Check its weights (cascade inspect shows non-finite ones), or "
-        "pass allow_nonfinite=True to write such values.")
+        f"{role} ('{model.name}') went non-finite at {which}, outer step {t}, inner step {j}, the first "
+        f"non-finite value ({value}); nothing was written. Check its weights (cascade inspect shows non-finite "
+        "ones), or pass allow_nonfinite=True to write such values.")
 
 
 def _failing_model(cascade, error):

@@ -265,8 +265,8 @@ def test_generate_stops_at_the_first_nan_of_model_b_and_allow_nonfinite_writes_i
     b = nan_b(tmp_path / "nan_b.keras")
     args = ["generate", "--model-a", files["a.keras"], "--model-b", b, "--inputs", files["x.h5"], "--steps", STEPS]
     assert_error(invoke(*args, "-o", tmp_path / "r.h5"), 1,
-                 "model B ('", "') produced nan at sample 0, outer step 0, inner step 0, the first non-finite value; "
-                 "nothing was written", "--allow-nonfinite")
+                 "model B ('", "') went non-finite at sample 0, outer step 0, inner step 0, the first non-finite "
+                 "value (nan); nothing was written", "--allow-nonfinite")
     assert os.listdir(tmp_path) == ["nan_b.keras"]
     assert_ok(invoke(*args, "-o", tmp_path / "r.h5", "--allow-nonfinite"))
     result = invoke("inspect", tmp_path / "r.h5")
@@ -305,8 +305,8 @@ def test_check_finite_outputs_finds_sample_outer_and_inner_by_hand():
     values = np.zeros((7, 2), "float32")
     values[4, 1] = np.inf
     values[6, 0] = np.nan
-    with pytest.raises(CascadeError, match=r"^model B \('my_b'\) produced inf at sample 11 \(input 5, draw 1\), "
-                                           r"outer step 1, inner step 1, the first"):
+    with pytest.raises(CascadeError, match=r"^model B \('my_b'\) went non-finite at sample 11 \(input 5, draw 1\), "
+                                           r"outer step 1, inner step 1, the first non-finite value \(inf\)"):
         check_finite_outputs(FakeCascade(), CascadeResult(values, lengths), np.zeros((2, 3, 3)), first_sample=10,
                              repeats=2)
     values[4, 1] = 0.0
