@@ -771,10 +771,13 @@ def pack(ctx, models, runner, output, overwrite):
     generator = _make_cascade(ctx, model_a, model_b, settings, cls=CascadeModel)
     with atomic_output(output, overwrite=overwrite, suffix=".keras", inputs=models.paths) as temp:
         generator.save(temp)
-    from cascade_cli.inspection import settings_text
+    from cascade_cli.inspection import nonfinite_weight_rows, settings_text
 
     _say(console, f"Wrote '{output}': model A '{models.model_a}', model B '{models.model_b}', "
                   f"{settings_text(generator.settings)}.")
+    for role, path, model in (("model A", models.model_a, model_a), ("model B", models.model_b, model_b)):
+        for _, text in nonfinite_weight_rows(model):
+            _say(console, f"Warning: {role} '{path}' has {text}.", style="yellow")
 
 
 @main.command("export-model", short_help="Export a packed generator as a TensorFlow SavedModel.")

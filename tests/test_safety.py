@@ -414,3 +414,11 @@ def test_a_train_run_ended_by_a_full_disk_leaves_no_checkpoint_temp_folder(files
     assert_error(result, 1, "no space left on device writing", "ckpt-2_temp")
     assert "memory" not in result.stderr
     assert os.listdir(out_dir / "checkpoints") == ["ckpt-1.index"] and os.listdir(out_dir) == ["checkpoints"]
+
+
+def test_pack_warns_of_non_finite_weights(files, tmp_path):
+    b = nan_b(tmp_path / "nan_b.keras")
+    result = invoke("pack", "--model-a", files["a.keras"], "--model-b", b, "--max-steps", 3, "-o", tmp_path / "g.keras")
+    assert_ok(result)
+    assert f"Warning: model B '{b}' has non-finite weights: 2 of" in result.stderr
+    assert "Warning" not in invoke("pack", *models_of(files), "--max-steps", 3, "-o", tmp_path / "h.keras").stderr
