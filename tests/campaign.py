@@ -325,8 +325,8 @@ def t_killed_writer(trial):
         return label, category, detail
     if killed.returncode not in (0, -9, 137) and killed.returncode != 128 + signum:
         return label, "signal", f"exit {killed.returncode} after {signal.Signals(signum).name}"
-    if os.path.lexists(target) and not had_old and killed.returncode != 0:
-        return label, "half file", f"{name} exists after a killed first write"
+    if os.path.lexists(target) and not had_old and killed.returncode != 0 and not complete(target, trial.folder):
+        return label, "half file", f"an incomplete {name} exists after a killed first write"
     if had_old and killed.returncode != 0 and digest(target) != before:
         return label, "file lost", f"the old {name} changed though the run was killed"
     if signum != signal.SIGKILL and temporaries(trial.folder):
@@ -336,6 +336,16 @@ def t_killed_writer(trial):
     if category == "clean" and command == "export-model" and not (target / "saved_model.pb").is_file():
         category, detail = "half file", "no saved_model.pb after the next export"
     return label + ", then written again", category, detail
+
+
+def complete(target, cwd):
+    """Whether an output is whole (the kill came after its rename): a SavedModel folder, or what inspect reads."""
+    if Path(target).is_dir():
+        return (Path(target) / "saved_model.pb").is_file() and (Path(target) / "variables").is_dir()
+    if Path(target).suffix == ".csv":
+        lines = Path(target).read_text().splitlines()
+        return bool(lines) and lines[0].startswith("sample,") and Path(target).read_text().endswith("\n")
+    return run(["inspect", target], cwd).returncode == 0
 
 
 def t_nonfinite(trial):
