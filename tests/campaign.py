@@ -452,7 +452,7 @@ def t_num_samples_limit(trial):
 
 _CONFIG_CHANGES = [("exclude_stop_step", "false", "error"), ("exclude_stop_step", "no", "error"),
                    ("exclude_stop_step", 0, "error"), ("exclude_stop_step", 1, "error"),
-                   ("exclude_stop_step", None, "error"), ("exclude_stop_step", True, "ok"),
+                   ("exclude_stop_step", None, "error"), ("exclude_stop_step", True, "error"),  # this generator has no stop rule
                    ("feedback", "false", "error"), ("max_steps", "3", "error"), ("max_steps", 3.0, "error"),
                    ("seed", "1", "error"), ("seed", True, "error"), ("state", 1, "error"), ("jit_compile", "false", "error"),
                    ("min_steps", -1, "error"), ("max_steps", 2**31 - 1, "error")]
@@ -473,8 +473,9 @@ def t_config_json(trial):
     trial.protect(g)
     x = trial.copy("x.h5")
     result = run(["generate", "--model", g, "--inputs", x, "--no-xla", "-o", trial.folder / "r.h5"], trial.folder)
-    return f"config.json {key}={value!r}", *finish(trial, result, expect=expect, words=[key]
-                                                   if key != "max_steps" or value != 3.0 else [])
+    words = ["needs a stop rule"] if value is True and key == "exclude_stop_step" else [key]
+    return f"config.json {key}={value!r}", *finish(trial, result, expect=expect,
+                                                   words=words if key != "max_steps" or value != 3.0 else [])
 
 
 _API = [
