@@ -77,6 +77,24 @@ def test_the_quick_start_names_the_python_and_tensorflow_versions_pyproject_pins
     assert "python3 -m venv .venv" in quick  # a virtual environment first
 
 
+def quick_start_lines():
+    """The shell lines of the quick start, comments dropped."""
+    (block,) = blocks(section("Quick start"), "bash")
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_quick_starts_install_and_test_commands_word_for_word_in_a_fresh_venv():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    venv, _, test = quick_start_lines()
+    assert test.startswith("pip install -e '.[test]' && python -m pytest ") and test in ci
+    assert test in " ".join(section("Testing").split())  # the Testing section says the same
+    made = venv.replace(".venv", ".venv-ci")  # its own folder, so a developer's .venv survives a local run
+    assert made.startswith("python3 -m venv ") and made in ci
+    assert ci.index(made) < ci.index(test) and "set -euo pipefail" in ci
+    if shutil.which("git") is not None and (ROOT / ".git").exists():
+        assert subprocess.run(["git", "check-ignore", "-q", ".venv-ci/bin/python"], cwd=ROOT).returncode == 0
+
+
 def test_git_ignores_what_the_demo_writes_into_the_checkout_by_default():
     import shutil as which
 
