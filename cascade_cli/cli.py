@@ -58,13 +58,14 @@ FLAGS = {
     "feedback": "--feedback", "feedback_start": "--feedback-start", "sampler": "--sampler",
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
-    "jit_compile": "--no-xla", "min_steps": "--min-steps", "append_end_token": "--append-end-token",
+    "min_steps": "--min-steps", "append_end_token": "--append-end-token",
     "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate", "stop_gate": "--stop-gate",
     "stop_weight": "--stop-weight", "stop_pos_weight": "--stop-pos-weight",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
-                  "mixed_precision": ("--mixed-precision", "--no-mixed-precision")}
+                  "mixed_precision": ("--mixed-precision", "--no-mixed-precision"),
+                  "jit_compile": ("jit_compile=True", "--no-xla")}  # --no-xla sets False; 'auto' and True have no flag
 # `name=value` (the value quoted or up to a space, comma, semicolon, bracket or final stop), or quoted text.
 _TOKENS = re.compile(r"(?P<name>\b[a-z][a-z0-9_]*)=(?P<value>'[^']*'|[^\s,;)']+?)(?=[\s,;)]|\.?$|\.\s)"
                      r"|(?P<quoted>'[^']*')")
@@ -75,7 +76,9 @@ def flag_text(message, *, parameter=None, flags=None):
 
     `batch_size: expected ...` becomes `--batch-size: expected ...`,
     `overwrite=True` becomes `--overwrite`, `batch_size=16` `--batch-size 16`,
-    and a bare `max_steps` `--max-steps`; quoted text (file names) is left alone.
+    `max_steps=None` (or `=False`) `no --max-steps`, and a bare `max_steps`
+    `--max-steps`; quoted text (file names) is left alone. A Python value is
+    never shown as a flag's value.
 
     Args:
         message: the library's message.
@@ -95,6 +98,8 @@ def flag_text(message, *, parameter=None, flags=None):
             return _BOOLEAN_FLAGS[name][value == "False"]
         if name not in flags:
             return match.group(0)
+        if value in ("None", "False"):  # not given: the flag is absent
+            return f"no {flags[name]}"
         return flags[name] if value == "True" else f"{flags[name]} {value}"
 
     def bare(text):
@@ -369,10 +374,21 @@ def model_options(command):
     return _apply(_MODEL_OPTIONS, wrapper)
 
 
+def _make_parents(path):
+    """Creates the missing folders of an output (`atomic.make_parents`); they go again if the command fails."""
+    from cascade_cli.atomic import make_parents, remove_made_folders
+
+    made = make_parents(path)
+    if made:  # emptied again by a failed write's cleanup; a written output keeps its folders
+        click.get_current_context().call_on_close(functools.partial(remove_made_folders, made))
+
+
 def _check_output(path, *, overwrite, inputs):
-    """Checks `-o` before any work: writable, not existing unless `--overwrite`, and none of `inputs`."""
+    """Checks `-o` before any work: its folders made, writable, not existing unless `--overwrite`, none of `inputs`."""
     from cascade_cli.atomic import check_output_path
 
+    if os.fspath(path) != "-":
+        _make_parents(path)
     return check_output_path(path, overwrite=overwrite, inputs=inputs)
 
 
@@ -551,7 +567,8 @@ def _make_cascade(ctx, model_a, model_b, settings, *, cls=None):
     if cls is None:
         from cascade_cli.runner import Cascade as cls
     rule = settings["stop_rule"]
-    flag = {"token": "--stop-token", "gate": "--stop-gate"}.get(getattr(rule, "kind", None), "--stop-norm")
+    flag = {"token": "--stop-token", "gate": "--stop-gate", "norm": "--stop-norm"}.get(
+        getattr(rule, "kind", None), "--stop-norm, --stop-token or --stop-gate")
     with _usage(ctx, stop_rule=flag):
         return cls(model_a, model_b, **settings)
 
@@ -563,7 +580,10 @@ def _read_steps_option(*, steps_file, steps_text):
     if steps_file is not None:
         return read_steps(steps_file), f"'{steps_file}'"
     if steps_text is not None:
-        return parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
+        try:
+            return parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
+        except CascadeError as error:  # a malformed flag value is a usage error, as --stop-token's is
+            raise click.UsageError(_one_line(error)) from None
     return None, "none"
 
 
@@ -660,6 +680,9 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
     with open_inputs(inputs_path, key=inputs_key) as source:
         model_a, model_b, saved = models.load_generator(console, feedback=runner.feedback)
         settings = runner.settings(saved)
+        if keep_gate and getattr(settings["stop_rule"], "kind", None) != "gate":
+            raise click.UsageError("--keep-gate keeps the stop gate's column in the values: it needs --stop-gate "
+                                   "(or a generator packed with it).", ctx)
         cascade = _make_cascade(ctx, model_a, model_b, {**settings, "seed": seed})
         if steps is None and settings["max_steps"] is None:
             raise click.UsageError(
@@ -778,6 +801,7 @@ def export_model(ctx, generator, directory, overwrite, unsafe, allow_legacy_h5):
     if Path(directory).exists() and not Path(directory).is_dir():  # before the models load
         raise click.BadParameter(f"a SavedModel is a folder: expected a folder name, received '{directory}', "
                                  "which is a file.", ctx, param_hint="'--saved-model'")
+    _make_parents(directory)
     console, _ = _consoles()
     files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
     model_a, model_b, settings = files.load_generator(console)
