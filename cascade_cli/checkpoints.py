@@ -296,7 +296,8 @@ def prepare_out_dir(out_dir, *, resume, lock=True, overwrite=False):
         if resume:
             if latest_checkpoint(checkpoints) is None:
                 raise ParameterError(
-                    "resume", f"no checkpoint to resume from in '{checkpoints}'; to start training, leave out resume=True."
+                    "resume",
+                    f"no checkpoint to resume from in '{checkpoints}'; to start training, leave out resume=True.",
                 )
             _remove_unfinished_saves(checkpoints)
             return folder

@@ -965,8 +965,9 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
       cascade train --model-a A.keras --model-b B.keras --data train.h5 --out-dir run1 \\
           --epochs 20 --learning-rate 0.01
       cascade train ... --out-dir run1 --epochs 40 --resume   # the run's own settings, 20 more epochs
-      cascade train ... --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run1
-      cascade train ... --feedback --loss categorical-crossentropy --sampling-schedule inverse-sigmoid:200
+      cascade train ... --out-dir run2 --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run2
+      cascade train ... --out-dir run3 --feedback --loss categorical-crossentropy \\
+          --sampling-schedule inverse-sigmoid:200
     """
     if sampling_probability is not None and sampling_schedule is not None:
         raise click.UsageError("--sampling-probability and --sampling-schedule both set scheduled sampling; use one "
@@ -1165,7 +1166,7 @@ def demo(out_dir, epochs, overwrite):
 
     \b
     Example:
-      cascade demo --out-dir /tmp/cascade-demo --epochs 10
+      cascade demo --out-dir my-demo --epochs 10
     """
     from cascade_cli.demo import demo_paths
 

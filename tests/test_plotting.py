@@ -1,4 +1,4 @@
-"""`cascade plot` and `cascade_cli.plotting`: a valid PNG for each kind of input, and one `Error:` line for a bad one."""
+"""`cascade plot` and `cascade_cli.plotting`: a valid PNG for each kind of input, one `Error:` line for a bad one."""
 
 import os
 
