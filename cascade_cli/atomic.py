@@ -424,3 +424,48 @@ def atomic_directory(path, *, overwrite=False, inputs=(), made_by="saved_model.p
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(lock_fd)
+
+
+def make_parents(path):
+    """Creates the missing folders above the output `path`, as `mkdir -p` does: the one rule for every output.
+
+    Returns:
+        The folders it created, innermost first: give them to
+        `remove_made_folders` when the write does not happen.
+
+    Raises:
+        DataError: a folder on the way is a file, or the first existing one is
+            not writable, naming the output's folder.
+    """
+    folder = Path(path).parent
+    missing = []
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        what = f"output folder '{folder}'" + (" cannot be created:" if missing else "")
+        raise DataError(f"{what} '{existing}' is a file" if missing else f"{what} is a file")
+    if not missing:
+        return []
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"output folder '{folder}' cannot be created: '{existing}' is not writable")
+    made = []
+    try:
+        for part in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another run made it meanwhile: not ours to remove
+                part.mkdir()
+                made.insert(0, part)
+    except OSError as error:
+        remove_made_folders(made)
+        if is_no_space(error):
+            raise no_space_error(path) from error
+        raise DataError(f"output folder '{folder}' cannot be created: {error.strerror or error}") from error
+    return made
+
+
+def remove_made_folders(folders):
+    """Removes folders `make_parents` made, innermost first, where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

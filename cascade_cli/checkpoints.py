@@ -296,7 +296,8 @@ def prepare_out_dir(out_dir, *, resume, lock=True, overwrite=False):
         if resume:
             if latest_checkpoint(checkpoints) is None:
                 raise ParameterError(
-                    "resume", f"no checkpoint to resume from in '{checkpoints}'; set resume=False to start training."
+                    "resume",
+                    f"no checkpoint to resume from in '{checkpoints}'; to start training, leave out resume=True.",
                 )
             _remove_unfinished_saves(checkpoints)
             return folder
@@ -535,8 +536,8 @@ def saved_settings(out_dir):
     folder = Path(out_dir) / CHECKPOINT_DIR
     latest = latest_checkpoint(folder)
     if latest is None:
-        raise ParameterError("resume", f"no checkpoint to resume from in '{folder}'; set resume=False to start "
-                                       "training.")
+        raise ParameterError("resume", f"no checkpoint to resume from in '{folder}'; to start training, leave out "
+                                       "resume=True.")
     probe = tf.Variable("", dtype=tf.string, trainable=False)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     try:

@@ -58,13 +58,14 @@ FLAGS = {
     "feedback": "--feedback", "feedback_start": "--feedback-start", "sampler": "--sampler",
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
-    "jit_compile": "--no-xla", "min_steps": "--min-steps", "append_end_token": "--append-end-token",
+    "min_steps": "--min-steps", "append_end_token": "--append-end-token",
     "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate", "stop_gate": "--stop-gate",
     "stop_weight": "--stop-weight", "stop_pos_weight": "--stop-pos-weight", "allow_nonfinite": "--allow-nonfinite",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),
-                  "mixed_precision": ("--mixed-precision", "--no-mixed-precision")}
+                  "mixed_precision": ("--mixed-precision", "--no-mixed-precision"),
+                  "jit_compile": ("jit_compile=True", "--no-xla")}  # --no-xla sets False; 'auto' and True have no flag
 # `name=value` (the value quoted or up to a space, comma, semicolon, bracket or final stop), or quoted text.
 _TOKENS = re.compile(r"(?P<name>\b[a-z][a-z0-9_]*)=(?P<value>'[^']*'|[^\s,;)']+?)(?=[\s,;)]|\.?$|\.\s)"
                      r"|(?P<quoted>'[^']*')")
@@ -75,7 +76,9 @@ def flag_text(message, *, parameter=None, flags=None):
 
     `batch_size: expected ...` becomes `--batch-size: expected ...`,
     `overwrite=True` becomes `--overwrite`, `batch_size=16` `--batch-size 16`,
-    and a bare `max_steps` `--max-steps`; quoted text (file names) is left alone.
+    `max_steps=None` (or `=False`) `no --max-steps`, and a bare `max_steps`
+    `--max-steps`; quoted text (file names) is left alone. A Python value is
+    never shown as a flag's value.
 
     Args:
         message: the library's message.
@@ -95,6 +98,8 @@ def flag_text(message, *, parameter=None, flags=None):
             return _BOOLEAN_FLAGS[name][value == "False"]
         if name not in flags:
             return match.group(0)
+        if value in ("None", "False"):  # not given: the flag is absent
+            return f"no {flags[name]}"
         return flags[name] if value == "True" else f"{flags[name]} {value}"
 
     def bare(text):
@@ -379,10 +384,21 @@ def model_options(command):
     return _apply(_MODEL_OPTIONS, wrapper)
 
 
+def _make_parents(path):
+    """Creates the missing folders of an output (`atomic.make_parents`); they go again if the command fails."""
+    from cascade_cli.atomic import make_parents, remove_made_folders
+
+    made = make_parents(path)
+    if made:  # emptied again by a failed write's cleanup; a written output keeps its folders
+        click.get_current_context().call_on_close(functools.partial(remove_made_folders, made))
+
+
 def _check_output(path, *, overwrite, inputs):
-    """Checks `-o` before any work: writable, not existing unless `--overwrite`, and none of `inputs`."""
+    """Checks `-o` before any work: its folders made, writable, not existing unless `--overwrite`, none of `inputs`."""
     from cascade_cli.atomic import check_output_path
 
+    if os.fspath(path) != "-":
+        _make_parents(path)
     return check_output_path(path, overwrite=overwrite, inputs=inputs)
 
 
@@ -561,7 +577,8 @@ def _make_cascade(ctx, model_a, model_b, settings, *, cls=None):
     if cls is None:
         from cascade_cli.runner import Cascade as cls
     rule = settings["stop_rule"]
-    flag = {"token": "--stop-token", "gate": "--stop-gate"}.get(getattr(rule, "kind", None), "--stop-norm")
+    flag = {"token": "--stop-token", "gate": "--stop-gate", "norm": "--stop-norm"}.get(
+        getattr(rule, "kind", None), "--stop-norm, --stop-token or --stop-gate")
     with _usage(ctx, stop_rule=flag):
         return cls(model_a, model_b, **settings)
 
@@ -573,7 +590,10 @@ def _read_steps_option(*, steps_file, steps_text):
     if steps_file is not None:
         return read_steps(steps_file), f"'{steps_file}'"
     if steps_text is not None:
-        return parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
+        try:
+            return parse_steps(steps_text, flag="--steps"), f"--steps {steps_text}"
+        except CascadeError as error:  # a malformed flag value is a usage error, as --stop-token's is
+            raise click.UsageError(_one_line(error)) from None
     return None, "none"
 
 
@@ -676,6 +696,9 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
     with open_inputs(inputs_path, key=inputs_key) as source:
         model_a, model_b, saved = models.load_generator(console, feedback=runner.feedback)
         settings = runner.settings(saved)
+        if keep_gate and getattr(settings["stop_rule"], "kind", None) != "gate":
+            raise click.UsageError("--keep-gate keeps the stop gate's column in the values: it needs --stop-gate "
+                                   "(or a generator packed with it).", ctx)
         cascade = _make_cascade(ctx, model_a, model_b, {**settings, "seed": seed})
         if steps is None and settings["max_steps"] is None:
             raise click.UsageError(
@@ -801,6 +824,7 @@ def export_model(ctx, generator, directory, overwrite, unsafe, allow_legacy_h5):
     from cascade_cli.atomic import check_not_holding_inputs
 
     check_not_holding_inputs(directory, [generator], what="--saved-model")
+    _make_parents(directory)
     console, _ = _consoles()
     files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
     model_a, model_b, settings = files.load_generator(console)
@@ -964,8 +988,9 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
       cascade train --model-a A.keras --model-b B.keras --data train.h5 --out-dir run1 \\
           --epochs 20 --learning-rate 0.01
       cascade train ... --out-dir run1 --epochs 40 --resume   # the run's own settings, 20 more epochs
-      cascade train ... --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run1
-      cascade train ... --feedback --loss categorical-crossentropy --sampling-schedule inverse-sigmoid:200
+      cascade train ... --out-dir run2 --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run2
+      cascade train ... --out-dir run3 --feedback --loss categorical-crossentropy \\
+          --sampling-schedule inverse-sigmoid:200
     """
     if sampling_probability is not None and sampling_schedule is not None:
         raise click.UsageError("--sampling-probability and --sampling-schedule both set scheduled sampling; use one "
@@ -1171,7 +1196,7 @@ def demo(out_dir, epochs, overwrite):
 
     \b
     Example:
-      cascade demo --out-dir /tmp/cascade-demo --epochs 10
+      cascade demo --out-dir my-demo --epochs 10
     """
     from cascade_cli.demo import demo_paths
 
@@ -1200,6 +1225,69 @@ def demo(out_dir, epochs, overwrite):
             ("token generator", done.paths["tokens_generator"]), ("sampled tokens", done.paths["tokens_result"])]
     _print_rows(report, rows)
     _say(report, f"Done in {time.perf_counter() - started:.1f} s. Next: cascade inspect {done.paths['result']}")
+
+
+# ---------------------------------------------------------------------- plot
+
+
+class _SampleIndices(click.ParamType):
+    """`--samples 0,3`: sample indices (each >= 0), as a tuple."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        each = click.IntRange(0, INT32_MAX)
+        return tuple(each.convert(part.strip(), param, ctx) for part in str(value).split(","))
+
+
+@main.command()
+@click.argument("path", metavar="PATH")
+@click.option("--against", metavar="TRAIN.h5",
+              help="With a result: draw its length error per outer step against this training file's steps, as "
+                   "inspect --against prints it.")
+@click.option("--samples", type=_SampleIndices(), metavar="0,3",
+              help="With a result: the samples whose values (or sampled tokens, as a piano roll) are drawn. [0]")
+@click.option("-o", "--output", required=True, metavar="PICTURE.png", help="The PNG to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.pass_context
+def plot(ctx, path, against, samples, output, overwrite):
+    """Draw a result, a training history or a result's length error as a PNG.
+
+    A result: a heat map of its lengths (N x Ta), then each chosen sample's
+    values per outer step, or its tokens as a piano roll. A history.csv: loss,
+    val_loss and each metric by epoch.
+
+    \b
+    Example:
+      cascade plot results.h5 --samples 0,3 -o results.png
+      cascade plot run1/history.csv -o history.png
+      cascade plot results.h5 --against train.h5 -o length-error.png
+    """
+    if Path(output).suffix.lower() != ".png":
+        raise click.BadParameter(f"plot writes a PNG, expected a .png name, received '{output}'.", ctx,
+                                 param_hint="'-o' / '--output'")
+    from cascade_cli import plotting
+
+    kind = plotting.plot_kind(path)
+    if against is not None and kind != "result":
+        raise click.UsageError(f"--against needs PATH to be a result; '{path}' holds a training history.", ctx)
+    if samples is not None and (kind != "result" or against is not None):
+        raise click.UsageError("--samples chooses the samples of a result's picture; it does not apply to "
+                               + ("--against." if against is not None else f"'{path}', a training history."), ctx)
+    _check_output(output, overwrite=overwrite, inputs=(path, against))
+    console, _ = _consoles()
+    try:
+        if against is not None:
+            picture = plotting.plot_against(path, against, output, overwrite=overwrite)
+        elif kind == "result":
+            picture = plotting.plot_result(path, output, samples=samples, overwrite=overwrite)
+        else:
+            picture = plotting.plot_history(path, output, overwrite=overwrite)
+    except ParameterError as error:
+        raise click.ClickException(_error_text(error, {"samples": "--samples"})) from None
+    _say(console, f"Wrote '{picture.output}': " + "; ".join(picture.panels) + ".")
 
 
 if __name__ == "__main__":  # python -m cascade_cli.cli

@@ -345,10 +345,8 @@ def describe_result(path):
     return Report(rows, result.lengths, "inner lengths per (n, t) pair", "pairs")
 
 
-def length_error_rows(lengths, against):
-    """Rows comparing a result's `lengths (N, Ta)` with the steps of the training file `against`.
-
-    The mean absolute error over every pair, then per outer step.
+def length_errors(lengths, against):
+    """`|length - steps|` per pair, `(N, Ta)` int64: a result's `lengths` against the training file `against`'s steps.
 
     Raises:
         DataError: the training file's steps are not shaped like the lengths.
@@ -361,7 +359,18 @@ def length_error_rows(lengths, against):
     if truth.shape != lengths.shape:
         raise DataError(f"steps in '{against}' (--against) have shape {tuple(truth.shape)}: expected the result's "
                         f"(N, Ta) = {tuple(lengths.shape)}.")
-    errors = np.abs(lengths.astype(np.int64) - truth)
+    return np.abs(lengths.astype(np.int64) - truth)
+
+
+def length_error_rows(lengths, against):
+    """Rows comparing a result's `lengths (N, Ta)` with the steps of the training file `against`.
+
+    The mean absolute error over every pair, then per outer step (`length_errors`).
+
+    Raises:
+        DataError: the training file's steps are not shaped like the lengths.
+    """
+    errors = length_errors(lengths, against)
     rows = [("length error", f"mean |length - steps| {errors.mean() if errors.size else 0.0:.3f} over "
                              f"{errors.size:,} pairs, against '{against}'")]
     rows += [(f"  outer step {t}", f"{errors[:, t].mean() if len(errors) else 0.0:.3f}") for t in range(errors.shape[1])]
@@ -436,17 +445,30 @@ def _history_column(rows, key, path):
     return np.asarray(values, dtype=np.float64)
 
 
-def describe_history(path):
-    """A training history (`history.csv`): epochs, the last and best losses, and a text plot of loss and val_loss."""
+def read_history(path):
+    """Reads a training history (`history.csv`): `(epochs, columns)`, each column a float64 array (NaN where empty).
+
+    `columns` holds every column but `epoch`, in the file's order.
+
+    Raises:
+        DataError: a value is not a number, naming the line and column.
+    """
     import csv
 
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    loss = _history_column(rows, "loss", path)
-    val = _history_column(rows, "val_loss", path) if rows and "val_loss" in rows[0] else np.full(len(rows), np.nan)
-    epochs = [row.get("epoch", "") for row in rows]
-    report = [("training history", f"'{path}'"), ("epochs", f"{len(rows):,}")]
-    if rows:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        names = [name for name in reader.fieldnames or [] if name != "epoch"]
+    return [row.get("epoch", "") for row in rows], {name: _history_column(rows, name, path) for name in names}
+
+
+def describe_history(path):
+    """A training history (`history.csv`): epochs, the last and best losses, and a text plot of loss and val_loss."""
+    epochs, columns = read_history(path)
+    loss = columns.get("loss", np.full(len(epochs), np.nan))
+    val = columns.get("val_loss", np.full(len(epochs), np.nan))
+    report = [("training history", f"'{path}'"), ("epochs", f"{len(epochs):,}")]
+    if epochs:
         report.append(("last", f"epoch {epochs[-1]}: loss {loss[-1]:.6g}"
                                + ("" if math.isnan(val[-1]) else f", val_loss {val[-1]:.6g}")))
     if np.isfinite(val).any():

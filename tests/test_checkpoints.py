@@ -66,7 +66,7 @@ def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
     with pytest.raises(ParameterError, match=r"^out_dir: '.*file' is a file: expected a folder\.$"):
         prepare_out_dir(tmp_path / "file", resume=False)
     with pytest.raises(ParameterError, match=r"^resume: no checkpoint to resume from in '.*b/checkpoints'; "
-                                             r"set resume=False to start training\.$"):
+                                             r"to start training, leave out resume=True\.$"):
         prepare_out_dir(tmp_path / "a" / "b", resume=True)
     write_history(tmp_path / "a" / "b" / "history.csv", [])
     with pytest.raises(ParameterError, match=r"^out_dir: '.*b' holds files of a training run \(history.csv\) but "
@@ -122,7 +122,8 @@ def test_a_folder_without_a_complete_checkpoint_is_no_dead_end(tmp_path):
     (checkpoints / "ckpt-1_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 10)
     (checkpoints / "checkpoint").write_bytes(bytes(range(256)))  # random bytes: not UTF-8
     assert latest_checkpoint(checkpoints) is None
-    with pytest.raises(ParameterError, match=r"^resume: no checkpoint to resume from in .*; set resume=False"):
+    with pytest.raises(ParameterError,
+                       match=r"^resume: no checkpoint to resume from in .*; to start training, leave out resume=True"):
         prepare_out_dir(tmp_path, resume=True)
     with prepare_out_dir(tmp_path, resume=False):  # a new run takes it, and clears what was left
         assert os.listdir(tmp_path) == [".cascade-train.lock"]

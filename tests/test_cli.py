@@ -331,16 +331,16 @@ def test_bad_inputs_exit_1_and_leave_no_file(files, tmp_path, case, extra, words
     assert_nothing_in(out)
 
 
-@pytest.mark.parametrize("steps, words", [
-    (["--steps", "1,2"], ["--steps 1,2 have shape (2,)", "expected (Ta,)=(3,) or (N, Ta)=(5, 3)"]),
-    (["--steps", "1,x,3"], ["--steps value 2: expected a non-negative integer, received 'x'"]),
-    (["--steps", "1,-1,3"], ["received '-1'"]),
-    (["--max-steps", "2", "--steps", "1,3,0"], ["at index 1: expected at most --max-steps 2, received 3"]),
+@pytest.mark.parametrize("steps, code, words", [
+    (["--steps", "1,2"], 1, ["--steps 1,2 have shape (2,)", "expected (Ta,)=(3,) or (N, Ta)=(5, 3)"]),
+    (["--steps", "1,x,3"], 2, ["--steps value 2: expected a non-negative integer, received 'x'"]),  # usage errors
+    (["--steps", "1,-1,3"], 2, ["received '-1'"]),
+    (["--max-steps", "2", "--steps", "1,3,0"], 1, ["at index 1: expected at most --max-steps 2, received 3"]),
 ])
-def test_bad_steps_exit_1(files, tmp_path, steps, words):
+def test_bad_steps_exit_1_or_2_when_malformed(files, tmp_path, steps, code, words):
     out = tmp_path / "out"
     out.mkdir()
-    assert_error(generate(files, out / "r.h5", *steps), 1, *words)
+    assert_error(generate(files, out / "r.h5", *steps), code, *words)
     assert_nothing_in(out)
 
 
@@ -361,8 +361,9 @@ def test_output_checks_come_before_any_work(files, tmp_path, monkeypatch):
                     "--steps", "1", "-o", existing)
     assert_error(result, 1, f"output '{existing}' already exists; pass --overwrite to replace it")
     assert existing.read_bytes() == b"keep me"
-    assert_error(generate(files, tmp_path / "no" / "r.h5", "--steps", "1,2,3"), 1,
-                 f"output folder '{tmp_path / 'no'}' does not exist")
+    (tmp_path / "file").write_text("")
+    assert_error(generate(files, tmp_path / "file" / "r.h5", "--steps", "1,2,3"), 1,
+                 f"output folder '{tmp_path / 'file'}' is a file")
     assert_error(invoke("export", files["x.h5"], "-o", existing), 1, "already exists")
     locked = tmp_path / "locked"
     locked.mkdir()

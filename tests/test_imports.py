@@ -7,7 +7,8 @@ import pytest
 
 TF_FREE = ("cascade_cli", "cascade_cli.errors", "cascade_cli.options", "cascade_cli.steps", "cascade_cli.h5",
            "cascade_cli.atomic", "cascade_cli.result", "cascade_cli.results_io", "cascade_cli.shards",
-           "cascade_cli.inspection", "cascade_cli.progress", "cascade_cli.data", "cascade_cli.cli")
+           "cascade_cli.inspection", "cascade_cli.progress", "cascade_cli.data", "cascade_cli.cli",
+           "cascade_cli.plotting")
 
 
 @pytest.mark.parametrize("module", TF_FREE)
@@ -16,6 +17,12 @@ def test_a_tf_free_module_does_not_import_tensorflow(module):
             "print(sorted(name for name in ('tensorflow', 'keras') if name in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", f"importing {module} imported {done.stdout.strip()}"
+
+
+def test_the_command_line_imports_matplotlib_only_to_draw():
+    code = "import sys, cascade_cli.cli, cascade_cli.plotting; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_the_package_names_the_library_without_importing_it():

@@ -77,6 +77,24 @@ def test_the_quick_start_names_the_python_and_tensorflow_versions_pyproject_pins
     assert "python3 -m venv .venv" in quick  # a virtual environment first
 
 
+def quick_start_lines():
+    """The shell lines of the quick start, comments dropped."""
+    (block,) = blocks(section("Quick start"), "bash")
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_quick_starts_install_and_test_commands_word_for_word_in_a_fresh_venv():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    venv, _, test = quick_start_lines()
+    assert test.startswith("pip install -e '.[test]' && python -m pytest ") and test in ci
+    assert test in " ".join(section("Testing").split())  # the Testing section says the same
+    made = venv.replace(".venv", ".venv-ci")  # its own folder, so a developer's .venv survives a local run
+    assert made.startswith("python3 -m venv ") and made in ci
+    assert ci.index(made) < ci.index(test) and "set -euo pipefail" in ci
+    if shutil.which("git") is not None and (ROOT / ".git").exists():
+        assert subprocess.run(["git", "check-ignore", "-q", ".venv-ci/bin/python"], cwd=ROOT).returncode == 0
+
+
 def test_git_ignores_what_the_demo_writes_into_the_checkout_by_default():
     import shutil as which
 
@@ -106,10 +124,52 @@ def expanded(argv, full):
     return [argv[0], *keep, *argv[at + 1:]]
 
 
-@pytest.mark.slow  # the demo, a 20-epoch training and a dozen commands: about a minute on 2 cores
+def test_the_worked_example_comes_first_and_works_in_a_scratch_folder():
+    assert README.index("## A worked example") < README.index("## Python API") < README.index("## Commands")
+    (block,) = blocks(section("A worked example"), "bash")
+    first = block.splitlines()[0]
+    assert first.startswith("mkdir -p /tmp/") and "cp -r sample_data" in first and "&& cd /tmp/" in first
+    assert [argv[0] for argv in commands(block)] == ["train", "pack", "generate", "plot", "plot", "export",
+                                                     "export-model"]
+
+
+def imported_or_bound(tree):
+    """The names a Python block imports, assigns or binds."""
+    import ast
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def test_every_python_snippet_imports_what_it_uses():
+    import ast
+
+    snippets = [ast.parse(code) for code in blocks(README, "python")]
+    imported = set()
+    for tree in snippets:
+        imported |= {(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    for code, tree in zip(blocks(README, "python"), snippets):
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        missing = (used & imported) - imported_or_bound(tree)
+        assert not missing, f"this README snippet uses {sorted(missing)} without importing it:\n{code}"
+
+
+@pytest.mark.slow  # the worked example, the demo, two trainings and a dozen commands: a few minutes on 2 cores
 def test_the_readme_commands_and_snippets_run_as_written(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
     monkeypatch.chdir(tmp_path)
+    worked = [argv for argv in commands(blocks(section("A worked example"), "bash")[0])]
+    for argv in worked:
+        result = run_command(argv)
+        if result is not None:  # the sampled notes, their ids kept
+            assert result.tokens is not None and len(result.tokens) == result.total
+    assert (tmp_path / "notes.png").is_file() and (tmp_path / "serving" / "tokens" / "1" / "saved_model.pb").is_file()
     full = {}
     ran = []
     for argv in commands(blocks(section("Commands"), "bash")[0]):

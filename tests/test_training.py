@@ -357,7 +357,8 @@ def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_pat
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     path = random_data(tmp_path / "train.h5", n=4)
-    with pytest.raises(ParameterError, match="^resume: no checkpoint to resume from in .*set resume=False"):
+    with pytest.raises(ParameterError,
+                       match="^resume: no checkpoint to resume from in .*to start training, leave out resume=True"):
         train(path, tmp_path / "out", resume=True)
 
 
