@@ -75,7 +75,7 @@ class LoopSpec:
         min_steps: no rule stops a pair before `min_steps` inner steps.
         seed: the draws' seed.
         return_tokens: the sampled ids leave the loop too.
-        width: the size of what the step emits (`O`, or the cell's units when a head runs after).
+        width: the size of what the step emits, `O`.
         dtype: its dtype.
         state_sizes: B's state sizes.
         state_init: `"zeros"` or `"ir"`.
@@ -97,7 +97,7 @@ class LoopSpec:
     state_init: str
 
 
-def masked_loop(spec, step, start, table, ir_table, caps, next_pair, sample_of, outer_of, row_pairs, trip):
+def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, row_pairs, trip):
     """The loop itself, traced inside `jit_compile=True`: every row at every step, finished rows masked.
 
     Args:
@@ -105,8 +105,7 @@ def masked_loop(spec, step, start, table, ir_table, caps, next_pair, sample_of, 
         step: `(x, y_prev, states) -> (y, new_states)`, one inner step of B
             (`y_prev` is None without feedback).
         start: `(O,)`, `y_prev` at a pair's first step (feedback).
-        table: `(P, X)` each pair's step input (IR, or its projection).
-        ir_table: `(P, H)` each pair's IR (the initial states of `state_init="ir"`).
+        table: `(P, H)` each pair's IR, B's step input (and its initial states with `state_init="ir"`).
         caps: `(P,)` int32 each pair's most inner steps (0 for padding).
         next_pair: `(P,)` int32 the next pair of the same sample with steps > 0, or -1.
         sample_of: `(P,)` int64 each pair's sample's index in the whole input.
@@ -125,9 +124,9 @@ def masked_loop(spec, step, start, table, ir_table, caps, next_pair, sample_of, 
 
     def initial_states(pair):
         if spec.state_init == "ir":
-            x = tf.gather(ir_table, pair)
+            x = tf.gather(table, pair)
             return [tf.identity(x) for _ in spec.state_sizes]
-        return [tf.zeros([rows, size], ir_table.dtype) for size in spec.state_sizes]
+        return [tf.zeros([rows, size], table.dtype) for size in spec.state_sizes]
 
     def iterate(j, pair, inner, states, fed, ys, emitted, tokens):
         active = pair >= 0
@@ -181,9 +180,73 @@ def masked_loop(spec, step, start, table, ir_table, caps, next_pair, sample_of, 
     return tf.transpose(ys.stack(), [1, 0, 2]), tf.transpose(emitted.stack()), tokens
 
 
-def compile_loop(spec, step, start, *, table_spec, ir_spec):
+def known_inputs_loop(step, table, index, totals, states):
+    """`carry` with given steps, traced inside `jit_compile=True`: every row's input at every step is known.
+
+    No pair bookkeeping: row `r` runs `totals[r]` steps, step `j` reading
+    `table[index[j, r]]`; a row past its total keeps stepping on pair 0's
+    input, and what it computes then is never read.
+
+    Args:
+        step: `(x, y_prev, states) -> (y, new_states)`.
+        table: `(P, X)` each pair's step input.
+        index: `(T, R)` int32 the pair each row reads at each step.
+        totals: `(R,)` int32 each row's steps.
+        states: B's initial states, each `(R, size)`.
+
+    Returns:
+        `ys (R, T, width)`.
+    """
+    steps = tf.reduce_max(totals)
+    ys = tf.TensorArray(table.dtype, size=tf.shape(index)[0], element_shape=tf.TensorShape([None, None]))
+
+    def iterate(j, states, ys):
+        y, states = step(tf.gather(table, index[j]), None, states)
+        return j + 1, states, ys.write(j, y)
+
+    _, _, ys = tf.while_loop(lambda j, *_: j < steps, iterate, (tf.constant(0), list(states), ys))
+    return tf.transpose(ys.stack(), [1, 0, 2])
+
+
+def compile_known_inputs_loop(step, *, state_sizes, table_spec):
+    """`known_inputs_loop` as one `tf.function(jit_compile=True)`, traced once for every shape."""
+
+    def loop(table, index, totals):
+        rows = tf.shape(index)[1]
+        return known_inputs_loop(step, table, index, totals,
+                                 [tf.zeros([rows, size], table.dtype) for size in state_sizes])
+
+    signature = [table_spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)]
+    return tf.function(loop, input_signature=signature, jit_compile=True, autograph=False)
+
+
+def lay_out_steps(caps):
+    """The inputs of `known_inputs_loop` from caps `(N, Ta)`: `(pairs, index (T, R), totals (R,))`, bucketed.
+
+    Each sample's inner steps, outer step after outer step, form one sequence;
+    step `p` of sample `n` reads its pair's row. `pairs` is the padded pair
+    count the table is padded to.
+    """
+    n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
+    caps_flat = tf.reshape(caps, [-1])
+    value_pairs = tf.repeat(tf.range(tf.size(caps_flat)), caps_flat)
+    samples = value_pairs // outer
+    totals = tf.reduce_sum(caps, axis=1)
+    positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), samples)
+    steps = bucket(tf.reduce_max(tf.concat([totals, [0]], 0)), minimum=8)
+    rows = bucket(n)
+    index = tf.scatter_nd(tf.stack([positions, samples], axis=1), value_pairs, tf.stack([steps, rows]))
+    return bucket(tf.size(caps_flat)), index, tf.pad(totals, [[0, rows - n]])
+
+
+def compact_known(ys, totals):
+    """`known_inputs_loop`'s outputs in value order (outside XLA): each row's first `totals[r]` steps."""
+    return tf.boolean_mask(ys, tf.sequence_mask(totals, tf.shape(ys)[1]))
+
+
+def compile_loop(spec, step, start, *, table_spec):
     """`masked_loop` as one `tf.function(jit_compile=True)`, traced once for every shape (XLA compiles per shape)."""
-    signature = [table_spec, ir_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+    signature = [table_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
                  tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
                  tf.TensorSpec([None], tf.int8)]
 
@@ -254,7 +317,7 @@ def compact(ys, emitted, tokens=None):
     Rows are in ascending pair (or sample) order and each row's steps in
     order, so the row-major mask keeps value order.
     """
-    mask = emitted > 0
-    values = tf.boolean_mask(ys, mask)
-    pairs = tf.boolean_mask(emitted, mask) - 1
-    return values, pairs, (None if tokens is None else tf.boolean_mask(tokens, mask))
+    where = tf.where(emitted > 0)
+    values = tf.gather_nd(ys, where)
+    pairs = tf.gather_nd(emitted, where) - 1
+    return values, pairs, (None if tokens is None else tf.gather_nd(tokens, where))

@@ -32,9 +32,10 @@ def test_buckets_are_multiples_of_16_at_most_a_quarter_above_the_size_by_hand():
 
 
 @pytest.mark.xla
-@pytest.mark.parametrize("b_kind, state", [("gru", "reset"), ("gru", "carry"), ("lstm", "reset"), ("lstm", "carry")])
-def test_values_equal_reference(b_kind, state):
-    cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
+@pytest.mark.parametrize("b_kind, state, fast_cells", [("gru", "reset", False), ("lstm", "reset", False),
+                                                       ("gru", "carry", "auto"), ("lstm", "carry", "auto")])
+def test_values_equal_reference(b_kind, state, fast_cells):
+    cascade = Cascade(builders.model_a(), make_b(b_kind), state=state, fast_cells=fast_cells)
     x = builders.inputs(3, 4)
     assert_matches_reference(cascade, x, PER_SAMPLE)
     assert_matches_reference(cascade, x, SHARED)
@@ -43,8 +44,18 @@ def test_values_equal_reference(b_kind, state):
 
 
 @pytest.mark.xla
+def test_reset_through_a_known_cell_keeps_its_packed_recurrence_and_says_so():
+    cascade = Cascade(builders.model_a(), make_b("gru"))
+    assert_matches_reference(cascade, builders.inputs(3, 4), PER_SAMPLE)
+    assert cascade.loop_compiled is False
+    assert cascade.loop_compile_problem.startswith("reset mode with given steps through a known cell")
+    assert cascade.a_compiled is True
+
+
+@pytest.mark.xla
 def test_state_init_ir_and_an_all_zero_batch():
-    cascade = Cascade(builders.model_a(ir_size=5), builders.step_b("gru", ir_size=5, units=5), state_init="ir")
+    cascade = Cascade(builders.model_a(ir_size=5), builders.step_b("gru", ir_size=5, units=5), state_init="ir",
+                      fast_cells=False)
     x = builders.inputs(3, 4)
     assert_matches_reference(cascade, x, PER_SAMPLE)
     out = assert_matches_reference(cascade, x, np.zeros((3, 4), np.int64))
@@ -118,7 +129,7 @@ def test_categorical_draws_are_the_same_in_any_batch_bit_for_bit():
 @pytest.mark.xla
 @pytest.mark.parametrize("state", ["reset", "carry"])
 def test_a_tape_gets_the_plain_loops_gradients(state):
-    cascade = Cascade(builders.model_a("gru"), make_b("gru"), state=state)
+    cascade = Cascade(builders.model_a("gru"), make_b("gru"), state=state, fast_cells=False)
     x = builders.inputs(3, 4)
     cascade(x, PER_SAMPLE)  # decides, untaped: the compiled loop
     got, weights = gradients(cascade, x, PER_SAMPLE, lambda: cascade(x, PER_SAMPLE).flat_values)
@@ -171,7 +182,7 @@ def test_building_several_cascades_prints_no_retracing_warning():
     tf.get_logger().addHandler(handler)
     try:
         for _ in range(6):
-            cascade = Cascade(a, builders.step_b("gru"))
+            cascade = Cascade(a, builders.step_b("gru"), state="carry")  # carry: the loop compiles too
             cascade(x, np.array([1, 2, 0, 1]))
     finally:
         tf.get_logger().removeHandler(handler)
