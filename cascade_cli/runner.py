@@ -6,8 +6,10 @@ Called eagerly it compiles itself: the settings are checked eagerly, then the
 work runs in a cached `tf.function` traced once for any batch and steps
 (`run_eagerly=True` keeps it eager, for debugging). Model A runs under XLA
 where it compiles and equals its plain call (`jit_compile="auto"`, checked once
-on a probe input); the packed loop, whose shapes change every step, stays
-outside XLA.
+on a probe input), and so does the loop over B in forward runs, whole, as one
+XLA computation with static shapes (`cascade_cli.compiled_loop`: rows masked,
+sizes bucketed); elsewhere (a tape recording the call, teacher forcing,
+`reset` through a known cell's packed recurrence) the plain loop below runs.
 
 How it stays fast (DESIGN section 3): A is called once; every inner sequence
 that runs (a `(n, t)` pair in `reset` mode, a whole sample in `carry` mode) is a
@@ -188,8 +190,13 @@ class Cascade:
             compiled call runs in inference mode and its gradient recomputes
             it there; elsewhere A's plain call keeps dropout's randomness
             exactly as Keras draws it. `a_compiled` and
-            `a_compiled_in_training` say which was chosen. The packed loop
-            has shapes that change every step, so it stays outside XLA.
+            `a_compiled_in_training` say which was chosen. The same switch
+            runs the loop over B whole under XLA in forward runs where it
+            compiles and equals the plain loop (checked once on a probe;
+            True raises where it does not compile); `loop_compiled` and
+            `loop_compile_problem` say which ran. Gradients, teacher forcing
+            and `reset` with given steps through a known cell keep the
+            plain loop.
         run_eagerly: False (default): called eagerly, the cascade runs in a
             cached `tf.function`, traced once per `training` value and input
             dtype for every batch size and steps. True keeps every call eager,
