@@ -181,7 +181,7 @@ def test_building_several_cascades_prints_no_retracing_warning():
     handler = logging.StreamHandler(stream)
     tf.get_logger().addHandler(handler)
     try:
-        for _ in range(6):
+        for _ in range(5):  # TensorFlow warns at 5 traces in its last 5 calls of one Python function
             cascade = Cascade(a, builders.step_b("gru"), state="carry")  # carry: the loop compiles too
             cascade(x, np.array([1, 2, 0, 1]))
     finally:
