@@ -717,7 +717,7 @@ class Cascade:
         """Checks once whether the whole loop compiles under XLA and equals the plain loop; sets `self._loop_choice`.
 
         Runs eagerly (`tf.init_scope`) on a seeded probe: 2 samples, steps of
-        0 to 3 (or `max_steps`), each path's values, lengths and tokens
+        0 to 3 (or `min(max_steps, 4)`), each path's values, lengths and tokens
         compared. Raises a `ParameterError` for `jit_compile=True` where it
         does not hold.
         """
@@ -729,8 +729,8 @@ class Cascade:
             rng = np.random.default_rng(0)
             shape = (2, spec.outer_steps or 3, spec.features or features or 1)
             probe = tf.constant(rng.normal(size=shape), self.model_a.inputs[0].dtype)
-            caps = tf.constant(rng.integers(0, 4, size=shape[:2]) if self.max_steps is None
-                               else np.full(shape[:2], self.max_steps), tf.int32)
+            caps = tf.constant(rng.integers(0, 4, size=shape[:2]) if self.max_steps is None  # 4: a short probe
+                               else np.full(shape[:2], min(self.max_steps, 4)), tf.int32)
             extras = None
             if self._general:
                 extras = _Feed(None, tf.range(2, dtype=tf.int64), tf.constant(0.0, tf.float64),
