@@ -80,14 +80,14 @@ class FeedbackPlan(bench.BasePlan):
 
 
 def plan(*, quick=False, repeats=None, batches=None):
-    """Returns the plan (issue 16's feedback target: N=8 and N=64), or its tiny `quick` version.
+    """Returns the plan (issue 16's feedback targets: N=8 and N=64; issue 29 adds N=1), or its tiny `quick` version.
 
     `batches` keeps only the cases of those `N` (a reduced run).
     """
     if quick:
         shapes, features, outputs, max_steps = ((2, 3, 8), (3, 4, 8)), 4, 4, 3
     else:
-        shapes, features, outputs, max_steps = ((8, 100, 64), (64, 50, 64)), 16, 16, 8
+        shapes, features, outputs, max_steps = ((1, 200, 64), (8, 100, 64), (64, 50, 64)), 16, 16, 8
     cases = tuple(bench.Case(f"N={n} Ta={ta} H={h}", n, ta, h) for n, ta, h in shapes
                   if batches is None or n in batches)
     return FeedbackPlan(cases=cases, features=features, outputs=outputs, max_steps=max_steps,

@@ -384,12 +384,18 @@ def cases_with_data(run_plan):
 
 
 def _a_choice(model_a, model_b):
-    """What the default `Cascade(a, b)` chose for A (`a_compiled`), after one call."""
+    """What the default `Cascade(a, b)` chose for A (`a_compiled`) and, in each mode, for the loop over B
+    (`loop_compiled`: the whole loop under XLA), after one call."""
     from cascade_cli.runner import Cascade
 
-    cascade = Cascade(model_a, model_b)
-    cascade.run(np.zeros((1, 2, model_a.inputs[0].shape[-1]), np.float32), [1, 0])
-    return {"a_compiled": cascade.a_compiled, "a_compiled_in_training": cascade.a_compiled_in_training}
+    choice = {}
+    for state in STATES:
+        cascade = Cascade(model_a, model_b, state=state)
+        cascade.run(np.zeros((1, 2, model_a.inputs[0].shape[-1]), np.float32), [1, 0])
+        choice.setdefault("a_compiled", cascade.a_compiled)
+        choice.setdefault("a_compiled_in_training", cascade.a_compiled_in_training)
+        choice[f"loop_compiled_{state}"] = cascade.loop_compiled
+    return choice
 
 
 def time_interleaved(functions, arrays, *, repeats, warmups):
@@ -482,6 +488,8 @@ def render_run(run):
         title += f" (reduced: only {', '.join(case.name for case in run_plan.cases)})"
     choices = ", ".join(f"{name}: {'XLA' if choice['a_compiled'] else 'plain'} in inference, "
                         f"{'XLA' if choice['a_compiled_in_training'] else 'plain'} in training"
+                        + "".join(f", the {state} loop over B {'under XLA' if choice[key] else 'plain'}"
+                                  for state in STATES if (key := f"loop_compiled_{state}") in choice)
                         for name, choice in run.get("a_choice", {}).items())
     parts = [
         "", title, "",
@@ -495,7 +503,7 @@ def render_run(run):
         f"- models: A = GRU(H) on F={run_plan.features} features; B = GRUCell(H) then Dense({run_plan.outputs}); "
         f"steps uniform in 0..{run_plan.max_steps}; {run_plan.repeats} timed runs after {run_plan.warmups} warm-up"
         + (f"; the whole run took {run['seconds']:.0f} s" if "seconds" in run else ""),
-        f"- the default `Cascade(a, b)` chose for A: {choices or 'not recorded'}",
+        f"- the default `Cascade(a, b)` chose for A (and the loop over B): {choices or 'not recorded'}",
         "",
         "### Median times (ms)",
         "",

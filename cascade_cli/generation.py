@@ -207,6 +207,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             writer.attrs.update(zip(STOP_SUMMARY_ATTRS, (pairs, at_cap, at_first)))
         if cascade.a_compiled is not None:  # decided by the first batch; for inspect
             writer.attrs["a_compiled"] = bool(cascade.a_compiled)
+        if cascade.loop_compiled is not None:
+            writer.attrs["loop_compiled"] = bool(cascade.loop_compiled)
+            if cascade.loop_compile_problem:
+                writer.attrs["loop_compile_problem"] = cascade.loop_compile_problem
     return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
                            at_first)
 

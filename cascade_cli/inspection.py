@@ -104,8 +104,10 @@ def _result_stop_rule(attrs, lengths):
     return rows
 
 
-XLA_ATTRS = ("a_compiled", "jit_compile")
-"""What a result records of how model A ran: `a_compiled` (bool) and the `jit_compile` asked for ("auto"/True/False as text)."""
+XLA_ATTRS = ("a_compiled", "jit_compile", "loop_compiled", "loop_compile_problem")
+"""What a result records of how the models ran: `a_compiled` (bool: A under XLA), the `jit_compile` asked for
+("auto"/True/False as text), `loop_compiled` (bool: the loop over B under XLA, whole) and, where it was not,
+`loop_compile_problem` (why)."""
 
 
 def _result_xla(attrs):
@@ -123,6 +125,17 @@ def _result_xla(attrs):
     else:
         text = f"{setting} (whether it ran under XLA is not recorded)"
     return [("model A ran", text)]
+
+
+def _result_loop(attrs):
+    """The `("the loop over B ran", ...)` row saying whether B's loop ran whole under XLA; none where not recorded."""
+    compiled = attrs.get("loop_compiled")
+    if not isinstance(compiled, bool):
+        return []
+    if compiled:
+        return [("the loop over B ran", "under XLA, whole")]
+    problem = attrs.get("loop_compile_problem")
+    return [("the loop over B ran", "without XLA" + (f": {problem}" if problem else ""))]
 
 
 def shape_text(shape):
@@ -339,7 +352,7 @@ def describe_result(path):
                                 f"time_major {attrs.get(results_io.TIME_MAJOR)}"))
     rows += [(key, value) for key, value in sorted(run_attrs(attrs).items())
              if key not in (*results_io.STOP_SUMMARY_ATTRS, *XLA_ATTRS)]
-    rows += _result_xla(attrs)
+    rows += _result_xla(attrs) + _result_loop(attrs)
     rows += _result_stop_rule(attrs, result.lengths)
     rows += nonfinite_value_rows(path)
     return Report(rows, result.lengths, "inner lengths per (n, t) pair", "pairs")

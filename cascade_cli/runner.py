@@ -6,8 +6,10 @@ Called eagerly it compiles itself: the settings are checked eagerly, then the
 work runs in a cached `tf.function` traced once for any batch and steps
 (`run_eagerly=True` keeps it eager, for debugging). Model A runs under XLA
 where it compiles and equals its plain call (`jit_compile="auto"`, checked once
-on a probe input); the packed loop, whose shapes change every step, stays
-outside XLA.
+on a probe input), and so does the loop over B in forward runs, whole, as one
+XLA computation with static shapes (`cascade_cli.compiled_loop`: rows masked,
+sizes bucketed); elsewhere (a tape recording the call, teacher forcing,
+`reset` through a known cell's packed recurrence) the plain loop below runs.
 
 How it stays fast (DESIGN section 3): A is called once; every inner sequence
 that runs (a `(n, t)` pair in `reset` mode, a whole sample in `carry` mode) is a
@@ -40,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli import packing, sampling
+from cascade_cli import compiled_loop, packing, sampling
 from cascade_cli.cells import fast_path_problem, split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
@@ -190,8 +192,13 @@ class Cascade:
             compiled call runs in inference mode and its gradient recomputes
             it there; elsewhere A's plain call keeps dropout's randomness
             exactly as Keras draws it. `a_compiled` and
-            `a_compiled_in_training` say which was chosen. The packed loop
-            has shapes that change every step, so it stays outside XLA.
+            `a_compiled_in_training` say which was chosen. The same switch
+            runs the loop over B whole under XLA in forward runs where it
+            compiles and equals the plain loop (checked once on a probe;
+            True raises where it does not compile); `loop_compiled` and
+            `loop_compile_problem` say which ran. Gradients, teacher forcing
+            and `reset` with given steps through a known cell keep the
+            plain loop.
         run_eagerly: False (default): called eagerly, the cascade runs in a
             cached `tf.function`, traced once per `training` value and input
             dtype for every batch size and steps. True keeps every call eager,
@@ -341,8 +348,11 @@ class Cascade:
         self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
         self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
+        self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
+        self._loop_choice = None if self._xla_a else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
         if jit_compile is True:
             self._choose_xla(features=self.a_spec.features)  # raise now where A cannot compile
+            self._choose_loop(features=self.a_spec.features)  # and where the loop cannot
 
     # ------------------------------------------------------------ properties
 
@@ -355,6 +365,20 @@ class Cascade:
     def a_compiled_in_training(self):
         """Whether model A runs under XLA with `training=True`; None before the first call decides."""
         return None if self._xla is None else self._xla.training
+
+    @property
+    def loop_compiled(self):
+        """Whether the packed loop over B runs whole under XLA where it applies; None before the first call decides.
+
+        It applies forward (no tape recording the call), without targets, to a
+        step-form B (`loop_compile_problem` says why not where it does not).
+        """
+        return None if self._loop_choice is None else self._loop_choice.compiled
+
+    @property
+    def loop_compile_problem(self):
+        """Why the packed loop does not run under XLA (None where it does, or before the first call decides)."""
+        return None if self._loop_choice is None else self._loop_choice.reason
 
     # ------------------------------------------------------------------ public
 
@@ -427,7 +451,7 @@ class Cascade:
         # Ta == 0 runs no model at all, and needs the static shape to know it.
         return not self.run_eagerly and tf.executing_eagerly() and inputs.shape[1] != 0
 
-    def _compiled(self, kind, inputs, *, training, extras=None):
+    def _compiled(self, kind, inputs, *, training, extras=None, loop=True):
         """The concrete function of `_ragged_parts` or `_run`, traced once for any `N`, `Ta` and steps.
 
         Keyed on `training` (a Python value the trace depends on) and the
@@ -436,9 +460,10 @@ class Cascade:
         or sampling run (`extras`) also takes `sample_index` and the sampling
         probability as tensors (no retrace per value), and targets where given.
         """
-        key = self._key(kind, inputs, training=training, plain_a=False, extras=extras)
+        key = (*self._key(kind, inputs, training=training, plain_a=False, extras=extras), loop)
         if key not in self._functions:
-            function, signature = self._traceable(kind, inputs, training=training, plain_a=False, extras=extras)
+            function, signature = self._traceable(kind, inputs, training=training, plain_a=False, extras=extras,
+                                                  loop=loop)
             compiled = tf.function(function, input_signature=signature)
             # Called as a concrete function: a tf.function's own dispatch costs about as much as
             # the whole run at small N.
@@ -487,13 +512,16 @@ class Cascade:
         layout = None if extras is None else (extras.targets is not None, extras.return_tokens, extras.scheduled)
         return kind, training, inputs.dtype, inputs.shape[2], plain_a, layout
 
-    def _traceable(self, kind, inputs, *, training, plain_a, extras):
-        """`(function, input_signature)`: the Python function `_compiled` traces, and its signature."""
+    def _traceable(self, kind, inputs, *, training, plain_a, extras, loop=False):
+        """`(function, input_signature)`: the Python function `_compiled` traces, and its signature.
+
+        `loop`: whether the trace may run the compiled whole loop (False where a tape records the call).
+        """
         body = self._ragged_parts if kind == "ragged" else self._run
         signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
                      tf.TensorSpec([None, None], tf.int32)]
         if extras is None:
-            return (lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a)), signature
+            return (lambda inputs, caps: body(inputs, caps, training, plain_a=plain_a, loop=loop)), signature
         signature += [tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float64)]
         if extras.targets is not None:
             signature.append(tf.TensorSpec([None, self.b_spec.output_size], self._y_dtype))
@@ -501,7 +529,7 @@ class Cascade:
 
         def function(inputs, caps, sample_index, probability, targets=None):
             feed = _Feed(targets, sample_index, probability, return_tokens, scheduled)
-            return body(inputs, caps, training, plain_a=plain_a, extras=feed)
+            return body(inputs, caps, training, plain_a=plain_a, extras=feed, loop=loop)
 
         return function, signature
 
@@ -520,7 +548,8 @@ class Cascade:
                 weights = [tf.convert_to_tensor(weight) for weight in self._weights]  # the tapes watch them
                 if tapes_may_take_higher_order([*arguments, *weights]):
                     return self._recomputed(kind, inputs, arguments, weights, training=training, extras=extras)
-            return self._compiled(kind, inputs, training=training, extras=extras)(*arguments)
+            return self._compiled(kind, inputs, training=training, extras=extras,
+                                  loop=not tape_may_record())(*arguments)
         except Exception as error:
             cause = error
             while cause is not None and not isinstance(cause, CascadeError):
@@ -550,8 +579,8 @@ class Cascade:
 
         @tf.custom_gradient
         def call(*sources):
-            with stop_recording():
-                outputs = self._compiled(kind, inputs, training=training, extras=extras)(*arguments)
+            with stop_recording():  # the plain loop, so that the gradient's run emits the very same rows
+                outputs = self._compiled(kind, inputs, training=training, extras=extras, loop=False)(*arguments)
 
             def gradient(d_values, *_, variables=None):
                 d_values = tf.zeros_like(outputs[0]) if d_values is None else d_values
@@ -576,13 +605,13 @@ class Cascade:
         inputs = self._check_inputs(inputs)
         return inputs, self._check_steps(steps, inputs)
 
-    def _ragged_parts(self, inputs, caps, training, *, plain_a=False, extras=None):
+    def _ragged_parts(self, inputs, caps, training, *, plain_a=False, extras=None, loop=None):
         """`(values, row_splits (N * Ta + 1,) int64[, tokens])`: `_run`'s result as the flat parts of `__call__`'s.
 
         Plain tensors, so that a compiled call returns no composite tensor
         (whose packing costs more than the call itself at small N).
         """
-        result = self._run(inputs, caps, training, plain_a=plain_a, extras=extras)
+        result = self._run(inputs, caps, training, plain_a=plain_a, extras=extras, loop=loop)
         lengths = tf.reshape(tf.cast(result[1], tf.int64), [-1])
         splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(lengths)], 0)
         return (result[0], splits, *result[2:])
@@ -611,8 +640,13 @@ class Cascade:
                   for flat in (parts[0], *parts[2:])]
         return tuple(nested) if len(nested) > 1 else nested[0]
 
-    def _run(self, inputs, caps, training, *, plain_a=False, extras=None):
-        """`run` on checked inputs and caps: A once, then the path for B's form and the state mode."""
+    def _run(self, inputs, caps, training, *, plain_a=False, extras=None, loop=None):
+        """`run` on checked inputs and caps: A once, then the path for B's form and the state mode.
+
+        `loop`: False keeps the plain loop; True or None (decide here: no tape
+        recording) run the compiled whole loop where it applies (`_loop_applies`);
+        `"probe"` runs it regardless (`_choose_loop`).
+        """
         if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
             ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
         elif not plain_a and self._a_under_xla(inputs, training=training):
@@ -624,6 +658,10 @@ class Cascade:
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
         if self.b_spec.form == "sequence":
             return self._run_sequence(ir_flat, caps, training)
+        if loop is None:
+            loop = not tape_may_record()
+        if loop == "probe" or (loop and self._loop_applies(inputs, training=training, extras=extras)):
+            return self._run_compiled_loop(ir_flat, caps, training, extras)
         if extras is not None:
             return self._run_feedback(ir_flat, caps, training, extras)
         split = self._known_cell(ir_dtype=ir.dtype, training=training)
@@ -660,6 +698,113 @@ class Cascade:
         if problem is not None and self.jit_compile is True:
             raise ParameterError("jit_compile", f"True, but model A cannot run under XLA: {problem}.")
         self._xla = _XlaChoice(problem is None, problem is None and training is None, problem or training)
+
+    # --------------------------------------------------------- the whole loop
+
+    def _loop_applies(self, inputs, *, training, extras):
+        """Whether this call runs the compiled whole loop: decided once (`_choose_loop`), then per call.
+
+        Per call it needs no targets (teacher forcing keeps the known-cell
+        recurrence and its hand-written gradient) and, in training, a B that
+        draws nothing and updates nothing (XLA's random numbers are not
+        TensorFlow's).
+        """
+        if self._loop_choice is not None and not self._loop_choice.compiled:
+            return False
+        if extras is not None and extras.targets is not None:
+            return False
+        if (self.state == "reset" and extras is None and self.stop_rule is None
+                and self._known_cell(ir_dtype=self.model_a.outputs[0].dtype, training=training) is not None):
+            if self._loop_choice is None:
+                self._loop_choice = _LoopChoice(False, _RECURRENCE_WINS)
+            return False
+        if training is not False and (seed_generators([self.model_b]) or self.model_b.non_trainable_variables):
+            return False
+        if self._loop_choice is None:
+            self._choose_loop(features=inputs.shape[2])
+        return self._loop_choice.compiled
+
+    def _choose_loop(self, *, features):
+        """Checks once whether the whole loop compiles under XLA and equals the plain loop; sets `self._loop_choice`.
+
+        Runs eagerly (`tf.init_scope`) on a seeded probe: 2 samples, steps of
+        0 to 3 (or `min(max_steps, 4)`), each path's values, lengths and tokens
+        compared. Raises a `ParameterError` for `jit_compile=True` where it
+        does not hold.
+        """
+        if self.b_spec.form == "sequence":
+            self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
+            return
+        spec = self.a_spec
+        with tf.init_scope():
+            rng = np.random.default_rng(0)
+            shape = (2, spec.outer_steps or 3, spec.features or features or 1)
+            probe = tf.constant(rng.normal(size=shape), self.model_a.inputs[0].dtype)
+            caps = tf.constant(rng.integers(0, 4, size=shape[:2]) if self.max_steps is None  # 4: a short probe
+                               else np.full(shape[:2], min(self.max_steps, 4)), tf.int32)
+            extras = None
+            if self._general:
+                extras = _Feed(None, tf.range(2, dtype=tf.int64), tf.constant(0.0, tf.float64),
+                               self.sampler.tokens, False)
+            plain = self._run(probe, caps, False, plain_a=True, extras=extras, loop=False)
+            try:
+                compiled = self._run(probe, caps, False, plain_a=True, extras=extras, loop="probe")
+            except Exception as error:  # noqa: BLE001 - XLA raises several error types for ops it cannot compile
+                problem = f"it does not compile ({_first_line(error)})"
+            else:
+                problem = _loop_difference(plain, compiled)
+        if problem is not None and self.jit_compile is True:
+            raise ParameterError("jit_compile", f"True, but the packed loop over B cannot run under XLA: {problem}.")
+        self._loop_choice = _LoopChoice(problem is None, problem)
+
+    def _run_compiled_loop(self, ir_flat, caps, training, extras):
+        """The forward run of B as one XLA computation (`cascade_cli.compiled_loop`): `_run`'s result.
+
+        Rows walk their sample's pairs in `carry` mode and where feedback
+        starts from the previous pair; elsewhere each row is one pair. B is
+        called whole at every step: under XLA its one recurrent matmul beat
+        the known-cell path's matmul per gate (N=1 carry: 16-20 against 60-70
+        ms for the loop alone, 733 steps, the shared 2-core machine).
+        """
+        if self.state == "carry" and not self._general and self.stop_rule is None:
+            return self._run_known_inputs_loop(ir_flat, caps, training)
+        walk = self.state == "carry" or (self.feedback and self._start[0] == "previous")
+        return_tokens = extras is not None and extras.return_tokens
+        key = (training, return_tokens, ir_flat.dtype)
+        sample_index = extras.sample_index if extras is not None else tf.range(tf.shape(caps)[0], dtype=tf.int64)
+        pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=self.max_steps)
+        if key not in self._loops:
+            rule = self.stop_rule
+            stop = None if rule is None else (
+                lambda y, token: stop_hits(rule, y, token if rule.kind == "token" else None))
+            spec = compiled_loop.LoopSpec(
+                walk=walk, carry=self.state == "carry", feedback=self.feedback,
+                start_previous=self._start[0] == "previous", sampler=self.sampler, stop=stop,
+                exclude_stop_step=self.exclude_stop_step, min_steps=self.min_steps, seed=self.seed,
+                return_tokens=return_tokens, width=self.b_spec.output_size, dtype=self._y_dtype,
+                state_sizes=tuple(self.b_spec.state_sizes), state_init=self.state_init)
+            self._loops[key] = compiled_loop.compile_loop(
+                spec, self._b_step(training), self._start_value(),
+                table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
+        ys, emitted, tokens = compiled_loop.call(self._loops[key], compiled_loop.pad_table(ir_flat, pairs), *integers)
+        values, pairs, tokens = compiled_loop.compact(ys, emitted, tokens if return_tokens else None)
+        result = (values, self._lengths(caps, pairs))
+        return result + (tokens,) if return_tokens else result
+
+    def _run_known_inputs_loop(self, ir_flat, caps, training):
+        """`carry` with given steps under XLA: every row's input is known before the loop (`known_inputs_loop`)."""
+        key = ("known", training, ir_flat.dtype)
+        if key not in self._loops:
+            self._loops[key] = compiled_loop.compile_known_inputs_loop(
+                self._b_step(training), state_sizes=tuple(self.b_spec.state_sizes),
+                table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
+        pairs, index, totals = compiled_loop.lay_out_steps(caps)
+        ys = compiled_loop.call(self._loops[key], compiled_loop.pad_table(ir_flat, pairs), index, totals)
+        return compiled_loop.compact_known(ys, totals), caps
+
+    def _b_step(self, training):
+        """B's inner step as the compiled loops call it: `(x, y_prev, states) -> (y, new_states)`."""
+        return lambda x, y_prev, states: self._call_b(x, states, training, y_prev=y_prev)
 
     # ------------------------------------------------------------ validation
 
@@ -1292,10 +1437,10 @@ def xla_inference(model):
     @tf.custom_gradient
     def call(x):
         with stop_recording():
-            y = forward(x)
+            y = compiled_loop.call(forward, x)
 
         def gradient(upstream, variables=None):
-            grads = backward(x, upstream)
+            grads = compiled_loop.call(backward, x, upstream)
             by_variable = {id(v.value): g for v, g in zip(model.trainable_variables, grads[1:])}
             return grads[0], [by_variable.get(id(v)) for v in variables or []]
 
@@ -1368,6 +1513,38 @@ class _XlaChoice:
     inference: bool
     training: bool
     reason: str | None
+
+
+_RECURRENCE_WINS = ("reset mode with given steps through a known cell: its packed recurrence runs only the rows "
+                    "still running, and measured faster than the masked loop under XLA")
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopChoice:
+    """Whether the packed loop runs whole under XLA, and why not where it does not."""
+
+    compiled: bool
+    reason: str | None
+
+
+def _loop_difference(plain, compiled):
+    """Why the compiled loop's result cannot stand in for the plain loop's, or None (`_choose_loop`'s probe)."""
+    names = ("values", "lengths", "tokens")
+    for name, want, got in zip(names, plain, compiled):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape:
+            return f"its {name} have shape {got.shape} on a probe input, the plain loop's {want.shape}"
+        if name != "values":
+            if not np.array_equal(want, got):
+                return f"its {name} differ from the plain loop's on a probe input"
+            continue
+        tolerance = _XLA_TOLERANCE.get(want.dtype.itemsize, 1e-5)
+        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        difference = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
+        if not np.isfinite(difference) or difference > tolerance * scale:
+            return (f"its values differ from the plain loop's by up to {difference:.3g} on a probe input "
+                    f"(allowed {tolerance * scale:.3g})")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

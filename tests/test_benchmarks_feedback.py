@@ -165,9 +165,9 @@ def test_targets_by_hand():
     missing = feedback.evaluate_targets(run_plan, timings_of({(8, "forward", "cascade"): 0.01}))
     assert [t["passed"] for t in missing] == [None, None]
     rows = feedback.timing_rows(run_plan, timings_of(medians))
-    assert len(rows) == 4 and all(len(row) == len(feedback.TIMING_HEADER) for row in rows)
-    assert rows[2][-3:] == ["1.60", "50.00", "2.00"]  # N=64 forward: 0.016 / 0.010, 0.5 / 0.010, 0.016 / 0.008
-    assert rows[3][-1] == "-"  # the limit runs forward only
+    assert len(rows) == 6 and all(len(row) == len(feedback.TIMING_HEADER) for row in rows)  # N=1, 8, 64
+    assert rows[4][-3:] == ["1.60", "50.00", "2.00"]  # N=64 forward: 0.016 / 0.010, 0.5 / 0.010, 0.016 / 0.008
+    assert rows[5][-1] == "-"  # the limit runs forward only
 
 
 def test_the_report_renders_beside_the_other_suites(tmp_path):

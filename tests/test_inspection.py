@@ -54,6 +54,21 @@ def test_inspect_says_whether_model_a_ran_under_xla(tmp_path, recorded, expected
     assert not {"a_compiled", "jit_compile"} & {name for name, _ in rows}  # one row, not the raw attributes
 
 
+@pytest.mark.parametrize("recorded, expected", [
+    ({"loop_compiled": True}, "under XLA, whole"),
+    ({"loop_compiled": False, "loop_compile_problem": "B is in sequence form: it runs in one padded call, not a loop"},
+     "without XLA: B is in sequence form: it runs in one padded call, not a loop"),
+    ({"loop_compiled": False}, "without XLA"),
+    ({"a_compiled": True}, None),  # a file from before the loop compiled: nothing said of it
+])
+def test_inspect_says_whether_the_loop_over_b_ran_under_xla(tmp_path, recorded, expected):
+    path = tmp_path / "r.h5"
+    write_result(path, hand_result(), attrs={"state": "reset", **recorded})
+    rows = inspection.describe_result(path).rows
+    assert dict(rows).get("the loop over B ran") == expected
+    assert not {"loop_compiled", "loop_compile_problem"} & {name for name, _ in rows}
+
+
 def test_kind_of_tells_results_from_inputs_and_training(tmp_path):
     write_result(tmp_path / "r.npz", hand_result())
     write_result(tmp_path / "r.h5", hand_result())

@@ -1,0 +1,323 @@
+"""The packed loop compiled whole: every inner step of B in one XLA computation (issue 29).
+
+The plain loop (`cascade_cli.runner.packed_loop` and the feedback loop) runs op
+by op in TensorFlow's graph executor: 30-100 us of dispatch per inner step,
+against 4-9 us inside an XLA while loop. Here the whole while loop, B's steps
+included, is one `tf.function(jit_compile=True)`, so its shapes must be static:
+
+- *Masked rows.* Every row runs at every step until the last one is done; a
+  finished row's values are not emitted (its pair reads -1). Rows never
+  leave, so no shape changes inside the loop.
+- *Rows in value order.* A row is a `(n, t)` pair with steps > 0 (`reset`) or a
+  sample that walks its pairs in order (`carry`, and feedback that starts from
+  the previous pair's last value). Rows are kept in ascending pair (or sample)
+  order, so each row's emitted values, step after step, are already in value
+  order: the outputs leave the compiled region padded, `(rows, steps, O)` with
+  each value's pair id, and one boolean mask outside XLA compacts them.
+- *Buckets.* XLA compiles once per set of input shapes. The rows, the pair
+  table and the trip count are padded up to one of a few sizes (`bucket`): at
+  most 25% padding, a handful of compiles per octave of batch size, and every
+  row count a multiple of 16, so that a row's values do not depend on how many
+  rows ran beside it (`cascade_cli.packing.ROW_QUANTUM`).
+- *Preallocated outputs.* Every `TensorArray` has the static trip count's size
+  (DESIGN section 3's XLA trap).
+
+The compiled loop runs forward only: a call a tape may record, teacher forcing
+(targets) and a sequence-form B keep the plain loop. `loop_problem` is the one
+predicate that says where it does not apply; the runner's `jit_compile`
+switch reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from cascade_cli import packing, sampling
+
+QUANTUM = packing.ROW_QUANTUM  # every bucket is a multiple of it
+
+
+def bucket(size, *, minimum=QUANTUM):
+    """`size` rounded up to a bucket: a multiple of `minimum`, with at most 4 buckets per octave above 4 * minimum.
+
+    Args:
+        size: a scalar int32 tensor, >= 0.
+        minimum: the smallest bucket, a power of two.
+
+    Returns:
+        A scalar int32 tensor: `minimum * k` for `size <= 4 * minimum`, else a
+        multiple of a quarter of the power of two just below `size`.
+    """
+    size = tf.maximum(tf.cast(size, tf.int32), 1)
+    # the highest power of two <= size - 1 (0 for size 1), by bit smearing
+    v = size - 1
+    for shift in (1, 2, 4, 8, 16):
+        v = tf.bitwise.bitwise_or(v, tf.bitwise.right_shift(v, shift))
+    high = v - tf.bitwise.right_shift(v, 1)  # the top bit of size - 1
+    step = tf.maximum(high // 4, minimum)
+    return (size + step - 1) // step * step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What a compiled loop does, fixed when it is traced.
+
+    Attributes:
+        walk: rows are samples walking their pairs in order (else `(n, t)` pairs).
+        carry: B's state flows from one pair to the next of a row (else it restarts).
+        feedback: B is fed `y_prev`.
+        start_previous: feedback starts a pair from the row's last fed value (else from `start`).
+        sampler: an `options.Sampler`.
+        stop: `(y, tokens) -> hit`, or None without a stop rule.
+        exclude_stop_step: the step that met the rule is not emitted.
+        min_steps: no rule stops a pair before `min_steps` inner steps.
+        seed: the draws' seed.
+        return_tokens: the sampled ids leave the loop too.
+        width: the size of what the step emits, `O`.
+        dtype: its dtype.
+        state_sizes: B's state sizes.
+        state_init: `"zeros"` or `"ir"`.
+    """
+
+    walk: bool
+    carry: bool
+    feedback: bool
+    start_previous: bool
+    sampler: object
+    stop: object
+    exclude_stop_step: bool
+    min_steps: int
+    seed: int
+    return_tokens: bool
+    width: int
+    dtype: object
+    state_sizes: tuple
+    state_init: str
+
+
+def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, row_pairs, trip):
+    """The loop itself, traced inside `jit_compile=True`: every row at every step, finished rows masked.
+
+    Args:
+        spec: a `LoopSpec`.
+        step: `(x, y_prev, states) -> (y, new_states)`, one inner step of B
+            (`y_prev` is None without feedback).
+        start: `(O,)`, `y_prev` at a pair's first step (feedback).
+        table: `(P, H)` each pair's IR, B's step input (and its initial states with `state_init="ir"`).
+        caps: `(P,)` int32 each pair's most inner steps (0 for padding).
+        next_pair: `(P,)` int32 the next pair of the same sample with steps > 0, or -1.
+        sample_of: `(P,)` int64 each pair's sample's index in the whole input.
+        outer_of: `(P,)` int32 each pair's outer step.
+        row_pairs: `(R,)` int32 each row's first pair, -1 for a row with none.
+        trip: `(T,)` any dtype: only its length counts, the most steps any row runs.
+
+    Returns:
+        `(ys (R, T, width), pairs (R, T) int32, tokens (R, T) int64)`: what
+        every row emitted at every step and the pair of each plus one (0:
+        nothing emitted), so that the rows and steps XLA never wrote read as
+        empty; `tokens` is a `(R, 0)` placeholder without `return_tokens`.
+    """
+    rows, steps = tf.shape(row_pairs)[0], tf.shape(trip)[0]
+    dtype = spec.dtype
+
+    def initial_states(pair):
+        if spec.state_init == "ir":
+            x = tf.gather(table, pair)
+            return [tf.identity(x) for _ in spec.state_sizes]
+        return [tf.zeros([rows, size], table.dtype) for size in spec.state_sizes]
+
+    def iterate(j, pair, inner, states, fed, ys, emitted, tokens):
+        active = pair >= 0
+        safe = tf.maximum(pair, 0)
+        x = tf.gather(table, safe)
+        y, new_states = step(x, fed if spec.feedback else None, states)
+        u = None
+        if spec.sampler.draws:
+            u = sampling.row_uniforms(spec.seed, tf.gather(sample_of, safe), tf.gather(outer_of, safe), inner,
+                                      sampling.CATEGORICAL_STREAM)
+        fed_next, token = sampling.sample(spec.sampler, y, u)
+        hit = None
+        if spec.stop is not None:
+            hit = spec.stop(y, token)
+            if spec.min_steps > 1:
+                hit = tf.logical_and(hit, inner + 1 >= spec.min_steps)
+        emit = active if hit is None or not spec.exclude_stop_step else tf.logical_and(active, tf.logical_not(hit))
+        ys = ys.write(j, y)
+        emitted = emitted.write(j, tf.where(emit, pair + 1, 0))
+        if spec.return_tokens:
+            tokens = tokens.write(j, token)
+        done = inner + 1 >= tf.gather(caps, safe)
+        if hit is not None:
+            done = tf.logical_or(done, hit)
+        following = tf.gather(next_pair, safe) if spec.walk else tf.fill([rows], -1)
+        next_pair_ids = tf.where(active, tf.where(done, following, pair), -1)
+        if spec.walk and not spec.carry:  # a row starting a new pair starts from the initial states
+            fresh = initial_states(tf.maximum(next_pair_ids, 0))
+            new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
+        if not spec.feedback:
+            fed_next = fed  # nothing is fed back; the sampler's value served the tokens only
+        elif not spec.start_previous:
+            fed_next = tf.where(done[:, None], tf.broadcast_to(start, tf.shape(fed_next)), fed_next)
+        return j + 1, next_pair_ids, tf.where(done, 0, inner + 1), new_states, fed_next, ys, emitted, tokens
+
+    safe = tf.maximum(row_pairs, 0)
+    states = initial_states(safe)
+    first = tf.zeros_like(start) if spec.start_previous else start  # zeros before a sample's first pair
+    fed = tf.tile(first[None], [rows, 1])
+    ys = tf.TensorArray(dtype, size=steps, element_shape=tf.TensorShape([None, spec.width]))
+    emitted = tf.TensorArray(tf.int32, size=steps, element_shape=tf.TensorShape([None]))
+    tokens = tf.TensorArray(tf.int64, size=steps if spec.return_tokens else 1, element_shape=tf.TensorShape([None]))
+    if not spec.return_tokens:
+        tokens = tokens.write(0, tf.zeros([rows], tf.int64))
+    _, _, _, _, _, ys, emitted, tokens = tf.while_loop(
+        lambda j, pair, *_: tf.logical_and(j < steps, tf.reduce_any(pair >= 0)),
+        iterate,
+        (tf.constant(0), row_pairs, tf.zeros_like(row_pairs), states, fed, ys, emitted, tokens),
+    )
+    tokens = tf.transpose(tokens.stack()) if spec.return_tokens else tf.zeros([rows, 0], tf.int64)
+    return tf.transpose(ys.stack(), [1, 0, 2]), tf.transpose(emitted.stack()), tokens
+
+
+def known_inputs_loop(step, table, index, totals, states):
+    """`carry` with given steps, traced inside `jit_compile=True`: every row's input at every step is known.
+
+    No pair bookkeeping: row `r` runs `totals[r]` steps, step `j` reading
+    `table[index[j, r]]`; a row past its total keeps stepping on pair 0's
+    input, and what it computes then is never read.
+
+    Args:
+        step: `(x, y_prev, states) -> (y, new_states)`.
+        table: `(P, X)` each pair's step input.
+        index: `(T, R)` int32 the pair each row reads at each step.
+        totals: `(R,)` int32 each row's steps.
+        states: B's initial states, each `(R, size)`.
+
+    Returns:
+        `ys (R, T, width)`.
+    """
+    steps = tf.reduce_max(totals)
+    ys = tf.TensorArray(table.dtype, size=tf.shape(index)[0], element_shape=tf.TensorShape([None, None]))
+
+    def iterate(j, states, ys):
+        y, states = step(tf.gather(table, index[j]), None, states)
+        return j + 1, states, ys.write(j, y)
+
+    _, _, ys = tf.while_loop(lambda j, *_: j < steps, iterate, (tf.constant(0), list(states), ys))
+    return tf.transpose(ys.stack(), [1, 0, 2])
+
+
+def compile_known_inputs_loop(step, *, state_sizes, table_spec):
+    """`known_inputs_loop` as one `tf.function(jit_compile=True)`, traced once for every shape."""
+
+    def loop(table, index, totals):
+        rows = tf.shape(index)[1]
+        return known_inputs_loop(step, table, index, totals,
+                                 [tf.zeros([rows, size], table.dtype) for size in state_sizes])
+
+    signature = [table_spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)]
+    return tf.function(loop, input_signature=signature, jit_compile=True, autograph=False)
+
+
+def lay_out_steps(caps):
+    """The inputs of `known_inputs_loop` from caps `(N, Ta)`: `(pairs, index (T, R), totals (R,))`, bucketed.
+
+    Each sample's inner steps, outer step after outer step, form one sequence;
+    step `p` of sample `n` reads its pair's row. `pairs` is the padded pair
+    count the table is padded to.
+    """
+    n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
+    caps_flat = tf.reshape(caps, [-1])
+    value_pairs = tf.repeat(tf.range(tf.size(caps_flat)), caps_flat)
+    samples = value_pairs // outer
+    totals = tf.reduce_sum(caps, axis=1)
+    positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), samples)
+    steps = bucket(tf.reduce_max(tf.concat([totals, [0]], 0)), minimum=8)
+    rows = bucket(n)
+    index = tf.scatter_nd(tf.stack([positions, samples], axis=1), value_pairs, tf.stack([steps, rows]))
+    return bucket(tf.size(caps_flat)), index, tf.pad(totals, [[0, rows - n]])
+
+
+def compact_known(ys, totals):
+    """`known_inputs_loop`'s outputs in value order (outside XLA): each row's first `totals[r]` steps."""
+    return tf.boolean_mask(ys, tf.sequence_mask(totals, tf.shape(ys)[1]))
+
+
+def compile_loop(spec, step, start, *, table_spec):
+    """`masked_loop` as one `tf.function(jit_compile=True)`, traced once for every shape (XLA compiles per shape)."""
+    signature = [table_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+                 tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+                 tf.TensorSpec([None], tf.int8)]
+
+    def loop(*arguments):
+        return masked_loop(spec, step, start, *arguments)
+
+    return tf.function(loop, input_signature=signature, jit_compile=True, autograph=False)
+
+
+def call(function, *tensors):
+    """Calls a `tf.function`; eagerly, through its concrete function for these dtypes and ranks.
+
+    TensorFlow counts every eager call that traces a `tf.function` against the
+    Python function it wraps and warns ("N out of the last N calls to ...
+    triggered tf.function retracing") when a program builds several
+    `Cascade`s, each with its own functions of the same code. A concrete
+    function's call is not counted; it is traced once for any shape.
+    """
+    if not tf.executing_eagerly():
+        return function(*tensors)
+    if function.input_signature is not None:
+        return function.get_concrete_function()(*tensors)
+    specs = [tf.TensorSpec([None] * tensor.shape.rank, tensor.dtype) for tensor in tensors]
+    return function.get_concrete_function(*specs)(*tensors)
+
+
+def prepare(caps, sample_index, *, walk, max_steps=None):
+    """The compiled loop's integer inputs from the caps `(N, Ta)` int32, bucketed (plain TensorFlow, outside XLA).
+
+    Returns:
+        `(pairs, caps, next_pair, sample_of, outer_of, row_pairs, trip)`:
+        `pairs` the padded pair count `P` (the tables are padded to it) and
+        the others as `masked_loop` takes them.
+    """
+    n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
+    caps_flat = tf.reshape(caps, [-1])
+    total = tf.size(caps_flat)
+    pairs = bucket(total)
+    padding = pairs - total
+    pair_ids = tf.range(total)
+    running = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
+    if walk:
+        samples = tf.range(n)
+        next_pair = packing.next_running_pair(running, pair_ids + 1, samples=pair_ids // outer, outer=outer)
+        row_pairs = packing.next_running_pair(running, samples * outer, samples=samples, outer=outer)
+        longest = tf.reduce_max(tf.concat([tf.reduce_sum(caps, axis=1), [0]], 0))
+    else:
+        next_pair = tf.fill([total], -1)
+        row_pairs = running
+        longest = tf.reduce_max(tf.concat([caps_flat, [0]], 0))
+    trip = bucket(longest, minimum=8) if max_steps is None or walk else tf.constant(max_steps, tf.int32)
+    rows = tf.size(row_pairs)
+    row_pairs = tf.pad(row_pairs, [[0, bucket(rows) - rows]], constant_values=-1)
+    sample_of = tf.gather(tf.cast(sample_index, tf.int64), pair_ids // outer)
+    return (pairs, tf.pad(caps_flat, [[0, padding]]), tf.pad(next_pair, [[0, padding]], constant_values=-1),
+            tf.pad(sample_of, [[0, padding]]), tf.pad(pair_ids % outer, [[0, padding]]), row_pairs,
+            tf.zeros([trip], tf.int8))
+
+
+def pad_table(table, pairs):
+    """`table (P0, ...)` padded with zero rows to `pairs` rows."""
+    return tf.pad(table, [[0, pairs - tf.shape(table)[0]]] + [[0, 0]] * (table.shape.rank - 1))
+
+
+def compact(ys, emitted, tokens=None):
+    """The padded outputs in value order (outside XLA): `(values (total, W), pairs (total,), tokens (total,) or None)`.
+
+    Rows are in ascending pair (or sample) order and each row's steps in
+    order, so the row-major mask keeps value order.
+    """
+    where = tf.where(emitted > 0)
+    values = tf.gather_nd(ys, where)
+    pairs = tf.gather_nd(emitted, where) - 1
+    return values, pairs, (None if tokens is None else tf.gather_nd(tokens, where))
