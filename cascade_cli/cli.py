@@ -438,6 +438,11 @@ def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p):
     """The `Sampler` the flags give, or None when none of them is given; a bad value is a usage error."""
     if sampler is None and temperature is None and top_k is None and top_p is None:
         return None
+    if sampler is None:  # the sampler may be a packed generator's: name the flag to add, not a sampler
+        flag, value = next((flag, value) for flag, value in (("--temperature", temperature), ("--top-k", top_k),
+                                                             ("--top-p", top_p)) if value is not None)
+        raise click.UsageError(f"{flag} applies to --sampler categorical only: give --sampler categorical "
+                               f"{flag} {value}; received {flag} without --sampler.", ctx)
     from cascade_cli.options import Sampler
 
     with _usage(ctx):
