@@ -702,8 +702,8 @@ class TrainCallbacks:
     def run_started(self, info):
         """Called once before the first epoch with a `RunInfo` (sample counts, device, replicas, settings)."""
 
-    def resumed(self, *, epoch):
-        """Called once when a run continues after `epoch` completed epochs."""
+    def resumed(self, *, epoch, history=()):
+        """Called once when a run continues after `epoch` completed epochs, with their history rows."""
 
     def epoch_started(self, epoch, *, epochs, batches):
         """Called before epoch `epoch` (1-based) of `epochs`, which has `batches` batches."""

@@ -1232,7 +1232,7 @@ def _train(run, data, *, callbacks):
             history = checkpoints.restore()
             if not _has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
                 run.optimizer.learning_rate = float(config.learning_rate)
-            callbacks.resumed(epoch=progress.epochs_done)
+            callbacks.resumed(epoch=progress.epochs_done, history=list(history))
         checkpoints.start()
         stopped = progress.patience_spent(config.patience)
         try:

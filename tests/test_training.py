@@ -765,3 +765,23 @@ def test_the_train_step_gives_a_feedback_cascade_the_flat_targets_and_the_sampli
     assert plain == {"training": True}  # no feedback: the runner's own defaults
     assert forced["training"] is True and forced["targets"] is targets and forced["sampling_probability"] is probability
     assert scored["training"] is False and scored["targets"] is targets and "sampling_probability" not in scored
+
+
+def test_the_best_epoch_line_after_a_resume_counts_the_epochs_before_it(tmp_path):
+    """Issue 30, defect 4: the lowest val_loss named at the end is the run's, not only this process' epochs'."""
+    import io
+
+    from rich.console import Console
+
+    from cascade_cli.progress import fixed_loss, train_callbacks
+
+    path = random_data(tmp_path / "train.h5", n=8)
+    first = train(path, tmp_path / "run", epochs=1, learning_rate=0.01, **SGD)
+    console = Console(file=io.StringIO(), width=200)
+    with train_callbacks(console, enabled=False) as report:
+        # a rate that overshoots: epoch 2's val_loss is worse than epoch 1's
+        history = train(path, tmp_path / "run", resume=True, epochs=2, learning_rate=50.0, callbacks=report)
+    assert history[0] == first[0] and history[1]["val_loss"] > first[0]["val_loss"]
+    shown = console.file.getvalue()
+    assert f"the lowest is epoch 1's, {fixed_loss(first[0]['val_loss']).strip()}." in shown, shown
+    assert " *" not in shown.splitlines()[-2]  # epoch 2's row: not the lowest so far
