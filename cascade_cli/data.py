@@ -310,7 +310,8 @@ class TrainingData:
         features: `F`.
         output_size: `O`.
         targets_layout: `"flat"` or `"padded"`.
-        steps: `(N, Ta)` `int64`, held in memory.
+        steps: `(N, Ta)` `int64`, held in memory (end rows of `with_end_token` counted).
+        file_steps: `steps` as the file holds them.
     """
 
     def __init__(self, path):
@@ -346,7 +347,7 @@ class TrainingData:
             raise
         totals = steps_total(self.steps, source=f"'{name}' (key 'steps')", axis=1)
         self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
-        self._file_steps = self.steps  # what the file holds; `steps` counts the end rows `with_end_token` adds
+        self.file_steps = self.steps  # what the file holds; `steps` counts the end rows `with_end_token` adds
         self._file_output_size = self.output_size  # `output_size` counts the column `with_stop_gate` adds
         self.end_token = None
         self._end_ids = False
@@ -377,7 +378,7 @@ class TrainingData:
             This `TrainingData`.
         """
         self.end_token, self._end_ids = token, bool(ids)
-        self.steps = self._file_steps if token is None else self._file_steps + 1
+        self.steps = self.file_steps if token is None else self.file_steps + 1
         return self
 
     def _check_targets(self) -> None:
@@ -448,7 +449,7 @@ class TrainingData:
                     f"inputs in '{name}' (key 'inputs') sample {start + first}: expected "
                     f"finite values, received {_first_bad_value(values[first])}"
                 )
-        longest = int(self._file_steps.max(initial=0))
+        longest = int(self.file_steps.max(initial=0))
         if self.targets_layout == "flat":
             rows = _chunk_rows(self._targets.shape[1:], 4, chunk)
             length, tail = self.total_steps, ()
@@ -471,7 +472,7 @@ class TrainingData:
                         f"expected finite values, received {_first_bad_value(values[row - start])}"
                     )
             else:
-                valid = np.arange(values.shape[2]) < self._file_steps[start:stop, :, None]
+                valid = np.arange(values.shape[2]) < self.file_steps[start:stop, :, None]
                 good = np.isfinite(values).all(axis=3) | ~valid
                 good = good.reshape(len(values), -1).all(axis=1)
                 if not good.all():
@@ -569,7 +570,7 @@ class TrainingData:
         samples, order = np.unique(wanted, return_inverse=True)
         inputs = _read_ranges(self._inputs, samples, samples + 1, path=self.path)
         inputs = _as_float32(inputs)[order]
-        steps = self._file_steps[wanted]
+        steps = self.file_steps[wanted]
         if self.targets_layout == "flat":
             starts, stops = self._offsets[samples], self._offsets[samples + 1]
             rows = _as_float32(_read_ranges(self._targets, starts, stops, path=self.path))

@@ -663,25 +663,45 @@ def training_stop_rule(config):
     return None
 
 
-def _length_error(run, data):
-    """`val_length_mae`: the mean absolute error, over the validation pairs, of free-running lengths.
+def generator_settings(config, *, b_form, longest):
+    """The runner settings the run's `cascade.keras` generates with: one home for `val_length_mae` and the file.
 
-    The models generate up to the longest steps of the file (end rows
-    counted) with `training_stop_rule`, the stop step emitted, and the
-    lengths are compared with the steps trained on. None without a stop rule
-    or a validation split.
+    A run that implies a stop (`append_end_token`, `stop_gate`) generates
+    with it: the end token's rule with `exclude_stop_step` (the end token is
+    not a value) or the gate, up to `max_steps = longest + 1`, and the
+    `greedy` sampler for a token loss (a step-form B fed back the token it
+    picked, as it was trained on one-hot targets); else the runner settings.
+
+    Args:
+        config: a resolved `TrainConfig`.
+        b_form: B's form, `"step"` or `"sequence"`.
+        longest: the longest inner sequence of the training file (end rows not counted).
     """
-    rule = training_stop_rule(run.config)
-    if rule is None or len(run.val_indices) == 0:
+    settings = runner_settings(config)
+    rule = training_stop_rule(config)
+    if rule is None:
+        return settings
+    tokens = config.loss in CROSSENTROPY_LOSSES and rule.kind == "token" and b_form == "step"
+    return {**settings, "stop_rule": rule, "exclude_stop_step": rule.kind == "token", "max_steps": longest + 1,
+            "sampler": "greedy" if tokens else "identity"}
+
+
+def _length_error(run, data):
+    """`val_length_mae`: the mean absolute error, over the validation pairs, of the lengths the run's generator gives.
+
+    The models generate as `cascade.keras` does (`generator_settings`: its
+    sampler, stop rule, `exclude_stop_step` and `max_steps`), and the lengths
+    are compared with the file's steps (end rows not counted). None without a
+    stop rule or a validation split.
+    """
+    if training_stop_rule(run.config) is None or len(run.val_indices) == 0:
         return None
-    longest = max(int(data.steps.max(initial=0)), 1)
-    cascade = Cascade(*run.models, **{**runner_settings(run.config), "jit_compile": False}, max_steps=longest,
-                      stop_rule=rule)
+    cascade = Cascade(*run.models, **{**run.generation, "jit_compile": False})
     errors = pairs = 0
     for batch in data.batches(run.val_indices, batch_size=run.config.batch_size):
         lengths = cascade.run(batch.inputs)[1].numpy()
-        errors += int(np.abs(lengths - batch.steps).sum())
-        pairs += batch.steps.size
+        errors += int(np.abs(lengths - (batch.steps - int(data.end_token is not None))).sum())
+        pairs += lengths.size
     return errors / pairs if pairs else None
 
 
@@ -789,6 +809,7 @@ class _Run:
     board: "_Board | None" = None
     # (epoch (0-based), batch (1-based)) -> the step's scheduled-sampling probability (feedback runs only)
     sampling_probability: Callable = no_sampling
+    generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
 
     @property
     def weights(self):
@@ -928,6 +949,8 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
                      chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
         run.board = board if chief else None
+        run.generation = generator_settings(config, b_form=cascade.b_spec.form,
+                                            longest=int(data.file_steps.max(initial=0)))
     except BaseException:
         if folder is not None:
             folder.__exit__(CascadeError, None, None)
@@ -1131,7 +1154,7 @@ def _finish(run, history):
     if run.chief:
         from cascade_cli.keras_model import CascadeModel
 
-        generator = CascadeModel(*run.given, **runner_settings(run.config))
+        generator = CascadeModel(*run.given, **run.generation)
         save_models(run.given, run.out_dir, history=history, generator=generator)
 
 
