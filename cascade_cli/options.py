@@ -586,9 +586,11 @@ class TrainConfig:
                     raise ParameterError(name, f"weighs the stop gate's loss: give stop_gate=True; received "
                                                f"{name}={getattr(self, name)!r} without it.")
         if self.stop_gate:
-            if self.feedback:
-                raise ParameterError("stop_gate", "cannot train a feedback-form B yet: teacher forcing would feed "
-                                                  "the gate's 0/1 targets back as its logit; received feedback=True.")
+            if self.feedback and self.sampling_schedule is not None:
+                raise ParameterError("sampling_schedule", "a row fed its own sample would be fed its stop logit, "
+                                                          "but a feedback B with a stop gate is fed its values and "
+                                                          "a 0 gate: expected no sampling_schedule with "
+                                                          "stop_gate=True.")
             if self.loss == "sparse-categorical-crossentropy":
                 raise ParameterError("stop_gate", "needs targets with O - 1 columns beside the gate: expected a loss "
                                                   "other than 'sparse-categorical-crossentropy'.")

@@ -426,7 +426,7 @@ def _at_least_float32(values):
     return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
 
 
-def batch_loss(cascade, terms, *, models, metrics=(), ids=False):
+def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
     """Returns the training loss of one batch, the function every train step differentiates.
 
     `loss(inputs, steps, targets, *, training=True, reduce_count=None,
@@ -449,12 +449,16 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False):
         models: `(model_a, model_b)`, whose weight regularizers count.
         metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
         ids: the targets are token ids (`sparse-categorical-crossentropy`).
+        gate: B's last column is a stop gate (`stop_gate`): teacher forcing
+            feeds the targets' other columns and a 0 gate, as generation feeds
+            B its values and a 0 gate.
     """
 
     def loss(inputs, steps, targets, *, training=True, reduce_count=None, replicas=1, sampling_probability=None):
         run = {}
         if getattr(cascade, "feedback", False):
-            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else targets
+            fed = tf.concat([targets[:, :-1], tf.zeros_like(targets[:, -1:])], axis=1) if gate else targets
+            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else fed
             if sampling_probability is not None:
                 run["sampling_probability"] = sampling_probability
         values, _ = cascade.run(inputs, steps, training=training, **run)
@@ -555,9 +559,9 @@ def train_steps(batch_loss, *, signature, variables, optimizer):
     return gradients, apply
 
 
-def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False):
+def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False, gate=False):
     """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count, metrics)` with `training=False`."""
-    loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids)
+    loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids, gate=gate)
 
     @tf.function(input_signature=batch_signature(data), reduce_retracing=True)
     def evaluate(inputs, steps, targets):
@@ -1030,7 +1034,8 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
     terms, metrics = _gated_terms(config, terms, metrics, cascade.b_spec.output_size)
     ids = config.loss == "sparse-categorical-crossentropy"
-    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids)
+    gate = bool(config.stop_gate)
+    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids, gate=gate)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
@@ -1049,7 +1054,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                                           replicas=replicas))
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
                 out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, gradients=gradients,
-                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids),
+                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
                 epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
                 sampling_probability=sampling_probabilities(config.sampling_schedule,
                                                             batches_per_epoch=batches_per_epoch))
