@@ -638,12 +638,18 @@ def _check_fits(cascade, data, *, loss, gate=False):
     check_inputs_fit(cascade.a_spec, (data.n_samples, data.outer_steps, data.features),
                      where=f"inputs in {name} (key 'inputs')")
     emits = cascade.b_spec.output_size
+    scored = emits - int(gate)  # the columns the loss reads
+    if loss in CROSSENTROPY_LOSSES and scored < 2:
+        raise ParameterError(
+            "loss", f"loss={loss!r} is a softmax over B's outputs, but B emits O={scored} "
+            f"{'beside the stop gate ' if gate else ''}per step: one output makes the loss 0 whatever B emits; "
+            "expected O >= 2 token scores, or loss='mse'.")
     if loss == "sparse-categorical-crossentropy":
-        if data.output_size != 1:
+        if data.output_size != 1 or data.targets_dtype.kind not in "iu":
             raise DataError(
-                f"targets in {name} (key 'targets') have {data.output_size} values per step: "
-                "sparse-categorical-crossentropy expects one integer token id per step, (sum(steps), 1) or "
-                f"(N, Ta, L, 1), each in [0, {emits})."
+                f"targets in {name} (key 'targets') have {data.output_size} {data.targets_dtype} value"
+                f"{'' if data.output_size == 1 else 's'} per step: sparse-categorical-crossentropy expects one "
+                f"integer token id per step, (sum(steps), 1) or (N, Ta, L, 1), each in [0, {emits})."
             )
         return
     if gate and data.output_size != emits - 1:
@@ -936,6 +942,10 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
+    if not data.steps.any():
+        raise DataError(f"steps in '{data.path}' (key 'steps') are all 0 (shape {data.steps.shape}): there is no "
+                        "target to learn from; expected at least one inner step (or --append-end-token to learn to "
+                        "emit nothing).")
     train_indices, val_indices = split_indices(data.n_samples, val_split=config.val_split, seed=config.seed)
     if config.patience is not None and len(val_indices) == 0:
         raise ParameterError("patience", f"needs a validation set, but val_split={config.val_split} of "
@@ -946,7 +956,8 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
     trained = mixed_precision_pair(model_a, model_b, **runner_settings(config)) if config.mixed_precision else None
-    data.check_finite()  # before the out dir exists: bad data leaves nothing behind
+    sparse = config.loss == "sparse-categorical-crossentropy"
+    data.check_finite(token_ids=cascade.b_spec.output_size if sparse else None)  # bad data leaves no out dir
     folder = (prepare_out_dir(out_dir, resume=config.resume, lock=chief, overwrite=config.overwrite)
               if chief or config.resume else None)
     try:

@@ -180,14 +180,13 @@ def test_one_sgd_step_is_w_minus_lr_times_the_reference_gradient(tmp_path, kind,
                 np.testing.assert_array_equal(w.numpy(), v.numpy())  # frozen A
 
 
-def test_nothing_to_learn_leaves_the_weights_and_gives_loss_zero(tmp_path):
+def test_a_file_with_nothing_to_learn_is_refused_before_the_first_step(tmp_path):
+    """Issue 30: all-zero steps trained 'successfully' with loss 0.0; now they are refused, and nothing is written."""
     path = write_data(tmp_path / "train.h5", builders.inputs(4, 3), np.zeros((4, 3), np.int64),
                       np.zeros((0, 2), np.float32))
-    model_a, model_b = builders.model_a(), builders.step_b()
-    before = [model_a.get_weights(), model_b.get_weights()]
-    history = train(path, tmp_path / "out", models=(model_a, model_b), epochs=2, batch_size=2, val_split=0.5)
-    assert [(row["loss"], row["val_loss"]) for row in history] == [(0.0, 0.0), (0.0, 0.0)]
-    assert_same(saved_weights(tmp_path / "out"), before)
+    with pytest.raises(DataError, match=r"^steps in .*train\.h5' \(key 'steps'\) are all 0 \(shape \(4, 3\)\)"):
+        train(path, tmp_path / "out", epochs=2, batch_size=2, val_split=0.5)
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------ regularization
