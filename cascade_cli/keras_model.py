@@ -139,7 +139,8 @@ class CascadeModel(keras.Model):
             model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None, "min_steps": 0})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
-        self._stop_gate, self._sampling = False, None
+        self._stop_gate, self._sampling, self._end_token = False, None, None
+        self.length_tracker = keras.metrics.Mean(name="length_mae")
         self._loss = None  # training.batch_loss of the compiled loss: the one cascade train runs too
         self._compiled_loss = None
         self._predict_functions = {}
@@ -182,7 +183,7 @@ class CascadeModel(keras.Model):
     # ------------------------------------------------------------- compile
 
     def compile(self, optimizer="rmsprop", loss="mse", metrics=None, *, from_logits=None, stop_gate=False,
-                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, **kwargs):
+                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, append_end_token=None, **kwargs):
         """Configures training, as `keras.Model.compile` does.
 
         Args:
@@ -204,6 +205,14 @@ class CascadeModel(keras.Model):
                 positives weighted by `stop_pos_weight`). A feedback B is fed
                 the targets' columns and a 0 gate.
             stop_weight, stop_pos_weight: the gate loss's weight and its positives' weight.
+            append_end_token: a token id: every pair of every batch, 0-step
+                pairs included, ends with one more target row, that token
+                (its one-hot, or the id for token-id targets), and runs one
+                more step (`cascade train --append-end-token`; give it here or
+                to `data.dataset`, not both). With it, and a model that
+                generates with a stop rule and `max_steps`, `evaluate` and
+                `fit`'s validation report `length_mae`: the mean absolute
+                error of the lengths `predict` gives against the steps given.
             sampling_probability: scheduled sampling of a feedback B (`cascade
                 train --sampling-probability`/`--sampling-schedule`): a
                 probability, or a `SamplingSchedule` (or its text,
@@ -222,8 +231,14 @@ class CascadeModel(keras.Model):
         schedule = SamplingSchedule.parse(schedule) if isinstance(schedule, str) else schedule
         name = _LOSS_NAMES.get(loss) if isinstance(loss, str) else None
         TrainConfig(loss=name, feedback=bool(self._settings["feedback"]), stop_gate=bool(stop_gate),  # the checks
-                    stop_weight=stop_weight, stop_pos_weight=stop_pos_weight,
+                    stop_weight=stop_weight, stop_pos_weight=stop_pos_weight, append_end_token=append_end_token,
                     sampling_schedule=None if schedule is None else schedule.describe())
+        tokens = self.cascade.b_spec.output_size - int(bool(stop_gate))
+        if append_end_token is not None and append_end_token >= tokens:
+            raise ParameterError("append_end_token", f"expected a token id in [0, {tokens}) (B's outputs"
+                                                     f"{' beside the stop gate' if stop_gate else ''}), received "
+                                                     f"{append_end_token}.")
+        self._end_token = append_end_token
         self._terms = _loss_terms_of(loss, model_b=self.model_b, from_logits=from_logits)
         if stop_gate:
             output_size = self.cascade.b_spec.output_size
@@ -239,7 +254,8 @@ class CascadeModel(keras.Model):
         self._training_options = {
             **({"stop_gate": True, "stop_weight": float(stop_weight), "stop_pos_weight": float(stop_pos_weight)}
                if stop_gate else {}),
-            **({} if schedule is None else {"sampling_probability": schedule.describe()})}
+            **({} if schedule is None else {"sampling_probability": schedule.describe()}),
+            **({} if append_end_token is None else {"append_end_token": int(append_end_token)})}
 
     def get_compile_config(self):
         """`keras.Model`'s compile config, with this model's loss (saved in `.keras` files)."""
@@ -258,8 +274,17 @@ class CascadeModel(keras.Model):
 
     @property
     def metrics(self):
-        """The loss tracker first, then the compiled metrics (Keras' own loss tracker is replaced)."""
-        return [self.loss_tracker, *(metric for metric in super().metrics if metric.name != "loss")]
+        """The loss tracker first, then the compiled metrics (Keras' own loss tracker is replaced), then
+        `length_mae` when it is measured (`_measures_lengths`)."""
+        metrics = [self.loss_tracker, *(metric for metric in super().metrics
+                                        if metric.name not in ("loss", "length_mae"))]
+        return metrics + ([self.length_tracker] if self._measures_lengths else [])
+
+    @property
+    def _measures_lengths(self):
+        """Whether `test_step` measures `length_mae`: end tokens appended and a stop rule to generate with."""
+        return (getattr(self, "_end_token", None) is not None and self._settings["stop_rule"] is not None
+                and self._settings["max_steps"] is not None)
 
     # --------------------------------------------------------------- steps
 
@@ -283,6 +308,9 @@ class CascadeModel(keras.Model):
         check = tf.debugging.assert_less_equal(
             tf.reduce_max(tf.concat([tf.reshape(steps, [-1]), [0]], 0)), tf.shape(targets)[2],
             message="targets (N, Ta, L, O): L is shorter than the longest steps")
+        if self._end_token is not None:
+            with tf.control_dependencies([check]):
+                targets, steps = self._with_end_token(targets, steps)
         with tf.control_dependencies([check]):
             flat_targets = tf.boolean_mask(targets, tf.sequence_mask(steps, tf.shape(targets)[2]))
         if targets.dtype.is_integer:  # token ids (total,) or (total, 1): kept as ids, which teacher forcing feeds
@@ -301,6 +329,17 @@ class CascadeModel(keras.Model):
             gate = tf.scatter_nd(ends[:, None], tf.ones_like(ends, tf.float32), tf.shape(flat_targets)[:1])
             flat_targets = tf.concat([flat_targets, gate[:, None]], axis=1)
         return inputs, steps, flat_targets
+
+    def _with_end_token(self, targets, steps):
+        """Padded targets and steps with one more row per pair, the end token (`data.append_end_token`, in-graph)."""
+        ends = tf.equal(tf.range(tf.shape(targets)[2] + 1)[None, None, :], steps[..., None])  # (N, Ta, L + 1)
+        targets = tf.pad(targets, [[0, 0], [0, 0], [0, 1]] + [[0, 0]] * (targets.shape.rank - 3))
+        if targets.dtype.is_integer:
+            row = tf.constant(self._end_token, targets.dtype)
+        else:
+            row = tf.one_hot(self._end_token, targets.shape[-1], dtype=targets.dtype)
+        ends = ends if targets.shape.rank == 3 else ends[..., None]
+        return tf.where(ends, row, targets), steps + 1
 
     def _replica_options(self):
         """`batch_loss`'s options on one of several replicas: the global count of valid elements, the penalty shared."""
@@ -327,7 +366,8 @@ class CascadeModel(keras.Model):
         result, grads = compute_gradients(self._loss, self._unpack(data), variables=variables,
                                           optimizer=self.optimizer, **options)
         apply_gradients(self.optimizer, grads, variables)
-        return self._report(data[0], result)
+        logs = self._report(data[0], result)
+        return {name: value for name, value in logs.items() if name != "length_mae"}  # measured in validation only
 
     def _sampling_probability(self):
         """This step's scheduled-sampling probability, a float32 scalar, at the optimizer's step count."""
@@ -343,6 +383,11 @@ class CascadeModel(keras.Model):
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before evaluate().")
         result = self._loss(*self._unpack(data), training=False, **self._replica_options())
+        if self._measures_lengths:  # free-running generation, as predict runs it, against the steps given
+            inputs, steps = keras.utils.unpack_x_y_sample_weight(data)[0]
+            lengths = self.cascade.run(inputs, None, training=False)[1]
+            errors = tf.abs(tf.cast(lengths, tf.float32) - tf.cast(steps, tf.float32))
+            self.length_tracker.update_state(tf.reduce_mean(errors), sample_weight=tf.cast(tf.size(errors), tf.float32))
         return self._report(data[0], result)
 
     # ------------------------------------------------------------- predict
