@@ -517,8 +517,8 @@ def token_data(path, *, n, sparse):
     rng = np.random.default_rng(2)
     steps = rng.integers(1, 3, size=(n, 2))
     total = int(steps.sum())
-    targets = np.zeros((total, 1), np.float32) if sparse else np.tile([[1.0, 0.0, 0.0]], (total, 1))
-    return write_data(path, builders.inputs(n, 2, seed=2), steps, targets.astype(np.float32))
+    targets = np.zeros((total, 1), np.int64) if sparse else np.tile([[1.0, 0.0, 0.0]], (total, 1)).astype(np.float32)
+    return write_data(path, builders.inputs(n, 2, seed=2), steps, targets)  # sparse: integer ids (issue 30)
 
 
 @pytest.mark.parametrize("loss", ["categorical-crossentropy", "sparse-categorical-crossentropy"])
@@ -545,7 +545,7 @@ def test_a_softmax_b_trains_with_probabilities_detected(tmp_path, loss):
 
 def test_sparse_targets_must_be_one_id_per_step(tmp_path):
     path = token_data(tmp_path / "train.h5", n=4, sparse=False)  # one-hot (total, 3)
-    with pytest.raises(DataError, match=r"have 3 values per step: sparse-categorical-crossentropy expects one "
+    with pytest.raises(DataError, match=r"have 3 float32 values per step: sparse-categorical-crossentropy expects one "
                                         r"integer token id per step, \(sum\(steps\), 1\) or \(N, Ta, L, 1\), "
                                         r"each in \[0, 3\)"):
         train(path, tmp_path / "out", models=(builders.model_a(), softmax_b()),
