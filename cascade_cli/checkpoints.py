@@ -526,7 +526,7 @@ def run_settings(config, data):
     """The settings a checkpoint records (`TrainConfig.SAVED_SETTINGS` of a resolved config, and the data's shape)."""
     kinds = {"seed": int, "val_split": float, "shuffle": bool, "batch_size": int, "freeze_a": bool, "epochs": int,
              "learning_rate": float, "clipnorm": float, "warmup_steps": int, "metrics": list,
-             "mixed_precision": bool, "tensorboard": str}
+             "mixed_precision": bool, "tensorboard": str, "max_steps": int}
     values = {}
     for name in TrainConfig.SAVED_SETTINGS:
         value = getattr(config, name)

@@ -933,12 +933,15 @@ def _default(name):
 @click.option("--stop-weight", type=float, metavar="W", help="--stop-gate: the gate loss's weight (>= 0). [1]")
 @click.option("--stop-pos-weight", type=float, metavar="W",
               help="--stop-gate: the weight of the gate's stop steps (> 0). [1]")
+@click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
+              help="--append-end-token / --stop-gate: the most inner steps DIR/cascade.keras (and val_length_mae) "
+                   "generates. [default: the file's longest inner sequence + 1]")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
           shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
           metrics, mixed_precision, tensorboard, feedback, feedback_start, sampling_probability, sampling_schedule,
-          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, overwrite):
+          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, max_steps, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -964,7 +967,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
                              tensorboard=tensorboard, feedback=feedback, feedback_start=feedback_start,
                              sampling_schedule=sampling_schedule, jit_compile=False if no_xla else None,
                              append_end_token=append_end_token, stop_gate=stop_gate or None, stop_weight=stop_weight,
-                             stop_pos_weight=stop_pos_weight, overwrite=overwrite)
+                             stop_pos_weight=stop_pos_weight, max_steps=max_steps, overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir

@@ -680,7 +680,8 @@ def generator_settings(config, *, b_form, longest):
     with it: the end token's rule with `exclude_stop_step` (the end token is
     not a value) or the gate, up to `max_steps = longest + 1`, and the
     `greedy` sampler for a token loss (a step-form B fed back the token it
-    picked, as it was trained on one-hot targets); else the runner settings.
+    picked, as it was trained on one-hot targets); `config.max_steps`, when
+    given, instead of `longest + 1`. Else the runner settings.
 
     Args:
         config: a resolved `TrainConfig`.
@@ -692,7 +693,8 @@ def generator_settings(config, *, b_form, longest):
     if rule is None:
         return settings
     tokens = config.loss in CROSSENTROPY_LOSSES and rule.kind == "token" and b_form == "step"
-    return {**settings, "stop_rule": rule, "exclude_stop_step": rule.kind == "token", "max_steps": longest + 1,
+    max_steps = longest + 1 if config.max_steps is None else config.max_steps
+    return {**settings, "stop_rule": rule, "exclude_stop_step": rule.kind == "token", "max_steps": max_steps,
             "sampler": "greedy" if tokens else "identity"}
 
 

@@ -287,3 +287,23 @@ def test_generation_with_a_gate_feeds_back_the_values_and_a_zero_gate(state):
                                                       stop=gate(threshold), fed=stopref.without_gate)
     np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
     np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
+
+
+def test_a_gate_run_writes_a_generator_that_stops_with_the_gate_up_to_max_steps(tmp_path):
+    """Issue 30, defect 2: DIR/cascade.keras generates as trained: the gate, identity, --max-steps (or longest + 1)."""
+    from cascade_cli.keras_model import load_generator
+
+    steps = np.array([[2, 0, 1], [1, 3, 0]])
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(2, 3), steps=steps,
+                    targets=np.zeros((int(steps.sum()), 2), np.float32))
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.step_b("gru", output_size=3).save(tmp_path / "b.keras")
+    common = ("--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path, "--epochs", 1,
+              "--val-split", 0, "--no-xla", "--stop-gate")
+    for extra, wanted in (((), 4), (("--max-steps", 9), 9)):
+        assert_ok(invoke("train", *common, "--out-dir", tmp_path / f"run{wanted}", *extra))
+        settings = load_generator(tmp_path / f"run{wanted}" / "cascade.keras").settings
+        assert settings["stop_rule"] == StopRule.gate() and settings["max_steps"] == wanted
+        assert settings["sampler"].kind == "identity" and not settings["exclude_stop_step"]
+    result = invoke("train", *common[:-1], "--out-dir", tmp_path / "plain", "--max-steps", 9)
+    assert_error(result, 2, "--max-steps", "--append-end-token or --stop-gate")
