@@ -349,10 +349,11 @@ def remove_training_run(out_dir):
 def save_models(models, out_dir, *, history=None, generator=None):
     """Writes `(model_a, model_b)` (and `history`, `generator`) into `out_dir` as one pair, then `checkpoints/trained.json`.
 
-    The manifest of the last pair is removed first, each file is written
-    atomically, and the new manifest (the epoch and every file's SHA-256) is
-    written last: a kill on the way leaves no manifest, never a mixed pair that
-    `check_trained_model` accepts.
+    The manifest of the last pair is first replaced by one that lists no
+    file (`"writing": true`: the folder stays a training run's), each file is
+    written atomically, and the new manifest (the epoch and every file's
+    SHA-256) is written last: a kill on the way leaves no complete manifest,
+    never a mixed pair that `check_trained_model` accepts.
 
     Args:
         models: `(model_a, model_b)`.
@@ -365,8 +366,9 @@ def save_models(models, out_dir, *, history=None, generator=None):
     """
     out_dir = Path(out_dir)
     manifest = out_dir / CHECKPOINT_DIR / MANIFEST_FILE
-    with contextlib.suppress(FileNotFoundError):
-        manifest.unlink()
+    manifest.parent.mkdir(exist_ok=True)
+    with reporting_full_disk(manifest), atomic_output(manifest, overwrite=True) as temp:
+        temp.write_text(json.dumps({"format_version": 1, "writing": True}), encoding="utf-8")
     names = list(MODEL_FILES)
     if history is not None:
         write_history(out_dir / HISTORY_FILE, history)
@@ -416,17 +418,24 @@ def trained_pair(out_dir):
 def check_trained_model(path):
     """Refuses a `model_a.keras` / `model_b.keras` of a training run whose pair is not complete.
 
-    A model file named as `train` names them, in a folder that holds a
-    `checkpoints/` folder, must match that folder's `checkpoints/trained.json`:
+    A model file named as `train` names them, in a training run's folder (its
+    `checkpoints/` holds `trained.json`, or a checkpoint beside the run's
+    `history.csv`), must match that folder's `checkpoints/trained.json`:
     otherwise a run was stopped while it wrote its models and the pair may be
-    from two epochs. Other files are not checked.
+    from two epochs. Other files, and files beside a `checkpoints/` folder
+    of another kind, are not checked.
 
     Raises:
         ModelError: the manifest is missing or the file does not match it.
     """
     path = Path(path)
     folder = path.parent
-    if path.name not in (*MODEL_FILES, GENERATOR_FILE) or not (folder / CHECKPOINT_DIR).is_dir():
+    checkpoints = folder / CHECKPOINT_DIR
+    if path.name not in (*MODEL_FILES, GENERATOR_FILE) or not checkpoints.is_dir():
+        return
+    run = (checkpoints / MANIFEST_FILE).exists() or ((folder / HISTORY_FILE).is_file()
+                                                     and latest_checkpoint(checkpoints) is not None)
+    if not run:
         return
     if trained_pair(folder) is None:
         raise ModelError(
@@ -518,12 +527,14 @@ def run_settings(config, data):
     """The settings a checkpoint records (`TrainConfig.SAVED_SETTINGS` of a resolved config, and the data's shape)."""
     kinds = {"seed": int, "val_split": float, "shuffle": bool, "batch_size": int, "freeze_a": bool, "epochs": int,
              "learning_rate": float, "clipnorm": float, "warmup_steps": int, "metrics": list,
-             "mixed_precision": bool, "tensorboard": str}
+             "mixed_precision": bool, "tensorboard": str, "max_steps": int}
     values = {}
     for name in TrainConfig.SAVED_SETTINGS:
         value = getattr(config, name)
         values[name] = None if value is None else kinds.get(name, lambda v: v)(value)
     values["samples"] = [int(data.n_samples), int(data.outer_steps), int(data.features), int(data.output_size)]
+    if getattr(data, "path", None) is not None:  # the data's fingerprint: a resume on another file is refused
+        values["data_file"], values["data_sha256"] = str(data.path), _digest(data.path)
     return values
 
 
@@ -546,8 +557,10 @@ def saved_settings(out_dir):
         if not isinstance(saved, dict):
             raise ValueError("the settings are not a JSON object")
         saved["epochs_done"] = int(epoch.numpy())
-    except (tf.errors.OpError, ValueError, AssertionError) as exc:
-        raise ParameterError("resume", f"checkpoint '{latest}' cannot be read: {_first_line(exc)}") from exc
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError) as exc:  # IndexError: a truncated file
+        raise ParameterError("resume", f"checkpoint '{latest}' cannot be read (a file of it damaged or cut "
+                                       f"short?): {_first_line(exc)}; resume from an intact checkpoint (remove "
+                                       "this one's files) or start afresh with overwrite=True.") from exc
     return saved
 
 
@@ -567,6 +580,13 @@ def check_settings(path, saved, wanted):
 
     A setting the checkpoint did not record (an older run) is not checked.
     """
+    if "data_sha256" in saved and "data_sha256" in wanted and saved["data_sha256"] != wanted["data_sha256"]:
+        raise ParameterError(
+            "resume",
+            f"the checkpoints in '{path}' were made on another training file than '{wanted['data_file']}' (made on "
+            f"'{saved.get('data_file')}', SHA-256 {saved['data_sha256'][:12]}...; this one's is "
+            f"{wanted['data_sha256'][:12]}...): resume on the file the run started with, or choose another out_dir.",
+        )
     checked = (*TrainConfig.RESUME_SETTINGS, "samples")
     differ = [name for name in checked if name in saved and name in wanted and saved[name] != wanted[name]]
     if differ:
@@ -635,7 +655,7 @@ class Checkpoints:
         check_settings(self.folder, saved_settings(self.out_dir), self.settings)
         try:
             self._checkpoint.restore(latest).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as exc:
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as exc:
             raise ParameterError(
                 "resume",
                 f"checkpoint '{latest}' does not fit these models: expected the models the run started from; "

@@ -464,6 +464,11 @@ def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p):
     """The `Sampler` the flags give, or None when none of them is given; a bad value is a usage error."""
     if sampler is None and temperature is None and top_k is None and top_p is None:
         return None
+    if sampler is None:  # the sampler may be a packed generator's: name the flag to add, not a sampler
+        flag, value = next((flag, value) for flag, value in (("--temperature", temperature), ("--top-k", top_k),
+                                                             ("--top-p", top_p)) if value is not None)
+        raise click.UsageError(f"{flag} applies to --sampler categorical only: give --sampler categorical "
+                               f"{flag} {value}; received {flag} without --sampler.", ctx)
     from cascade_cli.options import Sampler
 
     with _usage(ctx):
@@ -975,12 +980,15 @@ def _default(name):
 @click.option("--stop-weight", type=float, metavar="W", help="--stop-gate: the gate loss's weight (>= 0). [1]")
 @click.option("--stop-pos-weight", type=float, metavar="W",
               help="--stop-gate: the weight of the gate's stop steps (> 0). [1]")
+@click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
+              help="--append-end-token / --stop-gate: the most inner steps DIR/cascade.keras (and val_length_mae) "
+                   "generates. [default: the file's longest inner sequence + 1]")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
           shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
           metrics, mixed_precision, tensorboard, feedback, feedback_start, sampling_probability, sampling_schedule,
-          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, overwrite):
+          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, max_steps, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -1007,7 +1015,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
                              tensorboard=tensorboard, feedback=feedback, feedback_start=feedback_start,
                              sampling_schedule=sampling_schedule, jit_compile=False if no_xla else None,
                              append_end_token=append_end_token, stop_gate=stop_gate or None, stop_weight=stop_weight,
-                             stop_pos_weight=stop_pos_weight, overwrite=overwrite)
+                             stop_pos_weight=stop_pos_weight, max_steps=max_steps, overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
     from cascade_cli.checkpoints import check_out_dir

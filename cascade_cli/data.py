@@ -98,9 +98,20 @@ def _as_float32(values) -> np.ndarray:
         return np.array(values, dtype=np.float32)
 
 
-def _first_bad_value(values: np.ndarray) -> str:
-    bad = values[~np.isfinite(values)]
-    return str(bad.flat[0]) if bad.size else "?"
+def _good_targets(values: np.ndarray, token_ids: int | None) -> np.ndarray:
+    """Which values are finite (and, with `token_ids`, token ids in `[0, token_ids)`)."""
+    good = np.isfinite(values)
+    if token_ids is not None:
+        good &= (values >= 0) & (values < token_ids)
+    return good
+
+
+def _first_bad_value(values: np.ndarray, token_ids: int | None = None) -> str:
+    bad = values[~_good_targets(values, token_ids)]
+    if not bad.size:
+        return "?"
+    value = bad.flat[0]
+    return str(int(value)) if token_ids is not None and np.isfinite(value) else str(value)
 
 
 # ---------------------------------------------------------------------------
@@ -310,7 +321,8 @@ class TrainingData:
         features: `F`.
         output_size: `O`.
         targets_layout: `"flat"` or `"padded"`.
-        steps: `(N, Ta)` `int64`, held in memory.
+        steps: `(N, Ta)` `int64`, held in memory (end rows of `with_end_token` counted).
+        file_steps: `steps` as the file holds them.
     """
 
     def __init__(self, path):
@@ -346,7 +358,7 @@ class TrainingData:
             raise
         totals = steps_total(self.steps, source=f"'{name}' (key 'steps')", axis=1)
         self._offsets = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
-        self._file_steps = self.steps  # what the file holds; `steps` counts the end rows `with_end_token` adds
+        self.file_steps = self.steps  # what the file holds; `steps` counts the end rows `with_end_token` adds
         self._file_output_size = self.output_size  # `output_size` counts the column `with_stop_gate` adds
         self.end_token = None
         self._end_ids = False
@@ -377,7 +389,7 @@ class TrainingData:
             This `TrainingData`.
         """
         self.end_token, self._end_ids = token, bool(ids)
-        self.steps = self._file_steps if token is None else self._file_steps + 1
+        self.steps = self.file_steps if token is None else self.file_steps + 1
         return self
 
     def _check_targets(self) -> None:
@@ -422,7 +434,12 @@ class TrainingData:
         if getattr(self, "_inputs", None) is None:
             raise DataError(f"training data '{display(self.path)}' is closed")
 
-    def check_finite(self, *, chunk: int | None = None) -> None:
+    @property
+    def targets_dtype(self) -> np.dtype:
+        """The dtype `targets` is stored in."""
+        return self._targets.dtype
+
+    def check_finite(self, *, chunk: int | None = None, token_ids: int | None = None) -> None:
         """Scans inputs and the valid targets, a chunk at a time, for NaN or infinity.
 
         Padded targets are checked only where `inner step < steps`, so any pad
@@ -431,6 +448,8 @@ class TrainingData:
         Args:
             chunk: samples (or flat target rows) per read; None reads about
                 64 MiB at a time.
+            token_ids: the targets are token ids: each valid one must also be
+                in `[0, token_ids)`.
 
         Raises:
             DataError: naming file, key and the first bad sample.
@@ -448,7 +467,7 @@ class TrainingData:
                     f"inputs in '{name}' (key 'inputs') sample {start + first}: expected "
                     f"finite values, received {_first_bad_value(values[first])}"
                 )
-        longest = int(self._file_steps.max(initial=0))
+        longest = int(self.file_steps.max(initial=0))
         if self.targets_layout == "flat":
             rows = _chunk_rows(self._targets.shape[1:], 4, chunk)
             length, tail = self.total_steps, ()
@@ -461,25 +480,26 @@ class TrainingData:
             values = _as_float32(read_dataset(self._targets, selection, path=self.path))
             if self._one_per_step:
                 values = values.reshape(-1, 1)
+            expected = "finite values" if token_ids is None else f"token ids in [0, {token_ids})"
             if self.targets_layout == "flat":
-                good = np.isfinite(values).all(axis=1)
+                good = _good_targets(values, token_ids).all(axis=1)
                 if not good.all():
                     row = start + int(np.argmin(good))
                     sample = int(np.searchsorted(self._offsets, row, side="right") - 1)
                     raise DataError(
                         f"targets in '{name}' (key 'targets') row {row} (sample {sample}): "
-                        f"expected finite values, received {_first_bad_value(values[row - start])}"
+                        f"expected {expected}, received {_first_bad_value(values[row - start], token_ids)}"
                     )
             else:
-                valid = np.arange(values.shape[2]) < self._file_steps[start:stop, :, None]
-                good = np.isfinite(values).all(axis=3) | ~valid
+                valid = np.arange(values.shape[2]) < self.file_steps[start:stop, :, None]
+                good = _good_targets(values, token_ids).all(axis=3) | ~valid
                 good = good.reshape(len(values), -1).all(axis=1)
                 if not good.all():
                     first = int(np.argmin(good))
                     bad = values[first][valid[first]]
                     raise DataError(
                         f"targets in '{name}' (key 'targets') sample {start + first}: "
-                        f"expected finite values, received {_first_bad_value(bad)}"
+                        f"expected {expected}, received {_first_bad_value(bad, token_ids)}"
                     )
 
     def sample_bytes(self) -> np.ndarray:
@@ -569,7 +589,7 @@ class TrainingData:
         samples, order = np.unique(wanted, return_inverse=True)
         inputs = _read_ranges(self._inputs, samples, samples + 1, path=self.path)
         inputs = _as_float32(inputs)[order]
-        steps = self._file_steps[wanted]
+        steps = self.file_steps[wanted]
         if self.targets_layout == "flat":
             starts, stops = self._offsets[samples], self._offsets[samples + 1]
             rows = _as_float32(_read_ranges(self._targets, starts, stops, path=self.path))
@@ -715,21 +735,24 @@ def append_gate_targets(steps, targets):
     return np.concatenate([targets, gate], axis=1)
 
 
-def padded_targets(steps, flat, *, pad_value=0.0) -> np.ndarray:
+def padded_targets(steps, flat, *, pad_value=0.0, dtype=np.float32) -> np.ndarray:
     """Flat targets `(sum(steps), O)` in value order as padded `(b, Ta, L, O)`, `L = max(steps)`, `pad_value` past each end."""
     steps = np.asarray(steps)
     longest = int(steps.max(initial=0))
-    padded = np.full(steps.shape + (longest, flat.shape[-1]), pad_value, np.float32)
+    padded = np.full(steps.shape + (longest, flat.shape[-1]), pad_value, dtype)
     padded[np.arange(longest) < steps[..., None]] = flat  # C order is value order
     return padded
 
 
-def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_value=0.0):
+def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_value=0.0, append_end_token=None):
     """A streamed `tf.data.Dataset` over an HDF5 training file, for `CascadeModel.fit`.
 
     Each element is one batch `((inputs (b, Ta, F) float32, steps (b, Ta)
     int32), targets (b, Ta, L, O) float32)`, the targets padded to the
-    batch's longest steps (`L`) with `pad_value`, which the loss never reads.
+    batch's longest steps (`L`) with `pad_value`, which the loss never reads;
+    a file of integer token ids (one per step) gives `targets (b, Ta, L, 1)`
+    int64, which `CascadeModel` keeps as ids (teacher forcing feeds their
+    one-hot).
     The file is read a batch at a time (`TrainingData.batches`: only the
     rows the batch needs), never whole. Every pass over the dataset (an
     epoch of `fit`) visits the samples in `epoch_order(indices, seed=seed,
@@ -744,6 +767,9 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
         indices: the samples to visit (e.g. `split_indices`' training part);
             None for all.
         pad_value: the value past each inner sequence's end.
+        append_end_token: a token id: every pair, 0-step pairs included, ends
+            with one more target row, that token (`TrainingData.with_end_token`,
+            `cascade train --append-end-token`); steps count it.
 
     Returns:
         A `tf.data.Dataset`.
@@ -754,12 +780,19 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
     """
     import tensorflow as tf
 
+    from cascade_cli.errors import ParameterError
     from cascade_cli.options import SEED_MAX, check_int
 
     batch_size = check_int("batch_size", batch_size, minimum=1)
     seed = check_int("seed", seed, maximum=SEED_MAX)
+    if append_end_token is not None:
+        append_end_token = check_int("append_end_token", append_end_token, maximum=SEED_MAX)
     with TrainingData(path) as data:  # checked now; read again on every pass
         outer, features, output_size = data.outer_steps, data.features, data.output_size
+        ids = output_size == 1 and data.targets_dtype.kind in "iu"
+        if append_end_token is not None and not ids and append_end_token >= output_size:
+            raise ParameterError("append_end_token", f"expected a token id in [0, {output_size}) (the targets' O), "
+                                                     f"received {append_end_token}.")
         chosen = np.arange(data.n_samples, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
         if chosen.size and (chosen.min() < 0 or chosen.max() >= data.n_samples):
             raise DataError(f"sample indices for '{display(path)}': expected 0 <= index < {data.n_samples}")
@@ -770,12 +803,14 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
         order = epoch_order(chosen, seed=seed, epoch=passes[0], shuffle=bool(shuffle))
         passes[0] += 1
         with TrainingData(path) as data:
+            data.with_end_token(append_end_token, ids=ids)
             for batch in data.batches(order, batch_size=batch_size):
                 yield ((batch.inputs, batch.steps.astype(np.int32)),
-                       padded_targets(batch.steps, batch.targets, pad_value=pad_value))
+                       padded_targets(batch.steps, batch.targets, pad_value=pad_value,
+                                      dtype=np.int64 if ids else np.float32))
 
     signature = ((tf.TensorSpec([None, outer, features], tf.float32), tf.TensorSpec([None, outer], tf.int32)),
-                 tf.TensorSpec([None, outer, None, output_size], tf.float32))
+                 tf.TensorSpec([None, outer, None, output_size], tf.int64 if ids else tf.float32))
     stream = tf.data.Dataset.from_generator(batches, output_signature=signature)
     # the number of batches is known: Keras then sees where an epoch ends (no "ran out of data")
     return stream.apply(tf.data.experimental.assert_cardinality(-(-len(chosen) // batch_size)))

@@ -38,12 +38,12 @@ import tensorflow as tf
 from cascade_cli.atomic import atomic_directory
 from cascade_cli.errors import ParameterError
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import LOSSES, Sampler, StopRule, check_int
+from cascade_cli.options import LOSSES, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
-from cascade_cli.training import (apply_gradients, batch_loss, check_regularizers, compute_gradients, loss_terms,
-                                  resolve_from_logits)
+from cascade_cli.training import (apply_gradients, batch_loss, check_regularizers, compute_gradients, gate_terms,
+                                  loss_terms, resolve_from_logits)
 
 __all__ = ["CascadeModel", "export_saved_model", "load_generator"]
 
@@ -139,6 +139,8 @@ class CascadeModel(keras.Model):
             model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None, "min_steps": 0})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
+        self._stop_gate, self._sampling, self._end_token = False, None, None
+        self.length_tracker = keras.metrics.Mean(name="length_mae")
         self._loss = None  # training.batch_loss of the compiled loss: the one cascade train runs too
         self._compiled_loss = None
         self._predict_functions = {}
@@ -180,7 +182,8 @@ class CascadeModel(keras.Model):
 
     # ------------------------------------------------------------- compile
 
-    def compile(self, optimizer="rmsprop", loss="mse", metrics=None, *, from_logits=None, **kwargs):
+    def compile(self, optimizer="rmsprop", loss="mse", metrics=None, *, from_logits=None, stop_gate=False,
+                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, append_end_token=None, **kwargs):
         """Configures training, as `keras.Model.compile` does.
 
         Args:
@@ -194,19 +197,65 @@ class CascadeModel(keras.Model):
             from_logits: for the cross-entropies, whether B's outputs are
                 logits; None detects it (`training.resolve_from_logits`:
                 probabilities when B ends in a softmax).
+            stop_gate: B's last output column is a stop logit (`cascade
+                train --stop-gate`): the targets hold the other `O - 1`
+                columns, the gate's target (1 at each pair's last valid step)
+                is made from the steps, and the loss adds `stop_weight` times
+                its binary cross-entropy (`training.gate_terms`, the
+                positives weighted by `stop_pos_weight`). A feedback B is fed
+                the targets' columns and a 0 gate.
+            stop_weight, stop_pos_weight: the gate loss's weight and its positives' weight.
+            append_end_token: a token id: every pair of every batch, 0-step
+                pairs included, ends with one more target row, that token
+                (its one-hot, or the id for token-id targets), and runs one
+                more step (`cascade train --append-end-token`; give it here or
+                to `data.dataset`, not both). With it, and a model that
+                generates with a stop rule and `max_steps`, `evaluate` and
+                `fit`'s validation report `length_mae`: the mean absolute
+                error of the lengths `predict` gives against the steps given.
+            sampling_probability: scheduled sampling of a feedback B (`cascade
+                train --sampling-probability`/`--sampling-schedule`): a
+                probability, or a `SamplingSchedule` (or its text,
+                `"inverse-sigmoid:K"`) read at the optimizer's step count.
             **kwargs: `keras.Model.compile`'s others; `jit_compile` defaults
                 to False (the packed loop's shapes change every step).
 
         Raises:
-            ParameterError: an unknown loss.
+            ParameterError: an unknown loss; gate or sampling settings that do
+                not go together (as `TrainConfig` checks them).
             ModelError: a layer with an activity regularizer.
         """
+        schedule = sampling_probability
+        if schedule is not None and not isinstance(schedule, (str, SamplingSchedule)):
+            schedule = SamplingSchedule.constant(schedule)
+        schedule = SamplingSchedule.parse(schedule) if isinstance(schedule, str) else schedule
+        name = _LOSS_NAMES.get(loss) if isinstance(loss, str) else None
+        TrainConfig(loss=name, feedback=bool(self._settings["feedback"]), stop_gate=bool(stop_gate),  # the checks
+                    stop_weight=stop_weight, stop_pos_weight=stop_pos_weight, append_end_token=append_end_token,
+                    sampling_schedule=None if schedule is None else schedule.describe())
+        tokens = self.cascade.b_spec.output_size - int(bool(stop_gate))
+        if append_end_token is not None and append_end_token >= tokens:
+            raise ParameterError("append_end_token", f"expected a token id in [0, {tokens}) (B's outputs"
+                                                     f"{' beside the stop gate' if stop_gate else ''}), received "
+                                                     f"{append_end_token}.")
+        self._end_token = append_end_token
         self._terms = _loss_terms_of(loss, model_b=self.model_b, from_logits=from_logits)
+        if stop_gate:
+            output_size = self.cascade.b_spec.output_size
+            self._terms = gate_terms(self._terms, elements_per_row=output_size - 1 if name in ("mse", "mae") else 1,
+                                     stop_weight=float(stop_weight), stop_pos_weight=float(stop_pos_weight))
+        self._stop_gate, self._sampling = bool(stop_gate), schedule
         check_regularizers((self.model_a, self.model_b))
-        self._loss = batch_loss(self.training_cascade, self._terms, models=(self.model_a, self.model_b))
+        self._loss = batch_loss(self.training_cascade, self._terms, models=(self.model_a, self.model_b),
+                                gate=self._stop_gate)
         kwargs.setdefault("jit_compile", False)
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         self._compiled_loss, self._from_logits = loss, from_logits
+        self._training_options = {
+            **({"stop_gate": True, "stop_weight": float(stop_weight), "stop_pos_weight": float(stop_pos_weight)}
+               if stop_gate else {}),
+            **({} if schedule is None else {"sampling_probability": schedule.describe()}),
+            **({} if append_end_token is None else {"append_end_token": int(append_end_token)})}
 
     def get_compile_config(self):
         """`keras.Model`'s compile config, with this model's loss (saved in `.keras` files)."""
@@ -215,6 +264,7 @@ class CascadeModel(keras.Model):
             loss = self._compiled_loss
             config["loss"] = loss if isinstance(loss, str) else keras.saving.serialize_keras_object(loss)
             config["from_logits"] = self._from_logits
+            config.update(self._training_options)
         return config
 
     def compile_from_config(self, config):
@@ -224,10 +274,25 @@ class CascadeModel(keras.Model):
 
     @property
     def metrics(self):
-        """The loss tracker first, then the compiled metrics (Keras' own loss tracker is replaced)."""
-        return [self.loss_tracker, *(metric for metric in super().metrics if metric.name != "loss")]
+        """The loss tracker first, then the compiled metrics (Keras' own loss tracker is replaced), then
+        `length_mae` when it is measured (`_measures_lengths`)."""
+        metrics = [self.loss_tracker, *(metric for metric in super().metrics
+                                        if metric.name not in ("loss", "length_mae"))]
+        return metrics + ([self.length_tracker] if self._measures_lengths else [])
+
+    @property
+    def _measures_lengths(self):
+        """Whether `test_step` measures `length_mae`: end tokens appended and a stop rule to generate with."""
+        return (getattr(self, "_end_token", None) is not None and self._settings["stop_rule"] is not None
+                and self._settings["max_steps"] is not None)
 
     # --------------------------------------------------------------- steps
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`; arrays `x = (inputs, steps)` and `y` are checked first (`check_training_arrays`)."""
+        if isinstance(x, (tuple, list)) and len(x) == 2 and y is not None and not tf.is_tensor(y):
+            check_training_arrays(x, y, output_size=self.cascade.b_spec.output_size)
+        return super().fit(x, y, *args, **kwargs)
 
     def _unpack(self, data):
         """`(inputs, steps, flat targets)` of one batch: padded targets `(N, Ta, L, O)` taken in value order."""
@@ -243,13 +308,38 @@ class CascadeModel(keras.Model):
         check = tf.debugging.assert_less_equal(
             tf.reduce_max(tf.concat([tf.reshape(steps, [-1]), [0]], 0)), tf.shape(targets)[2],
             message="targets (N, Ta, L, O): L is shorter than the longest steps")
+        if self._end_token is not None:
+            with tf.control_dependencies([check]):
+                targets, steps = self._with_end_token(targets, steps)
         with tf.control_dependencies([check]):
             flat_targets = tf.boolean_mask(targets, tf.sequence_mask(steps, tf.shape(targets)[2]))
         if targets.dtype.is_integer:  # token ids (total,) or (total, 1): kept as ids, which teacher forcing feeds
             if flat_targets.shape.rank == 2 and flat_targets.shape[1] == 1:
                 flat_targets = flat_targets[:, 0]
             return inputs, steps, tf.cast(flat_targets, tf.int64)
-        return inputs, steps, tf.cast(flat_targets, tf.float32)
+        size = self.cascade.b_spec.output_size - int(self._stop_gate)
+        if targets.shape.rank is not None and targets.shape[-1] is not None and targets.shape[-1] != size:
+            gate = " beside the stop gate" if self._stop_gate else ""
+            raise ParameterError("y", f"expected padded targets (N, Ta, L, O={size}) (B emits O={size}{gate}), "
+                                      f"received shape {tuple(targets.shape)}.")
+        flat_targets = tf.cast(flat_targets, tf.float32)
+        if self._stop_gate:  # the gate's target: 1 at each pair's last valid step (`data.append_gate_targets`)
+            counts = tf.reshape(steps, [-1])
+            ends = tf.boolean_mask(tf.cumsum(counts), counts > 0) - 1
+            gate = tf.scatter_nd(ends[:, None], tf.ones_like(ends, tf.float32), tf.shape(flat_targets)[:1])
+            flat_targets = tf.concat([flat_targets, gate[:, None]], axis=1)
+        return inputs, steps, flat_targets
+
+    def _with_end_token(self, targets, steps):
+        """Padded targets and steps with one more row per pair, the end token (`data.append_end_token`, in-graph)."""
+        ends = tf.equal(tf.range(tf.shape(targets)[2] + 1)[None, None, :], steps[..., None])  # (N, Ta, L + 1)
+        targets = tf.pad(targets, [[0, 0], [0, 0], [0, 1]] + [[0, 0]] * (targets.shape.rank - 3))
+        if targets.dtype.is_integer:
+            row = tf.constant(self._end_token, targets.dtype)
+        else:
+            row = tf.one_hot(self._end_token, targets.shape[-1], dtype=targets.dtype)
+        ends = ends if targets.shape.rank == 3 else ends[..., None]
+        return tf.where(ends, row, targets), steps + 1
 
     def _replica_options(self):
         """`batch_loss`'s options on one of several replicas: the global count of valid elements, the penalty shared."""
@@ -270,16 +360,34 @@ class CascadeModel(keras.Model):
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
         variables = self.trainable_variables
+        options = self._replica_options()
+        if self._sampling is not None:
+            options["sampling_probability"] = self._sampling_probability()
         result, grads = compute_gradients(self._loss, self._unpack(data), variables=variables,
-                                          optimizer=self.optimizer, **self._replica_options())
+                                          optimizer=self.optimizer, **options)
         apply_gradients(self.optimizer, grads, variables)
-        return self._report(data[0], result)
+        logs = self._report(data[0], result)
+        return {name: value for name, value in logs.items() if name != "length_mae"}  # measured in validation only
+
+    def _sampling_probability(self):
+        """This step's scheduled-sampling probability, a float32 scalar, at the optimizer's step count."""
+        schedule = self._sampling
+        if schedule.kind == "constant":
+            return tf.constant(schedule.value, tf.float32)
+        k = tf.constant(schedule.value, tf.float64)
+        exponent = tf.minimum(tf.cast(self.optimizer.iterations, tf.float64) / k, 700.0)
+        return tf.cast(1.0 - k / (k + tf.exp(exponent)), tf.float32)  # `SamplingSchedule.probability`, in-graph
 
     def test_step(self, data):
         """Scores one batch with `training=False`; returns the metrics so far."""
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before evaluate().")
         result = self._loss(*self._unpack(data), training=False, **self._replica_options())
+        if self._measures_lengths:  # free-running generation, as predict runs it, against the steps given
+            inputs, steps = keras.utils.unpack_x_y_sample_weight(data)[0]
+            lengths = self.cascade.run(inputs, None, training=False)[1]
+            errors = tf.abs(tf.cast(lengths, tf.float32) - tf.cast(steps, tf.float32))
+            self.length_tracker.update_state(tf.reduce_mean(errors), sample_weight=tf.cast(tf.size(errors), tf.float32))
         return self._report(data[0], result)
 
     # ------------------------------------------------------------- predict
@@ -358,6 +466,43 @@ class CascadeModel(keras.Model):
             if self.cascade.sampler.tokens else None,
         )
         return result if return_result else _ragged(result)
+
+
+def check_training_arrays(x, y, *, output_size):
+    """Refuses training arrays that would train on something else than meant: before the first step.
+
+    Args:
+        x: `(inputs (N, Ta, F), steps (N, Ta))`.
+        y: padded targets `(N, Ta, L, O)` floats, or token ids `(N, Ta, L)` / `(N, Ta, L, 1)` integers.
+        output_size: B's `O`.
+
+    Raises:
+        ParameterError: (`x`) steps that are not whole numbers >= 0; (`y`)
+            float targets whose last axis is not `O` (they would broadcast),
+            or a valid target (inner step < steps) that is not finite.
+    """
+    steps = np.asarray(x[1])
+    if steps.dtype.kind not in "iu":
+        fraction = ~(np.isfinite(steps) & (steps == np.floor(steps))) if steps.dtype.kind == "f" else None
+        if fraction is None or fraction.any():
+            bad = steps.dtype if fraction is None else steps[fraction].flat[0]
+            raise ParameterError("x", f"expected integer steps (N, Ta) as x[1], received {steps.dtype} values such "
+                                      f"as {bad} (a fraction would be cut off).")
+    if steps.size and steps.min() < 0:
+        raise ParameterError("x", f"expected steps >= 0 as x[1], received {steps.min()}.")
+    targets = np.asarray(y)
+    if targets.dtype.kind in "iu":
+        return
+    if targets.ndim != 4 or targets.shape[-1] != output_size:
+        raise ParameterError("y", f"expected padded targets (N, Ta, L, O={output_size}) (B emits O={output_size}), "
+                                  f"received shape {targets.shape}.")
+    if steps.ndim == 2 and targets.shape[:2] == steps.shape:
+        valid = np.arange(targets.shape[2]) < steps.astype(np.int64)[..., None]
+        bad = ~np.isfinite(targets).all(axis=-1) & valid
+        if bad.any():
+            n, t, j = (int(i[0]) for i in np.nonzero(bad))
+            raise ParameterError("y", f"expected finite targets where inner step < steps, received "
+                                      f"{targets[n, t, j].tolist()} at sample {n}, outer step {t}, inner step {j}.")
 
 
 def _ragged(result):

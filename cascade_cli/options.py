@@ -392,9 +392,10 @@ TRAIN_DEFAULTS = {
     "stop_gate": False,
     "stop_weight": 1.0,
     "stop_pos_weight": 1.0,
+    "max_steps": None,
 }
 """What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off;
-`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`; `append_end_token` None: the targets as the file holds them)."""
+`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`; `append_end_token` None: the targets as the file holds them; `max_steps` None: the file's longest inner sequence + 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +473,10 @@ class TrainConfig:
         stop_weight: the gate loss's weight, >= 0 (`stop_gate` only).
         stop_pos_weight: the weight of the gate's positive (stop) steps, > 0
             (`stop_gate` only).
+        max_steps: the most inner steps the run's `cascade.keras` (and
+            `val_length_mae`) generates, with a stop implied
+            (`append_end_token`, `stop_gate`); None: the training file's
+            longest inner sequence + 1.
         overwrite: replace an earlier run in `out_dir` (without `resume`).
     """
 
@@ -504,6 +509,7 @@ class TrainConfig:
     stop_gate: bool | None = None
     stop_weight: float | None = None
     stop_pos_weight: float | None = None
+    max_steps: int | None = None
     overwrite: bool = False
 
     # Settings a resumed run must share with the checkpoint it continues: they
@@ -515,7 +521,7 @@ class TrainConfig:
                        "sampling_schedule", "append_end_token", "stop_gate", "stop_weight", "stop_pos_weight")
     # What a checkpoint records, so that a resumed run continues with the run's own settings.
     SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience", "clipnorm", "warmup_steps", "metrics",
-                                        "tensorboard", "jit_compile")
+                                        "tensorboard", "jit_compile", "max_steps")
     # Switches of one invocation, not settings of the run: never recorded, never taken from a checkpoint.
     SWITCHES = ("resume", "overwrite")
 
@@ -561,6 +567,7 @@ class TrainConfig:
         if self.stop_pos_weight is not None:
             check_number("stop_pos_weight", self.stop_pos_weight, minimum=0, min_open=True,
                          expected="a finite number > 0")
+        check_int("max_steps", self.max_steps, minimum=1, maximum=INT32_MAX, allow_none=True)
         _check_optional_choice("overwrite", self.overwrite, (True, False))
         self._check_together()
 
@@ -587,12 +594,18 @@ class TrainConfig:
                     raise ParameterError(name, f"weighs the stop gate's loss: give stop_gate=True; received "
                                                f"{name}={getattr(self, name)!r} without it.")
         if self.stop_gate:
-            if self.feedback:
-                raise ParameterError("stop_gate", "cannot train a feedback-form B yet: teacher forcing would feed "
-                                                  "the gate's 0/1 targets back as its logit; received feedback=True.")
+            if self.feedback and self.sampling_schedule is not None:
+                raise ParameterError("sampling_schedule", "a row fed its own sample would be fed its stop logit, "
+                                                          "but a feedback B with a stop gate is fed its values and "
+                                                          "a 0 gate: expected no sampling_schedule with "
+                                                          "stop_gate=True.")
             if self.loss == "sparse-categorical-crossentropy":
                 raise ParameterError("stop_gate", "needs targets with O - 1 columns beside the gate: expected a loss "
                                                   "other than 'sparse-categorical-crossentropy'.")
+        if self.max_steps is not None and not self.resume and self.append_end_token is None and not self.stop_gate:
+            raise ParameterError("max_steps", "bounds the generation of a run that implies a stop: give "
+                                              f"append_end_token or stop_gate=True; received max_steps={self.max_steps} "
+                                              "without them.")
         if self.overwrite and self.resume:
             raise ParameterError("overwrite", "replaces an earlier run, resume=True continues it: expected one of "
                                               "them, received both.")
@@ -703,8 +716,8 @@ class TrainCallbacks:
     def run_started(self, info):
         """Called once before the first epoch with a `RunInfo` (sample counts, device, replicas, settings)."""
 
-    def resumed(self, *, epoch):
-        """Called once when a run continues after `epoch` completed epochs."""
+    def resumed(self, *, epoch, history=()):
+        """Called once when a run continues after `epoch` completed epochs, with their history rows."""
 
     def epoch_started(self, epoch, *, epochs, batches):
         """Called before epoch `epoch` (1-based) of `epochs`, which has `batches` batches."""

@@ -327,8 +327,12 @@ class TrainReport(TrainCallbacks):
         for line in run_header(info, words=self.words):
             self._print(line)
 
-    def resumed(self, *, epoch):
-        """Says which epoch a resumed run continues after (the header says where it goes)."""
+    def resumed(self, *, epoch, history=()):
+        """Says which epoch a resumed run continues after; the lowest val_loss so far counts `history`'s epochs."""
+        for row in history:
+            val_loss = row.get("val_loss")
+            if val_loss is not None and math.isfinite(val_loss) and (self._best is None or val_loss < self._best[0]):
+                self._best = (val_loss, row["epoch"])
         self._print(f"Continuing from the checkpoint of epoch {epoch}.")
 
     def epoch_started(self, epoch, *, epochs, batches):

@@ -211,7 +211,8 @@ class Cascade:
         feedback: B is in feedback form, `[x (batch, H), y_prev (batch, O),
             *states] -> [y (batch, O), *states]`: at inner step `j > 0` it is
             fed the sampler's value of its own output at `j - 1` (or, with
-            `targets`, the target at `j - 1`: teacher forcing).
+            `targets`, the target at `j - 1`: teacher forcing); with a gate
+            stop rule, its last column, the stop logit, is fed as 0.
         feedback_start: what `y_prev` is at inner step 0: `"zeros"`,
             `"token:ID"` (the one-hot of ID, ID in [0, O)) or `"previous"`
             (from the same sample's previous outer step that ran: its last
@@ -1207,6 +1208,8 @@ class Cascade:
             """B's step, the sampler and the stop rule: `(y, states, fed, token, hit)` of each row."""
             y, new_states = self._call_b(x, states, training, y_prev=y_prev)
             fed, token = sampling.sample(sampler, y, u)
+            if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
+                fed = tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
             hit = None if rule is None else stop_hits(rule, y, token if rule.kind == "token" else None)
             return y, new_states, fed, token, hit
 

@@ -426,7 +426,7 @@ def _at_least_float32(values):
     return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
 
 
-def batch_loss(cascade, terms, *, models, metrics=(), ids=False):
+def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
     """Returns the training loss of one batch, the function every train step differentiates.
 
     `loss(inputs, steps, targets, *, training=True, reduce_count=None,
@@ -449,12 +449,16 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False):
         models: `(model_a, model_b)`, whose weight regularizers count.
         metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
         ids: the targets are token ids (`sparse-categorical-crossentropy`).
+        gate: B's last column is a stop gate (`stop_gate`): teacher forcing
+            feeds the targets' other columns and a 0 gate, as generation feeds
+            B its values and a 0 gate.
     """
 
     def loss(inputs, steps, targets, *, training=True, reduce_count=None, replicas=1, sampling_probability=None):
         run = {}
         if getattr(cascade, "feedback", False):
-            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else targets
+            fed = tf.concat([targets[:, :-1], tf.zeros_like(targets[:, -1:])], axis=1) if gate else targets
+            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else fed
             if sampling_probability is not None:
                 run["sampling_probability"] = sampling_probability
         values, _ = cascade.run(inputs, steps, training=training, **run)
@@ -555,9 +559,9 @@ def train_steps(batch_loss, *, signature, variables, optimizer):
     return gradients, apply
 
 
-def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False):
+def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False, gate=False):
     """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count, metrics)` with `training=False`."""
-    loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids)
+    loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids, gate=gate)
 
     @tf.function(input_signature=batch_signature(data), reduce_retracing=True)
     def evaluate(inputs, steps, targets):
@@ -634,12 +638,18 @@ def _check_fits(cascade, data, *, loss, gate=False):
     check_inputs_fit(cascade.a_spec, (data.n_samples, data.outer_steps, data.features),
                      where=f"inputs in {name} (key 'inputs')")
     emits = cascade.b_spec.output_size
+    scored = emits - int(gate)  # the columns the loss reads
+    if loss in CROSSENTROPY_LOSSES and scored < 2:
+        raise ParameterError(
+            "loss", f"loss={loss!r} is a softmax over B's outputs, but B emits O={scored} "
+            f"{'beside the stop gate ' if gate else ''}per step: one output makes the loss 0 whatever B emits; "
+            "expected O >= 2 token scores, or loss='mse'.")
     if loss == "sparse-categorical-crossentropy":
-        if data.output_size != 1:
+        if data.output_size != 1 or data.targets_dtype.kind not in "iu":
             raise DataError(
-                f"targets in {name} (key 'targets') have {data.output_size} values per step: "
-                "sparse-categorical-crossentropy expects one integer token id per step, (sum(steps), 1) or "
-                f"(N, Ta, L, 1), each in [0, {emits})."
+                f"targets in {name} (key 'targets') have {data.output_size} {data.targets_dtype} value"
+                f"{'' if data.output_size == 1 else 's'} per step: sparse-categorical-crossentropy expects one "
+                f"integer token id per step, (sum(steps), 1) or (N, Ta, L, 1), each in [0, {emits})."
             )
         return
     if gate and data.output_size != emits - 1:
@@ -663,25 +673,47 @@ def training_stop_rule(config):
     return None
 
 
-def _length_error(run, data):
-    """`val_length_mae`: the mean absolute error, over the validation pairs, of free-running lengths.
+def generator_settings(config, *, b_form, longest):
+    """The runner settings the run's `cascade.keras` generates with: one home for `val_length_mae` and the file.
 
-    The models generate up to the longest steps of the file (end rows
-    counted) with `training_stop_rule`, the stop step emitted, and the
-    lengths are compared with the steps trained on. None without a stop rule
-    or a validation split.
+    A run that implies a stop (`append_end_token`, `stop_gate`) generates
+    with it: the end token's rule with `exclude_stop_step` (the end token is
+    not a value) or the gate, up to `max_steps = longest + 1`, and the
+    `greedy` sampler for a token loss (a step-form B fed back the token it
+    picked, as it was trained on one-hot targets); `config.max_steps`, when
+    given, instead of `longest + 1`. Else the runner settings.
+
+    Args:
+        config: a resolved `TrainConfig`.
+        b_form: B's form, `"step"` or `"sequence"`.
+        longest: the longest inner sequence of the training file (end rows not counted).
     """
-    rule = training_stop_rule(run.config)
-    if rule is None or len(run.val_indices) == 0:
+    settings = runner_settings(config)
+    rule = training_stop_rule(config)
+    if rule is None:
+        return settings
+    tokens = config.loss in CROSSENTROPY_LOSSES and rule.kind == "token" and b_form == "step"
+    max_steps = longest + 1 if config.max_steps is None else config.max_steps
+    return {**settings, "stop_rule": rule, "exclude_stop_step": rule.kind == "token", "max_steps": max_steps,
+            "sampler": "greedy" if tokens else "identity"}
+
+
+def _length_error(run, data):
+    """`val_length_mae`: the mean absolute error, over the validation pairs, of the lengths the run's generator gives.
+
+    The models generate as `cascade.keras` does (`generator_settings`: its
+    sampler, stop rule, `exclude_stop_step` and `max_steps`), and the lengths
+    are compared with the file's steps (end rows not counted). None without a
+    stop rule or a validation split.
+    """
+    if training_stop_rule(run.config) is None or len(run.val_indices) == 0:
         return None
-    longest = max(int(data.steps.max(initial=0)), 1)
-    cascade = Cascade(*run.models, **{**runner_settings(run.config), "jit_compile": False}, max_steps=longest,
-                      stop_rule=rule)
+    cascade = Cascade(*run.models, **{**run.generation, "jit_compile": False})
     errors = pairs = 0
     for batch in data.batches(run.val_indices, batch_size=run.config.batch_size):
         lengths = cascade.run(batch.inputs)[1].numpy()
-        errors += int(np.abs(lengths - batch.steps).sum())
-        pairs += batch.steps.size
+        errors += int(np.abs(lengths - (batch.steps - int(data.end_token is not None))).sum())
+        pairs += lengths.size
     return errors / pairs if pairs else None
 
 
@@ -789,6 +821,7 @@ class _Run:
     board: "_Board | None" = None
     # (epoch (0-based), batch (1-based)) -> the step's scheduled-sampling probability (feedback runs only)
     sampling_probability: Callable = no_sampling
+    generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
 
     @property
     def weights(self):
@@ -911,6 +944,10 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
+    if not data.steps.any():
+        raise DataError(f"steps in '{data.path}' (key 'steps') are all 0 (shape {data.steps.shape}): there is no "
+                        "target to learn from; expected at least one inner step (or --append-end-token to learn to "
+                        "emit nothing).")
     train_indices, val_indices = split_indices(data.n_samples, val_split=config.val_split, seed=config.seed)
     if config.patience is not None and len(val_indices) == 0:
         raise ParameterError("patience", f"needs a validation set, but val_split={config.val_split} of "
@@ -921,13 +958,16 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
     trained = mixed_precision_pair(model_a, model_b, **runner_settings(config)) if config.mixed_precision else None
-    data.check_finite()  # before the out dir exists: bad data leaves nothing behind
+    sparse = config.loss == "sparse-categorical-crossentropy"
+    data.check_finite(token_ids=cascade.b_spec.output_size if sparse else None)  # bad data leaves no out dir
     folder = (prepare_out_dir(out_dir, resume=config.resume, lock=chief, overwrite=config.overwrite)
               if chief or config.resume else None)
     try:
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
                      chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
         run.board = board if chief else None
+        run.generation = generator_settings(config, b_form=cascade.b_spec.form,
+                                            longest=int(data.file_steps.max(initial=0)))
     except BaseException:
         if folder is not None:
             folder.__exit__(CascadeError, None, None)
@@ -1007,7 +1047,8 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
     terms, metrics = _gated_terms(config, terms, metrics, cascade.b_spec.output_size)
     ids = config.loss == "sparse-categorical-crossentropy"
-    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids)
+    gate = bool(config.stop_gate)
+    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids, gate=gate)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
@@ -1026,7 +1067,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                                           replicas=replicas))
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
                 out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, gradients=gradients,
-                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids),
+                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
                 epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
                 sampling_probability=sampling_probabilities(config.sampling_schedule,
                                                             batches_per_epoch=batches_per_epoch))
@@ -1131,7 +1172,7 @@ def _finish(run, history):
     if run.chief:
         from cascade_cli.keras_model import CascadeModel
 
-        generator = CascadeModel(*run.given, **runner_settings(run.config))
+        generator = CascadeModel(*run.given, **run.generation)
         save_models(run.given, run.out_dir, history=history, generator=generator)
 
 
@@ -1232,7 +1273,7 @@ def _train(run, data, *, callbacks):
             history = checkpoints.restore()
             if not _has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
                 run.optimizer.learning_rate = float(config.learning_rate)
-            callbacks.resumed(epoch=progress.epochs_done)
+            callbacks.resumed(epoch=progress.epochs_done, history=list(history))
         checkpoints.start()
         stopped = progress.patience_spent(config.patience)
         try:

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 
 def reference(model_a, model_b, x, caps, *, state="reset", feedback=False, sampler="identity", stop=None,
-              min_steps=0, exclude_stop_step=False):
+              min_steps=0, exclude_stop_step=False, fed=None):
     """Returns `(values (total, O) np.ndarray, lengths (N, Ta), tokens list)`.
 
     `stop(y) -> bool` is a Python predicate on one output vector (numpy), or
@@ -18,6 +18,7 @@ def reference(model_a, model_b, x, caps, *, state="reset", feedback=False, sampl
     being tested included. With `feedback`, B is `[x, y_prev, *states]`, fed
     zeros at a pair's first step and the sampler's value of its previous `y`.
     A sequence-form B (reset only) is run once per pair on `cap` repeats.
+    `fed(y) -> y_prev` (identity sampler) changes what is fed back, e.g. `without_gate`.
     """
     ir = model_a(tf.convert_to_tensor(x))
     n_samples, outer = x.shape[0], x.shape[1]
@@ -50,7 +51,7 @@ def reference(model_a, model_b, x, caps, *, state="reset", feedback=False, sampl
                     y_prev = tf.one_hot([token], size, dtype=ir.dtype)
                     hit = stop is not None and stop(row, token)
                 else:
-                    y_prev = y
+                    y_prev = y if fed is None else fed(y)
                     hit = stop is not None and stop(row)
                 hit = hit and j + 1 >= min_steps
                 if not (hit and exclude_stop_step):
@@ -63,6 +64,11 @@ def reference(model_a, model_b, x, caps, *, state="reset", feedback=False, sampl
             carried = states
     values = np.stack(values) if values else np.zeros([0, size], np.float32)
     return values, lengths, tokens
+
+
+def without_gate(y):
+    """`y (1, O)` with its last column, a stop gate's logit, set to 0: what a gated feedback B is fed back."""
+    return tf.concat([y[:, :-1], tf.zeros_like(y[:, -1:])], axis=1)
 
 
 def sigmoid(value):

@@ -19,10 +19,13 @@ CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6,
 O = 3  # two outputs and the gate
 
 
-def gate_threshold(a, b, x, state, quantile=0.6, **settings):
-    """A threshold some steps' gates reach and others do not."""
-    values = Cascade(a, b, state=state, run_eagerly=True, **settings).run(x, np.full(x.shape[:2], MAX_STEPS))[0]
-    return float(np.quantile(stopref.sigmoid(values.numpy()[:, -1]), quantile))
+def gate_threshold(a, b, x, state, quantile=0.6, feedback=False):
+    """A threshold some steps' gates reach and others do not (a feedback B fed its values and a 0 gate)."""
+    if feedback:
+        values = stopref.reference(a, b, x, MAX_STEPS, state=state, feedback=True, fed=stopref.without_gate)[0]
+    else:
+        values = Cascade(a, b, state=state, run_eagerly=True).run(x, np.full(x.shape[:2], MAX_STEPS))[0].numpy()
+    return float(np.quantile(stopref.sigmoid(values[:, -1]), quantile))
 
 
 def gate(threshold):
@@ -56,7 +59,8 @@ def test_gate_with_feedback_equals_reference(state, min_steps):
                       min_steps=min_steps, jit_compile=False)
     values, lengths = cascade.run(x, CAPS)
     expected, expected_lengths, _ = stopref.reference(a, b, x, CAPS, state=state, feedback=True,
-                                                      stop=gate(threshold), min_steps=min_steps)
+                                                      stop=gate(threshold), min_steps=min_steps,
+                                                      fed=stopref.without_gate)
     np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
     np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
     assert (expected_lengths < CAPS).any()
@@ -212,8 +216,9 @@ def test_bad_gate_training_settings(tmp_path):
         TrainConfig(stop_weight=2.0)
     with pytest.raises(ParameterError, match=r"^stop_pos_weight: expected a finite number > 0, received 0\.$"):
         TrainConfig(stop_gate=True, stop_pos_weight=0)
-    with pytest.raises(ParameterError, match=r"^stop_gate: cannot train a feedback-form B yet"):
-        TrainConfig(stop_gate=True, feedback=True)
+    with pytest.raises(ParameterError, match=r"^sampling_schedule: a row fed its own sample would be fed its stop "
+                                             r"logit"):
+        TrainConfig(stop_gate=True, feedback=True, sampling_schedule="constant:0.5")
     path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(2, 2), steps=np.ones((2, 2), int),
                     targets=np.zeros((4, 3), np.float32))
     builders.model_a().save(tmp_path / "a.keras")
@@ -225,3 +230,80 @@ def test_bad_gate_training_settings(tmp_path):
                     "--out-dir", tmp_path / "run", "--epochs", 1, "--stop-weight", 2)
     assert_error(result, 2, "--stop-weight: weighs the stop gate's loss: give --stop-gate")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------ issue 30, defect 3: a stop gate on a feedback B
+
+
+def test_a_feedback_b_with_a_stop_gate_is_fed_its_value_columns_and_a_zero_gate(tmp_path):
+    """One SGD step of --feedback --stop-gate equals `w - lr * grad` of an eager loop in which `y_prev` is the
+    target of the step before with the gate column 0 (`previous`: the sample's last target, across pairs)."""
+    n, o = 3, 3  # two values and the gate
+    rng = np.random.default_rng(4)
+    inputs = builders.inputs(n, 3)
+    steps = np.array([[2, 0, 1], [0, 1, 3], [1, 2, 0]])
+    values_file = rng.normal(size=(int(steps.sum()), o - 1)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=values_file)
+    ref_a, ref_b = builders.model_a(), builders.feedback_b(output_size=o)
+    variables = ref_a.trainable_variables + ref_b.trainable_variables
+    with tf.GradientTape() as tape:
+        ir = ref_a(inputs)
+        squared, bce, row = [], [], 0
+        for i in range(n):
+            fed = tf.zeros([1, o])
+            for t in range(3):
+                state = tf.zeros([1, 5])
+                for j in range(int(steps[i, t])):
+                    y, state = ref_b([ir[i:i + 1, t], fed, state])
+                    stop = float(j == steps[i, t] - 1)
+                    squared.append(tf.reduce_sum(tf.square(y[0, :-1] - values_file[row])))
+                    bce.append(-(stop * tf.math.log_sigmoid(y[0, -1]) + (1 - stop) * tf.math.log_sigmoid(-y[0, -1])))
+                    fed = tf.constant(np.append(values_file[row], 0.0)[None], tf.float32)  # never the 0/1 target
+                    row += 1
+        loss = tf.add_n(squared) / values_file.size + tf.add_n(bce) / row
+    grads = tape.gradient(loss, variables)
+    expected = [v.numpy() - 0.1 * g.numpy() for v, g in zip(variables, grads)]
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.feedback_b(output_size=o).save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", "--feedback", "--feedback-start", "previous", "--stop-gate",
+                     "--optimizer", "sgd", "--learning-rate", 0.1, "--epochs", 1, "--batch-size", n, "--no-shuffle",
+                     "--val-split", 0, "--no-xla"))
+    saved = [keras.saving.load_model(tmp_path / "run" / name, compile=False) for name in ("model_a.keras",
+                                                                                          "model_b.keras")]
+    for w, e in zip(saved[0].trainable_variables + saved[1].trainable_variables, expected):
+        np.testing.assert_allclose(w.numpy(), e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("state", ["reset", "carry"])
+def test_generation_with_a_gate_feeds_back_the_values_and_a_zero_gate(state):
+    a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
+    x = builders.inputs(4, 5)
+    threshold = gate_threshold(a, b, x, state, feedback=True)
+    cascade = Cascade(a, b, state=state, feedback=True, max_steps=MAX_STEPS, stop_rule=StopRule.gate(threshold),
+                      jit_compile=False)
+    values, lengths = cascade.run(x, CAPS)
+    expected, expected_lengths, _ = stopref.reference(a, b, x, CAPS, state=state, feedback=True,
+                                                      stop=gate(threshold), fed=stopref.without_gate)
+    np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
+    np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
+
+
+def test_a_gate_run_writes_a_generator_that_stops_with_the_gate_up_to_max_steps(tmp_path):
+    """Issue 30, defect 2: DIR/cascade.keras generates as trained: the gate, identity, --max-steps (or longest + 1)."""
+    from cascade_cli.keras_model import load_generator
+
+    steps = np.array([[2, 0, 1], [1, 3, 0]])
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(2, 3), steps=steps,
+                    targets=np.zeros((int(steps.sum()), 2), np.float32))
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.step_b("gru", output_size=3).save(tmp_path / "b.keras")
+    common = ("--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path, "--epochs", 1,
+              "--val-split", 0, "--no-xla", "--stop-gate")
+    for extra, wanted in (((), 4), (("--max-steps", 9), 9)):
+        assert_ok(invoke("train", *common, "--out-dir", tmp_path / f"run{wanted}", *extra))
+        settings = load_generator(tmp_path / f"run{wanted}" / "cascade.keras").settings
+        assert settings["stop_rule"] == StopRule.gate() and settings["max_steps"] == wanted
+        assert settings["sampler"].kind == "identity" and not settings["exclude_stop_step"]
+    result = invoke("train", *common[:-1], "--out-dir", tmp_path / "plain", "--max-steps", 9)
+    assert_error(result, 2, "--max-steps", "--append-end-token or --stop-gate")

@@ -155,3 +155,54 @@ def test_bad_feedback_flags_are_one_usage_error(files, tmp_path, extra, words):
 def test_feedback_needs_a_feedback_form_b(files, tmp_path):
     assert_error(train(files, tmp_path / "run", "--feedback", b="plain_b.keras"), 1, "plain_b.keras", "feedback")
     assert_error(train(files, tmp_path / "run2"), 1, "b.keras", "--feedback")  # a feedback B without the flag
+
+
+# ------------------------------------------- issue 30: the trained generator stops as it was taught
+
+
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory):
+    """One epoch on the token sample task with its END rows taken out and put back by --append-end-token 0."""
+    from cascade_cli.sample import END_TOKEN, build_token_model_a, build_token_model_b, make_token_task, \
+        one_hot_targets
+
+    folder = tmp_path_factory.mktemp("token_run")
+    inputs, steps, tokens, _, _ = make_token_task(np.random.default_rng(0), 16)
+    steps = steps - (steps > 0)  # the file holds no END rows
+    tokens = tokens[tokens != END_TOKEN]
+    with h5py.File(folder / "train.h5", "w") as file:
+        file["inputs"], file["steps"], file["targets"] = inputs, steps, one_hot_targets(tokens)
+    keras.utils.set_random_seed(0)
+    build_token_model_a().save(folder / "a.keras")
+    build_token_model_b().save(folder / "b.keras")
+    assert_ok(invoke("train", "--model-a", folder / "a.keras", "--model-b", folder / "b.keras", "--data",
+                     folder / "train.h5", "--out-dir", folder / "run", "--feedback", "--loss",
+                     "categorical-crossentropy", "--append-end-token", END_TOKEN, "--epochs", 2, "--batch-size", 8,
+                     "--val-split", 0.5, "--learning-rate", 0.05, "--no-xla"))
+    return folder, inputs, steps
+
+
+def test_the_trained_generator_records_its_sampler_stop_rule_and_max_steps(token_run):
+    from cascade_cli.keras_model import load_generator
+    from cascade_cli.options import Sampler, StopRule
+
+    folder, _, steps = token_run
+    settings = load_generator(folder / "run" / "cascade.keras").settings
+    assert settings["sampler"] == Sampler.greedy() and settings["stop_rule"] == StopRule.token(0)
+    assert settings["exclude_stop_step"] and settings["max_steps"] == steps.max() + 1
+
+
+def test_val_length_mae_is_the_length_error_of_greedy_generation_with_cascade_keras(token_run, tmp_path):
+    from cascade_cli.data import split_indices
+    from cascade_cli.results_io import read_result
+
+    folder, inputs, steps = token_run
+    _, val = split_indices(len(inputs), val_split=0.5, seed=0)
+    np.save(tmp_path / "x.npy", inputs[val])
+    assert_ok(invoke("generate", "--model", folder / "run" / "cascade.keras", "--inputs", tmp_path / "x.npy",
+                     "-o", tmp_path / "r.h5"))  # no other flag: the generator knows how it stops
+    lengths = read_result(tmp_path / "r.h5").lengths
+    with open(folder / "run" / "history.csv") as file:
+        rows = file.read().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert float(last[header.index("val_length_mae")]) == pytest.approx(np.abs(lengths - steps[val]).mean())

@@ -180,14 +180,13 @@ def test_one_sgd_step_is_w_minus_lr_times_the_reference_gradient(tmp_path, kind,
                 np.testing.assert_array_equal(w.numpy(), v.numpy())  # frozen A
 
 
-def test_nothing_to_learn_leaves_the_weights_and_gives_loss_zero(tmp_path):
+def test_a_file_with_nothing_to_learn_is_refused_before_the_first_step(tmp_path):
+    """Issue 30: all-zero steps trained 'successfully' with loss 0.0; now they are refused, and nothing is written."""
     path = write_data(tmp_path / "train.h5", builders.inputs(4, 3), np.zeros((4, 3), np.int64),
                       np.zeros((0, 2), np.float32))
-    model_a, model_b = builders.model_a(), builders.step_b()
-    before = [model_a.get_weights(), model_b.get_weights()]
-    history = train(path, tmp_path / "out", models=(model_a, model_b), epochs=2, batch_size=2, val_split=0.5)
-    assert [(row["loss"], row["val_loss"]) for row in history] == [(0.0, 0.0), (0.0, 0.0)]
-    assert_same(saved_weights(tmp_path / "out"), before)
+    with pytest.raises(DataError, match=r"^steps in .*train\.h5' \(key 'steps'\) are all 0 \(shape \(4, 3\)\)"):
+        train(path, tmp_path / "out", epochs=2, batch_size=2, val_split=0.5)
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------ regularization
@@ -519,8 +518,8 @@ def token_data(path, *, n, sparse):
     rng = np.random.default_rng(2)
     steps = rng.integers(1, 3, size=(n, 2))
     total = int(steps.sum())
-    targets = np.zeros((total, 1), np.float32) if sparse else np.tile([[1.0, 0.0, 0.0]], (total, 1))
-    return write_data(path, builders.inputs(n, 2, seed=2), steps, targets.astype(np.float32))
+    targets = np.zeros((total, 1), np.int64) if sparse else np.tile([[1.0, 0.0, 0.0]], (total, 1)).astype(np.float32)
+    return write_data(path, builders.inputs(n, 2, seed=2), steps, targets)  # sparse: integer ids (issue 30)
 
 
 @pytest.mark.parametrize("loss", ["categorical-crossentropy", "sparse-categorical-crossentropy"])
@@ -547,7 +546,7 @@ def test_a_softmax_b_trains_with_probabilities_detected(tmp_path, loss):
 
 def test_sparse_targets_must_be_one_id_per_step(tmp_path):
     path = token_data(tmp_path / "train.h5", n=4, sparse=False)  # one-hot (total, 3)
-    with pytest.raises(DataError, match=r"have 3 values per step: sparse-categorical-crossentropy expects one "
+    with pytest.raises(DataError, match=r"have 3 float32 values per step: sparse-categorical-crossentropy expects one "
                                         r"integer token id per step, \(sum\(steps\), 1\) or \(N, Ta, L, 1\), "
                                         r"each in \[0, 3\)"):
         train(path, tmp_path / "out", models=(builders.model_a(), softmax_b()),
@@ -766,3 +765,23 @@ def test_the_train_step_gives_a_feedback_cascade_the_flat_targets_and_the_sampli
     assert plain == {"training": True}  # no feedback: the runner's own defaults
     assert forced["training"] is True and forced["targets"] is targets and forced["sampling_probability"] is probability
     assert scored["training"] is False and scored["targets"] is targets and "sampling_probability" not in scored
+
+
+def test_the_best_epoch_line_after_a_resume_counts_the_epochs_before_it(tmp_path):
+    """Issue 30, defect 4: the lowest val_loss named at the end is the run's, not only this process' epochs'."""
+    import io
+
+    from rich.console import Console
+
+    from cascade_cli.progress import fixed_loss, train_callbacks
+
+    path = random_data(tmp_path / "train.h5", n=8)
+    first = train(path, tmp_path / "run", epochs=1, learning_rate=0.01, **SGD)
+    console = Console(file=io.StringIO(), width=200)
+    with train_callbacks(console, enabled=False) as report:
+        # a rate that overshoots: epoch 2's val_loss is worse than epoch 1's
+        history = train(path, tmp_path / "run", resume=True, epochs=2, learning_rate=50.0, callbacks=report)
+    assert history[0] == first[0] and history[1]["val_loss"] > first[0]["val_loss"]
+    shown = console.file.getvalue()
+    assert f"the lowest is epoch 1's, {fixed_loss(first[0]['val_loss']).strip()}." in shown, shown
+    assert " *" not in shown.splitlines()[-2]  # epoch 2's row: not the lowest so far

@@ -1,0 +1,122 @@
+"""`cascade train` and `CascadeModel.fit` on `data.dataset(...)` reach the same weights (issue 30).
+
+Two epochs of SGD on a shuffled file, in reset, carry and feedback modes, with an end token appended, with a
+stop gate, with token ids and with scheduled sampling: the command's weights and `fit`'s agree to 1e-6.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import builders
+from clitools import assert_ok, invoke
+from filetools import write_h5
+from cascade_cli.data import dataset
+from cascade_cli.keras_model import CascadeModel
+
+N, TA = 6, 3
+STEPS = np.array([[2, 0, 3], [0, 1, 0], [1, 1, 0], [3, 2, 1], [0, 0, 2], [1, 3, 1]])
+COMMON = ("--optimizer", "sgd", "--learning-rate", 0.1, "--epochs", 2, "--batch-size", 4, "--val-split", 0,
+          "--seed", 5, "--no-xla")
+
+CASES = {  # name: (B, the targets' O, train flags, CascadeModel settings, compile settings, dataset settings)
+    "reset": ("step", 2, (), {}, {}, {}),
+    "carry": ("step", 2, ("--state", "carry"), {"state": "carry"}, {}, {}),
+    "feedback": ("feedback", 2, ("--feedback",), {"feedback": True}, {}, {}),
+    "end token": ("feedback", 2, ("--feedback", "--loss", "categorical-crossentropy", "--append-end-token", 1),
+                  {"feedback": True}, {"loss": "categorical_crossentropy"}, {"append_end_token": 1}),
+    "end token, appended by compile": ("feedback", 2, ("--feedback", "--loss", "categorical-crossentropy",
+                                                       "--append-end-token", 0),
+                                       {"feedback": True}, {"loss": "categorical_crossentropy",
+                                                            "append_end_token": 0}, {}),
+    "stop gate": ("feedback", 2, ("--feedback", "--stop-gate", "--stop-weight", 0.5, "--stop-pos-weight", 2),
+                  {"feedback": True}, {"stop_gate": True, "stop_weight": 0.5, "stop_pos_weight": 2.0}, {}),
+    "sparse ids": ("feedback", 2, ("--feedback", "--loss", "sparse-categorical-crossentropy"), {"feedback": True},
+                   {"loss": "sparse_categorical_crossentropy"}, {}),
+    "scheduled sampling": ("feedback", 2, ("--feedback", "--sampling-probability", 0.5), {"feedback": True},
+                           {"sampling_probability": 0.5}, {}),
+}
+
+
+def models(kind, output_size):
+    b = builders.feedback_b(output_size=output_size) if kind == "feedback" else builders.step_b(
+        output_size=output_size)
+    return builders.model_a(), b
+
+
+SLOW = ("sparse ids", "end token, appended by compile")  # what the other cases show, by another door
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
+                                  for case in CASES])
+def test_cascade_train_and_cascade_model_fit_reach_the_same_weights(case, tmp_path):
+    kind, o, flags, settings, compiled, streamed = CASES[case]
+    emits = o + int("--stop-gate" in flags)
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(int(STEPS.sum()), o)).astype("float32")
+    if "categorical-crossentropy" in flags:
+        targets = np.eye(o, dtype="float32")[rng.integers(0, o, size=int(STEPS.sum()))]
+    if "sparse-categorical-crossentropy" in flags:
+        targets = rng.integers(0, o, size=int(STEPS.sum())).astype(np.int64)  # token ids, fed back as one-hots
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models(kind, emits)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *COMMON, *flags))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+
+    model = CascadeModel(*models(kind, emits), jit_compile=False, **settings)
+    model.compile(keras.optimizers.SGD(0.1), **{"loss": "mse", **compiled}, jit_compile=False)
+    model.fit(dataset(path, batch_size=4, shuffle=True, seed=5, **streamed), epochs=2, verbose=0)
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    start = models(kind, emits)
+    assert not np.allclose(start[1].get_weights()[0], fitted[len(a.get_weights())])  # it trained
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+def test_compile_checks_the_gate_and_sampling_settings_as_train_does():
+    from cascade_cli.errors import ParameterError
+
+    model = CascadeModel(*models("feedback", 3), feedback=True, jit_compile=False)
+    with pytest.raises(ParameterError, match=r"^stop_weight: weighs the stop gate's loss: give stop_gate=True"):
+        model.compile("sgd", loss="mse", stop_weight=2.0)
+    with pytest.raises(ParameterError, match=r"^sampling_schedule: a row fed its own sample would be fed its stop"):
+        model.compile("sgd", loss="mse", stop_gate=True, sampling_probability=0.5)
+    with pytest.raises(ParameterError, match=r"^sampling_schedule: applies to a feedback-form B only"):
+        CascadeModel(*models("step", 2), jit_compile=False).compile("sgd", loss="mse", sampling_probability=0.5)
+
+
+@pytest.mark.slow  # two trainings with validation: about 30 s on 2 cores
+def test_val_length_mae_of_fit_is_the_command_s(tmp_path):
+    """A generator model (greedy, end token 0 left out, max_steps the longest + 1) reports the command's
+    val_length_mae as `fit`'s validation `val_length_mae`."""
+    import csv
+
+    from cascade_cli.data import split_indices
+    from cascade_cli.options import StopRule
+
+    rng = np.random.default_rng(3)
+    targets = np.eye(3, dtype="float32")[rng.integers(1, 3, size=int(STEPS.sum()))]
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("feedback", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    flags = ("--optimizer", "sgd", "--learning-rate", 0.5, "--epochs", 2, "--batch-size", 2, "--val-split", 0.5,
+             "--seed", 5, "--no-xla", "--feedback", "--loss", "categorical-crossentropy", "--append-end-token", 0)
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *flags))
+    with open(tmp_path / "run" / "history.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+
+    model = CascadeModel(*models("feedback", 3), feedback=True, sampler="greedy", stop_rule=StopRule.token(0),
+                         exclude_stop_step=True, max_steps=int(STEPS.max()) + 1, jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.5), loss="categorical_crossentropy", append_end_token=0, jit_compile=False)
+    train, val = split_indices(N, val_split=0.5, seed=5)
+    history = model.fit(dataset(path, batch_size=2, seed=5, indices=train), epochs=2, verbose=0,
+                        validation_data=dataset(path, batch_size=2, shuffle=False, indices=val)).history
+    assert "length_mae" not in history  # measured on validation only
+    assert history["val_length_mae"] == pytest.approx([float(row["val_length_mae"]) for row in rows], abs=1e-6)
+    assert history["val_loss"] == pytest.approx([float(row["val_loss"]) for row in rows], rel=1e-5)
