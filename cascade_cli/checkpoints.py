@@ -189,29 +189,25 @@ def _remove_unfinished_saves(checkpoints):
 # ---------------------------------------------------------------- out_dir
 
 
-def check_out_dir(out_dir, *, parent_must_exist=False):
+def check_out_dir(out_dir):
     """Checks, before any work and creating nothing, that `out_dir` is a folder that can be written or created.
+
+    A missing `out_dir` is created with its missing parents, as every output's
+    folders are (`atomic.make_parents`).
 
     Args:
         out_dir: the folder.
-        parent_must_exist: refuse an `out_dir` whose own folder is missing
-            (a training run creates `out_dir`, never its parents, as
-            `generate` writes into existing folders only).
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
-        ParameterError: (`out_dir`) it is a file, its folder is missing (with
-            `parent_must_exist`), or it (or the folder it would be created in)
-            is not writable.
+        ParameterError: (`out_dir`) it is a file, or it (or the folder it would
+            be created in) is not writable.
     """
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise ParameterError("out_dir", f"'{path}' is a file: expected a folder.")
-    if parent_must_exist and not path.exists() and not path.absolute().parent.is_dir():
-        raise ParameterError("out_dir", f"'{path}' cannot be created: its folder '{path.parent}' does not exist; "
-                                        "create it first.")
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -258,7 +254,8 @@ def prepare_out_dir(out_dir, *, resume, lock=True, overwrite=False):
 
     A `checkpoints/` folder without a complete checkpoint (a kill while the
     first one was written) is no run: a new run removes it. `out_dir` is
-    created, its parents never (`check_out_dir(parent_must_exist=True)`).
+    created with its missing parents, which go again when the run fails
+    before its first checkpoint.
 
     Args:
         out_dir: the run's folder.
@@ -276,7 +273,7 @@ def prepare_out_dir(out_dir, *, resume, lock=True, overwrite=False):
             `resume`) or no complete checkpoint (with it), cannot be written,
             or is in use by another training run.
     """
-    path = check_out_dir(out_dir, parent_must_exist=not resume)
+    path = check_out_dir(out_dir)
     checkpoints = path / CHECKPOINT_DIR
     created = []
     if not resume:

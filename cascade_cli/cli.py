@@ -1026,7 +1026,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
     from cascade_cli.atomic import check_not_holding_inputs
 
     check_not_holding_inputs(out_dir, (*models.paths, data_path), what="out_dir")  # whatever overwrite says
-    check_out_dir(out_dir, parent_must_exist=not resume)
+    check_out_dir(out_dir)
     distribution = make_strategy(strategy or _default("strategy"))  # before TensorFlow runs anything
     try:
         with TrainingData(data_path) as data:

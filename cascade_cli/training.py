@@ -1219,8 +1219,8 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
         model_b: a step- or sequence-form `keras.Model`; trained in place.
         data: an open `TrainingData`.
         out_dir: the folder for `checkpoints/`, `history.csv`, `model_a.keras`,
-            `model_b.keras` and `cascade.keras`; created if missing (its
-            parent must exist); with `config.overwrite` an earlier run in it
+            `model_b.keras` and `cascade.keras`; created if missing (with
+            its missing parents); with `config.overwrite` an earlier run in it
             is replaced.
         config: a `TrainConfig`.
         callbacks: a `TrainCallbacks` (progress), or None.

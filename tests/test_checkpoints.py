@@ -49,10 +49,11 @@ def dense(seed):
 
 
 def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
-    # out_dir is created, its parents never (as generate -o refuses a missing folder)
-    with pytest.raises(ParameterError, match=r"^out_dir: '.*a/b' cannot be created: its folder '.*/a' does not "
-                                             r"exist; create it first\.$"):
-        prepare_out_dir(tmp_path / "a" / "b", resume=False)
+    # out_dir is created with its missing parents (as every output's folders are); a failed run takes them away
+    with pytest.raises(RuntimeError):
+        with prepare_out_dir(tmp_path / "a" / "b", resume=False) as folder:
+            assert folder.created == [tmp_path / "a" / "b", tmp_path / "a"]
+            raise RuntimeError("the run failed before its first checkpoint")
     assert os.listdir(tmp_path) == []
     (tmp_path / "a").mkdir()
     with prepare_out_dir(tmp_path / "a" / "b", resume=False) as folder:
@@ -305,10 +306,11 @@ def test_run_settings_and_the_resume_check_name_python_settings():
                         "epochs": 10, "learning_rate": 0.001, "patience": None, "clipnorm": None, "warmup_steps": 0,
                         "metrics": [], "tensorboard": None, "feedback": False, "feedback_start": "zeros",
                         "sampling_schedule": None, "jit_compile": None, "append_end_token": None,
-                        "stop_gate": False, "stop_weight": 1.0, "stop_pos_weight": 1.0, "samples": [6, 3, 2, 1]}
+                        "stop_gate": False, "stop_weight": 1.0, "stop_pos_weight": 1.0, "max_steps": None,
+                        "samples": [6, 3, 2, 1]}
     check_settings("run1/checkpoints", settings, dict(settings))
     check_settings("run1/checkpoints", settings, {**settings, "epochs": 40, "learning_rate": 0.5, "clipnorm": 1.0,
-                                                  "warmup_steps": 5, "metrics": ["mae"]})  # may change
+                                                  "warmup_steps": 5, "metrics": ["mae"], "max_steps": 9})  # may change
     with pytest.raises(ParameterError, match=r"made with lr_schedule='constant', mixed_precision=False; this "
                                              r"run has lr_schedule='cosine', mixed_precision=True\."):
         check_settings("run1/checkpoints", settings, {**settings, "lr_schedule": "cosine", "mixed_precision": True})

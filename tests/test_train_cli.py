@@ -231,10 +231,11 @@ def test_sparse_crossentropy_trains_from_token_ids_stored_as_total(tmp_path):
 # --------------------------------------------------------- out-dir rules
 
 
-def test_out_dir_s_missing_parent_is_refused_as_generate_refuses_it(files, tmp_path):
-    assert_error(train(files, tmp_path / "a" / "b" / "c"), 1, "--out-dir", f"'{tmp_path / 'a' / 'b'}' does not exist",
-                 "create it first")
-    assert os.listdir(tmp_path) == []
+def test_out_dir_s_missing_parents_are_made_as_every_output_s_are_and_go_again_when_the_run_fails(files, tmp_path):
+    assert_ok(train(files, tmp_path / "a" / "b" / "c", "--epochs", 1, "--val-split", 0))
+    assert (tmp_path / "a" / "b" / "c" / "model_b.keras").is_file()
+    assert_error(train(files, tmp_path / "x" / "y", "--epochs", 1, "--resume"), 1, "--resume")
+    assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
 def test_overwrite_replaces_an_earlier_run_and_without_it_the_run_is_refused(files, tmp_path):
