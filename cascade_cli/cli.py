@@ -501,7 +501,19 @@ def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, s
                        no_xla=no_xla)
 
 
-class _TokenIds(click.ParamType):
+class _IntList(click.ParamType):
+    """`--samples 0,3`: one or more integers, each in [0, 2**31), as a tuple."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        each = click.IntRange(0, INT32_MAX)
+        return tuple(each.convert(part.strip(), param, ctx) for part in str(value).split(","))
+
+
+class _TokenIds(_IntList):
     """`--stop-token 0,5`: one or more distinct token ids, each in [0, 2**31), as a tuple."""
 
     name = "ID[,ID...]"
@@ -509,8 +521,7 @@ class _TokenIds(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        each = click.IntRange(0, INT32_MAX)
-        ids = tuple(each.convert(part.strip(), param, ctx) for part in str(value).split(","))
+        ids = super().convert(value, param, ctx)
         from cascade_cli.options import StopRule
 
         try:
@@ -1238,24 +1249,12 @@ def demo(out_dir, epochs, overwrite):
 # ---------------------------------------------------------------------- plot
 
 
-class _SampleIndices(click.ParamType):
-    """`--samples 0,3`: sample indices (each >= 0), as a tuple."""
-
-    name = "N[,N...]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        each = click.IntRange(0, INT32_MAX)
-        return tuple(each.convert(part.strip(), param, ctx) for part in str(value).split(","))
-
-
 @main.command()
 @click.argument("path", metavar="PATH")
 @click.option("--against", metavar="TRAIN.h5",
               help="With a result: draw its length error per outer step against this training file's steps, as "
                    "inspect --against prints it.")
-@click.option("--samples", type=_SampleIndices(), metavar="0,3",
+@click.option("--samples", type=_IntList(), metavar="0,3",
               help="With a result: the samples whose values (or sampled tokens, as a piano roll) are drawn. [0]")
 @click.option("-o", "--output", required=True, metavar="PICTURE.png", help="The PNG to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")

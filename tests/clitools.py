@@ -1,6 +1,7 @@
 """Shared helpers of the command-line tests: run a command, check its exit and its one error line."""
 
 import os
+import shlex
 
 from click.testing import CliRunner
 
@@ -41,3 +42,16 @@ def pretend_read_only(monkeypatch, folder):
     real = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == os.fspath(folder)
                         else real(path, mode, **kw))
+
+
+def command_lines(text):
+    """The `cascade ...` command lines of a shell text, as argument lists (without `cascade`).
+
+    Continuations are joined and comments dropped.
+    """
+    found = []
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("cascade "):
+            found.append(shlex.split(line)[1:])
+    return found

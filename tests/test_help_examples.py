@@ -25,6 +25,7 @@ import h5py
 import pytest
 
 from cascade_cli.cli import main
+from clitools import command_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
@@ -37,14 +38,7 @@ def help_text(name):
 
 def example_lines(text):
     """The `cascade ...` lines of a help's `Example:` block, as argument lists (without `cascade`)."""
-    block = text[text.index("Example:") + len("Example:"):]
-    lines = block.replace("\\\n", " ").splitlines()
-    found = []
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if line.startswith("cascade "):
-            found.append(shlex.split(line)[1:])
-    return found
+    return command_lines(text[text.index("Example:") + len("Example:"):])
 
 
 def option_groups(argv):

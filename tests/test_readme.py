@@ -10,7 +10,6 @@ one namespace.
 """
 
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from cascade_cli.results_io import read_result
+from clitools import command_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -38,17 +38,6 @@ def blocks(text, language):
     """The code blocks of `language` in `text` (indented blocks are dedented)."""
     pattern = re.compile(rf"^( *)```{language}\n(.*?)^\1```", re.S | re.M)
     return [textwrap.dedent(match.group(2)) for match in pattern.finditer(text)]
-
-
-def commands(block):
-    """The `cascade ...` command lines of a bash block: continuations joined, comments dropped."""
-    lines = block.replace("\\\n", " ").splitlines()
-    found = []
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if line.startswith("cascade "):
-            found.append(shlex.split(line)[1:])
-    return found
 
 
 def run_command(argv):
@@ -129,7 +118,7 @@ def test_the_worked_example_comes_first_and_works_in_a_scratch_folder():
     (block,) = blocks(section("A worked example"), "bash")
     first = block.splitlines()[0]
     assert first.startswith("mkdir -p /tmp/") and "cp -r sample_data" in first and "&& cd /tmp/" in first
-    assert [argv[0] for argv in commands(block)] == ["train", "pack", "generate", "plot", "plot", "export",
+    assert [argv[0] for argv in command_lines(block)] == ["train", "pack", "generate", "plot", "plot", "export",
                                                      "export-model"]
 
 
@@ -164,7 +153,7 @@ def test_every_python_snippet_imports_what_it_uses():
 def test_the_readme_commands_and_snippets_run_as_written(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
     monkeypatch.chdir(tmp_path)
-    worked = [argv for argv in commands(blocks(section("A worked example"), "bash")[0])]
+    worked = [argv for argv in command_lines(blocks(section("A worked example"), "bash")[0])]
     for argv in worked:
         result = run_command(argv)
         if result is not None:  # the sampled notes, their ids kept
@@ -172,7 +161,7 @@ def test_the_readme_commands_and_snippets_run_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "notes.png").is_file() and (tmp_path / "serving" / "tokens" / "1" / "saved_model.pb").is_file()
     full = {}
     ran = []
-    for argv in commands(blocks(section("Commands"), "bash")[0]):
+    for argv in command_lines(blocks(section("Commands"), "bash")[0]):
         if argv[0] == "merge":  # its parts come from the Scaling out loop, tested in test_shards.py
             continue
         if "--stop-token" in argv:  # needs a B whose outputs score tokens; the sample B emits one value
@@ -187,7 +176,7 @@ def test_the_readme_commands_and_snippets_run_as_written(tmp_path, monkeypatch):
     more = []
     for heading in MORE_SECTIONS:
         for block in blocks(section(heading), "bash"):
-            for argv in commands(block):
+            for argv in command_lines(block):
                 result = run_command(argv)
                 more.append(argv[0])
                 if result is not None and "--sampler" in argv:  # the token task: the sampled ids are kept
