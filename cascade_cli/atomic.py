@@ -168,6 +168,18 @@ def remove_unfinished_folders(folder, *, suffix, lock):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _locked(path):
+    """Creates and locks a new lock file for a write of `path`, yields its token, and removes it on the way out."""
+    token, fd, lock = _take_lock(path)
+    try:
+        yield token
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
 def _take_lock(path):
     """Creates and locks a new lock file for a write of `path`: `(token, fd, lock_path)`."""
     prefix = _temp_prefix(path)
@@ -332,9 +344,8 @@ def atomic_output(path, *, overwrite=False, suffix="", inputs=()):
     """
     path = check_output_path(path, overwrite=overwrite, inputs=inputs)
     _remove_stale_temps(path)
-    token, lock_fd, lock = _take_lock(path)
-    temp = path.parent / f"{_temp_prefix(path)}{token}{suffix}"
-    try:
+    with _locked(path) as token:
+        temp = path.parent / f"{_temp_prefix(path)}{token}{suffix}"
         try:
             yield temp
             if not temp.exists():
@@ -354,10 +365,6 @@ def atomic_output(path, *, overwrite=False, suffix="", inputs=()):
             if is_no_space(error):
                 raise no_space_error(path) from error
             raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(lock_fd)
 
 
 @contextlib.contextmanager
@@ -398,9 +405,8 @@ def atomic_directory(path, *, overwrite=False, inputs=(), made_by="saved_model.p
             raise DataError(f"output folder '{path}' holds files but no '{made_by}': it is not a folder this writer "
                             "made, and it is never replaced, even with overwrite=True; choose another folder")
     _check_parent(path)
-    token, lock_fd, lock = _take_lock(path)
-    temp = path.parent / f"{_temp_prefix(path)}{token}"
-    try:
+    with _locked(path) as token:
+        temp = path.parent / f"{_temp_prefix(path)}{token}"
         try:
             temp.mkdir()
             yield temp
@@ -420,10 +426,6 @@ def atomic_directory(path, *, overwrite=False, inputs=(), made_by="saved_model.p
             if is_no_space(error):
                 raise no_space_error(path) from error
             raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(lock_fd)
 
 
 def make_parents(path):
