@@ -39,3 +39,8 @@ class ParameterError(CascadeError, ValueError):
 def one_line(text):
     """Joins a message's lines so it prints as one `Error: ...` line."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "unknown error"
+
+
+def received(value):
+    """A received argument as messages show it, the Keras way: `None`, or `'a.keras' (a str)`."""
+    return "None" if value is None else f"{str(value)[:80]!r} (a {type(value).__name__})"

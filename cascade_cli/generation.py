@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.errors import CascadeError, DataError, ParameterError
+from cascade_cli.errors import CascadeError, DataError, ParameterError, received
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import GENERATE_BATCH_SIZE, check_choice, check_int
 from cascade_cli.packing import ROW_QUANTUM
@@ -148,10 +148,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     from cascade_cli.runner import Cascade
 
     if not isinstance(cascade, Cascade):
-        raise ParameterError("cascade", f"expected a cascade_cli.Cascade, received {_shown(cascade)}.")
+        raise ParameterError("cascade", f"expected a cascade_cli.Cascade, received {received(cascade)}.")
     if not isinstance(source, InputSource):
         raise ParameterError("source", f"expected an open InputSource (cascade_cli.data.open_inputs), received "
-                                       f"{_shown(source)}.")
+                                       f"{received(source)}.")
     batch_size = check_int("batch_size", batch_size, minimum=1)
     repeats = check_int("num_samples", num_samples, minimum=1)
     check_choice("allow_nonfinite", allow_nonfinite, (True, False))
@@ -213,11 +213,6 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                 writer.attrs["loop_compile_problem"] = cascade.loop_compile_problem
     return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
                            at_first)
-
-
-def _shown(value):
-    """`None`, or `'text' (a str)`: a received argument, the Keras way."""
-    return "None" if value is None else f"{str(value)[:60]!r} (a {type(value).__name__})"
 
 
 @dataclasses.dataclass(frozen=True)

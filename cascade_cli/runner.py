@@ -44,7 +44,7 @@ import tensorflow as tf
 
 from cascade_cli import compiled_loop, packing, sampling
 from cascade_cli.cells import fast_path_problem, split_b
-from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
+from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError, received
 from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
                                          tapes_may_take_higher_order)
 from cascade_cli.models import check_inputs_fit, check_pair
@@ -262,9 +262,8 @@ class Cascade:
     ):
         for parameter, model in (("model_a", model_a), ("model_b", model_b)):  # before anything reads them
             if not isinstance(model, keras.Model):
-                shown = f"{str(model)[:80]!r} (a {type(model).__name__})" if model is not None else "None"
                 hint = "; load it with keras.saving.load_model" if isinstance(model, (str, os.PathLike)) else ""
-                raise ParameterError(parameter, f"expected a keras.Model, received {shown}{hint}.")
+                raise ParameterError(parameter, f"expected a keras.Model, received {received(model)}{hint}.")
         check_choice("exclude_stop_step", exclude_stop_step, (True, False))
         check_choice("state", state, STATE_MODES)
         check_choice("state_init", state_init, STATE_INITS)
