@@ -17,8 +17,8 @@ _LAZY = {
     "TrainConfig": "cascade_cli.options",
     "CascadeResult": "cascade_cli.result",
     "CascadeError": "cascade_cli.errors",
-    "CascadeModel": "cascade_cli.keras_model",
-    "export_saved_model": "cascade_cli.keras_model",
+    "CascadeModel": "cascade_cli.train.keras_model",
+    "export_saved_model": "cascade_cli.train.keras_model",
 }
 
 __all__ = ["__version__", *_LAZY]

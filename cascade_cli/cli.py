@@ -284,7 +284,7 @@ class ModelFiles:
             return (*self.load(console, feedback=feedback), {})
         _warn_unsafe(console, [self.packed], unsafe=self.unsafe)
         _load_tensorflow()
-        from cascade_cli.keras_model import load_generator
+        from cascade_cli.train.keras_model import load_generator
 
         generator = load_generator(self.packed, safe_mode=not self.unsafe)
         return generator.model_a, generator.model_b, generator.settings
@@ -804,7 +804,7 @@ def pack(ctx, models, runner, output, overwrite):
     console, _ = _consoles()
     model_a, model_b = models.load(console, feedback=runner.feedback)
     from cascade_cli.atomic import atomic_output
-    from cascade_cli.keras_model import CascadeModel
+    from cascade_cli.train.keras_model import CascadeModel
 
     settings = runner.settings()
     generator = _make_cascade(ctx, model_a, model_b, settings, cls=CascadeModel)
@@ -844,7 +844,7 @@ def export_model(ctx, generator, directory, overwrite, unsafe, allow_legacy_h5):
     console, _ = _consoles()
     files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
     model_a, model_b, settings = files.load_generator(console)
-    from cascade_cli.keras_model import CascadeModel, export_saved_model
+    from cascade_cli.train.keras_model import CascadeModel, export_saved_model
 
     module = export_saved_model(CascadeModel(model_a, model_b, **settings), directory, overwrite=overwrite)
     inputs = "inputs" if settings.get("max_steps") is not None else "inputs, steps"
@@ -1029,11 +1029,11 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
                              stop_pos_weight=stop_pos_weight, max_steps=max_steps, overwrite=overwrite)
     console, _ = _consoles()
     _load_tensorflow()
-    from cascade_cli.checkpoints import check_out_dir
+    from cascade_cli.train.checkpoints import check_out_dir
     from cascade_cli.data import TrainingData
-    from cascade_cli.distribute import make_strategy
+    from cascade_cli.train.distribute import make_strategy
     from cascade_cli.progress import train_callbacks
-    from cascade_cli.training import TrainingInterrupted, fit
+    from cascade_cli.train.fit import TrainingInterrupted, fit
     from cascade_cli.atomic import check_not_holding_inputs
 
     check_not_holding_inputs(out_dir, (*models.paths, data_path), what="out_dir")  # whatever overwrite says
@@ -1050,7 +1050,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
         raise click.exceptions.Exit(130) from None
     finally:  # a save that never finished (a full disk, a signal) leaves no ckpt-N_temp behind
         from cascade_cli.atomic import remove_unfinished_folders
-        from cascade_cli.checkpoints import CHECKPOINT_DIR, LOCK_FILE
+        from cascade_cli.train.checkpoints import CHECKPOINT_DIR, LOCK_FILE
 
         remove_unfinished_folders(Path(out_dir) / CHECKPOINT_DIR, suffix="_temp", lock=Path(out_dir) / LOCK_FILE)
     _print_training(console, out_dir)
@@ -1060,7 +1060,7 @@ def _trains_feedback(config, out_dir):
     """Whether the run trains a feedback-form B: `--feedback`, or on `--resume` what the run was started with."""
     if config.feedback is not None or not config.resume:
         return bool(config.feedback)
-    from cascade_cli.checkpoints import saved_settings
+    from cascade_cli.train.checkpoints import saved_settings
 
     try:
         return bool(saved_settings(out_dir).get("feedback"))
@@ -1101,7 +1101,7 @@ def _inspect_models(report, console, path, partner, *, unsafe, allow_legacy_h5):
     paths = [path] + ([partner] if partner is not None else [])
     roles = ["model"] + (["partner"] if partner is not None else [])
     _load_tensorflow()
-    from cascade_cli.keras_model import CascadeModel  # registers the class a packed generator names
+    from cascade_cli.train.keras_model import CascadeModel  # registers the class a packed generator names
 
     loaded = load_models(paths, roles, console=console, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
     generators = [name for model, name in zip(loaded, paths) if isinstance(model, CascadeModel)]

@@ -86,7 +86,7 @@ def demo_paths(out_dir, *, overwrite):
         DataError: `out_dir` is a file, cannot be written, or holds an earlier
             demo and `overwrite` is false.
     """
-    from cascade_cli.checkpoints import check_out_dir
+    from cascade_cli.train.checkpoints import check_out_dir
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
@@ -121,7 +121,7 @@ def run_demo(paths, *, epochs=DEMO_EPOCHS, overwrite=False, callbacks=None, prog
     Returns:
         A `DemoReport`.
     """
-    from cascade_cli.checkpoints import remove_training_run
+    from cascade_cli.train.checkpoints import remove_training_run
     from cascade_cli.data import TrainingData, open_inputs
     from cascade_cli.generation import generate_to_file, resolve_steps
     from cascade_cli.models import load_model
@@ -130,7 +130,7 @@ def run_demo(paths, *, epochs=DEMO_EPOCHS, overwrite=False, callbacks=None, prog
     from cascade_cli.results_io import read_result, write_result
     from cascade_cli.runner import Cascade
     from cascade_cli.steps import read_steps
-    from cascade_cli.training import fit
+    from cascade_cli.train.fit import fit
 
     trained = paths["trained"]
     trained.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def run_demo(paths, *, epochs=DEMO_EPOCHS, overwrite=False, callbacks=None, prog
 
 def _token_demo(paths, data_dir, *, overwrite, callbacks, progress, say):
     """Trains the token task's feedback B with teacher forcing, then samples from it until END."""
-    from cascade_cli.checkpoints import remove_training_run
+    from cascade_cli.train.checkpoints import remove_training_run
     from cascade_cli.data import TrainingData, open_inputs
     from cascade_cli.generation import generate_to_file
     from cascade_cli.h5 import open_h5
@@ -182,7 +182,7 @@ def _token_demo(paths, data_dir, *, overwrite, callbacks, progress, say):
     from cascade_cli.options import Sampler, StopRule, TrainConfig
     from cascade_cli.results_io import read_result
     from cascade_cli.runner import Cascade
-    from cascade_cli.training import fit
+    from cascade_cli.train.fit import fit
 
     files = {key: data_dir / name for key, name in sample.TOKEN_FILE_NAMES.items()}
     trained = paths["tokens_trained"]

@@ -151,7 +151,7 @@ def load_model(path, *, role="model", safe_mode=True, allow_legacy_h5=False):
 
     import keras
 
-    from cascade_cli.checkpoints import check_trained_model
+    from cascade_cli.train.checkpoints import check_trained_model
 
     check_trained_model(path)  # a training run's model_a/model_b: only a pair written as one
     try:

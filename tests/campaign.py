@@ -516,7 +516,7 @@ def t_api(trial):
 import sys, numpy as np, tensorflow as tf, keras
 from cascade_cli import Cascade
 from cascade_cli.errors import CascadeError
-from cascade_cli.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel
 from cascade_cli.generation import generate_to_file
 from cascade_cli.data import open_inputs
 a = keras.saving.load_model({str(a)!r}); b = keras.saving.load_model({str(b)!r})

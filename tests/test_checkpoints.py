@@ -1,4 +1,4 @@
-"""Tests for cascade_cli.checkpoints: out_dir, history.csv, the resume check, Progress and Checkpoints."""
+"""Tests for cascade_cli.train.checkpoints: out_dir, history.csv, the resume check, Progress and Checkpoints."""
 
 import csv
 import errno
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cascade_cli.checkpoints import (
+from cascade_cli.train.checkpoints import (
     Checkpoints,
     Progress,
     RunLock,
@@ -148,7 +148,7 @@ def test_latest_checkpoint_reads_the_files_when_the_index_is_unreadable(tmp_path
 
 LOCK_HOLDER = """
 import sys, time
-from cascade_cli.checkpoints import prepare_out_dir
+from cascade_cli.train.checkpoints import prepare_out_dir
 with prepare_out_dir(sys.argv[1], resume=False):
     print("locked", flush=True)
     time.sleep(60)

@@ -720,7 +720,7 @@ def test_max_steps_help_says_what_given_steps_above_it_are_and_they_are_refused(
 
 
 def test_a_packed_generator_with_a_lambda_inside_a_needs_unsafe(files, tmp_path):
-    from cascade_cli.keras_model import CascadeModel
+    from cascade_cli.train.keras_model import CascadeModel
 
     lambda_a = keras.saving.load_model(files["lambda.keras"], safe_mode=False, compile=False)
     CascadeModel(lambda_a, keras.saving.load_model(files["b.keras"], compile=False)).save(tmp_path / "g.keras")

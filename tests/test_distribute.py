@@ -1,4 +1,4 @@
-"""Tests for cascade_cli.distribute: mirrored and multi-worker training runs match default.
+"""Tests for cascade_cli.train.distribute: mirrored and multi-worker training runs match default.
 
 Logical CPU devices and `TF_CONFIG` only take effect before TensorFlow starts, so
 every distributed run happens in a fresh subprocess (bounded by a timeout) that
@@ -21,10 +21,10 @@ import tensorflow as tf
 import builders
 import cascade_cli
 from cascade_cli.data import TrainingData
-from cascade_cli.distribute import make_strategy
+from cascade_cli.train.distribute import make_strategy
 from cascade_cli.errors import CascadeError, ParameterError
 from cascade_cli.options import TrainConfig
-from cascade_cli.training import fit
+from cascade_cli.train.fit import fit
 from test_training import regularized_models
 
 TESTS = Path(__file__).resolve().parent
@@ -178,7 +178,7 @@ cpu, = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
 from cascade_cli.errors import CascadeError
-from cascade_cli.distribute import make_strategy
+from cascade_cli.train.distribute import make_strategy
 from test_distribute import CASES, run_case, free_ports
 data, out = sys.argv[1], sys.argv[2]
 strategy = make_strategy("mirrored")
@@ -235,7 +235,7 @@ def test_mirrored_on_two_logical_cpus_takes_the_steps_of_default(tmp_path, data_
 
 WORKER_SCRIPT = """
 import json, os, sys, tempfile
-from cascade_cli.distribute import make_strategy
+from cascade_cli.train.distribute import make_strategy
 strategy = make_strategy("multi-worker")  # before any other TensorFlow work
 import numpy as np
 from cascade_cli.options import TrainCallbacks

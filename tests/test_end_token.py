@@ -11,7 +11,7 @@ from filetools import write_h5
 from cascade_cli.data import TrainingData, append_end_token
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import TrainConfig
-from cascade_cli.training import fit
+from cascade_cli.train.fit import fit
 
 STEPS = np.array([[2, 0], [0, 1]])  # (0, 1) and (1, 0) emit nothing
 ROWS = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]], np.float32)

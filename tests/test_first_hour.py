@@ -124,7 +124,7 @@ def test_shards_of_one_inputs_file_spelled_two_ways_are_one_run_and_merge(files,
 
 def test_ctrl_c_during_train_exits_130_naming_the_saved_epoch_and_how_to_resume(files, tmp_path, monkeypatch):
     import cascade_cli.progress as progress
-    from cascade_cli.training import TrainCallbacks
+    from cascade_cli.options import TrainCallbacks
 
     class CtrlC(TrainCallbacks):
         """Ctrl-C after the first batch of epoch 2 (of 2)."""

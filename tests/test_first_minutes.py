@@ -132,7 +132,7 @@ def test_resume_without_a_checkpoint_says_to_leave_out_resume(sample, tmp_path):
     text = cli.flag_text("resume: no checkpoint to resume from in 'run/checkpoints'; to start training, leave out "
                          "resume=True.", parameter="resume")
     assert text == "--resume: no checkpoint to resume from in 'run/checkpoints'; to start training, leave out --resume."
-    from cascade_cli import checkpoints
+    from cascade_cli.train import checkpoints
 
     (tmp_path / "run").mkdir()
     with pytest.raises(ParameterError) as raised:

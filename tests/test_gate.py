@@ -147,7 +147,8 @@ import keras  # noqa: E402
 from filetools import write_h5  # noqa: E402
 from cascade_cli.data import TrainingData, append_gate_targets  # noqa: E402
 from cascade_cli.options import TrainConfig  # noqa: E402
-from cascade_cli.training import fit, gate_terms, loss_terms  # noqa: E402
+from cascade_cli.train.fit import fit
+from cascade_cli.train.losses import gate_terms, loss_terms  # noqa: E402
 
 
 def test_gate_targets_by_hand():
@@ -291,7 +292,7 @@ def test_generation_with_a_gate_feeds_back_the_values_and_a_zero_gate(state):
 
 def test_a_gate_run_writes_a_generator_that_stops_with_the_gate_up_to_max_steps(tmp_path):
     """Issue 30, defect 2: DIR/cascade.keras generates as trained: the gate, identity, --max-steps (or longest + 1)."""
-    from cascade_cli.keras_model import load_generator
+    from cascade_cli.train.keras_model import load_generator
 
     steps = np.array([[2, 0, 1], [1, 3, 0]])
     path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(2, 3), steps=steps,

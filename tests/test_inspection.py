@@ -209,7 +209,7 @@ def test_settings_text_leaves_out_what_is_unset_and_shows_a_stop_rule_as_text():
 def test_inspect_of_a_packed_generator_describes_its_two_models_and_settings(tmp_path):
     import builders
     from clitools import assert_error, assert_ok, invoke
-    from cascade_cli.keras_model import CascadeModel
+    from cascade_cli.train.keras_model import CascadeModel
     from cascade_cli.options import StopRule
 
     generator = CascadeModel(builders.model_a(), builders.step_b(), max_steps=6, stop_rule=StopRule.token(1),

@@ -1,4 +1,4 @@
-"""Tests for cascade_cli.keras_model: CascadeModel's save / load, fit, callbacks and predict."""
+"""Tests for cascade_cli.train.keras_model: CascadeModel's save / load, fit, callbacks and predict."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import builders
 from cascade_cli.errors import DataError, ParameterError
-from cascade_cli.keras_model import CascadeModel, export_saved_model
+from cascade_cli.train.keras_model import CascadeModel, export_saved_model
 from cascade_cli.options import StopRule
 from cascade_cli.result import CascadeResult
 from test_training import penalty_by_hand, regularized_models

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.keras_model import CascadeModel, export_saved_model
+from cascade_cli.train.keras_model import CascadeModel, export_saved_model
 from cascade_cli.options import Sampler, StopRule
 from test_feedback import O, STEPS, models, reference
 from test_keras_model import SERVE, training_arrays

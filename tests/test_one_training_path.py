@@ -12,7 +12,7 @@ import builders
 from clitools import assert_ok, invoke
 from filetools import write_h5
 from cascade_cli.data import dataset
-from cascade_cli.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel
 
 N, TA = 6, 3
 STEPS = np.array([[2, 0, 3], [0, 1, 0], [1, 1, 0], [3, 2, 1], [0, 0, 2], [1, 3, 1]])

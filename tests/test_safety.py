@@ -211,7 +211,7 @@ def test_max_steps_at_the_int32_limit_is_refused_naming_it(pair):
 def test_exclude_stop_step_must_be_a_bool_in_python(pair, value):
     from cascade_cli import Cascade
     from cascade_cli.errors import ParameterError
-    from cascade_cli.keras_model import CascadeModel
+    from cascade_cli.train.keras_model import CascadeModel
 
     for cls in (Cascade, CascadeModel):
         with pytest.raises(ParameterError, match=rf"^exclude_stop_step: expected one of True, False, received "
@@ -406,7 +406,7 @@ def test_a_sigterm_ends_a_huge_num_samples_run_at_once(files, tmp_path):
 def test_a_train_run_ended_by_a_full_disk_leaves_no_checkpoint_temp_folder(files, tmp_path, monkeypatch):
     import errno
 
-    from cascade_cli import training
+    from cascade_cli.train import fit as training
 
     out_dir = tmp_path / "run"
 

@@ -21,7 +21,7 @@ from clitools import assert_error, assert_ok, invoke
 from filetools import write_h5
 from test_training import penalty_by_hand, regularized_models
 from cascade_cli.data import TrainingData, padded_targets, split_indices
-from cascade_cli.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel
 from cascade_cli.runner import Cascade
 
 N, TA = 4, 3

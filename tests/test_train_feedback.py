@@ -183,7 +183,7 @@ def token_run(tmp_path_factory):
 
 
 def test_the_trained_generator_records_its_sampler_stop_rule_and_max_steps(token_run):
-    from cascade_cli.keras_model import load_generator
+    from cascade_cli.train.keras_model import load_generator
     from cascade_cli.options import Sampler, StopRule
 
     folder, _, steps = token_run

@@ -16,7 +16,7 @@ import builders
 from clitools import assert_error, assert_ok, invoke
 from filetools import write_h5
 from cascade_cli.errors import ParameterError
-from cascade_cli.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel
 
 N, TA, O = 4, 3, 2
 STEPS = np.array([[2, 0, 3], [0, 1, 0], [1, 1, 0], [3, 2, 1]])

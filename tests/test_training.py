@@ -1,4 +1,4 @@
-"""Tests for cascade_cli.training: the masked loss, one exact SGD step, resume, seeds, NaN, patience."""
+"""Tests for cascade_cli.train (fit, losses, step, optimizers): the masked loss, one exact SGD step, resume, seeds, NaN, patience."""
 
 import csv
 import math
@@ -12,17 +12,10 @@ import tensorflow as tf
 import builders
 from cascade_cli.data import TrainingData, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.checkpoints import prepare_out_dir, trained_pair
+from cascade_cli.train.checkpoints import prepare_out_dir, trained_pair
 from cascade_cli.options import LOSSES, TRAIN_DEFAULTS, TrainCallbacks, TrainConfig
-from cascade_cli.training import (
-    TrainingInterrupted,
-    evaluate,
-    fit,
-    masked_loss,
-    resolve_config,
-    resolve_from_logits,
-    split_warning,
-)
+from cascade_cli.train.fit import TrainingInterrupted, evaluate, fit, resolve_config, split_warning
+from cascade_cli.train.losses import masked_loss, resolve_from_logits
 
 
 def write_data(path, inputs, steps, targets):
@@ -126,7 +119,7 @@ def test_config_rejects_bad_settings_naming_the_python_parameter(settings, words
 
 def test_make_optimizer_makes_every_name_in_options_and_only_those(monkeypatch):
     import cascade_cli.options as options
-    from cascade_cli.training import make_optimizer
+    from cascade_cli.train.optimizers import make_optimizer
 
     kinds = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     assert set(options.OPTIMIZERS) == set(kinds)
@@ -137,7 +130,7 @@ def test_make_optimizer_makes_every_name_in_options_and_only_those(monkeypatch):
         make_optimizer("adagrad", learning_rate=0.1)
     # a new optimizer is one more name in options.OPTIMIZERS (Keras' own name), nothing else
     monkeypatch.setattr(options, "OPTIMIZERS", (*options.OPTIMIZERS, "adagrad"))
-    monkeypatch.setattr("cascade_cli.training.OPTIMIZERS", options.OPTIMIZERS)
+    monkeypatch.setattr("cascade_cli.train.optimizers.OPTIMIZERS", options.OPTIMIZERS)
     assert type(make_optimizer("adagrad", learning_rate=0.1)) is keras.optimizers.Adagrad
 
 
@@ -652,7 +645,7 @@ def test_ctrl_c_says_which_epoch_is_saved_and_the_run_resumes_from_it(tmp_path):
 
 def test_a_kill_while_the_models_are_written_is_finished_by_a_resume(tmp_path, monkeypatch):
     path = random_data(tmp_path / "train.h5", n=8)
-    import cascade_cli.training as training
+    import cascade_cli.train.fit as training
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -700,7 +693,7 @@ def test_split_warning_by_hand():
 
 
 def test_learning_rate_schedules_by_hand():
-    from cascade_cli.training import learning_rate_schedule
+    from cascade_cli.train.optimizers import learning_rate_schedule
 
     assert learning_rate_schedule("constant", learning_rate=0.5, total_steps=10) == 0.5
     exponential = learning_rate_schedule("exponential", learning_rate=2.0, total_steps=10)
@@ -718,7 +711,7 @@ def test_learning_rate_schedules_by_hand():
 
 
 def test_mixed_precision_pair_computes_in_float16_with_the_weights_given():
-    from cascade_cli.training import mixed_precision_pair
+    from cascade_cli.train.fit import mixed_precision_pair
 
     model_a, model_b = builders.model_a(), builders.step_b()
     mixed_a, mixed_b = mixed_precision_pair(model_a, model_b)
@@ -744,7 +737,8 @@ def test_mixed_precision_pair_computes_in_float16_with_the_weights_given():
 
 
 def test_the_train_step_gives_a_feedback_cascade_the_flat_targets_and_the_sampling_probability():
-    from cascade_cli.training import batch_loss, loss_terms
+    from cascade_cli.train.losses import loss_terms
+    from cascade_cli.train.step import batch_loss
 
     class Recorder:  # stands for a feedback Cascade: what the step hands the runner
         feedback = False

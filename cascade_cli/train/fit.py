@@ -1,4 +1,4 @@
-"""Train model A and model B jointly: the masked loss, the train and evaluation steps, `evaluate` and `fit`.
+"""What `cascade train` does: check the run, train A and B jointly epoch after epoch, write the files; `evaluate`.
 
 One `tf.GradientTape` covers both models (B alone with `freeze_a`); the loss is
 averaged over the valid elements only (DESIGN section 5), which in value order
@@ -29,14 +29,20 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli import distribute
-from cascade_cli.checkpoints import (
+from cascade_cli.data import epoch_order, split_indices
+from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
+from cascade_cli.keras_internals import seed_generators
+from cascade_cli.models import check_inputs_fit
+from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, SamplingSchedule, StopRule, TrainCallbacks, TrainConfig
+from cascade_cli.runner import Cascade
+from cascade_cli.train import distribute
+from cascade_cli.train.checkpoints import (
     CHECKPOINT_DIR,
     Checkpoints,
     Progress,
@@ -48,474 +54,14 @@ from cascade_cli.checkpoints import (
     saved_settings,
     trained_pair,
 )
-from cascade_cli.data import epoch_order, split_indices
-from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.keras_internals import flatten_layers, seed_generators
-from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import (
-    CROSSENTROPY_LOSSES,
-    EXPONENTIAL_FINAL_FRACTION,
-    LOSSES,
-    LR_SCHEDULES,
-    METRICS,
-    OPTIMIZERS,
-    RunInfo,
-    SamplingSchedule,
-    StopRule,
-    TrainCallbacks,
-    TrainConfig,
-    check_choice,
-)
-from cascade_cli.runner import Cascade
+from cascade_cli.train.keras_model import CascadeModel
+from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
+                                      resolve_from_logits)
+from cascade_cli.train.optimizers import current_learning_rate, has_schedule, learning_rate_schedule, make_optimizer
+from cascade_cli.train.step import batch_loss, batch_signature, train_steps
 
 
-# --------------------------------------------------------------------- loss
-
-
-def loss_terms(name, *, from_logits=True):
-    """Returns `terms(predictions, targets) -> (sum, count)` over the valid elements (one of `LOSSES`).
-
-    The mean is `sum / count`: `mse` and `mae` count every element, the
-    cross-entropies every row. `training` and `CascadeModel` both take their loss from here.
-    """
-    check_choice("loss", name, LOSSES)
-
-    def elements(errors):
-        return tf.reduce_sum(errors), tf.cast(tf.size(errors), errors.dtype)
-
-    if name == "mse":
-        return lambda predictions, targets: elements(tf.square(predictions - tf.cast(targets, predictions.dtype)))
-    if name == "mae":
-        return lambda predictions, targets: elements(tf.abs(predictions - tf.cast(targets, predictions.dtype)))
-
-    def rows(per_row):
-        return tf.reduce_sum(per_row), tf.cast(tf.shape(per_row)[0], per_row.dtype)
-
-    if name == "categorical-crossentropy":
-        def crossentropy(predictions, targets):
-            targets = tf.cast(targets, predictions.dtype)
-            if from_logits:
-                return rows(tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=predictions))
-            return rows(keras.losses.categorical_crossentropy(targets, predictions, from_logits=False))
-
-        return crossentropy
-
-    def sparse_crossentropy(predictions, targets):
-        ids = tf.cast(tf.reshape(targets, [-1]), tf.int64)  # (rows,) or (rows, 1) token ids
-        if from_logits:
-            return rows(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=ids, logits=predictions))
-        return rows(keras.losses.sparse_categorical_crossentropy(ids, predictions, from_logits=False))
-
-    return sparse_crossentropy
-
-
-def gate_terms(terms, *, elements_per_row, stop_weight=1.0, stop_pos_weight=1.0):
-    """The loss terms of a B whose last output column is a stop logit (`TrainConfig.stop_gate`).
-
-    Targets carry the gate's target as their last column (`data.append_gate_targets`).
-    `terms` takes the other columns; the gate adds a binary cross-entropy
-    per row, `-(stop_pos_weight * z * log(sigmoid(l)) + (1 - z) * log(1 - sigmoid(l)))`,
-    so that `sum / count` is `terms`' mean plus `stop_weight` times the
-    gate's mean over the valid rows.
-
-    Args:
-        terms: `(predictions, targets) -> (sum, count)` of the other columns (`loss_terms`).
-        elements_per_row: what `terms` counts per row: `O - 1` for `mse` and `mae`, 1 for the cross-entropies.
-        stop_weight, stop_pos_weight: the gate loss's weight and its positives' weight.
-    """
-
-    def combined(predictions, targets):
-        targets = tf.cast(targets, predictions.dtype)
-        total, count = terms(predictions[:, :-1], targets[:, :-1])
-        logits, stops = predictions[:, -1], targets[:, -1]
-        bce = -(stop_pos_weight * stops * tf.math.log_sigmoid(logits) + (1 - stops) * tf.math.log_sigmoid(-logits))
-        return total + (stop_weight * elements_per_row) * tf.reduce_sum(bce), count
-
-    return combined
-
-
-def without_gate(terms):
-    """`terms` (a metric's) over every column but the last, the stop gate's, of predictions and targets."""
-    return lambda predictions, targets: terms(predictions[:, :-1], targets[:, :-1])
-
-
-def _gated_terms(config, terms, metrics, output_size):
-    """`(terms, metrics)` of a run: with `stop_gate`, `gate_terms` and the metrics without the gate column."""
-    if not config.stop_gate:
-        return terms, metrics
-    per_row = output_size - 1 if config.loss in ("mse", "mae") else 1
-    terms = gate_terms(terms, elements_per_row=per_row, stop_weight=config.stop_weight,
-                       stop_pos_weight=config.stop_pos_weight)
-    return terms, tuple(without_gate(metric) for metric in metrics)
-
-
-def masked_loss(name, *, from_logits=True):
-    """Returns the loss `name` averaged over the valid elements only.
-
-    Predictions and targets are flat in value order, so every row is a valid
-    `(sample, outer, inner)` step. `mse` and `mae` average over every valid
-    element (rows x features); the cross-entropies average over the valid
-    rows: `categorical-crossentropy` against one-hot (or soft) targets
-    `(total, O)`, `sparse-categorical-crossentropy` against integer token ids
-    `(total,)` (or `(total, 1)`). An empty batch gives 0, not NaN.
-
-    Args:
-        name: one of `LOSSES`.
-        from_logits: for the cross-entropies, whether predictions are logits
-            (else probabilities, clipped to `[1e-7, 1 - 1e-7]` as Keras does).
-
-    Returns:
-        `loss(predictions (total, O), targets) -> scalar` tensor.
-
-    Raises:
-        ParameterError: an unknown loss name.
-    """
-    terms = loss_terms(name, from_logits=from_logits)
-
-    def loss(predictions, targets):
-        predictions = tf.convert_to_tensor(predictions)
-        total, count = terms(predictions, targets)
-        return tf.math.divide_no_nan(total, count)
-
-    return loss
-
-
-def _output_layer(model_b):
-    """The layer that computes B's output `y` (its first output), or None when it cannot be told."""
-    output = model_b.outputs[0]
-    for layer in reversed(model_b.layers):
-        try:
-            if layer.output is output:
-                return layer
-        except (AttributeError, ValueError, RuntimeError):  # a layer called more than once
-            continue
-    return None
-
-
-def ends_in_softmax(model_b):
-    """Whether B's output `y` comes out of a softmax (a layer's `activation="softmax"`, `Softmax` or `Activation`)."""
-    layer = _output_layer(model_b)
-    if layer is None:
-        return False
-    if isinstance(layer, keras.layers.Softmax):
-        return True
-    activation = getattr(layer, "activation", None)
-    return getattr(activation, "__name__", None) == "softmax"
-
-
-def resolve_from_logits(model_b, from_logits, *, loss):
-    """How a cross-entropy reads B's outputs: the given `from_logits`, or detected when None.
-
-    Detection: probabilities (False) when B's output layer ends in a softmax,
-    logits (True) otherwise.
-
-    Args:
-        model_b: the B model.
-        from_logits: True, False or None (detect).
-        loss: one of `LOSSES`.
-
-    Returns:
-        True or False for a cross-entropy loss; None for the other losses.
-    """
-    if loss not in CROSSENTROPY_LOSSES:
-        return None
-    if from_logits is not None:
-        return bool(from_logits)
-    return not ends_in_softmax(model_b)
-
-
-def regularization_loss(models):
-    """Returns the sum of the weight regularization losses of `models`, or None when they have none.
-
-    These are the terms Keras adds to a model's training loss
-    (`model.losses`): `regularizer(weight)` for every trainable weight made
-    with a regularizer (`kernel_regularizer=keras.regularizers.L2(1e-4)`, ...).
-
-    Args:
-        models: Keras models, e.g. `(model_a, model_b)`.
-
-    Returns:
-        A scalar `float32` tensor, or None.
-    """
-    terms = [
-        tf.cast(weight.regularizer(weight), tf.float32)
-        for model in models
-        for weight in model.trainable_weights
-        if getattr(weight, "regularizer", None) is not None
-    ]
-    return tf.add_n(terms) if terms else None
-
-
-def check_regularizers(models):
-    """Raises `ModelError` for an activity regularizer, a loss training cannot collect."""
-    for name, model in zip("AB", models):
-        for layer in flatten_layers(model, include_self=True):
-            if getattr(layer, "activity_regularizer", None) is not None:
-                raise ModelError(
-                    f"model {name}: layer '{layer.name}' has an activity_regularizer, which cascade's training "
-                    "does not add to the loss (the runner calls the layers inside its loop, or not at all on the "
-                    "fast path); expected weight regularizers only (kernel_regularizer, bias_regularizer, ...): "
-                    "remove it, or train with an L2 on the weights instead."
-                )
-
-
-# ---------------------------------------------------------------- the steps
-
-
-@keras.saving.register_keras_serializable(package="cascade_cli")
-class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """`after(step - warmup_steps)`, preceded by `warmup_steps` steps rising linearly to `after(0)`.
-
-    Step `s < warmup_steps` (0-based) takes `(s + 1) / warmup_steps * after(0)`,
-    so the first step already moves and step `warmup_steps - 1` takes the full rate.
-
-    Args:
-        after: a learning rate (float) or a `LearningRateSchedule`.
-        warmup_steps: a positive integer.
-    """
-
-    def __init__(self, after, warmup_steps):
-        if isinstance(after, dict):
-            after = keras.optimizers.schedules.deserialize(after)
-        self.after = after
-        self.warmup_steps = int(warmup_steps)
-
-    def _after(self, step):
-        if isinstance(self.after, keras.optimizers.schedules.LearningRateSchedule):
-            return tf.cast(self.after(step), tf.float32)
-        return tf.constant(float(self.after), tf.float32)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup = float(self.warmup_steps)
-        rising = (step + 1.0) / warmup * self._after(tf.zeros((), tf.float32))
-        return tf.where(step < warmup, rising, self._after(tf.maximum(step - warmup, 0.0)))
-
-    def get_config(self):
-        after = self.after
-        if isinstance(after, keras.optimizers.schedules.LearningRateSchedule):
-            after = keras.optimizers.schedules.serialize(after)
-        return {"after": after, "warmup_steps": self.warmup_steps}
-
-
-def learning_rate_schedule(name, *, learning_rate, total_steps, warmup_steps=0):
-    """Returns the learning rate `make_optimizer` takes: a float, or a Keras `LearningRateSchedule`.
-
-    Args:
-        name: one of `LR_SCHEDULES`: `"constant"`, `"cosine"` (Keras'
-            `CosineDecay` to 0 by the last step) or `"exponential"` (Keras'
-            `ExponentialDecay`, to `EXPONENTIAL_FINAL_FRACTION` of the rate by
-            the last step).
-        learning_rate: the peak rate.
-        total_steps: the optimizer steps of the whole run (warmup included).
-        warmup_steps: steps of linear warmup first (`LinearWarmup`); 0: none.
-
-    Raises:
-        ParameterError: an unknown name.
-    """
-    check_choice("lr_schedule", name, LR_SCHEDULES)
-    learning_rate = float(learning_rate)
-    decay_steps = max(1, int(total_steps) - int(warmup_steps))
-    if name == "constant":
-        rate = learning_rate
-    elif name == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps, alpha=0.0)
-    else:
-        rate = keras.optimizers.schedules.ExponentialDecay(learning_rate, decay_steps,
-                                                           decay_rate=EXPONENTIAL_FINAL_FRACTION)
-    return LinearWarmup(rate, warmup_steps) if warmup_steps else rate
-
-
-def make_optimizer(name, *, learning_rate, clipnorm=None, mixed_precision=False):
-    """Returns a new Keras optimizer `name` (one of `OPTIMIZERS`, Keras' own names) with `learning_rate`.
-
-    Args:
-        name: one of `OPTIMIZERS`.
-        learning_rate: a float or a `LearningRateSchedule` (`learning_rate_schedule`).
-        clipnorm: Keras' `clipnorm` (each gradient clipped to this L2 norm), or None.
-        mixed_precision: wrap it in Keras' `LossScaleOptimizer` (dynamic loss
-            scaling, as `Model.compile` does under `mixed_float16`).
-
-    Raises:
-        ParameterError: an unknown optimizer name.
-    """
-    check_choice("optimizer", name, OPTIMIZERS)
-    if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        learning_rate = float(learning_rate)
-    config = {"learning_rate": learning_rate}
-    if clipnorm is not None:
-        config["clipnorm"] = float(clipnorm)
-    optimizer = keras.optimizers.get(name)
-    optimizer = type(optimizer)(**config)
-    return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
-
-
-def current_learning_rate(optimizer):
-    """The rate `optimizer`'s next step takes (its schedule at its step count), as a float."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner._learning_rate  # a variable, or the schedule itself
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return float(rate(inner.iterations))
-    return float(tf.convert_to_tensor(rate))
-
-
-def _has_schedule(optimizer):
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return isinstance(inner._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-
-
-def metric_terms(name, *, loss, from_logits=None):
-    """Returns `terms(predictions, targets) -> (sum, count)` of the metric `name` (one of `METRICS`).
-
-    `mse` and `mae` are the losses of those names; `accuracy` counts the rows
-    whose `argmax` is the target's (its token id for
-    `sparse-categorical-crossentropy`, its `argmax` otherwise).
-
-    Raises:
-        ParameterError: an unknown name.
-    """
-    check_choice("metrics", name, METRICS)
-    if name != "accuracy":
-        return loss_terms(name)
-    sparse = loss == "sparse-categorical-crossentropy"
-
-    def accuracy(predictions, targets):
-        wanted = tf.cast(tf.reshape(targets, [-1]), tf.int64) if sparse else tf.argmax(targets, axis=-1)
-        hits = tf.cast(tf.equal(tf.argmax(predictions, axis=-1), wanted), tf.float32)
-        return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
-
-    return accuracy
-
-
-def batch_signature(data):
-    """The `TensorSpec`s of one batch of `data`: `inputs (b, Ta, F)`, `steps (b, Ta)`, `targets (rows, O)`."""
-    return (
-        tf.TensorSpec([None, data.outer_steps, data.features], tf.float32),
-        tf.TensorSpec([None, data.outer_steps], tf.int64),
-        tf.TensorSpec([None, data.output_size], tf.float32),
-    )
-
-
-class BatchLoss(NamedTuple):
-    """What `batch_loss`'s function returns for one batch.
-
-    Attributes:
-        total: the sum of the errors over the batch's valid elements.
-        count: what `total` is divided by: the valid elements, summed over the
-            replicas under a strategy (`reduce_count`).
-        local_count: this batch's own valid elements.
-        penalty: the models' `regularization_loss` (0 without regularizers).
-        loss: what the step differentiates, `total / count + penalty / replicas`.
-        values: the outputs `(rows, O)` in value order, at least float32.
-        targets: the flat targets, cast like `values`.
-        metrics: one `(sum, count)` per metric asked for.
-    """
-
-    total: tf.Tensor
-    count: tf.Tensor
-    local_count: tf.Tensor
-    penalty: tf.Tensor
-    loss: tf.Tensor
-    values: tf.Tensor
-    targets: tf.Tensor
-    metrics: tuple
-
-
-def _at_least_float32(values):
-    """`values` in float32 when they are float16 or bfloat16 (mixed precision: the loss in float32), else as they are."""
-    return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
-
-
-def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
-    """Returns the training loss of one batch, the function every train step differentiates.
-
-    `loss(inputs, steps, targets, *, training=True, reduce_count=None,
-    replicas=1, sampling_probability=None) -> BatchLoss` runs the cascade on
-    flat `targets` (value order) and takes `terms` over its outputs (cast to
-    float32 when they are float16), plus the models' `regularization_loss`.
-    On a replica, `reduce_count` all-reduces the count (the global count of
-    valid elements) and `replicas` is the number of replicas, so that the
-    replicas' losses add up to the global batch's. `cascade train` and
-    `CascadeModel.train_step` both run it (through `compute_gradients`).
-
-    With a feedback cascade (`cascade.feedback`), the runner is given the
-    flat targets (teacher forcing; with `ids`, token ids `(total, 1)` of a
-    sparse loss, fed as their one-hot) and `sampling_probability`, a scalar
-    tensor (scheduled sampling).
-
-    Args:
-        cascade: a `Cascade`.
-        terms: `(predictions, targets) -> (sum, count)`, e.g. `loss_terms(name)`.
-        models: `(model_a, model_b)`, whose weight regularizers count.
-        metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
-        ids: the targets are token ids (`sparse-categorical-crossentropy`).
-        gate: B's last column is a stop gate (`stop_gate`): teacher forcing
-            feeds the targets' other columns and a 0 gate, as generation feeds
-            B its values and a 0 gate.
-    """
-
-    def loss(inputs, steps, targets, *, training=True, reduce_count=None, replicas=1, sampling_probability=None):
-        run = {}
-        if getattr(cascade, "feedback", False):
-            fed = tf.concat([targets[:, :-1], tf.zeros_like(targets[:, -1:])], axis=1) if gate else targets
-            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else fed
-            if sampling_probability is not None:
-                run["sampling_probability"] = sampling_probability
-        values, _ = cascade.run(inputs, steps, training=training, **run)
-        values = _at_least_float32(values)
-        targets = tf.cast(targets, values.dtype)
-        total, local_count = terms(values, targets)
-        count = local_count
-        if reduce_count is not None:
-            count = tf.stop_gradient(reduce_count(local_count))
-        mean = tf.math.divide_no_nan(total, count)
-        measured = tuple(tf.stop_gradient(tf.stack(metric(values, targets))) for metric in metrics)
-        penalty = regularization_loss(models)
-        if penalty is None:
-            return BatchLoss(total, count, local_count, tf.zeros((), mean.dtype), mean, values, targets, measured)
-        penalty = tf.cast(penalty, mean.dtype)
-        return BatchLoss(total, count, local_count, penalty, mean + penalty / replicas, values, targets, measured)
-
-    return loss
-
-
-def compute_gradients(loss, batch, *, variables, optimizer, **options):
-    """The gradients of one batch's loss: the first half of every train step, `cascade train`'s and `CascadeModel`'s.
-
-    Runs `loss(*batch, **options)` (a `batch_loss` function) under one
-    `tf.GradientTape` and differentiates the optimizer's scaled loss
-    (`optimizer.scale_loss`: a `LossScaleOptimizer`'s loss scale under mixed
-    precision, the loss itself otherwise). A variable the loss does not reach
-    gets a zero gradient.
-
-    Returns:
-        `(BatchLoss, grads)`, the grads in the order of `variables` (scaled,
-        as `optimizer.apply` expects them).
-    """
-    with tf.GradientTape() as tape:
-        result = loss(*batch, **options)
-        scaled = optimizer.scale_loss(result.loss)
-    grads = tape.gradient(scaled, variables)
-    grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
-    return result, grads
-
-
-def apply_gradients(optimizer, grads, variables):
-    """The second half of every train step: one optimizer step (clipping, loss-scale handling and all)."""
-    optimizer.apply(grads, variables)
-
-
-def finite_step(result, grads, *, optimizer):
-    """Whether a step may be taken: a finite loss and, unless a `LossScaleOptimizer` judges them itself, finite grads."""
-    finite = tf.math.is_finite(result.loss)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return finite  # an overflow of the scaled grads only lowers the scale: the optimizer skips that step
-    for grad in grads:
-        finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
-    return finite
-
-
-SAMPLING_SPEC = tf.TensorSpec([], tf.float32, name="sampling_probability")  # each step's scheduled-sampling rate
+# -------------------------------------------------------- scheduled sampling
 
 
 def no_sampling(epoch, batch):
@@ -535,28 +81,6 @@ def sampling_probabilities(schedule, *, batches_per_epoch):
     return lambda epoch, batch: schedule.probability(epoch * batches_per_epoch + batch - 1)
 
 
-def train_steps(batch_loss, *, signature, variables, optimizer):
-    """Returns `(gradients, apply)`, two `tf.function`s for one device.
-
-    `gradients(inputs, steps, targets, sampling_probability) -> (sum, count,
-    penalty, metrics, grads, finite)` is `compute_gradients` (`metrics`: a
-    `(sum, count)` per metric; `sampling_probability`, a float32 scalar,
-    reaches a feedback cascade only); `apply(grads)` is `apply_gradients`.
-    They are apart so that a non-finite loss or gradient never reaches the weights.
-    """
-
-    @tf.function(input_signature=(*signature, SAMPLING_SPEC), reduce_retracing=True)
-    def gradients(inputs, steps, targets, sampling_probability):
-        result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
-                                          optimizer=optimizer, sampling_probability=sampling_probability)
-        finite = finite_step(result, grads, optimizer=optimizer)
-        return result.total, result.count, result.penalty, result.metrics, grads, finite
-
-    @tf.function(reduce_retracing=True)
-    def apply(grads):
-        apply_gradients(optimizer, grads, variables)
-
-    return gradients, apply
 
 
 def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False, gate=False):
@@ -1045,7 +569,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
         optimizer.build(variables)  # before the first step: a lazily built Adam fails inside strategy.run
     terms = loss_terms(config.loss, from_logits=config.from_logits)
     metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
-    terms, metrics = _gated_terms(config, terms, metrics, cascade.b_spec.output_size)
+    terms, metrics = gated_terms(config, terms, metrics, cascade.b_spec.output_size)
     ids = config.loss == "sparse-categorical-crossentropy"
     gate = bool(config.stop_gate)
     loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids, gate=gate)
@@ -1170,8 +694,6 @@ def _finish(run, history):
         for trained, model in zip(run.models, run.given):
             model.set_weights(trained.get_weights())
     if run.chief:
-        from cascade_cli.keras_model import CascadeModel
-
         generator = CascadeModel(*run.given, **run.generation)
         save_models(run.given, run.out_dir, history=history, generator=generator)
 
@@ -1271,7 +793,7 @@ def _train(run, data, *, callbacks):
         history = []
         if config.resume:
             history = checkpoints.restore()
-            if not _has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
+            if not has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
                 run.optimizer.learning_rate = float(config.learning_rate)
             callbacks.resumed(epoch=progress.epochs_done, history=list(history))
         checkpoints.start()

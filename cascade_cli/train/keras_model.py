@@ -12,9 +12,9 @@ Data: `x = (inputs (N, Ta, F), steps (N, Ta))` and `y` = padded targets
 `tf.data.Dataset` yielding `((inputs, steps), targets)`). Each step runs the
 packed runner (`cascade_cli.runner.Cascade`) on the given steps; the loss is
 DESIGN section 5's, averaged over the valid elements only
-(`training.loss_terms`), in float32, plus the models' weight regularization
-losses (`training.regularization_loss`). The step itself is `cascade
-train`'s: `training.batch_loss`, `compute_gradients` and `apply_gradients`.
+(`loss_terms`), in float32, plus the models' weight regularization
+losses (`regularization_loss`). The step itself is `cascade
+train`'s: `batch_loss`, `compute_gradients` and `apply_gradients`.
 `cascade_cli.data.dataset(path, ...)` streams an HDF5 training file into `fit`. Under a
 `tf.distribute` strategy each replica divides its errors by the global count
 of valid elements and adds `1 / replicas` of the penalty, so the replicas'
@@ -42,8 +42,8 @@ from cascade_cli.options import LOSSES, Sampler, SamplingSchedule, StopRule, Tra
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
-from cascade_cli.training import (apply_gradients, batch_loss, check_regularizers, compute_gradients, gate_terms,
-                                  loss_terms, resolve_from_logits)
+from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
+from cascade_cli.train.step import apply_gradients, batch_loss, compute_gradients
 
 __all__ = ["CascadeModel", "export_saved_model", "load_generator"]
 
@@ -101,7 +101,7 @@ class CascadeModel(keras.Model):
             (default) leaves it at `Cascade`'s default.
         feedback, feedback_start, sampler, seed: `Cascade`'s feedback
             settings (a feedback-form B fed its own outputs). `fit` and
-            `evaluate` teacher-force it on the targets (`training.batch_loss`);
+            `evaluate` teacher-force it on the targets (`batch_loss`);
             `predict` and the serving export run it free, drawing with
             `sampler` and `seed`.
         **kwargs: `keras.Model`'s own (`name`, ...).
@@ -141,7 +141,7 @@ class CascadeModel(keras.Model):
         self._terms = None
         self._stop_gate, self._sampling, self._end_token = False, None, None
         self.length_tracker = keras.metrics.Mean(name="length_mae")
-        self._loss = None  # training.batch_loss of the compiled loss: the one cascade train runs too
+        self._loss = None  # step.batch_loss of the compiled loss: the one cascade train runs too
         self._compiled_loss = None
         self._predict_functions = {}
         self.built = True  # A and B come built
@@ -195,13 +195,13 @@ class CascadeModel(keras.Model):
                 over the valid elements only.
             metrics: Keras metrics, computed on the valid rows `(total, O)`.
             from_logits: for the cross-entropies, whether B's outputs are
-                logits; None detects it (`training.resolve_from_logits`:
+                logits; None detects it (`resolve_from_logits`:
                 probabilities when B ends in a softmax).
             stop_gate: B's last output column is a stop logit (`cascade
                 train --stop-gate`): the targets hold the other `O - 1`
                 columns, the gate's target (1 at each pair's last valid step)
                 is made from the steps, and the loss adds `stop_weight` times
-                its binary cross-entropy (`training.gate_terms`, the
+                its binary cross-entropy (`gate_terms`, the
                 positives weighted by `stop_pos_weight`). A feedback B is fed
                 the targets' columns and a 0 gate.
             stop_weight, stop_pos_weight: the gate loss's weight and its positives' weight.
@@ -356,7 +356,7 @@ class CascadeModel(keras.Model):
         return self.compute_metrics(x, result.targets, result.values)
 
     def train_step(self, data):
-        """One optimizer step on one batch (`training.compute_gradients` and `apply_gradients`, as `cascade train`)."""
+        """One optimizer step on one batch (`compute_gradients` and `apply_gradients`, as `cascade train`)."""
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
         variables = self.trainable_variables

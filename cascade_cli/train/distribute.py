@@ -22,6 +22,7 @@ import tensorflow as tf
 from cascade_cli.data import Batch
 from cascade_cli.errors import CascadeError, ModelError, ParameterError
 from cascade_cli.options import STRATEGIES, TRAIN_DEFAULTS, check_choice
+from cascade_cli.train.step import SAMPLING_SPEC, apply_gradients, compute_gradients, finite_step
 
 _TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}'
@@ -60,7 +61,7 @@ def make_strategy(name):
     `multi-worker` reads the cluster and this process's task from `TF_CONFIG`.
     TensorFlow sets up a multi-worker strategy only before any other
     TensorFlow work, so make it first in the process, before loading the
-    models, and pass it to `training.fit`.
+    models, and pass it to `fit`.
 
     Raises:
         ParameterError: an unknown name, no `TF_CONFIG`, or a multi-worker
@@ -145,9 +146,9 @@ def replicate(model, *, name):
 
 
 def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
-    """Returns `(gradients, apply)` like `training.train_steps`, run on every replica of `strategy`.
+    """Returns `(gradients, apply)` like `train_steps`, run on every replica of `strategy`.
 
-    Each replica runs `training.compute_gradients` on its slice of the global
+    Each replica runs `compute_gradients` on its slice of the global
     batch with the count of valid elements all-reduced and `replicas` set, so
     its loss is its sum of errors over the *global* count plus its share of
     the regularization, and the replicas' gradients add up to the gradient of
@@ -155,21 +156,19 @@ def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
     per-replica values (and the step's `sampling_probability`, one scalar for
     every replica) and returns `(global sum, global count, penalty,
     global metrics, per-replica grads, finite)`, `finite` judged on the
-    global loss and the summed gradients (`training.finite_step`), so every
-    worker decides alike; `apply(grads)` (`training.apply_gradients`) lets
+    global loss and the summed gradients (`finite_step`), so every
+    worker decides alike; `apply(grads)` (`apply_gradients`) lets
     the optimizer sum the replicas' gradients and step. `spec` is the
     per-replica batch's `element_spec`: with it the step is traced once,
     whatever each replica's batch shape.
 
     Args:
         strategy: a `tf.distribute.Strategy`.
-        batch_loss: a `training.batch_loss` function.
+        batch_loss: a `batch_loss` function.
         spec: the per-replica batch's `element_spec`.
         variables: the variables to train.
         optimizer: a Keras optimizer built for `variables` inside `strategy.scope()`.
     """
-    from cascade_cli.training import SAMPLING_SPEC, apply_gradients, compute_gradients, finite_step
-
     add = tf.distribute.ReduceOp.SUM
     replicas = strategy.num_replicas_in_sync
 
@@ -238,7 +237,7 @@ def batches(strategy, data, *, batch_size, signature):
         strategy: a `tf.distribute.Strategy`.
         data: an open `TrainingData`.
         batch_size: samples per global batch.
-        signature: the `TensorSpec`s of one batch, `training.batch_signature(data)`.
+        signature: the `TensorSpec`s of one batch, `batch_signature(data)`.
     """
 
     def dataset(order, context):
