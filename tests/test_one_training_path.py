@@ -121,3 +121,24 @@ def test_val_length_mae_of_fit_is_the_command_s(tmp_path):
     assert "length_mae" not in history  # measured on validation only
     assert history["val_length_mae"] == pytest.approx([float(row["val_length_mae"]) for row in rows], abs=1e-6)
     assert history["val_loss"] == pytest.approx([float(row["val_loss"]) for row in rows], rel=1e-5)
+
+
+def test_fit_refuses_a_non_finite_step_as_cascade_train_does():
+    """Batch 2 of an SGD run at lr 1e30 overflows: `fit` stops there with the command's words, and that step
+    never reaches the weights (they are those batch 1 left)."""
+    from cascade_cli.errors import CascadeError
+
+    rng = np.random.default_rng(0)
+    inputs, steps = builders.inputs(8, TA), np.ones((8, TA), np.int64)
+    targets = rng.normal(size=(8, TA, 1, 2)).astype("float32")
+    model = CascadeModel(*models("step", 2))
+    model.compile(keras.optimizers.SGD(1e30), loss="mse")
+    kept = []
+    keep = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: kept.append(model.get_weights()))
+    with pytest.raises(CascadeError, match=r"^training stopped at epoch 1, batch 2: the training loss became inf "
+                                           r"\(expected a finite number\); the step was not applied"):
+        model.fit((inputs, steps), targets, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[keep])
+    assert len(kept) == 2  # the step of batch 2 ran, and was refused
+    for after_first, now in zip(kept[0], model.get_weights()):
+        np.testing.assert_array_equal(after_first, now)
+    assert all(np.isfinite(w).all() for w in model.get_weights())

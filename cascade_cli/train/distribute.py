@@ -1,12 +1,11 @@
-"""Training past one device: the `tf.distribute` strategies, replicated models, distributed steps and batches.
+"""Training past one device: the `tf.distribute` strategies, replicated models and distributed batches.
 
 `make_strategy` builds the strategy a `TrainConfig.strategy` names:
 `mirrored` (every local GPU, else every logical CPU device) or `multi-worker`
 (the cluster in `TF_CONFIG`). Each global batch is the one the `default`
-strategy takes, split into contiguous per-replica slices, and each replica's
-loss is its sum of errors over the *global* count of valid elements (plus its
-share of the models' regularization losses), so the summed gradient, and the
-step, do not depend on the number of replicas.
+strategy takes, split into contiguous per-replica slices; the step itself
+(`step.train_step`, the one step of every run) makes the replicas' gradients
+add up to the global batch's.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import tensorflow as tf
 from cascade_cli.data import Batch
 from cascade_cli.errors import CascadeError, ModelError, ParameterError
 from cascade_cli.options import STRATEGIES, TRAIN_DEFAULTS, check_choice
-from cascade_cli.train.step import SAMPLING_SPEC, apply_gradients, compute_gradients, finite_step
 
 _TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}'
@@ -140,67 +138,6 @@ def replicate(model, *, name):
         )
     copy.set_weights(weights)
     return copy
-
-
-# --------------------------------------------------------------- the steps
-
-
-def train_steps(strategy, batch_loss, *, spec, variables, optimizer):
-    """Returns `(gradients, apply)` like `train_steps`, run on every replica of `strategy`.
-
-    Each replica runs `compute_gradients` on its slice of the global
-    batch with the count of valid elements all-reduced and `replicas` set, so
-    its loss is its sum of errors over the *global* count plus its share of
-    the regularization, and the replicas' gradients add up to the gradient of
-    the global batch's loss. `gradients(inputs, steps, targets)` takes
-    per-replica values (and the step's `sampling_probability`, one scalar for
-    every replica) and returns `(global sum, global count, penalty,
-    global metrics, per-replica grads, finite)`, `finite` judged on the
-    global loss and the summed gradients (`finite_step`), so every
-    worker decides alike; `apply(grads)` (`apply_gradients`) lets
-    the optimizer sum the replicas' gradients and step. `spec` is the
-    per-replica batch's `element_spec`: with it the step is traced once,
-    whatever each replica's batch shape.
-
-    Args:
-        strategy: a `tf.distribute.Strategy`.
-        batch_loss: a `batch_loss` function.
-        spec: the per-replica batch's `element_spec`.
-        variables: the variables to train.
-        optimizer: a Keras optimizer built for `variables` inside `strategy.scope()`.
-    """
-    add = tf.distribute.ReduceOp.SUM
-    replicas = strategy.num_replicas_in_sync
-
-    def replica_gradients(inputs, steps, targets, sampling_probability):
-        context = tf.distribute.get_replica_context()
-        result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
-                                          optimizer=optimizer, reduce_count=functools.partial(context.all_reduce, add),
-                                          replicas=replicas, sampling_probability=sampling_probability)
-        total, *summed = context.all_reduce(add, [result.total, *grads])
-        metrics = tuple(context.all_reduce(add, list(result.metrics))) if result.metrics else ()
-        whole = result._replace(loss=tf.math.divide_no_nan(total, result.count) + result.penalty)
-        finite = finite_step(whole, summed, optimizer=optimizer)
-        return total, result.count, result.penalty, metrics, grads, finite
-
-    @tf.function(input_signature=(*spec, SAMPLING_SPEC))
-    def gradients(inputs, steps, targets, sampling_probability):
-        total, count, penalty, metrics, grads, finite = strategy.run(
-            replica_gradients, args=(inputs, steps, targets, sampling_probability))
-        local = strategy.experimental_local_results
-        metrics = tuple(local(pair)[0] for pair in metrics)
-        return local(total)[0], local(count)[0], local(penalty)[0], metrics, grads, local(finite)[0]
-
-    def replica_apply(grads):
-        # Arguments of a tf.function carry no device, and a multi-worker all-reduce needs one:
-        # tf.identity places each gradient on this replica's device again.
-        apply_gradients(optimizer, [tf.identity(grad) for grad in grads], variables)
-
-    @tf.function(reduce_retracing=True)
-    def apply(grads):
-        strategy.run(replica_apply, args=(grads,))
-
-    return gradients, apply
 
 
 # ---------------------------------------------------------------- batches

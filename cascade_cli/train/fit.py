@@ -58,7 +58,7 @@ from cascade_cli.train.keras_model import CascadeModel
 from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
                                       resolve_from_logits)
 from cascade_cli.train.optimizers import current_learning_rate, has_schedule, learning_rate_schedule, make_optimizer
-from cascade_cli.train.step import batch_loss, batch_signature, train_steps
+from cascade_cli.train.step import batch_loss, batch_signature, non_finite_error, step_function
 
 
 # -------------------------------------------------------- scheduled sampling
@@ -336,8 +336,7 @@ class _Run:
     config: TrainConfig  # resolved: every setting set
     info: RunInfo
     optimizer: keras.optimizers.Optimizer
-    gradients: Callable  # (inputs, steps, targets) -> (sum, count, penalty, metrics, grads, finite)
-    apply: Callable  # (grads) -> None: one optimizer step
+    step: Callable  # (inputs, steps, targets, sampling) -> (sum, count, penalty, metrics, finite): `step_function`
     evaluation: Callable  # (inputs, steps, targets) -> (sum, count, metrics), training=False
     epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
     train_indices: np.ndarray
@@ -380,12 +379,8 @@ class _RunningLoss:
 
 
 def _not_finite(what, value, *, epoch, batch, checkpoints, done):
-    where = f"epoch {epoch}" + ("" if batch is None else f", batch {batch}")
     kept = f"the last good checkpoint (epoch {done}) is in '{checkpoints}'" if done else "no checkpoint was written"
-    return CascadeError(
-        f"training stopped at {where}: the {what} became {value} (expected a finite number); this epoch "
-        f"was not saved and {kept}. Try a lower learning rate."
-    )
+    return non_finite_error(what, value, epoch=epoch, batch=batch, kept=f"this epoch was not saved and {kept}")
 
 
 def resolve_config(config, model_b, *, out_dir):
@@ -576,11 +571,9 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
-        gradients, apply = distribute.train_steps(strategy, loss, spec=spec, variables=variables,
-                                                  optimizer=optimizer)
+        step = step_function(loss, signature=spec, variables=variables, optimizer=optimizer, strategy=strategy)
     else:
-        gradients, apply = train_steps(loss, signature=batch_signature(data), variables=variables,
-                                       optimizer=optimizer)
+        step = step_function(loss, signature=batch_signature(data), variables=variables, optimizer=optimizer)
         epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
     replicas = int(strategy.num_replicas_in_sync)
     info = RunInfo(train_samples=len(train_indices), val_samples=len(val_indices), device=_device_text(strategy),
@@ -590,8 +583,8 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                    warnings=_run_warnings(config, data, train_indices=train_indices, val_indices=val_indices,
                                           replicas=replicas))
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
-                out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, gradients=gradients,
-                apply=apply, evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
+                out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, step=step,
+                evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
                 epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
                 sampling_probability=sampling_probabilities(config.sampling_schedule,
                                                             batches_per_epoch=batches_per_epoch))
@@ -660,13 +653,12 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
         if emits:  # a batch that emits nothing has nothing to learn from
             sampling = tf.constant(run.sampling_probability(epoch, batch_number), tf.float32)
-            total, count, penalty, measured, grads, finite = run.gradients(*batch, sampling)
+            total, count, penalty, measured, finite = run.step(*batch, sampling)  # a non-finite step is not taken
             if not bool(finite):
                 loss = float(total) / float(count) + float(penalty)
                 what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient", "non-finite")
                 raise _not_finite(what, value, epoch=number, batch=batch_number, checkpoints=checkpoints,
                                   done=epoch)
-            run.apply(grads)
             running.add(total, count, penalty, measured)
         callbacks.batch_done(running.value)
     scores = _scores_over(run.evaluation, data, run.val_indices, batch_size=config.batch_size,

@@ -43,7 +43,7 @@ from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
 from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
-from cascade_cli.train.step import apply_gradients, batch_loss, compute_gradients
+from cascade_cli.train.step import batch_loss, non_finite_error, replica_context, train_step
 
 __all__ = ["CascadeModel", "export_saved_model", "load_generator"]
 
@@ -73,12 +73,6 @@ def _stop_rule_config(rule):
 def _sampler_config(sampler):
     sampler = Sampler.coerce(sampler)
     return {"kind": sampler.kind, "temperature": sampler.temperature, "top_k": sampler.top_k, "top_p": sampler.top_p}
-
-
-def _replica_context():
-    """The replica context when running on one of several replicas, else None."""
-    context = tf.distribute.get_replica_context()
-    return context if context is not None and context.num_replicas_in_sync > 1 else None
 
 
 @keras.saving.register_keras_serializable(package="cascade_cli")
@@ -144,6 +138,7 @@ class CascadeModel(keras.Model):
         self._loss = None  # step.batch_loss of the compiled loss: the one cascade train runs too
         self._compiled_loss = None
         self._predict_functions = {}
+        object.__setattr__(self, "_refused_steps", None)  # fit's count of refused steps (`fit`)
         self.built = True  # A and B come built
 
     # ------------------------------------------------------------- config
@@ -288,11 +283,24 @@ class CascadeModel(keras.Model):
 
     # --------------------------------------------------------------- steps
 
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`; arrays `x = (inputs, steps)` and `y` are checked first (`check_training_arrays`)."""
+    def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, refusing bad arrays before the first step and a non-finite step as `cascade train` does.
+
+        Arrays `x = (inputs, steps)` and `y` are checked first
+        (`check_training_arrays`). A step whose loss or gradients are not
+        finite never reaches the weights: `fit` raises `CascadeError` naming
+        the epoch and batch, and the model keeps the weights of the step
+        before. Everything else is Keras' own `fit`.
+        """
         if isinstance(x, (tuple, list)) and len(x) == 2 and y is not None and not tf.is_tensor(y):
             check_training_arrays(x, y, output_size=self.cascade.b_spec.output_size)
-        return super().fit(x, y, *args, **kwargs)
+        if self._refused_steps is None:  # made once, before the train function is first traced
+            with self.distribute_strategy.scope():
+                refused = tf.Variable(0.0, trainable=False, name="refused_steps",
+                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
+        callbacks = [*(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
+        return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
 
     def _unpack(self, data):
         """`(inputs, steps, flat targets)` of one batch: padded targets `(N, Ta, L, O)` taken in value order."""
@@ -343,7 +351,7 @@ class CascadeModel(keras.Model):
 
     def _replica_options(self):
         """`batch_loss`'s options on one of several replicas: the global count of valid elements, the penalty shared."""
-        context = _replica_context()
+        context = replica_context()
         if context is None:
             return {}
         return {"reduce_count": functools.partial(context.all_reduce, tf.distribute.ReduceOp.SUM),
@@ -356,16 +364,21 @@ class CascadeModel(keras.Model):
         return self.compute_metrics(x, result.targets, result.values)
 
     def train_step(self, data):
-        """One optimizer step on one batch (`compute_gradients` and `apply_gradients`, as `cascade train`)."""
+        """One optimizer step on one batch: `step.train_step`, `cascade train`'s step.
+
+        A step whose loss or gradients are not finite is not taken; inside
+        `fit` it is counted, and `fit` stops there with a `CascadeError`
+        (`_RefuseNonFiniteSteps`), taking no step after it.
+        """
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
-        variables = self.trainable_variables
-        options = self._replica_options()
-        if self._sampling is not None:
-            options["sampling_probability"] = self._sampling_probability()
-        result, grads = compute_gradients(self._loss, self._unpack(data), variables=variables,
-                                          optimizer=self.optimizer, **options)
-        apply_gradients(self.optimizer, grads, variables)
+        options = {} if self._sampling is None else {"sampling_probability": self._sampling_probability()}
+        refused = self._refused_steps
+        result, finite = train_step(self._loss, self._unpack(data), variables=self.trainable_variables,
+                                    optimizer=self.optimizer,
+                                    only_if=None if refused is None else tf.equal(refused, 0.0), **options)
+        if refused is not None:
+            refused.assign_add(1.0 - tf.cast(finite, tf.float32))
         logs = self._report(data[0], result)
         return {name: value for name, value in logs.items() if name != "length_mae"}  # measured in validation only
 
@@ -466,6 +479,28 @@ class CascadeModel(keras.Model):
             if self.cascade.sampler.tokens else None,
         )
         return result if return_result else _ragged(result)
+
+
+class _RefuseNonFiniteSteps(keras.callbacks.Callback):
+    """Stops `CascadeModel.fit` at a step its train step refused (a loss or gradient not finite), as `cascade train`."""
+
+    def __init__(self, refused):
+        super().__init__()
+        self.refused, self.epoch = refused, 0
+
+    def on_train_begin(self, logs=None):
+        self.refused.assign(0.0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if float(self.refused.numpy()) == 0.0:
+            return
+        loss = float((logs or {}).get("loss", float("nan")))
+        what, value = ("training loss", loss) if not np.isfinite(loss) else ("gradient", "non-finite")
+        raise non_finite_error(what, value, epoch=self.epoch + 1, batch=batch + 1,
+                               kept="the step was not applied, so the model holds the weights of the step before")
 
 
 def check_training_arrays(x, y, *, output_size):

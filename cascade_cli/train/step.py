@@ -12,11 +12,13 @@ not depend on the number of replicas.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
+from cascade_cli.errors import CascadeError
 from cascade_cli.train.losses import regularization_loss
 
 def batch_signature(data):
@@ -138,39 +140,128 @@ def apply_gradients(optimizer, grads, variables):
 
 
 def finite_step(result, grads, *, optimizer):
-    """Whether a step may be taken: a finite loss and, unless a `LossScaleOptimizer` judges them itself, finite grads."""
+    """Whether a step may be taken: a finite loss and, unless a `LossScaleOptimizer` judges them itself, finite grads.
+
+    On one of several replicas the verdict is the replicas' together (any
+    replica's non-finite loss or gradient refuses the step everywhere), so
+    every replica and worker decides alike.
+    """
     finite = tf.math.is_finite(result.loss)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return finite  # an overflow of the scaled grads only lowers the scale: the optimizer skips that step
-    for grad in grads:
-        finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
-    return finite
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # it lowers its scale on an overflow instead
+        for grad in grads:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(grad)))
+    context = replica_context()
+    if context is None:
+        return finite
+    refusals = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32))
+    return tf.equal(refusals, 0.0)
+
+
+def replica_context():
+    """The replica context when running on one of several replicas, else None."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def _apply_if(finite, optimizer, grads, variables):
+    """`apply_gradients` when `finite` holds, else nothing (the optimizer's step count stays too).
+
+    A strategy that needs `merge_call` to apply does not allow it inside a
+    `tf.cond` on a replica, so there the condition is taken across replicas,
+    as Keras' `LossScaleOptimizer` does.
+    """
+    if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
+        tf.cond(finite, lambda: apply_gradients(optimizer, grads, variables), lambda: None)
+        return
+
+    def across_replicas(strategy, finite, grads):
+        def apply():
+            strategy.extended.call_for_each_replica(apply_gradients, args=(optimizer, grads, variables))
+
+        tf.cond(strategy.experimental_local_results(finite)[0], apply, lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(across_replicas, args=(finite, grads))
+
+
+def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
+    """Takes one train step on one batch: the step `cascade train` and `CascadeModel.train_step` both take.
+
+    Runs `compute_gradients` and applies the gradients only when the loss
+    and gradients are finite (`finite_step`): a non-finite step never
+    reaches the weights, and the caller refuses it. On one of several
+    replicas (inside `strategy.run`, as Keras' `fit` calls `train_step`)
+    the count of valid elements is all-reduced and the regularization shared
+    (`batch_loss`'s `reduce_count` and `replicas`), so the replicas'
+    gradients add up to the global batch's.
+
+    Args:
+        loss: a `batch_loss` function.
+        batch: `(inputs, steps, targets)`.
+        variables: the variables to train.
+        optimizer: a Keras optimizer.
+        only_if: a boolean scalar, or None: the step is taken only when it
+            holds too (e.g. no earlier step was refused).
+        **options: `loss`'s, e.g. `sampling_probability`.
+
+    Returns:
+        `(BatchLoss, finite)`: this replica's loss terms, and whether the
+        loss and gradients were finite.
+    """
+    context = replica_context()
+    if context is not None:
+        options = {"reduce_count": functools.partial(context.all_reduce, tf.distribute.ReduceOp.SUM),
+                   "replicas": context.num_replicas_in_sync, **options}
+    if not optimizer.built:  # its variables are made outside the condition
+        optimizer.build(variables)
+    result, grads = compute_gradients(loss, batch, variables=variables, optimizer=optimizer, **options)
+    finite = finite_step(result, grads, optimizer=optimizer)
+    _apply_if(finite if only_if is None else tf.logical_and(finite, only_if), optimizer, grads, variables)
+    return result, finite
 
 
 SAMPLING_SPEC = tf.TensorSpec([], tf.float32, name="sampling_probability")  # each step's scheduled-sampling rate
 
 
+def step_function(loss, *, signature, variables, optimizer, strategy=None):
+    """`cascade train`'s `tf.function` of one `train_step`, on one device or on every replica of `strategy`.
 
-def train_steps(batch_loss, *, signature, variables, optimizer):
-    """Returns `(gradients, apply)`, two `tf.function`s for one device.
+    `step(inputs, steps, targets, sampling_probability) -> (sum, count,
+    penalty, metrics, finite)`: the global sum of errors and count of valid
+    elements, the penalty, a global `(sum, count)` per metric, and whether
+    the step was taken. With a strategy the batch is per-replica values
+    (`distribute.batches`) and `signature` their `element_spec`, so the step
+    is traced once whatever each replica's batch shape.
 
-    `gradients(inputs, steps, targets, sampling_probability) -> (sum, count,
-    penalty, metrics, grads, finite)` is `compute_gradients` (`metrics`: a
-    `(sum, count)` per metric; `sampling_probability`, a float32 scalar,
-    reaches a feedback cascade only); `apply(grads)` is `apply_gradients`.
-    They are apart so that a non-finite loss or gradient never reaches the weights.
+    Args:
+        loss: a `batch_loss` function.
+        signature: the `TensorSpec`s of one batch (`batch_signature`), or the per-replica `element_spec`.
+        variables: the variables to train.
+        optimizer: a Keras optimizer (built inside `strategy.scope()` under a strategy).
+        strategy: a `tf.distribute.Strategy`, or None for one device.
     """
 
-    @tf.function(input_signature=(*signature, SAMPLING_SPEC), reduce_retracing=True)
-    def gradients(inputs, steps, targets, sampling_probability):
-        result, grads = compute_gradients(batch_loss, (inputs, steps, targets), variables=variables,
-                                          optimizer=optimizer, sampling_probability=sampling_probability)
-        finite = finite_step(result, grads, optimizer=optimizer)
-        return result.total, result.count, result.penalty, result.metrics, grads, finite
+    def step(inputs, steps, targets, sampling_probability):
+        result, finite = train_step(loss, (inputs, steps, targets), variables=variables, optimizer=optimizer,
+                                    sampling_probability=sampling_probability)
+        total, metrics, context = result.total, result.metrics, replica_context()
+        if context is not None:
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+            metrics = tuple(context.all_reduce(tf.distribute.ReduceOp.SUM, list(metrics))) if metrics else ()
+        return total, result.count, result.penalty, metrics, finite
 
-    @tf.function(reduce_retracing=True)
-    def apply(grads):
-        apply_gradients(optimizer, grads, variables)
+    if strategy is None:
+        return tf.function(step, input_signature=(*signature, SAMPLING_SPEC), reduce_retracing=True)
 
-    return gradients, apply
+    @tf.function(input_signature=(*signature, SAMPLING_SPEC))
+    def distributed(inputs, steps, targets, sampling_probability):
+        outputs = strategy.run(step, args=(inputs, steps, targets, sampling_probability))
+        return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
+    return distributed
+
+
+def non_finite_error(what, value, *, epoch, batch, kept):
+    """The refusal of a non-finite step: where (`epoch`, `batch`, 1-based; batch None: validation), what, and `kept`."""
+    where = f"epoch {epoch}" + ("" if batch is None else f", batch {batch}")
+    return CascadeError(f"training stopped at {where}: the {what} became {value} (expected a finite number); {kept}. "
+                        "Try a lower learning rate.")
