@@ -757,7 +757,10 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
     rows the batch needs), never whole. Every pass over the dataset (an
     epoch of `fit`) visits the samples in `epoch_order(indices, seed=seed,
     epoch=k)` for the k-th pass (0-based), or in the given order without
-    `shuffle`, so a run is the same each time it is made.
+    `shuffle`, so a run is the same each time it is made. `CascadeModel.fit`
+    says which epoch each pass is (the dataset's `epoch_of_next_pass`, a
+    one-item list, set as each epoch begins), so a run resumed at epoch k
+    (`keras.callbacks.BackupAndRestore`) visits epoch k's order.
 
     Args:
         path: the HDF5 training file (`inputs`, `steps`, `targets`).
@@ -797,7 +800,7 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
         if chosen.size and (chosen.min() < 0 or chosen.max() >= data.n_samples):
             raise DataError(f"sample indices for '{display(path)}': expected 0 <= index < {data.n_samples}")
         data.check_batch_size(batch_size, indices=chosen)
-    passes = [0]
+    passes = [0]  # the epoch of the next pass: counted here, or set by CascadeModel.fit as each epoch begins
 
     def batches():
         order = epoch_order(chosen, seed=seed, epoch=passes[0], shuffle=bool(shuffle))
@@ -813,4 +816,6 @@ def dataset(path, batch_size=32, shuffle=True, seed=0, *, indices=None, pad_valu
                  tf.TensorSpec([None, outer, None, output_size], tf.int64 if ids else tf.float32))
     stream = tf.data.Dataset.from_generator(batches, output_signature=signature)
     # the number of batches is known: Keras then sees where an epoch ends (no "ran out of data")
-    return stream.apply(tf.data.experimental.assert_cardinality(-(-len(chosen) // batch_size)))
+    stream = stream.apply(tf.data.experimental.assert_cardinality(-(-len(chosen) // batch_size)))
+    stream.epoch_of_next_pass = passes
+    return stream

@@ -371,6 +371,30 @@ def test_backup_and_restore_after_an_interruption_reaches_the_weights_of_an_unbr
         np.testing.assert_array_equal(left, right)
 
 
+
+@pytest.mark.slow  # three fits: about 15-30 s on 2 cores
+def test_backup_and_restore_on_a_shuffled_dataset_resumes_with_the_epoch_s_own_order(tmp_path):
+    """A resumed process streams a new `data.dataset`: its epoch 2 must visit epoch 2's order, not its first pass's."""
+    from cascade_cli.data import dataset
+    from filetools import write_h5
+
+    inputs, steps, flat, _ = training_arrays(n=6)
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=flat)
+
+    def fit_streamed(callbacks):
+        model = CascadeModel(builders.model_a(), builders.step_b())
+        model.compile(keras.optimizers.Adam(0.05), loss="mse", jit_compile=False)
+        model.fit(dataset(path, batch_size=2, seed=3), epochs=3, shuffle=False, callbacks=callbacks, verbose=0)
+        return model
+
+    unbroken = fit_streamed([])
+    backup = str(tmp_path / "backup")
+    with pytest.raises(KeyboardInterrupt):
+        fit_streamed([keras.callbacks.BackupAndRestore(backup), Interrupt(1)])
+    resumed = fit_streamed([keras.callbacks.BackupAndRestore(backup)])  # a new dataset, as a new process makes
+    for left, right in zip(resumed.get_weights(), unbroken.get_weights()):
+        np.testing.assert_array_equal(left, right)
+
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     pytest.importorskip("tensorboard")  # tf.summary needs it
     _, history = fit_tiny([keras.callbacks.TensorBoard(str(tmp_path / "logs"))], epochs=2, validate=True)

@@ -290,7 +290,9 @@ class CascadeModel(keras.Model):
         (`check_training_arrays`). A step whose loss or gradients are not
         finite never reaches the weights: `fit` raises `CascadeError` naming
         the epoch and batch, and the model keeps the weights of the step
-        before. Everything else is Keras' own `fit`.
+        before. A `data.dataset` is told which epoch begins, so an epoch
+        resumed by `BackupAndRestore` visits that epoch's order. Everything
+        else is Keras' own `fit`.
         """
         if isinstance(x, (tuple, list)) and len(x) == 2 and y is not None and not tf.is_tensor(y):
             check_training_arrays(x, y, output_size=self.cascade.b_spec.output_size)
@@ -300,6 +302,10 @@ class CascadeModel(keras.Model):
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
         callbacks = [*(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
+        passes = getattr(x, "epoch_of_next_pass", None)  # a `data.dataset`: each epoch visits its own order
+        if passes is not None:
+            tell = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: passes.__setitem__(0, epoch))
+            callbacks.append(tell)
         return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
 
     def _unpack(self, data):
