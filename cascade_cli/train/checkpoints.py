@@ -189,7 +189,7 @@ def _remove_unfinished_saves(checkpoints):
 # ---------------------------------------------------------------- out_dir
 
 
-def check_out_dir(out_dir):
+def check_out_dir(out_dir, *, parameter="out_dir", holding=""):
     """Checks, before any work and creating nothing, that `out_dir` is a folder that can be written or created.
 
     A missing `out_dir` is created with its missing parents, as every output's
@@ -197,23 +197,25 @@ def check_out_dir(out_dir):
 
     Args:
         out_dir: the folder.
+        parameter: the setting that names it (`out_dir`, `tensorboard`).
+        holding: what the folder is for, as the refusal of a file says it (" for the event files").
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
-        ParameterError: (`out_dir`) it is a file, or it (or the folder it would
-            be created in) is not writable.
+        ParameterError: (`parameter`) it is a file, or it (or the folder it
+            would be created in) is not writable.
     """
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
-        raise ParameterError("out_dir", f"'{path}' is a file: expected a folder.")
+        raise ParameterError(parameter, f"'{path}' is a file: expected a folder{holding}.")
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == path else f"cannot be created: '{existing}' is not writable"
-        raise ParameterError("out_dir", f"'{path}' {what}.")
+        raise ParameterError(parameter, f"'{path}' {what}.")
     return path
 
 

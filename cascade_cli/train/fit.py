@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from cascade_cli.train import distribute
 from cascade_cli.train.checkpoints import (
     CHECKPOINT_DIR,
     Checkpoints,
+    check_out_dir,
     Progress,
     check_settings,
     latest_checkpoint,
@@ -612,15 +612,7 @@ class _Board:
         """
         if folder is None:
             return None
-        path = Path(folder)
-        if path.exists() and not path.is_dir():
-            raise ParameterError("tensorboard", f"'{path}' is a file: expected a folder for the event files.")
-        existing = path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ParameterError("tensorboard", f"'{path}' cannot be written: '{existing}' is not writable.")
-        return cls(path)
+        return cls(check_out_dir(folder, parameter="tensorboard", holding=" for the event files"))
 
     def write(self, row, *, learning_rate):
         """Writes one epoch's scalars (a history row), at step `row["epoch"]`."""
