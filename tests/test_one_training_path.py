@@ -142,3 +142,21 @@ def test_fit_refuses_a_non_finite_step_as_cascade_train_does():
     for after_first, now in zip(kept[0], model.get_weights()):
         np.testing.assert_array_equal(after_first, now)
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_a_batch_that_emits_nothing_takes_no_step_in_fit_as_in_cascade_train():
+    """The command skips a batch with no valid element; `fit`'s step is the same step: Adam does not move on it and
+    its step count stays, so the run equals one without that batch."""
+    rng = np.random.default_rng(1)
+    inputs, steps = builders.inputs(4, TA), np.ones((4, TA), np.int64)
+    steps[2:] = 0  # the second batch emits nothing
+    targets = rng.normal(size=(4, TA, 1, 2)).astype("float32")
+    runs = []
+    for n in (4, 2):
+        model = CascadeModel(*models("step", 2))
+        model.compile(keras.optimizers.Adam(0.1), loss="mse")
+        model.fit((inputs[:n], steps[:n]), targets[:n], batch_size=2, epochs=2, shuffle=False, verbose=0)
+        runs.append(model)
+    assert int(runs[0].optimizer.iterations.numpy()) == 2  # one step an epoch
+    for with_empty, without in zip(*(run.get_weights() for run in runs)):
+        np.testing.assert_array_equal(with_empty, without)

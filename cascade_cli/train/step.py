@@ -163,24 +163,24 @@ def replica_context():
     return context if context is not None and context.num_replicas_in_sync > 1 else None
 
 
-def _apply_if(finite, optimizer, grads, variables):
-    """`apply_gradients` when `finite` holds, else nothing (the optimizer's step count stays too).
+def _apply_if(take, optimizer, grads, variables):
+    """`apply_gradients` when `take` (a boolean scalar) holds, else nothing (the optimizer's step count stays too).
 
     A strategy that needs `merge_call` to apply does not allow it inside a
     `tf.cond` on a replica, so there the condition is taken across replicas,
     as Keras' `LossScaleOptimizer` does.
     """
     if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
-        tf.cond(finite, lambda: apply_gradients(optimizer, grads, variables), lambda: None)
+        tf.cond(take, lambda: apply_gradients(optimizer, grads, variables), lambda: None)
         return
 
-    def across_replicas(strategy, finite, grads):
+    def across_replicas(strategy, take, grads):
         def apply():
             strategy.extended.call_for_each_replica(apply_gradients, args=(optimizer, grads, variables))
 
-        tf.cond(strategy.experimental_local_results(finite)[0], apply, lambda: None)
+        tf.cond(strategy.experimental_local_results(take)[0], apply, lambda: None)
 
-    tf.distribute.get_replica_context().merge_call(across_replicas, args=(finite, grads))
+    tf.distribute.get_replica_context().merge_call(across_replicas, args=(take, grads))
 
 
 def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
@@ -188,7 +188,9 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
 
     Runs `compute_gradients` and applies the gradients only when the loss
     and gradients are finite (`finite_step`): a non-finite step never
-    reaches the weights, and the caller refuses it. On one of several
+    reaches the weights, and the caller refuses it. A batch with no valid
+    element (every pair 0 steps) takes no step either: the optimizer, its
+    step count and its moments stay as they were. On one of several
     replicas (inside `strategy.run`, as Keras' `fit` calls `train_step`)
     the count of valid elements is all-reduced and the regularization shared
     (`batch_loss`'s `reduce_count` and `replicas`), so the replicas'
@@ -215,7 +217,8 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
         optimizer.build(variables)
     result, grads = compute_gradients(loss, batch, variables=variables, optimizer=optimizer, **options)
     finite = finite_step(result, grads, optimizer=optimizer)
-    _apply_if(finite if only_if is None else tf.logical_and(finite, only_if), optimizer, grads, variables)
+    take = tf.logical_and(finite, result.count > 0)  # a batch that emits nothing has nothing to learn from
+    _apply_if(take if only_if is None else tf.logical_and(take, only_if), optimizer, grads, variables)
     return result, finite
 
 
@@ -228,7 +231,7 @@ def step_function(loss, *, signature, variables, optimizer, strategy=None):
     `step(inputs, steps, targets, sampling_probability) -> (sum, count,
     penalty, metrics, finite)`: the global sum of errors and count of valid
     elements, the penalty, a global `(sum, count)` per metric, and whether
-    the step was taken. With a strategy the batch is per-replica values
+    the loss and gradients were finite (the step is taken only then). With a strategy the batch is per-replica values
     (`distribute.batches`) and `signature` their `element_spec`, so the step
     is traced once whatever each replica's batch shape.
 
