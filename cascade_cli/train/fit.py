@@ -700,8 +700,9 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     The two models, `cascade.keras` (the whole generator, a `CascadeModel`
     with the run's `state` and `state_init`) and `history.csv` are written as
     one set at the end (`checkpoints.save_models`). Each step is
-    `compute_gradients` then `apply_gradients`, the step
-    `CascadeModel.train_step` takes too. With `mixed_precision`, copies of
+    `step.train_step`, the step `CascadeModel.train_step` takes too; a step
+    whose loss or gradients are not finite is not taken, and the run stops
+    there (`CascadeError`). With `mixed_precision`, copies of
     the models built under `mixed_float16` train (`mixed_precision_pair`)
     and the models given get their weights at the end; with `tensorboard`,
     each epoch's scalars go into event files there.

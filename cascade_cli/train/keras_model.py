@@ -14,7 +14,8 @@ packed runner (`cascade_cli.runner.Cascade`) on the given steps; the loss is
 DESIGN section 5's, averaged over the valid elements only
 (`loss_terms`), in float32, plus the models' weight regularization
 losses (`regularization_loss`). The step itself is `cascade
-train`'s: `batch_loss`, `compute_gradients` and `apply_gradients`.
+train`'s (`step.train_step`): a step whose loss or gradients are not finite
+is not taken, and `fit` stops there with a `CascadeError`, as the command does.
 `cascade_cli.data.dataset(path, ...)` streams an HDF5 training file into `fit`. Under a
 `tf.distribute` strategy each replica divides its errors by the global count
 of valid elements and adds `1 / replicas` of the penalty, so the replicas'
