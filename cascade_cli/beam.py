@@ -90,7 +90,7 @@ def best(cascade, inputs, steps=None, *, num_samples=1, training=False):
 
     In `carry` mode each of the K results is its own chain: at every outer
     step it takes its k-th best ended hypothesis, and the next outer step
-    starts from that one's state.
+    starts from that one's state (so each of the K chains runs its own beams).
 
     Args:
         cascade: a `Cascade` with `sampler=Sampler.beam(width, ...)`.
@@ -104,12 +104,19 @@ def best(cascade, inputs, steps=None, *, num_samples=1, training=False):
     """
     repeats = check_num_samples(cascade, num_samples)
     inputs, caps = cascade._checked(inputs, steps)
-    inputs = tf.repeat(inputs, repeats, axis=0)
-    caps = tf.repeat(caps, repeats, axis=0)
-    ranks = tf.range(tf.shape(inputs)[0]) % repeats
-    ir = cascade.model_a(inputs, training=training)
-    return search(cascade, tf.reshape(ir, [-1, cascade.a_spec.ir_size]), caps, training=training, ranks=ranks,
-                  return_tokens=True)
+    inputs, caps = tf.repeat(inputs, repeats, axis=0), tf.repeat(caps, repeats, axis=0)
+    return run_ranked(cascade, inputs, caps, ranks=tf.range(tf.shape(inputs)[0]) % repeats, training=training)
+
+
+def run_ranked(cascade, inputs, caps, *, ranks, training=False):
+    """`(values, lengths, tokens)` of checked `inputs (N, Ta, F)` and `caps (N, Ta)` int32, sample n returning its
+    `ranks[n]`-th best hypothesis (A as the runner runs it, under XLA where it chose to)."""
+    if cascade._a_under_xla(inputs, training=training):
+        ir = cascade._xla_a(inputs)
+    else:
+        ir = cascade.model_a(inputs, training=training)
+    ir_flat = tf.reshape(ir, [-1, cascade.a_spec.ir_size])
+    return search(cascade, ir_flat, caps, training=training, ranks=ranks, return_tokens=True)
 
 
 def check_num_samples(cascade, num_samples):
@@ -124,6 +131,11 @@ def check_num_samples(cascade, num_samples):
                                             f"expected at most the beam width {cascade.sampler.width}, received "
                                             f"{num_samples}.")
     return num_samples
+
+
+def _unknown_rows(tensor):
+    """`tensor` with its first dimension unknown to TensorFlow's graph optimizer as well as to the trace."""
+    return tf.compat.v1.placeholder_with_default(tensor, shape=[None, *tensor.shape[1:]])
 
 
 class BeamSearch:
@@ -194,7 +206,7 @@ class BeamSearch:
             # each group's rows are contiguous, best first: lay them out as (groups here, width x O) and keep the best
             active, segment = tf.unique(group)
             count = tf.size(active)
-            row_start = tf.searchsorted(group, active, side="left")
+            row_start = tf.math.segment_min(tf.range(tf.size(group)), segment)  # each group's first row
             slot = tf.range(tf.size(group)) - tf.gather(row_start, segment)
             laid = tf.tensor_scatter_nd_update(tf.fill([count, width, size], minus_inf),
                                                tf.stack([segment, slot], axis=1), candidates)
@@ -290,6 +302,9 @@ class BeamSearch:
             tuple(p.shape for p in pool), [p.shape for p in pool_states],
             tuple(c.shape for c in chosen), tuple(tf.TensorShape(None) for _ in nodes),
         )
+        # Grappler folds constant steps into the loop's first rows and would take their sizes for every
+        # iteration's (which grow and shrink): an unknown-shape placeholder keeps the sizes dynamic
+        rows, states = tf.nest.map_structure(_unknown_rows, (rows, states))
         it, _, _, _, _, _, chosen, nodes = tf.while_loop(
             lambda it, total, rows, *_: tf.size(rows[0]) > 0, iterate,
             (tf.constant(0), tf.constant(0), rows, list(states), pool, pool_states, chosen, nodes),
