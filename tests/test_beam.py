@@ -277,3 +277,18 @@ def test_bad_beam_flags_are_one_error_line(files, tmp_path, flags, code, words):
     result = generate(files, tmp_path / "r.h5", *flags, "--max-steps", "3", *rule, b=b)
     assert_error(result, code, *words)
     assert not (tmp_path / "r.h5").exists()
+
+
+@pytest.mark.slow  # XLA compiles the padded loop: about a minute on the shared 2 cores
+def test_the_benchmarks_padded_beam_is_the_same_search():
+    from benchmarks import beam as bench_beam, feedback
+
+    plan = feedback.plan(quick=True)
+    case = plan.cases[-1]
+    model_a, model_b = feedback.build_models(features=plan.features, hidden=case.hidden, outputs=plan.outputs,
+                                             max_steps=plan.max_steps)
+    inputs, _ = feedback.make_data(np.random.default_rng(0), case.batch, case.outer, features=plan.features,
+                                   max_steps=plan.max_steps)
+    functions = bench_beam.methods(model_a, model_b, max_steps=plan.max_steps, features=plan.features)
+    results = {name: [np.asarray(t) for t in function(tf.constant(inputs))] for name, function in functions.items()}
+    bench_beam.check_equal(results)
