@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from cascade_cli import packing
 from cascade_cli.errors import ParameterError
+from cascade_cli.options import check_int
 
 NOT_COMPILED = "beam search runs its own packed loop, which is not compiled under XLA"
 
@@ -49,7 +50,6 @@ def check_settings(cascade):
     least two tokens, a token stop rule or none, and `jit_compile` other than
     True (its loop does not run under XLA).
     """
-    width = cascade.sampler.width
     if not cascade.feedback:
         raise ParameterError("sampler", "'beam' feeds each hypothesis its own token and needs a feedback-form B: "
                                         "give feedback=True; received feedback=False.")
@@ -63,7 +63,6 @@ def check_settings(cascade):
                                           f"rule with sampler='beam', received {rule.describe()}.")
     if cascade.jit_compile is True:
         raise ParameterError("jit_compile", f"True, but {NOT_COMPILED}: pass jit_compile='auto' or False.")
-    return width
 
 
 def search(cascade, ir_flat, caps, *, training, ranks=None, return_tokens=False):
@@ -105,7 +104,16 @@ def best(cascade, inputs, steps=None, *, num_samples=1, training=False):
     repeats = check_num_samples(cascade, num_samples)
     inputs, caps = cascade._checked(inputs, steps)
     inputs, caps = tf.repeat(inputs, repeats, axis=0), tf.repeat(caps, repeats, axis=0)
-    return run_ranked(cascade, inputs, caps, ranks=tf.range(tf.shape(inputs)[0]) % repeats, training=training)
+    ranks = tf.range(tf.shape(inputs)[0]) % repeats
+    if not tf.executing_eagerly() or cascade.run_eagerly:
+        return run_ranked(cascade, inputs, caps, ranks=ranks, training=training)
+    key = ("beam.best", training, inputs.dtype, inputs.shape[2])  # called eagerly: traced once, as the runner is
+    if key not in cascade._functions:
+        cascade._functions[key] = tf.function(
+            lambda inputs, caps, ranks: run_ranked(cascade, inputs, caps, ranks=ranks, training=training),
+            input_signature=[tf.TensorSpec([None, *inputs.shape[1:]], inputs.dtype),
+                             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
+    return cascade._functions[key](inputs, caps, ranks)
 
 
 def run_ranked(cascade, inputs, caps, *, ranks, training=False):
@@ -121,8 +129,6 @@ def run_ranked(cascade, inputs, caps, *, ranks, training=False):
 
 def check_num_samples(cascade, num_samples):
     """`num_samples` checked against the beam's width: the K best need K <= width hypotheses kept."""
-    from cascade_cli.options import check_int
-
     if cascade.sampler.kind != "beam":
         raise ParameterError("sampler", f"expected a beam sampler (Sampler.beam), received {cascade.sampler.kind!r}.")
     num_samples = check_int("num_samples", num_samples, minimum=1)
