@@ -204,6 +204,7 @@ def files(tmp_path_factory, models, x):
     models[0].save(folder / "a.keras")
     models[1].save(folder / "b.keras")
     builders.step_b(output_size=O).save(folder / "plain_b.keras")
+    builders.feedback_b(output_size=1).save(folder / "one_b.keras")
     np.save(folder / "x.npy", x)
     return folder
 
@@ -270,9 +271,12 @@ def test_the_saved_model_export_runs_the_beam(files, models, x, tmp_path):
     (("--feedback", "--sampler", "beam", "--beam-width", "2", "--num-samples", "3"), 1,
      ("--num-samples", "beam width 2")),
     (("--feedback", "--sampler", "beam", "--beam-width", "2", "--stop-norm", "1"), 2, ("--stop-norm",)),
+    (("one_b.keras", "--feedback", "--sampler", "beam", "--beam-width", "2"), 2, ("--sampler", "O >= 2, received O=1")),
 ])
 def test_bad_beam_flags_are_one_error_line(files, tmp_path, flags, code, words):
     b = "b.keras" if "--feedback" in flags else "plain_b.keras"
+    if flags[0] == "one_b.keras":  # a feedback B with one output: nothing to score tokens with
+        b, flags = flags[0], flags[1:]
     rule = () if "--stop-norm" in flags else ("--stop-token", "0")
     result = generate(files, tmp_path / "r.h5", *flags, "--max-steps", "3", *rule, b=b)
     assert_error(result, code, *words)
