@@ -57,6 +57,7 @@ FLAGS = {
     "mixed_precision": "--mixed-precision", "tensorboard": "--tensorboard",
     "feedback": "--feedback", "feedback_start": "--feedback-start", "sampler": "--sampler",
     "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples",
+    "width": "--beam-width", "length_penalty": "--length-penalty",
     "sampling_probability": "--sampling-probability", "sampling_schedule": "--sampling-schedule",
     "min_steps": "--min-steps", "append_end_token": "--append-end-token",
     "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate", "stop_gate": "--stop-gate",
@@ -460,24 +461,32 @@ class RunnerFlags:
                 "jit_compile": False if self.no_xla else jit_compile}
 
 
-def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p):
+def _sampler_flag(ctx, *, sampler, temperature, top_k, top_p, beam_width=None, length_penalty=None):
     """The `Sampler` the flags give, or None when none of them is given; a bad value is a usage error."""
-    if sampler is None and temperature is None and top_k is None and top_p is None:
+    given = (("--temperature", temperature, "categorical"), ("--top-k", top_k, "categorical"),
+             ("--top-p", top_p, "categorical"), ("--beam-width", beam_width, "beam"),
+             ("--length-penalty", length_penalty, "beam"))
+    if sampler is None and all(value is None for _, value, _ in given):
         return None
     if sampler is None:  # the sampler may be a packed generator's: name the flag to add, not a sampler
-        flag, value = next((flag, value) for flag, value in (("--temperature", temperature), ("--top-k", top_k),
-                                                             ("--top-p", top_p)) if value is not None)
-        raise click.UsageError(f"{flag} applies to --sampler categorical only: give --sampler categorical "
+        flag, value, kind = next(item for item in given if item[1] is not None)
+        raise click.UsageError(f"{flag} applies to --sampler {kind} only: give --sampler {kind} "
                                f"{flag} {value}; received {flag} without --sampler.", ctx)
+    if sampler == "beam" and beam_width is None:
+        raise click.UsageError("--sampler beam needs --beam-width K, the hypotheses kept per inner sequence "
+                               "(1 is greedy).", ctx)
     from cascade_cli.options import Sampler
 
     with _usage(ctx):
-        return Sampler(sampler or "identity", 1.0 if temperature is None else temperature, top_k, top_p)
+        beam = {} if beam_width is None and length_penalty is None else {
+            "width": 1 if beam_width is None else beam_width,
+            "length_penalty": 0.0 if length_penalty is None else length_penalty}
+        return Sampler(sampler or "identity", 1.0 if temperature is None else temperature, top_k, top_p, **beam)
 
 
 def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, state, state_init, feedback,
                   feedback_start, sampler, temperature, top_k, top_p, no_xla, min_steps=None, stop_gate=False,
-                  gate_threshold=None):
+                  gate_threshold=None, beam_width=None, length_penalty=None):
     if stop_norm is not None and stop_token is not None:
         raise click.UsageError("--stop-norm and --stop-token are two stop rules; use one of them.", ctx)
     if stop_gate and (stop_norm is not None or stop_token is not None):
@@ -497,7 +506,8 @@ def _runner_flags(ctx, *, max_steps, stop_norm, stop_token, exclude_stop_step, s
     return RunnerFlags(state=state, state_init=state_init, max_steps=max_steps, stop_rule=rule,
                        exclude_stop_step=exclude_stop_step, min_steps=min_steps, feedback=feedback,
                        feedback_start=feedback_start,
-                       sampler=_sampler_flag(ctx, sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p),
+                       sampler=_sampler_flag(ctx, sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             beam_width=beam_width, length_penalty=length_penalty),
                        no_xla=no_xla)
 
 
@@ -558,11 +568,17 @@ _RUNNER_OPTIONS = (
                       "the value fed back at the last step of the sample's previous outer step that ran."),
     click.option("--sampler", type=click.Choice(SAMPLERS),
                  help="What is fed back and which token each step emits: identity (y itself, the default), greedy "
-                      "(one-hot of argmax y), categorical (one-hot of a seeded draw from softmax(y / T))."),
+                      "(one-hot of argmax y), categorical (one-hot of a seeded draw from softmax(y / T)), beam "
+                      "(beam search: the best token sequence of --beam-width kept per inner sequence)."),
     click.option("--temperature", type=float, metavar="T", help="categorical: draw from softmax(y / T) (T > 0; 1)."),
     click.option("--top-k", type=int, metavar="K", help="categorical: draw among the K most likely tokens only."),
     click.option("--top-p", type=float, metavar="P",
                  help="categorical: draw from the smallest set of tokens whose probability reaches P (0 < P <= 1)."),
+    click.option("--beam-width", type=int, metavar="K",
+                 help="beam: the hypotheses kept per inner sequence (K >= 1; 1 is greedy); with --num-samples, "
+                      "at most K."),
+    click.option("--length-penalty", type=float, metavar="A",
+                 help="beam: ended hypotheses compare by score / length ** A (0: the plain sum of log-probabilities)."),
     click.option("--no-xla", is_flag=True,
                  help="Run model A without XLA (by default it runs under XLA where it compiles and equals its plain "
                       "call, as Keras' jit_compile='auto')."),
@@ -575,12 +591,14 @@ def runner_options(command):
 
     @functools.wraps(command)
     def wrapper(*args, max_steps, stop_norm, stop_token, stop_gate, gate_threshold, exclude_stop_step, min_steps, state,
-                state_init, feedback, feedback_start, sampler, temperature, top_k, top_p, no_xla, **kwargs):
+                state_init, feedback, feedback_start, sampler, temperature, top_k, top_p, beam_width, length_penalty,
+                no_xla, **kwargs):
         flags = _runner_flags(click.get_current_context(), max_steps=max_steps, stop_norm=stop_norm,
                               stop_token=stop_token, exclude_stop_step=exclude_stop_step, min_steps=min_steps,
                               stop_gate=stop_gate, gate_threshold=gate_threshold, state=state,
                               state_init=state_init, feedback=feedback, feedback_start=feedback_start,
-                              sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, no_xla=no_xla)
+                              sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+                              beam_width=beam_width, length_penalty=length_penalty, no_xla=no_xla)
         return command(*args, runner=flags, **kwargs)
 
     return _apply(_RUNNER_OPTIONS, wrapper)
@@ -696,6 +714,8 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
       cascade generate --model generator.keras --inputs X.h5 --steps 3,4,2 -o results.h5
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --feedback \\
           --sampler categorical --temperature 0.8 --max-steps 8 --stop-token 0 --seed 1 -o results.h5
+      cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --feedback \\
+          --sampler beam --beam-width 4 --max-steps 8 --stop-token 0 --num-samples 2 -o best2.h5
       cascade generate ... --shard 0/4 -o part0.h5   # then part1..part3, and cascade merge
     """
     if steps_file is not None and steps_text is not None:

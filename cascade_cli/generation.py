@@ -168,8 +168,15 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats)
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     tokens = cascade.sampler.tokens
+    call = lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens)  # noqa: E731
+    if cascade.sampler.kind == "beam" and repeats > 1:  # result sample n * K + k: input n's k-th best hypothesis
+        from cascade_cli import beam
+
+        beam.check_num_samples(cascade, repeats)
+        call = lambda inputs, caps, index: beam.run_ranked(  # noqa: E731
+            cascade, inputs, caps, ranks=tf.cast(index % repeats, tf.int32))
     run = tf.function(
-        lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens),
+        call,
         input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
                          tf.TensorSpec([None], tf.int64)],
         reduce_retracing=True,

@@ -174,7 +174,7 @@ def _token_value(value):
 # ------------------------------------------------- feedback and sampling
 
 
-SAMPLERS = ("identity", "greedy", "categorical")
+SAMPLERS = ("identity", "greedy", "categorical", "beam")
 FEEDBACK_STARTS = ("zeros", "token:ID", "previous")
 SAMPLING_SCHEDULES = ("constant", "inverse-sigmoid")
 
@@ -190,16 +190,23 @@ class Sampler:
             `"greedy"` the one-hot of `argmax(y)`, `"categorical"` the one-hot
             of a seeded draw from `softmax(y / temperature)`, restricted to the
             `top_k` most likely tokens and/or the smallest set whose
-            probability reaches `top_p` (the nucleus), renormalised.
+            probability reaches `top_p` (the nucleus), renormalised; `"beam"`
+            keeps the `width` best token sequences of each inner sequence
+            (`cascade_cli.beam`) and feeds each its own token's one-hot.
         temperature: > 0 (`"categorical"` only).
         top_k: an integer >= 1, or None for every token (`"categorical"` only).
         top_p: in (0, 1], or None for 1 (`"categorical"` only).
+        width: the hypotheses a beam keeps, an integer >= 1 (`"beam"` only).
+        length_penalty: a finite number: ended hypotheses compare by their
+            score divided by `length ** length_penalty` (`"beam"` only).
     """
 
     kind: str = "identity"
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    width: int = 1
+    length_penalty: float = 0.0
 
     @classmethod
     def identity(cls):
@@ -215,6 +222,16 @@ class Sampler:
     def categorical(cls, temperature=1.0, top_k=None, top_p=None):
         """Feeds the one-hot of a draw from `softmax(y / temperature)`, cut to `top_k` and/or `top_p`."""
         return cls("categorical", temperature, top_k, top_p)
+
+    @classmethod
+    def beam(cls, width, length_penalty=0.0):
+        """Beam search: keeps the `width` best token sequences of each inner sequence (`cascade_cli.beam`).
+
+        A hypothesis scores the sum of `log_softmax(y_j)[token_j]` over its
+        steps; ended ones compare by that score divided by `length **
+        length_penalty`. Width 1 is greedy.
+        """
+        return cls("beam", width=width, length_penalty=length_penalty)
 
     @classmethod
     def coerce(cls, value):
@@ -236,12 +253,16 @@ class Sampler:
             top_p = check_number("top_p", self.top_p, minimum=0, maximum=1, min_open=True,
                                  expected="a probability in (0, 1]")
             object.__setattr__(self, "top_p", top_p)
-        if self.kind != "categorical":
-            for name, value, default in (("temperature", self.temperature, 1.0), ("top_k", self.top_k, None),
-                                         ("top_p", self.top_p, None)):
-                if value != default:
-                    raise ParameterError(name, f"applies to sampler='categorical' only; received {name}={value!r} "
-                                               f"with sampler={self.kind!r}.")
+        object.__setattr__(self, "width", check_int("width", self.width, minimum=1, maximum=INT32_MAX))
+        object.__setattr__(self, "length_penalty", check_number("length_penalty", self.length_penalty))
+        for kind, settings in (("categorical", (("temperature", 1.0), ("top_k", None), ("top_p", None))),
+                               ("beam", (("width", 1), ("length_penalty", 0.0)))):
+            if self.kind != kind:
+                for name, default in settings:
+                    value = getattr(self, name)
+                    if value != default:
+                        raise ParameterError(name, f"applies to sampler={kind!r} only; received {name}={value!r} "
+                                                   f"with sampler={self.kind!r}.")
 
     @property
     def draws(self):
@@ -254,7 +275,10 @@ class Sampler:
         return self.kind != "identity"
 
     def describe(self):
-        """The sampler as text, e.g. `"categorical (temperature 0.8, top-k 5)"`."""
+        """The sampler as text, e.g. `"categorical (temperature 0.8, top-k 5)"` or `"beam (width 4)"`."""
+        if self.kind == "beam":
+            penalty = f", length penalty {self.length_penalty:g}" if self.length_penalty else ""
+            return f"beam (width {self.width}{penalty})"
         if self.kind != "categorical":
             return self.kind
         parts = [f"temperature {self.temperature:g}"]
@@ -269,11 +293,26 @@ class Sampler:
 
         Returns `{"sampler": kind, "temperature": float, "top_k": int,
         "top_p": float}`, where `top_k` -1 means every token and `top_p` 1.0
-        no nucleus cut (the values that cut nothing).
+        no nucleus cut (the values that cut nothing); a beam adds
+        `beam_width` and `length_penalty`.
         """
-        return {"sampler": self.kind, "temperature": float(self.temperature),
-                "top_k": -1 if self.top_k is None else int(self.top_k),
-                "top_p": 1.0 if self.top_p is None else float(self.top_p)}
+        attrs = {"sampler": self.kind, "temperature": float(self.temperature),
+                 "top_k": -1 if self.top_k is None else int(self.top_k),
+                 "top_p": 1.0 if self.top_p is None else float(self.top_p)}
+        if self.kind == "beam":
+            attrs.update(beam_width=int(self.width), length_penalty=float(self.length_penalty))
+        return attrs
+
+    def config(self):
+        """The settings a saved generator records (`CascadeModel.get_config`): `Sampler(**config)` rebuilds it.
+
+        A beam's `width` and `length_penalty` appear only for a beam, so
+        other samplers' configs read as they always have.
+        """
+        config = {"kind": self.kind, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        if self.kind == "beam":
+            config.update(width=self.width, length_penalty=self.length_penalty)
+        return config
 
 
 def parse_feedback_start(text):

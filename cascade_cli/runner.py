@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli import compiled_loop, packing, sampling
+from cascade_cli import beam, compiled_loop, packing, sampling
 from cascade_cli.cells import fast_path_problem, split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError, received
 from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
@@ -350,6 +350,9 @@ class Cascade:
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
         self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
         self._loop_choice = None if self._xla_a else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
+        if self.sampler.kind == "beam":  # beam search runs its own packed loop (`cascade_cli.beam`)
+            beam.check_settings(self)
+            self._loop_choice = _LoopChoice(False, beam.NOT_COMPILED)
         if jit_compile is True:
             self._choose_xla(features=self.a_spec.features)  # raise now where A cannot compile
             self._choose_loop(features=self.a_spec.features)  # and where the loop cannot
@@ -658,6 +661,9 @@ class Cascade:
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
         if self.b_spec.form == "sequence":
             return self._run_sequence(ir_flat, caps, training)
+        if self.sampler.kind == "beam" and (extras is None or extras.targets is None):
+            return beam.search(self, ir_flat, caps, training=training, return_tokens=extras is not None
+                               and extras.return_tokens)
         if loop is None:
             loop = not tape_may_record()
         if loop == "probe" or (loop and self._loop_applies(inputs, training=training, extras=extras)):

@@ -9,7 +9,8 @@ same bits whatever the batch size, shards or slicing.
 
 `sample(sampler, y, u)` turns B's outputs into what is fed back and the token
 each row emits: `identity` feeds `y` (no token), `greedy` the one-hot of
-`argmax(y)`, `categorical` the one-hot of a draw by inverse CDF over
+`argmax(y)` (so does `beam` where a single row samples: beam search
+itself is `cascade_cli.beam`), `categorical` the one-hot of a draw by inverse CDF over
 `softmax(y / temperature)`, its probabilities sorted descending (ties in
 index order), cut to the top-k and/or the top-p nucleus and renormalised.
 The CDF is computed in float64.
@@ -85,7 +86,7 @@ def sample(sampler, y, uniforms=None):
     """
     if sampler.kind == "identity":
         return y, None
-    if sampler.kind == "greedy":
+    if sampler.kind in ("greedy", "beam"):  # a beam's row fed its own sample (scheduled sampling) takes greedy's
         tokens = tf.argmax(y, axis=-1, output_type=tf.int64)
     else:
         tokens = categorical_tokens(y, uniforms, temperature=sampler.temperature, top_k=sampler.top_k,

@@ -216,8 +216,8 @@ def test_sampler_settings_are_checked():
         for kwargs in ({"temperature": 0.5}, {"top_k": 3}, {"top_p": 0.9}):
             with pytest.raises(ParameterError, match=rf"applies to sampler='categorical' only.*sampler='{kind}'"):
                 Sampler(kind, **kwargs)
-    with pytest.raises(ParameterError, match=r"^sampler: expected one of identity, greedy, categorical"):
-        Sampler("beam")
+    with pytest.raises(ParameterError, match=r"^sampler: expected one of identity, greedy, categorical, beam"):
+        Sampler("nucleus")
     assert Sampler.coerce("greedy") == Sampler.greedy()
     assert Sampler.categorical(0.5, 5, 0.9).describe() == "categorical (temperature 0.5, top-k 5, top-p 0.9)"
     assert Sampler.identity().describe() == "identity"

@@ -72,8 +72,7 @@ def _stop_rule_config(rule):
 
 
 def _sampler_config(sampler):
-    sampler = Sampler.coerce(sampler)
-    return {"kind": sampler.kind, "temperature": sampler.temperature, "top_k": sampler.top_k, "top_p": sampler.top_p}
+    return Sampler.coerce(sampler).config()
 
 
 @keras.saving.register_keras_serializable(package="cascade_cli")
