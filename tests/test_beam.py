@@ -15,7 +15,7 @@ import builders
 from clitools import assert_error, assert_ok, invoke
 from cascade_cli import beam
 from cascade_cli.errors import ParameterError
-from cascade_cli.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.results_io import read_result, read_result_attrs
 from cascade_cli.runner import Cascade
@@ -252,7 +252,7 @@ def test_pack_keeps_the_beam_and_the_export_serves_it(files, models, x, tmp_path
 
 
 def test_the_saved_model_export_runs_the_beam(files, models, x, tmp_path):
-    from cascade_cli.keras_model import export_saved_model
+    from cascade_cli.train.keras_model import export_saved_model
 
     model = CascadeModel(*models, feedback=True, max_steps=MAX, stop_rule=StopRule.token(0),
                          sampler=Sampler.beam(WIDE))
