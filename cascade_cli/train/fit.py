@@ -61,28 +61,6 @@ from cascade_cli.train.optimizers import current_learning_rate, has_schedule, le
 from cascade_cli.train.step import batch_loss, batch_signature, non_finite_error, step_function
 
 
-# -------------------------------------------------------- scheduled sampling
-
-
-def no_sampling(epoch, batch):
-    """The scheduled-sampling probability of step `batch` (1-based) of epoch `epoch` (0-based) without feedback: 0."""
-    return 0.0
-
-
-def sampling_probabilities(schedule, *, batches_per_epoch):
-    """`(epoch (0-based), batch (1-based)) -> probability` of a `--sampling-schedule` text, or `no_sampling`.
-
-    The schedule's step is the run's global optimizer step, counted from 0
-    (`SamplingSchedule.probability`), so a resumed run goes on where it was.
-    """
-    if schedule is None:
-        return no_sampling
-    schedule = SamplingSchedule.parse(schedule)
-    return lambda epoch, batch: schedule.probability(epoch * batches_per_epoch + batch - 1)
-
-
-
-
 def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False, gate=False):
     """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count, metrics)` with `training=False`."""
     loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids, gate=gate)
@@ -336,14 +314,12 @@ class _Run:
     config: TrainConfig  # resolved: every setting set
     info: RunInfo
     optimizer: keras.optimizers.Optimizer
-    step: Callable  # (inputs, steps, targets, sampling) -> (sum, count, penalty, metrics, finite): `step_function`
+    step: Callable  # (inputs, steps, targets) -> (sum, count, penalty, metrics, finite): `step_function`
     evaluation: Callable  # (inputs, steps, targets) -> (sum, count, metrics), training=False
     epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
     train_indices: np.ndarray
     val_indices: np.ndarray
     board: "_Board | None" = None
-    # (epoch (0-based), batch (1-based)) -> the step's scheduled-sampling probability (feedback runs only)
-    sampling_probability: Callable = no_sampling
     generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
 
     @property
@@ -568,12 +544,15 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     ids = config.loss == "sparse-categorical-crossentropy"
     gate = bool(config.stop_gate)
     loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids, gate=gate)
+    sampling = None if config.sampling_schedule is None else SamplingSchedule.parse(config.sampling_schedule)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
-        step = step_function(loss, signature=spec, variables=variables, optimizer=optimizer, strategy=strategy)
+        step = step_function(loss, signature=spec, variables=variables, optimizer=optimizer, strategy=strategy,
+                             sampling=sampling)
     else:
-        step = step_function(loss, signature=batch_signature(data), variables=variables, optimizer=optimizer)
+        step = step_function(loss, signature=batch_signature(data), variables=variables, optimizer=optimizer,
+                             sampling=sampling)
         epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
     replicas = int(strategy.num_replicas_in_sync)
     info = RunInfo(train_samples=len(train_indices), val_samples=len(val_indices), device=_device_text(strategy),
@@ -585,9 +564,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
                 out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, step=step,
                 evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
-                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
-                sampling_probability=sampling_probabilities(config.sampling_schedule,
-                                                            batches_per_epoch=batches_per_epoch))
+                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
 
 
 def _default_batches(data, order, *, batch_size):
@@ -644,8 +621,7 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     running = _RunningLoss(len(config.metrics))
     for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
         if emits:  # a batch that emits nothing has nothing to learn from
-            sampling = tf.constant(run.sampling_probability(epoch, batch_number), tf.float32)
-            total, count, penalty, measured, finite = run.step(*batch, sampling)  # a non-finite step is not taken
+            total, count, penalty, measured, finite = run.step(*batch)  # a non-finite step is not taken
             if not bool(finite):
                 loss = float(total) / float(count) + float(penalty)
                 what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient", "non-finite")

@@ -379,24 +379,15 @@ class CascadeModel(keras.Model):
         """
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
-        options = {} if self._sampling is None else {"sampling_probability": self._sampling_probability()}
         refused = self._refused_steps
         result, finite = train_step(self._loss, self._unpack(data), variables=self.trainable_variables,
                                     optimizer=self.optimizer,
-                                    only_if=None if refused is None else tf.equal(refused, 0.0), **options)
+                                    only_if=None if refused is None else tf.equal(refused, 0.0),
+                                    sampling=self._sampling)
         if refused is not None:
             refused.assign_add(1.0 - tf.cast(finite, tf.float32))
         logs = self._report(data[0], result)
         return {name: value for name, value in logs.items() if name != "length_mae"}  # measured in validation only
-
-    def _sampling_probability(self):
-        """This step's scheduled-sampling probability, a float32 scalar, at the optimizer's step count."""
-        schedule = self._sampling
-        if schedule.kind == "constant":
-            return tf.constant(schedule.value, tf.float32)
-        k = tf.constant(schedule.value, tf.float64)
-        exponent = tf.minimum(tf.cast(self.optimizer.iterations, tf.float64) / k, 700.0)
-        return tf.cast(1.0 - k / (k + tf.exp(exponent)), tf.float32)  # `SamplingSchedule.probability`, in-graph
 
     def test_step(self, data):
         """Scores one batch with `training=False`; returns the metrics so far."""
