@@ -57,7 +57,7 @@ from cascade_cli.train.checkpoints import (
 from cascade_cli.train.keras_model import CascadeModel
 from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
                                       resolve_from_logits)
-from cascade_cli.train.optimizers import current_learning_rate, has_schedule, learning_rate_schedule, make_optimizer
+from cascade_cli.train.optimizers import has_schedule, learning_rate_schedule, make_optimizer
 from cascade_cli.train.step import batch_loss, batch_signature, non_finite_error, step_function
 
 
@@ -319,7 +319,7 @@ class _Run:
     epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
     train_indices: np.ndarray
     val_indices: np.ndarray
-    board: "_Board | None" = None
+    keras_callbacks: keras.callbacks.CallbackList = None  # Keras' own (`_keras_callbacks`), driven each epoch
     generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
 
     @property
@@ -449,7 +449,8 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
                                          f"{data.n_samples} samples keeps none: raise val_split.")
     if not _trained_variables(model_a, model_b, freeze_a=config.freeze_a):
         raise CascadeError("there is nothing to train: the models have no trainable weights.")
-    board = _Board.check(config.tensorboard)
+    if config.tensorboard is not None:
+        check_out_dir(config.tensorboard, parameter="tensorboard", holding=" for the event files")
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
     trained = mixed_precision_pair(model_a, model_b, **runner_settings(config)) if config.mixed_precision else None
@@ -460,7 +461,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     try:
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
                      chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
-        run.board = board if chief else None
+        run.keras_callbacks = _keras_callbacks(run, tensorboard=config.tensorboard if chief else None)
         run.generation = generator_settings(config, b_form=cascade.b_spec.form,
                                             longest=int(data.file_steps.max(initial=0)))
     except BaseException:
@@ -567,46 +568,29 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                 epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
 
 
+def _keras_callbacks(run, *, tensorboard):
+    """Keras' own callbacks of the run, told of each epoch as `Model.fit` tells them: `TensorBoard` (`tensorboard`).
+
+    They see a `CascadeModel` over the models trained, with the run's
+    optimizer (TensorBoard logs its learning rate at each epoch's end).
+    """
+    if tensorboard is None:
+        return keras.callbacks.CallbackList([])
+    model = CascadeModel(*run.models, **runner_settings(run.config))
+    model.optimizer = run.optimizer
+    return keras.callbacks.CallbackList([keras.callbacks.TensorBoard(str(tensorboard), write_graph=False)],
+                                        model=model)
+
+
+def _epoch_logs(row):
+    """The logs `Model.fit` gives callbacks at an epoch's end: a history row's figures, less `epoch` and `seconds`."""
+    return {key: float(value) for key, value in row.items() if key not in ("epoch", "seconds") and value is not None}
+
+
 def _default_batches(data, order, *, batch_size):
     """Yields `(emits, (inputs, steps, targets))` for each batch of `order`, read on the host."""
     for batch in data.batches(order, batch_size=batch_size):
         yield len(batch.targets) > 0, (batch.inputs, batch.steps.astype(np.int64), batch.targets)
-
-
-class _Board:
-    """TensorBoard event files of one run: loss, val_loss, learning_rate and the metrics, once per epoch."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self._writer = None
-
-    @classmethod
-    def check(cls, folder):
-        """A `_Board` for `folder` (None: none), refused before any work when it cannot be a folder.
-
-        Raises:
-            ParameterError: (`tensorboard`) `folder` is a file, or cannot be created or written.
-        """
-        if folder is None:
-            return None
-        return cls(check_out_dir(folder, parameter="tensorboard", holding=" for the event files"))
-
-    def write(self, row, *, learning_rate):
-        """Writes one epoch's scalars (a history row), at step `row["epoch"]`."""
-        if self._writer is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._writer = tf.summary.create_file_writer(str(self.folder))
-        with self._writer.as_default():
-            for key, value in row.items():
-                if key not in ("epoch", "seconds") and value is not None:
-                    tf.summary.scalar(key, float(value), step=int(row["epoch"]))
-            tf.summary.scalar("learning_rate", float(learning_rate), step=int(row["epoch"]))
-        self._writer.flush()
-
-    def close(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
@@ -681,7 +665,8 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     there (`CascadeError`). With `mixed_precision`, copies of
     the models built under `mixed_float16` train (`mixed_precision_pair`)
     and the models given get their weights at the end; with `tensorboard`,
-    each epoch's scalars go into event files there.
+    Keras' `TensorBoard` callback writes each epoch's figures there, as
+    `Model.fit` would (`train/` and `validation/`, tags `epoch_loss`, ...).
 
     Settings not given (None) come from the checkpoint on resume and from
     `TRAIN_DEFAULTS` otherwise (`resolve_config`). The run holds a lock on
@@ -759,22 +744,21 @@ def _train(run, data, *, callbacks):
             callbacks.resumed(epoch=progress.epochs_done, history=list(history))
         checkpoints.start()
         stopped = progress.patience_spent(config.patience)
+        run.keras_callbacks.on_train_begin()
         try:
             for epoch in range(progress.epochs_done, config.epochs if not stopped else 0):
-                rate = current_learning_rate(run.optimizer)  # the rate this epoch starts with
+                run.keras_callbacks.on_epoch_begin(epoch)
                 row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
                 progress.record(row["val_loss"], epoch=row["epoch"], weights=run.weights)
                 history.append(row)
                 checkpoints.save(history)
-                if run.board is not None:
-                    run.board.write(row, learning_rate=rate)
+                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))
                 callbacks.epoch_done(dict(row))
                 stopped = progress.patience_spent(config.patience)
                 if stopped:
                     break
         finally:
-            if run.board is not None:
-                run.board.close()
+            run.keras_callbacks.on_train_end()
     if stopped:
         callbacks.stopped_early(epoch=progress.epochs_done, best_epoch=int(progress.best_epoch.numpy()))
     if config.patience is not None:
