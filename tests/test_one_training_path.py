@@ -186,3 +186,27 @@ def test_a_sampling_schedule_is_read_at_the_optimizer_s_step_count_in_train_as_i
     fitted = model.model_a.get_weights() + model.model_b.get_weights()
     for got, wanted in zip(fitted, trained):
         np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+def test_dropout_draws_the_same_in_train_and_in_fit_reseeded_each_epoch(tmp_path):
+    """Each epoch's random numbers are a function of (seed, epoch): the command reseeds with `ReseedEachEpoch`, the
+    callback a `fit` takes too, so a B with dropout trains to the same weights in both."""
+    from cascade_cli.train.keras_model import ReseedEachEpoch
+
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.step_b(dropout=0.5).save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *COMMON))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+
+    model = CascadeModel(builders.model_a(), builders.step_b(dropout=0.5), jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
+    model.fit(dataset(path, batch_size=4, seed=5), epochs=2, verbose=0, shuffle=False,
+              callbacks=[ReseedEachEpoch(5)])
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)

@@ -7,7 +7,8 @@ models' weight regularization losses (`kernel_regularizer=...`) are added to
 it, as Keras' `Model.fit` adds `model.losses`.
 
 A run is reproducible: every epoch is re-seeded from `(seed, epoch)` (Python,
-NumPy and every `SeedGenerator` inside the two models, e.g. dropout) and
+NumPy and every `SeedGenerator` inside the two models, e.g. dropout:
+`ReseedEachEpoch`, the callback a `CascadeModel.fit` takes too) and
 visits the samples in `epoch_order(seed, epoch)`, with TensorFlow's
 deterministic ops on. A checkpoint is written after every epoch
 (`checkpoints.py`), so a killed run resumed with the same settings reaches
@@ -25,7 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,7 +36,6 @@ import tensorflow as tf
 
 from cascade_cli.data import epoch_order, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.keras_internals import seed_generators
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, SamplingSchedule, StopRule, TrainCallbacks, TrainConfig
 from cascade_cli.runner import Cascade
@@ -54,7 +53,7 @@ from cascade_cli.train.checkpoints import (
     saved_settings,
     trained_pair,
 )
-from cascade_cli.train.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel, ReseedEachEpoch
 from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
                                       resolve_from_logits)
 from cascade_cli.train.optimizers import has_schedule, learning_rate_schedule, make_optimizer
@@ -247,24 +246,6 @@ def split_warning(n_samples, *, train_samples, val_samples, val_split):
         return (f"val_split={val_split:g} of {n_samples} samples holds out no validation sample: val_loss is not "
                 "measured; raise val_split, or pass val_split=0.")
     return None
-
-
-def _reseed(models, *, seed, epoch):
-    """Seeds Python, NumPy and every `SeedGenerator` in `models` from `(seed, epoch)` alone.
-
-    Keras layers draw their randomness (dropout, noise) from their own
-    `SeedGenerator`s, so resetting those makes an epoch's random numbers a
-    function of `(seed, epoch)`, whatever ran before it. TensorFlow's global
-    seed is set once per run instead (`fit`): setting it again would clear
-    TensorFlow's kernel cache and re-optimise every function each epoch.
-    """
-    entropy = np.random.SeedSequence([seed, epoch])
-    generators = seed_generators(models)
-    values = entropy.generate_state(1 + len(generators)) & 0x7FFFFFFF
-    random.seed(int(values[0]))
-    np.random.seed(int(values[0]))
-    for generator, value in zip(generators, values[1:]):
-        generator.state.assign(tf.constant([int(value), 0], dtype=generator.state.dtype))
 
 
 def _trained_variables(model_a, model_b, *, freeze_a):
@@ -569,17 +550,17 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
 
 
 def _keras_callbacks(run, *, tensorboard):
-    """Keras' own callbacks of the run, told of each epoch as `Model.fit` tells them: `TensorBoard` (`tensorboard`).
+    """The callbacks of the run, told of each epoch as `Model.fit` tells them: `ReseedEachEpoch` and Keras' `TensorBoard`.
 
     They see a `CascadeModel` over the models trained, with the run's
     optimizer (TensorBoard logs its learning rate at each epoch's end).
     """
-    if tensorboard is None:
-        return keras.callbacks.CallbackList([])
     model = CascadeModel(*run.models, **runner_settings(run.config))
     model.optimizer = run.optimizer
-    return keras.callbacks.CallbackList([keras.callbacks.TensorBoard(str(tensorboard), write_graph=False)],
-                                        model=model)
+    callbacks = [ReseedEachEpoch(run.config.seed)]
+    if tensorboard is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(tensorboard), write_graph=False))
+    return keras.callbacks.CallbackList(callbacks, model=model)
 
 
 def _epoch_logs(row):
@@ -597,7 +578,6 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     """Trains epoch `epoch` (0-based) and takes its validation loss; returns its history row."""
     config = run.config
     number = epoch + 1
-    _reseed(run.models, seed=config.seed, epoch=epoch)
     order = epoch_order(run.train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
     callbacks.epoch_started(number, epochs=config.epochs,
                             batches=math.ceil(len(run.train_indices) / config.batch_size))
