@@ -160,3 +160,53 @@ def test_a_batch_that_emits_nothing_takes_no_step_in_fit_as_in_cascade_train():
     assert int(runs[0].optimizer.iterations.numpy()) == 2  # one step an epoch
     for with_empty, without in zip(*(run.get_weights() for run in runs)):
         np.testing.assert_array_equal(with_empty, without)
+
+
+def test_a_sampling_schedule_is_read_at_the_optimizer_s_step_count_in_train_as_in_fit(tmp_path):
+    """The schedule's step is the optimizer's step count in both: a batch that emits nothing takes no step, so it
+    does not move the schedule on (the command counted every batch; `fit` counts the steps taken)."""
+    steps = np.array([[2, 1, 3], [1, 1, 2], [0, 0, 0], [0, 0, 0], [3, 2, 1], [1, 3, 1]])  # batch 2 emits nothing
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(int(steps.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=steps, targets=targets)
+    a, b = models("feedback", 2)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", "--optimizer", "sgd", "--learning-rate", 0.1, "--epochs", 2,
+                     "--batch-size", 2, "--val-split", 0, "--seed", 5, "--no-xla", "--no-shuffle", "--feedback",
+                     "--sampling-schedule", "inverse-sigmoid:2"))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+
+    model = CascadeModel(*models("feedback", 2), feedback=True, jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse", sampling_probability="inverse-sigmoid:2", jit_compile=False)
+    model.fit(dataset(path, batch_size=2, shuffle=False), epochs=2, verbose=0, shuffle=False)
+    assert int(model.optimizer.iterations.numpy()) == 4  # two steps an epoch
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+def test_dropout_draws_the_same_in_train_and_in_fit_reseeded_each_epoch(tmp_path):
+    """Each epoch's random numbers are a function of (seed, epoch): the command reseeds with `ReseedEachEpoch`, the
+    callback a `fit` takes too, so a B with dropout trains to the same weights in both."""
+    from cascade_cli.train.keras_model import ReseedEachEpoch
+
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.step_b(dropout=0.5).save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *COMMON))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+
+    model = CascadeModel(builders.model_a(), builders.step_b(dropout=0.5), jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
+    model.fit(dataset(path, batch_size=4, seed=5), epochs=2, verbose=0, shuffle=False,
+              callbacks=[ReseedEachEpoch(5)])
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)

@@ -147,6 +147,11 @@ def scalars(folder):
     return found
 
 
+def board_scalars(board):
+    """Keras' `TensorBoard` layout: `{"train": scalars(board/train), "validation": scalars(board/validation)}`."""
+    return {part: scalars(board / part) for part in ("train", "validation") if (board / part).is_dir()}
+
+
 def test_metrics_go_into_history_and_tensorboard_and_a_resume_keeps_them(files, tmp_path):
     out, board = tmp_path / "run", tmp_path / "logs" / "run"
     assert_ok(train(files, out, "--epochs", 1, "--val-split", 0.5, "--batch-size", 2, "--metrics", "mae,mse",
@@ -168,10 +173,12 @@ def test_metrics_go_into_history_and_tensorboard_and_a_resume_keeps_them(files, 
     assert_ok(train(files, out, "--epochs", 2, "--resume"))  # metrics, tensorboard, learning rate: the run's own
     rows = history(out)
     assert len(rows) == 2 and rows[1]["val_mae"] != ""
-    logged = scalars(board)
-    for tag in ("loss", "val_loss", "mae", "val_mae", "mse", "val_mse"):
-        assert logged[tag] == [(k + 1, pytest.approx(float(rows[k][tag]), rel=1e-6)) for k in range(2)], tag
-    assert logged["learning_rate"] == [(1, pytest.approx(0.01)), (2, pytest.approx(0.01))]
+    logged = board_scalars(board)  # keras.callbacks.TensorBoard's: epochs from 0, val_ figures under validation/
+    for tag in ("loss", "mae", "mse"):
+        for part, column in (("train", tag), ("validation", f"val_{tag}")):
+            assert logged[part][f"epoch_{tag}"] == [(k, pytest.approx(float(rows[k][column]), rel=1e-6))
+                                                    for k in range(2)], (part, tag)
+    assert logged["train"]["epoch_learning_rate"] == [(0, pytest.approx(0.01)), (1, pytest.approx(0.01))]
 
 
 def test_a_cosine_schedule_with_warmup_logs_each_epoch_s_rate(files, tmp_path):
@@ -179,10 +186,11 @@ def test_a_cosine_schedule_with_warmup_logs_each_epoch_s_rate(files, tmp_path):
     # one step per epoch: steps 0, 1 warm up to LR, then cosine over the remaining 2 steps
     assert_ok(train(files, tmp_path / "run", "--epochs", 4, "--batch-size", N, "--val-split", 0, "--optimizer", "sgd",
                     "--learning-rate", LR, "--lr-schedule", "cosine", "--warmup-steps", 2, "--tensorboard", board))
-    cosine = [LR * 0.5 * (1 + math.cos(math.pi * step / 2)) for step in (0, 1)]
-    wanted = [LR * 1 / 2, LR * 2 / 2, *cosine]
-    assert [value for _, value in scalars(board)["learning_rate"]] == [pytest.approx(rate, rel=1e-6)
-                                                                        for rate in wanted]
+    # Keras' TensorBoard logs the rate at each epoch's end: the rate of the next step, steps 1 to 4
+    cosine = [LR * 0.5 * (1 + math.cos(math.pi * step / 2)) for step in (0, 1, 2)]
+    wanted = [LR * 2 / 2, *cosine]
+    assert [value for _, value in board_scalars(board)["train"]["epoch_learning_rate"]] == [
+        pytest.approx(rate, rel=1e-6, abs=1e-12) for rate in wanted]
     assert_error(train(files, tmp_path / "run", "--epochs", 5, "--resume", "--lr-schedule", "constant"), 1,
                  "--resume:", "--lr-schedule cosine", "--lr-schedule constant")
 

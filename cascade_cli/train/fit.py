@@ -7,7 +7,8 @@ models' weight regularization losses (`kernel_regularizer=...`) are added to
 it, as Keras' `Model.fit` adds `model.losses`.
 
 A run is reproducible: every epoch is re-seeded from `(seed, epoch)` (Python,
-NumPy and every `SeedGenerator` inside the two models, e.g. dropout) and
+NumPy and every `SeedGenerator` inside the two models, e.g. dropout:
+`ReseedEachEpoch`, the callback a `CascadeModel.fit` takes too) and
 visits the samples in `epoch_order(seed, epoch)`, with TensorFlow's
 deterministic ops on. A checkpoint is written after every epoch
 (`checkpoints.py`), so a killed run resumed with the same settings reaches
@@ -25,7 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,7 +36,6 @@ import tensorflow as tf
 
 from cascade_cli.data import epoch_order, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.keras_internals import seed_generators
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, SamplingSchedule, StopRule, TrainCallbacks, TrainConfig
 from cascade_cli.runner import Cascade
@@ -54,33 +53,11 @@ from cascade_cli.train.checkpoints import (
     saved_settings,
     trained_pair,
 )
-from cascade_cli.train.keras_model import CascadeModel
+from cascade_cli.train.keras_model import CascadeModel, ReseedEachEpoch
 from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
                                       resolve_from_logits)
-from cascade_cli.train.optimizers import current_learning_rate, has_schedule, learning_rate_schedule, make_optimizer
+from cascade_cli.train.optimizers import has_schedule, learning_rate_schedule, make_optimizer
 from cascade_cli.train.step import batch_loss, batch_signature, non_finite_error, step_function
-
-
-# -------------------------------------------------------- scheduled sampling
-
-
-def no_sampling(epoch, batch):
-    """The scheduled-sampling probability of step `batch` (1-based) of epoch `epoch` (0-based) without feedback: 0."""
-    return 0.0
-
-
-def sampling_probabilities(schedule, *, batches_per_epoch):
-    """`(epoch (0-based), batch (1-based)) -> probability` of a `--sampling-schedule` text, or `no_sampling`.
-
-    The schedule's step is the run's global optimizer step, counted from 0
-    (`SamplingSchedule.probability`), so a resumed run goes on where it was.
-    """
-    if schedule is None:
-        return no_sampling
-    schedule = SamplingSchedule.parse(schedule)
-    return lambda epoch, batch: schedule.probability(epoch * batches_per_epoch + batch - 1)
-
-
 
 
 def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False, gate=False):
@@ -271,24 +248,6 @@ def split_warning(n_samples, *, train_samples, val_samples, val_split):
     return None
 
 
-def _reseed(models, *, seed, epoch):
-    """Seeds Python, NumPy and every `SeedGenerator` in `models` from `(seed, epoch)` alone.
-
-    Keras layers draw their randomness (dropout, noise) from their own
-    `SeedGenerator`s, so resetting those makes an epoch's random numbers a
-    function of `(seed, epoch)`, whatever ran before it. TensorFlow's global
-    seed is set once per run instead (`fit`): setting it again would clear
-    TensorFlow's kernel cache and re-optimise every function each epoch.
-    """
-    entropy = np.random.SeedSequence([seed, epoch])
-    generators = seed_generators(models)
-    values = entropy.generate_state(1 + len(generators)) & 0x7FFFFFFF
-    random.seed(int(values[0]))
-    np.random.seed(int(values[0]))
-    for generator, value in zip(generators, values[1:]):
-        generator.state.assign(tf.constant([int(value), 0], dtype=generator.state.dtype))
-
-
 def _trained_variables(model_a, model_b, *, freeze_a):
     return list(model_b.trainable_variables if freeze_a else model_a.trainable_variables + model_b.trainable_variables)
 
@@ -336,14 +295,12 @@ class _Run:
     config: TrainConfig  # resolved: every setting set
     info: RunInfo
     optimizer: keras.optimizers.Optimizer
-    step: Callable  # (inputs, steps, targets, sampling) -> (sum, count, penalty, metrics, finite): `step_function`
+    step: Callable  # (inputs, steps, targets) -> (sum, count, penalty, metrics, finite): `step_function`
     evaluation: Callable  # (inputs, steps, targets) -> (sum, count, metrics), training=False
     epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
     train_indices: np.ndarray
     val_indices: np.ndarray
-    board: "_Board | None" = None
-    # (epoch (0-based), batch (1-based)) -> the step's scheduled-sampling probability (feedback runs only)
-    sampling_probability: Callable = no_sampling
+    keras_callbacks: keras.callbacks.CallbackList = None  # Keras' own (`_keras_callbacks`), driven each epoch
     generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
 
     @property
@@ -473,7 +430,8 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
                                          f"{data.n_samples} samples keeps none: raise val_split.")
     if not _trained_variables(model_a, model_b, freeze_a=config.freeze_a):
         raise CascadeError("there is nothing to train: the models have no trainable weights.")
-    board = _Board.check(config.tensorboard)
+    if config.tensorboard is not None:
+        check_out_dir(config.tensorboard, parameter="tensorboard", holding=" for the event files")
     strategy = distribute.strategy_for(config.strategy, strategy)
     chief = distribute.is_chief(strategy)
     trained = mixed_precision_pair(model_a, model_b, **runner_settings(config)) if config.mixed_precision else None
@@ -484,7 +442,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     try:
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
                      chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
-        run.board = board if chief else None
+        run.keras_callbacks = _keras_callbacks(run, tensorboard=config.tensorboard if chief else None)
         run.generation = generator_settings(config, b_form=cascade.b_spec.form,
                                             longest=int(data.file_steps.max(initial=0)))
     except BaseException:
@@ -568,12 +526,15 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     ids = config.loss == "sparse-categorical-crossentropy"
     gate = bool(config.stop_gate)
     loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids, gate=gate)
+    sampling = None if config.sampling_schedule is None else SamplingSchedule.parse(config.sampling_schedule)
     if distributed:
         spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
                                                  signature=batch_signature(data))
-        step = step_function(loss, signature=spec, variables=variables, optimizer=optimizer, strategy=strategy)
+        step = step_function(loss, signature=spec, variables=variables, optimizer=optimizer, strategy=strategy,
+                             sampling=sampling)
     else:
-        step = step_function(loss, signature=batch_signature(data), variables=variables, optimizer=optimizer)
+        step = step_function(loss, signature=batch_signature(data), variables=variables, optimizer=optimizer,
+                             sampling=sampling)
         epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
     replicas = int(strategy.num_replicas_in_sync)
     info = RunInfo(train_samples=len(train_indices), val_samples=len(val_indices), device=_device_text(strategy),
@@ -585,9 +546,26 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
                 out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, step=step,
                 evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
-                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices,
-                sampling_probability=sampling_probabilities(config.sampling_schedule,
-                                                            batches_per_epoch=batches_per_epoch))
+                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
+
+
+def _keras_callbacks(run, *, tensorboard):
+    """The callbacks of the run, told of each epoch as `Model.fit` tells them: `ReseedEachEpoch` and Keras' `TensorBoard`.
+
+    They see a `CascadeModel` over the models trained, with the run's
+    optimizer (TensorBoard logs its learning rate at each epoch's end).
+    """
+    model = CascadeModel(*run.models, **runner_settings(run.config))
+    model.optimizer = run.optimizer
+    callbacks = [ReseedEachEpoch(run.config.seed)]
+    if tensorboard is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(tensorboard), write_graph=False))
+    return keras.callbacks.CallbackList(callbacks, model=model)
+
+
+def _epoch_logs(row):
+    """The logs `Model.fit` gives callbacks at an epoch's end: a history row's figures, less `epoch` and `seconds`."""
+    return {key: float(value) for key, value in row.items() if key not in ("epoch", "seconds") and value is not None}
 
 
 def _default_batches(data, order, *, batch_size):
@@ -596,47 +574,10 @@ def _default_batches(data, order, *, batch_size):
         yield len(batch.targets) > 0, (batch.inputs, batch.steps.astype(np.int64), batch.targets)
 
 
-class _Board:
-    """TensorBoard event files of one run: loss, val_loss, learning_rate and the metrics, once per epoch."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self._writer = None
-
-    @classmethod
-    def check(cls, folder):
-        """A `_Board` for `folder` (None: none), refused before any work when it cannot be a folder.
-
-        Raises:
-            ParameterError: (`tensorboard`) `folder` is a file, or cannot be created or written.
-        """
-        if folder is None:
-            return None
-        return cls(check_out_dir(folder, parameter="tensorboard", holding=" for the event files"))
-
-    def write(self, row, *, learning_rate):
-        """Writes one epoch's scalars (a history row), at step `row["epoch"]`."""
-        if self._writer is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._writer = tf.summary.create_file_writer(str(self.folder))
-        with self._writer.as_default():
-            for key, value in row.items():
-                if key not in ("epoch", "seconds") and value is not None:
-                    tf.summary.scalar(key, float(value), step=int(row["epoch"]))
-            tf.summary.scalar("learning_rate", float(learning_rate), step=int(row["epoch"]))
-        self._writer.flush()
-
-    def close(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
 def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     """Trains epoch `epoch` (0-based) and takes its validation loss; returns its history row."""
     config = run.config
     number = epoch + 1
-    _reseed(run.models, seed=config.seed, epoch=epoch)
     order = epoch_order(run.train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
     callbacks.epoch_started(number, epochs=config.epochs,
                             batches=math.ceil(len(run.train_indices) / config.batch_size))
@@ -644,8 +585,7 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     running = _RunningLoss(len(config.metrics))
     for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
         if emits:  # a batch that emits nothing has nothing to learn from
-            sampling = tf.constant(run.sampling_probability(epoch, batch_number), tf.float32)
-            total, count, penalty, measured, finite = run.step(*batch, sampling)  # a non-finite step is not taken
+            total, count, penalty, measured, finite = run.step(*batch)  # a non-finite step is not taken
             if not bool(finite):
                 loss = float(total) / float(count) + float(penalty)
                 what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient", "non-finite")
@@ -705,7 +645,8 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     there (`CascadeError`). With `mixed_precision`, copies of
     the models built under `mixed_float16` train (`mixed_precision_pair`)
     and the models given get their weights at the end; with `tensorboard`,
-    each epoch's scalars go into event files there.
+    Keras' `TensorBoard` callback writes each epoch's figures there, as
+    `Model.fit` would (`train/` and `validation/`, tags `epoch_loss`, ...).
 
     Settings not given (None) come from the checkpoint on resume and from
     `TRAIN_DEFAULTS` otherwise (`resolve_config`). The run holds a lock on
@@ -783,22 +724,21 @@ def _train(run, data, *, callbacks):
             callbacks.resumed(epoch=progress.epochs_done, history=list(history))
         checkpoints.start()
         stopped = progress.patience_spent(config.patience)
+        run.keras_callbacks.on_train_begin()
         try:
             for epoch in range(progress.epochs_done, config.epochs if not stopped else 0):
-                rate = current_learning_rate(run.optimizer)  # the rate this epoch starts with
+                run.keras_callbacks.on_epoch_begin(epoch)
                 row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
                 progress.record(row["val_loss"], epoch=row["epoch"], weights=run.weights)
                 history.append(row)
                 checkpoints.save(history)
-                if run.board is not None:
-                    run.board.write(row, learning_rate=rate)
+                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))
                 callbacks.epoch_done(dict(row))
                 stopped = progress.patience_spent(config.patience)
                 if stopped:
                     break
         finally:
-            if run.board is not None:
-                run.board.close()
+            run.keras_callbacks.on_train_end()
     if stopped:
         callbacks.stopped_early(epoch=progress.epochs_done, best_epoch=int(progress.best_epoch.numpy()))
     if config.patience is not None:

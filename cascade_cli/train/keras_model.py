@@ -31,6 +31,7 @@ evenly over the replicas (with arrays, `batch_size` a multiple of them).
 from __future__ import annotations
 
 import functools
+import random
 
 import keras
 import numpy as np
@@ -38,6 +39,7 @@ import tensorflow as tf
 
 from cascade_cli.atomic import atomic_directory
 from cascade_cli.errors import ParameterError
+from cascade_cli.keras_internals import seed_generators
 from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import LOSSES, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
 from cascade_cli.result import CascadeResult
@@ -46,7 +48,7 @@ from cascade_cli.steps import check_steps
 from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
 from cascade_cli.train.step import batch_loss, non_finite_error, replica_context, train_step
 
-__all__ = ["CascadeModel", "export_saved_model", "load_generator"]
+__all__ = ["CascadeModel", "ReseedEachEpoch", "export_saved_model", "load_generator"]
 
 # Keras' spellings of the losses cascade knows (`categorical_crossentropy`), beside cascade's own (`options.LOSSES`).
 _LOSS_NAMES = {**{name.replace("-", "_"): name for name in LOSSES}, **{name: name for name in LOSSES}}
@@ -378,24 +380,15 @@ class CascadeModel(keras.Model):
         """
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
-        options = {} if self._sampling is None else {"sampling_probability": self._sampling_probability()}
         refused = self._refused_steps
         result, finite = train_step(self._loss, self._unpack(data), variables=self.trainable_variables,
                                     optimizer=self.optimizer,
-                                    only_if=None if refused is None else tf.equal(refused, 0.0), **options)
+                                    only_if=None if refused is None else tf.equal(refused, 0.0),
+                                    sampling=self._sampling)
         if refused is not None:
             refused.assign_add(1.0 - tf.cast(finite, tf.float32))
         logs = self._report(data[0], result)
         return {name: value for name, value in logs.items() if name != "length_mae"}  # measured in validation only
-
-    def _sampling_probability(self):
-        """This step's scheduled-sampling probability, a float32 scalar, at the optimizer's step count."""
-        schedule = self._sampling
-        if schedule.kind == "constant":
-            return tf.constant(schedule.value, tf.float32)
-        k = tf.constant(schedule.value, tf.float64)
-        exponent = tf.minimum(tf.cast(self.optimizer.iterations, tf.float64) / k, 700.0)
-        return tf.cast(1.0 - k / (k + tf.exp(exponent)), tf.float32)  # `SamplingSchedule.probability`, in-graph
 
     def test_step(self, data):
         """Scores one batch with `training=False`; returns the metrics so far."""
@@ -485,6 +478,36 @@ class CascadeModel(keras.Model):
             if self.cascade.sampler.tokens else None,
         )
         return result if return_result else _ragged(result)
+
+
+class ReseedEachEpoch(keras.callbacks.Callback):
+    """Seeds Python, NumPy and every `SeedGenerator` of the model's layers from `(seed, epoch)` as each epoch begins.
+
+    Keras layers draw their randomness (dropout, noise) from their own
+    `SeedGenerator`s, so resetting those makes an epoch's random numbers a
+    function of `(seed, epoch)`, whatever ran before it: an epoch resumed by
+    `BackupAndRestore` in a new process draws what the unbroken run drew.
+    `cascade train` reseeds with it (its `--seed`); give it to
+    `CascadeModel.fit` to draw as the command does. TensorFlow's global seed
+    is not touched: setting it again would clear TensorFlow's kernel cache
+    and re-optimise every function each epoch.
+
+    Args:
+        seed: a non-negative integer.
+    """
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = check_int("seed", seed, minimum=0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        entropy = np.random.SeedSequence([self.seed, epoch])
+        generators = seed_generators([self.model])
+        values = entropy.generate_state(1 + len(generators)) & 0x7FFFFFFF
+        random.seed(int(values[0]))
+        np.random.seed(int(values[0]))
+        for generator, value in zip(generators, values[1:]):
+            generator.state.assign(tf.constant([int(value), 0], dtype=generator.state.dtype))
 
 
 class _RefuseNonFiniteSteps(keras.callbacks.Callback):

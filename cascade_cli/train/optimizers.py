@@ -96,15 +96,6 @@ def make_optimizer(name, *, learning_rate, clipnorm=None, mixed_precision=False)
     return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
 
 
-def current_learning_rate(optimizer):
-    """The rate `optimizer`'s next step takes (its schedule at its step count), as a float."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner._learning_rate  # a variable, or the schedule itself
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return float(rate(inner.iterations))
-    return float(tf.convert_to_tensor(rate))
-
-
 def has_schedule(optimizer):
     """Whether `optimizer`'s rate is a `LearningRateSchedule` (rebuilt from the settings on resume)."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)

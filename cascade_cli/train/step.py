@@ -183,7 +183,21 @@ def _apply_if(take, optimizer, grads, variables):
     tf.distribute.get_replica_context().merge_call(across_replicas, args=(take, grads))
 
 
-def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
+def sampling_probability(schedule, iterations):
+    """The scheduled-sampling probability at the optimizer's step count `iterations`, a float32 scalar, in-graph.
+
+    `SamplingSchedule.probability` of the steps taken so far: a batch that
+    emits nothing takes no step, so it does not move the schedule on, and a
+    resumed run (its optimizer restored) goes on where it was.
+    """
+    if schedule.kind == "constant":
+        return tf.constant(schedule.value, tf.float32)
+    k = tf.constant(schedule.value, tf.float64)
+    exponent = tf.minimum(tf.cast(iterations, tf.float64) / k, 700.0)
+    return tf.cast(1.0 - k / (k + tf.exp(exponent)), tf.float32)
+
+
+def train_step(loss, batch, *, variables, optimizer, only_if=None, sampling=None, **options):
     """Takes one train step on one batch: the step `cascade train` and `CascadeModel.train_step` both take.
 
     Runs `compute_gradients` and applies the gradients only when the loss
@@ -203,7 +217,9 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
         optimizer: a Keras optimizer.
         only_if: a boolean scalar, or None: the step is taken only when it
             holds too (e.g. no earlier step was refused).
-        **options: `loss`'s, e.g. `sampling_probability`.
+        sampling: a `SamplingSchedule` (scheduled sampling of a feedback B),
+            read at the optimizer's step count (`sampling_probability`), or None.
+        **options: `loss`'s others.
 
     Returns:
         `(BatchLoss, finite)`: this replica's loss terms, and whether the
@@ -215,6 +231,8 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
                    "replicas": context.num_replicas_in_sync, **options}
     if not optimizer.built:  # its variables are made outside the condition
         optimizer.build(variables)
+    if sampling is not None:
+        options["sampling_probability"] = sampling_probability(sampling, optimizer.iterations)
     result, grads = compute_gradients(loss, batch, variables=variables, optimizer=optimizer, **options)
     finite = finite_step(result, grads, optimizer=optimizer)
     take = tf.logical_and(finite, result.count > 0)  # a batch that emits nothing has nothing to learn from
@@ -222,16 +240,13 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, **options):
     return result, finite
 
 
-SAMPLING_SPEC = tf.TensorSpec([], tf.float32, name="sampling_probability")  # each step's scheduled-sampling rate
-
-
-def step_function(loss, *, signature, variables, optimizer, strategy=None):
+def step_function(loss, *, signature, variables, optimizer, strategy=None, sampling=None):
     """`cascade train`'s `tf.function` of one `train_step`, on one device or on every replica of `strategy`.
 
-    `step(inputs, steps, targets, sampling_probability) -> (sum, count,
-    penalty, metrics, finite)`: the global sum of errors and count of valid
-    elements, the penalty, a global `(sum, count)` per metric, and whether
-    the loss and gradients were finite (the step is taken only then). With a strategy the batch is per-replica values
+    `step(inputs, steps, targets) -> (sum, count, penalty, metrics,
+    finite)`: the global sum of errors and count of valid elements, the
+    penalty, a global `(sum, count)` per metric, and whether the loss and
+    gradients were finite (the step is taken only then). With a strategy the batch is per-replica values
     (`distribute.batches`) and `signature` their `element_spec`, so the step
     is traced once whatever each replica's batch shape.
 
@@ -241,11 +256,12 @@ def step_function(loss, *, signature, variables, optimizer, strategy=None):
         variables: the variables to train.
         optimizer: a Keras optimizer (built inside `strategy.scope()` under a strategy).
         strategy: a `tf.distribute.Strategy`, or None for one device.
+        sampling: `train_step`'s scheduled sampling, a `SamplingSchedule` or None.
     """
 
-    def step(inputs, steps, targets, sampling_probability):
+    def step(inputs, steps, targets):
         result, finite = train_step(loss, (inputs, steps, targets), variables=variables, optimizer=optimizer,
-                                    sampling_probability=sampling_probability)
+                                    sampling=sampling)
         total, metrics, context = result.total, result.metrics, replica_context()
         if context is not None:
             total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
@@ -253,11 +269,11 @@ def step_function(loss, *, signature, variables, optimizer, strategy=None):
         return total, result.count, result.penalty, metrics, finite
 
     if strategy is None:
-        return tf.function(step, input_signature=(*signature, SAMPLING_SPEC), reduce_retracing=True)
+        return tf.function(step, input_signature=signature, reduce_retracing=True)
 
-    @tf.function(input_signature=(*signature, SAMPLING_SPEC))
-    def distributed(inputs, steps, targets, sampling_probability):
-        outputs = strategy.run(step, args=(inputs, steps, targets, sampling_probability))
+    @tf.function(input_signature=signature)
+    def distributed(inputs, steps, targets):
+        outputs = strategy.run(step, args=(inputs, steps, targets))
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
     return distributed
