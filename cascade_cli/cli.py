@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -255,6 +256,42 @@ def _quiet_fd(fd):
         os.close(null)
 
 
+XLA_CACHE_ENV = "CASCADE_XLA_CACHE"
+"""The environment variable that moves XLA's persistent compilation cache (a folder), or turns it off (`off`)."""
+
+
+def xla_cache_folder(environ):
+    """The folder of XLA's persistent compilation cache for the command line, or None when it is off.
+
+    `$CASCADE_XLA_CACHE` when set (`off`, `0` or empty: none), else
+    `$XDG_CACHE_HOME/cascade/xla`, else `~/.cache/cascade/xla`.
+    """
+    given = environ.get(XLA_CACHE_ENV)
+    if given is not None:
+        return None if given.strip().lower() in ("", "0", "off") else Path(given)
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cascade" / "xla"
+
+
+def _use_xla_cache(environ):
+    """Points XLA's persistent compilation cache at `xla_cache_folder`, before TensorFlow reads `TF_XLA_FLAGS`.
+
+    A repeated run then loads model A's compiled executables (and the loop's)
+    instead of compiling them again; the values are those of the same
+    executable. A `TF_XLA_FLAGS` that already names a cache is left alone, and
+    a folder that cannot be made means no cache, not a failure.
+    """
+    flags = environ.get("TF_XLA_FLAGS", "")
+    folder = xla_cache_folder(environ)
+    if folder is None or "tf_xla_persistent_cache_directory" in flags:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return
+    environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={folder}".strip()
+
+
 def load_tensorflow():
     """Imports TensorFlow and Keras once, without their start-up log lines.
 
@@ -265,6 +302,7 @@ def load_tensorflow():
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _use_xla_cache(os.environ)
     sys.stderr.flush()
     with _quiet_fd(2):
         import keras  # noqa: F401

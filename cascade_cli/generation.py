@@ -276,12 +276,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats)
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     tokens = cascade.sampler.tokens
-    run = tf.function(
+    run = _batch_function(
         lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens),
-        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
-                         tf.TensorSpec([None], tf.int64)],
-        reduce_retracing=True,
-    )
+        [tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
+         tf.TensorSpec([None], tf.int64)])
 
     emitted = at_cap = pairs = at_first = 0
     first_length = 0 if cascade.exclude_stop_step else 1
@@ -530,6 +528,24 @@ def _read_repeated(source, batch, repeats):
     first = batch.start // repeats
     inputs = source.read(first, (batch.stop - 1) // repeats + 1)
     return inputs[np.arange(batch.start, batch.stop, dtype=np.int64) // repeats - first]  # the batch's rows only
+
+
+def _batch_function(function, signature):
+    """`function` as one `tf.function` for every batch, traced at once without AutoGraph where it traces so.
+
+    The runner and Keras' layers are plain graph code: AutoGraph's rewriting
+    of them (about 40 functions) cost most of a small run's first call
+    (issue 31) and changes no op. Code that needs it (a Python `if` on a
+    tensor, say in a user's Lambda layer) is traced with it instead; a trace
+    that fails either way fails again in the first batch, which names the
+    model.
+    """
+    plain = tf.function(function, input_signature=signature, autograph=False)
+    try:
+        plain.get_concrete_function()
+    except Exception:  # noqa: BLE001 - OperatorNotAllowedInGraphError and the like: let AutoGraph try
+        return tf.function(function, input_signature=signature)
+    return plain
 
 
 def _run_batch(run, cascade, inputs, caps, index, batch):
