@@ -533,17 +533,16 @@ def _read_repeated(source, batch, repeats):
 def _batch_function(function, signature):
     """`function` as one `tf.function` for every batch, traced at once without AutoGraph where it traces so.
 
-    The runner and Keras' layers are plain graph code: AutoGraph's rewriting
-    of them (about 40 functions) cost most of a small run's first call
-    (issue 31) and changes no op. Code that needs it (a Python `if` on a
-    tensor, say in a user's Lambda layer) is traced with it instead; a trace
-    that fails either way fails again in the first batch, which names the
-    model.
+    The runner is plain graph code (`tf.while_loop`, `tf.cond`), and AutoGraph
+    leaves Keras' layers alone anyway: its rewriting of the runner's
+    functions (about 40) was most of a small run's first call (issue 31) and
+    adds no op. Should a path of the runner branch on a tensor in Python, it
+    is traced with AutoGraph instead.
     """
     plain = tf.function(function, input_signature=signature, autograph=False)
     try:
         plain.get_concrete_function()
-    except Exception:  # noqa: BLE001 - OperatorNotAllowedInGraphError and the like: let AutoGraph try
+    except tf.errors.OperatorNotAllowedInGraphError:
         return tf.function(function, input_signature=signature)
     return plain
 
