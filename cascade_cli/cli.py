@@ -35,7 +35,7 @@ import click  # noqa: E402 (after the environment TensorFlow reads)
 
 from cascade_cli import __version__  # noqa: E402
 from cascade_cli.errors import CascadeError, ParameterError, one_line as _one_line  # noqa: E402
-from cascade_cli.options import INT32_MAX, SAMPLERS, STATE_INITS, STATE_MODES  # noqa: E402
+from cascade_cli.options import INT32_MAX, RUNNER_DEFAULTS, SAMPLERS, STATE_INITS, STATE_MODES  # noqa: E402
 
 COMMANDS = {"generate": "generate", "merge": "merge", "pack": "pack", "export-model": "export_model",
             "export": "export", "train": "train", "inspect": "inspect", "demo": "demo", "plot": "plot"}
@@ -583,9 +583,9 @@ _RUNNER_OPTIONS = (
     click.option("--min-steps", type=click.IntRange(0, INT32_MAX), metavar="M",
                  help="No stop rule stops a pair before it has run M inner steps, the stop step included "
                       "(M <= --max-steps)."),
-    click.option("--state", type=click.Choice(STATE_MODES), show_default="reset",
+    click.option("--state", type=click.Choice(STATE_MODES), show_default=RUNNER_DEFAULTS["state"],
                  help="reset: every (n, t) starts fresh; carry: B's state flows across outer steps."),
-    click.option("--state-init", type=click.Choice(STATE_INITS), show_default="zeros",
+    click.option("--state-init", type=click.Choice(STATE_INITS), show_default=RUNNER_DEFAULTS["state_init"],
                  help="B's initial state: zeros, or the IR vector itself (needs state size == H)."),
     click.option("--feedback", is_flag=True,
                  help="B is in feedback form, [x, y_prev, states...] -> [y, states...]: it is fed what it emitted "
