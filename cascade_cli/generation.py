@@ -544,6 +544,8 @@ def _batch_function(function, signature):
         plain.get_concrete_function()
     except tf.errors.OperatorNotAllowedInGraphError:
         return tf.function(function, input_signature=signature)
+    except Exception:  # noqa: BLE001 - the first batch traces it again, and a failure there names the model
+        return plain
     return plain
 
 
