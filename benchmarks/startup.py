@@ -87,10 +87,10 @@ print(imported - started, time.perf_counter() - imported, done.ru_utime + done.r
 """
 
 
-def split(argv, *, env):
+def split(argv, *, env, cwd):
     """Runs `cascade ARGV` in one process: `(importing TensorFlow and Keras, the rest, the rest's CPU)` in seconds."""
     done = subprocess.run([sys.executable, "-c", SPLIT, *argv], check=True, capture_output=True, text=True,
-                          env={**os.environ, **env})
+                          env={**os.environ, **env}, cwd=cwd)
     imported, rest, cpu = (float(value) for value in done.stdout.split()[-3:])
     return imported, rest, cpu
 
@@ -125,11 +125,12 @@ def main():
             for name, (root, cached) in variants.items():
                 cache = str(Path(folder) / f"xla-{len(times['import'])}-{name}") if cached else "off"
                 env = {"PYTHONPATH": str(root), "CASCADE_XLA_CACHE": cache, "TF_XLA_FLAGS": ""}
+                # in the code's own folder: `python -m` and `-c` put the working folder before PYTHONPATH
                 for run in ("first", "repeated"):
-                    times.setdefault(f"{name} {run}", []).append(timed(generate_argv(out), env=env))
+                    times.setdefault(f"{name} {run}", []).append(timed(generate_argv(out), env=env, cwd=root))
                 env = {**env, "CASCADE_XLA_CACHE": cache + "-split" if cached else "off"}
                 for run in ("first", "repeated"):  # the same two runs again, the import timed apart
-                    imported, rest, cpu = split(argv, env=env)
+                    imported, rest, cpu = split(argv, env=env, cwd=root)
                     times.setdefault(f"{name} {run} import", []).append(imported)
                     times.setdefault(f"{name} {run} rest", []).append(rest)
                     times.setdefault(f"{name} {run} cpu", []).append(cpu)
