@@ -1,22 +1,26 @@
-"""Where a small `cascade generate` spends its time (issue 31): a whole run, and its phases in one process.
+"""Where a small `cascade generate` spends its time (issue 31): whole runs, first and repeated, and phases.
 
 From the repository root, on an otherwise idle machine:
 
-    python -m benchmarks.startup            # 3 runs of each, about two minutes on 2 cores
-    python -m benchmarks.startup --repeats 5
+    python -m benchmarks.startup                      # this checkout, 3 rounds
+    python -m benchmarks.startup --base /tmp/before   # and a checkout of the code before, interleaved
+    python -m benchmarks.startup --phases             # also the phases of one run in one process
 
-Prints, in seconds (the median of the runs, and every run):
+Prints, in seconds (the median of the rounds, and every round):
 
 - `python -c "import tensorflow"`: the floor no cascade run can go under;
 - `cascade generate` on `sample_data/` (8 samples, 303 inner steps) as it
-  comes (model A under XLA where it compiles, `jit_compile="auto"`), with
-  `--no-xla`, and with XLA's persistent compilation cache
-  (`TF_XLA_FLAGS=--tf_xla_persistent_cache_directory=DIR`; its first run fills
-  DIR, the others read it);
-- the phases of one run in one process: importing TensorFlow and Keras,
-  loading the two models, building the `Cascade`, the first call (tracing,
-  and with `jit_compile="auto"` A's XLA probe and compile) and a second call;
-  as it comes, without XLA, and with the persistent cache.
+  comes (model A under XLA where it compiles, `jit_compile="auto"`): the
+  first run, with an empty XLA cache (`CASCADE_XLA_CACHE` pointed at a new
+  folder), then the same run repeated, which reads what the first wrote;
+  the same two without the cache (`CASCADE_XLA_CACHE=off`); with `--base`,
+  the same two runs of the code in that folder (code that predates the cache
+  runs both alike); each whole, and less the import's median, then again in
+  one process with the import timed apart (wall and CPU seconds of the rest);
+- with `--phases`, the phases of one run in one process: importing
+  TensorFlow and Keras, loading the two models, building the `Cascade`, the
+  first call (tracing, and with `jit_compile="auto"` A's XLA probe and
+  compile) and a second call; as it comes and without XLA.
 
 Nothing here is asserted: it is a measurement, not a test.
 """
@@ -66,47 +70,96 @@ def timed(argv, *, env=None, cwd=None):
     return time.perf_counter() - started
 
 
+SPLIT = r"""
+import resource, sys, time
+started = time.perf_counter()
+from cascade_cli import cli
+(getattr(cli, "load_tensorflow", None) or cli._load_tensorflow)()  # as the command does (before: _load_tensorflow)
+imported = time.perf_counter()
+cpu = resource.getrusage(resource.RUSAGE_SELF)
+main = cli.main
+try:
+    main(sys.argv[1:], prog_name="cascade")
+except SystemExit as done:
+    assert not done.code, done.code
+done = resource.getrusage(resource.RUSAGE_SELF)
+print(imported - started, time.perf_counter() - imported, done.ru_utime + done.ru_stime - cpu.ru_utime - cpu.ru_stime)
+"""
+
+
+def split(argv, *, env, cwd):
+    """Runs `cascade ARGV` in one process: `(importing TensorFlow and Keras, the rest, the rest's CPU)` in seconds."""
+    done = subprocess.run([sys.executable, "-c", SPLIT, *argv], check=True, capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=cwd)
+    imported, rest, cpu = (float(value) for value in done.stdout.split()[-3:])
+    return imported, rest, cpu
+
+
 def generate_argv(output, *extra):
     return [sys.executable, "-m", "cascade_cli", "generate", "--model-a", str(SAMPLE / "model_a.keras"),
             "--model-b", str(SAMPLE / "model_b.keras"), "--inputs", str(SAMPLE / "inputs.h5"),
             "--steps-file", str(SAMPLE / "steps.txt"), "--overwrite", "-o", str(output), *extra]
 
 
-def line(name, seconds):
+def line(name, seconds, floor=None):
     shown = ", ".join(f"{value:.2f}" for value in seconds)
-    print(f"{name:<58} median {statistics.median(seconds):5.2f} s  ({shown})")
+    median = statistics.median(seconds)
+    above = "" if floor is None else f"  import + {median - floor:5.2f} s"
+    print(f"{name:<52} median {median:5.2f} s{above}  ({shown})")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, each of every run interleaved")
+    parser.add_argument("--base", type=Path, help="a checkout of the code before, run beside this one")
+    parser.add_argument("--phases", action="store_true", help="also time the phases of one run in one process")
     args = parser.parse_args()
-    env = {"PYTHONPATH": str(ROOT)}
+    variants = {"this": (ROOT, True), "this, no XLA cache": (ROOT, False),
+                **({"base": (args.base.resolve(), False)} if args.base else {})}
+    times = {"import": []}
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "r.h5"
-        cache = Path(folder) / "xla-cache"
-        line('python -c "import tensorflow"',
-             [timed([sys.executable, "-c", "import tensorflow"]) for _ in range(args.repeats)])
-        line("cascade generate (as it comes, jit_compile=auto)",
-             [timed(generate_argv(out), env=env) for _ in range(args.repeats)])
-        line("cascade generate --no-xla", [timed(generate_argv(out, "--no-xla"), env=env) for _ in range(args.repeats)])
-        flags = {**env, "TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={cache}"}
-        line("cascade generate, XLA persistent cache (first fills it)",
-             [timed(generate_argv(out), env=flags) for _ in range(args.repeats)])
-        print(f"  persistent cache: {sum(1 for _ in cache.rglob('*')) if cache.exists() else 0} files")
-        code = PHASES.format(a=SAMPLE / "model_a.keras", b=SAMPLE / "model_b.keras", x=SAMPLE / "inputs.h5",
-                             s=SAMPLE / "steps.txt")
-        phases = {"auto": (code, {}),
-                  "no XLA": (code.replace("Cascade(a, b)", "Cascade(a, b, jit_compile=False)"), {}),
-                  "auto, XLA cache": (code, {"TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={cache}-phases"})}
-        print("phases of one run, in one process (s), the variants interleaved:")
+        argv = generate_argv(out)[3:]  # the arguments after `python -m cascade_cli`
         for repeat in range(args.repeats):
-            for variant, (text, extra) in phases.items():
-                done = subprocess.run([sys.executable, "-c", text], check=True, capture_output=True, text=True,
-                                      env={**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "3", **extra})
-                rows = [row.split("\t") for row in done.stdout.splitlines()]
-                shown = "  ".join(f"{name}: {float(seconds):.2f}" for name, seconds in rows)
-                print(f"  run {repeat} {variant:<16}{shown}")
+            times["import"].append(timed([sys.executable, "-c", "import tensorflow"]))
+            for name, (root, cached) in variants.items():
+                cache = str(Path(folder) / f"xla-{len(times['import'])}-{name}") if cached else "off"
+                env = {"PYTHONPATH": str(root), "CASCADE_XLA_CACHE": cache, "TF_XLA_FLAGS": ""}
+                # in the code's own folder: `python -m` and `-c` put the working folder before PYTHONPATH
+                for run in ("first", "repeated"):
+                    times.setdefault(f"{name} {run}", []).append(timed(generate_argv(out), env=env, cwd=root))
+                env = {**env, "CASCADE_XLA_CACHE": cache + "-split" if cached else "off"}
+                for run in ("first", "repeated"):  # the same two runs again, the import timed apart
+                    imported, rest, cpu = split(argv, env=env, cwd=root)
+                    times.setdefault(f"{name} {run} import", []).append(imported)
+                    times.setdefault(f"{name} {run} rest", []).append(rest)
+                    times.setdefault(f"{name} {run} cpu", []).append(cpu)
+        floor = statistics.median(times["import"])
+        line('python -c "import tensorflow"', times["import"])
+        for name in variants:
+            for run in ("first", "repeated"):
+                what = "first run (empty XLA cache)" if run == "first" else "repeated run"
+                line(f"cascade generate, {name}: {what}", times[f"{name} {run}"], floor)
+                line("  in one process: importing TensorFlow, Keras", times[f"{name} {run} import"])
+                line("  in one process: the rest of the command", times[f"{name} {run} rest"])
+                line("  in one process: the rest's CPU time", times[f"{name} {run} cpu"])
+        if args.phases:
+            phases(args.repeats)
+
+
+def phases(repeats):
+    """Prints the phases of one run in one process, as it comes and without XLA, interleaved."""
+    code = PHASES.format(a=SAMPLE / "model_a.keras", b=SAMPLE / "model_b.keras", x=SAMPLE / "inputs.h5",
+                         s=SAMPLE / "steps.txt")
+    variants = {"auto": code, "no XLA": code.replace("Cascade(a, b)", "Cascade(a, b, jit_compile=False)")}
+    print("phases of one run, in one process (s), the variants interleaved:")
+    for repeat in range(repeats):
+        for variant, text in variants.items():
+            done = subprocess.run([sys.executable, "-c", text], check=True, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"})
+            rows = [row.split("\t") for row in done.stdout.splitlines()]
+            shown = "  ".join(f"{name}: {float(seconds):.2f}" for name, seconds in rows)
+            print(f"  run {repeat} {variant:<8}{shown}")
 
 
 if __name__ == "__main__":

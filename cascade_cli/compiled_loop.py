@@ -257,16 +257,17 @@ def compile_loop(spec, step, start, *, table_spec):
 
 
 def call(function, *tensors):
-    """Calls a `tf.function`; eagerly, through its concrete function for these dtypes and ranks.
+    """Calls a `tf.function` through its concrete function for these dtypes and ranks, eagerly or in a graph.
 
     TensorFlow counts every eager call that traces a `tf.function` against the
     Python function it wraps and warns ("N out of the last N calls to ...
     triggered tf.function retracing") when a program builds several
     `Cascade`s, each with its own functions of the same code. A concrete
-    function's call is not counted; it is traced once for any shape.
+    function's call is not counted; it is traced once for any shape. A call
+    inside a caller's graph takes the same concrete function, so model A's
+    XLA probe (eager) and the run that follows it (traced) share one trace
+    (issue 31: a small run's start).
     """
-    if not tf.executing_eagerly():
-        return function(*tensors)
     if function.input_signature is not None:
         return function.get_concrete_function()(*tensors)
     specs = [tf.TensorSpec([None] * tensor.shape.rank, tensor.dtype) for tensor in tensors]

@@ -28,7 +28,8 @@ import tensorflow as tf
 
 from cascade_cli.errors import CascadeError, DataError, ParameterError, received
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import GENERATE_BATCH_SIZE, check_choice, check_int
+from cascade_cli.options import (GENERATE_BATCH_SIZE, check_choice, check_int, resolve_runner_settings,
+                                  runner_attrs)
 from cascade_cli.packing import ROW_QUANTUM
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer
@@ -66,6 +67,113 @@ class GenerateSummary:
     at_cap: int
     seconds: float
     at_first: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRun:
+    """What `generate_files` did: the summary, the attributes it recorded and the settings it ran with.
+
+    Attributes:
+        summary: the `GenerateSummary` of the writing.
+        attrs: the result's run attributes (settings, files, `run_id`, and a
+            shard's `sample_start`, `sample_stop`, `total_samples`).
+        settings: every runner setting, as `options.resolve_runner_settings` gives them.
+    """
+
+    summary: GenerateSummary
+    attrs: dict
+    settings: dict
+
+
+def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, inputs_key="inputs", steps=None,
+                   steps_source="none", settings=None, batch_size=GENERATE_BATCH_SIZE, num_samples=1, shard=None,
+                   keep_gate=False, allow_nonfinite=False, overwrite=False, safe_mode=True, allow_legacy_h5=False,
+                   progress=iter):
+    """Generates a ragged result file from model and inputs files: what `cascade generate` does.
+
+    Loads the models (A and B, or a generator packed by `cascade pack`),
+    settles the runner settings (each given one, else the generator's, else
+    the default: `options.resolve_runner_settings`), builds the `Cascade`,
+    seeds Keras with the run's seed and writes the result with the run's
+    attributes (`generation_attrs`, `identify_run`).
+
+    Args:
+        inputs: the inputs file (`data.open_inputs`); `inputs_key` its dataset or array.
+        output: the `.h5` result to write.
+        model_a, model_b: model files; or `model`, a packed generator's file.
+        steps: `(Ta,)` or `(N, Ta)` integers, or None (`max_steps` with a stop rule).
+        steps_source: where the steps came from, as the result records it
+            (a file name, `"--steps 3,4,2"`, or `"none"`).
+        settings: runner settings given, `{name: value}` (None: not given).
+        batch_size, num_samples, shard, keep_gate, allow_nonfinite, overwrite,
+            progress: as `generate_to_file`.
+        safe_mode, allow_legacy_h5: how the model files load (`models.load_model`).
+
+    Returns:
+        A `GenerateRun`.
+
+    Raises:
+        ParameterError: a runner setting that cannot apply (naming it, e.g.
+            `stop_rule`), `keep_gate` without a stop gate, or `steps` when
+            neither steps nor `max_steps` are given.
+        CascadeError: as `generate_to_file`, and files that cannot be read.
+    """
+    import keras
+
+    from cascade_cli.data import open_inputs
+    from cascade_cli.runner import Cascade
+
+    given = dict(settings or {})
+    with open_inputs(inputs, key=inputs_key) as source:
+        if model is not None:
+            from cascade_cli.train.keras_model import load_generator
+
+            generator = load_generator(model, safe_mode=safe_mode)
+            pair, saved, model_files = (generator.model_a, generator.model_b), generator.settings, (model,)
+        else:
+            from cascade_cli.models import load_pair
+
+            pair = load_pair(model_a, model_b, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5,
+                             feedback=bool(given.get("feedback")))
+            saved, model_files = {}, (model_a, model_b)
+        run_settings = resolve_runner_settings(given, saved)
+        rule = run_settings["stop_rule"]
+        if keep_gate and getattr(rule, "kind", None) != "gate":
+            raise ParameterError("keep_gate", "keeps the stop gate's column in the values: it needs stop_gate=True "
+                                              "(or a generator packed with it).")
+        cascade = Cascade(*pair, **run_settings)
+        if steps is None and run_settings["max_steps"] is None:
+            raise ParameterError("steps", "no inner steps given: expected them, or max_steps=M with a stop rule; "
+                                          "received neither.")
+        steps = resolve_steps(steps, source, max_steps=run_settings["max_steps"], where=steps_source)
+        keras.utils.set_random_seed(run_settings["seed"])
+        files = {"model": str(model)} if model is not None else {"model_a": str(model_a), "model_b": str(model_b)}
+        attrs = generation_attrs(run_settings, files={**files, "inputs": str(inputs), "inputs_key": str(inputs_key),
+                                                      "steps": steps_source.strip("'")},
+                                 num_samples=num_samples, keep_gate=keep_gate)
+        attrs = identify_run(attrs, model_files=model_files, source=source, steps=steps, batch_size=batch_size,
+                             shard=shard, num_samples=num_samples)
+        summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
+                                   shard=shard, num_samples=num_samples, overwrite=overwrite, progress=progress,
+                                   keep_gate=keep_gate, allow_nonfinite=allow_nonfinite)
+    return GenerateRun(summary, attrs, run_settings)
+
+
+def generation_attrs(settings, *, files, num_samples=1, keep_gate=False):
+    """The attributes a generated result records: its files, the runner settings, the draws and the version.
+
+    Args:
+        settings: every runner setting (`options.resolve_runner_settings`).
+        files: the files the run read, e.g. `{"model_a": ..., "model_b":
+            ..., "inputs": ..., "inputs_key": ..., "steps": ...}`.
+        num_samples: samples drawn per input.
+        keep_gate: with a stop gate, whether its column stays in the values.
+    """
+    from cascade_cli import __version__
+
+    rule = settings["stop_rule"]
+    return {**files, **runner_attrs(settings), "num_samples": int(num_samples), "cascade_version": __version__,
+            **({"keep_gate": bool(keep_gate)} if rule is not None and rule.kind == "gate" else {})}
 
 
 def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
@@ -175,12 +283,8 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         beam.check_num_samples(cascade, repeats)
         call = lambda inputs, caps, index: beam.run_ranked(  # noqa: E731
             cascade, inputs, caps, ranks=tf.cast(index % repeats, tf.int32))
-    run = tf.function(
-        call,
-        input_signature=[tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
-                         tf.TensorSpec([None], tf.int64)],
-        reduce_retracing=True,
-    )
+    run = _batch_function(call, [tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
+                                 tf.TensorSpec([None], tf.int64)])
 
     emitted = at_cap = pairs = at_first = 0
     first_length = 0 if cascade.exclude_stop_step else 1
@@ -429,6 +533,25 @@ def _read_repeated(source, batch, repeats):
     first = batch.start // repeats
     inputs = source.read(first, (batch.stop - 1) // repeats + 1)
     return inputs[np.arange(batch.start, batch.stop, dtype=np.int64) // repeats - first]  # the batch's rows only
+
+
+def _batch_function(function, signature):
+    """`function` as one `tf.function` for every batch, traced at once without AutoGraph where it traces so.
+
+    The runner is plain graph code (`tf.while_loop`, `tf.cond`), and AutoGraph
+    leaves Keras' layers alone anyway: its rewriting of the runner's
+    functions (about 40) was most of a small run's first call (issue 31) and
+    adds no op. Should a path of the runner branch on a tensor in Python, it
+    is traced with AutoGraph instead.
+    """
+    plain = tf.function(function, input_signature=signature, autograph=False)
+    try:
+        plain.get_concrete_function()
+    except tf.errors.OperatorNotAllowedInGraphError:
+        return tf.function(function, input_signature=signature)
+    except Exception:  # noqa: BLE001 - the first batch traces it again, and a failure there names the model
+        return plain
+    return plain
 
 
 def _run_batch(run, cascade, inputs, caps, index, batch):

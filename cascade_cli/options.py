@@ -399,6 +399,161 @@ class SamplingSchedule:
         return f"{self.kind}:{self.value:g}"
 
 
+# ---------------------------------------------------------- runner settings
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerSetting:
+    """One setting of the runner (`Cascade`): its name, default, check and what a result records of it.
+
+    Attributes:
+        name: the `Cascade` parameter, e.g. `"max_steps"`.
+        default: the value a run takes when the setting is not given.
+        check: `check(value)` returns the value as the runner keeps it (e.g.
+            a sampler's name as a `Sampler`), or raises `ParameterError(name)`.
+        attrs: `attrs(value)` returns the result attributes that record it
+            (`{}` for a setting a result does not record).
+    """
+
+    name: str
+    default: object
+    check: object
+    attrs: object
+
+
+def _check_max_steps(value):
+    value = check_int("max_steps", value, minimum=1, allow_none=True)
+    if value is not None and value > STEPS_MAX:
+        raise ParameterError("max_steps", f"the runner counts inner steps in int32: expected at most {STEPS_MAX} "
+                                          f"(2**31 - 2), received {value}.")
+    return value
+
+
+def _check_stop_rule(value):
+    if value is not None and not isinstance(value, StopRule):
+        raise ParameterError("stop_rule", f"expected a StopRule or None, received {value!r}.")
+    return value
+
+
+def _check_feedback_start(value):
+    parse_feedback_start(value)
+    return value
+
+
+def _one_of(name, choices):
+    return lambda value: check_choice(name, value, choices)
+
+
+def _recorded(name, *, skip=None, kind=None):
+    """`attrs` of a setting recorded under its own name (as `kind`), left out when it equals `skip`."""
+    return lambda value: {} if skip is not None and value == skip else {name: value if kind is None else kind(value)}
+
+
+def _stop_rule_attrs(rule):
+    return {"stop_rule": "none"} if rule is None else {"stop_rule": rule.kind, "stop_value": rule.stored_value}
+
+
+RUNNER_SETTINGS = (
+    RunnerSetting("state", "reset", _one_of("state", STATE_MODES), _recorded("state")),
+    RunnerSetting("state_init", "zeros", _one_of("state_init", STATE_INITS), _recorded("state_init")),
+    RunnerSetting("max_steps", None, _check_max_steps,
+                  lambda value: {} if value is None else {"max_steps": int(value)}),
+    RunnerSetting("stop_rule", None, _check_stop_rule, _stop_rule_attrs),
+    RunnerSetting("exclude_stop_step", False, _one_of("exclude_stop_step", (True, False)),
+                  _recorded("exclude_stop_step")),
+    RunnerSetting("min_steps", 0, lambda value: check_int("min_steps", value),
+                  _recorded("min_steps", skip=0, kind=int)),
+    RunnerSetting("fast_cells", "auto", _one_of("fast_cells", FAST_CELLS), lambda value: {}),
+    RunnerSetting("jit_compile", JIT_COMPILE, _one_of("jit_compile", FAST_CELLS), _recorded("jit_compile", kind=str)),
+    RunnerSetting("run_eagerly", False, _one_of("run_eagerly", (True, False)), lambda value: {}),
+    RunnerSetting("feedback", False, _one_of("feedback", (True, False)), _recorded("feedback")),
+    RunnerSetting("feedback_start", "zeros", _check_feedback_start, _recorded("feedback_start", kind=str)),
+    RunnerSetting("sampler", "identity", lambda value: Sampler.coerce(value), lambda value: value.as_attrs()),
+    RunnerSetting("seed", 0, lambda value: check_int("seed", value, maximum=SEED_MAX),
+                  _recorded("seed", kind=int)),
+)
+"""The runner's settings, in `Cascade`'s order: the one list the runner's defaults and checks, the command line's
+runner flags and a result's attributes read."""
+
+RUNNER_DEFAULTS = {setting.name: setting.default for setting in RUNNER_SETTINGS}
+"""Each runner setting's default, by name (`Cascade`'s keyword defaults)."""
+
+
+def check_runner_settings(settings):
+    """Checks runner settings one by one and together, as far as they go without the models.
+
+    Args:
+        settings: `{name: value}` for some of `RUNNER_SETTINGS`.
+
+    Returns:
+        The settings as the runner keeps them (`Setting.check`'s values).
+
+    Raises:
+        ParameterError: a value a setting cannot take, or settings that do not
+            go together (`run_eagerly` with `jit_compile=True`, a stop rule
+            without `max_steps`, `min_steps` without a stop rule or above
+            `max_steps`).
+    """
+    checked = {setting.name: setting.check(settings[setting.name])
+               for setting in RUNNER_SETTINGS if setting.name in settings}
+    unknown = sorted(set(settings) - set(checked))
+    if unknown:
+        raise ParameterError(unknown[0], f"is not a runner setting: expected one of "
+                                         f"{', '.join(RUNNER_DEFAULTS)}.")
+    get = lambda name: checked.get(name, RUNNER_DEFAULTS[name])  # noqa: E731
+    if get("jit_compile") is True and get("run_eagerly"):
+        raise ParameterError("jit_compile", "True cannot apply with run_eagerly=True, which compiles nothing; "
+                                            "pass jit_compile='auto' or False.")
+    if get("stop_rule") is not None and get("max_steps") is None:
+        raise ParameterError("stop_rule", "needs max_steps, the most inner steps a pair may run; received "
+                                          "max_steps=None.")
+    if get("min_steps") and get("stop_rule") is None:
+        raise ParameterError("min_steps", f"holds a stop rule off for the first steps and needs one (stop_rule); "
+                                          f"received min_steps={get('min_steps')} with stop_rule=None.")
+    if get("min_steps") and get("min_steps") > get("max_steps"):
+        raise ParameterError("min_steps", f"expected at most max_steps={get('max_steps')}, received "
+                                          f"{get('min_steps')}.")
+    return checked
+
+
+def resolve_runner_settings(given, saved=None):
+    """The settings of a run: each given one, else the saved one (a packed generator's), else the default.
+
+    Unlike `Cascade`, which also builds the cascade that trains without a
+    stop rule, a run that generates needs a stop rule for
+    `exclude_stop_step`.
+
+    Args:
+        given: `{name: value}`, None for a setting not given.
+        saved: the settings a generator was packed with, or None.
+
+    Returns:
+        Every runner setting, checked (`check_runner_settings`).
+
+    Raises:
+        ParameterError: as `check_runner_settings`, and `exclude_stop_step`
+            without a stop rule.
+    """
+    saved = {name: value for name, value in (saved or {}).items() if value is not None}
+    values = {}
+    for name, default in RUNNER_DEFAULTS.items():
+        value = given.get(name)
+        values[name] = value if value is not None else saved.get(name, default)
+    settings = check_runner_settings(values)
+    if settings["exclude_stop_step"] and settings["stop_rule"] is None:
+        raise ParameterError("exclude_stop_step", "leaves out the step that met the stop rule, so it needs a stop "
+                                                  "rule; received stop_rule=None.")
+    return settings
+
+
+def runner_attrs(settings):
+    """The result attributes that record runner `settings` (a full set, as `resolve_runner_settings` gives)."""
+    attrs = {}
+    for setting in RUNNER_SETTINGS:
+        attrs.update(setting.attrs(settings[setting.name]))
+    return attrs
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -412,8 +567,8 @@ TRAIN_DEFAULTS = {
     "val_split": 0.1,
     "shuffle": True,
     "freeze_a": False,
-    "state": "reset",
-    "state_init": "zeros",
+    "state": RUNNER_DEFAULTS["state"],
+    "state_init": RUNNER_DEFAULTS["state_init"],
     "seed": 0,
     "patience": None,
     "strategy": "default",
@@ -423,8 +578,8 @@ TRAIN_DEFAULTS = {
     "metrics": (),
     "mixed_precision": False,
     "tensorboard": None,
-    "feedback": False,
-    "feedback_start": "zeros",
+    "feedback": RUNNER_DEFAULTS["feedback"],
+    "feedback_start": RUNNER_DEFAULTS["feedback_start"],
     "sampling_schedule": None,
     "jit_compile": None,
     "append_end_token": None,

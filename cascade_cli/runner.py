@@ -48,8 +48,8 @@ from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterErr
 from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
                                          tapes_may_take_higher_order)
 from cascade_cli.models import check_inputs_fit, check_pair
-from cascade_cli.options import (FAST_CELLS, SEED_MAX, STATE_INITS, STATE_MODES, STEPS_MAX, Sampler, StopRule,
-                                  check_choice, JIT_COMPILE, check_int, check_number, parse_feedback_start)
+from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, STEPS_MAX, Sampler, StopRule,
+                                  check_choice, check_number, check_runner_settings, parse_feedback_start)
 from cascade_cli.recurrence import packed_recurrence
 from cascade_cli.steps import check_steps
 
@@ -246,44 +246,33 @@ class Cascade:
         model_a,
         model_b,
         *,
-        state="reset",
-        state_init="zeros",
-        max_steps=None,
-        stop_rule=None,
-        exclude_stop_step=False,
-        min_steps=0,
-        fast_cells="auto",
-        jit_compile=JIT_COMPILE,
-        run_eagerly=False,
-        feedback=False,
-        feedback_start="zeros",
-        sampler="identity",
-        seed=0,
+        state=RUNNER_DEFAULTS["state"],
+        state_init=RUNNER_DEFAULTS["state_init"],
+        max_steps=RUNNER_DEFAULTS["max_steps"],
+        stop_rule=RUNNER_DEFAULTS["stop_rule"],
+        exclude_stop_step=RUNNER_DEFAULTS["exclude_stop_step"],
+        min_steps=RUNNER_DEFAULTS["min_steps"],
+        fast_cells=RUNNER_DEFAULTS["fast_cells"],
+        jit_compile=RUNNER_DEFAULTS["jit_compile"],
+        run_eagerly=RUNNER_DEFAULTS["run_eagerly"],
+        feedback=RUNNER_DEFAULTS["feedback"],
+        feedback_start=RUNNER_DEFAULTS["feedback_start"],
+        sampler=RUNNER_DEFAULTS["sampler"],
+        seed=RUNNER_DEFAULTS["seed"],
     ):
         for parameter, model in (("model_a", model_a), ("model_b", model_b)):  # before anything reads them
             if not isinstance(model, keras.Model):
                 hint = "; load it with keras.saving.load_model" if isinstance(model, (str, os.PathLike)) else ""
                 raise ParameterError(parameter, f"expected a keras.Model, received {received(model)}{hint}.")
-        check_choice("exclude_stop_step", exclude_stop_step, (True, False))
-        check_choice("state", state, STATE_MODES)
-        check_choice("state_init", state_init, STATE_INITS)
-        check_choice("fast_cells", fast_cells, FAST_CELLS)
-        check_choice("jit_compile", jit_compile, FAST_CELLS)  # the same "auto" / True / False switch
-        check_choice("run_eagerly", run_eagerly, (True, False))
-        if jit_compile is True and run_eagerly:
-            raise ParameterError("jit_compile", "True cannot apply with run_eagerly=True, which compiles nothing; "
-                                                "pass jit_compile='auto' or False.")
-        max_steps = check_int("max_steps", max_steps, minimum=1, allow_none=True)
-        if max_steps is not None and max_steps > STEPS_MAX:
-            raise ParameterError("max_steps", f"the runner counts inner steps in int32: expected at most {STEPS_MAX} "
-                                              f"(2**31 - 2), received {max_steps}.")
-        if stop_rule is not None and not isinstance(stop_rule, StopRule):
-            raise ParameterError("stop_rule", f"expected a StopRule or None, received {stop_rule!r}.")
+        checked = check_runner_settings(dict(  # each setting's own check, and those that go without the models
+            state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
+            exclude_stop_step=exclude_stop_step, min_steps=min_steps, fast_cells=fast_cells, jit_compile=jit_compile,
+            run_eagerly=run_eagerly, feedback=feedback, feedback_start=feedback_start, sampler=sampler, seed=seed))
+        max_steps, min_steps = checked["max_steps"], checked["min_steps"]
         self.model_a = model_a
         self.model_b = model_b
-        check_choice("feedback", feedback, (True, False))
-        self.sampler = Sampler.coerce(sampler)
-        self.seed = check_int("seed", seed, maximum=SEED_MAX)
+        self.sampler = checked["sampler"]
+        self.seed = checked["seed"]
         self._start = parse_feedback_start(feedback_start)
         self.feedback = feedback
         self.feedback_start = feedback_start
@@ -305,9 +294,6 @@ class Cascade:
                     f"must equal H={self.a_spec.ir_size}; B's state sizes are {list(sizes)}."
                 )
         if stop_rule is not None:
-            if max_steps is None:
-                raise ParameterError(
-                    "stop_rule", "needs max_steps, the most inner steps a pair may run; received max_steps=None.")
             if stop_rule.kind == "gate":
                 self._check_gate(stop_rule)
             outside = [i for i in stop_rule.token_ids if i >= self.b_spec.output_size]
@@ -323,12 +309,6 @@ class Cascade:
                     "with state='carry' needs a step-form B: a sequence-form B cannot know where the next "
                     "outer step starts before the previous one has stopped.",
                 )
-        min_steps = check_int("min_steps", min_steps)
-        if min_steps and stop_rule is None:
-            raise ParameterError("min_steps", f"holds a stop rule off for the first steps and needs one (stop_rule); "
-                                              f"received min_steps={min_steps} with stop_rule=None.")
-        if min_steps and min_steps > max_steps:
-            raise ParameterError("min_steps", f"expected at most max_steps={max_steps}, received {min_steps}.")
         self.max_steps = max_steps
         self.stop_rule = stop_rule
         self.min_steps = min_steps

@@ -219,7 +219,8 @@ def test_stop_token_without_given_steps(files, tmp_path):
     (["--max-steps", "0"], ["--max-steps", "0 is not in the range 1<=x<="]),
     (["--max-steps", "3", "--stop-token", "-1"], ["--stop-token"]),
     (["--max-steps", "3", "--stop-norm", "nan"], ["--stop-norm", "finite"]),
-    (["--steps", "1,2,3", "--exclude-stop-step"], ["--exclude-stop-step needs a stop rule"]),
+    (["--steps", "1,2,3", "--exclude-stop-step"], ["--exclude-stop-step: leaves out the step that met the stop rule, "
+                                                   "so it needs a stop rule; received no --stop-norm"]),
     (["--steps", "1,2,3", "--state", "carry", "--state-init", "ir"], ["--state-init: 'ir' needs", "--state reset"]),
     (["--steps", "1,2,3", "--batch-size", "0"], ["--batch-size"]),
 ])

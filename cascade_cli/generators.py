@@ -1,0 +1,43 @@
+"""Packed generators: model A, model B and the runner settings in one `.keras` file (`cascade pack`).
+
+>>> generator = pack_generator("a.keras", "b.keras", "generator.keras", settings={"max_steps": 20})
+"""
+
+from cascade_cli.options import resolve_runner_settings
+
+UNPACKED_SETTINGS = ("run_eagerly",)
+"""Runner settings a packed generator does not keep: how one process runs it, not what it generates."""
+
+
+def pack_generator(model_a, model_b, output, *, settings=None, overwrite=False, safe_mode=True,
+                   allow_legacy_h5=False):
+    """Loads model A and model B, checks them with the runner settings and saves them as one generator file.
+
+    Args:
+        model_a, model_b: the model files (`models.load_pair`).
+        output: the `.keras` file to write, under a temporary name renamed
+            into place (`atomic.atomic_output`).
+        settings: runner settings given, `{name: value}` (None: not given);
+            the others take their defaults (`options.resolve_runner_settings`).
+        overwrite: whether `output` may be replaced.
+        safe_mode, allow_legacy_h5: how the model files load.
+
+    Returns:
+        The `CascadeModel` written.
+
+    Raises:
+        ParameterError: a runner setting that cannot apply (naming it).
+        CascadeError: the models do not load or do not fit together; the output cannot be written.
+    """
+    from cascade_cli.atomic import atomic_output
+    from cascade_cli.train.keras_model import CascadeModel
+    from cascade_cli.models import load_pair
+
+    given = dict(settings or {})
+    pair = load_pair(model_a, model_b, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5,
+                     feedback=bool(given.get("feedback")))
+    packed = {name: value for name, value in resolve_runner_settings(given).items() if name not in UNPACKED_SETTINGS}
+    generator = CascadeModel(*pair, **packed)
+    with atomic_output(output, overwrite=overwrite, suffix=".keras", inputs=(model_a, model_b)) as temp:
+        generator.save(temp)
+    return generator
