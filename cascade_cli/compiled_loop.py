@@ -257,20 +257,30 @@ def compile_loop(spec, step, start, *, table_spec):
 
 
 def call(function, *tensors):
-    """Calls a `tf.function`; eagerly, through its concrete function for these dtypes and ranks.
+    """Calls a `tf.function` through one concrete function traced for any shape; eagerly, from a graph.
 
     TensorFlow counts every eager call that traces a `tf.function` against the
     Python function it wraps and warns ("N out of the last N calls to ...
     triggered tf.function retracing") when a program builds several
     `Cascade`s, each with its own functions of the same code. A concrete
     function's call is not counted; it is traced once for any shape.
+
+    XLA caches what it compiled by the function's name and the shapes, and an
+    eager call of a `jit_compile=True` function keeps a cache apart from calls
+    inside a graph. So every call, in a graph or eager, goes through the same
+    concrete function, and an eager one through a plain graph that calls it:
+    what a probe (`Cascade`'s first call) compiled serves the compiled call of
+    the same shapes.
     """
-    if not tf.executing_eagerly():
-        return function(*tensors)
-    if function.input_signature is not None:
-        return function.get_concrete_function()(*tensors)
     specs = [tf.TensorSpec([None] * tensor.shape.rank, tensor.dtype) for tensor in tensors]
-    return function.get_concrete_function(*specs)(*tensors)
+    key = tuple((spec.shape.rank, spec.dtype) for spec in specs)
+    concrete = function.__dict__.setdefault("_cascade_concrete", {})  # kept on the function: no state beside it
+    if key not in concrete:
+        inner = (function.get_concrete_function() if function.input_signature is not None
+                 else function.get_concrete_function(*specs))
+        concrete[key] = (inner, tf.function(lambda *arguments: inner(*arguments)).get_concrete_function(*specs))
+    inner, graph = concrete[key]
+    return graph(*tensors) if tf.executing_eagerly() else inner(*tensors)
 
 
 def prepare(caps, sample_index, *, walk, max_steps=None):
