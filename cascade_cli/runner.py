@@ -351,9 +351,12 @@ class Cascade:
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
         self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
         self._loop_choice = None if self._xla_a else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
+        if self.b_spec.form == "sequence":  # known now: no probe to wait for
+            self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
         if jit_compile is True:
             self._choose_xla(shape=None)  # raise now where A cannot compile
-            self._choose_loop(shape=None)  # and where the loop cannot
+            if self._loop_choice is None:
+                self._choose_loop(shape=None)  # and where the loop cannot
 
     # ------------------------------------------------------------ properties
 
@@ -747,9 +750,6 @@ class Cascade:
         values, lengths and tokens are compared. Raises a `ParameterError` for
         `jit_compile=True` where it does not hold.
         """
-        if self.b_spec.form == "sequence":
-            self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
-            return
         with tf.init_scope():
             rng = np.random.default_rng(0)
             shape = self._probe_shape(shape)
