@@ -71,6 +71,7 @@ class LoopSpec:
         start_previous: feedback starts a pair from the row's last fed value (else from `start`).
         sampler: an `options.Sampler`.
         stop: `(y, tokens) -> hit`, or None without a stop rule.
+        zero_gate: what is fed back has its last column, a stop gate's logit, set to 0 (`without_gate`).
         exclude_stop_step: the step that met the rule is not emitted.
         min_steps: no rule stops a pair before `min_steps` inner steps.
         seed: the draws' seed.
@@ -87,6 +88,7 @@ class LoopSpec:
     start_previous: bool
     sampler: object
     stop: object
+    zero_gate: bool
     exclude_stop_step: bool
     min_steps: int
     seed: int
@@ -95,6 +97,12 @@ class LoopSpec:
     dtype: object
     state_sizes: tuple
     state_init: str
+
+
+def without_gate(fed):
+    """`fed (rows, O)` with its last column, a stop gate's logit, set to 0: what a gated feedback B is fed back,
+    as training feeds it."""
+    return tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
 
 
 def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, row_pairs, trip):
@@ -138,6 +146,8 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
             u = sampling.row_uniforms(spec.seed, tf.gather(sample_of, safe), tf.gather(outer_of, safe), inner,
                                       sampling.CATEGORICAL_STREAM)
         fed_next, token = sampling.sample(spec.sampler, y, u)
+        if spec.zero_gate:
+            fed_next = without_gate(fed_next)
         hit = None
         if spec.stop is not None:
             hit = spec.stop(y, token)

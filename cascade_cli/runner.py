@@ -794,7 +794,7 @@ class Cascade:
             spec = compiled_loop.LoopSpec(
                 walk=walk, carry=self.state == "carry", feedback=self.feedback,
                 start_previous=self._start[0] == "previous", sampler=self.sampler, stop=stop,
-                exclude_stop_step=self.exclude_stop_step, min_steps=self.min_steps, seed=self.seed,
+                zero_gate=rule is not None and rule.kind == "gate", exclude_stop_step=self.exclude_stop_step, min_steps=self.min_steps, seed=self.seed,
                 return_tokens=return_tokens, width=self.b_spec.output_size, dtype=self._y_dtype,
                 state_sizes=tuple(self.b_spec.state_sizes), state_init=self.state_init)
             self._loops[key] = compiled_loop.compile_loop(
@@ -1222,7 +1222,7 @@ class Cascade:
             y, new_states = self._call_b(x, states, training, y_prev=y_prev)
             fed, token = sampling.sample(sampler, y, u)
             if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
-                fed = tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
+                fed = compiled_loop.without_gate(fed)
             hit = None if rule is None else stop_hits(rule, y, token if rule.kind == "token" else None)
             return y, new_states, fed, token, hit
 
