@@ -230,12 +230,13 @@ def compile_known_inputs_loop(step, *, state_sizes, table_spec):
     return tf.function(loop, input_signature=signature, jit_compile=True, autograph=False)
 
 
-def lay_out_steps(caps):
+def lay_out_steps(caps, *, quantum=QUANTUM):
     """The inputs of `known_inputs_loop` from caps `(N, Ta)`: `(pairs, index (T, R), totals (R,))`, bucketed.
 
     Each sample's inner steps, outer step after outer step, form one sequence;
     step `p` of sample `n` reads its pair's row. `pairs` is the padded pair
-    count the table is padded to.
+    count the table is padded to; the rows `R` a bucket of multiples of
+    `quantum` (`packing.row_quantum`).
     """
     n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
     caps_flat = tf.reshape(caps, [-1])
@@ -244,7 +245,7 @@ def lay_out_steps(caps):
     totals = tf.reduce_sum(caps, axis=1)
     positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), samples)
     steps = bucket(tf.reduce_max(tf.concat([totals, [0]], 0)), minimum=8)
-    rows = bucket(n)
+    rows = bucket(n, minimum=quantum)
     index = tf.scatter_nd(tf.stack([positions, samples], axis=1), value_pairs, tf.stack([steps, rows]))
     return bucket(tf.size(caps_flat)), index, tf.pad(totals, [[0, rows - n]])
 
@@ -293,8 +294,10 @@ def call(function, *tensors):
     return graph(*tensors) if tf.executing_eagerly() else inner(*tensors)
 
 
-def prepare(caps, sample_index, *, walk, max_steps=None):
+def prepare(caps, sample_index, *, walk, max_steps=None, quantum=QUANTUM):
     """The compiled loop's integer inputs from the caps `(N, Ta)` int32, bucketed (plain TensorFlow, outside XLA).
+
+    The rows are a bucket of multiples of `quantum` (`packing.row_quantum`).
 
     Returns:
         `(pairs, caps, next_pair, sample_of, outer_of, row_pairs, trip)`:
@@ -319,7 +322,7 @@ def prepare(caps, sample_index, *, walk, max_steps=None):
         longest = tf.reduce_max(tf.concat([caps_flat, [0]], 0))
     trip = bucket(longest, minimum=8) if max_steps is None or walk else tf.constant(max_steps, tf.int32)
     rows = tf.size(row_pairs)
-    row_pairs = tf.pad(row_pairs, [[0, bucket(rows) - rows]], constant_values=-1)
+    row_pairs = tf.pad(row_pairs, [[0, bucket(rows, minimum=quantum) - rows]], constant_values=-1)
     sample_of = tf.gather(tf.cast(sample_index, tf.int64), pair_ids // outer)
     return (pairs, tf.pad(caps_flat, [[0, padding]]), tf.pad(next_pair, [[0, padding]], constant_values=-1),
             tf.pad(sample_of, [[0, padding]]), tf.pad(pair_ids % outer, [[0, padding]]), row_pairs,

@@ -350,6 +350,7 @@ class Cascade:
         self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
         self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
+        self._row_quantum = packing.row_quantum(model_b)  # its rows' blocks (a row's bits in any batch)
         self._loop_choice = None if self._xla_a else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
         if self.b_spec.form == "sequence":  # known now: no probe to wait for
             self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
@@ -786,7 +787,8 @@ class Cascade:
         return_tokens = extras is not None and extras.return_tokens
         key = (training, return_tokens, ir_flat.dtype)
         sample_index = extras.sample_index if extras is not None else tf.range(tf.shape(caps)[0], dtype=tf.int64)
-        pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=self.max_steps)
+        pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=self.max_steps,
+                                                 quantum=self._row_quantum)
         if key not in self._loops:
             rule = self.stop_rule
             stop = None if rule is None else (
@@ -812,7 +814,7 @@ class Cascade:
             self._loops[key] = compiled_loop.compile_known_inputs_loop(
                 self._b_step(training), state_sizes=tuple(self.b_spec.state_sizes),
                 table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
-        pairs, index, totals = compiled_loop.lay_out_steps(caps)
+        pairs, index, totals = compiled_loop.lay_out_steps(caps, quantum=self._row_quantum)
         ys = compiled_loop.call(self._loops[key], compiled_loop.pad_table(ir_flat, pairs), index, totals)
         return compiled_loop.compact_known(ys, totals), caps
 

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli import compiled_loop
+from cascade_cli import compiled_loop, packing
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
 from cascade_cli.runner import Cascade
@@ -110,3 +110,26 @@ def test_building_several_cascades_prints_no_retracing_warning():
         tf.get_logger().removeHandler(handler)
     assert cascade.a_compiled is True and cascade.loop_compiled is True
     assert "retracing" not in stream.getvalue()
+
+
+def test_rows_come_in_blocks_of_16_unless_every_width_of_b_is_a_multiple_of_16_by_hand():
+    assert packing.row_quantum(builders.step_b("gru")) == 16  # units 5, O = 2
+    assert packing.row_quantum(builders.step_b("gru", ir_size=16, units=16, output_size=16)) == 2  # never 1
+    assert packing.row_quantum(builders.step_b("lstm", ir_size=16, units=32, output_size=8)) == 2
+    assert packing.row_quantum(builders.step_b("gru", ir_size=16, units=16, output_size=4)) == 4
+    assert packing.row_quantum(host_b()) == 16  # a layer from outside Keras
+
+
+@pytest.mark.xla
+def test_carry_rows_in_blocks_of_2_give_each_sample_the_same_bits_in_any_batch():
+    """B's widths are multiples of 16: a sample's row is padded to 2 rows, not 16, and its values stay put."""
+    a, b = builders.model_a(ir_size=16), builders.step_b("gru", ir_size=16, units=16, output_size=16)
+    cascade = Cascade(a, b, state="carry")
+    x = builders.inputs(12, 5, seed=3)
+    steps = np.random.default_rng(2).integers(0, 6, size=(12, 5))
+    values, lengths = (t.numpy() for t in cascade.run(x, steps))
+    assert cascade.loop_compiled is True and cascade._row_quantum == 2
+    splits = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+    for lo, hi in ((0, 2), (2, 4), (4, 12)):  # rows 2, 2 and 8
+        part = cascade.run(x[lo:hi], steps[lo:hi])[0].numpy()
+        assert part.tobytes() == values[splits[lo]:splits[hi]].tobytes(), (lo, hi)
