@@ -17,8 +17,12 @@ included, is one `tf.function(jit_compile=True)`, so its shapes must be static:
 - *Buckets.* XLA compiles once per set of input shapes. The rows, the pair
   table and the trip count are padded up to one of a few sizes (`bucket`): at
   most 25% padding, a handful of compiles per octave of batch size, and every
-  row count a multiple of 16, so that a row's values do not depend on how many
-  rows ran beside it (`cascade_cli.packing.ROW_QUANTUM`).
+  row count a multiple of B's row quantum (16, or 2 where all of B's widths
+  are multiples of 16: `cascade_cli.packing.row_quantum`), so that a row's
+  values do not depend on how many rows ran beside it. (Not enough under XLA
+  everywhere: in `reset` with a stop rule a row's last bits were seen to
+  differ between 2 and 40 samples of one input, 16-row blocks or 2; the plain
+  loop's did not. Its matrix products may pick their kernel by size.)
 - *Preallocated outputs.* Every `TensorArray` has the static trip count's size
   (DESIGN section 3's XLA trap).
 
