@@ -140,21 +140,15 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
             return [tf.identity(x) for _ in spec.state_sizes]
         return [tf.zeros([rows, size], table.dtype) for size in spec.state_sizes]
 
-    # A row that does not walk keeps its pair until it is done: what it reads of its pair is read once.
-    fixed = None if spec.walk else [tf.gather(t, tf.maximum(row_pairs, 0)) for t in (table, caps, sample_of, outer_of)]
-
-    def per_pair(safe):
-        """`(x, caps, sample_of, outer_of)` of each row's pair."""
-        return fixed if fixed is not None else [tf.gather(t, safe) for t in (table, caps, sample_of, outer_of)]
-
     def iterate(j, pair, inner, states, fed, ys, emitted, tokens):
         active = pair >= 0
         safe = tf.maximum(pair, 0)
-        x, row_caps, row_samples, row_outer = per_pair(safe)
+        x = tf.gather(table, safe)
         y, new_states = step(x, fed if spec.feedback else None, states)
         u = None
         if spec.sampler.draws:
-            u = sampling.row_uniforms(spec.seed, row_samples, row_outer, inner, sampling.CATEGORICAL_STREAM)
+            u = sampling.row_uniforms(spec.seed, tf.gather(sample_of, safe), tf.gather(outer_of, safe), inner,
+                                      sampling.CATEGORICAL_STREAM)
         fed_next, token = sampling.sample(spec.sampler, y, u)
         if spec.zero_gate:
             fed_next = without_gate(fed_next)
@@ -168,7 +162,7 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
         emitted = emitted.write(j, tf.where(emit, pair + 1, 0))
         if spec.return_tokens:
             tokens = tokens.write(j, token)
-        done = inner + 1 >= row_caps
+        done = inner + 1 >= tf.gather(caps, safe)
         if hit is not None:
             done = tf.logical_or(done, hit)
         following = tf.gather(next_pair, safe) if spec.walk else tf.fill([rows], -1)
