@@ -17,8 +17,12 @@ included, is one `tf.function(jit_compile=True)`, so its shapes must be static:
 - *Buckets.* XLA compiles once per set of input shapes. The rows, the pair
   table and the trip count are padded up to one of a few sizes (`bucket`): at
   most 25% padding, a handful of compiles per octave of batch size, and every
-  row count a multiple of 16, so that a row's values do not depend on how many
-  rows ran beside it (`cascade_cli.packing.ROW_QUANTUM`).
+  row count a multiple of B's row quantum (16, or 2 where all of B's widths
+  are multiples of 16: `cascade_cli.packing.row_quantum`), so that a row's
+  values do not depend on how many rows ran beside it. (Not enough under XLA
+  everywhere: in `reset` with a stop rule a row's last bits were seen to
+  differ between 2 and 40 samples of one input, 16-row blocks or 2; the plain
+  loop's did not. Its matrix products may pick their kernel by size.)
 - *Preallocated outputs.* Every `TensorArray` has the static trip count's size
   (DESIGN section 3's XLA trap).
 
@@ -71,6 +75,7 @@ class LoopSpec:
         start_previous: feedback starts a pair from the row's last fed value (else from `start`).
         sampler: an `options.Sampler`.
         stop: `(y, tokens) -> hit`, or None without a stop rule.
+        zero_gate: what is fed back has its last column, a stop gate's logit, set to 0 (`without_gate`).
         exclude_stop_step: the step that met the rule is not emitted.
         min_steps: no rule stops a pair before `min_steps` inner steps.
         seed: the draws' seed.
@@ -87,6 +92,7 @@ class LoopSpec:
     start_previous: bool
     sampler: object
     stop: object
+    zero_gate: bool
     exclude_stop_step: bool
     min_steps: int
     seed: int
@@ -95,6 +101,12 @@ class LoopSpec:
     dtype: object
     state_sizes: tuple
     state_init: str
+
+
+def without_gate(fed):
+    """`fed (rows, O)` with its last column, a stop gate's logit, set to 0: what a gated feedback B is fed back,
+    as training feeds it."""
+    return tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
 
 
 def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, row_pairs, trip):
@@ -138,6 +150,8 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
             u = sampling.row_uniforms(spec.seed, tf.gather(sample_of, safe), tf.gather(outer_of, safe), inner,
                                       sampling.CATEGORICAL_STREAM)
         fed_next, token = sampling.sample(spec.sampler, y, u)
+        if spec.zero_gate:
+            fed_next = without_gate(fed_next)
         hit = None
         if spec.stop is not None:
             hit = spec.stop(y, token)
@@ -220,12 +234,13 @@ def compile_known_inputs_loop(step, *, state_sizes, table_spec):
     return tf.function(loop, input_signature=signature, jit_compile=True, autograph=False)
 
 
-def lay_out_steps(caps):
+def lay_out_steps(caps, *, quantum=QUANTUM):
     """The inputs of `known_inputs_loop` from caps `(N, Ta)`: `(pairs, index (T, R), totals (R,))`, bucketed.
 
     Each sample's inner steps, outer step after outer step, form one sequence;
     step `p` of sample `n` reads its pair's row. `pairs` is the padded pair
-    count the table is padded to.
+    count the table is padded to; the rows `R` a bucket of multiples of
+    `quantum` (`packing.row_quantum`).
     """
     n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
     caps_flat = tf.reshape(caps, [-1])
@@ -234,7 +249,7 @@ def lay_out_steps(caps):
     totals = tf.reduce_sum(caps, axis=1)
     positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), samples)
     steps = bucket(tf.reduce_max(tf.concat([totals, [0]], 0)), minimum=8)
-    rows = bucket(n)
+    rows = bucket(n, minimum=quantum)
     index = tf.scatter_nd(tf.stack([positions, samples], axis=1), value_pairs, tf.stack([steps, rows]))
     return bucket(tf.size(caps_flat)), index, tf.pad(totals, [[0, rows - n]])
 
@@ -257,25 +272,37 @@ def compile_loop(spec, step, start, *, table_spec):
 
 
 def call(function, *tensors):
-    """Calls a `tf.function` through its concrete function for these dtypes and ranks, eagerly or in a graph.
+    """Calls a `tf.function` through one concrete function traced for any shape; eagerly, from a graph.
 
     TensorFlow counts every eager call that traces a `tf.function` against the
     Python function it wraps and warns ("N out of the last N calls to ...
     triggered tf.function retracing") when a program builds several
     `Cascade`s, each with its own functions of the same code. A concrete
-    function's call is not counted; it is traced once for any shape. A call
-    inside a caller's graph takes the same concrete function, so model A's
-    XLA probe (eager) and the run that follows it (traced) share one trace
-    (issue 31: a small run's start).
+    function's call is not counted; it is traced once for any shape.
+
+    XLA caches what it compiled by the function's name and the shapes, and an
+    eager call of a `jit_compile=True` function keeps a cache apart from calls
+    inside a graph. So every call, in a graph or eager, goes through the same
+    concrete function, and an eager one through a plain graph that calls it:
+    what a probe (`Cascade`'s first call) compiled serves the compiled call of
+    the same shapes, and model A's XLA probe (eager) and the run that follows
+    it (traced) share one trace (issue 31: a small run's start).
     """
-    if function.input_signature is not None:
-        return function.get_concrete_function()(*tensors)
     specs = [tf.TensorSpec([None] * tensor.shape.rank, tensor.dtype) for tensor in tensors]
-    return function.get_concrete_function(*specs)(*tensors)
+    key = tuple((spec.shape.rank, spec.dtype) for spec in specs)
+    concrete = function.__dict__.setdefault("_cascade_concrete", {})  # kept on the function: no state beside it
+    if key not in concrete:
+        inner = (function.get_concrete_function() if function.input_signature is not None
+                 else function.get_concrete_function(*specs))
+        concrete[key] = (inner, tf.function(lambda *arguments: inner(*arguments)).get_concrete_function(*specs))
+    inner, graph = concrete[key]
+    return graph(*tensors) if tf.executing_eagerly() else inner(*tensors)
 
 
-def prepare(caps, sample_index, *, walk, max_steps=None):
+def prepare(caps, sample_index, *, walk, max_steps=None, quantum=QUANTUM):
     """The compiled loop's integer inputs from the caps `(N, Ta)` int32, bucketed (plain TensorFlow, outside XLA).
+
+    The rows are a bucket of multiples of `quantum` (`packing.row_quantum`).
 
     Returns:
         `(pairs, caps, next_pair, sample_of, outer_of, row_pairs, trip)`:
@@ -300,7 +327,7 @@ def prepare(caps, sample_index, *, walk, max_steps=None):
         longest = tf.reduce_max(tf.concat([caps_flat, [0]], 0))
     trip = bucket(longest, minimum=8) if max_steps is None or walk else tf.constant(max_steps, tf.int32)
     rows = tf.size(row_pairs)
-    row_pairs = tf.pad(row_pairs, [[0, bucket(rows) - rows]], constant_values=-1)
+    row_pairs = tf.pad(row_pairs, [[0, bucket(rows, minimum=quantum) - rows]], constant_values=-1)
     sample_of = tf.gather(tf.cast(sample_index, tf.int64), pair_ids // outer)
     return (pairs, tf.pad(caps_flat, [[0, padding]]), tf.pad(next_pair, [[0, padding]], constant_values=-1),
             tf.pad(sample_of, [[0, padding]]), tf.pad(pair_ids % outer, [[0, padding]]), row_pairs,

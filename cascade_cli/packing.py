@@ -148,6 +148,34 @@ are the same in any batch (matrix products already are, row by row).
 """
 
 
+def row_quantum(model):
+    """Rows per block for `model`'s steps in a compiled loop: fewer than `ROW_QUANTUM` where its widths allow.
+
+    A `(rows, width)` buffer is whole packets of `ROW_QUANTUM` floats when
+    `rows * width` is a multiple of `ROW_QUANTUM`: with every width of the
+    model (its inputs, every layer's outputs, a cell's units, whose gates are
+    multiples of them) a multiple of 16, any row count is. Never fewer than 2
+    rows: one row is a matrix-vector product, which rounds otherwise. A layer
+    from outside Keras may compute at widths no output shows: `ROW_QUANTUM`.
+
+    Returns:
+        A power of two in [2, `ROW_QUANTUM`].
+    """
+    import math
+
+    from cascade_cli.keras_internals import flatten_layers, inbound_calls
+
+    widths = [tensor.shape[-1] for tensor in [*model.inputs, *model.outputs]]
+    for layer in flatten_layers(model):
+        if not type(layer).__module__.startswith("keras."):
+            return ROW_QUANTUM
+        widths += [layer.units] if hasattr(layer, "units") else []
+        widths += [tensor.shape[-1] for call in inbound_calls(layer) for tensor in call.outputs]
+    if any(not isinstance(width, int) or width < 1 for width in widths):
+        return ROW_QUANTUM
+    return max(2, *(ROW_QUANTUM // math.gcd(ROW_QUANTUM, width) for width in widths))
+
+
 def on_whole_blocks(fn, quantum=ROW_QUANTUM):
     """Wraps `fn(*args)` so it runs on rows padded with zeros to a multiple of `quantum`.
 

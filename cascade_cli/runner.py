@@ -326,16 +326,21 @@ class Cascade:
         self._functions = {}  # (kind, training, dtype, F, plain_a, layout) -> the tf.function of an eager call
         self._concrete = {}  # the same keys -> its one concrete function, which is what is called
         self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
+        self._first_shape = None  # the shape of the eager call that makes the first choices (`_probe_shape`)
         self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
         self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
         self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
+        self._row_quantum = packing.row_quantum(model_b)  # its rows' blocks (a row's bits in any batch)
         self._loop_choice = None if self._xla_a else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
         if self.sampler.kind == "beam":  # beam search runs its own packed loop (`cascade_cli.beam`)
             beam.check_settings(self)
             self._loop_choice = _LoopChoice(False, beam.NOT_COMPILED)
+        if self.b_spec.form == "sequence":  # known now: no probe to wait for
+            self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
         if jit_compile is True:
-            self._choose_xla(features=self.a_spec.features)  # raise now where A cannot compile
-            self._choose_loop(features=self.a_spec.features)  # and where the loop cannot
+            self._choose_xla(shape=None)  # raise now where A cannot compile
+            if self._loop_choice is None:
+                self._choose_loop(shape=None)  # and where the loop cannot
 
     # ------------------------------------------------------------ properties
 
@@ -526,6 +531,8 @@ class Cascade:
             arguments += [extras.sample_index, extras.probability]
             if extras.targets is not None:
                 arguments.append(extras.targets)
+        if self._xla is None or self._loop_choice is None:  # the probes take this call's shape (`_probe_shape`)
+            self._first_shape = tuple(inputs.shape)
         try:
             if tape_may_record():
                 weights = [tf.convert_to_tensor(weight) for weight in self._weights]  # the tapes watch them
@@ -667,18 +674,29 @@ class Cascade:
     def _a_under_xla(self, inputs, *, training):
         """Whether this call runs A under XLA: decided once, on the first call (`_choose_xla`)."""
         if self._xla is None:
-            self._choose_xla(features=inputs.shape[2])
+            self._choose_xla(shape=inputs.shape)
         return self._xla.inference if training is False else self._xla.training
 
-    def _choose_xla(self, *, features):
+    def _probe_shape(self, shape):
+        """`(N, Ta, F)` of the probes: the first call's `shape` where it is small, so that what the probes compile
+        under XLA serves that call too; else 2 samples of 3 outer steps (A's own Ta where it fixes one)."""
+        if shape is None or None in tuple(shape):  # traced: the eager call that traces it knew its shape
+            shape = self._first_shape or (None, None, None)
+        n, outer, features = shape
+        spec = self.a_spec
+        n = n if n is not None and 0 < n <= _PROBE_SAMPLES else 2
+        outer = spec.outer_steps or (outer if outer is not None and 0 < outer <= _PROBE_OUTER else 3)
+        return n, outer, spec.features or features or 1
+
+    def _choose_xla(self, *, shape):
         """Checks once whether A compiles under XLA and equals its plain call; sets `self._xla`.
 
-        Runs eagerly (`tf.init_scope`) on a seeded probe input, so the first
+        Runs eagerly (`tf.init_scope`) on a seeded probe input (`_probe_shape`
+        of the first call's input `shape`, None before any call), so the first
         call may be eager or inside a caller's `tf.function` alike. Raises a
         `ParameterError` for `jit_compile=True` where A does not compile.
         """
-        spec = self.a_spec
-        shape = (2, spec.outer_steps or 3, spec.features or features or 1)
+        shape = self._probe_shape(shape)
         with tf.init_scope():
             problem, training = xla_problem(self.model_a, self._xla_a, shape)
         if problem is not None and self.jit_compile is True:
@@ -707,30 +725,27 @@ class Cascade:
         if training is not False and (seed_generators([self.model_b]) or self.model_b.non_trainable_variables):
             return False
         if self._loop_choice is None:
-            self._choose_loop(features=inputs.shape[2])
+            self._choose_loop(shape=inputs.shape)
         return self._loop_choice.compiled
 
-    def _choose_loop(self, *, features):
+    def _choose_loop(self, *, shape):
         """Checks once whether the whole loop compiles under XLA and equals the plain loop; sets `self._loop_choice`.
 
-        Runs eagerly (`tf.init_scope`) on a seeded probe: 2 samples, steps of
-        0 to 3 (or `min(max_steps, 4)`), each path's values, lengths and tokens
-        compared. Raises a `ParameterError` for `jit_compile=True` where it
-        does not hold.
+        Runs eagerly (`tf.init_scope`) on a seeded probe (`_probe_shape`),
+        steps of 0 to 2 (or `min(max_steps, 4)`): short, so that its buckets
+        are those of small calls, whose compile it then serves. Each path's
+        values, lengths and tokens are compared. Raises a `ParameterError` for
+        `jit_compile=True` where it does not hold.
         """
-        if self.b_spec.form == "sequence":
-            self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
-            return
-        spec = self.a_spec
         with tf.init_scope():
             rng = np.random.default_rng(0)
-            shape = (2, spec.outer_steps or 3, spec.features or features or 1)
+            shape = self._probe_shape(shape)
             probe = tf.constant(rng.normal(size=shape), self.model_a.inputs[0].dtype)
-            caps = tf.constant(rng.integers(0, 4, size=shape[:2]) if self.max_steps is None  # 4: a short probe
+            caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if self.max_steps is None
                                else np.full(shape[:2], min(self.max_steps, 4)), tf.int32)
             extras = None
             if self._general:
-                extras = _Feed(None, tf.range(2, dtype=tf.int64), tf.constant(0.0, tf.float64),
+                extras = _Feed(None, tf.range(shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64),
                                self.sampler.tokens, False)
             plain = self._run(probe, caps, False, plain_a=True, extras=extras, loop=False)
             try:
@@ -758,7 +773,8 @@ class Cascade:
         return_tokens = extras is not None and extras.return_tokens
         key = (training, return_tokens, ir_flat.dtype)
         sample_index = extras.sample_index if extras is not None else tf.range(tf.shape(caps)[0], dtype=tf.int64)
-        pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=self.max_steps)
+        pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=self.max_steps,
+                                                 quantum=self._row_quantum)
         if key not in self._loops:
             rule = self.stop_rule
             stop = None if rule is None else (
@@ -766,7 +782,7 @@ class Cascade:
             spec = compiled_loop.LoopSpec(
                 walk=walk, carry=self.state == "carry", feedback=self.feedback,
                 start_previous=self._start[0] == "previous", sampler=self.sampler, stop=stop,
-                exclude_stop_step=self.exclude_stop_step, min_steps=self.min_steps, seed=self.seed,
+                zero_gate=rule is not None and rule.kind == "gate", exclude_stop_step=self.exclude_stop_step, min_steps=self.min_steps, seed=self.seed,
                 return_tokens=return_tokens, width=self.b_spec.output_size, dtype=self._y_dtype,
                 state_sizes=tuple(self.b_spec.state_sizes), state_init=self.state_init)
             self._loops[key] = compiled_loop.compile_loop(
@@ -784,7 +800,7 @@ class Cascade:
             self._loops[key] = compiled_loop.compile_known_inputs_loop(
                 self._b_step(training), state_sizes=tuple(self.b_spec.state_sizes),
                 table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
-        pairs, index, totals = compiled_loop.lay_out_steps(caps)
+        pairs, index, totals = compiled_loop.lay_out_steps(caps, quantum=self._row_quantum)
         ys = compiled_loop.call(self._loops[key], compiled_loop.pad_table(ir_flat, pairs), index, totals)
         return compiled_loop.compact_known(ys, totals), caps
 
@@ -1194,7 +1210,7 @@ class Cascade:
             y, new_states = self._call_b(x, states, training, y_prev=y_prev)
             fed, token = sampling.sample(sampler, y, u)
             if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
-                fed = tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
+                fed = compiled_loop.without_gate(fed)
             hit = None if rule is None else stop_hits(rule, y, token if rule.kind == "token" else None)
             return y, new_states, fed, token, hit
 
@@ -1436,6 +1452,10 @@ def xla_inference(model):
 
     return call
 
+
+# The largest first call whose own shape the probes take (`Cascade._probe_shape`).
+_PROBE_SAMPLES = 16
+_PROBE_OUTER = 64
 
 # How close A under XLA must come to its plain call, by the dtype of A's outputs.
 _XLA_TOLERANCE = {2: 1e-2, 4: 1e-5, 8: 1e-9}

@@ -1,9 +1,9 @@
 """The packed loop compiled whole under XLA (`cascade_cli.compiled_loop`), the shipped default (`jit_compile="auto"`).
 
-The same eager references as the plain loop's tests (tests/builders.py, stopref.py, test_feedback.py), a few cases of
-each mode and form, stop rule and feedback setting: the plain loop's own tests run every case with
-`jit_compile=False`. Marked `xla`, so conftest leaves "auto" on; each builds one or two cascades (the probes and the
-compiles are most of their time).
+The reference tests of every mode, form, stop rule and feedback setting run on this path and on the plain loop
+(`paths.BOTH` in test_runner, test_feedback, test_stopping, test_min_steps, test_stop_tokens, test_gate); here are
+what only this path has: its buckets, its draws at any batch, a tape's fallback, `jit_compile=True`'s refusal and
+the probes. Marked `xla`, so conftest leaves "auto" on.
 """
 
 import io
@@ -15,13 +15,11 @@ import pytest
 import tensorflow as tf
 
 import builders
-import stopref
-from cascade_cli import compiled_loop
+from cascade_cli import compiled_loop, packing
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
 from cascade_cli.runner import Cascade
-from test_feedback import STEPS, assert_equal_reference
-from test_runner import PER_SAMPLE, SHARED, assert_matches_reference, gradients, make_b
+from test_runner import PER_SAMPLE, gradients, make_b
 
 
 def test_buckets_are_multiples_of_16_at_most_a_quarter_above_the_size_by_hand():
@@ -29,83 +27,6 @@ def test_buckets_are_multiples_of_16_at_most_a_quarter_above_the_size_by_hand():
     got = [int(compiled_loop.bucket(tf.constant(size))) for size in sizes]
     assert got == [16, 16, 16, 16, 32, 64, 80, 112, 128, 160, 1024, 5120]
     assert [int(compiled_loop.bucket(tf.constant(size), minimum=8)) for size in (0, 5, 9, 33)] == [8, 8, 16, 40]
-
-
-@pytest.mark.xla
-@pytest.mark.parametrize("b_kind, state, fast_cells", [("gru", "reset", False), ("lstm", "reset", False),
-                                                       ("gru", "carry", "auto"), ("lstm", "carry", "auto")])
-def test_values_equal_reference(b_kind, state, fast_cells):
-    cascade = Cascade(builders.model_a(), make_b(b_kind), state=state, fast_cells=fast_cells)
-    x = builders.inputs(3, 4)
-    assert_matches_reference(cascade, x, PER_SAMPLE)
-    assert_matches_reference(cascade, x, SHARED)
-    assert cascade.loop_compiled is True and cascade.loop_compile_problem is None
-    assert cascade.a_compiled is True  # the existing attribute still says how A ran
-
-
-@pytest.mark.xla
-def test_reset_through_a_known_cell_keeps_its_packed_recurrence_and_says_so():
-    cascade = Cascade(builders.model_a(), make_b("gru"))
-    assert_matches_reference(cascade, builders.inputs(3, 4), PER_SAMPLE)
-    assert cascade.loop_compiled is False
-    assert cascade.loop_compile_problem.startswith("reset mode with given steps through a known cell")
-    assert cascade.a_compiled is True
-
-
-@pytest.mark.xla
-def test_state_init_ir_and_an_all_zero_batch():
-    cascade = Cascade(builders.model_a(ir_size=5), builders.step_b("gru", ir_size=5, units=5), state_init="ir",
-                      fast_cells=False)
-    x = builders.inputs(3, 4)
-    assert_matches_reference(cascade, x, PER_SAMPLE)
-    out = assert_matches_reference(cascade, x, np.zeros((3, 4), np.int64))
-    assert out.flat_values.shape == (0, 2)
-    assert cascade.loop_compiled is True
-
-
-@pytest.mark.xla
-@pytest.mark.parametrize("state, exclude, min_steps", [("reset", False, 0), ("carry", True, 3)])
-def test_norm_stop_rule_and_min_steps_equal_reference(state, exclude, min_steps):
-    a, b = builders.model_a(), make_b("gru", output_size=3)
-    x = builders.inputs(4, 5)
-    plain = Cascade(a, b, state=state, jit_compile=False).run(x, np.full((4, 5), 6))[0].numpy()
-    rule = StopRule.norm(float(np.quantile(np.linalg.norm(plain, axis=-1), 0.5)))
-    cascade = Cascade(a, b, state=state, max_steps=6, stop_rule=rule, exclude_stop_step=exclude,
-                      min_steps=min_steps)
-    caps = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
-    for steps in (None, caps):
-        values, lengths = cascade.run(x, steps)
-        expected, expected_lengths, _ = stopref.reference(
-            a, b, x, caps if steps is not None else np.full((4, 5), 6), state=state, min_steps=min_steps,
-            exclude_stop_step=exclude, stop=lambda y: np.linalg.norm(y) >= rule.value)
-        np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
-        np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
-        assert 0 < int(lengths.numpy().sum()) < 6 * int((caps > 0).sum() if steps is not None else 20)
-    assert cascade.loop_compiled is True
-
-
-@pytest.mark.xla
-@pytest.mark.parametrize("state, sampler, start", [("reset", "greedy", "zeros"), ("carry", "greedy", "previous"),
-                                                   ("reset", "identity", "previous"), ("carry", "identity", "token:2")])
-def test_free_running_feedback_equals_reference(state, sampler, start):
-    a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
-    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler=sampler)
-    assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
-    assert cascade.loop_compiled is True
-
-
-@pytest.mark.xla
-@pytest.mark.parametrize("state, exclude", [("reset", False), ("carry", True)])
-def test_feedback_stop_token_equals_reference(state, exclude):
-    a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
-    free = Cascade(a, b, feedback=True, state=state, sampler="greedy", jit_compile=False)
-    tokens = free.run(builders.inputs(3, 4), np.full((3, 4), 4), return_tokens=True)[2].numpy()
-    token = int(np.bincount(tokens).argmax())  # the token most steps emit: most pairs stop early
-    cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", max_steps=4,
-                      stop_rule=StopRule.token(token), exclude_stop_step=exclude)
-    values = assert_equal_reference(cascade, builders.inputs(3, 4), None, stop_token=token, exclude_stop_step=exclude)
-    assert 0 < values.shape[0] < 4 * 12
-    assert cascade.loop_compiled is True
 
 
 @pytest.mark.xla
@@ -159,6 +80,7 @@ def host_b():
 
 
 @pytest.mark.xla
+@pytest.mark.xla_fallback
 def test_jit_compile_true_raises_where_the_loop_cannot_compile_and_auto_falls_back():
     a, b = builders.model_a(ir_size=4), host_b()
     with pytest.raises(ParameterError, match=r"^jit_compile: True, but the packed loop over B cannot run under XLA: "
@@ -188,3 +110,26 @@ def test_building_several_cascades_prints_no_retracing_warning():
         tf.get_logger().removeHandler(handler)
     assert cascade.a_compiled is True and cascade.loop_compiled is True
     assert "retracing" not in stream.getvalue()
+
+
+def test_rows_come_in_blocks_of_16_unless_every_width_of_b_is_a_multiple_of_16_by_hand():
+    assert packing.row_quantum(builders.step_b("gru")) == 16  # units 5, O = 2
+    assert packing.row_quantum(builders.step_b("gru", ir_size=16, units=16, output_size=16)) == 2  # never 1
+    assert packing.row_quantum(builders.step_b("lstm", ir_size=16, units=32, output_size=8)) == 2
+    assert packing.row_quantum(builders.step_b("gru", ir_size=16, units=16, output_size=4)) == 4
+    assert packing.row_quantum(host_b()) == 16  # a layer from outside Keras
+
+
+@pytest.mark.xla
+def test_carry_rows_in_blocks_of_2_give_each_sample_the_same_bits_in_any_batch():
+    """B's widths are multiples of 16: a sample's row is padded to 2 rows, not 16, and its values stay put."""
+    a, b = builders.model_a(ir_size=16), builders.step_b("gru", ir_size=16, units=16, output_size=16)
+    cascade = Cascade(a, b, state="carry")
+    x = builders.inputs(12, 5, seed=3)
+    steps = np.random.default_rng(2).integers(0, 6, size=(12, 5))
+    values, lengths = (t.numpy() for t in cascade.run(x, steps))
+    assert cascade.loop_compiled is True and cascade._row_quantum == 2
+    splits = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+    for lo, hi in ((0, 2), (2, 4), (4, 12)):  # rows 2, 2 and 8
+        part = cascade.run(x[lo:hi], steps[lo:hi])[0].numpy()
+        assert part.tobytes() == values[splits[lo]:splits[hi]].tobytes(), (lo, hi)

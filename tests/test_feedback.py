@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import builders
+import paths
 from cascade_cli.errors import ModelError, ParameterError
 from cascade_cli.models import feedback_problem, inspect_b
 from cascade_cli.options import Sampler, StopRule
@@ -110,59 +111,71 @@ def assert_equal_reference(cascade, x, steps, **kwargs):
     return values
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("sampler", ["identity", "greedy"])
-@pytest.mark.parametrize("start", ["zeros", "token:2", "previous"])
-def test_free_running_equals_reference(state, sampler, start):
+FREE_GRID = [(s, m, f) for f in ("zeros", "token:2", "previous") for m in ("identity", "greedy") for s in ("reset", "carry")]
+# every state, sampler and start on the default, each pair of them at least once
+FREE_AUTO = [("reset", "greedy", "zeros"), ("carry", "identity", "zeros"), ("reset", "identity", "token:2"),
+             ("carry", "greedy", "token:2"), ("reset", "identity", "previous"), ("carry", "greedy", "previous")]
+
+
+@pytest.mark.parametrize("state, sampler, start, jit", paths.both(FREE_GRID, auto=FREE_AUTO))
+def test_free_running_equals_reference(state, sampler, start, jit):
     a, b = models()
-    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler=sampler, jit_compile=False)
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler=sampler, jit_compile=jit)
     assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
+    paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("start", ["zeros", "token:1", "previous"])
-def test_teacher_forcing_equals_reference(state, start):
+@pytest.mark.parametrize("state, start, jit", paths.both(
+    [(s, f) for f in ("zeros", "token:1", "previous") for s in ("reset", "carry")],
+    auto=[("reset", "token:1"), ("carry", "previous")]))
+def test_teacher_forcing_equals_reference(state, start, jit):
     a, b = models()
-    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False)
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=jit)
     targets = targets_for(STEPS)
     forced = assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets)
     free = cascade.run(builders.inputs(3, 4), STEPS)[0]
     assert not np.allclose(forced.numpy(), free.numpy())  # the targets are what is fed
+    paths.assert_path(cascade, jit)  # teacher forcing keeps the known cell's recurrence; the free run compiles
 
 
-@pytest.mark.parametrize("kind", ["simple", "gru", "lstm"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_cells_equal_reference(kind, state):
+@pytest.mark.parametrize("kind, state, jit", paths.both(
+    [(k, s) for s in ("reset", "carry") for k in ("simple", "gru", "lstm")],
+    auto=[("simple", "carry"), ("lstm", "reset")]))
+def test_cells_equal_reference(kind, state, jit):
     a, b = models(kind)
     cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", feedback_start="previous",
-                      jit_compile=False)
+                      jit_compile=jit)
     assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
     assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets_for(STEPS))
+    paths.assert_path(cascade, jit)
 
 
-def test_stateless_feedback_b():
+@pytest.mark.parametrize("jit", paths.BOTH)
+def test_stateless_feedback_b(jit):
     a, b = models(states=False)
-    cascade = Cascade(a, b, feedback=True, sampler="greedy", jit_compile=False)
+    cascade = Cascade(a, b, feedback=True, sampler="greedy", jit_compile=jit)
     assert cascade.b_spec.state_sizes == () and cascade.b_spec.feedback
     assert_equal_reference(cascade, builders.inputs(3, 4), STEPS)
+    paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("start", ["zeros", "previous"])
-@pytest.mark.parametrize("exclude", [False, True])
-def test_token_stop_rule_equals_reference(state, start, exclude):
+@pytest.mark.parametrize("state, start, exclude, jit", paths.both(
+    [(s, f, e) for e in (False, True) for f in ("zeros", "previous") for s in ("reset", "carry")],
+    auto=[("reset", "zeros", False), ("carry", "previous", True)]))  # each state, start and exclude once
+def test_token_stop_rule_equals_reference(state, start, exclude, jit):
     a, b = models()
     x = builders.inputs(4, 3, seed=5)
     # a token that stops some rows early and not others
     free, _, tokens = reference(a, b, x, None, max_steps=6, sampler="greedy", start=start, state=state)
     stop = int(np.bincount(tokens, minlength=O)[1:].argmax()) + 1 if len(set(tokens)) > 1 else tokens[0]
     cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler="greedy", max_steps=6,
-                      stop_rule=StopRule.token(stop), exclude_stop_step=exclude, jit_compile=False)
+                      stop_rule=StopRule.token(stop), exclude_stop_step=exclude, jit_compile=jit)
     assert_equal_reference(cascade, x, None, stop_token=stop, exclude_stop_step=exclude)
     lengths = cascade.run(x)[1].numpy()
     assert lengths.min() < 6 - exclude  # some rows stopped early
     given = np.array([[2, 6, 1], [0, 3, 5], [6, 6, 6], [1, 0, 2]])  # steps cap the stop rule
     assert_equal_reference(cascade, x, given, stop_token=stop, exclude_stop_step=exclude)
+    paths.assert_path(cascade, jit)
 
 
 @pytest.mark.parametrize("state", ["reset", "carry"])
@@ -195,12 +208,13 @@ HALF = [(kind, state, start, fast_cells) for kind in ("gru", "lstm") for state i
         if (kind == "lstm") ^ (state == "carry") ^ (start == "previous") ^ (fast_cells is False)]
 
 
-@pytest.mark.parametrize("kind, state, start, fast_cells", HALF)
-def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells):
+@pytest.mark.parametrize("kind, state, start, fast_cells, jit", paths.both(
+    HALF, auto=[("gru", "reset", "zeros", False), ("lstm", "carry", "previous", "auto")]))
+def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells, jit):
     a, b = models(kind, dtype="float64")
     x = builders.inputs(3, 4).astype("float64")
     targets = targets_for(STEPS, dtype="float64")
-    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False,
+    cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=jit,
                       fast_cells=fast_cells)
     weights = a.trainable_variables + b.trainable_variables
     upstream = tf.constant(np.random.default_rng(1).normal(size=(int(STEPS.sum()), O)))
@@ -216,6 +230,7 @@ def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells
     for weight, got, want in zip(weights, grads, expected_grads):
         assert got is not None, weight.path
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-10, err_msg=weight.path)
+    assert cascade.a_compiled is (jit == "auto")
 
 
 @pytest.mark.parametrize("state", ["reset", "carry"])
@@ -245,12 +260,12 @@ def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers
     assert not np.allclose(half, forced) and not np.allclose(half, free)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_scheduled_sampling_gradient_skips_the_fed_samples(state):
+@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+def test_scheduled_sampling_gradient_skips_the_fed_samples(state, jit):
     a, b = models(dtype="float64")
     x, targets = builders.inputs(3, 4).astype("float64"), targets_for(STEPS, dtype="float64")
     cascade = Cascade(a, b, feedback=True, state=state, feedback_start="previous",
-                      jit_compile=False)  # identity: y itself fed, without its gradient
+                      jit_compile=jit)  # identity: y itself fed, without its gradient
     weights = a.trainable_variables + b.trainable_variables
     with tf.GradientTape() as tape:
         values = cascade.run(x, STEPS, targets=targets, sampling_probability=1.0)[0]

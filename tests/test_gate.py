@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import builders
+import paths
 import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
@@ -32,14 +33,15 @@ def gate(threshold):
     return lambda y, *token: stopref.sigmoid(y[-1]) >= threshold
 
 
-@pytest.mark.parametrize("b_kind, state", [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")])
-@pytest.mark.parametrize("min_steps", [0, 3])
-def test_gate_equals_reference(b_kind, state, min_steps):
+@pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.both(
+    [(b, s, m) for m in (0, 3) for b, s in [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")]],
+    auto=[("gru", "reset", 3), ("lstm", "carry", 0)]))
+def test_gate_equals_reference(b_kind, state, min_steps, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)
     threshold = gate_threshold(a, b, x, state)
     cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.gate(threshold),
-                      min_steps=min_steps, jit_compile=False)
+                      min_steps=min_steps, jit_compile=jit)
     for caps in (CAPS, None):
         values, lengths = cascade.run(x, caps)
         expected, expected_lengths, _ = stopref.reference(a, b, x, MAX_STEPS if caps is None else caps, state=state,
@@ -47,16 +49,17 @@ def test_gate_equals_reference(b_kind, state, min_steps):
         np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
         np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
         assert (expected_lengths < MAX_STEPS).any() and (expected_lengths == MAX_STEPS).any()
+    paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("min_steps", [0, 2])
-def test_gate_with_feedback_equals_reference(state, min_steps):
+@pytest.mark.parametrize("state, min_steps, jit", paths.both(
+    [(s, m) for m in (0, 2) for s in ("reset", "carry")], auto=[("reset", 0), ("carry", 2)]))
+def test_gate_with_feedback_equals_reference(state, min_steps, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
     x = builders.inputs(4, 5)
     threshold = gate_threshold(a, b, x, state, feedback=True)
     cascade = Cascade(a, b, state=state, feedback=True, max_steps=MAX_STEPS, stop_rule=StopRule.gate(threshold),
-                      min_steps=min_steps, jit_compile=False)
+                      min_steps=min_steps, jit_compile=jit)
     values, lengths = cascade.run(x, CAPS)
     expected, expected_lengths, _ = stopref.reference(a, b, x, CAPS, state=state, feedback=True,
                                                       stop=gate(threshold), min_steps=min_steps,
@@ -64,6 +67,7 @@ def test_gate_with_feedback_equals_reference(state, min_steps):
     np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
     np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
     assert (expected_lengths < CAPS).any()
+    paths.assert_path(cascade, jit)
 
 
 @pytest.mark.parametrize("state", ["reset", "carry"])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import builders
+import paths
 import stopref
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
@@ -31,23 +32,27 @@ def check(cascade, x, caps, **kwargs):
     return expected_lengths
 
 
-@pytest.mark.parametrize("b_kind, state", [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")])
-@pytest.mark.parametrize("exclude", [False, True])
-def test_min_steps_equals_reference(b_kind, state, exclude):
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(
+    [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")]],
+    auto=[("gru", "reset", True), ("gru", "carry", False)]))
+def test_min_steps_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)
     rule = StopRule.norm(low_threshold(a, b, x, state))
     free = check(Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=rule, exclude_stop_step=exclude,
                          jit_compile=False), x, CAPS)
-    held = check(Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=rule, exclude_stop_step=exclude,
-                         min_steps=3, jit_compile=False), x, CAPS)
+    cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=rule, exclude_stop_step=exclude,
+                      min_steps=3, jit_compile=jit)
+    held = check(cascade, x, CAPS)
+    paths.assert_path(cascade, jit, loop=b_kind != "sequence")
     floor = np.minimum(CAPS, 3 - int(exclude))  # what min_steps=3 guarantees where the cap allows
     assert (held >= floor).all() and not (free >= floor).all()  # min_steps changed the lengths
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("sampler", ["identity", "greedy"])
-def test_min_steps_with_feedback_equals_reference(state, sampler):
+@pytest.mark.parametrize("state, sampler, jit", paths.both(
+    [(s, m) for m in ("identity", "greedy") for s in ("reset", "carry")],
+    auto=[("reset", "greedy"), ("carry", "identity")]))
+def test_min_steps_with_feedback_equals_reference(state, sampler, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
     x = builders.inputs(4, 5)
     free = Cascade(a, b, state=state, feedback=True, sampler=sampler, jit_compile=False)
@@ -62,7 +67,7 @@ def test_min_steps_with_feedback_equals_reference(state, sampler):
     lengths = {}
     for min_steps in (0, 4):
         cascade = Cascade(a, b, state=state, feedback=True, sampler=sampler, max_steps=MAX_STEPS, stop_rule=rule,
-                          min_steps=min_steps, jit_compile=False)
+                          min_steps=min_steps, jit_compile=jit if min_steps else False)
         got = cascade.run(x, CAPS, return_tokens=sampler == "greedy")
         expected, lengths[min_steps], tokens = stopref.reference(a, b, x, CAPS, state=state, feedback=True,
                                                                  sampler=sampler, stop=stop, min_steps=min_steps)
@@ -70,6 +75,7 @@ def test_min_steps_with_feedback_equals_reference(state, sampler):
         np.testing.assert_allclose(got[0].numpy(), expected, atol=1e-5)
         if sampler == "greedy":
             assert got[2].numpy().tolist() == tokens
+    paths.assert_path(cascade, jit)
     assert (lengths[4] >= np.minimum(CAPS, 4)).all() and not (lengths[0] >= np.minimum(CAPS, 4)).all()
 
 

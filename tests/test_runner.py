@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import builders
+import paths
 from cascade_cli.errors import DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import seed_generators
 from cascade_cli.runner import Cascade, packed_loop, xla_inference, xla_problem
@@ -35,14 +36,32 @@ def assert_matches_reference(cascade, x, steps, **reference_kwargs):
     return out
 
 
-@pytest.mark.parametrize("a_kind", ["simple", "gru", "lstm"])
-@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_values_equal_reference(a_kind, b_kind, state):
-    cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state)
+VALUE_GRID = [(a, b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence") for a in ("simple", "gru", "lstm")]
+# the default on every form of B in both states, each kind of A twice
+VALUE_AUTO = [("simple", "gru", "reset"), ("gru", "lstm", "reset"), ("lstm", "sequence", "reset"),
+              ("lstm", "gru", "carry"), ("simple", "lstm", "carry"), ("gru", "sequence", "carry")]
+
+
+@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.both(VALUE_GRID, auto=VALUE_AUTO))
+def test_values_equal_reference(a_kind, b_kind, state, jit):
+    cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
-    assert_matches_reference(cascade, x, PER_SAMPLE)
-    assert_matches_reference(cascade, x, SHARED)
+    for steps in (PER_SAMPLE, SHARED, ALL_ZERO):
+        assert_matches_reference(cascade, x, steps)
+    # reset through a known cell keeps its packed recurrence, a sequence-form B its one padded call
+    paths.assert_path(cascade, jit, loop=state == "carry" and b_kind != "sequence")
+    if jit and state == "reset" and b_kind != "sequence":
+        assert cascade.loop_compile_problem.startswith("reset mode with given steps through a known cell")
+
+
+@pytest.mark.parametrize("b_kind, jit", paths.both([("gru",), ("lstm",)]))
+def test_reset_through_b_itself_equals_reference(b_kind, jit):
+    """`fast_cells=False`: B is called at every step, under XLA the masked loop of `(n, t)` pairs."""
+    cascade = Cascade(builders.model_a(), make_b(b_kind), fast_cells=False, jit_compile=jit)
+    x = builders.inputs(3, 4)
+    for steps in (PER_SAMPLE, SHARED, ALL_ZERO):
+        assert_matches_reference(cascade, x, steps)
+    paths.assert_path(cascade, jit)
 
 
 @pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
@@ -61,12 +80,14 @@ def test_zero_outer_steps(b_kind, state):
     assert out.bounding_shape().numpy().tolist() == [2, 0, 0, 2]
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "lstm"])
-def test_state_init_ir(b_kind):
+@pytest.mark.parametrize("b_kind, fast_cells, jit", paths.both(
+    [("gru", "auto"), ("lstm", "auto"), ("gru", False), ("lstm", False)], auto=[("lstm", False)]))
+def test_state_init_ir(b_kind, fast_cells, jit):
     b = builders.step_b(b_kind, units=4)  # state size == H == 4
-    cascade = Cascade(builders.model_a(), b, state_init="ir")
+    cascade = Cascade(builders.model_a(), b, state_init="ir", fast_cells=fast_cells, jit_compile=jit)
     out = assert_matches_reference(cascade, builders.inputs(3, 4), PER_SAMPLE)
-    zeros_out = Cascade(builders.model_a(), b)(builders.inputs(3, 4), PER_SAMPLE)
+    paths.assert_path(cascade, jit, loop=fast_cells is False)
+    zeros_out = Cascade(builders.model_a(), b, jit_compile=False)(builders.inputs(3, 4), PER_SAMPLE)
     assert not np.allclose(out.flat_values.numpy(), zeros_out.flat_values.numpy())  # the init matters
 
 
@@ -78,20 +99,24 @@ def test_state_init_ir_needs_state_size_h():
         Cascade(builders.model_a(), builders.step_b("gru", units=4), state="carry", state_init="ir")
 
 
-def test_classic_small_case_carry():
+@pytest.mark.parametrize("jit", paths.BOTH)
+def test_classic_small_case_carry(jit):
     """Batch 2, Ta 3, 4 features, SimpleRNN(4) A, SimpleRNNCell(4) B, steps [3, 4, 2], carry."""
     a = builders.model_a("simple", features=4, ir_size=4)
     b = builders.step_b("simple", ir_size=4, units=4, output_size=None)
     x = builders.inputs(2, 3, features=4)
-    out = assert_matches_reference(Cascade(a, b, state="carry"), x, np.array([3, 4, 2]))
+    cascade = Cascade(a, b, state="carry", jit_compile=jit)
+    out = assert_matches_reference(cascade, x, np.array([3, 4, 2]))
+    paths.assert_path(cascade, jit)
     assert out.row_lengths(axis=2).numpy().tolist() == [[3, 4, 2], [3, 4, 2]]
     # carry differs from reset from the second outer step on
-    reset = Cascade(a, b)(x, np.array([3, 4, 2]))
+    reset = Cascade(a, b, jit_compile=False)(x, np.array([3, 4, 2]))
     np.testing.assert_allclose(out[:, 0].flat_values, reset[:, 0].flat_values, atol=1e-6)
     assert not np.allclose(out[:, 1].flat_values, reset[:, 1].flat_values)
 
 
-def test_hand_worked_values():
+@pytest.mark.parametrize("jit", paths.BOTH)
+def test_hand_worked_values(jit):
     """Ones everywhere, SimpleRNNCell(1, linear) B: y_j = (j + 1) * ir, worked out by hand."""
     inputs = keras.Input(shape=(None, 1))
     a = keras.Model(inputs, keras.layers.Identity()(inputs))
@@ -101,18 +126,22 @@ def test_hand_worked_values():
     h, [s_out] = cell(x_in, [s_in])
     b = keras.Model([x_in, s_in], [h, s_out])
     x = np.array([[[2.0], [5.0]]], np.float32)
-    reset = Cascade(a, b)(x, [3, 2])
-    assert reset.flat_values.numpy().ravel().tolist() == [2, 4, 6, 5, 10]
-    carry = Cascade(a, b, state="carry")(x, [3, 2])  # state 6 carries into the second outer step
-    assert carry.flat_values.numpy().ravel().tolist() == [2, 4, 6, 11, 16]
+    reset = Cascade(a, b, jit_compile=jit, fast_cells=False)
+    assert reset(x, [3, 2]).flat_values.numpy().ravel().tolist() == [2, 4, 6, 5, 10]
+    carry = Cascade(a, b, state="carry", jit_compile=jit)  # state 6 carries into the second outer step
+    assert carry(x, [3, 2]).flat_values.numpy().ravel().tolist() == [2, 4, 6, 11, 16]
+    paths.assert_path(reset, jit)
+    paths.assert_path(carry, jit)
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_eager_and_tf_function_agree(b_kind, state):
+FORMS_STATES = [(b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
+
+
+@pytest.mark.parametrize("b_kind, state, jit", paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")]))
+def test_eager_and_tf_function_agree(b_kind, state, jit):
     """The eager path (`run_eagerly=True`), the compiled eager call and a caller's tf.function agree."""
     a, b = builders.model_a(), make_b(b_kind)
-    cascade = Cascade(a, b, state=state)
+    cascade = Cascade(a, b, state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
     eager = Cascade(a, b, state=state, run_eagerly=True)(x, PER_SAMPLE)
     compiled = tf.function(lambda x, steps: cascade(x, steps))
@@ -123,6 +152,7 @@ def test_eager_and_tf_function_agree(b_kind, state):
         np.testing.assert_array_equal(got.row_lengths(axis=2).numpy(), want.row_lengths(axis=2).numpy())
     np.testing.assert_allclose(compiled(tf.constant(x), tf.constant(PER_SAMPLE)).flat_values.numpy(),
                                eager.flat_values.numpy(), atol=1e-6)
+    paths.assert_path(cascade, jit, loop=state == "carry" and b_kind != "sequence")
 
 
 def gradients(cascade, x, steps, compute):
@@ -134,11 +164,13 @@ def gradients(cascade, x, steps, compute):
     return tape.gradient(loss, weights), weights
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gradients_equal_reference(b_kind, state, compiled):
-    cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state)
+GRADIENT_GRID = [(b, s, c) for c in (False, True) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
+
+
+@pytest.mark.parametrize("b_kind, state, compiled, jit", paths.both(
+    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)]))
+def test_gradients_equal_reference(b_kind, state, compiled, jit):
+    cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
 
     def run():
@@ -152,14 +184,16 @@ def test_gradients_equal_reference(b_kind, state, compiled):
         assert g is not None, weight.path
         np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
                                    rtol=1e-4, atol=1e-5, err_msg=weight.path)
+    assert cascade.a_compiled is (jit == "auto")
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_finite_differences(state):
-    """Central differences in float64 on a tiny cascade agree with the tape."""
+@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+def test_finite_differences(state, jit):
+    """Central differences in float64 on a tiny cascade agree with the tape (on the default: the differences
+    from the loop compiled whole, the tape's gradient from the plain loop)."""
     a = builders.model_a("simple", features=2, ir_size=2, dtype="float64")
     b = builders.step_b("gru", ir_size=2, units=2, output_size=1, dtype="float64")
-    cascade = Cascade(a, b, state=state)
+    cascade = Cascade(a, b, state=state, jit_compile=jit)
     x = builders.inputs(2, 3, features=2).astype("float64")
     steps = np.array([[2, 0, 3], [1, 2, 0]])
 
@@ -186,6 +220,7 @@ def test_finite_differences(state):
             weight.assign(original.reshape(weight.shape))
             numeric = (up - down) / (2 * eps)
             assert numeric == pytest.approx(np.ravel(grad)[index], rel=1e-5, abs=1e-8), weight.path
+    paths.assert_path(cascade, jit, loop=state == "carry")
 
 
 def identity_a(ir_size):
@@ -651,6 +686,7 @@ def test_jit_compile_auto_compiles_a_where_it_compiles():
 
 
 @pytest.mark.xla
+@pytest.mark.xla_fallback
 def test_jit_compile_auto_falls_back_quietly_where_a_does_not_compile():
     a, b = host_a(), builders.step_b()
     x = builders.inputs(3, 4)

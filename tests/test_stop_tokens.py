@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import builders
+import paths
 import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
@@ -55,28 +56,30 @@ def two_tokens(a, b, x, state, **settings):
     raise AssertionError("no two tokens stop different pairs")
 
 
-@pytest.mark.parametrize("b_kind, state", [("gru", "reset"), ("lstm", "carry"), ("sequence", "reset")])
-@pytest.mark.parametrize("exclude", [False, True])
-def test_several_tokens_equal_reference(b_kind, state, exclude):
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(
+    [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("lstm", "carry"), ("sequence", "reset")]],
+    auto=[("gru", "reset", True), ("lstm", "carry", False)]))
+def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)
     ids = two_tokens(a, b, x, state)
     cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.token(*ids),
-                      exclude_stop_step=exclude, jit_compile=False)
+                      exclude_stop_step=exclude, jit_compile=jit)
     values, lengths = cascade.run(x, CAPS)
     expected, expected_lengths, _ = stopref.reference(a, b, x, CAPS, state=state, exclude_stop_step=exclude,
                                                       stop=lambda y: int(np.argmax(y)) in ids)
     np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
     np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
+    paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_several_sampled_tokens_with_feedback_equal_reference(state):
+@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+def test_several_sampled_tokens_with_feedback_equal_reference(state, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
     x = builders.inputs(4, 5)
     ids = two_tokens(a, b, x, state, feedback=True, sampler="greedy")
     cascade = Cascade(a, b, state=state, feedback=True, sampler="greedy", max_steps=MAX_STEPS, min_steps=2,
-                      stop_rule=StopRule.token(*ids), jit_compile=False)
+                      stop_rule=StopRule.token(*ids), jit_compile=jit)
     values, lengths, tokens = cascade.run(x, CAPS, return_tokens=True)
     expected, expected_lengths, expected_tokens = stopref.reference(
         a, b, x, CAPS, state=state, feedback=True, sampler="greedy", min_steps=2,
@@ -84,6 +87,7 @@ def test_several_sampled_tokens_with_feedback_equal_reference(state):
     np.testing.assert_array_equal(lengths.numpy(), expected_lengths)
     np.testing.assert_allclose(values.numpy(), expected, atol=1e-5)
     assert tokens.numpy().tolist() == expected_tokens
+    paths.assert_path(cascade, jit)
 
 
 def test_a_stop_token_outside_b_is_refused_naming_it():

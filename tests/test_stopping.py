@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import builders
+import paths
 import stopref
 from cascade_cli.errors import DataError, ParameterError
 from cascade_cli.runner import Cascade, StopRule
@@ -39,33 +40,38 @@ def check(cascade, x, steps):
 FORMS_AND_STATES = [("gru", "reset"), ("gru", "carry"), ("lstm", "reset"), ("lstm", "carry"), ("sequence", "reset")]
 
 
-@pytest.mark.parametrize("b_kind, state", FORMS_AND_STATES)  # sequence + carry is refused, tested below
-@pytest.mark.parametrize("exclude", [False, True])
-def test_norm_rule_equals_reference(b_kind, state, exclude):
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(  # sequence + carry is refused, tested below
+    [(b, s, e) for e in (False, True) for b, s in FORMS_AND_STATES],
+    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)]))
+def test_norm_rule_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)
-    probe = Cascade(a, b, state=state)
+    probe = Cascade(a, b, state=state, jit_compile=False)
     threshold = float(np.quantile(norms(probe, x), 0.8))
     cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.norm(threshold),
-                      exclude_stop_step=exclude, jit_compile=False)
+                      exclude_stop_step=exclude, jit_compile=jit)
     for steps in (None, CAPS):
         lengths = check(cascade, x, steps)
         if steps is None:
             assert lengths.max() == MAX_STEPS  # some pairs never stop
             assert np.any(lengths < MAX_STEPS - 1)  # and some do
+    paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("b_kind, state", [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")])
-def test_token_rule_equals_reference(b_kind, state):
+@pytest.mark.parametrize("b_kind, state, jit", paths.both([("gru", "reset"), ("gru", "carry"), ("sequence", "reset")],
+                                                         auto=[("gru", "carry")]))
+def test_token_rule_equals_reference(b_kind, state, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)
-    tokens = np.argmax(Cascade(a, b, state=state)(x, np.full((4, 5), MAX_STEPS)).flat_values.numpy(), axis=-1)
+    plain = Cascade(a, b, state=state, jit_compile=False)
+    tokens = np.argmax(plain(x, np.full((4, 5), MAX_STEPS)).flat_values.numpy(), axis=-1)
     token = int(np.bincount(tokens, minlength=3).argmin())  # the rarest token: some pairs never stop
     for exclude in (False, True):
         cascade = Cascade(a, b, state=state, max_steps=MAX_STEPS, stop_rule=StopRule.token(token),
-                          exclude_stop_step=exclude)
+                          exclude_stop_step=exclude, jit_compile=jit)
         check(cascade, x, None)
         check(cascade, x, CAPS)
+        paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
 def test_stop_at_first_step_and_never():
