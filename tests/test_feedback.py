@@ -325,7 +325,7 @@ def test_bad_input_is_refused():
     with pytest.raises(ParameterError, match=r"^targets: teacher forcing needs given steps and no stop rule"):
         stopper.run(x, STEPS, targets=targets_for(STEPS))
     with pytest.raises(ParameterError, match=r"^sampler: expected a Sampler"):
-        Cascade(a, b, feedback=True, sampler="beam")
+        Cascade(a, b, feedback=True, sampler="nucleus")
 
 
 def test_inspect_b_feedback_form():
