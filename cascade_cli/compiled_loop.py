@@ -289,6 +289,9 @@ def call(function, *tensors):
     it (traced) share one trace (issue 31: a small run's start).
     """
     specs = [tf.TensorSpec([None] * tensor.shape.rank, tensor.dtype) for tensor in tensors]
+    if tf.distribute.has_strategy():  # each replica's variables live on its own device: trace in its own context
+        return (function.get_concrete_function() if function.input_signature is not None
+                else function.get_concrete_function(*specs))(*tensors)
     key = tuple((spec.shape.rank, spec.dtype) for spec in specs)
     concrete = function.__dict__.setdefault("_cascade_concrete", {})  # kept on the function: no state beside it
     if key not in concrete:
