@@ -274,6 +274,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
     ranges = batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples)
     check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats)
+    cascade.plan_xla(samples=n_samples, outer_steps=outer)  # the whole job's, never the batch's or the shard's
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     tokens = cascade.sampler.tokens
     call = lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens)  # noqa: E731
@@ -316,8 +317,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                     at_first += int(((caps > 1) & (part.lengths == first_length)).sum())
         if cascade.stop_rule is not None:  # what the rule did, for inspect to say it as generate does
             writer.attrs.update(zip(STOP_SUMMARY_ATTRS, (pairs, at_cap, at_first)))
-        if cascade.a_compiled is not None:  # decided by the first batch; for inspect
+        if cascade.a_compiled is not None:  # decided by the plan or the first batch; for inspect
             writer.attrs["a_compiled"] = bool(cascade.a_compiled)
+            if cascade.a_compile_problem:
+                writer.attrs["a_compile_problem"] = cascade.a_compile_problem
         if cascade.loop_compiled is not None:
             writer.attrs["loop_compiled"] = bool(cascade.loop_compiled)
             if cascade.loop_compile_problem:

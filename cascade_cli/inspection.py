@@ -104,10 +104,10 @@ def _result_stop_rule(attrs, lengths):
     return rows
 
 
-XLA_ATTRS = ("a_compiled", "jit_compile", "loop_compiled", "loop_compile_problem")
-"""What a result records of how the models ran: `a_compiled` (bool: A under XLA), the `jit_compile` asked for
-("auto"/True/False as text), `loop_compiled` (bool: the loop over B under XLA, whole) and, where it was not,
-`loop_compile_problem` (why)."""
+XLA_ATTRS = ("a_compiled", "a_compile_problem", "jit_compile", "loop_compiled", "loop_compile_problem")
+"""What a result records of how the models ran: `a_compiled` (bool: A under XLA) and, where it was not,
+`a_compile_problem` (why), the `jit_compile` asked for ("auto"/True/False as text), `loop_compiled` (bool: the
+loop over B under XLA, whole) and, where it was not, `loop_compile_problem` (why)."""
 
 
 def _result_xla(attrs):
@@ -120,7 +120,10 @@ def _result_xla(attrs):
         text = "under XLA" + (f" ({setting})" if setting else "")
     elif compiled is False:
         text = "without XLA" + (f" ({setting})" if setting else "")
-        if str(asked) == "auto":
+        problem = attrs.get("a_compile_problem")
+        if problem:
+            text += f": {problem}"
+        elif str(asked) == "auto":  # a file from before the reason was recorded
             text += ": A did not compile, or its XLA call differed from its plain call"
     else:
         text = f"{setting} (whether it ran under XLA is not recorded)"

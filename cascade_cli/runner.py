@@ -355,6 +355,11 @@ class Cascade:
         return None if self._xla is None else self._xla.training
 
     @property
+    def a_compile_problem(self):
+        """Why model A does not run under XLA in inference (None where it does, or before the first call decides)."""
+        return None if self._xla is None or self._xla.inference else self._xla.reason
+
+    @property
     def loop_compiled(self):
         """Whether the packed loop over B runs whole under XLA where it applies; None before the first call decides.
 
@@ -676,6 +681,30 @@ class Cascade:
         if self._xla is None:
             self._choose_xla(shape=inputs.shape)
         return self._xla.inference if training is False else self._xla.training
+
+    def plan_xla(self, *, samples, outer_steps):
+        """Decides in advance, for a whole job, whether model A runs under XLA where no compile can pay; no probe.
+
+        A job of fewer than `XLA_PAYS_FROM` of A's time steps (`samples` x
+        `outer_steps`, every batch and shard of it together) runs A's plain
+        call: its XLA compile and probe would cost far more than they save.
+        Larger jobs are left to the first call's probe (`_choose_xla`).
+        Decided once: a choice made already (by `jit_compile`, `run_eagerly`,
+        an earlier call or plan) stands. Give it the whole job, never a batch
+        or a shard, so that every batch size and shard runs A the same way.
+
+        Args:
+            samples: the job's samples, all batches and shards together
+                (with K draws per input, N x K).
+            outer_steps: `Ta`.
+        """
+        if self._xla is not None:
+            return
+        steps = int(samples) * int(outer_steps)
+        if steps < XLA_PAYS_FROM:
+            self._xla = _XlaChoice(False, False, (
+                f"the job is too small for XLA's compile to pay: {samples} samples x {outer_steps} outer steps = "
+                f"{steps} of A's steps, under {XLA_PAYS_FROM} (no probe)"))
 
     def _probe_shape(self, shape):
         """`(N, Ta, F)` of the probes: the first call's `shape` where it is small, so that what the probes compile
@@ -1452,6 +1481,14 @@ def xla_inference(model):
 
     return call
 
+
+XLA_PAYS_FROM = 4096
+"""The fewest of A's time steps (samples x outer steps) in a job for which `Cascade.plan_xla` lets A compile.
+
+Below it A's XLA compile (0.3-0.5 s for a one-GRU A on 2 cores, 0.15 s or so
+read back from the persistent cache) cannot pay at any batch size: XLA saved
+about 0.7 ms per call of 64 rows of 12 steps there, and below 4096 steps there
+are at most 64 such calls (`benchmarks/startup.py`)."""
 
 # The largest first call whose own shape the probes take (`Cascade._probe_shape`).
 _PROBE_SAMPLES = 16
