@@ -350,17 +350,6 @@ class ModelFiles:
         """Warns on `console` when safe mode is off: the files may run code."""
         _warn_unsafe(console, self.paths, unsafe=self.unsafe)
 
-    def load_generator(self, console, *, feedback=False):
-        """Loads `(model_a, model_b, settings)`: the two files (no settings), or a packed generator's."""
-        if self.packed is None:
-            return (*self.load(console, feedback=feedback), {})
-        _warn_unsafe(console, [self.packed], unsafe=self.unsafe)
-        load_tensorflow()
-        from cascade_cli.train.keras_model import load_generator
-
-        generator = load_generator(self.packed, safe_mode=not self.unsafe)
-        return generator.model_a, generator.model_b, generator.settings
-
     def load(self, console, *, feedback=False):
         """Loads `(model_a, model_b)` and checks that they fit (B in feedback form with `feedback`), naming the
         files; warns when safe mode is off."""

@@ -41,3 +41,31 @@ def pack_generator(model_a, model_b, output, *, settings=None, overwrite=False, 
     with atomic_output(output, overwrite=overwrite, suffix=".keras", inputs=(model_a, model_b)) as temp:
         generator.save(temp)
     return generator
+
+
+def export_generator(generator, directory, *, overwrite=False, safe_mode=True):
+    """Loads a packed generator and writes it as a TensorFlow SavedModel: what `cascade export-model` does.
+
+    Args:
+        generator: the packed generator's `.keras` file (`cascade pack`).
+        directory: the SavedModel folder to write (`keras_model.export_saved_model`).
+        overwrite: whether a folder that holds files may be written over.
+        safe_mode: how the generator loads (`keras_model.load_generator`).
+
+    Returns:
+        `(inputs, outputs)`: the names `serving_default` takes, `("inputs",)`
+        with `max_steps` else `("inputs", "steps")`, and those it returns,
+        e.g. `("flat_values", "lengths")`.
+
+    Raises:
+        ModelError: the file is not a packed generator, or does not load.
+        DataError: `directory` is a file, or holds files without `overwrite`.
+    """
+    from cascade_cli.train.keras_model import CascadeModel, export_saved_model, load_generator
+
+    loaded = load_generator(generator, safe_mode=safe_mode)
+    settings = loaded.settings
+    module = export_saved_model(CascadeModel(loaded.model_a, loaded.model_b, **settings), directory,
+                                overwrite=overwrite)
+    inputs = ("inputs",) if settings.get("max_steps") is not None else ("inputs", "steps")
+    return inputs, tuple(module.serve.get_concrete_function().structured_outputs)  # traced by the export

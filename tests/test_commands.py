@@ -147,3 +147,41 @@ def test_a_generated_result_records_what_the_library_says(tmp_path):
     recorded = read_result_attrs(out)
     assert {key: recorded[key] for key in expected} == expected
     assert recorded["min_steps"] == 2 and recorded["stop_value"] == 0.5
+
+
+# ------------------------------------------------------------ one library call per command
+
+
+def test_export_model_makes_one_library_call_and_renders_what_it_returns(tmp_path, monkeypatch):
+    from cascade_cli import generators
+
+    calls = []
+
+    def export_generator(generator, directory, **kwargs):
+        calls.append((str(generator), str(directory), kwargs))
+        return ("inputs", "steps"), ("flat_values", "lengths")
+
+    monkeypatch.setattr(generators, "export_generator", export_generator)
+    (tmp_path / "g.keras").write_bytes(b"")
+    result = invoke("export-model", tmp_path / "g.keras", "--saved-model", tmp_path / "serving" / "1", "--overwrite")
+    assert_ok(result)
+    assert calls == [(str(tmp_path / "g.keras"), str(tmp_path / "serving" / "1"),
+                      {"overwrite": True, "safe_mode": True})]
+    assert " ".join(result.output.split()) == (
+        f"Wrote the SavedModel '{tmp_path / 'serving' / '1'}': serving_default maps inputs, steps to flat_values, "
+        "lengths.")
+
+
+def test_export_generator_writes_the_saved_model_and_names_its_signature(tmp_path):
+    import tensorflow as tf
+
+    from cascade_cli.generators import export_generator, pack_generator
+
+    builders.model_a().save(tmp_path / "a.keras")
+    builders.step_b().save(tmp_path / "b.keras")
+    pack_generator(tmp_path / "a.keras", tmp_path / "b.keras", tmp_path / "g.keras", settings={"max_steps": 3})
+    names = export_generator(tmp_path / "g.keras", tmp_path / "served")
+    assert names == (("inputs",), ("flat_values", "lengths"))
+    served = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
+    out = served(inputs=tf.constant(builders.inputs(2, 3)))
+    assert out["lengths"].numpy().tolist() == [[3, 3, 3], [3, 3, 3]]

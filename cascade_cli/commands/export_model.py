@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cascade_cli.cli import ModelFiles, consoles, load_options, make_output_parents, say
+from cascade_cli.cli import ModelFiles, consoles, load_options, load_tensorflow, make_output_parents, say
 
 
 @click.command("export-model", short_help="Export a packed generator as a TensorFlow SavedModel.")
@@ -30,11 +30,10 @@ def export_model(ctx, generator, directory, overwrite, unsafe, allow_legacy_h5):
     check_not_holding_inputs(directory, [generator], what="--saved-model")
     make_output_parents(directory)
     console, _ = consoles()
-    files = ModelFiles(None, None, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5, packed=generator)
-    model_a, model_b, settings = files.load_generator(console)
-    from cascade_cli.train.keras_model import CascadeModel, export_saved_model
+    ModelFiles(None, None, unsafe=unsafe, packed=generator).warn_unsafe(console)
+    load_tensorflow()
+    from cascade_cli.generators import export_generator
 
-    module = export_saved_model(CascadeModel(model_a, model_b, **settings), directory, overwrite=overwrite)
-    inputs = "inputs" if settings.get("max_steps") is not None else "inputs, steps"
-    outputs = ", ".join(module.serve.get_concrete_function().structured_outputs)  # traced by the export
-    say(console, f"Wrote the SavedModel '{directory}': serving_default maps {inputs} to {outputs}.")
+    inputs, outputs = export_generator(generator, directory, overwrite=overwrite, safe_mode=not unsafe)
+    say(console, f"Wrote the SavedModel '{directory}': serving_default maps {', '.join(inputs)} to "
+                 f"{', '.join(outputs)}.")
