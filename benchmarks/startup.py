@@ -10,17 +10,20 @@ Prints, in seconds (the median of the rounds, and every round):
 
 - `python -c "import tensorflow"`: the floor no cascade run can go under;
 - `cascade generate` on `sample_data/` (8 samples, 303 inner steps) as it
-  comes (model A under XLA where it compiles, `jit_compile="auto"`): the
-  first run, with an empty XLA cache (`CASCADE_XLA_CACHE` pointed at a new
-  folder), then the same run repeated, which reads what the first wrote;
-  the same two without the cache (`CASCADE_XLA_CACHE=off`); with `--base`,
-  the same two runs of the code in that folder (code that predates the cache
-  runs both alike); each whole, and less the import's median, then again in
-  one process with the import timed apart (wall and CPU seconds of the rest);
+  comes (`jit_compile="auto"`: since issue 31's plan, a job this small, 96 of
+  A's steps, runs A's plain call with no XLA probe, `runner.XLA_PAYS_FROM`;
+  before it, A was probed and compiled): the first run, with an empty XLA
+  cache (`CASCADE_XLA_CACHE` pointed at a new folder), then the same run
+  repeated, which reads what the first wrote; the same two without the
+  cache (`CASCADE_XLA_CACHE=off`); with `--base`, the same two runs of the
+  code in that folder (code that predates the cache runs both alike); each
+  whole, and less the import's median, then again in one process with the
+  import timed apart (wall and CPU seconds of the rest);
 - with `--phases`, the phases of one run in one process: importing
-  TensorFlow and Keras, loading the two models, building the `Cascade`, the
-  first call (tracing, and with `jit_compile="auto"` A's XLA probe and
-  compile) and a second call; as it comes and without XLA.
+  TensorFlow and Keras, loading the two models, building the `Cascade` (and
+  its plan for the job, where the code has one), the first call (tracing,
+  and where A is probed its XLA probe and compile) and a second call; as it
+  comes and without XLA.
 
 Nothing here is asserted: it is a measurement, not a test.
 """
@@ -49,12 +52,14 @@ from cascade_cli.steps import read_steps
 a, b = load_pair("{a}", "{b}")
 marks["load A and B"] = time.perf_counter()
 cascade = Cascade(a, b)
-marks["Cascade(a, b): checks"] = time.perf_counter()
 with open_inputs("{x}") as source:
     inputs = source.read(0, source.n_samples)
+if hasattr(cascade, "plan_xla"):  # as generate plans the whole job (code before issue 31's plan has none)
+    cascade.plan_xla(samples=inputs.shape[0], outer_steps=inputs.shape[1])
+marks["Cascade(a, b): checks, plan"] = time.perf_counter()
 steps = read_steps("{s}")
 cascade.run(inputs, steps)
-marks["first call: trace, XLA probe and compile, run"] = time.perf_counter()
+marks["first call: trace (XLA probe and compile where A is probed), run"] = time.perf_counter()
 cascade.run(inputs, steps)
 marks["second call"] = time.perf_counter()
 last = started

@@ -214,7 +214,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     k` is the k-th draw for input n, and its draws depend on that index (the
     runner's `sample_index`), so batches and shards cut the K * N results
     like any others. With a sampler that picks tokens the result holds them
-    (`tokens`), and the attributes record whether A ran under XLA. The K
+    (`tokens`), and the attributes record whether A ran under XLA and why not
+    where it did not: a job too small for XLA to pay runs A's plain call with
+    no probe, decided from the whole job (`Cascade.plan_xla`), so every batch
+    size and shard runs A alike. The K
     draws are streamed: memory holds one batch of `batch_size` results, and
     the work before the first batch grows with the shard's own samples, not
     with N x K.
@@ -274,7 +277,9 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
     ranges = batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples)
     check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats)
-    cascade.plan_xla(samples=n_samples, outer_steps=outer)  # the whole job's, never the batch's or the shard's
+    cascade.plan_xla(samples=n_samples, outer_steps=outer,  # the whole job's, never the batch's or the shard's
+                     inner_steps=_job_inner_steps(steps, cascade.max_steps, n_samples=n_samples, outer=outer,
+                                                  repeats=repeats))
     dtype = tf.as_dtype(cascade.model_a.inputs[0].dtype)
     tokens = cascade.sampler.tokens
     call = lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens)  # noqa: E731
@@ -498,6 +503,15 @@ def _available_memory():
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     return physical if limit in (resource.RLIM_INFINITY, -1) else min(physical, limit)
+
+
+def _job_inner_steps(steps, max_steps, *, n_samples, outer, repeats):
+    """The inner steps a whole job may run: the sum of its caps over every sample and draw (Python int)."""
+    if steps is None:
+        return n_samples * outer * int(max_steps)
+    if steps.ndim == 1:
+        return n_samples * int(steps.sum())
+    return repeats * int(steps.sum())
 
 
 def _caps(steps, max_steps, start, stop, outer, *, repeats=1):

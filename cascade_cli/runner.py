@@ -682,29 +682,37 @@ class Cascade:
             self._choose_xla(shape=inputs.shape)
         return self._xla.inference if training is False else self._xla.training
 
-    def plan_xla(self, *, samples, outer_steps):
-        """Decides in advance, for a whole job, whether model A runs under XLA where no compile can pay; no probe.
+    def plan_xla(self, *, samples, outer_steps, inner_steps=None):
+        """Decides in advance, for a whole job, what runs without XLA because no compile can pay; no probe.
 
         A job of fewer than `XLA_PAYS_FROM` of A's time steps (`samples` x
-        `outer_steps`, every batch and shard of it together) runs A's plain
-        call: its XLA compile and probe would cost far more than they save.
-        Larger jobs are left to the first call's probe (`_choose_xla`).
-        Decided once: a choice made already (by `jit_compile`, `run_eagerly`,
-        an earlier call or plan) stands. Give it the whole job, never a batch
-        or a shard, so that every batch size and shard runs A the same way.
+        `outer_steps`) runs A's plain call: its XLA probe and compile would
+        cost far more than they save. So does the loop over B for fewer than
+        `XLA_PAYS_FROM` inner steps (`inner_steps`): it runs the plain loop.
+        Larger jobs are left to the first call's probes (`_choose_xla`, and
+        the loop's). Decided once: a choice made already (by `jit_compile`,
+        `run_eagerly`, B's form, an earlier call or plan) stands. Give it the
+        whole job, never a batch or a shard, so that every batch size and
+        shard runs alike.
 
         Args:
             samples: the job's samples, all batches and shards together
                 (with K draws per input, N x K).
             outer_steps: `Ta`.
+            inner_steps: the inner steps the job may run, all pairs together
+                (the sum of their caps: given steps, or `max_steps` each), or
+                None to leave the loop to its probe.
         """
-        if self._xla is not None:
-            return
+        def too_small(steps, what):
+            return (f"the job is too small for XLA's compile to pay: {what} = {steps} steps, under "
+                    f"{XLA_PAYS_FROM} (no probe)")
+
         steps = int(samples) * int(outer_steps)
-        if steps < XLA_PAYS_FROM:
-            self._xla = _XlaChoice(False, False, (
-                f"the job is too small for XLA's compile to pay: {samples} samples x {outer_steps} outer steps = "
-                f"{steps} of A's steps, under {XLA_PAYS_FROM} (no probe)"))
+        if self._xla is None and steps < XLA_PAYS_FROM:
+            self._xla = _XlaChoice(False, False, too_small(
+                steps, f"{samples} samples x {outer_steps} outer steps of A"))
+        if self._loop_choice is None and inner_steps is not None and int(inner_steps) < XLA_PAYS_FROM:
+            self._loop_choice = _LoopChoice(False, too_small(int(inner_steps), "the inner steps of B"))
 
     def _probe_shape(self, shape):
         """`(N, Ta, F)` of the probes: the first call's `shape` where it is small, so that what the probes compile
@@ -1483,12 +1491,16 @@ def xla_inference(model):
 
 
 XLA_PAYS_FROM = 4096
-"""The fewest of A's time steps (samples x outer steps) in a job for which `Cascade.plan_xla` lets A compile.
+"""The fewest steps in a job for which `Cascade.plan_xla` lets A (samples x outer steps) or the loop over B (its
+inner steps) compile under XLA.
 
-Below it A's XLA compile (0.3-0.5 s for a one-GRU A on 2 cores, 0.15 s or so
-read back from the persistent cache) cannot pay at any batch size: XLA saved
-about 0.7 ms per call of 64 rows of 12 steps there, and below 4096 steps there
-are at most 64 such calls (`benchmarks/startup.py`)."""
+A heuristic on the job's size alone, so that it never depends on the batch
+or the shard. Measured on sample_data/'s one-GRU A (32 units) on the 2-core
+VM: the probe and compile cost 0.3-0.5 s of CPU, and XLA saved about 0.7 ms
+per call of 64 rows (a generation batch's least) of 12 steps. Below 4096 steps
+even batches of one sample (341 calls at Ta = 12) save less than that. The
+loop over B costs more to probe and compile: 2.3-2.6 s of CPU for a feedback
+GRU B sampling tokens, 8 samples x 12 outer steps x max_steps 8."""
 
 # The largest first call whose own shape the probes take (`Cascade._probe_shape`).
 _PROBE_SAMPLES = 16

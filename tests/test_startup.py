@@ -70,15 +70,20 @@ def inputs_file(tmp_path):
 
 @pytest.fixture()
 def probes(monkeypatch):
-    """Counts the XLA probes of model A (`runner.xla_problem`) while the test runs."""
+    """Counts the XLA probes of model A (`runner.xla_problem`) and of the loop over B while the test runs."""
     calls = []
-    probe = runner.xla_problem
+    probe, choose_loop = runner.xla_problem, Cascade._choose_loop
 
     def counted(*args, **kwargs):
-        calls.append(args[2])
+        calls.append(("A", args[2]))
         return probe(*args, **kwargs)
 
+    def counted_loop(self, *, shape):
+        calls.append(("loop", shape))
+        return choose_loop(self, shape=shape)
+
     monkeypatch.setattr(runner, "xla_problem", counted)
+    monkeypatch.setattr(Cascade, "_choose_loop", counted_loop)
     return calls
 
 
@@ -96,7 +101,10 @@ def test_a_small_generate_runs_a_plainly_with_no_probe_and_says_why(models, inpu
     assert cascade.a_compiled is False and cascade.a_compiled_in_training is False
     assert bool(attrs["a_compiled"]) is False
     assert attrs["a_compile_problem"] == (
-        f"the job is too small for XLA's compile to pay: {N} samples x {TA} outer steps = {N * TA} of A's steps, "
+        f"the job is too small for XLA's compile to pay: {N} samples x {TA} outer steps of A = {N * TA} steps, "
+        f"under {runner.XLA_PAYS_FROM} (no probe)")
+    assert bool(attrs["loop_compiled"]) is False and attrs["loop_compile_problem"] == (
+        f"the job is too small for XLA's compile to pay: the inner steps of B = {STEPS.sum()} steps, "
         f"under {runner.XLA_PAYS_FROM} (no probe)")
     assert _result_xla({**attrs, "jit_compile": "auto"}) == [  # as inspect says it
         ("model A ran", f"without XLA (jit_compile=auto): {attrs['a_compile_problem']}")]
@@ -119,12 +127,13 @@ def test_the_choice_is_the_whole_jobs_at_any_batch_size_and_in_every_shard(
     assert all(bool(attrs["a_compiled"]) is (pays_from == 1) for _, attrs in parts)  # a shard's 2 or 3 samples too
     merged = CascadeResult.concatenate([part for part, _ in parts])
     assert merged.values.tobytes() == read_result(tmp_path / "b3.h5").values.tobytes()
-    assert len(probes) == (0 if pays_from > 1 else 6)  # one probe per cascade where XLA may pay, none elsewhere
+    kinds = [kind for kind, _ in probes]  # one probe of A per cascade where XLA may pay, none elsewhere
+    assert kinds == ([] if pays_from > 1 else ["A"] * 6)  # (the loop: reset through a known cell keeps it plain)
 
 
 @pytest.mark.xla
 def test_a_small_sampled_job_writes_the_same_bytes_at_any_batch_size(tmp_path, probes):
-    """With feedback and a sampler a result is byte-identical at any batch size: still so with A's plain call."""
+    """With feedback and a sampler a result is byte-identical at any batch size: still so without XLA's probes."""
     np.save(tmp_path / "x.npy", builders.inputs(N, TA))
     a, b = builders.model_a(), builders.feedback_b(output_size=4)
     results = {}
@@ -133,9 +142,9 @@ def test_a_small_sampled_job_writes_the_same_bytes_at_any_batch_size(tmp_path, p
                           sampler=Sampler.categorical(temperature=2.0), seed=7)
         with open_inputs(tmp_path / "x.npy") as source:
             generate_to_file(cascade, source, output=tmp_path / f"b{size}.h5", batch_size=size)
-        assert cascade.a_compiled is False
+        assert cascade.a_compiled is False and cascade.loop_compiled is False
         results[size] = read_result(tmp_path / f"b{size}.h5")
-    assert probes == [] and results[1].tokens.size > 0
+    assert probes == [] and results[1].tokens.size > 0  # neither A nor the loop over B was probed
     for size in (3, 8):
         for key in ("values", "lengths", "tokens"):
             assert getattr(results[size], key).tobytes() == getattr(results[1], key).tobytes(), (size, key)
@@ -148,7 +157,7 @@ def test_jit_compile_true_still_compiles_a_small_job_and_still_raises_where_a_ca
     cascade = Cascade(*models, jit_compile=True)  # probed at construction, so the plan leaves it be
     _, attrs = generate(cascade, inputs_file, tmp_path / "r.h5")
     assert cascade.a_compiled is True and bool(attrs["a_compiled"]) and "a_compile_problem" not in attrs
-    assert len(probes) == 1
+    assert [kind for kind, _ in probes].count("A") == 1
     inputs = keras.Input(shape=(None, 3))
     host = keras.Model(inputs, HostDoubling()(inputs))
     with pytest.raises(ParameterError, match=r"^jit_compile: True, but model A cannot run under XLA: it does not "
