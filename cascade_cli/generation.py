@@ -215,9 +215,9 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     runner's `sample_index`), so batches and shards cut the K * N results
     like any others. With a sampler that picks tokens the result holds them
     (`tokens`), and the attributes record whether A ran under XLA and why not
-    where it did not: a job too small for XLA to pay runs A's plain call with
-    no probe, decided from the whole job (`Cascade.plan_xla`), so every batch
-    size and shard runs A alike. The K
+    where it did not: a job too small for XLA to pay runs A's plain call and
+    the plain loop over B with no probe, decided from the whole job
+    (`Cascade.plan_xla`), so every batch size and shard runs alike. The K
     draws are streamed: memory holds one batch of `batch_size` results, and
     the work before the first batch grows with the shard's own samples, not
     with N x K.
