@@ -4,6 +4,7 @@ From the repository root, on an otherwise idle machine:
 
     python -m benchmarks.loop_ab             # under a minute on 2 cores
     python -m benchmarks.loop_ab --repeats 9
+    python -m benchmarks.loop_ab --compaction  # compacted rows vs masked rows vs the padded XLA decode
 
 The feedback suite's models and data (`benchmarks.feedback`): greedy decoding
 with the stop token `END`, `max_steps = 8`, in `reset` and in `carry`, at the
@@ -51,11 +52,52 @@ def _generators(model_a, model_b, *, state):
     return made
 
 
+def compaction(repeats):
+    """`reset` greedy decode, the feedback suite's cases: the compiled loop with compacted rows (the default), with
+    masked rows (`COMPACT_ROWS` out of reach) and the feedback suite's `padded_decode_xla`, in ms and as a ratio."""
+    import tensorflow as tf
+
+    from benchmarks import feedback
+    from cascade_cli import compiled_loop
+
+    rng = np.random.default_rng(0)
+    print("case              compacted ms  masked ms  padded XLA ms  compacted / masked  compacted / padded  "
+          "masked / padded")
+    for n, ta, hidden in CASES:
+        model_a, model_b = feedback.build_models(features=16, hidden=hidden, outputs=16, max_steps=8)
+        inputs = tf.constant(feedback.make_data(rng, n, ta, features=16, max_steps=8)[0])
+        made = {}
+        for name, rows in (("compacted", compiled_loop.COMPACT_ROWS), ("masked", 10**9)):
+            default, compiled_loop.COMPACT_ROWS = compiled_loop.COMPACT_ROWS, rows  # read when the loop is traced
+            try:
+                made[name] = _generators(model_a, model_b, state="reset")["compiled"]
+                results = [np.asarray(part) for part in made[name](inputs)]
+            finally:
+                compiled_loop.COMPACT_ROWS = default
+            made[name + " result"] = results
+        first, second = made.pop("compacted result"), made.pop("masked result")
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second)), "compacted and masked rows differ"
+        padded = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward",
+                                      run_plan=feedback.plan())[0]
+        made["padded"] = padded
+        rounds = {name: [] for name in made}
+        for _ in range(3):
+            for name, function in made.items():
+                rounds[name].append(_median_ms(function, inputs, repeats))
+        compacted, masked, padded = (float(np.median(rounds[name])) for name in ("compacted", "masked", "padded"))
+        print(f"N={n:<3} Ta={ta:<4} H={hidden}  {compacted:12.1f}  {masked:9.1f}  {padded:13.1f}  "
+              f"{compacted / masked:18.2f}  {compacted / padded:18.2f}  {masked / padded:15.2f}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
+    parser.add_argument("--compaction", action="store_true",
+                        help="compacted rows against masked rows and the padded XLA decode (reset, greedy)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.compaction:
+        return compaction(args.repeats)
     import tensorflow as tf
 
     from benchmarks import feedback

@@ -821,7 +821,7 @@ class Cascade:
                 start_previous=self._start[0] == "previous", sampler=self.sampler, stop=stop,
                 zero_gate=rule is not None and rule.kind == "gate", exclude_stop_step=self.exclude_stop_step, min_steps=self.min_steps, seed=self.seed,
                 return_tokens=return_tokens, width=self.b_spec.output_size, dtype=self._y_dtype,
-                state_sizes=tuple(self.b_spec.state_sizes), state_init=self.state_init)
+                state_sizes=tuple(self.b_spec.state_sizes), state_init=self.state_init, quantum=self._row_quantum)
             self._loops[key] = compiled_loop.compile_loop(
                 spec, self._b_step(training), self._start_value(),
                 table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))

@@ -133,3 +133,89 @@ def test_carry_rows_in_blocks_of_2_give_each_sample_the_same_bits_in_any_batch()
     for lo, hi in ((0, 2), (2, 4), (4, 12)):  # rows 2, 2 and 8
         part = cascade.run(x[lo:hi], steps[lo:hi])[0].numpy()
         assert part.tobytes() == values[splits[lo]:splits[hi]].tobytes(), (lo, hi)
+
+
+def test_compacted_sizes_are_quarters_and_halves_of_the_rows_in_whole_blocks_of_64_rows_or_more_by_hand():
+    def sizes(rows, quantum):
+        return [int(size) for size in compiled_loop.compacted_sizes(tf.constant(rows), quantum)]
+
+    assert sizes(16, 2) == [16, 16, 16]  # never more than the rows
+    assert sizes(224, 2) == [64, 112, 224]  # never fewer than 64 (a quarter: 56)
+    assert sizes(896, 2) == [224, 448, 896]
+    assert sizes(1000, 16) == [256, 512, 1000]
+
+
+def test_a_compacted_step_runs_the_running_rows_on_the_smallest_size_that_holds_them_by_hand():
+    """B sees the running rows only, in row order, on 4, 8 or 16 rows; every running row gets its own values."""
+
+    def step(x, y_prev, states):
+        rows = tf.cast(tf.fill([tf.shape(x)[0], 1], tf.shape(x)[0]), x.dtype)
+        return tf.concat([x + y_prev, rows], 1), [states[0] * 2.0]
+
+    @tf.function(jit_compile=True)
+    def run(active):
+        table = tf.reshape(tf.range(20, dtype=tf.float32), [20, 1])
+        pair = tf.range(16) + 2
+        fed = tf.fill([16, 1], 100.0)
+        states = [tf.reshape(tf.range(16, dtype=tf.float32), [16, 1])]
+        sizes = [tf.constant(4), tf.constant(8), tf.constant(16)]
+        y, [state] = compiled_loop.compacted_step(step, sizes, active, table, pair, fed, states)
+        return y, state
+
+    rng = np.random.default_rng(0)
+    for count, size in ((0, 4), (3, 4), (4, 4), (5, 8), (9, 16), (16, 16)):
+        active = np.zeros(16, bool)
+        active[rng.choice(16, count, replace=False)] = True
+        y, state = (t.numpy() for t in run(tf.constant(active)))
+        rows = np.flatnonzero(active)
+        np.testing.assert_array_equal(y[rows], np.stack([rows + 2 + 100.0, np.full(count, size)], 1))
+        np.testing.assert_array_equal(state[rows, 0], 2.0 * rows)
+
+
+def aligned_decoder(state, start, **kwargs):
+    """The feedback suite's length-choosing models at widths of 16 (row quantum 2) and a greedy decode to END."""
+    from benchmarks import feedback
+
+    a, b = feedback.build_models(features=16, hidden=16, outputs=16, max_steps=6)
+    x, _ = feedback.make_data(np.random.default_rng(4), 50 if state == "reset" else 130, 3, features=16, max_steps=6)
+    return x, Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler="greedy", max_steps=6,
+                      stop_rule=StopRule.token(feedback.END), **kwargs)
+
+
+@pytest.mark.xla
+@pytest.mark.parametrize("state, start", [("reset", "zeros"), pytest.param("carry", "previous", marks=pytest.mark.slow)])
+def test_a_decode_of_128_rows_or_more_runs_compacted_with_the_masked_loops_bits_in_any_batch(state, start, monkeypatch):
+    """Compacted rows give the masked loop's bits (whose values the reference tests check), here and in any batch."""
+    calls = []
+    compacted_step = compiled_loop.compacted_step
+    monkeypatch.setattr(compiled_loop, "compacted_step", lambda *args: calls.append(1) or compacted_step(*args))
+    x, cascade = aligned_decoder(state, start)
+    values, lengths, tokens = (t.numpy() for t in cascade.run(x, return_tokens=True))
+    assert cascade.loop_compiled is True and cascade._row_quantum == 2 and calls  # 150 pairs or 130 samples
+    assert 0 < lengths.min() < lengths.max()  # rows finished at different steps
+    plain = Cascade(cascade.model_a, cascade.model_b, feedback=True, state=state, feedback_start=start,
+                    sampler="greedy", max_steps=6, stop_rule=cascade.stop_rule, jit_compile=False)
+    want = [t.numpy() for t in plain.run(x, return_tokens=True)]
+    np.testing.assert_array_equal(lengths, want[1])
+    np.testing.assert_array_equal(tokens, want[2])
+    np.testing.assert_allclose(values, want[0], rtol=1e-5, atol=2e-5)  # values up to 5: float32 and oneDNN vs XLA
+    splits = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+    # reset: 60 and 90 rows, masked; the whole 150 compacted. carry: 64 and 66 rows (samples); the whole 130
+    for lo, hi in ((0, 20), (20, 50)) if state == "reset" else ((0, 64), (64, 130)):
+        part = cascade.run(x[lo:hi])[0].numpy()
+        assert part.tobytes() == values[splits[lo]:splits[hi]].tobytes(), (lo, hi)
+    monkeypatch.setattr(compiled_loop, "COMPACT_ROWS", 10**9)  # a new cascade runs the masked loop only
+    masked = aligned_decoder(state, start)[1].run(x)[0].numpy()
+    assert masked.tobytes() == values.tobytes()
+
+
+@pytest.mark.xla
+def test_rows_are_not_compacted_where_a_width_of_b_is_not_a_multiple_of_16(monkeypatch):
+    from test_feedback import models
+
+    calls = []
+    monkeypatch.setattr(compiled_loop, "compacted_step", lambda *args: calls.append(1))
+    a, b = models()
+    cascade = Cascade(a, b, feedback=True, sampler="greedy", max_steps=4, stop_rule=StopRule.token(1))
+    cascade.run(builders.inputs(50, 3))
+    assert cascade.loop_compiled is True and cascade._row_quantum == 16 and not calls
