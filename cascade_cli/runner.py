@@ -746,6 +746,10 @@ class Cascade:
             name = "initial_state" if initial_state is not None else "return_state"
             raise ParameterError(name, f"a run cannot carry its state across calls with these settings yet: "
                                        f"{problem}; run the sequence whole instead.")
+        if self.fast_cells is True and self.b_spec.form == "step":
+            raise ParameterError("fast_cells", "True, but the known-cell path cannot apply: a call that carries its "
+                                               "state runs the plain loop, which calls B itself; use "
+                                               "fast_cells='auto'.")
         samples = _size(inputs, 0)
         a_states, b_states, previous, offset = self._checked_state(initial_state, inputs)
         if extras is None:

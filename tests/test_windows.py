@@ -218,3 +218,21 @@ def test_settings_that_cannot_carry_a_state_are_refused(what):
         cascade = Cascade(builders.model_a(), builders.sequence_b(), state="carry")
     with pytest.raises(ParameterError, match="return_state: a run cannot carry its state across calls"):
         cascade.run(x, steps, return_state=True, **kwargs)
+
+
+def test_fast_cells_true_refuses_a_state():
+    cascade = Cascade(state_a(), builders.step_b(), fast_cells=True)
+    x, steps = builders.inputs(N, TA), np.full((N, TA), 2)
+    with pytest.raises(ParameterError, match="fast_cells: True, but the known-cell path cannot apply"):
+        cascade.run(x, steps, return_state=True)
+
+
+def test_an_empty_window_hands_the_state_on_unchanged():
+    cascade = Cascade(state_a(), builders.feedback_b(output_size=3), state="carry", **CASES["feedback"])
+    x, steps = builders.inputs(N, TA), np.full((N, TA), 4)
+    *_, state = cascade.run(x[:, :2], steps[:, :2], return_state=True)
+    values, lengths, after = cascade.run(x[:, 2:2], steps[:, 2:2], initial_state=state, return_state=True)
+    assert values.shape[0] == 0 and lengths.shape == (N, 0) and after.offset == 2
+    for got, want in zip((*after.a_states, *after.b_states, after.previous),
+                         (*state.a_states, *state.b_states, state.previous)):
+        np.testing.assert_array_equal(got, want)
