@@ -308,6 +308,71 @@ def _a_state_sizes(inputs, outputs, *, role):
     return tuple(int(shape[1]) for shape in in_states)
 
 
+def state_form(model_a, *, tolerance=1e-5):
+    """Model A in state form with A's own weights, or None where it cannot be built and shown to be A.
+
+    Built for an A that is a chain of layers, each fed the previous one's
+    output: its Keras recurrent layers (`keras.layers.RNN` and its GRU, LSTM
+    and SimpleRNN; `return_sequences=True`, forward) are rebuilt from their
+    config with `return_state=True`, called with `initial_state` and given A's
+    weights; every other layer is reused as it is. The result `[x, s1, ...,
+    sk] -> [ir, s1', ..., sk']` is kept only where, on a seeded probe input,
+    it equals A whole (zero states) and cut into two windows with the state
+    passed on: a layer that mixes outer steps (a convolution over time,
+    attention, a backward layer) gives None. A saved with a fixed `Ta` or `F`
+    gives None too.
+
+    Args:
+        model_a: a plain model A.
+        tolerance: how close the probe's values must come (times their scale).
+    """
+    import keras
+
+    inputs = list(model_a.inputs)
+    if len(inputs) != 1 or len(model_a.outputs) != 1 or len(inputs[0].shape) != 3:
+        return None
+    _, outer, features = inputs[0].shape
+    if outer is not None or features is None:
+        return None
+    dtype = inputs[0].dtype
+    try:
+        x = keras.Input(shape=(None, features), dtype=dtype)
+        hidden, states_in, states_out, copies = x, [], [], []
+        for layer in model_a.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            if isinstance(layer, keras.layers.RNN):
+                if not layer.return_sequences or layer.go_backwards:
+                    return None
+                sizes = layer.cell.state_size
+                sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+                state = [keras.Input(shape=(int(size),), dtype=dtype) for size in sizes]
+                copy = type(layer).from_config({**layer.get_config(), "return_state": True})
+                hidden, *new_states = copy(hidden, initial_state=state if len(state) > 1 else state[0])
+                states_in += state
+                states_out += new_states
+                copies.append((copy, layer))
+            else:
+                hidden = layer(hidden)
+        if not states_in:
+            return None
+        model = keras.Model([x, *states_in], [hidden, *states_out], name=f"{model_a.name}_state_form")
+        for copy, layer in copies:
+            copy.set_weights(layer.get_weights())
+        probe = np.random.default_rng(0).normal(size=(2, 5, features)).astype(np.dtype(dtype))
+        zeros = [keras.ops.zeros((2, int(t.shape[-1])), dtype) for t in states_in]
+        want = np.asarray(model_a(probe, training=False))
+        first = model([keras.ops.convert_to_tensor(probe[:, :2]), *zeros], training=False)
+        second = model([keras.ops.convert_to_tensor(probe[:, 2:]), *first[1:]], training=False)
+        got = np.concatenate([np.asarray(first[0]), np.asarray(second[0])], axis=1)
+    except Exception:  # a layer that cannot be rebuilt or called this way: no state form
+        return None
+    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=tolerance * scale):
+        return None
+    return model
+
+
 def _check_a_keeps_ta(model_a, in_shape, out_shape, *, role, state_sizes=()):
     """Refuses an A whose output length differs from its input length, naming both."""
     if in_shape[1] is not None and out_shape[1] is not None:

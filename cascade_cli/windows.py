@@ -6,9 +6,12 @@ other), so that the runner's working memory grows with the window instead of
 `Ta`, and joins their results into the whole run's: the same values, lengths
 and tokens (`cascade generate --window`).
 
-A plain A hands out no state, so it cannot be cut: it runs over the whole
-batch once (its IR `(N, Ta, H)` is held, as the inputs are), then B runs in
-windows over that IR. An A in state form runs in the windows too.
+An A in state form runs in the windows, its state carried. A plain A is run
+through its state form (`models.state_form`: a chain of Keras recurrent and
+per-step layers, rebuilt with `return_state=True` and checked on a probe)
+where it has one; elsewhere it hands out no state and cannot be cut, so it
+runs over the whole batch once (its IR `(N, Ta, H)` is held, as the inputs
+are) and B runs in windows over that IR.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cascade_cli.errors import ParameterError
+from cascade_cli.models import state_form
 from cascade_cli.options import RUNNER_DEFAULTS, check_int
 
 
@@ -37,13 +41,19 @@ class Windows:
             raise ParameterError("window", "cannot run a sequence-form B in carry mode: it hands out no state to "
                                            "carry; use a step-form B or run without a window.")
         self.cascade = cascade
-        self._runner = cascade if cascade.a_spec.form == "state" else _over_ir(cascade)
+        model_a = None if cascade.a_spec.form == "state" else state_form(cascade.model_a)
+        # a plain A without a state form runs over the whole batch at once, B in the windows
+        self.a_whole = cascade.a_spec.form == "plain" and model_a is None
+        if self.a_whole:
+            self._runner = _over_ir(cascade)
+        else:
+            self._runner = cascade if model_a is None else _with_a(cascade, model_a)
 
     def __call__(self, inputs, caps, sample_index=None, *, return_tokens=False):
         """Runs checked `inputs (N, Ta, F)` and `caps (N, Ta)` int32 window by window; `run`'s result."""
         import tensorflow as tf
 
-        if self._runner is not self.cascade:  # a plain A runs whole, once
+        if self.a_whole:
             inputs = self.cascade._call_a(tf.convert_to_tensor(inputs), training=False)[0]
         outer = int(inputs.shape[1])
         caps = np.asarray(caps)
@@ -64,13 +74,18 @@ class Windows:
         return tuple(tf.convert_to_tensor(part) for part in result)
 
 
+def _with_a(cascade, model_a):
+    """A cascade with `model_a` for A and the same B and settings."""
+    from cascade_cli.runner import Cascade
+
+    return Cascade(model_a, cascade.model_b, **{name: getattr(cascade, name) for name in RUNNER_DEFAULTS})
+
+
 def _over_ir(cascade):
     """A cascade with the same B and settings whose A is the identity: it runs B over IR computed beforehand."""
     import keras
 
-    from cascade_cli.runner import Cascade
-
     size, dtype = cascade.a_spec.ir_size, cascade.model_a.outputs[0].dtype
     identity = keras.Sequential([keras.Input((None, size), dtype=dtype), keras.layers.Identity(dtype=dtype)],
                                 name="ir")
-    return Cascade(identity, cascade.model_b, **{name: getattr(cascade, name) for name in RUNNER_DEFAULTS})
+    return _with_a(cascade, identity)

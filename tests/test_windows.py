@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from cascade_cli import CascadeState
 from cascade_cli.errors import ModelError, ParameterError
-from cascade_cli.models import inspect_a
+from cascade_cli.models import inspect_a, state_form
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.runner import Cascade
 from cascade_cli.windows import Windows
@@ -136,16 +136,45 @@ def test_windows_equal_the_whole_run(case, mode):
         assert (state.previous is not None) == (case == "feedback")
 
 
-def test_windows_of_a_plain_a_run_it_whole_once():
-    """`Windows` (generate --window): a plain A's IR is computed whole, B runs in windows over it."""
+def causal_conv_a():
+    """A plain A that mixes outer steps (a causal convolution over time): it has no state form."""
+    x = keras.Input(shape=(None, 3))
+    h = keras.layers.Conv1D(4, 2, padding="causal", kernel_initializer=builders.init(5))(x)
+    return keras.Model(x, keras.layers.GRU(4, return_sequences=True, kernel_initializer=builders.init(6))(h))
+
+
+def test_state_form_of_a_plain_a_equals_it_in_windows():
+    for model in (builders.model_a(), builders.model_a("lstm"), builders.model_a("simple")):
+        converted = state_form(model)
+        assert converted is not None and inspect_a(converted).form == "state"
+        x = builders.inputs(N, 7)
+        zeros = [tf.zeros((N, int(t.shape[-1]))) for t in converted.inputs[1:]]
+        first = converted([tf.constant(x[:, :3]), *zeros])
+        second = converted([tf.constant(x[:, 3:]), *first[1:]])
+        np.testing.assert_allclose(np.concatenate([first[0], second[0]], axis=1), model(x), atol=1e-5)
+    sequential = keras.Sequential([keras.Input((None, 3)), keras.layers.GRU(4, return_sequences=True),
+                                   keras.layers.Dense(2, activation="tanh")])
+    assert state_form(sequential) is not None
+    assert state_form(causal_conv_a()) is None  # mixes outer steps: windows would differ
+    bidirectional = keras.Sequential([keras.Input((None, 3)), keras.layers.Bidirectional(
+        keras.layers.GRU(2, return_sequences=True))])
+    assert state_form(bidirectional) is None
+
+
+@pytest.mark.parametrize("kind", ["state form", "whole"])
+def test_windows_of_a_plain_a(kind):
+    """`Windows` (generate --window): a plain A runs through its state form, or else whole once, B in windows."""
     b = builders.feedback_b(output_size=3)
-    cascade = Cascade(builders.model_a(), b, state="carry", **CASES["feedback"])
+    model_a = builders.model_a() if kind == "state form" else causal_conv_a()
+    cascade = Cascade(model_a, b, state="carry", **CASES["feedback"])
     x, caps = builders.inputs(N, 7), np.full((N, 7), 4, np.int32)
     whole = cascade.run(x, caps, return_tokens=True)
-    for window in (1, 3, 7, 10):
-        values, lengths, tokens = Windows(cascade, window)(x, caps, return_tokens=True)
+    for window in (1, 3, 10):
+        windows = Windows(cascade, window)
+        assert windows.a_whole is (kind == "whole")
+        values, lengths, tokens = windows(x, caps, return_tokens=True)
         np.testing.assert_array_equal(lengths, whole[1])
-        np.testing.assert_allclose(values, whole[0], atol=1e-6)
+        np.testing.assert_allclose(values, whole[0], atol=1e-5)
         np.testing.assert_array_equal(tokens, whole[2])
 
 

@@ -69,7 +69,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --feedback \\
           --sampler beam --beam-width 4 --max-steps 8 --stop-token 0 --num-samples 2 -o best2.h5
       cascade generate ... --shard 0/4 -o part0.h5   # then part1..part3, and cascade merge
-      cascade generate ... --state carry --window 1000 -o long.h5   # Ta = 1,000,000
+      cascade generate ... --state carry --window 1000 -o long.h5   # a long Ta, 1,000 outer steps at a time
     """
     if steps_file is not None and steps_text is not None:
         raise click.UsageError("--steps and --steps-file both give the inner steps; use one of them.", ctx)
