@@ -47,8 +47,8 @@ def _shard_option(ctx, param, value):
 @click.option("--keep-gate", is_flag=True, help="--stop-gate: keep B's stop-logit column in the written values.")
 @click.option("--window", type=click.IntRange(1), metavar="W",
               help="Run each batch W outer steps at a time, the state carried: the same result, memory bounded by "
-                   "the window instead of Ta (for long sequences). A plain model A still runs whole once; an A in "
-                   "state form runs in the windows too.")
+                   "the window instead of Ta (for long sequences). Model A runs in the windows too where it is in "
+                   "state form or has one (a chain of recurrent and per-step layers), else whole once.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Write NaN and Inf values; by default a model that produces one stops the run (exit 1), naming "
                    "the model and the first (sample, outer, inner) that went non-finite.")
