@@ -15,7 +15,7 @@ from cascade_cli.models import inspect_a, state_form
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.runner import Cascade
 from cascade_cli.windows import Windows
-from tests import builders, stopref
+from tests import builders, paths, stopref
 
 N, TA = 3, 5
 
@@ -161,14 +161,18 @@ def test_state_form_of_a_plain_a_equals_it_in_windows():
     assert state_form(bidirectional) is None
 
 
-@pytest.mark.parametrize("kind", ["state form", "whole"])
-def test_windows_of_a_plain_a(kind):
-    """`Windows` (generate --window): a plain A runs through its state form, or else whole once, B in windows."""
+@pytest.mark.parametrize("kind, jit", paths.both([("state form",), ("whole",)], auto=[("state form",)]))
+def test_windows_of_a_plain_a(kind, jit):
+    """`Windows` (generate --window): a plain A runs through its state form, or else whole once, B in windows.
+
+    The whole run as the oracle, on the shipped default (A and the loop over B under XLA) and the plain loop.
+    """
     b = builders.feedback_b(output_size=3)
     model_a = builders.model_a() if kind == "state form" else causal_conv_a()
-    cascade = Cascade(model_a, b, state="carry", **CASES["feedback"])
+    cascade = Cascade(model_a, b, state="carry", jit_compile=jit, **CASES["feedback"])
     x, caps = builders.inputs(N, 7), np.full((N, 7), 4, np.int32)
     whole = cascade.run(x, caps, return_tokens=True)
+    paths.assert_path(cascade, jit)
     for window in (1, 3, 10):
         windows = Windows(cascade, window)
         assert windows.a_whole is (kind == "whole")
