@@ -757,6 +757,8 @@ class Cascade:
         arguments = [inputs, caps, extras.sample_index, extras.probability, offset, *a_states, *b_states,
                      *([] if previous is None else [previous])]
         if self._compiles(inputs):
+            if self._xla is None:  # A's probe takes this call's shape (`_probe_shape`)
+                self._first_shape = tuple(inputs.shape)
             key = ("state", kind, training, inputs.dtype, inputs.shape[2], extras.return_tokens)
             if key not in self._concrete:
                 signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
@@ -1594,7 +1596,7 @@ def _cascade_cause(error):
     cause = error
     while cause is not None and not isinstance(cause, CascadeError):
         cause = cause.__cause__ or cause.__context__
-    return error if cause is None else cause.with_traceback(None)
+    return error if cause is None or cause is error else cause.with_traceback(None)
 
 
 def _differentiable(extras):
