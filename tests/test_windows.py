@@ -269,3 +269,21 @@ def test_an_empty_window_hands_the_state_on_unchanged():
     for got, want in zip((*after.a_states, *after.b_states, after.previous),
                          (*state.a_states, *state.b_states, state.previous)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_state_form_a_trains_as_its_plain_twin():
+    """A whole run with A in state form (zero states) has the values and gradients of the same A as a plain model."""
+    plain = builders.model_a()
+    twin = state_form(plain)
+    b = builders.step_b()
+    x, steps = tf.constant(builders.inputs(N, TA)), np.full((N, TA), 2)
+    grads = []
+    for model in (plain, twin):
+        cascade = Cascade(model, b, state="carry")
+        with tf.GradientTape() as tape:
+            values, _ = cascade.run(x, steps, training=True)
+            loss = tf.reduce_sum(values ** 2)
+        grads.append([np.asarray(g) for g in tape.gradient(loss, model.trainable_variables + b.trainable_variables)])
+    assert len(grads[0]) == len(grads[1])
+    for want, got in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
