@@ -67,3 +67,23 @@ def test_window_must_be_positive(tmp_path):
 def test_window_with_a_beam_is_a_usage_error(tmp_path):
     result = tokens(tmp_path / "r.h5", "--sampler", "beam", "--beam-width", "2", "--window", "3")
     assert_error(result, 2, "--window", "beam")
+
+
+def test_an_a_in_state_form_generates_whole_and_in_windows(tmp_path):
+    """An A saved in state form loads as one and gives the same file whole and with --window."""
+    from cascade_cli.models import state_form
+    from keras.saving import load_model
+
+    state_a = state_form(load_model(SAMPLES / "model_a.keras", compile=False))
+    state_a.save(tmp_path / "a_state.keras")
+
+    def run(out, *flags):
+        return invoke("generate", "--model-a", tmp_path / "a_state.keras", "--model-b", SAMPLES / "model_b.keras",
+                      "--inputs", SAMPLES / "inputs.h5", "--steps-file", SAMPLES / "steps.txt", "--state", "carry",
+                      *flags, "-o", out)
+
+    assert_ok(run(tmp_path / "whole.h5"))
+    assert_ok(sine(tmp_path / "plain.h5", "--state", "carry"))
+    assert_same(arrays(tmp_path / "plain.h5"), arrays(tmp_path / "whole.h5"))  # the plain A's own file
+    assert_ok(run(tmp_path / "w4.h5", "--window", "4"))
+    assert_same(arrays(tmp_path / "whole.h5"), arrays(tmp_path / "w4.h5"))
