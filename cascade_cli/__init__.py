@@ -16,6 +16,7 @@ _LAZY = {
     "Sampler": "cascade_cli.options",
     "TrainConfig": "cascade_cli.options",
     "CascadeResult": "cascade_cli.result",
+    "CascadeState": "cascade_cli.state",
     "CascadeError": "cascade_cli.errors",
     "CascadeModel": "cascade_cli.train.keras_model",
     "export_saved_model": "cascade_cli.train.keras_model",

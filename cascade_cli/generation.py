@@ -88,7 +88,7 @@ class GenerateRun:
 def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, inputs_key="inputs", steps=None,
                    steps_source="none", settings=None, batch_size=GENERATE_BATCH_SIZE, num_samples=1, shard=None,
                    keep_gate=False, allow_nonfinite=False, overwrite=False, safe_mode=True, allow_legacy_h5=False,
-                   progress=iter):
+                   progress=iter, window=None):
     """Generates a ragged result file from model and inputs files: what `cascade generate` does.
 
     Loads the models (A and B, or a generator packed by `cascade pack`),
@@ -106,7 +106,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
             (a file name, `"--steps 3,4,2"`, or `"none"`).
         settings: runner settings given, `{name: value}` (None: not given).
         batch_size, num_samples, shard, keep_gate, allow_nonfinite, overwrite,
-            progress: as `generate_to_file`.
+            progress, window: as `generate_to_file`.
         safe_mode, allow_legacy_h5: how the model files load (`models.load_model`).
 
     Returns:
@@ -155,7 +155,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
                              shard=shard, num_samples=num_samples)
         summary = generate_to_file(cascade, source, steps, output=output, batch_size=batch_size, attrs=attrs,
                                    shard=shard, num_samples=num_samples, overwrite=overwrite, progress=progress,
-                                   keep_gate=keep_gate, allow_nonfinite=allow_nonfinite)
+                                   keep_gate=keep_gate, allow_nonfinite=allow_nonfinite, window=window)
     return GenerateRun(summary, attrs, run_settings)
 
 
@@ -207,7 +207,7 @@ def resolve_steps(steps, source, *, max_steps=None, where="the steps"):
 
 def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE_BATCH_SIZE, attrs=None,
                      shard=None, num_samples=1, overwrite=False, progress=iter, keep_gate=False,
-                     allow_nonfinite=False):
+                     allow_nonfinite=False, window=None):
     """Runs `cascade` over the samples of `source` and writes a ragged HDF5 result.
 
     With `num_samples` K, every input is run K times: result sample `n * K +
@@ -246,6 +246,10 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             other `O - 1`.
         allow_nonfinite: write NaN and Inf values instead of stopping at the
             first.
+        window: run each batch in windows of this many outer steps, the
+            state carried (`cascade_cli.windows`): the same result, with the
+            runner's memory bounded by the window instead of `Ta`; None runs
+            each batch whole.
 
     Returns:
         A `GenerateSummary`.
@@ -289,8 +293,14 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         beam.check_num_samples(cascade, repeats)
         call = lambda inputs, caps, index: beam.run_ranked(  # noqa: E731
             cascade, inputs, caps, ranks=tf.cast(index % repeats, tf.int32))
-    run = _batch_function(call, [tf.TensorSpec([None, outer, features], dtype), tf.TensorSpec([None, outer], tf.int32),
-                                 tf.TensorSpec([None], tf.int64)])
+    if window is not None:  # windows of outer steps, each a runner call, the state carried
+        from cascade_cli.windows import Windows
+
+        windows = Windows(cascade, window)
+        run = lambda inputs, caps, index: windows(inputs, caps, index, return_tokens=tokens)  # noqa: E731
+    else:
+        run = _batch_function(call, [tf.TensorSpec([None, outer, features], dtype),
+                                     tf.TensorSpec([None, outer], tf.int32), tf.TensorSpec([None], tf.int64)])
 
     emitted = at_cap = pairs = at_first = 0
     first_length = 0 if cascade.exclude_stop_step else 1
@@ -607,7 +617,7 @@ def check_finite_outputs(cascade, part, inputs, *, first_sample, repeats=1):
     pair = int(np.searchsorted(ends, row, side="right"))
     n, t = divmod(pair, part.lengths.shape[1])
     j = row - (int(ends[pair - 1]) if pair else 0)
-    ir = np.asarray(cascade.model_a(inputs[n:n + 1], training=False))
+    ir = np.asarray(cascade._call_a(tf.convert_to_tensor(inputs[n:n + 1]), training=False)[0])  # A in either form
     role, model = ("model A", cascade.model_a) if not np.isfinite(ir[0, t]).all() else ("model B", cascade.model_b)
     value = part.values[row][~np.isfinite(part.values[row])][0]
     sample = first_sample + n

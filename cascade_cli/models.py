@@ -46,11 +46,19 @@ class ASpec:
         features: `F`, the input feature count (None when not fixed).
         outer_steps: `Ta` when A was saved with a fixed length, else None.
         ir_size: `H`, the size of one intermediate representation.
+        state_sizes: A in *state form* (`[x, s1, ..., sk] -> [ir, s1', ...,
+            sk']`): the size of each state, in order; empty for a plain A.
     """
 
     features: int | None
     outer_steps: int | None
     ir_size: int
+    state_sizes: tuple[int, ...] = ()
+
+    @property
+    def form(self):
+        """`"state"` for an A in state form, else `"plain"`."""
+        return "state" if self.state_sizes else "plain"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,17 +240,24 @@ def _dim(value):
 def inspect_a(model_a, *, role="model A"):
     """Checks that A maps `(batch, Ta, F)` to `(batch, Ta, H)` and returns its `ASpec`.
 
+    A comes in two forms, detected from its inputs: *plain*, one input `(batch,
+    Ta, F)` and one output `(batch, Ta, H)`; or *state form*, inputs `[x
+    (batch, Ta, F), s1, ..., sk]` and outputs `[ir (batch, Ta, H), s1', ...,
+    sk']`, each `si` `(batch, size)` and `si'` shaped like it (recurrent
+    layers called with `initial_state` and `return_state=True`), so that a
+    long sequence can run a window at a time with A's state carried
+    (`Cascade.run(..., initial_state=..., return_state=True)`). An A with
+    `stateful=True` layers is refused: its state would persist across calls
+    and batches unseen.
+
     The output length must equal the input length: an A that pools, crops or
     upsamples over time is refused. Where the symbolic shapes leave Ta unknown,
     A's output is worked out for Ta = 3 and 5 (symbolically, else by a call on
     zeros); an A that cannot be probed that way is checked by the runner.
     """
+    _refuse_stateful(model_a, role=role)
     inputs, outputs = list(model_a.inputs), list(model_a.outputs)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError(
-            f"{role} must have one input (batch, Ta, F) and one output (batch, Ta, H); "
-            f"received inputs {_shapes(inputs)} and outputs {_shapes(outputs)}."
-        )
+    state_sizes = _a_state_sizes(inputs, outputs, role=role)
     in_shape, out_shape = tuple(inputs[0].shape), tuple(outputs[0].shape)
     if len(in_shape) != 3 or len(out_shape) != 3 or out_shape[-1] is None:
         raise ModelError(
@@ -252,11 +267,113 @@ def inspect_a(model_a, *, role="model A"):
     if out_shape[2] < 1:
         raise ModelError(f"{role} emits IR vectors of size H={out_shape[2]} (output shape {out_shape}); "
                          "expected H >= 1.")
-    _check_a_keeps_ta(model_a, in_shape, out_shape, role=role)
-    return ASpec(features=_dim(in_shape[2]), outer_steps=_dim(in_shape[1]), ir_size=int(out_shape[2]))
+    _check_a_keeps_ta(model_a, in_shape, out_shape, role=role, state_sizes=state_sizes)
+    return ASpec(features=_dim(in_shape[2]), outer_steps=_dim(in_shape[1]), ir_size=int(out_shape[2]),
+                 state_sizes=state_sizes)
 
 
-def _check_a_keeps_ta(model_a, in_shape, out_shape, *, role):
+# A's state form, as messages name it.
+A_STATE_FORM = "[x (batch, Ta, F), s1, ..., sk] -> [ir (batch, Ta, H), s1', ..., sk']"
+
+
+def _refuse_stateful(model_a, *, role):
+    """Refuses an A with `stateful=True` layers, pointing to the state form."""
+    from cascade_cli.keras_internals import flatten_layers
+
+    stateful = [layer.name for layer in flatten_layers(model_a) if getattr(layer, "stateful", False) is True]
+    if stateful:
+        raise ModelError(
+            f"{role} has stateful=True layers ({', '.join(repr(name) for name in stateful)}): their state would "
+            "persist from one call and one batch to the next unseen, so the same inputs would give other values. "
+            f"Save A in state form instead, {A_STATE_FORM} (recurrent layers called with initial_state and "
+            "return_state=True, stateful=False), and carry its state with Cascade.run(..., initial_state=..., "
+            "return_state=True)."
+        )
+
+
+def _a_state_sizes(inputs, outputs, *, role):
+    """The state sizes of an A in state form (empty for a plain A); refuses any other set of inputs and outputs."""
+    if len(inputs) == 1 and len(outputs) == 1:
+        return ()
+    in_states, out_states = [tuple(t.shape) for t in inputs[1:]], [tuple(t.shape) for t in outputs[1:]]
+    fits = (len(inputs) == len(outputs) and len(inputs) > 1 and len(tuple(inputs[0].shape)) == 3
+            and all(len(shape) == 2 and shape[1] is not None for shape in in_states)
+            and [shape[1:] for shape in in_states] == [shape[1:] for shape in out_states])
+    if not fits:
+        raise ModelError(
+            f"{role} must have one input (batch, Ta, F) and one output (batch, Ta, H), or be in state form "
+            f"{A_STATE_FORM} with each si (batch, size) and si' shaped like si; received inputs "
+            f"{_shapes(inputs)} and outputs {_shapes(outputs)}."
+        )
+    return tuple(int(shape[1]) for shape in in_states)
+
+
+def state_form(model_a, *, tolerance=1e-5):
+    """Model A in state form with A's own weights, or None where it cannot be built and shown to be A.
+
+    Built for an A that is a chain of layers, each fed the previous one's
+    output: its Keras recurrent layers (`keras.layers.RNN` and its GRU, LSTM
+    and SimpleRNN; `return_sequences=True`, forward) are rebuilt from their
+    config with `return_state=True`, called with `initial_state` and given A's
+    weights; every other layer is reused as it is. The result `[x, s1, ...,
+    sk] -> [ir, s1', ..., sk']` is kept only where, on a seeded probe input,
+    it equals A whole (zero states) and cut into two windows with the state
+    passed on: a layer that mixes outer steps (a convolution over time,
+    attention, a backward layer) gives None. A saved with a fixed `Ta` or `F`
+    gives None too.
+
+    Args:
+        model_a: a plain model A.
+        tolerance: how close the probe's values must come (times their scale).
+    """
+    import keras
+
+    inputs = list(model_a.inputs)
+    if len(inputs) != 1 or len(model_a.outputs) != 1 or len(inputs[0].shape) != 3:
+        return None
+    _, outer, features = inputs[0].shape
+    if outer is not None or features is None:
+        return None
+    dtype = inputs[0].dtype
+    try:
+        x = keras.Input(shape=(None, features), dtype=dtype)
+        hidden, states_in, states_out, copies = x, [], [], []
+        for layer in model_a.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            if isinstance(layer, keras.layers.RNN):
+                if not layer.return_sequences or layer.go_backwards:
+                    return None
+                sizes = layer.cell.state_size
+                sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+                state = [keras.Input(shape=(int(size),), dtype=dtype) for size in sizes]
+                copy = type(layer).from_config({**layer.get_config(), "return_state": True})
+                hidden, *new_states = copy(hidden, initial_state=state if len(state) > 1 else state[0])
+                states_in += state
+                states_out += new_states
+                copies.append((copy, layer))
+            else:
+                hidden = layer(hidden)
+        if not states_in:
+            return None
+        model = keras.Model([x, *states_in], [hidden, *states_out], name=f"{model_a.name}_state_form")
+        for copy, layer in copies:
+            copy.set_weights(layer.get_weights())
+        probe = np.random.default_rng(0).normal(size=(2, 5, features)).astype(np.dtype(dtype))
+        zeros = [keras.ops.zeros((2, int(t.shape[-1])), dtype) for t in states_in]
+        want = np.asarray(model_a(probe, training=False))
+        first = model([keras.ops.convert_to_tensor(probe[:, :2]), *zeros], training=False)
+        second = model([keras.ops.convert_to_tensor(probe[:, 2:]), *first[1:]], training=False)
+        got = np.concatenate([np.asarray(first[0]), np.asarray(second[0])], axis=1)
+    except Exception:  # a layer that cannot be rebuilt or called this way: no state form
+        return None
+    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=tolerance * scale):
+        return None
+    return model
+
+
+def _check_a_keeps_ta(model_a, in_shape, out_shape, *, role, state_sizes=()):
     """Refuses an A whose output length differs from its input length, naming both."""
     if in_shape[1] is not None and out_shape[1] is not None:
         pairs = [(in_shape[1], out_shape[1])]
@@ -264,7 +381,7 @@ def _check_a_keeps_ta(model_a, in_shape, out_shape, *, role):
         return  # no probe without a known F
     else:
         lengths = _PROBE_LENGTHS if in_shape[1] is None else (in_shape[1],)
-        pairs = [(length, _probe_length(model_a, (in_shape[0] or 1, length, in_shape[2])))
+        pairs = [(length, _probe_length(model_a, (in_shape[0] or 1, length, in_shape[2]), state_sizes))
                  for length in lengths]
     for given, emitted in pairs:
         if emitted is not None and emitted != given:
@@ -276,18 +393,23 @@ def _check_a_keeps_ta(model_a, in_shape, out_shape, *, role):
             )
 
 
-def _probe_length(model_a, shape):
+def _probe_length(model_a, shape, state_sizes=()):
     """A's output length for inputs of `shape`: symbolically, else by a call on zeros; None when unknown."""
     import keras
 
     dtype = model_a.inputs[0].dtype
+    states = [(shape[0], size) for size in state_sizes]
     try:
-        length = model_a.compute_output_spec(keras.KerasTensor(shape, dtype=dtype)).shape[1]
+        spec = [keras.KerasTensor(shape, dtype=dtype), *(keras.KerasTensor(s, dtype=dtype) for s in states)]
+        output = model_a.compute_output_spec(spec if states else spec[0])
+        length = (output[0] if states else output).shape[1]
     except Exception:  # a layer without a symbolic shape rule; call it instead
         length = None
     if length is None:
         try:
-            length = model_a(np.zeros(shape, dtype=np.dtype(dtype)), training=False).shape[1]
+            zeros = [np.zeros(shape, dtype=np.dtype(dtype)), *(np.zeros(s, dtype=np.dtype(dtype)) for s in states)]
+            output = model_a(zeros if states else zeros[0], training=False)
+            length = (output[0] if states else output).shape[1]
         except Exception:  # A cannot run at this length (or at all): the runner will say so with real inputs
             return None
     return None if length is None else int(length)

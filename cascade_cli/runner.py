@@ -49,11 +49,12 @@ from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_r
                                          tapes_may_take_higher_order)
 from cascade_cli.models import check_inputs_fit, check_pair
 from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, STEPS_MAX, Sampler, StopRule,
-                                  check_choice, check_number, check_runner_settings, parse_feedback_start)
+                                  check_choice, check_int, check_number, check_runner_settings, parse_feedback_start)
 from cascade_cli.recurrence import packed_recurrence
+from cascade_cli.state import CascadeState
 from cascade_cli.steps import check_steps
 
-__all__ = ["Cascade", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "packed_loop", "stop_hits",
+__all__ = ["Cascade", "CascadeState", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "packed_loop", "stop_hits",
            "xla_inference", "xla_problem"]
 
 
@@ -327,18 +328,21 @@ class Cascade:
         self._concrete = {}  # the same keys -> its one concrete function, which is what is called
         self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
         self._first_shape = None  # the shape of the eager call that makes the first choices (`_probe_shape`)
-        self._xla_a = xla_inference(model_a) if jit_compile is not False and not run_eagerly else None
-        self._xla = None if self._xla_a else _XlaChoice(False, False, "jit_compile=False or run_eagerly=True")
+        compiles = jit_compile is not False and not run_eagerly
+        self._xla_a = xla_inference(model_a) if compiles and self.a_spec.form == "plain" else None
+        self._xla = None if self._xla_a else _XlaChoice(
+            False, False, _STATE_FORM_A if compiles else "jit_compile=False or run_eagerly=True")
         self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
         self._row_quantum = packing.row_quantum(model_b)  # its rows' blocks (a row's bits in any batch)
-        self._loop_choice = None if self._xla_a else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
+        self._loop_choice = None if compiles else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
         if self.sampler.kind == "beam":  # beam search runs its own packed loop (`cascade_cli.beam`)
             beam.check_settings(self)
             self._loop_choice = _LoopChoice(False, beam.NOT_COMPILED)
         if self.b_spec.form == "sequence":  # known now: no probe to wait for
             self._loop_choice = _LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
         if jit_compile is True:
-            self._choose_xla(shape=None)  # raise now where A cannot compile
+            if self._xla is None:
+                self._choose_xla(shape=None)  # raise now where A cannot compile
             if self._loop_choice is None:
                 self._choose_loop(shape=None)  # and where the loop cannot
 
@@ -376,7 +380,7 @@ class Cascade:
     # ------------------------------------------------------------------ public
 
     def __call__(self, inputs, steps=None, *, training=False, targets=None, sample_index=None,
-                 sampling_probability=0.0, return_tokens=False):
+                 sampling_probability=0.0, return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade.
 
         Args:
@@ -384,15 +388,24 @@ class Cascade:
             steps: `(Ta,)` or `(N, Ta)` non-negative integers, or None when
                 `max_steps` is set.
             training: passed to both models (dropout and the like).
-            targets, sample_index, sampling_probability, return_tokens: as for `run`.
+            targets, sample_index, sampling_probability, return_tokens,
+                initial_state, return_state: as for `run`.
 
         Returns:
             A `tf.RaggedTensor` `(N, Ta, None, O)`; with `return_tokens`,
-            `(values, tokens)`, `tokens` a `tf.RaggedTensor` `(N, Ta, None)` int64.
+            `(values, tokens)`, `tokens` a `tf.RaggedTensor` `(N, Ta, None)` int64;
+            with `return_state`, the `CascadeState` after them.
         """
         inputs, caps = self._checked(inputs, steps)
         extras = self._checked_extras(inputs, caps, steps, targets, sample_index, sampling_probability,
                                       return_tokens)
+        if initial_state is not None or return_state is not False:
+            parts, state = self._stateful("ragged", inputs, caps, training=training, extras=extras,
+                                          initial_state=initial_state, return_state=return_state)
+            nested = self._nested(parts, samples=_size(inputs, 0), outer=_size(inputs, 1))
+            if not return_state:
+                return nested
+            return (*nested, state) if isinstance(nested, tuple) else (nested, state)
         if self._compiles(inputs):
             parts = self._call_compiled("ragged", inputs, caps, training=training, extras=extras)
         else:
@@ -400,7 +413,7 @@ class Cascade:
         return self._nested(parts, samples=_size(inputs, 0), outer=_size(inputs, 1))
 
     def run(self, inputs, steps=None, *, training=False, targets=None, sample_index=None, sampling_probability=0.0,
-            return_tokens=False):
+            return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.
 
         `values` are in value order: sample, then outer step, then inner step.
@@ -424,15 +437,32 @@ class Cascade:
                 tensor (a schedule's value per step: no retrace per value).
             return_tokens: also return the sampled ids (sampler `greedy` or
                 `categorical`).
+            initial_state: a `CascadeState` (from a call with `return_state=True`)
+                to continue from: these inputs are the outer steps that follow
+                that call's. None starts every state at zeros at outer step 0.
+            return_state: also return the `CascadeState` at the end of this
+                call. Running `inputs[:, :W]` then `inputs[:, W:]` with the
+                state passed gives the values, lengths and tokens of running
+                `inputs` whole (A's state is carried where A is in state form;
+                a plain A starts from zeros in every call). The state carries
+                no gradient (`cascade_cli.state`). With a state, a call runs
+                the plain packed loop (not the compiled whole loop or the
+                known-cell recurrence); it cannot take targets (teacher
+                forcing), a beam sampler, or a sequence-form B in `carry` mode.
 
         Returns:
             `(values, lengths)`, or with `return_tokens` `(values, lengths,
             tokens (total,) int64)`: the sampled id of each value, in value
-            order (the values stay B's outputs).
+            order (the values stay B's outputs); with `return_state`, the
+            `CascadeState` last.
         """
         inputs, caps = self._checked(inputs, steps)
         extras = self._checked_extras(inputs, caps, steps, targets, sample_index, sampling_probability,
                                       return_tokens)
+        if initial_state is not None or return_state is not False:
+            result, state = self._stateful("flat", inputs, caps, training=training, extras=extras,
+                                           initial_state=initial_state, return_state=return_state)
+            return (*result, state) if return_state else result
         if self._compiles(inputs):
             return self._call_compiled("flat", inputs, caps, training=training, extras=extras)
         return self._run(inputs, caps, training, extras=extras)
@@ -546,12 +576,10 @@ class Cascade:
             return self._compiled(kind, inputs, training=training, extras=extras,
                                   loop=not tape_may_record())(*arguments)
         except Exception as error:
-            cause = error
-            while cause is not None and not isinstance(cause, CascadeError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None or cause is error:
+            cause = _cascade_cause(error)
+            if cause is error:
                 raise
-            raise cause.with_traceback(None) from None
+            raise cause from None
 
     def _recomputed(self, kind, inputs, arguments, weights, *, training, extras):
         """The compiled call under a persistent tape or nested tapes, with a gradient that runs it again.
@@ -642,12 +670,7 @@ class Cascade:
         recording) run the compiled whole loop where it applies (`_loop_applies`);
         `"probe"` runs it regardless (`_choose_loop`).
         """
-        if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
-            ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
-        elif not plain_a and self._a_under_xla(inputs, training=training):
-            ir = self._xla_a(inputs)
-        else:
-            ir = self.model_a(inputs, training=training)
+        ir, _ = self._call_a(inputs, training=training, plain_a=plain_a)
         if ir.shape.rank != 3:
             raise ModelError(f"model A returned shape {tuple(ir.shape)}; expected (N, Ta, H).")
         ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
@@ -673,6 +696,164 @@ class Cascade:
             outputs = split.head(outputs, training=training)
         values = _permute(outputs, order)  # value order: by pair, then step
         return values, self._lengths(caps, pairs)
+
+    def _call_a(self, inputs, *, training, plain_a=False, states=None):
+        """`(ir (N, Ta, H), states)`: model A on `inputs`, under XLA where it was chosen (`_a_under_xla`).
+
+        An A in state form starts from `states` (zeros where None) and returns
+        its states at the end; a plain A starts from zeros and returns none.
+        """
+        if self.a_spec.form == "plain":
+            if inputs.shape[1] == 0:  # Keras RNNs cannot run zero steps; there is nothing to emit anyway
+                ir = tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype)
+            elif not plain_a and self._a_under_xla(inputs, training=training):
+                ir = self._xla_a(inputs)
+            else:
+                ir = self.model_a(inputs, training=training)
+            return ir, []
+        if states is None:
+            states = [tf.zeros([tf.shape(inputs)[0], size], self.model_a.inputs[1 + i].dtype)
+                      for i, size in enumerate(self.a_spec.state_sizes)]
+        if inputs.shape[1] == 0:
+            return tf.zeros([tf.shape(inputs)[0], 0, self.a_spec.ir_size], inputs.dtype), list(states)
+        outputs = self.model_a([inputs, *states], training=training)
+        return outputs[0], list(outputs[1:])
+
+    # --------------------------------------------------- windows: the state carried
+
+    @property
+    def _carries_b(self):
+        """Whether a `CascadeState` holds B's states: `carry` mode, step form."""
+        return self.state == "carry" and self.b_spec.form == "step"
+
+    @property
+    def _carries_previous(self):
+        """Whether a `CascadeState` holds each sample's last fed value: feedback starting from the previous pair."""
+        return self.feedback and self._start[0] == "previous"
+
+    def _stateful(self, kind, inputs, caps, *, training, extras, initial_state, return_state):
+        """`(result, CascadeState)` of a call that takes or returns a state: `run`'s (`kind="flat"`) or the
+        flat parts of `__call__`'s (`"ragged"`).
+
+        Every path that takes a state runs the plain packed loop over B
+        (`_feedback_loop`), which hands out each sample's last states; called
+        eagerly, it runs in a cached `tf.function` as other calls do.
+        """
+        check_choice("return_state", return_state, (True, False))
+        problem = None
+        if self.sampler.kind == "beam":
+            problem = "sampler='beam' keeps hypotheses, not one state per sample"
+        elif extras is not None and extras.targets is not None:
+            problem = "targets (teacher forcing) are a training run's; windows in training come with train --window"
+        elif self.b_spec.form == "sequence" and self.state == "carry":
+            problem = "a sequence-form B in carry mode hands out no state"
+        if problem is not None:
+            name = "initial_state" if initial_state is not None else "return_state"
+            raise ParameterError(name, f"a run cannot carry its state across calls with these settings yet: "
+                                       f"{problem}; run the sequence whole instead.")
+        if self.fast_cells is True and self.b_spec.form == "step":
+            raise ParameterError("fast_cells", "True, but the known-cell path cannot apply: a call that carries its "
+                                               "state runs the plain loop, which calls B itself; use "
+                                               "fast_cells='auto'.")
+        samples = _size(inputs, 0)
+        a_states, b_states, previous, offset = self._checked_state(initial_state, inputs)
+        if extras is None:
+            extras = _Feed(None, tf.range(samples, dtype=tf.int64), tf.constant(0.0, tf.float64), False, False)
+        arguments = [inputs, caps, extras.sample_index, extras.probability, offset, *a_states, *b_states,
+                     *([] if previous is None else [previous])]
+        if self._compiles(inputs):
+            if self._xla is None:  # A's probe takes this call's shape (`_probe_shape`)
+                self._first_shape = tuple(inputs.shape)
+            key = ("state", kind, training, inputs.dtype, inputs.shape[2], extras.return_tokens)
+            if key not in self._concrete:
+                signature = [tf.TensorSpec([None, self.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
+                             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int64),
+                             tf.TensorSpec([], tf.float64), tf.TensorSpec([], tf.int64),
+                             *(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in arguments[5:])]
+                return_tokens = extras.return_tokens
+
+                def function(inputs, caps, sample_index, probability, offset, *states):
+                    feed = _Feed(None, sample_index, probability, return_tokens, False)
+                    return self._run_state(kind, inputs, caps, training, feed, offset, states)
+
+                self._concrete[key] = tf.function(function, input_signature=signature).get_concrete_function()
+            try:
+                result, state = self._concrete[key](*arguments)
+            except Exception as error:
+                cause = _cascade_cause(error)
+                if cause is error:
+                    raise
+                raise cause from None
+        else:
+            result, state = self._run_state(kind, inputs, caps, training, extras, offset, arguments[5:])
+        a_out, b_out, previous_out, offset_out = state
+        if tf.executing_eagerly():
+            offset_out = int(offset_out)
+        return tuple(result), CascadeState(tuple(a_out), tuple(b_out), previous_out, offset_out)
+
+    def _run_state(self, kind, inputs, caps, training, feed, offset, states):
+        """`(result, (a_states, b_states, previous, offset))`: `_stateful`'s call on checked tensors."""
+        states = [tf.stop_gradient(state) for state in states]  # no gradient through the state (truncated)
+        n_a, n_b = len(self.a_spec.state_sizes), len(self.b_spec.state_sizes) if self._carries_b else 0
+        a_states, b_states = states[:n_a], states[n_a:n_a + n_b]
+        previous = states[n_a + n_b] if self._carries_previous else None
+        ir, a_out = self._call_a(inputs, training=training, states=a_states)
+        ir_flat = tf.reshape(ir, [-1, self.a_spec.ir_size])
+        if self.b_spec.form == "sequence":  # reset mode: nothing of B's to carry
+            result, b_out, previous_out = self._run_sequence(ir_flat, caps, training), [], None
+        else:
+            result, b_out, previous_out = self._feedback_loop(ir_flat, caps, training, feed,
+                                                              carried=_Carried(b_states, previous, offset))
+        if kind == "ragged":
+            lengths = tf.reshape(tf.cast(result[1], tf.int64), [-1])
+            result = (result[0], tf.concat([tf.zeros([1], tf.int64), tf.cumsum(lengths)], 0), *result[2:])
+        outer = tf.cast(tf.shape(inputs)[1], tf.int64)
+        state = ([tf.stop_gradient(s) for s in a_out], [tf.stop_gradient(s) for s in b_out],
+                 None if previous_out is None else tf.stop_gradient(previous_out), offset + outer)
+        return tuple(result), state
+
+    def _checked_state(self, initial_state, inputs):
+        """`(a_states, b_states, previous, offset ())` int64: `initial_state` checked against this cascade and
+        inputs, or zeros where it is None."""
+        samples = _size(inputs, 0)
+        n = inputs.shape[0]
+        dtype, y_dtype = tf.as_dtype(self.model_a.outputs[0].dtype), self._y_dtype
+        b_sizes = tuple(self.b_spec.state_sizes) if self._carries_b else ()
+        if initial_state is None:
+            a_states = [tf.zeros([samples, size], self.model_a.inputs[1 + i].dtype)
+                        for i, size in enumerate(self.a_spec.state_sizes)]
+            b_states = [tf.zeros([samples, size], dtype) for size in b_sizes]
+            previous = tf.zeros([samples, self.b_spec.output_size], y_dtype) if self._carries_previous else None
+            return a_states, b_states, previous, tf.constant(0, tf.int64)
+        if not isinstance(initial_state, CascadeState):
+            raise ParameterError("initial_state", f"expected a CascadeState (returned by run(..., return_state=True)),"
+                                                  f" received {received(initial_state)}.")
+        expected = {"a_states": tuple(self.a_spec.state_sizes), "b_states": b_sizes,
+                    "previous": (self.b_spec.output_size,) if self._carries_previous else ()}
+        found = {"a_states": tuple(initial_state.a_states), "b_states": tuple(initial_state.b_states),
+                 "previous": () if initial_state.previous is None else (initial_state.previous,)}
+        checked = {}
+        for name, sizes in expected.items():
+            tensors = [tf.convert_to_tensor(t) for t in found[name]]
+            shapes = [tuple(t.shape) for t in tensors]
+            if len(tensors) != len(sizes) or any(
+                    len(shape) != 2 or shape[1] != size or (n is not None and shape[0] not in (None, n))
+                    for shape, size in zip(shapes, sizes)):
+                want = ", ".join(f"({n if n is not None else 'N'}, {size})" for size in sizes) or "none"
+                raise ParameterError("initial_state", f"does not fit this cascade and inputs: expected {name} "
+                                                      f"{want}, received shapes {shapes or 'none'}; pass the state "
+                                                      "a call of this cascade returned for the same samples.")
+            checked[name] = tensors
+        offset = initial_state.offset
+        if tf.is_tensor(offset) and not hasattr(offset, "numpy"):
+            offset = tf.cast(offset, tf.int64)
+        else:
+            offset = tf.constant(check_int("initial_state.offset", int(offset) if hasattr(offset, "numpy") else offset,
+                                           minimum=0), tf.int64)
+        a_states = [tf.cast(t, self.model_a.inputs[1 + i].dtype) for i, t in enumerate(checked["a_states"])]
+        b_states = [tf.cast(t, dtype) for t in checked["b_states"]]
+        previous = tf.cast(checked["previous"][0], y_dtype) if checked["previous"] else None
+        return a_states, b_states, previous, offset
 
     # ------------------------------------------------------------------- XLA
 
@@ -1214,10 +1395,16 @@ class Cascade:
                                lambda: self._run_teacher_forced(ir_flat, caps, training, feed, split))
         return self._feedback_loop(ir_flat, caps, training, feed)
 
-    def _feedback_loop(self, ir_flat, caps, training, feed):
-        """`_run_feedback`'s loop, which calls B itself at every inner step."""
+    def _feedback_loop(self, ir_flat, caps, training, feed, carried=None):
+        """`_run_feedback`'s loop, which calls B itself at every inner step.
+
+        `carried`: a `_Carried` to start from (a call that carries its state,
+        `_run_state`); then it returns `(result, b_states, previous)`, each
+        sample's states and last fed value after its last inner step.
+        """
         size, dtype = self.b_spec.output_size, self._y_dtype
         outer = tf.shape(caps)[1]
+        offset = 0 if carried is None else tf.cast(carried.offset, tf.int32)  # the outer index of pair % outer
         caps_flat = tf.reshape(caps, [-1])
         start_kind, start = self._start[0], self._start_value()
         teacher = feed.targets is not None
@@ -1232,7 +1419,8 @@ class Cascade:
                 return previous
             read = tf.logical_or(inner > 0, tf.gather(has_previous, pair))
             target = tf.gather(padded, tf.where(read, tf.gather(value_start, pair) + inner, 0))
-            u = sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer, inner, sampling.SCHEDULED_STREAM)
+            u = sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer + offset, inner,
+                                      sampling.SCHEDULED_STREAM)
             own = tf.logical_and(inner > 0, u < feed.probability)  # scheduled sampling: the row's own sample
             return tf.where(own[:, None], tf.stop_gradient(previous), target)
 
@@ -1251,12 +1439,12 @@ class Cascade:
             hit = None if rule is None else stop_hits(rule, y, token if rule.kind == "token" else None)
             return y, new_states, fed, token, hit
 
-        def iterate(j, rows, states, ys, pairs, tokens):
+        def iterate(j, rows, states, ys, pairs, tokens, finals):
             pair, inner, previous = rows[-3:]
             x = tf.gather(ir_flat, pair)
             y_prev = fed_back(pair, inner, previous) if self.feedback else None
-            u = (sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer, inner, sampling.CATEGORICAL_STREAM)
-                 if sampler.draws else None)
+            u = (sampling.row_uniforms(self.seed, _sample_of(pair), pair % outer + offset, inner,
+                                       sampling.CATEGORICAL_STREAM) if sampler.draws else None)
             # whole blocks make a row's values independent of the batch; not in training, where the padded
             # rows would change the shape, hence the draws, of B's dropout masks
             y, new_states, fed, token, hit = (decide if training else packing.on_whole_blocks(decide))(
@@ -1277,6 +1465,12 @@ class Cascade:
                 following = packing.next_running_pair(running_pairs, pair + 1, samples=samples, outer=outer)
                 keep = tf.logical_or(tf.logical_not(done), following >= 0)
                 next_pair = tf.where(done, following, pair)
+                if finals:  # the rows that leave hand out their sample's last states and fed value
+                    leaving = tf.logical_not(keep)
+                    where = tf.boolean_mask(samples, leaving)[:, None]
+                    last = ([*new_states] if carry_b else []) + ([fed] if carry_previous else [])
+                    finals = tuple(tf.tensor_scatter_nd_update(final, where, tf.boolean_mask(value, leaving))
+                                   for final, value in zip(finals, last))
                 if self.state == "reset":
                     fresh = initial_states(tf.maximum(next_pair, 0))
                     new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
@@ -1288,21 +1482,32 @@ class Cascade:
                 rows = (pair, inner + 1, fed)
             rows = tuple(tf.boolean_mask(r, keep) for r in rows)
             new_states = [tf.boolean_mask(s, keep) for s in new_states]
-            return j + 1, rows, new_states, ys, pairs, tokens
+            return j + 1, rows, new_states, ys, pairs, tokens, finals
 
         if walk:
             running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
             samples = packing.carry_rows(caps)
             pair = packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer)
             rows = (samples, pair)
-            states = (initial_states(pair) if self.state == "reset" else
-                      [tf.zeros([tf.size(samples), s], ir_flat.dtype) for s in self.b_spec.state_sizes])
+            if self.state == "reset":
+                states = initial_states(pair)
+            elif carried is not None:
+                states = [tf.gather(state, samples) for state in carried.b_states]
+            else:
+                states = [tf.zeros([tf.size(samples), s], ir_flat.dtype) for s in self.b_spec.state_sizes]
         else:
             pair = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)
             rows = (pair,)
             states = initial_states(pair)
         first = tf.zeros_like(start) if start_kind == "previous" else start  # zeros before the first pair
-        rows = rows + (tf.zeros_like(pair), tf.tile(first[None], [tf.size(pair), 1]))
+        if walk and carried is not None and carried.previous is not None:
+            first_fed = tf.gather(carried.previous, samples)  # the previous window's last fed value
+        else:
+            first_fed = tf.tile(first[None], [tf.size(pair), 1])
+        rows = rows + (tf.zeros_like(pair), first_fed)
+        carry_b = walk and carried is not None and self.state == "carry"
+        carry_previous = walk and carried is not None and carried.previous is not None
+        finals = tuple(carried.b_states if carry_b else []) + ((carried.previous,) if carry_previous else ())
 
         def array(dtype, shape):
             return tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
@@ -1314,10 +1519,11 @@ class Cascade:
             tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
             [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in states],
             tf.TensorShape(None), tf.TensorShape(None), tf.TensorShape(None),
+            tuple(tf.TensorShape([None]).concatenate(f.shape[1:]) for f in finals),
         )
-        j, _, _, ys, pairs, tokens = tf.while_loop(
+        j, _, _, ys, pairs, tokens, finals = tf.while_loop(
             lambda j, rows, *_: tf.size(rows[0]) > 0, iterate,
-            (tf.constant(0), rows, list(states), ys, pairs, tokens), shape_invariants=invariants)
+            (tf.constant(0), rows, list(states), ys, pairs, tokens, finals), shape_invariants=invariants)
         # A sentinel keeps concat() defined when nothing ran.
         outputs = ys.write(j, tf.zeros([0, size], dtype)).concat()
         pairs = pairs.write(j, tf.zeros([0], tf.int32)).concat()
@@ -1325,7 +1531,11 @@ class Cascade:
         result = (_permute(outputs, order), self._lengths(caps, pairs))
         if feed.return_tokens:
             result += (tf.gather(tokens.write(j, tf.zeros([0], tf.int64)).concat(), order),)
-        return result
+        if carried is None:
+            return result
+        finals = list(finals)
+        b_out = [finals.pop(0) for _ in self.b_spec.state_sizes] if carry_b else list(carried.b_states)
+        return result, b_out, (finals[0] if carry_previous else carried.previous)
 
     def _start_value(self):
         """`(O,)` in B's output dtype: `y_prev` at inner step 0 for `feedback_start` zeros or token:ID."""
@@ -1416,6 +1626,14 @@ class Cascade:
         x = tf.scatter_nd(index, tf.gather(ir_flat, value_pairs), [n, length, self.a_spec.ir_size])
         y = self.model_b(x, training=training)
         return tf.gather_nd(y, index), caps
+
+
+def _cascade_cause(error):
+    """The `CascadeError` a traced call raised, out of TensorFlow's wrapping (`StagingError`), else `error`."""
+    cause = error
+    while cause is not None and not isinstance(cause, CascadeError):
+        cause = cause.__cause__ or cause.__context__
+    return error if cause is None or cause is error else cause.with_traceback(None)
 
 
 def _differentiable(extras):
@@ -1572,6 +1790,8 @@ class _XlaChoice:
     reason: str | None
 
 
+_STATE_FORM_A = "model A is in state form, whose calls run without XLA"
+
 _RECURRENCE_WINS = ("reset mode with given steps through a known cell: its packed recurrence runs only the rows "
                     "still running, and measured faster than the masked loop under XLA")
 
@@ -1613,6 +1833,15 @@ class _Feed:
     probability: object  # () float64, the scheduled sampling probability
     return_tokens: bool
     scheduled: bool = True  # False: the probability is a Python 0, so teacher forcing alone (the known-cell path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Carried:
+    """What a call that carries its state starts from (`Cascade._run_state`), besides A's states."""
+
+    b_states: list  # each (N, size): B's carried states (carry mode), else empty
+    previous: object  # (N, O): each sample's last fed value (feedback_start="previous"), else None
+    offset: object  # () int64: the absolute outer index of this call's first outer step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,12 +45,16 @@ def _shard_option(ctx, param, value):
               help="Run only the I-th of K contiguous slices of the samples, I counted from 0 (0 <= I < K, as "
                    "JOB_COMPLETION_INDEX); join the K results with cascade merge.")
 @click.option("--keep-gate", is_flag=True, help="--stop-gate: keep B's stop-logit column in the written values.")
+@click.option("--window", type=click.IntRange(1), metavar="W",
+              help="Run each batch W outer steps at a time, the state carried: the same result, memory bounded by "
+                   "the window instead of Ta (for long sequences). Model A runs in the windows too where it is in "
+                   "state form or has one (a chain of recurrent and per-step layers), else whole once.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Write NaN and Inf values; by default a model that produces one stops the run (exit 1), naming "
                    "the model and the first (sample, outer, inner) that went non-finite.")
 @click.pass_context
 def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runner, batch_size, output, overwrite,
-             seed, num_samples, shard, keep_gate, allow_nonfinite):
+             seed, num_samples, shard, keep_gate, window, allow_nonfinite):
     """Run the cascade on inputs and write a ragged HDF5 result.
 
     \b
@@ -65,6 +69,7 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
       cascade generate --model-a A.keras --model-b B.keras --inputs X.h5 --feedback \\
           --sampler beam --beam-width 4 --max-steps 8 --stop-token 0 --num-samples 2 -o best2.h5
       cascade generate ... --shard 0/4 -o part0.h5   # then part1..part3, and cascade merge
+      cascade generate ... --state carry --window 1000 -o long.h5   # a long Ta, 1,000 outer steps at a time
     """
     if steps_file is not None and steps_text is not None:
         raise click.UsageError("--steps and --steps-file both give the inner steps; use one of them.", ctx)
@@ -80,13 +85,14 @@ def generate(ctx, models, inputs_path, inputs_key, steps_file, steps_text, runne
     from cascade_cli.generation import generate_files
 
     settings = {**runner, "seed": seed}
-    with runner_usage(ctx, runner, "keep_gate", "steps", steps="--steps-file or --steps"):
+    with runner_usage(ctx, runner, "keep_gate", "steps", "window", steps="--steps-file or --steps",
+                      window="--window"):
         done = generate_files(inputs_path, output, model_a=models.model_a, model_b=models.model_b,
                               model=models.packed, inputs_key=inputs_key, steps=steps, steps_source=where,
                               settings=settings, batch_size=batch_size, num_samples=num_samples, shard=shard,
                               keep_gate=keep_gate, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
                               safe_mode=not models.unsafe, allow_legacy_h5=models.allow_legacy_h5,
-                              progress=progress_bar(console, "generating"))
+                              progress=progress_bar(console, "generating"), window=window)
     print_generation(console, done.summary, stop_rule=done.settings["stop_rule"])
     if shard is not None:
         attrs = done.attrs
