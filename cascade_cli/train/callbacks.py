@@ -1,0 +1,164 @@
+"""What a resumed `fit` needs that Keras' `BackupAndRestore` does not keep: `RunState`, cascade's own state file.
+
+`BackupAndRestore` keeps the weights, the optimizer and the epoch; a resumed
+`fit` also needs the history of the epochs before it (for `history.csv` and
+the best-epoch line), `EarlyStopping`'s best value, wait count and best
+weights (so `patience` counts the epochs before the resume), and what the run
+was started with (its settings and the data file's hash, which a resume must
+repeat). `RunState` writes them after every epoch and gives them back to a
+resumed `fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from cascade_cli.atomic import atomic_output
+from cascade_cli.errors import ParameterError
+from cascade_cli.train.checkpoints import write_history
+
+STATE_FILE = "run_state.json"
+_BEST_WEIGHTS = "best-{epoch}.weights.npz"  # the weights of a best epoch (1-based), for EarlyStopping
+
+
+def early_stopping_state(history, *, monitor="val_loss"):
+    """What `EarlyStopping(monitor, mode="min")` holds after the epochs of `history`: `(best, best_epoch, wait)`.
+
+    `best` is the lowest `monitor` value (None when no row has one),
+    `best_epoch` its epoch (1-based; 0 with none) and `wait` the epochs with a
+    value since it, as Keras counts them (a row without the value does not count).
+    """
+    best, best_epoch, wait = None, 0, 0
+    for row in history:
+        value = row.get(monitor)
+        if value is None:
+            continue
+        wait += 1
+        if best is None or value < best:
+            best, best_epoch, wait = value, int(row["epoch"]), 0
+    return best, best_epoch, wait
+
+
+def read_state(folder):
+    """The state `RunState` wrote into `folder` (`{"history", "settings"}`), or None when there is none.
+
+    Raises:
+        ParameterError: (`resume`) the file is there but cannot be read.
+    """
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise ValueError("expected a JSON object with a 'history' list")
+    except (OSError, ValueError) as exc:
+        raise ParameterError("resume", f"'{path}' cannot be read (damaged or cut short?): {exc}; start afresh "
+                                       "with overwrite=True.") from exc
+    return state
+
+
+class RunState(keras.callbacks.Callback):
+    """Writes a run's history, settings and best weights beside `BackupAndRestore`, and gives them back on resume.
+
+    After every epoch it appends the epoch's row to the history (`epoch`,
+    1-based, then every figure of the epoch's logs, then `seconds`) and
+    writes `folder/run_state.json` (the history and `settings`) atomically,
+    and `history_file` (`checkpoints.write_history`) when given; with an
+    `EarlyStopping(restore_best_weights=True)`, the weights of a new best
+    epoch go into `folder/best-E.weights.npz`.
+
+    Give it *before* `BackupAndRestore` in `callbacks`: the state of an
+    epoch is written before Keras' backup of it, so a kill between the two
+    leaves a state one epoch ahead, never behind. As the first epoch of a
+    `fit` begins (the epoch `BackupAndRestore` resumes from), it keeps the
+    history of the epochs before it only and gives `early_stopping` the best
+    value, wait count, best epoch and best weights that an unbroken run held
+    there, so the weights restored at the end and the stopping epoch are
+    those of an unbroken run.
+
+    Args:
+        folder: where the state goes (`BackupAndRestore`'s own folder may not
+            hold other files: give another one).
+        settings: a JSON-able dict recorded with the state (a resume checks it), or None.
+        early_stopping: the run's `keras.callbacks.EarlyStopping` (on
+            `val_loss`, mode `min`, `min_delta=0`), or None.
+        history_file: a path to rewrite as `history.csv` after every epoch, or None.
+
+    Attributes:
+        history: the rows so far, earlier epochs of a resumed run included.
+    """
+
+    def __init__(self, folder, *, settings=None, early_stopping=None, history_file=None):
+        super().__init__()
+        stop = early_stopping
+        if stop is not None and (stop.monitor != "val_loss" or stop.mode not in ("auto", "min") or stop.min_delta):
+            raise ParameterError("early_stopping", f"expected EarlyStopping(monitor='val_loss', mode='min', "
+                                                   f"min_delta=0), received monitor={stop.monitor!r}, "
+                                                   f"mode={stop.mode!r}, min_delta={stop.min_delta!r}.")
+        self.folder = Path(folder)
+        self.settings = settings
+        self.early_stopping = early_stopping
+        self.history_file = None if history_file is None else Path(history_file)
+        self.history = []
+        self._resumed = False
+        self._started = None
+
+    def on_train_begin(self, logs=None):
+        self._resumed = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._resumed:
+            self._resumed = True
+            self._resume(epoch)
+        self._started = time.perf_counter()
+
+    def _resume(self, epoch):
+        """Takes the state of the `epoch` epochs before this `fit`'s first: the history and EarlyStopping's."""
+        state = read_state(self.folder) if epoch else None
+        history = [] if state is None else [row for row in state["history"] if row["epoch"] <= epoch]
+        if epoch and len(history) != epoch:
+            raise ParameterError("resume", f"'{self.folder / STATE_FILE}' holds {len(history)} epochs, but the "
+                                           f"backup resumes after epoch {epoch}: expected the state of each epoch "
+                                           "backed up; start afresh with overwrite=True.")
+        self.history = history
+        stop = self.early_stopping
+        if stop is None or not history:
+            return
+        best, best_epoch, wait = early_stopping_state(history, monitor=stop.monitor)
+        stop.best, stop.wait = best, wait
+        stop.best_epoch = max(best_epoch - 1, 0)
+        if stop.restore_best_weights and best is not None:
+            with np.load(self.folder / _BEST_WEIGHTS.format(epoch=best_epoch)) as saved:
+                stop.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1}
+        for key, value in (logs or {}).items():
+            value = float(value)
+            row[key] = value if math.isfinite(value) else None
+        row.setdefault("val_loss", None)
+        row["seconds"] = time.perf_counter() - self._started
+        before = early_stopping_state(self.history)[1]
+        self.history.append(row)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        best = early_stopping_state(self.history)[1]
+        keep = {before, best}
+        if self.early_stopping is not None and self.early_stopping.restore_best_weights and best == epoch + 1:
+            with atomic_output(self.folder / _BEST_WEIGHTS.format(epoch=best), overwrite=True,
+                               suffix=".npz") as temp:
+                np.savez(temp, **{f"w{i}": w for i, w in enumerate(self.model.get_weights())})
+        for path in self.folder.glob(_BEST_WEIGHTS.format(epoch="*")):
+            if int(path.name.split("-")[1].split(".")[0]) not in keep:  # a best that no resume can need
+                path.unlink()
+        with atomic_output(self.folder / STATE_FILE, overwrite=True) as temp:
+            temp.write_text(json.dumps({"format_version": 1, "history": self.history, "settings": self.settings},
+                                       indent=1), encoding="utf-8")
+        if self.history_file is not None:
+            write_history(self.history_file, self.history)
