@@ -49,6 +49,34 @@ def test_save_and_load_in_safe_mode_give_the_same_predict_bytes(tmp_path, settin
     np.testing.assert_array_equal(after.row_lengths(axis=2).numpy(), before.row_lengths(axis=2).numpy())
 
 
+def test_the_defaults_are_the_runner_s_and_jit_compile_none_of_an_older_file_means_auto(tmp_path):
+    import json
+    import zipfile
+
+    from cascade_cli.options import RUNNER_DEFAULTS, Sampler
+
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    settings = model.settings
+    assert settings["sampler"] == Sampler.coerce(RUNNER_DEFAULTS["sampler"])
+    assert {name: value for name, value in settings.items() if name != "sampler"} == {
+        name: RUNNER_DEFAULTS[name] for name in settings if name != "sampler"}
+    assert settings["jit_compile"] == "auto"
+    model.save(tmp_path / "new.keras")
+    with zipfile.ZipFile(tmp_path / "new.keras") as new, zipfile.ZipFile(tmp_path / "old.keras", "w") as old:
+        for item in new.infolist():  # a generator written when CascadeModel's default was jit_compile=None
+            data = new.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                assert config["config"]["jit_compile"] == "auto"
+                config["config"]["jit_compile"] = None
+                data = json.dumps(config).encode("utf-8")
+            old.writestr(item, data)
+    loaded = keras.saving.load_model(tmp_path / "old.keras")
+    assert loaded.settings["jit_compile"] == "auto"
+    x = builders.inputs(4, 3)
+    assert flat_of(loaded.predict(x, STEPS)).tobytes() == flat_of(model.predict(x, STEPS)).tobytes()
+
+
 FRESH_LOAD = """
 import sys
 import keras

@@ -41,7 +41,7 @@ from cascade_cli.atomic import atomic_directory
 from cascade_cli.errors import ParameterError
 from cascade_cli.keras_internals import seed_generators
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import LOSSES, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
+from cascade_cli.options import LOSSES, RUNNER_DEFAULTS, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
@@ -81,6 +81,8 @@ def _sampler_config(sampler):
 class CascadeModel(keras.Model):
     """Model A and model B chained by the packed runner, as one `keras.Model`.
 
+    The runner settings default to `Cascade`'s (`options.RUNNER_DEFAULTS`).
+
     Args:
         model_a: a `keras.Model` mapping `(batch, Ta, F)` to `(batch, Ta, H)`.
         model_b: a step-form or causal sequence-form `keras.Model`.
@@ -93,8 +95,9 @@ class CascadeModel(keras.Model):
         exclude_stop_step: leave the step that met the stop rule out.
         min_steps: no stop rule stops a pair before it has run this many steps (see `Cascade`).
         fast_cells: `"auto"`, True or False (see `Cascade`).
-        jit_compile: `Cascade`'s XLA switch for A when not training; None
-            (default) leaves it at `Cascade`'s default.
+        jit_compile: `Cascade`'s XLA switch for A when not training: `"auto"`
+            (Keras' convention: XLA where it compiles and is exact), True or
+            False; None (what generators saved before held) means `"auto"`.
         feedback, feedback_start, sampler, seed: `Cascade`'s feedback
             settings (a feedback-form B fed its own outputs). `fit` and
             `evaluate` teacher-force it on the targets (`batch_loss`);
@@ -114,10 +117,15 @@ class CascadeModel(keras.Model):
     >>> keras.saving.load_model("g.keras").predict(inputs, steps)   # tf.RaggedTensor (N, Ta, None, O)
     """
 
-    def __init__(self, model_a, model_b, *, state="reset", state_init="zeros", max_steps=None, stop_rule=None,
-                 exclude_stop_step=False, fast_cells="auto", jit_compile=None, feedback=False, feedback_start="zeros",
-                 sampler="identity", seed=0, min_steps=0, **kwargs):
+    def __init__(self, model_a, model_b, *, state=RUNNER_DEFAULTS["state"], state_init=RUNNER_DEFAULTS["state_init"],
+                 max_steps=RUNNER_DEFAULTS["max_steps"], stop_rule=RUNNER_DEFAULTS["stop_rule"],
+                 exclude_stop_step=RUNNER_DEFAULTS["exclude_stop_step"], fast_cells=RUNNER_DEFAULTS["fast_cells"],
+                 jit_compile=RUNNER_DEFAULTS["jit_compile"], feedback=RUNNER_DEFAULTS["feedback"],
+                 feedback_start=RUNNER_DEFAULTS["feedback_start"], sampler=RUNNER_DEFAULTS["sampler"],
+                 seed=RUNNER_DEFAULTS["seed"], min_steps=RUNNER_DEFAULTS["min_steps"], **kwargs):
         super().__init__(**kwargs)
+        if jit_compile is None:  # what a generator saved before "auto" was CascadeModel's default holds
+            jit_compile = RUNNER_DEFAULTS["jit_compile"]
         if isinstance(stop_rule, dict):
             stop_rule = StopRule(**stop_rule)
         if isinstance(sampler, dict):
@@ -128,7 +136,7 @@ class CascadeModel(keras.Model):
                               exclude_stop_step=exclude_stop_step, fast_cells=fast_cells,
                               jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
                               sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
-        runner = {key: value for key, value in self._settings.items() if value is not None or key != "jit_compile"}
+        runner = dict(self._settings)
         self.cascade = Cascade(model_a, model_b, **runner)
         # Training runs the given steps: no stop rule, no max_steps bound.
         self.training_cascade = self.cascade if stop_rule is None and max_steps is None else Cascade(
