@@ -123,6 +123,38 @@ def test_val_length_mae_of_fit_is_the_command_s(tmp_path):
     assert history["val_loss"] == pytest.approx([float(row["val_loss"]) for row in rows], rel=1e-5)
 
 
+@pytest.mark.slow  # two trainings with validation: about 30 s on 2 cores
+def test_val_length_mae_of_fit_with_a_stop_gate_is_the_command_s(tmp_path):
+    """A gated generator model (gate rule, max_steps the longest + 1) reports the command's `--stop-gate`
+    val_length_mae as `fit`'s validation `val_length_mae`."""
+    import csv
+
+    from cascade_cli.data import split_indices
+    from cascade_cli.options import StopRule
+
+    rng = np.random.default_rng(3)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("step", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    flags = ("--optimizer", "sgd", "--learning-rate", 0.5, "--epochs", 2, "--batch-size", 2, "--val-split", 0.5,
+             "--seed", 5, "--no-xla", "--stop-gate")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *flags))
+    with open(tmp_path / "run" / "history.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+
+    model = CascadeModel(*models("step", 3), stop_rule=StopRule.gate(), max_steps=int(STEPS.max()) + 1,
+                         jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.5), loss="mse", stop_gate=True, jit_compile=False)
+    train, val = split_indices(N, val_split=0.5, seed=5)
+    history = model.fit(dataset(path, batch_size=2, seed=5, indices=train), epochs=2, verbose=0,
+                        validation_data=dataset(path, batch_size=2, shuffle=False, indices=val)).history
+    assert history["val_length_mae"] == pytest.approx([float(row["val_length_mae"]) for row in rows], abs=1e-6)
+    assert history["val_loss"] == pytest.approx([float(row["val_loss"]) for row in rows], rel=1e-5)
+
+
 def test_fit_refuses_a_non_finite_step_as_cascade_train_does():
     """Batch 2 of an SGD run at lr 1e30 overflows: `fit` stops there with the command's words, and that step
     never reaches the weights (they are those batch 1 left)."""

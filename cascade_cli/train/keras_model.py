@@ -214,10 +214,11 @@ class CascadeModel(keras.Model):
                 pairs included, ends with one more target row, that token
                 (its one-hot, or the id for token-id targets), and runs one
                 more step (`cascade train --append-end-token`; give it here or
-                to `data.dataset`, not both). With it, and a model that
-                generates with a stop rule and `max_steps`, `evaluate` and
-                `fit`'s validation report `length_mae`: the mean absolute
-                error of the lengths `predict` gives against the steps given.
+                to `data.dataset`, not both). With it (or `stop_gate`), and a
+                model that generates with a stop rule and `max_steps`,
+                `evaluate` and `fit`'s validation report `length_mae`: the
+                mean absolute error of the lengths `predict` gives against the
+                steps given.
             sampling_probability: scheduled sampling of a feedback B (`cascade
                 train --sampling-probability`/`--sampling-schedule`): a
                 probability, or a `SamplingSchedule` (or its text,
@@ -287,9 +288,10 @@ class CascadeModel(keras.Model):
 
     @property
     def _measures_lengths(self):
-        """Whether `test_step` measures `length_mae`: end tokens appended and a stop rule to generate with."""
-        return (getattr(self, "_end_token", None) is not None and self._settings["stop_rule"] is not None
-                and self._settings["max_steps"] is not None)
+        """Whether `test_step` measures `length_mae`: a stop learned (end tokens appended by `compile`, or the stop
+        gate) and a stop rule to generate with, as `cascade train` measures `val_length_mae`."""
+        learned = getattr(self, "_end_token", None) is not None or getattr(self, "_stop_gate", False)
+        return learned and self._settings["stop_rule"] is not None and self._settings["max_steps"] is not None
 
     # --------------------------------------------------------------- steps
 
