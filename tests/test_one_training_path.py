@@ -176,6 +176,25 @@ def test_fit_refuses_a_non_finite_step_as_cascade_train_does():
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+def test_fit_refuses_a_non_finite_validation_loss_before_any_callback_takes_the_epoch(tmp_path):
+    """Validation targets of 1e30 overflow the float32 mse: `fit` stops at epoch 1 with the command's words, and
+    the BackupAndRestore given never saw the epoch end."""
+    from cascade_cli.errors import CascadeError
+
+    rng = np.random.default_rng(0)
+    inputs, steps = builders.inputs(8, TA), np.ones((8, TA), np.int64)
+    targets = rng.normal(size=(8, TA, 1, 2)).astype("float32")
+    huge = np.full_like(targets[4:], 1e30)
+    model = CascadeModel(*models("step", 2))
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(CascadeError, match=r"^training stopped at epoch 1: the validation loss became inf "
+                                           r"\(expected a finite number\); no callback was told the epoch ended"):
+        model.fit((inputs[:4], steps[:4]), targets[:4], batch_size=4, epochs=2, shuffle=False, verbose=0,
+                  validation_data=((inputs[4:], steps[4:]), huge), callbacks=[backup])
+    assert not (tmp_path / "backup").exists()
+
+
 def test_a_batch_that_emits_nothing_takes_no_step_in_fit_as_in_cascade_train():
     """The command skips a batch with no valid element; `fit`'s step is the same step: Adam does not move on it and
     its step count stays, so the run equals one without that batch."""

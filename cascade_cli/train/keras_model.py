@@ -302,7 +302,9 @@ class CascadeModel(keras.Model):
         (`check_training_arrays`). A step whose loss or gradients are not
         finite never reaches the weights: `fit` raises `CascadeError` naming
         the epoch and batch, and the model keeps the weights of the step
-        before. A `data.dataset` is told which epoch begins, so an epoch
+        before. A validation loss that is not finite stops `fit` with a
+        `CascadeError` too, before any callback is told the epoch ended (no
+        `BackupAndRestore` or `ModelCheckpoint` keeps it). A `data.dataset` is told which epoch begins, so an epoch
         resumed by `BackupAndRestore` visits that epoch's order. Everything
         else is Keras' own `fit`.
         """
@@ -313,7 +315,7 @@ class CascadeModel(keras.Model):
                 refused = tf.Variable(0.0, trainable=False, name="refused_steps",
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
-        callbacks = [*(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
+        callbacks = [_RefuseNonFiniteValidation(), *(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
         passes = getattr(x, "epoch_of_next_pass", None)  # a `data.dataset`: each epoch visits its own order
         if passes is not None:
             tell = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: passes.__setitem__(0, epoch))
@@ -518,6 +520,17 @@ class ReseedEachEpoch(keras.callbacks.Callback):
         np.random.seed(int(values[0]))
         for generator, value in zip(generators, values[1:]):
             generator.state.assign(tf.constant([int(value), 0], dtype=generator.state.dtype))
+
+
+class _RefuseNonFiniteValidation(keras.callbacks.Callback):
+    """Stops `CascadeModel.fit` at an epoch whose validation loss is not finite, as `cascade train`; given first, so
+    no callback after it (a backup, a checkpoint, early stopping) takes that epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if value is not None and not np.isfinite(float(value)):
+            raise non_finite_error("validation loss", float(value), epoch=epoch + 1, batch=None,
+                                   kept="no callback was told the epoch ended, so no backup holds it")
 
 
 class _RefuseNonFiniteSteps(keras.callbacks.Callback):
