@@ -8,7 +8,7 @@ import pytest
 
 import builders
 from cascade_cli.errors import ParameterError
-from cascade_cli.train.callbacks import STATE_FILE, RunState, early_stopping_state, read_state
+from cascade_cli.train.callbacks import STATE_FILE, RunState, ShowProgress, early_stopping_state, read_state
 from cascade_cli.train.keras_model import CascadeModel, ReseedEachEpoch
 from test_keras_model import training_arrays
 
@@ -91,3 +91,38 @@ def test_a_killed_run_resumes_to_the_weights_history_and_stop_of_an_unbroken_one
     assert read_state(tmp_path / "resumed" / "state")["settings"] == {"seed": 3}
     assert len(list((tmp_path / "resumed" / "state").glob("best-*.weights.npz"))) <= 2
     assert STATE_FILE == "run_state.json"
+
+
+def test_show_progress_tells_a_train_callbacks_what_fit_does(tmp_path):
+    from cascade_cli.options import TrainCallbacks
+
+    class Record(TrainCallbacks):
+        def __init__(self):
+            self.calls = []
+
+        def epoch_started(self, epoch, *, epochs, batches):
+            self.calls.append(("epoch_started", epoch, epochs, batches))
+
+        def batch_done(self, loss):
+            self.calls.append(("batch_done", loss))
+
+        def epoch_done(self, logs):
+            self.calls.append(("epoch_done", logs))
+
+    inputs, steps, _, padded = training_arrays(n=6)
+    model = CascadeModel(builders.model_a(), builders.step_b())
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    display = Record()
+    state = RunState(tmp_path)
+    history = model.fit((inputs[:4], steps[:4]), padded[:4], batch_size=2, epochs=2, shuffle=False, verbose=0,
+                        validation_data=((inputs[4:], steps[4:]), padded[4:]),
+                        callbacks=[state, ShowProgress(display, run_state=state)]).history
+    kinds = [call[0] for call in display.calls]
+    assert kinds == ["epoch_started", "batch_done", "batch_done", "epoch_done"] * 2
+    assert display.calls[0] == ("epoch_started", 1, 2, 2) and display.calls[4] == ("epoch_started", 2, 2, 2)
+    assert display.calls[2][1] == pytest.approx(history["loss"][0])  # the running loss at the epoch's end
+    rows = [call[1] for call in display.calls if call[0] == "epoch_done"]
+    assert rows == state.history
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [row["val_loss"] for row in rows] == pytest.approx(history["val_loss"])
+    assert all(row["seconds"] > 0 for row in rows)

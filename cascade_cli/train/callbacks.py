@@ -162,3 +162,37 @@ class RunState(keras.callbacks.Callback):
                                        indent=1), encoding="utf-8")
         if self.history_file is not None:
             write_history(self.history_file, self.history)
+
+
+class ShowProgress(keras.callbacks.Callback):
+    """Tells a `TrainCallbacks` (`cascade train`'s rich display) what `fit` does, in the command's terms.
+
+    Each epoch's start (1-based, of `fit`'s `epochs`, with its batches when
+    Keras knows them), each batch's running training loss, and each epoch's
+    history row: `run_state`'s (give this callback after it), else the
+    epoch's logs with `epoch` (1-based) and `val_loss` (None without one).
+    The run's start, a resume, an early stop and the run's end belong to
+    whoever calls `fit`.
+
+    Args:
+        display: a `TrainCallbacks`.
+        run_state: the run's `RunState`, or None.
+    """
+
+    def __init__(self, display, *, run_state=None):
+        super().__init__()
+        self.display = display
+        self.run_state = run_state
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.display.epoch_started(epoch + 1, epochs=self.params["epochs"], batches=self.params.get("steps"))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.display.batch_done(float((logs or {})["loss"]))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.run_state is not None:
+            row = dict(self.run_state.history[-1])
+        else:
+            row = {"epoch": epoch + 1, "val_loss": None, **{key: float(value) for key, value in (logs or {}).items()}}
+        self.display.epoch_done(row)
