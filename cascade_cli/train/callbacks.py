@@ -21,9 +21,8 @@ import numpy as np
 
 from cascade_cli.atomic import atomic_output
 from cascade_cli.errors import ParameterError
-from cascade_cli.train.checkpoints import write_history
+from cascade_cli.train.checkpoints import STATE_FILE, read_state, write_history
 
-STATE_FILE = "run_state.json"
 _BEST_WEIGHTS = "best-{epoch}.weights.npz"  # the weights of a best epoch (1-based), for EarlyStopping
 
 
@@ -43,25 +42,6 @@ def early_stopping_state(history, *, monitor="val_loss"):
         if best is None or value < best:
             best, best_epoch, wait = value, int(row["epoch"]), 0
     return best, best_epoch, wait
-
-
-def read_state(folder):
-    """The state `RunState` wrote into `folder` (`{"history", "settings"}`), or None when there is none.
-
-    Raises:
-        ParameterError: (`resume`) the file is there but cannot be read.
-    """
-    path = Path(folder) / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
-            raise ValueError("expected a JSON object with a 'history' list")
-    except (OSError, ValueError) as exc:
-        raise ParameterError("resume", f"'{path}' cannot be read (damaged or cut short?): {exc}; start afresh "
-                                       "with overwrite=True.") from exc
-    return state
 
 
 class RunState(keras.callbacks.Callback):
@@ -90,12 +70,14 @@ class RunState(keras.callbacks.Callback):
         early_stopping: the run's `keras.callbacks.EarlyStopping` (on
             `val_loss`, mode `min`, `min_delta=0`), or None.
         history_file: a path to rewrite as `history.csv` after every epoch, or None.
+        write: False on a worker that only reads the state (not the chief of a
+            multi-worker run): it keeps the history in memory only.
 
     Attributes:
         history: the rows so far, earlier epochs of a resumed run included.
     """
 
-    def __init__(self, folder, *, settings=None, early_stopping=None, history_file=None):
+    def __init__(self, folder, *, settings=None, early_stopping=None, history_file=None, write=True):
         super().__init__()
         stop = early_stopping
         if stop is not None and (stop.monitor != "val_loss" or stop.mode not in ("auto", "min") or stop.min_delta):
@@ -106,6 +88,7 @@ class RunState(keras.callbacks.Callback):
         self.settings = settings
         self.early_stopping = early_stopping
         self.history_file = None if history_file is None else Path(history_file)
+        self.write = write
         self.history = []
         self._resumed = False
         self._started = None
@@ -115,12 +98,22 @@ class RunState(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._resumed:
-            self._resumed = True
-            self._resume(epoch)
+            self.resume(epoch)
         self._started = time.perf_counter()
 
-    def _resume(self, epoch):
-        """Takes the state of the `epoch` epochs before this `fit`'s first: the history and EarlyStopping's."""
+    def resume(self, epoch):
+        """Takes the state of the `epoch` epochs done (0: none) and returns their history; done once a `fit`.
+
+        Keeps the history of those epochs and gives `early_stopping` (after its
+        `on_train_begin`) the best value, wait count, best epoch and best
+        weights an unbroken run held after them. `fit` calls it as its first
+        epoch begins; a loop that drives the callbacks itself calls it after
+        `on_train_begin`.
+
+        Raises:
+            ParameterError: (`resume`) the state holds fewer epochs, or cannot be read.
+        """
+        self._resumed = True
         state = read_state(self.folder) if epoch else None
         history = [] if state is None else [row for row in state["history"] if row["epoch"] <= epoch]
         if epoch and len(history) != epoch:
@@ -130,23 +123,28 @@ class RunState(keras.callbacks.Callback):
         self.history = history
         stop = self.early_stopping
         if stop is None or not history:
-            return
+            return list(history)
         best, best_epoch, wait = early_stopping_state(history, monitor=stop.monitor)
         stop.best, stop.wait = best, wait
         stop.best_epoch = max(best_epoch - 1, 0)
         if stop.restore_best_weights and best is not None:
             with np.load(self.folder / _BEST_WEIGHTS.format(epoch=best_epoch)) as saved:
                 stop.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+        return list(history)
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = {key: float(value) for key, value in (logs or {}).items()}
         row = {"epoch": epoch + 1}
-        for key, value in (logs or {}).items():
-            value = float(value)
-            row[key] = value if math.isfinite(value) else None
-        row.setdefault("val_loss", None)
+        for key in [key for key in logs if not key.startswith("val_")]:  # each figure, then its val_ (None: none)
+            row[key], row[f"val_{key}"] = logs[key], logs.get(f"val_{key}")
+        row.update((key, value) for key, value in logs.items() if key not in row)
+        row = {key: None if value is None or not math.isfinite(value) else value for key, value in row.items()}
+        row["epoch"] = epoch + 1
         row["seconds"] = time.perf_counter() - self._started
         before = early_stopping_state(self.history)[1]
         self.history.append(row)
+        if not self.write:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         best = early_stopping_state(self.history)[1]
         keep = {before, best}
