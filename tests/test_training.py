@@ -448,6 +448,27 @@ def test_patience_stops_and_restores_the_best_weights(tmp_path):
     assert restored == pytest.approx(val_losses[0], rel=1e-6)
 
 
+def test_patience_counts_the_epochs_before_a_resume_and_restores_their_best_weights(tmp_path):
+    """Killed in epoch 3 of a run whose val_loss only rises, the resumed run stops where the unbroken one does (after
+    epoch 3, EarlyStopping's wait carried over in run_state.json) and keeps epoch 1's weights, not its own best."""
+    n = 8
+    rng = np.random.default_rng(3)
+    inputs, steps = builders.inputs(n, 2, seed=3), rng.integers(1, 3, size=(n, 2))
+    _, val = split_indices(n, val_split=0.25, seed=0)
+    sign = np.where(np.isin(np.arange(n), val), -2.0, 2.0)
+    targets = np.repeat(sign, steps.sum(axis=1))[:, None] * np.ones((1, 2))
+    path = write_data(tmp_path / "train.h5", inputs, steps, targets.astype(np.float32))
+    run = dict(epochs=10, batch_size=3, optimizer="adam", learning_rate=0.05, val_split=0.25, patience=2, seed=0)
+    unbroken = train(path, tmp_path / "unbroken", **run)
+    assert len(unbroken) == 3
+    with pytest.raises(Interrupt):
+        train(path, tmp_path / "broken", callbacks=StopAt(3, 1), **run)
+    resumed = train(path, tmp_path / "broken", resume=True, **run)
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in unbroken]
+    assert_same(saved_weights(tmp_path / "broken"), saved_weights(tmp_path / "unbroken"))
+
+
 def test_training_learns_a_toy_task(tmp_path):
     # Each outer step asks B to emit (x0, -x0) for its inner steps, x0 the step's first input feature.
     n, outer = 48, 2
