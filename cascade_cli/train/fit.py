@@ -52,6 +52,7 @@ from cascade_cli.train.checkpoints import (
     save_models,
     saved_settings,
     trained_pair,
+    write_history,
 )
 from cascade_cli.train.keras_model import CascadeModel, ReseedEachEpoch
 from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
@@ -555,8 +556,8 @@ def _keras_callbacks(run, data, *, tensorboard):
     """The callbacks of the run, told of each epoch as `Model.fit` tells them.
 
     `ReseedEachEpoch`; with `patience`, Keras' `EarlyStopping` on `val_loss`
-    with `restore_best_weights`; `RunState` (the history, `history.csv` and
-    what a resume needs, written before each checkpoint); Keras'
+    with `restore_best_weights`; `RunState` (the history and what a resume
+    needs, written before each checkpoint; `history.csv` follows it); Keras'
     `TensorBoard`. They see a `CascadeModel` over the models trained, with
     the run's optimizer (TensorBoard logs its learning rate at each epoch's end).
     """
@@ -568,8 +569,7 @@ def _keras_callbacks(run, data, *, tensorboard):
         run.early_stopping = keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True)
         callbacks.append(run.early_stopping)
     run.state = RunState(run.out_dir / CHECKPOINT_DIR, settings=run_settings(config, data),
-                         early_stopping=run.early_stopping, history_file=run.out_dir / HISTORY_FILE if run.chief
-                         else None, write=run.chief)
+                         early_stopping=run.early_stopping, write=run.chief)
     callbacks.append(run.state)
     if tensorboard is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(tensorboard), write_graph=False))
@@ -741,8 +741,10 @@ def _train(run, data, *, callbacks):
             for epoch in range(done, config.epochs if not stopped else 0):
                 run.keras_callbacks.on_epoch_begin(epoch)
                 row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
-                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))  # the state and history.csv first
+                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))  # the state first
                 checkpoints.save(epoch + 1)
+                if run.chief:  # after the checkpoint: a history.csv always goes with one
+                    write_history(run.out_dir / HISTORY_FILE, run.state.history)
                 callbacks.epoch_done(dict(run.state.history[-1]))
                 stopped = bool(getattr(run.keras_callbacks.model, "stop_training", False))
                 if stopped:
