@@ -261,3 +261,37 @@ def test_dropout_draws_the_same_in_train_and_in_fit_reseeded_each_epoch(tmp_path
     fitted = model.model_a.get_weights() + model.model_b.get_weights()
     for got, wanted in zip(fitted, trained):
         np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+def _history(path):
+    import csv
+
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow  # two trainings with validation: about 25 s on 2 cores
+def test_fit_s_metrics_leave_the_stop_gate_s_column_out_as_the_command_s_do(tmp_path):
+    """`--metrics mse,mae` with `--stop-gate` measure the value columns only; `fit`'s compiled metrics are the same
+    figures, in training and validation (they took the gate's logit against its 0/1 target as a value column)."""
+    from cascade_cli.data import split_indices
+
+    rng = np.random.default_rng(3)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("step", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", "--optimizer", "sgd", "--learning-rate", 0.1, "--epochs", 2,
+                     "--batch-size", 2, "--val-split", 0.5, "--seed", 5, "--no-xla", "--stop-gate",
+                     "--metrics", "mse,mae"))
+    rows = _history(tmp_path / "run" / "history.csv")
+
+    model = CascadeModel(*models("step", 3), jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse", stop_gate=True, metrics=["mse", "mae"], jit_compile=False)
+    train, val = split_indices(N, val_split=0.5, seed=5)
+    history = model.fit(dataset(path, batch_size=2, seed=5, indices=train), epochs=2, verbose=0,
+                        validation_data=dataset(path, batch_size=2, shuffle=False, indices=val)).history
+    for name in ("mse", "mae", "val_mse", "val_mae", "loss", "val_loss"):
+        assert history[name] == pytest.approx([float(row[name]) for row in rows], rel=1e-5), name

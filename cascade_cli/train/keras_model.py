@@ -198,7 +198,8 @@ class CascadeModel(keras.Model):
                 `(N, Ta, L)` or `(N, Ta, L, 1)`), cascade's own spellings of
                 them (`options.LOSSES`), or a `keras.losses.Loss`; averaged
                 over the valid elements only.
-            metrics: Keras metrics, computed on the valid rows `(total, O)`.
+            metrics: Keras metrics, computed on the valid rows `(total, O)` (with
+                `stop_gate`, on their value columns only, as `cascade train --metrics`).
             from_logits: for the cross-entropies, whether B's outputs are
                 logits; None detects it (`resolve_from_logits`:
                 probabilities when B ends in a softmax).
@@ -378,10 +379,17 @@ class CascadeModel(keras.Model):
                 "replicas": context.num_replicas_in_sync}
 
     def _report(self, x, result):
-        """Updates the loss tracker (this batch's own mean, weighed by its count) and the compiled metrics."""
+        """Updates the loss tracker (this batch's own mean, weighed by its count) and the compiled metrics.
+
+        With the stop gate the metrics see the value columns only, as `cascade train --metrics` measures them
+        (`losses.without_gate`): the gate's logit is no value.
+        """
         mean = tf.math.divide_no_nan(result.total, result.local_count) + result.penalty
         self.loss_tracker.update_state(mean, sample_weight=result.local_count)
-        return self.compute_metrics(x, result.targets, result.values)
+        targets, values = result.targets, result.values
+        if self._stop_gate:
+            targets, values = targets[:, :-1], values[:, :-1]
+        return self.compute_metrics(x, targets, values)
 
     def train_step(self, data):
         """One optimizer step on one batch: `step.train_step`, `cascade train`'s step.
