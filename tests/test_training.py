@@ -256,6 +256,39 @@ def test_one_sgd_step_with_regularizers_is_w_minus_lr_times_the_gradient_of_loss
                 np.testing.assert_array_equal(w.numpy(), v.numpy())  # frozen A
 
 
+def test_the_epoch_loss_weighs_each_step_s_penalty_by_its_valid_elements_in_train_as_in_fit(tmp_path):
+    """The epoch's loss is the mean of its steps' losses (errors / count + penalty), each weighed by its count of
+    valid elements, as the steps' data errors are: the command's history and `CascadeModel.fit`'s both equal the
+    sum worked out from each step's weights (the command averaged the penalty over the steps)."""
+    from cascade_cli.data import dataset
+    from cascade_cli.train.keras_model import CascadeModel
+
+    inputs, steps = builders.inputs(4, 3, seed=1), np.array([[3, 3, 2], [1, 3, 2], [1, 0, 0], [0, 1, 0]])
+    targets = np.random.default_rng(4).normal(size=(int(steps.sum()), 2)).astype("float32")  # 14 rows, then 2
+    path = write_data(tmp_path / "train.h5", inputs, steps, targets)
+    history = train(path, tmp_path / "out", models=regularized_models(), optimizer="sgd", learning_rate=0.5,
+                    epochs=1, batch_size=2, shuffle=False, val_split=0.0)
+
+    model = CascadeModel(*regularized_models(), jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.5), loss="mse", jit_compile=False)
+    terms = []  # each step's (errors, count, penalty), from the weights before it
+
+    def before(batch, logs):
+        rows = slice(int(steps[:2 * batch].sum()), int(steps[:2 * batch + 2].sum()))
+        values, _ = builders.reference(model.model_a, model.model_b, inputs[2 * batch:2 * batch + 2],
+                                       steps[2 * batch:2 * batch + 2])
+        errors = float(tf.reduce_sum(tf.square(values - targets[rows])))
+        terms.append((errors, targets[rows].size, float(penalty_by_hand(model.model_a, model.model_b))))
+
+    fitted = model.fit(dataset(path, batch_size=2, shuffle=False), epochs=1, verbose=0,
+                       callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=before)]).history
+    assert [count for _, count, _ in terms] == [28, 4]
+    assert abs(terms[0][2] - terms[1][2]) > 1e-2  # the first step moved the penalty: the weighings differ
+    by_hand = sum(errors + count * penalty for errors, count, penalty in terms) / 32
+    assert fitted["loss"][0] == pytest.approx(by_hand, rel=1e-5)
+    assert history[0]["loss"] == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_the_validation_loss_counts_the_penalty_as_keras_does(tmp_path):
     path = random_data(tmp_path / "train.h5", n=8)
     history = train(path, tmp_path / "out", models=regularized_models(), optimizer="sgd", learning_rate=0.1,

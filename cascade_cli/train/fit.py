@@ -312,17 +312,17 @@ class _Run:
 
 
 class _RunningLoss:
-    """An epoch's training loss so far: errors over valid elements, plus the mean penalty of the steps taken."""
+    """An epoch's training loss so far: the mean of its steps' losses (errors / count + penalty), each weighed by its
+    count of valid elements, as `CascadeModel`'s loss tracker weighs them (the errors' mean is the epoch's own)."""
 
     def __init__(self, metrics=0):
-        self.total, self.count, self.penalty, self.steps = 0.0, 0.0, 0.0, 0
+        self.total, self.count, self.penalty = 0.0, 0.0, 0.0
         self.sums = [[0.0, 0.0] for _ in range(metrics)]
 
     def add(self, total, count, penalty, metrics=()):
         self.total += float(total)
         self.count += float(count)
-        self.penalty += float(penalty)
-        self.steps += 1
+        self.penalty += float(penalty) * float(count)
         for kept, pair in zip(self.sums, metrics):
             kept[0] += float(pair[0])
             kept[1] += float(pair[1])
@@ -334,8 +334,7 @@ class _RunningLoss:
 
     @property
     def value(self):
-        data = self.total / self.count if self.count else 0.0
-        return data + (self.penalty / self.steps if self.steps else 0.0)
+        return (self.total + self.penalty) / self.count if self.count else 0.0
 
 
 def _not_finite(what, value, *, epoch, batch, checkpoints, done):
