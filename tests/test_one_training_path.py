@@ -295,3 +295,34 @@ def test_fit_s_metrics_leave_the_stop_gate_s_column_out_as_the_command_s_do(tmp_
                         validation_data=dataset(path, batch_size=2, shuffle=False, indices=val)).history
     for name in ("mse", "mae", "val_mse", "val_mae", "loss", "val_loss"):
         assert history[name] == pytest.approx([float(row[name]) for row in rows], rel=1e-5), name
+
+
+@pytest.mark.slow  # three trainings: about 15 s on 2 cores
+def test_a_resume_with_a_new_learning_rate_trains_at_it_in_fit_as_in_cascade_train(tmp_path):
+    """`cascade train --resume --learning-rate 0.05` after an epoch at 0.1 trains epoch 2 at 0.05; a `fit` resumed
+    by `BackupAndRestore` with SGD(0.05) compiled does too (the backup held the old rate, 0.1, and put it back)."""
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("step", 2)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    common = [flag if flag != 2 else 1 for flag in COMMON]  # one epoch first
+    train = ("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+             "--out-dir", tmp_path / "run")
+    assert_ok(invoke(*train, *common))
+    assert_ok(invoke(*train, "--resume", "--epochs", 2, "--learning-rate", 0.05))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+
+    backup = str(tmp_path / "backup")
+    for rate, epochs in ((0.1, 1), (0.05, 2)):  # a fresh process would build the model again: so does this
+        model = CascadeModel(*models("step", 2), jit_compile=False)
+        model.compile(keras.optimizers.SGD(rate), loss="mse", jit_compile=False)
+        model.fit(dataset(path, batch_size=4, seed=5), epochs=epochs, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
+    assert int(model.optimizer.iterations.numpy()) == 4  # epoch 1's steps were restored, epoch 2's taken
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)

@@ -46,6 +46,7 @@ from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
 from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
+from cascade_cli.train.optimizers import has_schedule
 from cascade_cli.train.step import batch_loss, non_finite_error, replica_context, train_step
 
 __all__ = ["CascadeModel", "ReseedEachEpoch", "export_saved_model", "load_generator"]
@@ -306,8 +307,12 @@ class CascadeModel(keras.Model):
         before. A validation loss that is not finite stops `fit` with a
         `CascadeError` too, before any callback is told the epoch ended (no
         `BackupAndRestore` or `ModelCheckpoint` keeps it). A `data.dataset` is told which epoch begins, so an epoch
-        resumed by `BackupAndRestore` visits that epoch's order. Everything
-        else is Keras' own `fit`.
+        resumed by `BackupAndRestore` visits that epoch's order. A constant
+        learning rate is the one the optimizer holds as `fit` is called: a
+        `BackupAndRestore` puts back the weights, the step count and the
+        optimizer's moments, not the rate it saved (`cascade train --resume
+        --learning-rate` trains at the rate given too); a schedule goes on
+        from the step count restored. Everything else is Keras' own `fit`.
         """
         if isinstance(x, (tuple, list)) and len(x) == 2 and y is not None and not tf.is_tensor(y):
             check_training_arrays(x, y, output_size=self.cascade.b_spec.output_size)
@@ -317,6 +322,8 @@ class CascadeModel(keras.Model):
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
         callbacks = [_RefuseNonFiniteValidation(), *(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
+        if getattr(self, "optimizer", None) is not None and not has_schedule(self.optimizer):  # after a BackupAndRestore given
+            callbacks.append(_KeepLearningRate(float(self.optimizer.learning_rate)))
         passes = getattr(x, "epoch_of_next_pass", None)  # a `data.dataset`: each epoch visits its own order
         if passes is not None:
             tell = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: passes.__setitem__(0, epoch))
@@ -539,6 +546,18 @@ class _RefuseNonFiniteValidation(keras.callbacks.Callback):
         if value is not None and not np.isfinite(float(value)):
             raise non_finite_error("validation loss", float(value), epoch=epoch + 1, batch=None,
                                    kept="no callback was told the epoch ended, so no backup holds it")
+
+
+class _KeepLearningRate(keras.callbacks.Callback):
+    """Sets the optimizer's constant rate back to `rate` as `fit` begins, after a `BackupAndRestore` (given before it)
+    restored the rate it saved: a resumed `fit` trains at the rate compiled, as `cascade train --resume` does."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate = self.rate
 
 
 class _RefuseNonFiniteSteps(keras.callbacks.Callback):
