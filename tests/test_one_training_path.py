@@ -88,6 +88,18 @@ def test_compile_checks_the_gate_and_sampling_settings_as_train_does():
         model.compile("sgd", loss="mse", stop_gate=True, sampling_probability=0.5)
     with pytest.raises(ParameterError, match=r"^sampling_schedule: applies to a feedback-form B only"):
         CascadeModel(*models("step", 2), jit_compile=False).compile("sgd", loss="mse", sampling_probability=0.5)
+    with pytest.raises(ParameterError, match=r"^training_sampler: applies to scheduled sampling only \(teacher "
+                                             r"forcing feeds the targets\): give sampling_probability too"):
+        model.compile("sgd", loss="mse", training_sampler="identity")
+
+
+def test_the_training_sampler_is_saved_with_the_compile_settings(tmp_path):
+    """A generator (greedy) compiled to train with `identity` under scheduled sampling loads compiled the same."""
+    model = CascadeModel(*models("feedback", 3), feedback=True, sampler="greedy", jit_compile=False)
+    model.compile("sgd", loss="mse", sampling_probability=0.5, training_sampler="identity", jit_compile=False)
+    model.save(tmp_path / "g.keras")
+    loaded = keras.saving.load_model(tmp_path / "g.keras")
+    assert (loaded.training_cascade.sampler.kind, loaded.cascade.sampler.kind) == ("identity", "greedy")
 
 
 @pytest.mark.slow  # two trainings with validation: about 30 s on 2 cores
@@ -326,3 +338,38 @@ def test_a_resume_with_a_new_learning_rate_trains_at_it_in_fit_as_in_cascade_tra
     fitted = model.model_a.get_weights() + model.model_b.get_weights()
     for got, wanted in zip(fitted, trained):
         np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # three trainings: about 20 s on 2 cores
+def test_scheduled_sampling_of_a_generator_model_draws_with_the_training_sampler_given(tmp_path):
+    """A model built with cascade.keras's settings (greedy, end token 0) trains, under scheduled sampling, with the
+    sampler `compile(training_sampler=...)` names: `identity`, the command's `--sampler`, reaches the command's
+    weights; left out, the model's own greedy sampler feeds its one-hots and trains elsewhere."""
+    from cascade_cli.options import StopRule
+
+    rng = np.random.default_rng(3)
+    targets = np.eye(3, dtype="float32")[rng.integers(1, 3, size=int(STEPS.sum()))]
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("feedback", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *COMMON, "--feedback", "--loss", "categorical-crossentropy",
+                     "--append-end-token", 0, "--sampling-probability", 0.5))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    generator = keras.saving.load_model(tmp_path / "run" / "cascade.keras", compile=False).settings
+    assert generator["sampler"].kind == "greedy"
+
+    runs = {}
+    for training_sampler in ("identity", None):
+        model = CascadeModel(*models("feedback", 3), feedback=True, sampler="greedy", stop_rule=StopRule.token(0),
+                             exclude_stop_step=True, max_steps=int(STEPS.max()) + 1, jit_compile=False)
+        model.compile(keras.optimizers.SGD(0.1), loss="categorical_crossentropy", sampling_probability=0.5,
+                      **({} if training_sampler is None else {"training_sampler": training_sampler}),
+                      jit_compile=False)
+        model.fit(dataset(path, batch_size=4, seed=5, append_end_token=0), epochs=2, verbose=0)
+        runs[training_sampler] = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(runs["identity"], trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+    assert max(float(np.abs(got - wanted).max()) for got, wanted in zip(runs[None], trained)) > 1e-4

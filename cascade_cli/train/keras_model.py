@@ -137,11 +137,8 @@ class CascadeModel(keras.Model):
                               exclude_stop_step=exclude_stop_step, fast_cells=fast_cells,
                               jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
                               sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
-        runner = dict(self._settings)
-        self.cascade = Cascade(model_a, model_b, **runner)
-        # Training runs the given steps: no stop rule, no max_steps bound.
-        self.training_cascade = self.cascade if stop_rule is None and max_steps is None else Cascade(
-            model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None, "min_steps": 0})
+        self.cascade = Cascade(model_a, model_b, **self._settings)
+        self.training_cascade = self._training_runner(None)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
         self._stop_gate, self._sampling, self._end_token = False, None, None
@@ -186,10 +183,21 @@ class CascadeModel(keras.Model):
         inputs, steps = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
         return self.cascade(inputs, steps, training=bool(training))
 
+    def _training_runner(self, sampler):
+        """The runner training runs: the given steps (no stop rule, no `max_steps` bound), and under scheduled
+        sampling `sampler` (None: the model's)."""
+        settings = self._settings
+        if settings["stop_rule"] is None and settings["max_steps"] is None and sampler is None:
+            return self.cascade
+        sampler = settings["sampler"] if sampler is None else sampler
+        return Cascade(self.model_a, self.model_b, **{**settings, "max_steps": None, "stop_rule": None,
+                                                      "min_steps": 0, "sampler": sampler})
+
     # ------------------------------------------------------------- compile
 
     def compile(self, optimizer="rmsprop", loss="mse", metrics=None, *, from_logits=None, stop_gate=False,
-                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, append_end_token=None, **kwargs):
+                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, training_sampler=None,
+                append_end_token=None, **kwargs):
         """Configures training, as `keras.Model.compile` does.
 
         Args:
@@ -225,6 +233,13 @@ class CascadeModel(keras.Model):
                 train --sampling-probability`/`--sampling-schedule`): a
                 probability, or a `SamplingSchedule` (or its text,
                 `"inverse-sigmoid:K"`) read at the optimizer's step count.
+            training_sampler: the sampler (a `Sampler`, its name or its
+                dict) a row fed its own output draws with under scheduled
+                sampling (`cascade train --sampler`); None: the model's own
+                `sampler`, the one `predict` generates with (a generator
+                saved by `cascade train` for a token loss holds `greedy`,
+                while the command trained with its `--sampler`, `identity`
+                unless given).
             **kwargs: `keras.Model.compile`'s others; `jit_compile` defaults
                 to False (the packed loop's shapes change every step).
 
@@ -252,6 +267,14 @@ class CascadeModel(keras.Model):
             output_size = self.cascade.b_spec.output_size
             self._terms = gate_terms(self._terms, elements_per_row=output_size - 1 if name in ("mse", "mae") else 1,
                                      stop_weight=float(stop_weight), stop_pos_weight=float(stop_pos_weight))
+        if training_sampler is not None and schedule is None:
+            raise ParameterError("training_sampler", "applies to scheduled sampling only (teacher forcing feeds the "
+                                                     "targets): give sampling_probability too, or leave it out; "
+                                                     f"received training_sampler={training_sampler!r}.")
+        if isinstance(training_sampler, dict):
+            training_sampler = Sampler(**training_sampler)
+        training_sampler = None if training_sampler is None else Sampler.coerce(training_sampler)
+        self.training_cascade = self._training_runner(training_sampler)
         self._stop_gate, self._sampling = bool(stop_gate), schedule
         check_regularizers((self.model_a, self.model_b))
         self._loss = batch_loss(self.training_cascade, self._terms, models=(self.model_a, self.model_b),
@@ -263,6 +286,7 @@ class CascadeModel(keras.Model):
             **({"stop_gate": True, "stop_weight": float(stop_weight), "stop_pos_weight": float(stop_pos_weight)}
                if stop_gate else {}),
             **({} if schedule is None else {"sampling_probability": schedule.describe()}),
+            **({} if training_sampler is None else {"training_sampler": _sampler_config(training_sampler)}),
             **({} if append_end_token is None else {"append_end_token": int(append_end_token)})}
 
     def get_compile_config(self):
