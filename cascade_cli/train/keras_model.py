@@ -20,9 +20,10 @@ is not taken, and `fit` stops there with a `CascadeError`, as the command does.
 `tf.distribute` strategy each replica divides its errors by the global count
 of valid elements and adds `1 / replicas` of the penalty, so the replicas'
 gradients add up to the global batch's. Build (and compile) the model inside
-`strategy.scope()`. Keras 3.15 averages the first distributed batch over the
-replicas to build a model made in a scope, so a global batch size must split
-evenly over the replicas (with arrays, `batch_size` a multiple of them).
+`strategy.scope()`. Any global batch splits over the replicas, as `cascade
+train` splits it (Keras 3.15 averaged the first distributed batch over the
+replicas to build the model, which needed an even split; `CascadeModel`
+builds from one replica's part).
 
 `export_saved_model` writes a TensorFlow SavedModel that runs without
 `cascade_cli` (or Keras) installed.
@@ -347,12 +348,31 @@ class CascadeModel(keras.Model):
             object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
         callbacks = [_RefuseNonFiniteValidation(), *(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
         if getattr(self, "optimizer", None) is not None and not has_schedule(self.optimizer):  # after a BackupAndRestore given
-            callbacks.append(_KeepLearningRate(float(self.optimizer.learning_rate)))
+            callbacks.append(_KeepLearningRate(float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))))
         passes = getattr(x, "epoch_of_next_pass", None)  # a `data.dataset`: each epoch visits its own order
         if passes is not None:
             tell = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: passes.__setitem__(0, epoch))
             callbacks.append(tell)
         return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' build from the first batch (`keras.src.backend.tensorflow.trainer`, private), given one replica's
+        part of a distributed first batch instead of the replicas' mean, which Keras 3.15 takes and which fails
+        unless the global batch splits evenly (3 and 2 samples cannot be averaged). Only shapes are read from it,
+        and every replica's step takes its own part whatever its size (`step.train_step`: the global count)."""
+        strategy = self._distribute_strategy
+        if iterator is not None and data_batch is None and strategy is not None:
+            for _, _, batches in iterator:
+                first = next(batches)
+                break
+            else:
+                first = None
+            if first is not None:
+                data_batch = tf.nest.map_structure(
+                    lambda value: strategy.experimental_local_results(value)[0]
+                    if isinstance(value, tf.distribute.DistributedValues) else value, first)
+                iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _unpack(self, data):
         """`(inputs, steps, flat targets)` of one batch: padded targets `(N, Ta, L, O)` taken in value order."""
