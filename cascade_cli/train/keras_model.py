@@ -347,7 +347,7 @@ class CascadeModel(keras.Model):
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
         callbacks = [_RefuseNonFiniteValidation(), *(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
-        if getattr(self, "optimizer", None) is not None and not has_schedule(self.optimizer):  # after a BackupAndRestore given
+        if getattr(self, "optimizer", None) is not None and not has_schedule(self.optimizer):  # after a backup given
             callbacks.append(_KeepLearningRate(float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))))
         passes = getattr(x, "epoch_of_next_pass", None)  # a `data.dataset`: each epoch visits its own order
         if passes is not None:
