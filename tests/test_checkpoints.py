@@ -1,4 +1,4 @@
-"""Tests for cascade_cli.train.checkpoints: out_dir, history.csv, the resume check, Progress and Checkpoints."""
+"""Tests for cascade_cli.train.checkpoints: out_dir, history.csv, the resume check, the state file and Checkpoints."""
 
 import csv
 import errno
@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from cascade_cli.train.checkpoints import (
+    STATE_FILE,
     Checkpoints,
-    Progress,
     RunLock,
     check_out_dir,
     check_settings,
@@ -24,8 +24,10 @@ from cascade_cli.train.checkpoints import (
     latest_checkpoint,
     prepare_out_dir,
     remove_training_run,
+    read_state,
     reporting_full_disk,
     run_settings,
+    saved_settings,
     save_models,
     trained_pair,
     write_history,
@@ -92,10 +94,12 @@ def test_overwrite_replaces_an_earlier_run_and_leaves_the_user_s_files(tmp_path)
 
 
 def save_checkpoint(out_dir, *, epoch=1, settings=None):
-    """Writes a complete checkpoint of epoch `epoch` into `out_dir/checkpoints`, as a run does."""
-    checkpoints = checkpoints_for(out_dir, (dense(1.0), dense(2.0)), settings=settings or {})[0]
-    checkpoints.start()
-    checkpoints.save([{"epoch": e, "loss": 0.5, "val_loss": None, "seconds": 1.0} for e in range(1, epoch + 1)])
+    """Writes a complete checkpoint of epoch `epoch` into `out_dir/checkpoints` and its state, as a run does."""
+    checkpoints = checkpoints_for(out_dir, (dense(1.0), dense(2.0)), settings=settings or {})
+    history = [{"epoch": e, "loss": 0.5, "val_loss": None, "seconds": 1.0} for e in range(1, epoch + 1)]
+    write_state(out_dir, settings or {}, history)  # what RunState writes before each checkpoint
+    write_history(out_dir / "history.csv", history)
+    checkpoints.save(epoch)
     return out_dir / "checkpoints"
 
 
@@ -277,14 +281,14 @@ def test_a_kill_between_the_two_models_leaves_no_pair_a_reader_accepts(tmp_path,
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
                                    tf.errors.ResourceExhaustedError(None, None, "/x/ckpt_temp; No space left")])
 def test_a_full_disk_while_saving_is_reported_as_such(tmp_path, monkeypatch, error):
-    checkpoints = checkpoints_for(tmp_path, (dense(1.0), dense(2.0)), settings={})[0]
+    checkpoints = checkpoints_for(tmp_path, (dense(1.0), dense(2.0)), settings={})
 
     def full(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(checkpoints._manager, "save", full)
     with pytest.raises(DataError) as caught:
-        checkpoints.save([{"epoch": 1, "loss": 0.5, "val_loss": None, "seconds": 1.0}])
+        checkpoints.save(1)
     assert str(caught.value) == f"no space left on device writing '{tmp_path / 'checkpoints'}'"
     monkeypatch.setattr(keras.Model, "save", full)
     with pytest.raises(DataError, match=r"^no space left on device writing '.*model_a.keras'$"):
@@ -327,70 +331,56 @@ def test_run_settings_and_the_resume_check_name_python_settings():
     assert caught.value.parameter == "resume"
 
 
-# ----------------------------------------------------------------- progress
-
-
-def test_progress_keeps_the_best_weights_and_counts_patience():
-    weight = tf.Variable([1.0, 2.0])
-    progress = Progress([weight], keep_best=True)
-    assert (progress.epochs_done, float(progress.best_val.numpy())) == (0, math.inf)
-    assert not progress.patience_spent(1) and not progress.patience_spent(None)
-    progress.record(0.5, epoch=1, weights=[weight])
-    weight.assign([3.0, 4.0])
-    progress.record(0.75, epoch=2, weights=[weight])  # worse: wait 1
-    assert progress.patience_spent(1) and not progress.patience_spent(2)
-    progress.record(None, epoch=3, weights=[weight])  # no validation set: nothing changes
-    assert (int(progress.best_epoch.numpy()), int(progress.wait.numpy())) == (1, 1)
-    progress.restore_best([weight])
-    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])
-
-    nothing = Progress([weight], keep_best=False)
-    weight.assign([5.0, 6.0])
-    nothing.restore_best([weight])  # no best epoch: the weights stay
-    np.testing.assert_array_equal(weight.numpy(), [5.0, 6.0])
-
-
 # -------------------------------------------------------------- checkpoints
 
 
 def checkpoints_for(out_dir, models, *, settings, chief=True):
     optimizer = keras.optimizers.SGD(learning_rate=0.1)
     optimizer.build([w for model in models for w in model.trainable_variables])
-    progress = Progress([w for model in models for w in model.weights], keep_best=False)
-    return Checkpoints(out_dir, models=models, optimizer=optimizer, progress=progress, settings=settings,
-                       chief=chief), progress
+    return Checkpoints(out_dir, models=models, optimizer=optimizer, settings=settings, chief=chief)
 
 
-def test_checkpoints_save_and_restore_the_models_the_history_and_the_settings(tmp_path):
+def write_state(out_dir, settings, history=()):
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out_dir / "checkpoints" / STATE_FILE).write_text(json.dumps({"history": list(history), "settings": settings}))
+
+
+def test_checkpoints_save_and_restore_the_models_and_check_the_settings_of_the_state_file(tmp_path):
     settings = run_settings(TrainConfig().resolved(), Data())
     models = (dense(1.0), dense(2.0))
-    with checkpoints_for(tmp_path, models, settings=settings)[0] as checkpoints:
-        checkpoints.start()
-        history = [{"epoch": 1, "loss": 0.5, "val_loss": None, "seconds": 1.0}]
-        checkpoints.save(history)
+    with checkpoints_for(tmp_path, models, settings=settings) as checkpoints:
+        checkpoints.save(1)
         models[1].layers[1].kernel.assign([[7.0], [7.0]])
-        history.append({"epoch": 2, "loss": 0.25, "val_loss": None, "seconds": 1.0})
-        checkpoints.save(history)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "history.csv"]
+        checkpoints.save(2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-2")
+    with pytest.raises(ParameterError, match=r"^resume: '.*run_state\.json' is missing beside checkpoint"):
+        checkpoints_for(tmp_path, (dense(0.0), dense(0.0)), settings=settings).restore()
+    write_state(tmp_path, settings)
+    assert saved_settings(tmp_path) == {**settings, "epochs_done": 2}
 
     fresh = (dense(0.0), dense(0.0))
-    checkpoints, progress = checkpoints_for(tmp_path, fresh, settings=settings)
-    assert checkpoints.restore() == history
-    assert progress.epochs_done == 2
+    checkpoints_for(tmp_path, fresh, settings=settings).restore()
     np.testing.assert_array_equal(fresh[1].get_weights()[0], [[7.0], [7.0]])
     np.testing.assert_array_equal(fresh[0].get_weights()[0], [[1.0], [1.0]])
 
-    other = checkpoints_for(tmp_path, (dense(0.0), dense(0.0)), settings={**settings, "seed": 5})[0]
+    other = checkpoints_for(tmp_path, (dense(0.0), dense(0.0)), settings={**settings, "seed": 5})
     with pytest.raises(ParameterError, match="made with seed=0; this run has seed=5"):
         other.restore()
 
 
+def test_a_damaged_state_file_is_refused_naming_it(tmp_path):
+    assert read_state(tmp_path) is None
+    (tmp_path / STATE_FILE).write_text('{"history": ')
+    with pytest.raises(ParameterError, match=r"^resume: '.*run_state\.json' cannot be read"):
+        read_state(tmp_path)
+
+
 def test_a_non_chief_worker_checkpoints_into_a_temporary_folder_it_removes(tmp_path):
     models = (dense(1.0), dense(2.0))
-    checkpoints, _ = checkpoints_for(tmp_path / "out", models, settings={}, chief=False)
+    checkpoints = checkpoints_for(tmp_path / "out", models, settings={}, chief=False)
     scratch = checkpoints._scratch
     with checkpoints:
-        checkpoints.save([{"epoch": 1, "loss": 0.5, "val_loss": None, "seconds": 1.0}])
+        checkpoints.save(1)
         assert tf.train.latest_checkpoint(str(scratch)).endswith("ckpt-1")
     assert not scratch.exists() and not (tmp_path / "out").exists()

@@ -88,6 +88,18 @@ def test_compile_checks_the_gate_and_sampling_settings_as_train_does():
         model.compile("sgd", loss="mse", stop_gate=True, sampling_probability=0.5)
     with pytest.raises(ParameterError, match=r"^sampling_schedule: applies to a feedback-form B only"):
         CascadeModel(*models("step", 2), jit_compile=False).compile("sgd", loss="mse", sampling_probability=0.5)
+    with pytest.raises(ParameterError, match=r"^training_sampler: applies to scheduled sampling only \(teacher "
+                                             r"forcing feeds the targets\): give sampling_probability too"):
+        model.compile("sgd", loss="mse", training_sampler="identity")
+
+
+def test_the_training_sampler_is_saved_with_the_compile_settings(tmp_path):
+    """A generator (greedy) compiled to train with `identity` under scheduled sampling loads compiled the same."""
+    model = CascadeModel(*models("feedback", 3), feedback=True, sampler="greedy", jit_compile=False)
+    model.compile("sgd", loss="mse", sampling_probability=0.5, training_sampler="identity", jit_compile=False)
+    model.save(tmp_path / "g.keras")
+    loaded = keras.saving.load_model(tmp_path / "g.keras")
+    assert (loaded.training_cascade.sampler.kind, loaded.cascade.sampler.kind) == ("identity", "greedy")
 
 
 @pytest.mark.slow  # two trainings with validation: about 30 s on 2 cores
@@ -123,6 +135,38 @@ def test_val_length_mae_of_fit_is_the_command_s(tmp_path):
     assert history["val_loss"] == pytest.approx([float(row["val_loss"]) for row in rows], rel=1e-5)
 
 
+@pytest.mark.slow  # two trainings with validation: about 30 s on 2 cores
+def test_val_length_mae_of_fit_with_a_stop_gate_is_the_command_s(tmp_path):
+    """A gated generator model (gate rule, max_steps the longest + 1) reports the command's `--stop-gate`
+    val_length_mae as `fit`'s validation `val_length_mae`."""
+    import csv
+
+    from cascade_cli.data import split_indices
+    from cascade_cli.options import StopRule
+
+    rng = np.random.default_rng(3)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("step", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    flags = ("--optimizer", "sgd", "--learning-rate", 0.5, "--epochs", 2, "--batch-size", 2, "--val-split", 0.5,
+             "--seed", 5, "--no-xla", "--stop-gate")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *flags))
+    with open(tmp_path / "run" / "history.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+
+    model = CascadeModel(*models("step", 3), stop_rule=StopRule.gate(), max_steps=int(STEPS.max()) + 1,
+                         jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.5), loss="mse", stop_gate=True, jit_compile=False)
+    train, val = split_indices(N, val_split=0.5, seed=5)
+    history = model.fit(dataset(path, batch_size=2, seed=5, indices=train), epochs=2, verbose=0,
+                        validation_data=dataset(path, batch_size=2, shuffle=False, indices=val)).history
+    assert history["val_length_mae"] == pytest.approx([float(row["val_length_mae"]) for row in rows], abs=1e-6)
+    assert history["val_loss"] == pytest.approx([float(row["val_loss"]) for row in rows], rel=1e-5)
+
+
 def test_fit_refuses_a_non_finite_step_as_cascade_train_does():
     """Batch 2 of an SGD run at lr 1e30 overflows: `fit` stops there with the command's words, and that step
     never reaches the weights (they are those batch 1 left)."""
@@ -142,6 +186,25 @@ def test_fit_refuses_a_non_finite_step_as_cascade_train_does():
     for after_first, now in zip(kept[0], model.get_weights()):
         np.testing.assert_array_equal(after_first, now)
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_fit_refuses_a_non_finite_validation_loss_before_any_callback_takes_the_epoch(tmp_path):
+    """Validation targets of 1e30 overflow the float32 mse: `fit` stops at epoch 1 with the command's words, and
+    the BackupAndRestore given never saw the epoch end."""
+    from cascade_cli.errors import CascadeError
+
+    rng = np.random.default_rng(0)
+    inputs, steps = builders.inputs(8, TA), np.ones((8, TA), np.int64)
+    targets = rng.normal(size=(8, TA, 1, 2)).astype("float32")
+    huge = np.full_like(targets[4:], 1e30)
+    model = CascadeModel(*models("step", 2))
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(CascadeError, match=r"^training stopped at epoch 1: the validation loss became inf "
+                                           r"\(expected a finite number\); no callback was told the epoch ended"):
+        model.fit((inputs[:4], steps[:4]), targets[:4], batch_size=4, epochs=2, shuffle=False, verbose=0,
+                  validation_data=((inputs[4:], steps[4:]), huge), callbacks=[backup])
+    assert not (tmp_path / "backup").exists()
 
 
 def test_a_batch_that_emits_nothing_takes_no_step_in_fit_as_in_cascade_train():
@@ -210,3 +273,103 @@ def test_dropout_draws_the_same_in_train_and_in_fit_reseeded_each_epoch(tmp_path
     fitted = model.model_a.get_weights() + model.model_b.get_weights()
     for got, wanted in zip(fitted, trained):
         np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+def _history(path):
+    import csv
+
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow  # two trainings with validation: about 25 s on 2 cores
+def test_fit_s_metrics_leave_the_stop_gate_s_column_out_as_the_command_s_do(tmp_path):
+    """`--metrics mse,mae` with `--stop-gate` measure the value columns only; `fit`'s compiled metrics are the same
+    figures, in training and validation (they took the gate's logit against its 0/1 target as a value column)."""
+    from cascade_cli.data import split_indices
+
+    rng = np.random.default_rng(3)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("step", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", "--optimizer", "sgd", "--learning-rate", 0.1, "--epochs", 2,
+                     "--batch-size", 2, "--val-split", 0.5, "--seed", 5, "--no-xla", "--stop-gate",
+                     "--metrics", "mse,mae"))
+    rows = _history(tmp_path / "run" / "history.csv")
+
+    model = CascadeModel(*models("step", 3), jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse", stop_gate=True, metrics=["mse", "mae"], jit_compile=False)
+    train, val = split_indices(N, val_split=0.5, seed=5)
+    history = model.fit(dataset(path, batch_size=2, seed=5, indices=train), epochs=2, verbose=0,
+                        validation_data=dataset(path, batch_size=2, shuffle=False, indices=val)).history
+    for name in ("mse", "mae", "val_mse", "val_mae", "loss", "val_loss"):
+        assert history[name] == pytest.approx([float(row[name]) for row in rows], rel=1e-5), name
+
+
+@pytest.mark.slow  # three trainings: about 15 s on 2 cores
+def test_a_resume_with_a_new_learning_rate_trains_at_it_in_fit_as_in_cascade_train(tmp_path):
+    """`cascade train --resume --learning-rate 0.05` after an epoch at 0.1 trains epoch 2 at 0.05; a `fit` resumed
+    by `BackupAndRestore` with SGD(0.05) compiled does too (the backup held the old rate, 0.1, and put it back)."""
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(int(STEPS.sum()), 2)).astype("float32")
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("step", 2)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    common = [flag if flag != 2 else 1 for flag in COMMON]  # one epoch first
+    train = ("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+             "--out-dir", tmp_path / "run")
+    assert_ok(invoke(*train, *common))
+    assert_ok(invoke(*train, "--resume", "--epochs", 2, "--learning-rate", 0.05))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+
+    backup = str(tmp_path / "backup")
+    for rate, epochs in ((0.1, 1), (0.05, 2)):  # a fresh process would build the model again: so does this
+        model = CascadeModel(*models("step", 2), jit_compile=False)
+        model.compile(keras.optimizers.SGD(rate), loss="mse", jit_compile=False)
+        model.fit(dataset(path, batch_size=4, seed=5), epochs=epochs, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
+    assert int(model.optimizer.iterations.numpy()) == 4  # epoch 1's steps were restored, epoch 2's taken
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # three trainings: about 20 s on 2 cores
+def test_scheduled_sampling_of_a_generator_model_draws_with_the_training_sampler_given(tmp_path):
+    """A model built with cascade.keras's settings (greedy, end token 0) trains, under scheduled sampling, with the
+    sampler `compile(training_sampler=...)` names: `identity`, the command's `--sampler`, reaches the command's
+    weights; left out, the model's own greedy sampler feeds its one-hots and trains elsewhere."""
+    from cascade_cli.options import StopRule
+
+    rng = np.random.default_rng(3)
+    targets = np.eye(3, dtype="float32")[rng.integers(1, 3, size=int(STEPS.sum()))]
+    path = write_h5(tmp_path / "train.h5", inputs=builders.inputs(N, TA, seed=2), steps=STEPS, targets=targets)
+    a, b = models("feedback", 3)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", *COMMON, "--feedback", "--loss", "categorical-crossentropy",
+                     "--append-end-token", 0, "--sampling-probability", 0.5))
+    trained = [w for name in ("model_a.keras", "model_b.keras")
+               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    generator = keras.saving.load_model(tmp_path / "run" / "cascade.keras", compile=False).settings
+    assert generator["sampler"].kind == "greedy"
+
+    runs = {}
+    for training_sampler in ("identity", None):
+        model = CascadeModel(*models("feedback", 3), feedback=True, sampler="greedy", stop_rule=StopRule.token(0),
+                             exclude_stop_step=True, max_steps=int(STEPS.max()) + 1, jit_compile=False)
+        model.compile(keras.optimizers.SGD(0.1), loss="categorical_crossentropy", sampling_probability=0.5,
+                      **({} if training_sampler is None else {"training_sampler": training_sampler}),
+                      jit_compile=False)
+        model.fit(dataset(path, batch_size=4, seed=5, append_end_token=0), epochs=2, verbose=0)
+        runs[training_sampler] = model.model_a.get_weights() + model.model_b.get_weights()
+    for got, wanted in zip(runs["identity"], trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+    assert max(float(np.abs(got - wanted).max()) for got, wanted in zip(runs[None], trained)) > 1e-4

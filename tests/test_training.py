@@ -256,6 +256,39 @@ def test_one_sgd_step_with_regularizers_is_w_minus_lr_times_the_gradient_of_loss
                 np.testing.assert_array_equal(w.numpy(), v.numpy())  # frozen A
 
 
+def test_the_epoch_loss_weighs_each_step_s_penalty_by_its_valid_elements_in_train_as_in_fit(tmp_path):
+    """The epoch's loss is the mean of its steps' losses (errors / count + penalty), each weighed by its count of
+    valid elements, as the steps' data errors are: the command's history and `CascadeModel.fit`'s both equal the
+    sum worked out from each step's weights (the command averaged the penalty over the steps)."""
+    from cascade_cli.data import dataset
+    from cascade_cli.train.keras_model import CascadeModel
+
+    inputs, steps = builders.inputs(4, 3, seed=1), np.array([[3, 3, 2], [1, 3, 2], [1, 0, 0], [0, 1, 0]])
+    targets = np.random.default_rng(4).normal(size=(int(steps.sum()), 2)).astype("float32")  # 14 rows, then 2
+    path = write_data(tmp_path / "train.h5", inputs, steps, targets)
+    history = train(path, tmp_path / "out", models=regularized_models(), optimizer="sgd", learning_rate=0.5,
+                    epochs=1, batch_size=2, shuffle=False, val_split=0.0)
+
+    model = CascadeModel(*regularized_models(), jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.5), loss="mse", jit_compile=False)
+    terms = []  # each step's (errors, count, penalty), from the weights before it
+
+    def before(batch, logs):
+        rows = slice(int(steps[:2 * batch].sum()), int(steps[:2 * batch + 2].sum()))
+        values, _ = builders.reference(model.model_a, model.model_b, inputs[2 * batch:2 * batch + 2],
+                                       steps[2 * batch:2 * batch + 2])
+        errors = float(tf.reduce_sum(tf.square(values - targets[rows])))
+        terms.append((errors, targets[rows].size, float(penalty_by_hand(model.model_a, model.model_b))))
+
+    fitted = model.fit(dataset(path, batch_size=2, shuffle=False), epochs=1, verbose=0,
+                       callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=before)]).history
+    assert [count for _, count, _ in terms] == [28, 4]
+    assert abs(terms[0][2] - terms[1][2]) > 1e-2  # the first step moved the penalty: the weighings differ
+    by_hand = sum(errors + count * penalty for errors, count, penalty in terms) / 32
+    assert fitted["loss"][0] == pytest.approx(by_hand, rel=1e-5)
+    assert history[0]["loss"] == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_the_validation_loss_counts_the_penalty_as_keras_does(tmp_path):
     path = random_data(tmp_path / "train.h5", n=8)
     history = train(path, tmp_path / "out", models=regularized_models(), optimizer="sgd", learning_rate=0.1,
@@ -446,6 +479,27 @@ def test_patience_stops_and_restores_the_best_weights(tmp_path):
     with TrainingData(path) as data:
         restored = evaluate(model_a, model_b, data, indices=val, batch_size=3)
     assert restored == pytest.approx(val_losses[0], rel=1e-6)
+
+
+def test_patience_counts_the_epochs_before_a_resume_and_restores_their_best_weights(tmp_path):
+    """Killed in epoch 3 of a run whose val_loss only rises, the resumed run stops where the unbroken one does (after
+    epoch 3, EarlyStopping's wait carried over in run_state.json) and keeps epoch 1's weights, not its own best."""
+    n = 8
+    rng = np.random.default_rng(3)
+    inputs, steps = builders.inputs(n, 2, seed=3), rng.integers(1, 3, size=(n, 2))
+    _, val = split_indices(n, val_split=0.25, seed=0)
+    sign = np.where(np.isin(np.arange(n), val), -2.0, 2.0)
+    targets = np.repeat(sign, steps.sum(axis=1))[:, None] * np.ones((1, 2))
+    path = write_data(tmp_path / "train.h5", inputs, steps, targets.astype(np.float32))
+    run = dict(epochs=10, batch_size=3, optimizer="adam", learning_rate=0.05, val_split=0.25, patience=2, seed=0)
+    unbroken = train(path, tmp_path / "unbroken", **run)
+    assert len(unbroken) == 3
+    with pytest.raises(Interrupt):
+        train(path, tmp_path / "broken", callbacks=StopAt(3, 1), **run)
+    resumed = train(path, tmp_path / "broken", resume=True, **run)
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in unbroken]
+    assert_same(saved_weights(tmp_path / "broken"), saved_weights(tmp_path / "unbroken"))
 
 
 def test_training_learns_a_toy_task(tmp_path):

@@ -16,9 +16,10 @@ disk while the first one was written) is no run: a new run clears it. The
 latest checkpoint is found by its files when the `checkpoint` index is
 unreadable.
 
-A checkpoint holds the two models, the optimizer and the run's `Progress`
-(epochs done, the history, the best validation loss and its weights, the
-settings). A resumed run must repeat the settings that fix the data split and
+A checkpoint holds the two models and the optimizer; the history, the
+settings and what `patience` needs (the best validation loss, its weights)
+are in `checkpoints/run_state.json` and `best-E.weights.npz`, written by
+`callbacks.RunState` before each checkpoint. A resumed run must repeat the settings that fix the data split and
 order, the optimizer's slots and what each step computes
 (`TrainConfig.RESUME_SETTINGS`); it then reaches exactly the weights of an
 unbroken one.
@@ -31,7 +32,6 @@ import csv
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -50,6 +50,7 @@ KEEP_CHECKPOINTS = 3
 MODEL_FILES = ("model_a.keras", "model_b.keras")
 GENERATOR_FILE = "cascade.keras"  # the whole generator (CascadeModel), written with the pair
 HISTORY_FILE = "history.csv"
+STATE_FILE = "run_state.json"  # in checkpoints/: the history, settings and patience (`callbacks.RunState`)
 MANIFEST_FILE = "trained.json"  # in checkpoints/: written last, after the models
 LOCK_FILE = ".cascade-train.lock"
 _CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")
@@ -466,60 +467,28 @@ def write_history(path, history):
                 writer.writerow(["" if row.get(key) is None else repr(row[key]) for key in fields])
 
 
-# ---------------------------------------------------------------- progress
-
-
-class Progress(tf.Module):
-    """What a checkpoint holds besides the models and the optimizer: epochs done, history, patience, settings.
-
-    Args:
-        weights: every weight of the two models, in a fixed order.
-        keep_best: keep a copy of the weights of the best validation loss
-            (only with a validation set).
-    """
-
-    def __init__(self, weights, *, keep_best):
-        super().__init__(name="progress")
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.best_val = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name="best_val_loss")
-        self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="best_epoch")
-        self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_without_improvement")
-        self.settings = tf.Variable("", dtype=tf.string, trainable=False, name="settings")
-        self.history = tf.Variable("[]", dtype=tf.string, trainable=False, name="history")
-        self.best = [tf.Variable(tf.convert_to_tensor(w), trainable=False, name="best") for w in weights]
-        if not keep_best:
-            self.best = []
-
-    @property
-    def epochs_done(self):
-        """The number of epochs completed (an int)."""
-        return int(self.epoch.numpy())
-
-    def patience_spent(self, patience):
-        """Whether `patience` epochs (None: never) have passed without a better validation loss."""
-        return patience is not None and int(self.wait.numpy()) >= patience
-
-    def record(self, val_loss, *, epoch, weights):
-        """Notes epoch `epoch`'s validation loss (None without a validation set); keeps the best `weights`."""
-        if val_loss is None:
-            return
-        if val_loss < float(self.best_val.numpy()):
-            self.best_val.assign(val_loss)
-            self.best_epoch.assign(epoch)
-            self.wait.assign(0)
-            for best, weight in zip(self.best, weights):
-                best.assign(tf.convert_to_tensor(weight))
-        else:
-            self.wait.assign_add(1)
-
-    def restore_best(self, weights):
-        """Puts the weights of the best epoch, when one was kept, back into `weights`."""
-        if int(self.best_epoch.numpy()) > 0:
-            for best, weight in zip(self.best, weights):
-                weight.assign(best)
-
-
 # ---------------------------------------------------------------- settings
+
+
+def read_state(folder):
+    """The state `callbacks.RunState` wrote into `folder` (`{"history", "settings"}`), or None when there is none.
+
+    Raises:
+        ParameterError: (`resume`) the file is there but cannot be read.
+    """
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise ValueError("expected a JSON object with a 'history' list")
+    except (OSError, ValueError) as exc:
+        raise ParameterError("resume", f"'{path}' cannot be read (damaged or cut short?): {exc}; start afresh "
+                                       "with overwrite=True.") from exc
+    return state
+
+
 
 
 def run_settings(config, data):
@@ -538,29 +507,25 @@ def run_settings(config, data):
 
 
 def saved_settings(out_dir):
-    """The settings recorded in the latest checkpoint of `out_dir` (`run_settings`'s dict), with `"epochs_done"`.
+    """The settings the run in `out_dir` recorded (`run_settings`'s dict, in its state file), with `"epochs_done"`.
+
+    `"epochs_done"` is the epoch of the latest complete checkpoint.
 
     Raises:
-        ParameterError: (`resume`) there is no complete checkpoint, or it cannot be read.
+        ParameterError: (`resume`) there is no complete checkpoint, or no
+            readable state file beside it.
     """
     folder = Path(out_dir) / CHECKPOINT_DIR
     latest = latest_checkpoint(folder)
     if latest is None:
         raise ParameterError("resume", f"no checkpoint to resume from in '{folder}'; to start training, leave out "
                                        "resume=True.")
-    probe = tf.Variable("", dtype=tf.string, trainable=False)
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    try:
-        tf.train.Checkpoint(progress=tf.train.Checkpoint(settings=probe, epoch=epoch)).restore(latest).expect_partial()
-        saved = json.loads(probe.numpy().decode("utf-8"))
-        if not isinstance(saved, dict):
-            raise ValueError("the settings are not a JSON object")
-        saved["epochs_done"] = int(epoch.numpy())
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError) as exc:  # IndexError: a truncated file
-        raise ParameterError("resume", f"checkpoint '{latest}' cannot be read (a file of it damaged or cut "
-                                       f"short?): {_first_line(exc)}; resume from an intact checkpoint (remove "
-                                       "this one's files) or start afresh with overwrite=True.") from exc
-    return saved
+    state = read_state(folder)
+    if state is None or not isinstance(state.get("settings"), dict):
+        raise ParameterError("resume", f"'{folder / STATE_FILE}' is missing beside checkpoint '{latest}' (a run "
+                                       "made by an earlier cascade keeps its settings elsewhere): start afresh "
+                                       "with overwrite=True.")
+    return {**state["settings"], "epochs_done": int(latest.rsplit("-", 1)[1])}
 
 
 def _first_line(exc):
@@ -602,7 +567,7 @@ def check_settings(path, saved, wanted):
 
 
 class Checkpoints:
-    """The checkpoints of one run: restore on resume, save after every epoch.
+    """The checkpoints of one run (the models and the optimizer): restore on resume, save after every epoch.
 
     Every worker saves (a multi-worker save may need all of them), but only
     the chief's checkpoints are kept, in `out_dir/checkpoints`; the other
@@ -613,20 +578,17 @@ class Checkpoints:
         out_dir: the run's folder (prepared by `prepare_out_dir`).
         models: `(model_a, model_b)` as trained (replicated under a strategy).
         optimizer: the run's optimizer.
-        progress: the run's `Progress`.
-        settings: `run_settings(config, data)`.
-        chief: whether this process keeps its checkpoints and writes `history.csv`.
+        settings: `run_settings(config, data)`, checked against the run's on resume.
+        chief: whether this process keeps its checkpoints.
     """
 
-    def __init__(self, out_dir, *, models, optimizer, progress, settings, chief):
+    def __init__(self, out_dir, *, models, optimizer, settings, chief):
         self.out_dir = Path(out_dir)
         self.folder = self.out_dir / CHECKPOINT_DIR
-        self.progress = progress
         self.settings = settings
         self.chief = chief
         model_a, model_b = models
-        self._checkpoint = tf.train.Checkpoint(model_a=model_a, model_b=model_b, optimizer=optimizer,
-                                               progress=progress)
+        self._checkpoint = tf.train.Checkpoint(model_a=model_a, model_b=model_b, optimizer=optimizer)
         self._scratch = None if chief else Path(tempfile.mkdtemp(prefix="cascade-worker-checkpoints-"))
         self._manager = tf.train.CheckpointManager(self._checkpoint, str(self.folder if chief else self._scratch),
                                                    max_to_keep=KEEP_CHECKPOINTS)
@@ -644,7 +606,7 @@ class Checkpoints:
             self._scratch = None
 
     def restore(self):
-        """Restores the latest checkpoint after checking its settings; returns the history it holds.
+        """Restores the latest checkpoint after checking the run's settings against this one's.
 
         Raises:
             ParameterError: (`resume`) the checkpoint cannot be read, was made
@@ -654,24 +616,15 @@ class Checkpoints:
         check_settings(self.folder, saved_settings(self.out_dir), self.settings)
         try:
             self._checkpoint.restore(latest).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as exc:
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as exc:  # IndexError: a truncated file
             raise ParameterError(
                 "resume",
-                f"checkpoint '{latest}' does not fit these models: expected the models the run started from; "
-                f"{_first_line(exc)}",
+                f"checkpoint '{latest}' cannot be restored into these models (a file of it damaged or cut short, "
+                f"or other models than the run started from?): {_first_line(exc)}; resume from an intact "
+                "checkpoint (remove this one's files) or start afresh with overwrite=True.",
             ) from exc
-        return json.loads(self.progress.history.numpy().decode("utf-8"))
 
-    def start(self):
-        """Records this run's settings in the next checkpoints."""
-        self.progress.settings.assign(json.dumps(self.settings, sort_keys=True))
-
-    def save(self, history):
-        """Saves the checkpoint of the epoch `history` ends with; the chief rewrites `history.csv` too."""
-        epoch = history[-1]["epoch"]
-        self.progress.epoch.assign(epoch)
-        self.progress.history.assign(json.dumps(history))
+    def save(self, epoch):
+        """Saves the checkpoint of epoch `epoch` (1-based)."""
         with reporting_full_disk(self._manager.directory):
             self._manager.save(checkpoint_number=epoch)
-        if self.chief:
-            write_history(self.out_dir / HISTORY_FILE, history)

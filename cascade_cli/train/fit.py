@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,11 +39,12 @@ from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, SamplingSchedule, StopRule, TrainCallbacks, TrainConfig
 from cascade_cli.runner import Cascade
 from cascade_cli.train import distribute
+from cascade_cli.train.callbacks import RunState
 from cascade_cli.train.checkpoints import (
     CHECKPOINT_DIR,
+    HISTORY_FILE,
     Checkpoints,
     check_out_dir,
-    Progress,
     check_settings,
     latest_checkpoint,
     prepare_out_dir,
@@ -52,6 +52,7 @@ from cascade_cli.train.checkpoints import (
     save_models,
     saved_settings,
     trained_pair,
+    write_history,
 )
 from cascade_cli.train.keras_model import CascadeModel, ReseedEachEpoch
 from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
@@ -301,6 +302,8 @@ class _Run:
     train_indices: np.ndarray
     val_indices: np.ndarray
     keras_callbacks: keras.callbacks.CallbackList = None  # Keras' own (`_keras_callbacks`), driven each epoch
+    state: RunState = None  # the history, settings and patience state, in `checkpoints/run_state.json`
+    early_stopping: keras.callbacks.EarlyStopping = None  # with `patience`
     generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
 
     @property
@@ -309,17 +312,17 @@ class _Run:
 
 
 class _RunningLoss:
-    """An epoch's training loss so far: errors over valid elements, plus the mean penalty of the steps taken."""
+    """An epoch's training loss so far: the mean of its steps' losses (errors / count + penalty), each weighed by its
+    count of valid elements, as `CascadeModel`'s loss tracker weighs them (the errors' mean is the epoch's own)."""
 
     def __init__(self, metrics=0):
-        self.total, self.count, self.penalty, self.steps = 0.0, 0.0, 0.0, 0
+        self.total, self.count, self.penalty = 0.0, 0.0, 0.0
         self.sums = [[0.0, 0.0] for _ in range(metrics)]
 
     def add(self, total, count, penalty, metrics=()):
         self.total += float(total)
         self.count += float(count)
-        self.penalty += float(penalty)
-        self.steps += 1
+        self.penalty += float(penalty) * float(count)
         for kept, pair in zip(self.sums, metrics):
             kept[0] += float(pair[0])
             kept[1] += float(pair[1])
@@ -331,8 +334,7 @@ class _RunningLoss:
 
     @property
     def value(self):
-        data = self.total / self.count if self.count else 0.0
-        return data + (self.penalty / self.steps if self.steps else 0.0)
+        return (self.total + self.penalty) / self.count if self.count else 0.0
 
 
 def _not_finite(what, value, *, epoch, batch, checkpoints, done):
@@ -442,7 +444,7 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     try:
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
                      chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
-        run.keras_callbacks = _keras_callbacks(run, tensorboard=config.tensorboard if chief else None)
+        run.keras_callbacks = _keras_callbacks(run, data, tensorboard=config.tensorboard if chief else None)
         run.generation = generator_settings(config, b_form=cascade.b_spec.form,
                                             longest=int(data.file_steps.max(initial=0)))
     except BaseException:
@@ -549,22 +551,32 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                 epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
 
 
-def _keras_callbacks(run, *, tensorboard):
-    """The callbacks of the run, told of each epoch as `Model.fit` tells them: `ReseedEachEpoch` and Keras' `TensorBoard`.
+def _keras_callbacks(run, data, *, tensorboard):
+    """The callbacks of the run, told of each epoch as `Model.fit` tells them.
 
-    They see a `CascadeModel` over the models trained, with the run's
-    optimizer (TensorBoard logs its learning rate at each epoch's end).
+    `ReseedEachEpoch`; with `patience`, Keras' `EarlyStopping` on `val_loss`
+    with `restore_best_weights`; `RunState` (the history and what a resume
+    needs, written before each checkpoint; `history.csv` follows it); Keras'
+    `TensorBoard`. They see a `CascadeModel` over the models trained, with
+    the run's optimizer (TensorBoard logs its learning rate at each epoch's end).
     """
-    model = CascadeModel(*run.models, **runner_settings(run.config))
+    config = run.config
+    model = CascadeModel(*run.models, **runner_settings(config))
     model.optimizer = run.optimizer
-    callbacks = [ReseedEachEpoch(run.config.seed)]
+    callbacks = [ReseedEachEpoch(config.seed)]
+    if config.patience is not None:
+        run.early_stopping = keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True)
+        callbacks.append(run.early_stopping)
+    run.state = RunState(run.out_dir / CHECKPOINT_DIR, settings=run_settings(config, data),
+                         early_stopping=run.early_stopping, write=run.chief)
+    callbacks.append(run.state)
     if tensorboard is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(tensorboard), write_graph=False))
     return keras.callbacks.CallbackList(callbacks, model=model)
 
 
 def _epoch_logs(row):
-    """The logs `Model.fit` gives callbacks at an epoch's end: a history row's figures, less `epoch` and `seconds`."""
+    """The logs `Model.fit` gives callbacks at an epoch's end: an epoch's figures, less `epoch` and those not taken."""
     return {key: float(value) for key, value in row.items() if key not in ("epoch", "seconds") and value is not None}
 
 
@@ -575,13 +587,12 @@ def _default_batches(data, order, *, batch_size):
 
 
 def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
-    """Trains epoch `epoch` (0-based) and takes its validation loss; returns its history row."""
+    """Trains epoch `epoch` (0-based) and takes its validation loss; returns its figures (`RunState` makes the row)."""
     config = run.config
     number = epoch + 1
     order = epoch_order(run.train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
     callbacks.epoch_started(number, epochs=config.epochs,
                             batches=math.ceil(len(run.train_indices) / config.batch_size))
-    started = time.perf_counter()
     running = _RunningLoss(len(config.metrics))
     for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
         if emits:  # a batch that emits nothing has nothing to learn from
@@ -604,7 +615,6 @@ def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
     length_error = _length_error(run, data)
     if length_error is not None:
         row["val_length_mae"] = length_error
-    row["seconds"] = time.perf_counter() - started
     return row
 
 
@@ -711,38 +721,38 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
 
 
 def _train(run, data, *, callbacks):
-    config = run.config
-    progress = Progress(run.weights, keep_best=len(run.val_indices) > 0)
+    config, stop = run.config, run.early_stopping
     callbacks.run_started(run.info)
-    with Checkpoints(run.out_dir, models=run.models, optimizer=run.optimizer, progress=progress,
-                     settings=run_settings(config, data), chief=run.chief) as checkpoints:
-        history = []
+    with Checkpoints(run.out_dir, models=run.models, optimizer=run.optimizer,
+                     settings=run.state.settings, chief=run.chief) as checkpoints:
+        done = 0
         if config.resume:
-            history = checkpoints.restore()
+            checkpoints.restore()
+            done = _saved_epoch(run.out_dir)
             if not has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
                 run.optimizer.learning_rate = float(config.learning_rate)
-            callbacks.resumed(epoch=progress.epochs_done, history=list(history))
-        checkpoints.start()
-        stopped = progress.patience_spent(config.patience)
         run.keras_callbacks.on_train_begin()
         try:
-            for epoch in range(progress.epochs_done, config.epochs if not stopped else 0):
+            history = run.state.resume(done)  # after EarlyStopping's on_train_begin: its state of those epochs
+            if config.resume:
+                callbacks.resumed(epoch=done, history=list(history))
+            stopped = stop is not None and stop.wait >= stop.patience
+            for epoch in range(done, config.epochs if not stopped else 0):
                 run.keras_callbacks.on_epoch_begin(epoch)
                 row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
-                progress.record(row["val_loss"], epoch=row["epoch"], weights=run.weights)
-                history.append(row)
-                checkpoints.save(history)
-                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))
-                callbacks.epoch_done(dict(row))
-                stopped = progress.patience_spent(config.patience)
+                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))  # the state first
+                checkpoints.save(epoch + 1)
+                if run.chief:  # after the checkpoint: a history.csv always goes with one
+                    write_history(run.out_dir / HISTORY_FILE, run.state.history)
+                callbacks.epoch_done(dict(run.state.history[-1]))
+                stopped = bool(getattr(run.keras_callbacks.model, "stop_training", False))
                 if stopped:
                     break
         finally:
-            run.keras_callbacks.on_train_end()
+            run.keras_callbacks.on_train_end()  # EarlyStopping puts the best weights back
+    history = list(run.state.history)
     if stopped:
-        callbacks.stopped_early(epoch=progress.epochs_done, best_epoch=int(progress.best_epoch.numpy()))
-    if config.patience is not None:
-        progress.restore_best(run.weights)
+        callbacks.stopped_early(epoch=len(history), best_epoch=stop.best_epoch + 1)
     _finish(run, history)
     callbacks.run_finished(list(history))
     return history

@@ -20,9 +20,10 @@ is not taken, and `fit` stops there with a `CascadeError`, as the command does.
 `tf.distribute` strategy each replica divides its errors by the global count
 of valid elements and adds `1 / replicas` of the penalty, so the replicas'
 gradients add up to the global batch's. Build (and compile) the model inside
-`strategy.scope()`. Keras 3.15 averages the first distributed batch over the
-replicas to build a model made in a scope, so a global batch size must split
-evenly over the replicas (with arrays, `batch_size` a multiple of them).
+`strategy.scope()`. Any global batch splits over the replicas, as `cascade
+train` splits it (Keras 3.15 averaged the first distributed batch over the
+replicas to build the model, which needed an even split; `CascadeModel`
+builds from one replica's part).
 
 `export_saved_model` writes a TensorFlow SavedModel that runs without
 `cascade_cli` (or Keras) installed.
@@ -41,11 +42,12 @@ from cascade_cli.atomic import atomic_directory
 from cascade_cli.errors import ParameterError
 from cascade_cli.keras_internals import seed_generators
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import LOSSES, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
+from cascade_cli.options import LOSSES, RUNNER_DEFAULTS, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
 from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
+from cascade_cli.train.optimizers import has_schedule
 from cascade_cli.train.step import batch_loss, non_finite_error, replica_context, train_step
 
 __all__ = ["CascadeModel", "ReseedEachEpoch", "export_saved_model", "load_generator"]
@@ -81,6 +83,8 @@ def _sampler_config(sampler):
 class CascadeModel(keras.Model):
     """Model A and model B chained by the packed runner, as one `keras.Model`.
 
+    The runner settings default to `Cascade`'s (`options.RUNNER_DEFAULTS`).
+
     Args:
         model_a: a `keras.Model` mapping `(batch, Ta, F)` to `(batch, Ta, H)`.
         model_b: a step-form or causal sequence-form `keras.Model`.
@@ -93,8 +97,9 @@ class CascadeModel(keras.Model):
         exclude_stop_step: leave the step that met the stop rule out.
         min_steps: no stop rule stops a pair before it has run this many steps (see `Cascade`).
         fast_cells: `"auto"`, True or False (see `Cascade`).
-        jit_compile: `Cascade`'s XLA switch for A when not training; None
-            (default) leaves it at `Cascade`'s default.
+        jit_compile: `Cascade`'s XLA switch for A when not training: `"auto"`
+            (Keras' convention: XLA where it compiles and is exact), True or
+            False; None (what generators saved before held) means `"auto"`.
         feedback, feedback_start, sampler, seed: `Cascade`'s feedback
             settings (a feedback-form B fed its own outputs). `fit` and
             `evaluate` teacher-force it on the targets (`batch_loss`);
@@ -114,10 +119,15 @@ class CascadeModel(keras.Model):
     >>> keras.saving.load_model("g.keras").predict(inputs, steps)   # tf.RaggedTensor (N, Ta, None, O)
     """
 
-    def __init__(self, model_a, model_b, *, state="reset", state_init="zeros", max_steps=None, stop_rule=None,
-                 exclude_stop_step=False, fast_cells="auto", jit_compile=None, feedback=False, feedback_start="zeros",
-                 sampler="identity", seed=0, min_steps=0, **kwargs):
+    def __init__(self, model_a, model_b, *, state=RUNNER_DEFAULTS["state"], state_init=RUNNER_DEFAULTS["state_init"],
+                 max_steps=RUNNER_DEFAULTS["max_steps"], stop_rule=RUNNER_DEFAULTS["stop_rule"],
+                 exclude_stop_step=RUNNER_DEFAULTS["exclude_stop_step"], fast_cells=RUNNER_DEFAULTS["fast_cells"],
+                 jit_compile=RUNNER_DEFAULTS["jit_compile"], feedback=RUNNER_DEFAULTS["feedback"],
+                 feedback_start=RUNNER_DEFAULTS["feedback_start"], sampler=RUNNER_DEFAULTS["sampler"],
+                 seed=RUNNER_DEFAULTS["seed"], min_steps=RUNNER_DEFAULTS["min_steps"], **kwargs):
         super().__init__(**kwargs)
+        if jit_compile is None:  # what a generator saved before "auto" was CascadeModel's default holds
+            jit_compile = RUNNER_DEFAULTS["jit_compile"]
         if isinstance(stop_rule, dict):
             stop_rule = StopRule(**stop_rule)
         if isinstance(sampler, dict):
@@ -128,11 +138,8 @@ class CascadeModel(keras.Model):
                               exclude_stop_step=exclude_stop_step, fast_cells=fast_cells,
                               jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
                               sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
-        runner = {key: value for key, value in self._settings.items() if value is not None or key != "jit_compile"}
-        self.cascade = Cascade(model_a, model_b, **runner)
-        # Training runs the given steps: no stop rule, no max_steps bound.
-        self.training_cascade = self.cascade if stop_rule is None and max_steps is None else Cascade(
-            model_a, model_b, **{**runner, "max_steps": None, "stop_rule": None, "min_steps": 0})
+        self.cascade = Cascade(model_a, model_b, **self._settings)
+        self.training_cascade = self._training_runner(None)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
         self._stop_gate, self._sampling, self._end_token = False, None, None
@@ -177,10 +184,21 @@ class CascadeModel(keras.Model):
         inputs, steps = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
         return self.cascade(inputs, steps, training=bool(training))
 
+    def _training_runner(self, sampler):
+        """The runner training runs: the given steps (no stop rule, no `max_steps` bound), and under scheduled
+        sampling `sampler` (None: the model's)."""
+        settings = self._settings
+        if settings["stop_rule"] is None and settings["max_steps"] is None and sampler is None:
+            return self.cascade
+        sampler = settings["sampler"] if sampler is None else sampler
+        return Cascade(self.model_a, self.model_b, **{**settings, "max_steps": None, "stop_rule": None,
+                                                      "min_steps": 0, "sampler": sampler})
+
     # ------------------------------------------------------------- compile
 
     def compile(self, optimizer="rmsprop", loss="mse", metrics=None, *, from_logits=None, stop_gate=False,
-                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, append_end_token=None, **kwargs):
+                stop_weight=1.0, stop_pos_weight=1.0, sampling_probability=None, training_sampler=None,
+                append_end_token=None, **kwargs):
         """Configures training, as `keras.Model.compile` does.
 
         Args:
@@ -190,7 +208,8 @@ class CascadeModel(keras.Model):
                 `(N, Ta, L)` or `(N, Ta, L, 1)`), cascade's own spellings of
                 them (`options.LOSSES`), or a `keras.losses.Loss`; averaged
                 over the valid elements only.
-            metrics: Keras metrics, computed on the valid rows `(total, O)`.
+            metrics: Keras metrics, computed on the valid rows `(total, O)` (with
+                `stop_gate`, on their value columns only, as `cascade train --metrics`).
             from_logits: for the cross-entropies, whether B's outputs are
                 logits; None detects it (`resolve_from_logits`:
                 probabilities when B ends in a softmax).
@@ -206,14 +225,22 @@ class CascadeModel(keras.Model):
                 pairs included, ends with one more target row, that token
                 (its one-hot, or the id for token-id targets), and runs one
                 more step (`cascade train --append-end-token`; give it here or
-                to `data.dataset`, not both). With it, and a model that
-                generates with a stop rule and `max_steps`, `evaluate` and
-                `fit`'s validation report `length_mae`: the mean absolute
-                error of the lengths `predict` gives against the steps given.
+                to `data.dataset`, not both). With it (or `stop_gate`), and a
+                model that generates with a stop rule and `max_steps`,
+                `evaluate` and `fit`'s validation report `length_mae`: the
+                mean absolute error of the lengths `predict` gives against the
+                steps given.
             sampling_probability: scheduled sampling of a feedback B (`cascade
                 train --sampling-probability`/`--sampling-schedule`): a
                 probability, or a `SamplingSchedule` (or its text,
                 `"inverse-sigmoid:K"`) read at the optimizer's step count.
+            training_sampler: the sampler (a `Sampler`, its name or its
+                dict) a row fed its own output draws with under scheduled
+                sampling (`cascade train --sampler`); None: the model's own
+                `sampler`, the one `predict` generates with (a generator
+                saved by `cascade train` for a token loss holds `greedy`,
+                while the command trained with its `--sampler`, `identity`
+                unless given).
             **kwargs: `keras.Model.compile`'s others; `jit_compile` defaults
                 to False (the packed loop's shapes change every step).
 
@@ -241,6 +268,14 @@ class CascadeModel(keras.Model):
             output_size = self.cascade.b_spec.output_size
             self._terms = gate_terms(self._terms, elements_per_row=output_size - 1 if name in ("mse", "mae") else 1,
                                      stop_weight=float(stop_weight), stop_pos_weight=float(stop_pos_weight))
+        if training_sampler is not None and schedule is None:
+            raise ParameterError("training_sampler", "applies to scheduled sampling only (teacher forcing feeds the "
+                                                     "targets): give sampling_probability too, or leave it out; "
+                                                     f"received training_sampler={training_sampler!r}.")
+        if isinstance(training_sampler, dict):
+            training_sampler = Sampler(**training_sampler)
+        training_sampler = None if training_sampler is None else Sampler.coerce(training_sampler)
+        self.training_cascade = self._training_runner(training_sampler)
         self._stop_gate, self._sampling = bool(stop_gate), schedule
         check_regularizers((self.model_a, self.model_b))
         self._loss = batch_loss(self.training_cascade, self._terms, models=(self.model_a, self.model_b),
@@ -252,6 +287,7 @@ class CascadeModel(keras.Model):
             **({"stop_gate": True, "stop_weight": float(stop_weight), "stop_pos_weight": float(stop_pos_weight)}
                if stop_gate else {}),
             **({} if schedule is None else {"sampling_probability": schedule.describe()}),
+            **({} if training_sampler is None else {"training_sampler": _sampler_config(training_sampler)}),
             **({} if append_end_token is None else {"append_end_token": int(append_end_token)})}
 
     def get_compile_config(self):
@@ -279,9 +315,10 @@ class CascadeModel(keras.Model):
 
     @property
     def _measures_lengths(self):
-        """Whether `test_step` measures `length_mae`: end tokens appended and a stop rule to generate with."""
-        return (getattr(self, "_end_token", None) is not None and self._settings["stop_rule"] is not None
-                and self._settings["max_steps"] is not None)
+        """Whether `test_step` measures `length_mae`: a stop learned (end tokens appended by `compile`, or the stop
+        gate) and a stop rule to generate with, as `cascade train` measures `val_length_mae`."""
+        learned = getattr(self, "_end_token", None) is not None or getattr(self, "_stop_gate", False)
+        return learned and self._settings["stop_rule"] is not None and self._settings["max_steps"] is not None
 
     # --------------------------------------------------------------- steps
 
@@ -292,9 +329,15 @@ class CascadeModel(keras.Model):
         (`check_training_arrays`). A step whose loss or gradients are not
         finite never reaches the weights: `fit` raises `CascadeError` naming
         the epoch and batch, and the model keeps the weights of the step
-        before. A `data.dataset` is told which epoch begins, so an epoch
-        resumed by `BackupAndRestore` visits that epoch's order. Everything
-        else is Keras' own `fit`.
+        before. A validation loss that is not finite stops `fit` with a
+        `CascadeError` too, before any callback is told the epoch ended (no
+        `BackupAndRestore` or `ModelCheckpoint` keeps it). A `data.dataset` is told which epoch begins, so an epoch
+        resumed by `BackupAndRestore` visits that epoch's order. A constant
+        learning rate is the one the optimizer holds as `fit` is called: a
+        `BackupAndRestore` puts back the weights, the step count and the
+        optimizer's moments, not the rate it saved (`cascade train --resume
+        --learning-rate` trains at the rate given too); a schedule goes on
+        from the step count restored. Everything else is Keras' own `fit`.
         """
         if isinstance(x, (tuple, list)) and len(x) == 2 and y is not None and not tf.is_tensor(y):
             check_training_arrays(x, y, output_size=self.cascade.b_spec.output_size)
@@ -303,12 +346,33 @@ class CascadeModel(keras.Model):
                 refused = tf.Variable(0.0, trainable=False, name="refused_steps",
                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             object.__setattr__(self, "_refused_steps", refused)  # not a weight: kept out of Keras' tracking
-        callbacks = [*(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
+        callbacks = [_RefuseNonFiniteValidation(), *(callbacks or []), _RefuseNonFiniteSteps(self._refused_steps)]
+        if getattr(self, "optimizer", None) is not None and not has_schedule(self.optimizer):  # after a backup given
+            callbacks.append(_KeepLearningRate(float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))))
         passes = getattr(x, "epoch_of_next_pass", None)  # a `data.dataset`: each epoch visits its own order
         if passes is not None:
             tell = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: passes.__setitem__(0, epoch))
             callbacks.append(tell)
         return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' build from the first batch (`keras.src.backend.tensorflow.trainer`, private), given one replica's
+        part of a distributed first batch instead of the replicas' mean, which Keras 3.15 takes and which fails
+        unless the global batch splits evenly (3 and 2 samples cannot be averaged). Only shapes are read from it,
+        and every replica's step takes its own part whatever its size (`step.train_step`: the global count)."""
+        strategy = self._distribute_strategy
+        if iterator is not None and data_batch is None and strategy is not None:
+            for _, _, batches in iterator:
+                first = next(batches)
+                break
+            else:
+                first = None
+            if first is not None:
+                data_batch = tf.nest.map_structure(
+                    lambda value: strategy.experimental_local_results(value)[0]
+                    if isinstance(value, tf.distribute.DistributedValues) else value, first)
+                iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _unpack(self, data):
         """`(inputs, steps, flat targets)` of one batch: padded targets `(N, Ta, L, O)` taken in value order."""
@@ -366,10 +430,17 @@ class CascadeModel(keras.Model):
                 "replicas": context.num_replicas_in_sync}
 
     def _report(self, x, result):
-        """Updates the loss tracker (this batch's own mean, weighed by its count) and the compiled metrics."""
+        """Updates the loss tracker (this batch's own mean, weighed by its count) and the compiled metrics.
+
+        With the stop gate the metrics see the value columns only, as `cascade train --metrics` measures them
+        (`losses.without_gate`): the gate's logit is no value.
+        """
         mean = tf.math.divide_no_nan(result.total, result.local_count) + result.penalty
         self.loss_tracker.update_state(mean, sample_weight=result.local_count)
-        return self.compute_metrics(x, result.targets, result.values)
+        targets, values = result.targets, result.values
+        if self._stop_gate:
+            targets, values = targets[:, :-1], values[:, :-1]
+        return self.compute_metrics(x, targets, values)
 
     def train_step(self, data):
         """One optimizer step on one batch: `step.train_step`, `cascade train`'s step.
@@ -508,6 +579,29 @@ class ReseedEachEpoch(keras.callbacks.Callback):
         np.random.seed(int(values[0]))
         for generator, value in zip(generators, values[1:]):
             generator.state.assign(tf.constant([int(value), 0], dtype=generator.state.dtype))
+
+
+class _RefuseNonFiniteValidation(keras.callbacks.Callback):
+    """Stops `CascadeModel.fit` at an epoch whose validation loss is not finite, as `cascade train`; given first, so
+    no callback after it (a backup, a checkpoint, early stopping) takes that epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if value is not None and not np.isfinite(float(value)):
+            raise non_finite_error("validation loss", float(value), epoch=epoch + 1, batch=None,
+                                   kept="no callback was told the epoch ended, so no backup holds it")
+
+
+class _KeepLearningRate(keras.callbacks.Callback):
+    """Sets the optimizer's constant rate back to `rate` as `fit` begins, after a `BackupAndRestore` (given before it)
+    restored the rate it saved: a resumed `fit` trains at the rate compiled, as `cascade train --resume` does."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate = self.rate
 
 
 class _RefuseNonFiniteSteps(keras.callbacks.Callback):
