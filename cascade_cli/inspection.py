@@ -213,6 +213,8 @@ def describe_model(model, path):
     try:
         a_spec = inspect_a(model)
         ta = "any Ta" if a_spec.outer_steps is None else f"fixed Ta={a_spec.outer_steps}"
+        if a_spec.form == "state":
+            ta += f", state form, states [{', '.join(map(str, a_spec.state_sizes))}] (windows carry them)"
         rows.append(("as model A", f"yes: F={a_spec.features}, H={a_spec.ir_size}, {ta}"))
     except ModelError as error:
         a_spec = None

@@ -287,3 +287,12 @@ def test_a_state_form_a_trains_as_its_plain_twin():
     assert len(grads[0]) == len(grads[1])
     for want, got in zip(*grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_names_a_s_form_and_its_states():
+    from cascade_cli.inspection import describe_model
+
+    rows = dict(describe_model(state_a(kind="lstm"), "a.keras")[0])
+    assert rows["as model A"] == "yes: F=3, H=4, any Ta, state form, states [4, 4] (windows carry them)"
+    rows = dict(describe_model(builders.model_a(), "a.keras")[0])
+    assert rows["as model A"].endswith(", any Ta") and "state form" not in rows["as model A"]
