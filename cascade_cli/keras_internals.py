@@ -5,6 +5,8 @@ seed generators, to read how a layer was called in a functional graph, or to
 run a function without the tape recording it. Each helper here wraps one such
 private attribute; `tests/test_keras_internals.py` checks every assumption, so
 a Keras or TensorFlow upgrade that breaks one fails loudly there first.
+One touch point lives elsewhere because it is a method override, not a read:
+`CascadeModel._maybe_symbolic_build` (`train/keras_model.py`), checked there too.
 """
 
 import dataclasses

@@ -105,3 +105,17 @@ def test_tapes_may_take_higher_order_only_for_a_persistent_tape_or_several():
     with tf.GradientTape(persistent=True):
         assert tapes_may_take_higher_order([tf.convert_to_tensor(v)]) is True
         assert tapes_may_take_higher_order([tf.constant(1.0)]) is False  # a tensor no tape watches
+
+
+def test_keras_builds_a_model_from_its_first_batch_through_maybe_symbolic_build():
+    # `CascadeModel._maybe_symbolic_build` overrides this private method (a distributed first batch that does not
+    # split evenly): it must still exist, take these arguments, and be what `fit` calls before the first step.
+    import inspect
+
+    from cascade_cli.train.keras_model import CascadeModel
+
+    assert list(inspect.signature(keras.Model._maybe_symbolic_build).parameters) == ["self", "iterator", "data_batch"]
+    from keras.src.backend.tensorflow import trainer
+
+    assert "_maybe_symbolic_build" in inspect.getsource(trainer.TensorFlowTrainer.fit)
+    assert CascadeModel._maybe_symbolic_build is not keras.Model._maybe_symbolic_build
