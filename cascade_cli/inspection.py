@@ -299,6 +299,32 @@ def settings_text(settings):
     return ", ".join(shown) or "the defaults"
 
 
+def describe_models(models, paths):
+    """`inspect`'s rows for loaded model files: a packed generator; or each model, and with a partner the pair.
+
+    Args:
+        models: the loaded `[PATH]` or `[PATH, partner]`.
+        paths: their file names, in the same order.
+
+    Raises:
+        ParameterError: naming `partner` where one of them is a packed
+            generator, which holds both models already.
+    """
+    from cascade_cli.train.keras_model import CascadeModel
+
+    generators = [path for model, path in zip(models, paths) if isinstance(model, CascadeModel)]
+    if generators and len(models) > 1:
+        raise ParameterError("partner", f"'{generators[0]}' is a packed generator, which holds model A and model B: "
+                                        "inspect it without a partner.")
+    if generators:
+        return describe_generator(models[0], paths[0])
+    described = [describe_model(model, path) for model, path in zip(models, paths)]
+    rows = [row for model_rows, _, _ in described for row in model_rows]
+    if len(models) > 1:
+        rows += describe_pair(models, paths, [specs for _, *specs in described])
+    return rows
+
+
 def describe_generator(model, path):
     """Inspects a packed generator (a `CascadeModel` file from `cascade pack`): its two models and its settings."""
     total = sum(int(math.prod(w.shape)) for w in model.weights)

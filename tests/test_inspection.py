@@ -229,7 +229,7 @@ def test_inspect_of_a_packed_generator_describes_its_two_models_and_settings(tmp
     assert "max_steps=6, stop_rule=token == 1" in row("settings") and "fast_cells=False" in row("settings")
     builders.model_a().save(tmp_path / "a.keras")
     assert_error(invoke("inspect", tmp_path / "g.keras", "--partner", tmp_path / "a.keras"), 2,
-                 "packed generator", "without --partner")
+                 "--partner: ", "is a packed generator", "inspect it without a partner")
 
 
 def test_inspect_of_a_step_form_b_says_whether_it_fits_the_feedback_form(tmp_path):
@@ -271,3 +271,4 @@ def test_inspect_pairs_a_feedback_form_b_with_its_partner_in_either_order(tmp_pa
     assert result.exit_code == 1
     assert (f"Error: model A ('{tmp_path / 'wide.keras'}') emits IR vectors of size 5 but model B "
             f"('{tmp_path / 'fb.keras'}') expects inputs of size 4") in result.stderr
+

@@ -4,7 +4,7 @@ import functools
 
 import click
 
-from cascade_cli.cli import consoles, load_models, load_options, load_tensorflow, print_rows
+from cascade_cli.cli import consoles, load_models, load_options, load_tensorflow, print_rows, usage_errors
 
 HISTOGRAM_WIDTH = 40
 
@@ -27,26 +27,17 @@ def _histogram(report):
 
 
 def _inspect_models(report, console, path, partner, *, unsafe, allow_legacy_h5):
-    from cascade_cli.inspection import describe_generator, describe_model, describe_pair
+    from cascade_cli.inspection import describe_models
 
     paths = [path] + ([partner] if partner is not None else [])
     roles = ["model"] + (["partner"] if partner is not None else [])
     load_tensorflow()
-    from cascade_cli.train.keras_model import CascadeModel  # registers the class a packed generator names
+    import cascade_cli.train.keras_model  # noqa: F401  registers the class a packed generator names
 
     loaded = load_models(paths, roles, console=console, unsafe=unsafe, allow_legacy_h5=allow_legacy_h5)
-    generators = [name for model, name in zip(loaded, paths) if isinstance(model, CascadeModel)]
-    if generators and partner is not None:
-        raise click.UsageError(f"'{generators[0]}' is a packed generator, which holds model A and model B: "
-                               "inspect it without --partner.")
-    if generators:
-        print_rows(report, describe_generator(loaded[0], path))
-        return
-    described = [describe_model(model, name) for model, name in zip(loaded, paths)]
-    for rows, _, _ in described:
-        print_rows(report, rows)
-    if partner is not None:
-        print_rows(report, describe_pair(loaded, paths, [specs for _, *specs in described]))
+    with usage_errors(click.get_current_context(), _only=("partner",), partner="--partner"):
+        rows = describe_models(loaded, paths)
+    print_rows(report, rows)
 
 
 @click.command()
