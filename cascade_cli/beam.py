@@ -119,7 +119,7 @@ def best(cascade, inputs, steps=None, *, num_samples=1, training=False):
 def run_ranked(cascade, inputs, caps, *, ranks, training=False):
     """`(values, lengths, tokens)` of checked `inputs (N, Ta, F)` and `caps (N, Ta)` int32, sample n returning its
     `ranks[n]`-th best hypothesis (A as the runner runs it, under XLA where it chose to)."""
-    ir, _ = cascade._call_a(inputs, training=training)  # A in either form, under XLA where the runner chose it
+    ir, _ = cascade.run_a(inputs, training=training)  # A in either form, under XLA where the runner chose it
     ir_flat = tf.reshape(ir, [-1, cascade.a_spec.ir_size])
     return search(cascade, ir_flat, caps, training=training, ranks=ranks, return_tokens=True)
 

@@ -617,7 +617,7 @@ def check_finite_outputs(cascade, part, inputs, *, first_sample, repeats=1):
     pair = int(np.searchsorted(ends, row, side="right"))
     n, t = divmod(pair, part.lengths.shape[1])
     j = row - (int(ends[pair - 1]) if pair else 0)
-    ir = np.asarray(cascade._call_a(tf.convert_to_tensor(inputs[n:n + 1]), training=False)[0])  # A in either form
+    ir = np.asarray(cascade.run_a(inputs[n:n + 1])[0])  # A in either form
     role, model = ("model A", cascade.model_a) if not np.isfinite(ir[0, t]).all() else ("model B", cascade.model_b)
     value = part.values[row][~np.isfinite(part.values[row])][0]
     sample = first_sample + n

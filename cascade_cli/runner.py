@@ -697,6 +697,14 @@ class Cascade:
         values = _permute(outputs, order)  # value order: by pair, then step
         return values, self._lengths(caps, pairs)
 
+    def run_a(self, inputs, *, training=False, states=None):
+        """`(ir (N, Ta, H), states)`: model A alone on `inputs`, as the cascade runs it (under XLA where chosen).
+
+        An A in state form starts from `states` (zeros where None) and returns
+        its states at the end; a plain A starts from zeros and returns `[]`.
+        """
+        return self._call_a(tf.convert_to_tensor(inputs), training=training, states=states)
+
     def _call_a(self, inputs, *, training, plain_a=False, states=None):
         """`(ir (N, Ta, H), states)`: model A on `inputs`, under XLA where it was chosen (`_a_under_xla`).
 

@@ -54,7 +54,7 @@ class Windows:
         import tensorflow as tf
 
         if self.a_whole:
-            inputs = self.cascade._call_a(tf.convert_to_tensor(inputs), training=False)[0]
+            inputs = self.cascade.run_a(inputs)[0]
         outer = int(inputs.shape[1])
         caps = np.asarray(caps)
         state, parts = None, []

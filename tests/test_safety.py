@@ -301,6 +301,9 @@ def test_check_finite_outputs_finds_sample_outer_and_inner_by_hand():
         model_a = Finite()
         model_b = type("B", (), {"name": "my_b"})()
 
+        def run_a(self, inputs):
+            return self.model_a(inputs), []
+
     lengths = np.array([[2, 0, 1], [0, 3, 1]])  # value rows: (0,0,0) (0,0,1) (0,2,0) (1,1,0) (1,1,1) (1,1,2) (1,2,0)
     values = np.zeros((7, 2), "float32")
     values[4, 1] = np.inf
