@@ -38,6 +38,20 @@ CASES = {  # name: (B, the targets' O, train flags, CascadeModel settings, compi
 }
 
 
+def trained_weights(out_dir):
+    """The weights `cascade train` wrote into `out_dir`: A's, then B's."""
+    return [w for name in ("model_a.keras", "model_b.keras")
+            for w in keras.saving.load_model(out_dir / name, compile=False).get_weights()]
+
+
+def assert_same_weights(model, trained):
+    """A fitted `CascadeModel`'s weights (A's, then B's) equal `trained` to 1e-6."""
+    fitted = model.model_a.get_weights() + model.model_b.get_weights()
+    assert len(fitted) == len(trained)
+    for got, wanted in zip(fitted, trained):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+
+
 def models(kind, output_size):
     b = builders.feedback_b(output_size=output_size) if kind == "feedback" else builders.step_b(
         output_size=output_size)
@@ -64,8 +78,7 @@ def test_cascade_train_and_cascade_model_fit_reach_the_same_weights(case, tmp_pa
     b.save(tmp_path / "b.keras")
     assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
                      "--out-dir", tmp_path / "run", *COMMON, *flags))
-    trained = [w for name in ("model_a.keras", "model_b.keras")
-               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    trained = trained_weights(tmp_path / "run")
 
     model = CascadeModel(*models(kind, emits), jit_compile=False, **settings)
     model.compile(keras.optimizers.SGD(0.1), **{"loss": "mse", **compiled}, jit_compile=False)
@@ -74,8 +87,7 @@ def test_cascade_train_and_cascade_model_fit_reach_the_same_weights(case, tmp_pa
     fitted = model.model_a.get_weights() + model.model_b.get_weights()
     start = models(kind, emits)
     assert not np.allclose(start[1].get_weights()[0], fitted[len(a.get_weights())])  # it trained
-    for got, wanted in zip(fitted, trained):
-        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+    assert_same_weights(model, trained)
 
 
 def test_compile_checks_the_gate_and_sampling_settings_as_train_does():
@@ -239,16 +251,13 @@ def test_a_sampling_schedule_is_read_at_the_optimizer_s_step_count_in_train_as_i
                      "--out-dir", tmp_path / "run", "--optimizer", "sgd", "--learning-rate", 0.1, "--epochs", 2,
                      "--batch-size", 2, "--val-split", 0, "--seed", 5, "--no-xla", "--no-shuffle", "--feedback",
                      "--sampling-schedule", "inverse-sigmoid:2"))
-    trained = [w for name in ("model_a.keras", "model_b.keras")
-               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    trained = trained_weights(tmp_path / "run")
 
     model = CascadeModel(*models("feedback", 2), feedback=True, jit_compile=False)
     model.compile(keras.optimizers.SGD(0.1), loss="mse", sampling_probability="inverse-sigmoid:2", jit_compile=False)
     model.fit(dataset(path, batch_size=2, shuffle=False), epochs=2, verbose=0, shuffle=False)
     assert int(model.optimizer.iterations.numpy()) == 4  # two steps an epoch
-    fitted = model.model_a.get_weights() + model.model_b.get_weights()
-    for got, wanted in zip(fitted, trained):
-        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+    assert_same_weights(model, trained)
 
 
 def test_dropout_draws_the_same_in_train_and_in_fit_reseeded_each_epoch(tmp_path):
@@ -263,16 +272,13 @@ def test_dropout_draws_the_same_in_train_and_in_fit_reseeded_each_epoch(tmp_path
     builders.step_b(dropout=0.5).save(tmp_path / "b.keras")
     assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
                      "--out-dir", tmp_path / "run", *COMMON))
-    trained = [w for name in ("model_a.keras", "model_b.keras")
-               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    trained = trained_weights(tmp_path / "run")
 
     model = CascadeModel(builders.model_a(), builders.step_b(dropout=0.5), jit_compile=False)
     model.compile(keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
     model.fit(dataset(path, batch_size=4, seed=5), epochs=2, verbose=0, shuffle=False,
               callbacks=[ReseedEachEpoch(5)])
-    fitted = model.model_a.get_weights() + model.model_b.get_weights()
-    for got, wanted in zip(fitted, trained):
-        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+    assert_same_weights(model, trained)
 
 
 def _history(path):
@@ -324,8 +330,7 @@ def test_a_resume_with_a_new_learning_rate_trains_at_it_in_fit_as_in_cascade_tra
              "--out-dir", tmp_path / "run")
     assert_ok(invoke(*train, *common))
     assert_ok(invoke(*train, "--resume", "--epochs", 2, "--learning-rate", 0.05))
-    trained = [w for name in ("model_a.keras", "model_b.keras")
-               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    trained = trained_weights(tmp_path / "run")
 
     backup = str(tmp_path / "backup")
     for rate, epochs in ((0.1, 1), (0.05, 2)):  # a fresh process would build the model again: so does this
@@ -335,9 +340,7 @@ def test_a_resume_with_a_new_learning_rate_trains_at_it_in_fit_as_in_cascade_tra
                   callbacks=[keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
     assert int(model.optimizer.iterations.numpy()) == 4  # epoch 1's steps were restored, epoch 2's taken
-    fitted = model.model_a.get_weights() + model.model_b.get_weights()
-    for got, wanted in zip(fitted, trained):
-        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-6)
+    assert_same_weights(model, trained)
 
 
 @pytest.mark.slow  # three trainings: about 20 s on 2 cores
@@ -356,8 +359,7 @@ def test_scheduled_sampling_of_a_generator_model_draws_with_the_training_sampler
     assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
                      "--out-dir", tmp_path / "run", *COMMON, "--feedback", "--loss", "categorical-crossentropy",
                      "--append-end-token", 0, "--sampling-probability", 0.5))
-    trained = [w for name in ("model_a.keras", "model_b.keras")
-               for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).get_weights()]
+    trained = trained_weights(tmp_path / "run")
     generator = keras.saving.load_model(tmp_path / "run" / "cascade.keras", compile=False).settings
     assert generator["sampler"].kind == "greedy"
 
