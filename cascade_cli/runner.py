@@ -35,6 +35,7 @@ recurrence with its hand-written gradient runs as above.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -568,18 +569,13 @@ class Cascade:
                 arguments.append(extras.targets)
         if self._xla is None or self._loop_choice is None:  # the probes take this call's shape (`_probe_shape`)
             self._first_shape = tuple(inputs.shape)
-        try:
+        with _cascade_errors():
             if tape_may_record():
                 weights = [tf.convert_to_tensor(weight) for weight in self._weights]  # the tapes watch them
                 if tapes_may_take_higher_order([*arguments, *weights]):
                     return self._recomputed(kind, inputs, arguments, weights, training=training, extras=extras)
             return self._compiled(kind, inputs, training=training, extras=extras,
                                   loop=not tape_may_record())(*arguments)
-        except Exception as error:
-            cause = _cascade_cause(error)
-            if cause is error:
-                raise
-            raise cause from None
 
     def _recomputed(self, kind, inputs, arguments, weights, *, training, extras):
         """The compiled call under a persistent tape or nested tapes, with a gradient that runs it again.
@@ -785,13 +781,8 @@ class Cascade:
                     return self._run_state(kind, inputs, caps, training, feed, offset, states)
 
                 self._concrete[key] = tf.function(function, input_signature=signature).get_concrete_function()
-            try:
+            with _cascade_errors():
                 result, state = self._concrete[key](*arguments)
-            except Exception as error:
-                cause = _cascade_cause(error)
-                if cause is error:
-                    raise
-                raise cause from None
         else:
             result, state = self._run_state(kind, inputs, caps, training, extras, offset, arguments[5:])
         a_out, b_out, previous_out, offset_out = state
@@ -1636,12 +1627,19 @@ class Cascade:
         return tf.gather_nd(y, index), caps
 
 
-def _cascade_cause(error):
-    """The `CascadeError` a traced call raised, out of TensorFlow's wrapping (`StagingError`), else `error`."""
-    cause = error
-    while cause is not None and not isinstance(cause, CascadeError):
-        cause = cause.__cause__ or cause.__context__
-    return error if cause is None or cause is error else cause.with_traceback(None)
+@contextlib.contextmanager
+def _cascade_errors():
+    """Raises the `CascadeError` a traced call in the block raised as itself, out of TensorFlow's wrapping
+    (`StagingError`); any other error goes on unchanged."""
+    try:
+        yield
+    except Exception as error:
+        cause = error
+        while cause is not None and not isinstance(cause, CascadeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or cause is error:
+            raise
+        raise cause.with_traceback(None) from None
 
 
 def _differentiable(extras):
