@@ -269,6 +269,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
                                        f"{received(source)}.")
     batch_size = check_int("batch_size", batch_size, minimum=1)
     repeats = check_int("num_samples", num_samples, minimum=1)
+    window = None if window is None else check_int("window", window, minimum=1)
     check_choice("allow_nonfinite", allow_nonfinite, (True, False))
     steps = resolve_steps(steps, source, max_steps=cascade.max_steps)
     if steps is None and cascade.max_steps is None:
@@ -280,7 +281,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     n_samples = inputs_count * repeats
     first, last = (0, n_samples) if shard is None else shard_range(n_samples, index=shard[0], count=shard[1])
     ranges = batch_ranges(first, last, batch_size=batch_size, n_samples=n_samples)
-    check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats)
+    check_batch_memory(cascade, steps, ranges, outer_steps=outer, repeats=repeats, window=window)
     cascade.plan_xla(samples=n_samples, outer_steps=outer,  # the whole job's, never the batch's or the shard's
                      inner_steps=_job_inner_steps(steps, cascade.max_steps, n_samples=n_samples, outer=outer,
                                                   repeats=repeats))
@@ -453,7 +454,7 @@ def _batch_rows(steps, ranges, *, repeats):
     return int(most)
 
 
-def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, repeats=1):
+def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, repeats=1, window=None):
     """Refuses a generation whose largest batch cannot fit in memory, before anything runs.
 
     A batch holds every row it emits a few times over (B's outputs step-major
@@ -471,6 +472,11 @@ def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, r
             the address-space limit when one is set.
         repeats: the draws per input (`num_samples`): result sample `i` runs
             the steps of input `i // repeats`.
+        window: outer steps per window (`generate --window`), or None. With a
+            window the runner works on one window at a time and only the
+            joined outputs (O columns, held about 3 times while they are
+            joined) grow with `Ta`; the window's rows are bounded by each
+            sample's busiest window.
 
     Raises:
         DataError: naming the size, the batch and the settings that shrink it.
@@ -495,14 +501,35 @@ def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, r
         rows = int(max(sums[batch.stop] - sums[batch.start] for batch in ranges))
     width = cascade.b_spec.output_size + cascade.a_spec.ir_size + sum(cascade.b_spec.state_sizes)
     itemsize = tf.as_dtype(cascade.model_b.outputs[0].dtype).size
-    needed = float(rows) * width * itemsize * 4
+    if window is None or window >= outer_steps:
+        needed = float(rows) * width * itemsize * 4
+    else:
+        window_rows = _window_rows(cascade, steps, ranges, largest=largest, outer_steps=outer_steps, window=window,
+                                   repeats=repeats)
+        needed = (float(rows) * cascade.b_spec.output_size * 3 + float(window_rows) * width * 4) * itemsize
     available = _available_memory() if available is None else available
     if needed > available:
         raise DataError(
             f"generating would need about {needed / 2**30:.1f} GiB for a batch of {largest:,} samples "
-            f"({rows:,} inner steps) but about {available / 2**30:.1f} GiB is available; use a smaller "
-            "batch_size or max_steps, or fewer steps."
+            f"({rows:,} inner steps{'' if window is None else f', windows of {window:,} outer steps'}) but about "
+            f"{available / 2**30:.1f} GiB is available; use a smaller batch_size{'' if window is None else ' or window'}"
+            " or max_steps, or fewer steps."
         )
+
+
+def _window_rows(cascade, steps, ranges, *, largest, outer_steps, window, repeats):
+    """A bound on the inner steps one window of one batch runs: the batch's sum of each sample's busiest window."""
+    if steps is None:
+        return largest * window * int(cascade.max_steps)
+    pad = -outer_steps % window
+    per_window = np.pad(np.atleast_2d(steps), ((0, 0), (0, pad))).reshape(-1, (outer_steps + pad) // window, window)
+    busiest = per_window.sum(axis=2, dtype=np.float64).max(axis=1, initial=0.0)[:, None]
+    if steps.ndim == 1:
+        return largest * int(busiest[0, 0])
+    if isinstance(ranges, BatchRanges):
+        return _batch_rows(busiest, ranges, repeats=repeats)
+    sums = np.concatenate([[0], np.cumsum(busiest[:, 0])])
+    return int(max(sums[batch.stop] - sums[batch.start] for batch in ranges))
 
 
 def _available_memory():

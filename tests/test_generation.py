@@ -167,3 +167,30 @@ def test_the_run_id_depends_on_what_the_files_hold_not_how_their_paths_are_spell
         ids.append(identify_run({"inputs": "x.npy", "model_a": "a.keras"}, model_files=("a.keras", "b.keras"),
                                 source=source, steps=STEPS, batch_size=4)["run_id"])
     assert ids[0] == ids[1] != ids[2]
+
+
+def test_with_a_window_only_the_joined_outputs_grow_with_the_outer_steps_by_hand(models):
+    from cascade_cli.generation import check_batch_memory
+
+    cascade = Cascade(*models)  # O=2 and 11 values a row (O + H + state), float32
+    steps = np.array([[1, 2, 3, 0, 4], [0, 0, 5, 1, 1]])  # 10 + 7 rows; windows of 2: busiest [4] and [5, 1]
+    ranges = batch_ranges(0, 2, batch_size=2, n_samples=2)
+    needed = (17 * 2 * 3 + (4 + 6) * 11 * 4) * 4  # the joined outputs 3 times, one window's rows 4 times
+    check_batch_memory(cascade, steps, ranges, outer_steps=5, window=2, available=needed)
+    with pytest.raises(DataError, match=r"windows of 2 outer steps\).*smaller batch_size or window"):
+        check_batch_memory(cascade, steps, ranges, outer_steps=5, window=2, available=needed - 1)
+    whole = 17 * 11 * 4 * 4
+    assert needed < whole  # the window's bound is below the whole run's
+    check_batch_memory(cascade, steps, ranges, outer_steps=5, window=5, available=whole)  # one window: as whole
+    with pytest.raises(DataError):
+        check_batch_memory(cascade, steps, ranges, outer_steps=5, window=5, available=whole - 1)
+    shared = steps[0]  # (Ta,) steps for every sample: 10 rows each, busiest window [4]
+    needed = (2 * 10 * 2 * 3 + 2 * 4 * 11 * 4) * 4
+    check_batch_memory(cascade, shared, ranges, outer_steps=5, window=2, available=needed)
+    with pytest.raises(DataError):
+        check_batch_memory(cascade, shared, ranges, outer_steps=5, window=2, available=needed - 1)
+    stopper = Cascade(*models, max_steps=10, stop_rule=StopRule.norm(1.0))
+    needed = (2 * 5 * 10 * 2 * 3 + 2 * 2 * 10 * 11 * 4) * 4
+    with pytest.raises(DataError):
+        check_batch_memory(stopper, None, ranges, outer_steps=5, window=2, available=needed - 1)
+    check_batch_memory(stopper, None, ranges, outer_steps=5, window=2, available=needed)
