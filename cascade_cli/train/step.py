@@ -21,15 +21,6 @@ import tensorflow as tf
 from cascade_cli.errors import CascadeError
 from cascade_cli.train.losses import regularization_loss
 
-def batch_signature(data):
-    """The `TensorSpec`s of one batch of `data`: `inputs (b, Ta, F)`, `steps (b, Ta)`, `targets (rows, O)`."""
-    return (
-        tf.TensorSpec([None, data.outer_steps, data.features], tf.float32),
-        tf.TensorSpec([None, data.outer_steps], tf.int64),
-        tf.TensorSpec([None, data.output_size], tf.float32),
-    )
-
-
 class BatchLoss(NamedTuple):
     """What `batch_loss`'s function returns for one batch.
 
@@ -240,47 +231,23 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, sampling=None
     return result, finite
 
 
-def step_function(loss, *, signature, variables, optimizer, strategy=None, sampling=None):
-    """`cascade train`'s `tf.function` of one `train_step`, on one device or on every replica of `strategy`.
+class NonFiniteStep(CascadeError):
+    """A step or validation refused for a value that is not finite (`non_finite_error`); what, where and its value.
 
-    `step(inputs, steps, targets) -> (sum, count, penalty, metrics,
-    finite)`: the global sum of errors and count of valid elements, the
-    penalty, a global `(sum, count)` per metric, and whether the loss and
-    gradients were finite (the step is taken only then). With a strategy the batch is per-replica values
-    (`distribute.batches`) and `signature` their `element_spec`, so the step
-    is traced once whatever each replica's batch shape.
-
-    Args:
-        loss: a `batch_loss` function.
-        signature: the `TensorSpec`s of one batch (`batch_signature`), or the per-replica `element_spec`.
-        variables: the variables to train.
-        optimizer: a Keras optimizer (built inside `strategy.scope()` under a strategy).
-        strategy: a `tf.distribute.Strategy`, or None for one device.
-        sampling: `train_step`'s scheduled sampling, a `SamplingSchedule` or None.
+    Attributes:
+        what: `"training loss"`, `"gradient"` or `"validation loss"`.
+        value: the value (a float, or `"non-finite"` for a gradient).
+        epoch: the epoch, 1-based.
+        batch: the batch, 1-based (None: validation).
     """
 
-    def step(inputs, steps, targets):
-        result, finite = train_step(loss, (inputs, steps, targets), variables=variables, optimizer=optimizer,
-                                    sampling=sampling)
-        total, metrics, context = result.total, result.metrics, replica_context()
-        if context is not None:
-            total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
-            metrics = tuple(context.all_reduce(tf.distribute.ReduceOp.SUM, list(metrics))) if metrics else ()
-        return total, result.count, result.penalty, metrics, finite
-
-    if strategy is None:
-        return tf.function(step, input_signature=signature, reduce_retracing=True)
-
-    @tf.function(input_signature=signature)
-    def distributed(inputs, steps, targets):
-        outputs = strategy.run(step, args=(inputs, steps, targets))
-        return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
-
-    return distributed
+    def __init__(self, message, *, what, value, epoch, batch):
+        super().__init__(message)
+        self.what, self.value, self.epoch, self.batch = what, value, epoch, batch
 
 
 def non_finite_error(what, value, *, epoch, batch, kept):
     """The refusal of a non-finite step: where (`epoch`, `batch`, 1-based; batch None: validation), what, and `kept`."""
     where = f"epoch {epoch}" + ("" if batch is None else f", batch {batch}")
-    return CascadeError(f"training stopped at {where}: the {what} became {value} (expected a finite number); {kept}. "
-                        "Try a lower learning rate.")
+    return NonFiniteStep(f"training stopped at {where}: the {what} became {value} (expected a finite number); {kept}. "
+                         "Try a lower learning rate.", what=what, value=value, epoch=epoch, batch=batch)
