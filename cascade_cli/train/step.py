@@ -33,7 +33,6 @@ class BatchLoss(NamedTuple):
         loss: what the step differentiates, `total / count + penalty / replicas`.
         values: the outputs `(rows, O)` in value order, at least float32.
         targets: the flat targets, cast like `values`.
-        metrics: one `(sum, count)` per metric asked for.
     """
 
     total: tf.Tensor
@@ -43,7 +42,6 @@ class BatchLoss(NamedTuple):
     loss: tf.Tensor
     values: tf.Tensor
     targets: tf.Tensor
-    metrics: tuple
 
 
 def _at_least_float32(values):
@@ -51,7 +49,7 @@ def _at_least_float32(values):
     return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
 
 
-def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
+def batch_loss(cascade, terms, *, models, gate=False):
     """Returns the training loss of one batch, the function every train step differentiates.
 
     `loss(inputs, steps, targets, *, training=True, reduce_count=None,
@@ -60,20 +58,18 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
     float32 when they are float16), plus the models' `regularization_loss`.
     On a replica, `reduce_count` all-reduces the count (the global count of
     valid elements) and `replicas` is the number of replicas, so that the
-    replicas' losses add up to the global batch's. `cascade train` and
-    `CascadeModel.train_step` both run it (through `compute_gradients`).
+    replicas' losses add up to the global batch's. `CascadeModel.train_step`
+    runs it (through `compute_gradients`), and so `cascade train`.
 
     With a feedback cascade (`cascade.feedback`), the runner is given the
-    flat targets (teacher forcing; with `ids`, token ids `(total, 1)` of a
-    sparse loss, fed as their one-hot) and `sampling_probability`, a scalar
-    tensor (scheduled sampling).
+    flat targets (teacher forcing; token ids `(total,)` of a sparse loss are
+    fed as their one-hot) and `sampling_probability`, a scalar tensor
+    (scheduled sampling).
 
     Args:
         cascade: a `Cascade`.
         terms: `(predictions, targets) -> (sum, count)`, e.g. `loss_terms(name)`.
         models: `(model_a, model_b)`, whose weight regularizers count.
-        metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
-        ids: the targets are token ids (`sparse-categorical-crossentropy`).
         gate: B's last column is a stop gate (`stop_gate`): teacher forcing
             feeds the targets' other columns and a 0 gate, as generation feeds
             B its values and a 0 gate.
@@ -83,7 +79,7 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
         run = {}
         if getattr(cascade, "feedback", False):
             fed = tf.concat([targets[:, :-1], tf.zeros_like(targets[:, -1:])], axis=1) if gate else targets
-            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else fed
+            run["targets"] = fed
             if sampling_probability is not None:
                 run["sampling_probability"] = sampling_probability
         values, _ = cascade.run(inputs, steps, training=training, **run)
@@ -94,12 +90,11 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
         if reduce_count is not None:
             count = tf.stop_gradient(reduce_count(local_count))
         mean = tf.math.divide_no_nan(total, count)
-        measured = tuple(tf.stop_gradient(tf.stack(metric(values, targets))) for metric in metrics)
         penalty = regularization_loss(models)
         if penalty is None:
-            return BatchLoss(total, count, local_count, tf.zeros((), mean.dtype), mean, values, targets, measured)
+            return BatchLoss(total, count, local_count, tf.zeros((), mean.dtype), mean, values, targets)
         penalty = tf.cast(penalty, mean.dtype)
-        return BatchLoss(total, count, local_count, penalty, mean + penalty / replicas, values, targets, measured)
+        return BatchLoss(total, count, local_count, penalty, mean + penalty / replicas, values, targets)
 
     return loss
 
