@@ -452,10 +452,10 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
     settings = run_settings(config, data)
     if config.resume:  # the data too, now that they are open: a resume on another file is refused
         check_settings(out_dir / CHECKPOINT_DIR, saved_settings(out_dir), settings)
+    validation = dataset(data.path, shuffle=False, indices=val_indices, **stream) if len(val_indices) else None
     return _Run(given=given, model=model, out_dir=out_dir, chief=chief, config=config, info=info,
                 train=dataset(data.path, shuffle=config.shuffle, seed=config.seed, indices=train_indices, **stream),
-                validation=dataset(data.path, shuffle=False, indices=val_indices, **stream) if len(val_indices) else None,
-                settings=settings, generation=generation, a_trainable=a_trainable)
+                validation=validation, settings=settings, generation=generation, a_trainable=a_trainable)
 
 
 def _callbacks(run, display):
@@ -584,7 +584,8 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
             if isinstance(exc, TrainingInterrupted):
                 raise
             raise TrainingInterrupted(epoch=backed_up_epoch(run.out_dir / CHECKPOINT_DIR) or 0, epochs=config.epochs,
-                                      out_dir=run.out_dir, models_written=trained_pair(run.out_dir) is not None) from None
+                                      out_dir=run.out_dir,
+                                      models_written=trained_pair(run.out_dir) is not None) from None
 
 
 def _train(run, display):
