@@ -503,6 +503,10 @@ def test_patience_counts_the_epochs_before_a_resume_and_restores_their_best_weig
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed] == [
         {k: v for k, v in row.items() if k != "seconds"} for row in unbroken]
     assert_same(saved_weights(tmp_path / "broken"), saved_weights(tmp_path / "unbroken"))
+    kept = saved_weights(tmp_path / "unbroken")
+    again = train(path, tmp_path / "unbroken", resume=True, **run)  # it stopped early: nothing more to train
+    assert [row["epoch"] for row in again] == [1, 2, 3]
+    assert_same(saved_weights(tmp_path / "unbroken"), kept)  # still epoch 1's
 
 
 def test_training_learns_a_toy_task(tmp_path):
