@@ -141,33 +141,6 @@ def _remove_stale_temps(path):
                 os.close(fd)
 
 
-def remove_unfinished_folders(folder, *, suffix, lock):
-    """Removes the `*{suffix}` folders in `folder` that an ended writer left, unless a live writer holds `lock`.
-
-    For writers that are not cascade's own and save through a temporary folder
-    of their own naming (TensorFlow's `ckpt-N_temp`): a run that ends on an
-    error, a full disk or a signal calls this on its way out, so the next run
-    finds no half save. `lock` is the run's lock file (`fcntl.flock`); it is
-    taken (created if missing, then removed), so a run starting meanwhile waits
-    its turn instead of losing its save.
-    """
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError:
-        return
-    try:
-        if _try_lock(fd) != "locked":
-            return  # a live run holds it: its folders are its own
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(folder):
-                if entry.name.endswith(suffix) and entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _locked(path):
     """Creates and locks a new lock file for a write of `path`, yields its token, and removes it on the way out."""

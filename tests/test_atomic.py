@@ -419,17 +419,3 @@ def test_is_no_space_reads_tensorflow_messages_and_causes():
     assert not is_no_space(MemoryError()) and not is_no_space(RuntimeError("out of memory"))
 
 
-def test_remove_unfinished_folders_keeps_a_live_runs_and_removes_an_ended_ones(tmp_path):
-    from cascade_cli.atomic import remove_unfinished_folders
-
-    (tmp_path / "ckpt-2_temp").mkdir()
-    (tmp_path / "ckpt-1.index").write_bytes(b"x")
-    lock = tmp_path / ".run.lock"
-    fd = held_lock(lock)
-    try:
-        remove_unfinished_folders(tmp_path, suffix="_temp", lock=lock)
-        assert (tmp_path / "ckpt-2_temp").is_dir()  # the run holding the lock is still saving
-    finally:
-        os.close(fd)
-    remove_unfinished_folders(tmp_path, suffix="_temp", lock=lock)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-1.index"]

@@ -20,13 +20,14 @@ import h5py
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import builders
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke, pretend_read_only
 from filetools import write_h5
 from cascade_cli.results_io import read_result, write_result
 from cascade_cli.result import CascadeResult
+from cascade_cli.train.checkpoints import backed_up_epoch
+from cascade_cli.train.keras_model import CascadeModel
 
 N, TA, F = 5, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0]])
@@ -406,12 +407,11 @@ def test_a_loss_that_becomes_inf_exits_1_and_keeps_the_last_checkpoint_and_model
 
     result = train(files, run, *flags, "--epochs", 3, "--resume")
     assert_error(result, 1, "epoch 2, batch 1: the training loss became inf",
-                 f"last good checkpoint (epoch 1) is in '{run / 'checkpoints'}'")
+                 f"last good backup (epoch 1) is in '{run / 'checkpoints' / 'backup'}'")
     assert {name: (run / name).read_bytes() for name in saved} == saved
-    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
-    assert latest.endswith("ckpt-1")
+    assert backed_up_epoch(run / "checkpoints") == 1
     restored = [builders.model_a(), builders.step_b()]
-    tf.train.Checkpoint(model_a=restored[0], model_b=restored[1]).restore(latest).expect_partial()
+    CascadeModel(*restored).load_weights(run / "checkpoints" / "backup" / "latest.weights.h5")
     assert_same_weights(restored[0].get_weights(), weights_of(run / "model_a.keras"))
     assert_same_weights(restored[1].get_weights(), weights_of(run / "model_b.keras"))
     assert sorted(os.listdir(run)) == ["cascade.keras", "checkpoints", "history.csv", "model_a.keras", "model_b.keras"]
@@ -604,13 +604,13 @@ def test_train_killed_mid_epoch_then_resumed_ends_with_the_weights_of_an_unbroke
     broken = start(common + ["--out-dir", tmp_path / "broken"], cwd=tmp_path)
     try:
         checkpoints = tmp_path / "broken" / "checkpoints"
-        # `checkpoint` (the index of checkpoints) is written after the checkpoint's own files
-        kill_when(broken, lambda: (checkpoints / "checkpoint").exists(),
+        # BackupAndRestore writes its epoch file after the weights
+        kill_when(broken, lambda: (checkpoints / "backup" / "training_metadata.json").exists(),
                   delay=np.random.default_rng(KILL_SEED).uniform(0.02, 0.3))  # an epoch takes ~0.4 s
     finally:
         finish(unbroken)
     assert not (tmp_path / "broken" / "model_a.keras").exists()
-    assert int(tf.train.latest_checkpoint(str(checkpoints)).rsplit("-", 1)[1]) < 4  # killed before the last epoch ended
+    assert backed_up_epoch(checkpoints) < 4  # killed before the last epoch ended
     stderr = finish(start(common + ["--out-dir", tmp_path / "broken", "--resume"], cwd=tmp_path))
     assert "Error" not in stderr
     for name in ("model_a.keras", "model_b.keras"):

@@ -1,10 +1,9 @@
-"""Tests for cascade_cli.train.checkpoints: out_dir, history.csv, the resume check, the state file and Checkpoints."""
+"""Tests for cascade_cli.train.checkpoints: out_dir, history.csv, the resume check, the state file and the backup."""
 
 import csv
 import errno
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -16,12 +15,12 @@ import tensorflow as tf
 
 from cascade_cli.train.checkpoints import (
     STATE_FILE,
-    Checkpoints,
+    RestoredBackup,
     RunLock,
+    backed_up_epoch,
     check_out_dir,
     check_settings,
     check_trained_model,
-    latest_checkpoint,
     prepare_out_dir,
     remove_training_run,
     read_state,
@@ -68,7 +67,7 @@ def test_prepare_out_dir_creates_refuses_and_says_why(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ParameterError, match=r"^out_dir: '.*file' is a file: expected a folder\.$"):
         prepare_out_dir(tmp_path / "file", resume=False)
-    with pytest.raises(ParameterError, match=r"^resume: no checkpoint to resume from in '.*b/checkpoints'; "
+    with pytest.raises(ParameterError, match=r"^resume: no backup to resume from in '.*b/checkpoints/backup'; "
                                              r"to start training, leave out resume=True\.$"):
         prepare_out_dir(tmp_path / "a" / "b", resume=True)
     write_history(tmp_path / "a" / "b" / "history.csv", [])
@@ -94,12 +93,14 @@ def test_overwrite_replaces_an_earlier_run_and_leaves_the_user_s_files(tmp_path)
 
 
 def save_checkpoint(out_dir, *, epoch=1, settings=None):
-    """Writes a complete checkpoint of epoch `epoch` into `out_dir/checkpoints` and its state, as a run does."""
-    checkpoints = checkpoints_for(out_dir, (dense(1.0), dense(2.0)), settings=settings or {})
+    """Writes a backup of epoch `epoch` into `out_dir/checkpoints` (as `BackupAndRestore` does) and its state."""
     history = [{"epoch": e, "loss": 0.5, "val_loss": None, "seconds": 1.0} for e in range(1, epoch + 1)]
-    write_state(out_dir, settings or {}, history)  # what RunState writes before each checkpoint
+    write_state(out_dir, settings or {}, history)  # what RunState writes before each backup
     write_history(out_dir / "history.csv", history)
-    checkpoints.save(epoch)
+    backup = out_dir / "checkpoints" / "backup"
+    backup.mkdir(parents=True, exist_ok=True)
+    dense(1.0).save_weights(backup / "latest.weights.h5")
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": epoch, "batch": 0}))
     return out_dir / "checkpoints"
 
 
@@ -111,7 +112,8 @@ def test_a_failed_run_removes_the_folders_it_created_and_only_those(tmp_path):
     (tmp_path / "mine").mkdir()
     with pytest.raises(RuntimeError):
         with prepare_out_dir(tmp_path / "mine", resume=False) as folder:
-            (folder.path / "checkpoints" / "ckpt-1_temp").mkdir(parents=True)  # a first save that never ended
+            (folder.path / "checkpoints" / "backup").mkdir(parents=True)  # a first backup that never ended
+            (folder.path / "checkpoints" / "backup" / "latest.weights.h5").write_bytes(b"half")
             raise RuntimeError
     assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []  # the user's folder stays
     with pytest.raises(RuntimeError):
@@ -121,33 +123,41 @@ def test_a_failed_run_removes_the_folders_it_created_and_only_those(tmp_path):
     assert sorted(os.listdir(tmp_path / "kept")) == ["checkpoints", "history.csv"]  # epoch 1 is kept
 
 
-def test_a_folder_without_a_complete_checkpoint_is_no_dead_end(tmp_path):
-    checkpoints = tmp_path / "checkpoints"
-    (checkpoints / "ckpt-1_temp").mkdir(parents=True)
-    (checkpoints / "ckpt-1_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 10)
-    (checkpoints / "checkpoint").write_bytes(bytes(range(256)))  # random bytes: not UTF-8
-    assert latest_checkpoint(checkpoints) is None
+def test_a_folder_without_a_complete_backup_is_no_dead_end(tmp_path):
+    backup = tmp_path / "checkpoints" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "latest.weights.h5").write_bytes(b"\0" * 10)  # a kill while the first backup was written
+    assert backed_up_epoch(tmp_path / "checkpoints") is None
     with pytest.raises(ParameterError,
-                       match=r"^resume: no checkpoint to resume from in .*; to start training, leave out resume=True"):
+                       match=r"^resume: the backup in '.*backup' cannot be read \(a file of it damaged or cut "
+                             r"short\?\): nothing to resume from; start afresh with overwrite=True\.$"):
         prepare_out_dir(tmp_path, resume=True)
     with prepare_out_dir(tmp_path, resume=False):  # a new run takes it, and clears what was left
         assert os.listdir(tmp_path) == [".cascade-train.lock"]
 
 
-def test_latest_checkpoint_reads_the_files_when_the_index_is_unreadable(tmp_path):
+def test_a_backup_cut_short_gives_way_to_the_one_before(tmp_path):
     checkpoints = save_checkpoint(tmp_path, epoch=2)
-    assert latest_checkpoint(checkpoints) == str(checkpoints / "ckpt-2")
-    (checkpoints / "checkpoint").write_bytes(b"\xff\xfe garbage {")
-    with pytest.raises(UnicodeDecodeError):
-        tf.train.latest_checkpoint(str(checkpoints))  # what the runs before this fix did
-    assert latest_checkpoint(checkpoints) == str(checkpoints / "ckpt-2")
-    (checkpoints / "ckpt-3_temp").mkdir()  # a kill while epoch 3 was saved
-    with prepare_out_dir(tmp_path, resume=True):
-        assert not (checkpoints / "ckpt-3_temp").exists()
-    for data in checkpoints.glob("ckpt-2.data-*"):
-        data.unlink()  # an index without its data is no checkpoint
-    assert latest_checkpoint(checkpoints) is None
-    assert latest_checkpoint(tmp_path / "missing") is None
+    backup = checkpoints / "backup"
+    assert backed_up_epoch(checkpoints) == 2
+    for name in ("latest.weights.h5", "training_metadata.json"):  # what double_checkpoint keeps of epoch 1
+        (backup / f"{name}.bkp").write_bytes((backup / name).read_bytes())
+    (backup / "training_metadata.json.bkp").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    (backup / "training_metadata.json").write_text('{"epo')  # a kill while epoch 3's was written
+    assert backed_up_epoch(checkpoints) == 1
+    model = dense(0.0)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    restoring = RestoredBackup(checkpoints)
+    restoring.set_model(model)
+    restoring.on_train_begin()
+    assert model._initial_epoch == 1
+    np.testing.assert_array_equal(model.get_weights()[0], [[1.0], [1.0]])
+    (backup / "latest.weights.h5").write_bytes(b"cut")
+    (backup / "latest.weights.h5.bkp").unlink()
+    with pytest.raises(ParameterError, match=r"^resume: the backup in '.*backup' cannot be restored into these "
+                                             r"models \(a file of it damaged or cut short"):
+        restoring.on_train_begin()
+    assert backed_up_epoch(tmp_path / "missing") is None
 
 
 LOCK_HOLDER = """
@@ -195,7 +205,7 @@ def test_check_out_dir_refuses_an_unwritable_folder_and_creates_nothing(tmp_path
 
 def test_remove_training_run_removes_what_training_wrote_and_nothing_else(tmp_path):
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "ckpt-1.index").write_text("")
+    (tmp_path / "checkpoints" / "backup").mkdir()
     for name in ("model_a.keras", "model_b.keras", "cascade.keras", "history.csv", "notes.txt"):
         (tmp_path / name).write_text("")
     remove_training_run(tmp_path)
@@ -281,15 +291,9 @@ def test_a_kill_between_the_two_models_leaves_no_pair_a_reader_accepts(tmp_path,
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
                                    tf.errors.ResourceExhaustedError(None, None, "/x/ckpt_temp; No space left")])
 def test_a_full_disk_while_saving_is_reported_as_such(tmp_path, monkeypatch, error):
-    checkpoints = checkpoints_for(tmp_path, (dense(1.0), dense(2.0)), settings={})
-
     def full(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(checkpoints._manager, "save", full)
-    with pytest.raises(DataError) as caught:
-        checkpoints.save(1)
-    assert str(caught.value) == f"no space left on device writing '{tmp_path / 'checkpoints'}'"
     monkeypatch.setattr(keras.Model, "save", full)
     with pytest.raises(DataError, match=r"^no space left on device writing '.*model_a.keras'$"):
         save_models((dense(1.0), dense(2.0)), tmp_path)
@@ -334,39 +338,19 @@ def test_run_settings_and_the_resume_check_name_python_settings():
 # -------------------------------------------------------------- checkpoints
 
 
-def checkpoints_for(out_dir, models, *, settings, chief=True):
-    optimizer = keras.optimizers.SGD(learning_rate=0.1)
-    optimizer.build([w for model in models for w in model.trainable_variables])
-    return Checkpoints(out_dir, models=models, optimizer=optimizer, settings=settings, chief=chief)
-
-
 def write_state(out_dir, settings, history=()):
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out_dir / "checkpoints" / STATE_FILE).write_text(json.dumps({"history": list(history), "settings": settings}))
 
 
-def test_checkpoints_save_and_restore_the_models_and_check_the_settings_of_the_state_file(tmp_path):
+def test_saved_settings_read_the_state_file_beside_the_backup(tmp_path):
     settings = run_settings(TrainConfig().resolved(), Data())
-    models = (dense(1.0), dense(2.0))
-    with checkpoints_for(tmp_path, models, settings=settings) as checkpoints:
-        checkpoints.save(1)
-        models[1].layers[1].kernel.assign([[7.0], [7.0]])
-        checkpoints.save(2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-2")
-    with pytest.raises(ParameterError, match=r"^resume: '.*run_state\.json' is missing beside checkpoint"):
-        checkpoints_for(tmp_path, (dense(0.0), dense(0.0)), settings=settings).restore()
+    save_checkpoint(tmp_path, epoch=2, settings=settings)
+    (tmp_path / "checkpoints" / STATE_FILE).unlink()
+    with pytest.raises(ParameterError, match=r"^resume: '.*run_state\.json' is missing beside the backup of epoch 2"):
+        saved_settings(tmp_path)
     write_state(tmp_path, settings)
     assert saved_settings(tmp_path) == {**settings, "epochs_done": 2}
-
-    fresh = (dense(0.0), dense(0.0))
-    checkpoints_for(tmp_path, fresh, settings=settings).restore()
-    np.testing.assert_array_equal(fresh[1].get_weights()[0], [[7.0], [7.0]])
-    np.testing.assert_array_equal(fresh[0].get_weights()[0], [[1.0], [1.0]])
-
-    other = checkpoints_for(tmp_path, (dense(0.0), dense(0.0)), settings={**settings, "seed": 5})
-    with pytest.raises(ParameterError, match="made with seed=0; this run has seed=5"):
-        other.restore()
 
 
 def test_a_damaged_state_file_is_refused_naming_it(tmp_path):
@@ -374,13 +358,3 @@ def test_a_damaged_state_file_is_refused_naming_it(tmp_path):
     (tmp_path / STATE_FILE).write_text('{"history": ')
     with pytest.raises(ParameterError, match=r"^resume: '.*run_state\.json' cannot be read"):
         read_state(tmp_path)
-
-
-def test_a_non_chief_worker_checkpoints_into_a_temporary_folder_it_removes(tmp_path):
-    models = (dense(1.0), dense(2.0))
-    checkpoints = checkpoints_for(tmp_path / "out", models, settings={}, chief=False)
-    scratch = checkpoints._scratch
-    with checkpoints:
-        checkpoints.save(1)
-        assert tf.train.latest_checkpoint(str(scratch)).endswith("ckpt-1")
-    assert not scratch.exists() and not (tmp_path / "out").exists()

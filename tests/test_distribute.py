@@ -24,6 +24,7 @@ from cascade_cli.data import TrainingData
 from cascade_cli.train.distribute import make_strategy
 from cascade_cli.errors import CascadeError, ParameterError
 from cascade_cli.options import TrainConfig
+from cascade_cli.train.checkpoints import backed_up_epoch
 from cascade_cli.train.fit import fit
 from test_training import regularized_models
 
@@ -244,7 +245,7 @@ data, out, result = sys.argv[1], sys.argv[2], sys.argv[3]
 
 class Watch(TrainCallbacks):
     seen = []
-    def epoch_done(self, logs):  # after the epoch's checkpoint: what this worker has in its temp folder
+    def epoch_done(self, logs):  # after the epoch's backup: what this worker has in its temp folder
         root = tempfile.gettempdir()
         self.seen.append(sorted(f"{d}/{f}" for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
                                 for f in os.listdir(os.path.join(root, d))))
@@ -286,12 +287,12 @@ def test_multi_worker_with_two_local_workers_matches_default(tmp_path, data_path
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
 
-    # Only the chief wrote out_dir; the other worker checkpointed into a temporary folder, then removed it.
+    # Only the chief wrote out_dir; the other worker backed up into a temporary folder, then removed it.
     assert sorted(p.name for p in (tmp_path / "out0").iterdir()) == ["cascade.keras", "checkpoints", "history.csv", *MODEL_FILES]
-    assert tf.train.latest_checkpoint(str(tmp_path / "out0" / "checkpoints")).endswith("ckpt-2")
+    assert backed_up_epoch(tmp_path / "out0" / "checkpoints") == 2
     assert not (tmp_path / "out1").exists()
-    assert [[name.split("/")[1] for name in seen if "/ckpt-" in name][-2:] for seen in reports[1]["seen"]] == [
-        ["ckpt-1.data-00000-of-00001", "ckpt-1.index"], ["ckpt-2.data-00000-of-00001", "ckpt-2.index"]]
+    assert [[name.split("/")[1] for name in seen if name.startswith("cascade-worker-backup-")]
+            for seen in reports[1]["seen"]] == [["backup"], ["backup"]]
     assert reports[0]["seen"] == [[], []]
     assert [p for p in (tmp_path / "tmp1").iterdir() if p.is_dir()] == []
 

@@ -2,6 +2,11 @@
 
 Two epochs of SGD on a shuffled file, in reset, carry and feedback modes, with an end token appended, with a
 stop gate, with token ids and with scheduled sampling: the command's weights and `fit`'s agree to 1e-6.
+
+`cascade train` is `CascadeModel.fit` now, so this checks the command's wiring (each flag reaches `compile`,
+`data.dataset` and the callbacks as a Keras user would give them), not the arithmetic twice. The arithmetic
+is checked against independent eager loops, one exact SGD step of the command each: `test_training`
+(reset, regularizers, frozen A), `test_train_feedback` (teacher forcing), `test_end_token`, `test_gate`.
 """
 
 import keras

@@ -406,24 +406,28 @@ def test_a_sigterm_ends_a_huge_num_samples_run_at_once(files, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM and os.listdir(tmp_path) == []
 
 
-def test_a_train_run_ended_by_a_full_disk_leaves_no_checkpoint_temp_folder(files, tmp_path, monkeypatch):
+def test_a_train_run_ended_by_a_full_disk_says_so_and_keeps_the_last_backup(files, tmp_path, monkeypatch):
     import errno
 
-    from cascade_cli.train import fit as training
+    import keras
+
+    from cascade_cli.train.checkpoints import backed_up_epoch
 
     out_dir = tmp_path / "run"
+    saves = []
+    save = keras.callbacks.BackupAndRestore._save_model
 
-    def full_disk(*args, **kwargs):  # what TensorFlow's CheckpointManager leaves when a save hits a full disk
-        (out_dir / "checkpoints" / "ckpt-2_temp").mkdir(parents=True)
-        (out_dir / "checkpoints" / "ckpt-2_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"half")
-        (out_dir / "checkpoints" / "ckpt-1.index").write_bytes(b"kept")
-        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "checkpoints" / "ckpt-2_temp"))
+    def full_disk(self):  # the backup of epoch 2 hits a full disk
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", self._weights_path)
+        save(self)
 
-    monkeypatch.setattr(training, "fit", full_disk)
-    result = invoke("train", *models_of(files), "--data", files["train.h5"], "--out-dir", out_dir, "--epochs", 1)
-    assert_error(result, 1, "no space left on device writing", "ckpt-2_temp")
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "_save_model", full_disk)
+    result = invoke("train", *models_of(files), "--data", files["train.h5"], "--out-dir", out_dir, "--epochs", 2)
+    assert_error(result, 1, "no space left on device writing", f"{out_dir / 'checkpoints'}")
     assert "memory" not in result.stderr
-    assert os.listdir(out_dir / "checkpoints") == ["ckpt-1.index"] and os.listdir(out_dir) == ["checkpoints"]
+    assert backed_up_epoch(out_dir / "checkpoints") == 1 and not (out_dir / "model_a.keras").exists()
 
 
 def test_pack_warns_of_non_finite_weights(files, tmp_path):

@@ -153,11 +153,6 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
         text = flag_text(stopped.message)
         say(console, text[:1].upper() + text[1:])
         raise click.exceptions.Exit(130) from None
-    finally:  # a save that never finished (a full disk, a signal) leaves no ckpt-N_temp behind
-        from cascade_cli.atomic import remove_unfinished_folders
-        from cascade_cli.train.checkpoints import CHECKPOINT_DIR, LOCK_FILE
-
-        remove_unfinished_folders(Path(out_dir) / CHECKPOINT_DIR, suffix="_temp", lock=Path(out_dir) / LOCK_FILE)
     _print_training(console, out_dir)
 
 

@@ -1,6 +1,6 @@
 """Training: `CascadeModel` (the cascade as a `keras.Model`), the masked losses, the one train step, strategies,
-checkpoints, and what `cascade train` does around them (`fit.py`).
+the backup and state of a run, and what `cascade train` does around `CascadeModel.fit` (`fit.py`).
 
-Modules import downwards only: `losses` <- `step` <- `keras_model`, `distribute` <- `fit`; `checkpoints` and
-`optimizers` stand alone. Training imports the engine (`cascade_cli.runner`), never the reverse.
+Modules import downwards only: `losses` <- `step` <- `keras_model` <- `fit`; `checkpoints` <- `callbacks` <- `fit`;
+`distribute` and `optimizers` stand alone. Training imports the engine (`cascade_cli.runner`), never the reverse.
 """

@@ -1,6 +1,7 @@
 """What a training run writes into `out_dir`, and how a killed run resumes exactly.
 
-Layout of `out_dir`: `checkpoints/` (the last few epochs), `history.csv`
+Layout of `out_dir`: `checkpoints/` (`backup/`, Keras' `BackupAndRestore` of
+the last two epochs; the run's state), `history.csv`
 (`epoch,loss,val_loss,seconds`, then the metrics and their `val_` figures,
 rewritten after every epoch) and, at the end, `model_a.keras`,
 `model_b.keras` and `cascade.keras` (the whole generator). Every file is written atomically, and the
@@ -11,15 +12,13 @@ from two epochs. While a run works on `out_dir` it holds an exclusive
 `fcntl.flock` on `out_dir/.cascade-train.lock` (`RunLock`), so a second run
 into the same folder is refused.
 
-A folder whose `checkpoints/` holds no complete checkpoint (a kill or a full
-disk while the first one was written) is no run: a new run clears it. The
-latest checkpoint is found by its files when the `checkpoint` index is
-unreadable.
+A folder whose `checkpoints/` holds no readable backup (a kill or a full
+disk while the first one was written) is no run: a new run clears it.
 
-A checkpoint holds the two models and the optimizer; the history, the
+A backup holds the weights, the optimizer and the epoch; the history, the
 settings and what `patience` needs (the best validation loss, its weights)
 are in `checkpoints/run_state.json` and `best-E.weights.npz`, written by
-`callbacks.RunState` before each checkpoint. A resumed run must repeat the settings that fix the data split and
+`callbacks.RunState` before each backup. A resumed run must repeat the settings that fix the data split and
 order, the optimizer's slots and what each step computes
 (`TrainConfig.RESUME_SETTINGS`); it then reaches exactly the weights of an
 unbroken one.
@@ -33,11 +32,11 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
+import h5py
+import keras
 import tensorflow as tf
 
 from cascade_cli.atomic import atomic_output, is_no_space, no_space_error
@@ -46,14 +45,14 @@ from cascade_cli.options import TrainConfig
 
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds")
 CHECKPOINT_DIR = "checkpoints"
-KEEP_CHECKPOINTS = 3
+BACKUP_DIR = "backup"  # in checkpoints/: Keras' BackupAndRestore (`RestoredBackup`)
+_BACKUP_WEIGHTS, _BACKUP_METADATA = "latest.weights.h5", "training_metadata.json"  # its files
 MODEL_FILES = ("model_a.keras", "model_b.keras")
 GENERATOR_FILE = "cascade.keras"  # the whole generator (CascadeModel), written with the pair
 HISTORY_FILE = "history.csv"
 STATE_FILE = "run_state.json"  # in checkpoints/: the history, settings and patience (`callbacks.RunState`)
 MANIFEST_FILE = "trained.json"  # in checkpoints/: written last, after the models
 LOCK_FILE = ".cascade-train.lock"
-_CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")
 
 
 # ---------------------------------------------------------------- disk full
@@ -139,52 +138,76 @@ class RunLock:
         self._fd = None
 
 
-# ------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------ backup
 
 
-def latest_checkpoint(folder):
-    """The prefix of the latest complete checkpoint in `folder` (`.../ckpt-N`), or None.
-
-    Reads TensorFlow's `checkpoint` index, and when that is missing, unreadable
-    or names a checkpoint whose files are gone, the newest `ckpt-N.index` with
-    its data files. A `ckpt-N_temp` folder (a save that never finished) is no
-    checkpoint.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
+def _backup_epoch(backup, suffix=""):
+    """The epoch of `BackupAndRestore`'s pair of files in `backup` (`suffix` ".bkp": the copy before), or None when
+    either is missing or cannot be read (a kill while it was written)."""
     try:
-        latest = tf.train.latest_checkpoint(str(folder))
-    except Exception:  # random bytes in the index: UnicodeDecodeError, a protobuf ParseError, ...
-        latest = None
-    if latest is not None and _complete(latest):
-        return latest
-    numbers = []
-    for entry in folder.iterdir():
-        match = _CHECKPOINT_INDEX.fullmatch(entry.name)
-        if match and _complete(str(folder / f"ckpt-{match.group(1)}")):
-            numbers.append(int(match.group(1)))
-    return str(folder / f"ckpt-{max(numbers)}") if numbers else None
+        epoch = int(json.loads((backup / f"{_BACKUP_METADATA}{suffix}").read_text(encoding="utf-8"))["epoch"])
+        with h5py.File(backup / f"{_BACKUP_WEIGHTS}{suffix}", "r"):
+            pass
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return epoch
 
 
-def _complete(prefix):
-    """Whether the checkpoint `prefix` has its index and at least one data file."""
-    prefix = Path(prefix)
-    return Path(f"{prefix}.index").is_file() and any(prefix.parent.glob(f"{prefix.name}.data-*"))
+def backed_up_epoch(folder):
+    """The epoch (1-based count of epochs done) of the newest readable backup in `folder/backup`, or None.
+
+    Keras' `BackupAndRestore(double_checkpoint=True)` keeps the newest backup
+    and the one before (`.bkp`); a newest one cut short by a kill leaves the one before.
+    """
+    backup = Path(folder) / BACKUP_DIR
+    if not backup.is_dir():
+        return None
+    newest = _backup_epoch(backup)
+    return newest if newest is not None else _backup_epoch(backup, ".bkp")
+
+
+def no_backup_error(folder):
+    """The refusal of a resume from `folder` (a run's `checkpoints/`) without a readable backup."""
+    backup = Path(folder) / BACKUP_DIR
+    if backup.is_dir() and any(backup.iterdir()):
+        return ParameterError("resume", f"the backup in '{backup}' cannot be read (a file of it damaged or cut "
+                                        "short?): nothing to resume from; start afresh with overwrite=True.")
+    return ParameterError("resume", f"no backup to resume from in '{backup}'; to start training, leave out "
+                                    "resume=True.")
+
+
+class RestoredBackup(keras.callbacks.BackupAndRestore):
+    """Keras' `BackupAndRestore` in `folder/backup`: two backups kept (`double_checkpoint`), kept after `fit` too.
+
+    As `fit` begins, a newest backup that cannot be read (a kill while it was
+    written) gives way to the one before, as Keras does for its weights file
+    (here for its epoch file too); a backup that cannot be restored into the
+    models is refused (`ParameterError("resume")`) instead of an internal error.
+    """
+
+    def __init__(self, folder):
+        super().__init__(str(Path(folder) / BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False)
+
+    def on_train_begin(self, logs=None):
+        backup = Path(self.backup_dir)
+        if backup.is_dir() and _backup_epoch(backup) is None and _backup_epoch(backup, ".bkp") is not None:
+            for name in (_BACKUP_WEIGHTS, _BACKUP_METADATA):
+                shutil.copyfile(backup / f"{name}.bkp", backup / name)
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ParameterError(
+                "resume",
+                f"the backup in '{backup}' cannot be restored into these models (a file of it damaged or cut "
+                f"short, or other models than the run started from?): {_first_line(exc)}; start afresh with "
+                "overwrite=True.",
+            ) from exc
 
 
 def _remove_incomplete(checkpoints):
-    """Removes a `checkpoints/` folder that holds no complete checkpoint (what a killed first save leaves)."""
-    if checkpoints.is_dir() and not checkpoints.is_symlink() and latest_checkpoint(checkpoints) is None:
+    """Removes a `checkpoints/` folder that holds no readable backup (what a killed first epoch leaves)."""
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and backed_up_epoch(checkpoints) is None:
         shutil.rmtree(checkpoints)
-
-
-def _remove_unfinished_saves(checkpoints):
-    """Removes the `ckpt-N_temp` folders of saves that never finished."""
-    with contextlib.suppress(OSError):
-        for entry in checkpoints.iterdir():
-            if entry.name.endswith("_temp") and entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- out_dir
@@ -242,11 +265,11 @@ class RunFolder:
 
     def __exit__(self, kind, exc, traceback):
         failed = kind is not None
-        if failed and latest_checkpoint(self.path / CHECKPOINT_DIR) is None:
+        if failed and backed_up_epoch(self.path / CHECKPOINT_DIR) is None:
             _remove_incomplete(self.path / CHECKPOINT_DIR)
         if self._lock is not None:
             self._lock.release()
-        if failed and self.created and latest_checkpoint(self.path / CHECKPOINT_DIR) is None:
+        if failed and self.created and backed_up_epoch(self.path / CHECKPOINT_DIR) is None:
             for folder in self.created:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: nothing of anyone else's goes
@@ -294,16 +317,12 @@ def prepare_out_dir(out_dir, *, resume, lock=True, overwrite=False):
         if run_lock is not None:
             run_lock.acquire()
         if resume:
-            if latest_checkpoint(checkpoints) is None:
-                raise ParameterError(
-                    "resume",
-                    f"no checkpoint to resume from in '{checkpoints}'; to start training, leave out resume=True.",
-                )
-            _remove_unfinished_saves(checkpoints)
+            if backed_up_epoch(checkpoints) is None:
+                raise no_backup_error(checkpoints)
             return folder
         if overwrite:
             remove_training_run(path)
-        complete = latest_checkpoint(checkpoints) is not None
+        complete = backed_up_epoch(checkpoints) is not None
         earlier = [name for name in _training_files(path) if name != CHECKPOINT_DIR or complete]
         if earlier and not complete:
             raise ParameterError(
@@ -434,7 +453,7 @@ def check_trained_model(path):
     if path.name not in (*MODEL_FILES, GENERATOR_FILE) or not checkpoints.is_dir():
         return
     run = (checkpoints / MANIFEST_FILE).exists() or ((folder / HISTORY_FILE).is_file()
-                                                     and latest_checkpoint(checkpoints) is not None)
+                                                     and backed_up_epoch(checkpoints) is not None)
     if not run:
         return
     if trained_pair(folder) is None:
@@ -509,23 +528,22 @@ def run_settings(config, data):
 def saved_settings(out_dir):
     """The settings the run in `out_dir` recorded (`run_settings`'s dict, in its state file), with `"epochs_done"`.
 
-    `"epochs_done"` is the epoch of the latest complete checkpoint.
+    `"epochs_done"` is the epoch of the newest readable backup (`backed_up_epoch`).
 
     Raises:
-        ParameterError: (`resume`) there is no complete checkpoint, or no
+        ParameterError: (`resume`) there is no readable backup, or no
             readable state file beside it.
     """
     folder = Path(out_dir) / CHECKPOINT_DIR
-    latest = latest_checkpoint(folder)
-    if latest is None:
-        raise ParameterError("resume", f"no checkpoint to resume from in '{folder}'; to start training, leave out "
-                                       "resume=True.")
+    done = backed_up_epoch(folder)
+    if done is None:
+        raise no_backup_error(folder)
     state = read_state(folder)
     if state is None or not isinstance(state.get("settings"), dict):
-        raise ParameterError("resume", f"'{folder / STATE_FILE}' is missing beside checkpoint '{latest}' (a run "
-                                       "made by an earlier cascade keeps its settings elsewhere): start afresh "
+        raise ParameterError("resume", f"'{folder / STATE_FILE}' is missing beside the backup of epoch {done} (a "
+                                       "run made by an earlier cascade keeps its settings elsewhere): start afresh "
                                        "with overwrite=True.")
-    return {**state["settings"], "epochs_done": int(latest.rsplit("-", 1)[1])}
+    return {**state["settings"], "epochs_done": done}
 
 
 def _first_line(exc):
@@ -561,70 +579,3 @@ def check_settings(path, saved, wanted):
             f"the checkpoints in '{path}' were made with {made}; this run has {given}. Resume with the same "
             "settings, or choose another out_dir.",
         )
-
-
-# ------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """The checkpoints of one run (the models and the optimizer): restore on resume, save after every epoch.
-
-    Every worker saves (a multi-worker save may need all of them), but only
-    the chief's checkpoints are kept, in `out_dir/checkpoints`; the other
-    workers write into a temporary folder that `close` removes. Use it as a
-    context manager.
-
-    Args:
-        out_dir: the run's folder (prepared by `prepare_out_dir`).
-        models: `(model_a, model_b)` as trained (replicated under a strategy).
-        optimizer: the run's optimizer.
-        settings: `run_settings(config, data)`, checked against the run's on resume.
-        chief: whether this process keeps its checkpoints.
-    """
-
-    def __init__(self, out_dir, *, models, optimizer, settings, chief):
-        self.out_dir = Path(out_dir)
-        self.folder = self.out_dir / CHECKPOINT_DIR
-        self.settings = settings
-        self.chief = chief
-        model_a, model_b = models
-        self._checkpoint = tf.train.Checkpoint(model_a=model_a, model_b=model_b, optimizer=optimizer)
-        self._scratch = None if chief else Path(tempfile.mkdtemp(prefix="cascade-worker-checkpoints-"))
-        self._manager = tf.train.CheckpointManager(self._checkpoint, str(self.folder if chief else self._scratch),
-                                                   max_to_keep=KEEP_CHECKPOINTS)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def close(self):
-        """Removes a non-chief worker's temporary folder."""
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-
-    def restore(self):
-        """Restores the latest checkpoint after checking the run's settings against this one's.
-
-        Raises:
-            ParameterError: (`resume`) the checkpoint cannot be read, was made
-                with other settings, or does not fit these models.
-        """
-        latest = latest_checkpoint(self.folder)
-        check_settings(self.folder, saved_settings(self.out_dir), self.settings)
-        try:
-            self._checkpoint.restore(latest).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as exc:  # IndexError: a truncated file
-            raise ParameterError(
-                "resume",
-                f"checkpoint '{latest}' cannot be restored into these models (a file of it damaged or cut short, "
-                f"or other models than the run started from?): {_first_line(exc)}; resume from an intact "
-                "checkpoint (remove this one's files) or start afresh with overwrite=True.",
-            ) from exc
-
-    def save(self, epoch):
-        """Saves the checkpoint of epoch `epoch` (1-based)."""
-        with reporting_full_disk(self._manager.directory):
-            self._manager.save(checkpoint_number=epoch)

@@ -10,15 +10,12 @@ add up to the global batch's.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from cascade_cli.data import Batch
 from cascade_cli.errors import CascadeError, ModelError, ParameterError
 from cascade_cli.options import STRATEGIES, TRAIN_DEFAULTS, check_choice
 
@@ -138,63 +135,3 @@ def replicate(model, *, name):
         )
     copy.set_weights(weights)
     return copy
-
-
-# ---------------------------------------------------------------- batches
-
-
-def _read_slice(data, indices):
-    """The `Batch` of `indices`, empty (0 samples) when there are none."""
-    if len(indices) == 0:
-        return Batch(
-            inputs=np.zeros((0, data.outer_steps, data.features), np.float32),
-            steps=np.zeros((0, data.outer_steps), np.int64),
-            targets=np.zeros((0, data.output_size), np.float32),
-        )
-    return next(data.batches(indices, batch_size=len(indices)))
-
-
-def batches(strategy, data, *, batch_size, signature):
-    """Returns `(spec, batches)`: `batches(order)` yields per-replica batches; `spec` is their `element_spec`.
-
-    `batches(order)` yields `(emits, (inputs, steps, targets))` for every
-    global batch of `order`, as per-replica values.
-
-    Global batch `k` is `order[k * batch_size:(k + 1) * batch_size]`, the very
-    batch the default strategy takes; it is split into one contiguous slice per
-    replica (`np.array_split`: any batch size works, and a replica may get 0
-    samples). Each input pipeline (one per worker, from
-    `distribute_datasets_from_function`) reads only the slices of its own
-    replicas, as dense `(b, Ta, F)`, `(b, Ta)` and flat `(rows, O)` tensors, so
-    the ragged targets need no padding. `emits` (whether the global batch has
-    any target row) comes from the steps every worker holds, so all workers
-    skip the same batches.
-
-    Args:
-        strategy: a `tf.distribute.Strategy`.
-        data: an open `TrainingData`.
-        batch_size: samples per global batch.
-        signature: the `TensorSpec`s of one batch, `batch_signature(data)`.
-    """
-
-    def dataset(order, context):
-        replicas = context.num_replicas_in_sync
-        local = replicas // context.num_input_pipelines
-        first = context.input_pipeline_id * local
-
-        def slices():
-            for start in range(0, len(order), batch_size):
-                parts = np.array_split(order[start : start + batch_size], replicas)
-                for part in parts[first : first + local]:
-                    yield tuple(_read_slice(data, part))
-
-        return tf.data.Dataset.from_generator(slices, output_signature=signature)
-
-    def distribute(order):
-        return strategy.distribute_datasets_from_function(functools.partial(dataset, order))
-
-    def epoch_batches(order):
-        for start, batch in zip(range(0, len(order), batch_size), distribute(order)):
-            yield bool(data.steps[order[start : start + batch_size]].any()), tuple(batch)
-
-    return tuple(distribute(np.zeros(0, np.int64)).element_spec), epoch_batches

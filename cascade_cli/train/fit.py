@@ -1,52 +1,54 @@
-"""What `cascade train` does: check the run, train A and B jointly epoch after epoch, write the files; `evaluate`.
+"""What `cascade train` does: check the run, then `CascadeModel.fit` with Keras' callbacks, then write the files.
 
-One `tf.GradientTape` covers both models (B alone with `freeze_a`); the loss is
-averaged over the valid elements only (DESIGN section 5), which in value order
-are exactly the rows the runner emits, so no mask is ever materialised. The
-models' weight regularization losses (`kernel_regularizer=...`) are added to
-it, as Keras' `Model.fit` adds `model.losses`.
-
-A run is reproducible: every epoch is re-seeded from `(seed, epoch)` (Python,
-NumPy and every `SeedGenerator` inside the two models, e.g. dropout:
-`ReseedEachEpoch`, the callback a `CascadeModel.fit` takes too) and
-visits the samples in `epoch_order(seed, epoch)`, with TensorFlow's
-deterministic ops on. A checkpoint is written after every epoch
-(`checkpoints.py`), so a killed run resumed with the same settings reaches
-exactly the weights of an unbroken one; settings a resume does not give come
-from that checkpoint (`resolve_config`). Ctrl-C ends `fit` with
-`TrainingInterrupted`, naming the epoch saved. The cross-entropies read B's
-outputs as logits or, when B ends in a softmax, as probabilities
-(`resolve_from_logits`). Past one device, `distribute.py` replicates the
-models and splits each global batch over the replicas.
+The command builds a `CascadeModel` over A and B (their replicas under a
+strategy, their `mixed_float16` copies with `mixed_precision`), compiles it
+with the run's loss, metrics, stop gate, end token and scheduled sampling,
+and calls `fit` on `data.dataset` streams of the training and validation
+samples. The callbacks are Keras' own where Keras has them: `BackupAndRestore`
+(in `checkpoints/backup/`, the weights, the optimizer and the epoch, two
+copies kept), `EarlyStopping(restore_best_weights=True)` with `patience`,
+`TensorBoard`; and cascade's own for the rest: `ReseedEachEpoch` (every epoch
+re-seeded from `(seed, epoch)`), `RunState` (the history, `history.csv`, the
+settings and what a resume needs), `ShowProgress` (the rich display).
+`CascadeModel.fit` refuses a non-finite step or validation loss before any
+callback keeps it. A run is reproducible: the data order is `epoch_order(seed,
+epoch)`, TensorFlow's deterministic ops are on, so a killed run resumed with
+the same settings reaches exactly the weights of an unbroken one; settings a
+resume does not give come from its state (`resolve_config`). Ctrl-C ends
+`fit` with `TrainingInterrupted`, naming the epoch saved. At the end the
+models, `cascade.keras` and `history.csv` are written as one set
+(`checkpoints.save_models`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.data import epoch_order, split_indices
+from cascade_cli.atomic import is_no_space, no_space_error
+from cascade_cli.data import dataset, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
 from cascade_cli.models import check_inputs_fit
-from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, SamplingSchedule, StopRule, TrainCallbacks, TrainConfig
+from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, StopRule, TrainCallbacks, TrainConfig
 from cascade_cli.runner import Cascade
 from cascade_cli.train import distribute
-from cascade_cli.train.callbacks import RunState
+from cascade_cli.train.callbacks import RunState, ShowProgress
 from cascade_cli.train.checkpoints import (
+    BACKUP_DIR,
     CHECKPOINT_DIR,
     HISTORY_FILE,
-    Checkpoints,
+    RestoredBackup,
+    backed_up_epoch,
     check_out_dir,
     check_settings,
-    latest_checkpoint,
     prepare_out_dir,
     run_settings,
     save_models,
@@ -55,50 +57,20 @@ from cascade_cli.train.checkpoints import (
     write_history,
 )
 from cascade_cli.train.keras_model import CascadeModel, ReseedEachEpoch
-from cascade_cli.train.losses import (check_regularizers, gated_terms, loss_terms, metric_terms, regularization_loss,
-                                      resolve_from_logits)
-from cascade_cli.train.optimizers import has_schedule, learning_rate_schedule, make_optimizer
-from cascade_cli.train.step import batch_loss, batch_signature, non_finite_error, step_function
+from cascade_cli.train.losses import check_regularizers, resolve_from_logits
+from cascade_cli.train.optimizers import learning_rate_schedule, make_optimizer
+from cascade_cli.train.step import NonFiniteStep, non_finite_error
 
 
-def _evaluation_step(cascade, terms, data, *, models=(), metrics=(), ids=False, gate=False):
-    """Returns a `tf.function` `(inputs, steps, targets) -> (sum, count, metrics)` with `training=False`."""
-    loss = batch_loss(cascade, terms, models=models, metrics=metrics, ids=ids, gate=gate)
-
-    @tf.function(input_signature=batch_signature(data), reduce_retracing=True)
-    def evaluate(inputs, steps, targets):
-        result = loss(inputs, steps, targets, training=False)
-        return result.total, result.local_count, result.metrics
-
-    return evaluate
-
-
-def _penalty_now(models):
-    """The models' regularization loss at their current weights, as a float, or None without regularizers."""
-    penalty = regularization_loss(models)
-    return None if penalty is None else float(penalty)
-
-
-def _scores_over(step, data, indices, *, batch_size, penalty=None):
-    """`(loss, [metric, ...])` over the valid elements of `indices` (loss plus `penalty`), or None for no samples."""
-    if len(indices) == 0:
-        return None
-    total, count, sums = 0.0, 0.0, None
-    for batch in data.batches(indices, batch_size=batch_size):
-        batch_total, batch_count, measured = step(batch.inputs, batch.steps.astype(np.int64), batch.targets)
-        total += float(batch_total)
-        count += float(batch_count)
-        pairs = [(float(pair[0]), float(pair[1])) for pair in measured]
-        sums = pairs if sums is None else [(a + x, b + y) for (a, b), (x, y) in zip(sums, pairs)]
-    loss = total / count if count else 0.0
-    metrics = [a / b if b else 0.0 for a, b in (sums or [])]
-    return (loss if penalty is None else loss + penalty), metrics
-
-
-def _loss_over(step, data, indices, *, batch_size, penalty=None):
-    """The mean loss over the valid elements of `indices` (plus `penalty`), or None when there are no samples."""
-    scores = _scores_over(step, data, indices, batch_size=batch_size, penalty=penalty)
-    return None if scores is None else scores[0]
+def _keras_metric(name, *, loss):
+    """The Keras metric `--metrics NAME` records over the valid rows: `mse`, `mae` or `accuracy` (the target's argmax
+    or, for token ids, the id), named as the command names it."""
+    if name == "accuracy":
+        if loss == "sparse-categorical-crossentropy":
+            return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        return keras.metrics.CategoricalAccuracy(name="accuracy")
+    kind = {"mse": keras.metrics.MeanSquaredError, "mae": keras.metrics.MeanAbsoluteError}[name]
+    return kind(name=name)
 
 
 def evaluate(model_a, model_b, data, *, indices=None, loss="mse", from_logits=None, state="reset",
@@ -122,13 +94,15 @@ def evaluate(model_a, model_b, data, *, indices=None, loss="mse", from_logits=No
         they emit nothing) plus the models' regularization loss, or None for
         no samples.
     """
-    cascade = Cascade(model_a, model_b, state=state, state_init=state_init)
-    _check_fits(cascade, data, loss=loss)
+    model = CascadeModel(model_a, model_b, state=state, state_init=state_init)
+    _check_fits(model.cascade, data, loss=loss)
     check_regularizers((model_a, model_b))
     indices = np.arange(data.n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
-    terms = loss_terms(loss, from_logits=resolve_from_logits(model_b, from_logits, loss=loss))
-    step = _evaluation_step(cascade, terms, data)
-    return _loss_over(step, data, indices, batch_size=batch_size, penalty=_penalty_now((model_a, model_b)))
+    if len(indices) == 0:
+        return None
+    model.compile("sgd", loss=loss, from_logits=from_logits)
+    stream = dataset(data.path, batch_size=batch_size, shuffle=False, indices=indices)
+    return float(model.evaluate(stream, verbose=0, return_dict=True)["loss"])
 
 
 # ------------------------------------------------------------ checks, seeds
@@ -200,25 +174,6 @@ def generator_settings(config, *, b_form, longest):
             "sampler": "greedy" if tokens else "identity"}
 
 
-def _length_error(run, data):
-    """`val_length_mae`: the mean absolute error, over the validation pairs, of the lengths the run's generator gives.
-
-    The models generate as `cascade.keras` does (`generator_settings`: its
-    sampler, stop rule, `exclude_stop_step` and `max_steps`), and the lengths
-    are compared with the file's steps (end rows not counted). None without a
-    stop rule or a validation split.
-    """
-    if training_stop_rule(run.config) is None or len(run.val_indices) == 0:
-        return None
-    cascade = Cascade(*run.models, **{**run.generation, "jit_compile": False})
-    errors = pairs = 0
-    for batch in data.batches(run.val_indices, batch_size=run.config.batch_size):
-        lengths = cascade.run(batch.inputs)[1].numpy()
-        errors += int(np.abs(lengths - (batch.steps - int(data.end_token is not None))).sum())
-        pairs += lengths.size
-    return errors / pairs if pairs else None
-
-
 def _end_token(cascade, data, config):
     """Applies `append_end_token` to `data` (`TrainingData.with_end_token`) once the id is checked against B."""
     token, size = config.append_end_token, cascade.b_spec.output_size - int(bool(config.stop_gate))
@@ -286,60 +241,20 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclasses.dataclass
 class _Run:
-    """Everything one prepared training run holds between epochs."""
+    """Everything one prepared training run holds: the model `fit` trains, its streams and its callbacks."""
 
     given: tuple  # the models passed to fit
-    models: tuple  # the models trained: `given`, or their replicas under a strategy
-    distributed: bool
+    model: CascadeModel  # over the models trained: `given`, their replicas, or their mixed_float16 copies
     out_dir: Path
     chief: bool
     config: TrainConfig  # resolved: every setting set
     info: RunInfo
-    optimizer: keras.optimizers.Optimizer
-    step: Callable  # (inputs, steps, targets) -> (sum, count, penalty, metrics, finite): `step_function`
-    evaluation: Callable  # (inputs, steps, targets) -> (sum, count, metrics), training=False
-    epoch_batches: Callable  # (order) -> iterator of (emits, (inputs, steps, targets))
-    train_indices: np.ndarray
-    val_indices: np.ndarray
-    keras_callbacks: keras.callbacks.CallbackList = None  # Keras' own (`_keras_callbacks`), driven each epoch
-    state: RunState = None  # the history, settings and patience state, in `checkpoints/run_state.json`
-    early_stopping: keras.callbacks.EarlyStopping = None  # with `patience`
-    generation: dict = dataclasses.field(default_factory=dict)  # `generator_settings`: what cascade.keras runs
-
-    @property
-    def weights(self):
-        return [*self.models[0].weights, *self.models[1].weights]
-
-
-class _RunningLoss:
-    """An epoch's training loss so far: the mean of its steps' losses (errors / count + penalty), each weighed by its
-    count of valid elements, as `CascadeModel`'s loss tracker weighs them (the errors' mean is the epoch's own)."""
-
-    def __init__(self, metrics=0):
-        self.total, self.count, self.penalty = 0.0, 0.0, 0.0
-        self.sums = [[0.0, 0.0] for _ in range(metrics)]
-
-    def add(self, total, count, penalty, metrics=()):
-        self.total += float(total)
-        self.count += float(count)
-        self.penalty += float(penalty) * float(count)
-        for kept, pair in zip(self.sums, metrics):
-            kept[0] += float(pair[0])
-            kept[1] += float(pair[1])
-
-    @property
-    def metrics(self):
-        """Each metric over the valid elements of the steps taken (0.0 before any)."""
-        return [total / count if count else 0.0 for total, count in self.sums]
-
-    @property
-    def value(self):
-        return (self.total + self.penalty) / self.count if self.count else 0.0
-
-
-def _not_finite(what, value, *, epoch, batch, checkpoints, done):
-    kept = f"the last good checkpoint (epoch {done}) is in '{checkpoints}'" if done else "no checkpoint was written"
-    return non_finite_error(what, value, epoch=epoch, batch=batch, kept=f"this epoch was not saved and {kept}")
+    train: tf.data.Dataset
+    validation: tf.data.Dataset  # None without validation samples
+    settings: dict  # `run_settings`: recorded in the state, checked on resume
+    generation: dict  # `generator_settings`: what cascade.keras runs
+    a_trainable: bool = True  # model A's `trainable` as given (`freeze_a` sets it False while training)
+    scratch: Path = None  # a non-chief worker's backup folder, removed at the end
 
 
 def resolve_config(config, model_b, *, out_dir):
@@ -418,7 +333,6 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     cascade = Cascade(model_a, model_b, **runner_settings(config))
     _check_fits(cascade, data, loss=config.loss, gate=bool(config.stop_gate))
     _end_token(cascade, data, config)
-    data.with_stop_gate(bool(config.stop_gate))
     check_regularizers((model_a, model_b))
     if data.n_samples == 0:
         raise DataError(f"'{data.path}' holds no samples: expected at least one to train on.")
@@ -444,9 +358,6 @@ def _prepare(model_a, model_b, data, *, out_dir, config, strategy, done):
     try:
         run = _build(model_a, model_b, data, cascade, out_dir=Path(out_dir), config=config, strategy=strategy,
                      chief=chief, train_indices=train_indices, val_indices=val_indices, done=done, trained=trained)
-        run.keras_callbacks = _keras_callbacks(run, data, tensorboard=config.tensorboard if chief else None)
-        run.generation = generator_settings(config, b_form=cascade.b_spec.form,
-                                            longest=int(data.file_steps.max(initial=0)))
     except BaseException:
         if folder is not None:
             folder.__exit__(CascadeError, None, None)
@@ -504,40 +415,33 @@ def _first_line(exc):
 
 def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief, train_indices, val_indices, done,
            trained=None):
+    """The `CascadeModel` the run fits, compiled with the run's settings, and the streams it reads."""
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    distributed = config.strategy != "default"
-    given = (model_a, model_b)
+    given, a_trainable = (model_a, model_b), model_a.trainable
     if trained is not None:  # mixed precision: the copies train, the models given get their weights at the end
         model_a, model_b = trained
-        cascade = Cascade(model_a, model_b, **runner_settings(config))
     batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
     rate = learning_rate_schedule(config.lr_schedule, learning_rate=config.learning_rate,
                                   total_steps=config.epochs * batches_per_epoch, warmup_steps=config.warmup_steps)
+    generation = generator_settings(config, b_form=cascade.b_spec.form, longest=int(data.file_steps.max(initial=0)))
+    gate = {"stop_gate": True, "stop_weight": float(config.stop_weight if config.stop_weight is not None else 1.0),
+            "stop_pos_weight": float(config.stop_pos_weight if config.stop_pos_weight is not None else 1.0)}
     with strategy.scope():
-        if distributed:
+        if config.strategy != "default":
             model_a, model_b = distribute.replicate(model_a, name="A"), distribute.replicate(model_b, name="B")
-            cascade = Cascade(model_a, model_b, **runner_settings(config))
-        variables = _trained_variables(model_a, model_b, freeze_a=config.freeze_a)
+        if config.freeze_a:  # Keras' rule: a frozen model trains nothing and its weight penalties drop out
+            model_a.trainable = False
+        model = CascadeModel(model_a, model_b, **generation)
         optimizer = make_optimizer(config.optimizer, learning_rate=rate, clipnorm=config.clipnorm,
                                    mixed_precision=config.mixed_precision)
-        optimizer.build(variables)  # before the first step: a lazily built Adam fails inside strategy.run
-    terms = loss_terms(config.loss, from_logits=config.from_logits)
-    metrics = tuple(metric_terms(name, loss=config.loss) for name in config.metrics)
-    terms, metrics = gated_terms(config, terms, metrics, cascade.b_spec.output_size)
-    ids = config.loss == "sparse-categorical-crossentropy"
-    gate = bool(config.stop_gate)
-    loss = batch_loss(cascade, terms, models=(model_a, model_b), metrics=metrics, ids=ids, gate=gate)
-    sampling = None if config.sampling_schedule is None else SamplingSchedule.parse(config.sampling_schedule)
-    if distributed:
-        spec, epoch_batches = distribute.batches(strategy, data, batch_size=config.batch_size,
-                                                 signature=batch_signature(data))
-        step = step_function(loss, signature=spec, variables=variables, optimizer=optimizer, strategy=strategy,
-                             sampling=sampling)
-    else:
-        step = step_function(loss, signature=batch_signature(data), variables=variables, optimizer=optimizer,
-                             sampling=sampling)
-        epoch_batches = functools.partial(_default_batches, data, batch_size=config.batch_size)
+        scheduled = config.sampling_schedule is not None
+        model.compile(optimizer, loss=config.loss, from_logits=config.from_logits,
+                      metrics=[_keras_metric(name, loss=config.loss) for name in config.metrics],
+                      **(gate if config.stop_gate else {}), append_end_token=config.append_end_token,
+                      sampling_probability=config.sampling_schedule,
+                      training_sampler="identity" if scheduled else None, jit_compile=False)
+    stream = dict(batch_size=config.batch_size)
     replicas = int(strategy.num_replicas_in_sync)
     info = RunInfo(train_samples=len(train_indices), val_samples=len(val_indices), device=_device_text(strategy),
                    replicas=replicas, strategy=config.strategy, epochs=config.epochs, first_epoch=done + 1,
@@ -545,132 +449,96 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
                    resumed=config.resume,
                    warnings=_run_warnings(config, data, train_indices=train_indices, val_indices=val_indices,
                                           replicas=replicas))
-    return _Run(given=given, models=(model_a, model_b), distributed=distributed or trained is not None,
-                out_dir=out_dir, chief=chief, config=config, info=info, optimizer=optimizer, step=step,
-                evaluation=_evaluation_step(cascade, terms, data, metrics=metrics, ids=ids, gate=gate),
-                epoch_batches=epoch_batches, train_indices=train_indices, val_indices=val_indices)
+    settings = run_settings(config, data)
+    if config.resume:  # the data too, now that they are open: a resume on another file is refused
+        check_settings(out_dir / CHECKPOINT_DIR, saved_settings(out_dir), settings)
+    validation = dataset(data.path, shuffle=False, indices=val_indices, **stream) if len(val_indices) else None
+    return _Run(given=given, model=model, out_dir=out_dir, chief=chief, config=config, info=info,
+                train=dataset(data.path, shuffle=config.shuffle, seed=config.seed, indices=train_indices, **stream),
+                validation=validation, settings=settings, generation=generation, a_trainable=a_trainable)
 
 
-def _keras_callbacks(run, data, *, tensorboard):
-    """The callbacks of the run, told of each epoch as `Model.fit` tells them.
+def _callbacks(run, display):
+    """The callbacks `fit` is given, in the order they are told of each epoch.
 
     `ReseedEachEpoch`; with `patience`, Keras' `EarlyStopping` on `val_loss`
     with `restore_best_weights`; `RunState` (the history and what a resume
-    needs, written before each checkpoint; `history.csv` follows it); Keras'
-    `TensorBoard`. They see a `CascadeModel` over the models trained, with
-    the run's optimizer (TensorBoard logs its learning rate at each epoch's end).
+    needs, written before the backup: never behind it); Keras'
+    `BackupAndRestore` (`checkpoints.RestoredBackup`); `history.csv`, after
+    the backup, so one always goes with a backup; Keras' `TensorBoard`; the
+    display (`ShowProgress`). A non-chief worker of a multi-worker run backs
+    up into a temporary folder and writes nothing else.
     """
     config = run.config
-    model = CascadeModel(*run.models, **runner_settings(config))
-    model.optimizer = run.optimizer
-    callbacks = [ReseedEachEpoch(config.seed)]
+    folder = run.out_dir / CHECKPOINT_DIR
+    stop = None
     if config.patience is not None:
-        run.early_stopping = keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True)
-        callbacks.append(run.early_stopping)
-    run.state = RunState(run.out_dir / CHECKPOINT_DIR, settings=run_settings(config, data),
-                         early_stopping=run.early_stopping, write=run.chief)
-    callbacks.append(run.state)
-    if tensorboard is not None:
-        callbacks.append(keras.callbacks.TensorBoard(str(tensorboard), write_graph=False))
-    return keras.callbacks.CallbackList(callbacks, model=model)
-
-
-def _epoch_logs(row):
-    """The logs `Model.fit` gives callbacks at an epoch's end: an epoch's figures, less `epoch` and those not taken."""
-    return {key: float(value) for key, value in row.items() if key not in ("epoch", "seconds") and value is not None}
-
-
-def _default_batches(data, order, *, batch_size):
-    """Yields `(emits, (inputs, steps, targets))` for each batch of `order`, read on the host."""
-    for batch in data.batches(order, batch_size=batch_size):
-        yield len(batch.targets) > 0, (batch.inputs, batch.steps.astype(np.int64), batch.targets)
-
-
-def _run_epoch(run, data, epoch, *, callbacks, checkpoints):
-    """Trains epoch `epoch` (0-based) and takes its validation loss; returns its figures (`RunState` makes the row)."""
-    config = run.config
-    number = epoch + 1
-    order = epoch_order(run.train_indices, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
-    callbacks.epoch_started(number, epochs=config.epochs,
-                            batches=math.ceil(len(run.train_indices) / config.batch_size))
-    running = _RunningLoss(len(config.metrics))
-    for batch_number, (emits, batch) in enumerate(run.epoch_batches(order), start=1):
-        if emits:  # a batch that emits nothing has nothing to learn from
-            total, count, penalty, measured, finite = run.step(*batch)  # a non-finite step is not taken
-            if not bool(finite):
-                loss = float(total) / float(count) + float(penalty)
-                what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient", "non-finite")
-                raise _not_finite(what, value, epoch=number, batch=batch_number, checkpoints=checkpoints,
-                                  done=epoch)
-            running.add(total, count, penalty, measured)
-        callbacks.batch_done(running.value)
-    scores = _scores_over(run.evaluation, data, run.val_indices, batch_size=config.batch_size,
-                          penalty=_penalty_now(run.models))
-    val_loss, val_metrics = (None, [None] * len(config.metrics)) if scores is None else scores
-    if val_loss is not None and not math.isfinite(val_loss):
-        raise _not_finite("validation loss", val_loss, epoch=number, batch=None, checkpoints=checkpoints, done=epoch)
-    row = {"epoch": number, "loss": running.value, "val_loss": val_loss}
-    for name, value, val_value in zip(config.metrics, running.metrics, val_metrics):
-        row[name], row[f"val_{name}"] = value, val_value
-    length_error = _length_error(run, data)
-    if length_error is not None:
-        row["val_length_mae"] = length_error
-    return row
+        stop = keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True)
+    state = RunState(folder, settings=run.settings, early_stopping=stop, write=run.chief)
+    backup = folder
+    if not run.chief:
+        run.scratch = Path(tempfile.mkdtemp(prefix="cascade-worker-backup-"))
+        if config.resume:  # the chief's backup, read by every worker
+            shutil.copytree(folder / BACKUP_DIR, run.scratch / BACKUP_DIR)
+        backup = run.scratch
+    callbacks = [ReseedEachEpoch(config.seed), *([stop] if stop is not None else []), state, RestoredBackup(backup)]
+    if run.chief:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: write_history(run.out_dir / HISTORY_FILE, state.history)))
+        if config.tensorboard is not None:
+            callbacks.append(keras.callbacks.TensorBoard(str(config.tensorboard), write_graph=False))
+    callbacks.append(ShowProgress(display, run_state=state))
+    return callbacks, state, stop
 
 
 def _finish(run, history):
     """Copies trained copies' weights back into the models given; the chief writes the pair and `history.csv` as one.
 
     The chief also writes `cascade.keras`, the whole generator (`CascadeModel`
-    with the run's runner settings).
+    with the run's generation settings).
     """
-    if run.distributed:
-        for trained, model in zip(run.models, run.given):
-            model.set_weights(trained.get_weights())
+    trained = (run.model.model_a, run.model.model_b)
+    trained[0].trainable = run.a_trainable  # as it was given: freezing was the run's, not the model's
+    if trained != run.given:
+        for copy, model in zip(trained, run.given):
+            model.set_weights(copy.get_weights())
     if run.chief:
         generator = CascadeModel(*run.given, **run.generation)
         save_models(run.given, run.out_dir, history=history, generator=generator)
 
 
-def _saved_epoch(out_dir):
-    latest = latest_checkpoint(Path(out_dir) / CHECKPOINT_DIR)
-    return 0 if latest is None else int(latest.rsplit("-", 1)[1])
-
-
 def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=None):
     """Trains A and B jointly on a training file and writes the results into `out_dir`.
 
-    Each batch runs the cascade under one `tf.GradientTape`, takes the masked
-    loss plus the models' weight regularization losses and one optimizer step
-    over both models' trainable weights (B's only with `freeze_a`). After
-    every epoch the validation loss is taken over the held-out samples and a
-    checkpoint is written; with `patience`, the run stops once the validation
-    loss has not improved for that many epochs, and the best weights are the
-    ones kept and saved. The models passed in end with the final weights.
-    The two models, `cascade.keras` (the whole generator, a `CascadeModel`
-    with the run's `state` and `state_init`) and `history.csv` are written as
-    one set at the end (`checkpoints.save_models`). Each step is
-    `step.train_step`, the step `CascadeModel.train_step` takes too; a step
+    Builds a `CascadeModel` over the two models, compiles it with the run's
+    settings and calls its `fit` (`_callbacks` lists what it is given): each
+    batch is `CascadeModel.train_step`, the masked loss plus the models' weight
+    regularization losses (a frozen A's drop out, as Keras drops a frozen
+    layer's) and one optimizer step over the trainable weights (B's only with
+    `freeze_a`). After every epoch the validation loss is taken over the
+    held-out samples and the run is backed up; with `patience`, the run stops
+    once the validation loss has not improved for that many epochs, and the
+    best weights are the ones kept and saved. The models passed in end with
+    the final weights. The two models, `cascade.keras` (the whole generator,
+    a `CascadeModel` with the run's generation settings) and `history.csv`
+    are written as one set at the end (`checkpoints.save_models`). A step
     whose loss or gradients are not finite is not taken, and the run stops
-    there (`CascadeError`). With `mixed_precision`, copies of
-    the models built under `mixed_float16` train (`mixed_precision_pair`)
-    and the models given get their weights at the end; with `tensorboard`,
-    Keras' `TensorBoard` callback writes each epoch's figures there, as
-    `Model.fit` would (`train/` and `validation/`, tags `epoch_loss`, ...).
+    there (`CascadeError`, naming the last good backup). With
+    `mixed_precision`, copies of the models built under `mixed_float16` train
+    (`mixed_precision_pair`, with Keras' `LossScaleOptimizer`) and the models
+    given get their weights at the end; with `tensorboard`, Keras'
+    `TensorBoard` callback writes each epoch's figures there.
 
-    Settings not given (None) come from the checkpoint on resume and from
+    Settings not given (None) come from the run's state on resume and from
     `TRAIN_DEFAULTS` otherwise (`resolve_config`). The run holds a lock on
-    `out_dir` throughout; a run that fails before its first checkpoint removes
+    `out_dir` throughout; a run that fails before its first backup removes
     the folder it created.
 
     With a `mirrored` or `multi-worker` strategy the models are cloned inside
     `strategy.scope()` (their variables must belong to the strategy), trained
-    there, and their weights copied back at the end. Every global batch is the
-    one the default strategy takes, split across the replicas, and a step
-    means the same on any number of replicas. Every worker checkpoints each
-    epoch (the chief into `out_dir`, the others into a temporary folder they
-    remove); only the chief writes `history.csv` and the models. Validation
-    runs whole on every worker.
+    there by Keras' `fit` (each global batch split over the replicas), and
+    their weights copied back at the end. Only the chief writes into
+    `out_dir`; the other workers back up into a temporary folder they remove.
 
     Args:
         model_a: a `keras.Model`, `(batch, Ta, F) -> (batch, Ta, H)`; trained in place.
@@ -694,8 +562,8 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
 
     Raises:
         ParameterError: `out_dir` holds an earlier run (without `resume`) or
-            no checkpoint (with it), or is in use by another training run; a
-            checkpoint made with other settings or models; a resumed run
+            no backup (with it), or is in use by another training run; a
+            backup made with other settings, data or models; a resumed run
             whose `epochs` it has already reached; `patience` without
             validation samples; a strategy that does not match `config.strategy`.
         CascadeError: a loss that is not finite (nothing of that epoch is
@@ -711,48 +579,45 @@ def fit(model_a, model_b, data, *, out_dir, config, callbacks=None, strategy=Non
     run, folder = _prepare(model_a, model_b, data, out_dir=out_dir, config=config, strategy=strategy, done=done)
     with folder or contextlib.nullcontext():
         try:
-            history = _train(run, data, callbacks=callbacks)
+            return _train(run, callbacks)
         except KeyboardInterrupt as exc:
             if isinstance(exc, TrainingInterrupted):
                 raise
-            raise TrainingInterrupted(epoch=_saved_epoch(run.out_dir), epochs=config.epochs, out_dir=run.out_dir,
+            raise TrainingInterrupted(epoch=backed_up_epoch(run.out_dir / CHECKPOINT_DIR) or 0, epochs=config.epochs,
+                                      out_dir=run.out_dir,
                                       models_written=trained_pair(run.out_dir) is not None) from None
-    return history
 
 
-def _train(run, data, *, callbacks):
-    config, stop = run.config, run.early_stopping
-    callbacks.run_started(run.info)
-    with Checkpoints(run.out_dir, models=run.models, optimizer=run.optimizer,
-                     settings=run.state.settings, chief=run.chief) as checkpoints:
-        done = 0
-        if config.resume:
-            checkpoints.restore()
-            done = _saved_epoch(run.out_dir)
-            if not has_schedule(run.optimizer):  # a schedule is rebuilt from the settings; a constant rate is set
-                run.optimizer.learning_rate = float(config.learning_rate)
-        run.keras_callbacks.on_train_begin()
-        try:
-            history = run.state.resume(done)  # after EarlyStopping's on_train_begin: its state of those epochs
-            if config.resume:
-                callbacks.resumed(epoch=done, history=list(history))
-            stopped = stop is not None and stop.wait >= stop.patience
-            for epoch in range(done, config.epochs if not stopped else 0):
-                run.keras_callbacks.on_epoch_begin(epoch)
-                row = _run_epoch(run, data, epoch, callbacks=callbacks, checkpoints=checkpoints.folder)
-                run.keras_callbacks.on_epoch_end(epoch, _epoch_logs(row))  # the state first
-                checkpoints.save(epoch + 1)
-                if run.chief:  # after the checkpoint: a history.csv always goes with one
-                    write_history(run.out_dir / HISTORY_FILE, run.state.history)
-                callbacks.epoch_done(dict(run.state.history[-1]))
-                stopped = bool(getattr(run.keras_callbacks.model, "stop_training", False))
-                if stopped:
-                    break
-        finally:
-            run.keras_callbacks.on_train_end()  # EarlyStopping puts the best weights back
-    history = list(run.state.history)
-    if stopped:
-        callbacks.stopped_early(epoch=len(history), best_epoch=stop.best_epoch + 1)
+def _train(run, display):
+    config, model = run.config, run.model
+    folder = run.out_dir / CHECKPOINT_DIR
+    callbacks, state, stop = _callbacks(run, display)
+    display.run_started(run.info)
+    done = backed_up_epoch(folder) if config.resume else 0
+    if config.resume:
+        display.resumed(epoch=done, history=state.resume(done))
+    stopped_before = stop is not None and stop.wait >= stop.patience  # the run had stopped early already
+    try:
+        model.fit(run.train, validation_data=run.validation, epochs=done if stopped_before else config.epochs,
+                  callbacks=callbacks, verbose=0, shuffle=False)  # the streams shuffle themselves
+    except NonFiniteStep as exc:  # the command's wording: which backup the run can resume from
+        kept = (f"the last good backup (epoch {exc.epoch - 1}) is in '{folder / BACKUP_DIR}'" if exc.epoch > 1
+                else "no backup was written")
+        raise non_finite_error(exc.what, exc.value, epoch=exc.epoch, batch=exc.batch,
+                               kept=f"this epoch was not saved and {kept}") from None
+    except OSError as exc:
+        if is_no_space(exc):
+            raise no_space_error(folder) from exc
+        raise
+    finally:
+        if run.scratch is not None:
+            shutil.rmtree(run.scratch, ignore_errors=True)
+    if stopped_before:
+        state.resume(done)
+        model.set_weights(stop.best_weights)
+    history = list(state.history)
+    if stop is not None and (stop.stopped_epoch > 0 or stopped_before):
+        display.stopped_early(epoch=len(history), best_epoch=stop.best_epoch + 1)
     _finish(run, history)
-    callbacks.run_finished(list(history))
+    display.run_finished(list(history))
     return history

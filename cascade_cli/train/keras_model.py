@@ -459,7 +459,7 @@ class CascadeModel(keras.Model):
         if refused is not None:
             refused.assign_add(1.0 - tf.cast(finite, tf.float32))
         logs = self._report(data[0], result)
-        return {name: value for name, value in logs.items() if name != "length_mae"}  # measured in validation only
+        return self._across_workers({name: value for name, value in logs.items() if name != "length_mae"})
 
     def test_step(self, data):
         """Scores one batch with `training=False`; returns the metrics so far."""
@@ -471,7 +471,16 @@ class CascadeModel(keras.Model):
             lengths = self.cascade.run(inputs, None, training=False)[1]
             errors = tf.abs(tf.cast(lengths, tf.float32) - tf.cast(steps, tf.float32))
             self.length_tracker.update_state(tf.reduce_mean(errors), sample_weight=tf.cast(tf.size(errors), tf.float32))
-        return self._report(data[0], result)
+        return self._across_workers(self._report(data[0], result))
+
+    def _across_workers(self, logs):
+        """`logs` as Keras 3.15 can reduce them over several workers: each a `(1,)` tensor there (its multi-worker
+        `fit` takes the mean of the replicas' logs along axis 0, which a scalar lacks), as they are elsewhere."""
+        strategy = self.distribute_strategy
+        if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):
+            return logs
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 
     # ------------------------------------------------------------- predict
 

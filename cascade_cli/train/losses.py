@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from cascade_cli.errors import ModelError
 from cascade_cli.keras_internals import flatten_layers
-from cascade_cli.options import CROSSENTROPY_LOSSES, LOSSES, METRICS, check_choice
+from cascade_cli.options import CROSSENTROPY_LOSSES, LOSSES, check_choice
 
 def loss_terms(name, *, from_logits=True):
     """Returns `terms(predictions, targets) -> (sum, count)` over the valid elements (one of `LOSSES`).
@@ -82,16 +82,6 @@ def gate_terms(terms, *, elements_per_row, stop_weight=1.0, stop_pos_weight=1.0)
 def without_gate(terms):
     """`terms` (a metric's) over every column but the last, the stop gate's, of predictions and targets."""
     return lambda predictions, targets: terms(predictions[:, :-1], targets[:, :-1])
-
-
-def gated_terms(config, terms, metrics, output_size):
-    """`(terms, metrics)` of a run: with `stop_gate`, `gate_terms` and the metrics without the gate column."""
-    if not config.stop_gate:
-        return terms, metrics
-    per_row = output_size - 1 if config.loss in ("mse", "mae") else 1
-    terms = gate_terms(terms, elements_per_row=per_row, stop_weight=config.stop_weight,
-                       stop_pos_weight=config.stop_pos_weight)
-    return terms, tuple(without_gate(metric) for metric in metrics)
 
 
 def masked_loss(name, *, from_logits=True):
@@ -202,29 +192,3 @@ def check_regularizers(models):
                     "fast path); expected weight regularizers only (kernel_regularizer, bias_regularizer, ...): "
                     "remove it, or train with an L2 on the weights instead."
                 )
-
-
-
-
-def metric_terms(name, *, loss, from_logits=None):
-    """Returns `terms(predictions, targets) -> (sum, count)` of the metric `name` (one of `METRICS`).
-
-    `mse` and `mae` are the losses of those names; `accuracy` counts the rows
-    whose `argmax` is the target's (its token id for
-    `sparse-categorical-crossentropy`, its `argmax` otherwise).
-
-    Raises:
-        ParameterError: an unknown name.
-    """
-    check_choice("metrics", name, METRICS)
-    if name != "accuracy":
-        return loss_terms(name)
-    sparse = loss == "sparse-categorical-crossentropy"
-
-    def accuracy(predictions, targets):
-        wanted = tf.cast(tf.reshape(targets, [-1]), tf.int64) if sparse else tf.argmax(targets, axis=-1)
-        hits = tf.cast(tf.equal(tf.argmax(predictions, axis=-1), wanted), tf.float32)
-        return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
-
-    return accuracy
-

@@ -21,15 +21,6 @@ import tensorflow as tf
 from cascade_cli.errors import CascadeError
 from cascade_cli.train.losses import regularization_loss
 
-def batch_signature(data):
-    """The `TensorSpec`s of one batch of `data`: `inputs (b, Ta, F)`, `steps (b, Ta)`, `targets (rows, O)`."""
-    return (
-        tf.TensorSpec([None, data.outer_steps, data.features], tf.float32),
-        tf.TensorSpec([None, data.outer_steps], tf.int64),
-        tf.TensorSpec([None, data.output_size], tf.float32),
-    )
-
-
 class BatchLoss(NamedTuple):
     """What `batch_loss`'s function returns for one batch.
 
@@ -42,7 +33,6 @@ class BatchLoss(NamedTuple):
         loss: what the step differentiates, `total / count + penalty / replicas`.
         values: the outputs `(rows, O)` in value order, at least float32.
         targets: the flat targets, cast like `values`.
-        metrics: one `(sum, count)` per metric asked for.
     """
 
     total: tf.Tensor
@@ -52,7 +42,6 @@ class BatchLoss(NamedTuple):
     loss: tf.Tensor
     values: tf.Tensor
     targets: tf.Tensor
-    metrics: tuple
 
 
 def _at_least_float32(values):
@@ -60,7 +49,7 @@ def _at_least_float32(values):
     return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
 
 
-def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
+def batch_loss(cascade, terms, *, models, gate=False):
     """Returns the training loss of one batch, the function every train step differentiates.
 
     `loss(inputs, steps, targets, *, training=True, reduce_count=None,
@@ -69,20 +58,18 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
     float32 when they are float16), plus the models' `regularization_loss`.
     On a replica, `reduce_count` all-reduces the count (the global count of
     valid elements) and `replicas` is the number of replicas, so that the
-    replicas' losses add up to the global batch's. `cascade train` and
-    `CascadeModel.train_step` both run it (through `compute_gradients`).
+    replicas' losses add up to the global batch's. `CascadeModel.train_step`
+    runs it (through `compute_gradients`), and so `cascade train`.
 
     With a feedback cascade (`cascade.feedback`), the runner is given the
-    flat targets (teacher forcing; with `ids`, token ids `(total, 1)` of a
-    sparse loss, fed as their one-hot) and `sampling_probability`, a scalar
-    tensor (scheduled sampling).
+    flat targets (teacher forcing; token ids `(total,)` of a sparse loss are
+    fed as their one-hot) and `sampling_probability`, a scalar tensor
+    (scheduled sampling).
 
     Args:
         cascade: a `Cascade`.
         terms: `(predictions, targets) -> (sum, count)`, e.g. `loss_terms(name)`.
         models: `(model_a, model_b)`, whose weight regularizers count.
-        metrics: `(predictions, targets) -> (sum, count)` functions (`metric_terms`).
-        ids: the targets are token ids (`sparse-categorical-crossentropy`).
         gate: B's last column is a stop gate (`stop_gate`): teacher forcing
             feeds the targets' other columns and a 0 gate, as generation feeds
             B its values and a 0 gate.
@@ -92,7 +79,7 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
         run = {}
         if getattr(cascade, "feedback", False):
             fed = tf.concat([targets[:, :-1], tf.zeros_like(targets[:, -1:])], axis=1) if gate else targets
-            run["targets"] = tf.cast(tf.reshape(targets, [-1]), tf.int64) if ids else fed
+            run["targets"] = fed
             if sampling_probability is not None:
                 run["sampling_probability"] = sampling_probability
         values, _ = cascade.run(inputs, steps, training=training, **run)
@@ -103,12 +90,11 @@ def batch_loss(cascade, terms, *, models, metrics=(), ids=False, gate=False):
         if reduce_count is not None:
             count = tf.stop_gradient(reduce_count(local_count))
         mean = tf.math.divide_no_nan(total, count)
-        measured = tuple(tf.stop_gradient(tf.stack(metric(values, targets))) for metric in metrics)
         penalty = regularization_loss(models)
         if penalty is None:
-            return BatchLoss(total, count, local_count, tf.zeros((), mean.dtype), mean, values, targets, measured)
+            return BatchLoss(total, count, local_count, tf.zeros((), mean.dtype), mean, values, targets)
         penalty = tf.cast(penalty, mean.dtype)
-        return BatchLoss(total, count, local_count, penalty, mean + penalty / replicas, values, targets, measured)
+        return BatchLoss(total, count, local_count, penalty, mean + penalty / replicas, values, targets)
 
     return loss
 
@@ -240,47 +226,23 @@ def train_step(loss, batch, *, variables, optimizer, only_if=None, sampling=None
     return result, finite
 
 
-def step_function(loss, *, signature, variables, optimizer, strategy=None, sampling=None):
-    """`cascade train`'s `tf.function` of one `train_step`, on one device or on every replica of `strategy`.
+class NonFiniteStep(CascadeError):
+    """A step or validation refused for a value that is not finite (`non_finite_error`); what, where and its value.
 
-    `step(inputs, steps, targets) -> (sum, count, penalty, metrics,
-    finite)`: the global sum of errors and count of valid elements, the
-    penalty, a global `(sum, count)` per metric, and whether the loss and
-    gradients were finite (the step is taken only then). With a strategy the batch is per-replica values
-    (`distribute.batches`) and `signature` their `element_spec`, so the step
-    is traced once whatever each replica's batch shape.
-
-    Args:
-        loss: a `batch_loss` function.
-        signature: the `TensorSpec`s of one batch (`batch_signature`), or the per-replica `element_spec`.
-        variables: the variables to train.
-        optimizer: a Keras optimizer (built inside `strategy.scope()` under a strategy).
-        strategy: a `tf.distribute.Strategy`, or None for one device.
-        sampling: `train_step`'s scheduled sampling, a `SamplingSchedule` or None.
+    Attributes:
+        what: `"training loss"`, `"gradient"` or `"validation loss"`.
+        value: the value (a float, or `"non-finite"` for a gradient).
+        epoch: the epoch, 1-based.
+        batch: the batch, 1-based (None: validation).
     """
 
-    def step(inputs, steps, targets):
-        result, finite = train_step(loss, (inputs, steps, targets), variables=variables, optimizer=optimizer,
-                                    sampling=sampling)
-        total, metrics, context = result.total, result.metrics, replica_context()
-        if context is not None:
-            total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
-            metrics = tuple(context.all_reduce(tf.distribute.ReduceOp.SUM, list(metrics))) if metrics else ()
-        return total, result.count, result.penalty, metrics, finite
-
-    if strategy is None:
-        return tf.function(step, input_signature=signature, reduce_retracing=True)
-
-    @tf.function(input_signature=signature)
-    def distributed(inputs, steps, targets):
-        outputs = strategy.run(step, args=(inputs, steps, targets))
-        return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
-
-    return distributed
+    def __init__(self, message, *, what, value, epoch, batch):
+        super().__init__(message)
+        self.what, self.value, self.epoch, self.batch = what, value, epoch, batch
 
 
 def non_finite_error(what, value, *, epoch, batch, kept):
     """The refusal of a non-finite step: where (`epoch`, `batch`, 1-based; batch None: validation), what, and `kept`."""
     where = f"epoch {epoch}" + ("" if batch is None else f", batch {batch}")
-    return CascadeError(f"training stopped at {where}: the {what} became {value} (expected a finite number); {kept}. "
-                        "Try a lower learning rate.")
+    return NonFiniteStep(f"training stopped at {where}: the {what} became {value} (expected a finite number); {kept}. "
+                         "Try a lower learning rate.", what=what, value=value, epoch=epoch, batch=batch)
