@@ -1,0 +1,249 @@
+"""Truncated backpropagation through time (issue 32, training): `CascadeModel(..., window=W).fit`.
+
+The oracle is an eager reference written here, independent of cascade's runner: a plain Python loop over the
+windows of each batch that calls the state-form model A on the window with A's carried states, then B step by step
+per (sample, outer step, inner step) with B's carried state (carry mode), takes the masked mean squared error of
+the window under a `tf.GradientTape` and a plain SGD update (`var.assign_sub(lr * g)`); the carried states are
+numpy copies (no gradient through them), and a window without a valid element takes no step.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cascade_cli.errors import ModelError, ParameterError
+from cascade_cli.train.keras_model import CascadeModel
+from tests import builders
+
+LR = 0.1
+N, TA, F, H, O = 5, 7, 3, 4, 2
+
+
+def state_a(*, units=H, seed=0):
+    """A in state form: `[x (batch, Ta, F), s] -> [ir (batch, Ta, H), s']` (a GRU)."""
+    x = keras.Input(shape=(None, F))
+    s = keras.Input(shape=(units,))
+    ir, s_out = keras.layers.GRU(units, return_sequences=True, return_state=True,
+                                 kernel_initializer=builders.init(seed), recurrent_initializer=builders.init(seed + 1),
+                                 bias_initializer=builders.init(seed + 2))(x, initial_state=[s])
+    return keras.Model([x, s], [ir, s_out], name="a_state")
+
+
+def models():
+    return state_a(), builders.step_b(ir_size=H, output_size=O)
+
+
+def arrays(seed=0):
+    """`(inputs (N, TA, F), steps (N, TA), padded targets (N, TA, 4, O))`; padding NaN, which no loss may see.
+
+    Samples 0 and 1 (the first batch of 2) run no inner step in outer steps 3..5: with `window=3` their second
+    window has no valid element.
+    """
+    rng = np.random.default_rng(seed)
+    inputs = builders.inputs(N, TA, F, seed=seed)
+    steps = rng.integers(0, 4, size=(N, TA))
+    steps[:2, 3:6] = 0
+    steps[4, 6] = 1  # the last batch (sample 4 alone) has an element in its last window
+    padded = np.full((N, TA, 4, O), np.nan, np.float32)
+    valid = np.arange(4)[None, None, :] < steps[..., None]
+    padded[valid] = rng.normal(size=(int(steps.sum()), O)).astype(np.float32)
+    return inputs, steps, padded
+
+
+def reference_fit(model_a, model_b, inputs, steps, padded, *, window, batch_size, lr=LR):
+    """Trains `model_a` and `model_b` in place, one epoch, batches in order; returns the steps taken (SGD updates)."""
+    variables = model_a.trainable_variables + model_b.trainable_variables
+    a_size, b_size = int(model_a.inputs[1].shape[-1]), int(model_b.inputs[1].shape[-1])
+    taken = 0
+    for first in range(0, len(inputs), batch_size):
+        x, s, y = (array[first:first + batch_size] for array in (inputs, steps, padded))
+        a_state = np.zeros((len(x), a_size), np.float32)
+        b_states = [np.zeros((1, b_size), np.float32) for _ in range(len(x))]  # carry mode: one per sample
+        for start in range(0, x.shape[1], window):
+            stop = min(start + window, x.shape[1])
+            with tf.GradientTape() as tape:
+                ir, a_out = model_a([tf.constant(x[:, start:stop]), tf.constant(a_state)])
+                total, rows, b_out = tf.constant(0.0), 0, []
+                for n in range(len(x)):
+                    state = tf.constant(b_states[n])
+                    for t in range(start, stop):
+                        for j in range(s[n, t]):
+                            out, state = model_b([ir[n:n + 1, t - start], state])
+                            total += tf.reduce_sum(tf.square(out[0] - y[n, t, j]))
+                            rows += 1
+                    b_out.append(state.numpy())
+                loss = total / (rows * O) if rows else None
+            if rows:  # a window without a valid element takes no step
+                for variable, grad in zip(variables, tape.gradient(loss, variables)):
+                    variable.assign_sub(lr * grad)
+                taken += 1
+            a_state, b_states = a_out.numpy(), b_out  # carried on, detached
+    return taken
+
+
+def window_fit(window, *, batch_size=2, epochs=1, optimizer=None, callbacks=(), data=None, **settings):
+    model = CascadeModel(*models(), state="carry", window=window, **settings)
+    model.compile(optimizer or keras.optimizers.SGD(LR), loss="mse")
+    inputs, steps, padded = arrays() if data is None else data
+    model.fit((inputs, steps), padded, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0,
+              callbacks=list(callbacks))
+    return model
+
+
+def assert_weights_close(got, want, rtol=1e-4):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1.0, float(np.abs(w).max())))
+
+
+# ------------------------------------------------------------------ the reference
+
+
+def test_the_reference_takes_a_step_per_window_with_valid_elements():
+    """3 batches (2, 2, 1 samples) in windows [0, 3), [3, 6), [6, 7): 9 windows, the first batch's second empty."""
+    inputs, steps, padded = arrays()
+    model_a, model_b = models()
+    assert reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2) == 8
+
+
+def test_one_epoch_in_windows_equals_the_eager_reference():
+    inputs, steps, padded = arrays()
+    model_a, model_b = models()
+    before = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
+    reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)
+    want = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
+    model = window_fit(3)
+    assert int(model.optimizer.iterations.numpy()) == 8  # the empty window took no step
+    got = [v.numpy() for v in model.model_a.trainable_variables + model.model_b.trainable_variables]
+    assert not np.allclose(np.concatenate([w.ravel() for w in want]), np.concatenate([b.ravel() for b in before]))
+    assert_weights_close(got, want)
+
+
+def test_whole_batch_steps_differ_from_windows():
+    """The test above can fail: one step per batch (no window) is not what the reference takes."""
+    inputs, steps, padded = arrays()
+    model_a, model_b = models()
+    reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)
+    want = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
+    model = window_fit(None)
+    got = [v.numpy() for v in model.model_a.trainable_variables + model.model_b.trainable_variables]
+    assert not all(np.allclose(g, w, rtol=1e-3) for g, w in zip(got, want))
+
+
+def test_a_window_as_long_as_the_sequence_equals_the_ordinary_fit():
+    whole, windowed = window_fit(None), window_fit(TA)
+    assert_weights_close(windowed.get_weights(), whole.get_weights(), rtol=1e-5)
+
+
+def test_the_loss_reported_is_the_mean_of_the_windows_weighed_by_their_elements():
+    """Evaluate with a window: the loss over the whole sequence, each window run with the state carried."""
+    inputs, steps, padded = arrays()
+    model = CascadeModel(*models(), state="carry", window=3)
+    model.compile(keras.optimizers.SGD(LR), loss="mse")
+    whole = CascadeModel(model.model_a, model.model_b, state="carry")
+    whole.compile(keras.optimizers.SGD(LR), loss="mse")
+    got = model.evaluate((inputs, steps), padded, batch_size=2, verbose=0)
+    want = whole.evaluate((inputs, steps), padded, batch_size=2, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_reset_mode_trains_in_windows():
+    """Reset mode: only A's state is carried; one epoch equals a reference with B restarting at every pair."""
+    inputs, steps, padded = arrays()
+    model_a, model_b = models()
+    b_size = int(model_b.inputs[1].shape[-1])
+    variables = model_a.trainable_variables + model_b.trainable_variables
+    for first in range(0, N, 2):
+        x, s, y = (array[first:first + 2] for array in (inputs, steps, padded))
+        a_state = np.zeros((len(x), H), np.float32)
+        for start in range(0, TA, 4):
+            stop = min(start + 4, TA)
+            with tf.GradientTape() as tape:
+                ir, a_out = model_a([tf.constant(x[:, start:stop]), tf.constant(a_state)])
+                total, rows = tf.constant(0.0), 0
+                for n in range(len(x)):
+                    for t in range(start, stop):
+                        state = tf.zeros((1, b_size))
+                        for j in range(s[n, t]):
+                            out, state = model_b([ir[n:n + 1, t - start], state])
+                            total += tf.reduce_sum(tf.square(out[0] - y[n, t, j]))
+                            rows += 1
+                loss = total / max(rows * O, 1)
+            if rows:
+                for variable, grad in zip(variables, tape.gradient(loss, variables)):
+                    variable.assign_sub(LR * grad)
+            a_state = a_out.numpy()
+    model = CascadeModel(*models(), state="reset", window=4)
+    model.compile(keras.optimizers.SGD(LR), loss="mse")
+    model.fit((inputs, steps), padded, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    assert_weights_close(model.model_a.trainable_variables + model.model_b.trainable_variables,
+                         [v.numpy() for v in variables])
+
+
+# ------------------------------------------------------------------ settings
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "3", True])
+def test_bad_windows_are_refused(bad):
+    with pytest.raises(ParameterError, match=r"^window: expected a positive integer"):
+        CascadeModel(*models(), state="carry", window=bad)
+
+
+def test_settings_windows_cannot_train_are_refused_by_name():
+    with pytest.raises(ParameterError, match=r"^window: .*sequence-form B in carry mode"):
+        CascadeModel(state_a(), builders.sequence_b(ir_size=H), state="carry", window=3)
+    with pytest.raises(ParameterError, match=r"^window: .*feedback"):
+        CascadeModel(state_a(), builders.feedback_b(ir_size=H), feedback=True, window=3)
+
+
+def test_a_stateful_a_is_still_refused():
+    x = keras.Input(batch_shape=(2, None, F))
+    stateful = keras.Model(x, keras.layers.GRU(H, return_sequences=True, stateful=True, name="memory")(x))
+    with pytest.raises(ModelError, match=r"stateful=True layers \('memory'\).*state form"):
+        CascadeModel(stateful, builders.step_b(ir_size=H), state="carry", window=3)
+
+
+def test_the_window_round_trips_through_the_config_and_a_file(tmp_path):
+    model = CascadeModel(*models(), state="carry", window=3)
+    assert model.get_config()["window"] == 3 and model.window == 3
+    assert CascadeModel.from_config(model.get_config()).window == 3
+    assert CascadeModel(*models()).get_config()["window"] is None
+    model.compile(keras.optimizers.SGD(LR), loss="mse")
+    model.save(tmp_path / "g.keras")
+    assert keras.saving.load_model(tmp_path / "g.keras").window == 3
+
+
+# ------------------------------------------------------------------ resume
+
+
+class _Kill(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of epoch `epoch` (0-based), after the callbacks before it: a killed run."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow  # three fits of two epochs, each traced anew: about 40 s on 2 cores
+def test_a_killed_windowed_fit_resumes_to_the_weights_of_an_unbroken_one(tmp_path):
+    data = tuple(array[:4] for array in arrays())  # two batches of 2: one trace per fit
+
+    def fit(callbacks=()):
+        return window_fit(3, epochs=2, optimizer=keras.optimizers.Adam(0.05), data=data, callbacks=callbacks)
+
+    unbroken = fit()
+    backup = str(tmp_path / "backup")
+    with pytest.raises(KeyboardInterrupt):
+        fit([keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), _Kill(0)])
+    epochs = []
+    resumed = fit([keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
+                   keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs.append(epoch))])
+    assert epochs == [1]  # it went on from the backup of epoch 0
+    assert int(resumed.optimizer.iterations.numpy()) == int(unbroken.optimizer.iterations.numpy()) == 10
+    for got, want in zip(resumed.get_weights(), unbroken.get_weights()):
+        np.testing.assert_array_equal(got, want)
