@@ -52,10 +52,14 @@ def arrays(seed=0):
 
 
 def reference_fit(model_a, model_b, inputs, steps, padded, *, window, batch_size, lr=LR):
-    """Trains `model_a` and `model_b` in place, one epoch, batches in order; returns the steps taken (SGD updates)."""
+    """Trains `model_a` and `model_b` in place, one epoch, batches in order.
+
+    Returns:
+        `(loss, elements)` of each window that took a step (an SGD update).
+    """
     variables = model_a.trainable_variables + model_b.trainable_variables
     a_size, b_size = int(model_a.inputs[1].shape[-1]), int(model_b.inputs[1].shape[-1])
-    taken = 0
+    taken = []
     for first in range(0, len(inputs), batch_size):
         x, s, y = (array[first:first + batch_size] for array in (inputs, steps, padded))
         a_state = np.zeros((len(x), a_size), np.float32)
@@ -77,7 +81,7 @@ def reference_fit(model_a, model_b, inputs, steps, padded, *, window, batch_size
             if rows:  # a window without a valid element takes no step
                 for variable, grad in zip(variables, tape.gradient(loss, variables)):
                     variable.assign_sub(lr * grad)
-                taken += 1
+                taken.append((float(loss), rows * O))
             a_state, b_states = a_out.numpy(), b_out  # carried on, detached
     return taken
 
@@ -104,17 +108,20 @@ def test_the_reference_takes_a_step_per_window_with_valid_elements():
     """3 batches (2, 2, 1 samples) in windows [0, 3), [3, 6), [6, 7): 9 windows, the first batch's second empty."""
     inputs, steps, padded = arrays()
     model_a, model_b = models()
-    assert reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2) == 8
+    assert len(reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)) == 8
 
 
 def test_one_epoch_in_windows_equals_the_eager_reference():
     inputs, steps, padded = arrays()
     model_a, model_b = models()
     before = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
-    reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)
+    taken = reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)
     want = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
     model = window_fit(3)
     assert int(model.optimizer.iterations.numpy()) == 8  # the empty window took no step
+    losses, elements = np.array(taken).T  # the epoch's loss: the windows' losses weighed by their elements
+    np.testing.assert_allclose(model.history.history["loss"][0], np.sum(losses * elements) / np.sum(elements),
+                               rtol=1e-5)
     got = [v.numpy() for v in model.model_a.trainable_variables + model.model_b.trainable_variables]
     assert not np.allclose(np.concatenate([w.ravel() for w in want]), np.concatenate([b.ravel() for b in before]))
     assert_weights_close(got, want)
