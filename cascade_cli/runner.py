@@ -741,7 +741,9 @@ class Cascade:
 
         Every path that takes a state runs the plain packed loop over B
         (`_feedback_loop`), which hands out each sample's last states; called
-        eagerly, it runs in a cached `tf.function` as other calls do.
+        eagerly, it runs in a cached `tf.function` as other calls do, except
+        with targets (teacher forcing, as `CascadeModel(..., window=W)` trains
+        inside its own `tf.function`), which run eagerly.
         """
         check_choice("return_state", return_state, (True, False))
         problem = carry_problem(self, targets=extras is not None and extras.targets is not None)
@@ -759,7 +761,7 @@ class Cascade:
             extras = _Feed(None, tf.range(samples, dtype=tf.int64), tf.constant(0.0, tf.float64), False, False)
         arguments = [inputs, caps, extras.sample_index, extras.probability, offset, *a_states, *b_states,
                      *([] if previous is None else [previous])]
-        if self._compiles(inputs):
+        if extras.targets is None and self._compiles(inputs):  # with targets (teacher forcing): eager, uncached
             if self._xla is None:  # A's probe takes this call's shape (`_probe_shape`)
                 self._first_shape = tuple(inputs.shape)
             key = ("state", kind, training, inputs.dtype, inputs.shape[2], extras.return_tokens)

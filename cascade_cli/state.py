@@ -66,8 +66,9 @@ def carry_problem(cascade, *, targets=False):
     """
     if cascade.sampler.kind == "beam":
         return "sampler='beam' keeps hypotheses, not one state per sample"
-    if targets:
-        return "teacher forcing (a feedback B fed its targets) does not continue from a state yet"
+    if targets and cascade.feedback_start == "previous":
+        return ("teacher forcing (a feedback B fed its targets) with feedback_start='previous' does not continue "
+                "from a state yet (the previous window's last target is not carried)")
     if cascade.b_spec.form == "sequence" and cascade.state == "carry":
         return "a sequence-form B in carry mode hands out no state"
     return None

@@ -51,14 +51,17 @@ def arrays(seed=0):
     return inputs, steps, padded
 
 
-def reference_fit(model_a, model_b, inputs, steps, padded, *, window, batch_size, lr=LR):
+def reference_fit(model_a, model_b, inputs, steps, padded, *, window, batch_size, lr=LR, feedback=False):
     """Trains `model_a` and `model_b` in place, one epoch, batches in order.
+
+    `feedback`: B is in feedback form, teacher-forced: fed zeros at each pair's first inner step, then the
+    target of the step before.
 
     Returns:
         `(loss, elements)` of each window that took a step (an SGD update).
     """
     variables = model_a.trainable_variables + model_b.trainable_variables
-    a_size, b_size = int(model_a.inputs[1].shape[-1]), int(model_b.inputs[1].shape[-1])
+    a_size, b_size = int(model_a.inputs[1].shape[-1]), int(model_b.inputs[-1].shape[-1])
     taken = []
     for first in range(0, len(inputs), batch_size):
         x, s, y = (array[first:first + batch_size] for array in (inputs, steps, padded))
@@ -73,7 +76,9 @@ def reference_fit(model_a, model_b, inputs, steps, padded, *, window, batch_size
                     state = tf.constant(b_states[n])
                     for t in range(start, stop):
                         for j in range(s[n, t]):
-                            out, state = model_b([ir[n:n + 1, t - start], state])
+                            prev = np.zeros((1, O), np.float32) if j == 0 else y[n, t, j - 1][None]
+                            fed = [tf.constant(prev)] if feedback else []
+                            out, state = model_b([ir[n:n + 1, t - start], *fed, state])
                             total += tf.reduce_sum(tf.square(out[0] - y[n, t, j]))
                             rows += 1
                     b_out.append(state.numpy())
@@ -200,8 +205,8 @@ def test_bad_windows_are_refused(bad):
 def test_settings_windows_cannot_train_are_refused_by_name():
     with pytest.raises(ParameterError, match=r"^window: .*sequence-form B in carry mode"):
         CascadeModel(state_a(), builders.sequence_b(ir_size=H), state="carry", window=3)
-    with pytest.raises(ParameterError, match=r"^window: .*feedback"):
-        CascadeModel(state_a(), builders.feedback_b(ir_size=H), feedback=True, window=3)
+    with pytest.raises(ParameterError, match=r"^window: .*teacher forcing .* with feedback_start='previous'"):
+        CascadeModel(state_a(), builders.feedback_b(ir_size=H), feedback=True, feedback_start="previous", window=3)
 
 
 def test_a_stateful_a_is_still_refused():
@@ -254,3 +259,41 @@ def test_a_killed_windowed_fit_resumes_to_the_weights_of_an_unbroken_one(tmp_pat
     assert int(resumed.optimizer.iterations.numpy()) == int(unbroken.optimizer.iterations.numpy()) == 10
     for got, want in zip(resumed.get_weights(), unbroken.get_weights()):
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------ feedback: teacher forcing in windows
+
+
+@pytest.mark.parametrize("state, start", [("carry", "zeros"), ("reset", "token:1")])
+def test_teacher_forced_windows_equal_the_whole_teacher_forced_run(state, start):
+    from cascade_cli.runner import Cascade
+
+    inputs, steps, padded = arrays()
+    cascade = Cascade(state_a(), builders.feedback_b(ir_size=H, output_size=O), state=state, feedback=True,
+                      feedback_start=start)
+    flat = padded[np.arange(4)[None, None, :] < steps[..., None]]
+    whole, whole_lengths = cascade.run(inputs, steps, targets=flat)
+    state_in, parts = None, []
+    for first in range(0, TA, 3):
+        s = steps[:, first:first + 3]
+        window_flat = padded[:, first:first + 3][np.arange(4)[None, None, :] < s[..., None]]
+        values, lengths, state_in = cascade.run(inputs[:, first:first + 3], s, targets=window_flat,
+                                                initial_state=state_in, return_state=True)
+        parts.append((np.asarray(values), np.asarray(lengths)))
+    owner = np.concatenate([np.repeat(np.arange(N), lengths.sum(axis=1)) for _, lengths in parts])
+    joined = np.concatenate([values for values, _ in parts])[np.argsort(owner, kind="stable")]
+    np.testing.assert_allclose(joined, whole, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([lengths for _, lengths in parts], axis=1), whole_lengths)
+
+
+def test_a_teacher_forced_feedback_b_trains_in_windows_as_the_reference():
+    inputs, steps, padded = arrays()
+    model_a, model_b = state_a(), builders.feedback_b(ir_size=H, output_size=O)
+    taken = reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2, feedback=True)
+    want = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
+    model = CascadeModel(state_a(), builders.feedback_b(ir_size=H, output_size=O), state="carry", feedback=True,
+                         window=3)
+    model.compile(keras.optimizers.SGD(LR), loss="mse")
+    model.fit((inputs, steps), padded, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == len(taken) == 8
+    assert_weights_close(model.model_a.trainable_variables + model.model_b.trainable_variables, want)

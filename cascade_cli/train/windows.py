@@ -11,6 +11,9 @@ through them), the loss is the masked mean over that window's valid elements
 no step, and neither does a window without a valid element). The next window
 starts from the carried state and the updated weights. A plain A (not in
 state form) starts from zeros in every window, as in any call of the runner.
+A feedback B is teacher-forced on each window's targets (not with
+`feedback_start="previous"`, whose first pair of a window would need the
+previous window's last target: refused).
 
 All the windows of one batch run inside one Keras `train_step` (a Python loop
 over the windows, unrolled when the step is traced: `Ta` must be known then),
