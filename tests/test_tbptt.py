@@ -202,6 +202,15 @@ def test_bad_windows_are_refused(bad):
         CascadeModel(*models(), state="carry", window=bad)
 
 
+def test_train_config_holds_a_window_for_the_command():
+    from cascade_cli.options import TRAIN_DEFAULTS, TrainConfig
+
+    assert TrainConfig(window=5).window == 5 and TRAIN_DEFAULTS["window"] is None
+    assert TrainConfig().resolved().window is None
+    with pytest.raises(ParameterError, match=r"^window: expected an integer in \[1, "):
+        TrainConfig(window=0)
+
+
 def test_settings_windows_cannot_train_are_refused_by_name():
     with pytest.raises(ParameterError, match=r"^window: .*sequence-form B in carry mode"):
         CascadeModel(state_a(), builders.sequence_b(ir_size=H), state="carry", window=3)
