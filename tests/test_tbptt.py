@@ -109,43 +109,51 @@ def assert_weights_close(got, want, rtol=1e-4):
 # ------------------------------------------------------------------ the reference
 
 
-def test_the_reference_takes_a_step_per_window_with_valid_elements():
+def trained(model_a, model_b):
+    return [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """`(weights before, weights after, windows taken)` of the reference's epoch, windows of 3, batches of 2."""
+    model_a, model_b = models()
+    before = trained(model_a, model_b)
+    taken = reference_fit(model_a, model_b, *arrays(), window=3, batch_size=2)
+    return before, trained(model_a, model_b), taken
+
+
+@pytest.fixture(scope="module")
+def whole():
+    """The weights of one epoch of the ordinary fit (no window)."""
+    model = window_fit(None)
+    return trained(model.model_a, model.model_b)
+
+
+def test_the_reference_takes_a_step_per_window_with_valid_elements(reference):
     """3 batches (2, 2, 1 samples) in windows [0, 3), [3, 6), [6, 7): 9 windows, the first batch's second empty."""
-    inputs, steps, padded = arrays()
-    model_a, model_b = models()
-    assert len(reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)) == 8
+    before, after, taken = reference
+    assert len(taken) == 8
+    assert not np.allclose(np.concatenate([w.ravel() for w in after]), np.concatenate([b.ravel() for b in before]))
 
 
-def test_one_epoch_in_windows_equals_the_eager_reference():
-    inputs, steps, padded = arrays()
-    model_a, model_b = models()
-    before = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
-    taken = reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)
-    want = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
+def test_one_epoch_in_windows_equals_the_eager_reference(reference):
+    _, want, taken = reference
     model = window_fit(3)
     assert int(model.optimizer.iterations.numpy()) == 8  # the empty window took no step
     losses, elements = np.array(taken).T  # the epoch's loss: the windows' losses weighed by their elements
     np.testing.assert_allclose(model.history.history["loss"][0], np.sum(losses * elements) / np.sum(elements),
                                rtol=1e-5)
-    got = [v.numpy() for v in model.model_a.trainable_variables + model.model_b.trainable_variables]
-    assert not np.allclose(np.concatenate([w.ravel() for w in want]), np.concatenate([b.ravel() for b in before]))
-    assert_weights_close(got, want)
+    assert_weights_close(trained(model.model_a, model.model_b), want)
 
 
-def test_whole_batch_steps_differ_from_windows():
+def test_whole_batch_steps_differ_from_windows(reference, whole):
     """The test above can fail: one step per batch (no window) is not what the reference takes."""
-    inputs, steps, padded = arrays()
-    model_a, model_b = models()
-    reference_fit(model_a, model_b, inputs, steps, padded, window=3, batch_size=2)
-    want = [v.numpy() for v in model_a.trainable_variables + model_b.trainable_variables]
-    model = window_fit(None)
-    got = [v.numpy() for v in model.model_a.trainable_variables + model.model_b.trainable_variables]
-    assert not all(np.allclose(g, w, rtol=1e-3) for g, w in zip(got, want))
+    assert not all(np.allclose(g, w, rtol=1e-3) for g, w in zip(whole, reference[1]))
 
 
-def test_a_window_as_long_as_the_sequence_equals_the_ordinary_fit():
-    whole, windowed = window_fit(None), window_fit(TA)
-    assert_weights_close(windowed.get_weights(), whole.get_weights(), rtol=1e-5)
+def test_a_window_as_long_as_the_sequence_equals_the_ordinary_fit(whole):
+    windowed = window_fit(TA)
+    assert_weights_close(trained(windowed.model_a, windowed.model_b), whole, rtol=1e-5)
 
 
 def test_the_loss_reported_is_the_mean_of_the_windows_weighed_by_their_elements():
@@ -282,19 +290,27 @@ def test_teacher_forced_windows_equal_the_whole_teacher_forced_run(state, start)
                       feedback_start=start)
     flat = padded[np.arange(4)[None, None, :] < steps[..., None]]
     whole, whole_lengths = cascade.run(inputs, steps, targets=flat)
-    state_in, parts = None, []
-    for first in range(0, TA, 3):
-        s = steps[:, first:first + 3]
-        window_flat = padded[:, first:first + 3][np.arange(4)[None, None, :] < s[..., None]]
-        values, lengths, state_in = cascade.run(inputs[:, first:first + 3], s, targets=window_flat,
-                                                initial_state=state_in, return_state=True)
-        parts.append((np.asarray(values), np.asarray(lengths)))
+
+    @tf.function  # as fit runs it (called eagerly with targets, a call with a state runs eagerly: slow)
+    def in_windows():
+        state_in, parts = None, []
+        for first in range(0, TA, 3):
+            s = steps[:, first:first + 3]
+            window_flat = padded[:, first:first + 3][np.arange(4)[None, None, :] < s[..., None]]
+            values, lengths, state_in = cascade.run(tf.constant(inputs[:, first:first + 3]), tf.constant(s),
+                                                    targets=tf.constant(window_flat), initial_state=state_in,
+                                                    return_state=True)
+            parts.append((values, lengths))
+        return parts
+
+    parts = [(values.numpy(), lengths.numpy()) for values, lengths in in_windows()]
     owner = np.concatenate([np.repeat(np.arange(N), lengths.sum(axis=1)) for _, lengths in parts])
     joined = np.concatenate([values for values, _ in parts])[np.argsort(owner, kind="stable")]
     np.testing.assert_allclose(joined, whole, atol=1e-5)
     np.testing.assert_array_equal(np.concatenate([lengths for _, lengths in parts], axis=1), whole_lengths)
 
 
+@pytest.mark.slow  # the feedback loop traced for three windows: about 15 s on 2 cores, 40 s loaded
 def test_a_teacher_forced_feedback_b_trains_in_windows_as_the_reference():
     inputs, steps, padded = arrays()
     model_a, model_b = state_a(), builders.feedback_b(ir_size=H, output_size=O)
