@@ -160,12 +160,13 @@ def test_the_loss_reported_is_the_mean_of_the_windows_weighed_by_their_elements(
     """Evaluate with a window: the loss over the whole sequence, each window run with the state carried."""
     inputs, steps, padded = arrays()
     model = CascadeModel(*models(), state="carry", window=3)
-    model.compile(keras.optimizers.SGD(LR), loss="mse")
+    model.compile(keras.optimizers.SGD(LR), loss="mse", metrics=["mae"])
     whole = CascadeModel(model.model_a, model.model_b, state="carry")
-    whole.compile(keras.optimizers.SGD(LR), loss="mse")
-    got = model.evaluate((inputs, steps), padded, batch_size=2, verbose=0)
-    want = whole.evaluate((inputs, steps), padded, batch_size=2, verbose=0)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    whole.compile(keras.optimizers.SGD(LR), loss="mse", metrics=["mae"])
+    got = model.evaluate((inputs, steps), padded, batch_size=2, verbose=0, return_dict=True)
+    want = whole.evaluate((inputs, steps), padded, batch_size=2, verbose=0, return_dict=True)
+    assert sorted(got) == sorted(want) == ["loss", "mae"]
+    np.testing.assert_allclose([got["loss"], got["mae"]], [want["loss"], want["mae"]], rtol=1e-5)
 
 
 def test_reset_mode_trains_in_windows():

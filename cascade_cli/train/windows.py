@@ -15,10 +15,11 @@ A feedback B is teacher-forced on each window's targets (not with
 `feedback_start="previous"`, whose first pair of a window would need the
 previous window's last target: refused).
 
-All the windows of one batch run inside one Keras `train_step` (a Python loop
-over the windows, unrolled when the step is traced: `Ta` must be known then),
-so `fit`, its callbacks and `BackupAndRestore` see one batch as before, and a
-resumed run is exact. The optimizer takes one step per window with a valid
+All the windows of one batch run inside one Keras `train_step` (one
+`tf.while_loop` over the windows, so the step's graph does not grow with the
+number of windows, and `Ta` may vary from batch to batch), so `fit`, its
+callbacks and `BackupAndRestore` see one batch as before, and a resumed run is
+exact. The optimizer takes one step per window with a valid
 element (its `iterations` counts them). The loss reported for a batch is the
 windows' losses averaged with their valid elements as weights; metrics are
 taken over every window's valid rows.
@@ -34,7 +35,7 @@ import tensorflow as tf
 
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_int
-from cascade_cli.state import carry_problem
+from cascade_cli.state import CascadeState, carry_problem
 from cascade_cli.train.step import batch_loss, train_step as one_step
 
 __all__ = ["check_window", "test_step", "train_step"]
@@ -60,8 +61,7 @@ def check_window(window, cascade):
 class _Carrying:
     """The training runner as `step.batch_loss` sees it, with its `run` continuing from `state`.
 
-    Each `run` starts from the `CascadeState` the previous one handed out
-    (zeros before the first) and keeps the one it ends in.
+    Each `run` starts from `state` (a `CascadeState`) and keeps the one it ends in there.
     """
 
     def __init__(self, cascade):
@@ -73,40 +73,58 @@ class _Carrying:
         return tuple(result)
 
 
-def _windows(data, window):
-    """Each window's part of a batch: every tensor of `data` sliced on its outer axis (axis 1)."""
-    tensors = [t for t in tf.nest.flatten(data) if t is not None]
-    outer = tf.convert_to_tensor(tensors[0]).shape[1] if tensors else None
-    if outer is None:
-        raise ParameterError("window", f"needs the batches' outer length Ta known when the step is traced (their "
-                                       f"shape's axis 1), received batches of shape "
-                                       f"{tensors[0].shape if tensors else None}; received window={window}.")
-    for start in range(0, max(outer, 1), window):
-        yield tf.nest.map_structure(lambda t: None if t is None else t[:, start:start + window], data)
+def _over_windows(model, data, each):
+    """Runs `each(loss, part)` on each window's part of a batch, in order, in one `tf.while_loop`.
 
+    `part` is `data` with every tensor sliced on its outer axis (axis 1);
+    `loss` is `step.batch_loss` of the model's compiled loss over a runner
+    that starts from the state the previous window ended in (zeros for the
+    first). One loop, not one unrolled copy per window: the step's graph does
+    not grow with `Ta / window`.
+    """
+    window, cascade = model.window, model.training_cascade
+    carrying = _Carrying(cascade)
+    loss = batch_loss(carrying, model._terms, models=(model.model_a, model.model_b), gate=model._stop_gate)
+    inputs = tf.convert_to_tensor(tf.nest.flatten(data)[0])
+    outer = tf.shape(inputs)[1]
+    a_states, b_states, previous, offset = cascade._checked_state(None, inputs)  # zeros
+    n_a, n_b = len(a_states), len(b_states)
 
-def _loss(model):
-    """`step.batch_loss` of the model's compiled loss over a runner that carries its state from call to call."""
-    carrying = _Carrying(model.training_cascade)
-    return batch_loss(carrying, model._terms, models=(model.model_a, model.model_b), gate=model._stop_gate)
+    def body(k, offset, *states):
+        states = list(states)
+        carrying.state = CascadeState(tuple(states[:n_a]), tuple(states[n_a:n_a + n_b]),
+                                      states[n_a + n_b] if previous is not None else None, offset)
+        start = k * window
+        each(loss, tf.nest.map_structure(lambda t: None if t is None else t[:, start:start + window], data))
+        after = carrying.state
+        states = [*after.a_states, *after.b_states, *([] if previous is None else [after.previous])]
+        return (k + 1, tf.cast(after.offset, tf.int64), *states)
+
+    states = [*a_states, *b_states, *([] if previous is None else [previous])]
+    tf.while_loop(lambda k, *_: k * window < outer, body, (tf.constant(0), offset, *states),
+                  shape_invariants=(tf.TensorShape([]), tf.TensorShape([]),
+                                    *(tf.TensorShape([None, *s.shape[1:]]) for s in states)))
 
 
 def train_step(model, data):
     """`CascadeModel.train_step` with `model.window` set: one optimizer step per window of the batch.
 
     Returns:
-        The logs (`_report`'s, after the last window).
+        The metrics after the batch (`CascadeModel.get_metrics_result`).
     """
-    loss, refused, logs = _loss(model), model._refused_steps, None
-    for part in _windows(data, model.window):
+    refused = model._refused_steps
+
+    def each(loss, part):
         result, finite = one_step(loss, model._unpack(part), variables=model.trainable_variables,
                                   optimizer=model.optimizer,
                                   only_if=None if refused is None else tf.equal(refused, 0.0),
                                   sampling=model._sampling)
         if refused is not None:  # a refused window takes no step after it (`fit` stops at the batch's end)
             refused.assign_add(1.0 - tf.cast(finite, tf.float32))
-        logs = model._report(part[0], result)
-    return logs
+        model._report(part[0], result)
+
+    _over_windows(model, data, each)
+    return model.get_metrics_result()
 
 
 def test_step(model, data, **options):
@@ -116,9 +134,8 @@ def test_step(model, data, **options):
         options: `batch_loss`'s (`CascadeModel._replica_options`).
 
     Returns:
-        The logs (`_report`'s, after the last window).
+        The metrics after the batch (`CascadeModel.get_metrics_result`).
     """
-    loss, logs = _loss(model), None
-    for part in _windows(data, model.window):
-        logs = model._report(part[0], loss(*model._unpack(part), training=False, **options))
-    return logs
+    _over_windows(model, data, lambda loss, part: model._report(part[0], loss(*model._unpack(part), training=False,
+                                                                               **options)))
+    return model.get_metrics_result()
