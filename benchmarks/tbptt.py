@@ -58,7 +58,8 @@ def main(argv=None):
     print("| run | peak RSS (MiB) | seconds (process) |")
     print("| --- | --- | --- |")
     for window in windows:
-        mib, seconds = peak_rss([sys.executable, "-m", "benchmarks.tbptt", "--outer", str(outer), "--one", str(window or 0)])
+        mib, seconds = peak_rss([sys.executable, "-m", "benchmarks.tbptt", "--outer", str(outer),
+                                 "--one", str(window or 0)])
         print(f"| {'whole' if window is None else f'window={window}'} | {mib:,.0f} | {seconds:.1f} |")
 
 
