@@ -323,3 +323,17 @@ def test_a_teacher_forced_feedback_b_trains_in_windows_as_the_reference():
     model.fit((inputs, steps), padded, batch_size=2, epochs=1, shuffle=False, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == len(taken) == 8
     assert_weights_close(model.model_a.trainable_variables + model.model_b.trainable_variables, want)
+
+
+def test_a_window_whose_loss_is_not_finite_takes_no_step_and_stops_fit():
+    from cascade_cli.errors import CascadeError
+
+    inputs, steps, padded = arrays()
+    padded[1, 6, 0] = np.nan  # a valid target of the first batch's third window (a dataset is not checked first)
+    data = tf.data.Dataset.from_tensor_slices(((inputs, steps), padded)).batch(2)
+    model = CascadeModel(*models(), state="carry", window=3)
+    model.compile(keras.optimizers.SGD(LR), loss="mse")
+    with pytest.raises(CascadeError, match="training stopped at epoch 1, batch 1: the training loss became nan"):
+        model.fit(data, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1  # the first window's step; the second had nothing
+    assert all(np.isfinite(w).all() for w in model.get_weights())
