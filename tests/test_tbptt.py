@@ -337,3 +337,44 @@ def test_a_window_whose_loss_is_not_finite_takes_no_step_and_stops_fit():
         model.fit(data, epochs=1, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1  # the first window's step; the second had nothing
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+cpu, = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from cascade_cli.train.keras_model import CascadeModel
+from tests.test_tbptt import LR, arrays, models
+strategy = tf.distribute.MirroredStrategy()
+with strategy.scope():
+    model = CascadeModel(*models(), state="carry", window=3)
+    model.compile(keras.optimizers.SGD(LR), loss="mse")
+inputs, steps, padded = arrays()
+history = model.fit((inputs[:4], steps[:4]), padded[:4], batch_size=2, epochs=1, shuffle=False, verbose=0).history
+np.savez(sys.argv[1], *model.get_weights(), loss=history["loss"][0], replicas=strategy.num_replicas_in_sync,
+         iterations=int(model.optimizer.iterations.numpy()))
+"""
+
+
+@pytest.mark.slow  # a subprocess with TensorFlow: about 20-40 s on 2 cores
+def test_windows_under_a_mirrored_strategy_take_the_steps_of_one_device(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path / "m.npz")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    mirrored = np.load(tmp_path / "m.npz")
+    assert int(mirrored["replicas"]) == 2
+    model = window_fit(3, data=tuple(array[:4] for array in arrays()))
+    assert int(mirrored["iterations"]) == int(model.optimizer.iterations.numpy()) == 5
+    np.testing.assert_allclose(float(mirrored["loss"]), model.history.history["loss"][0], rtol=1e-5)
+    assert_weights_close([mirrored[f"arr_{i}"] for i in range(len(model.get_weights()))], model.get_weights(),
+                         rtol=1e-5)

@@ -17,9 +17,11 @@ previous window's last target: refused).
 
 All the windows of one batch run inside one Keras `train_step` (one
 `tf.while_loop` over the windows, so the step's graph does not grow with the
-number of windows, and `Ta` may vary from batch to batch), so `fit`, its
-callbacks and `BackupAndRestore` see one batch as before, and a resumed run is
-exact. The optimizer takes one step per window with a valid
+number of windows, and `Ta` may vary from batch to batch; under a
+`tf.distribute` strategy with several replicas, whose all-reduces TensorFlow
+does not allow in a while loop, the windows are unrolled instead and `Ta`
+must be known when the step is traced), so `fit`, its callbacks and
+`BackupAndRestore` see one batch as before, and a resumed run is exact. The optimizer takes one step per window with a valid
 element (its `iterations` counts them). The loss reported for a batch is the
 windows' losses averaged with their valid elements as weights; metrics are
 taken over every window's valid rows.
@@ -36,7 +38,7 @@ import tensorflow as tf
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_int
 from cascade_cli.state import CascadeState, carry_problem
-from cascade_cli.train.step import batch_loss, train_step as one_step
+from cascade_cli.train.step import batch_loss, replica_context, train_step as one_step
 
 __all__ = ["check_window", "test_step", "train_step"]
 
@@ -80,7 +82,8 @@ def _over_windows(model, data, each):
     `loss` is `step.batch_loss` of the model's compiled loss over a runner
     that starts from the state the previous window ended in (zeros for the
     first). One loop, not one unrolled copy per window: the step's graph does
-    not grow with `Ta / window`.
+    not grow with `Ta / window` (except on one of several replicas of a
+    `tf.distribute` strategy, where the windows are unrolled).
     """
     window, cascade = model.window, model.training_cascade
     carrying = _Carrying(cascade)
@@ -101,9 +104,20 @@ def _over_windows(model, data, each):
         return (k + 1, tf.cast(after.offset, tf.int64), *states)
 
     states = [*a_states, *b_states, *([] if previous is None else [previous])]
-    tf.while_loop(lambda k, *_: k * window < outer, body, (tf.constant(0), offset, *states),
-                  shape_invariants=(tf.TensorShape([]), tf.TensorShape([]),
-                                    *(tf.TensorShape([None, *s.shape[1:]]) for s in states)))
+    if replica_context() is None:
+        tf.while_loop(lambda k, *_: k * window < outer, body, (tf.constant(0), offset, *states),
+                      shape_invariants=(tf.TensorShape([]), tf.TensorShape([]),
+                                        *(tf.TensorShape([None, *s.shape[1:]]) for s in states)))
+        return
+    # On one of several replicas the step all-reduces (the count, the verdict, the gradients), which TensorFlow
+    # does not allow inside a while loop: the windows are unrolled, one copy of the step per window.
+    if inputs.shape[1] is None:
+        raise ParameterError("window", f"under a tf.distribute strategy with several replicas, needs the batches' "
+                                       f"outer length Ta known when the step is traced, received batches of shape "
+                                       f"{tuple(inputs.shape)}; received window={window}.")
+    loop = (0, offset, *states)
+    while loop[0] * window < inputs.shape[1]:
+        loop = body(*loop)
 
 
 def train_step(model, data):
