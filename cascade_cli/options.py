@@ -587,9 +587,10 @@ TRAIN_DEFAULTS = {
     "stop_weight": 1.0,
     "stop_pos_weight": 1.0,
     "max_steps": None,
+    "window": None,
 }
 """What each `TrainConfig` setting left at None means in a new run (`from_logits` None: detect; `patience` None: off;
-`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`; `append_end_token` None: the targets as the file holds them; `max_steps` None: the file's longest inner sequence + 1)."""
+`clipnorm` None: no clipping; `tensorboard` None: no event files; `sampling_schedule` None: pure teacher forcing; `jit_compile` None: the runner's default, `JIT_COMPILE`; `append_end_token` None: the targets as the file holds them; `max_steps` None: the file's longest inner sequence + 1; `window` None: one step per batch over the whole sequence)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -671,6 +672,10 @@ class TrainConfig:
             `val_length_mae`) generates, with a stop implied
             (`append_end_token`, `stop_gate`); None: the training file's
             longest inner sequence + 1.
+        window: truncated backpropagation through time: each batch trains
+            this many outer steps at a time, one optimizer step per window,
+            the state carried without gradient (`CascadeModel(...,
+            window=W)`, `train.windows`); None: one step per batch.
         overwrite: replace an earlier run in `out_dir` (without `resume`).
     """
 
@@ -704,6 +709,7 @@ class TrainConfig:
     stop_weight: float | None = None
     stop_pos_weight: float | None = None
     max_steps: int | None = None
+    window: int | None = None
     overwrite: bool = False
 
     # Settings a resumed run must share with the checkpoint it continues: they
@@ -762,6 +768,7 @@ class TrainConfig:
             check_number("stop_pos_weight", self.stop_pos_weight, minimum=0, min_open=True,
                          expected="a finite number > 0")
         check_int("max_steps", self.max_steps, minimum=1, maximum=INT32_MAX, allow_none=True)
+        check_int("window", self.window, minimum=1, maximum=INT32_MAX, allow_none=True)
         _check_optional_choice("overwrite", self.overwrite, (True, False))
         self._check_together()
 

@@ -52,7 +52,7 @@ from cascade_cli.models import check_inputs_fit, check_pair
 from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, STEPS_MAX, Sampler, StopRule,
                                   check_choice, check_int, check_number, check_runner_settings, parse_feedback_start)
 from cascade_cli.recurrence import packed_recurrence
-from cascade_cli.state import CascadeState
+from cascade_cli.state import CascadeState, carry_problem
 from cascade_cli.steps import check_steps
 
 __all__ = ["Cascade", "CascadeState", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "packed_loop", "stop_hits",
@@ -741,16 +741,12 @@ class Cascade:
 
         Every path that takes a state runs the plain packed loop over B
         (`_feedback_loop`), which hands out each sample's last states; called
-        eagerly, it runs in a cached `tf.function` as other calls do.
+        eagerly, it runs in a cached `tf.function` as other calls do, except
+        with targets (teacher forcing, as `CascadeModel(..., window=W)` trains
+        inside its own `tf.function`), which run eagerly.
         """
         check_choice("return_state", return_state, (True, False))
-        problem = None
-        if self.sampler.kind == "beam":
-            problem = "sampler='beam' keeps hypotheses, not one state per sample"
-        elif extras is not None and extras.targets is not None:
-            problem = "targets (teacher forcing) are a training run's; windows in training come with train --window"
-        elif self.b_spec.form == "sequence" and self.state == "carry":
-            problem = "a sequence-form B in carry mode hands out no state"
+        problem = carry_problem(self, targets=extras is not None and extras.targets is not None)
         if problem is not None:
             name = "initial_state" if initial_state is not None else "return_state"
             raise ParameterError(name, f"a run cannot carry its state across calls with these settings yet: "
@@ -765,7 +761,7 @@ class Cascade:
             extras = _Feed(None, tf.range(samples, dtype=tf.int64), tf.constant(0.0, tf.float64), False, False)
         arguments = [inputs, caps, extras.sample_index, extras.probability, offset, *a_states, *b_states,
                      *([] if previous is None else [previous])]
-        if self._compiles(inputs):
+        if extras.targets is None and self._compiles(inputs):  # with targets (teacher forcing): eager, uncached
             if self._xla is None:  # A's probe takes this call's shape (`_probe_shape`)
                 self._first_shape = tuple(inputs.shape)
             key = ("state", kind, training, inputs.dtype, inputs.shape[2], extras.return_tokens)

@@ -50,3 +50,25 @@ class CascadeState:
             if tensor is not None:
                 return tensor.shape[0]
         return None
+
+
+def carry_problem(cascade, *, targets=False):
+    """Why `cascade` cannot carry its state from one call to the next, or None where it can.
+
+    The one home of the rule: `Cascade.run(..., initial_state, return_state)`
+    refuses these settings, and `CascadeModel(..., window=W)` refuses them
+    when it is built.
+
+    Args:
+        cascade: a `Cascade`.
+        targets: whether the calls give targets (teacher forcing; a
+            feedback B in training).
+    """
+    if cascade.sampler.kind == "beam":
+        return "sampler='beam' keeps hypotheses, not one state per sample"
+    if targets and cascade.feedback_start == "previous":
+        return ("teacher forcing (a feedback B fed its targets) with feedback_start='previous' does not continue "
+                "from a state yet (the previous window's last target is not carried)")
+    if cascade.b_spec.form == "sequence" and cascade.state == "carry":
+        return "a sequence-form B in carry mode hands out no state"
+    return None

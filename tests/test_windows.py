@@ -245,7 +245,8 @@ def test_settings_that_cannot_carry_a_state_are_refused(what):
                           sampler=Sampler.beam(2), max_steps=3, stop_rule=StopRule.token(0))
         steps = None
     elif what == "targets":
-        cascade = Cascade(builders.model_a(), builders.feedback_b(output_size=3), feedback=True)
+        cascade = Cascade(builders.model_a(), builders.feedback_b(output_size=3), feedback=True,
+                          feedback_start="previous")  # teacher forcing from zeros or a token carries a state
         kwargs = dict(targets=np.zeros((int(steps.sum()), 3), np.float32))
     else:
         cascade = Cascade(builders.model_a(), builders.sequence_b(), state="carry")

@@ -46,6 +46,7 @@ from cascade_cli.options import LOSSES, RUNNER_DEFAULTS, Sampler, SamplingSchedu
 from cascade_cli.result import CascadeResult
 from cascade_cli.runner import Cascade
 from cascade_cli.steps import check_steps
+from cascade_cli.train import windows
 from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
 from cascade_cli.train.optimizers import has_schedule
 from cascade_cli.train.step import batch_loss, non_finite_error, replica_context, train_step
@@ -105,6 +106,12 @@ class CascadeModel(keras.Model):
             `evaluate` teacher-force it on the targets (`batch_loss`);
             `predict` and the serving export run it free, drawing with
             `sampler` and `seed`.
+        window: truncated backpropagation through time (`train.windows`):
+            `fit` cuts each batch's outer sequences into windows of this
+            many outer steps and takes one optimizer step per window, the
+            state carried from one window to the next without a gradient;
+            `evaluate` runs the windows too. None (the default): one step
+            per batch over the whole sequence. `predict` is not affected.
         **kwargs: `keras.Model`'s own (`name`, ...).
 
     Raises:
@@ -124,7 +131,7 @@ class CascadeModel(keras.Model):
                  exclude_stop_step=RUNNER_DEFAULTS["exclude_stop_step"], fast_cells=RUNNER_DEFAULTS["fast_cells"],
                  jit_compile=RUNNER_DEFAULTS["jit_compile"], feedback=RUNNER_DEFAULTS["feedback"],
                  feedback_start=RUNNER_DEFAULTS["feedback_start"], sampler=RUNNER_DEFAULTS["sampler"],
-                 seed=RUNNER_DEFAULTS["seed"], min_steps=RUNNER_DEFAULTS["min_steps"], **kwargs):
+                 seed=RUNNER_DEFAULTS["seed"], min_steps=RUNNER_DEFAULTS["min_steps"], window=None, **kwargs):
         super().__init__(**kwargs)
         if jit_compile is None:  # what a generator saved before "auto" was CascadeModel's default holds
             jit_compile = RUNNER_DEFAULTS["jit_compile"]
@@ -140,6 +147,7 @@ class CascadeModel(keras.Model):
                               sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
         self.cascade = Cascade(model_a, model_b, **self._settings)
         self.training_cascade = self._training_runner(None)
+        self.window = windows.check_window(window, self.cascade)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._terms = None
         self._stop_gate, self._sampling, self._end_token = False, None, None
@@ -158,7 +166,7 @@ class CascadeModel(keras.Model):
                         sampler=_sampler_config(self._settings["sampler"]))
         return {"name": self.name, "trainable": self.trainable,
                 "model_a": keras.saving.serialize_keras_object(self.model_a),
-                "model_b": keras.saving.serialize_keras_object(self.model_b), **settings}
+                "model_b": keras.saving.serialize_keras_object(self.model_b), **settings, "window": self.window}
 
     @classmethod
     def from_config(cls, config):
@@ -451,6 +459,9 @@ class CascadeModel(keras.Model):
         """
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
+        if self.window is not None:
+            logs = windows.train_step(self, data)
+            return self._across_workers({name: value for name, value in logs.items() if name != "length_mae"})
         refused = self._refused_steps
         result, finite = train_step(self._loss, self._unpack(data), variables=self.trainable_variables,
                                     optimizer=self.optimizer,
@@ -465,12 +476,15 @@ class CascadeModel(keras.Model):
         """Scores one batch with `training=False`; returns the metrics so far."""
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before evaluate().")
-        result = self._loss(*self._unpack(data), training=False, **self._replica_options())
+        result = None if self.window is not None else self._loss(*self._unpack(data), training=False,
+                                                                 **self._replica_options())
         if self._measures_lengths:  # free-running generation, as predict runs it, against the steps given
             inputs, steps = keras.utils.unpack_x_y_sample_weight(data)[0]
             lengths = self.cascade.run(inputs, None, training=False)[1]
             errors = tf.abs(tf.cast(lengths, tf.float32) - tf.cast(steps, tf.float32))
             self.length_tracker.update_state(tf.reduce_mean(errors), sample_weight=tf.cast(tf.size(errors), tf.float32))
+        if self.window is not None:  # the windows in order, state carried (`train.windows`)
+            return self._across_workers(windows.test_step(self, data, **self._replica_options()))
         return self._across_workers(self._report(data[0], result))
 
     def _across_workers(self, logs):
