@@ -718,7 +718,8 @@ class TrainConfig:
     # `tensorboard` may change on resume.
     RESUME_SETTINGS = ("seed", "val_split", "shuffle", "batch_size", "optimizer", "loss", "from_logits", "freeze_a",
                        "state", "state_init", "lr_schedule", "mixed_precision", "feedback", "feedback_start",
-                       "sampling_schedule", "append_end_token", "stop_gate", "stop_weight", "stop_pos_weight")
+                       "sampling_schedule", "append_end_token", "stop_gate", "stop_weight", "stop_pos_weight",
+                       "window")
     # What a checkpoint records, so that a resumed run continues with the run's own settings.
     SAVED_SETTINGS = RESUME_SETTINGS + ("epochs", "learning_rate", "patience", "clipnorm", "warmup_steps", "metrics",
                                         "tensorboard", "jit_compile", "max_steps")

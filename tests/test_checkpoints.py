@@ -315,7 +315,7 @@ def test_run_settings_and_the_resume_check_name_python_settings():
                         "metrics": [], "tensorboard": None, "feedback": False, "feedback_start": "zeros",
                         "sampling_schedule": None, "jit_compile": None, "append_end_token": None,
                         "stop_gate": False, "stop_weight": 1.0, "stop_pos_weight": 1.0, "max_steps": None,
-                        "samples": [6, 3, 2, 1]}
+                        "window": None, "samples": [6, 3, 2, 1]}
     check_settings("run1/checkpoints", settings, dict(settings))
     check_settings("run1/checkpoints", settings, {**settings, "epochs": 40, "learning_rate": 0.5, "clipnorm": 1.0,
                                                   "warmup_steps": 5, "metrics": ["mae"], "max_steps": 9})  # may change

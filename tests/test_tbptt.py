@@ -378,3 +378,27 @@ def test_windows_under_a_mirrored_strategy_take_the_steps_of_one_device(tmp_path
     np.testing.assert_allclose(float(mirrored["loss"]), model.history.history["loss"][0], rtol=1e-5)
     assert_weights_close([mirrored[f"arr_{i}"] for i in range(len(model.get_weights()))], model.get_weights(),
                          rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_cascade_train_window_equals_the_eager_reference(tmp_path, reference):
+    """`cascade train --window 3 --optimizer sgd` in carry mode with an A in state form: one epoch is the reference's
+    truncated-BPTT steps (relative 1e-4), on the same batches (no shuffle, no validation)."""
+    from tests.clitools import assert_ok, invoke
+    from tests.filetools import write_h5
+
+    inputs, steps, padded = arrays()
+    targets = padded[np.arange(4)[None, None, :] < steps[..., None]]  # (sum(steps), O) in (n, t, j) order
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps, targets=targets)
+    for model, name in zip(models(), ("a.keras", "b.keras")):
+        model.save(tmp_path / name)
+    assert_ok(invoke("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+                     "--out-dir", tmp_path / "run", "--state", "carry", "--window", 3, "--optimizer", "sgd",
+                     "--learning-rate", LR, "--epochs", 1, "--batch-size", 2, "--val-split", 0, "--no-shuffle"))
+    got = [w for name in ("model_a.keras", "model_b.keras")
+           for w in keras.saving.load_model(tmp_path / "run" / name, compile=False).trainable_weights]
+    before, after, _ = reference
+    assert_weights_close([w.numpy() for w in got], after)
+    assert not np.allclose(got[0].numpy(), before[0])  # it trained

@@ -99,12 +99,16 @@ def _default(name):
 @click.option("--max-steps", type=click.IntRange(1, INT32_MAX), metavar="M",
               help="--append-end-token / --stop-gate: the most inner steps DIR/cascade.keras (and val_length_mae) "
                    "generates. [default: the file's longest inner sequence + 1]")
+@click.option("--window", type=click.IntRange(1, INT32_MAX), metavar="W",
+              help="Truncated backpropagation through time: train each batch W outer steps at a time, one optimizer "
+                   "step per window, the state carried from the window before without a gradient (an A in state "
+                   "form carries its own state; see README, Long sequences). [default: the whole sequence]")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out-dir (without --resume).")
 @click.pass_context
 def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, optimizer, loss, from_logits, val_split,
           shuffle, freeze_a, state, state_init, seed, resume, patience, strategy, clipnorm, lr_schedule, warmup_steps,
           metrics, mixed_precision, tensorboard, feedback, feedback_start, sampling_probability, sampling_schedule,
-          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, max_steps, overwrite):
+          no_xla, append_end_token, stop_gate, stop_weight, stop_pos_weight, max_steps, window, overwrite):
     """Train model A and model B jointly on an HDF5 training file.
 
     \b
@@ -115,6 +119,7 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
       cascade train ... --out-dir run2 --lr-schedule cosine --warmup-steps 100 --metrics mae --tensorboard logs/run2
       cascade train ... --out-dir run3 --feedback --loss categorical-crossentropy \\
           --sampling-schedule inverse-sigmoid:200
+      cascade train ... --out-dir run4 --state carry --window 100   # long sequences, 100 outer steps a step
     """
     if sampling_probability is not None and sampling_schedule is not None:
         raise click.UsageError("--sampling-probability and --sampling-schedule both set scheduled sampling; use one "
@@ -131,7 +136,8 @@ def train(ctx, models, data_path, out_dir, epochs, batch_size, learning_rate, op
                              tensorboard=tensorboard, feedback=feedback, feedback_start=feedback_start,
                              sampling_schedule=sampling_schedule, jit_compile=False if no_xla else None,
                              append_end_token=append_end_token, stop_gate=stop_gate or None, stop_weight=stop_weight,
-                             stop_pos_weight=stop_pos_weight, max_steps=max_steps, overwrite=overwrite)
+                             stop_pos_weight=stop_pos_weight, max_steps=max_steps, window=window,
+                             overwrite=overwrite)
     console, _ = consoles()
     load_tensorflow()
     from cascade_cli.train.checkpoints import check_out_dir

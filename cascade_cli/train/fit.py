@@ -432,7 +432,7 @@ def _build(model_a, model_b, data, cascade, *, out_dir, config, strategy, chief,
             model_a, model_b = distribute.replicate(model_a, name="A"), distribute.replicate(model_b, name="B")
         if config.freeze_a:  # Keras' rule: a frozen model trains nothing and its weight penalties drop out
             model_a.trainable = False
-        model = CascadeModel(model_a, model_b, **generation)
+        model = CascadeModel(model_a, model_b, **generation, window=config.window)
         optimizer = make_optimizer(config.optimizer, learning_rate=rate, clipnorm=config.clipnorm,
                                    mixed_precision=config.mixed_precision)
         scheduled = config.sampling_schedule is not None
