@@ -39,7 +39,7 @@ def _median_ms(function, inputs, repeats):
 def _generators(model_a, model_b, *, state):
     """`{"compiled": run, "plain": run}`: the default loop choice, and the plain loop with A still under XLA."""
     from benchmarks.feedback import END
-    from cascade_cli import runner
+    from cascade_cli.run import cascade as runner
     from cascade_cli.options import StopRule
 
     made = {}
@@ -58,7 +58,7 @@ def compaction(repeats):
     import tensorflow as tf
 
     from benchmarks import feedback
-    from cascade_cli import compiled_loop
+    from cascade_cli.run import compiled_loop
 
     rng = np.random.default_rng(0)
     print("case              compacted ms  masked ms  padded XLA ms  compacted / masked  compacted / padded  "

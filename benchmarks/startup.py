@@ -46,8 +46,8 @@ marks = {{}}
 import keras, tensorflow as tf
 marks["import tensorflow, keras"] = time.perf_counter()
 from cascade_cli.data import open_inputs
-from cascade_cli.models import load_pair
-from cascade_cli.runner import Cascade
+from cascade_cli.run.models import load_pair
+from cascade_cli.run.cascade import Cascade
 from cascade_cli.steps import read_steps
 a, b = load_pair("{a}", "{b}")
 marks["load A and B"] = time.perf_counter()

@@ -31,7 +31,7 @@ def pack_generator(model_a, model_b, output, *, settings=None, overwrite=False, 
     """
     from cascade_cli.atomic import atomic_output
     from cascade_cli.train.keras_model import CascadeModel
-    from cascade_cli.models import load_pair
+    from cascade_cli.run.models import load_pair
 
     given = dict(settings or {})
     pair = load_pair(model_a, model_b, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5,

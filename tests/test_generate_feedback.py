@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import builders
-from cascade_cli import runner
+from cascade_cli.run import cascade as runner
 from clitools import assert_error, assert_ok, invoke
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 N, TA, O = 9, 3, 4
 

@@ -12,10 +12,10 @@ import pytest
 import builders
 from clitools import assert_error, assert_nothing_in, invoke
 from filetools import quoted, write_h5
-from cascade_cli import models
+from cascade_cli.run import models
 from cascade_cli.errors import ModelError
-from cascade_cli.models import check_pair, inspect_a, inspect_b, load_model, load_pair
-from cascade_cli.runner import Cascade
+from cascade_cli.run.models import check_pair, inspect_a, inspect_b, load_model, load_pair
+from cascade_cli.run.cascade import Cascade
 
 NOT_CAUSAL = ("model B (sequence form) is not causal: changing inputs at steps >= 4 changed its outputs at "
               "steps < 4. A generator must not look ahead (no Bidirectional, no non-causal convolution).")

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli import runner
+from cascade_cli.run import cascade as runner
 from cascade_cli.cli import XLA_CACHE_ENV, _use_xla_cache, xla_cache_folder
 from cascade_cli.data import open_inputs
 from cascade_cli.errors import ParameterError
@@ -25,7 +25,7 @@ from cascade_cli.inspection import _result_xla
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"

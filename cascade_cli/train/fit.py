@@ -35,9 +35,9 @@ import tensorflow as tf
 
 from cascade_cli.data import epoch_order, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.models import check_inputs_fit
+from cascade_cli.run.models import check_inputs_fit
 from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, SamplingSchedule, StopRule, TrainCallbacks, TrainConfig
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 from cascade_cli.train import distribute
 from cascade_cli.train.callbacks import RunState
 from cascade_cli.train.checkpoints import (

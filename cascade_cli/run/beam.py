@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from cascade_cli import packing
+from cascade_cli.run import packing
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_int
 

@@ -10,7 +10,7 @@ same bits whatever the batch size, shards or slicing.
 `sample(sampler, y, u)` turns B's outputs into what is fed back and the token
 each row emits: `identity` feeds `y` (no token), `greedy` the one-hot of
 `argmax(y)` (so does `beam` where a single row samples: beam search
-itself is `cascade_cli.beam`), `categorical` the one-hot of a draw by inverse CDF over
+itself is `cascade_cli.run.beam`), `categorical` the one-hot of a draw by inverse CDF over
 `softmax(y / temperature)`, its probabilities sorted descending (ties in
 index order), cut to the top-k and/or the top-p nucleus and renormalised.
 The CDF is computed in float64.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cascade_cli.errors import ParameterError
-from cascade_cli.models import state_form
+from cascade_cli.run.models import state_form
 from cascade_cli.options import RUNNER_DEFAULTS, check_int
 
 
@@ -76,7 +76,7 @@ class Windows:
 
 def _with_a(cascade, model_a):
     """A cascade with `model_a` for A and the same B and settings."""
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     return Cascade(model_a, cascade.model_b, **{name: getattr(cascade, name) for name in RUNNER_DEFAULTS})
 

@@ -45,7 +45,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cascade_cli import packing, sampling
+from cascade_cli.run import packing, sampling
 
 QUANTUM = packing.ROW_QUANTUM  # every bucket is a multiple of it
 COMPACT_ROWS = 128  # from this many rows on, B runs on the running rows only (`compacted_step`)

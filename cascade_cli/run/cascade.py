@@ -7,7 +7,7 @@ work runs in a cached `tf.function` traced once for any batch and steps
 (`run_eagerly=True` keeps it eager, for debugging). Model A runs under XLA
 where it compiles and equals its plain call (`jit_compile="auto"`, checked once
 on a probe input), and so does the loop over B in forward runs, whole, as one
-XLA computation with static shapes (`cascade_cli.compiled_loop`: rows masked,
+XLA computation with static shapes (`cascade_cli.run.compiled_loop`: rows masked,
 sizes bucketed); elsewhere (a tape recording the call, teacher forcing,
 `reset` through a known cell's packed recurrence) the plain loop below runs.
 
@@ -21,13 +21,13 @@ instead. Each emitted row is tagged with its pair id; the value order puts the
 step-major outputs in order at the end.
 
 The work is split the way Keras splits its `RNN` layer from `backend.rnn`:
-`cascade_cli.packing` turns the caps into a plan (pure functions),
+`cascade_cli.run.packing` turns the caps into a plan (pure functions),
 `packed_loop` runs a plain `step(x, states) -> (y, states)` over the plan's
 rows, and `Cascade` validates its settings and chooses the path.
 
 A feedback-form B (`feedback=True`) is fed what it emitted: free running
 (generation) it runs its own loop that calls B on the rows still running and
-samples every step (`cascade_cli.sampling`; counter-based draws, so the
+samples every step (`cascade_cli.run.sampling`; counter-based draws, so the
 results do not depend on how the input is cut); teacher-forced through a
 known cell, every row's input is known before the loop and the packed
 recurrence with its hand-written gradient runs as above.
@@ -43,16 +43,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli import beam, compiled_loop, packing, sampling
-from cascade_cli.cells import fast_path_problem, split_b
+from cascade_cli.run import beam, compiled_loop, packing, sampling
+from cascade_cli.run.cells import fast_path_problem, split_b
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError, received
 from cascade_cli.keras_internals import (flatten_layers, seed_generators, stop_recording, tape_may_record,
                                          tapes_may_take_higher_order)
-from cascade_cli.models import check_inputs_fit, check_pair
+from cascade_cli.run.models import check_inputs_fit, check_pair
 from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, STEPS_MAX, Sampler, StopRule,
                                   check_choice, check_int, check_number, check_runner_settings, parse_feedback_start)
-from cascade_cli.recurrence import packed_recurrence
-from cascade_cli.state import CascadeState
+from cascade_cli.run.recurrence import packed_recurrence
+from cascade_cli.run.state import CascadeState
 from cascade_cli.steps import check_steps
 
 __all__ = ["Cascade", "CascadeState", "STATE_INITS", "STATE_MODES", "Sampler", "StopRule", "packed_loop", "stop_hits",
@@ -176,9 +176,9 @@ class Cascade:
         fast_cells: `"auto"` (default), True or False. When B is a Keras
             SimpleRNN/GRU/LSTM cell plus a head, the known-cell path computes
             the cell's input projection once per pair and the head once after
-            the loop (`cascade_cli.cells`), and, with given steps and the usual
+            the loop (`cascade_cli.run.cells`), and, with given steps and the usual
             activations, takes the loop's gradient by hand
-            (`cascade_cli.recurrence`). One predicate
+            (`cascade_cli.run.recurrence`). One predicate
             (`cells.fast_path_problem`) says when it applies; `"auto"` uses it
             where it applies and calls B elsewhere, True raises a
             `ParameterError` saying why where it cannot apply, False always
@@ -230,7 +230,7 @@ class Cascade:
         seed: an integer in [0, 2**32): the draws (`categorical`, scheduled
             sampling) of row (sample n, outer t, inner j) depend only on
             (seed, `sample_index[n]`, t, j), never on the batch or on which
-            rows stopped (`cascade_cli.sampling`).
+            rows stopped (`cascade_cli.run.sampling`).
 
     Raises:
         ParameterError: a setting has a value it cannot take.
@@ -333,10 +333,10 @@ class Cascade:
         self._xla_a = xla_inference(model_a) if compiles and self.a_spec.form == "plain" else None
         self._xla = None if self._xla_a else _XlaChoice(
             False, False, _STATE_FORM_A if compiles else "jit_compile=False or run_eagerly=True")
-        self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.compiled_loop`)
+        self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.run.compiled_loop`)
         self._row_quantum = packing.row_quantum(model_b)  # its rows' blocks (a row's bits in any batch)
         self._loop_choice = None if compiles else _LoopChoice(False, "jit_compile=False or run_eagerly=True")
-        if self.sampler.kind == "beam":  # beam search runs its own packed loop (`cascade_cli.beam`)
+        if self.sampler.kind == "beam":  # beam search runs its own packed loop (`cascade_cli.run.beam`)
             beam.check_settings(self)
             self._loop_choice = _LoopChoice(False, beam.NOT_COMPILED)
         if self.b_spec.form == "sequence":  # known now: no probe to wait for
@@ -446,7 +446,7 @@ class Cascade:
                 state passed gives the values, lengths and tokens of running
                 `inputs` whole (A's state is carried where A is in state form;
                 a plain A starts from zeros in every call). The state carries
-                no gradient (`cascade_cli.state`). With a state, a call runs
+                no gradient (`cascade_cli.run.state`). With a state, a call runs
                 the plain packed loop (not the compiled whole loop or the
                 known-cell recurrence); it cannot take targets (teacher
                 forcing), a beam sampler, or a sequence-form B in `carry` mode.
@@ -976,7 +976,7 @@ class Cascade:
         self._loop_choice = _LoopChoice(problem is None, problem)
 
     def _run_compiled_loop(self, ir_flat, caps, training, extras):
-        """The forward run of B as one XLA computation (`cascade_cli.compiled_loop`): `_run`'s result.
+        """The forward run of B as one XLA computation (`cascade_cli.run.compiled_loop`): `_run`'s result.
 
         Rows walk their sample's pairs in `carry` mode and where feedback
         starts from the previous pair; elsewhere each row is one pair. B is
