@@ -182,7 +182,7 @@ def xla_model(model):
     measure exactly what `cascade_xla` does with A. Inference only: the
     returned `call(inputs, training=False)` refuses `training=True`.
     """
-    from cascade_cli.run.cascade import xla_inference
+    from cascade_cli.run.xla import xla_inference
 
     compiled = xla_inference(model)
 

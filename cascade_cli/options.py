@@ -86,7 +86,7 @@ class StopRule:
     """When a generated inner sequence stops.
 
     A sequence stops after the first inner step whose output `y` meets the
-    rule. The runner evaluates it (`cascade_cli.run.cascade.stop_hits`).
+    rule. The runner evaluates it (`cascade_cli.run.stopping.stop_hits`).
 
     Attributes:
         kind: `"norm"` (L2 norm of `y` >= `value`), `"token"` (`argmax(y)`

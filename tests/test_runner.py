@@ -12,7 +12,9 @@ import builders
 import paths
 from cascade_cli.errors import DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import seed_generators
-from cascade_cli.run.cascade import Cascade, packed_loop, xla_inference, xla_problem
+from cascade_cli.run.cascade import Cascade
+from cascade_cli.run.loop import packed_loop
+from cascade_cli.run.xla import xla_inference, xla_problem
 
 PER_SAMPLE = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros and a whole zero row
 SHARED = np.array([2, 0, 3, 1])

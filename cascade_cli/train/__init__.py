@@ -2,5 +2,5 @@
 checkpoints, and what `cascade train` does around them (`fit.py`).
 
 Modules import downwards only: `losses` <- `step` <- `keras_model`, `distribute` <- `fit`; `checkpoints` and
-`optimizers` stand alone. Training imports the engine (`cascade_cli.run.cascade`), never the reverse.
+`optimizers` stand alone. Training imports the engine (`cascade_cli.runner`), never the reverse.
 """
