@@ -107,7 +107,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
         settings: runner settings given, `{name: value}` (None: not given).
         batch_size, num_samples, shard, keep_gate, allow_nonfinite, overwrite,
             progress, window: as `generate_to_file`.
-        safe_mode, allow_legacy_h5: how the model files load (`models.load_model`).
+        safe_mode, allow_legacy_h5: how the model files load (`model_files.load_model`).
 
     Returns:
         A `GenerateRun`.
@@ -131,7 +131,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
             generator = load_generator(model, safe_mode=safe_mode)
             pair, saved, model_files = (generator.model_a, generator.model_b), generator.settings, (model,)
         else:
-            from cascade_cli.run.models import load_pair
+            from cascade_cli.model_files import load_pair
 
             pair = load_pair(model_a, model_b, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5,
                              feedback=bool(given.get("feedback")))

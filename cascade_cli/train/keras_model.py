@@ -10,7 +10,7 @@ this module is imported: the class is registered as
 Data: `x = (inputs (N, Ta, F), steps (N, Ta))` and `y` = padded targets
 `(N, Ta, L, O)`, entries past `steps` ignored (numpy arrays, or a
 `tf.data.Dataset` yielding `((inputs, steps), targets)`). Each step runs the
-packed runner (`cascade_cli.run.cascade.Cascade`) on the given steps; the loss is
+packed runner (`cascade_cli.runner.Cascade`) on the given steps; the loss is
 DESIGN section 5's, averaged over the valid elements only
 (`loss_terms`), in float32, plus the models' weight regularization
 losses (`regularization_loss`). The step itself is `cascade
@@ -739,7 +739,7 @@ def load_generator(path, *, safe_mode=True):
             not a `CascadeModel`.
     """
     from cascade_cli.errors import ModelError
-    from cascade_cli.run.models import load_model
+    from cascade_cli.model_files import load_model
 
     model = load_model(path, role="generator", safe_mode=safe_mode)
     if not isinstance(model, CascadeModel):
