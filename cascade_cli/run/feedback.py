@@ -110,7 +110,7 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
         fed, token = sampling.sample(sampler, y, u)
         if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
             fed = compiled_loop.without_gate(fed)
-        hit = None if rule is None else stopping.stop_hits(rule, y, token if rule.kind == "token" else None)
+        hit = None if rule is None else stopping.stop_hits(rule, y, token)
         return y, new_states, fed, token, hit
 
     def iterate(j, rows, states, ys, pairs, tokens, finals):

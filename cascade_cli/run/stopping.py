@@ -1,7 +1,8 @@
 """Stop rules: which rows of an inner step met the `StopRule`, and the checks of a rule against B.
 
 A rule (`options.StopRule`: a norm threshold, stop tokens or a stop gate) is
-read at every inner step of every running row; `min_steps` holds a pair off
+read at every inner step of every running row, each kind by its class (`RULES`: one
+method, `hits`); `min_steps` holds a pair off
 stopping until it has run that many steps. The loops (`run.loop`,
 `run.feedback`, `run.compiled_loop`, `run.beam`) call these; `Cascade` checks
 a rule against B once, at construction (`check_stop_rule`).
@@ -14,22 +15,56 @@ import tensorflow as tf
 from cascade_cli.errors import ParameterError
 
 
+class NormStop:
+    """Stops a row once the L2 norm of its output reaches the rule's value."""
+
+    def __init__(self, rule):
+        self.value = rule.value
+
+    def hits(self, y, tokens=None):
+        """`(rows,)` bools: the rows of `y (rows, O)` that stop (`tokens` is not read)."""
+        return tf.norm(y, axis=-1) >= tf.cast(self.value, y.dtype)
+
+
+class GateStop:
+    """Stops a row once `sigmoid` of its output's last column, the stop logit, reaches the rule's value."""
+
+    def __init__(self, rule):
+        self.value = rule.value
+
+    def hits(self, y, tokens=None):
+        """`(rows,)` bools: the rows of `y (rows, O)` that stop (`tokens` is not read)."""
+        return tf.sigmoid(y[:, -1]) >= tf.cast(self.value, y.dtype)
+
+
+class TokenStop:
+    """Stops a row once its token is one of the rule's ids: the sampled id where given, else `argmax(y)`."""
+
+    def __init__(self, rule):
+        self.ids = rule.token_ids
+
+    def hits(self, y, tokens=None):
+        """`(rows,)` bools: the rows of `y (rows, O)` whose token (`tokens (rows,)`, else `argmax(y)`) stops."""
+        if tokens is None:
+            tokens = tf.argmax(y, axis=-1, output_type=tf.int32)
+        if len(self.ids) == 1:
+            return tokens == tf.cast(self.ids[0], tokens.dtype)
+        return tf.reduce_any(tokens[:, None] == tf.constant(self.ids, tokens.dtype)[None, :], axis=1)
+
+
+RULES = {"norm": NormStop, "gate": GateStop, "token": TokenStop}
+"""Each `StopRule.kind`'s class: a new rule is a class here with one method, `hits(y, tokens)` (and its
+`options.StopRule` constructor and flag)."""
+
+
 def stop_hits(rule, y, tokens=None):
-    """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the `StopRule`.
+    """Returns a `(rows,)` bool tensor: which rows of `y (rows, O)` meet the `StopRule` (`RULES[rule.kind]`).
 
     A token rule reads `tokens (rows,)` (the sampled ids) where given, else
-    `argmax(y)`; a gate reads `sigmoid` of `y`'s last column.
+    `argmax(y)`; a gate reads `sigmoid` of `y`'s last column; a norm rule
+    reads `y`. Only a token rule reads `tokens`.
     """
-    if rule.kind == "norm":
-        return tf.norm(y, axis=-1) >= tf.cast(rule.value, y.dtype)
-    if rule.kind == "gate":
-        return tf.sigmoid(y[:, -1]) >= tf.cast(rule.value, y.dtype)
-    if tokens is None:
-        tokens = tf.argmax(y, axis=-1, output_type=tf.int32)
-    ids = rule.token_ids
-    if len(ids) == 1:
-        return tokens == tf.cast(ids[0], tokens.dtype)
-    return tf.reduce_any(tokens[:, None] == tf.constant(ids, tokens.dtype)[None, :], axis=1)
+    return RULES[rule.kind](rule).hits(y, tokens)
 
 
 def stop(rule, *, exclude_stop_step):

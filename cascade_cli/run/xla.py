@@ -224,7 +224,7 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
     if key not in cascade._loops:
         rule = cascade.stop_rule
         stop = None if rule is None else (
-            lambda y, token: stopping.stop_hits(rule, y, token if rule.kind == "token" else None))
+            lambda y, token: stopping.stop_hits(rule, y, token))
         spec = compiled_loop.LoopSpec(
             walk=walk, carry=cascade.state == "carry", feedback=cascade.feedback,
             start_previous=cascade._start[0] == "previous", sampler=cascade.sampler, stop=stop,
