@@ -41,7 +41,7 @@ END = feedback.END
 def padded_beam(model_a, model_b, inputs, *, width, max_steps, end=END):
     """Beam search over every pair at once, padded: `(values (total, O), tokens (total,), lengths (N, Ta))`.
 
-    The contract of `cascade_cli.beam` (sum of log-softmax scores, the `width`
+    The contract of `cascade_cli.run.beam` (sum of log-softmax scores, the `width`
     best candidates of a pair kept, ended ones pooled, the best ended one
     returned; a pair stops once its pool is full and no live score can beat
     its worst), written as one loop over `(N x Ta x width)` rows.
@@ -110,7 +110,7 @@ def methods(model_a, model_b, *, max_steps, features):
     import tensorflow as tf
 
     from cascade_cli.options import Sampler, StopRule
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     cascade = Cascade(model_a, model_b, feedback=True, sampler=Sampler.beam(WIDTH), max_steps=max_steps,
                       stop_rule=StopRule.token(END))

@@ -182,7 +182,7 @@ def xla_model(model):
     measure exactly what `cascade_xla` does with A. Inference only: the
     returned `call(inputs, training=False)` refuses `training=True`.
     """
-    from cascade_cli.runner import xla_inference
+    from cascade_cli.run.xla import xla_inference
 
     compiled = xla_inference(model)
 
@@ -225,7 +225,7 @@ def make_function(method, model_a, model_b, *, state, direction, shared=None):
 
     shared = {} if shared is None else shared
     if method in ("cascade", "cascade_xla"):
-        from cascade_cli.runner import Cascade
+        from cascade_cli.run.cascade import Cascade
 
         key = (method, state)
         if key not in shared:

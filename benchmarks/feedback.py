@@ -408,7 +408,7 @@ def make_method(method, model_a, model_b, *, direction, run_plan):
     import tensorflow as tf
 
     from cascade_cli.options import StopRule
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     max_steps, features = run_plan.max_steps, run_plan.features
     size = run_plan.outputs

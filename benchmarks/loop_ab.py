@@ -39,7 +39,7 @@ def _median_ms(function, inputs, repeats):
 def _generators(model_a, model_b, *, state):
     """`{"compiled": run, "plain": run}`: the default loop choice, and the plain loop with A still under XLA."""
     from benchmarks.feedback import END
-    from cascade_cli import runner
+    from cascade_cli.run import cascade as runner, xla
     from cascade_cli.options import StopRule
 
     made = {}
@@ -47,7 +47,7 @@ def _generators(model_a, model_b, *, state):
         cascade = runner.Cascade(model_a, model_b, state=state, feedback=True, sampler="greedy", max_steps=8,
                                  stop_rule=StopRule.token(END))
         if name == "plain":
-            cascade._loop_choice = runner._LoopChoice(False, "held on the plain loop by benchmarks.loop_ab")
+            cascade._loop_choice = xla.LoopChoice(False, "held on the plain loop by benchmarks.loop_ab")
         made[name] = lambda inputs, cascade=cascade: cascade.run(inputs, return_tokens=True)
     return made
 
@@ -58,7 +58,7 @@ def compaction(repeats):
     import tensorflow as tf
 
     from benchmarks import feedback
-    from cascade_cli import compiled_loop
+    from cascade_cli.run import compiled_loop
 
     rng = np.random.default_rng(0)
     print("case              compacted ms  masked ms  padded XLA ms  compacted / masked  compacted / padded  "

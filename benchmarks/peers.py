@@ -277,7 +277,7 @@ def make_method(method, model_a, model_b, *, state, direction, run_plan, hidden,
     """Returns `(function(inputs, steps), numpy_inputs)` for one method: numpy_inputs says what it takes."""
     import tensorflow as tf
 
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     if method in ("keras_padded", "keras_padded_xla"):
         function, _ = make_keras_padded(model_a, model_b, state=state, direction=direction,
@@ -386,7 +386,7 @@ def cases_with_data(run_plan):
 def _a_choice(model_a, model_b):
     """What the default `Cascade(a, b)` chose for A (`a_compiled`) and, in each mode, for the loop over B
     (`loop_compiled`: the whole loop under XLA), after one call."""
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     choice = {}
     for state in STATES:

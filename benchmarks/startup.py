@@ -11,7 +11,7 @@ Prints, in seconds (the median of the rounds, and every round):
 - `python -c "import tensorflow"`: the floor no cascade run can go under;
 - `cascade generate` on `sample_data/` (8 samples, 303 inner steps) as it
   comes (`jit_compile="auto"`: since issue 31's plan, a job this small, 96 of
-  A's steps, runs A's plain call with no XLA probe, `runner.XLA_PAYS_FROM`;
+  A's steps, runs A's plain call with no XLA probe, `run.xla.XLA_PAYS_FROM`;
   before it, A was probed and compiled): the first run, with an empty XLA
   cache (`CASCADE_XLA_CACHE` pointed at a new folder), then the same run
   repeated, which reads what the first wrote; the same two without the
@@ -46,8 +46,8 @@ marks = {{}}
 import keras, tensorflow as tf
 marks["import tensorflow, keras"] = time.perf_counter()
 from cascade_cli.data import open_inputs
-from cascade_cli.models import load_pair
-from cascade_cli.runner import Cascade
+from cascade_cli.model_files import load_pair
+from cascade_cli.run.cascade import Cascade
 from cascade_cli.steps import read_steps
 a, b = load_pair("{a}", "{b}")
 marks["load A and B"] = time.perf_counter()

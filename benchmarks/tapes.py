@@ -49,7 +49,7 @@ def make_taped(tape, model_a, model_b):
     """`function(inputs, steps) -> gradients`: a fresh default `Cascade(a, b)` called eagerly under `tape`."""
     import tensorflow as tf
 
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     cascade = Cascade(model_a, model_b)
     weights = model_a.trainable_variables + model_b.trainable_variables

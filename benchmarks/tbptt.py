@@ -27,7 +27,7 @@ def one(outer, window, samples=4):
     import keras
     import numpy as np
 
-    from cascade_cli.models import state_form
+    from cascade_cli.run.models import state_form
     from cascade_cli.train.keras_model import CascadeModel
 
     a = state_form(keras.saving.load_model(SAMPLES / "model_a.keras", compile=False))

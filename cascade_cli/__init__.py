@@ -10,13 +10,13 @@ Importing the package does not import TensorFlow; `Cascade` and
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Cascade": "cascade_cli.runner",
+    "Cascade": "cascade_cli.run.cascade",
     "generate_to_file": "cascade_cli.generation",
     "StopRule": "cascade_cli.options",
     "Sampler": "cascade_cli.options",
     "TrainConfig": "cascade_cli.options",
     "CascadeResult": "cascade_cli.result",
-    "CascadeState": "cascade_cli.state",
+    "CascadeState": "cascade_cli.run.state",
     "CascadeError": "cascade_cli.errors",
     "CascadeModel": "cascade_cli.train.keras_model",
     "export_saved_model": "cascade_cli.train.keras_model",

@@ -355,7 +355,7 @@ class ModelFiles:
         files; warns when safe mode is off."""
         _warn_unsafe(console, [self.model_a, self.model_b], unsafe=self.unsafe)
         load_tensorflow()
-        from cascade_cli.models import load_pair
+        from cascade_cli.model_files import load_pair
 
         return load_pair(self.model_a, self.model_b, safe_mode=not self.unsafe, allow_legacy_h5=self.allow_legacy_h5,
                          feedback=feedback)
@@ -373,10 +373,10 @@ def _warn_unsafe(console, paths, *, unsafe):
 
 
 def load_models(paths, roles, *, console, unsafe, allow_legacy_h5):
-    """Loads model files with `models.load_model`, warning on `console` when `unsafe`."""
+    """Loads model files with `model_files.load_model`, warning on `console` when `unsafe`."""
     _warn_unsafe(console, paths, unsafe=unsafe)
     load_tensorflow()
-    from cascade_cli.models import load_model
+    from cascade_cli.model_files import load_model
 
     return [
         load_model(path, role=role, safe_mode=not unsafe, allow_legacy_h5=allow_legacy_h5)

@@ -124,11 +124,11 @@ def run_demo(paths, *, epochs=DEMO_EPOCHS, overwrite=False, callbacks=None, prog
     from cascade_cli.train.checkpoints import remove_training_run
     from cascade_cli.data import TrainingData, open_inputs
     from cascade_cli.generation import generate_to_file, resolve_steps
-    from cascade_cli.models import load_model
+    from cascade_cli.model_files import load_model
     from cascade_cli.options import TrainConfig
     from cascade_cli.result import CascadeResult
     from cascade_cli.results_io import read_result, write_result
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
     from cascade_cli.steps import read_steps
     from cascade_cli.train.fit import fit
 
@@ -178,10 +178,10 @@ def _token_demo(paths, data_dir, *, overwrite, callbacks, progress, say):
     from cascade_cli.data import TrainingData, open_inputs
     from cascade_cli.generation import generate_to_file
     from cascade_cli.h5 import open_h5
-    from cascade_cli.models import load_model
+    from cascade_cli.model_files import load_model
     from cascade_cli.options import Sampler, StopRule, TrainConfig
     from cascade_cli.results_io import read_result
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
     from cascade_cli.train.fit import fit
 
     files = {key: data_dir / name for key, name in sample.TOKEN_FILE_NAMES.items()}

@@ -27,10 +27,10 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_cli.errors import CascadeError, DataError, ParameterError, received
-from cascade_cli.models import check_inputs_fit
+from cascade_cli.run.models import check_inputs_fit
 from cascade_cli.options import (GENERATE_BATCH_SIZE, check_choice, check_int, resolve_runner_settings,
                                   runner_attrs)
-from cascade_cli.packing import ROW_QUANTUM
+from cascade_cli.run.packing import ROW_QUANTUM
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import STOP_SUMMARY_ATTRS, RaggedH5Writer
 from cascade_cli.shards import shard_range
@@ -107,7 +107,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
         settings: runner settings given, `{name: value}` (None: not given).
         batch_size, num_samples, shard, keep_gate, allow_nonfinite, overwrite,
             progress, window: as `generate_to_file`.
-        safe_mode, allow_legacy_h5: how the model files load (`models.load_model`).
+        safe_mode, allow_legacy_h5: how the model files load (`model_files.load_model`).
 
     Returns:
         A `GenerateRun`.
@@ -121,7 +121,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
     import keras
 
     from cascade_cli.data import open_inputs
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     given = dict(settings or {})
     with open_inputs(inputs, key=inputs_key) as source:
@@ -131,7 +131,7 @@ def generate_files(inputs, output, *, model_a=None, model_b=None, model=None, in
             generator = load_generator(model, safe_mode=safe_mode)
             pair, saved, model_files = (generator.model_a, generator.model_b), generator.settings, (model,)
         else:
-            from cascade_cli.models import load_pair
+            from cascade_cli.model_files import load_pair
 
             pair = load_pair(model_a, model_b, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5,
                              feedback=bool(given.get("feedback")))
@@ -227,7 +227,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     non-finite, unless `allow_nonfinite`.
 
     Args:
-        cascade: a `runner.Cascade`.
+        cascade: a `Cascade`.
         source: an open `data.InputSource` `(N, Ta, F)`.
         steps: `(Ta,)` or `(N, Ta)` integers (see `resolve_steps`), or None to
             run `cascade.max_steps` everywhere (with its stop rule).
@@ -247,7 +247,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
         allow_nonfinite: write NaN and Inf values instead of stopping at the
             first.
         window: run each batch in windows of this many outer steps, the
-            state carried (`cascade_cli.windows`): the same result, with the
+            state carried (`cascade_cli.run.windows`): the same result, with the
             runner's memory bounded by the window instead of `Ta`; None runs
             each batch whole.
 
@@ -260,7 +260,7 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             NaN or Inf (without `allow_nonfinite`).
     """
     from cascade_cli.data import InputSource
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     if not isinstance(cascade, Cascade):
         raise ParameterError("cascade", f"expected a cascade_cli.Cascade, received {received(cascade)}.")
@@ -289,13 +289,13 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
     tokens = cascade.sampler.tokens
     call = lambda inputs, caps, index: cascade.run(inputs, caps, sample_index=index, return_tokens=tokens)  # noqa: E731
     if cascade.sampler.kind == "beam" and repeats > 1:  # result sample n * K + k: input n's k-th best hypothesis
-        from cascade_cli import beam
+        from cascade_cli.run import beam
 
         beam.check_num_samples(cascade, repeats)
         call = lambda inputs, caps, index: beam.run_ranked(  # noqa: E731
             cascade, inputs, caps, ranks=tf.cast(index % repeats, tf.int32))
     if window is not None:  # windows of outer steps, each a runner call, the state carried
-        from cascade_cli.windows import Windows
+        from cascade_cli.run.windows import Windows
 
         windows = Windows(cascade, window)
         run = lambda inputs, caps, index: windows(inputs, caps, index, return_tokens=tokens)  # noqa: E731

@@ -14,7 +14,7 @@ def pack_generator(model_a, model_b, output, *, settings=None, overwrite=False, 
     """Loads model A and model B, checks them with the runner settings and saves them as one generator file.
 
     Args:
-        model_a, model_b: the model files (`models.load_pair`).
+        model_a, model_b: the model files (`model_files.load_pair`).
         output: the `.keras` file to write, under a temporary name renamed
             into place (`atomic.atomic_output`).
         settings: runner settings given, `{name: value}` (None: not given);
@@ -31,7 +31,7 @@ def pack_generator(model_a, model_b, output, *, settings=None, overwrite=False, 
     """
     from cascade_cli.atomic import atomic_output
     from cascade_cli.train.keras_model import CascadeModel
-    from cascade_cli.models import load_pair
+    from cascade_cli.model_files import load_pair
 
     given = dict(settings or {})
     pair = load_pair(model_a, model_b, safe_mode=safe_mode, allow_legacy_h5=allow_legacy_h5,

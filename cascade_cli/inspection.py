@@ -198,7 +198,7 @@ def _tensor_list(tensors):
 
 def describe_model(model, path):
     """Inspects one loaded model: `(rows, a_spec or None, b_spec or None)`."""
-    from cascade_cli.models import inspect_a, inspect_b
+    from cascade_cli.run.models import inspect_a, inspect_b
 
     trainable = sum(int(math.prod(w.shape)) for w in model.trainable_weights)
     total = sum(int(math.prod(w.shape)) for w in model.weights)
@@ -278,7 +278,7 @@ def nonfinite_value_rows(result_path):
 
 def _feedback_rows(model, b_spec):
     """The `("feedback", ...)` row (does B fit the feedback form?) of a step-form B, or of a model that fits only the feedback form; else none."""
-    from cascade_cli.models import feedback_problem, inspect_b
+    from cascade_cli.run.models import feedback_problem, inspect_b
 
     problem = feedback_problem(model)
     if problem is None:
@@ -347,7 +347,7 @@ def describe_pair(models, paths, specs):
     finds nothing), and the pair says which form fits. When none fits, the
     error names both files.
     """
-    from cascade_cli.models import check_pair, feedback_problem
+    from cascade_cli.run.models import check_pair, feedback_problem
 
     forms = [([False] if b_spec is not None else []) + ([True] if feedback_problem(model) is None else [])
              for model, (_, b_spec) in zip(models, specs)]

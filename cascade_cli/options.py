@@ -86,7 +86,7 @@ class StopRule:
     """When a generated inner sequence stops.
 
     A sequence stops after the first inner step whose output `y` meets the
-    rule. The runner evaluates it (`cascade_cli.runner.stop_hits`).
+    rule. The runner evaluates it (`cascade_cli.run.stopping.stop_hits`).
 
     Attributes:
         kind: `"norm"` (L2 norm of `y` >= `value`), `"token"` (`argmax(y)`
@@ -183,7 +183,7 @@ SAMPLING_SCHEDULES = ("constant", "inverse-sigmoid")
 class Sampler:
     """What a feedback-form B is fed back from its output `y` (and which token a row emits).
 
-    The runner draws with it (`cascade_cli.sampling.sample`).
+    The runner draws with it (`cascade_cli.run.sampling.sample`).
 
     Attributes:
         kind: one of `SAMPLERS`: `"identity"` feeds `y` itself (regression),
@@ -192,7 +192,7 @@ class Sampler:
             `top_k` most likely tokens and/or the smallest set whose
             probability reaches `top_p` (the nucleus), renormalised; `"beam"`
             keeps the `width` best token sequences of each inner sequence
-            (`cascade_cli.beam`) and feeds each its own token's one-hot.
+            (`cascade_cli.run.beam`) and feeds each its own token's one-hot.
         temperature: > 0 (`"categorical"` only).
         top_k: an integer >= 1, or None for every token (`"categorical"` only).
         top_p: in (0, 1], or None for 1 (`"categorical"` only).
@@ -225,7 +225,7 @@ class Sampler:
 
     @classmethod
     def beam(cls, width, length_penalty=0.0):
-        """Beam search: keeps the `width` best token sequences of each inner sequence (`cascade_cli.beam`).
+        """Beam search: keeps the `width` best token sequences of each inner sequence (`cascade_cli.run.beam`).
 
         A hypothesis scores the sum of `log_softmax(y_j)[token_j]` over its
         steps; ended ones compare by that score divided by `length **

@@ -1,6 +1,6 @@
 """An eager, exhaustive reference for beam search: every token sequence of every pair enumerated (tests only).
 
-Independent of `cascade_cli.beam`: plain numpy and eager calls of A and B, a
+Independent of `cascade_cli.run.beam`: plain numpy and eager calls of A and B, a
 pair's hypotheses grown one level at a time (each level's live hypotheses in
 one eager call of B). Every hypothesis ends when its token is a stop token
 (from `min_steps` on) or when it reaches the pair's cap; its score is the sum

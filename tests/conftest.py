@@ -42,7 +42,7 @@ def _xla_only_where_asked():
     if "tensorflow" not in sys.modules:  # a test run that imported no TensorFlow builds no Cascade
         yield
         return
-    from cascade_cli import runner
+    from cascade_cli.run import cascade as runner
 
     init = runner.Cascade.__init__
 

@@ -1,7 +1,7 @@
 """The two paths a reference test runs on: the shipped default and the plain loop.
 
 `jit_compile="auto"` (the default) runs A and the whole loop over B under XLA where they compile
-(`cascade_cli.compiled_loop`); `False` runs the plain packed loop. A reference test takes `jit` from
+(`cascade_cli.run.compiled_loop`); `False` runs the plain packed loop. A reference test takes `jit` from
 `BOTH` (or `both(cases)`) and builds its cascades with `jit_compile=jit`: the `"auto"` cases are marked
 `xla`, so conftest leaves them the default, and fails them where a cascade fell back from XLA quietly.
 """

@@ -13,12 +13,12 @@ import tensorflow as tf
 import beamref
 import builders
 from clitools import assert_error, assert_ok, invoke
-from cascade_cli import beam
+from cascade_cli.run import beam
 from cascade_cli.errors import ParameterError
 from cascade_cli.train.keras_model import CascadeModel
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 N, TA, O, MAX = 3, 3, 3, 4
 WIDE = O ** (MAX - 1)  # keeps every live hypothesis

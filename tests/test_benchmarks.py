@@ -18,8 +18,8 @@ from benchmarks import bench, peers
 from benchmarks.nested import limit, make_limit, make_nested_loops, nested_loops
 
 FEATURES, HIDDEN, UNITS, OUTPUTS = 3, 4, 5, 2
-HAS_RUNNER = importlib.util.find_spec("cascade_cli.runner") is not None
-needs_runner = pytest.mark.skipif(not HAS_RUNNER, reason="cascade_cli.runner is not written yet")
+HAS_RUNNER = importlib.util.find_spec("cascade_cli.run.cascade") is not None
+needs_runner = pytest.mark.skipif(not HAS_RUNNER, reason="cascade_cli.run.cascade is not written yet")
 
 # Zero steps at the start, in the middle, at the end, and a whole zero row.
 STEPS = np.array(
@@ -157,7 +157,7 @@ def test_limit_is_first_inner_step_of_every_row(models, inputs):
 @pytest.mark.parametrize("state", ["reset", "carry"])
 def test_nested_loops_equal_cascade(models, inputs, state):
     """The strongest check of the runner's semantics: the nested-loop answer, value for value."""
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     model_a, model_b = models
     outputs, mask = make_nested_loops(model_a, model_b, state=state)(inputs, STEPS)
@@ -172,7 +172,7 @@ def test_nested_loops_equal_cascade(models, inputs, state):
 @needs_runner
 @pytest.mark.parametrize("state", ["reset", pytest.param("carry", marks=pytest.mark.slow)])  # ~9 s each
 def test_nested_loops_gradients_equal_cascade(models, inputs, state):
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     model_a, model_b = models
     weights = model_a.trainable_variables + model_b.trainable_variables

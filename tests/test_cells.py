@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.cells import backward_problem, fast_path_problem, split_b
+from cascade_cli.run.cells import backward_problem, fast_path_problem, split_b
 from cascade_cli.errors import ModelError, ParameterError
 from cascade_cli.options import StopRule
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])
 

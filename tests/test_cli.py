@@ -29,7 +29,7 @@ from cascade_cli.errors import DataError
 from cascade_cli.inspection import histogram_rows
 from cascade_cli.results_io import read_result, read_result_attrs
 from cascade_cli.options import StopRule, TrainConfig
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 N, TA, F = 5, 3, 3
 KILL_SEED = 20261202  # the kill tests' delays: printed, so a failure can be reproduced

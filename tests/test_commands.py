@@ -78,7 +78,7 @@ def test_a_command_module_imports_neither_tensorflow_nor_h5py(module):
 
 
 def test_the_runner_reads_its_defaults_from_the_one_list():
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     parameters = inspect.signature(Cascade.__init__).parameters
     defaults = {name: parameter.default for name, parameter in parameters.items()

@@ -1,4 +1,4 @@
-"""The packed loop compiled whole under XLA (`cascade_cli.compiled_loop`), the shipped default (`jit_compile="auto"`).
+"""The packed loop compiled whole under XLA (`cascade_cli.run.compiled_loop`), the shipped default (`jit_compile="auto"`).
 
 The reference tests of every mode, form, stop rule and feedback setting run on this path and on the plain loop
 (`paths.BOTH` in test_runner, test_feedback, test_stopping, test_min_steps, test_stop_tokens, test_gate); here are
@@ -15,10 +15,10 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli import compiled_loop, packing
+from cascade_cli.run import compiled_loop, packing
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 from test_runner import PER_SAMPLE, gradients, make_b
 
 

@@ -6,9 +6,9 @@ import pytest
 from cascade_cli import demo, sample
 from cascade_cli.data import open_inputs
 from cascade_cli.h5 import open_h5
-from cascade_cli.models import load_model
+from cascade_cli.model_files import load_model
 from cascade_cli.options import Sampler, StopRule
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 
 def followed(result, rules, steps):

@@ -8,9 +8,9 @@ import tensorflow as tf
 import builders
 import paths
 from cascade_cli.errors import ModelError, ParameterError
-from cascade_cli.models import feedback_problem, inspect_b
+from cascade_cli.run.models import feedback_problem, inspect_b
 from cascade_cli.options import Sampler, StopRule
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros, a whole zero row
 O = 3
@@ -359,11 +359,11 @@ CELL_STARTS = [(kind, ("reset", "carry")[(i + j) % 2], start) for i, kind in enu
 
 @pytest.mark.parametrize("kind, state, start", CELL_STARTS)
 def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypatch):
-    from cascade_cli import runner
+    from cascade_cli.run import feedback as module
 
     calls = []
-    original = runner.packed_recurrence
-    monkeypatch.setattr(runner, "packed_recurrence", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original = module.packed_recurrence
+    monkeypatch.setattr(module, "packed_recurrence", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     a, b = models(kind)
     cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=False, fast_cells=True)
     assert_equal_reference(cascade, builders.inputs(3, 4), STEPS, targets=targets_for(STEPS))

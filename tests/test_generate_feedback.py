@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import builders
-from cascade_cli import runner
+from cascade_cli.run import xla as run_xla
 from clitools import assert_error, assert_ok, invoke
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 N, TA, O = 9, 3, 4
 
@@ -65,8 +65,8 @@ def test_the_file_holds_what_the_runner_gives_tokens_included(files, tmp_path):
 def test_the_same_seed_gives_identical_bytes_at_any_batch_size_and_through_shards(files, tmp_path, xla, monkeypatch):
     """Values included: generate runs whole blocks of rows (`generation._whole_blocks`), so no kernel sees
     a batch whose size changes a row's last bits. A job this small runs without XLA as it comes
-    (`runner.XLA_PAYS_FROM`, tests/test_startup.py); here the line is lowered so that XLA runs."""
-    monkeypatch.setattr(runner, "XLA_PAYS_FROM", 1)
+    (`run.xla.XLA_PAYS_FROM`, tests/test_startup.py); here the line is lowered so that XLA runs."""
+    monkeypatch.setattr(run_xla, "XLA_PAYS_FROM", 1)
     for size in (1, 7, 64):
         assert_ok(generate(files, tmp_path / f"b{size}.h5", *SAMPLED, *xla, "--batch-size", str(size)))
     whole = arrays(tmp_path / "b64.h5")

@@ -13,7 +13,7 @@ from cascade_cli.generation import BatchRange, batch_ranges, generate_to_file, r
 from cascade_cli.options import StopRule
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 N, TA, F = 7, 3, 3
 STEPS = np.array([[2, 0, 3], [0, 0, 0], [1, 1, 0], [3, 2, 1], [0, 4, 0], [1, 0, 0], [0, 0, 2]])

@@ -8,7 +8,7 @@ import pytest
 TF_FREE = ("cascade_cli", "cascade_cli.errors", "cascade_cli.options", "cascade_cli.steps", "cascade_cli.h5",
            "cascade_cli.atomic", "cascade_cli.result", "cascade_cli.results_io", "cascade_cli.shards",
            "cascade_cli.inspection", "cascade_cli.progress", "cascade_cli.data", "cascade_cli.cli",
-           "cascade_cli.plotting")
+           "cascade_cli.plotting", "cascade_cli.model_files", "cascade_cli.run")
 
 
 @pytest.mark.parametrize("module", TF_FREE)

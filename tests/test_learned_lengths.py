@@ -7,7 +7,7 @@ import pytest
 from filetools import write_h5
 from cascade_cli.data import TrainingData
 from cascade_cli.options import StopRule, TrainConfig
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 from cascade_cli.train.fit import fit
 
 END = 1  # token 0: "go on", token 1: the end token, never in the file

@@ -8,7 +8,7 @@ import paths
 import stopref
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 from test_runner import counting_b, make_b
 
 MAX_STEPS = 6

@@ -12,10 +12,12 @@ import pytest
 import builders
 from clitools import assert_error, assert_nothing_in, invoke
 from filetools import quoted, write_h5
-from cascade_cli import models
+from cascade_cli import model_files
+from cascade_cli.run import models
 from cascade_cli.errors import ModelError
-from cascade_cli.models import check_pair, inspect_a, inspect_b, load_model, load_pair
-from cascade_cli.runner import Cascade
+from cascade_cli.model_files import load_model, load_pair
+from cascade_cli.run.models import check_pair, inspect_a, inspect_b
+from cascade_cli.run.cascade import Cascade
 
 NOT_CAUSAL = ("model B (sequence form) is not causal: changing inputs at steps >= 4 changed its outputs at "
               "steps < 4. A generator must not look ahead (no Bidirectional, no non-causal convolution).")
@@ -184,7 +186,7 @@ def test_load_pair_checks_the_pair_naming_the_files(tmp_path):
 
 def test_an_archive_declaring_a_huge_config_is_refused_before_keras_reads_it(tmp_path, monkeypatch):
     path = tmp_path / "bomb.keras"
-    size = models.ARCHIVE_JSON_LIMIT + 1
+    size = model_files.ARCHIVE_JSON_LIMIT + 1
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         archive.writestr("metadata.json", "{}")
         with archive.open("config.json", "w", force_zip64=True) as member:
@@ -193,7 +195,7 @@ def test_an_archive_declaring_a_huge_config_is_refused_before_keras_reads_it(tmp
                 member.write(block)
             member.write(b" " * (size % len(block)))
     assert path.stat().st_size < 2**20  # a small file
-    assert models.ARCHIVE_JSON_LIMIT == 64 * 2**20
+    assert model_files.ARCHIVE_JSON_LIMIT == 64 * 2**20
 
     def fail(*args, **kwargs):
         raise AssertionError("Keras was asked to read the archive")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cascade_cli.packing import carry_plan, carry_rows, next_running_pair, prefix_counts, reset_plan, reset_rows
+from cascade_cli.run.packing import carry_plan, carry_rows, next_running_pair, prefix_counts, reset_plan, reset_rows
 
 
 def as_lists(plan):

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.cells import split_b
-from cascade_cli.recurrence import packed_recurrence
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cells import split_b
+from cascade_cli.run.recurrence import packed_recurrence
+from cascade_cli.run.cascade import Cascade
 
 FEATURES, UNITS = 3, 4
 

@@ -12,7 +12,9 @@ import builders
 import paths
 from cascade_cli.errors import DataError, ModelError, ParameterError
 from cascade_cli.keras_internals import seed_generators
-from cascade_cli.runner import Cascade, packed_loop, xla_inference, xla_problem
+from cascade_cli.run.cascade import Cascade
+from cascade_cli.run.loop import packed_loop
+from cascade_cli.run.xla import xla_inference, xla_problem
 
 PER_SAMPLE = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros and a whole zero row
 SHARED = np.array([2, 0, 3, 1])
@@ -396,7 +398,7 @@ def test_the_runner_imports_no_file_reading_module():
 
     (`'h5py' not in sys.modules` cannot hold: TensorFlow itself imports h5py.)
     """
-    code = ("import sys, cascade_cli.runner; "
+    code = ("import sys, cascade_cli.run.cascade; "
             "print(sorted(m for m in ('cascade_cli.h5', 'cascade_cli.data', 'cascade_cli.cli', 'click') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

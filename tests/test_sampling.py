@@ -8,10 +8,10 @@ import scipy.stats
 import tensorflow as tf
 
 import builders
-from cascade_cli import sampling
+from cascade_cli.run import sampling
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import Sampler, SamplingSchedule, StopRule, parse_feedback_start
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 O = 6
 

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli import runner
+from cascade_cli.run import xla
 from cascade_cli.cli import XLA_CACHE_ENV, _use_xla_cache, xla_cache_folder
 from cascade_cli.data import open_inputs
 from cascade_cli.errors import ParameterError
@@ -25,7 +25,7 @@ from cascade_cli.inspection import _result_xla
 from cascade_cli.options import Sampler, StopRule
 from cascade_cli.result import CascadeResult
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
@@ -70,20 +70,20 @@ def inputs_file(tmp_path):
 
 @pytest.fixture()
 def probes(monkeypatch):
-    """Counts the XLA probes of model A (`runner.xla_problem`) and of the loop over B while the test runs."""
+    """Counts the XLA probes of model A (`xla.xla_problem`) and of the loop over B while the test runs."""
     calls = []
-    probe, choose_loop = runner.xla_problem, Cascade._choose_loop
+    probe, choose_loop = xla.xla_problem, xla.choose_loop
 
     def counted(*args, **kwargs):
         calls.append(("A", args[2]))
         return probe(*args, **kwargs)
 
-    def counted_loop(self, *, shape):
+    def counted_loop(cascade, *, shape):
         calls.append(("loop", shape))
-        return choose_loop(self, shape=shape)
+        return choose_loop(cascade, shape=shape)
 
-    monkeypatch.setattr(runner, "xla_problem", counted)
-    monkeypatch.setattr(Cascade, "_choose_loop", counted_loop)
+    monkeypatch.setattr(xla, "xla_problem", counted)
+    monkeypatch.setattr(xla, "choose_loop", counted_loop)
     return calls
 
 
@@ -102,10 +102,10 @@ def test_a_small_generate_runs_a_plainly_with_no_probe_and_says_why(models, inpu
     assert bool(attrs["a_compiled"]) is False
     assert attrs["a_compile_problem"] == (
         f"the job is too small for XLA's compile to pay: {N} samples x {TA} outer steps of A = {N * TA} steps, "
-        f"under {runner.XLA_PAYS_FROM} (no probe)")
+        f"under {xla.XLA_PAYS_FROM} (no probe)")
     assert bool(attrs["loop_compiled"]) is False and attrs["loop_compile_problem"] == (
         f"the job is too small for XLA's compile to pay: the inner steps of B = {STEPS.sum()} steps, "
-        f"under {runner.XLA_PAYS_FROM} (no probe)")
+        f"under {xla.XLA_PAYS_FROM} (no probe)")
     assert _result_xla({**attrs, "jit_compile": "auto"}) == [  # as inspect says it
         ("model A ran", f"without XLA (jit_compile=auto): {attrs['a_compile_problem']}")]
     plain = Cascade(*models, jit_compile=False).run(np.load(inputs_file), STEPS)[0].numpy()
@@ -118,7 +118,7 @@ def test_the_choice_is_the_whole_jobs_at_any_batch_size_and_in_every_shard(
         models, inputs_file, tmp_path, monkeypatch, probes, pays_from):
     """The job's N x Ta decides, on either side of the line: batches of 1, 3 and 8 and 3 shards choose alike,
     and the shards merge into the very bytes of the whole run."""
-    monkeypatch.setattr(runner, "XLA_PAYS_FROM", pays_from)
+    monkeypatch.setattr(xla, "XLA_PAYS_FROM", pays_from)
     for size in (1, 3, 8):
         _, attrs = generate(Cascade(*models), inputs_file, tmp_path / f"b{size}.h5", batch_size=size)
         assert bool(attrs["a_compiled"]) is (pays_from == 1), size
@@ -221,8 +221,8 @@ def test_a_cache_that_cannot_be_made_is_no_cache(tmp_path):
 def test_a_repeated_generate_reads_the_cache_and_writes_the_same_bytes(tmp_path):
     """Three runs of sample_data/: without the cache, filling it, reading it; the values are the same bytes.
 
-    Drawn K times, enough for A's compile to pay (`runner.XLA_PAYS_FROM`): sample_data/ alone runs A plainly."""
-    draws = -(-runner.XLA_PAYS_FROM // (8 * 12))  # sample_data/ holds 8 samples of 12 outer steps
+    Drawn K times, enough for A's compile to pay (`xla.XLA_PAYS_FROM`): sample_data/ alone runs A plainly."""
+    draws = -(-xla.XLA_PAYS_FROM // (8 * 12))  # sample_data/ holds 8 samples of 12 outer steps
     argv = [sys.executable, "-m", "cascade_cli", "generate", "--model-a", str(SAMPLE / "model_a.keras"),
             "--model-b", str(SAMPLE / "model_b.keras"), "--inputs", str(SAMPLE / "inputs.h5"),
             "--steps-file", str(SAMPLE / "steps.txt"), "--num-samples", str(draws)]

@@ -12,7 +12,7 @@ from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
 from cascade_cli.results_io import read_result, read_result_attrs
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 from test_cli import STEPS, direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import make_b
 

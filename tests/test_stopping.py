@@ -7,7 +7,7 @@ import builders
 import paths
 import stopref
 from cascade_cli.errors import DataError, ParameterError
-from cascade_cli.runner import Cascade, StopRule
+from cascade_cli.run.cascade import Cascade, StopRule
 from test_runner import counting_b, make_b
 
 MAX_STEPS = 6

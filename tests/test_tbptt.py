@@ -285,7 +285,7 @@ def test_a_killed_windowed_fit_resumes_to_the_weights_of_an_unbroken_one(tmp_pat
 @pytest.mark.parametrize("state, start", [  # carry: about 19 s (the whole teacher-forced run's gradient path)
     pytest.param("carry", "zeros", marks=pytest.mark.slow), ("reset", "token:1")])
 def test_teacher_forced_windows_equal_the_whole_teacher_forced_run(state, start):
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
     inputs, steps, padded = arrays()
     cascade = Cascade(state_a(), builders.feedback_b(ir_size=H, output_size=O), state=state, feedback=True,

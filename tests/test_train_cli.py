@@ -22,7 +22,7 @@ from filetools import write_h5
 from test_training import penalty_by_hand, regularized_models
 from cascade_cli.data import TrainingData, padded_targets, split_indices
 from cascade_cli.train.keras_model import CascadeModel
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 
 N, TA = 4, 3
 STEPS = np.array([[2, 0, 3], [0, 1, 0], [1, 1, 0], [3, 2, 1]])

@@ -11,10 +11,10 @@ import tensorflow as tf
 
 from cascade_cli import CascadeState
 from cascade_cli.errors import ModelError, ParameterError
-from cascade_cli.models import inspect_a, state_form
+from cascade_cli.run.models import inspect_a, state_form
 from cascade_cli.options import Sampler, StopRule
-from cascade_cli.runner import Cascade
-from cascade_cli.windows import Windows
+from cascade_cli.run.cascade import Cascade
+from cascade_cli.run.windows import Windows
 from tests import builders, paths, stopref
 
 N, TA = 3, 5

@@ -71,7 +71,7 @@ def test_window_with_a_beam_is_a_usage_error(tmp_path):
 
 def test_an_a_in_state_form_generates_whole_and_in_windows(tmp_path):
     """An A saved in state form loads as one and gives the same file whole and with --window."""
-    from cascade_cli.models import state_form
+    from cascade_cli.run.models import state_form
     from keras.saving import load_model
 
     state_a = state_form(load_model(SAMPLES / "model_a.keras", compile=False))

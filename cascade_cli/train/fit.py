@@ -36,9 +36,9 @@ import tensorflow as tf
 from cascade_cli.atomic import is_no_space, no_space_error
 from cascade_cli.data import dataset, split_indices
 from cascade_cli.errors import CascadeError, DataError, ModelError, ParameterError
-from cascade_cli.models import check_inputs_fit
 from cascade_cli.options import CROSSENTROPY_LOSSES, RunInfo, StopRule, TrainCallbacks, TrainConfig
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
+from cascade_cli.run.models import check_inputs_fit
 from cascade_cli.train import distribute
 from cascade_cli.train.callbacks import RunState, ShowProgress
 from cascade_cli.train.checkpoints import (

@@ -10,7 +10,7 @@ this module is imported: the class is registered as
 Data: `x = (inputs (N, Ta, F), steps (N, Ta))` and `y` = padded targets
 `(N, Ta, L, O)`, entries past `steps` ignored (numpy arrays, or a
 `tf.data.Dataset` yielding `((inputs, steps), targets)`). Each step runs the
-packed runner (`cascade_cli.runner.Cascade`) on the given steps; the loss is
+packed runner (`cascade_cli.run.cascade.Cascade`) on the given steps; the loss is
 DESIGN section 5's, averaged over the valid elements only
 (`loss_terms`), in float32, plus the models' weight regularization
 losses (`regularization_loss`). The step itself is `cascade
@@ -41,10 +41,10 @@ import tensorflow as tf
 from cascade_cli.atomic import atomic_directory
 from cascade_cli.errors import ParameterError
 from cascade_cli.keras_internals import seed_generators
-from cascade_cli.models import check_inputs_fit
+from cascade_cli.run.models import check_inputs_fit
 from cascade_cli.options import LOSSES, RUNNER_DEFAULTS, Sampler, SamplingSchedule, StopRule, TrainConfig, check_int
 from cascade_cli.result import CascadeResult
-from cascade_cli.runner import Cascade
+from cascade_cli.run.cascade import Cascade
 from cascade_cli.steps import check_steps
 from cascade_cli.train import windows
 from cascade_cli.train.losses import check_regularizers, gate_terms, loss_terms, resolve_from_logits
@@ -754,7 +754,7 @@ def export_saved_model(model, directory, *, overwrite=False):
 def load_generator(path, *, safe_mode=True):
     """Loads a `CascadeModel` saved as one `.keras` file (`cascade pack`, `model.save`), safely.
 
-    The file goes through `models.load_model`'s checks (a local regular
+    The file goes through `model_files.load_model`'s checks (a local regular
     `.keras` file, no oversized archive members, safe mode unless told).
 
     Raises:
@@ -762,7 +762,7 @@ def load_generator(path, *, safe_mode=True):
             not a `CascadeModel`.
     """
     from cascade_cli.errors import ModelError
-    from cascade_cli.models import load_model
+    from cascade_cli.model_files import load_model
 
     model = load_model(path, role="generator", safe_mode=safe_mode)
     if not isinstance(model, CascadeModel):

@@ -37,7 +37,8 @@ import tensorflow as tf
 
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_int
-from cascade_cli.state import CascadeState, carry_problem
+from cascade_cli.run import checks
+from cascade_cli.run.state import CascadeState, carry_problem
 from cascade_cli.train.step import batch_loss, replica_context, train_step as one_step
 
 __all__ = ["check_window", "test_step", "train_step"]
@@ -90,7 +91,7 @@ def _over_windows(model, data, each):
     loss = batch_loss(carrying, model._terms, models=(model.model_a, model.model_b), gate=model._stop_gate)
     inputs = tf.convert_to_tensor(tf.nest.flatten(data)[0])
     outer = tf.shape(inputs)[1]
-    a_states, b_states, previous, offset = cascade._checked_state(None, inputs)  # zeros
+    a_states, b_states, previous, offset = checks.checked_state(cascade, None, inputs)  # zeros
     n_a, n_b = len(a_states), len(b_states)
 
     def body(k, offset, *states):

@@ -1,7 +1,7 @@
 """Packing plans: which rows run at each inner step, in which order, and the value order.
 
 Pure TensorFlow ops on the caps `(N, Ta)` int32 (the steps, or `max_steps`
-where none are given): no model, no I/O. The runner (`cascade_cli.runner`)
+where none are given): no model, no I/O. The runner (`cascade_cli.run.cascade`)
 turns a plan into a loop, the way Keras' `RNN` layer hands `backend.rnn` a
 step function.
 

@@ -1,6 +1,6 @@
 """The packed loop compiled whole: every inner step of B in one XLA computation (issue 29).
 
-The plain loop (`cascade_cli.runner.packed_loop` and the feedback loop) runs op
+The plain loop (`cascade_cli.run.loop.packed_loop` and the feedback loop) runs op
 by op in TensorFlow's graph executor: 30-100 us of dispatch per inner step,
 against 4-9 us inside an XLA while loop. Here the whole while loop, B's steps
 included, is one `tf.function(jit_compile=True)`, so its shapes must be static:
@@ -25,7 +25,7 @@ included, is one `tf.function(jit_compile=True)`, so its shapes must be static:
   table and the trip count are padded up to one of a few sizes (`bucket`): at
   most 25% padding, a handful of compiles per octave of batch size, and every
   row count a multiple of B's row quantum (16, or 2 where all of B's widths
-  are multiples of 16: `cascade_cli.packing.row_quantum`), so that a row's
+  are multiples of 16: `cascade_cli.run.packing.row_quantum`), so that a row's
   values do not depend on how many rows ran beside it. (Not enough under XLA
   everywhere: in `reset` with a stop rule a row's last bits were seen to
   differ between 2 and 40 samples of one input, 16-row blocks or 2; the plain
@@ -45,7 +45,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cascade_cli import packing, sampling
+from cascade_cli.run import packing, sampling
 
 QUANTUM = packing.ROW_QUANTUM  # every bucket is a multiple of it
 COMPACT_ROWS = 128  # from this many rows on, B runs on the running rows only (`compacted_step`)
@@ -102,7 +102,7 @@ class LoopSpec:
             most likely because XLA:CPU picks a matrix product's implementation by its sizes (tiled LLVM IR
             for small ones, a library call for larger ones: `GetDotImplementationStrategy`), each summing in
             its own order. Within these bounds a sample's bits were seen the same in any batch (tested).
-        quantum: the rows' block (`cascade_cli.packing.row_quantum`): every compacted size is a multiple of it.
+        quantum: the rows' block (`cascade_cli.run.packing.row_quantum`): every compacted size is a multiple of it.
     """
 
     walk: bool

@@ -22,7 +22,7 @@ For the usual activations (tanh, sigmoid, linear) a cell also gets a
 `Backward`: its step written gate by gate, `new_states(projected, inner(h),
 states)` with `inner` holding the only matmuls (one per gate), and the
 vector-Jacobian product of `new_states` written out, so that
-`cascade_cli.recurrence` can run the backward pass with a few ops per step
+`cascade_cli.run.recurrence` can run the backward pass with a few ops per step
 instead of TensorFlow's generic while-loop gradient, and take the recurrent
 weights' gradients in one matmul per gate after the loop. GRU with
 `reset_after=False` (its reset gate acts before the recurrent matmul) and

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from cascade_cli.errors import ParameterError
-from cascade_cli.models import state_form
-from cascade_cli.options import RUNNER_DEFAULTS, check_int
+from cascade_cli.run.models import state_form
+from cascade_cli.options import check_int
 
 
 class Windows:
@@ -76,9 +76,9 @@ class Windows:
 
 def _with_a(cascade, model_a):
     """A cascade with `model_a` for A and the same B and settings."""
-    from cascade_cli.runner import Cascade
+    from cascade_cli.run.cascade import Cascade
 
-    return Cascade(model_a, cascade.model_b, **{name: getattr(cascade, name) for name in RUNNER_DEFAULTS})
+    return Cascade(model_a, cascade.model_b, **cascade.get_config())
 
 
 def _over_ir(cascade):

@@ -10,7 +10,7 @@ same bits whatever the batch size, shards or slicing.
 `sample(sampler, y, u)` turns B's outputs into what is fed back and the token
 each row emits: `identity` feeds `y` (no token), `greedy` the one-hot of
 `argmax(y)` (so does `beam` where a single row samples: beam search
-itself is `cascade_cli.beam`), `categorical` the one-hot of a draw by inverse CDF over
+itself is `cascade_cli.run.beam`), `categorical` the one-hot of a draw by inverse CDF over
 `softmax(y / temperature)`, its probabilities sorted descending (ties in
 index order), cut to the top-k and/or the top-p nucleus and renormalised.
 The CDF is computed in float64.
@@ -82,16 +82,51 @@ def sample(sampler, y, uniforms=None):
 
     Returns:
         `(fed (rows, O) in y's dtype, tokens (rows,) int64)`; `tokens` is None
-        for `identity`, which feeds `y` itself.
+        for `identity`, which feeds `y` itself (`KINDS[sampler.kind]`).
     """
-    if sampler.kind == "identity":
+    return KINDS[sampler.kind](sampler).get_next_token(y, uniforms)
+
+
+class IdentitySampler:
+    """Feeds `y` itself back; emits no token."""
+
+    def __init__(self, sampler):
+        del sampler  # no setting
+
+    def get_next_token(self, y, uniforms=None):
+        """`(y, None)`."""
         return y, None
-    if sampler.kind in ("greedy", "beam"):  # a beam's row fed its own sample (scheduled sampling) takes greedy's
+
+
+class GreedySampler:
+    """Feeds the one-hot of `argmax(y)` back and emits that token."""
+
+    def __init__(self, sampler):
+        del sampler  # no setting
+
+    def get_next_token(self, y, uniforms=None):
+        """`(one_hot (rows, O) in y's dtype, tokens (rows,) int64)`."""
         tokens = tf.argmax(y, axis=-1, output_type=tf.int64)
-    else:
-        tokens = categorical_tokens(y, uniforms, temperature=sampler.temperature, top_k=sampler.top_k,
-                                    top_p=sampler.top_p)
-    return tf.one_hot(tokens, tf.shape(y)[-1], dtype=y.dtype), tokens
+        return tf.one_hot(tokens, tf.shape(y)[-1], dtype=y.dtype), tokens
+
+
+class CategoricalSampler:
+    """Draws each row's token by inverse CDF (`categorical_tokens`) and feeds its one-hot back."""
+
+    def __init__(self, sampler):
+        self.temperature, self.top_k, self.top_p = sampler.temperature, sampler.top_k, sampler.top_p
+
+    def get_next_token(self, y, uniforms=None):
+        """`(one_hot (rows, O) in y's dtype, tokens (rows,) int64)`; `uniforms (rows,)` are the rows' draws."""
+        tokens = categorical_tokens(y, uniforms, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return tf.one_hot(tokens, tf.shape(y)[-1], dtype=y.dtype), tokens
+
+
+KINDS = {"identity": IdentitySampler, "greedy": GreedySampler, "categorical": CategoricalSampler,
+         "beam": GreedySampler}  # a beam's row fed its own sample (scheduled sampling) takes greedy's
+"""Each `Sampler.kind`'s class: a new sampler is a class here with one method, `get_next_token(y, uniforms)`
+(KerasHub's `Sampler.get_next_token` shape), and its `options.Sampler` setting. Beam search itself is
+`cascade_cli.run.beam`."""
 
 
 def categorical_tokens(y, uniforms, *, temperature=1.0, top_k=None, top_p=None):

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from cascade_cli import packing
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_int
+from cascade_cli.run import packing
+from cascade_cli.run.feedback import start_value
+from cascade_cli.run.loop import call_b, initial_states
 
 NOT_COMPILED = "beam search runs its own packed loop, which is not compiled under XLA"
 
@@ -162,7 +164,7 @@ class BeamSearch:
 
     def _step(self, x, y_prev, states):
         """B's step on whole blocks of rows (a row's values do not depend on the rows beside it)."""
-        call = lambda x, y_prev, states: self.cascade._call_b(x, states, self.training, y_prev=y_prev)  # noqa: E731
+        call = lambda x, y_prev, states: call_b(self.cascade, x, states, self.training, y_prev=y_prev)  # noqa: E731
         return call(x, y_prev, states) if self.training else packing.on_whole_blocks(call)(x, y_prev, states)
 
     def search(self, ir_flat, caps, *, ranks=None, return_tokens=False):
@@ -172,7 +174,7 @@ class BeamSearch:
         outer = tf.shape(caps)[1]
         caps_flat = tf.reshape(caps, [-1])
         ranks = tf.zeros([tf.shape(caps)[0]], tf.int32) if ranks is None else tf.cast(ranks, tf.int32)
-        start = cascade._start_value()
+        start = start_value(cascade)
         previous = cascade._start[0] == "previous"
         running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
         if self.walk:  # a group is a sample walking its pairs
@@ -184,7 +186,7 @@ class BeamSearch:
         group_rank = tf.gather(ranks, tf.math.floordiv(pair, outer))  # which hypothesis each group returns
         state_sizes = list(cascade.b_spec.state_sizes)
         states = ([tf.zeros([groups, s], ir_flat.dtype) for s in state_sizes] if self.carry
-                  else cascade._initial_states(tf.gather(ir_flat, pair)))
+                  else initial_states(cascade, tf.gather(ir_flat, pair)))
         first = tf.zeros_like(start) if previous else start  # zeros before a sample's first pair
         # a row: (group, pair, inner steps run, score, its node in the tree, what it is fed)
         rows = (tf.range(groups), pair, tf.zeros_like(pair), tf.zeros([groups], tf.float64), tf.fill([groups], -1),
@@ -287,7 +289,7 @@ class BeamSearch:
                 if self.carry:
                     fresh_states = [tf.gather_nd(p, fresh_at) for p in pool_states]
                 else:
-                    fresh_states = cascade._initial_states(tf.gather(ir_flat, fresh_pair))
+                    fresh_states = initial_states(cascade, tf.gather(ir_flat, fresh_pair))
                 empty = fresh_group[:, None]
                 pool = (tf.tensor_scatter_nd_update(pool[0], empty, tf.fill([fresh, width], minus_inf)), *pool[1:])
                 fresh_rows = (fresh_group, fresh_pair, tf.zeros_like(fresh_pair), tf.zeros([fresh], tf.float64),

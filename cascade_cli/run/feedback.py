@@ -1,0 +1,269 @@
+"""The feedback and sampling loop, and teacher forcing: B fed what it emitted (or the targets).
+
+A feedback-form B (`feedback=True`) is fed what it emitted: free running
+(generation) its loop (`feedback_loop`) calls B on the rows still running and
+samples every step (`run.sampling`; counter-based draws, so the results do not
+depend on how the input is cut); teacher-forced through a known cell, every
+row's input is known before the loop and the packed recurrence with its
+hand-written gradient runs (`run_teacher_forced`). A sampler other than
+identity without feedback runs here too (tokens and stopping only). A call
+that carries its state across windows (`run.carried`) runs `feedback_loop`
+from a `Carried`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from cascade_cli.run import compiled_loop, loop, packing, sampling, stopping
+from cascade_cli.run.recurrence import packed_recurrence
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """A feedback or sampling call's checked arguments (`Cascade.run`)."""
+
+    targets: object  # (total, O) in B's output dtype, or None
+    sample_index: object  # (N,) int64
+    probability: object  # () float64, the scheduled sampling probability
+    return_tokens: bool
+    scheduled: bool = True  # False: the probability is a Python 0, so teacher forcing alone (the known-cell path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Carried:
+    """What a call that carries its state starts from (`carried.run_state`), besides A's states."""
+
+    b_states: list  # each (N, size): B's carried states (carry mode), else empty
+    previous: object  # (N, O): each sample's last fed value (feedback_start="previous"), else None
+    offset: object  # () int64: the absolute outer index of this call's first outer step
+
+
+def run_feedback(cascade, ir_flat, caps, training, feed):
+    """The feedback and sampling loop: B is called at every inner step on the rows still running.
+
+    Rows are `(n, t)` pairs in `reset` mode, or samples walking their
+    pairs in order (`carry`, and `reset` with `feedback_start="previous"`
+    without targets, where a pair's start depends on the previous pair's
+    last output; B's state restarts at every pair in `reset` mode). A row
+    leaves the work once it has no step left (or met the stop rule).
+
+    Teacher forcing through a known cell runs `run_teacher_forced`
+    instead; with a sampling probability given as a tensor, a `tf.cond`
+    takes it where the probability is 0 and this loop elsewhere.
+
+    Returns:
+        `(values, lengths)`, plus `tokens (total,)` int64 with `feed.return_tokens`.
+    """
+    teacher = feed.targets is not None
+    if cascade.feedback:
+        split = cascade._known_cell(ir_dtype=ir_flat.dtype, training=training,
+                                    teacher_forced=teacher and not feed.return_tokens)
+        if split is not None:
+            if not feed.scheduled:
+                return run_teacher_forced(cascade, ir_flat, caps, training, feed, split)
+            return tf.cond(feed.probability > 0, lambda: feedback_loop(cascade, ir_flat, caps, training, feed),
+                           lambda: run_teacher_forced(cascade, ir_flat, caps, training, feed, split))
+    return feedback_loop(cascade, ir_flat, caps, training, feed)
+
+
+def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
+    """`run_feedback`'s loop, which calls B itself at every inner step.
+
+    `carried`: a `Carried` to start from (a call that carries its state,
+    `carried.run_state`); then it returns `(result, b_states, previous)`, each
+    sample's states and last fed value after its last inner step.
+    """
+    size, dtype = cascade.b_spec.output_size, cascade._y_dtype
+    outer = tf.shape(caps)[1]
+    offset = 0 if carried is None else tf.cast(carried.offset, tf.int32)  # the outer index of pair % outer
+    caps_flat = tf.reshape(caps, [-1])
+    start_kind, start = cascade._start[0], start_value(cascade)
+    teacher = feed.targets is not None
+    walk = cascade.state == "carry" or (cascade.feedback and start_kind == "previous" and not teacher)
+    sampler, rule = cascade.sampler, cascade.stop_rule
+    if teacher:
+        value_start, padded, has_previous = teacher_table(cascade, caps, feed.targets, start)
+
+    def fed_back(pair, inner, previous):
+        """`y_prev` of each row."""
+        if not teacher:
+            return previous
+        read = tf.logical_or(inner > 0, tf.gather(has_previous, pair))
+        target = tf.gather(padded, tf.where(read, tf.gather(value_start, pair) + inner, 0))
+        u = sampling.row_uniforms(cascade.seed, _sample_of(pair), pair % outer + offset, inner,
+                                  sampling.SCHEDULED_STREAM)
+        own = tf.logical_and(inner > 0, u < feed.probability)  # scheduled sampling: the row's own sample
+        return tf.where(own[:, None], tf.stop_gradient(previous), target)
+
+    def _sample_of(pair):
+        return tf.gather(feed.sample_index, pair // outer)
+
+    def initial_states(pair):
+        return loop.initial_states(cascade, tf.gather(ir_flat, pair))
+
+    def decide(x, y_prev, states, u):
+        """B's step, the sampler and the stop rule: `(y, states, fed, token, hit)` of each row."""
+        y, new_states = loop.call_b(cascade, x, states, training, y_prev=y_prev)
+        fed, token = sampling.sample(sampler, y, u)
+        if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
+            fed = compiled_loop.without_gate(fed)
+        hit = None if rule is None else stopping.stop_hits(rule, y, token)
+        return y, new_states, fed, token, hit
+
+    def iterate(j, rows, states, ys, pairs, tokens, finals):
+        pair, inner, previous = rows[-3:]
+        x = tf.gather(ir_flat, pair)
+        y_prev = fed_back(pair, inner, previous) if cascade.feedback else None
+        u = (sampling.row_uniforms(cascade.seed, _sample_of(pair), pair % outer + offset, inner,
+                                   sampling.CATEGORICAL_STREAM) if sampler.draws else None)
+        # whole blocks make a row's values independent of the batch; not in training, where the padded
+        # rows would change the shape, hence the draws, of B's dropout masks
+        y, new_states, fed, token, hit = (decide if training else packing.on_whole_blocks(decide))(
+            x, y_prev, states, u)
+        if rule is not None and cascade.min_steps > 1:
+            hit = tf.logical_and(hit, tf.logical_not(stopping.held(inner, cascade.min_steps)))
+        emitted = [y, pair] + ([token] if feed.return_tokens else [])
+        if hit is not None and cascade.exclude_stop_step:
+            emitted = [tf.boolean_mask(t, tf.logical_not(hit)) for t in emitted]
+        ys, pairs = ys.write(j, emitted[0]), pairs.write(j, emitted[1])
+        if feed.return_tokens:
+            tokens = tokens.write(j, emitted[2])
+        done = inner + 1 >= tf.gather(caps_flat, pair)
+        if hit is not None:
+            done = tf.logical_or(done, hit)
+        if walk:
+            samples = rows[0]
+            following = packing.next_running_pair(running_pairs, pair + 1, samples=samples, outer=outer)
+            keep = tf.logical_or(tf.logical_not(done), following >= 0)
+            next_pair = tf.where(done, following, pair)
+            if finals:  # the rows that leave hand out their sample's last states and fed value
+                leaving = tf.logical_not(keep)
+                where = tf.boolean_mask(samples, leaving)[:, None]
+                last = ([*new_states] if carry_b else []) + ([fed] if carry_previous else [])
+                finals = tuple(tf.tensor_scatter_nd_update(final, where, tf.boolean_mask(value, leaving))
+                               for final, value in zip(finals, last))
+            if cascade.state == "reset":
+                fresh = initial_states(tf.maximum(next_pair, 0))
+                new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
+            if cascade.feedback and not teacher and start_kind != "previous":
+                fed = tf.where(done[:, None], tf.broadcast_to(start, tf.shape(fed)), fed)
+            rows = (samples, next_pair, tf.where(done, 0, inner + 1), fed)
+        else:
+            keep = tf.logical_not(done)
+            rows = (pair, inner + 1, fed)
+        rows = tuple(tf.boolean_mask(r, keep) for r in rows)
+        new_states = [tf.boolean_mask(s, keep) for s in new_states]
+        return j + 1, rows, new_states, ys, pairs, tokens, finals
+
+    if walk:
+        running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
+        samples = packing.carry_rows(caps)
+        pair = packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer)
+        rows = (samples, pair)
+        if cascade.state == "reset":
+            states = initial_states(pair)
+        elif carried is not None:
+            states = [tf.gather(state, samples) for state in carried.b_states]
+        else:
+            states = [tf.zeros([tf.size(samples), s], ir_flat.dtype) for s in cascade.b_spec.state_sizes]
+    else:
+        pair = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)
+        rows = (pair,)
+        states = initial_states(pair)
+    first = tf.zeros_like(start) if start_kind == "previous" else start  # zeros before the first pair
+    if walk and carried is not None and carried.previous is not None:
+        first_fed = tf.gather(carried.previous, samples)  # the previous window's last fed value
+    else:
+        first_fed = tf.tile(first[None], [tf.size(pair), 1])
+    rows = rows + (tf.zeros_like(pair), first_fed)
+    carry_b = walk and carried is not None and cascade.state == "carry"
+    carry_previous = walk and carried is not None and carried.previous is not None
+    finals = tuple(carried.b_states if carry_b else []) + ((carried.previous,) if carry_previous else ())
+
+    def array(dtype, shape):
+        return tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
+                              element_shape=tf.TensorShape(shape))
+
+    ys, pairs, tokens = array(dtype, [None, size]), array(tf.int32, [None]), array(tf.int64, [None])
+    invariants = (
+        tf.TensorShape([]),
+        tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
+        [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in states],
+        tf.TensorShape(None), tf.TensorShape(None), tf.TensorShape(None),
+        tuple(tf.TensorShape([None]).concatenate(f.shape[1:]) for f in finals),
+    )
+    j, _, _, ys, pairs, tokens, finals = tf.while_loop(
+        lambda j, rows, *_: tf.size(rows[0]) > 0, iterate,
+        (tf.constant(0), rows, list(states), ys, pairs, tokens, finals), shape_invariants=invariants)
+    # A sentinel keeps concat() defined when nothing ran.
+    outputs = ys.write(j, tf.zeros([0, size], dtype)).concat()
+    pairs = pairs.write(j, tf.zeros([0], tf.int32)).concat()
+    order = tf.argsort(pairs, stable=True)  # value order: by pair, then step
+    result = (loop.permute(outputs, order), loop.lengths(caps, pairs, cascade.stop_rule))
+    if feed.return_tokens:
+        result += (tf.gather(tokens.write(j, tf.zeros([0], tf.int64)).concat(), order),)
+    if carried is None:
+        return result
+    finals = list(finals)
+    b_out = [finals.pop(0) for _ in cascade.b_spec.state_sizes] if carry_b else list(carried.b_states)
+    return result, b_out, (finals[0] if carry_previous else carried.previous)
+
+
+def start_value(cascade):
+    """`(O,)` in B's output dtype: `y_prev` at inner step 0 for `feedback_start` zeros or token:ID."""
+    kind, token = cascade._start
+    size, dtype = cascade.b_spec.output_size, cascade._y_dtype
+    return tf.one_hot(token, size, dtype=dtype) if kind == "token" else tf.zeros([size], dtype)
+
+
+def teacher_table(cascade, caps, targets, start):
+    """`(value_start, padded, has_previous)`: where teacher forcing reads each row's `y_prev`.
+
+    `padded[value_start[p] + j]` is pair `p`'s target `j - 1`; `padded[0]`
+    is the start value, read at `j == 0` except where `has_previous[p]`
+    (`feedback_start="previous"` after the sample's first running pair):
+    there `padded[value_start[p]]` is the value just before the pair's
+    first, the previous running pair's last target.
+    """
+    outer = tf.shape(caps)[1]
+    caps_flat = tf.reshape(caps, [-1])
+    value_start = tf.cumsum(caps_flat, exclusive=True)
+    previous = cascade._start[0] == "previous"
+    padded = tf.concat([(tf.zeros_like(start) if previous else start)[None], targets], 0)
+    if previous:
+        sample_start = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
+        has_previous = value_start > tf.gather(sample_start, tf.range(tf.size(caps_flat)) // outer)
+    else:
+        has_previous = tf.zeros_like(caps_flat, tf.bool)
+    return value_start, padded, has_previous
+
+
+def run_teacher_forced(cascade, ir_flat, caps, training, feed, split):
+    """Teacher forcing through a known cell: every row's input at every step is known before the loop.
+
+    Each step-major row's input is `[IR of its pair, its y_prev]` (the
+    target before it, or the start), projected for all rows in one matmul;
+    `packed_recurrence` runs the cell with its hand-written gradient and
+    the head runs once on every row after the loop.
+    """
+    value_start, padded, has_previous = teacher_table(cascade, caps, feed.targets, start_value(cascade))
+    reset = cascade.state == "reset"
+    plan = packing.reset_plan(caps) if reset else packing.carry_plan(caps)
+    pairs = plan.step_pairs
+    positions = tf.math.invert_permutation(plan.value_order)  # the value each step-major row emits
+    inner = positions - tf.gather(value_start, pairs)
+    read = tf.logical_or(inner > 0, tf.gather(has_previous, pairs))
+    y_prev = tf.gather(padded, tf.where(read, positions, 0))
+    features = tf.concat([tf.gather(ir_flat, pairs), tf.cast(y_prev, ir_flat.dtype)], axis=1)
+    inputs = split.backward.project(features)
+    if reset:
+        states = loop.initial_states(cascade, tf.gather(ir_flat, plan.pair_ids))
+    else:
+        states = [tf.zeros([plan.counts[0], s], ir_flat.dtype) for s in cascade.b_spec.state_sizes]
+    outputs = packed_recurrence(split.backward, inputs, counts=plan.counts, initial_states=states)[0]
+    if split.head is not None:
+        outputs = split.head(outputs, training=training)
+    return loop.permute(outputs, plan.value_order), caps

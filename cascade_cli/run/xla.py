@@ -1,0 +1,344 @@
+"""XLA: model A compiled (`xla_inference`), the loop over B compiled whole, and the choice of each.
+
+With `jit_compile="auto"` (the default) A runs under XLA where it compiles and
+equals its plain call, checked once on a seeded probe input (`xla_problem`,
+`choose_xla`), and so does the loop over B in forward runs, whole, as one XLA
+computation with static shapes (`run.compiled_loop`, called by
+`run_compiled_loop`; checked once by `choose_loop`). A job too small for a
+compile to pay runs neither (`plan_xla`, `XLA_PAYS_FROM`). `XlaChoice` and
+`LoopChoice` record what was chosen and why, for the result's attributes and
+`inspect`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from cascade_cli.errors import ParameterError
+from cascade_cli.keras_internals import seed_generators, stop_recording
+from cascade_cli.run import compiled_loop, feedback, loop, stopping
+
+
+def xla_inference(model):
+    """`model(x, training=False)` compiled by XLA, with a gradient that recomputes it under XLA.
+
+    XLA cannot hand the loop intermediates of a compiled RNN to TensorFlow's own
+    gradient ("TensorList crossing the XLA/TF boundary"), so the forward call is
+    made without recording and the backward pass runs the model again inside
+    its own compiled function (exact: inference mode has no randomness).
+    """
+    forward = tf.function(lambda x: model(x, training=False), jit_compile=True)
+
+    def vjp(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x, training=False)
+        return tape.gradient(y, [x, *model.trainable_variables], output_gradients=upstream)
+
+    backward = tf.function(vjp, jit_compile=True)
+
+    @tf.custom_gradient
+    def call(x):
+        with stop_recording():
+            y = compiled_loop.call(forward, x)
+
+        def gradient(upstream, variables=None):
+            grads = compiled_loop.call(backward, x, upstream)
+            by_variable = {id(v.value): g for v, g in zip(model.trainable_variables, grads[1:])}
+            return grads[0], [by_variable.get(id(v)) for v in variables or []]
+
+        return y, gradient
+
+    return call
+
+
+XLA_PAYS_FROM = 4096
+"""The fewest steps in a job for which `Cascade.plan_xla` lets A (samples x outer steps) or the loop over B (its
+inner steps) compile under XLA.
+
+A heuristic on the job's size alone, so that it never depends on the batch
+or the shard. Measured on sample_data/'s one-GRU A (32 units) on the 2-core
+VM: the probe and compile cost 0.3-0.5 s of CPU, and XLA saved about 0.7 ms
+per call of 64 rows (a generation batch's least) of 12 steps. Below 4096 steps
+even batches of one sample (341 calls at Ta = 12) save less than that. The
+loop over B costs more to probe and compile: 2.3-2.6 s of CPU for a feedback
+GRU B sampling tokens, 8 samples x 12 outer steps x max_steps 8."""
+
+# The largest first call whose own shape the probes take (`probe_shape`).
+_PROBE_SAMPLES = 16
+_PROBE_OUTER = 64
+
+# How close A under XLA must come to its plain call, by the dtype of A's outputs.
+_XLA_TOLERANCE = {2: 1e-2, 4: 1e-5, 8: 1e-9}
+
+
+STATE_FORM_A = "model A is in state form, whose calls run without XLA"
+
+RECURRENCE_WINS = ("reset mode with given steps through a known cell: its packed recurrence runs only the rows "
+                   "still running, and measured faster than the masked loop under XLA")
+
+
+def a_under_xla(cascade, inputs, *, training):
+    """Whether this call runs A under XLA: decided once, on the first call (`choose_xla`)."""
+    if cascade._xla is None:
+        choose_xla(cascade, shape=inputs.shape)
+    return cascade._xla.inference if training is False else cascade._xla.training
+
+
+def plan_xla(cascade, *, samples, outer_steps, inner_steps=None):
+    """Decides in advance, for a whole job, what runs without XLA because no compile can pay; no probe.
+
+    A job of fewer than `XLA_PAYS_FROM` of A's time steps (`samples` x
+    `outer_steps`) runs A's plain call: its XLA probe and compile would
+    cost far more than they save. So does the loop over B for fewer than
+    `XLA_PAYS_FROM` inner steps (`inner_steps`): it runs the plain loop.
+    Larger jobs are left to the first call's probes (`choose_xla`, and
+    the loop's). Decided once: a choice made already (by `jit_compile`,
+    `run_eagerly`, B's form, an earlier call or plan) stands. Give it the
+    whole job, never a batch or a shard, so that every batch size and
+    shard runs alike.
+
+    Args:
+        samples: the job's samples, all batches and shards together
+            (with K draws per input, N x K).
+        outer_steps: `Ta`.
+        inner_steps: the inner steps the job may run, all pairs together
+            (the sum of their caps: given steps, or `max_steps` each), or
+            None to leave the loop to its probe.
+    """
+    def too_small(steps, what):
+        return (f"the job is too small for XLA's compile to pay: {what} = {steps} steps, under "
+                f"{XLA_PAYS_FROM} (no probe)")
+
+    steps = int(samples) * int(outer_steps)
+    if cascade._xla is None and steps < XLA_PAYS_FROM:
+        cascade._xla = XlaChoice(False, False, too_small(
+            steps, f"{samples} samples x {outer_steps} outer steps of A"))
+    if cascade._loop_choice is None and inner_steps is not None and int(inner_steps) < XLA_PAYS_FROM:
+        cascade._loop_choice = LoopChoice(False, too_small(int(inner_steps), "the inner steps of B"))
+
+
+def probe_shape(cascade, shape):
+    """`(N, Ta, F)` of the probes: the first call's `shape` where it is small, so that what the probes compile
+    under XLA serves that call too; else 2 samples of 3 outer steps (A's own Ta where it fixes one)."""
+    if shape is None or None in tuple(shape):  # traced: the eager call that traces it knew its shape
+        shape = cascade._first_shape or (None, None, None)
+    n, outer, features = shape
+    spec = cascade.a_spec
+    n = n if n is not None and 0 < n <= _PROBE_SAMPLES else 2
+    outer = spec.outer_steps or (outer if outer is not None and 0 < outer <= _PROBE_OUTER else 3)
+    return n, outer, spec.features or features or 1
+
+
+def choose_xla(cascade, *, shape):
+    """Checks once whether A compiles under XLA and equals its plain call; sets `cascade._xla`.
+
+    Runs eagerly (`tf.init_scope`) on a seeded probe input (`probe_shape`
+    of the first call's input `shape`, None before any call), so the first
+    call may be eager or inside a caller's `tf.function` alike. Raises a
+    `ParameterError` for `jit_compile=True` where A does not compile.
+    """
+    shape = probe_shape(cascade, shape)
+    with tf.init_scope():
+        problem, training = xla_problem(cascade.model_a, cascade._xla_a, shape)
+    if problem is not None and cascade.jit_compile is True:
+        raise ParameterError("jit_compile", f"True, but model A cannot run under XLA: {problem}.")
+    cascade._xla = XlaChoice(problem is None, problem is None and training is None, problem or training)
+
+
+def loop_applies(cascade, inputs, *, training, extras):
+    """Whether this call runs the compiled whole loop: decided once (`choose_loop`), then per call.
+
+    Per call it needs no targets (teacher forcing keeps the known-cell
+    recurrence and its hand-written gradient) and, in training, a B that
+    draws nothing and updates nothing (XLA's random numbers are not
+    TensorFlow's).
+    """
+    if cascade._loop_choice is not None and not cascade._loop_choice.compiled:
+        return False
+    if extras is not None and extras.targets is not None:
+        return False
+    if (cascade.state == "reset" and extras is None and cascade.stop_rule is None
+            and cascade._known_cell(ir_dtype=cascade.model_a.outputs[0].dtype, training=training) is not None):
+        if cascade._loop_choice is None:
+            cascade._loop_choice = LoopChoice(False, RECURRENCE_WINS)
+        return False
+    if training is not False and (seed_generators([cascade.model_b]) or cascade.model_b.non_trainable_variables):
+        return False
+    if cascade._loop_choice is None:
+        choose_loop(cascade, shape=inputs.shape)
+    return cascade._loop_choice.compiled
+
+
+def choose_loop(cascade, *, shape):
+    """Checks once whether the whole loop compiles under XLA and equals the plain loop; sets `cascade._loop_choice`.
+
+    Runs eagerly (`tf.init_scope`) on a seeded probe (`probe_shape`),
+    steps of 0 to 2 (or `min(max_steps, 4)`): short, so that its buckets
+    are those of small calls, whose compile it then serves. Each path's
+    values, lengths and tokens are compared. Raises a `ParameterError` for
+    `jit_compile=True` where it does not hold.
+    """
+    with tf.init_scope():
+        rng = np.random.default_rng(0)
+        shape = probe_shape(cascade, shape)
+        probe = tf.constant(rng.normal(size=shape), cascade.model_a.inputs[0].dtype)
+        caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if cascade.max_steps is None
+                           else np.full(shape[:2], min(cascade.max_steps, 4)), tf.int32)
+        extras = None
+        if cascade._general:
+            extras = feedback.Feed(None, tf.range(shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64),
+                                   cascade.sampler.tokens, False)
+        plain = cascade._run(probe, caps, False, plain_a=True, extras=extras, loop=False)
+        try:
+            compiled = cascade._run(probe, caps, False, plain_a=True, extras=extras, loop="probe")
+        except Exception as error:  # noqa: BLE001 - XLA raises several error types for ops it cannot compile
+            problem = f"it does not compile ({first_line(error)})"
+        else:
+            problem = loop_difference(plain, compiled)
+    if problem is not None and cascade.jit_compile is True:
+        raise ParameterError("jit_compile", f"True, but the packed loop over B cannot run under XLA: {problem}.")
+    cascade._loop_choice = LoopChoice(problem is None, problem)
+
+
+def run_compiled_loop(cascade, ir_flat, caps, training, extras):
+    """The forward run of B as one XLA computation (`cascade_cli.run.compiled_loop`): `Cascade._run`'s result.
+
+    Rows walk their sample's pairs in `carry` mode and where feedback
+    starts from the previous pair; elsewhere each row is one pair. B is
+    called whole at every step: under XLA its one recurrent matmul beat
+    the known-cell path's matmul per gate (N=1 carry: 16-20 against 60-70
+    ms for the loop alone, 733 steps, the shared 2-core machine).
+    """
+    if cascade.state == "carry" and not cascade._general and cascade.stop_rule is None:
+        return run_known_inputs_loop(cascade, ir_flat, caps, training)
+    walk = cascade.state == "carry" or (cascade.feedback and cascade._start[0] == "previous")
+    return_tokens = extras is not None and extras.return_tokens
+    key = (training, return_tokens, ir_flat.dtype)
+    sample_index = extras.sample_index if extras is not None else tf.range(tf.shape(caps)[0], dtype=tf.int64)
+    pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=cascade.max_steps,
+                                             quantum=cascade._row_quantum)
+    if key not in cascade._loops:
+        rule = cascade.stop_rule
+        stop = None if rule is None else (
+            lambda y, token: stopping.stop_hits(rule, y, token))
+        spec = compiled_loop.LoopSpec(
+            walk=walk, carry=cascade.state == "carry", feedback=cascade.feedback,
+            start_previous=cascade._start[0] == "previous", sampler=cascade.sampler, stop=stop,
+            zero_gate=rule is not None and rule.kind == "gate", exclude_stop_step=cascade.exclude_stop_step,
+            min_steps=cascade.min_steps, seed=cascade.seed,
+            return_tokens=return_tokens, width=cascade.b_spec.output_size, dtype=cascade._y_dtype,
+            state_sizes=tuple(cascade.b_spec.state_sizes), state_init=cascade.state_init,
+            quantum=cascade._row_quantum)
+        cascade._loops[key] = compiled_loop.compile_loop(
+            spec, cascade._b_step(training), feedback.start_value(cascade),
+            table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
+    ys, emitted, tokens = compiled_loop.call(cascade._loops[key], compiled_loop.pad_table(ir_flat, pairs), *integers)
+    values, pairs, tokens = compiled_loop.compact(ys, emitted, tokens if return_tokens else None)
+    result = (values, loop.lengths(caps, pairs, cascade.stop_rule))
+    return result + (tokens,) if return_tokens else result
+
+
+def run_known_inputs_loop(cascade, ir_flat, caps, training):
+    """`carry` with given steps under XLA: every row's input is known before the loop (`known_inputs_loop`)."""
+    key = ("known", training, ir_flat.dtype)
+    if key not in cascade._loops:
+        cascade._loops[key] = compiled_loop.compile_known_inputs_loop(
+            cascade._b_step(training), state_sizes=tuple(cascade.b_spec.state_sizes),
+            table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
+    pairs, index, totals = compiled_loop.lay_out_steps(caps, quantum=cascade._row_quantum)
+    ys = compiled_loop.call(cascade._loops[key], compiled_loop.pad_table(ir_flat, pairs), index, totals)
+    return compiled_loop.compact_known(ys, totals), caps
+
+
+def xla_problem(model, compiled, shape):
+    """Checks on a seeded probe input whether `compiled` can stand in for `model`.
+
+    Args:
+        model: model A.
+        compiled: `xla_inference(model)`.
+        shape: the probe's shape `(N, Ta, F)`.
+
+    Returns:
+        `(problem, training_problem)`: why the compiled call cannot replace
+        `model(x, training=False)` (it fails to compile, or its values differ),
+        or None; and, where it can, why it cannot replace `model(x,
+        training=True)` too, or None. The training call is probed only where
+        it has no side effect to undo but the seed generators' states, which
+        are put back.
+    """
+    probe = tf.constant(np.random.default_rng(0).normal(size=shape), model.inputs[0].dtype)
+    try:
+        plain = model(probe, training=False)
+    except Exception as error:  # noqa: BLE001 - any failure means: do not compile
+        return f"its plain call fails on a probe input of shape {shape} ({first_line(error)})", None
+    try:
+        xla = compiled(probe)
+    except Exception as error:  # noqa: BLE001 - XLA raises several error types for ops it cannot compile
+        return f"it does not compile ({first_line(error)})", None
+    plain, xla = np.asarray(plain), np.asarray(xla)
+    tolerance = _XLA_TOLERANCE.get(plain.dtype.itemsize, 1e-5)
+    scale = max(1.0, float(np.max(np.abs(plain)))) if plain.size else 1.0
+    difference = float(np.max(np.abs(xla.astype(np.float64) - plain))) if plain.size else 0.0
+    if not np.isfinite(difference) or difference > tolerance * scale:
+        return (f"its compiled values differ from its plain call's by up to {difference:.3g} on a probe input "
+                f"(allowed {tolerance * scale:.3g})"), None
+    if model.non_trainable_weights:
+        return None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)"
+    generators = seed_generators([model])
+    states = [generator.state.numpy() for generator in generators]
+    try:
+        draws = [np.asarray(model(probe, training=True)) for _ in range(2)]
+    except Exception as error:  # noqa: BLE001
+        return None, f"model A's training call fails on a probe input ({first_line(error)})"
+    finally:
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+    if any(not np.array_equal(draw, plain) for draw in draws):
+        return None, "model A's training call differs from its inference call (dropout or noise)"
+    return None, None
+
+
+def first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaChoice:
+    """Where A runs under XLA, and why not where it does not."""
+
+    inference: bool
+    training: bool
+    reason: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopChoice:
+    """Whether the packed loop runs whole under XLA, and why not where it does not."""
+
+    compiled: bool
+    reason: str | None
+
+
+def loop_difference(plain, compiled):
+    """Why the compiled loop's result cannot stand in for the plain loop's, or None (`choose_loop`'s probe)."""
+    names = ("values", "lengths", "tokens")
+    for name, want, got in zip(names, plain, compiled):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape:
+            return f"its {name} have shape {got.shape} on a probe input, the plain loop's {want.shape}"
+        if name != "values":
+            if not np.array_equal(want, got):
+                return f"its {name} differ from the plain loop's on a probe input"
+            continue
+        tolerance = _XLA_TOLERANCE.get(want.dtype.itemsize, 1e-5)
+        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        difference = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
+        if not np.isfinite(difference) or difference > tolerance * scale:
+            return (f"its values differ from the plain loop's by up to {difference:.3g} on a probe input "
+                    f"(allowed {tolerance * scale:.3g})")
+    return None
