@@ -297,7 +297,9 @@ def known_inputs_loop(step, table, index, totals, states):
         y, states = step(tf.gather(table, index[j]), None, states)
         return j + 1, states, ys.write(j, y)
 
-    _, _, ys = tf.while_loop(lambda j, *_: j < steps, iterate, (tf.constant(0), list(states), ys))
+    # (the static bound lets XLA differentiate the loop: `cascade_cli.run.fused.compile_known_gradient`)
+    _, _, ys = tf.while_loop(lambda j, *_: j < steps, iterate, (tf.constant(0), list(states), ys),
+                             maximum_iterations=tf.shape(index)[0])
     return tf.transpose(ys.stack(), [1, 0, 2])
 
 
