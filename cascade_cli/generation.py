@@ -341,6 +341,8 @@ def generate_to_file(cascade, source, steps=None, *, output, batch_size=GENERATE
             writer.attrs["loop_compiled"] = bool(cascade.loop_compiled)
             if cascade.loop_compile_problem:
                 writer.attrs["loop_compile_problem"] = cascade.loop_compile_problem
+        if cascade.loop_fused is not None:  # A, the plan, the loop and the packing as one XLA call
+            writer.attrs["loop_fused"] = bool(cascade.loop_fused)
     return GenerateSummary(Path(output), last - first, emitted, pairs, at_cap, time.perf_counter() - started,
                            at_first)
 

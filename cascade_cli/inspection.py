@@ -104,10 +104,11 @@ def _result_stop_rule(attrs, lengths):
     return rows
 
 
-XLA_ATTRS = ("a_compiled", "a_compile_problem", "jit_compile", "loop_compiled", "loop_compile_problem")
+XLA_ATTRS = ("a_compiled", "a_compile_problem", "jit_compile", "loop_compiled", "loop_compile_problem", "loop_fused")
 """What a result records of how the models ran: `a_compiled` (bool: A under XLA) and, where it was not,
 `a_compile_problem` (why), the `jit_compile` asked for ("auto"/True/False as text), `loop_compiled` (bool: the
-loop over B under XLA, whole) and, where it was not, `loop_compile_problem` (why)."""
+loop over B under XLA, whole) and, where it was not, `loop_compile_problem` (why); `loop_fused` (bool: A, the
+row plan, the loop and the packing as one XLA call, `cascade_cli.run.fused`)."""
 
 
 def _result_xla(attrs):
@@ -136,7 +137,8 @@ def _result_loop(attrs):
     if not isinstance(compiled, bool):
         return []
     if compiled:
-        return [("the loop over B ran", "under XLA, whole")]
+        fused = " and fused with model A in one XLA call" if attrs.get("loop_fused") is True else ""
+        return [("the loop over B ran", f"under XLA, whole{fused}")]
     problem = attrs.get("loop_compile_problem")
     return [("the loop over B ran", "without XLA" + (f": {problem}" if problem else ""))]
 

@@ -26,6 +26,7 @@ The engine, `cascade_cli.run`, module by module:
 - `cells.py`, `recurrence.py`: the known-cell path and its hand-written gradient.
 - `compiled.py`: the compiled call's cache, and tapes (the recomputed gradient).
 - `xla.py`, `compiled_loop.py`: A under XLA, the loop compiled whole, and the choice of each.
+- `fused.py`: a forward call as one XLA computation (A, the plan, the loop, the packing); its gradient in `carry`.
 - `carried.py`, `state.py`, `windows.py`: a call that carries its state (`CascadeState`); windows.
 """
 
@@ -40,7 +41,7 @@ from cascade_cli.errors import ModelError, ParameterError, received
 from cascade_cli.keras_internals import flatten_layers, tape_may_record
 from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, Sampler, StopRule, check_runner_settings,
                                  parse_feedback_start)
-from cascade_cli.run import beam, carried, checks, compiled, packing, stopping, xla
+from cascade_cli.run import beam, carried, checks, compiled, fused, packing, stopping, xla
 from cascade_cli.run.cells import fast_path_problem, split_b
 from cascade_cli.run.feedback import run_feedback
 from cascade_cli.run.loop import Step, call_b, lengths, permute, run_carry, run_reset, run_sequence
@@ -249,6 +250,12 @@ class Cascade:
         """Why the packed loop does not run under XLA (None where it does, or before the first call decides)."""
         return None if self._loop_choice is None else self._loop_choice.reason
 
+    @property
+    def loop_fused(self):
+        """Whether forward calls run A, the plan, the loop over B and the packing as one XLA computation
+        (`run.fused`); None before a call decides."""
+        return self._loops.get("fused")
+
     def __call__(self, inputs, steps=None, *, training=False, targets=None, sample_index=None,
                  sampling_probability=0.0, return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade.
@@ -385,6 +392,9 @@ class Cascade:
         recording) run the compiled whole loop where it applies (`xla.loop_applies`);
         `"probe"` runs it regardless (`xla.choose_loop`).
         """
+        result = fused.run_fused(self, inputs, caps, training, extras=extras, plain_a=plain_a, loop=loop)
+        if result is not None:  # A, the plan, the loop over B and the packing as one XLA call
+            return result
         ir, _ = self._call_a(inputs, training=training, plain_a=plain_a)
         if ir.shape.rank != 3:
             raise ModelError(f"model A returned shape {tuple(ir.shape)}; expected (N, Ta, H).")

@@ -222,24 +222,29 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
     pairs, *integers = compiled_loop.prepare(caps, sample_index, walk=walk, max_steps=cascade.max_steps,
                                              quantum=cascade._row_quantum)
     if key not in cascade._loops:
-        rule = cascade.stop_rule
-        stop = None if rule is None else (
-            lambda y, token: stopping.stop_hits(rule, y, token))
-        spec = compiled_loop.LoopSpec(
-            walk=walk, carry=cascade.state == "carry", feedback=cascade.feedback,
-            start_previous=cascade._start[0] == "previous", sampler=cascade.sampler, stop=stop,
-            zero_gate=rule is not None and rule.kind == "gate", exclude_stop_step=cascade.exclude_stop_step,
-            min_steps=cascade.min_steps, seed=cascade.seed,
-            return_tokens=return_tokens, width=cascade.b_spec.output_size, dtype=cascade._y_dtype,
-            state_sizes=tuple(cascade.b_spec.state_sizes), state_init=cascade.state_init,
-            quantum=cascade._row_quantum)
         cascade._loops[key] = compiled_loop.compile_loop(
-            spec, cascade._b_step(training), feedback.start_value(cascade),
+            loop_spec(cascade, walk=walk, return_tokens=return_tokens), cascade._b_step(training),
+            feedback.start_value(cascade),
             table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
     ys, emitted, tokens = compiled_loop.call(cascade._loops[key], compiled_loop.pad_table(ir_flat, pairs), *integers)
     values, pairs, tokens = compiled_loop.compact(ys, emitted, tokens if return_tokens else None)
     result = (values, loop.lengths(caps, pairs, cascade.stop_rule))
     return result + (tokens,) if return_tokens else result
+
+
+def loop_spec(cascade, *, walk, return_tokens):
+    """The `compiled_loop.LoopSpec` of the cascade's loop over B: the compiled loop's and the fused call's
+    (`run.fused`)."""
+    rule = cascade.stop_rule
+    stop = None if rule is None else (lambda y, token: stopping.stop_hits(rule, y, token))
+    return compiled_loop.LoopSpec(
+        walk=walk, carry=cascade.state == "carry", feedback=cascade.feedback,
+        start_previous=cascade._start[0] == "previous", sampler=cascade.sampler, stop=stop,
+        zero_gate=rule is not None and rule.kind == "gate", exclude_stop_step=cascade.exclude_stop_step,
+        min_steps=cascade.min_steps, seed=cascade.seed,
+        return_tokens=return_tokens, width=cascade.b_spec.output_size, dtype=cascade._y_dtype,
+        state_sizes=tuple(cascade.b_spec.state_sizes), state_init=cascade.state_init,
+        quantum=cascade._row_quantum)
 
 
 def run_known_inputs_loop(cascade, ir_flat, caps, training):

@@ -1,0 +1,165 @@
+"""A forward call as one XLA computation (`cascade_cli.run.fused`): model A, the row plan, the loop over B, the packing.
+
+It must give what the compiled loop gives (A and the loop as their own XLA calls) bit for bit, lengths and tokens
+exactly, and the plain loop's lengths and tokens exactly and its values to float32 rounding. Marked `xla`, so
+conftest leaves `jit_compile="auto"` on.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+from cascade_cli import inspection
+from cascade_cli.options import StopRule
+from cascade_cli.run import fused
+from cascade_cli.run.cascade import Cascade
+
+STEPS = np.array([[2, 0, 3, 1], [0, 0, 0, 0], [4, 1, 0, 2]], np.int32)
+
+
+def test_the_plan_lists_each_samples_next_running_pair_by_hand():
+    caps = tf.constant([[2, 0, 3, 1], [0, 0, 0, 0], [0, 1, 0, 0]], tf.int32)
+    caps_flat, next_pair, sample_of, outer_of, row_pairs = (
+        t.numpy() for t in fused.plan(caps, tf.constant([5, 6, 7], tf.int64), walk=True, quantum=2))
+    #  pairs 0..3: sample 0 (0, 2, 3 run), 4..7: sample 1 (none), 8..11: sample 2 (9 runs)
+    np.testing.assert_array_equal(next_pair, [2, 2, 3, -1, -1, -1, -1, -1, 9, -1, -1, -1])
+    np.testing.assert_array_equal(row_pairs, [0, -1, 9, -1])  # one row per sample, padded to 2 rows
+    np.testing.assert_array_equal(sample_of, [5] * 4 + [6] * 4 + [7] * 4)
+    np.testing.assert_array_equal(outer_of, [0, 1, 2, 3] * 3)
+    np.testing.assert_array_equal(caps_flat, caps.numpy().ravel())
+    _, next_pair, _, _, row_pairs = (t.numpy() for t in fused.plan(caps, tf.range(3, dtype=tf.int64), walk=False,
+                                                                   quantum=16))
+    np.testing.assert_array_equal(next_pair, [-1] * 12)
+    np.testing.assert_array_equal(row_pairs, [0, -1, 2, 3, -1, -1, -1, -1, -1, 9, -1, -1] + [-1] * 4)
+
+
+def test_packing_puts_the_emitted_values_in_row_then_step_order_and_counts_each_pair_by_hand():
+    ys = tf.reshape(tf.range(2 * 3 * 2, dtype=tf.float32), [2, 3, 2])  # (rows, steps, width)
+    emitted = tf.constant([[3, 3, 0], [1, 2, 2]])  # pair + 1 per step; 0: nothing emitted
+    tokens = tf.constant([[7, 8, 9], [10, 11, 12]], tf.int64)
+    values, lengths, got_tokens, count = (t.numpy() for t in fused.pack(ys, emitted, tokens, 4))
+    assert count == 5
+    np.testing.assert_array_equal(values[:count], [[0, 1], [2, 3], [6, 7], [8, 9], [10, 11]])
+    np.testing.assert_array_equal(got_tokens[:count], [7, 8, 10, 11, 12])
+    np.testing.assert_array_equal(lengths, [1, 2, 2, 0])
+    assert fused.pack(ys, emitted, tf.zeros([2, 0], tf.int64), 4)[2].shape == (0,)
+
+
+CASES = {
+    "reset token stop, given steps": (dict(stop_rule=StopRule.token(0), max_steps=5), "step", STEPS),
+    "reset exclude stop step, norm stop": (
+        dict(stop_rule=StopRule.norm(1.0), max_steps=5, exclude_stop_step=True), "step", STEPS),
+    "reset given steps, no known cell": (dict(fast_cells=False), "step", STEPS),
+    "carry given steps": (dict(state="carry"), "step", STEPS),
+    "carry token stop": (dict(state="carry", stop_rule=StopRule.token(1), max_steps=5), "step", STEPS),
+    "greedy feedback, min steps": (
+        dict(feedback=True, sampler="greedy", max_steps=5, min_steps=2, stop_rule=StopRule.token(0)), "fb", None),
+    "categorical feedback from the previous pair": (
+        dict(feedback=True, sampler="categorical", seed=3, max_steps=5, stop_rule=StopRule.token(0),
+             feedback_start="previous"), "fb", None),
+    "carry greedy feedback": (
+        dict(feedback=True, state="carry", sampler="greedy", max_steps=4, stop_rule=StopRule.token(0)), "fb", None),
+}
+
+
+SLOW = {"reset exclude stop step, norm stop", "reset given steps, no known cell", "carry token stop",
+        "carry greedy feedback"}  # three cascades compile per case; these four repeat what the others cover
+
+
+@pytest.mark.xla
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
+                                  for case in CASES])
+def test_the_fused_call_gives_the_compiled_loops_bits_and_the_plain_loops_lengths_tokens_and_values(case):
+    settings, kind, steps = CASES[case]
+    a = builders.model_a()
+    b = builders.step_b(output_size=3) if kind == "step" else builders.feedback_b("gru", output_size=3)
+    x = builders.inputs(3, 4)
+    tokens = kind == "fb"
+
+    def run(cascade):
+        result = cascade.run(x, steps, return_tokens=True) if tokens else cascade.run(x, steps)
+        return [t.numpy() for t in result]
+
+    cascade = Cascade(a, b, **settings)
+    got = run(cascade)
+    assert cascade.loop_fused is True and cascade.loop_compiled is True
+    apart = Cascade(a, b, **settings)
+    apart._loops["fused"] = False  # A and the loop as their own XLA calls
+    for g, w in zip(got, run(apart)):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.tobytes() == w.tobytes()
+    plain = run(Cascade(a, b, jit_compile=False, **settings))
+    for g, w in zip(got[1:], plain[1:]):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_allclose(got[0], plain[0], rtol=1e-6, atol=1e-6)
+    ragged = cascade(x, steps, return_tokens=True) if tokens else cascade(x, steps)  # __call__ runs fused too
+    ragged = ragged if tokens else (ragged,)
+    assert ragged[0].flat_values.numpy().tobytes() == got[0].tobytes()
+
+
+@pytest.mark.xla
+def test_categorical_draws_of_the_fused_call_are_the_same_in_any_batch_bit_for_bit():
+    a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
+    cascade = Cascade(a, b, feedback=True, sampler="categorical", seed=7, max_steps=5, stop_rule=StopRule.token(0))
+    x = builders.inputs(4, 3)
+    whole = cascade.run(x, return_tokens=True)
+    assert cascade.loop_fused is True
+    parts = [cascade.run(x[i:i + 2], sample_index=np.arange(i, i + 2), return_tokens=True) for i in (0, 2)]
+    for got, want in zip(zip(*parts), whole):
+        assert np.concatenate([g.numpy() for g in got]).tobytes() == want.numpy().tobytes()
+
+
+@pytest.mark.xla
+def test_inside_a_tf_function_the_call_runs_fused_with_the_eager_calls_bits():
+    a, b = builders.model_a(), builders.step_b(output_size=3)
+    cascade = Cascade(a, b, state="carry")
+    x = builders.inputs(3, 4)
+    eager = cascade(x, STEPS).flat_values.numpy()
+    traced = tf.function(lambda x, steps: cascade(x, steps).flat_values)(tf.constant(x), tf.constant(STEPS))
+    assert cascade.loop_fused is True and traced.numpy().tobytes() == eager.tobytes()
+
+
+@pytest.mark.xla
+def test_under_a_tape_carry_with_given_steps_takes_xlas_gradient_of_the_fused_call_equal_to_the_plain_loops():
+    a, b = builders.model_a(), builders.step_b(output_size=3)
+    x = tf.constant(builders.inputs(3, 4))
+    weights = a.trainable_variables + b.trainable_variables
+
+    def gradients(cascade):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            values = cascade(x, STEPS).flat_values
+            rows = tf.cast(tf.shape(values)[0], tf.float32)
+            loss = tf.reduce_sum(values * tf.range(1.0, 1.0 + rows)[:, None] / rows)  # a weight per value
+        return values.numpy(), [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, [x, *weights])]
+
+    cascade = Cascade(a, b, state="carry")
+    values, got = gradients(cascade)
+    assert cascade.loop_fused is True and ("fused gradient", False, tf.float32, 3) in cascade._loops
+    plain_values, want = gradients(Cascade(a, b, state="carry", jit_compile=False))
+    np.testing.assert_allclose(values, plain_values, rtol=1e-6, atol=1e-6)
+    for weight, g, w in zip(["inputs", *(v.path for v in weights)], got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=weight)
+
+
+@pytest.mark.xla
+def test_a_tape_runs_the_plain_loop_in_reset_and_a_probe_that_differs_keeps_the_compiled_loop(monkeypatch):
+    a, b = builders.model_a(), builders.step_b(output_size=3)
+    x = builders.inputs(3, 4)
+    cascade = Cascade(a, b, stop_rule=StopRule.token(0), max_steps=5)
+    with tf.GradientTape() as tape:
+        values = cascade(x, STEPS).flat_values
+    assert tape.gradient(values, a.trainable_variables)[0] is not None
+    assert cascade.loop_fused is None  # a taped call in reset does not decide
+    monkeypatch.setattr(fused, "difference", lambda want, got: "its values differ (made up by the test)")
+    values = cascade.run(x, STEPS)[0].numpy()
+    assert cascade.loop_fused is False and cascade.loop_compiled is True
+    want = Cascade(a, b, stop_rule=StopRule.token(0), max_steps=5, jit_compile=False).run(x, STEPS)[0].numpy()
+    np.testing.assert_allclose(values, want, rtol=1e-6, atol=1e-6)
+
+
+def test_inspect_says_where_the_loop_ran_fused_with_model_a():
+    assert inspection._result_loop({"loop_compiled": True, "loop_fused": True}) == [
+        ("the loop over B ran", "under XLA, whole and fused with model A in one XLA call")]
+    assert inspection._result_loop({"loop_compiled": True, "loop_fused": False}) == [
+        ("the loop over B ran", "under XLA, whole")]
