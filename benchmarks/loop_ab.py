@@ -5,6 +5,7 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.loop_ab             # under a minute on 2 cores
     python -m benchmarks.loop_ab --repeats 9
     python -m benchmarks.loop_ab --compaction  # compacted rows vs masked rows vs the padded XLA decode
+    python -m benchmarks.loop_ab --fused       # one XLA call for A, plan, loop and packing vs A and loop apart
 
 The feedback suite's models and data (`benchmarks.feedback`): greedy decoding
 with the stop token `END`, `max_steps = 8`, in `reset` and in `carry`, at the
@@ -89,13 +90,93 @@ def compaction(repeats):
               f"{compacted / masked:18.2f}  {compacted / padded:18.2f}  {masked / padded:15.2f}", flush=True)
 
 
+def _fused_pair(make, inputs, steps):
+    """`{"fused": run, "apart": run}` from `make() -> (cascade, run(inputs, steps))`; results checked equal first:
+    lengths and tokens exactly, values bit for bit."""
+    made, results = {}, {}
+    for name in ("fused", "apart"):
+        cascade, function = make()
+        if name == "apart":
+            cascade._loops["fused"] = False  # held on A's and the loop's own XLA calls
+        made[name] = (lambda _i, _s, f=function: f(inputs, steps))
+        results[name] = [np.asarray(part) for part in function(inputs, steps)]
+        made[name + " cascade"] = cascade
+    assert made["fused cascade"].loop_fused is True, made["fused cascade"]._loops.get("fused problem")
+    for want, got in zip(results["apart"], results["fused"]):
+        assert want.shape == got.shape and want.tobytes() == got.tobytes(), "fused and apart differ"
+    return {name: made[name] for name in ("fused", "apart")}
+
+
+def fused(repeats, rounds, batches):
+    """The fused forward call (`cascade_cli.run.fused`) against A and the loop as their own XLA calls, and the best
+    padded peer of each suite, interleaved medians in ms. The cases: the feedback suite's greedy decode (`reset`,
+    and `carry`), eager `run`; the peers suite's `carry` forward inside a `tf.function` (as it times `cascade`)."""
+    import subprocess
+
+    import tensorflow as tf
+
+    from benchmarks import bench, feedback, peers
+    from cascade_cli.run import cascade as runner
+    from cascade_cli.options import StopRule
+
+    rng = np.random.default_rng(0)
+    print("case                          fused ms  apart ms  peer ms  fused/apart  fused/peer  apart/peer  load")
+    for n, ta, hidden in CASES:
+        if n not in batches:
+            continue
+        rows = []
+        model_a, model_b = feedback.build_models(features=16, hidden=hidden, outputs=16, max_steps=8)
+        inputs = tf.constant(feedback.make_data(rng, n, ta, features=16, max_steps=8)[0])
+        for state in ("reset", "carry"):
+            def make(state=state):
+                cascade = runner.Cascade(model_a, model_b, state=state, feedback=True, sampler="greedy",
+                                         max_steps=8, stop_rule=StopRule.token(feedback.END))
+                return cascade, lambda inputs, _steps: cascade.run(inputs, return_tokens=True)
+            made = _fused_pair(make, inputs, None)
+            peer = None
+            if state == "reset":
+                padded = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward",
+                                              run_plan=feedback.plan())[0]
+                peer = lambda _i, _s, padded=padded: padded(inputs)
+            rows.append((f"feedback {state} N={n}", made, peer))
+        peer_a, peer_b = bench.build_models(features=16, hidden=hidden, outputs=16)
+        x = tf.constant(rng.normal(size=(n, ta, 16)).astype(np.float32))
+        steps = tf.constant(bench.make_steps(rng, n, ta, max_steps=8))
+
+        def make_carry():
+            cascade = runner.Cascade(peer_a, peer_b, state="carry")
+            return cascade, peers._traced_once(lambda i, s: (cascade(i, s).flat_values,), peer_a)
+        made = _fused_pair(make_carry, x, steps)
+        padded, _ = peers.make_keras_padded(peer_a, peer_b, state="carry", direction="forward", xla=True,
+                                            max_steps=8, hidden=hidden)
+        rows.append((f"peers carry N={n}", made, lambda _i, _s: padded(x, steps)))
+        for name, made, peer in rows:
+            calls = dict(made, **({} if peer is None else {"peer": peer}))
+            medians = {key: [] for key in calls}
+            for _ in range(rounds):
+                timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
+                for key in calls:
+                    medians[key].append(timed[key]["median_s"] * 1e3)
+            ms = {key: float(np.median(values)) for key, values in medians.items()}
+            load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("average:")[-1].strip()
+            peer_ms = ms.get("peer", float("nan"))
+            print(f"{name:28}  {ms['fused']:8.2f}  {ms['apart']:8.2f}  {peer_ms:7.2f}  {ms['fused'] / ms['apart']:11.2f}"
+                  f"  {ms['fused'] / peer_ms:10.2f}  {ms['apart'] / peer_ms:10.2f}  {load}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
     parser.add_argument("--compaction", action="store_true",
                         help="compacted rows against masked rows and the padded XLA decode (reset, greedy)")
+    parser.add_argument("--fused", action="store_true",
+                        help="one XLA call for A, the plan, the loop and the packing vs A and the loop apart")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (--fused; default 3)")
+    parser.add_argument("--batches", default="1,8,64", help="the N of the cases to run (--fused; default 1,8,64)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.fused:
+        return fused(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.compaction:
         return compaction(args.repeats)
     import tensorflow as tf
