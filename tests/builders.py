@@ -143,3 +143,15 @@ def feedback_b(kind="gru", *, ir_size=4, units=5, output_size=3, seed=30, dtype=
     y = keras.layers.Dense(output_size, kernel_initializer=init(seed + 3), bias_initializer=init(seed + 4),
                            dtype=dtype)(h)
     return keras.Model([x, y_prev, *state_inputs], [y, *new_states], name=f"b_feedback_{kind}")
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of epoch `epoch` (0-based), after the callbacks before it: a killed run."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt

@@ -160,6 +160,42 @@ def test_a_backup_cut_short_gives_way_to_the_one_before(tmp_path):
     assert backed_up_epoch(tmp_path / "missing") is None
 
 
+def test_a_kill_between_the_backup_s_weights_and_its_epoch_file_resumes_from_the_epoch_before(tmp_path,
+                                                                                                monkeypatch):
+    """Keras writes the backup's weights, then its epoch file: a kill between the two must not leave epoch 2's
+    weights labelled epoch 1 (a resume would train epoch 2 again from them, silently off the unbroken run)."""
+    from keras.src.utils import file_utils
+
+    checkpoints = tmp_path / "checkpoints"
+    model = dense(1.0)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    saving = RestoredBackup(checkpoints)
+    saving.set_model(model)
+    saving.on_train_begin()
+    saving.on_epoch_end(0)  # epoch 1's backup, whole
+    assert backed_up_epoch(checkpoints) == 1
+    model.set_weights([np.full((2, 1), 2.0), np.zeros(1)])  # what epoch 2 trained
+    opened = file_utils.File
+
+    def killed_at_the_epoch_file(path, *args, **kwargs):
+        if str(path).endswith("training_metadata.json"):
+            raise KeyboardInterrupt
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(file_utils, "File", killed_at_the_epoch_file)
+    with pytest.raises(KeyboardInterrupt):
+        saving.on_epoch_end(1)
+    monkeypatch.setattr(file_utils, "File", opened)
+    assert backed_up_epoch(checkpoints) == 1
+    resumed = dense(0.0)
+    resumed.compile(keras.optimizers.SGD(0.1), loss="mse")
+    restoring = RestoredBackup(checkpoints)
+    restoring.set_model(resumed)
+    restoring.on_train_begin()
+    assert resumed._initial_epoch == 1
+    np.testing.assert_array_equal(resumed.get_weights()[0], [[1.0], [1.0]])  # epoch 1's, not epoch 2's
+
+
 LOCK_HOLDER = """
 import sys, time
 from cascade_cli.train.checkpoints import prepare_out_dir

@@ -500,7 +500,7 @@ def test_train_errors(files, tmp_path):
     assert_error(invoke(*common, "--data", files["x.h5"], "--out-dir", tmp_path / "o"), 1,
                  "x.h5' has no dataset 'steps'")
     assert_error(invoke(*common, "--data", files["train.h5"], "--out-dir", tmp_path / "o", "--resume"), 1,
-                 "--resume: no checkpoint to resume from")
+                 "--resume: no backup to resume from")
     assert_error(invoke(*common, "--data", files["train.h5"], "--out-dir", tmp_path / "o", "--learning-rate", 0), 2,
                  "--learning-rate")
     assert sorted(os.listdir(tmp_path)) == ["file"]

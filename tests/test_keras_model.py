@@ -373,24 +373,12 @@ def test_model_checkpoint_writes_a_whole_generator_each_epoch_that_loads_in_safe
     assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), model.get_weights()))
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Raises at the end of epoch `epoch` (0-based), after the callbacks before it ran: a killed run."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow  # three fits: about 12-35 s on 2 cores
 def test_backup_and_restore_after_an_interruption_reaches_the_weights_of_an_unbroken_run(tmp_path):
     unbroken, _ = fit_tiny([], epochs=3)
     backup = str(tmp_path / "backup")
     with pytest.raises(KeyboardInterrupt):
-        fit_tiny([keras.callbacks.BackupAndRestore(backup), Interrupt(1)], epochs=3)
+        fit_tiny([keras.callbacks.BackupAndRestore(backup), builders.KillAfterEpoch(1)], epochs=3)
     epochs_run = []
     count = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
     resumed, _ = fit_tiny([keras.callbacks.BackupAndRestore(backup), count], epochs=3)
@@ -418,7 +406,7 @@ def test_backup_and_restore_on_a_shuffled_dataset_resumes_with_the_epoch_s_own_o
     unbroken = fit_streamed([])
     backup = str(tmp_path / "backup")
     with pytest.raises(KeyboardInterrupt):
-        fit_streamed([keras.callbacks.BackupAndRestore(backup), Interrupt(1)])
+        fit_streamed([keras.callbacks.BackupAndRestore(backup), builders.KillAfterEpoch(1)])
     resumed = fit_streamed([keras.callbacks.BackupAndRestore(backup)])  # a new dataset, as a new process makes
     for left, right in zip(resumed.get_weights(), unbroken.get_weights()):
         np.testing.assert_array_equal(left, right)

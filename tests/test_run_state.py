@@ -26,18 +26,6 @@ def test_run_state_refuses_an_early_stopping_it_cannot_resume(tmp_path):
         RunState(tmp_path, early_stopping=keras.callbacks.EarlyStopping(monitor="loss"))
 
 
-class Kill(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at the end of epoch `epoch` (0-based), after the callbacks before it: a killed run."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def _fit(tmp_path, *, kill=None, before_backup=False, epochs=5):
     """A seeded run with EarlyStopping, RunState and BackupAndRestore; `kill` ends it at that epoch's end.
 
@@ -59,7 +47,7 @@ def _fit(tmp_path, *, kill=None, before_backup=False, epochs=5):
     state = RunState(tmp_path / "state", settings={"seed": 3}, early_stopping=stop,
                      history_file=tmp_path / "history.csv")
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
-    killer = [] if kill is None else [Kill(kill)]
+    killer = [] if kill is None else [builders.KillAfterEpoch(kill)]
     callbacks = [ReseedEachEpoch(3), stop, state, *(killer if before_backup else []), backup,
                  *([] if before_backup else killer)]
     model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=0)

@@ -247,18 +247,6 @@ def test_the_window_round_trips_through_the_config_and_a_file(tmp_path):
 # ------------------------------------------------------------------ resume
 
 
-class _Kill(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at the end of epoch `epoch` (0-based), after the callbacks before it: a killed run."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow  # three fits of two epochs, each traced anew: about 40 s on 2 cores
 def test_a_killed_windowed_fit_resumes_to_the_weights_of_an_unbroken_one(tmp_path):
     data = tuple(array[:4] for array in arrays())  # two batches of 2: one trace per fit
@@ -269,7 +257,7 @@ def test_a_killed_windowed_fit_resumes_to_the_weights_of_an_unbroken_one(tmp_pat
     unbroken = fit()
     backup = str(tmp_path / "backup")
     with pytest.raises(KeyboardInterrupt):
-        fit([keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), _Kill(0)])
+        fit([keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), builders.KillAfterEpoch(0)])
     epochs = []
     resumed = fit([keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
                    keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs.append(epoch))])

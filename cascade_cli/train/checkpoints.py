@@ -156,8 +156,8 @@ def _backup_epoch(backup, suffix=""):
 def backed_up_epoch(folder):
     """The epoch (1-based count of epochs done) of the newest readable backup in `folder/backup`, or None.
 
-    Keras' `BackupAndRestore(double_checkpoint=True)` keeps the newest backup
-    and the one before (`.bkp`); a newest one cut short by a kill leaves the one before.
+    `RestoredBackup` keeps the newest backup and the one before (`.bkp`); a
+    newest one cut short by a kill leaves the one before.
     """
     backup = Path(folder) / BACKUP_DIR
     if not backup.is_dir():
@@ -177,16 +177,28 @@ def no_backup_error(folder):
 
 
 class RestoredBackup(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` in `folder/backup`: two backups kept (`double_checkpoint`), kept after `fit` too.
+    """Keras' `BackupAndRestore` in `folder/backup`: two backups kept, kept after `fit` too.
 
-    As `fit` begins, a newest backup that cannot be read (a kill while it was
-    written) gives way to the one before, as Keras does for its weights file
-    (here for its epoch file too); a backup that cannot be restored into the
-    models is refused (`ParameterError("resume")`) instead of an internal error.
+    Keras writes a backup's weights, then its epoch file; a kill between the
+    two would leave the new weights under the old epoch. So before each backup
+    the whole pair before is copied aside (`*.bkp`, what Keras'
+    `double_checkpoint` keeps) and its epoch file removed: until the new pair
+    is whole, the newest backup names no epoch. As `fit` begins, a newest
+    backup that cannot be read (a kill while it was written) gives way to the
+    pair before; a backup that cannot be restored into the models is refused
+    (`ParameterError("resume")`) instead of an internal error.
     """
 
     def __init__(self, folder):
-        super().__init__(str(Path(folder) / BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False)
+        super().__init__(str(Path(folder) / BACKUP_DIR), delete_checkpoint=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        backup = Path(self.backup_dir)
+        if _backup_epoch(backup) is not None:
+            for name in (_BACKUP_WEIGHTS, _BACKUP_METADATA):
+                shutil.copyfile(backup / name, backup / f"{name}.bkp")
+            (backup / _BACKUP_METADATA).unlink()
+        super().on_epoch_end(epoch, logs)
 
     def on_train_begin(self, logs=None):
         backup = Path(self.backup_dir)
