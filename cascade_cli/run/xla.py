@@ -89,26 +89,7 @@ def a_under_xla(cascade, inputs, *, training):
 
 
 def plan_xla(cascade, *, samples, outer_steps, inner_steps=None):
-    """Decides in advance, for a whole job, what runs without XLA because no compile can pay; no probe.
-
-    A job of fewer than `XLA_PAYS_FROM` of A's time steps (`samples` x
-    `outer_steps`) runs A's plain call: its XLA probe and compile would
-    cost far more than they save. So does the loop over B for fewer than
-    `XLA_PAYS_FROM` inner steps (`inner_steps`): it runs the plain loop.
-    Larger jobs are left to the first call's probes (`choose_xla`, and
-    the loop's). Decided once: a choice made already (by `jit_compile`,
-    `run_eagerly`, B's form, an earlier call or plan) stands. Give it the
-    whole job, never a batch or a shard, so that every batch size and
-    shard runs alike.
-
-    Args:
-        samples: the job's samples, all batches and shards together
-            (with K draws per input, N x K).
-        outer_steps: `Ta`.
-        inner_steps: the inner steps the job may run, all pairs together
-            (the sum of their caps: given steps, or `max_steps` each), or
-            None to leave the loop to its probe.
-    """
+    """`Cascade.plan_xla`: A and the loop over B without XLA for a job too small for a compile to pay."""
     def too_small(steps, what):
         return (f"the job is too small for XLA's compile to pay: {what} = {steps} steps, under "
                 f"{XLA_PAYS_FROM} (no probe)")
