@@ -417,6 +417,7 @@ def test_a_loss_that_becomes_inf_exits_1_and_keeps_the_last_checkpoint_and_model
     assert sorted(os.listdir(run)) == ["cascade.keras", "checkpoints", "history.csv", "model_a.keras", "model_b.keras"]
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 def test_two_trainings_with_the_same_seed_give_the_same_weights(files, tmp_path):
     flags = ["--epochs", 2, "--batch-size", 2, "--val-split", 0.25, "--seed", 5]
     for name in ("one", "two"):

@@ -159,6 +159,7 @@ def test_width_one_cannot_see_past_its_first_choice_even_with_a_penalty():
     assert tokens.numpy().tolist() == [0]
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 def test_runs_inside_a_tf_function_and_on_a_zero_step_batch(models, x):
     runner = cascade(models, Sampler.beam(4), stop_rule=None)
     steps = np.zeros((N, TA), np.int32)

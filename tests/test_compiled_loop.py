@@ -95,6 +95,7 @@ def test_jit_compile_true_raises_where_the_loop_cannot_compile_and_auto_falls_ba
                                                stop_rule=StopRule.norm(100.0)).run(x)[0], atol=1e-5)
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 @pytest.mark.xla
 def test_building_several_cascades_prints_no_retracing_warning():
     a = builders.model_a()
@@ -182,6 +183,7 @@ def aligned_decoder(state, start, **kwargs):
                       stop_rule=StopRule.token(feedback.END), **kwargs)
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 @pytest.mark.xla
 @pytest.mark.parametrize("state, start", [("reset", "zeros"), pytest.param("carry", "previous", marks=pytest.mark.slow)])
 def test_a_decode_of_128_rows_or_more_runs_compacted_with_the_masked_loops_bits_in_any_batch(state, start, monkeypatch):

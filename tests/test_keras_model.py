@@ -90,6 +90,7 @@ else:
 """
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 @pytest.mark.parametrize("imports, expected", [
     ("from cascade_cli import CascadeModel", "CascadeModel"),
     ("import cascade_cli  # lazy: nothing registered", "refused: Could not locate class 'CascadeModel'"),

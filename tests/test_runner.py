@@ -636,6 +636,7 @@ def test_a_persistent_tape_gets_the_targets_gradient_of_teacher_forcing():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 @pytest.mark.xla
 def test_nested_tapes_take_a_gradient_of_a_gradient_with_a_under_xla():
     """A gradient penalty: d/dw sum((d loss / d x)^2), the compiled call (A under XLA) against the eager path."""
@@ -735,6 +736,7 @@ def test_xla_problem_names_what_does_not_hold():
         None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)")
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores; kept out of the default suite to hold it well under 15 minutes
 @pytest.mark.xla
 def test_a_cascade_made_after_a_trainable_change_takes_a_s_gradient_as_it_is_now():
     """A's XLA gradient must follow `trainable`: a guard for any cache of A's compiled call across cascades."""
