@@ -492,22 +492,15 @@ def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, r
         if not len(ranges):
             return
         largest = ranges.largest
-    if steps is None:
-        rows = largest * outer_steps * int(cascade.max_steps)
-    elif steps.ndim == 1:
-        rows = largest * int(steps.sum())
-    elif isinstance(ranges, BatchRanges):
-        rows = _batch_rows(steps, ranges, repeats=repeats)
-    else:
-        sums = np.concatenate([[0], np.cumsum(steps.sum(axis=1, dtype=np.float64))])
-        rows = int(max(sums[batch.stop] - sums[batch.start] for batch in ranges))
+    most = dict(ranges=ranges, largest=largest, max_steps=cascade.max_steps, repeats=repeats)
+    rows = _most_rows(steps, outer_steps=outer_steps, **most)
     width = cascade.b_spec.output_size + cascade.a_spec.ir_size + sum(cascade.b_spec.state_sizes)
     itemsize = tf.as_dtype(cascade.model_b.outputs[0].dtype).size
     if window is None or window >= outer_steps:
         needed = float(rows) * width * itemsize * 4
     else:
-        window_rows = _window_rows(cascade, steps, ranges, largest=largest, outer_steps=outer_steps, window=window,
-                                   repeats=repeats)
+        window_rows = _most_rows(_busiest_window(steps, outer_steps=outer_steps, window=window), outer_steps=window,
+                                 **most)
         needed = (float(rows) * cascade.b_spec.output_size * 3 + float(window_rows) * width * 4) * itemsize
     available = _available_memory() if available is None else available
     if needed > available:
@@ -519,19 +512,26 @@ def check_batch_memory(cascade, steps, ranges, *, outer_steps, available=None, r
         )
 
 
-def _window_rows(cascade, steps, ranges, *, largest, outer_steps, window, repeats):
-    """A bound on the inner steps one window of one batch runs: the batch's sum of each sample's busiest window."""
+def _most_rows(steps, *, ranges, largest, outer_steps, max_steps, repeats):
+    """The most inner steps one batch of `ranges` runs: `steps` `(Ta,)` or `(N, Ta)`, or None (`max_steps` each)."""
     if steps is None:
-        return largest * window * int(cascade.max_steps)
-    pad = -outer_steps % window
-    per_window = np.pad(np.atleast_2d(steps), ((0, 0), (0, pad))).reshape(-1, (outer_steps + pad) // window, window)
-    busiest = per_window.sum(axis=2, dtype=np.float64).max(axis=1, initial=0.0)[:, None]
+        return largest * outer_steps * int(max_steps)
     if steps.ndim == 1:
-        return largest * int(busiest[0, 0])
+        return largest * int(steps.sum())
     if isinstance(ranges, BatchRanges):
-        return _batch_rows(busiest, ranges, repeats=repeats)
-    sums = np.concatenate([[0], np.cumsum(busiest[:, 0])])
+        return _batch_rows(steps, ranges, repeats=repeats)
+    sums = np.concatenate([[0], np.cumsum(steps.sum(axis=1, dtype=np.float64))])
     return int(max(sums[batch.stop] - sums[batch.start] for batch in ranges))
+
+
+def _busiest_window(steps, *, outer_steps, window):
+    """Each sample's most inner steps in one window of `window` outer steps, as steps of one outer step: `(1,)` for
+    `(Ta,)` steps, `(N, 1)` for `(N, Ta)`; None for None."""
+    if steps is None:
+        return None
+    pad = ((0, 0),) * (steps.ndim - 1) + ((0, -outer_steps % window),)
+    per_window = np.pad(steps, pad).reshape(*steps.shape[:-1], -1, window)
+    return per_window.sum(axis=-1).max(axis=-1, initial=0)[..., None]
 
 
 def _available_memory():
