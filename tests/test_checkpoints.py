@@ -136,20 +136,26 @@ def test_a_folder_without_a_complete_backup_is_no_dead_end(tmp_path):
         assert os.listdir(tmp_path) == [".cascade-train.lock"]
 
 
+def restored(checkpoints, kernel):
+    """A compiled `dense(kernel)` and the `RestoredBackup` of `checkpoints` that `fit` would begin with."""
+    model = dense(kernel)
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    backup = RestoredBackup(checkpoints)
+    backup.set_model(model)
+    backup.on_train_begin()
+    return model, backup
+
+
 def test_a_backup_cut_short_gives_way_to_the_one_before(tmp_path):
     checkpoints = save_checkpoint(tmp_path, epoch=2)
     backup = checkpoints / "backup"
     assert backed_up_epoch(checkpoints) == 2
-    for name in ("latest.weights.h5", "training_metadata.json"):  # what double_checkpoint keeps of epoch 1
+    for name in ("latest.weights.h5", "training_metadata.json"):  # what RestoredBackup keeps of epoch 1
         (backup / f"{name}.bkp").write_bytes((backup / name).read_bytes())
     (backup / "training_metadata.json.bkp").write_text(json.dumps({"epoch": 1, "batch": 0}))
     (backup / "training_metadata.json").write_text('{"epo')  # a kill while epoch 3's was written
     assert backed_up_epoch(checkpoints) == 1
-    model = dense(0.0)
-    model.compile(keras.optimizers.SGD(0.1), loss="mse")
-    restoring = RestoredBackup(checkpoints)
-    restoring.set_model(model)
-    restoring.on_train_begin()
+    model, restoring = restored(checkpoints, 0.0)
     assert model._initial_epoch == 1
     np.testing.assert_array_equal(model.get_weights()[0], [[1.0], [1.0]])
     (backup / "latest.weights.h5").write_bytes(b"cut")
@@ -167,11 +173,7 @@ def test_a_kill_between_the_backup_s_weights_and_its_epoch_file_resumes_from_the
     from keras.src.utils import file_utils
 
     checkpoints = tmp_path / "checkpoints"
-    model = dense(1.0)
-    model.compile(keras.optimizers.SGD(0.1), loss="mse")
-    saving = RestoredBackup(checkpoints)
-    saving.set_model(model)
-    saving.on_train_begin()
+    model, saving = restored(checkpoints, 1.0)
     saving.on_epoch_end(0)  # epoch 1's backup, whole
     assert backed_up_epoch(checkpoints) == 1
     model.set_weights([np.full((2, 1), 2.0), np.zeros(1)])  # what epoch 2 trained
@@ -187,11 +189,7 @@ def test_a_kill_between_the_backup_s_weights_and_its_epoch_file_resumes_from_the
         saving.on_epoch_end(1)
     monkeypatch.setattr(file_utils, "File", opened)
     assert backed_up_epoch(checkpoints) == 1
-    resumed = dense(0.0)
-    resumed.compile(keras.optimizers.SGD(0.1), loss="mse")
-    restoring = RestoredBackup(checkpoints)
-    restoring.set_model(resumed)
-    restoring.on_train_begin()
+    resumed, _ = restored(checkpoints, 0.0)
     assert resumed._initial_epoch == 1
     np.testing.assert_array_equal(resumed.get_weights()[0], [[1.0], [1.0]])  # epoch 1's, not epoch 2's
 
