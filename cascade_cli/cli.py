@@ -65,6 +65,7 @@ FLAGS = {
     "min_steps": "--min-steps", "append_end_token": "--append-end-token",
     "gate_threshold": "--gate-threshold", "keep_gate": "--keep-gate", "stop_gate": "--stop-gate",
     "stop_weight": "--stop-weight", "stop_pos_weight": "--stop-pos-weight", "allow_nonfinite": "--allow-nonfinite",
+    "window": "--window",
 }
 _BOOLEAN_FLAGS = {"shuffle": ("--shuffle", "--no-shuffle"), "freeze_a": ("--freeze-a", "--no-freeze-a"),
                   "from_logits": ("--from-logits", "--no-from-logits"), "safe_mode": ("no --unsafe", "--unsafe"),

@@ -390,3 +390,27 @@ def test_cascade_train_window_equals_the_eager_reference(tmp_path, reference):
     before, after, _ = reference
     assert_weights_close([w.numpy() for w in got], after)
     assert not np.allclose(got[0].numpy(), before[0])  # it trained
+
+
+def test_cascade_train_refuses_a_bad_window_naming_the_flag_and_writes_nothing(tmp_path):
+    from tests.clitools import assert_error, assert_nothing_in, invoke
+    from tests.filetools import write_h5
+
+    inputs, steps, padded = arrays()
+    path = write_h5(tmp_path / "train.h5", inputs=inputs, steps=steps,
+                    targets=padded[np.arange(4)[None, None, :] < steps[..., None]])
+    for model, name in zip(models(), ("a.keras", "b.keras")):
+        model.save(tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    common = ("train", "--model-a", tmp_path / "a.keras", "--model-b", tmp_path / "b.keras", "--data", path,
+              "--out-dir", out / "run", "--state", "carry", "--epochs", 1)
+    assert_error(invoke(*common, "--window", 0), 2, "'--window'", "0")
+    assert_nothing_in(out)
+    feedback_b = builders.feedback_b(ir_size=H, output_size=O)
+    feedback_b.save(tmp_path / "fb.keras")
+    fed = list(common)
+    fed[fed.index(tmp_path / "b.keras")] = tmp_path / "fb.keras"
+    assert_error(invoke(*fed, "--feedback", "--feedback-start", "previous", "--window", 3), 1, "--window:",
+                 "--feedback-start previous", "no --window")
+    assert_nothing_in(out)
