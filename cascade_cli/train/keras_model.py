@@ -459,18 +459,20 @@ class CascadeModel(keras.Model):
         """
         if self._loss is None:
             raise ParameterError("loss", "not set: call compile() before fit().")
-        if self.window is not None:
-            logs = windows.train_step(self, data)
-            return self._across_workers({name: value for name, value in logs.items() if name != "length_mae"})
+        logs = self._step(self._loss, data) if self.window is None else windows.train_step(self, data)
+        return self._across_workers({name: value for name, value in logs.items() if name != "length_mae"})
+
+    def _step(self, loss, data):
+        """One optimizer step of `loss` (`step.batch_loss`) on `data`, a batch or one window of it; the metrics
+        after it. After a step that was not finite no step is taken (`_refused_steps` counts it)."""
         refused = self._refused_steps
-        result, finite = train_step(self._loss, self._unpack(data), variables=self.trainable_variables,
+        result, finite = train_step(loss, self._unpack(data), variables=self.trainable_variables,
                                     optimizer=self.optimizer,
                                     only_if=None if refused is None else tf.equal(refused, 0.0),
                                     sampling=self._sampling)
         if refused is not None:
             refused.assign_add(1.0 - tf.cast(finite, tf.float32))
-        logs = self._report(data[0], result)
-        return self._across_workers({name: value for name, value in logs.items() if name != "length_mae"})
+        return self._report(data[0], result)
 
     def test_step(self, data):
         """Scores one batch with `training=False`; returns the metrics so far."""

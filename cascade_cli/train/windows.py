@@ -39,7 +39,7 @@ from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_int
 from cascade_cli.run import checks
 from cascade_cli.run.state import CascadeState, carry_problem
-from cascade_cli.train.step import batch_loss, replica_context, train_step as one_step
+from cascade_cli.train.step import batch_loss, replica_context
 
 __all__ = ["check_window", "test_step", "train_step"]
 
@@ -127,18 +127,7 @@ def train_step(model, data):
     Returns:
         The metrics after the batch (`CascadeModel.get_metrics_result`).
     """
-    refused = model._refused_steps
-
-    def each(loss, part):
-        result, finite = one_step(loss, model._unpack(part), variables=model.trainable_variables,
-                                  optimizer=model.optimizer,
-                                  only_if=None if refused is None else tf.equal(refused, 0.0),
-                                  sampling=model._sampling)
-        if refused is not None:  # a refused window takes no step after it (`fit` stops at the batch's end)
-            refused.assign_add(1.0 - tf.cast(finite, tf.float32))
-        model._report(part[0], result)
-
-    _over_windows(model, data, each)
+    _over_windows(model, data, model._step)
     return model.get_metrics_result()
 
 
