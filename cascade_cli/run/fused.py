@@ -258,7 +258,7 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
     """
     if loop is None:
         loop = not tape_may_record()
-    known = cascade.state == "carry" and not cascade._general and cascade.stop_rule is None
+    known = xla.knows_inputs(cascade)
     if ((loop is not True and not (loop is False and known)) or plain_a or cascade.a_spec.form != "plain"
             or cascade.b_spec.form != "step"
             or cascade.sampler.kind == "beam" or inputs.shape[1] == 0 or inputs.shape.rank != 3
@@ -266,7 +266,7 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
             or not xla.a_under_xla(cascade, inputs, training=training)
             or not xla.loop_applies(cascade, inputs, training=training, extras=extras)):
         return None
-    walk = cascade.state == "carry" or (cascade.feedback and cascade._start[0] == "previous")
+    walk = xla.walks(cascade)
     return_tokens = extras is not None and extras.return_tokens
     key = ("fused", training, return_tokens, extras is not None, inputs.dtype, inputs.shape[2])
     inputs_spec = tf.TensorSpec([None, cascade.a_spec.outer_steps, inputs.shape[2]], inputs.dtype)

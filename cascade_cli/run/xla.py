@@ -194,9 +194,9 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
     the known-cell path's matmul per gate (N=1 carry: 16-20 against 60-70
     ms for the loop alone, 733 steps, the shared 2-core machine).
     """
-    if cascade.state == "carry" and not cascade._general and cascade.stop_rule is None:
+    if knows_inputs(cascade):
         return run_known_inputs_loop(cascade, ir_flat, caps, training)
-    walk = cascade.state == "carry" or (cascade.feedback and cascade._start[0] == "previous")
+    walk = walks(cascade)
     return_tokens = extras is not None and extras.return_tokens
     key = (training, return_tokens, ir_flat.dtype)
     sample_index = extras.sample_index if extras is not None else tf.range(tf.shape(caps)[0], dtype=tf.int64)
@@ -211,6 +211,18 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
     values, pairs, tokens = compiled_loop.compact(ys, emitted, tokens if return_tokens else None)
     result = (values, loop.lengths(caps, pairs, cascade.stop_rule))
     return result + (tokens,) if return_tokens else result
+
+
+def knows_inputs(cascade):
+    """Whether every row's input to B is known before the loop (`carry`, no feedback, no stop rule): the compiled
+    loop and the fused call run the known-inputs loop."""
+    return cascade.state == "carry" and not cascade._general and cascade.stop_rule is None
+
+
+def walks(cascade):
+    """Whether a compiled row walks its sample's pairs (`carry`, or feedback starting from the previous pair)
+    instead of being one pair."""
+    return cascade.state == "carry" or (cascade.feedback and cascade._start[0] == "previous")
 
 
 def loop_spec(cascade, *, walk, return_tokens):
