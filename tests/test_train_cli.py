@@ -82,7 +82,9 @@ def test_cascade_train_s_step_is_cascade_model_fit_s_step_and_w_minus_lr_times_t
         files, tmp_path, regularized, clipnorm):
     a, b = ("ra.keras", "rb.keras") if regularized else ("a.keras", "b.keras")
     clip = () if clipnorm is None else ("--clipnorm", clipnorm)
-    assert_ok(train(files, tmp_path / "run", *ONE_SGD_STEP, *clip, a=a, b=b))
+    result = train(files, tmp_path / "run", *ONE_SGD_STEP, *clip, a=a, b=b)
+    assert_ok(result)
+    assert "epoch" in result.stderr and str(tmp_path / "run" / "model_a.keras") in result.stderr
     inputs, steps, targets = arrays(files["train.h5"])
 
     # the independent reference: plain eager loops, the masked mse by hand, plus the penalty by hand
