@@ -563,7 +563,9 @@ def test_steps_that_need_more_memory_than_the_machine_has_are_refused_before_any
     assert_nothing_in(out)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+# SIGHUP's process (15-20 s on 2 cores) is slow: the default suite ends a real process with SIGTERM here, and
+# test_generate_ended_by_sighup_in_process_removes_what_it_was_writing checks SIGHUP's exit code and cleanup
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])
 def test_generate_ended_by_a_signal_removes_what_it_was_writing(files, tmp_path, signum):
     write_h5(tmp_path / "big.h5", inputs=builders.inputs(3000, 3))
     out = out_folder(tmp_path)
@@ -571,6 +573,28 @@ def test_generate_ended_by_a_signal_removes_what_it_was_writing(files, tmp_path,
                      tmp_path / "big.h5", "--steps", "3,1,2", "--batch-size", 8, "-o", out / "r.h5"], cwd=tmp_path)
     kill_when(process, lambda: bool(os.listdir(out)), delay=0.2, signum=signum, exit_code=128 + signum)
     assert os.listdir(out) == []  # the temporary file went with the run
+
+
+def test_generate_ended_by_sighup_in_process_removes_what_it_was_writing(files, tmp_path, monkeypatch):
+    """SIGHUP (a closed terminal) arriving while generate writes ends it as SIGTERM does: exit 129, no file left."""
+    from cascade_cli import generation
+    from cascade_cli.atomic import atomic_output
+
+    before = signal.getsignal(signal.SIGHUP)
+
+    def generate_to_file(cascade, source, steps=None, *, output, **options):
+        with atomic_output(output) as temp:
+            temp.write_bytes(b"half a result")
+            signal.raise_signal(signal.SIGHUP)  # the command's handler raises SystemExit here
+            temp.write_bytes(b"never reached")
+
+    monkeypatch.setattr(generation, "generate_to_file", generate_to_file)
+    out = out_folder(tmp_path)
+    result = generate(files, out / "r.h5", "--steps", "1,2,0")
+    assert result.exit_code == 128 + signal.SIGHUP, result.output
+    assert "Error" not in result.output
+    assert_nothing_in(out)
+    assert signal.getsignal(signal.SIGHUP) is before  # the handler before the command is back
 
 
 def test_a_signal_that_a_library_turns_into_an_error_still_ends_the_run_with_its_code(files, tmp_path, monkeypatch):

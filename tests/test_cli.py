@@ -462,6 +462,8 @@ def test_a_lambda_model_needs_unsafe_and_then_loads_with_a_loud_warning(files, t
 # -------------------------------------------------------------------- train
 
 
+@pytest.mark.slow  # test_train_cli's test_cascade_train_s_step_is_cascade_model_fit_s_step_and_w_minus_lr_times_the_
+# reference_gradient[False-None] runs this step (gru A and B, reset, SGD 0.1, one batch) against the same reference
 def test_one_sgd_step_through_the_cli_is_w_minus_lr_times_the_eager_gradient(files, tmp_path):
     with h5py.File(files["train.h5"], "r") as f:
         inputs, steps, targets = f["inputs"][()], f["steps"][()], f["targets"][()]

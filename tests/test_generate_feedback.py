@@ -78,15 +78,17 @@ def test_the_same_seed_gives_identical_bytes_at_any_batch_size_and_through_shard
         assert part.keys() == whole.keys()
         for key in whole:
             assert part[key].tobytes() == whole[key].tobytes(), (size, key)
-    shards = [tmp_path / f"s{i}.h5" for i in range(3)]
+    # each generate under XLA compiles again (about 10 s on 2 cores): 2 shards there (5 and 4 samples), 3 plainly
+    shards = [tmp_path / f"s{i}.h5" for i in range(3 if xla else 2)]
     for index, shard in enumerate(shards):
-        assert_ok(generate(files, shard, *SAMPLED, *xla, "--batch-size", "64", "--shard", f"{index}/3"))
+        assert_ok(generate(files, shard, *SAMPLED, *xla, "--batch-size", "64", "--shard", f"{index}/{len(shards)}"))
     assert_ok(invoke("merge", *reversed(shards), "-o", tmp_path / "merged.h5"))
     merged = arrays(tmp_path / "merged.h5")
     for key in whole:
         assert merged[key].tobytes() == whole[key].tobytes(), key
-    assert_ok(generate(files, tmp_path / "other.h5", *SAMPLED[:-1], "8", *xla))
-    assert arrays(tmp_path / "other.h5")["tokens"].tobytes() != whole["tokens"].tobytes()  # another seed
+    if xla:  # the seed reaches the sampler as it does on either path: checked once, plainly
+        assert_ok(generate(files, tmp_path / "other.h5", *SAMPLED[:-1], "8", *xla))
+        assert arrays(tmp_path / "other.h5")["tokens"].tobytes() != whole["tokens"].tobytes()  # another seed
 
 
 def test_every_sampler_setting_and_the_seed_are_recorded_and_name_the_run(files, tmp_path):

@@ -1,5 +1,6 @@
 """Tests for cascade_cli.train.keras_model: CascadeModel's save / load, fit, callbacks and predict."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -185,8 +186,13 @@ def reference_step(models, inputs, steps, targets, *, state="reset", penalty=Non
     return float(loss), [v.numpy() - lr * g.numpy() for v, g in zip(variables, grads)]
 
 
-@pytest.mark.parametrize("kind, state, regularized", [
-    ("gru", "reset", False), pytest.param("lstm", "carry", False, marks=pytest.mark.slow), ("gru", "reset", True)])
+# Slow: in the default suite test_train_cli's test_cascade_train_s_step_is_cascade_model_fit_s_step_and_w_minus_lr_
+# times_the_reference_gradient[False-None] and [True-0.05] check CascadeModel.fit's one SGD step on NaN-padded
+# arrays (gru A and B, reset; plain, and regularized with clipnorm) bit for bit against the command's step,
+# whose loss and weights they check against this same eager reference
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, state, regularized", [("gru", "reset", False), ("lstm", "carry", False),
+                                                      ("gru", "reset", True)])
 def test_one_sgd_step_through_fit_is_w_minus_lr_times_the_reference_gradient(kind, state, regularized):
     inputs, steps, flat, padded = training_arrays()
     make = regularized_models if regularized else (lambda: (builders.model_a(), builders.step_b(kind)))
@@ -363,14 +369,27 @@ def test_early_stopping_restores_the_best_weights():
     assert any(not np.array_equal(best, last) for best, last in zip(kept[0], kept[1]))
 
 
-def test_model_checkpoint_writes_a_whole_generator_each_epoch_that_loads_in_safe_mode(tmp_path):
-    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
-    model, _ = fit_tiny([checkpoint], epochs=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch1.keras", "epoch2.keras"]
-    loaded = keras.saving.load_model(tmp_path / "epoch2.keras")
+@pytest.fixture(scope="module")
+def logged_fit(tmp_path_factory):
+    """One validated 2-epoch `fit_tiny` with ModelCheckpoint, TensorBoard and CSVLogger: `(folder, model, history)`.
+
+    The three callbacks' tests read what this one fit wrote (one fit, not three; they watch different files)."""
+    folder = tmp_path_factory.mktemp("logged_fit")
+    callbacks = [keras.callbacks.ModelCheckpoint(str(folder / "checkpoints" / "epoch{epoch}.keras"))]
+    if importlib.util.find_spec("tensorboard") is not None:  # tf.summary needs it
+        callbacks.append(keras.callbacks.TensorBoard(str(folder / "logs")))
+    callbacks.append(keras.callbacks.CSVLogger(str(folder / "history.csv")))
+    model, history = fit_tiny(callbacks, epochs=2, validate=True)
+    return folder, model, history
+
+
+def test_model_checkpoint_writes_a_whole_generator_each_epoch_that_loads_in_safe_mode(logged_fit):
+    folder, model, _ = logged_fit
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["epoch1.keras", "epoch2.keras"]
+    loaded = keras.saving.load_model(folder / "checkpoints" / "epoch2.keras")
     x = builders.inputs(3, 3)
     assert flat_of(loaded.predict(x, STEPS[:3])).tobytes() == flat_of(model.predict(x, STEPS[:3])).tobytes()
-    first = keras.saving.load_model(tmp_path / "epoch1.keras")
+    first = keras.saving.load_model(folder / "checkpoints" / "epoch1.keras")
     assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), model.get_weights()))
 
 
@@ -412,12 +431,12 @@ def test_backup_and_restore_on_a_shuffled_dataset_resumes_with_the_epoch_s_own_o
     for left, right in zip(resumed.get_weights(), unbroken.get_weights()):
         np.testing.assert_array_equal(left, right)
 
-def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+def test_tensorboard_event_files_hold_the_logged_scalars(logged_fit):
     pytest.importorskip("tensorboard")  # tf.summary needs it
-    _, history = fit_tiny([keras.callbacks.TensorBoard(str(tmp_path / "logs"))], epochs=2, validate=True)
+    folder, _, history = logged_fit
     logged = {}
     for run in ("train", "validation"):
-        for path in sorted((tmp_path / "logs" / run).glob("events.out.tfevents.*")):
+        for path in sorted((folder / "logs" / run).glob("events.out.tfevents.*")):
             for event in tf.compat.v1.train.summary_iterator(str(path)):
                 for value in event.summary.value:
                     logged.setdefault((run, value.tag), []).append(float(tf.make_ndarray(value.tensor)))
@@ -425,9 +444,9 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     np.testing.assert_allclose(logged[("validation", "epoch_loss")], history.history["val_loss"], rtol=1e-6)
 
 
-def test_csv_logger_writes_the_history(tmp_path):
-    _, history = fit_tiny([keras.callbacks.CSVLogger(str(tmp_path / "history.csv"))], epochs=2, validate=True)
-    rows = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True)
+def test_csv_logger_writes_the_history(logged_fit):
+    folder, _, history = logged_fit
+    rows = np.genfromtxt(folder / "history.csv", delimiter=",", names=True)
     assert list(rows["epoch"]) == [0, 1]
     np.testing.assert_allclose(rows["loss"], history.history["loss"], rtol=1e-6)
     np.testing.assert_allclose(rows["val_loss"], history.history["val_loss"], rtol=1e-6)

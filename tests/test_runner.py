@@ -377,6 +377,8 @@ def test_bad_settings():
         Cascade(a, builders.step_b(ir_size=6))
 
 
+@pytest.mark.slow  # 15-20 s each on 2 cores; A under XLA in a tf.function under a tape, reset and carry, is checked
+# against the eager reference by test_gradients_equal_reference[lstm-reset-True-auto] and [gru-carry-True-auto]
 @pytest.mark.parametrize("state", ["reset", "carry"])
 def test_jit_compiled_a_gives_the_same_values_and_gradients(state):
     a, b = builders.model_a("gru"), builders.step_b("lstm")

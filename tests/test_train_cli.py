@@ -82,7 +82,9 @@ def test_cascade_train_s_step_is_cascade_model_fit_s_step_and_w_minus_lr_times_t
         files, tmp_path, regularized, clipnorm):
     a, b = ("ra.keras", "rb.keras") if regularized else ("a.keras", "b.keras")
     clip = () if clipnorm is None else ("--clipnorm", clipnorm)
-    assert_ok(train(files, tmp_path / "run", *ONE_SGD_STEP, *clip, a=a, b=b))
+    result = train(files, tmp_path / "run", *ONE_SGD_STEP, *clip, a=a, b=b)
+    assert_ok(result)
+    assert "epoch" in result.stderr and str(tmp_path / "run" / "model_a.keras") in result.stderr
     inputs, steps, targets = arrays(files["train.h5"])
 
     # the independent reference: plain eager loops, the masked mse by hand, plus the penalty by hand
@@ -105,10 +107,12 @@ def test_cascade_train_s_step_is_cascade_model_fit_s_step_and_w_minus_lr_times_t
         np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-6)
     assert float(history(tmp_path / "run")[0]["loss"]) == pytest.approx(float(loss), rel=1e-5)
 
-    # CascadeModel.fit on the same arrays: the very same step, bit for bit
+    # CascadeModel.fit on the same arrays, padded with NaN (which the loss must never see): the very same step, bit
+    # for bit
     model = CascadeModel(saved(files["train.h5"].parent, a), saved(files["train.h5"].parent, b))
     model.compile(keras.optimizers.SGD(LR, clipnorm=clipnorm), loss="mse", jit_compile=False)
-    model.fit((inputs, steps), padded_targets(steps, targets), batch_size=N, epochs=1, shuffle=False, verbose=0)
+    model.fit((inputs, steps), padded_targets(steps, targets, pad_value=np.nan), batch_size=N, epochs=1,
+              shuffle=False, verbose=0)
     fit_weights = [w.numpy() for w in model.trainable_variables]
     assert len(fit_weights) == len(cli_weights)
     for got, wanted in zip(fit_weights, cli_weights):

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 
 import h5py
 import keras
@@ -345,9 +346,18 @@ RUN = dict(epochs=3, batch_size=4, optimizer="adam", learning_rate=0.01, val_spl
            dropout=0.3)
 
 
-def test_resume_after_a_stop_mid_epoch_gives_the_weights_of_an_unbroken_run(tmp_path):
-    path = random_data(tmp_path / "train.h5", n=12)
-    unbroken = train(path, tmp_path / "unbroken", **RUN)
+@pytest.fixture(scope="module")
+def unbroken_run(tmp_path_factory):
+    """An unbroken `RUN` on 12 samples (dropout, shuffling, validation): `(data path, out_dir, history)`.
+
+    The resume test resumes to its weights; the seed test trains the same run again, and with another seed."""
+    folder = tmp_path_factory.mktemp("unbroken_run")
+    path = random_data(folder / "train.h5", n=12)
+    return path, folder / "unbroken", train(path, folder / "unbroken", **RUN)
+
+
+def test_resume_after_a_stop_mid_epoch_gives_the_weights_of_an_unbroken_run(tmp_path, unbroken_run):
+    path, unbroken_dir, unbroken = unbroken_run
 
     with pytest.raises(Interrupt):
         train(path, tmp_path / "broken", callbacks=StopAt(2, 2), **RUN)
@@ -356,7 +366,7 @@ def test_resume_after_a_stop_mid_epoch_gives_the_weights_of_an_unbroken_run(tmp_
 
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert [(r["loss"], r["val_loss"]) for r in resumed] == [(r["loss"], r["val_loss"]) for r in unbroken]
-    assert_same(saved_weights(tmp_path / "broken"), saved_weights(tmp_path / "unbroken"))
+    assert_same(saved_weights(tmp_path / "broken"), saved_weights(unbroken_dir))
     with open(tmp_path / "broken" / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [float(row["val_loss"]) for row in rows] == [row["val_loss"] for row in unbroken]
@@ -373,13 +383,11 @@ def test_resume_after_a_stop_mid_epoch_gives_the_weights_of_an_unbroken_run(tmp_
         train(path, tmp_path / "broken", **RUN)
 
 
-def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path):
-    path = random_data(tmp_path / "train.h5", n=8)
-    settings = {**RUN, "epochs": 2}
-    train(path, tmp_path / "first", **settings)
-    train(path, tmp_path / "second", **settings)
-    train(path, tmp_path / "other", **{**settings, "seed": 8})
-    first = saved_weights(tmp_path / "first")
+def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path, unbroken_run):
+    path, first_dir, _ = unbroken_run  # RUN: 3 epochs, dropout, shuffling: each epoch draws again
+    train(path, tmp_path / "second", **RUN)
+    train(path, tmp_path / "other", **{**RUN, "seed": 8})
+    first = saved_weights(first_dir)
     assert_same(saved_weights(tmp_path / "second"), first)
     assert not all(np.array_equal(a, b) for a, b in zip(saved_weights(tmp_path / "other")[0], first[0]))
 
@@ -455,15 +463,23 @@ def test_data_is_checked_before_any_work(tmp_path):
 # ------------------------------------------------------ patience, learning
 
 
-def test_patience_stops_and_restores_the_best_weights(tmp_path):
+PATIENCE_RUN = dict(epochs=10, batch_size=3, optimizer="adam", learning_rate=0.05, val_split=0.25, patience=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def patience_run(tmp_path_factory):
+    """A `PATIENCE_RUN` whose val_loss only rises: `(data path, validation indices, out_dir, history, stopped)`.
+
+    Training pulls every output towards +2 while the held-out samples want -2. Both patience tests read this run
+    (the second copies it before resuming it)."""
+    folder = tmp_path_factory.mktemp("patience_run")
     n = 8
     rng = np.random.default_rng(3)
     inputs, steps = builders.inputs(n, 2, seed=3), rng.integers(1, 3, size=(n, 2))
     _, val = split_indices(n, val_split=0.25, seed=0)
-    # Training pulls every output towards +2 while the held-out samples want -2: val loss only rises.
     sign = np.where(np.isin(np.arange(n), val), -2.0, 2.0)
     targets = np.repeat(sign, steps.sum(axis=1))[:, None] * np.ones((1, 2))
-    path = write_data(tmp_path / "train.h5", inputs, steps, targets.astype(np.float32))
+    path = write_data(folder / "train.h5", inputs, steps, targets.astype(np.float32))
 
     class Watch(TrainCallbacks):
         stopped = None
@@ -472,30 +488,28 @@ def test_patience_stops_and_restores_the_best_weights(tmp_path):
             self.stopped = (epoch, best_epoch)
 
     watch = Watch()
-    history = train(path, tmp_path / "out", callbacks=watch, epochs=10, batch_size=3, optimizer="adam",
-                    learning_rate=0.05, val_split=0.25, patience=2, seed=0)
+    history = train(path, folder / "out", callbacks=watch, **PATIENCE_RUN)
+    return path, val, folder / "out", history, watch.stopped
+
+
+def test_patience_stops_and_restores_the_best_weights(patience_run):
+    path, val, out, history, stopped = patience_run
     val_losses = [row["val_loss"] for row in history]
-    assert len(history) == 3 and watch.stopped == (3, 1)
+    assert len(history) == 3 and stopped == (3, 1)
     assert val_losses[0] < val_losses[1] < val_losses[2]
-    model_a, model_b = (keras.saving.load_model(tmp_path / "out" / name, compile=False)
+    model_a, model_b = (keras.saving.load_model(out / name, compile=False)
                         for name in ("model_a.keras", "model_b.keras"))
     with TrainingData(path) as data:
         restored = evaluate(model_a, model_b, data, indices=val, batch_size=3)
     assert restored == pytest.approx(val_losses[0], rel=1e-6)
 
 
-def test_patience_counts_the_epochs_before_a_resume_and_restores_their_best_weights(tmp_path):
+def test_patience_counts_the_epochs_before_a_resume_and_restores_their_best_weights(tmp_path, patience_run):
     """Killed in epoch 3 of a run whose val_loss only rises, the resumed run stops where the unbroken one does (after
     epoch 3, EarlyStopping's wait carried over in run_state.json) and keeps epoch 1's weights, not its own best."""
-    n = 8
-    rng = np.random.default_rng(3)
-    inputs, steps = builders.inputs(n, 2, seed=3), rng.integers(1, 3, size=(n, 2))
-    _, val = split_indices(n, val_split=0.25, seed=0)
-    sign = np.where(np.isin(np.arange(n), val), -2.0, 2.0)
-    targets = np.repeat(sign, steps.sum(axis=1))[:, None] * np.ones((1, 2))
-    path = write_data(tmp_path / "train.h5", inputs, steps, targets.astype(np.float32))
-    run = dict(epochs=10, batch_size=3, optimizer="adam", learning_rate=0.05, val_split=0.25, patience=2, seed=0)
-    unbroken = train(path, tmp_path / "unbroken", **run)
+    path, _, out, unbroken, _ = patience_run
+    shutil.copytree(out, tmp_path / "unbroken")  # resumed below: the other patience test reads the run as it ended
+    run = PATIENCE_RUN
     assert len(unbroken) == 3
     with pytest.raises(Interrupt):
         train(path, tmp_path / "broken", callbacks=StopAt(3, 1), **run)
