@@ -103,3 +103,23 @@ def test_cascade_reads_the_one_list_of_runner_settings():
     assert config["max_steps"] == 4 and config["seed"] == 7 and config["jit_compile"] is False
     again = Cascade(cascade.model_a, cascade.model_b, **config)
     assert again.get_config() == config
+
+
+def test_cascade_model_reads_the_one_list_of_runner_settings():
+    """`CascadeModel` takes every runner setting with `Cascade`'s default, but `run_eagerly` (Keras' `compile` owns
+    that switch for a model), plus its own `window`; its `settings` and `get_config` hold them in the list's order."""
+    import inspect
+
+    import builders
+    from cascade_cli.options import RUNNER_DEFAULTS
+    from cascade_cli.train.keras_model import CascadeModel
+
+    runner = {name: value for name, value in RUNNER_DEFAULTS.items() if name != "run_eagerly"}
+    keywords = {name: parameter.default for name, parameter in inspect.signature(CascadeModel).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == dict(runner, window=None)
+    model = CascadeModel(builders.model_a("gru"), builders.step_b("gru"), max_steps=4, seed=7, jit_compile=False)
+    assert list(model.settings) == list(runner)
+    assert model.settings["max_steps"] == 4 and model.settings["seed"] == 7
+    config = model.get_config()
+    assert [name for name in config if name in RUNNER_DEFAULTS] == list(runner)

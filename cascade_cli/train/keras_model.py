@@ -128,10 +128,10 @@ class CascadeModel(keras.Model):
 
     def __init__(self, model_a, model_b, *, state=RUNNER_DEFAULTS["state"], state_init=RUNNER_DEFAULTS["state_init"],
                  max_steps=RUNNER_DEFAULTS["max_steps"], stop_rule=RUNNER_DEFAULTS["stop_rule"],
-                 exclude_stop_step=RUNNER_DEFAULTS["exclude_stop_step"], fast_cells=RUNNER_DEFAULTS["fast_cells"],
-                 jit_compile=RUNNER_DEFAULTS["jit_compile"], feedback=RUNNER_DEFAULTS["feedback"],
-                 feedback_start=RUNNER_DEFAULTS["feedback_start"], sampler=RUNNER_DEFAULTS["sampler"],
-                 seed=RUNNER_DEFAULTS["seed"], min_steps=RUNNER_DEFAULTS["min_steps"], window=None, **kwargs):
+                 exclude_stop_step=RUNNER_DEFAULTS["exclude_stop_step"], min_steps=RUNNER_DEFAULTS["min_steps"],
+                 fast_cells=RUNNER_DEFAULTS["fast_cells"], jit_compile=RUNNER_DEFAULTS["jit_compile"],
+                 feedback=RUNNER_DEFAULTS["feedback"], feedback_start=RUNNER_DEFAULTS["feedback_start"],
+                 sampler=RUNNER_DEFAULTS["sampler"], seed=RUNNER_DEFAULTS["seed"], window=None, **kwargs):
         super().__init__(**kwargs)
         if jit_compile is None:  # what a generator saved before "auto" was CascadeModel's default holds
             jit_compile = RUNNER_DEFAULTS["jit_compile"]
@@ -141,10 +141,11 @@ class CascadeModel(keras.Model):
             sampler = Sampler(**sampler)
         self.model_a = model_a
         self.model_b = model_b
+        # `options.RUNNER_SETTINGS`' order (tests/test_layout.py); `run_eagerly` is Keras' `compile`'s switch here
         self._settings = dict(state=state, state_init=state_init, max_steps=max_steps, stop_rule=stop_rule,
-                              exclude_stop_step=exclude_stop_step, fast_cells=fast_cells,
+                              exclude_stop_step=exclude_stop_step, min_steps=min_steps, fast_cells=fast_cells,
                               jit_compile=jit_compile, feedback=feedback, feedback_start=feedback_start,
-                              sampler=Sampler.coerce(sampler), seed=seed, min_steps=min_steps)
+                              sampler=Sampler.coerce(sampler), seed=seed)
         self.cascade = Cascade(model_a, model_b, **self._settings)
         self.training_cascade = self._training_runner(None)
         self.window = windows.check_window(window, self.cascade)
