@@ -17,6 +17,7 @@ The engine, `cascade_cli.run`, module by module:
 
 - `cascade.py`: `Cascade`, its settings and the choice of path (`_run`).
 - `checks.py`: a call's inputs, steps, targets, sampling arguments and state, and the settings that need B.
+- `eager.py`: an eager call's checks of types, dtypes and shapes once per signature; its reused constants.
 - `models.py`: A's and B's forms, specs and fit.
 - `packing.py`: the plans (which rows run at each inner step, the value order); pure functions.
 - `loop.py`: `packed_loop` and the paths over it (`reset`, `carry`, given steps, a sequence-form B).
@@ -38,10 +39,10 @@ import keras
 import tensorflow as tf
 
 from cascade_cli.errors import ModelError, ParameterError, received
-from cascade_cli.keras_internals import flatten_layers, tape_may_record
+from cascade_cli.keras_internals import flatten_layers, ragged_from_parts, tape_may_record
 from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, Sampler, StopRule, check_runner_settings,
                                  parse_feedback_start)
-from cascade_cli.run import beam, carried, checks, compiled, fused, packing, stopping, xla
+from cascade_cli.run import beam, carried, checks, compiled, eager, fused, packing, stopping, xla
 from cascade_cli.run.cells import fast_path_problem, split_b
 from cascade_cli.run.feedback import run_feedback
 from cascade_cli.run.loop import Step, call_b, lengths, permute, run_carry, run_reset, run_sequence
@@ -203,6 +204,7 @@ class Cascade:
         self._concrete = {}  # the same keys -> its one concrete function, which is what is called
         self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
         self._first_shape = None  # the shape of the eager call that makes the first choices (`xla.probe_shape`)
+        self._lane = eager.EagerLane(max_steps)  # the eager call's signatures checked and constants (`run.eager`)
         compiles = jit_compile is not False and not run_eagerly
         self._xla_a = xla.xla_inference(model_a) if compiles and self.a_spec.form == "plain" else None
         self._xla = None if self._xla_a else xla.XlaChoice(
@@ -274,8 +276,7 @@ class Cascade:
             with `return_state`, the `CascadeState` after them.
         """
         inputs, caps = self._checked(inputs, steps)
-        extras = checks.checked_extras(self, inputs, caps, steps, targets, sample_index, sampling_probability,
-                                       return_tokens)
+        extras = self._extras(inputs, caps, steps, targets, sample_index, sampling_probability, return_tokens)
         if initial_state is not None or return_state is not False:
             parts, state = carried.stateful(self, "ragged", inputs, caps, training=training, extras=extras,
                                             initial_state=initial_state, return_state=return_state)
@@ -334,8 +335,7 @@ class Cascade:
             `CascadeState` last.
         """
         inputs, caps = self._checked(inputs, steps)
-        extras = checks.checked_extras(self, inputs, caps, steps, targets, sample_index, sampling_probability,
-                                       return_tokens)
+        extras = self._extras(inputs, caps, steps, targets, sample_index, sampling_probability, return_tokens)
         if initial_state is not None or return_state is not False:
             result, state = carried.stateful(self, "flat", inputs, caps, training=training, extras=extras,
                                              initial_state=initial_state, return_state=return_state)
@@ -381,9 +381,19 @@ class Cascade:
         return self._call_a(tf.convert_to_tensor(inputs), training=training, states=states)
 
     def _checked(self, inputs, steps):
-        """`(inputs, caps (N, Ta) int32)`: the inputs and steps checked, before any model runs."""
+        """`(inputs, caps (N, Ta) int32)`: the inputs and steps checked, before any model runs (eagerly, the
+        type, dtype and shape checks once per signature: `run.eager`)."""
+        return self._lane.checked(inputs, steps, self._checked_fully)
+
+    def _checked_fully(self, inputs, steps):
         inputs = checks.checked_inputs(inputs, self.a_spec)
         return inputs, checks.checked_caps(steps, inputs, max_steps=self.max_steps)
+
+    def _extras(self, inputs, caps, steps, targets, sample_index, probability, return_tokens):
+        """The feedback and sampling arguments checked (`checks.checked_extras`; eagerly, the defaults' tensors
+        reused: `run.eager`)."""
+        return self._lane.extras(self, inputs, targets, sample_index, probability, return_tokens, lambda: (
+            checks.checked_extras(self, inputs, caps, steps, targets, sample_index, probability, return_tokens)))
 
     def _run(self, inputs, caps, training, *, plain_a=False, extras=None, loop=None):
         """`run` on checked inputs and caps: A once, then the path for B's form and the state mode.
@@ -445,16 +455,11 @@ class Cascade:
                 rows = tf.zeros([samples * outer], tf.int64)
                 self._outer = ((samples, outer), tf.RaggedTensor.from_uniform_row_length(
                     rows, outer, nrows=samples, validate=False))
-            template = self._outer[1]
-
-            def nest(inner):
-                return template.with_values(inner)
+            nested = [ragged_from_parts(self._outer[1], flat, parts[1]) for flat in (parts[0], *parts[2:])]
         else:
-            def nest(inner):
-                return tf.RaggedTensor.from_uniform_row_length(inner, outer, nrows=samples, validate=False)
-
-        nested = [nest(tf.RaggedTensor.from_row_splits(flat, parts[1], validate=False))
-                  for flat in (parts[0], *parts[2:])]
+            nested = [tf.RaggedTensor.from_uniform_row_length(
+                tf.RaggedTensor.from_row_splits(flat, parts[1], validate=False), outer, nrows=samples, validate=False)
+                for flat in (parts[0], *parts[2:])]
         return tuple(nested) if len(nested) > 1 else nested[0]
 
     def _call_a(self, inputs, *, training, plain_a=False, states=None):

@@ -18,7 +18,8 @@ import contextlib
 import tensorflow as tf
 
 from cascade_cli.errors import CascadeError
-from cascade_cli.keras_internals import seed_generators, stop_recording, tape_may_record, tapes_may_take_higher_order
+from cascade_cli.keras_internals import (call_flat, seed_generators, stop_recording, tape_may_record,
+                                         tapes_may_take_higher_order)
 from cascade_cli.run import feedback
 
 
@@ -147,8 +148,8 @@ def call_compiled(cascade, kind, inputs, caps, *, training, extras=None):
             weights = [tf.convert_to_tensor(weight) for weight in trainable_weights(cascade)]  # the tapes watch them
             if tapes_may_take_higher_order([*arguments, *weights]):
                 return recomputed(cascade, kind, inputs, arguments, weights, training=training, extras=extras)
-        return concrete(cascade, kind, inputs, training=training, extras=extras,
-                                 loop=not tape_may_record())(*arguments)
+        return call_flat(concrete(cascade, kind, inputs, training=training, extras=extras,
+                                  loop=not tape_may_record()), arguments)  # checked: no binding (`run.eager`)
 
 
 def recomputed(cascade, kind, inputs, arguments, weights, *, training, extras):
