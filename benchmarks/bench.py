@@ -314,7 +314,7 @@ def _finish(result):
 
 
 def time_group(functions, inputs, steps, *, repeats, warmups):
-    """Times functions on the same inputs, interleaving their repeats.
+    """Times functions on the same inputs, interleaving their repeats in a rotating order.
 
     Args:
         functions: dict `key -> callable(inputs, steps)`.
@@ -338,8 +338,10 @@ def time_group(functions, inputs, steps, *, repeats, warmups):
         else:
             results[key] = {"times_s": []}
             live[key] = function
-    for _ in range(repeats):
-        for key, function in live.items():
+    order = list(live.items())
+    for repeat in range(repeats):  # each repeat starts one method later: none always runs after the same one
+        shift = repeat % len(order) if order else 0
+        for key, function in order[shift:] + order[:shift]:
             start = time.perf_counter()
             _finish(function(inputs, steps))
             results[key]["times_s"].append(time.perf_counter() - start)
