@@ -18,7 +18,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cascade_cli.run import compiled_loop, loop, packing, sampling, stopping
+from cascade_cli.run import loop, packing, sampling, stopping
 from cascade_cli.run.recurrence import packed_recurrence
 
 
@@ -109,17 +109,15 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
         """Each row's `(x, y_prev, u)`: its IR vector, what it is fed and its draw (None where unused)."""
         pair, inner, previous = rows[-3:]
         y_prev = fed_back(pair, inner, previous) if cascade.feedback else None
-        u = (sampling.row_uniforms(cascade.seed, _sample_of(pair), pair % outer + offset, inner,
-                                   sampling.CATEGORICAL_STREAM) if sampler.draws else None)
+        u = sampling.draws(sampler, cascade.seed, pair, inner, sample_of=_sample_of,
+                           outer_of=lambda pair: pair % outer + offset)
         return tf.gather(ir_flat, pair), y_prev, u
 
     def step(inputs, states):
         """B's step and the sampler: `(y, states, fed, token)` of each row."""
         x, y_prev, u = inputs
         y, new_states = loop.call_b(cascade, x, states, training, y_prev=y_prev)
-        fed, token = sampling.sample(sampler, y, u)
-        if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
-            fed = compiled_loop.without_gate(fed)
+        fed, token = sampling.feed_back(sampler, y, u, zero_gate=rule is not None and rule.kind == "gate")
         return y, new_states, fed, token
 
     def advance(j, rows, new_states, fed, hit, finals):
