@@ -24,7 +24,9 @@ FIXTURE = np.load(one_loop_cases.FIXTURE)
 def _params():
     for name in one_loop_cases.case_names():
         marks = [pytest.mark.xla] if name.endswith("__auto") else []
-        if name.endswith("__auto") or "grad" in name:
+        # the compiled path's compiles, and the paths that run no packed loop (a sequence-form B, the known
+        # cell's packed recurrence), are slow; the plain loop's cases stay in the quick suite
+        if name.endswith("__auto") or "grad" in name or name.startswith("sequence") or "_cell" in name:
             marks.append(pytest.mark.slow)
         yield pytest.param(name, marks=marks, id=name)
 
