@@ -122,15 +122,14 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
 
     def advance(j, rows, new_states, fed, hit, finals):
         pair, inner = rows[-3], rows[-2]
-        done = inner + 1 >= tf.gather(caps_flat, pair)
-        if hit is not None:
-            done = tf.logical_or(done, hit)
         if not walk:
+            done = inner + 1 >= tf.gather(caps_flat, pair)
+            if hit is not None:
+                done = tf.logical_or(done, hit)
             return pair, tf.logical_not(done), (pair, inner + 1, fed), new_states, finals
         samples = rows[0]
-        following = packing.next_running_pair(running_pairs, pair + 1, samples=samples, outer=outer)
-        keep = tf.logical_or(tf.logical_not(done), following >= 0)
-        next_pair = tf.where(done, following, pair)
+        done, keep, next_pair, next_inner = loop.walk_on(samples, pair, inner, hit, caps_flat=caps_flat,
+                                                         running_pairs=running_pairs, outer=outer)
         if finals:  # the rows that leave hand out their sample's last states and fed value
             leaving = tf.logical_not(keep)
             where = tf.boolean_mask(samples, leaving)[:, None]
@@ -142,12 +141,10 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
             new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
         if cascade.feedback and not teacher and start_kind != "previous":
             fed = tf.where(done[:, None], tf.broadcast_to(start, tf.shape(fed)), fed)
-        return pair, keep, (samples, next_pair, tf.where(done, 0, inner + 1), fed), new_states, finals
+        return pair, keep, (samples, next_pair, next_inner, fed), new_states, finals
 
     if walk:
-        running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
-        samples = packing.carry_rows(caps)
-        pair = packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer)
+        running_pairs, samples, pair = loop.walk_rows(caps)
         rows = (samples, pair)
         if cascade.state == "reset":
             states = initial_states(pair)

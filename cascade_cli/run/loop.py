@@ -131,6 +131,36 @@ def packed_loop(step, inputs, advance, *, rows, states, output_size, dtype, coun
     return result + ((finals,) if finals else ())
 
 
+def walk_rows(caps):
+    """Rows that walk their sample's pairs in order (`carry`; feedback from the previous pair's value).
+
+    Returns:
+        `(running_pairs, samples, pairs)`: the pairs with steps > 0,
+        ascending; each row's sample (`packing.carry_rows`) and its first
+        such pair.
+    """
+    outer = tf.shape(caps)[1]
+    running_pairs = tf.cast(tf.where(tf.reshape(caps, [-1]) > 0)[:, 0], tf.int32)  # ascending
+    samples = packing.carry_rows(caps)
+    return running_pairs, samples, packing.next_running_pair(running_pairs, samples * outer, samples=samples,
+                                                             outer=outer)
+
+
+def walk_on(samples, pairs, inner, hit, *, caps_flat, running_pairs, outer):
+    """One step of walking rows: `(done, keep, next_pairs, next_inner)`.
+
+    A row is done with its pair at its cap or where `hit` (None: no stop
+    rule); it goes on (`keep`) while its pair is not done or its sample has
+    a next running pair, which it then starts at inner step 0.
+    """
+    done = inner + 1 >= tf.gather(caps_flat, pairs)
+    if hit is not None:
+        done = tf.logical_or(done, hit)
+    following = packing.next_running_pair(running_pairs, pairs + 1, samples=samples, outer=outer)
+    keep = tf.logical_or(tf.logical_not(done), following >= 0)
+    return done, keep, tf.where(done, following, pairs), tf.where(done, 0, inner + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One inner step: `project(x)` once per row, then `call(projected, states) -> (out, states)`."""
@@ -222,21 +252,17 @@ def run_carry(cascade, ir_flat, caps, step):
         return run_carry_given(cascade, ir_flat, caps, step)
     outer = tf.shape(caps)[1]
     caps_flat = tf.reshape(caps, [-1])
-    running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
+    running_pairs, samples, first = walk_rows(caps)
     features = step.project(ir_flat)
-    samples = packing.carry_rows(caps)
 
     def advance(j, rows, states, fed, hit, finals):
         samples, pair_ids, inner = rows
-        done = tf.logical_or(inner + 1 >= tf.gather(caps_flat, pair_ids), hit)
-        following = packing.next_running_pair(running_pairs, pair_ids + 1, samples=samples, outer=outer)
-        keep = tf.logical_or(tf.logical_not(done), following >= 0)
-        rows = (samples, tf.where(done, following, pair_ids), tf.where(done, 0, inner + 1))
-        return pair_ids, keep, rows, states, finals
+        _, keep, next_pairs, next_inner = walk_on(samples, pair_ids, inner, hit, caps_flat=caps_flat,
+                                                  running_pairs=running_pairs, outer=outer)
+        return pair_ids, keep, (samples, next_pairs, next_inner), states, finals
 
     inputs = lambda j, rows: tf.gather(features, rows[1])  # noqa: E731
-    rows = (samples, packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer),
-            tf.zeros_like(samples))
+    rows = (samples, first, tf.zeros_like(samples))
     states = [tf.zeros([tf.size(samples), size], ir_flat.dtype) for size in cascade.b_spec.state_sizes]
     outputs, pairs = run_packed(cascade, step, inputs, advance, rows, states,
                                 held=lambda j, rows: stopping.held(rows[2], cascade.min_steps))
