@@ -86,7 +86,7 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
     walk = cascade.state == "carry" or (cascade.feedback and start_kind == "previous" and not teacher)
     sampler, rule = cascade.sampler, cascade.stop_rule
     if teacher:
-        value_start, padded, has_previous = teacher_table(cascade, caps, feed.targets, start)
+        value_start, padded, has_previous = teacher_table(caps, feed.targets, start, previous=start_kind == "previous")
 
     def fed_back(pair, inner, previous):
         """`y_prev` of each row."""
@@ -190,19 +190,18 @@ def start_value(cascade):
     return tf.one_hot(token, size, dtype=dtype) if kind == "token" else tf.zeros([size], dtype)
 
 
-def teacher_table(cascade, caps, targets, start):
+def teacher_table(caps, targets, start, *, previous):
     """`(value_start, padded, has_previous)`: where teacher forcing reads each row's `y_prev`.
 
     `padded[value_start[p] + j]` is pair `p`'s target `j - 1`; `padded[0]`
     is the start value, read at `j == 0` except where `has_previous[p]`
-    (`feedback_start="previous"` after the sample's first running pair):
+    (`previous`: `feedback_start="previous"`, after the sample's first running pair):
     there `padded[value_start[p]]` is the value just before the pair's
     first, the previous running pair's last target.
     """
     outer = tf.shape(caps)[1]
     caps_flat = tf.reshape(caps, [-1])
     value_start = tf.cumsum(caps_flat, exclusive=True)
-    previous = cascade._start[0] == "previous"
     padded = tf.concat([(tf.zeros_like(start) if previous else start)[None], targets], 0)
     if previous:
         sample_start = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
@@ -220,7 +219,8 @@ def run_teacher_forced(cascade, ir_flat, caps, training, feed, split):
     `packed_recurrence` runs the cell with its hand-written gradient and
     the head runs once on every row after the loop.
     """
-    value_start, padded, has_previous = teacher_table(cascade, caps, feed.targets, start_value(cascade))
+    value_start, padded, has_previous = teacher_table(caps, feed.targets, start_value(cascade),
+                                                       previous=cascade._start[0] == "previous")
     reset = cascade.state == "reset"
     plan = packing.reset_plan(caps) if reset else packing.carry_plan(caps)
     pairs = plan.step_pairs
