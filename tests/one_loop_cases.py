@@ -197,8 +197,22 @@ def run_case(name):
     return _run(settings, b=b, states=states, **kw)
 
 
+def machine():
+    """The CPU model and TensorFlow version the bits were recorded on: float kernels (oneDNN, XLA:CPU) pick their
+    code by the CPU's instruction set, so another CPU may give other last bits."""
+    import tensorflow as tf
+
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as file:
+            model = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}; tensorflow {tf.__version__}"
+
+
 def main():
-    arrays = {}
+    arrays = {"machine": np.array(machine())}
     for name in case_names():
         for key, value in run_case(name).items():
             arrays[f"{name}/{key}"] = value

@@ -33,6 +33,10 @@ def _params():
 
 @pytest.mark.parametrize("name", list(_params()))
 def test_outputs_are_byte_identical_to_main(name):
+    recorded, here = str(FIXTURE["machine"]), one_loop_cases.machine()
+    if recorded != here:
+        pytest.skip(f"the fixture's bits were recorded on {recorded}; this machine is {here}: regenerate it from "
+                    "main at e4fa856 (tests/one_loop_cases.py) to compare here")
     got = one_loop_cases.run_case(name)
     expected = {key.split("/", 1)[1]: FIXTURE[key] for key in FIXTURE.files if key.startswith(name + "/")}
     assert sorted(got) == sorted(expected)
