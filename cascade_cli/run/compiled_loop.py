@@ -45,7 +45,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cascade_cli.run import packing, sampling
+from cascade_cli.run import packing, sampling, stopping
 
 QUANTUM = packing.ROW_QUANTUM  # every bucket is a multiple of it
 COMPACT_ROWS = 128  # from this many rows on, B runs on the running rows only (`compacted_step`)
@@ -85,7 +85,7 @@ class LoopSpec:
         start_previous: feedback starts a pair from the row's last fed value (else from `start`).
         sampler: an `options.Sampler`.
         stop: `(y, tokens) -> hit`, or None without a stop rule.
-        zero_gate: what is fed back has its last column, a stop gate's logit, set to 0 (`without_gate`).
+        zero_gate: what is fed back has its last column, a stop gate's logit, set to 0 (`sampling.feed_back`).
         exclude_stop_step: the step that met the rule is not emitted.
         min_steps: no rule stops a pair before `min_steps` inner steps.
         seed: the draws' seed.
@@ -122,12 +122,6 @@ class LoopSpec:
     state_init: str
     compact: bool = True
     quantum: int = QUANTUM
-
-
-def without_gate(fed):
-    """`fed (rows, O)` with its last column, a stop gate's logit, set to 0: what a gated feedback B is fed back,
-    as training feeds it."""
-    return tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
 
 
 def compacted_sizes(rows, quantum, *, eighths=None):
@@ -224,18 +218,16 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
             y, new_states = tf.cond(rows >= COMPACT_ROWS,
                                     lambda: compacted_step(step, sizes, active, table, safe, y_prev, states),
                                     lambda: step(tf.gather(table, safe), y_prev, states))
-        u = None
-        if spec.sampler.draws:
-            u = sampling.row_uniforms(spec.seed, tf.gather(sample_of, safe), tf.gather(outer_of, safe), inner,
-                                      sampling.CATEGORICAL_STREAM)
-        fed_next, token = sampling.sample(spec.sampler, y, u)
-        if spec.zero_gate:
-            fed_next = without_gate(fed_next)
+        # the sampler, the gate, the stop rule and min_steps: as the plain loop decides (`run.feedback`)
+        u = sampling.draws(spec.sampler, spec.seed, safe, inner, sample_of=lambda p: tf.gather(sample_of, p),
+                           outer_of=lambda p: tf.gather(outer_of, p))
+        fed_next, token = sampling.feed_back(spec.sampler, y, u, zero_gate=spec.zero_gate)
         hit = None
         if spec.stop is not None:
             hit = spec.stop(y, token)
-            if spec.min_steps > 1:
-                hit = tf.logical_and(hit, inner + 1 >= spec.min_steps)
+            held = stopping.held(inner, spec.min_steps)
+            if held is not None:
+                hit = tf.logical_and(hit, tf.logical_not(held))
         emit = active if hit is None or not spec.exclude_stop_step else tf.logical_and(active, tf.logical_not(hit))
         ys = ys.write(j, y)
         emitted = emitted.write(j, tf.where(emit, pair + 1, 0))

@@ -1,7 +1,8 @@
 """The feedback and sampling loop, and teacher forcing: B fed what it emitted (or the targets).
 
 A feedback-form B (`feedback=True`) is fed what it emitted: free running
-(generation) its loop (`feedback_loop`) calls B on the rows still running and
+(generation) its loop (`feedback_loop`: `run.loop.packed_loop` with hooks that
+feed back, sample and walk pairs) calls B on the rows still running and
 samples every step (`run.sampling`; counter-based draws, so the results do not
 depend on how the input is cut); teacher-forced through a known cell, every
 row's input is known before the loop and the packed recurrence with its
@@ -17,7 +18,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cascade_cli.run import compiled_loop, loop, packing, sampling, stopping
+from cascade_cli.run import loop, packing, sampling, stopping
 from cascade_cli.run.recurrence import packed_recurrence
 
 
@@ -85,7 +86,7 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
     walk = cascade.state == "carry" or (cascade.feedback and start_kind == "previous" and not teacher)
     sampler, rule = cascade.sampler, cascade.stop_rule
     if teacher:
-        value_start, padded, has_previous = teacher_table(cascade, caps, feed.targets, start)
+        value_start, padded, has_previous = teacher_table(caps, feed.targets, start, previous=start_kind == "previous")
 
     def fed_back(pair, inner, previous):
         """`y_prev` of each row."""
@@ -104,64 +105,46 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
     def initial_states(pair):
         return loop.initial_states(cascade, tf.gather(ir_flat, pair))
 
-    def decide(x, y_prev, states, u):
-        """B's step, the sampler and the stop rule: `(y, states, fed, token, hit)` of each row."""
-        y, new_states = loop.call_b(cascade, x, states, training, y_prev=y_prev)
-        fed, token = sampling.sample(sampler, y, u)
-        if rule is not None and rule.kind == "gate":  # fed its values and a 0 gate, as training feeds it
-            fed = compiled_loop.without_gate(fed)
-        hit = None if rule is None else stopping.stop_hits(rule, y, token)
-        return y, new_states, fed, token, hit
-
-    def iterate(j, rows, states, ys, pairs, tokens, finals):
+    def inputs(j, rows):
+        """Each row's `(x, y_prev, u)`: its IR vector, what it is fed and its draw (None where unused)."""
         pair, inner, previous = rows[-3:]
-        x = tf.gather(ir_flat, pair)
         y_prev = fed_back(pair, inner, previous) if cascade.feedback else None
-        u = (sampling.row_uniforms(cascade.seed, _sample_of(pair), pair % outer + offset, inner,
-                                   sampling.CATEGORICAL_STREAM) if sampler.draws else None)
-        # whole blocks make a row's values independent of the batch; not in training, where the padded
-        # rows would change the shape, hence the draws, of B's dropout masks
-        y, new_states, fed, token, hit = (decide if training else packing.on_whole_blocks(decide))(
-            x, y_prev, states, u)
-        if rule is not None and cascade.min_steps > 1:
-            hit = tf.logical_and(hit, tf.logical_not(stopping.held(inner, cascade.min_steps)))
-        emitted = [y, pair] + ([token] if feed.return_tokens else [])
-        if hit is not None and cascade.exclude_stop_step:
-            emitted = [tf.boolean_mask(t, tf.logical_not(hit)) for t in emitted]
-        ys, pairs = ys.write(j, emitted[0]), pairs.write(j, emitted[1])
-        if feed.return_tokens:
-            tokens = tokens.write(j, emitted[2])
-        done = inner + 1 >= tf.gather(caps_flat, pair)
-        if hit is not None:
-            done = tf.logical_or(done, hit)
-        if walk:
-            samples = rows[0]
-            following = packing.next_running_pair(running_pairs, pair + 1, samples=samples, outer=outer)
-            keep = tf.logical_or(tf.logical_not(done), following >= 0)
-            next_pair = tf.where(done, following, pair)
-            if finals:  # the rows that leave hand out their sample's last states and fed value
-                leaving = tf.logical_not(keep)
-                where = tf.boolean_mask(samples, leaving)[:, None]
-                last = ([*new_states] if carry_b else []) + ([fed] if carry_previous else [])
-                finals = tuple(tf.tensor_scatter_nd_update(final, where, tf.boolean_mask(value, leaving))
-                               for final, value in zip(finals, last))
-            if cascade.state == "reset":
-                fresh = initial_states(tf.maximum(next_pair, 0))
-                new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
-            if cascade.feedback and not teacher and start_kind != "previous":
-                fed = tf.where(done[:, None], tf.broadcast_to(start, tf.shape(fed)), fed)
-            rows = (samples, next_pair, tf.where(done, 0, inner + 1), fed)
-        else:
-            keep = tf.logical_not(done)
-            rows = (pair, inner + 1, fed)
-        rows = tuple(tf.boolean_mask(r, keep) for r in rows)
-        new_states = [tf.boolean_mask(s, keep) for s in new_states]
-        return j + 1, rows, new_states, ys, pairs, tokens, finals
+        u = sampling.draws(sampler, cascade.seed, pair, inner, sample_of=_sample_of,
+                           outer_of=lambda pair: pair % outer + offset)
+        return tf.gather(ir_flat, pair), y_prev, u
+
+    def step(inputs, states):
+        """B's step and the sampler: `(y, states, fed, token)` of each row."""
+        x, y_prev, u = inputs
+        y, new_states = loop.call_b(cascade, x, states, training, y_prev=y_prev)
+        fed, token = sampling.feed_back(sampler, y, u, zero_gate=rule is not None and rule.kind == "gate")
+        return y, new_states, fed, token
+
+    def advance(j, rows, new_states, fed, hit, finals):
+        pair, inner = rows[-3], rows[-2]
+        if not walk:
+            done = inner + 1 >= tf.gather(caps_flat, pair)
+            if hit is not None:
+                done = tf.logical_or(done, hit)
+            return pair, tf.logical_not(done), (pair, inner + 1, fed), new_states, finals
+        samples = rows[0]
+        done, keep, next_pair, next_inner = loop.walk_on(samples, pair, inner, hit, caps_flat=caps_flat,
+                                                         running_pairs=running_pairs, outer=outer)
+        if finals:  # the rows that leave hand out their sample's last states and fed value
+            leaving = tf.logical_not(keep)
+            where = tf.boolean_mask(samples, leaving)[:, None]
+            last = ([*new_states] if carry_b else []) + ([fed] if carry_previous else [])
+            finals = tuple(tf.tensor_scatter_nd_update(final, where, tf.boolean_mask(value, leaving))
+                           for final, value in zip(finals, last))
+        if cascade.state == "reset":
+            fresh = initial_states(tf.maximum(next_pair, 0))
+            new_states = [tf.where(done[:, None], f, s) for f, s in zip(fresh, new_states)]
+        if cascade.feedback and not teacher and start_kind != "previous":
+            fed = tf.where(done[:, None], tf.broadcast_to(start, tf.shape(fed)), fed)
+        return pair, keep, (samples, next_pair, next_inner, fed), new_states, finals
 
     if walk:
-        running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
-        samples = packing.carry_rows(caps)
-        pair = packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer)
+        running_pairs, samples, pair = loop.walk_rows(caps)
         rows = (samples, pair)
         if cascade.state == "reset":
             states = initial_states(pair)
@@ -182,32 +165,20 @@ def feedback_loop(cascade, ir_flat, caps, training, feed, carried=None):
     carry_b = walk and carried is not None and cascade.state == "carry"
     carry_previous = walk and carried is not None and carried.previous is not None
     finals = tuple(carried.b_states if carry_b else []) + ((carried.previous,) if carry_previous else ())
-
-    def array(dtype, shape):
-        return tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
-                              element_shape=tf.TensorShape(shape))
-
-    ys, pairs, tokens = array(dtype, [None, size]), array(tf.int32, [None]), array(tf.int64, [None])
-    invariants = (
-        tf.TensorShape([]),
-        tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
-        [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in states],
-        tf.TensorShape(None), tf.TensorShape(None), tf.TensorShape(None),
-        tuple(tf.TensorShape([None]).concatenate(f.shape[1:]) for f in finals),
-    )
-    j, _, _, ys, pairs, tokens, finals = tf.while_loop(
-        lambda j, rows, *_: tf.size(rows[0]) > 0, iterate,
-        (tf.constant(0), rows, list(states), ys, pairs, tokens, finals), shape_invariants=invariants)
-    # A sentinel keeps concat() defined when nothing ran.
-    outputs = ys.write(j, tf.zeros([0, size], dtype)).concat()
-    pairs = pairs.write(j, tf.zeros([0], tf.int32)).concat()
+    # whole blocks make a row's values independent of the batch; not in training, where the padded
+    # rows would change the shape, hence the draws, of B's dropout masks
+    outputs, pairs, *rest = loop.packed_loop(
+        step, inputs, advance, rows=rows, states=states, output_size=size, dtype=dtype, stop=stopping.stop(rule),
+        held=(lambda j, rows: stopping.held(rows[-2], cascade.min_steps)) if cascade.min_steps > 1 else None,
+        exclude_stop_step=cascade.exclude_stop_step, whole_blocks=not training,
+        return_tokens=feed.return_tokens, finals=finals)
     order = tf.argsort(pairs, stable=True)  # value order: by pair, then step
     result = (loop.permute(outputs, order), loop.lengths(caps, pairs, cascade.stop_rule))
     if feed.return_tokens:
-        result += (tf.gather(tokens.write(j, tf.zeros([0], tf.int64)).concat(), order),)
+        result += (tf.gather(rest.pop(0), order),)
     if carried is None:
         return result
-    finals = list(finals)
+    finals = list(rest[0]) if finals else []
     b_out = [finals.pop(0) for _ in cascade.b_spec.state_sizes] if carry_b else list(carried.b_states)
     return result, b_out, (finals[0] if carry_previous else carried.previous)
 
@@ -219,19 +190,18 @@ def start_value(cascade):
     return tf.one_hot(token, size, dtype=dtype) if kind == "token" else tf.zeros([size], dtype)
 
 
-def teacher_table(cascade, caps, targets, start):
+def teacher_table(caps, targets, start, *, previous):
     """`(value_start, padded, has_previous)`: where teacher forcing reads each row's `y_prev`.
 
     `padded[value_start[p] + j]` is pair `p`'s target `j - 1`; `padded[0]`
     is the start value, read at `j == 0` except where `has_previous[p]`
-    (`feedback_start="previous"` after the sample's first running pair):
+    (`previous`: `feedback_start="previous"`, after the sample's first running pair):
     there `padded[value_start[p]]` is the value just before the pair's
     first, the previous running pair's last target.
     """
     outer = tf.shape(caps)[1]
     caps_flat = tf.reshape(caps, [-1])
     value_start = tf.cumsum(caps_flat, exclusive=True)
-    previous = cascade._start[0] == "previous"
     padded = tf.concat([(tf.zeros_like(start) if previous else start)[None], targets], 0)
     if previous:
         sample_start = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
@@ -249,7 +219,8 @@ def run_teacher_forced(cascade, ir_flat, caps, training, feed, split):
     `packed_recurrence` runs the cell with its hand-written gradient and
     the head runs once on every row after the loop.
     """
-    value_start, padded, has_previous = teacher_table(cascade, caps, feed.targets, start_value(cascade))
+    value_start, padded, has_previous = teacher_table(caps, feed.targets, start_value(cascade),
+                                                       previous=cascade._start[0] == "previous")
     reset = cascade.state == "reset"
     plan = packing.reset_plan(caps) if reset else packing.carry_plan(caps)
     pairs = plan.step_pairs

@@ -12,11 +12,15 @@ step-major outputs in order at the end.
 The work is split the way Keras splits its `RNN` layer from `backend.rnn`:
 `run.packing` turns the caps into a plan (pure functions), `packed_loop` runs
 a plain `step(x, states) -> (y, states)` over the plan's rows, and the paths
-below lay out each mode's rows for it. A path takes the `Cascade` whose
-settings it reads (`state`, `stop_rule`, `min_steps`, B and its spec) and
-checked tensors; it never chooses a path itself (`Cascade._run` does).
-The feedback and sampling loop is `run.feedback`; the loop compiled whole
-under XLA is `run.compiled_loop`.
+below lay out each mode's rows for it. `packed_loop` is the one plain loop:
+the feedback and sampling loop (`run.feedback`: samplers, teacher forcing,
+scheduled sampling, a call carried across windows) is the same loop with its
+own hooks (`inputs`, a `step` that samples, `advance`, `finals`). Stop rules
+and `min_steps` are its `stop` and `held` hooks (`run.stopping`). A path
+takes the `Cascade` whose settings it reads (`state`, `stop_rule`,
+`min_steps`, B and its spec) and checked tensors; it never chooses a path
+itself (`Cascade._run` does). The loop compiled whole under XLA is
+`run.compiled_loop`.
 """
 
 from __future__ import annotations
@@ -29,78 +33,132 @@ from cascade_cli.run import packing, stopping
 from cascade_cli.run.recurrence import packed_recurrence
 
 
-def packed_loop(step, body, *, rows, states, output_size, dtype, counts=None, stop=None, held=None):
-    """Runs `step` over packed rows until no row is left.
+def packed_loop(step, inputs, advance, *, rows, states, output_size, dtype, counts=None, stop=None, held=None,
+                exclude_stop_step=False, whole_blocks=False, return_tokens=False, finals=()):
+    """Runs `step` over packed rows until no row is left: the one loop of every plain path.
 
-    At inner step `j`, `body(j, rows)` gives the step's input `x` and a
-    `finish(y, hit) -> (pair_ids, keep, rows)` that names the pair each output
-    row belongs to, which rows go on and their next values. The rows that go
-    on are the first `counts[j + 1]` when `counts` is given (rows sorted
-    longest first, no stopping), else those where `keep` is True.
+    Every mode is this loop with its own hooks (as Keras' `backend.rnn` takes a
+    `step_function`): the reset, carry and given-steps paths (`run_reset`,
+    `run_carry`, `run_carry_given`) and the feedback and sampling loop with
+    teacher forcing (`run.feedback.feedback_loop`). At inner step `j`:
+    `step` runs B on the running rows, fed `inputs(j, rows)`; `stop` and
+    `held` say which rows stop;
+    the output of every row (of those not stopped, with `exclude_stop_step`)
+    is written with its pair id; `advance` gives each row's next values and
+    which rows go on. The rows that go on are the first `counts[j + 1]` when
+    `counts` is given (rows sorted longest first, no stopping), else those
+    where `keep` is True.
 
     Args:
-        step: `(x, states) -> (y, new_states)`: one inner step of every running row.
-        body: `(j, rows) -> (x, finish)`, as above.
-        rows: a tuple of per-row tensors, each `(rows, ...)`.
+        step: `(x, states) -> (y, new_states)`, one inner step of every
+            running row, or `-> (y, new_states, fed, token)` where a sampler
+            runs in the step: `fed` what it feeds back, `token` `(rows,)` its id.
+        inputs: `(j, rows) -> x`, each row's input to `step` (a tensor or a
+            tuple of them, all `(rows, ...)`).
+        advance: `(j, rows, states, fed, hit, finals) -> (pair_ids, keep,
+            rows, states, finals)`: the pair each row's output belongs to,
+            which rows go on (None with `counts`), the rows' next values and
+            states, and `finals` updated (`hit` is None without a stop rule).
+        rows: a tuple of per-row tensors, each `(rows, ...)`; `rows[0]` is 1-D.
         states: the step's states for those rows, each `(rows, size)`.
         output_size: the size of `y`, `O`.
         dtype: the dtype of `y`.
         counts: `(longest + 1,)` int32, the rows running at each step, or None.
-        stop: `y -> (hit, emit)`: `(rows,)` bools, the rows that met the stop
-            rule and (or None for all) the rows whose `y` is emitted; None
-            without a stop rule.
+        stop: `(y, token) -> hit`: `(rows,)` bools, the rows that met the stop
+            rule; None without one.
         held: `(j, rows) -> (rows,)` bools, the rows the stop rule may not
-            stop yet (`min_steps`): they neither stop nor leave their `y`
-            out; None holds no row.
+            stop yet (`min_steps`); None holds no row.
+        exclude_stop_step: a row's output at the step it stops is not emitted.
+        whole_blocks: `step` and `stop` run on the inputs and states padded to whole
+            blocks (`packing.on_whole_blocks`), so that a row's values do not
+            depend on how many rows ran beside it.
+        return_tokens: the `token` of every emitted output is returned too.
+        finals: a tuple of tensors `advance` updates as rows leave (each
+            sample's last states), returned after the loop.
 
     Returns:
         `(outputs (total, O), pairs (total,))`: every step's emitted outputs,
-        step after step, and the pair id of each.
+        step after step, and the pair id of each; then `tokens (total,)`
+        int64 with `return_tokens`, then `finals` where any were given.
     """
 
-    def iterate(j, rows, states, ys, pairs):
-        x, finish = body(j, rows)
-        y, states = step(x, states)
-        hit, emit = (None, None) if stop is None else stop(y)
+    def decide(x, states):
+        y, new_states, fed, token = (*step(x, states), None, None)[:4]
+        return y, new_states, fed, token, (None if stop is None else stop(y, token))
+
+    def iterate(j, rows, states, outputs, finals):
+        y, new_states, fed, token, hit = (packing.on_whole_blocks(decide) if whole_blocks else decide)(
+            inputs(j, rows), states)
         if hit is not None and held is not None:
-            waiting = held(j, rows)
-            hit = tf.logical_and(hit, tf.logical_not(waiting))
-            emit = None if emit is None else tf.logical_or(emit, waiting)
-        pair_ids, keep, rows = finish(y, hit)
-        if emit is None:
-            ys, pairs = ys.write(j, y), pairs.write(j, pair_ids)
-        else:
-            ys = ys.write(j, tf.boolean_mask(y, emit))
-            pairs = pairs.write(j, tf.boolean_mask(pair_ids, emit))
+            hit = tf.logical_and(hit, tf.logical_not(held(j, rows)))
+        pair_ids, keep, rows, new_states, finals = advance(j, rows, new_states, fed, hit, finals)
+        emitted = (y, pair_ids) + ((token,) if return_tokens else ())
+        if hit is not None and exclude_stop_step:
+            emitted = tuple(tf.boolean_mask(t, tf.logical_not(hit)) for t in emitted)
+        outputs = tuple(array.write(j, t) for array, t in zip(outputs, emitted))
         if counts is not None:
             count = counts[j + 1]
             rows = tuple(r[:count] for r in rows)
-            states = [s[:count] for s in states]
+            new_states = [s[:count] for s in new_states]
         else:
             rows = tuple(tf.boolean_mask(r, keep) for r in rows)
-            states = [tf.boolean_mask(s, keep) for s in states]
-        return j + 1, rows, states, ys, pairs
+            new_states = [tf.boolean_mask(s, keep) for s in new_states]
+        return j + 1, rows, new_states, outputs, finals
 
-    ys = tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
-                        element_shape=tf.TensorShape([None, output_size]))
-    pairs = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False,
-                           element_shape=tf.TensorShape([None]))
+    def array(dtype, shape):
+        return tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
+                              element_shape=tf.TensorShape(shape))
+
+    outputs = (array(dtype, [None, output_size]), array(tf.int32, [None]))
+    outputs += (array(tf.int64, [None]),) if return_tokens else ()
+    finals = tuple(finals)
     invariants = (
         tf.TensorShape([]),
         tuple(tf.TensorShape([None]).concatenate(r.shape[1:]) for r in rows),
         [tf.TensorShape([None]).concatenate(s.shape[1:]) for s in states],
-        tf.TensorShape(None),
-        tf.TensorShape(None),
+        tuple(tf.TensorShape(None) for _ in outputs),
+        tuple(tf.TensorShape([None]).concatenate(f.shape[1:]) for f in finals),
     )
-    j, _, _, ys, pairs = tf.while_loop(
+    j, _, _, outputs, finals = tf.while_loop(
         lambda j, rows, *_: tf.shape(rows[0])[0] > 0,
         iterate,
-        (tf.constant(0), tuple(rows), list(states), ys, pairs),
+        (tf.constant(0), tuple(rows), list(states), outputs, finals),
         shape_invariants=invariants,
     )
     # A sentinel keeps concat() defined when nothing ran.
-    ys = ys.write(j, tf.zeros([0, output_size], dtype)).concat()
-    return ys, pairs.write(j, tf.zeros([0], tf.int32)).concat()
+    sentinels = (tf.zeros([0, output_size], dtype), tf.zeros([0], tf.int32), tf.zeros([0], tf.int64))
+    result = tuple(array.write(j, sentinel).concat() for array, sentinel in zip(outputs, sentinels))
+    return result + ((finals,) if finals else ())
+
+
+def walk_rows(caps):
+    """Rows that walk their sample's pairs in order (`carry`; feedback from the previous pair's value).
+
+    Returns:
+        `(running_pairs, samples, pairs)`: the pairs with steps > 0,
+        ascending; each row's sample (`packing.carry_rows`) and its first
+        such pair.
+    """
+    outer = tf.shape(caps)[1]
+    running_pairs = tf.cast(tf.where(tf.reshape(caps, [-1]) > 0)[:, 0], tf.int32)  # ascending
+    samples = packing.carry_rows(caps)
+    return running_pairs, samples, packing.next_running_pair(running_pairs, samples * outer, samples=samples,
+                                                             outer=outer)
+
+
+def walk_on(samples, pairs, inner, hit, *, caps_flat, running_pairs, outer):
+    """One step of walking rows: `(done, keep, next_pairs, next_inner)`.
+
+    A row is done with its pair at its cap or where `hit` (None: no stop
+    rule); it goes on (`keep`) while its pair is not done or its sample has
+    a next running pair, which it then starts at inner step 0.
+    """
+    done = inner + 1 >= tf.gather(caps_flat, pairs)
+    if hit is not None:
+        done = tf.logical_or(done, hit)
+    following = packing.next_running_pair(running_pairs, pairs + 1, samples=samples, outer=outer)
+    keep = tf.logical_or(tf.logical_not(done), following >= 0)
+    return done, keep, tf.where(done, following, pairs), tf.where(done, 0, inner + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +199,12 @@ def initial_states(cascade, x):
     return [tf.zeros([rows, size], x.dtype) for size in cascade.b_spec.state_sizes]
 
 
-def run_packed(cascade, step, body, rows, states, *, counts=None, held=None):
-    """`packed_loop` with the cascade's stop rule and `min_steps`."""
-    return packed_loop(step.call, body, rows=rows, states=states, output_size=step.width,
+def run_packed(cascade, step, inputs, advance, rows, states, *, counts=None, held=None):
+    """`packed_loop` over a step-form B's `Step`, with the cascade's stop rule and `min_steps`."""
+    return packed_loop(step.call, inputs, advance, rows=rows, states=states, output_size=step.width,
                        dtype=cascade.model_b.outputs[0].dtype, counts=counts,
-                       stop=stopping.stop(cascade.stop_rule, exclude_stop_step=cascade.exclude_stop_step),
-                       held=held if cascade.min_steps > 1 else None)
+                       stop=stopping.stop(cascade.stop_rule), held=held if cascade.min_steps > 1 else None,
+                       exclude_stop_step=cascade.exclude_stop_step)
 
 
 def lengths(caps, pairs, stop_rule):
@@ -160,23 +218,21 @@ def lengths(caps, pairs, stop_rule):
 def run_reset(cascade, ir_flat, caps, step):
     """Rows are `(n, t)` pairs, each fed its own IR vector from a fresh state."""
 
-    def body(j, rows):
-        pair_ids, x, row_caps = rows
+    def advance(j, rows, states, fed, hit, finals):
+        pair_ids, _, row_caps = rows
+        keep = j + 1 < row_caps
+        if hit is not None:
+            keep = tf.logical_and(keep, tf.logical_not(hit))
+        return pair_ids, keep, rows, states, finals
 
-        def finish(y, hit):
-            keep = j + 1 < row_caps
-            if hit is not None:
-                keep = tf.logical_and(keep, tf.logical_not(hit))
-            return pair_ids, keep, rows
-
-        return x, finish
-
+    inputs = lambda j, rows: rows[1]  # noqa: E731
     if cascade.stop_rule is not None:
         pair_ids, row_caps = packing.reset_rows(caps)
         ir_rows = tf.gather(ir_flat, pair_ids)
         rows = (pair_ids, step.project(ir_rows), row_caps)
         held = lambda j, rows: tf.fill(tf.shape(rows[0]), j + 1 < cascade.min_steps)  # noqa: E731
-        outputs, pairs = run_packed(cascade, step, body, rows, initial_states(cascade, ir_rows), held=held)
+        outputs, pairs = run_packed(cascade, step, inputs, advance, rows, initial_states(cascade, ir_rows),
+                                    held=held)
         return outputs, pairs, tf.argsort(pairs, stable=True)
     plan = packing.reset_plan(caps)
     ir_rows = tf.gather(ir_flat, plan.pair_ids)
@@ -186,7 +242,7 @@ def run_reset(cascade, ir_flat, caps, step):
                                     initial_states=states, prefix=True)[0]
     else:
         rows = (plan.pair_ids, step.project(ir_rows), plan.row_caps)
-        outputs, _ = run_packed(cascade, step, body, rows, states, counts=plan.counts)
+        outputs, _ = run_packed(cascade, step, inputs, advance, rows, states, counts=plan.counts)
     return outputs, plan.step_pairs, plan.value_order
 
 
@@ -196,26 +252,19 @@ def run_carry(cascade, ir_flat, caps, step):
         return run_carry_given(cascade, ir_flat, caps, step)
     outer = tf.shape(caps)[1]
     caps_flat = tf.reshape(caps, [-1])
-    running_pairs = tf.cast(tf.where(caps_flat > 0)[:, 0], tf.int32)  # ascending
+    running_pairs, samples, first = walk_rows(caps)
     features = step.project(ir_flat)
-    samples = packing.carry_rows(caps)
 
-    def body(j, rows):
+    def advance(j, rows, states, fed, hit, finals):
         samples, pair_ids, inner = rows
-        x = tf.gather(features, pair_ids)
+        _, keep, next_pairs, next_inner = walk_on(samples, pair_ids, inner, hit, caps_flat=caps_flat,
+                                                  running_pairs=running_pairs, outer=outer)
+        return pair_ids, keep, (samples, next_pairs, next_inner), states, finals
 
-        def finish(y, hit):
-            done = tf.logical_or(inner + 1 >= tf.gather(caps_flat, pair_ids), hit)
-            following = packing.next_running_pair(running_pairs, pair_ids + 1, samples=samples, outer=outer)
-            keep = tf.logical_or(tf.logical_not(done), following >= 0)
-            return pair_ids, keep, (samples, tf.where(done, following, pair_ids), tf.where(done, 0, inner + 1))
-
-        return x, finish
-
-    rows = (samples, packing.next_running_pair(running_pairs, samples * outer, samples=samples, outer=outer),
-            tf.zeros_like(samples))
+    inputs = lambda j, rows: tf.gather(features, rows[1])  # noqa: E731
+    rows = (samples, first, tf.zeros_like(samples))
     states = [tf.zeros([tf.size(samples), size], ir_flat.dtype) for size in cascade.b_spec.state_sizes]
-    outputs, pairs = run_packed(cascade, step, body, rows, states,
+    outputs, pairs = run_packed(cascade, step, inputs, advance, rows, states,
                                 held=lambda j, rows: stopping.held(rows[2], cascade.min_steps))
     return outputs, pairs, tf.argsort(pairs, stable=True)
 
@@ -245,10 +294,11 @@ def run_carry_given(cascade, ir_flat, caps, step):
     pair_blocks = tf.TensorArray(tf.int32, size=longest + 1, infer_shape=False,
                                  element_shape=tf.TensorShape([None])).split(pairs, counts)
 
-    def body(j, rows):
-        return inputs.read(j), lambda y, hit: (pair_blocks.read(j), None, rows)
+    def advance(j, rows, states, fed, hit, finals):
+        return pair_blocks.read(j), None, rows, states, finals
 
-    outputs, _ = run_packed(cascade, step, body, (plan.samples,), states, counts=counts)
+    outputs, _ = run_packed(cascade, step, lambda j, rows: inputs.read(j), advance, (plan.samples,), states,
+                            counts=counts)
     return outputs, pairs, plan.value_order
 
 

@@ -71,6 +71,29 @@ def row_uniforms(seed, sample_index, outer, inner, stream):
     return tf.cast(row_hash(seed, sample_index, outer, inner, stream), tf.float64) / 2.0**32
 
 
+def draws(sampler, seed, pair, inner, *, sample_of, outer_of):
+    """`(rows,)` float64: the sampler's draw of each row, at pair `pair (rows,)` and inner step `inner (rows,)`,
+    keyed on `(seed, sample_of(pair), outer_of(pair), inner)` (`row_uniforms`, `CATEGORICAL_STREAM`); None for
+    a sampler that draws nothing. The plain loop (`run.feedback`) and the compiled loop (`run.compiled_loop`)
+    both draw here."""
+    if not sampler.draws:
+        return None
+    return row_uniforms(seed, sample_of(pair), outer_of(pair), inner, CATEGORICAL_STREAM)
+
+
+def feed_back(sampler, y, uniforms=None, *, zero_gate=False):
+    """`sample`'s `(fed, tokens)`, with `fed`'s last column, a stop gate's logit, set to 0 where `zero_gate` (a
+    gated B is fed its values and a 0 gate, as training feeds it: `without_gate`). The one home of what a
+    sampling loop, plain or compiled, feeds back."""
+    fed, tokens = sample(sampler, y, uniforms)
+    return (without_gate(fed) if zero_gate else fed), tokens
+
+
+def without_gate(fed):
+    """`fed (rows, O)` with its last column, a stop gate's logit, set to 0."""
+    return tf.concat([fed[:, :-1], tf.zeros_like(fed[:, -1:])], axis=1)
+
+
 def sample(sampler, y, uniforms=None):
     """What each row feeds back and the token it emits.
 

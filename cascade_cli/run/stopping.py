@@ -67,16 +67,11 @@ def stop_hits(rule, y, tokens=None):
     return RULES[rule.kind](rule).hits(y, tokens)
 
 
-def stop(rule, *, exclude_stop_step):
-    """`packed_loop`'s `stop`: `y -> (hit, emit)` for the rows of `y`, or None without a rule."""
+def stop(rule):
+    """The loops' `stop` hook: `(y, tokens) -> hit` (`stop_hits`), or None without a rule."""
     if rule is None:
         return None
-
-    def hits(y):
-        hit = stop_hits(rule, y)
-        return hit, (tf.logical_not(hit) if exclude_stop_step else None)
-
-    return hits
+    return lambda y, tokens=None: stop_hits(rule, y, tokens)
 
 
 def held(inner, min_steps):

@@ -229,7 +229,7 @@ def loop_spec(cascade, *, walk, return_tokens):
     """The `compiled_loop.LoopSpec` of the cascade's loop over B: the compiled loop's and the fused call's
     (`run.fused`)."""
     rule = cascade.stop_rule
-    stop = None if rule is None else (lambda y, token: stopping.stop_hits(rule, y, token))
+    stop = stopping.stop(rule)
     return compiled_loop.LoopSpec(
         walk=walk, carry=cascade.state == "carry", feedback=cascade.feedback,
         start_previous=cascade._start[0] == "previous", sampler=cascade.sampler, stop=stop,
