@@ -256,6 +256,12 @@ class Cascade:
         (`run.fused`); None before a call decides."""
         return self._loops.get("fused")
 
+    @property
+    def gradient_fused(self):
+        """Whether calls under a tape whose inputs to B are all known run A and that loop as one XLA computation
+        with XLA's own gradient (`run.fused.run_known_gradient`); None before such a call decides."""
+        return self._loops.get("gradient")
+
     def __call__(self, inputs, steps=None, *, training=False, targets=None, sample_index=None,
                  sampling_probability=0.0, return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade.
