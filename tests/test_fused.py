@@ -134,20 +134,34 @@ def _gradients(cascade, x, steps, targets=None, training=False):
     return values.numpy(), [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, [*sources, *weights])]
 
 
-GRADIENT_CASES = {  # (settings, B, steps, teacher forcing, training)
+GRADIENT_CASES = {  # (settings, B, steps, teacher forcing, training); reset and teacher forcing through a known
+    # cell keep its hand-written gradient (measured faster), so these take B as it is (`fast_cells=False`)
     "carry given steps": (dict(state="carry"), "step", STEPS, False, False),
-    "reset given steps": (dict(), "step", STEPS, False, False),
-    "reset max_steps, state_init ir, training": (dict(max_steps=3, state_init="ir"), "step ir", None, False, True),
-    "reset given steps, no known cell": (dict(fast_cells=False), "step", STEPS, False, False),
-    "teacher forcing, reset, training": (dict(feedback=True), "fb gru", STEPS, True, True),
-    "teacher forcing from the previous pair, LSTM": (dict(feedback=True, feedback_start="previous"), "fb lstm", STEPS,
-                                                     True, False),
-    "teacher forcing, carry, a start token": (dict(feedback=True, state="carry", feedback_start="token:1"), "fb gru",
-                                              STEPS, True, True),
+    "reset given steps": (dict(fast_cells=False), "step", STEPS, False, False),
+    "reset max_steps, state_init ir, training": (dict(max_steps=3, state_init="ir", fast_cells=False), "step ir",
+                                                 None, False, True),
+    "teacher forcing, reset, training": (dict(feedback=True, fast_cells=False), "fb gru", STEPS, True, True),
+    "teacher forcing from the previous pair, LSTM": (dict(feedback=True, feedback_start="previous",
+                                                          fast_cells=False), "fb lstm", STEPS, True, False),
+    "teacher forcing, carry, a start token": (dict(feedback=True, state="carry", feedback_start="token:1",
+                                                   fast_cells=False), "fb gru", STEPS, True, True),
     "teacher forcing, a B without states": (dict(feedback=True), "fb dense", STEPS, True, False),
 }
-GRADIENT_SLOW = {"reset given steps, no known cell", "teacher forcing from the previous pair, LSTM",
+GRADIENT_SLOW = {"reset max_steps, state_init ir, training", "teacher forcing from the previous pair, LSTM",
                  "teacher forcing, a B without states"}
+B_KINDS = {"step": lambda: builders.step_b(output_size=3), "step ir": lambda: builders.step_b(units=4, output_size=3),
+           "fb gru": lambda: builders.feedback_b("gru", output_size=3),
+           "fb lstm": lambda: builders.feedback_b("lstm", output_size=3),
+           "fb dense": lambda: builders.feedback_b(output_size=3, states=False)}
+
+
+def _targets(teacher, total=int(STEPS.sum())):
+    return tf.constant(np.random.default_rng(1).normal(size=(total, 3)), tf.float32) if teacher else None
+
+
+def _assert_equal_gradients(got, want, names):
+    for name, g, w in zip(names, got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.xla
@@ -155,39 +169,61 @@ GRADIENT_SLOW = {"reset given steps, no known cell", "teacher forcing from the p
                                   for case in GRADIENT_CASES])
 def test_under_a_tape_known_inputs_take_xlas_gradient_of_one_xla_call_equal_to_the_plain_paths(case):
     settings, kind, steps, teacher, training = GRADIENT_CASES[case]
-    a = builders.model_a()
-    b = {"step": lambda: builders.step_b(output_size=3),
-         "step ir": lambda: builders.step_b(units=4, output_size=3),
-         "fb gru": lambda: builders.feedback_b("gru", output_size=3),
-         "fb lstm": lambda: builders.feedback_b("lstm", output_size=3),
-         "fb dense": lambda: builders.feedback_b(output_size=3, states=False)}[kind]()
+    a, b = builders.model_a(), B_KINDS[kind]()
     x = tf.constant(builders.inputs(3, 4))
-    total = int(STEPS.sum()) if steps is not None else 3 * 4 * 3
-    targets = tf.constant(np.random.default_rng(1).normal(size=(total, 3)), tf.float32) if teacher else None
+    targets = _targets(teacher)
     cascade = Cascade(a, b, **settings)
     values, got = _gradients(cascade, x, steps, targets, training)
     assert cascade.gradient_fused is True, cascade._loops.get("gradient problem")
-    plain = Cascade(a, b, jit_compile=False, **settings)
+    plain = Cascade(a, b, **{**settings, "jit_compile": False})
     plain_values, want = _gradients(plain, x, steps, targets, training)
     assert plain.gradient_fused is None
     np.testing.assert_allclose(values, plain_values, rtol=1e-6, atol=1e-6)
     names = ["inputs"] + (["targets"] if teacher else []) + [v.path for v in a.trainable_variables + b.trainable_variables]
-    for name, g, w in zip(names, got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    _assert_equal_gradients(got, want, names)
+
+
+@pytest.mark.xla
+def test_reset_and_teacher_forcing_through_a_known_cell_keep_the_hand_written_gradient():
+    a = builders.model_a()
+    x = tf.constant(builders.inputs(3, 4))
+    for settings, kind, teacher in ((dict(), "step", False), (dict(feedback=True), "fb gru", True)):
+        cascade = Cascade(a, B_KINDS[kind](), **settings)
+        _gradients(cascade, x, STEPS, _targets(teacher), False)
+        assert cascade.gradient_fused is None and xla.hand_written(
+            cascade, "teacher" if teacher else "reset", training=False)
+
+
+@pytest.mark.xla
+def test_an_eager_carry_call_of_xla_gradient_below_samples_or_more_takes_the_hand_written_gradient(monkeypatch):
+    a, b = builders.model_a(), builders.step_b(output_size=3)
+    x = tf.constant(builders.inputs(3, 4))
+    monkeypatch.setattr(xla, "XLA_GRADIENT_BELOW", 3)
+    plain = Cascade(a, b, state="carry", jit_compile=False)
+    names = ["inputs", *(v.path for v in a.trainable_variables + b.trainable_variables)]
+    cascade = Cascade(a, b, state="carry")
+    values, got = _gradients(cascade, x, STEPS)  # 3 samples: not below
+    assert cascade.gradient_fused is None
+    plain_values, want = _gradients(plain, x, STEPS)
+    np.testing.assert_allclose(values, plain_values, rtol=1e-6, atol=1e-6)
+    _assert_equal_gradients(got, want, names)
+    values, got = _gradients(cascade, x[:2], STEPS[:2])  # 2 samples: XLA's
+    assert cascade.gradient_fused is True
+    _assert_equal_gradients(got, _gradients(plain, x[:2], STEPS[:2])[1], names)
 
 
 @pytest.mark.xla
 def test_a_b_that_draws_in_training_and_scheduled_sampling_keep_the_plain_paths_gradient():
     a = builders.model_a()
     x = tf.constant(builders.inputs(3, 4))
-    dropout = Cascade(a, builders.step_b(output_size=3, dropout=0.5))
+    dropout = Cascade(a, builders.step_b(output_size=3, dropout=0.5), fast_cells=False)
     with tf.GradientTape() as tape:
         values = dropout(x, STEPS, training=True).flat_values
     assert tape.gradient(values, a.trainable_variables)[0] is not None
     assert dropout.gradient_fused is None and xla.b_draws(dropout) is True
     assert xla.b_draws(Cascade(a, builders.step_b(output_size=3))) is False  # a cell's seed generator, unused
-    teacher = Cascade(a, builders.feedback_b("gru", output_size=3), feedback=True)
-    targets = tf.constant(np.random.default_rng(1).normal(size=(int(STEPS.sum()), 3)), tf.float32)
+    teacher = Cascade(a, builders.feedback_b("gru", output_size=3), feedback=True, fast_cells=False)
+    targets = _targets(True)
     with tf.GradientTape() as tape:
         values = teacher.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.0))[0]
     assert tape.gradient(values, a.trainable_variables)[0] is not None

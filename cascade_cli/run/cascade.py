@@ -394,9 +394,11 @@ class Cascade:
     def _run(self, inputs, caps, training, *, plain_a=False, extras=None, loop=None):
         """`run` on checked inputs and caps: A once, then the path for B's form and the state mode.
 
-        `loop`: False keeps the plain loop; True or None (decide here: no tape
-        recording) run the compiled whole loop where it applies (`xla.loop_applies`);
-        `"probe"` runs it regardless (`xla.choose_loop`).
+        `loop`: False keeps the plain loop (under a tape, XLA's gradient where
+        `xla.known_gradient` says); `"hand"` the plain loop and its gradient;
+        True or None (decide here: no tape recording) run the compiled whole
+        loop where it applies (`xla.loop_applies`); `"probe"` runs it
+        regardless (`xla.choose_loop`).
         """
         result = fused.run_fused(self, inputs, caps, training, extras=extras, plain_a=plain_a, loop=loop)
         if result is not None:  # A, the plan, the loop over B and the packing as one XLA call
@@ -412,7 +414,7 @@ class Cascade:
                                and extras.return_tokens)
         if loop is None:
             loop = not tape_may_record()
-        if loop == "probe" or (loop and xla.loop_applies(self, inputs, training=training, extras=extras)):
+        if loop == "probe" or (loop is True and xla.loop_applies(self, inputs, training=training, extras=extras)):
             return xla.run_compiled_loop(self, ir_flat, caps, training, extras)
         if extras is not None:
             return run_feedback(self, ir_flat, caps, training, extras)

@@ -345,8 +345,9 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
     """
     if loop is None:
         loop = not tape_may_record()
-    if loop is False:
-        return run_known_gradient(cascade, inputs, caps, training, extras=extras, plain_a=plain_a)
+    if loop is False or loop == "hand":
+        return run_known_gradient(cascade, inputs, caps, training, extras=extras, plain_a=plain_a,
+                                  samples=inputs.shape[0] if loop is False else xla.XLA_GRADIENT_BELOW)
     known = xla.knows_inputs(cascade)
     if (loop is not True or plain_a or cascade.a_spec.form != "plain" or cascade.b_spec.form != "step"
             or cascade.sampler.kind == "beam" or inputs.shape[1] == 0 or inputs.shape.rank != 3
@@ -396,15 +397,17 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
     return call(inputs, caps, extras)
 
 
-def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a):
+def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, samples):
     """`Cascade._run`'s result under a tape from A and a loop with known inputs as one XLA computation, with XLA's
     own gradient of it (`compile_known`, `run_differentiable`), or None where it does not run.
+
+    `samples`: the batch's samples, or None where the trace does not know them (`xla.known_gradient`).
 
     It runs where `xla.known_gradient` says so, once a probe found it compiles and its values equal the plain
     path's to float rounding (`Cascade.gradient_fused`; `cascade._loops["gradient"]`,
     and `["gradient problem"]` why not).
     """
-    kind = xla.known_gradient(cascade, inputs, training=training, extras=extras, plain_a=plain_a)
+    kind = xla.known_gradient(cascade, inputs, training=training, extras=extras, plain_a=plain_a, samples=samples)
     if kind is None:
         return None
     key = ("known", kind, training, inputs.dtype, inputs.shape[2])

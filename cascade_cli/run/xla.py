@@ -230,25 +230,55 @@ def known_inputs(cascade, extras):
     return None if cascade._general else cascade.state
 
 
-def known_gradient(cascade, inputs, *, training, plain_a, extras):
+def known_gradient(cascade, inputs, *, training, plain_a, extras, samples=None):
     """Which loop with known inputs (`known_inputs`) a call under a tape runs fused with A in one XLA computation,
     differentiated by XLA (`run.fused.run_known_gradient`), or None where the plain path and its gradient run.
 
     It needs A under XLA (in training: A's training call is its inference call), a B that draws nothing and
-    updates nothing in training, and the loop over B not refused XLA (by `jit_compile`, `run_eagerly`,
+    updates nothing in training, no hand-written gradient that wins (`hand_written`; `fast_cells=True` asks for
+    it), and the loop over B not refused XLA (by `jit_compile`, `run_eagerly`,
     `plan_xla` or its probe; the forward recurrence winning in `reset` does not count), nor this path by its
     own probe.
     """
     kind = known_inputs(cascade, extras)
     choice = cascade._loop_choice
-    if (kind is None or plain_a or cascade.jit_compile is False or cascade.run_eagerly
+    if (kind is None or plain_a or cascade.fast_cells is True or cascade.jit_compile is False or cascade.run_eagerly
             or cascade.a_spec.form != "plain" or inputs.shape.rank != 3 or inputs.shape[1] == 0
             or cascade._loops.get("gradient") is False
             or (choice is not None and not choice.compiled and choice.reason != RECURRENCE_WINS)):
         return None
     if training is not False and b_draws(cascade):
         return None
+    if hand_written(cascade, kind, training=training) and not (kind == "carry" and xla_gradient_wins(samples)):
+        return None  # measured faster (`benchmarks/loop_ab.py --gradient`)
     return kind if a_under_xla(cascade, inputs, training=training) else None
+
+
+XLA_GRADIENT_BELOW = 32
+"""`carry` with a known cell's hand-written gradient: XLA's gradient runs for batches of fewer samples, the
+hand-written one from there (`xla_gradient_wins`). Measured with `benchmarks/loop_ab.py --gradient` (loaded
+2-core VM, XLA / hand-written): 0.72 at N=1 and N=8, 1.32 at N=64."""
+
+
+def xla_gradient_wins(samples):
+    """Whether XLA's gradient of `carry` beats the hand-written one for a batch of `samples` (`XLA_GRADIENT_BELOW`).
+
+    `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then, which loses less
+    where it loses (1.3x at N=64) than the hand-written one does at N=1 (about 2x). An eager call knows its
+    batch: `run.compiled.call_compiled` traces the hand-written gradient apart for large batches.
+    """
+    return samples is None or samples < XLA_GRADIENT_BELOW
+
+
+def hand_written(cascade, kind, *, training):
+    """Whether the plain path of a loop with known inputs (`known_inputs`) takes a known cell's hand-written
+    gradient (`run.recurrence`): measured faster than XLA's in `reset` (1.2-1.5x) and teacher forcing (1.0-1.6x),
+    and in `carry` from `XLA_GRADIENT_BELOW` samples."""
+    if cascade.fast_cells is False or cascade._split is None:
+        return False
+    split = cascade._known_cell(ir_dtype=cascade.model_a.outputs[0].dtype, training=training,
+                                teacher_forced=kind == "teacher")
+    return split is not None and split.backward is not None
 
 
 def b_draws(cascade):
