@@ -6,6 +6,7 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.loop_ab --repeats 9
     python -m benchmarks.loop_ab --compaction  # compacted rows vs masked rows vs the padded XLA decode
     python -m benchmarks.loop_ab --fused       # one XLA call for A, plan, loop and packing vs A and loop apart
+    python -m benchmarks.loop_ab --gradient    # XLA's gradient of A and the loop vs the hand-written one
 
 The feedback suite's models and data (`benchmarks.feedback`): greedy decoding
 with the stop token `END`, `max_steps = 8`, in `reset` and in `carry`, at the
@@ -164,6 +165,105 @@ def fused(repeats, rounds, batches):
                   f"  {ms['fused'] / peer_ms:10.2f}  {ms['apart'] / peer_ms:10.2f}  {load}", flush=True)
 
 
+def _gradient_pair(make, arguments):
+    """`{"xla": run, "hand": run}` from `make() -> (cascade, run(*arguments) -> gradients)`: XLA's gradient of A
+    and the loop with known inputs (`Cascade.gradient_fused`), whatever the rule chooses, and the plain path
+    with its hand-written gradient; gradients checked equal first (float32 rounding)."""
+    from cascade_cli.run import xla
+
+    made, results = {}, {}
+    for name in ("xla", "hand"):
+        cascade, function = make()
+        if name == "hand":
+            cascade._loops["gradient"] = False  # held on the plain path and its hand-written gradient
+        made[name] = (lambda _i, _s, f=function: f(*arguments))
+        chosen = xla.hand_written
+        if name == "xla":  # XLA's gradient even where the rule leaves the loop to the hand-written one
+            xla.hand_written = lambda *_, **__: False  # read where the call is traced: its first call
+        try:
+            results[name] = [np.asarray(g) for g in function(*arguments)]
+        finally:
+            xla.hand_written = chosen
+        made[name + " cascade"] = cascade
+    assert made["xla cascade"].gradient_fused is True, made["xla cascade"]._loops.get("gradient problem")
+    assert made["hand cascade"].gradient_fused is False
+    for want, got in zip(results["hand"], results["xla"]):
+        scale = max(1.0, float(np.max(np.abs(want))))
+        assert np.max(np.abs(got - want)) <= 1e-4 * scale, "XLA's and the hand-written gradients differ"
+    return {name: made[name] for name in ("xla", "hand")}
+
+
+def gradient(repeats, rounds, batches):
+    """XLA's gradient of A and the loop over B with known inputs (`cascade_cli.run.fused.run_known_gradient`)
+    against the plain path's hand-written one, and the best padded XLA peer, interleaved medians in ms: the peers
+    suite's `reset` and `carry` forward+backward (inside a `tf.function`, as it times `cascade`) and the feedback
+    suite's teacher-forced forward+backward (an eager call under an eager tape, as it times `cascade`)."""
+    import subprocess
+
+    import tensorflow as tf
+
+    from benchmarks import bench, feedback, peers
+    from cascade_cli.run import cascade as runner
+
+    rng = np.random.default_rng(0)
+    peer_plan, feedback_plan = peers.plan(), feedback.plan()
+    print("case                          xla ms   hand ms  peer ms  xla/hand  xla/peer  hand/peer  load")
+    for n, ta, hidden in CASES:
+        if n not in batches:
+            continue
+        rows = []
+        peer_a, peer_b = bench.build_models(features=peer_plan.features, hidden=hidden, outputs=peer_plan.outputs)
+        weights = peer_a.trainable_variables + peer_b.trainable_variables
+        x = tf.constant(rng.normal(size=(n, ta, peer_plan.features)).astype(np.float32))
+        steps = tf.constant(bench.make_steps(rng, n, ta, max_steps=peer_plan.max_steps))
+        for state in ("reset", "carry"):
+            def make(state=state):
+                cascade = runner.Cascade(peer_a, peer_b, state=state)
+
+                def run(inputs, steps):
+                    with tf.GradientTape() as tape:
+                        total = tf.reduce_sum(cascade(inputs, steps).flat_values)
+                    return tape.gradient(total, weights)
+                return cascade, peers._traced_once(run, peer_a)
+            made = _gradient_pair(make, (x, steps))
+            padded, _ = peers.make_keras_padded(peer_a, peer_b, state=state, direction="forward+backward", xla=True,
+                                                max_steps=peer_plan.max_steps, hidden=hidden)
+            rows.append((f"peers {state} N={n}", made, lambda _i, _s, padded=padded: padded(x, steps)))
+        model_a, model_b = feedback.build_models(features=feedback_plan.features, hidden=hidden,
+                                                 outputs=feedback_plan.outputs, max_steps=feedback_plan.max_steps)
+        inputs, lengths = feedback.make_data(rng, n, ta, features=feedback_plan.features,
+                                             max_steps=feedback_plan.max_steps)
+        tokens = np.concatenate([np.append(np.arange(1, length), feedback.END) for length in lengths.ravel()])
+        arguments = (inputs, lengths, tokens.astype(np.int32))
+
+        def make_teacher():  # as `feedback.make_method("cascade", ...)` makes it
+            cascade = runner.Cascade(model_a, model_b, feedback=True)
+            teacher_weights = model_a.trainable_variables + model_b.trainable_variables
+
+            def train(inputs, steps, targets):
+                with tf.GradientTape() as tape:
+                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
+                    loss = feedback.teacher_loss(targets, values)
+                return tape.gradient(loss, teacher_weights)
+            return cascade, train
+        made = _gradient_pair(make_teacher, arguments)
+        peer = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward+backward",
+                                    run_plan=feedback_plan)[0]
+        tensors = tuple(tf.constant(a) for a in arguments)
+        rows.append((f"teacher N={n}", made, lambda _i, _s, peer=peer, tensors=tensors: peer(*tensors)))
+        for name, made, peer in rows:
+            calls = dict(made, peer=peer)
+            medians = {key: [] for key in calls}
+            for _ in range(rounds):
+                timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
+                for key in calls:
+                    medians[key].append(timed[key]["median_s"] * 1e3)
+            ms = {key: float(np.median(values)) for key, values in medians.items()}
+            load = open("/proc/loadavg").read().split()[:3]
+            print(f"{name:28}  {ms['xla']:7.2f}  {ms['hand']:7.2f}  {ms['peer']:7.2f}  {ms['xla'] / ms['hand']:8.2f}"
+                  f"  {ms['xla'] / ms['peer']:8.2f}  {ms['hand'] / ms['peer']:9.2f}  {' '.join(load)}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
@@ -171,10 +271,16 @@ def main(argv=None):
                         help="compacted rows against masked rows and the padded XLA decode (reset, greedy)")
     parser.add_argument("--fused", action="store_true",
                         help="one XLA call for A, the plan, the loop and the packing vs A and the loop apart")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (--fused; default 3)")
-    parser.add_argument("--batches", default="1,8,64", help="the N of the cases to run (--fused; default 1,8,64)")
+    parser.add_argument("--gradient", action="store_true",
+                        help="XLA's gradient of A and the loop with known inputs vs the hand-written one")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --repeats calls (--fused, --gradient; default 3)")
+    parser.add_argument("--batches", default="1,8,64",
+                        help="the N of the cases to run (--fused, --gradient; default 1,8,64)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.gradient:
+        return gradient(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.fused:
         return fused(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.compaction:

@@ -12,7 +12,7 @@ import tensorflow as tf
 import builders
 from cascade_cli import inspection
 from cascade_cli.options import StopRule
-from cascade_cli.run import fused
+from cascade_cli.run import fused, xla
 from cascade_cli.run.cascade import Cascade
 
 STEPS = np.array([[2, 0, 3, 1], [0, 0, 0, 0], [4, 1, 0, 2]], np.int32)
@@ -119,27 +119,130 @@ def test_inside_a_tf_function_the_call_runs_fused_with_the_eager_calls_bits():
     assert cascade.loop_fused is True and traced.numpy().tobytes() == eager.tobytes()
 
 
+def _gradients(cascade, x, steps, targets=None, training=False):
+    """The values and the gradients of a weighted sum of them for the inputs, the targets and every weight."""
+    weights = cascade.model_a.trainable_variables + cascade.model_b.trainable_variables
+    sources = [x] + ([] if targets is None else [targets])
+    with tf.GradientTape() as tape:
+        tape.watch(sources)
+        if targets is None:
+            values = cascade(x, steps, training=training).flat_values
+        else:
+            values = cascade.run(x, steps, targets=targets, training=training)[0]
+        rows = tf.cast(tf.shape(values)[0], tf.float32)
+        loss = tf.reduce_sum(values * tf.range(1.0, 1.0 + rows)[:, None] / rows)  # a weight per value
+    return values.numpy(), [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, [*sources, *weights])]
+
+
+GRADIENT_CASES = {  # (settings, B, steps, teacher forcing, training); reset and teacher forcing through a known
+    # cell keep its hand-written gradient (measured faster), so these take B as it is (`fast_cells=False`)
+    "carry given steps": (dict(state="carry"), "step", STEPS, False, False),
+    "reset given steps": (dict(fast_cells=False), "step", STEPS, False, False),
+    "reset max_steps, state_init ir, training": (dict(max_steps=3, state_init="ir", fast_cells=False), "step ir",
+                                                 None, False, True),
+    "teacher forcing, reset, training": (dict(feedback=True, fast_cells=False), "fb gru", STEPS, True, True),
+    "teacher forcing from the previous pair, LSTM": (dict(feedback=True, feedback_start="previous",
+                                                          fast_cells=False), "fb lstm", STEPS, True, False),
+    "teacher forcing, carry, a start token": (dict(feedback=True, state="carry", feedback_start="token:1",
+                                                   fast_cells=False), "fb gru", STEPS, True, True),
+    "teacher forcing, a B without states": (dict(feedback=True), "fb dense", STEPS, True, False),
+}
+GRADIENT_SLOW = {"reset max_steps, state_init ir, training", "teacher forcing from the previous pair, LSTM",
+                 "teacher forcing, a B without states"}
+B_KINDS = {"step": lambda: builders.step_b(output_size=3), "step ir": lambda: builders.step_b(units=4, output_size=3),
+           "fb gru": lambda: builders.feedback_b("gru", output_size=3),
+           "fb lstm": lambda: builders.feedback_b("lstm", output_size=3),
+           "fb dense": lambda: builders.feedback_b(output_size=3, states=False)}
+
+
+def _targets(teacher, total=int(STEPS.sum())):
+    return tf.constant(np.random.default_rng(1).normal(size=(total, 3)), tf.float32) if teacher else None
+
+
+def _assert_equal_gradients(got, want, names):
+    for name, g, w in zip(names, got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.xla
-def test_under_a_tape_carry_with_given_steps_takes_xlas_gradient_of_the_fused_call_equal_to_the_plain_loops():
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in GRADIENT_SLOW else case
+                                  for case in GRADIENT_CASES])
+def test_under_a_tape_known_inputs_take_xlas_gradient_of_one_xla_call_equal_to_the_plain_paths(case):
+    settings, kind, steps, teacher, training = GRADIENT_CASES[case]
+    a, b = builders.model_a(), B_KINDS[kind]()
+    x = tf.constant(builders.inputs(3, 4))
+    targets = _targets(teacher)
+    cascade = Cascade(a, b, **settings)
+    values, got = _gradients(cascade, x, steps, targets, training)
+    assert cascade.gradient_fused is True, cascade._loops.get("gradient problem")
+    plain = Cascade(a, b, **{**settings, "jit_compile": False})
+    plain_values, want = _gradients(plain, x, steps, targets, training)
+    assert plain.gradient_fused is None
+    np.testing.assert_allclose(values, plain_values, rtol=1e-6, atol=1e-6)
+    names = ["inputs"] + (["targets"] if teacher else []) + [v.path for v in a.trainable_variables + b.trainable_variables]
+    _assert_equal_gradients(got, want, names)
+
+
+@pytest.mark.xla
+def test_reset_and_teacher_forcing_through_a_known_cell_keep_the_hand_written_gradient():
+    a = builders.model_a()
+    x = tf.constant(builders.inputs(3, 4))
+    for settings, kind, teacher in ((dict(), "step", False), (dict(feedback=True), "fb gru", True)):
+        cascade = Cascade(a, B_KINDS[kind](), **settings)
+        _gradients(cascade, x, STEPS, _targets(teacher), False)
+        assert cascade.gradient_fused is None and xla.hand_written(
+            cascade, "teacher" if teacher else "reset", training=False)
+
+
+@pytest.mark.xla
+def test_an_eager_carry_call_of_xla_gradient_below_samples_or_more_takes_the_hand_written_gradient(monkeypatch):
     a, b = builders.model_a(), builders.step_b(output_size=3)
     x = tf.constant(builders.inputs(3, 4))
-    weights = a.trainable_variables + b.trainable_variables
-
-    def gradients(cascade):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            values = cascade(x, STEPS).flat_values
-            rows = tf.cast(tf.shape(values)[0], tf.float32)
-            loss = tf.reduce_sum(values * tf.range(1.0, 1.0 + rows)[:, None] / rows)  # a weight per value
-        return values.numpy(), [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, [x, *weights])]
-
+    monkeypatch.setattr(xla, "XLA_GRADIENT_BELOW", 3)
+    plain = Cascade(a, b, state="carry", jit_compile=False)
+    names = ["inputs", *(v.path for v in a.trainable_variables + b.trainable_variables)]
     cascade = Cascade(a, b, state="carry")
-    values, got = gradients(cascade)
-    assert cascade.loop_fused is True and ("fused gradient", False, tf.float32, 3) in cascade._loops
-    plain_values, want = gradients(Cascade(a, b, state="carry", jit_compile=False))
+    values, got = _gradients(cascade, x, STEPS)  # 3 samples: not below
+    assert cascade.gradient_fused is None
+    plain_values, want = _gradients(plain, x, STEPS)
     np.testing.assert_allclose(values, plain_values, rtol=1e-6, atol=1e-6)
-    for weight, g, w in zip(["inputs", *(v.path for v in weights)], got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=weight)
+    _assert_equal_gradients(got, want, names)
+    values, got = _gradients(cascade, x[:2], STEPS[:2])  # 2 samples: XLA's
+    assert cascade.gradient_fused is True
+    _assert_equal_gradients(got, _gradients(plain, x[:2], STEPS[:2])[1], names)
+
+
+@pytest.mark.xla
+def test_a_b_that_draws_in_training_and_scheduled_sampling_keep_the_plain_paths_gradient():
+    a = builders.model_a()
+    x = tf.constant(builders.inputs(3, 4))
+    dropout = Cascade(a, builders.step_b(output_size=3, dropout=0.5), fast_cells=False)
+    with tf.GradientTape() as tape:
+        values = dropout(x, STEPS, training=True).flat_values
+    assert tape.gradient(values, a.trainable_variables)[0] is not None
+    assert dropout.gradient_fused is None and xla.b_draws(dropout) is True
+    assert xla.b_draws(Cascade(a, builders.step_b(output_size=3))) is False  # a cell's seed generator, unused
+    teacher = Cascade(a, builders.feedback_b("gru", output_size=3), feedback=True, fast_cells=False)
+    targets = _targets(True)
+    with tf.GradientTape() as tape:
+        values = teacher.run(x, STEPS, targets=targets, sampling_probability=tf.constant(0.0))[0]
+    assert tape.gradient(values, a.trainable_variables)[0] is not None
+    assert teacher.gradient_fused is None  # a probability as a tensor may be above 0: not known inputs
+
+
+def test_known_layout_lists_each_rows_pair_and_value_by_hand():
+    caps = tf.constant([[2, 0, 1], [0, 3, 0]], tf.int32)  # values: pair 0 (0, 1), pair 2 (2), pair 4 (3, 4, 5)
+    pair, value, totals = (t.numpy() for t in fused.known_layout(caps, 3, walk=True, quantum=2))
+    np.testing.assert_array_equal(totals, [3, 3])
+    np.testing.assert_array_equal(pair[:, 0], [0, 0, 2])
+    np.testing.assert_array_equal(pair[:, 1], [4, 4, 4])
+    np.testing.assert_array_equal(value[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(value[:, 1], [3, 4, 5])
+    pair, value, totals = (t.numpy() for t in fused.known_layout(caps, 3, walk=False, quantum=4))
+    np.testing.assert_array_equal(totals, [2, 0, 1, 0, 3, 0, 0, 0])  # six pairs, padded to 8 rows
+    np.testing.assert_array_equal(pair[0], [0, 1, 2, 3, 4, 5, 5, 5])
+    np.testing.assert_array_equal(value[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(value[0, [2, 4]], [2, 3])
 
 
 @pytest.mark.xla

@@ -258,6 +258,12 @@ class Cascade:
         (`run.fused`); None before a call decides."""
         return self._loops.get("fused")
 
+    @property
+    def gradient_fused(self):
+        """Whether calls under a tape whose inputs to B are all known run A and that loop as one XLA computation
+        with XLA's own gradient (`run.fused.run_known_gradient`); None before such a call decides."""
+        return self._loops.get("gradient")
+
     def __call__(self, inputs, steps=None, *, training=False, targets=None, sample_index=None,
                  sampling_probability=0.0, return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade.
@@ -398,9 +404,11 @@ class Cascade:
     def _run(self, inputs, caps, training, *, plain_a=False, extras=None, loop=None):
         """`run` on checked inputs and caps: A once, then the path for B's form and the state mode.
 
-        `loop`: False keeps the plain loop; True or None (decide here: no tape
-        recording) run the compiled whole loop where it applies (`xla.loop_applies`);
-        `"probe"` runs it regardless (`xla.choose_loop`).
+        `loop`: False keeps the plain loop (under a tape, XLA's gradient where
+        `xla.known_gradient` says); `"hand"` the plain loop and its gradient;
+        True or None (decide here: no tape recording) run the compiled whole
+        loop where it applies (`xla.loop_applies`); `"probe"` runs it
+        regardless (`xla.choose_loop`).
         """
         result = fused.run_fused(self, inputs, caps, training, extras=extras, plain_a=plain_a, loop=loop)
         if result is not None:  # A, the plan, the loop over B and the packing as one XLA call
@@ -416,7 +424,7 @@ class Cascade:
                                and extras.return_tokens)
         if loop is None:
             loop = not tape_may_record()
-        if loop == "probe" or (loop and xla.loop_applies(self, inputs, training=training, extras=extras)):
+        if loop == "probe" or (loop is True and xla.loop_applies(self, inputs, training=training, extras=extras)):
             return xla.run_compiled_loop(self, ir_flat, caps, training, extras)
         if extras is not None:
             return run_feedback(self, ir_flat, caps, training, extras)

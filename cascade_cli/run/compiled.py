@@ -20,7 +20,7 @@ import tensorflow as tf
 from cascade_cli.errors import CascadeError
 from cascade_cli.keras_internals import (call_flat, seed_generators, stop_recording, tape_may_record,
                                          tapes_may_take_higher_order)
-from cascade_cli.run import feedback
+from cascade_cli.run import feedback, xla
 
 
 @contextlib.contextmanager
@@ -149,7 +149,15 @@ def call_compiled(cascade, kind, inputs, caps, *, training, extras=None):
             if tapes_may_take_higher_order([*arguments, *weights]):
                 return recomputed(cascade, kind, inputs, arguments, weights, training=training, extras=extras)
         return call_flat(concrete(cascade, kind, inputs, training=training, extras=extras,
-                                  loop=not tape_may_record()), arguments)  # checked: no binding (`run.eager`)
+                                  loop=taped_loop(inputs) if tape_may_record() else True),
+                         arguments)  # checked: no binding (`run.eager`)
+
+
+def taped_loop(inputs):
+    """`Cascade._run`'s `loop` for an eager call under a tape: False (XLA's gradient where `xla.known_gradient`
+    says), or `"hand"` where the batch is too large for XLA's gradient to win (`xla.xla_gradient_wins`); each
+    traced apart."""
+    return False if xla.xla_gradient_wins(inputs.shape[0]) else "hand"
 
 
 def recomputed(cascade, kind, inputs, arguments, weights, *, training, extras):

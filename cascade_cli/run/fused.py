@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from cascade_cli.keras_internals import stop_recording, tape_may_record
 from cascade_cli.run import compiled, compiled_loop, feedback, xla
+from cascade_cli.run.loop import initial_states
 
 
 def plan(caps, sample_index, *, walk, quantum):
@@ -116,49 +117,134 @@ def known_values(step, table, caps, trip, *, state_sizes, quantum):
     return values, count
 
 
-def compile_known_gradient(a_call, step, *, inputs_spec, state_sizes, quantum, weights):
-    """XLA's own gradient of the fused `carry` forward with given steps, as one `tf.function(jit_compile=True)`:
-    `(inputs, caps, trip, upstream (R * T, W)) -> (d_inputs, *d_weights)`.
+def known_layout(caps, steps, *, walk, quantum):
+    """The rows of a loop whose every input is known before it (traced inside XLA): `(pair (T, R), value (T, R),
+    totals (R,))`, the pair and the value each row's step reads and writes, and each row's steps.
 
-    It runs A and the loop again under a tape inside the same XLA computation
-    (exact: no randomness where the fused call runs). `upstream` is the
-    values' gradient padded with zeros to the padded values' rows.
+    `walk`: rows are samples walking their pairs (`known_plan`), else each row is one `(n, t)` pair (all
+    `N * Ta` of them, padded to a multiple of `quantum`). `value[j, r]` is the value order's index of row `r`'s
+    step `j` where `j < totals[r]`, and anything past it.
+    """
+    if walk:
+        pair, totals = known_plan(caps, steps, quantum=quantum)
+        starts = tf.cumsum(tf.reduce_sum(caps, axis=1), exclusive=True)
+    else:
+        caps_flat = tf.reshape(caps, [-1])
+        pairs = tf.size(caps_flat)
+        rows = (pairs + quantum - 1) // quantum * quantum
+        totals = tf.pad(caps_flat, [[0, rows - pairs]])
+        pair = tf.tile(tf.minimum(tf.range(rows), tf.maximum(pairs - 1, 0))[None], tf.stack([steps, 1]))
+        starts = tf.cumsum(caps_flat, exclusive=True)
+    starts = tf.pad(starts, [[0, tf.size(totals) - tf.size(starts)]])
+    return pair, starts[None] + tf.range(steps)[:, None], totals
+
+
+def teacher_fed(cascade, caps, targets, pair, value, totals):
+    """`y_prev (T, R, O)` of every row at every step under teacher forcing (traced inside XLA): the target before
+    the step's value, or the start, as `feedback.teacher_table` lays them out."""
+    value_start, padded, has_previous = feedback.teacher_table(cascade, caps, targets, feedback.start_value(cascade))
+    live = tf.range(tf.shape(pair)[0])[:, None] < totals[None]
+    read = tf.logical_or(value > tf.gather(value_start, pair), tf.gather(has_previous, pair))
+    return tf.gather(padded, tf.where(tf.logical_and(read, live), value, 0))
+
+
+def known_loop(step, xs, fed, totals, states, steps):
+    """B over rows whose inputs at every step are known (traced inside XLA): `ys (R, T, O)`.
+
+    Args:
+        step: `(x, y_prev, states) -> (y, new_states)`.
+        xs: `(T, R, X)` each row's input at each step, or `(R, X)` where a row's input is the same at every
+            step (`reset`: read by every step, not gathered per step); `fed`: `(T, R, O)` its `y_prev`, or None.
+        totals: `(R,)` each row's steps; the loop runs the most of them (a row past its own computes what
+            nobody reads).
+        states: B's initial states, each `(R, size)`.
+        steps: `T`, the most steps a row may run.
+    """
+    def unstacked(t):
+        return tf.TensorArray(t.dtype, size=steps, element_shape=t.shape[1:]).unstack(t)
+
+    x_of = (lambda j: xs) if xs.shape.rank == 2 else unstacked(xs).read
+    fed_of = None if fed is None else unstacked(fed).read
+    ys = tf.TensorArray(xs.dtype if fed is None else fed.dtype, size=steps, element_shape=tf.TensorShape([None, None]))
+
+    def iterate(j, states, ys):
+        y, states = step(x_of(j), None if fed_of is None else fed_of(j), states)
+        return j + 1, states, ys.write(j, y)
+
+    _, _, ys = tf.while_loop(lambda j, *_: j < tf.reduce_max(totals), iterate,
+                             (tf.constant(0), list(states), ys), maximum_iterations=steps)
+    return tf.transpose(ys.stack(), [1, 0, 2])
+
+
+def known_rows_values(cascade, step, table, caps, trip, targets, *, walk, quantum):
+    """`reset` with given steps, or teacher forcing (`targets`), in either mode (traced inside XLA): `(values
+    (R * T, O), count)` by `known_loop` over `known_layout`'s rows, each row's inputs gathered before the loop."""
+    steps = tf.size(trip)
+    pair, value, totals = known_layout(caps, steps, walk=walk, quantum=quantum)
+    fed = None if targets is None else teacher_fed(cascade, caps, targets, pair, value, totals)
+    rows = tf.shape(totals)[0]
+    if walk:
+        xs = tf.gather(table, pair)
+        states = [tf.zeros([rows, size], table.dtype) for size in cascade.b_spec.state_sizes]
+    else:  # a row is one pair: the same input at every step
+        xs = tf.gather(table, pair[0])
+        states = initial_states(cascade, xs)
+    ys = known_loop(step, xs, fed, totals, states, steps)
+    emitted = tf.cast(tf.sequence_mask(totals, tf.shape(ys)[1]), tf.int32)
+    values, _, _, count = pack(ys, emitted, tf.zeros([rows, 0], tf.int64), 1)
+    return values, count
+
+
+def compile_known(values_of, a_call, *, inputs_spec, targets_spec, weights):
+    """A loop with known inputs and XLA's own gradient of it, each one `tf.function(jit_compile=True)`:
+
+    - `forward(inputs, caps, trip[, targets]) -> (values (R * T, O), count)`, A and `values_of(table, caps, trip,
+      targets)`;
+    - `gradient(inputs, caps, trip[, targets], upstream (R * T, O)) -> (d_inputs[, d_targets], *d_weights)`: the
+      same forward again under a tape inside the same XLA computation (exact: no randomness where it runs);
+      `upstream` is the values' gradient padded with zeros to the padded values' rows.
     """
 
-    def gradient(inputs, caps, trip, upstream):
+    def forward(inputs, caps, trip, *targets):
+        ir = a_call(inputs)
+        return values_of(tf.reshape(ir, [-1, ir.shape[-1]]), caps, trip, targets[0] if targets else None)
+
+    def gradient(inputs, caps, trip, *rest):
+        *targets, upstream = rest
         with tf.GradientTape() as tape:
-            tape.watch(inputs)
-            ir = a_call(inputs)
-            values, _ = known_values(step, tf.reshape(ir, [-1, ir.shape[-1]]), caps, trip,
-                                     state_sizes=state_sizes, quantum=quantum)
-        return tape.gradient(values, [inputs, *weights], output_gradients=upstream,
+            tape.watch([inputs, *targets])
+            values, _ = forward(inputs, caps, trip, *targets)
+        return tape.gradient(values, [inputs, *targets, *weights], output_gradients=upstream,
                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    signature = [inputs_spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int8),
-                 tf.TensorSpec([None, None], inputs_spec.dtype)]
-    return tf.function(gradient, input_signature=signature, jit_compile=True, autograph=False)
+    signature = [inputs_spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int8)]
+    signature += [] if targets_spec is None else [targets_spec]
+    values_spec = tf.TensorSpec([None, None], inputs_spec.dtype if targets_spec is None else targets_spec.dtype)
+    return (tf.function(forward, input_signature=signature, jit_compile=True, autograph=False),
+            tf.function(gradient, input_signature=signature + [values_spec], jit_compile=True, autograph=False))
 
 
-def run_differentiable(function, gradient, inputs, caps, *, weights):
-    """`(values, caps)` of the fused `carry` forward with given steps, recorded by the tapes as one operation whose
-    gradient is `gradient` (`compile_known_gradient`): the plain loop's gradient without its graph, in XLA."""
-    steps = trip(caps, walk=True, max_steps=None)
+def run_differentiable(forward, gradient, inputs, caps, targets, steps, *, weights):
+    """`(values, caps)` of a loop with known inputs (`compile_known`), recorded by the tapes as one operation whose
+    gradient is XLA's (`gradient`): the plain loop's gradient without its graph, in XLA. `steps`: the trip's
+    `(T,)` placeholder."""
+    extra = [] if targets is None else [targets]
 
     @tf.custom_gradient
-    def call(inputs):
+    def call(*sources):
         with stop_recording():
-            padded, _, _, count = compiled_loop.call(function, inputs, caps, steps)
+            padded, count = compiled_loop.call(forward, inputs, caps, steps, *extra)
 
         def backward(d_values, variables=None):
             d_values = tf.zeros_like(padded[:count]) if d_values is None else d_values
             upstream = tf.pad(d_values, [[0, tf.shape(padded)[0] - count], [0, 0]])
-            grads = compiled_loop.call(gradient, inputs, caps, steps, upstream)
-            by_variable = {id(getattr(v, "value", v)): g for v, g in zip(weights, grads[1:])}
-            return grads[0], [by_variable.get(id(v)) for v in variables or []]
+            grads = compiled_loop.call(gradient, inputs, caps, steps, *extra, upstream)
+            by_variable = {id(getattr(v, "value", v)): g for v, g in zip(weights, grads[len(sources):])}
+            return list(grads[:len(sources)]), [by_variable.get(id(v)) for v in variables or []]
 
         return padded[:count], backward
 
-    return call(inputs), caps
+    return call(inputs, *extra), caps
 
 
 def pack(ys, emitted, tokens, pairs):
@@ -253,14 +339,17 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
 
     It runs where A and the whole loop each run under XLA (their probes), once a probe of its own found it
     equal to them bit for bit (`Cascade.loop_fused`; `cascade._loops["fused"]`, and `["fused problem"]` why
-    not): on an untaped forward call, and under a tape for `carry` with given steps, where XLA's own gradient
-    of the same computation replaces the plain loop's.
+    not), on an untaped forward call. Under a tape, where every input of B is known before the loop
+    (`xla.known_gradient`), A and that loop run as one XLA computation differentiated by XLA
+    (`run_known_gradient`).
     """
     if loop is None:
         loop = not tape_may_record()
+    if loop is False or loop == "hand":
+        return run_known_gradient(cascade, inputs, caps, training, extras=extras, plain_a=plain_a,
+                                  samples=inputs.shape[0] if loop is False else xla.XLA_GRADIENT_BELOW)
     known = xla.knows_inputs(cascade)
-    if ((loop is not True and not (loop is False and known)) or plain_a or cascade.a_spec.form != "plain"
-            or cascade.b_spec.form != "step"
+    if (loop is not True or plain_a or cascade.a_spec.form != "plain" or cascade.b_spec.form != "step"
             or cascade.sampler.kind == "beam" or inputs.shape[1] == 0 or inputs.shape.rank != 3
             or (extras is not None and extras.targets is not None) or cascade._loops.get("fused") is False
             or not xla.a_under_xla(cascade, inputs, training=training)
@@ -305,12 +394,73 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
         cascade._loops["fused problem"] = problem
         if problem is not None:
             return None
-    if loop is False:  # a tape records the call: XLA's gradient of the same computation
-        weights = compiled.trainable_weights(cascade)
-        gradient_key = ("fused gradient", training, inputs.dtype, inputs.shape[2])
-        if gradient_key not in cascade._loops:
-            cascade._loops[gradient_key] = compile_known_gradient(
-                a_call, cascade._b_step(training), inputs_spec=inputs_spec,
-                state_sizes=tuple(cascade.b_spec.state_sizes), quantum=cascade._row_quantum, weights=weights)
-        return run_differentiable(cascade._loops[key], cascade._loops[gradient_key], inputs, caps, weights=weights)
     return call(inputs, caps, extras)
+
+
+def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, samples):
+    """`Cascade._run`'s result under a tape from A and a loop with known inputs as one XLA computation, with XLA's
+    own gradient of it (`compile_known`, `run_differentiable`), or None where it does not run.
+
+    `samples`: the batch's samples, or None where the trace does not know them (`xla.known_gradient`).
+
+    It runs where `xla.known_gradient` says so, once a probe found it compiles and its values equal the plain
+    path's to float rounding (`Cascade.gradient_fused`; `cascade._loops["gradient"]`,
+    and `["gradient problem"]` why not).
+    """
+    kind = xla.known_gradient(cascade, inputs, training=training, extras=extras, plain_a=plain_a, samples=samples)
+    if kind is None:
+        return None
+    key = ("known", kind, training, inputs.dtype, inputs.shape[2])
+    walk = cascade.state == "carry"
+    teacher = kind == "teacher"
+    if key not in cascade._loops:
+        step, quantum = cascade._b_step(training), cascade._row_quantum
+        if kind == "carry":
+            def values_of(table, caps, trip, _):
+                return known_values(step, table, caps, trip, state_sizes=tuple(cascade.b_spec.state_sizes),
+                                    quantum=quantum)
+        else:
+            def values_of(table, caps, trip, targets):
+                return known_rows_values(cascade, step, table, caps, trip, targets, walk=walk, quantum=quantum)
+        cascade._loops[key] = compile_known(
+            values_of, lambda x: cascade.model_a(x, training=training),
+            inputs_spec=tf.TensorSpec([None, cascade.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
+            targets_spec=tf.TensorSpec([None, cascade.b_spec.output_size], cascade._y_dtype) if teacher else None,
+            weights=compiled.trainable_weights(cascade))
+    forward, gradient = cascade._loops[key]
+
+    def call(inputs, caps, targets):
+        steps = trip(caps, walk=walk, max_steps=cascade.max_steps)
+        return run_differentiable(forward, gradient, inputs, caps, targets, steps,
+                                  weights=compiled.trainable_weights(cascade))
+
+    # The probe: it compiles and gives the plain path's values. (Not the gradient: the probe runs in `init_scope`,
+    # which stops the tapes, so a tape traced there records nothing.)
+    if "gradient" not in cascade._loops:
+        with tf.init_scope():
+            rng = np.random.default_rng(0)
+            shape = xla.probe_shape(cascade, inputs.shape)
+            probe = tf.constant(rng.normal(size=shape), cascade.model_a.inputs[0].dtype)
+            probe_caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if cascade.max_steps is None
+                                     else np.full(shape[:2], min(cascade.max_steps, 4)), tf.int32)
+            probe_extras = extras
+            if teacher:
+                targets = tf.constant(rng.normal(size=(int(np.sum(probe_caps)), cascade.b_spec.output_size)),
+                                      cascade._y_dtype)
+                probe_extras = feedback.Feed(targets, tf.range(shape[0], dtype=tf.int64),
+                                             tf.constant(0.0, tf.float64), False, False)
+            targets = probe_extras.targets if teacher else None
+            want = cascade._run(probe, probe_caps, training, plain_a=True, extras=probe_extras, loop=False)
+            try:
+                steps = trip(probe_caps, walk=walk, max_steps=cascade.max_steps)
+                extra = [] if targets is None else [targets]
+                padded, count = compiled_loop.call(forward, probe, probe_caps, steps, *extra)
+            except Exception as error:  # noqa: BLE001 - XLA raises several error types
+                problem = f"it does not compile ({xla.first_line(error)})"
+            else:
+                problem = xla.loop_difference(want, (padded[:count], probe_caps))
+        cascade._loops["gradient"] = problem is None
+        cascade._loops["gradient problem"] = problem
+        if problem is not None:
+            return None
+    return call(inputs, caps, None if extras is None else extras.targets)

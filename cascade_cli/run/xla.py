@@ -216,7 +216,93 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
 def knows_inputs(cascade):
     """Whether every row's input to B is known before the loop (`carry`, no feedback, no stop rule): the compiled
     loop and the fused call run the known-inputs loop."""
-    return cascade.state == "carry" and not cascade._general and cascade.stop_rule is None
+    return known_inputs(cascade, None) == "carry"
+
+
+def known_inputs(cascade, extras):
+    """Which loop over B has every input of every row known before it runs, or None: `"carry"` or `"reset"`
+    (given steps or `max_steps`, no feedback, no sampler, no stop rule), `"teacher"` (teacher forcing, no
+    scheduled sampling, no tokens asked for; either mode)."""
+    if cascade.b_spec.form != "step" or cascade.stop_rule is not None:
+        return None
+    if extras is not None:
+        return "teacher" if extras.targets is not None and not extras.scheduled and not extras.return_tokens else None
+    return None if cascade._general else cascade.state
+
+
+def known_gradient(cascade, inputs, *, training, plain_a, extras, samples=None):
+    """Which loop with known inputs (`known_inputs`) a call under a tape runs fused with A in one XLA computation,
+    differentiated by XLA (`run.fused.run_known_gradient`), or None where the plain path and its gradient run.
+
+    It needs A under XLA (in training: A's training call is its inference call), a B that draws nothing and
+    updates nothing in training, no hand-written gradient that wins (`hand_written`; `fast_cells=True` asks for
+    it), and the loop over B not refused XLA (by `jit_compile`, `run_eagerly`,
+    `plan_xla` or its probe; the forward recurrence winning in `reset` does not count), nor this path by its
+    own probe.
+    """
+    kind = known_inputs(cascade, extras)
+    choice = cascade._loop_choice
+    if (kind is None or plain_a or cascade.fast_cells is True or cascade.jit_compile is False or cascade.run_eagerly
+            or cascade.a_spec.form != "plain" or inputs.shape.rank != 3 or inputs.shape[1] == 0
+            or cascade._loops.get("gradient") is False
+            or (choice is not None and not choice.compiled and choice.reason != RECURRENCE_WINS)):
+        return None
+    if training is not False and b_draws(cascade):
+        return None
+    if hand_written(cascade, kind, training=training) and not (kind == "carry" and xla_gradient_wins(samples)):
+        return None  # measured faster (`benchmarks/loop_ab.py --gradient`)
+    return kind if a_under_xla(cascade, inputs, training=training) else None
+
+
+XLA_GRADIENT_BELOW = 32
+"""`carry` with a known cell's hand-written gradient: XLA's gradient runs for batches of fewer samples, the
+hand-written one from there (`xla_gradient_wins`). Measured with `benchmarks/loop_ab.py --gradient` (loaded
+2-core VM, XLA / hand-written): 0.72 at N=1 and N=8, 1.32 at N=64."""
+
+
+def xla_gradient_wins(samples):
+    """Whether XLA's gradient of `carry` beats the hand-written one for a batch of `samples` (`XLA_GRADIENT_BELOW`).
+
+    `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then, which loses less
+    where it loses (1.3x at N=64) than the hand-written one does at N=1 (about 2x). An eager call knows its
+    batch: `run.compiled.call_compiled` traces the hand-written gradient apart for large batches.
+    """
+    return samples is None or samples < XLA_GRADIENT_BELOW
+
+
+def hand_written(cascade, kind, *, training):
+    """Whether the plain path of a loop with known inputs (`known_inputs`) takes a known cell's hand-written
+    gradient (`run.recurrence`): measured faster than XLA's in `reset` (1.2-1.5x) and teacher forcing (1.0-1.6x),
+    and in `carry` from `XLA_GRADIENT_BELOW` samples."""
+    if cascade.fast_cells is False or cascade._split is None:
+        return False
+    split = cascade._known_cell(ir_dtype=cascade.model_a.outputs[0].dtype, training=training,
+                                teacher_forced=kind == "teacher")
+    return split is not None and split.backward is not None
+
+
+def b_draws(cascade):
+    """Whether B's training call draws random numbers (dropout, noise) or has statistics to update (XLA's random
+    numbers are not TensorFlow's): checked once, eagerly, on a probe step whose draws are put back.
+
+    Keras' recurrent cells hold a seed generator even without dropout, so having one is not drawing from it.
+    """
+    if "b draws" not in cascade._loops:
+        generators = seed_generators([cascade.model_b])
+        states = {id(generator.state) for generator in generators}
+        draws = any(id(variable) not in states for variable in cascade.model_b.non_trainable_variables)
+        if generators and not draws:
+            with tf.init_scope():
+                started = [generator.state.numpy() for generator in generators]
+                x, *rest = [tf.zeros([2, *tensor.shape[1:]], tensor.dtype) for tensor in cascade.model_b.inputs]
+                y_prev = rest.pop(0) if cascade.feedback else None
+                loop.call_b(cascade, x, rest, True, y_prev=y_prev)
+                draws = any(not np.array_equal(generator.state.numpy(), state)
+                            for generator, state in zip(generators, started))
+                for generator, state in zip(generators, started):
+                    generator.state.assign(state)
+        cascade._loops["b draws"] = draws
+    return cascade._loops["b draws"]
 
 
 def walks(cascade):
