@@ -376,11 +376,8 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
 
     if "fused" not in cascade._loops:  # the probe: the same call as the compiled loop gives it, bit for bit
         with tf.init_scope():
-            rng = np.random.default_rng(0)
-            shape = xla.probe_shape(cascade, inputs.shape)
-            probe = tf.constant(rng.normal(size=shape), cascade.model_a.inputs[0].dtype)
-            probe_caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if cascade.max_steps is None
-                                     else np.full(shape[:2], min(cascade.max_steps, 4)), tf.int32)
+            _, probe, probe_caps = xla.probe_arguments(cascade, inputs.shape)
+            shape = probe.shape
             probe_extras = None if extras is None else feedback.Feed(
                 None, tf.range(shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64), return_tokens, False)
             want = cascade._run(probe, probe_caps, training, extras=probe_extras, loop="probe")
@@ -438,11 +435,8 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, samp
     # which stops the tapes, so a tape traced there records nothing.)
     if "gradient" not in cascade._loops:
         with tf.init_scope():
-            rng = np.random.default_rng(0)
-            shape = xla.probe_shape(cascade, inputs.shape)
-            probe = tf.constant(rng.normal(size=shape), cascade.model_a.inputs[0].dtype)
-            probe_caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if cascade.max_steps is None
-                                     else np.full(shape[:2], min(cascade.max_steps, 4)), tf.int32)
+            rng, probe, probe_caps = xla.probe_arguments(cascade, inputs.shape)
+            shape = probe.shape
             probe_extras = extras
             if teacher:
                 targets = tf.constant(rng.normal(size=(int(np.sum(probe_caps)), cascade.b_spec.output_size)),

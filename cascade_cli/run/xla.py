@@ -114,6 +114,18 @@ def probe_shape(cascade, shape):
     return n, outer, spec.features or features or 1
 
 
+def probe_arguments(cascade, shape):
+    """`(rng, inputs, caps)` of a probe call (`probe_shape` of `shape`): seeded normal inputs and steps of 0 to 2
+    (or `min(max_steps, 4)`): short, so that its buckets are those of small calls, whose compile it then serves.
+    Call it eagerly (`tf.init_scope`); `rng` draws what else the probe needs."""
+    rng = np.random.default_rng(0)
+    shape = probe_shape(cascade, shape)
+    inputs = tf.constant(rng.normal(size=shape), cascade.model_a.inputs[0].dtype)
+    caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if cascade.max_steps is None
+                       else np.full(shape[:2], min(cascade.max_steps, 4)), tf.int32)
+    return rng, inputs, caps
+
+
 def choose_xla(cascade, *, shape):
     """Checks once whether A compiles under XLA and equals its plain call; sets `cascade._xla`.
 
@@ -157,21 +169,15 @@ def loop_applies(cascade, inputs, *, training, extras):
 def choose_loop(cascade, *, shape):
     """Checks once whether the whole loop compiles under XLA and equals the plain loop; sets `cascade._loop_choice`.
 
-    Runs eagerly (`tf.init_scope`) on a seeded probe (`probe_shape`),
-    steps of 0 to 2 (or `min(max_steps, 4)`): short, so that its buckets
-    are those of small calls, whose compile it then serves. Each path's
-    values, lengths and tokens are compared. Raises a `ParameterError` for
-    `jit_compile=True` where it does not hold.
+    Runs eagerly (`tf.init_scope`) on a seeded probe (`probe_arguments`).
+    Each path's values, lengths and tokens are compared. Raises a
+    `ParameterError` for `jit_compile=True` where it does not hold.
     """
     with tf.init_scope():
-        rng = np.random.default_rng(0)
-        shape = probe_shape(cascade, shape)
-        probe = tf.constant(rng.normal(size=shape), cascade.model_a.inputs[0].dtype)
-        caps = tf.constant(rng.integers(0, 3, size=shape[:2]) if cascade.max_steps is None
-                           else np.full(shape[:2], min(cascade.max_steps, 4)), tf.int32)
+        _, probe, caps = probe_arguments(cascade, shape)
         extras = None
         if cascade._general:
-            extras = feedback.Feed(None, tf.range(shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64),
+            extras = feedback.Feed(None, tf.range(probe.shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64),
                                    cascade.sampler.tokens, False)
         plain = cascade._run(probe, caps, False, plain_a=True, extras=extras, loop=False)
         try:
