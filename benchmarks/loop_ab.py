@@ -38,6 +38,18 @@ def _median_ms(function, inputs, repeats):
     return 1e3 * float(np.median(times))
 
 
+def _rounds_ms(calls, repeats, rounds):
+    """`{key: ms}`: the median over `rounds` of each call's median of `repeats` interleaved calls (`bench.time_group`)."""
+    from benchmarks import bench
+
+    medians = {key: [] for key in calls}
+    for _ in range(rounds):
+        timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
+        for key in calls:
+            medians[key].append(timed[key]["median_s"] * 1e3)
+    return {key: float(np.median(values)) for key, values in medians.items()}
+
+
 def _generators(model_a, model_b, *, state):
     """`{"compiled": run, "plain": run}`: the default loop choice, and the plain loop with A still under XLA."""
     from benchmarks.feedback import END
@@ -152,13 +164,7 @@ def fused(repeats, rounds, batches):
                                             max_steps=8, hidden=hidden)
         rows.append((f"peers carry N={n}", made, lambda _i, _s: padded(x, steps)))
         for name, made, peer in rows:
-            calls = dict(made, **({} if peer is None else {"peer": peer}))
-            medians = {key: [] for key in calls}
-            for _ in range(rounds):
-                timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
-                for key in calls:
-                    medians[key].append(timed[key]["median_s"] * 1e3)
-            ms = {key: float(np.median(values)) for key, values in medians.items()}
+            ms = _rounds_ms(dict(made, **({} if peer is None else {"peer": peer})), repeats, rounds)
             load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("average:")[-1].strip()
             peer_ms = ms.get("peer", float("nan"))
             print(f"{name:28}  {ms['fused']:8.2f}  {ms['apart']:8.2f}  {peer_ms:7.2f}  {ms['fused'] / ms['apart']:11.2f}"
@@ -198,8 +204,6 @@ def gradient(repeats, rounds, batches):
     against the plain path's hand-written one, and the best padded XLA peer, interleaved medians in ms: the peers
     suite's `reset` and `carry` forward+backward (inside a `tf.function`, as it times `cascade`) and the feedback
     suite's teacher-forced forward+backward (an eager call under an eager tape, as it times `cascade`)."""
-    import subprocess
-
     import tensorflow as tf
 
     from benchmarks import bench, feedback, peers
@@ -252,13 +256,7 @@ def gradient(repeats, rounds, batches):
         tensors = tuple(tf.constant(a) for a in arguments)
         rows.append((f"teacher N={n}", made, lambda _i, _s, peer=peer, tensors=tensors: peer(*tensors)))
         for name, made, peer in rows:
-            calls = dict(made, peer=peer)
-            medians = {key: [] for key in calls}
-            for _ in range(rounds):
-                timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
-                for key in calls:
-                    medians[key].append(timed[key]["median_s"] * 1e3)
-            ms = {key: float(np.median(values)) for key, values in medians.items()}
+            ms = _rounds_ms(dict(made, peer=peer), repeats, rounds)
             load = open("/proc/loadavg").read().split()[:3]
             print(f"{name:28}  {ms['xla']:7.2f}  {ms['hand']:7.2f}  {ms['peer']:7.2f}  {ms['xla'] / ms['hand']:8.2f}"
                   f"  {ms['xla'] / ms['peer']:8.2f}  {ms['hand'] / ms['peer']:9.2f}  {' '.join(load)}", flush=True)
