@@ -142,7 +142,8 @@ def known_layout(caps, steps, *, walk, quantum):
 def teacher_fed(cascade, caps, targets, pair, value, totals):
     """`y_prev (T, R, O)` of every row at every step under teacher forcing (traced inside XLA): the target before
     the step's value, or the start, as `feedback.teacher_table` lays them out."""
-    value_start, padded, has_previous = feedback.teacher_table(cascade, caps, targets, feedback.start_value(cascade))
+    value_start, padded, has_previous = feedback.teacher_table(caps, targets, feedback.start_value(cascade),
+                                                                previous=cascade._start[0] == "previous")
     live = tf.range(tf.shape(pair)[0])[:, None] < totals[None]
     read = tf.logical_or(value > tf.gather(value_start, pair), tf.gather(has_previous, pair))
     return tf.gather(padded, tf.where(tf.logical_and(read, live), value, 0))
