@@ -21,12 +21,20 @@ from cascade_cli.run import loop, stopping
 FIXTURE = np.load(one_loop_cases.FIXTURE)
 
 
+# One plain-loop case per hook the loop takes (the carry walk, min_steps, each stop rule, exclude_stop_step, the
+# categorical draws, the previous pair's start, a start token, teacher forcing with scheduled sampling, a call
+# carried across windows) runs in the quick suite; the reference tests check every mode's values on both paths.
+QUICK = {"carry_norm_min2__plain", "reset_token_exclude__plain", "fb_carry_cat_min2__plain",
+         "fb_reset_gate_exclude__plain", "fb_carry_previous_greedy__plain", "fb_reset_start_token__plain",
+         "tf_carry_scheduled__plain", "win_carry_greedy"}
+
+
 def _params():
-    for name in one_loop_cases.case_names():
+    names = one_loop_cases.case_names()
+    assert QUICK <= set(names), sorted(QUICK - set(names))
+    for name in names:
         marks = [pytest.mark.xla] if name.endswith("__auto") else []
-        # the compiled path's compiles, and the paths that run no packed loop (a sequence-form B, the known
-        # cell's packed recurrence), are slow; the plain loop's cases stay in the quick suite
-        if name.endswith("__auto") or "grad" in name or name.startswith("sequence") or "_cell" in name:
+        if name not in QUICK:
             marks.append(pytest.mark.slow)
         yield pytest.param(name, marks=marks, id=name)
 
