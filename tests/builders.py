@@ -155,3 +155,24 @@ class KillAfterEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
             raise KeyboardInterrupt
+
+
+# Hand-made hooks of `cascade_cli.run.loop.packed_loop` (no Keras): a row is `(pair_id, x, caps)` or `(pair_id, x)`.
+
+
+def accumulate(x, states):
+    """A plain step: `y = s + x`, the new state is `y`."""
+    y = states[0] + x
+    return y, [y]
+
+
+def pair_inputs(j, rows):
+    """Each row's input: its `x`, the same at every step."""
+    return rows[1]
+
+
+def pair_advance(j, rows, states, fed, hit, finals):
+    """A row stays while `j + 1 < caps` and no stop rule hit it."""
+    pair_ids, _, caps = rows
+    keep = j + 1 < caps
+    return pair_ids, (keep if hit is None else tf.logical_and(keep, tf.logical_not(hit))), rows, states, finals

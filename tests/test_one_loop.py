@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import builders
 import one_loop_cases
 from cascade_cli.run import loop, stopping
 
@@ -53,22 +54,6 @@ def test_outputs_are_byte_identical_to_main(name):
         assert got[key].tobytes() == value.tobytes(), f"{name}: {key} differs from main's"
 
 
-def accumulate(x, states):
-    """A plain step, no Keras: `y = s + x`, the new state is `y`."""
-    y = states[0] + x
-    return y, [y]
-
-
-def row_inputs(j, rows):
-    return rows[1]
-
-
-def pair_advance(j, rows, states, fed, hit, finals):
-    pair_ids, _, caps = rows
-    keep = j + 1 < caps
-    return pair_ids, (keep if hit is None else tf.logical_and(keep, tf.logical_not(hit))), rows, states, finals
-
-
 def counting_step(x, states):
     """A step that samples: feeds back `y + 1` and emits the token `round(y)`."""
     y = states[0] + x
@@ -83,7 +68,7 @@ def test_the_loop_feeds_back_what_the_step_samples_holds_min_steps_and_emits_tok
 
     rows = (tf.constant([4]), tf.constant([[1.0]]))
     outputs, pairs, tokens = loop.packed_loop(
-        counting_step, row_inputs, advance, rows=rows, states=[tf.zeros([1, 1])], output_size=1,
+        counting_step, builders.pair_inputs, advance, rows=rows, states=[tf.zeros([1, 1])], output_size=1,
         dtype=tf.float32, stop=lambda y, token: token >= 2, held=lambda j, rows: tf.fill([1], j + 1 < 3),
         return_tokens=True)
     assert outputs.numpy().ravel().tolist() == [1, 2, 3]
@@ -102,8 +87,8 @@ def test_the_loop_hands_out_finals_and_leaves_the_stop_step_out_by_hand():
 
     rows = (tf.constant([0, 1]), tf.constant([[1.0], [5.0]]))
     outputs, pairs, (final,) = loop.packed_loop(
-        accumulate, row_inputs, advance, rows=rows, states=[tf.zeros([2, 1])], output_size=1, dtype=tf.float32,
-        stop=lambda y, token: y[:, 0] >= 2, exclude_stop_step=True, finals=(tf.zeros([2, 1]),))
+        builders.accumulate, builders.pair_inputs, advance, rows=rows, states=[tf.zeros([2, 1])], output_size=1,
+        dtype=tf.float32, stop=lambda y, token: y[:, 0] >= 2, exclude_stop_step=True, finals=(tf.zeros([2, 1]),))
     assert outputs.numpy().ravel().tolist() == [1]
     assert pairs.numpy().tolist() == [0]
     assert final.numpy().ravel().tolist() == [2, 5]

@@ -407,27 +407,12 @@ def test_the_runner_imports_no_file_reading_module():
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
-def accumulate(x, states):
-    """A plain step, no Keras: `y = s + x`, the new state is `y`."""
-    y = states[0] + x
-    return y, [y]
-
-
-def pair_inputs(j, rows):
-    return rows[1]
-
-
-def pair_advance(j, rows, states, fed, hit, finals):
-    pair_ids, _, caps = rows
-    keep = j + 1 < caps
-    return pair_ids, (keep if hit is None else tf.logical_and(keep, tf.logical_not(hit))), rows, states, finals
-
-
 def test_packed_loop_runs_a_plain_step_over_a_prefix_by_hand():
     # Rows for pairs 7 (x = 1, 3 steps) and 3 (x = 10, 1 step): step 0 runs both, steps 1 and 2 pair 7 alone.
     rows = (tf.constant([7, 3]), tf.constant([[1.0], [10.0]]), tf.constant([3, 1]))
-    outputs, pairs = packed_loop(accumulate, pair_inputs, pair_advance, rows=rows, states=[tf.zeros([2, 1])], output_size=1,
-                                 dtype=tf.float32, counts=tf.constant([2, 1, 1, 0]))
+    outputs, pairs = packed_loop(builders.accumulate, builders.pair_inputs, builders.pair_advance, rows=rows,
+                                 states=[tf.zeros([2, 1])], output_size=1, dtype=tf.float32,
+                                 counts=tf.constant([2, 1, 1, 0]))
     assert outputs.numpy().ravel().tolist() == [1, 10, 2, 3]
     assert pairs.numpy().tolist() == [7, 3, 7, 7]
 
@@ -439,16 +424,17 @@ def test_packed_loop_drops_rows_that_stop_by_hand(exclude, values, emitted_pairs
         return y[:, 0] >= 2
 
     rows = (tf.constant([7, 3]), tf.constant([[1.0], [10.0]]), tf.constant([3, 3]))
-    outputs, pairs = packed_loop(accumulate, pair_inputs, pair_advance, rows=rows, states=[tf.zeros([2, 1])], output_size=1,
-                                 dtype=tf.float32, stop=stop, exclude_stop_step=exclude)
+    outputs, pairs = packed_loop(builders.accumulate, builders.pair_inputs, builders.pair_advance, rows=rows,
+                                 states=[tf.zeros([2, 1])], output_size=1, dtype=tf.float32, stop=stop,
+                                 exclude_stop_step=exclude)
     assert outputs.numpy().ravel().tolist() == values
     assert pairs.numpy().tolist() == emitted_pairs
 
 
 def test_packed_loop_with_no_rows_returns_empty_outputs():
     rows = (tf.zeros([0], tf.int32), tf.zeros([0, 1]), tf.zeros([0], tf.int32))
-    outputs, pairs = packed_loop(accumulate, pair_inputs, pair_advance, rows=rows, states=[tf.zeros([0, 1])], output_size=1,
-                                 dtype=tf.float32, counts=tf.constant([0]))
+    outputs, pairs = packed_loop(builders.accumulate, builders.pair_inputs, builders.pair_advance, rows=rows,
+                                 states=[tf.zeros([0, 1])], output_size=1, dtype=tf.float32, counts=tf.constant([0]))
     assert outputs.shape == (0, 1) and pairs.shape == (0,)
 
 
