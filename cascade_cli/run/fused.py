@@ -378,9 +378,8 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
     if "fused" not in cascade._loops:  # the probe: the same call as the compiled loop gives it, bit for bit
         with tf.init_scope():
             _, probe, probe_caps = xla.probe_arguments(cascade, inputs.shape)
-            shape = probe.shape
             probe_extras = None if extras is None else feedback.Feed(
-                None, tf.range(shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64), return_tokens, False)
+                None, tf.range(probe.shape[0], dtype=tf.int64), tf.constant(0.0, tf.float64), return_tokens, False)
             want = cascade._run(probe, probe_caps, training, extras=probe_extras, loop="probe")
             try:
                 got = call(probe, probe_caps, probe_extras)
@@ -437,14 +436,12 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, samp
     if "gradient" not in cascade._loops:
         with tf.init_scope():
             rng, probe, probe_caps = xla.probe_arguments(cascade, inputs.shape)
-            shape = probe.shape
-            probe_extras = extras
+            probe_extras, targets = extras, None
             if teacher:
                 targets = tf.constant(rng.normal(size=(int(np.sum(probe_caps)), cascade.b_spec.output_size)),
                                       cascade._y_dtype)
-                probe_extras = feedback.Feed(targets, tf.range(shape[0], dtype=tf.int64),
+                probe_extras = feedback.Feed(targets, tf.range(probe.shape[0], dtype=tf.int64),
                                              tf.constant(0.0, tf.float64), False, False)
-            targets = probe_extras.targets if teacher else None
             want = cascade._run(probe, probe_caps, training, plain_a=True, extras=probe_extras, loop=False)
             try:
                 steps = trip(probe_caps, walk=walk, max_steps=cascade.max_steps)

@@ -269,9 +269,9 @@ hand-written one from there (`xla_gradient_wins`). Measured with `benchmarks/loo
 def xla_gradient_wins(samples):
     """Whether XLA's gradient of `carry` beats the hand-written one for a batch of `samples` (`XLA_GRADIENT_BELOW`).
 
-    `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then, which loses less
-    where it loses (1.3x at N=64) than the hand-written one does at N=1 (about 2x). An eager call knows its
-    batch: `run.compiled.call_compiled` traces the hand-written gradient apart for large batches.
+    `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then. It loses 1.3x at
+    N=64 and 1.8x at N=256 (the peers suite, idle, 2026-12-07), the hand-written one about 2x at N=1. An eager
+    call knows its batch: `run.compiled.call_compiled` traces the hand-written gradient apart for large batches.
     """
     return samples is None or samples < XLA_GRADIENT_BELOW
 
