@@ -114,7 +114,8 @@ def best(cascade, inputs, steps=None, *, num_samples=1, training=False):
         cascade._functions[key] = tf.function(
             lambda inputs, caps, ranks: run_ranked(cascade, inputs, caps, ranks=ranks, training=training),
             input_signature=[tf.TensorSpec([None, *inputs.shape[1:]], inputs.dtype),
-                             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
+                             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)],
+            autograph=False)
     return cascade._functions[key](inputs, caps, ranks)
 
 

@@ -264,6 +264,10 @@ class Cascade:
         with XLA's own gradient (`run.fused.run_known_gradient`); None before such a call decides."""
         return self._loops.get("gradient")
 
+    # The runner is plain graph code (`tf.while_loop`, `tf.cond`): traced without AutoGraph, as Keras' own `fit`
+    # traces a model, also from a caller's `tf.function`. AutoGraph's rewriting of the runner's functions was most
+    # of a first trace and adds no op.
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, inputs, steps=None, *, training=False, targets=None, sample_index=None,
                  sampling_probability=0.0, return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade.
@@ -296,6 +300,7 @@ class Cascade:
             parts = self._ragged_parts(inputs, caps, training, extras=extras)
         return self._nested(parts, samples=checks.dim(inputs, 0), outer=checks.dim(inputs, 1))
 
+    @tf.autograph.experimental.do_not_convert  # as `__call__`
     def run(self, inputs, steps=None, *, training=False, targets=None, sample_index=None, sampling_probability=0.0,
             return_tokens=False, initial_state=None, return_state=False):
         """Runs the cascade and returns `(values (total, O), lengths (N, Ta) int32)`.

@@ -57,7 +57,7 @@ def concrete(cascade, kind, inputs, *, training, extras=None, loop=True):
     if key not in cascade._functions:
         function, signature = traceable(cascade, kind, inputs, training=training, plain_a=False, extras=extras,
                                                  loop=loop)
-        compiled = tf.function(function, input_signature=signature)
+        compiled = tf.function(function, input_signature=signature, autograph=False)
         # Called as a concrete function: a tf.function's own dispatch costs about as much as
         # the whole run at small N.
         cascade._concrete[key] = compiled.get_concrete_function()
@@ -85,7 +85,7 @@ def concrete_gradient(cascade, kind, inputs, *, training, plain_a, extras, value
             return tape.gradient(result, [*sources, *trainable_weights(cascade)], output_gradients=d_values)
 
         signature = [*signature, tf.TensorSpec([None, *values.shape[1:]], values.dtype)]
-        cascade._concrete[key] = tf.function(gradient, input_signature=signature).get_concrete_function()
+        cascade._concrete[key] = tf.function(gradient, input_signature=signature, autograph=False).get_concrete_function()
     return cascade._concrete[key]
 
 

@@ -30,7 +30,7 @@ def xla_inference(model):
     made without recording and the backward pass runs the model again inside
     its own compiled function (exact: inference mode has no randomness).
     """
-    forward = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    forward = tf.function(lambda x: model(x, training=False), jit_compile=True, autograph=False)
 
     def vjp(x, upstream):
         with tf.GradientTape() as tape:
@@ -38,7 +38,7 @@ def xla_inference(model):
             y = model(x, training=False)
         return tape.gradient(y, [x, *model.trainable_variables], output_gradients=upstream)
 
-    backward = tf.function(vjp, jit_compile=True)
+    backward = tf.function(vjp, jit_compile=True, autograph=False)
 
     @tf.custom_gradient
     def call(x):
