@@ -61,7 +61,8 @@ def stateful(cascade, kind, inputs, caps, *, training, extras, initial_state, re
                 feed = feedback.Feed(None, sample_index, probability, return_tokens, False)
                 return run_state(cascade, kind, inputs, caps, training, feed, offset, states)
 
-            cascade._concrete[key] = tf.function(function, input_signature=signature, autograph=False).get_concrete_function()
+            traced = tf.function(function, input_signature=signature, autograph=False)
+            cascade._concrete[key] = traced.get_concrete_function()
         with compiled.cascade_errors():
             result, state = cascade._concrete[key](*arguments)
     else:

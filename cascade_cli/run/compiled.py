@@ -85,7 +85,8 @@ def concrete_gradient(cascade, kind, inputs, *, training, plain_a, extras, value
             return tape.gradient(result, [*sources, *trainable_weights(cascade)], output_gradients=d_values)
 
         signature = [*signature, tf.TensorSpec([None, *values.shape[1:]], values.dtype)]
-        cascade._concrete[key] = tf.function(gradient, input_signature=signature, autograph=False).get_concrete_function()
+        traced = tf.function(gradient, input_signature=signature, autograph=False)
+        cascade._concrete[key] = traced.get_concrete_function()
     return cascade._concrete[key]
 
 

@@ -370,7 +370,8 @@ def call(function, *tensors):
     if key not in concrete:
         inner = (function.get_concrete_function() if function.input_signature is not None
                  else function.get_concrete_function(*specs))
-        concrete[key] = (inner, tf.function(lambda *arguments: inner(*arguments), autograph=False).get_concrete_function(*specs))
+        outer = tf.function(lambda *arguments: inner(*arguments), autograph=False)
+        concrete[key] = (inner, outer.get_concrete_function(*specs))
     inner, graph = concrete[key]
     return graph(*tensors) if tf.executing_eagerly() else inner(*tensors)
 
