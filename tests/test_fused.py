@@ -5,6 +5,10 @@ exactly, and the plain loop's lengths and tokens exactly and its values to float
 conftest leaves `jit_compile="auto"` on.
 """
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -240,6 +244,58 @@ def test_a_carry_call_takes_xlas_gradient_below_xla_gradient_below_samples_eager
         assert bits(got) == bits(eager[n]), n
     monkeypatch.setattr(xla, "XLA_GRADIENT_BELOW", 4)  # the eager call of 3 samples takes XLA's: other bits
     assert bits(numpy(gradients(cascade, x, STEPS, upstream))) != bits(eager[3])
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu, = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import builders
+from cascade_cli.run import xla
+from cascade_cli.run.cascade import Cascade
+xla.XLA_GRADIENT_BELOW = 3
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    a, b = builders.model_a(), builders.step_b(output_size=3)
+    cascade = Cascade(a, b, state="carry")
+plain = Cascade(a, b, state="carry", jit_compile=False)
+weights = a.trainable_variables + b.trainable_variables
+def gradients(cascade, x, steps):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(cascade(x, steps).flat_values ** 2)
+    return tape.gradient(loss, weights)
+def step(x, steps):
+    grads = strategy.run(lambda x, steps: gradients(cascade, x, steps), args=(x, steps))
+    return [strategy.reduce("SUM", g, axis=None) for g in grads]
+report, traced = {}, None
+for n in (8, 4):  # 4 samples a replica (the hand-written gradient), then 2 (XLA's)
+    x = builders.inputs(n, 4, seed=n)
+    steps = np.random.default_rng(n).integers(0, 4, size=(n, 4)).astype(np.int32)
+    batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, steps)).batch(n))
+    traced = traced or tf.function(step, input_signature=list(batches.element_spec))  # a replica's batch: None
+    got = traced(*next(iter(batches)))
+    want = [sum(parts) for parts in zip(*(gradients(plain, x[half], steps[half])
+                                         for half in (slice(0, n // 2), slice(n // 2, n))))]
+    report[n] = max(float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) for g, w in zip(got, want))
+report["traces"] = traced.experimental_get_tracing_count()
+report["gradient_fused"] = cascade.gradient_fused
+json.dump(report, sys.stdout)
+"""
+
+
+@pytest.mark.slow  # a subprocess with TensorFlow: about 30 s on 2 cores
+@pytest.mark.xla
+def test_under_a_mirrored_strategy_a_trace_for_any_replica_batch_chooses_carrys_gradient_equal_to_the_plain_paths():
+    from test_distribute import TIMEOUT, worker_env
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], env=worker_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["traces"] == 1 and report["gradient_fused"] is True, report
+    assert report["8"] < 1e-4 and report["4"] < 1e-4, report
 
 
 @pytest.mark.xla
