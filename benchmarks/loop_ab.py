@@ -7,6 +7,7 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.loop_ab --compaction  # compacted rows vs masked rows vs the padded XLA decode
     python -m benchmarks.loop_ab --fused       # one XLA call for A, plan, loop and packing vs A and loop apart
     python -m benchmarks.loop_ab --gradient    # XLA's gradient of A and the loop vs the hand-written one
+    python -m benchmarks.loop_ab --chosen --batches 1,8,64,256  # carry's gradient chosen at run time vs XLA's
 
 The feedback suite's models and data (`benchmarks.feedback`): greedy decoding
 with the stop token `END`, `max_steps = 8`, in `reset` and in `carry`, at the
@@ -262,6 +263,51 @@ def gradient(repeats, rounds, batches):
                   f"  {ms['xla'] / ms['peer']:8.2f}  {ms['hand'] / ms['peer']:9.2f}  {' '.join(load)}", flush=True)
 
 
+def chosen_gradient(repeats, rounds, batches):
+    """`carry` forward+backward inside the peers suite's `tf.function`, traced for any batch: main's rule (XLA's
+    gradient, the trace does not know its batch) against the batch choosing at run time
+    (`cascade_cli.run.fused.run_chosen_gradient`: XLA's below `XLA_GRADIENT_BELOW` samples, the hand-written one
+    from there), interleaved medians in ms; gradients checked equal first (float32 rounding)."""
+    import tensorflow as tf
+
+    from benchmarks import bench, peers
+    from cascade_cli.run import cascade as runner, xla
+
+    rng = np.random.default_rng(0)
+    plan = peers.plan()
+    print("case                  old ms   new ms  new/old  load (1, 5, 15 min)")
+    for case in plan.cases:
+        if case.batch not in batches:
+            continue
+        peer_a, peer_b = bench.build_models(features=plan.features, hidden=case.hidden, outputs=plan.outputs)
+        weights = peer_a.trainable_variables + peer_b.trainable_variables
+        x = tf.constant(rng.normal(size=(case.batch, case.outer, plan.features)).astype(np.float32))
+        steps = tf.constant(bench.make_steps(rng, case.batch, case.outer, max_steps=plan.max_steps))
+        made, results = {}, {}
+        for name in ("old", "new"):
+            cascade = runner.Cascade(peer_a, peer_b, state="carry")
+
+            def run(inputs, steps, cascade=cascade):
+                with tf.GradientTape() as tape:
+                    total = tf.reduce_sum(cascade(inputs, steps).flat_values)
+                return tape.gradient(total, weights)
+            function = peers._traced_once(run, peer_a)
+            rule = xla.chooses_gradient
+            if name == "old":  # main's: read where the call is traced, its first call
+                xla.chooses_gradient = lambda *_, **__: False
+            try:
+                results[name] = [np.asarray(g) for g in function(x, steps)]
+            finally:
+                xla.chooses_gradient = rule
+            made[name] = (lambda _i, _s, f=function: f(x, steps))
+        for want, got in zip(results["old"], results["new"]):
+            scale = max(1.0, float(np.max(np.abs(want))))
+            assert np.max(np.abs(got - want)) <= 1e-4 * scale, "the old and new gradients differ"
+        ms = _rounds_ms(made, repeats, rounds)
+        load = " ".join(open("/proc/loadavg").read().split()[:3])
+        print(f"{case.name:20}  {ms['old']:7.1f}  {ms['new']:7.1f}  {ms['new'] / ms['old']:7.2f}  {load}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
@@ -271,12 +317,17 @@ def main(argv=None):
                         help="one XLA call for A, the plan, the loop and the packing vs A and the loop apart")
     parser.add_argument("--gradient", action="store_true",
                         help="XLA's gradient of A and the loop with known inputs vs the hand-written one")
+    parser.add_argument("--chosen", action="store_true",
+                        help="carry forward+backward in a trace for any batch: XLA's gradient (main) vs the batch "
+                             "choosing at run time")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of --repeats calls (--fused, --gradient; default 3)")
+                        help="rounds of --repeats calls (--fused, --gradient, --chosen; default 3)")
     parser.add_argument("--batches", default="1,8,64",
-                        help="the N of the cases to run (--fused, --gradient; default 1,8,64)")
+                        help="the N of the cases to run (--fused, --gradient, --chosen; default 1,8,64)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.chosen:
+        return chosen_gradient(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.gradient:
         return gradient(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.fused:

@@ -5,6 +5,10 @@ exactly, and the plain loop's lengths and tokens exactly and its values to float
 conftest leaves `jit_compile="auto"` on.
 """
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -195,21 +199,103 @@ def test_reset_and_teacher_forcing_through_a_known_cell_keep_the_hand_written_gr
 
 
 @pytest.mark.xla
-def test_an_eager_carry_call_of_xla_gradient_below_samples_or_more_takes_the_hand_written_gradient(monkeypatch):
+def test_a_carry_call_takes_xlas_gradient_below_xla_gradient_below_samples_eagerly_and_in_a_trace_for_any_batch(
+        monkeypatch):
+    """The hand-written gradient from `XLA_GRADIENT_BELOW` samples, XLA's below, each equal to the plain path's.
+
+    An eager call knows its batch. In a caller's `tf.function` traced for any batch the batch chooses at run time
+    (`fused.run_chosen_gradient`), so the values and B's gradients are bit for bit the eager call's of the same
+    batch. (A's gradients, taken in the caller's graph instead of the eager call's concrete function, may differ
+    in their last bits.)
+    """
     a, b = builders.model_a(), builders.step_b(output_size=3)
     x = tf.constant(builders.inputs(3, 4))
+    upstream = tf.constant(np.random.default_rng(2).normal(size=(int(STEPS.sum()), 3)), tf.float32)
     monkeypatch.setattr(xla, "XLA_GRADIENT_BELOW", 3)
-    plain = Cascade(a, b, state="carry", jit_compile=False)
-    names = ["inputs", *(v.path for v in a.trainable_variables + b.trainable_variables)]
     cascade = Cascade(a, b, state="carry")
-    values, got = _gradients(cascade, x, STEPS)  # 3 samples: not below
-    assert cascade.gradient_fused is None
-    plain_values, want = _gradients(plain, x, STEPS)
-    np.testing.assert_allclose(values, plain_values, rtol=1e-6, atol=1e-6)
-    _assert_equal_gradients(got, want, names)
-    values, got = _gradients(cascade, x[:2], STEPS[:2])  # 2 samples: XLA's
-    assert cascade.gradient_fused is True
-    _assert_equal_gradients(got, _gradients(plain, x[:2], STEPS[:2])[1], names)
+    plain = Cascade(a, b, state="carry", jit_compile=False)
+    weights = a.trainable_variables + b.trainable_variables
+    names = ["values", "inputs", *(v.path for v in weights)]
+
+    def gradients(cascade, x, steps, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            values = cascade(x, steps).flat_values
+        return [values, *tape.gradient(values, [x, *weights], output_gradients=upstream)]
+
+    traced = tf.function(lambda x, steps, upstream: gradients(cascade, x, steps, upstream), input_signature=[
+        tf.TensorSpec([None, 4, 3]), tf.TensorSpec([None, 4], tf.int32), tf.TensorSpec([None, 3])])
+
+    def numpy(results):
+        return [tf.convert_to_tensor(t).numpy() for t in results]
+
+    def bits(results):  # the values' and B's weights' gradients
+        return [t.tobytes() for t in [results[0], *results[-len(b.trainable_variables):]]]
+
+    eager = {}
+    for n, fused_gradient in ((3, None), (2, True)):  # 3 samples: the hand-written gradient; 2: XLA's
+        d_values = upstream[:int(STEPS[:n].sum())]
+        eager[n] = numpy(gradients(cascade, x[:n], STEPS[:n], d_values))
+        assert cascade.gradient_fused is fused_gradient
+        want = numpy(gradients(plain, x[:n], STEPS[:n], d_values))
+        _assert_equal_gradients(eager[n], want, names)
+        got = numpy(traced(x[:n], STEPS[:n], d_values))
+        _assert_equal_gradients(got, want, names)
+        assert bits(got) == bits(eager[n]), n
+    monkeypatch.setattr(xla, "XLA_GRADIENT_BELOW", 4)  # the eager call of 3 samples takes XLA's: other bits
+    assert bits(numpy(gradients(cascade, x, STEPS, upstream))) != bits(eager[3])
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu, = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import builders
+from cascade_cli.run import xla
+from cascade_cli.run.cascade import Cascade
+xla.XLA_GRADIENT_BELOW = 3
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    a, b = builders.model_a(), builders.step_b(output_size=3)
+    cascade = Cascade(a, b, state="carry")
+plain = Cascade(a, b, state="carry", jit_compile=False)
+weights = a.trainable_variables + b.trainable_variables
+def gradients(cascade, x, steps):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(cascade(x, steps).flat_values ** 2)
+    return tape.gradient(loss, weights)
+def step(x, steps):
+    grads = strategy.run(lambda x, steps: gradients(cascade, x, steps), args=(x, steps))
+    return [strategy.reduce("SUM", g, axis=None) for g in grads]
+report, traced = {}, None
+for n in (8, 4):  # 4 samples a replica (the hand-written gradient), then 2 (XLA's)
+    x = builders.inputs(n, 4, seed=n)
+    steps = np.random.default_rng(n).integers(0, 4, size=(n, 4)).astype(np.int32)
+    batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, steps)).batch(n))
+    traced = traced or tf.function(step, input_signature=list(batches.element_spec))  # a replica's batch: None
+    got = traced(*next(iter(batches)))
+    want = [sum(parts) for parts in zip(*(gradients(plain, x[half], steps[half])
+                                         for half in (slice(0, n // 2), slice(n // 2, n))))]
+    report[n] = max(float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) for g, w in zip(got, want))
+report["traces"] = traced.experimental_get_tracing_count()
+report["gradient_fused"] = cascade.gradient_fused
+json.dump(report, sys.stdout)
+"""
+
+
+@pytest.mark.slow  # a subprocess with TensorFlow: about 30 s on 2 cores
+@pytest.mark.xla
+def test_under_a_mirrored_strategy_a_trace_for_any_replica_batch_chooses_carrys_gradient_equal_to_the_plain_paths():
+    from test_distribute import TIMEOUT, worker_env
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], env=worker_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["traces"] == 1 and report["gradient_fused"] is True, report
+    assert report["8"] < 1e-4 and report["4"] < 1e-4, report
 
 
 @pytest.mark.xla

@@ -28,7 +28,10 @@ It runs where A and the loop each run under XLA (`Cascade`'s probes decided
 so) and a probe of its own found it equal to them bit for bit (`run_fused`):
 forward, and under a tape for `carry` with given steps, where XLA's own
 gradient of the same computation replaces the plain loop's
-(`compile_known_gradient`, `run_differentiable`).
+(`compile_known_gradient`, `run_differentiable`). Through a known cell
+that gradient runs below `xla.XLA_GRADIENT_BELOW` samples and the hand-written
+one from there; a trace that does not know its batch holds both, and the batch
+chooses at run time (`run_chosen_gradient`).
 """
 
 from __future__ import annotations
@@ -344,6 +347,8 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
     (`xla.known_gradient`), A and that loop run as one XLA computation differentiated by XLA
     (`run_known_gradient`).
     """
+    if loop is None and tape_may_record() and inputs.shape[0] is None:  # a trace for any batch, under a tape
+        return run_chosen_gradient(cascade, inputs, caps, training, extras=extras, plain_a=plain_a)
     if loop is None:
         loop = not tape_may_record()
     if loop is False or loop == "hand":
@@ -456,3 +461,24 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, samp
         if problem is not None:
             return None
     return call(inputs, caps, None if extras is None else extras.targets)
+
+
+def run_chosen_gradient(cascade, inputs, caps, training, *, extras, plain_a):
+    """`Cascade._run`'s result under a tape in a trace that does not know its batch, where the batch chooses the
+    gradient at run time (`xla.chooses_gradient`: `carry` through a known cell), else `run_known_gradient`'s.
+
+    Both paths are in the trace and each runs on a slice of the batch: XLA's gradient (`run_known_gradient`) on
+    all of it below `xla.XLA_GRADIENT_BELOW` samples, the plain path and its hand-written gradient on all of it
+    from there; the other on none. No `tf.cond`: TensorFlow cannot differentiate one around the compiled
+    gradient, whose function captures the variables' handles. The empty path costs one small call each way.
+    """
+    if not xla.chooses_gradient(cascade, inputs, training=training, extras=extras, plain_a=plain_a):
+        return run_known_gradient(cascade, inputs, caps, training, extras=extras, plain_a=plain_a, samples=None)
+    samples = tf.shape(inputs)[0]
+    below = samples * tf.cast(samples < xla.XLA_GRADIENT_BELOW, samples.dtype)  # all or none
+    by_xla = run_known_gradient(cascade, inputs[:below], caps[:below], training, extras=extras, plain_a=plain_a,
+                                samples=0)
+    if by_xla is None:  # its probe refused it: the plain path and its hand-written gradient for every batch
+        return None
+    by_hand = cascade._run(inputs[below:], caps[below:], training, plain_a=plain_a, extras=extras, loop="hand")
+    return tuple(tf.concat(parts, axis=0) for parts in zip(by_xla, by_hand))

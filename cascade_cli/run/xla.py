@@ -269,11 +269,20 @@ hand-written one from there (`xla_gradient_wins`). Measured with `benchmarks/loo
 def xla_gradient_wins(samples):
     """Whether XLA's gradient of `carry` beats the hand-written one for a batch of `samples` (`XLA_GRADIENT_BELOW`).
 
-    `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then. It loses 1.3x at
-    N=64 and 1.8x at N=256 (the peers suite, idle, 2026-12-07), the hand-written one about 2x at N=1. An eager
-    call knows its batch: `run.compiled.call_compiled` traces the hand-written gradient apart for large batches.
+    It loses 1.3x at N=64 and 1.8x at N=256 (the peers suite, idle, 2026-12-07), the hand-written one about 2x
+    at N=1. An eager call knows its batch: `run.compiled.call_compiled` traces the hand-written gradient apart for
+    large batches. `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then,
+    unless the trace holds both and the batch chooses at run time (`chooses_gradient`).
     """
     return samples is None or samples < XLA_GRADIENT_BELOW
+
+
+def chooses_gradient(cascade, inputs, *, training, extras, plain_a):
+    """Whether a call under a tape whose batch the trace does not know chooses XLA's gradient or the hand-written
+    one at run time by its batch (`run.fused.run_chosen_gradient`): where both apply, `carry` through a known
+    cell (`xla_gradient_wins`)."""
+    return (known_gradient(cascade, inputs, training=training, plain_a=plain_a, extras=extras) == "carry"
+            and hand_written(cascade, "carry", training=training))
 
 
 def hand_written(cascade, kind, *, training):
