@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from cascade_cli.run import compiled_loop, packing
+from cascade_cli.run import compiled_loop, packing, xla
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
 from cascade_cli.run.cascade import Cascade
@@ -221,3 +221,20 @@ def test_rows_are_not_compacted_where_a_width_of_b_is_not_a_multiple_of_16(monke
     cascade = Cascade(a, b, feedback=True, sampler="greedy", max_steps=4, stop_rule=StopRule.token(1))
     cascade.run(builders.inputs(50, 3))
     assert cascade.loop_compiled is True and cascade._row_quantum == 16 and not calls
+
+
+@pytest.mark.xla
+def test_a_training_call_runs_the_compiled_loop_unless_b_draws():
+    """A `carry` training call without a tape runs the loop over B under XLA where B's training call draws
+    nothing (a Keras cell holds a seed generator it does not use: `xla.b_draws`) and equals the plain loop's; a
+    B with dropout keeps the plain loop (XLA's random numbers are not TensorFlow's)."""
+    x, steps = builders.inputs(3, 5), np.array([[2, 0, 3, 1, 2], [0, 0, 1, 3, 0], [3, 3, 3, 3, 3]], np.int32)
+    a = builders.model_a()
+    for dropout, compiled in [(0.0, True), (0.5, False)]:
+        b = builders.step_b(dropout=dropout)
+        cascade = Cascade(a, b, state="carry")
+        assert xla.loop_applies(cascade, tf.constant(x), training=True, extras=None) is compiled
+        if compiled:
+            plain = Cascade(a, b, state="carry", jit_compile=False)
+            np.testing.assert_allclose(cascade(x, steps, training=True).flat_values.numpy(),
+                                       plain(x, steps, training=True).flat_values.numpy(), rtol=1e-5, atol=1e-6)

@@ -147,8 +147,8 @@ def loop_applies(cascade, inputs, *, training, extras):
 
     Per call it needs no targets (teacher forcing keeps the known-cell
     recurrence and its hand-written gradient) and, in training, a B that
-    draws nothing and updates nothing (XLA's random numbers are not
-    TensorFlow's).
+    draws nothing and updates nothing (`b_draws`: XLA's random numbers are
+    not TensorFlow's).
     """
     if cascade._loop_choice is not None and not cascade._loop_choice.compiled:
         return False
@@ -159,7 +159,7 @@ def loop_applies(cascade, inputs, *, training, extras):
         if cascade._loop_choice is None:
             cascade._loop_choice = LoopChoice(False, RECURRENCE_WINS)
         return False
-    if training is not False and (seed_generators([cascade.model_b]) or cascade.model_b.non_trainable_variables):
+    if training is not False and b_draws(cascade):
         return False
     if cascade._loop_choice is None:
         choose_loop(cascade, shape=inputs.shape)
