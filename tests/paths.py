@@ -4,6 +4,10 @@
 (`cascade_cli.run.compiled_loop`); `False` runs the plain packed loop. A reference test takes `jit` from
 `BOTH` (or `both(cases)`) and builds its cascades with `jit_compile=jit`: the `"auto"` cases are marked
 `xla`, so conftest leaves them the default, and fails them where a cascade fell back from XLA quietly.
+
+A large grid keeps in the default suite a covering subset (`pairwise`): every value of each parameter and every
+pair of values of two parameters, the path included, in at least one case; the others are marked `slow` and run
+with `-m slow`. `both(cases, pairs=True)` and `covering(cases)` choose it.
 """
 
 import pytest
@@ -13,21 +17,63 @@ PLAIN = pytest.param(False, id="plain")
 BOTH = [AUTO, PLAIN]
 
 
-def both(cases, *, auto=None):
+def pairwise(cases, *, keep=()):
+    """The cases of `cases` (equal-length tuples) that the default suite keeps: a covering subset.
+
+    Every value of each position and every pair of values at two positions that some case of the grid holds
+    is held by at least one case kept. Greedy and deterministic: from the cases of `keep`, it adds the case
+    that covers the most pairs not yet covered (the earliest on ties) until none is left. Returns the kept
+    cases in the grid's order.
+    """
+    cases = [tuple(case) for case in cases]
+    missing = [case for case in keep if tuple(case) not in cases]
+    assert not missing, f"kept cases outside the grid: {missing}"
+
+    def pairs(case):
+        values = [(i, repr(value)) for i, value in enumerate(case)]  # repr: True and 1 are different values here
+        return set(values) | {(first, second) for k, first in enumerate(values) for second in values[k + 1:]}
+
+    kept = [tuple(case) for case in keep]
+    left = set().union(*map(pairs, cases)) - set().union(set(), *map(pairs, kept))
+    while left:
+        best = max(cases, key=lambda case: len(pairs(case) & left))
+        kept.append(best)
+        left -= pairs(best)
+    return [case for case in cases if case in kept]
+
+
+def _param(case, *, label, default, marks=()):
+    marks = list(marks) + ([] if default else [pytest.mark.slow])
+    return pytest.param(*case, marks=marks, id=label)
+
+
+def covering(cases, *, keep=()):
+    """`pytest.param`s of every case of `cases` (tuples): those of `pairwise(cases, keep=keep)` in the default
+    suite, the others marked `slow`."""
+    cases = [tuple(case) for case in cases]
+    kept = pairwise(cases, keep=keep)
+    return [_param(case, label="-".join(str(value) for value in case), default=case in kept) for case in cases]
+
+
+def both(cases, *, auto=None, pairs=False, keep=()):
     """Every case of `cases` (tuples) on the plain path, and those in `auto` (default: all) on the default too.
 
     Returns `pytest.param(*case, jit)`s for `parametrize("..., jit", ...)`: XLA compiles cost seconds per
-    cascade on 2 cores, so a large grid runs whole on the plain path and in part on the default.
+    cascade on 2 cores, so a large grid runs whole on the plain path and in part on the default. With `pairs`,
+    the default suite keeps `pairwise` of the cases with their `jit` (every value on both paths, every pair of
+    values; `keep`: `(*case, jit)`s it keeps as well) and marks the others `slow`.
     """
-    auto = cases if auto is None else auto
+    cases = [tuple(case) for case in cases]
+    auto = cases if auto is None else [tuple(case) for case in auto]
     missing = [case for case in auto if case not in cases]
     assert not missing, f"auto cases outside the grid: {missing}"
+    grid = [(*case, jit) for case in cases for jit in (("auto", False) if case in auto else (False,))]
+    kept = pairwise(grid, keep=keep) if pairs else grid
     params = []
-    for case in cases:
-        label = "-".join(str(value) for value in case)
-        if case in auto:
-            params.append(pytest.param(*case, "auto", marks=pytest.mark.xla, id=f"{label}-auto"))
-        params.append(pytest.param(*case, False, id=f"{label}-plain"))
+    for case in grid:
+        label = "-".join(str(value) for value in case[:-1]) + ("-auto" if case[-1] == "auto" else "-plain")
+        marks = [pytest.mark.xla] if case[-1] == "auto" else []
+        params.append(_param(case, label=label, default=case in kept, marks=marks))
     return params
 
 

@@ -35,7 +35,7 @@ def gate(threshold):
 
 @pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.both(
     [(b, s, m) for m in (0, 3) for b, s in [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", 3), ("lstm", "carry", 0)]))
+    auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True))
 def test_gate_equals_reference(b_kind, state, min_steps, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)

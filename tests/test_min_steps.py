@@ -34,7 +34,7 @@ def check(cascade, x, caps, **kwargs):
 
 @pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", True), ("gru", "carry", False)]))
+    auto=[("gru", "reset", True), ("gru", "carry", False)], pairs=True))
 def test_min_steps_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)
@@ -51,7 +51,7 @@ def test_min_steps_equals_reference(b_kind, state, exclude, jit):
 
 @pytest.mark.parametrize("state, sampler, jit", paths.both(
     [(s, m) for m in ("identity", "greedy") for s in ("reset", "carry")],
-    auto=[("reset", "greedy"), ("carry", "identity")]))
+    auto=[("reset", "greedy"), ("carry", "identity")], pairs=True))
 def test_min_steps_with_feedback_equals_reference(state, sampler, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
     x = builders.inputs(4, 5)

@@ -39,12 +39,13 @@ def assert_matches_reference(cascade, x, steps, **reference_kwargs):
 
 
 VALUE_GRID = [(a, b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence") for a in ("simple", "gru", "lstm")]
-# the default on every form of B in both states, each kind of A twice
+# the default on every form of B in both states, each kind of A twice; the default suite keeps a pairwise covering
+# (10 of 24: every A with every B, every B and A in both states and on both paths), the rest run with -m slow
 VALUE_AUTO = [("simple", "gru", "reset"), ("gru", "lstm", "reset"), ("lstm", "sequence", "reset"),
               ("lstm", "gru", "carry"), ("simple", "lstm", "carry"), ("gru", "sequence", "carry")]
 
 
-@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.both(VALUE_GRID, auto=VALUE_AUTO))
+@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True))
 def test_values_equal_reference(a_kind, b_kind, state, jit):
     cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
@@ -139,7 +140,8 @@ def test_hand_worked_values(jit):
 FORMS_STATES = [(b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
 
 
-@pytest.mark.parametrize("b_kind, state, jit", paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")]))
+@pytest.mark.parametrize("b_kind, state, jit", paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")],
+                                                             pairs=True))
 def test_eager_and_tf_function_agree(b_kind, state, jit):
     """The eager path (`run_eagerly=True`), the compiled eager call and a caller's tf.function agree."""
     a, b = builders.model_a(), make_b(b_kind)
@@ -170,7 +172,7 @@ GRADIENT_GRID = [(b, s, c) for c in (False, True) for s in ("reset", "carry") fo
 
 
 @pytest.mark.parametrize("b_kind, state, compiled, jit", paths.both(
-    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)]))
+    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True))
 def test_gradients_equal_reference(b_kind, state, compiled, jit):
     cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)

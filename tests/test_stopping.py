@@ -42,7 +42,7 @@ FORMS_AND_STATES = [("gru", "reset"), ("gru", "carry"), ("lstm", "reset"), ("lst
 
 @pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(  # sequence + carry is refused, tested below
     [(b, s, e) for e in (False, True) for b, s in FORMS_AND_STATES],
-    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)]))
+    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)], pairs=True))
 def test_norm_rule_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)

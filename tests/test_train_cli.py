@@ -9,6 +9,7 @@ Every run is one or a few epochs on tiny seeded models, through click's
 import csv
 import math
 import os
+import shutil
 
 import h5py
 import keras
@@ -243,16 +244,25 @@ def test_sparse_crossentropy_trains_from_token_ids_stored_as_total(tmp_path):
 # --------------------------------------------------------- out-dir rules
 
 
-def test_out_dir_s_missing_parents_are_made_as_every_output_s_are_and_go_again_when_the_run_fails(files, tmp_path):
-    assert_ok(train(files, tmp_path / "a" / "b" / "c", "--epochs", 1, "--val-split", 0))
-    assert (tmp_path / "a" / "b" / "c" / "model_b.keras").is_file()
+@pytest.fixture(scope="module")
+def one_epoch_run(files, tmp_path_factory):
+    """`(folder, out_dir)`: one epoch trained into `folder/a/b/c`, whose parents did not exist."""
+    folder = tmp_path_factory.mktemp("one_epoch")
+    assert_ok(train(files, folder / "a" / "b" / "c", "--epochs", 1, "--val-split", 0))
+    return folder, folder / "a" / "b" / "c"
+
+
+def test_out_dir_s_missing_parents_are_made_as_every_output_s_are_and_go_again_when_the_run_fails(
+        files, tmp_path, one_epoch_run):
+    folder, out = one_epoch_run
+    assert (out / "model_b.keras").is_file() and sorted(os.listdir(folder)) == ["a"]
     assert_error(train(files, tmp_path / "x" / "y", "--epochs", 1, "--resume"), 1, "--resume")
-    assert sorted(os.listdir(tmp_path)) == ["a"]
+    assert os.listdir(tmp_path) == []
 
 
-def test_overwrite_replaces_an_earlier_run_and_without_it_the_run_is_refused(files, tmp_path):
+def test_overwrite_replaces_an_earlier_run_and_without_it_the_run_is_refused(files, tmp_path, one_epoch_run):
     out = tmp_path / "run"
-    assert_ok(train(files, out, "--epochs", 1, "--val-split", 0))
+    shutil.copytree(one_epoch_run[1], out)  # a run of `--epochs 1 --val-split 0`
     (out / "notes.txt").write_text("mine")
     assert_error(train(files, out, "--epochs", 1), 1, "--out-dir", "already holds a training run", "--resume",
                  "--overwrite")
