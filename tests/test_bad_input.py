@@ -577,7 +577,6 @@ def test_generate_ended_by_a_signal_removes_what_it_was_writing(files, tmp_path,
 
 def test_generate_ended_by_sighup_in_process_removes_what_it_was_writing(files, tmp_path, monkeypatch):
     """SIGHUP (a closed terminal) arriving while generate writes ends it as SIGTERM does: exit 129, no file left."""
-    from cascade_cli import generation
     from cascade_cli.atomic import atomic_output
 
     before = signal.getsignal(signal.SIGHUP)
@@ -588,17 +587,11 @@ def test_generate_ended_by_sighup_in_process_removes_what_it_was_writing(files, 
             signal.raise_signal(signal.SIGHUP)  # the command's handler raises SystemExit here
             temp.write_bytes(b"never reached")
 
-    monkeypatch.setattr(generation, "generate_to_file", generate_to_file)
-    out = out_folder(tmp_path)
-    result = generate(files, out / "r.h5", "--steps", "1,2,0")
-    assert result.exit_code == 128 + signal.SIGHUP, result.output
-    assert "Error" not in result.output
-    assert_nothing_in(out)
+    assert_generate_ends_by(signal.SIGHUP, generate_to_file, files, tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGHUP) is before  # the handler before the command is back
 
 
 def test_a_signal_that_a_library_turns_into_an_error_still_ends_the_run_with_its_code(files, tmp_path, monkeypatch):
-    from cascade_cli import generation
     from cascade_cli.atomic import atomic_output
 
     def generate_to_file(cascade, source, steps=None, *, output, **options):
@@ -609,10 +602,18 @@ def test_a_signal_that_a_library_turns_into_an_error_still_ends_the_run_with_its
             except SystemExit as error:  # as a library's cleanup may: its own error replaces the SystemExit
                 raise RuntimeError("the file could not be closed") from error
 
+    assert_generate_ends_by(signal.SIGTERM, generate_to_file, files, tmp_path, monkeypatch)
+
+
+def assert_generate_ends_by(signum, generate_to_file, files, tmp_path, monkeypatch):
+    """`generate` with `generation.generate_to_file` replaced by `generate_to_file` (which raises `signum`
+    while it writes) exits `128 + signum` without an error line and leaves nothing in its output folder."""
+    from cascade_cli import generation
+
     monkeypatch.setattr(generation, "generate_to_file", generate_to_file)
     out = out_folder(tmp_path)
     result = generate(files, out / "r.h5", "--steps", "1,2,0")
-    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert result.exit_code == 128 + signum, result.output
     assert "Error" not in result.output
     assert_nothing_in(out)
 

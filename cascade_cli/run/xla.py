@@ -12,6 +12,7 @@ compile to pay runs neither (`plan_xla`, `XLA_PAYS_FROM`). `XlaChoice` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -307,17 +308,26 @@ def b_draws(cascade):
         states = {id(generator.state) for generator in generators}
         draws = any(id(variable) not in states for variable in cascade.model_b.non_trainable_variables)
         if generators and not draws:
-            with tf.init_scope():
-                started = [generator.state.numpy() for generator in generators]
+            with tf.init_scope(), draws_put_back(generators) as drew:
                 x, *rest = [tf.zeros([2, *tensor.shape[1:]], tensor.dtype) for tensor in cascade.model_b.inputs]
                 y_prev = rest.pop(0) if cascade.feedback else None
                 loop.call_b(cascade, x, rest, True, y_prev=y_prev)
-                draws = any(not np.array_equal(generator.state.numpy(), state)
-                            for generator, state in zip(generators, started))
-                for generator, state in zip(generators, started):
-                    generator.state.assign(state)
+                draws = drew()
         cascade._loops["b draws"] = draws
     return cascade._loops["b draws"]
+
+
+@contextlib.contextmanager
+def draws_put_back(generators):
+    """Runs a probe's training calls and then puts the seed `generators`' states back, so that a probe draws
+    nothing a later call would; yields `drew()`: whether any of them has drawn since."""
+    started = [generator.state.numpy() for generator in generators]
+    try:
+        yield lambda: any(not np.array_equal(generator.state.numpy(), state)
+                          for generator, state in zip(generators, started))
+    finally:
+        for generator, state in zip(generators, started):
+            generator.state.assign(state)
 
 
 def walks(cascade):
@@ -387,15 +397,11 @@ def xla_problem(model, compiled, shape):
                 f"(allowed {tolerance * scale:.3g})"), None
     if model.non_trainable_weights:
         return None, "model A has non-trainable weights, which a training call may update (e.g. BatchNormalization)"
-    generators = seed_generators([model])
-    states = [generator.state.numpy() for generator in generators]
     try:
-        draws = [np.asarray(model(probe, training=True)) for _ in range(2)]
+        with draws_put_back(seed_generators([model])):
+            draws = [np.asarray(model(probe, training=True)) for _ in range(2)]
     except Exception as error:  # noqa: BLE001
         return None, f"model A's training call fails on a probe input ({first_line(error)})"
-    finally:
-        for generator, state in zip(generators, states):
-            generator.state.assign(state)
     if any(not np.array_equal(draw, plain) for draw in draws):
         return None, "model A's training call differs from its inference call (dropout or noise)"
     return None, None
