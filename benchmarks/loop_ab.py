@@ -201,7 +201,7 @@ def _gradient_pair(make, arguments):
 
 
 def gradient(repeats, rounds, batches):
-    """XLA's gradient of A and the loop over B with known inputs (`cascade_cli.run.fused.run_known_gradient`)
+    """XLA's gradient of A and the loop over B with known inputs (`cascade_cli.run.known.run_known_gradient`)
     against the plain path's hand-written one, and the best padded XLA peer, interleaved medians in ms: the peers
     suite's `reset` and `carry` forward+backward (inside a `tf.function`, as it times `cascade`) and the feedback
     suite's teacher-forced forward+backward (an eager call under an eager tape, as it times `cascade`)."""
@@ -266,7 +266,7 @@ def gradient(repeats, rounds, batches):
 def chosen_gradient(repeats, rounds, batches):
     """`carry` forward+backward inside the peers suite's `tf.function`, traced for any batch: main's rule (XLA's
     gradient, the trace does not know its batch) against the batch choosing at run time
-    (`cascade_cli.run.fused.run_chosen_gradient`: XLA's below `XLA_GRADIENT_BELOW` samples, the hand-written one
+    (`cascade_cli.run.known.run_chosen_gradient`: XLA's below `XLA_GRADIENT_BELOW` samples, the hand-written one
     from there), interleaved medians in ms; gradients checked equal first (float32 rounding)."""
     import tensorflow as tf
 

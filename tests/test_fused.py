@@ -16,7 +16,7 @@ import tensorflow as tf
 import builders
 from cascade_cli import inspection
 from cascade_cli.options import StopRule
-from cascade_cli.run import fused, xla
+from cascade_cli.run import compiled_loop, fused, known, xla
 from cascade_cli.run.cascade import Cascade
 
 STEPS = np.array([[2, 0, 3, 1], [0, 0, 0, 0], [4, 1, 0, 2]], np.int32)
@@ -42,12 +42,12 @@ def test_packing_puts_the_emitted_values_in_row_then_step_order_and_counts_each_
     ys = tf.reshape(tf.range(2 * 3 * 2, dtype=tf.float32), [2, 3, 2])  # (rows, steps, width)
     emitted = tf.constant([[3, 3, 0], [1, 2, 2]])  # pair + 1 per step; 0: nothing emitted
     tokens = tf.constant([[7, 8, 9], [10, 11, 12]], tf.int64)
-    values, lengths, got_tokens, count = (t.numpy() for t in fused.pack(ys, emitted, tokens, 4))
+    values, lengths, got_tokens, count = (t.numpy() for t in compiled_loop.pack(ys, emitted, tokens, 4))
     assert count == 5
     np.testing.assert_array_equal(values[:count], [[0, 1], [2, 3], [6, 7], [8, 9], [10, 11]])
     np.testing.assert_array_equal(got_tokens[:count], [7, 8, 10, 11, 12])
     np.testing.assert_array_equal(lengths, [1, 2, 2, 0])
-    assert fused.pack(ys, emitted, tf.zeros([2, 0], tf.int64), 4)[2].shape == (0,)
+    assert compiled_loop.pack(ys, emitted, tf.zeros([2, 0], tf.int64), 4)[2].shape == (0,)
 
 
 CASES = {
@@ -204,7 +204,7 @@ def test_a_carry_call_takes_xlas_gradient_below_xla_gradient_below_samples_eager
     """The hand-written gradient from `XLA_GRADIENT_BELOW` samples, XLA's below, each equal to the plain path's.
 
     An eager call knows its batch. In a caller's `tf.function` traced for any batch the batch chooses at run time
-    (`fused.run_chosen_gradient`), so the values and B's gradients are bit for bit the eager call's of the same
+    (`known.run_chosen_gradient`), so the values and B's gradients are bit for bit the eager call's of the same
     batch. (A's gradients, taken in the caller's graph instead of the eager call's concrete function, may differ
     in their last bits.)
     """
@@ -318,13 +318,13 @@ def test_a_b_that_draws_in_training_and_scheduled_sampling_keep_the_plain_paths_
 
 def test_known_layout_lists_each_rows_pair_and_value_by_hand():
     caps = tf.constant([[2, 0, 1], [0, 3, 0]], tf.int32)  # values: pair 0 (0, 1), pair 2 (2), pair 4 (3, 4, 5)
-    pair, value, totals = (t.numpy() for t in fused.known_layout(caps, 3, walk=True, quantum=2))
+    pair, value, totals = (t.numpy() for t in known.known_layout(caps, 3, walk=True, quantum=2))
     np.testing.assert_array_equal(totals, [3, 3])
     np.testing.assert_array_equal(pair[:, 0], [0, 0, 2])
     np.testing.assert_array_equal(pair[:, 1], [4, 4, 4])
     np.testing.assert_array_equal(value[:, 0], [0, 1, 2])
     np.testing.assert_array_equal(value[:, 1], [3, 4, 5])
-    pair, value, totals = (t.numpy() for t in fused.known_layout(caps, 3, walk=False, quantum=4))
+    pair, value, totals = (t.numpy() for t in known.known_layout(caps, 3, walk=False, quantum=4))
     np.testing.assert_array_equal(totals, [2, 0, 1, 0, 3, 0, 0, 0])  # six pairs, padded to 8 rows
     np.testing.assert_array_equal(pair[0], [0, 1, 2, 3, 4, 5, 5, 5])
     np.testing.assert_array_equal(value[:, 0], [0, 1, 2])

@@ -27,7 +27,8 @@ The engine, `cascade_cli.run`, module by module:
 - `cells.py`, `recurrence.py`: the known-cell path and its hand-written gradient.
 - `compiled.py`: the compiled call's cache, and tapes (the recomputed gradient).
 - `xla.py`, `compiled_loop.py`: A under XLA, the loop compiled whole, and the choice of each.
-- `fused.py`: a forward call as one XLA computation (A, the plan, the loop, the packing); its gradient in `carry`.
+- `fused.py`: a forward call as one XLA computation (A, the plan, the loop, the packing).
+- `known.py`: under a tape, A and a loop with known inputs as one XLA computation, differentiated by XLA.
 - `carried.py`, `state.py`, `windows.py`: a call that carries its state (`CascadeState`); windows.
 """
 
@@ -261,7 +262,7 @@ class Cascade:
     @property
     def gradient_fused(self):
         """Whether calls under a tape whose inputs to B are all known run A and that loop as one XLA computation
-        with XLA's own gradient (`run.fused.run_known_gradient`); None before such a call decides."""
+        with XLA's own gradient (`run.known.run_known_gradient`); None before such a call decides."""
         return self._loops.get("gradient")
 
     # The runner is plain graph code (`tf.while_loop`, `tf.cond`): traced without AutoGraph, as Keras' own `fit`

@@ -289,7 +289,7 @@ def known_inputs_loop(step, table, index, totals, states):
         y, states = step(tf.gather(table, index[j]), None, states)
         return j + 1, states, ys.write(j, y)
 
-    # (the static bound lets XLA differentiate the loop: `cascade_cli.run.fused.compile_known_gradient`)
+    # (the static bound lets XLA differentiate the loop: `cascade_cli.run.known.compile_known`)
     _, _, ys = tf.while_loop(lambda j, *_: j < steps, iterate, (tf.constant(0), list(states), ys),
                              maximum_iterations=tf.shape(index)[0])
     return tf.transpose(ys.stack(), [1, 0, 2])
@@ -426,3 +426,71 @@ def compact(ys, emitted, tokens=None):
     values = tf.gather_nd(ys, where)
     pairs = tf.gather_nd(emitted, where) - 1
     return values, pairs, (None if tokens is None else tf.gather_nd(tokens, where))
+
+
+def pack(ys, emitted, tokens, pairs):
+    """The loop's padded outputs in value order, still padded (traced inside XLA).
+
+    Returns:
+        `(values (R * T, W), lengths (P,) int32, tokens (R * T,) or (0,), count ())`: the first `count` values
+        (and tokens) are the result.
+    """
+    width = tf.shape(ys)[2]
+    mask = tf.reshape(emitted > 0, [-1])
+    size = tf.size(mask)
+    place = tf.where(mask, tf.cumsum(tf.cast(mask, tf.int32)) - 1, size)  # the rest go to a spare last slot
+    source = tf.tensor_scatter_nd_update(tf.zeros([size + 1], tf.int32), place[:, None], tf.range(size))[:size]
+    values = tf.gather(tf.reshape(ys, [-1, width]), source)
+    lengths = tf.math.unsorted_segment_sum(tf.cast(mask, tf.int32), tf.maximum(tf.reshape(emitted, [-1]) - 1, 0),
+                                           pairs)
+    tokens = tf.gather(tf.reshape(tokens, [-1]), source) if tokens.shape[1] != 0 else tf.zeros([0], tf.int64)
+    return values, lengths, tokens, tf.reduce_sum(tf.cast(mask, tf.int32))
+
+
+def trip(caps, *, walk, max_steps):
+    """The `(T,)` placeholder whose length is the most steps a row runs, bucketed as `compiled_loop.prepare`'s
+    (plain TensorFlow, outside XLA: it depends on the steps' values)."""
+    if max_steps is not None and not walk:
+        return tf.zeros([max_steps], tf.int8)
+    longest = tf.reduce_sum(caps, axis=1) if walk else caps
+    return tf.zeros([bucket(tf.reduce_max(longest), minimum=8)], tf.int8)
+
+
+def known_plan(caps, steps, *, quantum):
+    """`compiled_loop.known_inputs_loop`'s inputs from caps `(N, Ta)`, with static shapes (traced inside XLA):
+    `(index (T, R), totals (R,))`, `T = steps` and the rows `R` the samples padded to a multiple of `quantum`.
+
+    Sample `n`'s step `p` reads the pair whose values hold position `p` of the
+    sample's sequence: each running pair adds, at its first position, how far
+    its outer step is from the previous running pair's, and a cumulative sum
+    over the positions gives each position's outer step.
+    """
+    n, outer = tf.shape(caps)[0], tf.shape(caps)[1]
+    running = caps > 0
+    ordinal = tf.cumsum(tf.cast(running, tf.int32), axis=1)
+    outer_steps = tf.broadcast_to(tf.range(outer)[None], tf.shape(caps))
+    rows_of = tf.broadcast_to(tf.range(n)[:, None], tf.shape(caps))
+    listed = tf.tensor_scatter_nd_update(  # `listed[n, k + 1]`: sample n's k-th running outer step; 0 before
+        tf.zeros(tf.stack([n, outer + 1]), tf.int32),
+        tf.stack([rows_of, tf.where(running, ordinal, 0)], axis=-1), tf.where(running, outer_steps, 0))
+    delta = tf.where(running, outer_steps - tf.gather(listed, tf.maximum(ordinal - 1, 0), batch_dims=1), 0)
+    first = tf.cumsum(caps, axis=1, exclusive=True)  # each pair's first position
+    marks = tf.tensor_scatter_nd_add(
+        tf.zeros(tf.stack([n, steps + 1]), tf.int32),
+        tf.stack([rows_of, tf.where(running, tf.minimum(first, steps), steps)], axis=-1), delta)
+    index = tf.cumsum(marks[:, :steps], axis=1) + tf.range(n)[:, None] * outer  # (N, T) pair ids
+    rows = (n + quantum - 1) // quantum * quantum
+    totals = tf.pad(tf.reduce_sum(caps, axis=1), [[0, rows - n]])
+    return tf.transpose(tf.pad(index, [[0, rows - n], [0, 0]])), totals
+
+
+def known_values(step, table, caps, trip, *, state_sizes, quantum):
+    """`carry` with given steps (traced inside XLA): `(values (R * T, W), count)`, the first `count` values the
+    result, by `compiled_loop.known_inputs_loop` on `known_plan`'s inputs."""
+    index, totals = known_plan(caps, tf.size(trip), quantum=quantum)
+    rows = tf.shape(index)[1]
+    ys = known_inputs_loop(step, table, index, totals,
+                                         [tf.zeros([rows, size], table.dtype) for size in state_sizes])
+    emitted = tf.cast(tf.sequence_mask(totals, tf.shape(ys)[1]), tf.int32)
+    values, _, _, count = pack(ys, emitted, tf.zeros([rows, 0], tf.int64), 1)
+    return values, count

@@ -237,15 +237,16 @@ def known_inputs(cascade, extras):
     return None if cascade._general else cascade.state
 
 
-def known_gradient(cascade, inputs, *, training, plain_a, extras, samples=None):
+def known_gradient(cascade, inputs, *, training, plain_a, extras, hand=False):
     """Which loop with known inputs (`known_inputs`) a call under a tape runs fused with A in one XLA computation,
-    differentiated by XLA (`run.fused.run_known_gradient`), or None where the plain path and its gradient run.
+    differentiated by XLA (`run.known.run_known_gradient`), or None where the plain path and its gradient run.
 
     It needs A under XLA (in training: A's training call is its inference call), a B that draws nothing and
     updates nothing in training, no hand-written gradient that wins (`hand_written`; `fast_cells=True` asks for
     it), and the loop over B not refused XLA (by `jit_compile`, `run_eagerly`,
     `plan_xla` or its probe; the forward recurrence winning in `reset` does not count), nor this path by its
-    own probe.
+    own probe. In `carry` the hand-written gradient wins by the batch's size (`xla_gradient_wins` of
+    `inputs.shape[0]`, None where the trace does not know it); `hand` asks for it regardless.
     """
     kind = known_inputs(cascade, extras)
     choice = cascade._loop_choice
@@ -256,7 +257,8 @@ def known_gradient(cascade, inputs, *, training, plain_a, extras, samples=None):
         return None
     if training is not False and b_draws(cascade):
         return None
-    if hand_written(cascade, kind, training=training) and not (kind == "carry" and xla_gradient_wins(samples)):
+    if hand_written(cascade, kind, training=training) and (
+            hand or kind != "carry" or not xla_gradient_wins(inputs.shape[0])):
         return None  # measured faster (`benchmarks/loop_ab.py --gradient`)
     return kind if a_under_xla(cascade, inputs, training=training) else None
 
@@ -280,7 +282,7 @@ def xla_gradient_wins(samples):
 
 def chooses_gradient(cascade, inputs, *, training, extras, plain_a):
     """Whether a call under a tape whose batch the trace does not know chooses XLA's gradient or the hand-written
-    one at run time by its batch (`run.fused.run_chosen_gradient`): where both apply, `carry` through a known
+    one at run time by its batch (`run.known.run_chosen_gradient`): where both apply, `carry` through a known
     cell (`xla_gradient_wins`)."""
     return (known_gradient(cascade, inputs, training=training, plain_a=plain_a, extras=extras) == "carry"
             and hand_written(cascade, "carry", training=training))
