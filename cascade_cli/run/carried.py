@@ -17,7 +17,7 @@ import tensorflow as tf
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import check_choice
 from cascade_cli.run import checks, compiled, feedback, loop
-from cascade_cli.run.state import CascadeState, carry_problem
+from cascade_cli.run.state import CascadeState, carries_b, carries_previous, carry_problem
 
 
 def stateful(cascade, kind, inputs, caps, *, training, extras, initial_state, return_state):
@@ -76,9 +76,9 @@ def stateful(cascade, kind, inputs, caps, *, training, extras, initial_state, re
 def run_state(cascade, kind, inputs, caps, training, feed, offset, states):
     """`(result, (a_states, b_states, previous, offset))`: `stateful`'s call on checked tensors."""
     states = [tf.stop_gradient(state) for state in states]  # no gradient through the state (truncated)
-    n_a, n_b = len(cascade.a_spec.state_sizes), len(cascade.b_spec.state_sizes) if cascade._carries_b else 0
+    n_a, n_b = len(cascade.a_spec.state_sizes), len(cascade.b_spec.state_sizes) if carries_b(cascade) else 0
     a_states, b_states = states[:n_a], states[n_a:n_a + n_b]
-    previous = states[n_a + n_b] if cascade._carries_previous else None
+    previous = states[n_a + n_b] if carries_previous(cascade) else None
     ir, a_out = cascade._call_a(inputs, training=training, states=a_states)
     ir_flat = tf.reshape(ir, [-1, cascade.a_spec.ir_size])
     if cascade.b_spec.form == "sequence":  # reset mode: nothing of B's to carry

@@ -40,7 +40,7 @@ import keras
 import tensorflow as tf
 
 from cascade_cli.errors import ModelError, ParameterError, received
-from cascade_cli.keras_internals import flatten_layers, ragged_from_parts, tape_may_record
+from cascade_cli.keras_internals import flatten_layers, tape_may_record
 from cascade_cli.options import (RUNNER_DEFAULTS, STATE_INITS, STATE_MODES, Sampler, StopRule, check_runner_settings,
                                  parse_feedback_start)
 from cascade_cli.run import beam, carried, checks, compiled, eager, fused, packing, stopping, xla
@@ -203,26 +203,13 @@ class Cascade:
         self.run_eagerly = run_eagerly
         self._functions = {}  # (kind, training, dtype, F, plain_a, layout) -> the tf.function of an eager call
         self._concrete = {}  # the same keys -> its one concrete function, which is what is called
-        self._outer = None  # ((N, Ta), a ragged tensor with the outer partition of an eager result of that size)
         self._first_shape = None  # the shape of the eager call that makes the first choices (`xla.probe_shape`)
         self._lane = eager.EagerLane(max_steps)  # the eager call's signatures checked and constants (`run.eager`)
-        compiles = jit_compile is not False and not run_eagerly
-        self._xla_a = xla.xla_inference(model_a) if compiles and self.a_spec.form == "plain" else None
-        self._xla = None if self._xla_a else xla.XlaChoice(
-            False, False, xla.STATE_FORM_A if compiles else "jit_compile=False or run_eagerly=True")
         self._loops = {}  # (training, return_tokens) -> the compiled whole loop (`cascade_cli.run.compiled_loop`)
         self._row_quantum = packing.row_quantum(model_b)  # its rows' blocks (a row's bits in any batch)
-        self._loop_choice = None if compiles else xla.LoopChoice(False, "jit_compile=False or run_eagerly=True")
         if self.sampler.kind == "beam":  # beam search runs its own packed loop (`cascade_cli.run.beam`)
             beam.check_settings(self)
-            self._loop_choice = xla.LoopChoice(False, beam.NOT_COMPILED)
-        if self.b_spec.form == "sequence":  # known now: no probe to wait for
-            self._loop_choice = xla.LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
-        if jit_compile is True:
-            if self._xla is None:
-                xla.choose_xla(self, shape=None)  # raise now where A cannot compile
-            if self._loop_choice is None:
-                xla.choose_loop(self, shape=None)  # and where the loop cannot
+        xla.first_choices(self)  # A's XLA call; what is known now (raises now for `jit_compile=True`)
 
     @property
     def a_compiled(self):
@@ -291,7 +278,7 @@ class Cascade:
         if initial_state is not None or return_state is not False:
             parts, state = carried.stateful(self, "ragged", inputs, caps, training=training, extras=extras,
                                             initial_state=initial_state, return_state=return_state)
-            nested = self._nested(parts, samples=checks.dim(inputs, 0), outer=checks.dim(inputs, 1))
+            nested = self._lane.nested(parts, samples=checks.dim(inputs, 0), outer=checks.dim(inputs, 1))
             if not return_state:
                 return nested
             return (*nested, state) if isinstance(nested, tuple) else (nested, state)
@@ -299,7 +286,7 @@ class Cascade:
             parts = compiled.call_compiled(self, "ragged", inputs, caps, training=training, extras=extras)
         else:
             parts = self._ragged_parts(inputs, caps, training, extras=extras)
-        return self._nested(parts, samples=checks.dim(inputs, 0), outer=checks.dim(inputs, 1))
+        return self._lane.nested(parts, samples=checks.dim(inputs, 0), outer=checks.dim(inputs, 1))
 
     @tf.autograph.experimental.do_not_convert  # as `__call__`
     def run(self, inputs, steps=None, *, training=False, targets=None, sample_index=None, sampling_probability=0.0,
@@ -457,25 +444,6 @@ class Cascade:
         splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(counts)], 0)
         return (result[0], splits, *result[2:])
 
-    def _nested(self, parts, *, samples, outer):
-        """`__call__`'s result from `_ragged_parts`' parts: a `tf.RaggedTensor` `(N, Ta, None, ...)`, or two.
-
-        Where `N` and `Ta` are ints the result has the static shape `(N, Ta,
-        None, O)`; eagerly, the outer partition of the last `(N, Ta)` is kept
-        and reused (building it costs more eager ops than anything else here).
-        """
-        if isinstance(samples, int) and isinstance(outer, int) and tf.executing_eagerly():
-            if self._outer is None or self._outer[0] != (samples, outer):
-                rows = tf.zeros([samples * outer], tf.int64)
-                self._outer = ((samples, outer), tf.RaggedTensor.from_uniform_row_length(
-                    rows, outer, nrows=samples, validate=False))
-            nested = [ragged_from_parts(self._outer[1], flat, parts[1]) for flat in (parts[0], *parts[2:])]
-        else:
-            nested = [tf.RaggedTensor.from_uniform_row_length(
-                tf.RaggedTensor.from_row_splits(flat, parts[1], validate=False), outer, nrows=samples, validate=False)
-                for flat in (parts[0], *parts[2:])]
-        return tuple(nested) if len(nested) > 1 else nested[0]
-
     def _call_a(self, inputs, *, training, plain_a=False, states=None):
         """`(ir (N, Ta, H), states)`: model A on `inputs`, under XLA where it was chosen (`xla.a_under_xla`).
 
@@ -519,16 +487,6 @@ class Cascade:
     @property
     def _y_dtype(self):
         return tf.as_dtype(self.model_b.outputs[0].dtype)
-
-    @property
-    def _carries_b(self):
-        """Whether a `CascadeState` holds B's states: `carry` mode, step form."""
-        return self.state == "carry" and self.b_spec.form == "step"
-
-    @property
-    def _carries_previous(self):
-        """Whether a `CascadeState` holds each sample's last fed value: feedback starting from the previous pair."""
-        return self.feedback and self._start[0] == "previous"
 
     def _b_step(self, training):
         """B's inner step as the compiled loops call it: `(x, y_prev, states) -> (y, new_states)`."""

@@ -17,7 +17,7 @@ from cascade_cli.errors import DataError, ModelError, ParameterError, received
 from cascade_cli.options import STEPS_MAX, check_choice, check_int, check_number
 from cascade_cli.run import feedback
 from cascade_cli.run.models import check_inputs_fit
-from cascade_cli.run.state import CascadeState
+from cascade_cli.run.state import CascadeState, carries_b, carries_previous
 from cascade_cli.steps import check_steps
 
 
@@ -219,18 +219,18 @@ def checked_state(cascade, initial_state, inputs):
     samples = dim(inputs, 0)
     n = inputs.shape[0]
     dtype, y_dtype = tf.as_dtype(cascade.model_a.outputs[0].dtype), cascade._y_dtype
-    b_sizes = tuple(cascade.b_spec.state_sizes) if cascade._carries_b else ()
+    b_sizes = tuple(cascade.b_spec.state_sizes) if carries_b(cascade) else ()
     if initial_state is None:
         a_states = [tf.zeros([samples, size], cascade.model_a.inputs[1 + i].dtype)
                     for i, size in enumerate(cascade.a_spec.state_sizes)]
         b_states = [tf.zeros([samples, size], dtype) for size in b_sizes]
-        previous = tf.zeros([samples, cascade.b_spec.output_size], y_dtype) if cascade._carries_previous else None
+        previous = tf.zeros([samples, cascade.b_spec.output_size], y_dtype) if carries_previous(cascade) else None
         return a_states, b_states, previous, tf.constant(0, tf.int64)
     if not isinstance(initial_state, CascadeState):
         raise ParameterError("initial_state", f"expected a CascadeState (returned by run(..., return_state=True)),"
                                               f" received {received(initial_state)}.")
     expected = {"a_states": tuple(cascade.a_spec.state_sizes), "b_states": b_sizes,
-                "previous": (cascade.b_spec.output_size,) if cascade._carries_previous else ()}
+                "previous": (cascade.b_spec.output_size,) if carries_previous(cascade) else ()}
     found = {"a_states": tuple(initial_state.a_states), "b_states": tuple(initial_state.b_states),
              "previous": () if initial_state.previous is None else (initial_state.previous,)}
     checked = {}

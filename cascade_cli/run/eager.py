@@ -8,7 +8,7 @@ signatures whose full checks passed (`checks.checked_inputs`,
 `checks.checked_caps`): a later call of the same signature looks only at the
 steps' values (their least, greatest and total, in numpy) and reuses the small
 constant tensors the checks would make again (`max_steps` caps, the default
-`sample_index`, a zero sampling probability).
+`sample_index`, a zero sampling probability, the ragged result's outer partition).
 
 It is a screen, not a second home of the rules: a call it does not know, or
 whose steps it cannot pass at a glance, goes through the full checks, which
@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from cascade_cli.keras_internals import ragged_from_parts
 from cascade_cli.options import STEPS_MAX
 from cascade_cli.run import feedback
 
@@ -83,9 +84,31 @@ class EagerLane:
                                  return_tokens, False)
         return full()
 
+    def nested(self, parts, *, samples, outer):
+        """`Cascade.__call__`'s result from the flat parts `(values, row_splits (N * Ta + 1,)[, tokens])`: a
+        `tf.RaggedTensor` `(N, Ta, None, ...)` for each flat part (one, or a tuple).
+
+        Where `N` and `Ta` are ints the result has the static shape `(N, Ta, None, O)`; eagerly, the outer
+        partition of each `(N, Ta)` is made once and reused (building it costs more eager ops than anything else
+        here). In a graph every part is built in it.
+        """
+        flats = (parts[0], *parts[2:])
+        if isinstance(samples, int) and isinstance(outer, int) and tf.executing_eagerly():
+            partition = self.constant(("outer", samples, outer), lambda: tf.RaggedTensor.from_uniform_row_length(
+                tf.zeros([samples * outer], tf.int64), outer, nrows=samples, validate=False))
+            nested = [ragged_from_parts(partition, flat, parts[1]) for flat in flats]
+        else:
+            nested = [tf.RaggedTensor.from_uniform_row_length(
+                tf.RaggedTensor.from_row_splits(flat, parts[1], validate=False), outer, nrows=samples, validate=False)
+                for flat in flats]
+        return tuple(nested) if len(nested) > 1 else nested[0]
+
     def constant(self, key, make):
-        """The constant tensor `make()` made the first time under `key`, made eagerly (outside any trace)."""
+        """The constant tensor `make()` made the first time under `key`, made eagerly (outside any trace); kept
+        for the last `_SIGNATURES` keys' worth (a program calling with many shapes starts again)."""
         if key not in self.constants:
+            if len(self.constants) >= _SIGNATURES:
+                self.constants.clear()
             with tf.init_scope():
                 self.constants[key] = make()
         return self.constants[key]

@@ -72,3 +72,13 @@ def carry_problem(cascade, *, targets=False):
     if cascade.b_spec.form == "sequence" and cascade.state == "carry":
         return "a sequence-form B in carry mode hands out no state"
     return None
+
+
+def carries_b(cascade):
+    """Whether a `CascadeState` holds B's states: `carry` mode, step form."""
+    return cascade.state == "carry" and cascade.b_spec.form == "step"
+
+
+def carries_previous(cascade):
+    """Whether a `CascadeState` holds each sample's last fed value: feedback starting from the previous pair."""
+    return cascade.feedback and cascade._start[0] == "previous"

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from cascade_cli.errors import ParameterError
 from cascade_cli.keras_internals import seed_generators, stop_recording
-from cascade_cli.run import compiled_loop, feedback, loop, stopping
+from cascade_cli.run import beam, compiled_loop, feedback, loop, stopping
 
 
 def xla_inference(model):
@@ -80,6 +80,31 @@ STATE_FORM_A = "model A is in state form, whose calls run without XLA"
 
 RECURRENCE_WINS = ("reset mode with given steps through a known cell: its packed recurrence runs only the rows "
                    "still running, and measured faster than the masked loop under XLA")
+
+
+NOT_ASKED = "jit_compile=False or run_eagerly=True"
+
+
+def first_choices(cascade):
+    """What `Cascade.__init__` knows of the XLA paths before any call: A's compiled call (`cascade._xla_a`), and
+    the choices made without a probe (`cascade._xla`, `cascade._loop_choice`; None: the first call probes).
+
+    With `jit_compile=True` the probes run now, so that a model or loop that cannot compile raises a
+    `ParameterError` at construction.
+    """
+    compiles = cascade.jit_compile is not False and not cascade.run_eagerly
+    cascade._xla_a = xla_inference(cascade.model_a) if compiles and cascade.a_spec.form == "plain" else None
+    cascade._xla = None if cascade._xla_a else XlaChoice(False, False, STATE_FORM_A if compiles else NOT_ASKED)
+    cascade._loop_choice = None if compiles else LoopChoice(False, NOT_ASKED)
+    if cascade.sampler.kind == "beam":
+        cascade._loop_choice = LoopChoice(False, beam.NOT_COMPILED)
+    if cascade.b_spec.form == "sequence":
+        cascade._loop_choice = LoopChoice(False, "B is in sequence form: it runs in one padded call, not a loop")
+    if cascade.jit_compile is True:
+        if cascade._xla is None:
+            choose_xla(cascade, shape=None)
+        if cascade._loop_choice is None:
+            choose_loop(cascade, shape=None)
 
 
 def a_under_xla(cascade, inputs, *, training):
