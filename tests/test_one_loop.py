@@ -30,6 +30,15 @@ QUICK = {"carry_norm_min2__plain", "reset_token_exclude__plain", "fb_carry_cat_m
          "tf_carry_scheduled__plain", "win_carry_greedy"}
 
 
+# Cases whose path changed on purpose since e4fa856: their floats are compared to float rounding, not bit for bit
+# (integers still exactly). Each says which change and why its last bits moved.
+MOVED = {
+    "reset_given_generic__auto": (
+        "d901587: under a tape, reset with given steps through a B with no hand-written gradient runs A and the "
+        "loop as one XLA call differentiated by XLA (run.known), whose values round otherwise"),
+}
+
+
 def _params():
     names = one_loop_cases.case_names()
     assert QUICK <= set(names), sorted(QUICK - set(names))
@@ -51,6 +60,9 @@ def test_outputs_are_byte_identical_to_main(name):
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        if name in MOVED and value.dtype.kind == "f":
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key} ({MOVED[name]})")
+            continue
         assert got[key].tobytes() == value.tobytes(), f"{name}: {key} differs from main's"
 
 
