@@ -37,7 +37,9 @@ def main_rules():
     saved = compiled_loop.GATHERED_MAX, compiled_loop.known_rows
 
     def known_rows(samples, *, quantum, bucketed=False):
-        return compiled_loop.bucket(samples, minimum=quantum) if bucketed else (samples + quantum - 1) // quantum * quantum
+        if bucketed:
+            return compiled_loop.bucket(samples, minimum=quantum)
+        return (samples + quantum - 1) // quantum * quantum
 
     compiled_loop.GATHERED_MAX, compiled_loop.known_rows = 0, known_rows
     try:
