@@ -288,10 +288,11 @@ def known_inputs_loop(step, table, index, totals, states):
     The inputs are gathered before the loop where they are small
     (`gathers_first`), else by each step: a gather per step inside XLA's
     while loop cost N=64 (256 steps of 64 rows) 21 ms against 13 ms, N=128
-    31 against 24 ms, with the same bits (N=1 and 8 alike). Both reads are traced and a select whose condition is a
-    constant once XLA compiles for a shape keeps one: no `tf.cond`, which
-    XLA's gradient (`cascade_cli.run.known`) cannot take around a loop over
-    B's variables, and no nested loop, which crashed XLA's gradient.
+    31 against 24 ms, with the same bits (N=1 and 8 alike). Both reads are
+    traced and a select whose condition is a constant once XLA compiles for
+    a shape keeps one: no `tf.cond`, which XLA's gradient
+    (`cascade_cli.run.known`) cannot take around a loop over B's variables,
+    and no nested loop, which crashed XLA's gradient.
 
     Args:
         step: `(x, y_prev, states) -> (y, new_states)`.
@@ -338,8 +339,8 @@ def known_rows(samples, *, quantum, bucketed=False):
     else the samples padded to a multiple of `quantum` (`packing.row_quantum`), or to a `bucket` of them.
 
     One row is a matrix-vector product per step, two rows a matrix product
-    (a library call under XLA:CPU): 733 steps of GRU(64) + Dense(16), 1.5
-    against 2.8 ms on an idle 2-core machine. Its last bits differ from the
+    (a library call under XLA:CPU): 733 steps of GRU(64) + Dense(16), 1.6
+    against 2.8 ms on the shared 2-core VM (load 1.1). Its last bits differ from the
     same sample's among others, as a Keras model's do with the batch size;
     `generate` pads every batch to whole blocks of at least 64 rows, so its
     bytes do not move. The fused call (`known_plan`, inside XLA) and the
