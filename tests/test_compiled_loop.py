@@ -283,6 +283,8 @@ def test_the_known_inputs_loop_gathers_its_inputs_first_within_the_bound_by_hand
     assert first(256, 64, 64) and first(4096, 16, 64)  # N=64 Ta=50 of the peers suite; 4 Mi elements
     assert not first(256, 256, 256) and not first(4097, 16, 64)  # N=256 Ta=50 H=256: a gather by each step
     assert not first(1 << 16, 1 << 10, 1 << 10)  # 2**36 elements: no overflow to a small int32
+    with tf.GradientTape():  # XLA's gradient of the loop: a gather by each step, the gradient's bits as they were
+        assert not first(8, 2, 16)
 
 
 @pytest.mark.xla
