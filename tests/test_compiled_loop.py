@@ -238,3 +238,84 @@ def test_a_training_call_runs_the_compiled_loop_unless_b_draws():
             plain = Cascade(a, b, state="carry", jit_compile=False)
             np.testing.assert_allclose(cascade(x, steps, training=True).flat_values.numpy(),
                                        plain(x, steps, training=True).flat_values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_one_sample_runs_one_row_and_larger_batches_whole_blocks_by_hand():
+    """One row is a matrix-vector product per step, about half the time of two rows' matrix product at N=1."""
+    assert [int(compiled_loop.known_rows(tf.constant(n), quantum=2)) for n in (0, 1, 2, 3, 17)] == [0, 1, 2, 4, 18]
+    assert [int(compiled_loop.known_rows(tf.constant(n), quantum=2, bucketed=True)) for n in (1, 3, 17)] == [1, 4, 20]
+    one = tf.constant([[2, 0, 1]], tf.int32)  # values: pair 0 (0, 1), pair 2 (2)
+    index, totals = (t.numpy() for t in compiled_loop.known_plan(one, 8, quantum=2))
+    assert index.shape == (8, 1) and totals.tolist() == [3]
+    np.testing.assert_array_equal(index[:3, 0], [0, 0, 2])
+    _, index, totals = (t.numpy() for t in compiled_loop.lay_out_steps(one, quantum=2))
+    assert index.shape == (8, 1) and totals.tolist() == [3]
+    np.testing.assert_array_equal(index[:3, 0], [0, 0, 2])
+    three = tf.constant([[1, 0], [0, 2], [1, 1]], tf.int32)
+    assert compiled_loop.known_plan(three, 8, quantum=2)[0].shape == (8, 4)
+    assert compiled_loop.lay_out_steps(three, quantum=2)[1].shape == (8, 4)
+
+
+@pytest.mark.xla
+def test_carry_on_one_sample_runs_one_row_fused_with_the_compiled_loops_bits_and_the_plain_loops_values():
+    a, b = builders.model_a(ir_size=16), builders.step_b("gru", ir_size=16, units=16, output_size=16)
+    x = builders.inputs(1, 5, seed=4)
+    steps = np.array([[3, 0, 2, 4, 1]])
+    cascade = Cascade(a, b, state="carry")
+    got = [t.numpy() for t in cascade.run(x, steps)]
+    assert cascade.loop_fused is True and cascade._row_quantum == 2
+    apart = Cascade(a, b, state="carry")
+    apart._loops["fused"] = False  # A and the loop as their own XLA calls
+    for g, w in zip(got, apart.run(x, steps)):
+        assert g.tobytes() == w.numpy().tobytes()
+    assert apart.loop_compiled is True
+    plain = Cascade(a, b, state="carry", jit_compile=False).run(x, steps)
+    np.testing.assert_array_equal(got[1], plain[1].numpy())
+    np.testing.assert_allclose(got[0], plain[0].numpy(), rtol=1e-6, atol=1e-6)
+    want = builders.reference(a, b, x, steps, state="carry")[0]
+    np.testing.assert_allclose(got[0], np.asarray(want).reshape(got[0].shape), rtol=1e-5, atol=1e-5)
+
+
+def test_the_known_inputs_loop_gathers_its_inputs_first_within_the_bound_by_hand():
+    def first(steps, rows, width):
+        return bool(compiled_loop.gathers_first(tf.constant(steps), tf.constant(rows), width))
+
+    assert first(256, 64, 64) and first(4096, 16, 64)  # N=64 Ta=50 of the peers suite; 4 Mi elements
+    assert not first(256, 256, 256) and not first(4097, 16, 64)  # N=256 Ta=50 H=256: a gather by each step
+    assert not first(1 << 16, 1 << 10, 1 << 10)  # 2**36 elements: no overflow to a small int32
+    with tf.GradientTape():  # XLA's gradient of the loop: a gather by each step, the gradient's bits as they were
+        assert not first(8, 2, 16)
+
+
+@pytest.mark.xla
+@pytest.mark.parametrize("bound", [16 * 4 * 16, 16 * 4 * 16 - 1])  # 16 steps of 4 rows gathered first, or by each step
+def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(bound, monkeypatch):
+    """Each row's inputs gathered before the loop give the bits of a gather by each step (the loop as it was)."""
+    monkeypatch.setattr(compiled_loop, "GATHERED_MAX", bound)
+    b = builders.step_b("gru", ir_size=16, units=16, output_size=16)
+    cascade = Cascade(builders.model_a(ir_size=16), b, state="carry")
+    step = cascade._b_step(False)
+    caps = tf.constant(np.random.default_rng(5).integers(0, 4, size=(3, 5)), tf.int32)
+    table = tf.constant(np.random.default_rng(6).normal(size=(15, 16)), tf.float32)
+    index, totals = compiled_loop.known_plan(caps, 16, quantum=2)
+
+    def per_step(table, index, totals):  # the loop as it was: each step gathers its rows' inputs
+        ys = tf.TensorArray(table.dtype, size=tf.shape(index)[0], element_shape=tf.TensorShape([None, None]))
+
+        def iterate(j, states, ys):
+            y, states = step(tf.gather(table, index[j]), None, states)
+            return j + 1, states, ys.write(j, y)
+
+        _, _, ys = tf.while_loop(lambda j, *_: j < tf.reduce_max(totals), iterate,
+                                 (tf.constant(0), [tf.zeros([tf.shape(index)[1], 16])], ys),
+                                 maximum_iterations=tf.shape(index)[0])
+        return tf.transpose(ys.stack(), [1, 0, 2])
+
+    def chunked(table, index, totals):
+        return compiled_loop.known_inputs_loop(step, table, index, totals, [tf.zeros([tf.shape(index)[1], 16])])
+
+    want = tf.function(per_step, jit_compile=True)(table, index, totals).numpy()
+    got = tf.function(chunked, jit_compile=True)(table, index, totals).numpy()
+    assert got.shape == want.shape == (4, 16, 16)
+    for row, total in enumerate(totals.numpy()):
+        assert got[row, :total].tobytes() == want[row, :total].tobytes(), row

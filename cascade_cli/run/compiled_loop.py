@@ -32,6 +32,10 @@ included, is one `tf.function(jit_compile=True)`, so its shapes must be static:
   loop's did not. Its matrix products may pick their kernel by size.)
 - *Preallocated outputs.* Every `TensorArray` has the static trip count's size
   (DESIGN section 3's XLA trap).
+- *Known inputs.* In `carry` with given steps every row's input at every
+  step is known before the loop (`known_inputs_loop`): no pair bookkeeping,
+  the inputs gathered before the loop where they are small, and a batch of
+  one sample run as one row, not a block (`known_rows`).
 
 The compiled loop runs forward only: a call a tape may record, teacher forcing
 (targets) and a sequence-form B keep the plain loop. `loop_problem` is the one
@@ -45,12 +49,14 @@ import dataclasses
 
 import tensorflow as tf
 
+from cascade_cli.keras_internals import tape_may_record
 from cascade_cli.run import packing, sampling, stopping
 
 QUANTUM = packing.ROW_QUANTUM  # every bucket is a multiple of it
 COMPACT_ROWS = 128  # from this many rows on, B runs on the running rows only (`compacted_step`)
 COMPACTED_MIN = 64  # no compacted size below it: XLA:CPU picks a matrix product's kernel by its size (see LoopSpec)
 COMPACTED_EIGHTHS = (2, 4)  # quarters and halves of the rows: the sizes a compacted step may run on (and all of them)
+GATHERED_MAX = 1 << 22  # elements (16 MiB of float32): the most inputs `known_inputs_loop` gathers before its loop
 
 
 def bucket(size, *, minimum=QUANTUM):
@@ -265,6 +271,21 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
     return tf.transpose(ys.stack(), [1, 0, 2]), tf.transpose(emitted.stack()), tokens
 
 
+def gathers_first(steps, rows, width):
+    """Whether `known_inputs_loop` gathers every row's input at every step before the loop: where they are at
+    most `GATHERED_MAX` elements, `steps * rows * width`, and no tape records the trace (a scalar bool tensor, a
+    constant once XLA compiles for a shape).
+
+    Under a tape (XLA's gradient of the loop, `cascade_cli.run.known`) a gather by each step: gathering first
+    measured no faster there (N=1: 32.0 against 30.5 ms), and the gradient keeps its bits (the table's gradient
+    summed step by step); the values are the same bits either way.
+    """
+    if tape_may_record():
+        return tf.constant(False)
+    size = tf.cast(steps, tf.int64) * tf.cast(rows, tf.int64) * tf.cast(width, tf.int64)  # no int32 overflow
+    return size <= GATHERED_MAX
+
+
 def known_inputs_loop(step, table, index, totals, states):
     """`carry` with given steps, traced inside `jit_compile=True`: every row's input at every step is known.
 
@@ -272,9 +293,18 @@ def known_inputs_loop(step, table, index, totals, states):
     `table[index[j, r]]`; a row past its total keeps stepping on pair 0's
     input, and what it computes then is never read.
 
+    The inputs are gathered before the loop where they are small
+    (`gathers_first`), else by each step: a gather per step inside XLA's
+    while loop cost N=64 (256 steps of 64 rows) 21 ms against 13 ms, N=128
+    31 against 24 ms, with the same bits (N=1 and 8 alike). Both reads are
+    traced and a select whose condition is a constant once XLA compiles for
+    a shape keeps one: no `tf.cond`, which XLA's gradient
+    (`cascade_cli.run.known`) cannot take around a loop over B's variables,
+    and no nested loop, which crashed XLA's gradient.
+
     Args:
         step: `(x, y_prev, states) -> (y, new_states)`.
-        table: `(P, X)` each pair's step input.
+        table: `(P, X)` each pair's step input, `X` static.
         index: `(T, R)` int32 the pair each row reads at each step.
         totals: `(R,)` int32 each row's steps.
         states: B's initial states, each `(R, size)`.
@@ -282,16 +312,21 @@ def known_inputs_loop(step, table, index, totals, states):
     Returns:
         `ys (R, T, width)`.
     """
-    steps = tf.reduce_max(totals)
-    ys = tf.TensorArray(table.dtype, size=tf.shape(index)[0], element_shape=tf.TensorShape([None, None]))
+    steps, rows = tf.shape(index)[0], tf.shape(index)[1]
+    first = gathers_first(steps, rows, tf.shape(table)[1])
+    gathered = tf.where(first, steps, 1)  # one step's inputs (unread) where they are gathered by each step
+    xs = tf.TensorArray(table.dtype, size=gathered, element_shape=tf.TensorShape([None, table.shape[1]]))
+    xs = xs.unstack(tf.gather(table, index[:gathered]))
+    ys = tf.TensorArray(table.dtype, size=steps, element_shape=tf.TensorShape([None, None]))
 
     def iterate(j, states, ys):
-        y, states = step(tf.gather(table, index[j]), None, states)
+        x = tf.where(first, xs.read(tf.minimum(j, gathered - 1)), tf.gather(table, index[j]))
+        y, states = step(x, None, states)
         return j + 1, states, ys.write(j, y)
 
     # (the static bound lets XLA differentiate the loop: `cascade_cli.run.known.compile_known`)
-    _, _, ys = tf.while_loop(lambda j, *_: j < steps, iterate, (tf.constant(0), list(states), ys),
-                             maximum_iterations=tf.shape(index)[0])
+    _, _, ys = tf.while_loop(lambda j, *_: j < tf.reduce_max(totals), iterate, (tf.constant(0), list(states), ys),
+                             maximum_iterations=steps)
     return tf.transpose(ys.stack(), [1, 0, 2])
 
 
@@ -305,6 +340,23 @@ def compile_known_inputs_loop(step, *, state_sizes, table_spec):
 
     signature = [table_spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)]
     return tf.function(loop, input_signature=signature, jit_compile=True, autograph=False)
+
+
+def known_rows(samples, *, quantum, bucketed=False):
+    """The rows a loop with known inputs runs for `samples` samples (a scalar int32 tensor): one for a batch of one,
+    else the samples padded to a multiple of `quantum` (`packing.row_quantum`), or to a `bucket` of them.
+
+    One row is a matrix-vector product per step, two rows a matrix product
+    (a library call under XLA:CPU): 733 steps of GRU(64) + Dense(16), 1.6
+    against 2.8 ms on the shared 2-core VM (load 1.1). Its last bits differ from the
+    same sample's among others, as a Keras model's do with the batch size;
+    `generate` pads every batch to whole blocks of at least 64 rows, so its
+    bytes do not move. The fused call (`known_plan`, inside XLA) and the
+    compiled loop (`lay_out_steps`, outside) both take this rule: the fused
+    probe compares them bit for bit.
+    """
+    blocks = bucket(samples, minimum=quantum) if bucketed else (samples + quantum - 1) // quantum * quantum
+    return tf.where(tf.equal(samples, 1), 1, blocks)
 
 
 def lay_out_steps(caps, *, quantum=QUANTUM):
@@ -322,7 +374,7 @@ def lay_out_steps(caps, *, quantum=QUANTUM):
     totals = tf.reduce_sum(caps, axis=1)
     positions = tf.range(tf.size(value_pairs)) - tf.gather(tf.cumsum(totals, exclusive=True), samples)
     steps = bucket(tf.reduce_max(tf.concat([totals, [0]], 0)), minimum=8)
-    rows = bucket(n, minimum=quantum)
+    rows = known_rows(n, quantum=quantum, bucketed=True)
     index = tf.scatter_nd(tf.stack([positions, samples], axis=1), value_pairs, tf.stack([steps, rows]))
     return bucket(tf.size(caps_flat)), index, tf.pad(totals, [[0, rows - n]])
 
@@ -458,7 +510,7 @@ def trip(caps, *, walk, max_steps):
 
 def known_plan(caps, steps, *, quantum):
     """`compiled_loop.known_inputs_loop`'s inputs from caps `(N, Ta)`, with static shapes (traced inside XLA):
-    `(index (T, R), totals (R,))`, `T = steps` and the rows `R` the samples padded to a multiple of `quantum`.
+    `(index (T, R), totals (R,))`, `T = steps` and the rows `R` as `known_rows` says.
 
     Sample `n`'s step `p` reads the pair whose values hold position `p` of the
     sample's sequence: each running pair adds, at its first position, how far
@@ -479,7 +531,7 @@ def known_plan(caps, steps, *, quantum):
         tf.zeros(tf.stack([n, steps + 1]), tf.int32),
         tf.stack([rows_of, tf.where(running, tf.minimum(first, steps), steps)], axis=-1), delta)
     index = tf.cumsum(marks[:, :steps], axis=1) + tf.range(n)[:, None] * outer  # (N, T) pair ids
-    rows = (n + quantum - 1) // quantum * quantum
+    rows = known_rows(n, quantum=quantum)
     totals = tf.pad(tf.reduce_sum(caps, axis=1), [[0, rows - n]])
     return tf.transpose(tf.pad(index, [[0, rows - n], [0, 0]])), totals
 
@@ -489,8 +541,7 @@ def known_values(step, table, caps, trip, *, state_sizes, quantum):
     result, by `compiled_loop.known_inputs_loop` on `known_plan`'s inputs."""
     index, totals = known_plan(caps, tf.size(trip), quantum=quantum)
     rows = tf.shape(index)[1]
-    ys = known_inputs_loop(step, table, index, totals,
-                                         [tf.zeros([rows, size], table.dtype) for size in state_sizes])
+    ys = known_inputs_loop(step, table, index, totals, [tf.zeros([rows, size], table.dtype) for size in state_sizes])
     emitted = tf.cast(tf.sequence_mask(totals, tf.shape(ys)[1]), tf.int32)
     values, _, _, count = pack(ys, emitted, tf.zeros([rows, 0], tf.int64), 1)
     return values, count

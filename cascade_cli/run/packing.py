@@ -155,8 +155,10 @@ def row_quantum(model):
     `rows * width` is a multiple of `ROW_QUANTUM`: with every width of the
     model (its inputs, every layer's outputs, a cell's units, whose gates are
     multiples of them) a multiple of 16, any row count is. Never fewer than 2
-    rows: one row is a matrix-vector product, which rounds otherwise. A layer
-    from outside Keras may compute at widths no output shows: `ROW_QUANTUM`.
+    rows: one row is a matrix-vector product, which rounds otherwise (the
+    known-inputs loop still runs a batch of one sample as one row, which is
+    faster: `compiled_loop.known_rows`). A layer from outside Keras may
+    compute at widths no output shows: `ROW_QUANTUM`.
 
     Returns:
         A power of two in [2, `ROW_QUANTUM`].

@@ -1,0 +1,111 @@
+"""`carry` with given steps before and after issue 29's known-inputs loop changes, against the padded XLA peer.
+
+From the repository root, on an otherwise idle machine:
+
+    python -m benchmarks.carry_ab                        # the peers suite's four cases (minutes on 2 cores)
+    python -m benchmarks.carry_ab --batches 1,64 --repeats 9
+    python -m benchmarks.carry_ab --quick                # tiny shapes, to keep the script working
+
+The peers suite's models, data and calls (`benchmarks.peers`): the default
+`Cascade(a, b, state="carry")` called inside a `tf.function`, `forward` and
+`forward+backward` (the gradient of the values' sum), against
+`keras_padded_xla`. `old` is the same cascade traced with
+`compiled_loop`'s two rules set back to main's (19d9013): every row's input
+gathered by each step (`GATHERED_MAX = 0`) and a batch of one sample run as
+2 rows (`known_rows` without its one-row case); `new` is the code as it is.
+Each is traced (its first call) with its rules in place, so both programs
+live in one process. Values are checked close before anything is timed; the
+timings are interleaved (`--rounds` rounds of `--repeats` calls each, every
+round in a rotating order) and the median of the rounds' medians is printed
+in milliseconds, with `/proc/loadavg` beside each case. Nothing is asserted
+about speed: it is a measurement, not a test.
+"""
+
+import argparse
+import contextlib
+import os
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def main_rules():
+    """`compiled_loop`'s rules as on main (19d9013) while a cascade traces: a gather by each step, 2 rows for one
+    sample."""
+    from cascade_cli.run import compiled_loop
+
+    saved = compiled_loop.GATHERED_MAX, compiled_loop.known_rows
+
+    def known_rows(samples, *, quantum, bucketed=False):
+        if bucketed:
+            return compiled_loop.bucket(samples, minimum=quantum)
+        return (samples + quantum - 1) // quantum * quantum
+
+    compiled_loop.GATHERED_MAX, compiled_loop.known_rows = 0, known_rows
+    try:
+        yield
+    finally:
+        compiled_loop.GATHERED_MAX, compiled_loop.known_rows = saved
+
+
+def load():
+    try:
+        with open("/proc/loadavg") as file:
+            return " ".join(file.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run(run_plan, *, rounds, log=print):
+    """Times old, new and the peer for every case and direction; prints one line each."""
+    from benchmarks import bench, peers
+
+    log("case               direction         old ms   new ms  peer ms  new/old  new/peer  old/peer  load")
+    for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
+        arrays = (inputs, steps)
+        tensors = peers.inputs_as_tensors(arrays)
+        for direction in peers.DIRECTIONS:
+            made = {}
+            for name in ("old", "new"):
+                with main_rules() if name == "old" else contextlib.nullcontext():
+                    function, _ = peers.make_method("cascade", model_a, model_b, state="carry", direction=direction,
+                                                    run_plan=run_plan, hidden=case.hidden, shared={})
+                    result = function(*tensors)  # traces (and compiles) under its rules
+                made[name] = function
+                if direction == "forward":
+                    made.setdefault("_values", {})[name] = np.asarray(result)
+            made["peer"], _ = peers.make_keras_padded(model_a, model_b, state="carry", direction=direction, xla=True,
+                                                      max_steps=run_plan.max_steps, hidden=case.hidden)
+            values = made.pop("_values", None)
+            if values is not None:
+                peer = np.asarray(made["peer"](*tensors))
+                for name, got in values.items():
+                    assert np.allclose(got, peer, **peers.TOLERANCE), f"{name} differs from the peer"
+            calls = {name: (lambda _i, _s, f=function: f(*tensors)) for name, function in made.items()}
+            medians = {name: [] for name in calls}
+            for _ in range(rounds):
+                timed = bench.time_group(calls, None, None, repeats=run_plan.repeats, warmups=1)
+                for name in calls:
+                    medians[name].append(timed[name]["median_s"] * 1e3)
+            old, new, peer = (float(np.median(medians[name])) for name in ("old", "new", "peer"))
+            log(f"{case.name:18} {direction:16} {old:8.2f} {new:8.2f} {peer:8.2f} {new / old:8.2f} {new / peer:9.2f}"
+                f" {old / peer:9.2f}  {load()}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.carry_ab", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
+    parser.add_argument("--batches", default=None, help="the N of the cases to run (default: all four)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from benchmarks import peers
+
+    batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
+    run_plan = peers.plan(quick=args.quick, repeats=1 if args.quick else args.repeats, batches=batches)
+    run(run_plan, rounds=1 if args.quick else args.rounds)
+
+
+if __name__ == "__main__":
+    main()
