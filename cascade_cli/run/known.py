@@ -18,8 +18,6 @@ that does not know its batch holds both and the batch chooses at run time
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import tensorflow as tf
 
@@ -160,29 +158,6 @@ def run_differentiable(forward, gradient, inputs, caps, targets, steps, *, weigh
     return call(inputs, *extra), caps
 
 
-def traced_apart(function, *tensors):
-    """Calls `function` by `compiled_loop.call`, which keeps its trace for every later call, on a thread of its own:
-    where no tape is active and none is stopped.
-
-    Traced in the backward pass that first calls it, XLA's gradient of A and the loop ran 1.3x slower (teacher
-    forcing, `benchmarks/loop_ab.py --pieces`): TensorFlow traces it there as if a tape could take a gradient
-    of it (`control_flow_util_v2.run_as_function_for_tape_gradients`). `tf.init_scope` stops the tapes, so the
-    tape inside `function` would record nothing."""
-    raised = []
-
-    def run():
-        try:
-            compiled_loop.call(function, *tensors)
-        except Exception as error:  # noqa: BLE001 - raised again on the caller's thread
-            raised.append(error)
-
-    thread = threading.Thread(target=run, name="cascade-trace")
-    thread.start()
-    thread.join()
-    if raised:
-        raise raised[0]
-
-
 def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand=False):
     """`Cascade._run`'s result under a tape from A and a loop with known inputs as one XLA computation, with XLA's
     own gradient of it (`compile_known`, `run_differentiable`), or None where it does not run.
@@ -236,7 +211,7 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
                 steps = trip(probe_caps, walk=walk, max_steps=cascade.max_steps)
                 extra = [] if targets is None else [targets]
                 padded, count = compiled_loop.call(forward, probe, probe_caps, steps, *extra)
-                traced_apart(gradient, probe, probe_caps, steps, *extra, tf.zeros_like(padded))
+                xla.traced_apart(gradient, probe, probe_caps, steps, *extra, tf.zeros_like(padded))
             except Exception as error:  # noqa: BLE001 - XLA raises several error types
                 problem = f"it does not compile ({xla.first_line(error)})"
             else:
