@@ -9,6 +9,7 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.loop_ab --gradient    # XLA's gradient of A and the loop vs the hand-written one
     python -m benchmarks.loop_ab --chosen --batches 1,8,64,256  # carry's gradient chosen at run time vs XLA's
     python -m benchmarks.loop_ab --pieces      # teacher forcing: XLA's gradient taken apart, beside the peer
+    python -m benchmarks.loop_ab --apart       # gradients traced apart (xla.traced_apart) vs in the backward pass
 
 The feedback suite's models and data (`benchmarks.feedback`): greedy decoding
 with the stop token `END`, `max_steps = 8`, in `reset` and in `carry`, at the
@@ -419,6 +420,92 @@ def pieces(repeats, rounds, batches):
             print(f"teacher N={n:<4}  {key:36}  {wall[key]:6.2f}  {cpu[key]:7.2f}  {load}", flush=True)
 
 
+def traced_apart_ab(repeats, rounds, batches):
+    """XLA's gradient functions traced apart (`xla.traced_apart`, now) against traced in the backward pass that
+    first calls them (main before), on the hand-written gradient and on XLA's: the feedback suite's teacher-forced
+    forward+backward (an eager call under an eager tape) and the peers suite's `reset` and `carry`
+    forward+backward (inside a `tf.function`; `carry` takes XLA's gradient below `xla.XLA_GRADIENT_BELOW`
+    samples either way), beside the padded XLA peer; one process, interleaved, ms and CPU ms per call; gradients
+    checked equal first."""
+    import tensorflow as tf
+
+    from benchmarks import bench, feedback, peers
+    from cascade_cli.run import cascade as runner, xla
+
+    rng = np.random.default_rng(0)
+    feedback_plan, peer_plan = feedback.plan(), peers.plan()
+    print("case                path  old ms  new ms  new/old  old cpu  new cpu  peer ms  new/peer  load")
+    for n, ta, hidden in CASES:
+        if n not in batches:
+            continue
+        model_a, model_b = feedback.build_models(features=feedback_plan.features, hidden=hidden,
+                                                 outputs=feedback_plan.outputs, max_steps=feedback_plan.max_steps)
+        inputs, lengths = feedback.make_data(rng, n, ta, features=feedback_plan.features,
+                                             max_steps=feedback_plan.max_steps)
+        tokens = np.concatenate([np.append(np.arange(1, length), feedback.END) for length in lengths.ravel()])
+        teacher_arguments = tuple(tf.constant(a) for a in (inputs, lengths, tokens.astype(np.int32)))
+        peer_a, peer_b = bench.build_models(features=peer_plan.features, hidden=hidden, outputs=peer_plan.outputs)
+        x = tf.constant(rng.normal(size=(n, ta, peer_plan.features)).astype(np.float32))
+        steps = tf.constant(bench.make_steps(rng, n, ta, max_steps=peer_plan.max_steps))
+
+        def make_teacher():
+            cascade = runner.Cascade(model_a, model_b, feedback=True)
+            weights = model_a.trainable_variables + model_b.trainable_variables
+
+            def train(inputs, steps, targets):
+                with tf.GradientTape() as tape:
+                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
+                    loss = feedback.teacher_loss(targets, values)
+                return tape.gradient(loss, weights)
+            return cascade, lambda: train(*teacher_arguments)
+
+        def make_peers(state):
+            cascade = runner.Cascade(peer_a, peer_b, state=state)
+            weights = peer_a.trainable_variables + peer_b.trainable_variables
+
+            def run(inputs, steps):
+                with tf.GradientTape() as tape:
+                    total = tf.reduce_sum(cascade(inputs, steps).flat_values)
+                return tape.gradient(total, weights)
+            traced = peers._traced_once(run, peer_a)
+            return cascade, lambda: traced(x, steps)
+        teacher_peer = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward+backward",
+                                            run_plan=feedback_plan)[0]
+        cases = [("teacher", make_teacher, lambda: teacher_peer(*teacher_arguments))]
+        for state in ("reset", "carry"):
+            padded, _ = peers.make_keras_padded(peer_a, peer_b, state=state, direction="forward+backward", xla=True,
+                                                max_steps=peer_plan.max_steps, hidden=hidden)
+            cases.append((f"peers {state}", lambda state=state: make_peers(state),
+                          lambda padded=padded: padded(x, steps)))
+        for case, make, peer in cases:
+            made, results = {"peer": peer}, {}
+            for path in ("hand", "xla"):
+                for name in ("old", "new"):
+                    rule, apart = xla.hand_written, xla.traced_apart
+                    if path == "xla":  # both read where the call is traced: its first call
+                        xla.hand_written = lambda *_, **__: False
+                    if name == "old":
+                        xla.traced_apart = lambda *_: None
+                    try:
+                        cascade, function = make()
+                        results[path, name] = [np.asarray(g) for g in function()]
+                    finally:
+                        xla.hand_written, xla.traced_apart = rule, apart
+                    if case != "peers carry":  # whose rule takes XLA's gradient below 32 samples on either path
+                        assert cascade.gradient_fused is (True if path == "xla" else None)
+                    made[path, name] = function
+            for key, got in results.items():
+                for want, value in zip(results["hand", "old"], got):
+                    assert np.max(np.abs(value - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want)))), key
+            ms, cpu = _timed(made, repeats, rounds)
+            load = " ".join(open("/proc/loadavg").read().split()[:3])
+            for path in ("hand", "xla"):
+                old, new = ms[path, "old"], ms[path, "new"]
+                print(f"{case + ' N=' + str(n):18}  {path:4}  {old:6.1f}  {new:6.1f}  {new / old:7.2f}  "
+                      f"{cpu[path, 'old']:7.1f}  {cpu[path, 'new']:7.1f}  {ms['peer']:7.1f}  {new / ms['peer']:8.2f}"
+                      f"  {load}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
@@ -433,12 +520,17 @@ def main(argv=None):
                              "choosing at run time")
     parser.add_argument("--pieces", action="store_true",
                         help="teacher forcing: XLA's gradient taken apart, beside the whole call and the peer")
+    parser.add_argument("--apart", action="store_true",
+                        help="gradients traced apart (xla.traced_apart) vs traced in the backward pass")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of --repeats calls (--fused, --gradient, --chosen, --pieces; default 3)")
+                        help="rounds of --repeats calls (--fused, --gradient, --chosen, --pieces, --apart; default 3)")
     parser.add_argument("--batches", default="1,8,64",
-                        help="the N of the cases to run (--fused, --gradient, --chosen, --pieces; default 1,8,64)")
+                        help="the N of the cases to run (--fused, --gradient, --chosen, --pieces, --apart; "
+                             "default 1,8,64)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.apart:
+        return traced_apart_ab(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.pieces:
         return pieces(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.chosen:

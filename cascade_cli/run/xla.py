@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -62,15 +63,13 @@ def traced_apart(function, *tensors):
     nor stopped: the trace `compiled_loop.call` keeps for every later call, any shape. Raises what it raised.
 
     XLA's gradients (of A, `xla_inference`; of A and a loop with known inputs, `run.known`) are otherwise first
-    called, so traced, in the backward pass that needs them, where TensorFlow traces their loops as if a tape
-    could differentiate them (`control_flow_util_v2.run_as_function_for_tape_gradients`), and they ran slower:
-    an eager teacher-forced call at N=1, 16.1 against 12.7 ms with XLA's gradient, 16.3 against 13.6 with the
-    hand-written one (A's, `benchmarks/loop_ab.py --pieces`). Traced inside a graph on that thread they gained
-    half that; `tf.init_scope` stops the tapes, so the tape inside `function` would record nothing. A probe
-    calls it, on the probe's shape, which is the first call's where that is small (`probe_shape`).
+    called, so traced, in the backward pass that needs them. There TensorFlow wrapped the known loop's while
+    loops for a gradient of the gradient (`control_flow_util_v2.run_as_function_for_tape_gradients`), and both
+    ran slower for a reason not pinned down for A's: an eager teacher-forced call under a tape took about 0.85
+    of its time at N=1 and 0.9 at N=8 traced apart, with either gradient (`benchmarks/loop_ab.py --apart`,
+    `benchmarks/RESULTS.md`). `tf.init_scope` stops the tapes, so the tape inside `function` would record
+    nothing. A probe calls it on the probe's shape, the first call's where that is small (`probe_shape`).
     """
-    import threading
-
     raised = []
 
     def run():
