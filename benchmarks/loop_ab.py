@@ -8,6 +8,8 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.loop_ab --fused       # one XLA call for A, plan, loop and packing vs A and loop apart
     python -m benchmarks.loop_ab --gradient    # XLA's gradient of A and the loop vs the hand-written one
     python -m benchmarks.loop_ab --chosen --batches 1,8,64,256  # carry's gradient chosen at run time vs XLA's
+    python -m benchmarks.loop_ab --pieces      # teacher forcing: XLA's gradient taken apart, beside the peer
+    python -m benchmarks.loop_ab --apart       # gradients traced apart (xla.traced_apart) vs in the backward pass
 
 The feedback suite's models and data (`benchmarks.feedback`): greedy decoding
 with the stop token `END`, `max_steps = 8`, in `reset` and in `carry`, at the
@@ -308,6 +310,202 @@ def chosen_gradient(repeats, rounds, batches):
         print(f"{case.name:20}  {ms['old']:7.1f}  {ms['new']:7.1f}  {ms['new'] / ms['old']:7.2f}  {load}", flush=True)
 
 
+def _timed(made, repeats, rounds):
+    """`({key: ms}, {key: cpu ms})`: interleaved rounds, the median of each call's per-round median wall time,
+    and the median of its per-round process CPU time per call (every thread of the process, so also what the
+    wall time loses to other processes' load)."""
+    wall, cpu = {key: [] for key in made}, {key: [] for key in made}
+    for _ in range(rounds):
+        for key, function in made.items():
+            [np.asarray(part) for part in function()]  # warm
+            times, started_cpu = [], time.process_time()
+            for _ in range(repeats):
+                started = time.perf_counter()
+                [np.asarray(part) for part in function()]
+                times.append(time.perf_counter() - started)
+            cpu[key].append((time.process_time() - started_cpu) / repeats * 1e3)
+            wall[key].append(float(np.median(times)) * 1e3)
+    return ({key: float(np.median(values)) for key, values in table.items()} for table in (wall, cpu))
+
+
+def pieces(repeats, rounds, batches):
+    """The feedback suite's teacher-forced forward+backward taken apart: the whole eager call under a tape on the
+    hand-written gradient and on XLA's (`known.run_known_gradient`), XLA's forward and gradient functions
+    alone, the gradient function asked for the weights' gradients only (no inputs' nor targets'), model A's
+    vector-Jacobian product alone and B's loop's gradient alone (`known_rows_values` from A's outputs), each
+    its own `jit_compile` call; and the padded XLA peer. Interleaved, ms and CPU ms per call."""
+    import tensorflow as tf
+
+    from benchmarks import feedback
+    from cascade_cli.run import cascade as runner, compiled_loop, known, xla
+
+    rng = np.random.default_rng(0)
+    run_plan = feedback.plan()
+    print("case            piece                                  ms   cpu ms  load")
+    for n, ta, hidden in CASES:
+        if n not in batches:
+            continue
+        model_a, model_b = feedback.build_models(features=run_plan.features, hidden=hidden, outputs=run_plan.outputs,
+                                                 max_steps=run_plan.max_steps)
+        inputs, lengths = feedback.make_data(rng, n, ta, features=run_plan.features, max_steps=run_plan.max_steps)
+        tokens = np.concatenate([np.append(np.arange(1, length), feedback.END) for length in lengths.ravel()])
+        arguments = tuple(tf.constant(a) for a in (inputs, lengths, tokens.astype(np.int32)))
+        a_weights, b_weights = model_a.trainable_variables, model_b.trainable_variables
+        peer = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward+backward",
+                                    run_plan=run_plan)[0]
+        made = {"padded XLA peer, whole": lambda: peer(*arguments)}
+        for path in ("hand", "xla"):
+            cascade = runner.Cascade(model_a, model_b, feedback=True)
+
+            def train(inputs, steps, targets, cascade=cascade):
+                with tf.GradientTape() as tape:
+                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
+                    loss = feedback.teacher_loss(targets, values)
+                return tape.gradient(loss, a_weights + b_weights)
+            rule = xla.hand_written
+            if path == "xla":  # read where the call is traced: its first call
+                xla.hand_written = lambda *_, **__: False
+            try:
+                train(*arguments)
+            finally:
+                xla.hand_written = rule
+            assert cascade.gradient_fused is (True if path == "xla" else None)
+            made[f"cascade, {path}-written gradient" if path == "hand" else "cascade, XLA's gradient"] = (
+                lambda train=train: train(*arguments))
+        forward, gradient = next(value for key, value in cascade._loops.items() if key[0] == "known")
+        x, caps = arguments[:2]
+        targets = tf.one_hot(arguments[2], run_plan.outputs)
+        trip = compiled_loop.trip(caps, walk=False, max_steps=cascade.max_steps)
+        padded, _ = compiled_loop.call(forward, x, caps, trip, targets)
+        upstream = tf.random.stateless_normal(tf.shape(padded), (0, 1))
+        step, quantum = cascade._b_step(True), cascade._row_quantum
+
+        def rows_values(table, targets):
+            return known.known_rows_values(cascade, step, table, caps, trip, targets, walk=False, quantum=quantum)[0]
+
+        def weights_only(x):
+            with tf.GradientTape() as tape:
+                values = rows_values(tf.reshape(model_a(x, training=True), [-1, hidden]), targets)
+            return tape.gradient(values, a_weights + b_weights, output_gradients=upstream)
+
+        def a_vjp(x, upstream):
+            with tf.GradientTape() as tape:
+                ir = model_a(x, training=True)
+            return tape.gradient(ir, a_weights, output_gradients=upstream)
+
+        def b_gradient(table):
+            with tf.GradientTape() as tape:
+                tape.watch(table)
+                values = rows_values(table, targets)
+            return tape.gradient(values, [table, *b_weights], output_gradients=upstream)
+
+        table = tf.reshape(model_a(x), [-1, hidden])
+        a_upstream = tf.ones_like(model_a(x))
+        jit = {name: tf.function(f, jit_compile=True, autograph=False)
+               for name, f in (("weights", weights_only), ("a", a_vjp), ("b", b_gradient))}
+        shaped = {name: tf.function(f.python_function, jit_compile=True, autograph=False)  # traced for these shapes
+                  for name, f in (("forward", forward), ("gradient", gradient))}
+        made.update({
+            "XLA's forward function alone": lambda: compiled_loop.call(forward, x, caps, trip, targets),
+            "  the same, traced for these shapes": lambda: shaped["forward"](x, caps, trip, targets),
+            "XLA's gradient function alone": lambda: compiled_loop.call(gradient, x, caps, trip, targets, upstream),
+            "  the same, traced for these shapes ": lambda: shaped["gradient"](x, caps, trip, targets, upstream),
+            "  the same, weights' gradients only": lambda: jit["weights"](x),
+            "  A's vector-Jacobian product alone": lambda: jit["a"](x, a_upstream),
+            "  B's loop's gradient alone": lambda: jit["b"](table),
+        })
+        wall, cpu = _timed(made, repeats, rounds)
+        load = " ".join(open("/proc/loadavg").read().split()[:3])
+        for key in made:
+            print(f"teacher N={n:<4}  {key:36}  {wall[key]:6.2f}  {cpu[key]:7.2f}  {load}", flush=True)
+
+
+def traced_apart_ab(repeats, rounds, batches):
+    """XLA's gradient functions traced apart (`xla.traced_apart`, now) against traced in the backward pass that
+    first calls them (main before), on the hand-written gradient and on XLA's: the feedback suite's teacher-forced
+    forward+backward (an eager call under an eager tape) and the peers suite's `reset` and `carry`
+    forward+backward (inside a `tf.function`; `carry` takes XLA's gradient below `xla.XLA_GRADIENT_BELOW`
+    samples either way), beside the padded XLA peer; one process, interleaved, ms and CPU ms per call; gradients
+    checked equal first."""
+    import tensorflow as tf
+
+    from benchmarks import bench, feedback, peers
+    from cascade_cli.run import cascade as runner, xla
+
+    rng = np.random.default_rng(0)
+    feedback_plan, peer_plan = feedback.plan(), peers.plan()
+    print("case                path  old ms  new ms  new/old  old cpu  new cpu  peer ms  new/peer  load")
+    for n, ta, hidden in CASES:
+        if n not in batches:
+            continue
+        model_a, model_b = feedback.build_models(features=feedback_plan.features, hidden=hidden,
+                                                 outputs=feedback_plan.outputs, max_steps=feedback_plan.max_steps)
+        inputs, lengths = feedback.make_data(rng, n, ta, features=feedback_plan.features,
+                                             max_steps=feedback_plan.max_steps)
+        tokens = np.concatenate([np.append(np.arange(1, length), feedback.END) for length in lengths.ravel()])
+        teacher_arguments = tuple(tf.constant(a) for a in (inputs, lengths, tokens.astype(np.int32)))
+        peer_a, peer_b = bench.build_models(features=peer_plan.features, hidden=hidden, outputs=peer_plan.outputs)
+        x = tf.constant(rng.normal(size=(n, ta, peer_plan.features)).astype(np.float32))
+        steps = tf.constant(bench.make_steps(rng, n, ta, max_steps=peer_plan.max_steps))
+
+        def make_teacher():
+            cascade = runner.Cascade(model_a, model_b, feedback=True)
+            weights = model_a.trainable_variables + model_b.trainable_variables
+
+            def train(inputs, steps, targets):
+                with tf.GradientTape() as tape:
+                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
+                    loss = feedback.teacher_loss(targets, values)
+                return tape.gradient(loss, weights)
+            return cascade, lambda: train(*teacher_arguments)
+
+        def make_peers(state):
+            cascade = runner.Cascade(peer_a, peer_b, state=state)
+            weights = peer_a.trainable_variables + peer_b.trainable_variables
+
+            def run(inputs, steps):
+                with tf.GradientTape() as tape:
+                    total = tf.reduce_sum(cascade(inputs, steps).flat_values)
+                return tape.gradient(total, weights)
+            traced = peers._traced_once(run, peer_a)
+            return cascade, lambda: traced(x, steps)
+        teacher_peer = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward+backward",
+                                            run_plan=feedback_plan)[0]
+        cases = [("teacher", make_teacher, lambda: teacher_peer(*teacher_arguments))]
+        for state in ("reset", "carry"):
+            padded, _ = peers.make_keras_padded(peer_a, peer_b, state=state, direction="forward+backward", xla=True,
+                                                max_steps=peer_plan.max_steps, hidden=hidden)
+            cases.append((f"peers {state}", lambda state=state: make_peers(state),
+                          lambda padded=padded: padded(x, steps)))
+        for case, make, peer in cases:
+            made, results = {"peer": peer}, {}
+            for path in ("hand", "xla"):
+                for name in ("old", "new"):
+                    rule, apart = xla.hand_written, xla.traced_apart
+                    if path == "xla":  # both read where the call is traced: its first call
+                        xla.hand_written = lambda *_, **__: False
+                    if name == "old":
+                        xla.traced_apart = lambda *_: None
+                    try:
+                        cascade, function = make()
+                        results[path, name] = [np.asarray(g) for g in function()]
+                    finally:
+                        xla.hand_written, xla.traced_apart = rule, apart
+                    if case != "peers carry":  # whose rule takes XLA's gradient below 32 samples on either path
+                        assert cascade.gradient_fused is (True if path == "xla" else None)
+                    made[path, name] = function
+            for key, got in results.items():
+                for want, value in zip(results["hand", "old"], got):
+                    assert np.max(np.abs(value - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want)))), key
+            ms, cpu = _timed(made, repeats, rounds)
+            load = " ".join(open("/proc/loadavg").read().split()[:3])
+            for path in ("hand", "xla"):
+                old, new = ms[path, "old"], ms[path, "new"]
+                print(f"{case + ' N=' + str(n):18}  {path:4}  {old:6.1f}  {new:6.1f}  {new / old:7.2f}  "
+                      f"{cpu[path, 'old']:7.1f}  {cpu[path, 'new']:7.1f}  {ms['peer']:7.1f}  {new / ms['peer']:8.2f}"
+                      f"  {load}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
@@ -320,12 +518,21 @@ def main(argv=None):
     parser.add_argument("--chosen", action="store_true",
                         help="carry forward+backward in a trace for any batch: XLA's gradient (main) vs the batch "
                              "choosing at run time")
+    parser.add_argument("--pieces", action="store_true",
+                        help="teacher forcing: XLA's gradient taken apart, beside the whole call and the peer")
+    parser.add_argument("--apart", action="store_true",
+                        help="gradients traced apart (xla.traced_apart) vs traced in the backward pass")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of --repeats calls (--fused, --gradient, --chosen; default 3)")
+                        help="rounds of --repeats calls (--fused, --gradient, --chosen, --pieces, --apart; default 3)")
     parser.add_argument("--batches", default="1,8,64",
-                        help="the N of the cases to run (--fused, --gradient, --chosen; default 1,8,64)")
+                        help="the N of the cases to run (--fused, --gradient, --chosen, --pieces, --apart; "
+                             "default 1,8,64)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.apart:
+        return traced_apart_ab(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
+    if args.pieces:
+        return pieces(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.chosen:
         return chosen_gradient(args.repeats, args.rounds, {int(n) for n in args.batches.split(",")})
     if args.gradient:

@@ -188,6 +188,21 @@ def test_under_a_tape_known_inputs_take_xlas_gradient_of_one_xla_call_equal_to_t
 
 
 @pytest.mark.xla
+def test_xlas_gradient_of_the_loop_is_traced_where_no_tape_records():
+    """Traced in the backward pass that first calls it, TensorFlow wrapped its loops for a gradient of the gradient
+    (`cflow_gradient_wrapper` functions), which ran slower; traced apart (`xla.traced_apart`), it holds none."""
+    a, b = builders.model_a(), B_KINDS["fb gru"]()
+    cascade = Cascade(a, b, feedback=True, fast_cells=False)
+    x, targets = tf.constant(builders.inputs(3, 4)), _targets(True)
+    _gradients(cascade, x, STEPS, targets)
+    assert cascade.gradient_fused is True
+    _, gradient = next(value for key, value in cascade._loops.items() if key[0] == "known")
+    traces = gradient.__dict__["_cascade_concrete"].values()  # `compiled_loop.call`'s: the one every call runs
+    functions = [f.signature.name for inner, _ in traces for f in inner.graph.as_graph_def().library.function]
+    assert functions and not [name for name in functions if "cflow_gradient_wrapper" in name]
+
+
+@pytest.mark.xla
 def test_reset_and_teacher_forcing_through_a_known_cell_keep_the_hand_written_gradient():
     a = builders.model_a()
     x = tf.constant(builders.inputs(3, 4))

@@ -211,6 +211,7 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
                 steps = trip(probe_caps, walk=walk, max_steps=cascade.max_steps)
                 extra = [] if targets is None else [targets]
                 padded, count = compiled_loop.call(forward, probe, probe_caps, steps, *extra)
+                xla.traced_apart(gradient, probe, probe_caps, steps, *extra, tf.zeros_like(padded))
             except Exception as error:  # noqa: BLE001 - XLA raises several error types
                 problem = f"it does not compile ({xla.first_line(error)})"
             else:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 
 import numpy as np
 import tensorflow as tf
 
 from cascade_cli.errors import ParameterError
-from cascade_cli.keras_internals import seed_generators, stop_recording
+from cascade_cli.keras_internals import seed_generators, stop_recording, tape_may_record
 from cascade_cli.run import beam, compiled_loop, feedback, loop, stopping
 
 
@@ -53,7 +54,35 @@ def xla_inference(model):
 
         return y, gradient
 
+    call.backward = backward  # `choose_xla` traces it apart (`traced_apart`) where the first call is under a tape
     return call
+
+
+def traced_apart(function, *tensors):
+    """Calls `compiled_loop.call(function, *tensors)` once, eagerly, on a thread of its own, where no tape is active
+    nor stopped: the trace `compiled_loop.call` keeps for every later call, any shape. Raises what it raised.
+
+    XLA's gradients (of A, `xla_inference`; of A and a loop with known inputs, `run.known`) are otherwise first
+    called, so traced, in the backward pass that needs them. There TensorFlow wrapped the known loop's while
+    loops for a gradient of the gradient (`control_flow_util_v2.run_as_function_for_tape_gradients`), and both
+    ran slower for a reason not pinned down for A's: an eager teacher-forced call under a tape took about 0.85
+    of its time at N=1 and 0.9 at N=8 traced apart, with either gradient (`benchmarks/loop_ab.py --apart`,
+    `benchmarks/RESULTS.md`). `tf.init_scope` stops the tapes, so the tape inside `function` would record
+    nothing. A probe calls it on the probe's shape, the first call's where that is small (`probe_shape`).
+    """
+    raised = []
+
+    def run():
+        try:
+            compiled_loop.call(function, *tensors)
+        except Exception as error:  # noqa: BLE001 - raised again on the caller's thread
+            raised.append(error)
+
+    thread = threading.Thread(target=run, name="cascade-trace")
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised[0]
 
 
 XLA_PAYS_FROM = 4096
@@ -161,8 +190,9 @@ def choose_xla(cascade, *, shape):
     `ParameterError` for `jit_compile=True` where A does not compile.
     """
     shape = probe_shape(cascade, shape)
+    taped = tape_may_record()
     with tf.init_scope():
-        problem, training = xla_problem(cascade.model_a, cascade._xla_a, shape)
+        problem, training = xla_problem(cascade.model_a, cascade._xla_a, shape, backward=taped)
     if problem is not None and cascade.jit_compile is True:
         raise ParameterError("jit_compile", f"True, but model A cannot run under XLA: {problem}.")
     cascade._xla = XlaChoice(problem is None, problem is None and training is None, problem or training)
@@ -390,13 +420,14 @@ def run_known_inputs_loop(cascade, ir_flat, caps, training):
     return compiled_loop.compact_known(ys, totals), caps
 
 
-def xla_problem(model, compiled, shape):
+def xla_problem(model, compiled, shape, *, backward=False):
     """Checks on a seeded probe input whether `compiled` can stand in for `model`.
 
     Args:
         model: model A.
         compiled: `xla_inference(model)`.
         shape: the probe's shape `(N, Ta, F)`.
+        backward: also run its gradient once on the probe (`traced_apart`): the first call is under a tape.
 
     Returns:
         `(problem, training_problem)`: why the compiled call cannot replace
@@ -413,6 +444,8 @@ def xla_problem(model, compiled, shape):
         return f"its plain call fails on a probe input of shape {shape} ({first_line(error)})", None
     try:
         xla = compiled(probe)
+        if backward:
+            traced_apart(compiled.backward, probe, tf.zeros_like(xla))
     except Exception as error:  # noqa: BLE001 - XLA raises several error types for ops it cannot compile
         return f"it does not compile ({first_line(error)})", None
     plain, xla = np.asarray(plain), np.asarray(xla)
