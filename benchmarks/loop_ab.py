@@ -174,6 +174,23 @@ def fused(repeats, rounds, batches):
                   f"  {ms['fused'] / peer_ms:10.2f}  {ms['apart'] / peer_ms:10.2f}  {load}", flush=True)
 
 
+def _teacher_trainer(runner, feedback, model_a, model_b):
+    """`(cascade, train(inputs, steps, targets))`: the feedback suite's teacher-forced forward+backward, as
+    `feedback.make_method("cascade", ..., direction="forward+backward")` makes it (an eager call under a tape)."""
+    import tensorflow as tf
+
+    cascade = runner.Cascade(model_a, model_b, feedback=True)
+    weights = model_a.trainable_variables + model_b.trainable_variables
+
+    def train(inputs, steps, targets):
+        with tf.GradientTape() as tape:
+            values, _ = cascade.run(inputs, steps, targets=targets, training=True)
+            loss = feedback.teacher_loss(targets, values)
+        return tape.gradient(loss, weights)
+
+    return cascade, train
+
+
 def _gradient_pair(make, arguments):
     """`{"xla": run, "hand": run}` from `make() -> (cascade, run(*arguments) -> gradients)`: XLA's gradient of A
     and the loop with known inputs (`Cascade.gradient_fused`), whatever the rule chooses, and the plain path
@@ -243,16 +260,8 @@ def gradient(repeats, rounds, batches):
         tokens = np.concatenate([np.append(np.arange(1, length), feedback.END) for length in lengths.ravel()])
         arguments = (inputs, lengths, tokens.astype(np.int32))
 
-        def make_teacher():  # as `feedback.make_method("cascade", ...)` makes it
-            cascade = runner.Cascade(model_a, model_b, feedback=True)
-            teacher_weights = model_a.trainable_variables + model_b.trainable_variables
-
-            def train(inputs, steps, targets):
-                with tf.GradientTape() as tape:
-                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
-                    loss = feedback.teacher_loss(targets, values)
-                return tape.gradient(loss, teacher_weights)
-            return cascade, train
+        def make_teacher():
+            return _teacher_trainer(runner, feedback, model_a, model_b)
         made = _gradient_pair(make_teacher, arguments)
         peer = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward+backward",
                                     run_plan=feedback_plan)[0]
@@ -355,13 +364,7 @@ def pieces(repeats, rounds, batches):
                                     run_plan=run_plan)[0]
         made = {"padded XLA peer, whole": lambda: peer(*arguments)}
         for path in ("hand", "xla"):
-            cascade = runner.Cascade(model_a, model_b, feedback=True)
-
-            def train(inputs, steps, targets, cascade=cascade):
-                with tf.GradientTape() as tape:
-                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
-                    loss = feedback.teacher_loss(targets, values)
-                return tape.gradient(loss, a_weights + b_weights)
+            cascade, train = _teacher_trainer(runner, feedback, model_a, model_b)
             rule = xla.hand_written
             if path == "xla":  # read where the call is traced: its first call
                 xla.hand_written = lambda *_, **__: False
@@ -449,14 +452,7 @@ def traced_apart_ab(repeats, rounds, batches):
         steps = tf.constant(bench.make_steps(rng, n, ta, max_steps=peer_plan.max_steps))
 
         def make_teacher():
-            cascade = runner.Cascade(model_a, model_b, feedback=True)
-            weights = model_a.trainable_variables + model_b.trainable_variables
-
-            def train(inputs, steps, targets):
-                with tf.GradientTape() as tape:
-                    values, _ = cascade.run(inputs, steps, targets=targets, training=True)
-                    loss = feedback.teacher_loss(targets, values)
-                return tape.gradient(loss, weights)
+            cascade, train = _teacher_trainer(runner, feedback, model_a, model_b)
             return cascade, lambda: train(*teacher_arguments)
 
         def make_peers(state):
