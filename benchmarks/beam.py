@@ -166,7 +166,7 @@ def main(argv=None):
                 times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
         rows.append((case.name, medians["cascade"], medians["padded_beam_xla"]))
-    print(f"| case | cascade beam (ms) | padded beam, XLA (ms) | padded / cascade |")
+    print("| case | cascade beam (ms) | padded beam, XLA (ms) | padded / cascade |")
     print("| --- | ---: | ---: | ---: |")
     for name, ours, padded in rows:
         print(f"| {name} | {ours:.1f} | {padded:.1f} | {padded / ours:.2f} |")
