@@ -13,7 +13,10 @@ gathered before the loop (`teacher_fed`). Where a known cell's hand-written
 gradient measured faster (`xla.known_gradient`), the plain path runs instead;
 in `carry` that depends on the batch (`xla.XLA_GRADIENT_BELOW`), and a trace
 that does not know its batch holds both and the batch chooses at run time
-(`run_chosen_gradient`).
+(`run_chosen_gradient`). Below that batch, `carry` through a known cell takes
+the loop's gradient written by hand inside the same XLA computation
+(`carry_gradient`, the cell's `cells.Backward`), not XLA's generic one; A's
+gradient stays XLA's.
 """
 
 from __future__ import annotations
