@@ -33,8 +33,8 @@ from cascade_cli.run.loop import initial_states
 
 CARRY_GRADIENT_WRITTEN = True
 """`carry` through a known cell with a `cells.Backward` takes the loop's gradient written by hand inside XLA
-(`carry_gradient`), not XLA's generic one of the loop: 0.2-0.45 of its time at N=1 and 8
-(`benchmarks/carry_ab.py --gradient`). A switch for the benchmark's A/B, read where the gradient is traced."""
+(`carry_gradient`), not XLA's generic one of the loop: the peers' taped call in 0.35-0.38 of its time at N=1,
+0.53 at N=8 (`benchmarks/carry_ab.py --gradient`). A switch for that A/B, read where the gradient is traced."""
 
 
 def known_layout(caps, steps, *, walk, quantum):
