@@ -5,6 +5,7 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.carry_ab                        # the peers suite's four cases (minutes on 2 cores)
     python -m benchmarks.carry_ab --batches 1,64 --repeats 9
     python -m benchmarks.carry_ab --quick                # tiny shapes, to keep the script working
+    python -m benchmarks.carry_ab --gradient             # forward+backward: the three gradients of carry
 
 The peers suite's models, data and calls (`benchmarks.peers`): the default
 `Cascade(a, b, state="carry")` called inside a `tf.function`, `forward` and
@@ -19,6 +20,14 @@ timings are interleaved (`--rounds` rounds of `--repeats` calls each, every
 round in a rotating order) and the median of the rounds' medians is printed
 in milliseconds, with `/proc/loadavg` beside each case. Nothing is asserted
 about speed: it is a measurement, not a test.
+
+`--gradient` times forward+backward only, the same call traced three ways, each
+at every batch: `xla` XLA's generic gradient of A and the loop
+(`known.CARRY_GRADIENT_WRITTEN` off), `written` the loop's gradient written by
+hand inside XLA (`known.carry_gradient`), `hand` the plain path with its
+hand-written gradient (`run.recurrence`); `xla.XLA_GRADIENT_BELOW` is set while
+each traces, so that one gradient runs at every batch. Gradients are checked
+close to `hand`'s first.
 """
 
 import argparse
@@ -46,6 +55,55 @@ def main_rules():
         yield
     finally:
         compiled_loop.GATHERED_MAX, compiled_loop.known_rows = saved
+
+
+GRADIENTS = {"xla": (False, 10**9), "written": (True, 10**9), "hand": (True, 0)}
+"""`--gradient`'s variants: `(known.CARRY_GRADIENT_WRITTEN, xla.XLA_GRADIENT_BELOW)` while each traces."""
+
+
+@contextlib.contextmanager
+def gradient_rules(name):
+    """`known.CARRY_GRADIENT_WRITTEN` and `xla.XLA_GRADIENT_BELOW` as `GRADIENTS[name]` says while a cascade
+    traces."""
+    from cascade_cli.run import known, xla
+
+    saved = known.CARRY_GRADIENT_WRITTEN, xla.XLA_GRADIENT_BELOW
+    known.CARRY_GRADIENT_WRITTEN, xla.XLA_GRADIENT_BELOW = GRADIENTS[name]
+    try:
+        yield
+    finally:
+        known.CARRY_GRADIENT_WRITTEN, xla.XLA_GRADIENT_BELOW = saved
+
+
+def run_gradients(run_plan, *, rounds, log=print):
+    """`--gradient`: times the three gradients and the peer for every case, forward+backward; one line each."""
+    from benchmarks import bench, peers
+
+    log("case               xla ms  written ms  hand ms  peer ms  written/xla  written/hand  written/peer  "
+        "best/peer  load")
+    for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
+        tensors = peers.inputs_as_tensors((inputs, steps))
+        made, grads = {}, {}
+        for name in GRADIENTS:
+            with gradient_rules(name):
+                made[name], _ = peers.make_method("cascade", model_a, model_b, state="carry",
+                                                  direction="forward+backward", run_plan=run_plan,
+                                                  hidden=case.hidden, shared={})
+                grads[name] = [np.asarray(g) for g in made[name](*tensors)]  # traces under its rules
+        for name in ("xla", "written"):
+            for got, want in zip(grads[name], grads["hand"]):
+                assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want))), f"{name} differs"
+        made["peer"], _ = peers.make_keras_padded(model_a, model_b, state="carry", direction="forward+backward",
+                                                  xla=True, max_steps=run_plan.max_steps, hidden=case.hidden)
+        calls = {name: (lambda _i, _s, f=function: f(*tensors)) for name, function in made.items()}
+        medians = {name: [] for name in calls}
+        for _ in range(rounds):
+            timed = bench.time_group(calls, None, None, repeats=run_plan.repeats, warmups=1)
+            for name in calls:
+                medians[name].append(timed[name]["median_s"] * 1e3)
+        xla_ms, written, hand, peer = (float(np.median(medians[name])) for name in ("xla", "written", "hand", "peer"))
+        log(f"{case.name:18} {xla_ms:7.2f} {written:11.2f} {hand:8.2f} {peer:8.2f} {written / xla_ms:12.2f} "
+            f"{written / hand:13.2f} {written / peer:13.2f} {min(written, hand) / peer:10.2f}  {load()}")
 
 
 def load():
@@ -98,13 +156,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
     parser.add_argument("--batches", default=None, help="the N of the cases to run (default: all four)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
+    parser.add_argument("--gradient", action="store_true",
+                        help="forward+backward: XLA's generic gradient, the one written inside XLA, the plain path's")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from benchmarks import peers
 
     batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
     run_plan = peers.plan(quick=args.quick, repeats=1 if args.quick else args.repeats, batches=batches)
-    run(run_plan, rounds=1 if args.quick else args.rounds)
+    (run_gradients if args.gradient else run)(run_plan, rounds=1 if args.quick else args.rounds)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,42 @@ def test_a_carry_call_takes_xlas_gradient_below_xla_gradient_below_samples_eager
     assert bits(numpy(gradients(cascade, x, STEPS, upstream))) != bits(eager[3])
 
 
+CARRY_WRITTEN_CASES = {  # (B, settings, steps (N, Ta) or None for max_steps alone, training): a sample of no
+    # steps, caps of 0 between others, `max_steps`
+    "GRU": ("gru", dict(), np.array([[2, 0, 3, 1], [0, 0, 0, 0], [4, 1, 0, 2], [0, 3, 0, 0]], np.int32), False),
+    "LSTM, training": ("lstm", dict(), np.array([[0, 2, 0, 3], [1, 0, 0, 0], [0, 0, 0, 0], [3, 3, 1, 0]], np.int32),
+                       True),
+    "SimpleRNN, no head": ("simple none", dict(), np.array([[3, 0, 2, 1], [0, 1, 0, 0], [2, 0, 0, 4], [0, 0, 0, 0]],
+                                                           np.int32), False),
+    "GRU, max_steps": ("gru", dict(max_steps=4), np.array([[3, 0, 1, 2], [0, 0, 0, 0], [1, 4, 0, 0], [2, 0, 3, 0]],
+                                                           np.int32), False),
+    "LSTM, max_steps alone": ("lstm", dict(max_steps=2), None, False),
+}
+
+
+@pytest.mark.xla
+@pytest.mark.parametrize("case", [case if case == "GRU" else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in CARRY_WRITTEN_CASES])  # about 50 s each on 2 cores
+def test_carry_through_a_known_cell_takes_the_gradient_written_inside_xla_equal_to_tensorflows_own(case):
+    """`known.carry_gradient`, at 1, 2 and 4 samples: every weight's and the inputs' gradients equal the plain
+    path's through B itself (TensorFlow's generic gradient, no known cell) to float rounding."""
+    kind, settings, steps, training = CARRY_WRITTEN_CASES[case]
+    kind, _, head = kind.partition(" ")
+    a, b = builders.model_a(), builders.step_b(kind, output_size=None if head == "none" else 3)
+    cascade = Cascade(a, b, state="carry", **settings)
+    oracle = Cascade(a, b, state="carry", jit_compile=False, fast_cells=False, **settings)
+    names = ["inputs"] + [v.path for v in a.trainable_variables + b.trainable_variables]
+    for n in (1, 2, 4):
+        x = tf.constant(builders.inputs(n, 4, seed=n))
+        given = None if steps is None else steps[:n]
+        values, got = _gradients(cascade, x, given, training=training)
+        assert cascade.gradient_fused is True, cascade._loops.get("gradient problem")
+        assert any(key[0] == "known" and key[-1] is True for key in cascade._loops), "not the written gradient"
+        want_values, want = _gradients(oracle, x, given, training=training)
+        np.testing.assert_allclose(values, want_values, rtol=1e-6, atol=1e-6)
+        _assert_equal_gradients(got, want, [f"{name} (N={n})" for name in names])
+
+
 MIRRORED_SCRIPT = """
 import json, sys
 import numpy as np

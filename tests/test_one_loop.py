@@ -38,8 +38,11 @@ MOVED = {
     "reset_given_generic__auto": (
         "d901587: under a tape, reset with given steps through a B with no hand-written gradient runs A and the "
         "loop as one XLA call differentiated by XLA (run.known), whose values round otherwise; then " + _APART),
-    **dict.fromkeys(["carry_given_cell__auto", "carry_given_generic__auto", "carry_norm_min2__auto",
-                     "reset_given_cell__auto", "reset_norm_min2__auto"], _APART),
+    **dict.fromkeys(["carry_given_generic__auto", "carry_norm_min2__auto", "reset_given_cell__auto",
+                     "reset_norm_min2__auto"], _APART),
+    "carry_given_cell__auto": (
+        _APART + "; then session 9's known.carry_gradient: carry through a known cell takes the loop's gradient "
+        "written by hand inside XLA, not XLA's generic one, whose gradients round otherwise"),
 }
 
 

@@ -13,10 +13,15 @@ gathered before the loop (`teacher_fed`). Where a known cell's hand-written
 gradient measured faster (`xla.known_gradient`), the plain path runs instead;
 in `carry` that depends on the batch (`xla.XLA_GRADIENT_BELOW`), and a trace
 that does not know its batch holds both and the batch chooses at run time
-(`run_chosen_gradient`).
+(`run_chosen_gradient`). Below that batch, `carry` through a known cell takes
+the loop's gradient written by hand inside the same XLA computation
+(`carry_gradient`, the cell's `cells.Backward`), not XLA's generic one; A's
+gradient stays XLA's.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +30,11 @@ from cascade_cli.keras_internals import stop_recording
 from cascade_cli.run import compiled, compiled_loop, feedback, xla
 from cascade_cli.run.compiled_loop import known_plan, known_values, pack, trip
 from cascade_cli.run.loop import initial_states
+
+CARRY_GRADIENT_WRITTEN = True
+"""`carry` through a known cell with a `cells.Backward` takes the loop's gradient written by hand inside XLA
+(`carry_gradient`), not XLA's generic one of the loop: the peers' taped call in 0.35-0.38 of its time at N=1,
+0.53 at N=8 (`benchmarks/carry_ab.py --gradient`). A switch for that A/B, read where the gradient is traced."""
 
 
 def known_layout(caps, steps, *, walk, quantum):
@@ -106,7 +116,90 @@ def known_rows_values(cascade, step, table, caps, trip, targets, *, walk, quantu
     return values, count
 
 
-def compile_known(values_of, a_call, *, inputs_spec, targets_spec, weights):
+def carry_gradient(split, step, table, caps, trip, upstream, *, state_sizes, quantum, training):
+    """The gradient of `known_values` (`carry` through a known cell with a `cells.Backward`) written by hand (traced
+    inside XLA): `(d_table (P, X), {id(variable): gradient})` for B's weights, given the values' `upstream`.
+
+    XLA's gradient of the loop (TensorFlow's generic while-loop gradient) does, at every step, work that does
+    not depend on the rows: it sums each loop-invariant tensor's gradient step by step (B's kernels, the whole
+    table's, densified) and stacks every intermediate. Through few rows and many steps (`carry` at small
+    batches: 1-8 rows, 400-900 steps) that is most of its time. Here the forward runs again keeping only each
+    step's states, then a loop backwards over the steps does the recurrent part only: `inner = h_prev @ U` again,
+    the gates' vector-Jacobian product (`cells.Backward.vjp`) and the gradient through `inner`, writing each
+    step's gradients of the projected input and of `inner`. After it, one matmul per gate gives the recurrent
+    weights' gradients, one segment sum over the steps' pairs the projected table's (then the input kernel's and
+    the table's through `Backward.project`), and the head's gradient is taken once over every step's `h`. A row
+    past its total steps on pair 0; its values are never read, so its upstream is zero and it adds nothing.
+    """
+    backward = split.backward
+    index, totals = known_plan(caps, tf.size(trip), quantum=quantum)
+    steps, rows = tf.shape(index)[0], tf.shape(index)[1]
+    longest = tf.reduce_max(totals)
+    width = tf.shape(upstream)[1]
+    with tf.GradientTape() as tape:  # the values' gradient as each row's at each step, `(R, T, O)`
+        ys = tf.zeros(tf.stack([rows, steps, width]), upstream.dtype)
+        tape.watch(ys)
+        values = pack(ys, tf.cast(tf.sequence_mask(totals, steps), tf.int32), tf.zeros([rows, 0], tf.int64), 1)[0]
+    d_ys = tf.reshape(tf.transpose(tape.gradient(values, ys, output_gradients=upstream), [1, 0, 2]), [-1, width])
+
+    # the forward again, keeping each step's states
+    first = [tf.zeros([rows, size], table.dtype) for size in state_sizes]
+
+    def forward(j, states, leaving):
+        _, states = step(tf.gather(table, index[j]), None, states)
+        return j + 1, states, [array.write(j, s) for array, s in zip(leaving, states)]
+
+    leaving = [tf.TensorArray(table.dtype, size=steps, element_shape=s.shape) for s in first]
+    _, _, leaving = tf.while_loop(lambda j, *_: j < longest, forward, (tf.constant(0), first, leaving),
+                                  maximum_iterations=steps)
+    leaving = [array.stack() for array in leaving]  # `(T, R, size)`; zeros from the longest row's end
+    entering = [tf.concat([s[None], after[:-1]], 0) for s, after in zip(first, leaving)]
+    units = split.cell.units
+    h_all = tf.reshape(leaving[0], [-1, units])  # the cell's output is its first state
+
+    by_variable = {}
+    if split.head is None:
+        d_h = d_ys
+    else:
+        with tf.GradientTape() as tape:
+            tape.watch(h_all)
+            y = split.head(h_all, training=training)
+        head_weights = split.head.trainable_variables
+        d_h, *grads = tape.gradient(y, [h_all, *head_weights], output_gradients=d_ys)
+        by_variable.update((id(v), g) for v, g in zip(head_weights, grads) if g is not None)
+    d_h = tf.reshape(d_h, tf.shape(leaving[0]))
+
+    weights = backward.weights()
+    projected = backward.project(table)
+    d_arrays = [tf.TensorArray(table.dtype, size=steps, element_shape=tf.TensorShape([None, units]))
+                for _ in range(2 * backward.gates)]
+
+    def step_back(j, carried, d_arrays):
+        states = [s[j] for s in entering]
+        inner = backward.inner(states[0], weights)
+        d_new = [d_h[j] + carried[0], *carried[1:]]
+        d_x, d_i, d_direct = backward.vjp([tf.gather(p, index[j]) for p in projected], inner, states, d_new)
+        through = backward.through_inner(d_i, weights)
+        carried = [through if d_direct[0] is None else through + d_direct[0]]
+        carried += [tf.zeros_like(s) if d is None else d for s, d in zip(states[1:], d_direct[1:])]
+        return j - 1, carried, [array.write(j, d) for array, d in zip(d_arrays, d_x + d_i)]
+
+    _, _, d_arrays = tf.while_loop(lambda j, *_: j >= 0, step_back, (longest - 1, first, d_arrays),
+                                   maximum_iterations=steps)
+    d_all = [tf.reshape(array.stack(), [-1, units]) for array in d_arrays]  # zeros from the longest row's end
+    d_x, d_i = d_all[:backward.gates], d_all[backward.gates:]
+    d_projected = [tf.math.unsorted_segment_sum(d, tf.reshape(index, [-1]), tf.shape(table)[0]) for d in d_x]
+    d_weights = backward.weight_grads(tf.reshape(entering[0], [-1, units]), d_i, weights)
+    cell_weights = split.cell.trainable_variables
+    with tf.GradientTape() as tape:  # through the reads of the cell's weights and the projection of the table
+        tape.watch(table)
+        read = backward.project(table) + backward.weights()
+    d_table, *grads = tape.gradient(read, [table, *cell_weights], output_gradients=d_projected + d_weights)
+    by_variable.update((id(v), g) for v, g in zip(cell_weights, grads) if g is not None)
+    return d_table, by_variable
+
+
+def compile_known(values_of, a_call, *, inputs_spec, targets_spec, weights, gradient_of=None):
     """A loop with known inputs and XLA's own gradient of it, each one `tf.function(jit_compile=True)`:
 
     - `forward(inputs, caps, trip[, targets]) -> (values (R * T, O), count)`, A and `values_of(table, caps, trip,
@@ -114,6 +207,10 @@ def compile_known(values_of, a_call, *, inputs_spec, targets_spec, weights):
     - `gradient(inputs, caps, trip[, targets], upstream (R * T, O)) -> (d_inputs[, d_targets], *d_weights)`: the
       same forward again under a tape inside the same XLA computation (exact: no randomness where it runs);
       `upstream` is the values' gradient padded with zeros to the padded values' rows.
+
+    `gradient_of(table, caps, trip, upstream) -> (d_table, {id(variable): gradient})`, where given, is the loop's
+    gradient written by hand (`carry_gradient`): then only A runs under the tape, and its gradient is pulled from
+    `d_table`; the variables `gradient_of` names get its gradients added.
     """
 
     def forward(inputs, caps, trip, *targets):
@@ -124,15 +221,32 @@ def compile_known(values_of, a_call, *, inputs_spec, targets_spec, weights):
         *targets, upstream = rest
         with tf.GradientTape() as tape:
             tape.watch([inputs, *targets])
-            values, _ = forward(inputs, caps, trip, *targets)
-        return tape.gradient(values, [inputs, *targets, *weights], output_gradients=upstream,
-                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if gradient_of is None:
+                values, _ = forward(inputs, caps, trip, *targets)
+            else:
+                ir = a_call(inputs)
+        if gradient_of is None:
+            return tape.gradient(values, [inputs, *targets, *weights], output_gradients=upstream,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # the loop's gradient outside the tape: recorded, its loops would be differentiable ones (and slower)
+        d_table, by_variable = gradient_of(tf.reshape(ir, [-1, ir.shape[-1]]), caps, trip, upstream)
+        grads = tape.gradient(ir, [inputs, *targets, *weights], output_gradients=tf.reshape(d_table, tf.shape(ir)))
+        grads = [tf.zeros_like(t) if g is None else g for t, g in zip([inputs, *targets], grads)] + [
+            _summed(g, by_variable.get(id(w)), w) for w, g in zip(weights, grads[1 + len(targets):])]
+        return grads
 
     signature = [inputs_spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int8)]
     signature += [] if targets_spec is None else [targets_spec]
     values_spec = tf.TensorSpec([None, None], inputs_spec.dtype if targets_spec is None else targets_spec.dtype)
     return (tf.function(forward, input_signature=signature, jit_compile=True, autograph=False),
             tf.function(gradient, input_signature=signature + [values_spec], jit_compile=True, autograph=False))
+
+
+def _summed(first, second, variable):
+    """The sum of two gradients of `variable`, either None where it has none; zeros where neither is."""
+    if first is None and second is None:  # (a Keras variable's dtype is a name: `tf.zeros_like` would not take it)
+        return tf.zeros(variable.shape, tf.as_dtype(variable.dtype))
+    return second if first is None else first if second is None else first + second
 
 
 def run_differentiable(forward, gradient, inputs, caps, targets, steps, *, weights):
@@ -171,15 +285,18 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
     kind = xla.known_gradient(cascade, inputs, training=training, extras=extras, plain_a=plain_a, hand=hand)
     if kind is None:
         return None
-    key = ("known", kind, training, inputs.dtype, inputs.shape[2])
+    written = kind == "carry" and CARRY_GRADIENT_WRITTEN and xla.hand_written(cascade, kind, training=training)
+    key = ("known", kind, training, inputs.dtype, inputs.shape[2], written)
     walk = cascade.state == "carry"
     teacher = kind == "teacher"
     if key not in cascade._loops:
         step, quantum = cascade._b_step(training), cascade._row_quantum
+        state_sizes = tuple(cascade.b_spec.state_sizes)
+        gradient_of = functools.partial(carry_gradient, cascade._split, step, state_sizes=state_sizes,
+                                        quantum=quantum, training=training) if written else None
         if kind == "carry":
             def values_of(table, caps, trip, _):
-                return known_values(step, table, caps, trip, state_sizes=tuple(cascade.b_spec.state_sizes),
-                                    quantum=quantum)
+                return known_values(step, table, caps, trip, state_sizes=state_sizes, quantum=quantum)
         else:
             def values_of(table, caps, trip, targets):
                 return known_rows_values(cascade, step, table, caps, trip, targets, walk=walk, quantum=quantum)
@@ -187,7 +304,7 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
             values_of, lambda x: cascade.model_a(x, training=training),
             inputs_spec=tf.TensorSpec([None, cascade.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
             targets_spec=tf.TensorSpec([None, cascade.b_spec.output_size], cascade._y_dtype) if teacher else None,
-            weights=compiled.trainable_weights(cascade))
+            weights=compiled.trainable_weights(cascade), gradient_of=gradient_of)
     forward, gradient = cascade._loops[key]
 
     def call(inputs, caps, targets):

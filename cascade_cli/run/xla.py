@@ -301,7 +301,9 @@ def known_gradient(cascade, inputs, *, training, plain_a, extras, hand=False):
     it), and the loop over B not refused XLA (by `jit_compile`, `run_eagerly`,
     `plan_xla` or its probe; the forward recurrence winning in `reset` does not count), nor this path by its
     own probe. In `carry` the hand-written gradient wins by the batch's size (`xla_gradient_wins` of
-    `inputs.shape[0]`, None where the trace does not know it); `hand` asks for it regardless.
+    `inputs.shape[0]`, None where the trace does not know it); `hand` asks for it regardless. Below that
+    batch, `carry` through a known cell differentiates the loop by the cell's `cells.Backward` inside XLA
+    (`run.known.carry_gradient`), A by XLA.
     """
     kind = known_inputs(cascade, extras)
     choice = cascade._loop_choice
@@ -319,18 +321,23 @@ def known_gradient(cascade, inputs, *, training, plain_a, extras, hand=False):
 
 
 XLA_GRADIENT_BELOW = 32
-"""`carry` with a known cell's hand-written gradient: XLA's gradient runs for batches of fewer samples, the
-hand-written one from there (`xla_gradient_wins`). Measured with `benchmarks/loop_ab.py --gradient` (loaded
-2-core VM, XLA / hand-written): 0.72 at N=1 and N=8, 1.32 at N=64."""
+"""`carry` with a known cell's hand-written gradient: the gradient inside XLA (A's XLA's, the loop's written by
+hand there: `run.known.carry_gradient`) runs for batches of fewer samples, the plain path's hand-written one
+from there (`xla_gradient_wins`). Measured with `benchmarks/carry_ab.py --gradient` (the peers suite's
+forward+backward, loaded 2-core VM, inside XLA / plain path's): 0.14 at N=1, 0.40 at N=8, 1.03 at N=64, 1.58
+at N=256."""
 
 
 def xla_gradient_wins(samples):
-    """Whether XLA's gradient of `carry` beats the hand-written one for a batch of `samples` (`XLA_GRADIENT_BELOW`).
+    """Whether the gradient inside XLA of `carry` beats the plain path's hand-written one for a batch of `samples`
+    (`XLA_GRADIENT_BELOW`).
 
-    It loses 1.3x at N=64 and 1.8x at N=256 (the peers suite, idle, 2026-12-07), the hand-written one about 2x
-    at N=1. An eager call knows its batch: `run.compiled.call_compiled` traces the hand-written gradient apart for
-    large batches. `samples` is None where a caller's `tf.function` traces the call for any batch: XLA's then,
-    unless the trace holds both and the batch chooses at run time (`chooses_gradient`).
+    Inside XLA the loop runs every row to the longest row's end, where the plain path shrinks its rows step by
+    step: through a known cell the two tie at N=64 and the plain path's wins 1.6x at N=256, where the one
+    inside XLA wins 2.5-7x at N=1 and 8 (`XLA_GRADIENT_BELOW`). An eager call knows its batch:
+    `run.compiled.call_compiled` traces the hand-written gradient apart for large batches. `samples` is None
+    where a caller's `tf.function` traces the call for any batch: XLA's then, unless the trace holds both and
+    the batch chooses at run time (`chooses_gradient`).
     """
     return samples is None or samples < XLA_GRADIENT_BELOW
 
