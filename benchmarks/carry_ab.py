@@ -77,7 +77,7 @@ def gradient_rules(name):
 
 def run_gradients(run_plan, *, rounds, log=print):
     """`--gradient`: times the three gradients and the peer for every case, forward+backward; one line each."""
-    from benchmarks import bench, peers
+    from benchmarks import peers
 
     log("case               xla ms  written ms  hand ms  peer ms  written/xla  written/hand  written/peer  "
         "best/peer  load")
@@ -95,15 +95,23 @@ def run_gradients(run_plan, *, rounds, log=print):
                 assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want))), f"{name} differs"
         made["peer"], _ = peers.make_keras_padded(model_a, model_b, state="carry", direction="forward+backward",
                                                   xla=True, max_steps=run_plan.max_steps, hidden=case.hidden)
-        calls = {name: (lambda _i, _s, f=function: f(*tensors)) for name, function in made.items()}
-        medians = {name: [] for name in calls}
-        for _ in range(rounds):
-            timed = bench.time_group(calls, None, None, repeats=run_plan.repeats, warmups=1)
-            for name in calls:
-                medians[name].append(timed[name]["median_s"] * 1e3)
-        xla_ms, written, hand, peer = (float(np.median(medians[name])) for name in ("xla", "written", "hand", "peer"))
+        medians = interleaved(made, tensors, rounds=rounds, repeats=run_plan.repeats)
+        xla_ms, written, hand, peer = (medians[name] for name in ("xla", "written", "hand", "peer"))
         log(f"{case.name:18} {xla_ms:7.2f} {written:11.2f} {hand:8.2f} {peer:8.2f} {written / xla_ms:12.2f} "
             f"{written / hand:13.2f} {written / peer:13.2f} {min(written, hand) / peer:10.2f}  {load()}")
+
+
+def interleaved(functions, tensors, *, rounds, repeats):
+    """`name -> ms`: the median of `rounds` rounds' medians of `repeats` calls each, every round interleaved."""
+    from benchmarks import bench
+
+    calls = {name: (lambda _i, _s, f=function: f(*tensors)) for name, function in functions.items()}
+    medians = {name: [] for name in calls}
+    for _ in range(rounds):
+        timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
+        for name in calls:
+            medians[name].append(timed[name]["median_s"] * 1e3)
+    return {name: float(np.median(times)) for name, times in medians.items()}
 
 
 def load():
@@ -116,7 +124,7 @@ def load():
 
 def run(run_plan, *, rounds, log=print):
     """Times old, new and the peer for every case and direction; prints one line each."""
-    from benchmarks import bench, peers
+    from benchmarks import peers
 
     log("case               direction         old ms   new ms  peer ms  new/old  new/peer  old/peer  load")
     for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
@@ -139,13 +147,8 @@ def run(run_plan, *, rounds, log=print):
                 peer = np.asarray(made["peer"](*tensors))
                 for name, got in values.items():
                     assert np.allclose(got, peer, **peers.TOLERANCE), f"{name} differs from the peer"
-            calls = {name: (lambda _i, _s, f=function: f(*tensors)) for name, function in made.items()}
-            medians = {name: [] for name in calls}
-            for _ in range(rounds):
-                timed = bench.time_group(calls, None, None, repeats=run_plan.repeats, warmups=1)
-                for name in calls:
-                    medians[name].append(timed[name]["median_s"] * 1e3)
-            old, new, peer = (float(np.median(medians[name])) for name in ("old", "new", "peer"))
+            medians = interleaved(made, tensors, rounds=rounds, repeats=run_plan.repeats)
+            old, new, peer = (medians[name] for name in ("old", "new", "peer"))
             log(f"{case.name:18} {direction:16} {old:8.2f} {new:8.2f} {peer:8.2f} {new / old:8.2f} {new / peer:9.2f}"
                 f" {old / peer:9.2f}  {load()}")
 
