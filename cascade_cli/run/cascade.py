@@ -273,6 +273,10 @@ class Cascade:
             `(values, tokens)`, `tokens` a `tf.RaggedTensor` `(N, Ta, None)` int64;
             with `return_state`, the `CascadeState` after them.
         """
+        if eager.plain(targets, sample_index, sampling_probability, return_tokens, initial_state, return_state):
+            result = self._lane.repeated(self, "ragged", inputs, steps, training)  # the README's call, repeated
+            if result is not None:
+                return result
         inputs, caps = self._checked(inputs, steps)
         extras = self._extras(inputs, caps, steps, targets, sample_index, sampling_probability, return_tokens)
         if initial_state is not None or return_state is not False:
@@ -333,6 +337,10 @@ class Cascade:
             order (the values stay B's outputs); with `return_state`, the
             `CascadeState` last.
         """
+        if eager.plain(targets, sample_index, sampling_probability, return_tokens, initial_state, return_state):
+            result = self._lane.repeated(self, "flat", inputs, steps, training)
+            if result is not None:
+                return result
         inputs, caps = self._checked(inputs, steps)
         extras = self._extras(inputs, caps, steps, targets, sample_index, sampling_probability, return_tokens)
         if initial_state is not None or return_state is not False:
