@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import builders
 from cascade_cli.errors import CascadeError
-from cascade_cli.keras_internals import call_flat, ragged_from_parts
+from cascade_cli.keras_internals import call_flat, call_untaped, fixed_captures, ragged_from_parts
 from cascade_cli.options import StopRule
 from cascade_cli.run import checks, compiled, eager
 from cascade_cli.run.cascade import Cascade
@@ -176,6 +176,23 @@ def test_ragged_from_parts_is_with_values_of_from_row_splits():
     assert got._type_spec == want._type_spec
     assert got.uniform_row_length is not None
     assert_same_bits(want, got)
+    assert got.row_lengths().shape.as_list() == [2] and got.values.row_lengths().numpy().tolist() == [2, 0, 1, 2, 0, 2]
+    # the private constructors set these attributes and no other (what `ragged_from_parts` sets by hand)
+    assert sorted(vars(got)) == sorted(vars(want)) == ["_row_partition", "_values"]
+    assert sorted(vars(got.values)) == sorted(vars(want.values))
+    assert sorted(vars(got.values._row_partition)) == sorted(vars(want.values._row_partition))
+
+
+def test_fixed_captures_and_call_untaped_call_a_concrete_function_as_its_call_does():
+    weight = tf.Variable([[2.0, 1.0]])
+    function = tf.function(lambda x: (x * weight, tf.reduce_sum(x)), input_signature=[
+        tf.TensorSpec([None, 2], tf.float32)]).get_concrete_function()
+    x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+    captures = fixed_captures(function)
+    assert captures is not None
+    assert_same_bits(list(function(x)), call_untaped(function, [x], captures))
+    weight.assign([[0.5, 3.0]])  # a captured variable's handle: its value read at the call
+    assert_same_bits(list(function(x)), call_untaped(function, [x], captures))
 
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from cascade_cli.keras_internals import call_flat, ragged_from_parts, tape_may_record
+from cascade_cli.keras_internals import call_flat, call_untaped, fixed_captures, ragged_from_parts, tape_may_record
 from cascade_cli.options import STEPS_MAX
 from cascade_cli.run import compiled, feedback
 
@@ -81,9 +81,13 @@ class EagerLane:
             return None
         # No trace can run here (the function was traced when the entry was made), so no `CascadeError` can
         # come out of TensorFlow's wrapping: `compiled.cascade_errors` has nothing to do.
-        parts = call_flat(repeat.function, [tf.constant(inputs), caps])
+        tensors = [tf.constant(inputs), caps]
         if repeat.partition is None:
-            return parts
+            return call_flat(repeat.function, tensors)
+        if repeat.captures is None:
+            parts = call_flat(repeat.function, tensors)
+        else:  # eagerly, no tape (checked above): what `_call_flat` runs, less its Python
+            parts = call_untaped(repeat.function, tensors, repeat.captures)
         return ragged_from_parts(repeat.partition, parts[0], parts[1])
 
     def repeat(self, cascade, key, inputs, steps):
@@ -107,7 +111,7 @@ class EagerLane:
                 tf.zeros([n * ta], tf.int64), ta, nrows=n, validate=False))
         if len(self.repeats) >= _SIGNATURES:
             self.repeats.clear()
-        self.repeats[key] = repeat = Repeat(function, partition)
+        self.repeats[key] = repeat = Repeat(function, partition, fixed_captures(function))
         return repeat
 
     def checked(self, inputs, steps, full):
@@ -185,19 +189,23 @@ class EagerLane:
 
 
 class Repeat:
-    """What a repeated call of one signature runs: the concrete function its general path ran, and the outer
-    partition `(N, Ta)` of its ragged result (None: `run`'s flat result).
+    """What a repeated call of one signature runs: the concrete function its general path ran, its captured
+    inputs, and the outer partition `(N, Ta)` of its ragged result.
 
     Attributes:
         function: `compiled.concrete`'s function for the call (plain run, its `training`, no tape).
-        partition: a `tf.RaggedTensor` whose `_row_partition` is the result's outer partition, or None.
+        partition: a `tf.RaggedTensor` whose `_row_partition` is the result's outer partition; None for
+            `run`'s flat result.
+        captures: the function's captured inputs where they are fixed (`keras_internals.fixed_captures`),
+            else None (read at each call).
     """
 
-    __slots__ = ("function", "partition")
+    __slots__ = ("function", "partition", "captures")
 
-    def __init__(self, function, partition):
+    def __init__(self, function, partition, captures):
         self.function = function
         self.partition = partition
+        self.captures = captures
 
 
 def plain(targets, sample_index, probability, return_tokens, initial_state, return_state):
