@@ -134,8 +134,9 @@ def test_a_bad_call_raises_the_full_checks_error_after_good_calls_of_its_signatu
     model_a, model_b = builders.model_a(), builders.step_b()
     want = error(Cascade(model_a, model_b, **settings), "run", *bad)
     cascade = Cascade(model_a, model_b, **settings)
-    cascade.run(*good)
-    cascade(*good)
+    for _ in range(2):  # the full checks, then the repeated-call lane where it takes the call (numpy arguments)
+        cascade.run(*good)
+        cascade(*good)
     assert error(cascade, "run", *bad) == want
     assert error(cascade, "__call__", *bad) == want
 
@@ -208,6 +209,7 @@ REPEATS = {
     "carry, run, uint16 steps": (dict(state="carry"), "run", (X, STEPS.astype(np.uint16)), {}),
     "reset, training": ({}, "__call__", (X, STEPS), dict(training=True)),
     "reset, float64 inputs": ({}, "run", (X.astype(np.float64), STEPS), {}),
+    "reset, no samples": ({}, "__call__", (X[:0], STEPS[:0]), {}),
 }
 
 
@@ -231,7 +233,7 @@ def test_a_repeated_readme_call_gives_the_general_paths_bits_and_runs_only_its_c
         got = getattr(cascade, method)(*args, **kwargs)
         assert_same_bits(want, got)
         if method == "__call__":
-            assert got.shape.as_list() == want.shape.as_list() == [X.shape[0], X.shape[1], None, 2]
+            assert got.shape.as_list() == want.shape.as_list() == [*args[0].shape[:2], None, 2]
     assert not general  # neither the checks nor the general compiled call ran again
     assert_same_bits(want_other, getattr(cascade, method)(args[0].copy(), steps, **kwargs))
     assert not general
@@ -254,6 +256,18 @@ def test_a_readme_call_under_a_tape_or_in_a_trace_after_repeats_takes_the_genera
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
     traced = tf.function(lambda: cascade(X, STEPS).flat_values)  # numpy arguments, a graph being built
     np.testing.assert_array_equal(traced().numpy(), reference(X, STEPS).flat_values.numpy())
+
+
+def test_a_first_call_under_a_tape_leaves_the_plain_calls_trace_to_the_general_path():
+    model_a, model_b = builders.model_a(), builders.step_b()
+    want = Cascade(model_a, model_b)(X, STEPS)
+    cascade = Cascade(model_a, model_b)
+    with tf.GradientTape():
+        cascade(X, STEPS)  # the full checks pass; the call traces the taped call's function only
+    assert_same_bits(want, cascade(X, STEPS))  # the lane has no traced function for it: the general path
+    assert not cascade._lane.repeats
+    assert_same_bits(want, cascade(X, STEPS))
+    assert cascade._lane.repeats
 
 
 def test_a_cascade_run_eagerly_never_takes_the_lane():

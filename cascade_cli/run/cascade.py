@@ -17,7 +17,8 @@ The engine, `cascade_cli.run`, module by module:
 
 - `cascade.py`: `Cascade`, its settings and the choice of path (`_run`).
 - `checks.py`: a call's inputs, steps, targets, sampling arguments and state, and the settings that need B.
-- `eager.py`: an eager call's checks of types, dtypes and shapes once per signature; its reused constants.
+- `eager.py`: an eager call's checks of types, dtypes and shapes once per signature; its reused constants; the
+  README's call repeated, straight to its concrete function.
 - `models.py`: A's and B's forms, specs and fit.
 - `packing.py`: the plans (which rows run at each inner step, the value order); pure functions.
 - `loop.py`: `packed_loop` and the paths over it (`reset`, `carry`, given steps, a sequence-form B).

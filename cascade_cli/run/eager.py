@@ -102,8 +102,11 @@ class EagerLane:
             return None
         if not tf.executing_eagerly() or tape_may_record():
             return None
-        x = tf.constant(inputs)  # `compiled.concrete`'s key reads the dtype and F of the tensor
-        function = compiled.concrete(cascade, kind, x, training=training, extras=None, loop=True)
+        # The function a call of this signature traced on the general path (None: none has yet, say under a
+        # tape: the general path traces it, so that its errors reach the caller as the general path raises them).
+        function = compiled.traced(cascade, kind, tf.constant(inputs), training=training)  # (the key reads F)
+        if function is None:
+            return None
         partition = None
         if kind == "ragged":
             n, ta = inputs.shape[:2]
