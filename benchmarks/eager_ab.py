@@ -5,6 +5,7 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.eager_ab                        # N = 1, 8, 64; reset and carry (a few minutes)
     python -m benchmarks.eager_ab --batches 1 --rounds 9 --calls 40
     python -m benchmarks.eager_ab --quick                # tiny shapes, to keep the script working
+    python -m benchmarks.eager_ab --pieces --batches 1   # where one eager call's own time goes, old and new
 
 The peers suite's models, data and calls (`benchmarks.peers`): `compiled` is
 the default `Cascade(a, b, state=...)` called inside a `tf.function` traced
@@ -81,7 +82,8 @@ def load():
 
 
 def methods(model_a, model_b, *, state, run_plan, hidden):
-    """`{name: (function, numpy_inputs)}`: old, new, compiled; and the peer run between calls."""
+    """`({name: (function, numpy_inputs)}, peer, {name: cascade})`: old, new and compiled; the peer run between
+    calls; the old and new cascades."""
     from benchmarks import peers
     from cascade_cli.run.cascade import Cascade
 
@@ -91,8 +93,8 @@ def methods(model_a, model_b, *, state, run_plan, hidden):
                                     run_plan=run_plan, hidden=hidden, shared={})
     peer, peer_numpy = peers.make_method("keras_padded", model_a, model_b, state=state, direction="forward",
                                          run_plan=run_plan, hidden=hidden, shared={})
-    return {"old": (lambda x, s: old(x, s).flat_values, True), "new": (lambda x, s: new(x, s).flat_values, True),
-            "compiled": (compiled, False)}, (peer, peer_numpy)
+    return ({"old": (lambda x, s: old(x, s).flat_values, True), "new": (lambda x, s: new(x, s).flat_values, True),
+             "compiled": (compiled, False)}, (peer, peer_numpy), {"old": old, "new": new})
 
 
 def timed(functions, peer, arrays, *, rounds, calls, between):
@@ -142,7 +144,7 @@ def run(run_plan, *, rounds, calls, log=print):
     log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
         for state in peers.STATES:
-            functions, peer = methods(model_a, model_b, state=state, run_plan=run_plan, hidden=case.hidden)
+            functions, peer, _ = methods(model_a, model_b, state=state, run_plan=run_plan, hidden=case.hidden)
             checked(functions, (inputs, steps))
             for name, between in (("back to back", False), ("after a peer", True)):
                 median = timed(functions, peer, (inputs, steps), rounds=rounds, calls=calls, between=between)
@@ -151,16 +153,83 @@ def run(run_plan, *, rounds, calls, log=print):
                     f"{old / base:.3f} | {new / base:.3f} | {new / old:.3f} | {load()} |")
 
 
+def pieces(run_plan, *, calls, log=print):
+    """Times the pieces of one eager call, old path and new, each right after a peer call (`after a peer`), in
+    µs (medians of `calls`), `reset` only: where the eager call's own cost goes."""
+    import tensorflow as tf
+
+    from benchmarks import peers
+    from cascade_cli.keras_internals import call_flat, call_untaped, ragged_from_parts, tape_may_record
+    from cascade_cli.run import checks, compiled, eager
+
+    for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
+        functions, peer, cascades = methods(model_a, model_b, state="reset", run_plan=run_plan, hidden=case.hidden)
+        checked(functions, (inputs, steps))
+        old, new = cascades["old"], cascades["new"]
+        tensors = peers.inputs_as_tensors((inputs, steps))
+        peer_given = (inputs, steps) if peer[1] else tensors
+        repeat = next(iter(new._lane.repeats.values()))
+        times = {}
+
+        def mark(name, start):
+            now = time.perf_counter()
+            times.setdefault(name, []).append(now - start)
+            return now
+
+        for _ in range(calls):
+            peer[0](*peer_given)
+            t = time.perf_counter()
+            x, caps = old._checked(inputs, steps)
+            t = mark("old: checks (EagerLane.checked)", t)
+            extras = old._extras(x, caps, steps, None, None, 0.0, False)
+            t = mark("old: extras", t)
+            compiled.compiles(old, x)
+            t = mark("old: compiles", t)
+            function = compiled.concrete(old, "ragged", x, training=False, extras=extras)
+            t = mark("old: concrete (its key)", t)
+            parts = call_flat(function, [x, caps])
+            t = mark("old: call_flat", t)
+            result = old._lane.nested(parts, samples=checks.dim(x, 0), outer=checks.dim(x, 1))
+            t = mark("old: the ragged result", t)
+            result.flat_values
+            peer[0](*peer_given)
+            t = time.perf_counter()
+            eager.plain(None, None, 0.0, False, None, False)
+            new._lane.repeats.get(("ragged", False, inputs.dtype, inputs.shape, (steps.dtype, steps.shape)))
+            t = mark("new: defaults, key", t)
+            new.run_eagerly or not tf.executing_eagerly() or tape_may_record()
+            t = mark("new: eager, no tape", t)
+            caps = new._lane.caps(steps, inputs.shape[0], inputs.shape[1])
+            t = mark("new: steps' glance and tensor", t)
+            x = tf.constant(inputs)
+            t = mark("new: inputs' tensor", t)
+            parts = call_untaped(repeat.function, [x, caps], repeat.captures)
+            t = mark("new: call_untaped", t)
+            ragged_from_parts(repeat.partition, parts[0], parts[1]).flat_values
+            t = mark("new: the ragged result", t)
+            peer[0](*peer_given)
+            t = time.perf_counter()
+            functions["compiled"][0](*tensors)
+            mark("compiled: the whole call", t)
+        log(f"{case.name}, reset, each right after a peer call; load {load()}")
+        for name, values in times.items():
+            log(f"  {name:36s} {statistics.median(values) * 1e6:9.1f} µs")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.eager_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="the peers cases' N to run")
     parser.add_argument("--rounds", type=int, default=7, help="rounds, each in a rotating order")
     parser.add_argument("--calls", type=int, default=30, help="timed calls of each method per round")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of two calls")
+    parser.add_argument("--pieces", action="store_true", help="the pieces of one eager call, old and new, in µs")
     args = parser.parse_args(argv)
     from benchmarks import peers
 
     run_plan = peers.plan(quick=args.quick, batches=None if args.quick else args.batches)
+    if args.pieces:
+        pieces(run_plan, calls=2 if args.quick else args.calls * args.rounds)
+        return
     run(run_plan, rounds=1 if args.quick else args.rounds, calls=2 if args.quick else args.calls)
 
 
