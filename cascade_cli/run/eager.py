@@ -79,8 +79,8 @@ class EagerLane:
         caps = self.caps(steps, inputs.shape[0], inputs.shape[1])
         if caps is None:
             return None
-        # No trace can run here (the function was traced when the entry was made), so no `CascadeError` can
-        # come out of TensorFlow's wrapping: `compiled.cascade_errors` has nothing to do.
+        # No trace can run here (a general call traced the function before the entry was made), so no
+        # `CascadeError` can come out of TensorFlow's wrapping: `compiled.cascade_errors` has nothing to do.
         tensors = [tf.constant(inputs), caps]
         if repeat.partition is None:
             return call_flat(repeat.function, tensors)
