@@ -91,11 +91,41 @@ def call_flat(function, tensors):
 
 
 def ragged_from_parts(template, values, row_splits):
-    """`template.with_values(tf.RaggedTensor.from_row_splits(values, row_splits, validate=False))`, built as
-    RaggedTensor's own factories build it (`RaggedTensor._from_row_partition`; `template._row_partition`),
-    without the static shape checks that cost half of it (about 15 µs of an eager call)."""
+    """`template.with_values(tf.RaggedTensor.from_row_splits(values, row_splits, validate=False))`, eagerly, made
+    as RaggedTensor's and RowPartition's private constructors make them: their attributes set
+    (`RaggedTensor._values`, `._row_partition`; `RowPartition._row_splits` and its cached encodings, none here),
+    without the factories' conversions nor `__init__`'s static shape checks.
+
+    Those checks cannot fail for a compiled call's parts, which is what it is given: `values` an eager tensor
+    `(total, ...)`, `row_splits` an eager int64 vector `(rows + 1,)`, the template's splits int64. Right after
+    the compiled call the checks' Python ran cold and cost about 0.1 ms of an eager call at N=1
+    (`benchmarks/eager_ab.py`); `tests/test_eager_call.py` checks the result is `with_values`' in type, shape
+    and bits, and that the constructors set no other attribute.
+    """
     import tensorflow as tf
 
-    inner = tf.RaggedTensor._from_row_partition(
-        values, tf.experimental.RowPartition.from_row_splits(row_splits, validate=False), validate=False)
-    return tf.RaggedTensor._from_row_partition(inner, template._row_partition, validate=False)
+    partition = tf.experimental.RowPartition.__new__(tf.experimental.RowPartition)
+    partition._row_splits = row_splits
+    partition._row_lengths = partition._value_rowids = partition._nrows = None
+    partition._uniform_row_length = partition._nvals = None
+    inner = tf.RaggedTensor.__new__(tf.RaggedTensor)
+    inner._values, inner._row_partition = values, partition
+    outer = tf.RaggedTensor.__new__(tf.RaggedTensor)
+    outer._values, outer._row_partition = inner, template._row_partition
+    return outer
+
+
+def fixed_captures(function):
+    """A concrete function's captured inputs (`ConcreteFunction.captured_inputs`) where they are fixed tensors
+    (variables' handles, constants), to pass to `call_untaped` on every call; None where one is a deferred
+    capture (a callable, read anew at each call)."""
+    if any(callable(capture) for capture in function._captured_inputs):
+        return None
+    return function.captured_inputs
+
+
+def call_untaped(function, tensors, captures):
+    """`call_flat(function, tensors)` where it executes eagerly and no tape may record (the caller checked
+    both), as its `_call_flat` then runs it: its inference function (`_inference_function.call_flat`) on the
+    tensors and `captures` (`fixed_captures`). Returns the flat list of its outputs, not their structure."""
+    return function._inference_function.call_flat(*tensors, *captures)

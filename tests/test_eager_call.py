@@ -15,9 +15,9 @@ import tensorflow as tf
 
 import builders
 from cascade_cli.errors import CascadeError
-from cascade_cli.keras_internals import call_flat, ragged_from_parts
+from cascade_cli.keras_internals import call_flat, call_untaped, fixed_captures, ragged_from_parts
 from cascade_cli.options import StopRule
-from cascade_cli.run import checks
+from cascade_cli.run import checks, compiled, eager
 from cascade_cli.run.cascade import Cascade
 
 X = builders.inputs(5, 3)
@@ -134,8 +134,9 @@ def test_a_bad_call_raises_the_full_checks_error_after_good_calls_of_its_signatu
     model_a, model_b = builders.model_a(), builders.step_b()
     want = error(Cascade(model_a, model_b, **settings), "run", *bad)
     cascade = Cascade(model_a, model_b, **settings)
-    cascade.run(*good)
-    cascade(*good)
+    for _ in range(2):  # the full checks, then the repeated-call lane where it takes the call (numpy arguments)
+        cascade.run(*good)
+        cascade(*good)
     assert error(cascade, "run", *bad) == want
     assert error(cascade, "__call__", *bad) == want
 
@@ -176,4 +177,138 @@ def test_ragged_from_parts_is_with_values_of_from_row_splits():
     assert got._type_spec == want._type_spec
     assert got.uniform_row_length is not None
     assert_same_bits(want, got)
+    assert got.row_lengths().shape.as_list() == [2] and got.values.row_lengths().numpy().tolist() == [2, 0, 1, 2, 0, 2]
+    # the private constructors set these attributes and no other (what `ragged_from_parts` sets by hand)
+    assert sorted(vars(got)) == sorted(vars(want)) == ["_row_partition", "_values"]
+    assert sorted(vars(got.values)) == sorted(vars(want.values))
+    assert sorted(vars(got.values._row_partition)) == sorted(vars(want.values._row_partition))
 
+
+def test_fixed_captures_and_call_untaped_call_a_concrete_function_as_its_call_does():
+    weight = tf.Variable([[2.0, 1.0]])
+    function = tf.function(lambda x: (x * weight, tf.reduce_sum(x)), input_signature=[
+        tf.TensorSpec([None, 2], tf.float32)]).get_concrete_function()
+    x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+    captures = fixed_captures(function)
+    assert captures is not None
+    assert_same_bits(list(function(x)), call_untaped(function, [x], captures))
+    weight.assign([[0.5, 3.0]])  # a captured variable's handle: its value read at the call
+    assert_same_bits(list(function(x)), call_untaped(function, [x], captures))
+
+
+
+# The README's call repeated (`EagerLane.repeated`): numpy inputs and steps, defaults, no tape.
+
+# name: (settings, call, positional arguments, keyword arguments); each called three times, the last two repeats
+REPEATS = {
+    "reset": ({}, "__call__", (X, STEPS), {}),
+    "reset, run": ({}, "run", (X, STEPS), {}),
+    "reset, shared int64 steps": ({}, "__call__", (X, STEPS[0].astype(np.int64)), {}),
+    "carry": (dict(state="carry"), "__call__", (X, STEPS), {}),
+    "carry, max_steps, no steps": (dict(state="carry", max_steps=4), "__call__", (X, None), {}),
+    "carry, run, uint16 steps": (dict(state="carry"), "run", (X, STEPS.astype(np.uint16)), {}),
+    "reset, training": ({}, "__call__", (X, STEPS), dict(training=True)),
+    "reset, float64 inputs": ({}, "run", (X.astype(np.float64), STEPS), {}),
+    "reset, no samples": ({}, "__call__", (X[:0], STEPS[:0]), {}),
+}
+
+
+@pytest.mark.xla
+@pytest.mark.parametrize("case", list(REPEATS))
+def test_a_repeated_readme_call_gives_the_general_paths_bits_and_runs_only_its_concrete_function(case, monkeypatch):
+    settings, method, args, kwargs = REPEATS[case]
+    model_a, model_b = builders.model_a(), builders.step_b()
+    want = getattr(Cascade(model_a, model_b, **settings), method)(*args, **kwargs)
+    steps = None if args[1] is None else args[1][::-1].copy()  # other steps of the same signature
+    want_other = getattr(Cascade(model_a, model_b, **settings), method)(args[0], steps, **kwargs)
+    cascade = Cascade(model_a, model_b, **settings)
+    assert_same_bits(want, getattr(cascade, method)(*args, **kwargs))  # the general path: full checks
+    general = []
+    for name in ("checked_inputs", "checked_caps", "checked_extras"):
+        full = getattr(checks, name)
+        monkeypatch.setattr(checks, name, lambda *a, full=full, **k: general.append(1) or full(*a, **k))
+    call_compiled = compiled.call_compiled
+    monkeypatch.setattr(compiled, "call_compiled", lambda *a, **k: general.append(1) or call_compiled(*a, **k))
+    for _ in range(2):
+        got = getattr(cascade, method)(*args, **kwargs)
+        assert_same_bits(want, got)
+        if method == "__call__":
+            assert got.shape.as_list() == want.shape.as_list() == [*args[0].shape[:2], None, 2]
+    assert not general  # neither the checks nor the general compiled call ran again
+    assert_same_bits(want_other, getattr(cascade, method)(args[0].copy(), steps, **kwargs))
+    assert not general
+
+
+def test_a_readme_call_under_a_tape_or_in_a_trace_after_repeats_takes_the_general_path():
+    model_a, model_b = builders.model_a(), builders.step_b()
+    reference = Cascade(model_a, model_b)
+    weights = model_a.trainable_variables + model_b.trainable_variables
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(reference(X, STEPS).flat_values)
+    want = tape.gradient(total, weights)
+    cascade = Cascade(model_a, model_b)
+    for _ in range(3):
+        cascade(X, STEPS)
+    assert cascade._lane.repeats  # the lane holds the call
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(cascade(X, STEPS).flat_values)
+    for a, b in zip(want, tape.gradient(total, weights)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    traced = tf.function(lambda: cascade(X, STEPS).flat_values)  # numpy arguments, a graph being built
+    np.testing.assert_array_equal(traced().numpy(), reference(X, STEPS).flat_values.numpy())
+
+
+def test_a_first_call_under_a_tape_leaves_the_plain_calls_trace_to_the_general_path():
+    model_a, model_b = builders.model_a(), builders.step_b()
+    want = Cascade(model_a, model_b)(X, STEPS)
+    cascade = Cascade(model_a, model_b)
+    with tf.GradientTape():
+        cascade(X, STEPS)  # the full checks pass; the call traces the taped call's function only
+    assert_same_bits(want, cascade(X, STEPS))  # the lane has no traced function for it: the general path
+    assert not cascade._lane.repeats
+    assert_same_bits(want, cascade(X, STEPS))
+    assert cascade._lane.repeats
+
+
+def test_a_cascade_run_eagerly_never_takes_the_lane():
+    cascade = Cascade(builders.model_a(), builders.step_b(), run_eagerly=True)
+    want = cascade(X, STEPS)
+    for _ in range(2):
+        assert_same_bits(want, cascade(X, STEPS))
+    assert not cascade._lane.repeats
+
+
+@pytest.mark.parametrize("max_steps", [None, 4])
+def test_the_lanes_glance_at_steps_passes_exactly_what_the_full_checks_pass(max_steps):
+    inputs = tf.constant(np.zeros((3, 2, 3), np.float32))
+    lane = eager.EagerLane(max_steps)
+    arrays = [np.array(values, dtype) for dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16",
+                                                    "uint32", "uint64", ">i4", ">i8", "<i8")
+              for values in ([[0, 1], [4, 3], [2, 0]], [[0, 1], [5, 3], [2, 0]], [[0, -1], [4, 3], [2, 0]],
+                             [1, 2], [4, 0], [0, 5], [-1, 2], [[0, 0], [0, 0], [0, 0]])
+              if np.dtype(dtype).kind == "i" or min(np.ravel(values)) >= 0]
+    arrays += [np.full((3, 2), 2**31 - 2, np.int64), np.array([[2**31 - 2, 0], [0, 0], [0, 0]], np.int64),
+               np.array([[2**30, 2**30], [0, 0], [0, 0]], np.int64), np.array([2**30, 0], np.uint32),
+               np.array([2**31 - 1, 0], np.uint32), np.array([2**31, 0], np.uint32),
+               np.array([[2**63, 0], [0, 0], [0, 0]], np.uint64), np.array([[-2**63, 0], [0, 0], [0, 0]], np.int64),
+               np.array([[1, 2], [3, 4], [5, 6]], np.int32)[:, ::-1]]
+    for array in arrays:
+        try:
+            want = checks.checked_caps(array, inputs, max_steps=max_steps).numpy()
+        except CascadeError:
+            want = None
+        got = lane.caps(array, 3, 2)
+        assert (got is None) == (want is None), array
+        if got is not None:
+            np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "uint32", "uint64", ">i4", ">i8"])
+def test_greatest_counts_a_negative_step_above_int32s_count(dtype):
+    from cascade_cli.options import STEPS_MAX
+
+    array = np.array([[3, 0], [7, 2]], dtype)
+    assert eager.greatest(array) == 7
+    if np.dtype(dtype).kind == "i":
+        array[0, 1] = -1
+        assert eager.greatest(array) > STEPS_MAX

@@ -17,7 +17,8 @@ The engine, `cascade_cli.run`, module by module:
 
 - `cascade.py`: `Cascade`, its settings and the choice of path (`_run`).
 - `checks.py`: a call's inputs, steps, targets, sampling arguments and state, and the settings that need B.
-- `eager.py`: an eager call's checks of types, dtypes and shapes once per signature; its reused constants.
+- `eager.py`: an eager call's checks of types, dtypes and shapes once per signature; its reused constants; the
+  README's call repeated, straight to its concrete function.
 - `models.py`: A's and B's forms, specs and fit.
 - `packing.py`: the plans (which rows run at each inner step, the value order); pure functions.
 - `loop.py`: `packed_loop` and the paths over it (`reset`, `carry`, given steps, a sequence-form B).
@@ -273,6 +274,10 @@ class Cascade:
             `(values, tokens)`, `tokens` a `tf.RaggedTensor` `(N, Ta, None)` int64;
             with `return_state`, the `CascadeState` after them.
         """
+        if eager.plain(targets, sample_index, sampling_probability, return_tokens, initial_state, return_state):
+            result = self._lane.repeated(self, "ragged", inputs, steps, training)  # the README's call, repeated
+            if result is not None:
+                return result
         inputs, caps = self._checked(inputs, steps)
         extras = self._extras(inputs, caps, steps, targets, sample_index, sampling_probability, return_tokens)
         if initial_state is not None or return_state is not False:
@@ -333,6 +338,10 @@ class Cascade:
             order (the values stay B's outputs); with `return_state`, the
             `CascadeState` last.
         """
+        if eager.plain(targets, sample_index, sampling_probability, return_tokens, initial_state, return_state):
+            result = self._lane.repeated(self, "flat", inputs, steps, training)
+            if result is not None:
+                return result
         inputs, caps = self._checked(inputs, steps)
         extras = self._extras(inputs, caps, steps, targets, sample_index, sampling_probability, return_tokens)
         if initial_state is not None or return_state is not False:

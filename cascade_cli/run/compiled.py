@@ -65,6 +65,11 @@ def concrete(cascade, kind, inputs, *, training, extras=None, loop=True):
     return cascade._concrete[key]
 
 
+def traced(cascade, kind, inputs, *, training, extras=None, loop=True):
+    """`concrete(...)`'s function where a call traced it already, else None (nothing is traced here)."""
+    return cascade._concrete.get((*cache_key(kind, inputs, training=training, plain_a=False, extras=extras), loop))
+
+
 def concrete_gradient(cascade, kind, inputs, *, training, plain_a, extras, values):
     """The concrete function `(*arguments, d_values) -> gradients`: the compiled call run again, differentiated.
 
