@@ -351,6 +351,26 @@ def time_group(functions, inputs, steps, *, repeats, warmups):
     return results
 
 
+def rounds_ms(calls, *, repeats, rounds):
+    """`{key: ms}`: the median over `rounds` rounds of each call's median of `repeats` calls (`time_group`, each
+    round interleaved): the A/B scripts' figure, steadier on a shared machine than one long round."""
+    medians = {key: [] for key in calls}
+    for _ in range(rounds):
+        timed = time_group(calls, None, None, repeats=repeats, warmups=1)
+        for key in calls:
+            medians[key].append(timed[key]["median_s"] * 1e3)
+    return {key: float(statistics.median(values)) for key, values in medians.items()}
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages (`/proc/loadavg`) as one string, printed beside an A/B's figures."""
+    try:
+        with open("/proc/loadavg") as file:
+            return " ".join(file.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def describe_machine():
     """Returns the machine and library versions as a dict."""
     import keras

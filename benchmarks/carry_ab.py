@@ -36,6 +36,8 @@ import os
 
 import numpy as np
 
+from benchmarks import bench
+
 
 @contextlib.contextmanager
 def main_rules():
@@ -98,28 +100,14 @@ def run_gradients(run_plan, *, rounds, log=print):
         medians = interleaved(made, tensors, rounds=rounds, repeats=run_plan.repeats)
         xla_ms, written, hand, peer = (medians[name] for name in ("xla", "written", "hand", "peer"))
         log(f"{case.name:18} {xla_ms:7.2f} {written:11.2f} {hand:8.2f} {peer:8.2f} {written / xla_ms:12.2f} "
-            f"{written / hand:13.2f} {written / peer:13.2f} {min(written, hand) / peer:10.2f}  {load()}")
+            f"{written / hand:13.2f} {written / peer:13.2f} {min(written, hand) / peer:10.2f}  {bench.load_average()}")
 
 
 def interleaved(functions, tensors, *, rounds, repeats):
-    """`name -> ms`: the median of `rounds` rounds' medians of `repeats` calls each, every round interleaved."""
-    from benchmarks import bench
+    """`name -> ms` of each function called on `tensors` (`bench.rounds_ms`)."""
 
     calls = {name: (lambda _i, _s, f=function: f(*tensors)) for name, function in functions.items()}
-    medians = {name: [] for name in calls}
-    for _ in range(rounds):
-        timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
-        for name in calls:
-            medians[name].append(timed[name]["median_s"] * 1e3)
-    return {name: float(np.median(times)) for name, times in medians.items()}
-
-
-def load():
-    try:
-        with open("/proc/loadavg") as file:
-            return " ".join(file.read().split()[:3])
-    except OSError:
-        return "?"
+    return bench.rounds_ms(calls, repeats=repeats, rounds=rounds)
 
 
 def run(run_plan, *, rounds, log=print):
@@ -150,7 +138,7 @@ def run(run_plan, *, rounds, log=print):
             medians = interleaved(made, tensors, rounds=rounds, repeats=run_plan.repeats)
             old, new, peer = (medians[name] for name in ("old", "new", "peer"))
             log(f"{case.name:18} {direction:16} {old:8.2f} {new:8.2f} {peer:8.2f} {new / old:8.2f} {new / peer:9.2f}"
-                f" {old / peer:9.2f}  {load()}")
+                f" {old / peer:9.2f}  {bench.load_average()}")
 
 
 def main(argv=None):

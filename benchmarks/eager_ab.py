@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from benchmarks import bench
+
 
 def main_lane(max_steps):
     """An `EagerLane` as on main (e45c6da): no repeated-call lane, the steps' values taken apart in three
@@ -71,14 +73,6 @@ def main_lane(max_steps):
             return tuple(nested) if len(nested) > 1 else nested[0]
 
     return MainLane(max_steps)
-
-
-def load():
-    try:
-        with open("/proc/loadavg") as file:
-            return " ".join(file.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 def methods(model_a, model_b, *, state, run_plan, hidden):
@@ -150,7 +144,7 @@ def run(run_plan, *, rounds, calls, log=print):
                 median = timed(functions, peer, (inputs, steps), rounds=rounds, calls=calls, between=between)
                 old, new, base = median["old"], median["new"], median["compiled"]
                 log(f"| {case.name} | {state} | {name} | {old * 1e3:.2f} | {new * 1e3:.2f} | {base * 1e3:.2f} | "
-                    f"{old / base:.3f} | {new / base:.3f} | {new / old:.3f} | {load()} |")
+                    f"{old / base:.3f} | {new / base:.3f} | {new / old:.3f} | {bench.load_average()} |")
 
 
 def pieces(run_plan, *, calls, log=print):
@@ -211,7 +205,7 @@ def pieces(run_plan, *, calls, log=print):
             t = time.perf_counter()
             functions["compiled"][0](*tensors)
             mark("compiled: the whole call", t)
-        log(f"{case.name}, reset, each right after a peer call; load {load()}")
+        log(f"{case.name}, reset, each right after a peer call; load {bench.load_average()}")
         for name, values in times.items():
             log(f"  {name:36s} {statistics.median(values) * 1e6:9.1f} µs")
 

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from benchmarks import bench
+
 CASES = ((1, 200, 64), (8, 100, 64), (64, 50, 64))
 
 
@@ -39,18 +41,6 @@ def _median_ms(function, inputs, repeats):
             np.asarray(part)
         times.append(time.perf_counter() - started)
     return 1e3 * float(np.median(times))
-
-
-def _rounds_ms(calls, repeats, rounds):
-    """`{key: ms}`: the median over `rounds` of each call's median of `repeats` interleaved calls (`bench.time_group`)."""
-    from benchmarks import bench
-
-    medians = {key: [] for key in calls}
-    for _ in range(rounds):
-        timed = bench.time_group(calls, None, None, repeats=repeats, warmups=1)
-        for key in calls:
-            medians[key].append(timed[key]["median_s"] * 1e3)
-    return {key: float(np.median(values)) for key, values in medians.items()}
 
 
 def _generators(model_a, model_b, *, state):
@@ -131,7 +121,7 @@ def fused(repeats, rounds, batches):
 
     import tensorflow as tf
 
-    from benchmarks import bench, feedback, peers
+    from benchmarks import feedback, peers
     from cascade_cli.run import cascade as runner
     from cascade_cli.options import StopRule
 
@@ -167,7 +157,7 @@ def fused(repeats, rounds, batches):
                                             max_steps=8, hidden=hidden)
         rows.append((f"peers carry N={n}", made, lambda _i, _s: padded(x, steps)))
         for name, made, peer in rows:
-            ms = _rounds_ms(dict(made, **({} if peer is None else {"peer": peer})), repeats, rounds)
+            ms = bench.rounds_ms(dict(made, **({} if peer is None else {"peer": peer})), repeats=repeats, rounds=rounds)
             load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("average:")[-1].strip()
             peer_ms = ms.get("peer", float("nan"))
             print(f"{name:28}  {ms['fused']:8.2f}  {ms['apart']:8.2f}  {peer_ms:7.2f}  {ms['fused'] / ms['apart']:11.2f}"
@@ -226,7 +216,7 @@ def gradient(repeats, rounds, batches):
     suite's teacher-forced forward+backward (an eager call under an eager tape, as it times `cascade`)."""
     import tensorflow as tf
 
-    from benchmarks import bench, feedback, peers
+    from benchmarks import feedback, peers
     from cascade_cli.run import cascade as runner
 
     rng = np.random.default_rng(0)
@@ -268,10 +258,10 @@ def gradient(repeats, rounds, batches):
         tensors = tuple(tf.constant(a) for a in arguments)
         rows.append((f"teacher N={n}", made, lambda _i, _s, peer=peer, tensors=tensors: peer(*tensors)))
         for name, made, peer in rows:
-            ms = _rounds_ms(dict(made, peer=peer), repeats, rounds)
-            load = open("/proc/loadavg").read().split()[:3]
+            ms = bench.rounds_ms(dict(made, peer=peer), repeats=repeats, rounds=rounds)
+            load = bench.load_average()
             print(f"{name:28}  {ms['xla']:7.2f}  {ms['hand']:7.2f}  {ms['peer']:7.2f}  {ms['xla'] / ms['hand']:8.2f}"
-                  f"  {ms['xla'] / ms['peer']:8.2f}  {ms['hand'] / ms['peer']:9.2f}  {' '.join(load)}", flush=True)
+                  f"  {ms['xla'] / ms['peer']:8.2f}  {ms['hand'] / ms['peer']:9.2f}  {load}", flush=True)
 
 
 def chosen_gradient(repeats, rounds, batches):
@@ -281,7 +271,7 @@ def chosen_gradient(repeats, rounds, batches):
     from there), interleaved medians in ms; gradients checked equal first (float32 rounding)."""
     import tensorflow as tf
 
-    from benchmarks import bench, peers
+    from benchmarks import peers
     from cascade_cli.run import cascade as runner, xla
 
     rng = np.random.default_rng(0)
@@ -314,8 +304,8 @@ def chosen_gradient(repeats, rounds, batches):
         for want, got in zip(results["old"], results["new"]):
             scale = max(1.0, float(np.max(np.abs(want))))
             assert np.max(np.abs(got - want)) <= 1e-4 * scale, "the old and new gradients differ"
-        ms = _rounds_ms(made, repeats, rounds)
-        load = " ".join(open("/proc/loadavg").read().split()[:3])
+        ms = bench.rounds_ms(made, repeats=repeats, rounds=rounds)
+        load = bench.load_average()
         print(f"{case.name:20}  {ms['old']:7.1f}  {ms['new']:7.1f}  {ms['new'] / ms['old']:7.2f}  {load}", flush=True)
 
 
@@ -418,7 +408,7 @@ def pieces(repeats, rounds, batches):
             "  B's loop's gradient alone": lambda: jit["b"](table),
         })
         wall, cpu = _timed(made, repeats, rounds)
-        load = " ".join(open("/proc/loadavg").read().split()[:3])
+        load = bench.load_average()
         for key in made:
             print(f"teacher N={n:<4}  {key:36}  {wall[key]:6.2f}  {cpu[key]:7.2f}  {load}", flush=True)
 
@@ -432,7 +422,7 @@ def traced_apart_ab(repeats, rounds, batches):
     checked equal first."""
     import tensorflow as tf
 
-    from benchmarks import bench, feedback, peers
+    from benchmarks import feedback, peers
     from cascade_cli.run import cascade as runner, xla
 
     rng = np.random.default_rng(0)
@@ -494,7 +484,7 @@ def traced_apart_ab(repeats, rounds, batches):
                 for want, value in zip(results["hand", "old"], got):
                     assert np.max(np.abs(value - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want)))), key
             ms, cpu = _timed(made, repeats, rounds)
-            load = " ".join(open("/proc/loadavg").read().split()[:3])
+            load = bench.load_average()
             for path in ("hand", "xla"):
                 old, new = ms[path, "old"], ms[path, "new"]
                 print(f"{case + ' N=' + str(n):18}  {path:4}  {old:6.1f}  {new:6.1f}  {new / old:7.2f}  "
