@@ -66,7 +66,8 @@ class EagerLane:
         glance cannot pass (`caps`) take the general path, whose full checks raise their error.
         """
         if (type(inputs) is not np.ndarray or (steps is not None and type(steps) is not np.ndarray)
-                or (training is not False and training is not True)):
+                or (training is not False and training is not True)
+                or cascade.run_eagerly or not tf.executing_eagerly() or tape_may_record()):
             return None
         key = (kind, training, inputs.dtype, inputs.shape, None if steps is None else (steps.dtype, steps.shape))
         repeat = self.repeats.get(key)
@@ -74,8 +75,6 @@ class EagerLane:
             repeat = self.repeat(cascade, key, inputs, steps)
             if repeat is None:
                 return None
-        if cascade.run_eagerly or not tf.executing_eagerly() or tape_may_record():
-            return None
         caps = self.caps(steps, inputs.shape[0], inputs.shape[1])
         if caps is None:
             return None
@@ -92,26 +91,21 @@ class EagerLane:
 
     def repeat(self, cascade, key, inputs, steps):
         """The `Repeat` of a call's `key` (as `repeated` makes it), kept; None where its calls must take the
-        general path (every time, or until its signature has passed the full checks)."""
+        general path (every time, or until its signature has passed the full checks). `repeated` has checked
+        that the call is eager, untaped and not `run_eagerly`."""
         kind, training = key[:2]
-        if cascade.run_eagerly or cascade._general:
+        if cascade._general:
             return None
         if cascade._xla is None or cascade._loop_choice is None:  # the first call's probes take its shape
             return None
         if signature(inputs, steps)[0] not in self.signatures or inputs.ndim != 3 or inputs.shape[1] == 0:
-            return None
-        if not tf.executing_eagerly() or tape_may_record():
             return None
         # The function a call of this signature traced on the general path (None: none has yet, say under a
         # tape: the general path traces it, so that its errors reach the caller as the general path raises them).
         function = compiled.traced(cascade, kind, tf.constant(inputs), training=training)  # (the key reads F)
         if function is None:
             return None
-        partition = None
-        if kind == "ragged":
-            n, ta = inputs.shape[:2]
-            partition = self.constant(("outer", n, ta), lambda: tf.RaggedTensor.from_uniform_row_length(
-                tf.zeros([n * ta], tf.int64), ta, nrows=n, validate=False))
+        partition = self.outer(*inputs.shape[:2]) if kind == "ragged" else None
         if len(self.repeats) >= _SIGNATURES:
             self.repeats.clear()
         self.repeats[key] = repeat = Repeat(function, partition, fixed_captures(function))
@@ -140,10 +134,10 @@ class EagerLane:
         if array is None:
             return self.constant(("caps", n, ta), lambda: tf.fill([n, ta], tf.constant(self.max_steps, tf.int32)))
         if array.size:
-            pairs = array.size * (n if array.ndim == 1 else 1)
+            copies = n if array.ndim == 1 else 1  # shared steps `(Ta,)` serve every sample
             peak = greatest(array)
-            if peak > self.limit or (peak * pairs > STEPS_MAX
-                                     and int(array.sum(dtype=np.int64)) * (n if array.ndim == 1 else 1) > STEPS_MAX):
+            if peak > self.limit or (peak * array.size * copies > STEPS_MAX
+                                     and int(array.sum(dtype=np.int64)) * copies > STEPS_MAX):
                 return None
         if array.ndim == 1:
             array = np.broadcast_to(array, (n, ta))
@@ -171,14 +165,19 @@ class EagerLane:
         """
         flats = (parts[0], *parts[2:])
         if isinstance(samples, int) and isinstance(outer, int) and tf.executing_eagerly():
-            partition = self.constant(("outer", samples, outer), lambda: tf.RaggedTensor.from_uniform_row_length(
-                tf.zeros([samples * outer], tf.int64), outer, nrows=samples, validate=False))
+            partition = self.outer(samples, outer)
             nested = [ragged_from_parts(partition, flat, parts[1]) for flat in flats]
         else:
             nested = [tf.RaggedTensor.from_uniform_row_length(
                 tf.RaggedTensor.from_row_splits(flat, parts[1], validate=False), outer, nrows=samples, validate=False)
                 for flat in flats]
         return tuple(nested) if len(nested) > 1 else nested[0]
+
+    def outer(self, samples, outer):
+        """The outer partition `(samples, outer)` of an eager ragged result, as a `tf.RaggedTensor` over zeros
+        (`ragged_from_parts` reads its `_row_partition`), made once per size."""
+        return self.constant(("outer", samples, outer), lambda: tf.RaggedTensor.from_uniform_row_length(
+            tf.zeros([samples * outer], tf.int64), outer, nrows=samples, validate=False))
 
     def constant(self, key, make):
         """The constant tensor `make()` made the first time under `key`, made eagerly (outside any trace); kept
