@@ -169,8 +169,11 @@ def carry_gradient(split, step, table, caps, trip, upstream, *, state_sizes, qua
         by_variable.update((id(v), g) for v, g in zip(head_weights, grads) if g is not None)
     d_h = tf.reshape(d_h, tf.shape(leaving[0]))
 
-    weights = backward.weights()
-    projected = backward.project(table)
+    cell_weights = split.cell.trainable_variables
+    with tf.GradientTape() as reads:  # the cell's weights read and the table projected, once; differentiated last
+        reads.watch(table)
+        weights = backward.weights()
+        projected = backward.project(table)
     d_arrays = [tf.TensorArray(table.dtype, size=steps, element_shape=tf.TensorShape([None, units]))
                 for _ in range(2 * backward.gates)]
 
@@ -190,11 +193,8 @@ def carry_gradient(split, step, table, caps, trip, upstream, *, state_sizes, qua
     d_x, d_i = d_all[:backward.gates], d_all[backward.gates:]
     d_projected = [tf.math.unsorted_segment_sum(d, tf.reshape(index, [-1]), tf.shape(table)[0]) for d in d_x]
     d_weights = backward.weight_grads(tf.reshape(entering[0], [-1, units]), d_i, weights)
-    cell_weights = split.cell.trainable_variables
-    with tf.GradientTape() as tape:  # through the reads of the cell's weights and the projection of the table
-        tape.watch(table)
-        read = backward.project(table) + backward.weights()
-    d_table, *grads = tape.gradient(read, [table, *cell_weights], output_gradients=d_projected + d_weights)
+    d_table, *grads = reads.gradient(projected + weights, [table, *cell_weights],
+                                     output_gradients=d_projected + d_weights)
     by_variable.update((id(v), g) for v, g in zip(cell_weights, grads) if g is not None)
     return d_table, by_variable
 
