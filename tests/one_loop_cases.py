@@ -198,17 +198,24 @@ def run_case(name):
 
 
 def machine():
-    """The CPU model and TensorFlow version the bits were recorded on: float kernels (oneDNN, XLA:CPU) pick their
-    code by the CPU's instruction set, so another CPU may give other last bits."""
+    """The CPU model, its widest vector instructions and TensorFlow's version, the bits were recorded on: float
+    kernels (oneDNN, Eigen, XLA:CPU) pick their code by the CPU's instruction set, so another CPU gives other last
+    bits. The model's name alone does not tell: "AMD EPYC" is sold with and without AVX-512."""
     import tensorflow as tf
 
-    model = "unknown"
+    model, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo") as file:
-            model = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), model)
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return f"{model}; tensorflow {tf.__version__}"
+    widest = next((flag for flag in ("avx512f", "avx2", "avx") if flag in flags), "no avx")
+    return f"{model} ({widest}); tensorflow {tf.__version__}"
 
 
 def main():
