@@ -213,8 +213,14 @@ REPEATS = {
 }
 
 
+# these four repeat what the others and the steps glance's dtype test cover: three cascades compile per case
+REPEATS_SLOW = {"reset, shared int64 steps", "carry, max_steps, no steps", "carry, run, uint16 steps",
+                "reset, float64 inputs"}
+
+
 @pytest.mark.xla
-@pytest.mark.parametrize("case", list(REPEATS))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in REPEATS_SLOW else case
+                                  for case in REPEATS])
 def test_a_repeated_readme_call_gives_the_general_paths_bits_and_runs_only_its_concrete_function(case, monkeypatch):
     settings, method, args, kwargs = REPEATS[case]
     model_a, model_b = builders.model_a(), builders.step_b()

@@ -152,7 +152,8 @@ GRADIENT_CASES = {  # (settings, B, steps, teacher forcing, training); reset and
     "teacher forcing, a B without states": (dict(feedback=True), "fb dense", STEPS, True, False),
 }
 GRADIENT_SLOW = {"reset max_steps, state_init ir, training", "teacher forcing from the previous pair, LSTM",
-                 "teacher forcing, a B without states"}
+                 "teacher forcing, a B without states", "reset given steps",
+                 "teacher forcing, carry, a start token"}  # the quick suite keeps one case of carry and of reset
 B_KINDS = {"step": lambda: builders.step_b(output_size=3), "step ir": lambda: builders.step_b(units=4, output_size=3),
            "fb gru": lambda: builders.feedback_b("gru", output_size=3),
            "fb lstm": lambda: builders.feedback_b("lstm", output_size=3),
