@@ -117,8 +117,6 @@ def fused(repeats, rounds, batches):
     """The fused forward call (`cascade_cli.run.fused`) against A and the loop as their own XLA calls, and the best
     padded peer of each suite, interleaved medians in ms. The cases: the feedback suite's greedy decode (`reset`,
     and `carry`), eager `run`; the peers suite's `carry` forward inside a `tf.function` (as it times `cascade`)."""
-    import subprocess
-
     import tensorflow as tf
 
     from benchmarks import feedback, peers
@@ -158,7 +156,7 @@ def fused(repeats, rounds, batches):
         rows.append((f"peers carry N={n}", made, lambda _i, _s: padded(x, steps)))
         for name, made, peer in rows:
             ms = bench.rounds_ms(dict(made, **({} if peer is None else {"peer": peer})), repeats=repeats, rounds=rounds)
-            load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("average:")[-1].strip()
+            load = bench.load_average()
             peer_ms = ms.get("peer", float("nan"))
             print(f"{name:28}  {ms['fused']:8.2f}  {ms['apart']:8.2f}  {peer_ms:7.2f}  {ms['fused'] / ms['apart']:11.2f}"
                   f"  {ms['fused'] / peer_ms:10.2f}  {ms['apart'] / peer_ms:10.2f}  {load}", flush=True)

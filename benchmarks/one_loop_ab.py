@@ -107,8 +107,7 @@ def main():
                 times[label].append(time.perf_counter() - t0)
         mins = {k: 1e3 * min(v) for k, v in times.items()}
         old, new = (1e3 * np.median(times[k]) for k in ("before", "one loop"))
-        with open("/proc/loadavg") as file:
-            load = file.read().split()[:3]
+        load = bench.load_average()
         print(f"{name:32s} before {old:8.2f} ms  one loop {new:8.2f} ms  ratio {new / old:5.3f}  "
               f"(min {mins['before']:.2f} / {mins['one loop']:.2f})  byte-identical {same}  load {load}", flush=True)
 
