@@ -48,7 +48,8 @@ def test_categorical_draws_are_the_same_in_any_batch_bit_for_bit():
 
 
 @pytest.mark.xla
-@pytest.mark.parametrize("state", ["reset", "carry"])
+@pytest.mark.parametrize("state", ["reset", pytest.param("carry", marks=pytest.mark.slow)])  # quick: reset; a taped
+# carry call's gradients against the plain path's: test_fused's test_a_carry_call_takes_xlas_gradient_below_...
 def test_a_tape_gets_the_plain_loops_gradients(state):
     cascade = Cascade(builders.model_a("gru"), make_b("gru"), state=state, fast_cells=False)
     x = builders.inputs(3, 4)

@@ -68,7 +68,9 @@ CASES = {
 
 
 SLOW = {"reset exclude stop step, norm stop", "reset given steps, no known cell", "carry token stop",
-        "carry greedy feedback"}  # three cascades compile per case; these four repeat what the others cover
+        "carry greedy feedback",  # three cascades compile per case; these four repeat what the others cover
+        "categorical feedback from the previous pair"}  # quick: feedback's fused path in "greedy feedback, min
+# steps"; the fused call's categorical draws in test_categorical_draws_of_the_fused_call_are_the_same_in_any_batch_...
 
 
 @pytest.mark.xla
@@ -153,7 +155,9 @@ GRADIENT_CASES = {  # (settings, B, steps, teacher forcing, training); reset and
 }
 GRADIENT_SLOW = {"reset max_steps, state_init ir, training", "teacher forcing from the previous pair, LSTM",
                  "teacher forcing, a B without states", "reset given steps",
-                 "teacher forcing, carry, a start token"}  # the quick suite keeps one case of carry and of reset
+                 "teacher forcing, carry, a start token",  # the quick suite keeps one case of reset (teacher forcing)
+                 "carry given steps"}  # quick: carry's XLA gradient against the plain path's, values, inputs and
+# every weight, in test_a_carry_call_takes_xlas_gradient_below_xla_gradient_below_samples_eagerly_and_in_a_trace_...
 B_KINDS = {"step": lambda: builders.step_b(output_size=3), "step ir": lambda: builders.step_b(units=4, output_size=3),
            "fb gru": lambda: builders.feedback_b("gru", output_size=3),
            "fb lstm": lambda: builders.feedback_b("lstm", output_size=3),
@@ -276,8 +280,9 @@ CARRY_WRITTEN_CASES = {  # (B, settings, steps (N, Ta) or None for max_steps alo
 
 
 @pytest.mark.xla
-@pytest.mark.parametrize("case", [case if case == "GRU" else pytest.param(case, marks=pytest.mark.slow)
-                                  for case in CARRY_WRITTEN_CASES])  # about 50 s each on 2 cores
+@pytest.mark.slow  # about 20-50 s a case on 2 cores. Quick: carry's gradient written inside XLA (2 samples, below
+# XLA_GRADIENT_BELOW) equals the plain path's in test_a_carry_call_takes_xlas_gradient_below_xla_gradient_below_...
+@pytest.mark.parametrize("case", list(CARRY_WRITTEN_CASES))
 def test_carry_through_a_known_cell_takes_the_gradient_written_inside_xla_equal_to_tensorflows_own(case):
     """`known.carry_gradient`, at 1, 2 and 4 samples: every weight's and the inputs' gradients equal the plain
     path's through B itself (TensorFlow's generic gradient, no known cell) to float rounding."""

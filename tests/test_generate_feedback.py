@@ -61,7 +61,12 @@ def test_the_file_holds_what_the_runner_gives_tokens_included(files, tmp_path):
     assert len(set(got.tokens.tolist())) > 1
 
 
-@pytest.mark.parametrize("xla", [pytest.param((), marks=pytest.mark.xla), ("--no-xla",)], ids=["xla-auto", "no-xla"])
+# quick: --no-xla (about 6 s; under XLA about 20 s, each generate compiling again). Under XLA, the same bytes at any
+# batch size and through shards: test_startup's test_the_choice_is_the_whole_jobs_at_any_batch_size_and_in_every_shard
+# [xla]; feedback's categorical draws under XLA, bit for bit in any batch: test_fused's and test_compiled_loop's
+# test_categorical_draws_..._are_the_same_in_any_batch_bit_for_bit
+@pytest.mark.parametrize("xla", [pytest.param((), marks=[pytest.mark.xla, pytest.mark.slow]), ("--no-xla",)],
+                         ids=["xla-auto", "no-xla"])
 def test_the_same_seed_gives_identical_bytes_at_any_batch_size_and_through_shards(files, tmp_path, xla, monkeypatch):
     """Values included: generate runs whole blocks of rows (`generation._whole_blocks`), so no kernel sees
     a batch whose size changes a row's last bits. A job this small runs without XLA as it comes
