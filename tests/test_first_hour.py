@@ -52,7 +52,8 @@ def train(files, out, data, b, *extra):
 # ------------------------------------------------- #3: a softmax B's cross-entropy
 
 
-@pytest.mark.parametrize("flag", [None, "--no-from-logits", "--from-logits"])
+# quick: detected and --from-logits; --no-from-logits tells what is detected, and takes the same loss
+@pytest.mark.parametrize("flag", [None, pytest.param("--no-from-logits", marks=pytest.mark.slow), "--from-logits"])
 def test_categorical_crossentropy_of_a_softmax_b_takes_its_probabilities_unless_told(files, tmp_path, flag):
     result = train(files, tmp_path / "run", "tokens.h5", "softmax_b.keras", "--loss", "categorical-crossentropy",
                    *ONE_SGD_STEP, *([flag] if flag else []))

@@ -34,7 +34,9 @@ SAVE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("settings", SAVE_CASES)
+# quick: the first three; the fourth (carry, identity, a norm stop) is test_keras_model's quick carry and norm stop case
+# of test_save_and_load_in_safe_mode_give_the_same_predict_bytes with a feedback B, saved through the same settings
+@pytest.mark.parametrize("settings", [*SAVE_CASES[:3], pytest.param(SAVE_CASES[3], marks=pytest.mark.slow)])
 def test_save_and_load_in_safe_mode_give_the_same_predict_bytes_and_tokens(tmp_path, settings):
     model = feedback_model(**settings)
     steps = None if "max_steps" in settings else STEPS
@@ -144,7 +146,9 @@ def serving_request(settings):
     return ({"inputs": X} if "max_steps" in settings else {"inputs": X, "steps": STEPS.astype(np.int32)})
 
 
-@pytest.mark.parametrize("settings", SERVING)
+# quick: the categorical sampler; the greedy one's tokens take the same signature, and test_keras_model's quick
+# test_the_saved_model_signature_maps_inputs_and_steps_to_flat_values_and_lengths serves given steps in carry
+@pytest.mark.parametrize("settings", [pytest.param(SERVING[0], marks=pytest.mark.slow), SERVING[1]])
 def test_the_saved_model_of_a_sampler_serves_its_tokens(tmp_path, settings):
     model = feedback_model(**settings)
     export_saved_model(model, tmp_path / "saved")

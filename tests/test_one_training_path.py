@@ -64,8 +64,11 @@ def models(kind, output_size):
 
 
 # what the other cases show, by another door; "reset": test_dropout_draws_the_same_in_train_and_in_fit_reseeded_
-# each_epoch runs the same flags (reset, a step B, COMMON) with a dropout B, and checks that it trained
-SLOW = ("sparse ids", "end token, appended by compile", "reset")
+# each_epoch runs the same flags (reset, a step B, COMMON) with a dropout B, and checks that it trained;
+# "scheduled sampling" (about 10 s) and "feedback": test_a_sampling_schedule_is_read_at_the_optimizer_s_step_count_in_
+# train_as_in_fit trains a feedback B under scheduled sampling through both doors to the same weights ("end token"
+# and "stop gate" pass --feedback too)
+SLOW = ("sparse ids", "end token, appended by compile", "reset", "scheduled sampling", "feedback")
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case

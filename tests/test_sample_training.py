@@ -5,6 +5,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from cascade_cli.cli import main
@@ -39,6 +40,8 @@ def test_training_on_sample_data_beats_predicting_the_mean(tmp_path):
     assert last < first
 
 
+@pytest.mark.slow  # quick: test_first_hour's test_a_mirrored_run_on_one_device_says_it_trains_on_one_replica runs
+# `cascade train --strategy mirrored` to its end (exit 0) and reads what it said
 def test_train_with_the_mirrored_strategy_runs_from_the_command_line(tmp_path):
     result = CliRunner().invoke(main, [
         "train", "--model-a", str(SAMPLE / "model_a.keras"), "--model-b", str(SAMPLE / "model_b.keras"),

@@ -144,7 +144,10 @@ def model_b(kind):
     return builders.sequence_b() if kind == "sequence" else builders.step_b(kind)
 
 
-@pytest.mark.parametrize("kind, state, freeze_a", [("gru", "reset", False), ("gru", "reset", True),
+# quick: LSTM in carry and a sequence-form B; the GRU step B in reset, frozen A or not, is the regularized step's below
+# (test_one_sgd_step_with_regularizers_is_w_minus_lr_times_the_gradient_of_loss_plus_penalty): the same step and more
+@pytest.mark.parametrize("kind, state, freeze_a", [pytest.param("gru", "reset", False, marks=pytest.mark.slow),
+                                                   pytest.param("gru", "reset", True, marks=pytest.mark.slow),
                                                    ("lstm", "carry", False), ("sequence", "reset", False)])
 def test_one_sgd_step_is_w_minus_lr_times_the_reference_gradient(tmp_path, kind, state, freeze_a):
     n = 5
@@ -523,6 +526,8 @@ def test_patience_counts_the_epochs_before_a_resume_and_restores_their_best_weig
     assert_same(saved_weights(tmp_path / "unbroken"), kept)  # still epoch 1's
 
 
+@pytest.mark.slow  # 12 epochs. Quick: learning in test_sample_training (validation loss under a tenth of the mean's)
+# and test_a_softmax_b_trains_with_probabilities_detected (loss from ln 3 to under 0.3)
 def test_training_learns_a_toy_task(tmp_path):
     # Each outer step asks B to emit (x0, -x0) for its inner steps, x0 the step's first input feature.
     n, outer = 48, 2
@@ -590,7 +595,10 @@ def token_data(path, *, n, sparse):
     return write_data(path, builders.inputs(n, 2, seed=2), steps, targets)  # sparse: integer ids (issue 30)
 
 
-@pytest.mark.parametrize("loss", ["categorical-crossentropy", "sparse-categorical-crossentropy"])
+# quick: the one-hot targets; a softmax B's sparse ids are detected in test_resolve_from_logits_detects_a_softmax_output
+# and trained from in test_train_cli's test_sparse_crossentropy_trains_from_token_ids_stored_as_total
+@pytest.mark.parametrize("loss", ["categorical-crossentropy",
+                                  pytest.param("sparse-categorical-crossentropy", marks=pytest.mark.slow)])
 def test_a_softmax_b_trains_with_probabilities_detected(tmp_path, loss):
     path = token_data(tmp_path / "train.h5", n=16, sparse=loss.startswith("sparse"))
     model_a, model_b = builders.model_a(), softmax_b()
