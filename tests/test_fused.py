@@ -70,7 +70,8 @@ CASES = {
 SLOW = {"reset exclude stop step, norm stop", "reset given steps, no known cell", "carry token stop",
         "carry greedy feedback",  # three cascades compile per case; these four repeat what the others cover
         "categorical feedback from the previous pair"}  # quick: feedback's fused path in "greedy feedback, min
-# steps"; the fused call's categorical draws in test_categorical_draws_of_the_fused_call_are_the_same_in_any_batch_...
+# steps"; the fused call's categorical draws against the plain loop's in test_compiled_loop's
+# test_categorical_draws_are_the_same_in_any_batch_bit_for_bit (its cascade runs the fused call, the default)
 
 
 @pytest.mark.xla
@@ -103,6 +104,8 @@ def test_the_fused_call_gives_the_compiled_loops_bits_and_the_plain_loops_length
     assert ragged[0].flat_values.numpy().tobytes() == got[0].tobytes()
 
 
+@pytest.mark.slow  # quick: test_compiled_loop's test_categorical_draws_are_the_same_in_any_batch_bit_for_bit runs
+# this cascade on these inputs (the fused call, the default), checks the same bits, and the plain loop's draws too
 @pytest.mark.xla
 def test_categorical_draws_of_the_fused_call_are_the_same_in_any_batch_bit_for_bit():
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)

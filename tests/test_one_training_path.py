@@ -229,6 +229,8 @@ def test_fit_refuses_a_non_finite_validation_loss_before_any_callback_takes_the_
     assert not (tmp_path / "backup").exists()
 
 
+@pytest.mark.slow  # quick: test_a_sampling_schedule_is_read_at_the_optimizer_s_step_count_in_train_as_in_fit trains
+# on a batch that emits nothing in both doors, to the same weights, with two steps an epoch of three batches
 def test_a_batch_that_emits_nothing_takes_no_step_in_fit_as_in_cascade_train():
     """The command skips a batch with no valid element; `fit`'s step is the same step: Adam does not move on it and
     its step count stays, so the run equals one without that batch."""

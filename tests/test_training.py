@@ -667,6 +667,10 @@ def test_config_resolved_takes_the_checkpoint_then_the_defaults():
 SGD = dict(optimizer="sgd", batch_size=4, shuffle=False, val_split=0.25, seed=3)
 
 
+@pytest.mark.slow  # three trainings. Quick: a resume reaches an unbroken run's weights (test_resume_after_a_stop_mid_
+# epoch_gives_the_weights_of_an_unbroken_run), keeps the run's learning rate, metrics and board when not given
+# (test_train_cli's test_metrics_go_into_history_and_tensorboard_and_a_resume_keeps_them), and is refused an epoch
+# the run has passed (test_first_hour's test_resume_to_an_epoch_the_run_has_passed_is_an_error_naming_epochs)
 def test_resume_keeps_the_run_s_own_settings_and_refuses_an_epoch_it_has_passed(tmp_path):
     path = random_data(tmp_path / "train.h5", n=8)
     unbroken = train(path, tmp_path / "unbroken", epochs=3, learning_rate=0.01, **SGD)
