@@ -6,6 +6,13 @@ import tensorflow as tf
 
 import builders
 import paths
+
+
+def _quick(params, *kept):
+    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
+    assert set(kept) <= {param.id for param in params}, kept
+    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
+                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
 import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
@@ -33,9 +40,12 @@ def gate(threshold):
     return lambda y, *token: stopref.sigmoid(y[-1]) >= threshold
 
 
-@pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.both(
+# quick: one case on the default, three plain ones (each form of B, state and min_steps on the plain path); the
+# rest run with -m slow
+@pytest.mark.parametrize("b_kind, state, min_steps, jit", _quick(paths.both(
     [(b, s, m) for m in (0, 3) for b, s in [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True))
+    auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True),
+    "gru-reset-3-auto", "gru-carry-0-plain", "lstm-carry-3-plain", "sequence-reset-0-plain"))
 def test_gate_equals_reference(b_kind, state, min_steps, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)
@@ -52,8 +62,10 @@ def test_gate_equals_reference(b_kind, state, min_steps, jit):
     paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("state, min_steps, jit", paths.both(
-    [(s, m) for m in (0, 2) for s in ("reset", "carry")], auto=[("reset", 0), ("carry", 2)]))
+# quick: one case per path, each state and min_steps once; the other four run with -m slow
+@pytest.mark.parametrize("state, min_steps, jit", _quick(paths.both(
+    [(s, m) for m in (0, 2) for s in ("reset", "carry")], auto=[("reset", 0), ("carry", 2)]),
+    "reset-0-auto", "carry-2-plain"))
 def test_gate_with_feedback_equals_reference(state, min_steps, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
     x = builders.inputs(4, 5)

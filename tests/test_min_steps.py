@@ -5,6 +5,13 @@ import pytest
 
 import builders
 import paths
+
+
+def _quick(params, *kept):
+    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
+    assert set(kept) <= {param.id for param in params}, kept
+    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
+                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
 import stopref
 from cascade_cli.errors import ParameterError
 from cascade_cli.options import StopRule
@@ -32,9 +39,12 @@ def check(cascade, x, caps, **kwargs):
     return expected_lengths
 
 
-@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(
+# quick: one case on the default, two plain ones (each state, exclude and form of B on the plain path); the rest
+# run with -m slow
+@pytest.mark.parametrize("b_kind, state, exclude, jit", _quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", True), ("gru", "carry", False)], pairs=True))
+    auto=[("gru", "reset", True), ("gru", "carry", False)], pairs=True),
+    "gru-reset-True-auto", "gru-carry-True-plain", "sequence-reset-False-plain"))
 def test_min_steps_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)
@@ -49,9 +59,11 @@ def test_min_steps_equals_reference(b_kind, state, exclude, jit):
     assert (held >= floor).all() and not (free >= floor).all()  # min_steps changed the lengths
 
 
-@pytest.mark.parametrize("state, sampler, jit", paths.both(
+# quick: one case per path, each state once (greedy: a min_steps step must not stop on the sampled token); the
+# identity sampler's cases run with -m slow
+@pytest.mark.parametrize("state, sampler, jit", _quick(paths.both(
     [(s, m) for m in ("identity", "greedy") for s in ("reset", "carry")],
-    auto=[("reset", "greedy"), ("carry", "identity")], pairs=True))
+    auto=[("reset", "greedy"), ("carry", "identity")], pairs=True), "reset-greedy-auto", "carry-greedy-plain"))
 def test_min_steps_with_feedback_equals_reference(state, sampler, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
     x = builders.inputs(4, 5)

@@ -21,6 +21,13 @@ SHARED = np.array([2, 0, 3, 1])
 ALL_ZERO = np.zeros((3, 4), np.int64)
 
 
+def _quick(params, *kept):
+    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
+    assert set(kept) <= {param.id for param in params}, kept
+    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
+                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
+
+
 def make_b(kind, **kwargs):
     return builders.sequence_b(**kwargs) if kind == "sequence" else builders.step_b(kind, **kwargs)
 
@@ -45,7 +52,11 @@ VALUE_AUTO = [("simple", "gru", "reset"), ("gru", "lstm", "reset"), ("lstm", "se
               ("lstm", "gru", "carry"), ("simple", "lstm", "carry"), ("gru", "sequence", "carry")]
 
 
-@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True))
+# quick: 4 of the covering's 10, two per path: between them every form of B, each state on each path; the rest
+# run with -m slow
+@pytest.mark.parametrize("a_kind, b_kind, state, jit", _quick(
+    paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True), "simple-gru-reset-auto", "gru-sequence-carry-auto",
+    "lstm-sequence-reset-plain", "gru-lstm-carry-plain"))
 def test_values_equal_reference(a_kind, b_kind, state, jit):
     cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
@@ -57,7 +68,8 @@ def test_values_equal_reference(a_kind, b_kind, state, jit):
         assert cascade.loop_compile_problem.startswith("reset mode with given steps through a known cell")
 
 
-@pytest.mark.parametrize("b_kind, jit", paths.both([("gru",), ("lstm",)]))
+# quick: one cell per path, each cell once; the other two run with -m slow
+@pytest.mark.parametrize("b_kind, jit", _quick(paths.both([("gru",), ("lstm",)]), "lstm-auto", "gru-plain"))
 def test_reset_through_b_itself_equals_reference(b_kind, jit):
     """`fast_cells=False`: B is called at every step, under XLA the masked loop of `(n, t)` pairs."""
     cascade = Cascade(builders.model_a(), make_b(b_kind), fast_cells=False, jit_compile=jit)
@@ -83,8 +95,10 @@ def test_zero_outer_steps(b_kind, state):
     assert out.bounding_shape().numpy().tolist() == [2, 0, 0, 2]
 
 
-@pytest.mark.parametrize("b_kind, fast_cells, jit", paths.both(
-    [("gru", "auto"), ("lstm", "auto"), ("gru", False), ("lstm", False)], auto=[("lstm", False)]))
+# quick: lstm on the default, gru with both fast_cells on the plain path; the other plain lstm cases run with -m slow
+@pytest.mark.parametrize("b_kind, fast_cells, jit", _quick(paths.both(
+    [("gru", "auto"), ("lstm", "auto"), ("gru", False), ("lstm", False)], auto=[("lstm", False)]),
+    "lstm-False-auto", "gru-auto-plain", "gru-False-plain"))
 def test_state_init_ir(b_kind, fast_cells, jit):
     b = builders.step_b(b_kind, units=4)  # state size == H == 4
     cascade = Cascade(builders.model_a(), b, state_init="ir", fast_cells=fast_cells, jit_compile=jit)
@@ -140,8 +154,11 @@ def test_hand_worked_values(jit):
 FORMS_STATES = [(b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
 
 
-@pytest.mark.parametrize("b_kind, state, jit", paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")],
-                                                             pairs=True))
+# quick: one case on the default, two plain ones (every form of B and each state between them); the rest run with
+# -m slow
+@pytest.mark.parametrize("b_kind, state, jit", _quick(
+    paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")], pairs=True),
+    "lstm-reset-auto", "gru-reset-plain", "sequence-carry-plain"))
 def test_eager_and_tf_function_agree(b_kind, state, jit):
     """The eager path (`run_eagerly=True`), the compiled eager call and a caller's tf.function agree."""
     a, b = builders.model_a(), make_b(b_kind)
@@ -171,8 +188,10 @@ def gradients(cascade, x, steps, compute):
 GRADIENT_GRID = [(b, s, c) for c in (False, True) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
 
 
-@pytest.mark.parametrize("b_kind, state, compiled, jit", paths.both(
-    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True))
+# quick: two cases per path, each state and compiled on each path, every form of B; the rest run with -m slow
+@pytest.mark.parametrize("b_kind, state, compiled, jit", _quick(paths.both(
+    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True),
+    "lstm-reset-True-auto", "gru-carry-True-auto", "lstm-carry-False-plain", "sequence-reset-True-plain"))
 def test_gradients_equal_reference(b_kind, state, compiled, jit):
     cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
@@ -191,7 +210,9 @@ def test_gradients_equal_reference(b_kind, state, compiled, jit):
     assert cascade.a_compiled is (jit == "auto")
 
 
-@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+# quick: one case per path, each state once; carry on the plain path runs with -m slow
+@pytest.mark.parametrize("state, jit", _quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+                                              "carry-auto", "reset-plain"))
 def test_finite_differences(state, jit):
     """Central differences in float64 on a tiny cascade agree with the tape (on the default: the differences
     from the loop compiled whole, the tape's gradient from the plain loop)."""
@@ -516,9 +537,10 @@ def test_run_eagerly_runs_every_call_eagerly():
     assert cascade.a_compiled is False and cascade.a_compiled_in_training is False
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_eager_call_under_a_tape_equals_the_eager_path(b_kind, state):
+# quick: each state and each form of B once; carry with gru and reset with sequence run with -m slow
+@pytest.mark.parametrize("state, b_kind", [("reset", "gru"), pytest.param("reset", "sequence", marks=pytest.mark.slow),
+                                           pytest.param("carry", "gru", marks=pytest.mark.slow), ("carry", "sequence")])
+def test_eager_call_under_a_tape_equals_the_eager_path(state, b_kind):
     """The compiled eager call gives the values and gradients of `run_eagerly=True`, which the reference checks."""
     a, b = builders.model_a("lstm"), make_b(b_kind)
     x = builders.inputs(3, 4)

@@ -8,6 +8,13 @@ import pytest
 
 import builders
 import paths
+
+
+def _quick(params, *kept):
+    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
+    assert set(kept) <= {param.id for param in params}, kept
+    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
+                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
 import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
@@ -73,9 +80,12 @@ def _search_two_tokens(a, b, x, state, **settings):
     raise AssertionError("no two tokens stop different pairs")
 
 
-@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(
+# quick: one case on the default, two plain ones (each form of B, state and exclude between them); the rest run
+# with -m slow
+@pytest.mark.parametrize("b_kind, state, exclude, jit", _quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", True), ("lstm", "carry", False)], pairs=True))
+    auto=[("gru", "reset", True), ("lstm", "carry", False)], pairs=True),
+    "gru-reset-True-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
 def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)
@@ -90,7 +100,9 @@ def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
     paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+# quick: one case per path, each state once; carry on the plain path runs with -m slow
+@pytest.mark.parametrize("state, jit", _quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+                                              "carry-auto", "reset-plain"))
 def test_several_sampled_tokens_with_feedback_equal_reference(state, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
     x = builders.inputs(4, 5)
