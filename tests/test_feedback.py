@@ -197,7 +197,8 @@ def test_token_stop_rule_equals_reference(state, start, exclude, jit):
     paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry (its state carried between pairs as well); reset runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_eager_equals_tf_function(state):
     a, b = models()
     x, targets = builders.inputs(3, 4), targets_for(STEPS)
@@ -255,7 +256,8 @@ def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells
     assert cascade.a_compiled is (jit == "auto")
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry; reset, which feeds the same values, runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers_values(state):
     a, b = models()
     x, targets = builders.inputs(3, 4), targets_for(STEPS)
@@ -434,7 +436,8 @@ def test_integer_token_targets_are_fed_as_one_hot():
         cascade.run(x, STEPS, targets=np.full(int(STEPS.sum()), O))
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry; reset, which takes the same known-cell path, runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_a_zero_probability_tensor_gives_teacher_forcings_values_and_gradients(state):
     """As the training loop calls it: a scheduled probability of 0, as a tensor, takes the known-cell path."""
     a, b = models("gru", dtype="float64")

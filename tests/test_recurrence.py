@@ -137,7 +137,8 @@ def test_state_init_ir_gradient_flows_into_the_initial_states(b_kind):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry (its initial states passed on untouched); reset runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_no_rows_gives_zero_gradients(state):
     a, b = builders.model_a(), builders.step_b("lstm")
     weights = a.trainable_weights + b.trainable_weights

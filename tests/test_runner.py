@@ -79,9 +79,14 @@ def test_reset_through_b_itself_equals_reference(b_kind, jit):
     paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_all_zero_batch_gives_empty_result_of_the_right_shape(b_kind, state):
+# quick: each form of B once, both states; the other three run with -m slow
+ZERO_QUICK = {("reset", "gru"), ("carry", "lstm"), ("carry", "sequence")}
+
+
+@pytest.mark.parametrize("state, b_kind", [
+    pytest.param(state, b_kind, marks=[] if (state, b_kind) in ZERO_QUICK else [pytest.mark.slow])
+    for state in ("reset", "carry") for b_kind in ("gru", "lstm", "sequence")])
+def test_all_zero_batch_gives_empty_result_of_the_right_shape(state, b_kind):
     cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
     out = assert_matches_reference(cascade, builders.inputs(3, 4), ALL_ZERO)
     assert out.flat_values.shape == (0, 2)
@@ -576,7 +581,8 @@ def taped_twice(cascade, x, steps, **kwargs):
     return values.numpy(), states, grads
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry; reset, whose seed generators are put back the same way, runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_a_persistent_tape_gets_the_eager_paths_gradients_with_dropout_drawn_once(state):
     """Under a persistent tape the compiled call runs unrecorded and its gradient runs it again: with the seed
     generators put back, so that A's and B's dropout masks are the forward's, and left where the forward left them."""
