@@ -9,6 +9,10 @@ import tensorflow as tf
 
 import builders
 import paths
+from cascade_cli.run.cells import backward_problem, fast_path_problem, split_b
+from cascade_cli.errors import ModelError, ParameterError
+from cascade_cli.options import StopRule
+from cascade_cli.run.cascade import Cascade
 
 
 def _quick(params, *kept):
@@ -16,10 +20,7 @@ def _quick(params, *kept):
     assert set(kept) <= {param.id for param in params}, kept
     return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
                          + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-from cascade_cli.run.cells import backward_problem, fast_path_problem, split_b
-from cascade_cli.errors import ModelError, ParameterError
-from cascade_cli.options import StopRule
-from cascade_cli.run.cascade import Cascade
+
 
 STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])
 

@@ -6,13 +6,6 @@ import tensorflow as tf
 
 import builders
 import paths
-
-
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
 import stopref
 from clitools import assert_error, assert_nothing_in, assert_ok, invoke
 from cascade_cli.errors import ParameterError
@@ -21,6 +14,14 @@ from cascade_cli.results_io import read_result, read_result_attrs
 from cascade_cli.run.cascade import Cascade
 from test_cli import direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import counting_b, make_b
+
+
+def _quick(params, *kept):
+    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
+    assert set(kept) <= {param.id for param in params}, kept
+    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
+                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
+
 
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])

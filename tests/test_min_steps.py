@@ -5,6 +5,11 @@ import pytest
 
 import builders
 import paths
+import stopref
+from cascade_cli.errors import ParameterError
+from cascade_cli.options import StopRule
+from cascade_cli.run.cascade import Cascade
+from test_runner import counting_b, make_b
 
 
 def _quick(params, *kept):
@@ -12,11 +17,7 @@ def _quick(params, *kept):
     assert set(kept) <= {param.id for param in params}, kept
     return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
                          + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-import stopref
-from cascade_cli.errors import ParameterError
-from cascade_cli.options import StopRule
-from cascade_cli.run.cascade import Cascade
-from test_runner import counting_b, make_b
+
 
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])

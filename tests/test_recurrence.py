@@ -7,6 +7,9 @@ import tensorflow as tf
 
 import builders
 import paths
+from cascade_cli.run.cells import split_b
+from cascade_cli.run.recurrence import packed_recurrence
+from cascade_cli.run.cascade import Cascade
 
 
 def _quick(params, *kept):
@@ -14,9 +17,7 @@ def _quick(params, *kept):
     assert set(kept) <= {param.id for param in params}, kept
     return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
                          + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-from cascade_cli.run.cells import split_b
-from cascade_cli.run.recurrence import packed_recurrence
-from cascade_cli.run.cascade import Cascade
+
 
 FEATURES, UNITS = 3, 4
 
