@@ -15,13 +15,6 @@ from cascade_cli.options import StopRule
 from cascade_cli.run.cascade import Cascade
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])
 
 
@@ -54,7 +47,7 @@ CELLS = {
 GRID = [(name, state, head) for name in sorted(CELLS) for state in ("reset", "carry") for head in (True, False)]
 
 
-@pytest.mark.parametrize("name, state, head", _quick(
+@pytest.mark.parametrize("name, state, head", paths.quick(
     paths.covering(GRID), "gru-reset-True", "gru-nobias-carry-False", "gru-reset-before-reset-False", "lstm-carry-True",
     "simple-carry-False", "simple-linear-nobias-reset-True", "simple-relu-carry-False"))
 def test_fast_path_equals_calling_b(name, state, head):

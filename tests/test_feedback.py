@@ -16,13 +16,6 @@ STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])  # zeros, a whole z
 O = 3
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 def one_hot(index, size=O):
     row = np.zeros(size)
     row[index] = 1.0
@@ -126,7 +119,7 @@ FREE_AUTO = [("reset", "greedy", "zeros"), ("carry", "identity", "zeros"), ("res
 
 # quick: one case on the default and the covering's three plain ones (each state, sampler and start); the other
 # default cases run with -m slow
-@pytest.mark.parametrize("state, sampler, start, jit", _quick(
+@pytest.mark.parametrize("state, sampler, start, jit", paths.quick(
     paths.both(FREE_GRID, auto=FREE_AUTO, pairs=True), "carry-greedy-token:2-auto", "reset-identity-zeros-plain",
     "reset-identity-token:2-plain", "carry-greedy-previous-plain"))
 def test_free_running_equals_reference(state, sampler, start, jit):
@@ -138,7 +131,7 @@ def test_free_running_equals_reference(state, sampler, start, jit):
 
 # quick: one case on the default, two plain ones (each state; each start on one path or the other); the rest
 # run with -m slow
-@pytest.mark.parametrize("state, start, jit", _quick(paths.both(
+@pytest.mark.parametrize("state, start, jit", paths.quick(paths.both(
     [(s, f) for f in ("zeros", "token:1", "previous") for s in ("reset", "carry")],
     auto=[("reset", "token:1"), ("carry", "previous")], pairs=True),
     "reset-token:1-auto", "carry-zeros-plain", "reset-previous-plain"))
@@ -154,7 +147,7 @@ def test_teacher_forcing_equals_reference(state, start, jit):
 
 # quick: each cell once, each state on the plain path, one case on the default; the other cells and states run
 # with -m slow
-@pytest.mark.parametrize("kind, state, jit", _quick(paths.both(
+@pytest.mark.parametrize("kind, state, jit", paths.quick(paths.both(
     [(k, s) for s in ("reset", "carry") for k in ("simple", "gru", "lstm")],
     auto=[("simple", "carry"), ("lstm", "reset")], pairs=True), "simple-carry-auto", "gru-reset-plain",
     "lstm-carry-plain"))
@@ -177,7 +170,7 @@ def test_stateless_feedback_b(jit):
 
 
 # quick: one case per path, between them each state, start and exclude; the rest run with -m slow
-@pytest.mark.parametrize("state, start, exclude, jit", _quick(paths.both(
+@pytest.mark.parametrize("state, start, exclude, jit", paths.quick(paths.both(
     [(s, f, e) for e in (False, True) for f in ("zeros", "previous") for s in ("reset", "carry")],
     auto=[("reset", "zeros", False), ("carry", "previous", True)], pairs=True),  # each state, start, exclude once
     "reset-zeros-False-auto", "carry-previous-True-plain"))
@@ -230,7 +223,7 @@ HALF = [(kind, state, start, fast_cells) for kind in ("gru", "lstm") for state i
 
 # quick: one case on the default, two plain ones (each kind, state, start and fast_cells on the plain path); the
 # rest run with -m slow
-@pytest.mark.parametrize("kind, state, start, fast_cells, jit", _quick(paths.both(
+@pytest.mark.parametrize("kind, state, start, fast_cells, jit", paths.quick(paths.both(
     HALF, auto=[("gru", "reset", "zeros", False), ("lstm", "carry", "previous", "auto")], pairs=True),
     "lstm-carry-previous-auto-auto", "lstm-reset-previous-False-plain", "gru-carry-zeros-auto-plain"))
 def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells, jit):
@@ -285,7 +278,7 @@ def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers
 
 
 # quick: one case per path, each state once; carry on the plain path runs with -m slow
-@pytest.mark.parametrize("state, jit", _quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+@pytest.mark.parametrize("state, jit", paths.quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
                                               "carry-auto", "reset-plain"))
 def test_scheduled_sampling_gradient_skips_the_fed_samples(state, jit):
     a, b = models(dtype="float64")
@@ -384,7 +377,7 @@ CELL_STARTS = [(kind, state, start) for kind in ("simple", "gru", "lstm") for st
                for start in ("zeros", "token:1", "previous")]
 
 
-@pytest.mark.parametrize("kind, state, start", _quick(
+@pytest.mark.parametrize("kind, state, start", paths.quick(
     paths.covering(CELL_STARTS), "simple-carry-previous", "gru-reset-zeros", "lstm-reset-token:1"))
 def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypatch):
     from cascade_cli.run import feedback as module

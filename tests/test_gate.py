@@ -16,13 +16,6 @@ from test_cli import direct, files, generate  # noqa: F401 - `files` is test_cli
 from test_runner import counting_b, make_b
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 O = 3  # two outputs and the gate
@@ -43,7 +36,7 @@ def gate(threshold):
 
 # quick: one case on the default, three plain ones (each form of B, state and min_steps on the plain path); the
 # rest run with -m slow
-@pytest.mark.parametrize("b_kind, state, min_steps, jit", _quick(paths.both(
+@pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.quick(paths.both(
     [(b, s, m) for m in (0, 3) for b, s in [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")]],
     auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True),
     "gru-reset-3-auto", "gru-carry-0-plain", "lstm-carry-3-plain", "sequence-reset-0-plain"))
@@ -64,7 +57,7 @@ def test_gate_equals_reference(b_kind, state, min_steps, jit):
 
 
 # quick: one case per path, each state and min_steps once; the other four run with -m slow
-@pytest.mark.parametrize("state, min_steps, jit", _quick(paths.both(
+@pytest.mark.parametrize("state, min_steps, jit", paths.quick(paths.both(
     [(s, m) for m in (0, 2) for s in ("reset", "carry")], auto=[("reset", 0), ("carry", 2)]),
     "reset-0-auto", "carry-2-plain"))
 def test_gate_with_feedback_equals_reference(state, min_steps, jit):

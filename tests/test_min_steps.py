@@ -12,13 +12,6 @@ from cascade_cli.run.cascade import Cascade
 from test_runner import counting_b, make_b
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 
@@ -42,7 +35,7 @@ def check(cascade, x, caps, **kwargs):
 
 # quick: one case on the default, two plain ones (each state, exclude and form of B on the plain path); the rest
 # run with -m slow
-@pytest.mark.parametrize("b_kind, state, exclude, jit", _quick(paths.both(
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")]],
     auto=[("gru", "reset", True), ("gru", "carry", False)], pairs=True),
     "gru-reset-True-auto", "gru-carry-True-plain", "sequence-reset-False-plain"))
@@ -62,7 +55,7 @@ def test_min_steps_equals_reference(b_kind, state, exclude, jit):
 
 # quick: one case per path, each state once (greedy: a min_steps step must not stop on the sampled token); the
 # identity sampler's cases run with -m slow
-@pytest.mark.parametrize("state, sampler, jit", _quick(paths.both(
+@pytest.mark.parametrize("state, sampler, jit", paths.quick(paths.both(
     [(s, m) for m in ("identity", "greedy") for s in ("reset", "carry")],
     auto=[("reset", "greedy"), ("carry", "identity")], pairs=True), "reset-greedy-auto", "carry-greedy-plain"))
 def test_min_steps_with_feedback_equals_reference(state, sampler, jit):

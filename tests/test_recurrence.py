@@ -12,13 +12,6 @@ from cascade_cli.run.recurrence import packed_recurrence
 from cascade_cli.run.cascade import Cascade
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 FEATURES, UNITS = 3, 4
 
 
@@ -188,7 +181,7 @@ CAPTURED_CASES = [(kind, "reset", "ir", *way) for kind in ("simple", "gru", "lst
     for j, state in enumerate(("reset", "carry")) for way in WAYS[2 * j:2 * j + 2]]
 
 
-@pytest.mark.parametrize("b_kind, state, state_init, steps_given, tape_at", _quick(
+@pytest.mark.parametrize("b_kind, state, state_init, steps_given, tape_at", paths.quick(
     paths.covering(CAPTURED_CASES), "gru-reset-ir-captured-inside", "lstm-reset-ir-argument-around",
     "simple-carry-zeros-argument-inside", "gru-carry-zeros-captured-around"))
 def test_gradients_inside_tf_function_with_steps_captured_or_passed(b_kind, state, state_init, steps_given, tape_at):

@@ -21,13 +21,6 @@ SHARED = np.array([2, 0, 3, 1])
 ALL_ZERO = np.zeros((3, 4), np.int64)
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 def make_b(kind, **kwargs):
     return builders.sequence_b(**kwargs) if kind == "sequence" else builders.step_b(kind, **kwargs)
 
@@ -54,7 +47,7 @@ VALUE_AUTO = [("simple", "gru", "reset"), ("gru", "lstm", "reset"), ("lstm", "se
 
 # quick: 4 of the covering's 10, two per path: between them every form of B, each state on each path; the rest
 # run with -m slow
-@pytest.mark.parametrize("a_kind, b_kind, state, jit", _quick(
+@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.quick(
     paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True), "simple-gru-reset-auto", "gru-sequence-carry-auto",
     "lstm-sequence-reset-plain", "gru-lstm-carry-plain"))
 def test_values_equal_reference(a_kind, b_kind, state, jit):
@@ -69,7 +62,7 @@ def test_values_equal_reference(a_kind, b_kind, state, jit):
 
 
 # quick: one cell per path, each cell once; the other two run with -m slow
-@pytest.mark.parametrize("b_kind, jit", _quick(paths.both([("gru",), ("lstm",)]), "lstm-auto", "gru-plain"))
+@pytest.mark.parametrize("b_kind, jit", paths.quick(paths.both([("gru",), ("lstm",)]), "lstm-auto", "gru-plain"))
 def test_reset_through_b_itself_equals_reference(b_kind, jit):
     """`fast_cells=False`: B is called at every step, under XLA the masked loop of `(n, t)` pairs."""
     cascade = Cascade(builders.model_a(), make_b(b_kind), fast_cells=False, jit_compile=jit)
@@ -101,7 +94,7 @@ def test_zero_outer_steps(b_kind, state):
 
 
 # quick: lstm on the default, gru with both fast_cells on the plain path; the other plain lstm cases run with -m slow
-@pytest.mark.parametrize("b_kind, fast_cells, jit", _quick(paths.both(
+@pytest.mark.parametrize("b_kind, fast_cells, jit", paths.quick(paths.both(
     [("gru", "auto"), ("lstm", "auto"), ("gru", False), ("lstm", False)], auto=[("lstm", False)]),
     "lstm-False-auto", "gru-auto-plain", "gru-False-plain"))
 def test_state_init_ir(b_kind, fast_cells, jit):
@@ -161,7 +154,7 @@ FORMS_STATES = [(b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "seq
 
 # quick: one case on the default, two plain ones (every form of B and each state between them); the rest run with
 # -m slow
-@pytest.mark.parametrize("b_kind, state, jit", _quick(
+@pytest.mark.parametrize("b_kind, state, jit", paths.quick(
     paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")], pairs=True),
     "lstm-reset-auto", "gru-reset-plain", "sequence-carry-plain"))
 def test_eager_and_tf_function_agree(b_kind, state, jit):
@@ -194,7 +187,7 @@ GRADIENT_GRID = [(b, s, c) for c in (False, True) for s in ("reset", "carry") fo
 
 
 # quick: two cases per path, each state and compiled on each path, every form of B; the rest run with -m slow
-@pytest.mark.parametrize("b_kind, state, compiled, jit", _quick(paths.both(
+@pytest.mark.parametrize("b_kind, state, compiled, jit", paths.quick(paths.both(
     GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True),
     "lstm-reset-True-auto", "gru-carry-True-auto", "lstm-carry-False-plain", "sequence-reset-True-plain"))
 def test_gradients_equal_reference(b_kind, state, compiled, jit):
@@ -216,7 +209,7 @@ def test_gradients_equal_reference(b_kind, state, compiled, jit):
 
 
 # quick: one case per path, each state once; carry on the plain path runs with -m slow
-@pytest.mark.parametrize("state, jit", _quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+@pytest.mark.parametrize("state, jit", paths.quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
                                               "carry-auto", "reset-plain"))
 def test_finite_differences(state, jit):
     """Central differences in float64 on a tiny cascade agree with the tape (on the default: the differences

@@ -18,13 +18,6 @@ from test_cli import STEPS, direct, files, generate  # noqa: F401 - `files` is t
 from test_runner import make_b
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 O = 4
@@ -83,7 +76,7 @@ def _search_two_tokens(a, b, x, state, **settings):
 
 # quick: one case on the default, two plain ones (each form of B, state and exclude between them); the rest run
 # with -m slow
-@pytest.mark.parametrize("b_kind, state, exclude, jit", _quick(paths.both(
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("lstm", "carry"), ("sequence", "reset")]],
     auto=[("gru", "reset", True), ("lstm", "carry", False)], pairs=True),
     "gru-reset-True-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
@@ -102,7 +95,7 @@ def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
 
 
 # quick: one case per path, each state once; carry on the plain path runs with -m slow
-@pytest.mark.parametrize("state, jit", _quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+@pytest.mark.parametrize("state, jit", paths.quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
                                               "carry-auto", "reset-plain"))
 def test_several_sampled_tokens_with_feedback_equal_reference(state, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)

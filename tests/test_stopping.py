@@ -11,13 +11,6 @@ from cascade_cli.run.cascade import Cascade, StopRule
 from test_runner import counting_b, make_b
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 
@@ -50,7 +43,7 @@ FORMS_AND_STATES = [("gru", "reset"), ("gru", "carry"), ("lstm", "reset"), ("lst
 
 # quick: one case on the default, two plain ones (each state, exclude and form of B between them); the rest run
 # with -m slow
-@pytest.mark.parametrize("b_kind, state, exclude, jit", _quick(paths.both(  # sequence + carry is refused, tested below
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(  # sequence + carry is refused, tested below
     [(b, s, e) for e in (False, True) for b, s in FORMS_AND_STATES],
     auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)], pairs=True),
     "gru-reset-False-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
@@ -70,7 +63,7 @@ def test_norm_rule_equals_reference(b_kind, state, exclude, jit):
 
 
 # quick: gru carry on the default, sequence reset on the plain path; the plain gru cases run with -m slow
-@pytest.mark.parametrize("b_kind, state, jit", _quick(
+@pytest.mark.parametrize("b_kind, state, jit", paths.quick(
     paths.both([("gru", "reset"), ("gru", "carry"), ("sequence", "reset")], auto=[("gru", "carry")]),
     "gru-carry-auto", "sequence-reset-plain"))
 def test_token_rule_equals_reference(b_kind, state, jit):

@@ -20,13 +20,6 @@ from tests import builders, paths, stopref
 N, TA = 3, 5
 
 
-def _quick(params, *kept):
-    """`params` (`pytest.param`s) with the cases `kept` (ids) in the default suite and the others marked slow."""
-    assert set(kept) <= {param.id for param in params}, kept
-    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
-                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
-
-
 def state_a(*, features=3, units=4, seed=0, kind="gru"):
     """A in state form: `[x (batch, Ta, F), *states] -> [ir (batch, Ta, H), *states]` (a GRU or LSTM)."""
     layer = {"gru": keras.layers.GRU, "lstm": keras.layers.LSTM}[kind]
@@ -171,7 +164,7 @@ def test_state_form_of_a_plain_a_equals_it_in_windows():
 
 
 # quick: the state form on the default, whole on the plain path; the state form on the plain path runs with -m slow
-@pytest.mark.parametrize("kind, jit", _quick(paths.both([("state form",), ("whole",)], auto=[("state form",)]),
+@pytest.mark.parametrize("kind, jit", paths.quick(paths.both([("state form",), ("whole",)], auto=[("state form",)]),
                                              "state form-auto", "whole-plain"))
 def test_windows_of_a_plain_a(kind, jit):
     """`Windows` (generate --window): a plain A runs through its state form, or else whole once, B in windows.
