@@ -7,7 +7,8 @@
 
 A large grid keeps in the default suite a covering subset (`pairwise`): every value of each parameter and every
 pair of values of two parameters, the path included, in at least one case; the others are marked `slow` and run
-with `-m slow`. `both(cases, pairs=True)` and `covering(cases)` choose it.
+with `-m slow`. `both(cases, pairs=True)` and `covering(cases)` choose it; `quick(params, *ids)` keeps fewer
+where that costs too much (the quick suite must stay well under 15 minutes on 2 cores).
 """
 
 import pytest
@@ -75,6 +76,14 @@ def both(cases, *, auto=None, pairs=False, keep=()):
         marks = [pytest.mark.xla] if case[-1] == "auto" else []
         params.append(_param(case, label=label, default=case in kept, marks=marks))
     return params
+
+
+def quick(params, *kept):
+    """`params` (`pytest.param`s, e.g. of `both` or `covering`) with the cases whose ids are in `kept` in the default
+    suite and the others marked `slow`: a grid whose pairwise covering still costs too much keeps these few."""
+    assert set(kept) <= {param.id for param in params}, kept
+    return [pytest.param(*param.values, id=param.id, marks=[mark for mark in param.marks if mark.name != "slow"]
+                         + ([] if param.id in kept else [pytest.mark.slow])) for param in params]
 
 
 def assert_path(cascade, jit, *, loop=True):

@@ -61,7 +61,9 @@ def assert_same(got, want):
 # ------------------------------------------------------------------ against the exhaustive search
 
 
-@pytest.mark.parametrize("state, start", [("reset", "zeros"), ("carry", "zeros"), ("reset", "previous"),
+# quick: each state and start once; the other two run with -m slow
+@pytest.mark.parametrize("state, start", [("reset", "zeros"), pytest.param("carry", "zeros", marks=pytest.mark.slow),
+                                          pytest.param("reset", "previous", marks=pytest.mark.slow),
                                           ("carry", "previous")])
 def test_a_wide_beam_is_the_exhaustive_search(models, x, state, start):
     want = beamref.exhaustive(*models, x, MAX, stop_ids=END, state=state, start=start)
@@ -88,7 +90,9 @@ def test_min_steps_and_exclude_stop_step_as_elsewhere(models, x):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: reset; carry runs with -m slow (test_a_wide_beam_is_the_exhaustive_search[carry-previous] runs the beam
+# in carry)
+@pytest.mark.parametrize("state", ["reset", pytest.param("carry", marks=pytest.mark.slow)])
 def test_the_k_best_come_best_first(models, x, state):
     k = 3
     values, lengths, tokens = beam.best(cascade(models, Sampler.beam(WIDE), state=state), x, num_samples=k)

@@ -63,8 +63,10 @@ MODES = {
 }
 
 
+# "carry, max_steps" runs with -m slow: "carry" calls carry and "norm stop" calls with max_steps and no steps
 @pytest.mark.xla
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [pytest.param(mode, marks=pytest.mark.slow) if mode == "carry, max_steps" else mode
+                                  for mode in MODES])
 def test_every_eager_call_of_a_signature_gives_the_full_checks_bits_and_the_tf_function_ones(mode):
     make_b, settings, method, args, kwargs = MODES[mode]
     call = getattr(Cascade(builders.model_a(), make_b(), **settings), method)

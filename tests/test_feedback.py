@@ -117,7 +117,11 @@ FREE_AUTO = [("reset", "greedy", "zeros"), ("carry", "identity", "zeros"), ("res
              ("carry", "greedy", "token:2"), ("reset", "identity", "previous"), ("carry", "greedy", "previous")]
 
 
-@pytest.mark.parametrize("state, sampler, start, jit", paths.both(FREE_GRID, auto=FREE_AUTO, pairs=True))
+# quick: one case on the default and the covering's three plain ones (each state, sampler and start); the other
+# default cases run with -m slow
+@pytest.mark.parametrize("state, sampler, start, jit", paths.quick(
+    paths.both(FREE_GRID, auto=FREE_AUTO, pairs=True), "carry-greedy-token:2-auto", "reset-identity-zeros-plain",
+    "reset-identity-token:2-plain", "carry-greedy-previous-plain"))
 def test_free_running_equals_reference(state, sampler, start, jit):
     a, b = models()
     cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, sampler=sampler, jit_compile=jit)
@@ -125,9 +129,12 @@ def test_free_running_equals_reference(state, sampler, start, jit):
     paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("state, start, jit", paths.both(
+# quick: one case on the default, two plain ones (each state; each start on one path or the other); the rest
+# run with -m slow
+@pytest.mark.parametrize("state, start, jit", paths.quick(paths.both(
     [(s, f) for f in ("zeros", "token:1", "previous") for s in ("reset", "carry")],
-    auto=[("reset", "token:1"), ("carry", "previous")], pairs=True))
+    auto=[("reset", "token:1"), ("carry", "previous")], pairs=True),
+    "reset-token:1-auto", "carry-zeros-plain", "reset-previous-plain"))
 def test_teacher_forcing_equals_reference(state, start, jit):
     a, b = models()
     cascade = Cascade(a, b, feedback=True, state=state, feedback_start=start, jit_compile=jit)
@@ -138,9 +145,12 @@ def test_teacher_forcing_equals_reference(state, start, jit):
     paths.assert_path(cascade, jit)  # teacher forcing keeps the known cell's recurrence; the free run compiles
 
 
-@pytest.mark.parametrize("kind, state, jit", paths.both(
+# quick: each cell once, each state on the plain path, one case on the default; the other cells and states run
+# with -m slow
+@pytest.mark.parametrize("kind, state, jit", paths.quick(paths.both(
     [(k, s) for s in ("reset", "carry") for k in ("simple", "gru", "lstm")],
-    auto=[("simple", "carry"), ("lstm", "reset")], pairs=True))
+    auto=[("simple", "carry"), ("lstm", "reset")], pairs=True), "simple-carry-auto", "gru-reset-plain",
+    "lstm-carry-plain"))
 def test_cells_equal_reference(kind, state, jit):
     a, b = models(kind)
     cascade = Cascade(a, b, feedback=True, state=state, sampler="greedy", feedback_start="previous",
@@ -159,9 +169,11 @@ def test_stateless_feedback_b(jit):
     paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("state, start, exclude, jit", paths.both(
+# quick: one case per path, between them each state, start and exclude; the rest run with -m slow
+@pytest.mark.parametrize("state, start, exclude, jit", paths.quick(paths.both(
     [(s, f, e) for e in (False, True) for f in ("zeros", "previous") for s in ("reset", "carry")],
-    auto=[("reset", "zeros", False), ("carry", "previous", True)], pairs=True))  # each state, start, exclude once
+    auto=[("reset", "zeros", False), ("carry", "previous", True)], pairs=True),  # each state, start, exclude once
+    "reset-zeros-False-auto", "carry-previous-True-plain"))
 def test_token_stop_rule_equals_reference(state, start, exclude, jit):
     a, b = models()
     x = builders.inputs(4, 3, seed=5)
@@ -178,7 +190,8 @@ def test_token_stop_rule_equals_reference(state, start, exclude, jit):
     paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry (its state carried between pairs as well); reset runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_eager_equals_tf_function(state):
     a, b = models()
     x, targets = builders.inputs(3, 4), targets_for(STEPS)
@@ -208,8 +221,11 @@ HALF = [(kind, state, start, fast_cells) for kind in ("gru", "lstm") for state i
         if (kind == "lstm") ^ (state == "carry") ^ (start == "previous") ^ (fast_cells is False)]
 
 
-@pytest.mark.parametrize("kind, state, start, fast_cells, jit", paths.both(
-    HALF, auto=[("gru", "reset", "zeros", False), ("lstm", "carry", "previous", "auto")], pairs=True))
+# quick: one case on the default, two plain ones (each kind, state, start and fast_cells on the plain path); the
+# rest run with -m slow
+@pytest.mark.parametrize("kind, state, start, fast_cells, jit", paths.quick(paths.both(
+    HALF, auto=[("gru", "reset", "zeros", False), ("lstm", "carry", "previous", "auto")], pairs=True),
+    "lstm-carry-previous-auto-auto", "lstm-reset-previous-False-plain", "gru-carry-zeros-auto-plain"))
 def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells, jit):
     a, b = models(kind, dtype="float64")
     x = builders.inputs(3, 4).astype("float64")
@@ -233,7 +249,8 @@ def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells
     assert cascade.a_compiled is (jit == "auto")
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry; reset, which feeds the same values, runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers_values(state):
     a, b = models()
     x, targets = builders.inputs(3, 4), targets_for(STEPS)
@@ -260,7 +277,9 @@ def test_sampling_probability_zero_is_teacher_forcing_and_one_feeds_the_samplers
     assert not np.allclose(half, forced) and not np.allclose(half, free)
 
 
-@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+# quick: one case per path, each state once; carry on the plain path runs with -m slow
+@pytest.mark.parametrize("state, jit", paths.quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+                                              "carry-auto", "reset-plain"))
 def test_scheduled_sampling_gradient_skips_the_fed_samples(state, jit):
     a, b = models(dtype="float64")
     x, targets = builders.inputs(3, 4).astype("float64"), targets_for(STEPS, dtype="float64")
@@ -352,13 +371,14 @@ def test_sampler_object_and_categorical_run():
     assert not np.array_equal(one[2].numpy(), other[2].numpy())
 
 
-# the default suite keeps a pairwise covering (9 of 18): every cell with every start, and each of them in both
-# states; the other 9 run with -m slow
+# the default suite keeps 3 of 18: each cell once, between them each start and both states; the other 15 (the
+# pairwise covering's other cell-start pairs among them) run with -m slow
 CELL_STARTS = [(kind, state, start) for kind in ("simple", "gru", "lstm") for state in ("reset", "carry")
                for start in ("zeros", "token:1", "previous")]
 
 
-@pytest.mark.parametrize("kind, state, start", paths.covering(CELL_STARTS))
+@pytest.mark.parametrize("kind, state, start", paths.quick(
+    paths.covering(CELL_STARTS), "simple-carry-previous", "gru-reset-zeros", "lstm-reset-token:1"))
 def test_teacher_forcing_takes_the_known_cell_path(kind, state, start, monkeypatch):
     from cascade_cli.run import feedback as module
 
@@ -409,7 +429,8 @@ def test_integer_token_targets_are_fed_as_one_hot():
         cascade.run(x, STEPS, targets=np.full(int(STEPS.sum()), O))
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry; reset, which takes the same known-cell path, runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_a_zero_probability_tensor_gives_teacher_forcings_values_and_gradients(state):
     """As the training loop calls it: a scheduled probability of 0, as a tensor, takes the known-cell path."""
     a, b = models("gru", dtype="float64")

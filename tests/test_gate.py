@@ -15,6 +15,7 @@ from cascade_cli.run.cascade import Cascade
 from test_cli import direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import counting_b, make_b
 
+
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 O = 3  # two outputs and the gate
@@ -33,9 +34,12 @@ def gate(threshold):
     return lambda y, *token: stopref.sigmoid(y[-1]) >= threshold
 
 
-@pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.both(
+# quick: one case on the default, three plain ones (each form of B, state and min_steps on the plain path); the
+# rest run with -m slow
+@pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.quick(paths.both(
     [(b, s, m) for m in (0, 3) for b, s in [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True))
+    auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True),
+    "gru-reset-3-auto", "gru-carry-0-plain", "lstm-carry-3-plain", "sequence-reset-0-plain"))
 def test_gate_equals_reference(b_kind, state, min_steps, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)
@@ -52,8 +56,10 @@ def test_gate_equals_reference(b_kind, state, min_steps, jit):
     paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("state, min_steps, jit", paths.both(
-    [(s, m) for m in (0, 2) for s in ("reset", "carry")], auto=[("reset", 0), ("carry", 2)]))
+# quick: one case per path, each state and min_steps once; the other four run with -m slow
+@pytest.mark.parametrize("state, min_steps, jit", paths.quick(paths.both(
+    [(s, m) for m in (0, 2) for s in ("reset", "carry")], auto=[("reset", 0), ("carry", 2)]),
+    "reset-0-auto", "carry-2-plain"))
 def test_gate_with_feedback_equals_reference(state, min_steps, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
     x = builders.inputs(4, 5)

@@ -11,6 +11,7 @@ from cascade_cli.run.cells import split_b
 from cascade_cli.run.recurrence import packed_recurrence
 from cascade_cli.run.cascade import Cascade
 
+
 FEATURES, UNITS = 3, 4
 
 
@@ -114,7 +115,9 @@ def test_only_known_derivatives_get_a_hand_written_gradient():
     assert split_b(cell_b(seeded(keras.layers.LSTMCell, "float32"))).backward is not None
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "lstm"])
+# quick: lstm (two initial states); gru runs with -m slow, its 'ir' values on both paths in test_runner's
+# test_state_init_ir and its 'ir' gradient in test_gradients_inside_tf_function_with_steps_captured_or_passed
+@pytest.mark.parametrize("b_kind", [pytest.param("gru", marks=pytest.mark.slow), "lstm"])
 def test_state_init_ir_gradient_flows_into_the_initial_states(b_kind):
     """With state_init='ir' the IR reaches B through the initial states too; the hand-written path must say so."""
     a, b = builders.model_a(), builders.step_b(b_kind, units=4)
@@ -128,7 +131,8 @@ def test_state_init_ir_gradient_flows_into_the_initial_states(b_kind):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry (its initial states passed on untouched); reset runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_no_rows_gives_zero_gradients(state):
     a, b = builders.model_a(), builders.step_b("lstm")
     weights = a.trainable_weights + b.trainable_weights
@@ -170,14 +174,16 @@ def test_gradients_with_trailing_zero_pairs_equal_calling_b(state):
 # how steps are given and where the tape is: each pair of WAYS has both of each
 WAYS = [("captured", "inside"), ("argument", "around"), ("captured", "around"), ("argument", "inside")]
 # state_init='ir', where issue 17 failed: all four ways; 'zeros': two ways per case, the other two in the other state.
-# The default suite keeps a pairwise covering (9 of 24): every cell with 'ir' and steps captured, each way with
-# each cell, state and start; the other 15 run with -m slow.
+# The default suite keeps 4 of 24: each cell, state, start and way once, 'ir' with steps captured among them; the
+# other 20 (the rest of the pairwise covering among them: the other cells with 'ir' captured) run with -m slow.
 CAPTURED_CASES = [(kind, "reset", "ir", *way) for kind in ("simple", "gru", "lstm") for way in WAYS] + [
     (kind, state, "zeros", *way) for kind in ("simple", "gru", "lstm")
     for j, state in enumerate(("reset", "carry")) for way in WAYS[2 * j:2 * j + 2]]
 
 
-@pytest.mark.parametrize("b_kind, state, state_init, steps_given, tape_at", paths.covering(CAPTURED_CASES))
+@pytest.mark.parametrize("b_kind, state, state_init, steps_given, tape_at", paths.quick(
+    paths.covering(CAPTURED_CASES), "gru-reset-ir-captured-inside", "lstm-reset-ir-argument-around",
+    "simple-carry-zeros-argument-inside", "gru-carry-zeros-captured-around"))
 def test_gradients_inside_tf_function_with_steps_captured_or_passed(b_kind, state, state_init, steps_given, tape_at):
     """Issue 17: with steps as trace-time constants, Grappler's constant folding gave the backward loop's
     carried gradient the initial states' row count, and padding it by `tf.shape` failed ("Paddings must be

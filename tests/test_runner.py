@@ -45,7 +45,11 @@ VALUE_AUTO = [("simple", "gru", "reset"), ("gru", "lstm", "reset"), ("lstm", "se
               ("lstm", "gru", "carry"), ("simple", "lstm", "carry"), ("gru", "sequence", "carry")]
 
 
-@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True))
+# quick: 4 of the covering's 10, two per path: between them every form of B, each state on each path; the rest
+# run with -m slow
+@pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.quick(
+    paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True), "simple-gru-reset-auto", "gru-sequence-carry-auto",
+    "lstm-sequence-reset-plain", "gru-lstm-carry-plain"))
 def test_values_equal_reference(a_kind, b_kind, state, jit):
     cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
@@ -57,7 +61,8 @@ def test_values_equal_reference(a_kind, b_kind, state, jit):
         assert cascade.loop_compile_problem.startswith("reset mode with given steps through a known cell")
 
 
-@pytest.mark.parametrize("b_kind, jit", paths.both([("gru",), ("lstm",)]))
+# quick: one cell per path, each cell once; the other two run with -m slow
+@pytest.mark.parametrize("b_kind, jit", paths.quick(paths.both([("gru",), ("lstm",)]), "lstm-auto", "gru-plain"))
 def test_reset_through_b_itself_equals_reference(b_kind, jit):
     """`fast_cells=False`: B is called at every step, under XLA the masked loop of `(n, t)` pairs."""
     cascade = Cascade(builders.model_a(), make_b(b_kind), fast_cells=False, jit_compile=jit)
@@ -67,9 +72,14 @@ def test_reset_through_b_itself_equals_reference(b_kind, jit):
     paths.assert_path(cascade, jit)
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "lstm", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_all_zero_batch_gives_empty_result_of_the_right_shape(b_kind, state):
+# quick: each form of B once, both states; the other three run with -m slow
+ZERO_QUICK = {("reset", "gru"), ("carry", "lstm"), ("carry", "sequence")}
+
+
+@pytest.mark.parametrize("state, b_kind", [
+    pytest.param(state, b_kind, marks=[] if (state, b_kind) in ZERO_QUICK else [pytest.mark.slow])
+    for state in ("reset", "carry") for b_kind in ("gru", "lstm", "sequence")])
+def test_all_zero_batch_gives_empty_result_of_the_right_shape(state, b_kind):
     cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
     out = assert_matches_reference(cascade, builders.inputs(3, 4), ALL_ZERO)
     assert out.flat_values.shape == (0, 2)
@@ -83,8 +93,10 @@ def test_zero_outer_steps(b_kind, state):
     assert out.bounding_shape().numpy().tolist() == [2, 0, 0, 2]
 
 
-@pytest.mark.parametrize("b_kind, fast_cells, jit", paths.both(
-    [("gru", "auto"), ("lstm", "auto"), ("gru", False), ("lstm", False)], auto=[("lstm", False)]))
+# quick: lstm on the default, gru with both fast_cells on the plain path; the other plain lstm cases run with -m slow
+@pytest.mark.parametrize("b_kind, fast_cells, jit", paths.quick(paths.both(
+    [("gru", "auto"), ("lstm", "auto"), ("gru", False), ("lstm", False)], auto=[("lstm", False)]),
+    "lstm-False-auto", "gru-auto-plain", "gru-False-plain"))
 def test_state_init_ir(b_kind, fast_cells, jit):
     b = builders.step_b(b_kind, units=4)  # state size == H == 4
     cascade = Cascade(builders.model_a(), b, state_init="ir", fast_cells=fast_cells, jit_compile=jit)
@@ -140,8 +152,11 @@ def test_hand_worked_values(jit):
 FORMS_STATES = [(b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
 
 
-@pytest.mark.parametrize("b_kind, state, jit", paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")],
-                                                             pairs=True))
+# quick: one case on the default, two plain ones (every form of B and each state between them); the rest run with
+# -m slow
+@pytest.mark.parametrize("b_kind, state, jit", paths.quick(
+    paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")], pairs=True),
+    "lstm-reset-auto", "gru-reset-plain", "sequence-carry-plain"))
 def test_eager_and_tf_function_agree(b_kind, state, jit):
     """The eager path (`run_eagerly=True`), the compiled eager call and a caller's tf.function agree."""
     a, b = builders.model_a(), make_b(b_kind)
@@ -171,8 +186,10 @@ def gradients(cascade, x, steps, compute):
 GRADIENT_GRID = [(b, s, c) for c in (False, True) for s in ("reset", "carry") for b in ("gru", "lstm", "sequence")]
 
 
-@pytest.mark.parametrize("b_kind, state, compiled, jit", paths.both(
-    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True))
+# quick: two cases per path, each state and compiled on each path, every form of B; the rest run with -m slow
+@pytest.mark.parametrize("b_kind, state, compiled, jit", paths.quick(paths.both(
+    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True),
+    "lstm-reset-True-auto", "gru-carry-True-auto", "lstm-carry-False-plain", "sequence-reset-True-plain"))
 def test_gradients_equal_reference(b_kind, state, compiled, jit):
     cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state, jit_compile=jit)
     x = builders.inputs(3, 4)
@@ -191,7 +208,9 @@ def test_gradients_equal_reference(b_kind, state, compiled, jit):
     assert cascade.a_compiled is (jit == "auto")
 
 
-@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+# quick: one case per path, each state once; carry on the plain path runs with -m slow
+@pytest.mark.parametrize("state, jit", paths.quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+                                              "carry-auto", "reset-plain"))
 def test_finite_differences(state, jit):
     """Central differences in float64 on a tiny cascade agree with the tape (on the default: the differences
     from the loop compiled whole, the tape's gradient from the plain loop)."""
@@ -516,9 +535,10 @@ def test_run_eagerly_runs_every_call_eagerly():
     assert cascade.a_compiled is False and cascade.a_compiled_in_training is False
 
 
-@pytest.mark.parametrize("b_kind", ["gru", "sequence"])
-@pytest.mark.parametrize("state", ["reset", "carry"])
-def test_eager_call_under_a_tape_equals_the_eager_path(b_kind, state):
+# quick: each state and each form of B once; carry with gru and reset with sequence run with -m slow
+@pytest.mark.parametrize("state, b_kind", [("reset", "gru"), pytest.param("reset", "sequence", marks=pytest.mark.slow),
+                                           pytest.param("carry", "gru", marks=pytest.mark.slow), ("carry", "sequence")])
+def test_eager_call_under_a_tape_equals_the_eager_path(state, b_kind):
     """The compiled eager call gives the values and gradients of `run_eagerly=True`, which the reference checks."""
     a, b = builders.model_a("lstm"), make_b(b_kind)
     x = builders.inputs(3, 4)
@@ -554,7 +574,8 @@ def taped_twice(cascade, x, steps, **kwargs):
     return values.numpy(), states, grads
 
 
-@pytest.mark.parametrize("state", ["reset", "carry"])
+# quick: carry; reset, whose seed generators are put back the same way, runs with -m slow
+@pytest.mark.parametrize("state", [pytest.param("reset", marks=pytest.mark.slow), "carry"])
 def test_a_persistent_tape_gets_the_eager_paths_gradients_with_dropout_drawn_once(state):
     """Under a persistent tape the compiled call runs unrecorded and its gradient runs it again: with the seed
     generators put back, so that A's and B's dropout masks are the forward's, and left where the forward left them."""

@@ -17,6 +17,7 @@ from cascade_cli.run.cascade import Cascade
 from test_cli import STEPS, direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import make_b
 
+
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 O = 4
@@ -73,9 +74,12 @@ def _search_two_tokens(a, b, x, state, **settings):
     raise AssertionError("no two tokens stop different pairs")
 
 
-@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(
+# quick: one case on the default, two plain ones (each form of B, state and exclude between them); the rest run
+# with -m slow
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", True), ("lstm", "carry", False)], pairs=True))
+    auto=[("gru", "reset", True), ("lstm", "carry", False)], pairs=True),
+    "gru-reset-True-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
 def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)
     x = builders.inputs(4, 5)
@@ -90,7 +94,9 @@ def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
     paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("state, jit", paths.both([("reset",), ("carry",)], auto=[("carry",)]))
+# quick: one case per path, each state once; carry on the plain path runs with -m slow
+@pytest.mark.parametrize("state, jit", paths.quick(paths.both([("reset",), ("carry",)], auto=[("carry",)]),
+                                              "carry-auto", "reset-plain"))
 def test_several_sampled_tokens_with_feedback_equal_reference(state, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=O)
     x = builders.inputs(4, 5)

@@ -10,6 +10,7 @@ from cascade_cli.errors import DataError, ParameterError
 from cascade_cli.run.cascade import Cascade, StopRule
 from test_runner import counting_b, make_b
 
+
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 
@@ -40,9 +41,12 @@ def check(cascade, x, steps):
 FORMS_AND_STATES = [("gru", "reset"), ("gru", "carry"), ("lstm", "reset"), ("lstm", "carry"), ("sequence", "reset")]
 
 
-@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.both(  # sequence + carry is refused, tested below
+# quick: one case on the default, two plain ones (each state, exclude and form of B between them); the rest run
+# with -m slow
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(  # sequence + carry is refused, tested below
     [(b, s, e) for e in (False, True) for b, s in FORMS_AND_STATES],
-    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)], pairs=True))
+    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)], pairs=True),
+    "gru-reset-False-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
 def test_norm_rule_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)
@@ -58,8 +62,10 @@ def test_norm_rule_equals_reference(b_kind, state, exclude, jit):
     paths.assert_path(cascade, jit, loop=b_kind != "sequence")
 
 
-@pytest.mark.parametrize("b_kind, state, jit", paths.both([("gru", "reset"), ("gru", "carry"), ("sequence", "reset")],
-                                                         auto=[("gru", "carry")]))
+# quick: gru carry on the default, sequence reset on the plain path; the plain gru cases run with -m slow
+@pytest.mark.parametrize("b_kind, state, jit", paths.quick(
+    paths.both([("gru", "reset"), ("gru", "carry"), ("sequence", "reset")], auto=[("gru", "carry")]),
+    "gru-carry-auto", "sequence-reset-plain"))
 def test_token_rule_equals_reference(b_kind, state, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
     x = builders.inputs(4, 5)

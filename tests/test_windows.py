@@ -111,8 +111,10 @@ def _case(case, mode):
     return cascade, b, steps
 
 
-@pytest.mark.parametrize("mode", ["reset", "carry"])
-@pytest.mark.parametrize("case", sorted(CASES))
+# quick: each case once, carry (a state across windows) for two of them; the other three run with -m slow
+@pytest.mark.parametrize("case, mode", [pytest.param(case, mode, marks=[] if (case, mode) in {
+    ("feedback", "carry"), ("given", "carry"), ("stop", "reset")} else [pytest.mark.slow]) for case in sorted(CASES)
+    for mode in ("reset", "carry")])
 def test_windows_equal_the_whole_run(case, mode):
     cascade, b, steps = _case(case, mode)
     x = builders.inputs(N, TA)
@@ -161,7 +163,9 @@ def test_state_form_of_a_plain_a_equals_it_in_windows():
     assert state_form(bidirectional) is None
 
 
-@pytest.mark.parametrize("kind, jit", paths.both([("state form",), ("whole",)], auto=[("state form",)]))
+# quick: the state form on the default, whole on the plain path; the state form on the plain path runs with -m slow
+@pytest.mark.parametrize("kind, jit", paths.quick(paths.both([("state form",), ("whole",)], auto=[("state form",)]),
+                                             "state form-auto", "whole-plain"))
 def test_windows_of_a_plain_a(kind, jit):
     """`Windows` (generate --window): a plain A runs through its state form, or else whole once, B in windows.
 
