@@ -14,7 +14,6 @@ from cascade_cli.errors import ModelError, ParameterError
 from cascade_cli.options import StopRule
 from cascade_cli.run.cascade import Cascade
 
-
 STEPS = np.array([[3, 0, 2, 1], [0, 0, 0, 0], [1, 4, 0, 2]])
 
 

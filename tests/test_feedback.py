@@ -117,10 +117,9 @@ FREE_AUTO = [("reset", "greedy", "zeros"), ("carry", "identity", "zeros"), ("res
              ("carry", "greedy", "token:2"), ("reset", "identity", "previous"), ("carry", "greedy", "previous")]
 
 
-# quick: one case on the default and the covering's three plain ones (each state, sampler and start); the other
-# default cases run with -m slow
+# quick: one case on the default and three plain ones (each state, sampler and start); the rest run with -m slow
 @pytest.mark.parametrize("state, sampler, start, jit", paths.quick(
-    paths.both(FREE_GRID, auto=FREE_AUTO, pairs=True), "carry-greedy-token:2-auto", "reset-identity-zeros-plain",
+    paths.both(FREE_GRID, auto=FREE_AUTO), "carry-greedy-token:2-auto", "reset-identity-zeros-plain",
     "reset-identity-token:2-plain", "carry-greedy-previous-plain"))
 def test_free_running_equals_reference(state, sampler, start, jit):
     a, b = models()
@@ -133,7 +132,7 @@ def test_free_running_equals_reference(state, sampler, start, jit):
 # run with -m slow
 @pytest.mark.parametrize("state, start, jit", paths.quick(paths.both(
     [(s, f) for f in ("zeros", "token:1", "previous") for s in ("reset", "carry")],
-    auto=[("reset", "token:1"), ("carry", "previous")], pairs=True),
+    auto=[("reset", "token:1"), ("carry", "previous")]),
     "reset-token:1-auto", "carry-zeros-plain", "reset-previous-plain"))
 def test_teacher_forcing_equals_reference(state, start, jit):
     a, b = models()
@@ -149,7 +148,7 @@ def test_teacher_forcing_equals_reference(state, start, jit):
 # with -m slow
 @pytest.mark.parametrize("kind, state, jit", paths.quick(paths.both(
     [(k, s) for s in ("reset", "carry") for k in ("simple", "gru", "lstm")],
-    auto=[("simple", "carry"), ("lstm", "reset")], pairs=True), "simple-carry-auto", "gru-reset-plain",
+    auto=[("simple", "carry"), ("lstm", "reset")]), "simple-carry-auto", "gru-reset-plain",
     "lstm-carry-plain"))
 def test_cells_equal_reference(kind, state, jit):
     a, b = models(kind)
@@ -172,7 +171,7 @@ def test_stateless_feedback_b(jit):
 # quick: one case per path, between them each state, start and exclude; the rest run with -m slow
 @pytest.mark.parametrize("state, start, exclude, jit", paths.quick(paths.both(
     [(s, f, e) for e in (False, True) for f in ("zeros", "previous") for s in ("reset", "carry")],
-    auto=[("reset", "zeros", False), ("carry", "previous", True)], pairs=True),  # each state, start, exclude once
+    auto=[("reset", "zeros", False), ("carry", "previous", True)]),  # each state, start, exclude once
     "reset-zeros-False-auto", "carry-previous-True-plain"))
 def test_token_stop_rule_equals_reference(state, start, exclude, jit):
     a, b = models()
@@ -224,7 +223,7 @@ HALF = [(kind, state, start, fast_cells) for kind in ("gru", "lstm") for state i
 # quick: one case on the default, two plain ones (each kind, state, start and fast_cells on the plain path); the
 # rest run with -m slow
 @pytest.mark.parametrize("kind, state, start, fast_cells, jit", paths.quick(paths.both(
-    HALF, auto=[("gru", "reset", "zeros", False), ("lstm", "carry", "previous", "auto")], pairs=True),
+    HALF, auto=[("gru", "reset", "zeros", False), ("lstm", "carry", "previous", "auto")]),
     "lstm-carry-previous-auto-auto", "lstm-reset-previous-False-plain", "gru-carry-zeros-auto-plain"))
 def test_teacher_forced_gradients_equal_reference(kind, state, start, fast_cells, jit):
     a, b = models(kind, dtype="float64")

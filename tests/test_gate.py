@@ -15,7 +15,6 @@ from cascade_cli.run.cascade import Cascade
 from test_cli import direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import counting_b, make_b
 
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 O = 3  # two outputs and the gate
@@ -38,7 +37,7 @@ def gate(threshold):
 # rest run with -m slow
 @pytest.mark.parametrize("b_kind, state, min_steps, jit", paths.quick(paths.both(
     [(b, s, m) for m in (0, 3) for b, s in [("gru", "reset"), ("gru", "carry"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", 3), ("lstm", "carry", 0)], pairs=True),
+    auto=[("gru", "reset", 3), ("lstm", "carry", 0)]),
     "gru-reset-3-auto", "gru-carry-0-plain", "lstm-carry-3-plain", "sequence-reset-0-plain"))
 def test_gate_equals_reference(b_kind, state, min_steps, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)

@@ -11,7 +11,6 @@ from cascade_cli.options import StopRule
 from cascade_cli.run.cascade import Cascade
 from test_runner import counting_b, make_b
 
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 
@@ -37,7 +36,7 @@ def check(cascade, x, caps, **kwargs):
 # run with -m slow
 @pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("gru", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", True), ("gru", "carry", False)], pairs=True),
+    auto=[("gru", "reset", True), ("gru", "carry", False)]),
     "gru-reset-True-auto", "gru-carry-True-plain", "sequence-reset-False-plain"))
 def test_min_steps_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)
@@ -57,7 +56,7 @@ def test_min_steps_equals_reference(b_kind, state, exclude, jit):
 # identity sampler's cases run with -m slow
 @pytest.mark.parametrize("state, sampler, jit", paths.quick(paths.both(
     [(s, m) for m in ("identity", "greedy") for s in ("reset", "carry")],
-    auto=[("reset", "greedy"), ("carry", "identity")], pairs=True), "reset-greedy-auto", "carry-greedy-plain"))
+    auto=[("reset", "greedy"), ("carry", "identity")]), "reset-greedy-auto", "carry-greedy-plain"))
 def test_min_steps_with_feedback_equals_reference(state, sampler, jit):
     a, b = builders.model_a(), builders.feedback_b("gru", output_size=3)
     x = builders.inputs(4, 5)

@@ -11,7 +11,6 @@ from cascade_cli.run.cells import split_b
 from cascade_cli.run.recurrence import packed_recurrence
 from cascade_cli.run.cascade import Cascade
 
-
 FEATURES, UNITS = 3, 4
 
 

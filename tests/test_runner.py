@@ -45,10 +45,9 @@ VALUE_AUTO = [("simple", "gru", "reset"), ("gru", "lstm", "reset"), ("lstm", "se
               ("lstm", "gru", "carry"), ("simple", "lstm", "carry"), ("gru", "sequence", "carry")]
 
 
-# quick: 4 of the covering's 10, two per path: between them every form of B, each state on each path; the rest
-# run with -m slow
+# quick: two cases per path: between them every form of B, each state on each path; the rest run with -m slow
 @pytest.mark.parametrize("a_kind, b_kind, state, jit", paths.quick(
-    paths.both(VALUE_GRID, auto=VALUE_AUTO, pairs=True), "simple-gru-reset-auto", "gru-sequence-carry-auto",
+    paths.both(VALUE_GRID, auto=VALUE_AUTO), "simple-gru-reset-auto", "gru-sequence-carry-auto",
     "lstm-sequence-reset-plain", "gru-lstm-carry-plain"))
 def test_values_equal_reference(a_kind, b_kind, state, jit):
     cascade = Cascade(builders.model_a(a_kind), make_b(b_kind), state=state, jit_compile=jit)
@@ -73,12 +72,9 @@ def test_reset_through_b_itself_equals_reference(b_kind, jit):
 
 
 # quick: each form of B once, both states; the other three run with -m slow
-ZERO_QUICK = {("reset", "gru"), ("carry", "lstm"), ("carry", "sequence")}
-
-
-@pytest.mark.parametrize("state, b_kind", [
-    pytest.param(state, b_kind, marks=[] if (state, b_kind) in ZERO_QUICK else [pytest.mark.slow])
-    for state in ("reset", "carry") for b_kind in ("gru", "lstm", "sequence")])
+@pytest.mark.parametrize("state, b_kind", paths.quick(
+    paths.covering([(state, b_kind) for state in ("reset", "carry") for b_kind in ("gru", "lstm", "sequence")]),
+    "reset-gru", "carry-lstm", "carry-sequence"))
 def test_all_zero_batch_gives_empty_result_of_the_right_shape(state, b_kind):
     cascade = Cascade(builders.model_a(), make_b(b_kind), state=state)
     out = assert_matches_reference(cascade, builders.inputs(3, 4), ALL_ZERO)
@@ -155,7 +151,7 @@ FORMS_STATES = [(b, s) for s in ("reset", "carry") for b in ("gru", "lstm", "seq
 # quick: one case on the default, two plain ones (every form of B and each state between them); the rest run with
 # -m slow
 @pytest.mark.parametrize("b_kind, state, jit", paths.quick(
-    paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")], pairs=True),
+    paths.both(FORMS_STATES, auto=[("lstm", "reset"), ("gru", "carry")]),
     "lstm-reset-auto", "gru-reset-plain", "sequence-carry-plain"))
 def test_eager_and_tf_function_agree(b_kind, state, jit):
     """The eager path (`run_eagerly=True`), the compiled eager call and a caller's tf.function agree."""
@@ -188,7 +184,7 @@ GRADIENT_GRID = [(b, s, c) for c in (False, True) for s in ("reset", "carry") fo
 
 # quick: two cases per path, each state and compiled on each path, every form of B; the rest run with -m slow
 @pytest.mark.parametrize("b_kind, state, compiled, jit", paths.quick(paths.both(
-    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)], pairs=True),
+    GRADIENT_GRID, auto=[("gru", "carry", True), ("lstm", "reset", True), ("sequence", "carry", False)]),
     "lstm-reset-True-auto", "gru-carry-True-auto", "lstm-carry-False-plain", "sequence-reset-True-plain"))
 def test_gradients_equal_reference(b_kind, state, compiled, jit):
     cascade = Cascade(builders.model_a("lstm"), make_b(b_kind), state=state, jit_compile=jit)

@@ -17,7 +17,6 @@ from cascade_cli.run.cascade import Cascade
 from test_cli import STEPS, direct, files, generate  # noqa: F401 - `files` is test_cli's fixture
 from test_runner import make_b
 
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 O = 4
@@ -78,7 +77,7 @@ def _search_two_tokens(a, b, x, state, **settings):
 # with -m slow
 @pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in [("gru", "reset"), ("lstm", "carry"), ("sequence", "reset")]],
-    auto=[("gru", "reset", True), ("lstm", "carry", False)], pairs=True),
+    auto=[("gru", "reset", True), ("lstm", "carry", False)]),
     "gru-reset-True-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
 def test_several_tokens_equal_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=O)

@@ -10,7 +10,6 @@ from cascade_cli.errors import DataError, ParameterError
 from cascade_cli.run.cascade import Cascade, StopRule
 from test_runner import counting_b, make_b
 
-
 MAX_STEPS = 6
 CAPS = np.array([[6, 0, 2, 1, 6], [0, 0, 0, 0, 0], [3, 6, 6, 0, 1], [6, 6, 6, 6, 6]])
 
@@ -42,10 +41,10 @@ FORMS_AND_STATES = [("gru", "reset"), ("gru", "carry"), ("lstm", "reset"), ("lst
 
 
 # quick: one case on the default, two plain ones (each state, exclude and form of B between them); the rest run
-# with -m slow
-@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(  # sequence + carry is refused, tested below
+# with -m slow. Sequence + carry is refused, tested below.
+@pytest.mark.parametrize("b_kind, state, exclude, jit", paths.quick(paths.both(
     [(b, s, e) for e in (False, True) for b, s in FORMS_AND_STATES],
-    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)], pairs=True),
+    auto=[("gru", "reset", False), ("lstm", "carry", True), ("sequence", "reset", True)]),
     "gru-reset-False-auto", "lstm-carry-True-plain", "sequence-reset-False-plain"))
 def test_norm_rule_equals_reference(b_kind, state, exclude, jit):
     a, b = builders.model_a(), make_b(b_kind, output_size=3)

@@ -112,9 +112,9 @@ def _case(case, mode):
 
 
 # quick: each case once, carry (a state across windows) for two of them; the other three run with -m slow
-@pytest.mark.parametrize("case, mode", [pytest.param(case, mode, marks=[] if (case, mode) in {
-    ("feedback", "carry"), ("given", "carry"), ("stop", "reset")} else [pytest.mark.slow]) for case in sorted(CASES)
-    for mode in ("reset", "carry")])
+@pytest.mark.parametrize("case, mode", paths.quick(
+    paths.covering([(case, mode) for case in sorted(CASES) for mode in ("reset", "carry")]),
+    "feedback-carry", "given-carry", "stop-reset"))
 def test_windows_equal_the_whole_run(case, mode):
     cascade, b, steps = _case(case, mode)
     x = builders.inputs(N, TA)
