@@ -73,6 +73,30 @@ def test_fast_path_equals_calling_b(name, state, head):
     np.testing.assert_allclose(results[0][0], expected.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_a_gated_step_on_the_projection_by_gate_gives_b_calls_values(name):
+    """`gated_step` on `by_gate`'s tables (what the loop compiled whole reads: `compiled_loop.KnownStep`) against
+    calling B, three steps on: Keras' own recurrent matmul, so the values agree to float rounding. Only
+    GRUCell(reset_after=False), whose candidate's matmul reads the reset gate, has none."""
+    b = wrapped(CELLS[name](), head=False)
+    split = split_b(b)
+    if name == "gru-reset-before":
+        assert split.gated_step is None
+        return
+    rng = np.random.default_rng(4)
+    states = [tf.constant(rng.normal(size=(6, 5)), tf.float32) for _ in b.inputs[1:]]
+    want = list(states)
+    for t in range(3):
+        x = tf.constant(rng.normal(size=(6, 4)), tf.float32)
+        projected = split.by_gate(x)
+        assert [p.shape for p in projected] == [(6, 5)] * split.gates
+        h, states = split.gated_step(projected, states)
+        y, *want = b([x, *want])
+        np.testing.assert_allclose(h.numpy(), y.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {t}")
+        for got, expected in zip(states, want):
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {t}")
+
+
 def test_models_that_are_not_a_cell_plus_head_are_not_split():
     x, s = keras.Input(shape=(4,)), keras.Input(shape=(5,))
     cell = keras.layers.GRUCell(5)

@@ -137,6 +137,34 @@ def test_carry_rows_in_blocks_of_2_give_each_sample_the_same_bits_in_any_batch()
         assert part.tobytes() == values[splits[lo]:splits[hi]].tobytes(), (lo, hi)
 
 
+@pytest.mark.xla
+def test_the_known_inputs_loop_through_a_known_cell_gives_b_calls_values():
+    """The forward known-inputs loop through a known cell (`xla.known_step`: its projection once per pair, one
+    table per gate, the head at every step) against the same loop calling B whole, and through the cascade against
+    the eager reference."""
+    a, b = builders.model_a(ir_size=16), builders.step_b("lstm", ir_size=16, units=16, output_size=16)
+    cascade = Cascade(a, b, state="carry")
+    known, called = xla.known_step(cascade, False), compiled_loop.KnownStep.called(cascade._b_step(False))
+    caps = tf.constant(np.random.default_rng(5).integers(0, 4, size=(3, 5)), tf.int32)
+    table = tf.constant(np.random.default_rng(6).normal(size=(15, 16)), tf.float32)
+    assert len(known.tables(table)) == 4 and len(called.tables(table)) == 1
+    index, totals = compiled_loop.known_plan(caps, 16, quantum=2)
+
+    def loop(step):
+        return tf.function(lambda table, index, totals: compiled_loop.known_inputs_loop(
+            step, table, index, totals, [tf.zeros([tf.shape(index)[1], 16])] * 2), jit_compile=True)
+
+    want, got = (loop(step)(table, index, totals).numpy() for step in (called, known))
+    for row, total in enumerate(totals.numpy()):
+        np.testing.assert_allclose(got[row, :total], want[row, :total], rtol=1e-6, atol=1e-6, err_msg=str(row))
+    x = builders.inputs(4, 5)
+    steps = np.random.default_rng(7).integers(0, 4, size=(4, 5))
+    values = cascade.run(x, steps)[0].numpy()
+    assert cascade.loop_compiled is True
+    reference = builders.reference(a, b, x, steps, state="carry")[0]
+    np.testing.assert_allclose(values, np.asarray(reference).reshape(values.shape), rtol=1e-5, atol=1e-5)
+
+
 def test_compacted_sizes_are_quarters_and_halves_of_the_rows_in_whole_blocks_of_64_rows_or_more_by_hand():
     def sizes(rows, quantum):
         return [int(size) for size in compiled_loop.compacted_sizes(tf.constant(rows), quantum)]
@@ -295,7 +323,8 @@ def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(bound, monkeypatc
     monkeypatch.setattr(compiled_loop, "GATHERED_MAX", bound)
     b = builders.step_b("gru", ir_size=16, units=16, output_size=16)
     cascade = Cascade(builders.model_a(ir_size=16), b, state="carry")
-    step = cascade._b_step(False)
+    b_step = cascade._b_step(False)
+    step = compiled_loop.KnownStep.called(b_step)
     caps = tf.constant(np.random.default_rng(5).integers(0, 4, size=(3, 5)), tf.int32)
     table = tf.constant(np.random.default_rng(6).normal(size=(15, 16)), tf.float32)
     index, totals = compiled_loop.known_plan(caps, 16, quantum=2)
@@ -304,7 +333,7 @@ def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(bound, monkeypatc
         ys = tf.TensorArray(table.dtype, size=tf.shape(index)[0], element_shape=tf.TensorShape([None, None]))
 
         def iterate(j, states, ys):
-            y, states = step(tf.gather(table, index[j]), None, states)
+            y, states = b_step(tf.gather(table, index[j]), None, states)
             return j + 1, states, ys.write(j, y)
 
         _, _, ys = tf.while_loop(lambda j, *_: j < tf.reduce_max(totals), iterate,

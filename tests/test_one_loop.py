@@ -42,7 +42,8 @@ MOVED = {
                      "reset_norm_min2__auto"], _APART),
     "carry_given_cell__auto": (
         _APART + "; then session 9's known.carry_gradient: carry through a known cell takes the loop's gradient "
-        "written by hand inside XLA, not XLA's generic one, whose gradients round otherwise"),
+        "written by hand inside XLA, not XLA's generic one, whose gradients round otherwise; then session 12's "
+        "xla.known_step: the forward loop reads the cell's input projection, made once per pair, by gate"),
 }
 
 

@@ -54,7 +54,8 @@ from cascade_cli.run import packing, sampling, stopping
 
 QUANTUM = packing.ROW_QUANTUM  # every bucket is a multiple of it
 COMPACT_ROWS = 128  # from this many rows on, B runs on the running rows only (`compacted_step`)
-COMPACTED_MIN = 64  # no compacted size below it: XLA:CPU picks a matrix product's kernel by its size (see LoopSpec)
+MATMUL_ROWS_MIN = 64  # no compacted size, nor known cell's projection, on fewer rows: XLA:CPU picks a matrix
+# product's kernel by its size, and from 64 rows on a row's bits stay put (see LoopSpec)
 COMPACTED_EIGHTHS = (2, 4)  # quarters and halves of the rows: the sizes a compacted step may run on (and all of them)
 GATHERED_MAX = 1 << 22  # elements (16 MiB of float32): the most inputs `known_inputs_loop` gathers before its loop
 
@@ -103,7 +104,7 @@ class LoopSpec:
         compact: from `COMPACT_ROWS` rows on, B runs on the running rows only, moved to the front and cut
             to a few static sizes (`compacted_step`), instead of on every row with the finished ones masked.
             Only where `quantum` is under `QUANTUM` (every width of B a multiple of 16) and on no fewer than
-            `COMPACTED_MIN` rows: a row's last bits under XLA move with the row count its step ran on (widths
+            `MATMUL_ROWS_MIN` rows: a row's last bits under XLA move with the row count its step ran on (widths
             5 and 3: 48 or 80 rows against 160; widths 16: 18 rows against 150, where 60 and 150 agreed),
             most likely because XLA:CPU picks a matrix product's implementation by its sizes (tiled LLVM IR
             for small ones, a library call for larger ones: `GetDotImplementationStrategy`), each summing in
@@ -132,13 +133,13 @@ class LoopSpec:
 
 def compacted_sizes(rows, quantum, *, eighths=None):
     """The row counts a compacted step may run on: `eighths` of `rows` in whole `quantum` blocks, never under
-    `COMPACTED_MIN` (nor over `rows`), then `rows`.
+    `MATMUL_ROWS_MIN` (nor over `rows`), then `rows`.
 
     Scalar int32 tensors computed from `rows` (`tf.shape`): constants once XLA
     compiles for a shape, so every branch of the switch has static shapes.
     """
     eighths = COMPACTED_EIGHTHS if eighths is None else eighths
-    sizes = [tf.minimum(rows, tf.maximum((rows * k + 8 * quantum - 1) // (8 * quantum) * quantum, COMPACTED_MIN))
+    sizes = [tf.minimum(rows, tf.maximum((rows * k + 8 * quantum - 1) // (8 * quantum) * quantum, MATMUL_ROWS_MIN))
              for k in eighths]
     return sizes + [rows]
 
@@ -271,6 +272,44 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
     return tf.transpose(ys.stack(), [1, 0, 2]), tf.transpose(emitted.stack()), tokens
 
 
+@dataclasses.dataclass(frozen=True)
+class KnownStep:
+    """B's inner step as `known_inputs_loop` runs it: the tables its rows read, and the step.
+
+    B's own call reads each pair's IR vector (`called`). A known cell
+    (`cells.SplitB.gated_step`) reads its input projection instead, computed
+    once per pair and kept as one table per gate (`known_cell`).
+
+    Attributes:
+        tables: `table (P, X) -> [(P, X_g)]`: a row's input at a step is one row of each.
+        step: `([x_g (R, X_g)], states) -> (y, new_states)`.
+    """
+
+    tables: object
+    step: object
+
+    @classmethod
+    def called(cls, b_step):
+        """B called whole at every step: `b_step` is `(x, y_prev, states) -> (y, new_states)`."""
+        return cls(lambda table: [table], lambda xs, states: b_step(xs[0], None, states))
+
+    @classmethod
+    def known_cell(cls, split, training):
+        """A known cell (`cells.SplitB` with a `gated_step`): its projection once per pair, on at least
+        `MATMUL_ROWS_MIN` rows so that a pair's projection has the same bits in any batch."""
+
+        def tables(table):
+            pairs = tf.shape(table)[0]
+            padded = tf.pad(table, [[0, tf.maximum(MATMUL_ROWS_MIN - pairs, 0)], [0, 0]])
+            return [projected[:pairs] for projected in split.by_gate(padded)]
+
+        def step(xs, states):
+            h, states = split.gated_step(xs, states)
+            return (h if split.head is None else split.head(h, training=training)), states
+
+        return cls(tables, step)
+
+
 def gathers_first(steps, rows, width):
     """Whether `known_inputs_loop` gathers every row's input at every step before the loop: where they are at
     most `GATHERED_MAX` elements, `steps * rows * width`, and no tape records the trace (a scalar bool tensor, a
@@ -290,8 +329,8 @@ def known_inputs_loop(step, table, index, totals, states):
     """`carry` with given steps, traced inside `jit_compile=True`: every row's input at every step is known.
 
     No pair bookkeeping: row `r` runs `totals[r]` steps, step `j` reading
-    `table[index[j, r]]`; a row past its total keeps stepping on pair 0's
-    input, and what it computes then is never read.
+    row `index[j, r]` of each of `step.tables(table)`; a row past its total
+    keeps stepping on pair 0's input, and what it computes then is never read.
 
     The inputs are gathered before the loop where they are small
     (`gathers_first`), else by each step: a gather per step inside XLA's
@@ -303,7 +342,7 @@ def known_inputs_loop(step, table, index, totals, states):
     and no nested loop, which crashed XLA's gradient.
 
     Args:
-        step: `(x, y_prev, states) -> (y, new_states)`.
+        step: a `KnownStep`.
         table: `(P, X)` each pair's step input, `X` static.
         index: `(T, R)` int32 the pair each row reads at each step.
         totals: `(R,)` int32 each row's steps.
@@ -312,16 +351,18 @@ def known_inputs_loop(step, table, index, totals, states):
     Returns:
         `ys (R, T, width)`.
     """
+    tables = step.tables(table)
     steps, rows = tf.shape(index)[0], tf.shape(index)[1]
-    first = gathers_first(steps, rows, tf.shape(table)[1])
+    first = gathers_first(steps, rows, sum(t.shape[1] for t in tables))
     gathered = tf.where(first, steps, 1)  # one step's inputs (unread) where they are gathered by each step
-    xs = tf.TensorArray(table.dtype, size=gathered, element_shape=tf.TensorShape([None, table.shape[1]]))
-    xs = xs.unstack(tf.gather(table, index[:gathered]))
+    xs = [tf.TensorArray(t.dtype, size=gathered, element_shape=tf.TensorShape([None, t.shape[1]]))
+          .unstack(tf.gather(t, index[:gathered])) for t in tables]
     ys = tf.TensorArray(table.dtype, size=steps, element_shape=tf.TensorShape([None, None]))
 
     def iterate(j, states, ys):
-        x = tf.where(first, xs.read(tf.minimum(j, gathered - 1)), tf.gather(table, index[j]))
-        y, states = step(x, None, states)
+        read = tf.minimum(j, gathered - 1)
+        x = [tf.where(first, x.read(read), tf.gather(t, index[j])) for x, t in zip(xs, tables)]
+        y, states = step.step(x, states)
         return j + 1, states, ys.write(j, y)
 
     # (the static bound lets XLA differentiate the loop: `cascade_cli.run.known.compile_known`)

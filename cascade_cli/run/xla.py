@@ -252,9 +252,10 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
 
     Rows walk their sample's pairs in `carry` mode and where feedback
     starts from the previous pair; elsewhere each row is one pair. B is
-    called whole at every step: under XLA its one recurrent matmul beat
-    the known-cell path's matmul per gate (N=1 carry: 16-20 against 60-70
-    ms for the loop alone, 733 steps, the shared 2-core machine).
+    called whole at every step (under XLA its one recurrent matmul beat
+    the known-cell path's matmul per gate: N=1 carry, 16-20 against 60-70
+    ms for the loop alone, 733 steps, the shared 2-core machine), except
+    where every input is known before the loop (`known_step`).
     """
     if knows_inputs(cascade):
         return run_known_inputs_loop(cascade, ir_flat, caps, training)
@@ -415,12 +416,26 @@ def loop_spec(cascade, *, walk, return_tokens):
         quantum=cascade._row_quantum)
 
 
+def known_step(cascade, training):
+    """B's step in a forward run of `known_inputs_loop` (`compiled_loop.KnownStep`): a known cell's projection once
+    per pair, one table per gate, where the known-cell path applies and one recurrent matmul serves every gate
+    (`cells.SplitB.gated_step`); else B called whole.
+
+    `benchmarks/RESULTS.md` ("carry's known cell inside XLA"): the loop alone ran 0.75-0.81 of B's call at
+    N = 8, 64 and 256 of the peers suite.
+    """
+    split = cascade._known_cell(ir_dtype=cascade.model_a.outputs[0].dtype, training=training)
+    if split is not None and split.gated_step is not None:
+        return compiled_loop.KnownStep.known_cell(split, training)
+    return compiled_loop.KnownStep.called(cascade._b_step(training))
+
+
 def run_known_inputs_loop(cascade, ir_flat, caps, training):
     """`carry` with given steps under XLA: every row's input is known before the loop (`known_inputs_loop`)."""
     key = ("known", training, ir_flat.dtype)
     if key not in cascade._loops:
         cascade._loops[key] = compiled_loop.compile_known_inputs_loop(
-            cascade._b_step(training), state_sizes=tuple(cascade.b_spec.state_sizes),
+            known_step(cascade, training), state_sizes=tuple(cascade.b_spec.state_sizes),
             table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
     pairs, index, totals = compiled_loop.lay_out_steps(caps, quantum=cascade._row_quantum)
     ys = compiled_loop.call(cascade._loops[key], compiled_loop.pad_table(ir_flat, pairs), index, totals)
