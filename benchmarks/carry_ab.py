@@ -5,7 +5,6 @@ From the repository root, on an otherwise idle machine:
     python -m benchmarks.carry_ab                        # the peers suite's four cases (minutes on 2 cores)
     python -m benchmarks.carry_ab --batches 1,64 --repeats 9
     python -m benchmarks.carry_ab --quick                # tiny shapes, to keep the script working
-    python -m benchmarks.carry_ab --cell                 # forward: a known cell's projection by gate, or B called
     python -m benchmarks.carry_ab --gradient             # forward+backward: the three gradients of carry
 
 The peers suite's models, data and calls (`benchmarks.peers`): the default
@@ -21,10 +20,6 @@ timings are interleaved (`--rounds` rounds of `--repeats` calls each, every
 round in a rotating order) and the median of the rounds' medians is printed
 in milliseconds, with `/proc/loadavg` beside each case. Nothing is asserted
 about speed: it is a measurement, not a test.
-
-`--cell` times forward only, with `old` the cascade traced with B called
-whole at every step of the known-inputs loop (`b_called`), as before a known
-cell's input projection left the loop (`xla.known_step`).
 
 `--gradient` times forward+backward only, the same call traced three ways, each
 at every batch: `xla` XLA's generic gradient of A and the loop
@@ -62,20 +57,6 @@ def main_rules():
         yield
     finally:
         compiled_loop.GATHERED_MAX, compiled_loop.known_rows = saved
-
-
-@contextlib.contextmanager
-def b_called():
-    """`xla.known_step` as before a known cell's projection left the loop (issue 29, session 12): B called whole at
-    every step of the known-inputs loop."""
-    from cascade_cli.run import compiled_loop, xla
-
-    saved = xla.known_step
-    xla.known_step = lambda cascade, training: compiled_loop.KnownStep.called(cascade._b_step(training))
-    try:
-        yield
-    finally:
-        xla.known_step = saved
 
 
 GRADIENTS = {"xla": (False, 10**9), "written": (True, 10**9), "hand": (True, 0)}
@@ -129,18 +110,18 @@ def interleaved(functions, tensors, *, rounds, repeats):
     return bench.rounds_ms(calls, repeats=repeats, rounds=rounds)
 
 
-def run(run_plan, *, rounds, old_rules=main_rules, directions=None, log=print):
-    """Times old (traced under `old_rules`), new and the peer for every case and direction; prints one line each."""
+def run(run_plan, *, rounds, log=print):
+    """Times old, new and the peer for every case and direction; prints one line each."""
     from benchmarks import peers
 
     log("case               direction         old ms   new ms  peer ms  new/old  new/peer  old/peer  load")
     for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
         arrays = (inputs, steps)
         tensors = peers.inputs_as_tensors(arrays)
-        for direction in directions or peers.DIRECTIONS:
+        for direction in peers.DIRECTIONS:
             made = {}
             for name in ("old", "new"):
-                with old_rules() if name == "old" else contextlib.nullcontext():
+                with main_rules() if name == "old" else contextlib.nullcontext():
                     function, _ = peers.make_method("cascade", model_a, model_b, state="carry", direction=direction,
                                                     run_plan=run_plan, hidden=case.hidden, shared={})
                     result = function(*tensors)  # traces (and compiles) under its rules
@@ -166,8 +147,6 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
     parser.add_argument("--batches", default=None, help="the N of the cases to run (default: all four)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
-    parser.add_argument("--cell", action="store_true",
-                        help="forward: old is B called whole at every step, not a known cell's projection by gate")
     parser.add_argument("--gradient", action="store_true",
                         help="forward+backward: XLA's generic gradient, the one written inside XLA, the plain path's")
     args = parser.parse_args(argv)
@@ -176,13 +155,7 @@ def main(argv=None):
 
     batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
     run_plan = peers.plan(quick=args.quick, repeats=1 if args.quick else args.repeats, batches=batches)
-    rounds = 1 if args.quick else args.rounds
-    if args.gradient:
-        run_gradients(run_plan, rounds=rounds)
-    elif args.cell:
-        run(run_plan, rounds=rounds, old_rules=b_called, directions=("forward",))
-    else:
-        run(run_plan, rounds=rounds)
+    (run_gradients if args.gradient else run)(run_plan, rounds=1 if args.quick else args.rounds)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import builders
 import paths
-from cascade_cli.run.cells import backward_problem, fast_path_problem, split_b
+from cascade_cli.run.cells import backward_problem, fast_path_problem, gated_problem, split_b
 from cascade_cli.errors import ModelError, ParameterError
 from cascade_cli.options import StopRule
 from cascade_cli.run.cascade import Cascade
@@ -75,26 +75,49 @@ def test_fast_path_equals_calling_b(name, state, head):
 
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_a_gated_step_on_the_projection_by_gate_gives_b_calls_values(name):
-    """`gated_step` on `by_gate`'s tables (what the loop compiled whole reads: `compiled_loop.KnownStep`) against
+    """`Gated.step` on `Gated.project`'s tables (what the loops compiled whole read: `compiled_loop.Step`) against
     calling B, three steps on: Keras' own recurrent matmul, so the values agree to float rounding. Only
     GRUCell(reset_after=False), whose candidate's matmul reads the reset gate, has none."""
     b = wrapped(CELLS[name](), head=False)
     split = split_b(b)
     if name == "gru-reset-before":
-        assert split.gated_step is None
+        assert split.gated is None
+        assert gated_problem(split, ir_dtype="float32", training=False).startswith("GRUCell(reset_after=False)")
         return
+    assert gated_problem(split, ir_dtype="float32", training=False) is None
     rng = np.random.default_rng(4)
     states = [tf.constant(rng.normal(size=(6, 5)), tf.float32) for _ in b.inputs[1:]]
     want = list(states)
+    gates = {"simple": 1, "gru": 3, "lstm": 4}[name.split("-")[0]]
     for t in range(3):
         x = tf.constant(rng.normal(size=(6, 4)), tf.float32)
-        projected = split.by_gate(x)
-        assert [p.shape for p in projected] == [(6, 5)] * split.gates
-        h, states = split.gated_step(projected, states)
+        projected = split.gated.project(x)
+        assert [p.shape for p in projected] == [(6, 5)] * gates
+        h, states = split.gated.step(projected, None, states)
         y, *want = b([x, *want])
         np.testing.assert_allclose(h.numpy(), y.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {t}")
         for got, expected in zip(states, want):
             np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {t}")
+
+
+@pytest.mark.parametrize("kind", ["simple", "gru", "lstm"])
+def test_a_gated_feedback_step_adds_what_y_prev_projects_at_each_step(kind):
+    """With feedback the projection of B's IR input is made apart (the rows of the kernel that x reads) and
+    `y_prev`'s part joins it at every step: B's call on `Concatenate()([x, y_prev])`, to float rounding."""
+    b = builders.feedback_b(kind, ir_size=4, units=5, output_size=3)
+    split = split_b(b, feedback=True)
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(6, 4)), tf.float32)
+    projected = split.gated.project(x)  # once, for every step
+    states = [tf.constant(rng.normal(size=(6, 5)), tf.float32) for _ in b.inputs[2:]]
+    want, y_prev = list(states), tf.constant(rng.normal(size=(6, 3)), tf.float32)
+    for t in range(3):
+        h, states = split.gated.step(projected, y_prev, states)
+        y, *want = b([x, y_prev, *want])
+        np.testing.assert_allclose(split.head(h).numpy(), y.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+        for got, expected in zip(states, want):
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {t}")
+        y_prev = y
 
 
 def test_models_that_are_not_a_cell_plus_head_are_not_split():

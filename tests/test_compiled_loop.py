@@ -139,12 +139,12 @@ def test_carry_rows_in_blocks_of_2_give_each_sample_the_same_bits_in_any_batch()
 
 @pytest.mark.xla
 def test_the_known_inputs_loop_through_a_known_cell_gives_b_calls_values():
-    """The forward known-inputs loop through a known cell (`xla.known_step`: its projection once per pair, one
+    """The forward known-inputs loop through a known cell (`xla.loop_step`: its projection once per pair, one
     table per gate, the head at every step) against the same loop calling B whole, and through the cascade against
     the eager reference."""
     a, b = builders.model_a(ir_size=16), builders.step_b("lstm", ir_size=16, units=16, output_size=16)
     cascade = Cascade(a, b, state="carry")
-    known, called = xla.known_step(cascade, False), compiled_loop.KnownStep.called(cascade._b_step(False))
+    known, called = xla.loop_step(cascade, False), compiled_loop.Step.called(cascade._b_step(False))
     caps = tf.constant(np.random.default_rng(5).integers(0, 4, size=(3, 5)), tf.int32)
     table = tf.constant(np.random.default_rng(6).normal(size=(15, 16)), tf.float32)
     assert len(known.tables(table)) == 4 and len(called.tables(table)) == 1
@@ -165,6 +165,24 @@ def test_the_known_inputs_loop_through_a_known_cell_gives_b_calls_values():
     np.testing.assert_allclose(values, np.asarray(reference).reshape(values.shape), rtol=1e-5, atol=1e-5)
 
 
+def test_the_loops_compiled_whole_run_a_known_cells_gated_step_where_it_applies_by_hand():
+    """`xla.loop_step`: a known cell's projection by gate (feedback too: x's rows of the kernel), else B called
+    whole: with `fast_cells=False`, through GRUCell(reset_after=False), and where the cell's dropout draws."""
+    from test_cells import CELLS, wrapped
+
+    a, table = builders.model_a(), tf.zeros([3, 4])
+
+    def tables(b, training=False, **settings):
+        return [t.shape for t in xla.loop_step(Cascade(a, b, **settings), training).tables(table)]
+
+    assert tables(builders.step_b("lstm")) == [(3, 5)] * 4
+    assert tables(builders.feedback_b("gru"), feedback=True, sampler="greedy", max_steps=3) == [(3, 5)] * 3
+    assert tables(builders.step_b("lstm"), fast_cells=False) == [(3, 4)]
+    assert tables(wrapped(CELLS["gru-reset-before"]())) == [(3, 4)]
+    assert tables(builders.step_b("gru", dropout=0.5), training=True) == [(3, 4)]
+    assert tables(builders.step_b("gru", dropout=0.5)) == [(3, 5)] * 3  # inference draws nothing
+
+
 def test_compacted_sizes_are_quarters_and_halves_of_the_rows_in_whole_blocks_of_64_rows_or_more_by_hand():
     def sizes(rows, quantum):
         return [int(size) for size in compiled_loop.compacted_sizes(tf.constant(rows), quantum)]
@@ -178,9 +196,9 @@ def test_compacted_sizes_are_quarters_and_halves_of_the_rows_in_whole_blocks_of_
 def test_a_compacted_step_runs_the_running_rows_on_the_smallest_size_that_holds_them_by_hand():
     """B sees the running rows only, in row order, on 4, 8 or 16 rows; every running row gets its own values."""
 
-    def step(x, y_prev, states):
-        rows = tf.cast(tf.fill([tf.shape(x)[0], 1], tf.shape(x)[0]), x.dtype)
-        return tf.concat([x + y_prev, rows], 1), [states[0] * 2.0]
+    def step(xs, y_prev, states):
+        rows = tf.cast(tf.fill([tf.shape(xs[0])[0], 1], tf.shape(xs[0])[0]), xs[0].dtype)
+        return tf.concat([xs[0] + y_prev, rows], 1), [states[0] * 2.0]
 
     @tf.function(jit_compile=True)
     def run(active):
@@ -189,7 +207,7 @@ def test_a_compacted_step_runs_the_running_rows_on_the_smallest_size_that_holds_
         fed = tf.fill([16, 1], 100.0)
         states = [tf.reshape(tf.range(16, dtype=tf.float32), [16, 1])]
         sizes = [tf.constant(4), tf.constant(8), tf.constant(16)]
-        y, [state] = compiled_loop.compacted_step(step, sizes, active, table, pair, fed, states)
+        y, [state] = compiled_loop.compacted_step(step, sizes, active, [table], pair, fed, states)
         return y, state
 
     rng = np.random.default_rng(0)
@@ -324,7 +342,7 @@ def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(bound, monkeypatc
     b = builders.step_b("gru", ir_size=16, units=16, output_size=16)
     cascade = Cascade(builders.model_a(ir_size=16), b, state="carry")
     b_step = cascade._b_step(False)
-    step = compiled_loop.KnownStep.called(b_step)
+    step = compiled_loop.Step.called(b_step)
     caps = tf.constant(np.random.default_rng(5).integers(0, 4, size=(3, 5)), tf.int32)
     table = tf.constant(np.random.default_rng(6).normal(size=(15, 16)), tf.float32)
     index, totals = compiled_loop.known_plan(caps, 16, quantum=2)

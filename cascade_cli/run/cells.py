@@ -19,11 +19,13 @@ policy, the stop rule, dropout in training), behind the runner's
 `fast_cells="auto"|True|False`.
 
 Where one recurrent matmul serves every gate (all but GRU with
-`reset_after=False`), a cell also gets `gated_step(projected, states)`: the
-step from the projection split by gate, with Keras' own one recurrent matmul
-split the same way. The loop compiled whole reads each gate's projected rows
-apart (`compiled_loop.KnownStep`): under XLA:CPU a step that slices one wide
-projected tensor ran 2x slower than B's own call, three tensors 0.75-0.8 of it.
+`reset_after=False`), a cell also gets a `Gated`: its step from the input
+projection split by gate, with Keras' own one recurrent matmul split the same
+way, for the loops compiled whole (`compiled_loop.Step`), which make the
+projection once per pair and read each gate's rows apart: under XLA:CPU a
+step that slices one wide projected tensor ran 2x slower than B's own call,
+one tensor per gate 0.7-0.8 of it. With feedback the part of the projection
+that `y_prev` gives is added at every step.
 
 For the usual activations (tanh, sigmoid, linear) a cell also gets a
 `Backward`: its step written gate by gate, `new_states(projected, inner(h),
@@ -87,6 +89,21 @@ class Backward:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gated:
+    """A known cell's step from its input projection split by gate (see the module docstring).
+
+    Attributes:
+        project: `x -> [(rows, units)] * gates`: `x @ kernel (+ input bias)` by gate, `x` B's step input (with
+            feedback, without `y_prev`: the rows of the kernel it reads).
+        step: `(projected, y_prev, states) -> (h, new_states)`; `y_prev` is None, or (feedback) what the step
+            is fed, whose projection joins `projected` here.
+    """
+
+    project: object
+    step: object
+
+
+@dataclasses.dataclass(frozen=True)
 class SplitB:
     """B taken apart: see the module docstring."""
 
@@ -94,14 +111,9 @@ class SplitB:
     project: object
     step: object
     head: object  # a keras.Model from the cell output to y, or None when y is the cell output
-    gates: int = 1
-    gated_step: object = None  # `([projected by gate], states) -> (h, new_states)`, or None (see the module)
+    gated: Gated | None = None  # None where one recurrent matmul does not serve every gate
     backward: Backward | None = None  # None: only TensorFlow's own gradient applies
     backward_problem: str | None = None  # why `backward` is None (`backward_problem(cell)`)
-
-    def by_gate(self, x):
-        """The input projection `project(x)` split by gate: `[(rows, units)] * gates`, as `gated_step` reads it."""
-        return tf.split(self.project(x), self.gates, axis=1)
 
     @property
     def has_dropout(self):
@@ -143,9 +155,9 @@ def split_b(model_b, *, feedback=False):
         except Exception:  # the head reads more than the cell output: not splittable
             return None
     problem = backward_problem(cell)
-    gates, kit = _KITS[type(cell)]
-    project, step, gated_step, backward = kit(cell, with_backward=problem is None)
-    return SplitB(cell, project, step, head, gates, gated_step, backward, problem)
+    project, step, gated, backward = _KITS[type(cell)](cell, with_backward=problem is None)
+    gated = None if gated is None else gated(inputs[1].shape[-1] if feedback else 0)
+    return SplitB(cell, project, step, head, gated, backward, problem)
 
 
 def _joined_input(model_b, tensor, parts):
@@ -196,14 +208,31 @@ def fast_path_problem(split, *, form, ir_dtype, stop_rule, training, feedback=Fa
                 "reads only the cell's output")
     if feedback and split.backward is None:
         return f"teacher forcing runs the cell's hand-written gradient, and {split.backward_problem}"
+    if stop_rule is not None:
+        return "a stop rule reads B's output at every inner step"
+    return _cell_problem(split, ir_dtype=ir_dtype, training=training)
+
+
+def gated_problem(split, *, ir_dtype, training):
+    """Why a loop compiled whole cannot run B as its known cell's `Gated` (the cell's projection once per pair),
+    or None when it can: B a known cell plus a head, one recurrent matmul for every gate, and the cell's own
+    conditions of `fast_path_problem` (its dtype policy, A's dtype, no dropout drawn in training). The head runs
+    at every step there, so stop rules, samplers and feedback do not matter."""
+    if split is None:
+        return "B is not one SimpleRNNCell, GRUCell or LSTMCell and a head"
+    if split.gated is None:
+        return "GRUCell(reset_after=False) applies its reset gate before the recurrent matmul"
+    return _cell_problem(split, ir_dtype=ir_dtype, training=training)
+
+
+def _cell_problem(split, *, ir_dtype, training):
+    """The cell's own conditions for running it apart from B: its dtype policy, A's dtype, dropout in training."""
     cell = split.cell
     if cell.compute_dtype != cell.variable_dtype:
         return (f"the cell's dtype policy {cell.dtype_policy.name} computes in {cell.compute_dtype} from "
                 f"{cell.variable_dtype} weights, which only calling B casts")
     if tf.as_dtype(ir_dtype) != tf.as_dtype(cell.compute_dtype):
         return f"model A emits {tf.as_dtype(ir_dtype).name} but the cell computes in {cell.compute_dtype}"
-    if stop_rule is not None:
-        return "a stop rule reads B's output at every inner step"
     if training is not False and split.has_dropout:
         return "the cell's dropout draws its own masks in training"
     return None
@@ -274,17 +303,28 @@ def _gate_products(x, weights, gates):
     return [p + b for p, b in zip(products, biases)] if biases else products
 
 
-def _gated(cell, gates, new_states, recurrent_bias=None):
-    """`gated_step` from a cell's `new_states(projected, inner, states)`: `inner` is one matmul of the output with
-    the whole recurrent kernel (plus its bias, if any) split by gate, as Keras' cells compute it."""
+def _gated(cell, gates, new_states, input_bias, recurrent_bias=None):
+    """`fed -> Gated` from a cell's `new_states(projected, inner, states)`, `fed` the width of `y_prev` at the end
+    of the cell's input (0 without feedback): `inner` is one matmul of the output with the whole recurrent kernel
+    (plus its bias, if any) split by gate, as Keras' cells compute it."""
 
-    def step(projected, states):
-        inner = tf.matmul(states[0], cell.recurrent_kernel)
-        inner = inner if recurrent_bias is None else inner + recurrent_bias()
-        new = new_states(projected, tf.split(inner, gates, axis=1), states)
-        return new[0], new
+    def gated(fed):
+        def project(x):
+            projected = tf.matmul(x, cell.kernel[: cell.kernel.shape[0] - fed])
+            return tf.split(projected if input_bias is None else projected + input_bias(), gates, axis=1)
 
-    return step
+        def step(projected, y_prev, states):
+            if y_prev is not None:
+                fed_part = tf.split(tf.matmul(y_prev, cell.kernel[cell.kernel.shape[0] - fed :]), gates, axis=1)
+                projected = [p + q for p, q in zip(projected, fed_part)]
+            inner = tf.matmul(states[0], cell.recurrent_kernel)
+            inner = inner if recurrent_bias is None else inner + recurrent_bias()
+            new = new_states(projected, tf.split(inner, gates, axis=1), states)
+            return new[0], new
+
+        return Gated(project, step)
+
+    return gated
 
 
 def _bias(cell, part=None):
@@ -318,7 +358,7 @@ def _simple_rnn(cell, *, with_backward):
             return [d_pre], [d_pre], [None]
 
         backward = Backward(1, project, weights, new_states, vjp)
-    return _joined(cell, bias), step, _gated(cell, 1, new_states), backward
+    return _joined(cell, bias), step, _gated(cell, 1, new_states, bias), backward
 
 
 def _gru(cell, *, with_backward):
@@ -366,8 +406,8 @@ def _gru(cell, *, with_backward):
             return [d_z, d_r, d_candidate], [d_z, d_r, d_candidate * r], [d_h * z]
 
         backward = Backward(3, project, weights, new_states, vjp)
-    gated_step = _gated(cell, 3, new_states, recurrent_bias) if cell.reset_after else None
-    return _joined(cell, input_bias), step, gated_step, backward
+    gated = _gated(cell, 3, new_states, input_bias, recurrent_bias) if cell.reset_after else None
+    return _joined(cell, input_bias), step, gated, backward
 
 
 def _lstm(cell, *, with_backward):
@@ -410,7 +450,7 @@ def _lstm(cell, *, with_backward):
             return d_pre, d_pre, [None, d_c * f]
 
         backward = Backward(4, project, weights, new_states, vjp)
-    return _joined(cell, bias), step, _gated(cell, 4, new_states), backward
+    return _joined(cell, bias), step, _gated(cell, 4, new_states, bias), backward
 
 
 def _joined(cell, bias):
@@ -423,8 +463,8 @@ def _joined(cell, bias):
     return project
 
 
-_KITS = {  # a cell's gates, and its kit
-    keras.layers.SimpleRNNCell: (1, _simple_rnn),
-    keras.layers.GRUCell: (3, _gru),
-    keras.layers.LSTMCell: (4, _lstm),
+_KITS = {
+    keras.layers.SimpleRNNCell: _simple_rnn,
+    keras.layers.GRUCell: _gru,
+    keras.layers.LSTMCell: _lstm,
 }

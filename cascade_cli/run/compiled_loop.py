@@ -144,7 +144,7 @@ def compacted_sizes(rows, quantum, *, eighths=None):
     return sizes + [rows]
 
 
-def compacted_step(step, sizes, active, table, pair, fed, states):
+def compacted_step(step, sizes, active, tables, pair, fed, states):
     """One step of B on the running rows only, moved to the front and cut to the smallest of `sizes` that holds them.
 
     A stable partition puts the running rows first (in row order), a switch
@@ -153,10 +153,11 @@ def compacted_step(step, sizes, active, table, pair, fed, states):
     a finished row never runs again, so nothing reads them.
 
     Args:
-        step: `(x, y_prev, states) -> (y, new_states)`.
+        step: `Step.step`, `(xs, y_prev, states) -> (y, new_states)`.
         sizes: ascending static row counts, the last one all the rows `R`.
         active: `(R,)` bool, the rows still running.
-        table: `(P, X)` each pair's step input; `pair`: `(R,)` each row's pair (any for a finished row).
+        tables: `Step.tables`' `[(P, X_g)]`, each pair's step input; `pair`: `(R,)` each row's pair (any for a
+            finished row).
         fed: `(R, O)` what each row is fed, or None without feedback.
         states: B's states, each `(R, size)`.
 
@@ -173,8 +174,9 @@ def compacted_step(step, sizes, active, table, pair, fed, states):
     def run(size):
         def on_front():
             front = order[:size]
-            x = tf.gather(table, tf.gather(pair, front))
-            y, new = step(x, None if fed is None else tf.gather(fed, front), [tf.gather(s, front) for s in states])
+            pairs = tf.gather(pair, front)
+            xs = [tf.gather(table, pairs) for table in tables]
+            y, new = step(xs, None if fed is None else tf.gather(fed, front), [tf.gather(s, front) for s in states])
             back = tf.stack([tf.stack([0, sizes[-1] - size]), [0, 0]])
             return [tf.pad(y, back)] + [tf.pad(s, back) for s in new]
         return on_front
@@ -188,8 +190,7 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
 
     Args:
         spec: a `LoopSpec`.
-        step: `(x, y_prev, states) -> (y, new_states)`, one inner step of B
-            (`y_prev` is None without feedback).
+        step: a `Step`, one inner step of B (`y_prev` is None without feedback).
         start: `(O,)`, `y_prev` at a pair's first step (feedback).
         table: `(P, H)` each pair's IR, B's step input (and its initial states with `state_init="ir"`).
         caps: `(P,)` int32 each pair's most inner steps (0 for padding).
@@ -208,6 +209,7 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
     rows, steps = tf.shape(row_pairs)[0], tf.shape(trip)[0]
     dtype = spec.dtype
     sizes = compacted_sizes(rows, spec.quantum) if spec.compact and spec.quantum < QUANTUM else None
+    tables = step.tables(table)
 
     def initial_states(pair):
         if spec.state_init == "ir":
@@ -219,12 +221,16 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
         active = pair >= 0
         safe = tf.maximum(pair, 0)
         y_prev = fed if spec.feedback else None
+
+        def every_row():
+            return step.step([tf.gather(t, safe) for t in tables], y_prev, states)
+
         if sizes is None:
-            y, new_states = step(tf.gather(table, safe), y_prev, states)
+            y, new_states = every_row()
         else:  # a constant once XLA compiles for a shape: only one branch is built further
             y, new_states = tf.cond(rows >= COMPACT_ROWS,
-                                    lambda: compacted_step(step, sizes, active, table, safe, y_prev, states),
-                                    lambda: step(tf.gather(table, safe), y_prev, states))
+                                    lambda: compacted_step(step.step, sizes, active, tables, safe, y_prev, states),
+                                    every_row)
         # the sampler, the gate, the stop rule and min_steps: as the plain loop decides (`run.feedback`)
         u = sampling.draws(spec.sampler, spec.seed, safe, inner, sample_of=lambda p: tf.gather(sample_of, p),
                            outer_of=lambda p: tf.gather(outer_of, p))
@@ -273,16 +279,16 @@ def masked_loop(spec, step, start, table, caps, next_pair, sample_of, outer_of, 
 
 
 @dataclasses.dataclass(frozen=True)
-class KnownStep:
-    """B's inner step as `known_inputs_loop` runs it: the tables its rows read, and the step.
+class Step:
+    """B's inner step as the compiled loops run it: the tables a row reads, and the step.
 
-    B's own call reads each pair's IR vector (`called`). A known cell
-    (`cells.SplitB.gated_step`) reads its input projection instead, computed
-    once per pair and kept as one table per gate (`known_cell`).
+    B's own call reads each pair's IR vector (`called`). A known cell's
+    `cells.Gated` reads its input projection instead, made once per pair and
+    kept as one table per gate (`known_cell`; `xla.loop_step` chooses).
 
     Attributes:
-        tables: `table (P, X) -> [(P, X_g)]`: a row's input at a step is one row of each.
-        step: `([x_g (R, X_g)], states) -> (y, new_states)`.
+        tables: `table (P, H) -> [(P, X_g)]`: a row's input at a step is one row of each.
+        step: `([x_g (R, X_g)], y_prev, states) -> (y, new_states)`, `y_prev` None without feedback.
     """
 
     tables: object
@@ -291,20 +297,20 @@ class KnownStep:
     @classmethod
     def called(cls, b_step):
         """B called whole at every step: `b_step` is `(x, y_prev, states) -> (y, new_states)`."""
-        return cls(lambda table: [table], lambda xs, states: b_step(xs[0], None, states))
+        return cls(lambda table: [table], lambda xs, y_prev, states: b_step(xs[0], y_prev, states))
 
     @classmethod
     def known_cell(cls, split, training):
-        """A known cell (`cells.SplitB` with a `gated_step`): its projection once per pair, on at least
-        `MATMUL_ROWS_MIN` rows so that a pair's projection has the same bits in any batch."""
+        """A known cell's `cells.Gated` (`split`: a `cells.SplitB`), its head at every step. The projection runs
+        on at least `MATMUL_ROWS_MIN` rows, so that a pair's projection has the same bits in any batch."""
 
         def tables(table):
             pairs = tf.shape(table)[0]
             padded = tf.pad(table, [[0, tf.maximum(MATMUL_ROWS_MIN - pairs, 0)], [0, 0]])
-            return [projected[:pairs] for projected in split.by_gate(padded)]
+            return [projected[:pairs] for projected in split.gated.project(padded)]
 
-        def step(xs, states):
-            h, states = split.gated_step(xs, states)
+        def step(xs, y_prev, states):
+            h, states = split.gated.step(xs, y_prev, states)
             return (h if split.head is None else split.head(h, training=training)), states
 
         return cls(tables, step)
@@ -342,7 +348,7 @@ def known_inputs_loop(step, table, index, totals, states):
     and no nested loop, which crashed XLA's gradient.
 
     Args:
-        step: a `KnownStep`.
+        step: a `Step`.
         table: `(P, X)` each pair's step input, `X` static.
         index: `(T, R)` int32 the pair each row reads at each step.
         totals: `(R,)` int32 each row's steps.
@@ -362,7 +368,7 @@ def known_inputs_loop(step, table, index, totals, states):
     def iterate(j, states, ys):
         read = tf.minimum(j, gathered - 1)
         x = [tf.where(first, x.read(read), tf.gather(t, index[j])) for x, t in zip(xs, tables)]
-        y, states = step.step(x, states)
+        y, states = step.step(x, None, states)
         return j + 1, states, ys.write(j, y)
 
     # (the static bound lets XLA differentiate the loop: `cascade_cli.run.known.compile_known`)

@@ -77,7 +77,7 @@ def plan(caps, sample_index, *, walk, quantum):
     return caps_flat, next_pair, sample_of, pair_ids % outer, row_pairs
 
 
-def compile_fused(spec, a_call, step, start, *, inputs_spec, quantum, indexed, known_step=None):
+def compile_fused(spec, a_call, step, start, *, inputs_spec, quantum, indexed, knows_inputs=False):
     """The fused forward as one `tf.function(jit_compile=True)`: `(inputs, caps[, sample_index], trip)` ->
     `(values, lengths (N, Ta), tokens, count)`, padded as `pack` returns them.
 
@@ -90,9 +90,8 @@ def compile_fused(spec, a_call, step, start, *, inputs_spec, quantum, indexed, k
         inputs_spec: a `tf.TensorSpec` of the inputs.
         quantum: B's row quantum.
         indexed: the call passes `sample_index` (else `range(N)`).
-        known_step: where every input of B is known (`carry` with no stop rule and nothing fed back), the
-            `compiled_loop.KnownStep` that `compiled_loop.known_inputs_loop` runs (no pair bookkeeping inside the
-            loop), as the compiled loop's own call does; else None.
+        knows_inputs: `carry` with no stop rule and nothing fed back: `compiled_loop.known_inputs_loop` runs (no pair
+            bookkeeping inside the loop), as the compiled loop's own call does.
     """
 
     def fused(inputs, caps, *rest):
@@ -100,8 +99,8 @@ def compile_fused(spec, a_call, step, start, *, inputs_spec, quantum, indexed, k
         trip = rest[-1]
         ir = a_call(inputs)
         table = tf.reshape(ir, [-1, ir.shape[-1]])
-        if known_step is not None:  # every row's input is known before the loop
-            values, count = known_values(known_step, table, caps, trip, state_sizes=spec.state_sizes, quantum=quantum)
+        if knows_inputs:  # `carry`, no stop rule, nothing fed back: every row's input is known before the loop
+            values, count = known_values(step, table, caps, trip, state_sizes=spec.state_sizes, quantum=quantum)
             return values, caps, tf.zeros([0], tf.int64), count
         caps_flat, next_pair, sample_of, outer_of, row_pairs = plan(caps, sample_index, walk=spec.walk,
                                                                      quantum=quantum)
@@ -169,10 +168,9 @@ def run_fused(cascade, inputs, caps, training, *, extras, plain_a, loop):
 
     if key not in cascade._loops:
         cascade._loops[key] = compile_fused(
-            xla.loop_spec(cascade, walk=walk, return_tokens=return_tokens), a_call, cascade._b_step(training),
+            xla.loop_spec(cascade, walk=walk, return_tokens=return_tokens), a_call, xla.loop_step(cascade, training),
             lambda: feedback.start_value(cascade), inputs_spec=inputs_spec, quantum=cascade._row_quantum,
-            indexed=extras is not None,
-            known_step=xla.known_step(cascade, training) if xla.knows_inputs(cascade) else None)
+            indexed=extras is not None, knows_inputs=xla.knows_inputs(cascade))
 
     def call(inputs, caps, extras):
         return run(cascade._loops[key], inputs, caps, None if extras is None else extras.sample_index,

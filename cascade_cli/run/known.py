@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from cascade_cli.keras_internals import stop_recording
 from cascade_cli.run import compiled, compiled_loop, feedback, xla
-from cascade_cli.run.compiled_loop import KnownStep, known_plan, known_values, pack, trip
+from cascade_cli.run.compiled_loop import Step, known_plan, known_values, pack, trip
 from cascade_cli.run.loop import initial_states
 
 CARRY_GRADIENT_WRITTEN = True
@@ -296,7 +296,7 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
                                         quantum=quantum, training=training) if written else None
         if kind == "carry":
             def values_of(table, caps, trip, _):
-                return known_values(KnownStep.called(step), table, caps, trip, state_sizes=state_sizes,
+                return known_values(Step.called(step), table, caps, trip, state_sizes=state_sizes,
                                     quantum=quantum)
         else:
             def values_of(table, caps, trip, targets):

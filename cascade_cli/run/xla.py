@@ -22,6 +22,7 @@ import tensorflow as tf
 from cascade_cli.errors import ParameterError
 from cascade_cli.keras_internals import seed_generators, stop_recording, tape_may_record
 from cascade_cli.run import beam, compiled_loop, feedback, loop, stopping
+from cascade_cli.run.cells import gated_problem
 
 
 def xla_inference(model):
@@ -251,11 +252,8 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
     """The forward run of B as one XLA computation (`cascade_cli.run.compiled_loop`): `Cascade._run`'s result.
 
     Rows walk their sample's pairs in `carry` mode and where feedback
-    starts from the previous pair; elsewhere each row is one pair. B is
-    called whole at every step (under XLA its one recurrent matmul beat
-    the known-cell path's matmul per gate: N=1 carry, 16-20 against 60-70
-    ms for the loop alone, 733 steps, the shared 2-core machine), except
-    where every input is known before the loop (`known_step`).
+    starts from the previous pair; elsewhere each row is one pair. B's
+    step is `loop_step`'s.
     """
     if knows_inputs(cascade):
         return run_known_inputs_loop(cascade, ir_flat, caps, training)
@@ -267,7 +265,7 @@ def run_compiled_loop(cascade, ir_flat, caps, training, extras):
                                              quantum=cascade._row_quantum)
     if key not in cascade._loops:
         cascade._loops[key] = compiled_loop.compile_loop(
-            loop_spec(cascade, walk=walk, return_tokens=return_tokens), cascade._b_step(training),
+            loop_spec(cascade, walk=walk, return_tokens=return_tokens), loop_step(cascade, training),
             feedback.start_value(cascade),
             table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
     ys, emitted, tokens = compiled_loop.call(cascade._loops[key], compiled_loop.pad_table(ir_flat, pairs), *integers)
@@ -416,18 +414,17 @@ def loop_spec(cascade, *, walk, return_tokens):
         quantum=cascade._row_quantum)
 
 
-def known_step(cascade, training):
-    """B's step in a forward run of `known_inputs_loop` (`compiled_loop.KnownStep`): a known cell's projection once
-    per pair, one table per gate, where the known-cell path applies and one recurrent matmul serves every gate
-    (`cells.SplitB.gated_step`); else B called whole.
+def loop_step(cascade, training):
+    """B's inner step in a forward run of a loop compiled whole (`compiled_loop.Step`): a known cell's
+    `cells.Gated` where it applies (`cells.gated_problem`; not with `fast_cells=False`), its input projection made
+    once per pair and read as one table per gate; else B called whole.
 
-    `benchmarks/RESULTS.md` ("carry's known cell inside XLA"): the loop alone ran 0.75-0.81 of B's call at
-    N = 8, 64 and 256 of the peers suite.
+    `benchmarks/RESULTS.md` ("a known cell inside XLA"): in `carry` with given steps the loop alone ran 0.70-0.81 of
+    B's call at N = 8, 64 and 256 of the peers suite.
     """
-    split = cascade._known_cell(ir_dtype=cascade.model_a.outputs[0].dtype, training=training)
-    if split is not None and split.gated_step is not None:
-        return compiled_loop.KnownStep.known_cell(split, training)
-    return compiled_loop.KnownStep.called(cascade._b_step(training))
+    if gated_problem(cascade._split, ir_dtype=cascade.model_a.outputs[0].dtype, training=training) is None:
+        return compiled_loop.Step.known_cell(cascade._split, training)
+    return compiled_loop.Step.called(cascade._b_step(training))
 
 
 def run_known_inputs_loop(cascade, ir_flat, caps, training):
@@ -435,7 +432,7 @@ def run_known_inputs_loop(cascade, ir_flat, caps, training):
     key = ("known", training, ir_flat.dtype)
     if key not in cascade._loops:
         cascade._loops[key] = compiled_loop.compile_known_inputs_loop(
-            known_step(cascade, training), state_sizes=tuple(cascade.b_spec.state_sizes),
+            loop_step(cascade, training), state_sizes=tuple(cascade.b_spec.state_sizes),
             table_spec=tf.TensorSpec([None, ir_flat.shape[1]], ir_flat.dtype))
     pairs, index, totals = compiled_loop.lay_out_steps(caps, quantum=cascade._row_quantum)
     ys = compiled_loop.call(cascade._loops[key], compiled_loop.pad_table(ir_flat, pairs), index, totals)

@@ -1,0 +1,125 @@
+"""A known cell inside the loops compiled whole: B called whole at every step against the cell's projection made
+once per pair and read by gate (issue 29, session 12), each against its padded XLA peer.
+
+From the repository root, on an otherwise idle machine:
+
+    python -m benchmarks.cell_ab                    # carry forward (peers suite) and the greedy decode (feedback)
+    python -m benchmarks.cell_ab --batches 8,64 --rounds 5
+    python -m benchmarks.cell_ab --quick            # tiny shapes, to keep the script working
+
+`old` is the default cascade traced with `xla.loop_step` set to B called
+whole (`b_called`), `new` the code as it is; each is traced (its first call)
+under its rule, so both programs live in one process. Two suites' forward
+cases, with their models, data and calls:
+
+- `carry`: `benchmarks.peers`' `Cascade(a, b, state="carry")` inside a
+  `tf.function`, against `keras_padded_xla`;
+- `decode`: `benchmarks.feedback`'s greedy decode with a stop token inside a
+  `tf.function`, against `padded_decode_xla`.
+
+Values (and the decode's tokens and lengths) are checked against the peer's
+before anything is timed; timings are interleaved (`--rounds` rounds of
+`--repeats` calls, `bench.rounds_ms`) and printed in milliseconds with
+`/proc/loadavg`. Nothing is asserted about speed: it is a measurement, not a test.
+"""
+
+import argparse
+import contextlib
+import os
+
+import numpy as np
+
+from benchmarks import bench
+
+
+@contextlib.contextmanager
+def b_called():
+    """`xla.loop_step` as before a known cell's projection left the loop: B called whole at every step."""
+    from cascade_cli.run import compiled_loop, xla
+
+    saved = xla.loop_step
+    xla.loop_step = lambda cascade, training: compiled_loop.Step.called(cascade._b_step(training))
+    try:
+        yield
+    finally:
+        xla.loop_step = saved
+
+
+def traced(make, arguments):
+    """`{"old": f, "new": f}` from `make()`, each traced by a first call under its rule, and its first results."""
+    made, results = {}, {}
+    for name in ("old", "new"):
+        with b_called() if name == "old" else contextlib.nullcontext():
+            made[name] = make()
+            results[name] = made[name](*arguments)
+    return made, results
+
+
+def carry_cases(batches, *, quick, repeats, rounds, log):
+    from benchmarks import peers
+
+    run_plan = peers.plan(quick=quick, repeats=repeats, batches=batches)
+    for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
+        tensors = peers.inputs_as_tensors((inputs, steps))
+        made, results = traced(lambda: peers.make_method(  # noqa: B023 - called at once
+            "cascade", model_a, model_b, state="carry", direction="forward", run_plan=run_plan,
+            hidden=case.hidden, shared={})[0], tensors)
+        made["peer"], _ = peers.make_keras_padded(model_a, model_b, state="carry", direction="forward", xla=True,
+                                                  max_steps=run_plan.max_steps, hidden=case.hidden)
+        peer = np.asarray(made["peer"](*tensors))
+        for name, got in results.items():
+            assert np.allclose(np.asarray(got), peer, **peers.TOLERANCE), f"{name} differs from the peer"
+        report("carry", case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
+
+
+def decode_cases(batches, *, quick, repeats, rounds, log):
+    import tensorflow as tf
+
+    from benchmarks import feedback
+
+    run_plan = feedback.plan(quick=quick, repeats=repeats, batches=batches)
+    rng = np.random.default_rng(0)
+    for case in run_plan.cases:
+        model_a, model_b = feedback.build_models(features=run_plan.features, hidden=case.hidden,
+                                                 outputs=run_plan.outputs, max_steps=run_plan.max_steps)
+        inputs, _ = feedback.make_data(rng, case.batch, case.outer, features=run_plan.features,
+                                       max_steps=run_plan.max_steps)
+        tensors = (tf.constant(inputs),)
+        made, results = traced(lambda: feedback.make_method(  # noqa: B023 - called at once
+            "cascade", model_a, model_b, direction="forward", run_plan=run_plan)[0], tensors)
+        made["peer"], _ = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward",
+                                               run_plan=run_plan)
+        results["peer"] = made["peer"](*tensors)
+        flat = {name: feedback.flat_results("padded_decode_xla" if name == "peer" else "cascade", result)
+                for name, result in results.items()}
+        for name in ("old", "new"):
+            for got, want in zip(flat[name], flat["peer"]):
+                assert np.allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4), f"{name} differs"
+        report("decode", case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
+
+
+def report(kind, name, made, tensors, *, repeats, rounds, log):
+    calls = {key: (lambda _i, _s, f=function: f(*tensors)) for key, function in made.items()}
+    ms = bench.rounds_ms(calls, repeats=repeats, rounds=rounds)
+    old, new, peer = ms["old"], ms["new"], ms["peer"]
+    log(f"{kind:7} {name:18} {old:8.2f} {new:8.2f} {peer:8.2f} {new / old:8.2f} {new / peer:9.2f} {old / peer:9.2f}"
+        f"  {bench.load_average()}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cell_ab", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
+    parser.add_argument("--batches", default=None, help="the N of the cases to run (default: every suite's)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
+    repeats, rounds = (1, 1) if args.quick else (args.repeats, args.rounds)
+    print("suite   case                 old ms   new ms  peer ms  new/old  new/peer  old/peer  load")
+    for cases in (carry_cases, decode_cases):
+        cases(batches, quick=args.quick, repeats=repeats, rounds=rounds, log=print)
+
+
+if __name__ == "__main__":
+    main()
