@@ -372,7 +372,8 @@ def pieces(repeats, rounds, batches):
         step, quantum = cascade._b_step(True), cascade._row_quantum
 
         def rows_values(table, targets):
-            return known.known_rows_values(cascade, step, table, caps, trip, targets, walk=False, quantum=quantum)[0]
+            return known.known_rows_values(cascade, compiled_loop.Step.called(step), table, caps, trip, targets,
+                                           walk=False, quantum=quantum)[0]
 
         def weights_only(x):
             with tf.GradientTape() as tape:

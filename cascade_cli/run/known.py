@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from cascade_cli.keras_internals import stop_recording
 from cascade_cli.run import compiled, compiled_loop, feedback, xla
-from cascade_cli.run.compiled_loop import Step, known_plan, known_values, pack, trip
+from cascade_cli.run.compiled_loop import known_plan, known_values, pack, trip
 from cascade_cli.run.loop import initial_states
 
 CARRY_GRADIENT_WRITTEN = True
@@ -73,9 +73,10 @@ def known_loop(step, xs, fed, totals, states, steps):
     """B over rows whose inputs at every step are known (traced inside XLA): `ys (R, T, O)`.
 
     Args:
-        step: `(x, y_prev, states) -> (y, new_states)`.
-        xs: `(T, R, X)` each row's input at each step, or `(R, X)` where a row's input is the same at every
-            step (`reset`: read by every step, not gathered per step); `fed`: `(T, R, O)` its `y_prev`, or None.
+        step: a `compiled_loop.Step`.
+        xs: the rows of each of `step.tables`: each `(T, R, X_g)`, each row's input at each step, or `(R, X_g)`
+            where a row's input is the same at every step (`reset`: read by every step, not gathered per step);
+            `fed`: `(T, R, O)` its `y_prev`, or None.
         totals: `(R,)` each row's steps; the loop runs the most of them (a row past its own computes what
             nobody reads).
         states: B's initial states, each `(R, size)`.
@@ -84,12 +85,13 @@ def known_loop(step, xs, fed, totals, states, steps):
     def unstacked(t):
         return tf.TensorArray(t.dtype, size=steps, element_shape=t.shape[1:]).unstack(t)
 
-    x_of = (lambda j: xs) if xs.shape.rank == 2 else unstacked(xs).read
+    x_of = [(lambda j, x=x: x) if x.shape.rank == 2 else unstacked(x).read for x in xs]
     fed_of = None if fed is None else unstacked(fed).read
-    ys = tf.TensorArray(xs.dtype if fed is None else fed.dtype, size=steps, element_shape=tf.TensorShape([None, None]))
+    ys = tf.TensorArray(xs[0].dtype if fed is None else fed.dtype, size=steps,
+                        element_shape=tf.TensorShape([None, None]))
 
     def iterate(j, states, ys):
-        y, states = step(x_of(j), None if fed_of is None else fed_of(j), states)
+        y, states = step.step([read(j) for read in x_of], None if fed_of is None else fed_of(j), states)
         return j + 1, states, ys.write(j, y)
 
     _, _, ys = tf.while_loop(lambda j, *_: j < tf.reduce_max(totals), iterate,
@@ -99,17 +101,19 @@ def known_loop(step, xs, fed, totals, states, steps):
 
 def known_rows_values(cascade, step, table, caps, trip, targets, *, walk, quantum):
     """`reset` with given steps, or teacher forcing (`targets`), in either mode (traced inside XLA): `(values
-    (R * T, O), count)` by `known_loop` over `known_layout`'s rows, each row's inputs gathered before the loop."""
+    (R * T, O), count)` by `known_loop` over `known_layout`'s rows, each row's inputs gathered before the loop
+    (`step`: a `compiled_loop.Step`)."""
     steps = tf.size(trip)
     pair, value, totals = known_layout(caps, steps, walk=walk, quantum=quantum)
     fed = None if targets is None else teacher_fed(cascade, caps, targets, pair, value, totals)
     rows = tf.shape(totals)[0]
+    tables = step.tables(table)
     if walk:
-        xs = tf.gather(table, pair)
+        xs = [tf.gather(t, pair) for t in tables]
         states = [tf.zeros([rows, size], table.dtype) for size in cascade.b_spec.state_sizes]
     else:  # a row is one pair: the same input at every step
-        xs = tf.gather(table, pair[0])
-        states = initial_states(cascade, xs)
+        xs = [tf.gather(t, pair[0]) for t in tables]
+        states = initial_states(cascade, tf.gather(table, pair[0]))
     ys = known_loop(step, xs, fed, totals, states, steps)
     emitted = tf.cast(tf.sequence_mask(totals, tf.shape(ys)[1]), tf.int32)
     values, _, _, count = pack(ys, emitted, tf.zeros([rows, 0], tf.int64), 1)
@@ -294,13 +298,14 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
         state_sizes = tuple(cascade.b_spec.state_sizes)
         gradient_of = functools.partial(carry_gradient, cascade._split, step, state_sizes=state_sizes,
                                         quantum=quantum, training=training) if written else None
+        loop_step = xla.loop_step(cascade, training)  # a known cell's projection once: XLA's gradient 0.86-0.90
         if kind == "carry":
             def values_of(table, caps, trip, _):
-                return known_values(Step.called(step), table, caps, trip, state_sizes=state_sizes,
-                                    quantum=quantum)
+                return known_values(loop_step, table, caps, trip, state_sizes=state_sizes, quantum=quantum)
         else:
             def values_of(table, caps, trip, targets):
-                return known_rows_values(cascade, step, table, caps, trip, targets, walk=walk, quantum=quantum)
+                return known_rows_values(cascade, loop_step, table, caps, trip, targets, walk=walk,
+                                         quantum=quantum)
         cascade._loops[key] = compile_known(
             values_of, lambda x: cascade.model_a(x, training=training),
             inputs_spec=tf.TensorSpec([None, cascade.a_spec.outer_steps, inputs.shape[2]], inputs.dtype),
