@@ -90,67 +90,36 @@ def check_gradients(results):
             assert np.allclose(got, want, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(want).max())), name
 
 
-def reset_gradient_cases(batches, *, quick, repeats, rounds, log):
+def peers_cases(state, direction, batches, *, quick, repeats, rounds, log):
+    """`benchmarks.peers`' cases in `state` and `direction`, against `keras_padded_xla`."""
     from benchmarks import peers
 
+    gradient = direction != "forward"
     run_plan = peers.plan(quick=quick, repeats=repeats, batches=batches)
     for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
         tensors = peers.inputs_as_tensors((inputs, steps))
         made, results = traced(lambda: peers.make_method(  # noqa: B023 - called at once
-            "cascade", model_a, model_b, state="reset", direction="forward+backward", run_plan=run_plan,
-            hidden=case.hidden, shared={})[0], tensors, gradient=True)
-        check_gradients(results)
-        made["peer"], _ = peers.make_keras_padded(model_a, model_b, state="reset", direction="forward+backward",
-                                                  xla=True, max_steps=run_plan.max_steps, hidden=case.hidden)
-        report("reset", case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
-
-
-def teacher_cases(batches, *, quick, repeats, rounds, log):
-    import tensorflow as tf
-
-    from benchmarks import feedback
-
-    run_plan = feedback.plan(quick=quick, repeats=repeats, batches=batches)
-    rng = np.random.default_rng(0)
-    for case in run_plan.cases:
-        model_a, model_b = feedback.build_models(features=run_plan.features, hidden=case.hidden,
-                                                 outputs=run_plan.outputs, max_steps=run_plan.max_steps)
-        inputs, _ = feedback.make_data(rng, case.batch, case.outer, features=run_plan.features,
-                                       max_steps=run_plan.max_steps)
-        decode = feedback.make_method("cascade", model_a, model_b, direction="forward", run_plan=run_plan)[0]
-        _, lengths, tokens = decode(tf.constant(inputs))
-        tensors = (tf.constant(inputs), tf.constant(lengths), tf.cast(tokens, tf.int32))
-        made, results = traced(lambda: feedback.make_method(  # noqa: B023 - called at once
-            "cascade", model_a, model_b, direction="forward+backward", run_plan=run_plan)[0], tensors,
-            gradient=True)
-        check_gradients(results)
-        made["peer"], _ = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward+backward",
-                                               run_plan=run_plan)
-        report("teacher", case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
-
-
-def carry_cases(batches, *, quick, repeats, rounds, log):
-    from benchmarks import peers
-
-    run_plan = peers.plan(quick=quick, repeats=repeats, batches=batches)
-    for case, model_a, model_b, inputs, steps in peers.cases_with_data(run_plan):
-        tensors = peers.inputs_as_tensors((inputs, steps))
-        made, results = traced(lambda: peers.make_method(  # noqa: B023 - called at once
-            "cascade", model_a, model_b, state="carry", direction="forward", run_plan=run_plan,
-            hidden=case.hidden, shared={})[0], tensors)
-        made["peer"], _ = peers.make_keras_padded(model_a, model_b, state="carry", direction="forward", xla=True,
+            "cascade", model_a, model_b, state=state, direction=direction, run_plan=run_plan, hidden=case.hidden,
+            shared={})[0], tensors, gradient=gradient)
+        made["peer"], _ = peers.make_keras_padded(model_a, model_b, state=state, direction=direction, xla=True,
                                                   max_steps=run_plan.max_steps, hidden=case.hidden)
-        peer = np.asarray(made["peer"](*tensors))
-        for name, got in results.items():
-            assert np.allclose(np.asarray(got), peer, **peers.TOLERANCE), f"{name} differs from the peer"
-        report("carry", case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
+        if gradient:
+            check_gradients(results)
+        else:
+            peer = np.asarray(made["peer"](*tensors))
+            for name, got in results.items():
+                assert np.allclose(np.asarray(got), peer, **peers.TOLERANCE), f"{name} differs from the peer"
+        report(state, case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
 
 
-def decode_cases(batches, *, quick, repeats, rounds, log):
+def feedback_cases(direction, batches, *, quick, repeats, rounds, log):
+    """`benchmarks.feedback`'s cases: the greedy decode (`forward`) or teacher forcing on its tokens, against
+    `padded_decode_xla`."""
     import tensorflow as tf
 
     from benchmarks import feedback
 
+    gradient = direction != "forward"
     run_plan = feedback.plan(quick=quick, repeats=repeats, batches=batches)
     rng = np.random.default_rng(0)
     for case in run_plan.cases:
@@ -159,17 +128,24 @@ def decode_cases(batches, *, quick, repeats, rounds, log):
         inputs, _ = feedback.make_data(rng, case.batch, case.outer, features=run_plan.features,
                                        max_steps=run_plan.max_steps)
         tensors = (tf.constant(inputs),)
+        if gradient:  # teacher forcing on the decoded tokens, as the feedback suite does
+            decode = feedback.make_method("cascade", model_a, model_b, direction="forward", run_plan=run_plan)[0]
+            _, lengths, tokens = decode(*tensors)
+            tensors += (tf.constant(lengths), tf.cast(tokens, tf.int32))
         made, results = traced(lambda: feedback.make_method(  # noqa: B023 - called at once
-            "cascade", model_a, model_b, direction="forward", run_plan=run_plan)[0], tensors)
-        made["peer"], _ = feedback.make_method("padded_decode_xla", model_a, model_b, direction="forward",
+            "cascade", model_a, model_b, direction=direction, run_plan=run_plan)[0], tensors, gradient=gradient)
+        made["peer"], _ = feedback.make_method("padded_decode_xla", model_a, model_b, direction=direction,
                                                run_plan=run_plan)
-        results["peer"] = made["peer"](*tensors)
-        flat = {name: feedback.flat_results("padded_decode_xla" if name == "peer" else "cascade", result)
-                for name, result in results.items()}
-        for name in ("old", "new"):
-            for got, want in zip(flat[name], flat["peer"]):
-                assert np.allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4), f"{name} differs"
-        report("decode", case.name, made, tensors, repeats=run_plan.repeats, rounds=rounds, log=log)
+        if gradient:
+            check_gradients(results)
+        else:
+            flat = {name: feedback.flat_results("cascade", result) for name, result in results.items()}
+            peer = feedback.flat_results("padded_decode_xla", made["peer"](*tensors))
+            for name in ("old", "new"):
+                for got, want in zip(flat[name], peer):
+                    assert np.allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4), f"{name} differs"
+        report("teacher" if gradient else "decode", case.name, made, tensors, repeats=run_plan.repeats,
+               rounds=rounds, log=log)
 
 
 def report(kind, name, made, tensors, *, repeats, rounds, log):
@@ -193,8 +169,13 @@ def main(argv=None):
     batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
     repeats, rounds = (1, 1) if args.quick else (args.repeats, args.rounds)
     print("suite   case                 old ms   new ms  hand ms  peer ms  new/old  new/peer  old/peer hand/peer  load")
-    for cases in (reset_gradient_cases, teacher_cases) if args.gradient else (carry_cases, decode_cases):
-        cases(batches, quick=args.quick, repeats=repeats, rounds=rounds, log=print)
+    settings = dict(quick=args.quick, repeats=repeats, rounds=rounds, log=print)
+    if args.gradient:
+        peers_cases("reset", "forward+backward", batches, **settings)
+        feedback_cases("forward+backward", batches, **settings)
+    else:
+        peers_cases("carry", "forward", batches, **settings)
+        feedback_cases("forward", batches, **settings)
 
 
 if __name__ == "__main__":

@@ -298,7 +298,7 @@ def run_known_gradient(cascade, inputs, caps, training, *, extras, plain_a, hand
         state_sizes = tuple(cascade.b_spec.state_sizes)
         gradient_of = functools.partial(carry_gradient, cascade._split, step, state_sizes=state_sizes,
                                         quantum=quantum, training=training) if written else None
-        loop_step = xla.loop_step(cascade, training)  # a known cell's projection once: XLA's gradient 0.86-0.90
+        loop_step = xla.loop_step(cascade, training)  # a known cell's projection made once (`xla.loop_step`)
         if kind == "carry":
             def values_of(table, caps, trip, _):
                 return known_values(loop_step, table, caps, trip, state_sizes=state_sizes, quantum=quantum)
