@@ -81,7 +81,9 @@ class Cascade:
             the cell's input projection once per pair and the head once after
             the loop (`cascade_cli.run.cells`), and, with given steps and the usual
             activations, takes the loop's gradient by hand
-            (`cascade_cli.run.recurrence`). One predicate
+            (`cascade_cli.run.recurrence`); the loops compiled under XLA read
+            that projection by gate, the head at every step (`cells.Gated`,
+            `cells.gated_problem`). One predicate
             (`cells.fast_path_problem`) says when it applies; `"auto"` uses it
             where it applies and calls B elsewhere, True raises a
             `ParameterError` saying why where it cannot apply, False always
