@@ -79,11 +79,9 @@ class Cascade:
         fast_cells: `"auto"` (default), True or False. When B is a Keras
             SimpleRNN/GRU/LSTM cell plus a head, the known-cell path computes
             the cell's input projection once per pair and the head once after
-            the loop (`cascade_cli.run.cells`), and, with given steps and the usual
-            activations, takes the loop's gradient by hand
-            (`cascade_cli.run.recurrence`); the loops compiled under XLA read
-            that projection by gate, the head at every step (`cells.Gated`,
-            `cells.gated_problem`). One predicate
+            the loop (`cascade_cli.run.cells`; under XLA by gate, the head at each
+            step: `cells.Gated`), and, with given steps and the usual activations,
+            takes the loop's gradient by hand (`cascade_cli.run.recurrence`). One predicate
             (`cells.fast_path_problem`) says when it applies; `"auto"` uses it
             where it applies and calls B elsewhere, True raises a
             `ParameterError` saying why where it cannot apply, False always
