@@ -335,23 +335,26 @@ def test_the_known_inputs_loop_gathers_its_inputs_first_within_the_bound_by_hand
 
 
 @pytest.mark.xla
-@pytest.mark.parametrize("bound", [16 * 4 * 16, 16 * 4 * 16 - 1])  # 16 steps of 4 rows gathered first, or by each step
-def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(bound, monkeypatch):
-    """Each row's inputs gathered before the loop give the bits of a gather by each step (the loop as it was)."""
-    monkeypatch.setattr(compiled_loop, "GATHERED_MAX", bound)
+@pytest.mark.parametrize("gathered", ["first", "by step"])
+@pytest.mark.parametrize("kind", ["called", "known cell"])
+def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(kind, gathered, monkeypatch):
+    """Each row's inputs gathered before the loop give the bits of a gather by each step (the loop as it was),
+    for B called whole and for a known cell's tables (one per gate: 16 steps of 4 rows, 16 or 48 wide)."""
     b = builders.step_b("gru", ir_size=16, units=16, output_size=16)
     cascade = Cascade(builders.model_a(ir_size=16), b, state="carry")
-    b_step = cascade._b_step(False)
-    step = compiled_loop.Step.called(b_step)
+    step = xla.loop_step(cascade, False) if kind == "known cell" else compiled_loop.Step.called(cascade._b_step(False))
+    width = 16 * (3 if kind == "known cell" else 1)
+    monkeypatch.setattr(compiled_loop, "GATHERED_MAX", 16 * 4 * width - (gathered == "by step"))
     caps = tf.constant(np.random.default_rng(5).integers(0, 4, size=(3, 5)), tf.int32)
     table = tf.constant(np.random.default_rng(6).normal(size=(15, 16)), tf.float32)
     index, totals = compiled_loop.known_plan(caps, 16, quantum=2)
 
     def per_step(table, index, totals):  # the loop as it was: each step gathers its rows' inputs
+        tables = step.tables(table)
         ys = tf.TensorArray(table.dtype, size=tf.shape(index)[0], element_shape=tf.TensorShape([None, None]))
 
         def iterate(j, states, ys):
-            y, states = b_step(tf.gather(table, index[j]), None, states)
+            y, states = step.step([tf.gather(t, index[j]) for t in tables], None, states)
             return j + 1, states, ys.write(j, y)
 
         _, _, ys = tf.while_loop(lambda j, *_: j < tf.reduce_max(totals), iterate,
@@ -362,6 +365,7 @@ def test_the_known_inputs_loop_gives_the_per_step_gathers_bits(bound, monkeypatc
     def chunked(table, index, totals):
         return compiled_loop.known_inputs_loop(step, table, index, totals, [tf.zeros([tf.shape(index)[1], 16])])
 
+    assert len(step.tables(table)) == width // 16
     want = tf.function(per_step, jit_compile=True)(table, index, totals).numpy()
     got = tf.function(chunked, jit_compile=True)(table, index, totals).numpy()
     assert got.shape == want.shape == (4, 16, 16)
