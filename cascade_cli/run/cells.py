@@ -48,6 +48,10 @@ import tensorflow as tf
 from cascade_cli.keras_internals import flatten_layers, inbound_calls
 
 
+RESET_BEFORE = "GRUCell(reset_after=False) applies its reset gate before the recurrent matmul"
+"""Why such a cell has neither a `Backward` nor a `Gated`: its candidate's recurrent matmul reads the reset gate."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Backward:
     """A known cell's step gate by gate, with its gradient written out.
@@ -221,7 +225,7 @@ def gated_problem(split, *, ir_dtype, training):
     if split is None:
         return "B is not one SimpleRNNCell, GRUCell or LSTMCell and a head"
     if split.gated is None:
-        return "GRUCell(reset_after=False) applies its reset gate before the recurrent matmul"
+        return RESET_BEFORE
     return _cell_problem(split, ir_dtype=ir_dtype, training=training)
 
 
@@ -248,7 +252,7 @@ def backward_problem(cell):
             return (f"its {name} {getattr(activation, '__name__', activation)!s} has no hand-written "
                     "derivative (tanh, sigmoid and linear do)")
     if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
-        return "GRUCell(reset_after=False) applies its reset gate before the recurrent matmul"
+        return RESET_BEFORE
     return None
 
 
