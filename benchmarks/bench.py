@@ -351,6 +351,26 @@ def time_group(functions, inputs, steps, *, repeats, warmups):
     return results
 
 
+def ab_parser(prog, description, *, batches_help):
+    """An argument parser with the A/B scripts' shared options, as `rounds_ms` times: `--repeats`, `--rounds`,
+    `--batches` and `--quick` (`ab_counts` reads them)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
+    parser.add_argument("--batches", default=None, help=batches_help)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
+    return parser
+
+
+def ab_counts(args):
+    """`(batches, repeats, rounds)` from `ab_parser`'s options: the set of `N` to run (None: every case), and one
+    round of one call with `--quick`."""
+    batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
+    return (batches, 1, 1) if args.quick else (batches, args.repeats, args.rounds)
+
+
 def rounds_ms(calls, *, repeats, rounds):
     """`{key: ms}`: the median over `rounds` rounds of each call's median of `repeats` calls (`time_group`, each
     round interleaved): the A/B scripts' figure, steadier on a shared machine than one long round."""

@@ -30,7 +30,6 @@ each traces, so that one gradient runs at every batch. Gradients are checked
 close to `hand`'s first.
 """
 
-import argparse
 import contextlib
 import os
 
@@ -142,20 +141,17 @@ def run(run_plan, *, rounds, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.carry_ab", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
-    parser.add_argument("--batches", default=None, help="the N of the cases to run (default: all four)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
+    parser = bench.ab_parser("python -m benchmarks.carry_ab", __doc__.splitlines()[0],
+                             batches_help="the N of the cases to run (default: all four)")
     parser.add_argument("--gradient", action="store_true",
                         help="forward+backward: XLA's generic gradient, the one written inside XLA, the plain path's")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from benchmarks import peers
 
-    batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
-    run_plan = peers.plan(quick=args.quick, repeats=1 if args.quick else args.repeats, batches=batches)
-    (run_gradients if args.gradient else run)(run_plan, rounds=1 if args.quick else args.rounds)
+    batches, repeats, rounds = bench.ab_counts(args)
+    run_plan = peers.plan(quick=args.quick, repeats=repeats, batches=batches)
+    (run_gradients if args.gradient else run)(run_plan, rounds=rounds)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ before anything is timed; timings are interleaved (`--rounds` rounds of
 `/proc/loadavg`. Nothing is asserted about speed: it is a measurement, not a test.
 """
 
-import argparse
 import contextlib
 import os
 
@@ -157,17 +156,13 @@ def report(kind, name, made, tensors, *, repeats, rounds, log):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cell_ab", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per round (default 7)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --repeats calls (default 3)")
-    parser.add_argument("--batches", default=None, help="the N of the cases to run (default: every suite's)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round of one call")
+    parser = bench.ab_parser("python -m benchmarks.cell_ab", __doc__.splitlines()[0],
+                             batches_help="the N of the cases to run (default: every suite's)")
     parser.add_argument("--gradient", action="store_true",
                         help="forward+backward under XLA's gradient: reset (peers) and teacher forcing (feedback)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    batches = None if args.batches is None else {int(n) for n in args.batches.split(",")}
-    repeats, rounds = (1, 1) if args.quick else (args.repeats, args.rounds)
+    batches, repeats, rounds = bench.ab_counts(args)
     print("suite   case                 old ms   new ms  hand ms  peer ms  new/old  new/peer  old/peer hand/peer  load")
     settings = dict(quick=args.quick, repeats=repeats, rounds=rounds, log=print)
     if args.gradient:
